@@ -165,7 +165,9 @@ class ModelArgs:
 
         n_kv = _int(cfg, "num_key_value_heads", 1)
         if n_kv != 1:
-            raise ConfigError(f"config.json: 'num_key_value_heads' = {n_kv}; DeepSeek-V4 attention has one shared KV head")
+            raise ConfigError(
+                f"config.json: 'num_key_value_heads' = {n_kv}; DeepSeek-V4 attention has one shared KV head"
+            )
         head_dim = _int(cfg, "head_dim", 512)
         rope_dim = get("qk_rope_head_dim")
         if rope_dim is None and get("partial_rotary_factor") is not None:
