@@ -1,0 +1,211 @@
+"""⑥ kernels, lightning indexer: q_I [T, Hi, d] + weights + a flat index-key pool in, scores [T, L] / top-k out."""
+
+from __future__ import annotations
+
+import torch
+
+from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
+from ds4f.kernels.sparse_attn import sm_count, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the wrappers fall back to the references
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _indexer_fwd(
+        q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
+        HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
+        DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
+        KSCALE: tl.constexpr,
+    ):
+        # program = (token t, N_INNER blocks of BLOCK_L candidates); q[t] [Hi, d] is the M x K operand of every block
+        t = tl.program_id(0)
+        l0 = tl.program_id(1) * (BLOCK_L * N_INNER)
+        vlen = tl.minimum(tl.load(vlen_ptr + t), L)
+        seq = tl.load(seq_ptr + t).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_HI)
+        offs_d = tl.arange(0, DI)
+        hmask = offs_h < HI
+        q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
+        w = tl.load(w_ptr + t * s_wt + offs_h, mask=hmask, other=0.0) * scale
+        for j in range(N_INNER):
+            offs_l = l0 + j * BLOCK_L + tl.arange(0, BLOCK_L)
+            valid = offs_l < vlen
+            slot = tl.load(slots_ptr + seq * s_ss + offs_l, mask=valid, other=0).to(tl.int64)
+            keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+            if KSCALE:  # e4m3 -> bf16 is exact; through fp32, which measured faster than the direct convert
+                keys = keys.to(tl.float32)
+            s = tl.dot(q, tl.trans(keys.to(tl.bfloat16)))  # [Hi, BLOCK_L]
+            sc = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
+            if KSCALE:
+                # a positive per-row scale commutes with ReLU: apply it to the reduced score
+                sc = sc * tl.load(ks_ptr + slot, mask=valid, other=0.0)
+            sc = tl.where(valid, sc, float("-inf"))
+            tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
+
+    @triton.jit
+    def _radix_state(hist_ptr, t, k, s_lv, LEVELS: tl.constexpr, NB: tl.constexpr):
+        # (prefix, krem, take_all) after LEVELS digits: keys with the prefix's top bits hold the k-th largest;
+        # krem of them are still needed. take_all: fewer than k valid keys, so every valid key is picked.
+        offs = tl.arange(0, NB)
+        krem = k
+        take_all = k < 0
+        prefix = (k * 0).to(tl.uint32)
+        for lv in tl.static_range(LEVELS):
+            h = tl.load(hist_ptr + lv * s_lv + t * NB + offs)
+            cge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys in bins >= b
+            b = tl.max(tl.where(cge >= krem, offs, -1), 0)
+            above = tl.sum(tl.where(offs == b, cge - h, 0), 0)
+            take_all = take_all | (b < 0)
+            krem = tl.where(take_all, 0, krem - above)
+            prefix = tl.where(take_all, 0, prefix | (b.to(tl.uint32) << (24 - 8 * lv)))
+        return prefix, krem, take_all
+
+    @triton.jit
+    def _sort_key(s):
+        # fp32 -> uint32 with the same order; -inf (not selectable) -> 0, every finite score -> >= 2^23
+        bits = s.to(tl.uint32, bitcast=True)
+        u = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+        return tl.where(s == float("-inf"), 0, u)
+
+    @triton.jit
+    def _topk_hist(s_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
+                   LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
+        # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far
+        t = tl.program_id(0)
+        c = tl.program_id(1)
+        prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
+        acc = tl.zeros([NB], tl.int32)
+        for j in range(0, chunk, BLOCK):
+            offs = c * chunk + j + tl.arange(0, BLOCK)
+            m = offs < L
+            u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+            sel = (u != 0) & ~take_all
+            if LEVEL > 0:
+                sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
+            digit = ((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32)
+            acc += tl.histogram(digit, NB, mask=sel)
+        tl.atomic_add(hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB), acc)
+
+    @triton.jit
+    def _topk_select(s_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
+                     NB: tl.constexpr, BLOCK: tl.constexpr):
+        # keys above the k-th go to slots [0, k - krem), krem keys equal to it to [k - krem, k), via counters
+        t = tl.program_id(0)
+        c = tl.program_id(1)
+        kth, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 4, NB)
+        for j in range(0, chunk, BLOCK):
+            offs = c * chunk + j + tl.arange(0, BLOCK)
+            m = offs < L
+            u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+            gt = m & (u > kth)
+            base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0))
+            pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
+            tl.store(out_ptr + t * k + pos, offs, mask=gt)
+            eq = m & (u == kth) & ~take_all
+            base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0))
+            pos_e = base_e + tl.cumsum(eq.to(tl.int32), 0) - 1
+            tl.store(out_ptr + t * k + (k - krem) + pos_e, offs, mask=eq & (pos_e < krem))
+
+
+def indexer_scores(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    k_pool: torch.Tensor,
+    slots: torch.Tensor,
+    seq_of: torch.Tensor,
+    valid_len: torch.Tensor,
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    *,
+    block_l: int = 64,
+    n_inner: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 4,
+) -> torch.Tensor:
+    """scores [T, L] fp32 = scale * Σ_h w[t,h] ReLU(q[t,h]·k[slots[seq_of[t], l]]), -inf at l >= valid_len[t].
+
+    q [T, Hi, d] bf16 (d a power of two, last dim dense); w [T, Hi] fp32; k_pool [N, d] bf16, or e4m3 with
+    k_scale [N] fp32 (one scale per row, the 132 B/entry format); slots [S, L] int32 flat slot ids per sequence;
+    seq_of [T] int32 (row of slots per token); valid_len [T] int32 (causal count (t+1)//ratio, clipped to L).
+    Slots at l >= valid_len are never read. scale defaults to d^-0.5."""
+    assert q.dim() == 3 and q.dtype == torch.bfloat16 and q.stride(-1) == 1, "q must be [T, Hi, d] bf16"
+    T, HI, DI = q.shape
+    assert DI & (DI - 1) == 0 and DI >= 16, f"d={DI} must be a power of two >= 16"
+    assert w.shape == (T, HI) and w.dtype == torch.float32 and w.stride(-1) == 1
+    assert k_pool.dim() == 2 and k_pool.shape[1] == DI and k_pool.stride(-1) == 1
+    assert slots.dim() == 2 and slots.dtype == torch.int32 and slots.stride(-1) == 1
+    assert seq_of.shape == (T,) and seq_of.dtype == torch.int32 and seq_of.is_contiguous()
+    assert valid_len.shape == (T,) and valid_len.dtype == torch.int32 and valid_len.is_contiguous()
+    if k_pool.dtype == torch.float8_e4m3fn:
+        assert k_scale is not None and k_scale.dtype == torch.float32 and k_scale.numel() == k_pool.shape[0]
+        k_scale = k_scale.reshape(-1)
+        assert k_scale.is_contiguous()
+    else:
+        assert k_pool.dtype == torch.bfloat16 and k_scale is None, "k_pool must be bf16 (or fp8 + k_scale)"
+    scale = DI**-0.5 if scale is None else scale
+    if not use_triton(q):
+        ks = None if k_scale is None else k_scale[:, None]
+        return indexer_scores_ref(q, w, k_pool, slots, seq_of, valid_len, scale, ks)
+    L = slots.shape[1]
+    out = torch.empty(T, L, dtype=torch.float32, device=q.device)
+    if T == 0 or L == 0:
+        return out
+    if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
+        n_inner = max(1, min(8, triton.cdiv(T * L, block_l * 2 * sm_count(q.device))))
+    grid = (T, triton.cdiv(L, block_l * n_inner))
+    _indexer_fwd[grid](
+        q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
+        HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
+        DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
+        KSCALE=k_scale is not None, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; even at T=32; 2x slower at T=2048
+
+
+def topk_indices(scores: torch.Tensor, k: int, *, block: int = 1024, backend: str = "auto") -> torch.Tensor:
+    """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
+    valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
+    arbitrary subset is taken. backend "radix": a 4-digit radix select (8 bits at a time of the order-preserving
+    key), each pass a grid of row chunks adding into per-row histograms, then a compaction pass; 5 launches, no
+    host sync; it beats torch.topk on H200 for few rows (decode), torch.topk wins for many (prefill), so "auto"
+    takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk."""
+    assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
+    assert k > 0
+    T, L = scores.shape
+    if backend == "auto":
+        backend = "radix" if T <= RADIX_MAX_ROWS else "torch"
+    if backend == "torch" or not use_triton(scores):
+        return topk_indices_ref(scores, k)
+    out = torch.full((T, k), -1, dtype=torch.int32, device=scores.device)
+    if T == 0 or L == 0:
+        return out
+    nb = 256
+    buf = torch.zeros(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
+    hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
+    n_chunks = max(1, min(triton.cdiv(L, block), triton.cdiv(2 * sm_count(scores.device), T)))
+    chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
+    grid = (T, triton.cdiv(L, chunk))
+    for level in range(4):
+        _topk_hist[grid](scores, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, NB=nb, BLOCK=block,
+                         num_warps=4)
+    _topk_select[grid](scores, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, NB=nb, BLOCK=block,
+                       num_warps=4)
+    return out
+
+
+def indexer_bytes(T: int, HI: int, DI: int, L: int, key_bytes: float, distinct_keys: int | None = None) -> float:
+    """Fewest HBM bytes: q, w, score writes per token, and each distinct key (+slot id) read once."""
+    nk = L if distinct_keys is None else distinct_keys
+    return T * (HI * DI * 2 + HI * 4 + L * 4) + nk * (key_bytes + 4)
+
+
+def indexer_flops(T: int, HI: int, DI: int, L: int) -> float:
+    return 2.0 * T * HI * DI * L

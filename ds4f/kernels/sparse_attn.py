@@ -1,0 +1,230 @@
+"""⑥ kernels, sparse MQA attention: q [T, H, D] + a flat KV slot pool + per-token slot lists in, o [T, H, D] out."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ds4f.kernels.ref import sparse_attn_ref
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: sparse_attn falls back to the reference
+    triton = None
+
+HAS_TRITON = triton is not None
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if triton is not None:
+
+    @triton.jit
+    def _attn_fwd(
+        q_ptr, kv_ptr, kvs_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr,
+        H, K, keys_per_split, qk_scale,
+        s_qt, s_qh, s_kvn, s_it, s_ot, s_oh,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
+    ):
+        # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA)
+        t = tl.program_id(0)
+        hb = tl.program_id(1)
+        sp = tl.program_id(2)
+        offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        hmask = offs_h < H
+        dmask = offs_d < D
+        q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :],
+                    mask=hmask[:, None] & dmask[None, :], other=0.0)
+        # m is in log2 units; a finite floor keeps exp2(m - m_new) defined while every key so far is masked
+        m = tl.full([BLOCK_H], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        k_lo = sp * keys_per_split
+        for k0 in range(k_lo, k_lo + keys_per_split, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < K, other=-1)
+            valid = idx >= 0
+            rows = tl.load(kv_ptr + idx.to(tl.int64)[:, None] * s_kvn + offs_d[None, :],
+                           mask=valid[:, None] & dmask[None, :], other=0.0)
+            # fp8 rows dequantize exactly to bf16 (power-of-two scales); through fp32, which measured faster than
+            # Triton 3.6's direct e4m3 -> bf16 / fp16 converts on H200
+            if NG == 1:
+                # one scale per row: it goes on the logits and on p instead of on the tile
+                sc = tl.load(kvs_ptr + idx.to(tl.int64), mask=valid, other=0.0)
+                rows = rows.to(tl.float32).to(tl.bfloat16)
+                s = tl.dot(q, tl.trans(rows)) * (sc * qk_scale)[None, :]
+            else:
+                if NG > 1:
+                    # scales per group of BLOCK_D // NG columns
+                    sc = tl.load(kvs_ptr + idx.to(tl.int64)[:, None] * NG + tl.arange(0, NG)[None, :],
+                                 mask=valid[:, None], other=0.0)
+                    if SCALE_BCAST:  # widen the scales to the tile's shape; the data keeps its layout
+                        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], [BLOCK_K, NG, BLOCK_D // NG]),
+                                        [BLOCK_K, BLOCK_D])
+                        rows = (rows.to(tl.float32) * sc).to(tl.bfloat16)
+                    else:
+                        rows = tl.reshape(rows.to(tl.float32), [BLOCK_K, NG, BLOCK_D // NG]) * sc[:, :, None]
+                        rows = tl.reshape(rows, [BLOCK_K, BLOCK_D]).to(tl.bfloat16)
+                s = tl.dot(q, tl.trans(rows)) * qk_scale  # [BLOCK_H, BLOCK_K]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            if NG == 1:
+                p = p * sc[None, :]
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), rows)
+            m = m_new
+        if SPLIT:
+            row = (t * tl.num_programs(2) + sp) * H + offs_h  # partials [T, S, H, (D | 2)]
+            tl.store(po_ptr + row.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=hmask[:, None])
+            tl.store(pm_ptr + row * 2, m, mask=hmask)
+            tl.store(pm_ptr + row * 2 + 1, l, mask=hmask)
+        else:
+            # sink in the denominator only: o = acc·2^(m-M) / (l·2^(m-M) + 2^(sink-M))
+            sink = tl.load(sink_ptr + offs_h, mask=hmask, other=0.0) * 1.4426950408889634
+            mm = tl.maximum(m, sink)
+            a = tl.exp2(m - mm)
+            den = l * a + tl.exp2(sink - mm)
+            o = acc * (a / den)[:, None]
+            tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_d[None, :], o.to(tl.bfloat16),
+                     mask=hmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _attn_combine(
+        po_ptr, pm_ptr, sink_ptr, o_ptr, H, S, s_ot, s_oh,
+        D: tl.constexpr, PD: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # program = (token, head block, column chunk): merges the S partials [T, S, H, PD] of its tile
+        t = tl.program_id(0)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_d = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+        hmask = offs_h < H
+        mm = tl.load(sink_ptr + offs_h, mask=hmask, other=0.0) * 1.4426950408889634  # the sink seeds M and L
+        den = tl.full([BLOCK_H], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_DC], tl.float32)
+        for s in range(S):
+            row = (t * S + s) * H + offs_h
+            ms = tl.load(pm_ptr + row * 2, mask=hmask, other=-1.0e30)
+            ls = tl.load(pm_ptr + row * 2 + 1, mask=hmask, other=0.0)
+            os_ = tl.load(po_ptr + row.to(tl.int64)[:, None] * PD + offs_d[None, :], mask=hmask[:, None], other=0.0)
+            m_new = tl.maximum(mm, ms)
+            a = tl.exp2(mm - m_new)
+            b = tl.exp2(ms - m_new)
+            den = den * a + ls * b
+            acc = acc * a[:, None] + os_ * b[:, None]
+            mm = m_new
+        o = acc / den[:, None]
+        tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_d[None, :], o.to(tl.bfloat16),
+                 mask=hmask[:, None] & (offs_d < D)[None, :])
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return triton is not None and (t.is_cuda or _INTERPRET)
+
+
+def sparse_attn(
+    q: torch.Tensor,
+    kv_pool: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    kv_scale: torch.Tensor | None = None,
+    *,
+    block_h: int | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    scale_bcast: bool = True,
+) -> torch.Tensor:
+    """o [T, H, D] bf16 = one softmax per (t, h) over kv_pool[indices[t]] with the sink in the denominator only.
+
+    q [T, H, D] bf16 (last dim contiguous); kv_pool [N, D] bf16, or e4m3 with kv_scale [N, NG] fp32 (power-of-two
+    scales for groups of D // NG columns); indices [T, K] int32 flat slot ids in [-1, N) (-1 = unused; ids are not
+    bounds-checked on the device); sink [H] fp32. num_splits=None picks a key split that fills the GPU when T is
+    small (decode); the split partials are merged by a second kernel. block_h..scale_bcast are tuning knobs (bench/).
+    No host sync: CUDA-graph safe."""
+    assert q.dim() == 3 and q.dtype == torch.bfloat16 and q.stride(-1) == 1, "q must be [T, H, D] bf16, dim -1 dense"
+    T, H, D = q.shape
+    assert kv_pool.dim() == 2 and kv_pool.shape[1] == D and kv_pool.stride(-1) == 1, "kv_pool must be [N, D]"
+    assert indices.dim() == 2 and indices.shape[0] == T and indices.dtype == torch.int32 and indices.stride(-1) == 1
+    assert sink.shape == (H,) and sink.dtype == torch.float32 and sink.is_contiguous()
+    ng = 0
+    if kv_pool.dtype == torch.float8_e4m3fn:
+        assert kv_scale is not None and kv_scale.dtype == torch.float32 and kv_scale.is_contiguous()
+        assert kv_scale.shape[0] == kv_pool.shape[0] and D % kv_scale.shape[1] == 0
+        ng = kv_scale.shape[1]
+        assert D & (D - 1) == 0 and ng & (ng - 1) == 0, "fp8 pools need power-of-two D and group count"
+    else:
+        assert kv_pool.dtype == torch.bfloat16 and kv_scale is None, "kv_pool must be bf16 (or fp8 + kv_scale)"
+    assert q.device == kv_pool.device == indices.device == sink.device
+    if not use_triton(q):
+        return sparse_attn_ref(q, kv_pool, indices, sink, scale, kv_scale)
+
+    K = indices.shape[1]
+    o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
+    if T == 0:
+        return o
+    block_d = triton.next_power_of_2(D)
+    if block_h is None:  # H200 sweeps: 16-head blocks win only at a handful of tokens (T=1: 16.6 vs 20.2 us)
+        block_h = 16 if T * triton.cdiv(H, 64) < 16 else 64
+    block_h = max(16, min(block_h, triton.next_power_of_2(H)))
+    # fp8 group scales stage the tile in fp32: 32-key blocks with 16 heads, 64 with 64 heads measured best
+    block_k = max(16, block_k or (32 if ng > 1 and block_h < 64 else 64))
+    num_warps = num_warps or (8 if block_h >= 64 else 4)
+    n_hb = triton.cdiv(H, block_h)
+    if num_splits is None:
+        # fill ~2 programs per SM; each split keeps >= 2 key blocks so partial writes stay below the KV bytes read
+        want = triton.cdiv(2 * sm_count(q.device), T * n_hb)
+        num_splits = max(1, min(want, K // (2 * block_k)))
+    kps = triton.cdiv(triton.cdiv(max(K, 1), num_splits), block_k) * block_k
+    num_splits = max(1, triton.cdiv(K, kps))
+    split = num_splits > 1
+    if split:
+        po = torch.empty(T, num_splits, H, block_d, dtype=torch.float32, device=q.device)
+        pm = torch.empty(T, num_splits, H, 2, dtype=torch.float32, device=q.device)
+    else:
+        po = pm = o  # unused
+    kvs = kv_scale if kv_scale is not None else kv_pool
+    _attn_fwd[(T, n_hb, num_splits)](
+        q, kv_pool, kvs, indices, sink, o, po, pm,
+        H, K, kps, scale * LOG2E,
+        q.stride(0), q.stride(1), kv_pool.stride(0), indices.stride(0), o.stride(0), o.stride(1),
+        D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        dc = min(block_d, 128)
+        _attn_combine[(T, triton.cdiv(H, 16), block_d // dc)](
+            po, pm, sink, o, H, num_splits, o.stride(0), o.stride(1),
+            D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, num_warps=4,
+        )
+    return o
+
+
+def attn_bytes(T: int, H: int, D: int, K: int, row_bytes: float) -> float:
+    """Fewest HBM bytes one call moves: q in, o out, K rows per token (rows shared by tokens counted per token)."""
+    return T * (2 * H * D * 2 + K * (row_bytes + 4))
+
+
+def attn_flops(T: int, H: int, D: int, K: int) -> float:
+    return 4.0 * T * H * D * K
+
+
+__all__ = ["HAS_TRITON", "attn_bytes", "attn_flops", "sm_count", "sparse_attn", "use_triton"]
