@@ -1,0 +1,145 @@
+"""⑤ model runner: SchedulerOutput in → flat batch → model forward → logits at sampled rows → RunnerOutput out."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ds4f.cache.manager import CacheLayout
+from ds4f.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from ds4f.engine.outputs import RunnerOutput, SchedulerOutput
+from ds4f.model.args import ModelArgs
+from ds4f.model.cache import AttnBatch, DenseCache
+from ds4f.runner.kv_cache import PagedKVCache
+from ds4f.sample.sampler import Sampler, SamplingRequest
+
+
+@dataclass
+class InputBatch:
+    input_ids: torch.Tensor  # [T] int64, every scheduled chunk back to back
+    positions: torch.Tensor  # [T] int64
+    query_start_loc: list[int]  # [B + 1]; sequence b owns rows query_start_loc[b]:query_start_loc[b+1]
+    start_pos: list[int]  # [B]
+    block_tables: list[list[int]]  # [B][blocks]
+    slots: list[int]  # [B]
+    logits_rows: list[int]  # rows whose next token is sampled: the last row of each chunk that reaches the end
+
+
+def build_input_batch(out: SchedulerOutput, device: torch.device | str = "cpu") -> InputBatch:
+    ids: list[int] = []
+    pos: list[int] = []
+    qsl = [0]
+    rows = []
+    for s in out.seqs:
+        n = len(s.token_ids)
+        ids.extend(s.token_ids)
+        pos.extend(range(s.start_pos, s.start_pos + n))
+        qsl.append(qsl[-1] + n)
+        if s.sample:
+            rows.append(qsl[-1] - 1)
+    return InputBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=torch.tensor(pos, dtype=torch.long, device=device), query_start_loc=qsl,
+        start_pos=[s.start_pos for s in out.seqs], block_tables=[s.block_table for s in out.seqs],
+        slots=[s.slot for s in out.seqs], logits_rows=rows)
+
+
+def kv_cache_budget(device: torch.device, gpu_memory_utilization: float, kv_cache_memory: int | None,
+                    default_cpu: int) -> int:
+    """Bytes for the KV cache: kv_cache_memory if set; on CPU a fixed default; on GPU what is left of
+    gpu_memory_utilization x total after what is in use (weights, other processes) and the activation peak of the
+    warmup forward (the caller runs `warmup` first)."""
+    if kv_cache_memory is not None:
+        return kv_cache_memory
+    if device.type != "cuda":
+        return default_cpu
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    peak = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    return max(0, int(total * gpu_memory_utilization) - used - peak)
+
+
+class ModelRunner:
+    """Owns the model, the KV tensors and the sampler; `execute` runs one scheduled step."""
+
+    def __init__(self, model: Any, layout: CacheLayout, num_blocks: int, num_slots: int, sampler: Callable[..., Any],
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.model, self.sampler, self.layout = model, sampler, layout
+        self.num_blocks, self.num_slots = num_blocks, num_slots
+        self.device = torch.device(device)
+        self.kv = PagedKVCache(layout, num_blocks, num_slots, dtype, self.device)
+
+    @torch.inference_mode()
+    def logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Forward the step's chunks; logits [N, V] fp32 of the N sampled rows (None when nothing samples)."""
+        b = build_input_batch(out, self.device)
+        batch = AttnBatch(query_start_loc=b.query_start_loc, start_pos=b.start_pos,
+                          cache=self.kv.bind(b.block_tables, b.slots))
+        streams = self.model(b.input_ids, b.positions, batch)
+        if not b.logits_rows:
+            return None
+        return self.model.compute_logits(streams[b.logits_rows]).float()
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        # NOTE: the sampler and logits processors edit the logits in place, so they run in inference mode too
+        logits = self.logits(out) if out.seqs else None
+        if logits is None:
+            return RunnerOutput([], [])
+        seqs = [s for s in out.seqs if s.sample]
+        reqs = [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
+        result = self.sampler(logits, reqs)
+        return RunnerOutput(req_ids=[s.req_id for s in seqs], token_ids=list(result.token_ids),
+                            logprobs=result.logprobs)
+
+
+@torch.inference_mode()
+def warmup(model: Any, num_tokens: int, num_logits: int, device: torch.device) -> None:
+    """One forward of a full step budget (dense scratch cache), so the activation peak is known before sizing."""
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    streams = model(ids, torch.arange(num_tokens, device=device), AttnBatch([0, num_tokens], [0], DenseCache()))
+    model.compute_logits(streams[-min(num_logits, num_tokens):])
+    torch.cuda.synchronize(device)
+    del streams
+    torch.cuda.empty_cache()
+
+
+def build_runner(config: EngineConfig, model: Any = None, sampler: Callable[..., Any] | None = None,
+                 ) -> tuple[ModelRunner, ModelArgs, int]:
+    """Load the model (unless given), size and allocate the KV cache -> (runner, model args, max_model_len)."""
+    device = torch.device(config.resolved_device)
+    dtype = getattr(torch, config.resolved_dtype)
+    if model is None:
+        from ds4f.model.loader import load_model
+
+        model = load_model(config.model, dtype=dtype, device=str(device), load_format=config.load_format,
+                           seed=config.seed)
+    args: ModelArgs = model.args
+    max_model_len = config.max_model_len or args.max_position_embeddings
+    if device.type == "cuda":
+        warmup(model, min(config.max_num_batched_tokens, max_model_len), min(config.max_num_seqs, 256), device)
+    layout = CacheLayout.from_model_args(args, config.block_size, config.resolved_kv_cache_dtype)
+    budget = kv_cache_budget(device, config.gpu_memory_utilization, config.kv_cache_memory,
+                             DEFAULT_CPU_KV_CACHE_MEMORY)
+    num_blocks, num_slots = layout.plan(budget, config.max_num_seqs)
+    fit = num_blocks * config.block_size
+    if fit < max_model_len:
+        if config.max_model_len is not None:
+            raise ValueError(f"--max-model-len {max_model_len} needs {-(-max_model_len // config.block_size)} KV "
+                             f"blocks but the cache budget ({budget / 2**30:.2f} GiB) holds {num_blocks} blocks "
+                             f"({fit} tokens); lower --max-model-len or raise the KV cache memory")
+        log(f"max_model_len {max_model_len} does not fit the KV cache; capped to {fit} tokens")
+        max_model_len = fit
+    log(f"engine: {config.summary()}")
+    log(layout.describe(num_blocks, num_slots))
+    runner = ModelRunner(model, layout, num_blocks, num_slots, sampler or Sampler(args.eos_token_id), dtype, device)
+    return runner, args, max_model_len
+
+
+def log(msg: str) -> None:
+    print(f"[ds4f] {msg}", file=sys.stderr, flush=True)
