@@ -1,0 +1,178 @@
+"""⑤ runner GPU fast path, glue: activations + metadata in, the small elementwise / index steps between kernels out.
+
+Pure functions of tensors and Python ints, so one compiled graph serves every layer of a kind. `fuse(fn)` wraps a
+function in torch.compile (dynamic shapes, no inductor CUDA graphs: the caller captures whole steps) when
+DS4F_COMPILE=1 (the default; CUDA tensors only) or DS4F_COMPILE=force (any device), and runs it eagerly otherwise.
+Each function documents the reference code it reproduces.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ds4f.model.layers import rms_normalize
+
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def compile_mode() -> str:
+    """DS4F_COMPILE: "1" (default) compiles on CUDA, "0" never, "force" on any device (tests of the compiled path)."""
+    return os.environ.get("DS4F_COMPILE", "1")
+
+
+def fuse(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        mode = compile_mode()
+        if not (mode == "force" or (mode == "1" and args[0].is_cuda)):
+            return fn(*args)
+        c = _COMPILED.get(fn)
+        if c is None:
+            for knob in ("cache_size_limit", "recompile_limit"):  # one graph per (rank, 0/1-specialised ints) combo
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+            c = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        if c is fn:
+            return fn(*args)
+        try:
+            return c(*args)
+        except Exception as ex:  # a compiler failure must not take the fast path down: run this step eagerly
+            warnings.warn(f"ds4f glue: torch.compile of {fn.__name__} failed ({str(ex)[:200]}); eager from now on",
+                          stacklevel=2)
+            _COMPILED[fn] = fn
+            return fn(*args)
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """= model.layers.Rope.forward: interleaved rotation of the last 2 * cos.shape[1] channels, fp32 math."""
+    rd = 2 * cos.shape[1]
+    if inverse:
+        sin = -sin
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    nope, rope = x[..., :-rd], x[..., -rd:].float()
+    even, odd = rope[..., 0::2], rope[..., 1::2]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
+
+
+def _rms_w(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """= model.layers.RMSNorm.forward."""
+    return (w * rms_normalize(x.float(), eps)).to(x.dtype)
+
+
+@fuse
+def rms_w(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rms_w(x, w, eps)
+
+
+@fuse
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    return _rope(x, cos, sin, inverse)
+
+
+@fuse
+def q_kv(qb: torch.Tensor, kvr: torch.Tensor, kv_w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """wq_b output [T, H*hd] -> unweighted per-head RMSNorm + RoPE [T, H, hd]; wkv output -> kv_norm + RoPE [T, hd]."""
+    t = qb.shape[0]
+    q = rms_normalize(qb.view(t, heads, -1).float(), eps).to(qb.dtype)
+    return _rope(q, cos, sin, False), _rope(_rms_w(kvr, kv_w, eps), cos, sin, False)
+
+
+@fuse
+def attn_out(o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wa: torch.Tensor) -> torch.Tensor:
+    """o [T, H, hd] -> inverse RoPE -> grouped wo_a: wa [G, r, H*hd/G] -> [T, G*r]."""
+    t, g = o.shape[0], wa.shape[0]
+    o = _rope(o, cos, sin, True)
+    return torch.bmm(o.view(t, g, -1).transpose(0, 1), wa.transpose(1, 2)).transpose(0, 1).reshape(t, -1)
+
+
+@fuse
+def hc_mix_in(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """= the first step of model.mhc.hc_mix: x [T, hc, D] -> mix [T, (2+hc)*hc] fp32."""
+    return F.linear(rms_normalize(x.reshape(x.shape[0], -1).float(), eps), fn)
+
+
+@fuse
+def hc_collapse(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_j pre_j X_j: pre [T, hc] fp32, x [T, hc, D] -> [T, D] in x's dtype."""
+    return (pre.unsqueeze(-1) * x.float()).sum(dim=1).to(x.dtype)
+
+
+@fuse
+def hc_post(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """= model.mhc.hc_post: X'_k = post_k * y + sum_j comb[j, k] * X_j."""
+    mixed = (comb.unsqueeze(-1) * x.float().unsqueeze(2)).sum(dim=1)  # [T, hc(k), D]
+    return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + mixed).to(x.dtype)
+
+
+@fuse
+def route(xn: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor, hashed: torch.Tensor, k: int, use_hash: bool,
+          norm: bool, scaling: float, shared_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """= model.moe.Gate.forward (+ the shared expert as pick id shared_id, weight 1; shared_id < 0: none).
+    hashed [T, k] = tid2eid rows (hash layers); bias [E] (learned layers). -> ids [T, k(+1)] int32, weights fp32."""
+    scores = F.softplus(F.linear(xn.float(), w32)).sqrt()
+    eid = hashed.long() if use_hash else torch.topk(scores + bias, k, dim=-1, sorted=False).indices
+    w = scores.gather(1, eid)
+    if norm:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    w = w * scaling
+    if shared_id >= 0:
+        eid = torch.cat([eid, torch.full_like(eid[:, :1], shared_id)], dim=1)
+        w = torch.cat([w, torch.ones_like(w[:, :1])], dim=1)
+    return eid.to(torch.int32), w.contiguous()
+
+
+@fuse
+def compress(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, norm_w: torch.Tensor, et: torch.Tensor,
+             p: torch.Tensor, chunk_start: torch.Tensor, tok_slot: torch.Tensor, bt_tok: torch.Tensor,
+             cos_t: torch.Tensor, sin_t: torch.Tensor, m: int, ring_len: int, overlap: bool, eps: float,
+             dest_base: int, dummy_block: int, epb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """= model.compressor.Compressor.project + compress for a batch of candidate tokens.
+
+    kvz [T, 2*cd] = [wkv | wgate](x) (bf16), ring [S1*R, 2*cd] fp32 carry; et [E] candidate tokens (-1 = none).
+    -> state rows [T, 2*cd] fp32, entries [E, hd] (normed, roped at w*m, kvz's dtype), dest pool rows [E]
+    (the dummy block's first row where the candidate completes nothing)."""
+    cd = kvz.shape[1] // 2
+    rows = kvz.float() + F.pad(ape[p % m], (cd, 0))  # K | Z + ape[p % m]
+    t = rows.shape[0]
+    i = et.clamp(min=0)
+    pe = p[i]
+    valid = (et >= 0) & ((pe + 1) % m == 0)
+    w = ((pe + 1) // m - 1).clamp(min=0)
+    ns = 2 * m if overlap else m
+    q = (w * m - (m if overlap else 0))[:, None] + torch.arange(ns, device=p.device)[None, :]  # [E, ns] positions
+    in_chunk = q >= chunk_start[i][:, None]
+    ci = (i[:, None] - (pe[:, None] - q)).clamp(0, t - 1)
+    ri = tok_slot[i][:, None] * ring_len + q.clamp(min=0) % ring_len
+    g = torch.where(in_chunk[..., None], rows[ci], ring[ri])  # [E, ns, 2*cd]
+    col = torch.arange(2 * cd, device=p.device)
+    g = torch.where((q < 0)[..., None], torch.where(col >= cd, float("-inf"), 0.0), g)  # window -1: K 0, logit -inf
+    hd = cd // 2 if overlap else cd
+    if overlap:  # Ca of window w-1 (first m slots, first half), Cb of window w
+        kv = torch.cat([g[:, :m, :hd], g[:, m:, hd: 2 * hd]], dim=1)
+        z = torch.cat([g[:, :m, 2 * hd: 3 * hd], g[:, m:, 3 * hd:]], dim=1)
+    else:
+        kv, z = g[..., :hd], g[..., hd:]
+    ent = _rms_w((kv * z.softmax(dim=1)).sum(dim=1), norm_w, eps)
+    ent = _rope(ent, cos_t[w * m], sin_t[w * m], False).to(kvz.dtype)
+    blk = torch.where(valid, bt_tok[i].gather(1, (w // epb)[:, None]).squeeze(1), dummy_block)
+    return rows, ent, dest_base + blk * epb + torch.where(valid, w % epb, 0)
+
+
+@fuse
+def topk_rows(sel: torch.Tensor, bt_tok: torch.Tensor, win: torch.Tensor, comp_base: int, epb: int) -> torch.Tensor:
+    """Top-k entry ids [T, k] (-1 = none) -> attention index list [T, W + k] int32 = window rows + pool rows."""
+    s0 = sel.clamp(min=0).long()
+    rows = comp_base + bt_tok.gather(1, s0 // epb) * epb + s0 % epb
+    return torch.cat([win, torch.where(sel >= 0, rows, -1).to(torch.int32)], dim=1)
