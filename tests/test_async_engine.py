@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 from fake_model import FakeModel
 
 from ds4f.config import EngineConfig
@@ -15,22 +14,8 @@ from ds4f.engine.llm import build_engine
 from ds4f.engine.request import QueueFullError
 from ds4f.model.args import ModelArgs, tiny_config
 from ds4f.sample.params import SamplingParams
-from ds4f.tokenizer import load_tokenizer
 
 ARGS = ModelArgs.from_hf(tiny_config())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 def make(tokenizer, **kw) -> AsyncEngine:

@@ -14,28 +14,13 @@ from ds4f.engine.llm import build_engine
 from ds4f.engine.outputs import SchedulerOutput
 from ds4f.model.loader import load_model
 from ds4f.sample.params import SamplingParams
-from ds4f.tokenizer import load_tokenizer
 
 LENGTHS = [3000, 700, 257, 130, 64, 40, 33, 17, 16, 15, 9, 8, 5, 3, 2, 1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # NOTE: on 2 shared cores torch's intra-op threads spin against each other (index_add_ is ~100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def tiny() -> torch.nn.Module:
     return load_model(None, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 def make_engine(model: torch.nn.Module, tokenizer, budget: int) -> LLMEngine:

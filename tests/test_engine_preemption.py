@@ -16,24 +16,9 @@ from ds4f.engine.engine import LLMEngine
 from ds4f.engine.llm import build_engine
 from ds4f.model.args import ModelArgs, tiny_config
 from ds4f.sample.params import SamplingParams
-from ds4f.tokenizer import load_tokenizer
 
 ARGS = ModelArgs.from_hf(tiny_config())
 SLOT, BLOCK = 43008, 3328  # tiny layout, float32, block 16: bytes per sequence slot / per compressed block
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # NOTE: on 2 shared cores torch's intra-op threads spin against each other (index_add_ is ~100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 def engine(tokenizer, kv_cache_memory: int, budget: int, max_num_seqs: int = 8) -> LLMEngine:

@@ -20,15 +20,6 @@ from ds4f.runner.model_runner import ModelRunner
 TINY = ModelArgs.from_hf(tiny_config())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # NOTE: on 2 shared cores torch's intra-op threads spin against each other (index_add_ is ~100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> torch.nn.Module:
     return load_model(None, dtype=torch.float32)

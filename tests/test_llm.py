@@ -11,15 +11,6 @@ from ds4f import LLM, SamplingParams
 from ds4f.model.args import tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # NOTE: on 2 shared cores torch's intra-op threads spin against each other (index_add_ is ~100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM(model="ds4f-tiny", device="cpu", dtype="float32", kv_cache_memory=8 << 20, block_size=16,

@@ -9,16 +9,6 @@ from ds4f.model.args import CSA, ModelArgs, tiny_config
 from ds4f.model.cache import AttnBatch, DenseCache
 from ds4f.model.deepseek_v4 import Transformer, init_random_
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add sync overhead (and stall badly on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 

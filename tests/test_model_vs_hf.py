@@ -13,15 +13,6 @@ from ds4f.model.cache import AttnBatch, DenseCache
 from ds4f.model.deepseek_v4 import Transformer, init_random_
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add sync overhead (and stall badly on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def variant_config() -> dict:
     """Another shape: CSA first (with hash routing), HCA ratio 8, more heads / groups / experts, window 12, top-6."""
     cfg = tiny_config()
