@@ -114,7 +114,8 @@ def test_quick_sweep_writes_tables_plots_and_json(server: str, tmp_path: Path) -
     assert data["complete"] is True
     assert data["machine"]["cpu"] and data["machine"]["cpu_count"] and data["machine"]["torch"]
     assert data["server"]["model"] == "ds4f-tiny" and data["server"]["max_model_len"] > 0
-    assert data["server"]["roofline_fraction"] is None and data["server"]["roofline_note"]
+    # read again after the sweep: the server's decode steps give a fraction (its /version key or /metrics gauge)
+    assert data["server"]["roofline_fraction"] > 0 and "roofline_fraction" in data["server"]["roofline_note"]
     assert {c["key"] for c in data["cases"]} == {c.key for c in planned}
     for c in data["cases"]:
         assert c["status"] == "ok", c

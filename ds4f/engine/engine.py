@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ from ds4f.config import EngineConfig
 from ds4f.engine.detokenize import IncrementalDetokenizer
 from ds4f.engine.outputs import SchedulerOutput
 from ds4f.engine.request import CompletionOutput, Request, RequestOutput
+from ds4f.engine.roofline import DecodeRoofline, measure_bandwidth
 from ds4f.engine.scheduler import Scheduler
 from ds4f.engine.stop import StopChecker
 from ds4f.sample.params import SamplingParams
@@ -34,6 +36,11 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.check_integrity_each_step = False  # tests turn this on
+        # weights as the runner reads them: its own `weight_format`, else the compute dtype (dequantized at load)
+        layout = runner.layout
+        self.roofline = DecodeRoofline(model_args, getattr(runner, "weight_format", config.resolved_dtype),
+                                       layout.kv_row_bytes, layout.index_row_bytes,
+                                       measure_bandwidth(str(runner.device)))
 
     # ---- requests ----
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
@@ -69,7 +76,11 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        t0 = time.perf_counter()
         result = self.runner.execute(sched)
+        seconds = time.perf_counter() - t0
+        if all(len(s.token_ids) == 1 and s.start_pos >= len(s.prompt_token_ids) for s in sched.seqs):
+            self.roofline.observe([s.start_pos for s in sched.seqs], seconds)
         outs = self._update(sched, result)
         self.num_steps += 1
         if self.check_integrity_each_step:
@@ -118,5 +129,5 @@ class LLMEngine:
             "generation_tokens_total": self.generation_tokens_total,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
             "num_blocks": self.manager.blocks.num_blocks, "num_free_blocks": self.manager.blocks.num_free,
-            "num_slots": self.manager.slots.num_blocks,
+            "num_slots": self.manager.slots.num_blocks, **self.roofline.stats(),
         }

@@ -110,7 +110,9 @@ def build_app(engine: Any, settings: ServeSettings, backend: ChatBackend | None 
 
     @app.get("/version")
     async def version() -> JSONResponse:
-        return JSONResponse({"version": VLLM_API_VERSION, "ds4f_version": __version__})
+        stats = getattr(engine, "stats", None)
+        fraction = stats().get("roofline_fraction") if stats is not None else None
+        return JSONResponse({"version": VLLM_API_VERSION, "ds4f_version": __version__, "roofline_fraction": fraction})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -54,6 +54,15 @@ class _EngineCollector:
         ):
             value = s.get(key, s.get(key.removesuffix("_total"), self._server_counts.get(key, 0)))
             yield self._counter(name, doc, float(value or 0))
+        for key, name, doc in (
+            ("roofline_fraction", "ds4f:roofline_fraction",
+             "Fraction of the memory-bandwidth roofline recent decode steps reach (bytes / bandwidth / time)."),
+            ("decode_step_seconds", "ds4f:decode_step_seconds", "Mean wall time of recent decode steps."),
+            ("mem_bandwidth_bytes_per_s", "ds4f:mem_bandwidth_bytes_per_second",
+             "Device copy bandwidth (read + write) measured at engine start."),
+        ):
+            if s.get(key) is not None:  # absent until the first decode step: no gauge rather than a fake 0
+                yield self._gauge(name, doc, float(s[key]))
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache config.",
                                  labels=[*self._labels, *self._cache_info])
         num_blocks = s.get("num_gpu_blocks", s.get("num_blocks"))

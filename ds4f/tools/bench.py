@@ -273,6 +273,10 @@ def _bench(base_url: str, args: argparse.Namespace, out: Path, url: str, book_no
                                   "--skip-coherence.")
                 probe(ep.base_url, api_key=args.api_key, command="ds4f bench")  # raises if the server died
     info["complete"] = not interrupted and all(c.status != "pending" for c in cases)
+    # NOTE: a fresh server has no decode step to report on before the sweep; read it again over the sweep's steps
+    after, after_note = roofline(ep, api_key=args.api_key)
+    if after is not None:
+        info["server"].update(roofline_fraction=after, roofline_note=after_note)
     bench_report.write(out, cases, info)
     from ds4f.tools.bench_plot import plots
 
