@@ -222,7 +222,6 @@ def run_server(settings: ServeSettings, engine: Any = None, backend: ChatBackend
     if engine is None:
         try:
             config = settings.engine_config()
-            log.info("engine config: %s", config.summary())
             from ds4f.engine.async_engine import AsyncEngine
 
             engine = AsyncEngine(config)
