@@ -8,10 +8,6 @@ from collections.abc import Sequence
 
 from ds4f import __version__, tools
 
-LATER = {
-    "doctor": "check the machine, GPU and model files",
-}
-
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     from ds4f.server.args import _Formatter, add_serve_arguments
@@ -25,8 +21,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                        "(a drop-in for `vllm serve`: same flag names).")
     add_serve_arguments(serve)
     tools.register(sub)  # bench, eval, chat
-    for name, what in LATER.items():
-        sub.add_parser(name, help=f"{what} (not yet available)", add_help=False)
+    sub.add_parser("doctor", help="check this machine before serving: limits, /dev/shm, interfaces, RDMA, GPUs, "
+                                  "the head's address", add_help=False)
     return p, serve
 
 
@@ -35,16 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, serve_parser = _parser()
     if argv and argv[0] in tools.COMMANDS:
         return tools.main(parser.parse_args(argv))
-    if not argv or argv[0] not in ("serve", *LATER):
+    if argv and argv[0] == "doctor":
+        from ds4f.tools import doctor
+
+        return doctor.main(argv[1:])
+    if not argv or argv[0] != "serve":
         if not argv:
             parser.print_help(sys.stderr)
             return 2
         parser.parse_args(argv)  # --help / --version / an unknown command (exits 2 naming it)
         return 2
-    command, rest = argv[0], argv[1:]
-    if command in LATER:
-        print(f"ds4f {command}: not yet available ({LATER[command]}).", file=sys.stderr)
-        return 2
+    rest = argv[1:]
     from ds4f.server.args import ArgError, parse_serve_args
 
     try:

@@ -31,6 +31,12 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # KV cache bytes; None = gpu_memory_utilization (GPU) or 2 GiB (CPU)
     enable_prefix_caching: bool = False
     tensor_parallel_size: int = 1
+    nnodes: int = 1  # nodes the TP ranks span: tensor_parallel_size / nnodes ranks (one per GPU) on each
+    node_rank: int = 0  # this node; node 0 runs rank 0 (the scheduler and the HTTP server)
+    master_addr: str = "127.0.0.1"  # node 0's address, where the rendezvous store listens (nnodes > 1)
+    master_port: int = 29501
+    distributed_timeout: float = 60.0  # s a collective or a silent rank may take before every rank exits 1
+    join_timeout: float = 600.0  # s to wait for every rank to join and load the model
     max_waiting: int | None = None  # bounded waiting queue; None = unbounded
 
     def __post_init__(self) -> None:
@@ -55,8 +61,9 @@ class EngineConfig:
         need(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
              f"must be a positive byte count, got {self.kv_cache_memory}")
         need(not self.enable_prefix_caching, "enable_prefix_caching", "prefix caching is not built yet")
-        need(self.tensor_parallel_size == 1, "tensor_parallel_size",
-             f"only 1 is supported for now, got {self.tensor_parallel_size}")
+        from ds4f.distributed.parallel import ParallelConfig
+
+        ParallelConfig.from_engine_config(self)  # tp / nnodes / node_rank / master / timeouts; errors name the flag
         need(self.max_waiting is None or self.max_waiting >= 1, "max_waiting",
              f"must be >= 1 or None, got {self.max_waiting}")
 

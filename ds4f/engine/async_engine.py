@@ -62,7 +62,8 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self._error is None and not self._stop and self._thread.is_alive()
+        runner_ok = bool(getattr(self.engine.runner, "healthy", True))  # False once a TP rank has failed
+        return self._error is None and not self._stop and self._thread.is_alive() and runner_ok
 
     def stats(self) -> dict[str, Any]:
         return dict(self._stats)

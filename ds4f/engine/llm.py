@@ -16,9 +16,16 @@ def build_engine(config: EngineConfig, *, model: Any = None, tokenizer: Any = No
                  sampler: Any = None) -> LLMEngine:
     """The launcher: load the model and tokenizer, build the runner (which sizes the KV cache), hand it to the engine.
     `model` / `tokenizer` / `sampler` override what the config names (tests pass fakes)."""
-    from ds4f.runner.model_runner import build_runner
+    if config.tensor_parallel_size > 1:  # rank 0 of a TP group; the other ranks follow (ds4f.distributed)
+        from ds4f.distributed.launch import launch_tp
 
-    runner, args, max_model_len = build_runner(config, model=model, sampler=sampler)
+        runner, args, max_model_len = launch_tp(config, model=model, sampler=sampler)
+    else:
+        from ds4f.distributed.executor import LocalExecutor
+        from ds4f.runner.model_runner import build_runner
+
+        local, args, max_model_len = build_runner(config, model=model, sampler=sampler)
+        runner = LocalExecutor(local)
     if tokenizer is None:
         from ds4f.model.hub import resolve_model
         from ds4f.tokenizer import load_tokenizer

@@ -220,13 +220,27 @@ def run_server(settings: ServeSettings, engine: Any = None, backend: ChatBackend
     """`ds4f serve`: build the engine (unless given), serve until SIGTERM, return the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if engine is None:
+        from ds4f.distributed.rendezvous import RendezvousError
+
         try:
             config = settings.engine_config()
+            from ds4f.tools.doctor import preflight
+
+            if preflight(config):  # each problem was printed with its fix
+                return 2
+            if settings.headless:
+                from ds4f.distributed.parallel import ParallelConfig
+                from ds4f.distributed.worker import run_headless
+
+                return run_headless(ParallelConfig.from_engine_config(config))
             from ds4f.engine.async_engine import AsyncEngine
 
             engine = AsyncEngine(config)
         except (ValueError, FileNotFoundError) as e:
             print(f"ds4f serve: error: {e}", file=sys.stderr)
             return 2
+        except RendezvousError as e:
+            print(f"ds4f serve: error: {e}", file=sys.stderr)
+            return 1
     return serve_app(build_app(engine, settings, backend), settings)
 

@@ -38,6 +38,7 @@ class ServeSettings:
     shutdown_timeout: float = 30.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     uvicorn_log_level: str = "info"
+    headless: bool = False  # a worker node: run its TP ranks, no HTTP (ds4f.distributed.worker.run_headless)
 
     def engine_config(self) -> Any:
         from ds4f.config import EngineConfig
@@ -115,7 +116,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--node-rank", type=int, default=0)
     g.add_argument("--master-addr", default="127.0.0.1")
     g.add_argument("--master-port", type=int, default=29501)
-    g.add_argument("--headless", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--headless", action=argparse.BooleanOptionalAction, default=False,
+                   help="a worker node (--node-rank >= 1): run its ranks only, no HTTP")
+    g.add_argument("--distributed-timeout", type=float, default=60.0,
+                   help="seconds a collective (or a silent rank) may take before every rank exits 1")
+    g.add_argument("--join-timeout", type=float, default=600.0,
+                   help="seconds a node waits for the others to join (and load the model)")
 
     g = p.add_argument_group("chat, tools and reasoning")
     g.add_argument("--tool-call-parser", default="deepseek_v4", help=f"one of {PARSER_NAMES}")
@@ -197,9 +203,6 @@ _NOT_YET: list[tuple[str, str, Any, str]] = [
      "MTP speculative decoding is not supported yet; drop the flag"),
     ("--pipeline-parallel-size", "pipeline_parallel_size", lambda v: v != 1,
      "pipeline parallelism is not supported yet; use 1"),
-    ("--nnodes", "nnodes", lambda v: v != 1, "multi-node serving is not supported yet; use 1"),
-    ("--node-rank", "node_rank", lambda v: v != 0, "multi-node serving is not supported yet; use 0"),
-    ("--headless", "headless", bool, "headless worker nodes are not supported yet (no multi-node); drop the flag"),
     ("--reasoning-config", "reasoning_config", lambda v: v not in (None, {}),
      "reasoning budgets are not supported yet; drop the flag"),
     ("--distributed-executor-backend", "distributed_executor_backend", lambda v: v not in (None, "mp", "uni"),
@@ -245,7 +248,9 @@ def settings_from_namespace(ns: argparse.Namespace, dotted: dict[str, dict[str, 
         max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size,
         kv_cache_dtype=ns.kv_cache_dtype, gpu_memory_utilization=ns.gpu_memory_utilization,
         kv_cache_memory=ns.kv_cache_memory, enable_prefix_caching=ns.enable_prefix_caching,
-        tensor_parallel_size=ns.tensor_parallel_size,
+        tensor_parallel_size=ns.tensor_parallel_size, nnodes=ns.nnodes, node_rank=ns.node_rank,
+        master_addr=ns.master_addr, master_port=ns.master_port, distributed_timeout=ns.distributed_timeout,
+        join_timeout=ns.join_timeout,
         max_waiting=ns.max_waiting if ns.max_waiting else None,
     )
     try:
@@ -259,10 +264,17 @@ def settings_from_namespace(ns: argparse.Namespace, dotted: dict[str, dict[str, 
         if "not built yet" in msg or "only 1 is supported" in msg:
             msg += " (not supported yet)"
         errors.append(msg)
+    if ns.distributed_executor_backend == "uni" and ns.tensor_parallel_size > 1:
+        errors.append(f"--distributed-executor-backend uni runs one process; use mp (the default) for "
+                      f"--tensor-parallel-size {ns.tensor_parallel_size}")
+    if ns.headless and ns.node_rank == 0:
+        errors.append("--headless: node 0 runs the scheduler and serves HTTP; use --headless only with --node-rank "
+                      ">= 1 (or drop it on node 0)")
     if errors:
         raise ArgError("\n  ".join(errors))
     names = ns.served_model_name or [model or TINY_MODEL]
     return ServeSettings(
+        headless=ns.headless,
         engine_kwargs=engine_kwargs, host=ns.host, port=ns.port, served_model_names=list(names),
         model_root=model or TINY_MODEL, api_key=ns.api_key, tool_call_parser=ns.tool_call_parser,
         enable_auto_tool_choice=ns.enable_auto_tool_choice, reasoning_parser=reasoning_parser,

@@ -1,0 +1,1 @@
+"""⑦ distributed: tensor parallelism across processes and nodes (groups, sharding hooks, executor, launch)."""

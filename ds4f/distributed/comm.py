@@ -1,0 +1,77 @@
+"""⑦ distributed collectives: a rank's partial tensors in, the reduced / gathered tensors out; every call counted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    """The model-side TP group: the only path the sharded model takes to another rank.
+
+    `counts` tallies each collective by kind so tests (and docs/parallel.md) can assert how many one forward issues.
+    `pg` is a c10d process-group backend object (gloo on CPU, NCCL on GPU) or None when world == 1.
+    """
+
+    def __init__(self, rank: int, world: int, pg: Any = None) -> None:
+        assert world == 1 or pg is not None, "a TP group of more than one rank needs a process group"
+        self.rank, self.world, self.pg = rank, world, pg
+        self.counts: Counter[str] = Counter()
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the group (in place when x is contiguous); returns the sum."""
+        self.counts["all_reduce"] += 1
+        if self.world == 1:
+            return x
+        x = x.contiguous()
+        self.pg.allreduce([x]).wait()
+        return x
+
+    def all_gather_last(self, x: torch.Tensor, full: int) -> torch.Tensor:
+        """x [..., n] (this rank's slice of a last dim split into equal, zero-padded shards) -> [..., full]."""
+        self.counts["all_gather"] += 1
+        if self.world == 1:
+            return x[..., :full]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        self.pg.allgather([parts], [x]).wait()
+        return torch.cat(parts, dim=-1)[..., :full]
+
+    def reset_counts(self) -> None:
+        self.counts.clear()
+
+
+def gloo_group(store: dist.Store, rank: int, world: int, timeout_s: float, hostname: str = "") -> Any:
+    """A gloo process group on `store`; `hostname` = the local address to bind (empty = gloo's default device,
+    which honours GLOO_SOCKET_IFNAME). Every operation fails after timeout_s instead of waiting forever."""
+    G = dist.ProcessGroupGloo
+    opts = G._Options()
+    opts._timeout = dt.timedelta(seconds=timeout_s)
+    opts._devices = [G.create_device(hostname=hostname) if hostname else G.create_default_device()]
+    return G(store, rank, world, opts)
+
+
+def nccl_group(store: dist.Store, rank: int, world: int, timeout_s: float) -> Any:
+    """An NCCL process group on `store` for the current CUDA device (set before calling)."""
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = dt.timedelta(seconds=timeout_s)
+    return dist.ProcessGroupNCCL(store, rank, world, opts)
+
+
+def broadcast_object(pg: Any, obj: Any, rank: int) -> Any:
+    """Send obj from rank 0 to every rank of a gloo group (two broadcasts: length, then pickled bytes)."""
+    if rank == 0:
+        data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+    else:
+        size = torch.zeros(1, dtype=torch.int64)
+    pg.broadcast(size, 0).wait()
+    if rank != 0:
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+    pg.broadcast(data, 0).wait()
+    return obj if rank == 0 else pickle.loads(data.numpy().tobytes())
