@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -21,3 +23,17 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return load_tokenizer()
+
+
+# The seed recipe's parser flags: with them tool_choice "auto" is accepted, as in vLLM.
+SEED_SERVE_ARGS = "--tool-call-parser deepseek_v4 --enable-auto-tool-choice --reasoning-parser deepseek_v4"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`ds4f serve` on the built-in tiny model in a subprocess, shared by the client tests (bench, eval, chat)."""
+    from ds4f.tools.endpoint import LocalServer
+
+    log = tmp_path_factory.mktemp("srv") / "server.log"
+    with LocalServer(None, SEED_SERVE_ARGS, log_path=log, startup_timeout=300) as srv:
+        yield srv.base_url

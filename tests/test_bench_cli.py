@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from ds4f.tools import bench
-from ds4f.tools.endpoint import Endpoint, LocalServer, child_env, free_port, roofline
+from ds4f.tools.endpoint import Endpoint, child_env, free_port, roofline
 
 pytest.importorskip("llama_benchy")
 pytest.importorskip("matplotlib")
@@ -86,13 +86,6 @@ def test_bad_flags_name_the_flag(tmp_path: Path, args: list[str], flag: str) -> 
     p = _bench(args, tmp_path)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and flag in err, err
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    with LocalServer(None, SERVE_ARGS, log_path=tmp_path_factory.mktemp("srv") / "server.log",
-                     startup_timeout=300) as srv:
-        yield srv.base_url
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from ds4f.tools import chat_cli
-from ds4f.tools.endpoint import LocalServer, child_env
+from ds4f.tools.endpoint import child_env
 
 pytest.importorskip("rich")
 from rich.console import Console
@@ -116,12 +116,6 @@ def test_reset_clears_history_but_keeps_system() -> None:
                                      _reader(inputs), _console())
     assert [m["role"] for m in fake.requests[1]["messages"]] == ["system", "user"]
     assert [m["content"] for m in history] == ["s", "two", "It is 20 C in Paris."]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    with LocalServer(None, "", log_path=tmp_path_factory.mktemp("srv") / "server.log", startup_timeout=300) as srv:
-        yield srv.base_url
 
 
 @pytest.mark.slow

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from ds4f.tools import eval_ifeval, eval_tools
-from ds4f.tools.endpoint import LocalServer, child_env, free_port
+from ds4f.tools.endpoint import child_env, free_port
 
 DATA = Path(__file__).parent / "data" / "ifeval_sample.jsonl"
-SERVE_ARGS = "--tool-call-parser deepseek_v4 --enable-auto-tool-choice --reasoning-parser deepseek_v4"
 
 
 def _cat(cat: str, label: str, earned: int) -> dict[str, object]:
@@ -73,13 +72,6 @@ def test_eval_against_a_down_server_fails_fast(tmp_path: Path, which: list[str])
     url = f"http://127.0.0.1:{free_port()}"
     p = _ds4f("eval", *which, "--base-url", url, cwd=tmp_path, timeout=120)
     assert p.returncode == 2 and url in p.stderr and "ds4f serve" in p.stderr, p.stderr
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    with LocalServer(None, SERVE_ARGS, log_path=tmp_path_factory.mktemp("srv") / "server.log",
-                     startup_timeout=300) as srv:
-        yield srv.base_url
 
 
 @pytest.mark.slow

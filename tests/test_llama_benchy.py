@@ -19,12 +19,6 @@ pytest.importorskip("llama_benchy")
 BOOK_URL = "https://www.gutenberg.org/files/1661/1661-0.txt"  # llama-benchy's default; served from the seeded cache
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    with LocalServer(None, "", log_path=tmp_path_factory.mktemp("srv") / "server.log", startup_timeout=300) as srv:
-        yield srv.base_url
-
-
 @pytest.mark.slow
 def test_llama_benchy_sweep_offline(server: str, tmp_path: Path) -> None:
     cache = tmp_path / ".cache" / "llama-benchy"

@@ -10,20 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ds4f.tools.endpoint import LocalServer
-
 pytest.importorskip("tool_eval_bench")
 
-# The vLLM launch flags of the seed recipe; without them tool_choice "auto" is refused, as vLLM does.
-SERVE_ARGS = "--tool-call-parser deepseek_v4 --enable-auto-tool-choice --reasoning-parser deepseek_v4"
 INFRA = {"timeout", "connection_error", "server_error"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    with LocalServer(None, SERVE_ARGS, log_path=tmp_path_factory.mktemp("srv") / "server.log",
-                     startup_timeout=300) as srv:
-        yield srv.base_url
 
 
 @pytest.mark.slow
