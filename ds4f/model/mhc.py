@@ -7,14 +7,10 @@ import torch
 from ds4f.model.layers import rms_normalize
 
 
-def hc_mix(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
-           eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, hc, D] -> collapsed [T, D] (x's dtype), post [T, hc] fp32, comb [T, hc, hc] fp32 (doubly stochastic).
-
-    fn [(2+hc)*hc, hc*D], base [(2+hc)*hc], scale [3], all fp32.
-    """
-    t = x.shape[0]
-    mix = torch.nn.functional.linear(rms_normalize(x.reshape(t, -1).float(), norm_eps), fn.float())
+def hc_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mix [T, (2+hc)*hc] fp32 -> pre [T, hc], post [T, hc], comb [T, hc, hc] (Sinkhorn: doubly stochastic)."""
+    t = mix.shape[0]
     pre_w, post_w, comb_w = mix.split([hc, hc, hc * hc], dim=-1)
     pre_b, post_b, comb_b = base.float().split([hc, hc, hc * hc])
     s = scale.float()
@@ -25,6 +21,18 @@ def hc_mix(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     for _ in range(iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def hc_mix(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+           eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, hc, D] -> collapsed [T, D] (x's dtype), post [T, hc] fp32, comb [T, hc, hc] fp32 (doubly stochastic).
+
+    fn [(2+hc)*hc, hc*D], base [(2+hc)*hc], scale [3], all fp32.
+    """
+    t = x.shape[0]
+    mix = torch.nn.functional.linear(rms_normalize(x.reshape(t, -1).float(), norm_eps), fn.float())
+    pre, post, comb = hc_weights(mix, scale, base, hc, iters, eps)
     collapsed = (pre.unsqueeze(-1) * x.float()).sum(dim=1).to(x.dtype)
     return collapsed, post, comb
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ds4f.kernels.sparse_attn import use_triton
+from ds4f.model.mhc import hc_weights
 from ds4f.runner.gpu.glue import hc_collapse, hc_mix_in
 
 try:
@@ -47,21 +48,6 @@ if triton is not None:
         tl.store(comb_ptr + oc, c, mask=tm[:, None, None])
 
 
-def _sinkhorn_torch(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t = mix.shape[0]
-    pre_w, post_w, comb_w = mix.split([hc, hc, hc * hc], dim=-1)
-    pre_b, post_b, comb_b = base.split([hc, hc, hc * hc])
-    pre = torch.sigmoid(pre_w * scale[0] + pre_b) + eps
-    post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
-    comb = torch.softmax(comb_w.view(t, hc, hc) * scale[2] + comb_b.view(hc, hc), dim=-1) + eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    return pre, post, comb
-
-
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
            eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, hc, D] -> collapsed [T, D] (x's dtype), post [T, hc] fp32, comb [T, hc, hc] fp32; = model.mhc.hc_mix.
@@ -77,5 +63,5 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
         _hc_sinkhorn[(triton.cdiv(t, bt),)](mix, scale, base, pre, post, comb, t, iters, eps, HC=hc, BLOCK_T=bt,
                                             num_warps=1)
     else:
-        pre, post, comb = _sinkhorn_torch(mix, scale, base, hc, iters, eps)
+        pre, post, comb = hc_weights(mix, scale, base, hc, iters, eps)
     return hc_collapse(pre, x), post, comb
