@@ -26,6 +26,16 @@ def chat_tokens(url: str) -> tuple[Any, list[Any]]:
                                for t in choice["logprobs"]["content"]]
 
 
+def tp1_tokens() -> tuple[Any, list[Any]]:
+    """The TP=1 server's answer to CHAT: the oracle every TP launch is compared with."""
+    proc, url = start_server(*FLAGS)
+    try:
+        return chat_tokens(url)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
 def children_of(pid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -39,12 +49,7 @@ def children_of(pid: int) -> list[int]:
 
 
 def test_serve_tp2_equals_tp1_and_a_dead_worker_stops_it() -> None:
-    ref_proc, ref_url = start_server(*FLAGS)
-    try:
-        ref = chat_tokens(ref_url)
-    finally:
-        ref_proc.send_signal(signal.SIGTERM)
-        ref_proc.wait(30)
+    ref = tp1_tokens()
     proc, url = start_server(*FLAGS, "--tensor-parallel-size", "2", "--distributed-timeout", "5")
     try:
         got = chat_tokens(url)
