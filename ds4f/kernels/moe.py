@@ -1,106 +1,60 @@
-"""⑥ kernels, routed MoE: x [T, D] + expert weights + top-k routing in, Σ_j w_j·expert_j(x) [T, D] out."""
+"""⑥ kernels, routed MoE: x [T, D] + expert weights + top-k routing in, Σ_j w_j·expert_j(x) [T, D] out.
+
+fused_moe = moe_align (picks sorted by expert into BLOCK_M-row blocks; one Triton program up to 1024 picks, else
+three passes over chunks; none for a single token) + the up GEMM with the SwiGLU clamp fused (activation stored
+bf16) + the down GEMM writing one weighted bf16 row per (token, pick), no atomics + a sum over each token's k rows.
+Kernels in moe_kernels.py; the tile table (_config) was swept on an H200 with bench/bench_moe.py --sweep."""
 
 from __future__ import annotations
 
 import torch
 
 from ds4f.kernels.ref import fused_moe_ref
-from ds4f.kernels.sparse_attn import use_triton
+from ds4f.kernels.sparse_attn import _INTERPRET, use_triton
 
 try:
     import triton
-    import triton.language as tl
+
+    from ds4f.kernels.moe_kernels import (
+        _align_count,
+        _align_offsets,
+        _align_scatter,
+        _align_small,
+        _moe_down,
+        _moe_sum,
+        _moe_up,
+    )
 except ImportError:  # CPU-only installs: fused_moe falls back to the reference
     triton = None
 
-if triton is not None:
+ALIGN_SMALL_MAX = 1024  # up to this many picks, moe_align is one Triton program (sort in registers)
+ALIGN_CHUNK = 1024  # above: three passes over chunks of this many picks (count, offsets, scatter)
 
-    @triton.jit
-    def _block_rows(sid_ptr, be_ptr, pid_m, rows, M, BLOCK_M: tl.constexpr, PER_PICK: tl.constexpr):
-        # (expert, pick ids [BLOCK_M]) of block pid_m; PER_PICK: block m holds pick m alone (be_ptr = topk_ids),
-        # which needs no sort for decode-sized batches
-        if PER_PICK:
-            e = tl.load(be_ptr + pid_m)
-            sid = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, M)
-        else:
-            e = tl.load(be_ptr + pid_m)
-            sid = tl.load(sid_ptr + rows)
-        return e, sid
 
-    @triton.jit
-    def _moe_up(
-        x_ptr, w_ptr, sid_ptr, be_ptr, a_ptr, M, I, DM, limit, s_xt, s_we, s_wn, s_at,
-        TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PER_PICK: tl.constexpr,
-    ):
-        # program = (block of BLOCK_M sorted rows of one expert, BLOCK_N columns of gate and the same of up)
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        e, sid = _block_rows(sid_ptr, be_ptr, pid_m, rows, M, BLOCK_M, PER_PICK)
-        if e >= 0:
-            rmask = sid < M  # padding rows hold M
-            tok = (sid // TOPK).to(tl.int64)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = offs_n < I
-            wg_ptr = w_ptr + e.to(tl.int64) * s_we + offs_n[:, None].to(tl.int64) * s_wn
-            wu_ptr = wg_ptr + I * s_wn
-            acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, DM, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                kmask = offs_k < DM
-                xa = tl.load(x_ptr + tok[:, None] * s_xt + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
-                             other=0.0)
-                wmask = nmask[:, None] & kmask[None, :]
-                wg = tl.load(wg_ptr + offs_k[None, :], mask=wmask, other=0.0)
-                wu = tl.load(wu_ptr + offs_k[None, :], mask=wmask, other=0.0)
-                acc_g = tl.dot(xa, tl.trans(wg), acc_g)
-                acc_u = tl.dot(xa, tl.trans(wu), acc_u)
-            # V4 SwiGLU: silu(min(gate, limit)) * clamp(up, -limit, limit)
-            g = tl.minimum(acc_g, limit)
-            u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-            a = g / (1.0 + tl.exp(-g)) * u
-            tl.store(a_ptr + rows.to(tl.int64)[:, None] * s_at + offs_n[None, :], a.to(tl.bfloat16),
-                     mask=nmask[None, :])
-
-    @triton.jit
-    def _moe_down(
-        a_ptr, w_ptr, sid_ptr, be_ptr, tw_ptr, out_ptr, M, DM, I, s_at, s_we, s_wn, s_ot,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_PICK: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        e, sid = _block_rows(sid_ptr, be_ptr, pid_m, rows, M, BLOCK_M, PER_PICK)
-        if e >= 0:
-            rmask = sid < M
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = offs_n < DM
-            wd_ptr = w_ptr + e.to(tl.int64) * s_we + offs_n[:, None].to(tl.int64) * s_wn
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                kmask = offs_k < I
-                aa = tl.load(a_ptr + rows.to(tl.int64)[:, None] * s_at + offs_k[None, :], mask=kmask[None, :],
-                             other=0.0)
-                wd = tl.load(wd_ptr + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-                acc = tl.dot(aa, tl.trans(wd), acc)
-            tw = tl.load(tw_ptr + sid, mask=rmask, other=0.0)
-            acc = acc * tw[:, None]
-            # one output row per (token, pick): the k picks are summed by the caller, deterministically
-            tl.store(out_ptr + sid.to(tl.int64)[:, None] * s_ot + offs_n[None, :], acc,
-                     mask=rmask[:, None] & nmask[None, :])
+def _align_bound(M: int, num_experts: int, block_m: int) -> int:
+    return (M + block_m - 1) // block_m + min(num_experts, M)
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the T*k picks by expert, each expert's run padded to a multiple of block_m, without a host sync.
 
     Returns sorted_ids [P] int32 (flat pick id t*k+j, or T*k for padding) and block_expert [P // block_m] int32
-    (-1 = unused block); P = block_m * (ceil(T*k / block_m) + min(E, T*k)) bounds the padded length."""
-    flat = topk_ids.reshape(-1).long()
+    (-1 = unused block); P = block_m * (ceil(T*k / block_m) + min(E, T*k)) bounds the padded length. Within an
+    expert, picks keep their flat order."""
+    flat = topk_ids.reshape(-1)
     M = flat.numel()
     dev = flat.device
+    nb = _align_bound(M, num_experts, block_m)
+    if M == 0:
+        return torch.empty(0, dtype=torch.int32, device=dev), torch.empty(0, dtype=torch.int32, device=dev)
+    if use_triton(flat) and num_experts < 4096:
+        return _align_triton(flat.to(torch.int32).contiguous(), num_experts, block_m, nb)[:2]
+    return _align_torch(flat, num_experts, block_m, nb)
+
+
+def _align_torch(flat: torch.Tensor, num_experts: int, block_m: int, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    M, dev = flat.numel(), flat.device
+    flat = flat.long()
     counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     pend = torch.cumsum(padded, 0)
@@ -108,24 +62,147 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     e_sorted = flat[order]
     rank = torch.arange(M, device=dev) - (torch.cumsum(counts, 0) - counts)[e_sorted]
     dest = (pend - padded)[e_sorted] + rank
-    n_blocks = (M + block_m - 1) // block_m + min(num_experts, M)
-    sorted_ids = torch.full((n_blocks * block_m,), M, dtype=torch.int32, device=dev)
+    sorted_ids = torch.full((nb * block_m,), M, dtype=torch.int32, device=dev)
     sorted_ids[dest] = order.to(torch.int32)
-    starts = torch.arange(n_blocks, device=dev) * block_m
+    starts = torch.arange(nb, device=dev) * block_m
     be = torch.searchsorted(pend, starts, right=True)  # first expert whose padded run ends after the block start
     block_expert = torch.where(be < num_experts, be, -1).to(torch.int32)
     return sorted_ids, block_expert
 
 
-PER_PICK_MAX = 64  # up to this many picks, one block per pick (no sort; a repeated expert is read again)
+def _align_triton(flat: torch.Tensor, E: int, bm: int, nb: int, tail_m: int = 0,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """moe_align on the GPU; tail_m > 0 (three-pass path only): also a second tier of tail_m-row blocks that takes
+    each expert's last <= tail_m picks past its full bm blocks, as (sorted_ids, block_expert) of min(E, M) blocks."""
+    M, dev, ep = flat.numel(), flat.device, triton.next_power_of_2(E + 1)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
+    if M <= ALIGN_SMALL_MAX and not tail_m:
+        sorted_ids = torch.empty(nb * bm, dtype=torch.int32, device=dev)
+        mp = triton.next_power_of_2(M)
+        _align_small[(1,)](flat, sorted_ids, block_expert, M, nb, E, BLOCK_M=bm, MP=mp, EP=ep,
+                           PP=triton.next_power_of_2(nb * bm), NBP=triton.next_power_of_2(nb),
+                           num_warps=4 if mp <= 256 else 8)
+        return sorted_ids, block_expert, None, None
+    sorted_ids = torch.full((nb * bm,), M, dtype=torch.int32, device=dev)
+    nb2 = min(E, M) if tail_m else 0
+    sid2 = torch.full((nb2 * tail_m,), M, dtype=torch.int32, device=dev) if tail_m else sorted_ids  # unused if 0
+    be2 = torch.empty(nb2, dtype=torch.int32, device=dev) if tail_m else block_expert
+    n_chunks = triton.cdiv(M, ALIGN_CHUNK)
+    hist = torch.empty(n_chunks, ep, dtype=torch.int32, device=dev)
+    rank0 = torch.empty_like(hist)
+    meta = torch.empty(3, ep, dtype=torch.int32, device=dev)
+    _align_count[(n_chunks,)](flat, hist, M, E, CH=ALIGN_CHUNK, EP=ep, num_warps=4)
+    _align_offsets[(1,)](hist, rank0, meta, block_expert, be2, n_chunks, nb, nb2, E, BM1=bm, BM2=tail_m, EP=ep,
+                         MAXC=triton.next_power_of_2(n_chunks), NBP1=triton.next_power_of_2(nb),
+                         NBP2=triton.next_power_of_2(max(nb2, 1)), num_warps=4)
+    _align_scatter[(n_chunks,)](flat, rank0, meta, sorted_ids, block_expert, sid2, be2, M, E, BM1=bm, BM2=tail_m,
+                                CH=ALIGN_CHUNK, EP=ep, num_warps=8)
+    return sorted_ids, block_expert, (sid2 if tail_m else None), (be2 if tail_m else None)
 
 
-def _config(m_per_expert: float) -> dict[str, int]:
-    if m_per_expert <= 16:  # decode: bytes-bound on the picked experts' weights, spread over many N tiles
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
-    if m_per_expert <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+def moe_sum(rows: torch.Tensor, T: int, k: int) -> torch.Tensor:
+    """[T*k, D] bf16 per-pick rows -> [T, D] bf16, each token's k rows summed in fp32."""
+    D = rows.shape[1]
+    if not use_triton(rows):
+        return rows.view(T, k, D).sum(1)
+    out = torch.empty(T, D, dtype=torch.bfloat16, device=rows.device)
+    bt, bd = (4, 512) if T > 64 else (1, 256)
+    _moe_sum[(triton.cdiv(T, bt), triton.cdiv(D, bd))](rows, out, T, K=k, D=D, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+    return out
+
+
+def _gemm(bn: int, bk: int, gm: int, nw: int, ns: int, which: str) -> dict[str, int]:
+    return {f"{which}_BLOCK_N": bn, f"{which}_BLOCK_K": bk, f"{which}_GROUP_M": gm, f"{which}_num_warps": nw,
+            f"{which}_num_stages": ns}
+
+
+def _config(M: int, E: int, T: int) -> dict[str, int]:
+    """Tiles by picks per expert (swept on an H200 with bench/bench_moe.py --sweep). Keys: BLOCK_M, PER_PICK
+    (one block per pick, no sort), TAIL_M (> 0: a second tier of TAIL_M-row blocks for each expert's tail), then per
+    GEMM (prefix up_, down_, tail_up_, tail_down_) BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages."""
+    m = M / E
+    if M <= 64:  # a few tokens: bytes-bound, every program in flight at once (one wave over the SMs)
+        return dict(BLOCK_M=16, PER_PICK=int(T == 1), TAIL_M=0, **_gemm(64, 128, 1, 4, 3, "up"),
+                    **_gemm(32, 256, 1, 4, 3, "down"))
+    if m <= 4:  # batched decode: bytes-bound on the picked experts' weights
+        return dict(BLOCK_M=16, PER_PICK=0, TAIL_M=0, **_gemm(32, 128, 1, 4, 4, "up"),
+                    **_gemm(32, 128, 1, 4, 4, "down"))
+    if m <= 48:
+        return dict(BLOCK_M=32, PER_PICK=0, TAIL_M=0, **_gemm(64, 128, 8, 4, 4, "up"),
+                    **_gemm(128, 128, 8, 4, 4, "down"))
+    if m <= 128:
+        return dict(BLOCK_M=64, PER_PICK=0, TAIL_M=0, **_gemm(128, 64, 16, 8, 4, "up"),
+                    **_gemm(256, 64, 16, 8, 3, "down"))
+    # prefill: compute-bound, 128-row tiles. TAIL_M=64 (each expert's tail in a second launch of 64-row tiles) cuts
+    # the padded rows ~11% at 8192 tokens but measured no faster (H200): the tail blocks re-read their experts'
+    # weights, and at ~190 picks per expert the GEMMs sit near the bytes/FLOP ridge. Kept as a config option.
+    return dict(BLOCK_M=128, PER_PICK=0, TAIL_M=0, **_gemm(128, 64, 8, 8, 4, "up"),
+                **_gemm(256, 64, 8, 8, 4, "down"))
+
+
+def resolve_config(M: int, E: int, T: int, config: dict[str, int] | None = None) -> dict[str, int]:
+    """The table's tiles, overridden by config; an unprefixed GEMM key (BLOCK_N, GROUP_M, ...) sets up_ and down_."""
+    cfg = _config(M, E, T)
+    for key, v in (config or {}).items():
+        if key in ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"):
+            cfg[f"up_{key}"] = cfg[f"down_{key}"] = v
+        else:
+            assert key in cfg or key.startswith("tail_"), f"unknown fused_moe config key {key}"
+            cfg[key] = v
+    return cfg
+
+
+def _gemm_kw(cfg: dict[str, int], which: str) -> dict[str, int]:
+    return {k[len(which) + 1:]: v for k, v in cfg.items() if k.startswith(which + "_")}
+
+
+Tier = tuple[torch.Tensor, torch.Tensor, int, dict[str, int]]  # sorted_ids, block_expert, blocks, its tile config
+
+
+def moe_plan(topk_ids: torch.Tensor, E: int, cfg: dict[str, int]) -> list[Tier]:
+    """The blocks for the kernels: one tier, or two (BLOCK_M rows, then TAIL_M rows) for large batches."""
+    if cfg["PER_PICK"]:
+        be = topk_ids.contiguous().view(-1)
+        return [(be, be, be.numel(), cfg)]
+    flat, bm, tm = topk_ids.reshape(-1), cfg["BLOCK_M"], cfg["TAIL_M"]
+    if 0 < tm < bm and use_triton(flat) and flat.numel() > ALIGN_SMALL_MAX and E < 4096:
+        s1, b1, s2, b2 = _align_triton(flat.to(torch.int32).contiguous(), E, bm,
+                                       _align_bound(flat.numel(), E, bm), tm)
+        tail = dict(cfg, BLOCK_M=tm, **{k[5:]: v for k, v in cfg.items() if k.startswith("tail_")})
+        return [(s1, b1, b1.numel(), cfg), (s2, b2, b2.numel(), tail)]
+    sorted_ids, be = moe_align(topk_ids, E, bm)
+    return [(sorted_ids, be, be.numel(), cfg)]
+
+
+def moe_up(x: torch.Tensor, w13: torch.Tensor, sorted_ids: torch.Tensor, be: torch.Tensor, nb: int, k: int,
+           limit: float, cfg: dict[str, int]) -> torch.Tensor:
+    """a [nb*BLOCK_M, I] bf16: the SwiGLU activation of each sorted slot (padding slots unwritten)."""
+    I = w13.shape[1] // 2
+    bm, kw = cfg["BLOCK_M"], _gemm_kw(cfg, "up")
+    bn = kw.pop("BLOCK_N")
+    a = torch.empty(nb * bm, I, dtype=torch.bfloat16, device=x.device)
+    _moe_up[(nb * triton.cdiv(I, bn),)](
+        x, w13, sorted_ids, be, a, x.shape[0] * k, nb, float(limit), x.stride(0), w13.stride(0),
+        w13.stride(1), a.stride(0), I=I, DM=x.shape[1], TOPK=k, BLOCK_M=bm, BLOCK_N=bn, PER_PICK=cfg["PER_PICK"],
+        F32_DOT=_INTERPRET, **kw,
+    )
+    return a
+
+
+def moe_down(a: torch.Tensor, w2: torch.Tensor, sorted_ids: torch.Tensor, be: torch.Tensor, nb: int,
+             tw: torch.Tensor, M: int, cfg: dict[str, int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, D] bf16: row t*k+j = topk_weights[t, j] * expert(x[t]) of that pick (only this plan's picks are
+    written into out)."""
+    DM, I = w2.shape[1], w2.shape[2]
+    kw = _gemm_kw(cfg, "down")
+    bn = kw.pop("BLOCK_N")
+    if out is None:
+        out = torch.empty(M, DM, dtype=torch.bfloat16, device=a.device)
+    _moe_down[(nb * triton.cdiv(DM, bn),)](
+        a, w2, sorted_ids, be, tw, out, M, nb, a.stride(0), w2.stride(0), w2.stride(1), out.stride(0), DM=DM, I=I,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, PER_PICK=cfg["PER_PICK"], F32_DOT=_INTERPRET, **kw,
+    )
+    return out
 
 
 def fused_moe(
@@ -142,7 +219,8 @@ def fused_moe(
 
     x [T, D] bf16; w13 [E, 2I, D] bf16 (gate rows then up rows); w2 [E, D, I] bf16; topk_ids [T, k] int32 in [0, E);
     topk_weights [T, k] fp32. Two grouped GEMMs over the expert-sorted picks (no loop over experts); the SwiGLU
-    activation is stored bf16 between them. No host sync: CUDA-graph safe."""
+    activation is stored bf16 between them, each pick's weighted output row too. No host sync: CUDA-graph safe.
+    config overrides the tile table (see resolve_config)."""
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(-1) == 1, "x must be [T, D] bf16"
     T, DM = x.shape
     assert w13.dim() == 3 and w13.dtype == torch.bfloat16 and w13.is_contiguous() and w13.shape[2] == DM
@@ -158,27 +236,12 @@ def fused_moe(
     M = T * k
     if M == 0:
         return torch.zeros_like(x)
-    cfg = dict(config or _config(M / E))
-    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    per_pick = cfg.pop("PER_PICK", int(M <= PER_PICK_MAX))
-    if per_pick:
-        sorted_ids, block_expert = topk_ids, topk_ids.contiguous().view(-1)
-        nb = M
-    else:
-        sorted_ids, block_expert = moe_align(topk_ids, E, bm)
-        nb = block_expert.numel()
-    a = torch.empty(nb * bm, I, dtype=torch.bfloat16, device=x.device)
-    _moe_up[(nb, triton.cdiv(I, bn))](
-        x, w13, sorted_ids, block_expert, a, M, I, DM, float(limit), x.stride(0), w13.stride(0), w13.stride(1),
-        a.stride(0), TOPK=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_PICK=per_pick, **cfg,
-    )
-    out = torch.empty(M, DM, dtype=torch.float32, device=x.device)
+    cfg = resolve_config(M, E, T, config)
+    rows = torch.empty(M, DM, dtype=torch.bfloat16, device=x.device)
     tw = topk_weights.contiguous().view(-1)
-    _moe_down[(nb, triton.cdiv(DM, bn))](
-        a, w2, sorted_ids, block_expert, tw, out, M, DM, I, a.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_PICK=per_pick, **cfg,
-    )
-    return out.view(T, k, DM).sum(1).to(torch.bfloat16)
+    for sorted_ids, be, nb, c in moe_plan(topk_ids, E, cfg):
+        moe_down(moe_up(x, w13, sorted_ids, be, nb, k, limit, c), w2, sorted_ids, be, nb, tw, M, c, rows)
+    return moe_sum(rows, T, k) if k > 1 else rows
 
 
 def moe_bytes(T: int, k: int, E: int, D: int, I: int) -> float:
