@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ds4f.kernels.fp8 import dequantize_kv_rows
 from ds4f.kernels.ref import sparse_attn_ref
 
 try:
@@ -21,12 +22,41 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if triton is not None:
 
     @triton.jit
+    def _kv_row_tile(kv_ptr, exp_ptr, rope_ptr, ridx, valid, offs_d, dmask, s_kvn, s_en, s_rn,
+                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr):
+        # fp8_ds_mla rows -> [BLOCK_K, BLOCK_D] bf16 (exact): columns < NOPE = e4m3 bits (uint8) * 2^(exp - 127),
+        # one exponent byte per 64 columns; columns >= NOPE from the bf16 rope rows
+        nm = offs_d < NOPE
+        x = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & nm[None, :], other=0)
+        if NATIVE_FP8:  # sm_89+: hardware e4m3 convert
+            xf = x.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            bias = 127.0
+        else:  # any arch: e4m3 bits -> fp16 bits (exponent bias 7 -> 15, so the value is 2^-8 of the e4m3 one)
+            h = x.to(tl.uint16)
+            xf = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
+            bias = 119.0
+        NGB: tl.constexpr = BLOCK_D // 64
+        if NGB == 1:
+            e = tl.load(exp_ptr + ridx * s_en, mask=valid, other=0)
+            xf = xf * tl.exp2(e.to(tl.float32) - bias)[:, None]
+        else:
+            offs_g = tl.arange(0, NGB)
+            e = tl.load(exp_ptr + ridx[:, None] * s_en + offs_g[None, :],
+                        mask=valid[:, None] & (offs_g * 64 < NOPE)[None, :], other=0)
+            sc = tl.exp2(e.to(tl.float32) - bias)
+            xf = xf * tl.reshape(tl.broadcast_to(sc[:, :, None], [BLOCK_K, NGB, 64]), [BLOCK_K, BLOCK_D])
+        r = tl.load(rope_ptr + ridx[:, None] * s_rn + (offs_d - NOPE)[None, :],
+                    mask=valid[:, None] & (~nm & dmask)[None, :], other=0.0)
+        return tl.where(nm[None, :], xf, r.to(tl.float32)).to(tl.bfloat16)
+
+    @triton.jit
     def _attn_fwd(
-        q_ptr, kv_ptr, kvs_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr,
+        q_ptr, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr,
         H, K, keys_per_split, qk_scale,
-        s_qt, s_qh, s_kvn, s_it, s_ot, s_oh,
+        s_qt, s_qh, s_kvn, s_kvsn, s_rn, s_it, s_ot, s_oh,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
         NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
+        NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr,
     ):
         # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA)
         t = tl.program_id(0)
@@ -43,12 +73,16 @@ if triton is not None:
         l = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
         k_lo = sp * keys_per_split
-        for k0 in range(k_lo, k_lo + keys_per_split, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        for k0 in range(0, keys_per_split, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
+            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < K, other=-1)
             valid = idx >= 0
-            rows = tl.load(kv_ptr + idx.to(tl.int64)[:, None] * s_kvn + offs_d[None, :],
-                           mask=valid[:, None] & dmask[None, :], other=0.0)
+            if NOPE > 0:
+                rows = _kv_row_tile(kv_ptr, kvs_ptr, rope_ptr, idx.to(tl.int64), valid, offs_d, dmask,
+                                    s_kvn, s_kvsn, s_rn, BLOCK_K, BLOCK_D, NOPE, NATIVE_FP8)
+            else:
+                rows = tl.load(kv_ptr + idx.to(tl.int64)[:, None] * s_kvn + offs_d[None, :],
+                               mask=valid[:, None] & dmask[None, :], other=0.0)
             # fp8 rows dequantize exactly to bf16 (power-of-two scales); through fp32, which measured faster than
             # Triton 3.6's direct e4m3 -> bf16 / fp16 converts on H200
             if NG == 1:
@@ -146,6 +180,8 @@ def sparse_attn(
     scale: float,
     kv_scale: torch.Tensor | None = None,
     *,
+    kv_rope: torch.Tensor | None = None,
+    native_fp8: bool | None = None,
     block_h: int | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
@@ -156,15 +192,21 @@ def sparse_attn(
     """o [T, H, D] bf16 = one softmax per (t, h) over kv_pool[indices[t]] with the sink in the denominator only.
 
     q [T, H, D] bf16 (last dim contiguous); kv_pool [N, D] bf16, or e4m3 with kv_scale [N, NG] fp32 (power-of-two
-    scales for groups of D // NG columns); indices [T, K] int32 flat slot ids in [-1, N) (-1 = unused; ids are not
-    bounds-checked on the device); sink [H] fp32. num_splits=None picks a key split that fills the GPU when T is
-    small (decode); the split partials are merged by a second kernel. block_h..scale_bcast are tuning knobs (bench/).
+    scales for groups of D // NG columns), or the fp8_ds_mla split rows (ds4f/kernels/fp8.py quantize_kv_rows):
+    kv_pool [N, nope] e4m3 (or its uint8 bits) + kv_scale [N, >= ceil(nope / 64)] uint8 UE8M0 exponents + kv_rope
+    [N, D - nope] bf16; indices [T, K] int32 flat slot ids in [-1, N) (-1 = unused; ids are not bounds-checked on
+    the device); sink [H] fp32. num_splits=None picks a key split that fills the GPU when T is small (decode); the
+    split partials are merged by a second kernel. native_fp8 (split rows): hardware e4m3 converts, default on
+    sm_89+; else a bit-level decode that builds on sm_80. block_h..scale_bcast are tuning knobs (bench/).
     No host sync: CUDA-graph safe."""
     assert q.dim() == 3 and q.dtype == torch.bfloat16 and q.stride(-1) == 1, "q must be [T, H, D] bf16, dim -1 dense"
     T, H, D = q.shape
-    assert kv_pool.dim() == 2 and kv_pool.shape[1] == D and kv_pool.stride(-1) == 1, "kv_pool must be [N, D]"
     assert indices.dim() == 2 and indices.shape[0] == T and indices.dtype == torch.int32 and indices.stride(-1) == 1
     assert sink.shape == (H,) and sink.dtype == torch.float32 and sink.is_contiguous()
+    if kv_rope is not None:
+        return _sparse_attn_split(q, kv_pool, kv_scale, kv_rope, indices, sink, scale, native_fp8, block_h, block_k,
+                                  num_splits, num_warps, num_stages, scale_bcast)
+    assert kv_pool.dim() == 2 and kv_pool.shape[1] == D and kv_pool.stride(-1) == 1, "kv_pool must be [N, D]"
     ng = 0
     if kv_pool.dtype == torch.float8_e4m3fn:
         assert kv_scale is not None and kv_scale.dtype == torch.float32 and kv_scale.is_contiguous()
@@ -176,17 +218,52 @@ def sparse_attn(
     assert q.device == kv_pool.device == indices.device == sink.device
     if not use_triton(q):
         return sparse_attn_ref(q, kv_pool, indices, sink, scale, kv_scale)
+    kvs = kv_scale if kv_scale is not None else kv_pool
+    return _launch(q, kv_pool, kvs, kv_pool, indices, sink, scale, ng, 0, False, (kv_pool.stride(0), 0, 0),
+                   block_h, block_k, num_splits, num_warps, num_stages, scale_bcast)
 
+
+def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | None, rope: torch.Tensor,
+                       indices: torch.Tensor, sink: torch.Tensor, scale: float, native_fp8: bool | None,
+                       block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
+                       num_stages: int, scale_bcast: bool) -> torch.Tensor:
+    T, H, D = q.shape
+    N, dn = nope.shape
+    assert nope.dtype in (torch.float8_e4m3fn, torch.uint8) and nope.stride(-1) == 1, "nope must be [N, dn] e4m3"
+    assert rope.dtype == torch.bfloat16 and rope.shape == (N, D - dn) and rope.stride(-1) == 1 and dn < D
+    assert exp is not None and exp.dtype == torch.uint8 and exp.shape[0] == N and exp.stride(-1) == 1
+    assert exp.shape[1] * 64 >= dn, "one UE8M0 exponent per 64 nope columns"
+    assert q.device == nope.device == exp.device == rope.device == indices.device == sink.device
+    if not use_triton(q):  # dequantize only the rows the indices name (exact in bf16), then the reference
+        valid = indices >= 0
+        flat = indices.long().clamp(min=0).reshape(-1)
+        rows = dequantize_kv_rows(nope[flat], exp[flat], rope[flat], torch.bfloat16)
+        local = torch.arange(flat.numel(), device=q.device).view(T, -1)
+        return sparse_attn_ref(q, rows, torch.where(valid, local, -1).to(torch.int32), sink, scale)
+    if native_fp8 is None:
+        native_fp8 = q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
+    return _launch(q, nope.view(torch.uint8), exp, rope, indices, sink, scale, 0, dn, native_fp8,
+                   (nope.stride(0), exp.stride(0), rope.stride(0)), block_h, block_k, num_splits, num_warps,
+                   num_stages, scale_bcast)
+
+
+def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Tensor, indices: torch.Tensor,
+            sink: torch.Tensor, scale: float, ng: int, nope: int, native_fp8: bool, strides: tuple[int, int, int],
+            block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
+            num_stages: int, scale_bcast: bool) -> torch.Tensor:
+    T, H, D = q.shape
     K = indices.shape[1]
     o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
     if T == 0:
         return o
     block_d = triton.next_power_of_2(D)
+    if nope:  # split rows: the tile holds whole 64-column exponent groups
+        block_d = max(64, block_d)
     if block_h is None:  # H200 sweeps: 16-head blocks win only at a handful of tokens (T=1: 16.6 vs 20.2 us)
         block_h = 16 if T * triton.cdiv(H, 64) < 16 else 64
     block_h = max(16, min(block_h, triton.next_power_of_2(H)))
     # fp8 group scales stage the tile in fp32: 32-key blocks with 16 heads, 64 with 64 heads measured best
-    block_k = max(16, block_k or (32 if ng > 1 and block_h < 64 else 64))
+    block_k = max(16, block_k or (32 if (ng > 1 or nope) and block_h < 64 else 64))
     num_warps = num_warps or (8 if block_h >= 64 else 4)
     n_hb = triton.cdiv(H, block_h)
     if num_splits is None:
@@ -201,13 +278,12 @@ def sparse_attn(
         pm = torch.empty(T, num_splits, H, 2, dtype=torch.float32, device=q.device)
     else:
         po = pm = o  # unused
-    kvs = kv_scale if kv_scale is not None else kv_pool
     _attn_fwd[(T, n_hb, num_splits)](
-        q, kv_pool, kvs, indices, sink, o, po, pm,
+        q, kv, kvs, rope, indices, sink, o, po, pm,
         H, K, kps, scale * LOG2E,
-        q.stride(0), q.stride(1), kv_pool.stride(0), indices.stride(0), o.stride(0), o.stride(1),
+        q.stride(0), q.stride(1), *strides, indices.stride(0), o.stride(0), o.stride(1),
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
-        num_warps=num_warps, num_stages=num_stages,
+        NOPE=nope, NATIVE_FP8=native_fp8, num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         dc = min(block_d, 128)

@@ -4,6 +4,9 @@ Batched over every token of the step and free of host syncs (CUDA-graph safe): p
 all T tokens, window rows through the scratch region + slot rings, compressor entries for the tokens that complete
 a window (candidate lists, masked), indexer scores + top-k over each sequence's entries, one sparse_attn over the
 flat pool, inverse RoPE, grouped wo_a / wo_b; MoE through one fused_moe call with the shared expert as expert E.
+Between sublayers one mHC step (ds4f.kernels.mhc: hc_post of the sublayer, then the next hc_pre + its RMSNorm); q / kv
+norm + RoPE in one kernel each, RoPE in place on the rope channels only (ds4f.kernels.rope); the router of a decode
+step (<= 16 tokens) as two kernels (ds4f.kernels.router); the per-step index tensors in one compiled glue function.
 
 Weights are the reference modules' parameters. Setup changes layout once: each layer's routed experts plus the
 shared expert are moved into w13 [E+1, 2I, D] / w2 [E+1, D, I] and the modules' weights become views of those
@@ -17,7 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from ds4f.kernels import fused_moe, indexer_scores, sparse_attn, topk_indices
+from ds4f.kernels import fused_moe, topk_indices
+from ds4f.kernels.mhc import hc_step
+from ds4f.kernels.rope import norm_rope, rope_
+from ds4f.kernels.router import MAX_TOKENS as ROUTER_MAX_TOKENS
+from ds4f.kernels.router import route
+from ds4f.kernels.sparse_attn import use_triton
 from ds4f.model.args import CSA, SWA
 from ds4f.model.compressor import Compressor
 from ds4f.model.deepseek_v4 import Block, Transformer
@@ -25,7 +33,6 @@ from ds4f.model.layers import Rope
 from ds4f.model.linear import Linear
 from ds4f.model.mhc import hc_head
 from ds4f.runner.gpu import glue
-from ds4f.runner.gpu.hc import hc_pre
 from ds4f.runner.gpu.pools import FastCache, StepMeta
 
 
@@ -108,39 +115,26 @@ class FastModel:
 
     # ---- per-step index tensors ----
     def _derive(self, meta: StepMeta, cache: FastCache) -> _Derived:
-        d = _Derived()
-        p, W = meta.positions, self.W
-        T = p.shape[0]
-        ti = torch.arange(T, device=p.device)
-        j = torch.arange(W, device=p.device)
-        q = p[:, None] - j[None, :]
-        ring = meta.tok_slot[:, None] * W + q % W
-        d.win = torch.where(q >= meta.chunk_start[:, None], cache.scratch + ti[:, None] - j[None, :],
-                            torch.where(q >= 0, ring, -1)).to(torch.int32)
-        keep = p >= meta.chunk_end - W
-        d.win_write = torch.where(keep, meta.tok_slot, cache.dummy_slot) * W + p % W
-        d.ring_rows = {}
+        d, a = _Derived(), self.args
+        rings = tuple(sorted({r for m in self.ratios for r in (m, 2 * m)}))
+        ents = []
         for m in self.ratios:
-            for R in {m, 2 * m}:
-                slot = torch.where(p >= meta.chunk_end - R, meta.tok_slot, cache.dummy_slot)
-                d.ring_rows[R] = slot * R + p % R
-        d.bt_tok = meta.block_table[meta.tok_seq]
-        d.cs = {k: (c[p], s[p]) for k, (c, s) in self.tables.items()}
-        d.attn_idx, d.slots, d.vis32 = {}, {}, {}
-        a = self.args
-        for m in self.ratios:
-            n_ent, epb = cache.max_entries(m), cache.epb(m)
-            w = torch.arange(n_ent, device=p.device)
-            vis = (p + 1) // m
+            n_ent = cache.max_entries(m)
             is_csa = any(a.compress_ratio(i) == m and a.layer_type(i) == CSA for i in range(a.num_hidden_layers))
-            if not is_csa or n_ent <= a.index_topk:
-                rows_tok = d.bt_tok[:, w // epb] * epb + w % epb  # [T, L]
-                ent = torch.where(w[None, :] < vis[:, None], cache.comp_base + rows_tok, -1)
-                d.attn_idx[m] = torch.cat([d.win, ent.to(torch.int32)], dim=1)
-            if is_csa and n_ent > a.index_topk:
-                d.slots[m] = (meta.block_table[:, w // epb] * epb + w % epb).to(torch.int32)
-                d.vis32[m] = vis.clamp(max=n_ent).to(torch.int32)
-                d.seq32 = meta.tok_seq.to(torch.int32)
+            ents.append((m, n_ent, cache.epb(m), not is_csa or n_ent <= a.index_topk))
+        names = list(self.tables)
+        flat = tuple(t for k in names for t in self.tables[k])
+        d.win, d.win_write, ring_rows, d.bt_tok, cs, per, d.seq32 = glue.derive(
+            meta.positions, meta.tok_slot, meta.chunk_start, meta.chunk_end, meta.tok_seq, meta.block_table, flat,
+            cache.scratch, cache.dummy_slot, cache.comp_base, self.W, rings, tuple(ents))
+        d.ring_rows = dict(zip(rings, ring_rows))
+        d.cs = {k: (cs[2 * n], cs[2 * n + 1]) for n, k in enumerate(names)}
+        d.attn_idx, d.slots, d.vis32 = {}, {}, {}
+        for (m, _, _, direct), v in zip(ents, per):
+            if direct:
+                d.attn_idx[m] = v
+            else:
+                d.slots[m], d.vis32[m] = v
         return d
 
     # ---- forward ----
@@ -148,18 +142,29 @@ class FastModel:
     def forward(self, meta: StepMeta, cache: FastCache) -> torch.Tensor:
         """-> streams [T, hc, D] after the last layer."""
         d = self._derive(meta, cache)
+        layers = self.model.layers
         x = self.model.embed(meta.input_ids).unsqueeze(1).expand(-1, self.hc, -1).contiguous()
-        for i, blk in enumerate(self.model.layers):
-            a = self.args
-            c, post, comb = hc_pre(x, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base, a.hc_mult,
-                                   a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps)
-            y = self._attn(i, blk, glue.rms_w(c, blk.attn_norm.weight, a.rms_norm_eps), meta, cache, d)
-            x = glue.hc_post(y, x, post, comb)
-            c, post, comb = hc_pre(x, blk.hc_ffn_fn, blk.hc_ffn_scale, blk.hc_ffn_base, a.hc_mult,
-                                   a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps)
-            y = self._moe(i, blk, glue.rms_w(c, blk.ffn_norm.weight, a.rms_norm_eps), meta.input_ids)
-            x = glue.hc_post(y, x, post, comb)
+        x, xn, post, comb = self._hc(None, x, None, None, layers[0], "attn")
+        for i, blk in enumerate(layers):
+            y = self._attn(i, blk, xn, meta, cache, d)
+            x, xn, post, comb = self._hc(y, x, post, comb, blk, "ffn")
+            y = self._moe(i, blk, xn, meta.input_ids)
+            x, xn, post, comb = self._hc(y, x, post, comb, layers[i + 1] if i + 1 < len(layers) else None, "attn")
         return x
+
+    def _hc(self, y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, comb: torch.Tensor | None,
+            nxt: Block | None, kind: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                   torch.Tensor | None]:
+        """hc_post of the sublayer that gave y (none: x as is), then the hc_pre + RMSNorm of the next sublayer
+        (nxt's `kind`) -> streams, its normed input, post, comb (None after the last sublayer)."""
+        a = self.args
+        if nxt is None:
+            return hc_step(y, x, post, comb, None, None, None, None, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps,
+                           a.rms_norm_eps)
+        norm = nxt.attn_norm if kind == "attn" else nxt.ffn_norm
+        return hc_step(y, x, post, comb, getattr(nxt, f"hc_{kind}_fn"), getattr(nxt, f"hc_{kind}_scale"),
+                       getattr(nxt, f"hc_{kind}_base"), norm.weight, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps,
+                       a.rms_norm_eps)
 
     @torch.no_grad()
     def logits(self, streams: torch.Tensor, meta: StepMeta) -> torch.Tensor:
@@ -177,9 +182,10 @@ class FastModel:
         parts = y.split(self.w_in_split[i], dim=1)
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy
         qr = glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
-        q, kv = glue.q_kv(att.wq_b(qr), parts[1], att.kv_norm.weight, cos, sin, H, att.eps)  # kv [T, hd]: K and V
+        q = norm_rope(att.wq_b(qr).view(T, H, hd), None, cos, sin, att.eps)  # per-head RMSNorm + RoPE
+        kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
         pool = cache.kv[i]
-        pool[cache.scratch: cache.scratch + T] = kv
+        cache.put_scratch(i, kv)
         if att.kind == SWA:
             idx = d.win
         else:
@@ -195,17 +201,17 @@ class FastModel:
                 idx = d.attn_idx[m]
             else:  # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
                 ix = att.indexer
-                iq = glue.rope(ix.wq_b(qr).view(T, ix.n_heads, ix.head_dim), cos, sin, False)
-                iw = parts[6].float() * ix.n_heads**-0.5
-                sc = indexer_scores(iq, iw, cache.index[i], d.slots[m], d.seq32, d.vis32[m])
+                iq = rope_(ix.wq_b(qr).view(T, ix.n_heads, ix.head_dim), cos, sin)
+                iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
+                sc = cache.index_scores(i, iq, iw, d.slots[m], d.seq32, d.vis32[m])
                 # exact-zero scores (every head's ReLU at 0) tie; the reference keeps the lowest ids among them
-                sc = torch.where(sc == 0, self.zero_rank[: sc.shape[1]], sc)
+                sc = glue.rank_zeros(sc, self.zero_rank)
                 sel = topk_indices(sc, a.index_topk)  # [T, k] entry ids, -1 = none
                 idx = glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
-        o = sparse_attn(q, pool, idx, att.attn_sink, hd**-0.5)
-        pool.index_copy_(0, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
+        o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5)
+        cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
         wa = att.wo_a.weight.view(att.o_groups, -1, att.wo_a.in_features)  # [G, o_lora_rank, H*hd/G]
-        return att.wo_b(glue.attn_out(o, cos, sin, wa))
+        return att.wo_b(glue.grouped_out(rope_(o, cos, sin, inverse=True), wa))
 
     def _compress(self, comp: Compressor, kvz: torch.Tensor, meta: StepMeta, cache: FastCache, d: _Derived,
                   ring: torch.Tensor, R: int, dest: torch.Tensor, dest_base: int, m: int) -> None:
@@ -215,15 +221,20 @@ class FastModel:
         rows, ent, dst = glue.compress(kvz, comp.ape, ring, comp.norm.weight, meta.ent_tok[m], meta.positions,
                                        meta.chunk_start, meta.tok_slot, d.bt_tok, c, s, m, R, comp.overlap,
                                        self.args.rms_norm_eps, dest_base, cache.dummy_block, cache.epb(m))
-        dest.index_copy_(0, dst, ent)
+        cache.put(dest, dst, ent)
         ring.index_copy_(0, d.ring_rows[R], rows)
 
     def _moe(self, i: int, blk: Block, xn: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Router (fp32 scores, hash or biased top-k) -> one fused_moe over the picks + the shared expert (id E)."""
         ffn, gate = blk.ffn, blk.ffn.gate
-        hashed = gate.tid2eid[ids] if gate.hash else ids[:, None]
-        bias = gate.bias if gate.bias is not None else self.gate_w32[i][:, 0]
-        eid, w = glue.route(xn, self.gate_w32[i], bias, hashed, gate.topk, gate.hash, gate.norm_topk, gate.scaling,
-                            self.E if ffn.shared_experts is not None else -1)
+        shared = self.E if ffn.shared_experts is not None else -1
+        if xn.shape[0] <= ROUTER_MAX_TOKENS and use_triton(xn):  # decode: two Triton kernels
+            eid, w = route(xn, gate.weight, gate.bias, gate.tid2eid if gate.hash else None, ids, gate.topk,
+                           gate.norm_topk, gate.scaling, shared)
+        else:
+            hashed = gate.tid2eid[ids] if gate.hash else ids[:, None]
+            bias = gate.bias if gate.bias is not None else self.gate_w32[i][:, 0]
+            eid, w = glue.route(xn, self.gate_w32[i], bias, hashed, gate.topk, gate.hash, gate.norm_topk,
+                                gate.scaling, shared)
         lim = self.args.swiglu_limit if self.args.swiglu_limit > 0 else float("inf")
         return fused_moe(xn, self.w13[i], self.w2[i], eid, w, lim)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ds4f.kernels.rope import rope_ref
 from ds4f.model.layers import rms_normalize
 
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
@@ -52,19 +53,6 @@ def fuse(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """= model.layers.Rope.forward: interleaved rotation of the last 2 * cos.shape[1] channels, fp32 math."""
-    rd = 2 * cos.shape[1]
-    if inverse:
-        sin = -sin
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    nope, rope = x[..., :-rd], x[..., -rd:].float()
-    even, odd = rope[..., 0::2], rope[..., 1::2]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
-
-
 def _rms_w(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """= model.layers.RMSNorm.forward."""
     return (w * rms_normalize(x.float(), eps)).to(x.dtype)
@@ -75,45 +63,13 @@ def rms_w(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms_w(x, w, eps)
 
 
-@fuse
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    return _rope(x, cos, sin, inverse)
-
-
-@fuse
-def q_kv(qb: torch.Tensor, kvr: torch.Tensor, kv_w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """wq_b output [T, H*hd] -> unweighted per-head RMSNorm + RoPE [T, H, hd]; wkv output -> kv_norm + RoPE [T, hd]."""
-    t = qb.shape[0]
-    q = rms_normalize(qb.view(t, heads, -1).float(), eps).to(qb.dtype)
-    return _rope(q, cos, sin, False), _rope(_rms_w(kvr, kv_w, eps), cos, sin, False)
-
-
-@fuse
-def attn_out(o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wa: torch.Tensor) -> torch.Tensor:
-    """o [T, H, hd] -> inverse RoPE -> grouped wo_a: wa [G, r, H*hd/G] -> [T, G*r]."""
-    t, g = o.shape[0], wa.shape[0]
-    o = _rope(o, cos, sin, True)
-    return torch.bmm(o.view(t, g, -1).transpose(0, 1), wa.transpose(1, 2)).transpose(0, 1).reshape(t, -1)
-
-
-@fuse
-def hc_mix_in(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    """= the first step of model.mhc.hc_mix: x [T, hc, D] -> mix [T, (2+hc)*hc] fp32."""
-    return F.linear(rms_normalize(x.reshape(x.shape[0], -1).float(), eps), fn)
-
-
-@fuse
-def hc_collapse(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_j pre_j X_j: pre [T, hc] fp32, x [T, hc, D] -> [T, D] in x's dtype."""
-    return (pre.unsqueeze(-1) * x.float()).sum(dim=1).to(x.dtype)
-
-
-@fuse
-def hc_post(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """= model.mhc.hc_post: X'_k = post_k * y + sum_j comb[j, k] * X_j."""
-    mixed = (comb.unsqueeze(-1) * x.float().unsqueeze(2)).sum(dim=1)  # [T, hc(k), D]
-    return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + mixed).to(x.dtype)
+def grouped_out(o: torch.Tensor, wa: torch.Tensor) -> torch.Tensor:
+    """Grouped wo_a: o [T, H, hd] (inverse-roped) @ wa [G, r, H*hd/G] per group -> [T, G*r]; one strided bmm that
+    reads o's groups and writes its output groups in place (no transposed copies)."""
+    t, g, r = o.shape[0], wa.shape[0], wa.shape[1]
+    out = torch.empty(t, g * r, dtype=o.dtype, device=o.device)
+    torch.bmm(o.view(t, g, -1).transpose(0, 1), wa.transpose(1, 2), out=out.view(t, g, r).transpose(0, 1))
+    return out
 
 
 @fuse
@@ -165,9 +121,53 @@ def compress(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, norm_w: t
     else:
         kv, z = g[..., :hd], g[..., hd:]
     ent = _rms_w((kv * z.softmax(dim=1)).sum(dim=1), norm_w, eps)
-    ent = _rope(ent, cos_t[w * m], sin_t[w * m], False).to(kvz.dtype)
+    ent = rope_ref(ent, cos_t[w * m], sin_t[w * m], False).to(kvz.dtype)
     blk = torch.where(valid, bt_tok[i].gather(1, (w // epb)[:, None]).squeeze(1), dummy_block)
     return rows, ent, dest_base + blk * epb + torch.where(valid, w % epb, 0)
+
+
+@fuse
+def derive(p: torch.Tensor, slot: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, seq: torch.Tensor,
+           table: torch.Tensor, tables: tuple[torch.Tensor, ...], scratch: int, dummy_slot: int, comp_base: int,
+           W: int, rings: tuple[int, ...], ents: tuple[tuple[int, int, int, bool], ...]) -> tuple[Any, ...]:
+    """StepMeta fields (positions, tok_slot, chunk_start, chunk_end, tok_seq, block_table) -> FastModel's per-step
+    index tensors: window rows [T, W] int32, window-ring write rows [T], a carry-ring write row [T] per ring size,
+    bt_tok [T, max_blocks], each table [max_pos, r] at the positions, and per (ratio, n_entries, epb, direct) of ents:
+    direct -> attention rows [T, W + n] int32 (window + every visible entry), else (index-pool rows [B, n] int32,
+    visible entries [T] int32); then tok_seq as int32."""
+    t = p.shape[0]
+    ti = torch.arange(t, device=p.device)
+    j = torch.arange(W, device=p.device)
+    q = p[:, None] - j[None, :]
+    ring = slot[:, None] * W + q % W
+    win = torch.where(q >= c0[:, None], scratch + ti[:, None] - j[None, :], torch.where(q >= 0, ring, -1))
+    win = win.to(torch.int32)
+    win_write = torch.where(p >= c1 - W, slot, dummy_slot) * W + p % W
+    ring_rows = tuple(torch.where(p >= c1 - r, slot, dummy_slot) * r + p % r for r in rings)
+    bt_tok = table[seq]
+    cs = tuple(tb[p] for tb in tables)
+    per: list[Any] = []
+    for m, n_ent, epb, direct in ents:
+        w = torch.arange(n_ent, device=p.device)
+        vis = (p + 1) // m
+        if direct:
+            rows_tok = bt_tok[:, w // epb] * epb + w % epb  # [T, n]
+            ent = torch.where(w[None, :] < vis[:, None], comp_base + rows_tok, -1)
+            per.append(torch.cat([win, ent.to(torch.int32)], dim=1))
+        else:
+            per.append(((table[:, w // epb] * epb + w % epb).to(torch.int32), vis.clamp(max=n_ent).to(torch.int32)))
+    return win, win_write, ring_rows, bt_tok, cs, tuple(per), seq.to(torch.int32)
+
+
+@fuse
+def scale_f32(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x.float() * scale
+
+
+@fuse
+def rank_zeros(sc: torch.Tensor, zero_rank: torch.Tensor) -> torch.Tensor:
+    """Indexer scores [T, L]: exact zeros -> zero_rank[:L] (tiny negatives, lower id ranks higher)."""
+    return torch.where(sc == 0, zero_rank[: sc.shape[1]], sc)
 
 
 @fuse

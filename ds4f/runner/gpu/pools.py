@@ -1,25 +1,66 @@
 """⑤ runner GPU fast path, KV pools + step metadata: sequences (slot, start, token ids) in, flat pools and StepMeta out.
 
-One flat bf16 pool per layer holds every K=V row attention can read, so one [T, K] index list covers a token:
+One flat pool per layer holds every K=V row attention can read, so one [T, K] index list covers a token:
     rows [0, S1*W)                    window ring: row = slot * W + pos % W            (S1 = max_seqs + 1)
     rows [S1*W, S1*W + max_tokens)    scratch: this forward's own rows, row = S1*W + token index
     rows [comp_base, + NB1 * epb)     compressed entries: row = comp_base + table[w // epb] * epb + w % epb
                                       (epb = block_size // ratio, NB1 = num_blocks + 1; CSA / HCA layers only)
-Index keys (CSA): [NB1 * epb, index_head_dim] bf16, row = table[w // epb] * epb + w % epb.
+Index keys (CSA): NB1 * epb rows of index_head_dim, row = table[w // epb] * epb + w % epb.
 Compressor carry (fp32, position-addressed like the engine's slot rings): [S1 * R, width], row = slot * R + pos % R,
 R = 2 * ratio (CSA) or ratio (HCA). Slot max_seqs and block num_blocks are dummies: padded tokens and entries that
 are not emitted write there, so no write needs a mask (and no host sync).
 The window ring, block tables and slot rings follow ds4f/cache/manager.py CacheLayout's addressing.
+
+kv_dtype "bfloat16" (default): KV rows [N, head_dim] and index keys [., index_head_dim] in `dtype`.
+kv_dtype "fp8": the reference engine's fp8 rows (ds4f/runner/kv_cache.py RowStore, bit for bit): a KV pool is an
+Fp8KV, nope [N, head_dim - rope] e4m3 + exp [N, 8] uint8 (UE8M0, one per 64 nope columns, padded to 8) + rope
+[N, rope] bf16 (584 B per row at V4-Flash width; dequantizes to bf16 exactly); index keys are an Fp8Keys, e4m3 +
+one fp32 power-of-two scale per row (132 B). Every row is quantized where it enters a pool (`put`, `put_scratch`:
+scratch, ring and compressed rows alike; one fused Triton launch per write on CUDA), so a row reads the same whichever
+forward wrote it and however a prompt was chunked (as vLLM's fp8_ds_mla cache). The reference engine instead reads
+the rows of its own chunk unquantized.
+Writers go through `put` / `put_scratch`, readers through `attend` / `index_scores`, which serve both dtypes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from ds4f.kernels import indexer_scores, sparse_attn
+from ds4f.kernels.fp8 import FP8, kv_exp_bytes, store_key_rows, store_kv_rows
 from ds4f.model.args import CSA, HCA, ModelArgs
+
+KV_DTYPES = {"auto": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "fp8_e4m3": "fp8"}
+
+
+@dataclass
+class Fp8KV:
+    """One layer's fp8 KV rows: nope [N, dn] e4m3, exp [N, 8] uint8 exponents (scale 2^(e-127)), rope [N, dr] bf16."""
+
+    nope: torch.Tensor
+    exp: torch.Tensor
+    rope: torch.Tensor
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return self.nope, self.exp, self.rope
+
+
+@dataclass
+class Fp8Keys:
+    """One layer's fp8 index keys: keys [N, d] e4m3, scale [N] fp32 (a power of two per row)."""
+
+    keys: torch.Tensor
+    scale: torch.Tensor
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return self.keys, self.scale
+
+
+Pool = torch.Tensor | Fp8KV | Fp8Keys
 
 
 @dataclass
@@ -41,8 +82,13 @@ class FastCache:
     """Device pools for a FastModel plus a host-side block allocator (one block table row per slot)."""
 
     def __init__(self, args: ModelArgs, max_seqs: int, num_blocks: int, block_size: int, max_ctx: int,
-                 max_tokens: int, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> None:
+                 max_tokens: int, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                 kv_dtype: str = "bfloat16") -> None:
+        assert kv_dtype in KV_DTYPES, f"kv_dtype must be one of {sorted(KV_DTYPES)}, got {kv_dtype!r}"
         self.args, self.device, self.dtype = args, torch.device(device), dtype
+        self.kv_dtype = KV_DTYPES[kv_dtype]
+        self.fused_quant: bool | None = None  # fp8 stores: one Triton launch (None = on CUDA) or torch ops
+        self.attn_kw: dict[str, Any] = {}  # sparse_attn tuning knobs (block_k, ...) for tests and benches
         self.max_seqs, self.num_blocks, self.block_size = max_seqs, num_blocks, block_size
         self.max_ctx, self.max_tokens = max_ctx, max_tokens
         self.W = args.sliding_window
@@ -51,10 +97,11 @@ class FastCache:
         self.scratch = self.S1 * self.W
         self.comp_base = self.scratch + max_tokens
         self.max_blocks = -(-max_ctx // block_size)
+        self.scratch_rows = torch.arange(self.scratch, self.comp_base, device=device)  # [max_tokens] int64
         self.kinds: dict[int, str] = {}  # layer -> CSA / HCA
         self.ratio: dict[int, int] = {}
-        self.kv: list[torch.Tensor] = []
-        self.index: dict[int, torch.Tensor] = {}
+        self.kv: list[Pool] = []
+        self.index: dict[int, Pool] = {}
         self.state: dict[tuple[int, str], torch.Tensor] = {}
         hd, ihd = args.head_dim, args.index_head_dim
         for layer in range(args.num_hidden_layers):
@@ -69,12 +116,60 @@ class FastCache:
                 self.state[layer, "attn"] = torch.zeros(self.S1 * self.ring(layer), 2 * c * hd,
                                                         dtype=torch.float32, device=device)
                 if kind == CSA:
-                    self.index[layer] = torch.zeros(self.NB1 * epb, ihd, dtype=dtype, device=device)
+                    self.index[layer] = self._keys(self.NB1 * epb, ihd)
                     self.state[layer, "index"] = torch.zeros(self.S1 * self.ring(layer), 4 * ihd,
                                                              dtype=torch.float32, device=device)
-            self.kv.append(torch.zeros(n, hd, dtype=dtype, device=device))
+            self.kv.append(self._rows(n, hd))
         self.free = list(range(num_blocks - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}
+
+    def _rows(self, n: int, hd: int) -> Pool:
+        if self.kv_dtype != "fp8":
+            return torch.zeros(n, hd, dtype=self.dtype, device=self.device)
+        dr = self.args.qk_rope_head_dim
+        return Fp8KV(torch.zeros(n, hd - dr, dtype=FP8, device=self.device),
+                     torch.full((n, kv_exp_bytes(hd - dr)), 127, dtype=torch.uint8, device=self.device),
+                     torch.zeros(n, dr, dtype=torch.bfloat16, device=self.device))
+
+    def _keys(self, n: int, d: int) -> Pool:
+        if self.kv_dtype != "fp8":
+            return torch.zeros(n, d, dtype=self.dtype, device=self.device)
+        return Fp8Keys(torch.zeros(n, d, dtype=FP8, device=self.device),
+                       torch.ones(n, dtype=torch.float32, device=self.device))
+
+    # ---- row writes and reads (no host sync: CUDA-graph safe) ----
+    def put(self, dest: Pool, rows: torch.Tensor, x: torch.Tensor) -> None:
+        """dest[rows] = x [n, width] (rows [n] int64; repeats only where nothing reads the row, e.g. dummy rows)."""
+        if isinstance(dest, Fp8KV):
+            store_kv_rows(dest.nope, dest.exp, dest.rope, rows, x, fused=self.fused_quant)
+        elif isinstance(dest, Fp8Keys):
+            store_key_rows(dest.keys, dest.scale, rows, x, fused=self.fused_quant)
+        else:
+            dest.index_copy_(0, rows, x.to(dest.dtype))
+
+    def put_scratch(self, layer: int, x: torch.Tensor) -> None:
+        """This forward's K=V rows x [T, head_dim] -> the scratch rows of layer's pool."""
+        dest, lo = self.kv[layer], self.scratch
+        if isinstance(dest, Fp8KV):
+            self.put(dest, self.scratch_rows[: x.shape[0]], x)
+        else:
+            dest[lo: lo + x.shape[0]] = x
+
+    def attend(self, layer: int, q: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """sparse_attn over layer's pool: q [T, H, hd] bf16, idx [T, K] int32 pool rows (-1 = none) -> [T, H, hd]."""
+        pool = self.kv[layer]
+        if isinstance(pool, Fp8KV):
+            return sparse_attn(q, pool.nope, idx, sink, scale, pool.exp, kv_rope=pool.rope, **self.attn_kw)
+        return sparse_attn(q, pool, idx, sink, scale, **self.attn_kw)
+
+    def index_scores(self, layer: int, q: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, seq_of: torch.Tensor,
+                     valid_len: torch.Tensor) -> torch.Tensor:
+        """indexer_scores over layer's index keys (arguments as ds4f.kernels.indexer_scores) -> [T, L] fp32."""
+        keys = self.index[layer]
+        if isinstance(keys, Fp8Keys):
+            return indexer_scores(q, w, keys.keys, slots, seq_of, valid_len, k_scale=keys.scale)
+        return indexer_scores(q, w, keys, slots, seq_of, valid_len)
 
     def ring(self, layer: int) -> int:
         m = self.ratio[layer]
@@ -88,7 +183,9 @@ class FastCache:
 
     @property
     def nbytes(self) -> int:
-        ts = [*self.kv, *self.index.values(), *self.state.values()]
+        ts: list[torch.Tensor] = [*self.state.values()]
+        for p in [*self.kv, *self.index.values()]:
+            ts += p.parts() if isinstance(p, Fp8KV | Fp8Keys) else [p]
         return sum(t.numel() * t.element_size() for t in ts)
 
     # ---- host bookkeeping (python ints only) ----

@@ -1,0 +1,130 @@
+"""⑥ kernels, RoPE: rows [T, H, hd] (or [T, hd]) + per-token cos / sin [T, rd/2] in, rotated rows out.
+
+Only the last rd = 2 * cos.shape[1] channels rotate (interleaved pairs, fp32 math, x's dtype out), so
+`rope_(x, ...)` rewrites just those channels in place, and `norm_rope(x, w, ...)` writes a new tensor =
+(optionally weighted) RMSNorm of each row, rounded to x's dtype, then rotated: the per-head q norm + RoPE and the
+kv_norm + RoPE of ds4f.model.attention in one kernel each. Triton on CUDA, the torch reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds4f.kernels.sparse_attn import use_triton
+from ds4f.model.layers import rms_normalize
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch references below
+    triton = None
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """= model.layers.Rope.forward: interleaved rotation of the last 2 * cos.shape[1] channels (new tensor)."""
+    rd = 2 * cos.shape[1]
+    if inverse:
+        sin = -sin
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    nope, rope = x[..., :-rd], x[..., -rd:].float()
+    even, odd = rope[..., 0::2], rope[..., 1::2]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
+
+
+def norm_rope_ref(x: torch.Tensor, w: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (weighted by w [hd] fp32 if given; = model.layers.RMSNorm) in x's dtype, then RoPE."""
+    n = rms_normalize(x.float(), eps)
+    return rope_ref((n if w is None else w * n).to(x.dtype), cos, sin, False)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_kernel(x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, N, H, s_xt, s_xh, s_ot, s_oh, s_cs, eps, sign,
+                     HD: tl.constexpr, HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                     NORM: tl.constexpr, HAS_W: tl.constexpr):
+        # one program = BLOCK_R rows (token, head) of HD channels as (even, odd) pairs; pairs >= HD/2 - HALF rotate
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rm = rows < N
+        tok = (rows // H).to(tl.int64)
+        head = (rows % H).to(tl.int64)
+        xrow = tok * s_xt + head * s_xh
+        orow = tok * s_ot + head * s_oh
+        NOPE_P: tl.constexpr = HD // 2 - HALF
+        P0: tl.constexpr = 0 if NORM else NOPE_P  # rotate only: touch the rope pairs alone
+        ch = 2 * P0 + tl.arange(0, 2 * BLOCK_P)  # channels, loaded contiguously, then split into (even, odd)
+        chm = ch < HD
+        m2 = rm[:, None] & chm[None, :]
+        xv = tl.load(x_ptr + xrow[:, None] + ch[None, :], mask=m2, other=0.0)
+        dt = xv.dtype
+        if NORM:
+            f = xv.to(tl.float32)
+            r = tl.rsqrt(tl.sum(f * f, 1) / HD + eps)
+            f = f * r[:, None]
+            if HAS_W:
+                f = f * tl.load(w_ptr + ch, mask=chm, other=0.0)[None, :]
+            xv = f.to(dt)  # the normed row is rounded to x's dtype before it rotates (as the reference)
+        e, o = tl.split(tl.reshape(xv.to(tl.float32), [BLOCK_R, BLOCK_P, 2]))
+        ci = P0 + tl.arange(0, BLOCK_P) - NOPE_P  # cos / sin column; < 0: a nope pair (cos 1, sin 0)
+        cm = rm[:, None] & (ci >= 0)[None, :] & (ci < HALF)[None, :]
+        c = tl.load(cos_ptr + tok[:, None] * s_cs + ci[None, :], mask=cm, other=1.0)
+        s = tl.load(sin_ptr + tok[:, None] * s_cs + ci[None, :], mask=cm, other=0.0) * sign
+        y = tl.join((e * c - o * s).to(dt), (o * c + e * s).to(dt))
+        tl.store(o_ptr + orow[:, None] + ch[None, :], tl.reshape(y, [BLOCK_R, 2 * BLOCK_P]), mask=m2)
+
+
+def _rows3(x: torch.Tensor) -> torch.Tensor:
+    """[T, hd] or [T, H, hd] (or more head dims, packed) -> a [T, H, hd] view with unit channel stride."""
+    t, hd = x.shape[0], x.shape[-1]
+    v = x.unsqueeze(1) if x.dim() == 2 else x.view(t, -1, hd) if x.dim() > 3 else x
+    assert v.stride(2) == 1, "channels must be contiguous"
+    return v
+
+
+def _launch(x: torch.Tensor, out: torch.Tensor, w: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+            eps: float, inverse: bool, norm: bool) -> None:
+    x3, o3 = _rows3(x), _rows3(out)
+    t, h, hd = x3.shape
+    n = t * h
+    if n == 0:
+        return
+    half = cos.shape[1]
+    block_p = triton.next_power_of_2(hd // 2 if norm else half)
+    block_r = max(1, min(64, 4096 // (2 * block_p)))
+    _rope_kernel[(triton.cdiv(n, block_r),)](
+        x3, o3, w if w is not None else cos, cos, sin, n, h, x3.stride(0), x3.stride(1), o3.stride(0),
+        o3.stride(1), cos.stride(0), eps, -1.0 if inverse else 1.0, HD=hd, HALF=half, BLOCK_P=block_p,
+        BLOCK_R=block_r, NORM=norm, HAS_W=w is not None, num_warps=4)
+
+
+def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    assert x.dim() >= 2 and x.shape[-1] % 2 == 0 and 2 * cos.shape[1] <= x.shape[-1], (x.shape, cos.shape)
+    assert cos.shape == sin.shape and cos.shape[0] == x.shape[0], (x.shape, cos.shape, sin.shape)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.stride(1) == sin.stride(1) == 1
+    assert cos.stride(0) == sin.stride(0)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """In place: x [T, ..., hd] -> x with its last 2 * cos.shape[1] channels rotated (inverse: by -angle); returns x."""
+    _check(x, cos, sin)
+    if not use_triton(x):
+        rd = 2 * cos.shape[1]
+        x[..., -rd:] = rope_ref(x[..., -rd:], cos, sin, inverse)
+        return x
+    _launch(x, x, None, cos, sin, 0.0, inverse, norm=False)
+    return x
+
+
+def norm_rope(x: torch.Tensor, w: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """x [T, hd] (any row stride) or [T, H, hd], w [hd] or None -> RMSNorm(x) (fp32 math) then RoPE, new tensor."""
+    _check(x, cos, sin)
+    assert w is None or w.shape == (x.shape[-1],), (x.shape, w.shape)
+    if not use_triton(x):
+        return norm_rope_ref(x, w, cos, sin, eps)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, out, None if w is None else w.float().contiguous(), cos, sin, eps, False, norm=True)
+    return out

@@ -1,0 +1,152 @@
+"""⑤ GPU fast path with an fp8 KV cache on CUDA: sparse_attn over fp8_ds_mla split rows vs its reference (both e4m3
+decodes, decode and prefill shapes, inside a CUDA graph), FastModel over an fp8 FastCache vs the same model over bf16
+pools holding the fp8 values, and vs the reference engine's fp8 path (eager and graph-captured decode)."""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds4f.kernels import HAS_TRITON
+from ds4f.kernels.fp8 import dequantize_kv_rows, quantize_kv_rows
+from ds4f.kernels.ref import sparse_attn_ref
+from ds4f.kernels.sparse_attn import sparse_attn
+from ds4f.model.args import tiny_config
+from ds4f.runner.gpu.check import mid_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_fast_fp8_kv import FP8, check_fused_stores, check_vs_reference, no_flip_config, rel_errors, run_steps
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton"),
+]
+
+
+def _case(T: int, H: int, hd: int, rope: int, K: int, N: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(N, hd, device="cuda", generator=g)  # unit-RMS rows like the normed K=V rows
+    x[:, -rope:] *= 3.0
+    nope, exp, rp = quantize_kv_rows(x, rope)
+    q = torch.randn(T, H, hd, device="cuda", generator=g).bfloat16()
+    idx = torch.randint(0, N, (T, K), device="cuda", generator=g, dtype=torch.int32)
+    idx[:, K - K // 5:] = -1  # a tail of unused ids
+    if T > 1:
+        idx[1] = -1  # a token with no key: o = 0
+    sink = torch.randn(H, device="cuda", generator=g)
+    return q, nope, exp, rp, idx, sink
+
+
+@pytest.mark.parametrize(("T", "H", "hd", "rope", "K"), [(1, 64, 512, 64, 640), (4, 64, 512, 64, 256),
+                                                         (64, 64, 512, 64, 640), (3, 6, 192, 32, 100),
+                                                         (5, 4, 64, 16, 40)])
+@pytest.mark.parametrize("native", [True, False])
+def test_sparse_attn_split_rows(T: int, H: int, hd: int, rope: int, K: int, native: bool) -> None:
+    if native and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 converts need sm_89+")
+    q, nope, exp, rp, idx, sink = _case(T, H, hd, rope, K, 4096, seed=T + hd)
+    rows = dequantize_kv_rows(nope, exp, rp)  # exact in bf16
+    want = sparse_attn_ref(q, rows, idx, sink, hd**-0.5).float()
+    got = sparse_attn(q, nope, idx, sink, hd**-0.5, exp, kv_rope=rp, native_fp8=native).float()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    # the bf16 pool path over the same (dequantized) rows: same math, same bf16 roundings of p
+    bf = sparse_attn(q, rows, idx, sink, hd**-0.5).float()
+    assert (got - bf).abs().max() <= 2e-2
+    if T > 1:
+        assert got[1].abs().max() == 0
+
+
+def test_sparse_attn_split_rows_in_cuda_graph() -> None:
+    q, nope, exp, rp, idx, sink = _case(2, 64, 512, 64, 640, 2048, seed=7)
+    want = sparse_attn(q, nope, idx, sink, 512**-0.5, exp, kv_rope=rp)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparse_attn(q, nope, idx, sink, 512**-0.5, exp, kv_rope=rp)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+def test_fused_stores_bit_exact() -> None:
+    check_fused_stores("cuda")
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_fast_model_fp8_vs_bf16_over_fp8_values(graphs: bool) -> None:
+    # fused and torch stores write the same bits: the same logits; bf16 pools holding the fp8 values give them too
+    # once both attention paths use the same key blocking (fp8 rows default to 32-key tiles at small T)
+    out = run_steps(no_flip_config(), "cuda", prompt_lens=(37, 5, 21), first_chunk=13, decode_steps=20,
+                    fast={k: FP8[k] for k in ("fp8", "fp8-torch", "sim", "bf16")}, ref=(), graphs=graphs,
+                    attn_kw={"block_k": 64})
+    e = rel_errors(out["fp8"], out["sim"])
+    lossy = rel_errors(out["fp8"], out["bf16"])
+    print(f"fp8 vs sim: max {e.max():.2e}; fp8 vs bf16 median {lossy.median():.4f}")
+    for a, b in zip(out["fp8"], out["fp8-torch"]):
+        assert torch.equal(a, b)
+    assert e.max() < 1e-3
+    assert lossy.median() > 5e-3
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_fast_model_fp8_vs_reference_engine(graphs: bool) -> None:
+    # eager with torch stores, graph-captured decode with the fused stores
+    kind = FP8["fp8"] if graphs else FP8["fp8-torch"]
+    out = run_steps(no_flip_config(), "cuda", prompt_lens=(37, 5, 21), first_chunk=13, decode_steps=20,
+                    fast={"fp8": kind}, ref=("fp8", "float32"), graphs=graphs)
+    check_vs_reference(out, 0.12)
+
+
+def test_fast_model_fp8_mid_odd() -> None:
+    # head_dim 192 (nope 160: a half-filled last exponent group), CSA top-24 over up to 57 fp8 index keys: top-k
+    # picks can flip between bf16 and fp32 activations, so only the bulk is bounded
+    out = run_steps(mid_config(tiny_config()), "cuda", prompt_lens=(150, 9, 97), first_chunk=40, decode_steps=30,
+                    fast={"fp8": FP8["fp8"], "bf16": FP8["bf16"]}, ref=("fp8",), graphs=True, block_size=64)
+    e8 = rel_errors(out["fp8"], out["ref:fp8"])
+    e16 = rel_errors(out["fp8"], out["bf16"])
+    print(f"mid: fp8 vs ref fp8 median {e8.median():.4f} p90 {e8.quantile(0.9):.4f} max {e8.max():.4f}; "
+          f"fp8 vs bf16 median {e16.median():.4f}")
+    assert e8.median() < 0.04
+    assert (e8 < 0.1).double().mean() > 0.8
+
+
+def bench_split_rows() -> None:
+    """Not a test: sparse_attn at V4-Flash decode shapes (64 heads, 512 dims, 640 keys over 2^20 rows), bf16 pool vs
+    fp8 split rows (e4m3 convert and bit-level decode), and FastCache.put's quantize-on-store cost."""
+    import triton
+
+    from ds4f.kernels.sparse_attn import attn_bytes
+    from ds4f.model.args import ModelArgs, flash_config
+    from ds4f.runner.gpu.pools import FastCache
+
+    n, hd, H, K = 1 << 20, 512, 64, 640
+    nope, exp, rp = quantize_kv_rows(torch.randn(n, hd, device="cuda"), 64)
+    rows = dequantize_kv_rows(nope, exp, rp)
+    sink = torch.zeros(H, device="cuda")
+    for T in (1, 4, 16, 64):
+        q = torch.randn(T, H, hd, device="cuda").bfloat16()
+        idx = torch.randint(0, n, (T, K), device="cuda", dtype=torch.int32)
+        cases = {"bf16": partial(sparse_attn, q, rows, idx, sink, 0.05),
+                 "fp8": partial(sparse_attn, q, nope, idx, sink, 0.05, exp, kv_rope=rp),
+                 "fp8-portable": partial(sparse_attn, q, nope, idx, sink, 0.05, exp, kv_rope=rp, native_fp8=False)}
+        line = []
+        for name, fn in cases.items():
+            us = triton.testing.do_bench(fn, warmup=20, rep=200) * 1e3
+            gbs = attn_bytes(T, H, hd, K, 1024 if name == "bf16" else 584) / us / 1e3
+            line.append(f"{name} {us:.1f} us ({gbs:.0f} GB/s)")
+        print(f"sparse_attn T={T}: " + ", ".join(line))
+    args = ModelArgs.from_hf(flash_config())
+    for kd in ("bfloat16", "fp8"):
+        c = FastCache(args, max_seqs=1, num_blocks=4, block_size=256, max_ctx=1024, max_tokens=8192, device="cuda",
+                      kv_dtype=kd)
+        for fused in ([None, False] if kd == "fp8" else [None]):
+            c.fused_quant = fused
+            for T in (4, 8192):
+                x = torch.randn(T, hd, device="cuda").bfloat16()
+                r = c.scratch + torch.arange(T, device="cuda")
+                us = triton.testing.do_bench(partial(c.put, c.kv[2], r, x), warmup=10, rep=100) * 1e3
+                how = "" if kd != "fp8" else (" torch ops" if fused is False else " fused")
+                print(f"FastCache.put {kd}{how} {T} rows: {us:.1f} us")
