@@ -39,7 +39,6 @@ def build_rank(config: Any, pc: ParallelConfig, rank: int, store: Any,
     """Groups, sharded model and runner of one rank -> (runner, control group, model args, max_model_len)."""
     from ds4f.config import DEFAULT_CPU_KV_CACHE_MEMORY
     from ds4f.model.loader import load_model
-    from ds4f.model.tp import shard_model
     from ds4f.runner.model_runner import build_runner, kv_cache_budget, warmup
 
     device = config.resolved_device
@@ -50,8 +49,9 @@ def build_rank(config: Any, pc: ParallelConfig, rank: int, store: Any,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.ranks_per_node))
     ctrl, model_pg = make_groups(store, pc, rank, device)
     dtype = getattr(torch, config.resolved_dtype)
-    model = load_model(config.model, dtype=dtype, device=device, load_format=config.load_format, seed=config.seed)
-    shard_model(model, rank, pc.world_size, Comm(rank, pc.world_size, model_pg))
+    # each rank reads (or, for dummy weights, generates and keeps) only its own slice of every tensor
+    model = load_model(config.model, dtype=dtype, device=device, load_format=config.load_format, seed=config.seed,
+                       tp_rank=rank, tp_world=pc.world_size, comm=Comm(rank, pc.world_size, model_pg))
     if device == "cuda":  # the activation peak counts against the budget (build_runner warms up the same way)
         mml = config.max_model_len or model.args.max_position_embeddings
         warmup(model, min(config.max_num_batched_tokens, mml), min(config.max_num_seqs, 256), torch.device(device))

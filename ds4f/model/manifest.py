@@ -1,8 +1,13 @@
-"""⑥ checkpoint manifest: ModelArgs in, every tensor of the official layout (name -> shape, dtype, format) out."""
+"""⑥ checkpoint manifest: ModelArgs in, every tensor of the official layout (name -> shape, dtype, format) out;
+and safetensors files in, their headers checked against it (CheckpointError naming each bad tensor)."""
 
 from __future__ import annotations
 
+import json
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -166,3 +171,91 @@ def quantized_linears(manifest: dict[str, TensorSpec]) -> dict[str, str]:
 
 def manifest_bytes(manifest: dict[str, TensorSpec]) -> int:
     return sum(s.nbytes for s in manifest.values())
+
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+}
+_MAX_LISTED = 20
+
+
+class CheckpointError(ValueError):
+    """Checkpoint files that do not match the config's manifest; the message names each bad tensor."""
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str  # str: a safetensors dtype ds4f has no torch type for
+    file: Path
+
+
+# ------------------------------------------------------------------------------------------- files and headers
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint directory, in load order."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: 'weight_map' is missing or empty")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names shards that do not exist: {', '.join(absent)}")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{path}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
+    return found
+
+
+def read_header(file: Path) -> dict[str, FileTensor]:
+    """Tensor names, shapes and dtypes of one safetensors file, from its JSON header only."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: FileTensor(tuple(v["shape"]), _ST_DTYPES.get(v["dtype"], v["dtype"]), file) for k, v in header.items()}
+
+
+def read_headers(files: Iterable[Path]) -> dict[str, FileTensor]:
+    out: dict[str, FileTensor] = {}
+    for file in files:
+        for name, t in read_header(file).items():
+            if name in out:
+                raise CheckpointError(f"tensor {name} is stored twice: in {out[name].file} and {file}")
+            out[name] = t
+    return out
+
+
+def _dtype_name(d: torch.dtype | str) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def validate(found: dict[str, FileTensor], manifest: dict[str, TensorSpec], where: str) -> None:
+    """Raise CheckpointError naming every missing, extra, misshapen or mistyped tensor (expected shape/dtype)."""
+    problems: list[str] = []
+    for name, spec in manifest.items():
+        want = f"expected shape {list(spec.shape)} dtype {_dtype_name(spec.dtype)}"
+        t = found.get(name)
+        if t is None:
+            problems.append(f"missing tensor {name} ({want})")
+        elif t.shape != spec.shape:
+            problems.append(f"tensor {name} has shape {list(t.shape)}, {want} (in {t.file.name})")
+        elif isinstance(t.dtype, str) or not spec.accepts(t.dtype):
+            problems.append(f"tensor {name} has dtype {_dtype_name(t.dtype)}, {want} (in {t.file.name})")
+    for name in sorted(set(found) - set(manifest)):
+        t = found[name]
+        problems.append(f"unexpected tensor {name} (shape {list(t.shape)} dtype {_dtype_name(t.dtype)}, in "
+                        f"{t.file.name}) is not part of this config's checkpoint")
+    if problems:
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise CheckpointError(f"checkpoint {where} does not match its config.json ({len(problems)} problems):\n  "
+                              + "\n  ".join(problems[:_MAX_LISTED]) + more)

@@ -74,6 +74,23 @@ def _part(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * k, (rank + 1) * k
 
 
+_COLUMN_CUT = re.compile(r"\.(attn\.wo_b|w2)\.weight$")  # row-parallel linears: their input columns are split
+
+
+def rank_slice(name: str, shape: tuple[int, ...], rank: int, world: int) -> tuple[int, int, int] | None:
+    """(dim, start, stop) of checkpoint tensor `name` (its logical shape: [out, in] for a linear, unpacked) that TP
+    rank `rank` keeps under shard_model's rules; None when the tensor is replicated. For the vocab-parallel head,
+    stop may pass the vocab: those rows are zero padding. Lets a loader read only this rank's part."""
+    if world == 1 or not SHARDED.search(name):
+        return None
+    if name.startswith("head."):
+        n = -(-shape[0] // world)
+        return 0, rank * n, (rank + 1) * n
+    dim = 1 if _COLUMN_CUT.search(name) else 0
+    start, stop = _part(shape[dim], rank, world)
+    return dim, start, stop
+
+
 def _shard_attention(attn: Any, rank: int, world: int) -> None:
     """Query heads split (wq_b rows, attn_sink); o_groups split with them (wo_a rows); wo_b row-parallel (columns).
     wq_a / q_norm, wkv / kv_norm, the compressor and the indexer stay whole: every rank keeps the full KV cache."""
