@@ -15,6 +15,7 @@ from ds4f.engine.outputs import RunnerOutput, SchedulerOutput
 from ds4f.model.args import ModelArgs
 from ds4f.model.cache import AttnBatch, DenseCache
 from ds4f.runner.kv_cache import PagedKVCache
+from ds4f.runner.memory_plan import runtime_table
 from ds4f.sample.sampler import Sampler, SamplingRequest
 
 
@@ -109,9 +110,29 @@ def warmup(model: Any, num_tokens: int, num_logits: int, device: torch.device) -
     torch.cuda.empty_cache()
 
 
+# auto keeps the reference runner until the engine-driven fast path has passed its GPU tests
+# (tests/gpu/test_fast_runner_gpu.py); `--runner fast` opts in meanwhile
+FAST_BY_DEFAULT = False
+
+
+def choose_runner(config: EngineConfig) -> str:
+    """--runner: "fast" or "reference"; auto = fast on CUDA with TP 1 when the fast path supports the dtypes and
+    FAST_BY_DEFAULT is set."""
+    if config.runner != "auto":
+        return config.runner
+    if not FAST_BY_DEFAULT or config.resolved_device != "cuda" or config.tensor_parallel_size != 1:
+        return "reference"
+    from ds4f.kernels import HAS_TRITON
+    from ds4f.runner.gpu.runner import check_fast_supported
+
+    ok = HAS_TRITON and check_fast_supported(config.resolved_dtype, config.resolved_kv_cache_dtype) is None
+    return "fast" if ok else "reference"
+
+
 def build_runner(config: EngineConfig, model: Any = None, sampler: Callable[..., Any] | None = None,
-                 ) -> tuple[ModelRunner, ModelArgs, int]:
-    """Load the model (unless given), size and allocate the KV cache -> (runner, model args, max_model_len)."""
+                 ) -> tuple[Any, ModelArgs, int]:
+    """Load the model (unless given), size and allocate the KV cache -> (runner, model args, max_model_len).
+    The runner is a ModelRunner or (--runner, choose_runner) a FastRunner; both size the cache the same way."""
     device = torch.device(config.resolved_device)
     dtype = getattr(torch, config.resolved_dtype)
     if model is None:
@@ -121,8 +142,21 @@ def build_runner(config: EngineConfig, model: Any = None, sampler: Callable[...,
                            seed=config.seed)
     args: ModelArgs = model.args
     max_model_len = config.max_model_len or args.max_position_embeddings
+    fast = choose_runner(config) == "fast"
+    if fast:
+        from ds4f.runner.gpu import runner as gpu
+
+        why = gpu.check_fast_supported(config.resolved_dtype, config.resolved_kv_cache_dtype)
+        if why is not None:
+            raise ValueError(f"--runner fast: {why}; use --runner reference")
+        fm = gpu.fast_model(model, max_model_len, config.block_size)
     if device.type == "cuda":
-        warmup(model, min(config.max_num_batched_tokens, max_model_len), min(config.max_num_seqs, 256), device)
+        if fast:
+            gpu.fast_warmup(fm, gpu.round_up(max_model_len, config.block_size),
+                            min(config.max_num_batched_tokens, max_model_len), min(config.max_num_seqs, 256),
+                            config.block_size)
+        else:
+            warmup(model, min(config.max_num_batched_tokens, max_model_len), min(config.max_num_seqs, 256), device)
     layout = CacheLayout.from_model_args(args, config.block_size, config.resolved_kv_cache_dtype)
     budget = kv_cache_budget(device, config.gpu_memory_utilization, config.kv_cache_memory,
                              DEFAULT_CPU_KV_CACHE_MEMORY)
@@ -137,7 +171,14 @@ def build_runner(config: EngineConfig, model: Any = None, sampler: Callable[...,
         max_model_len = fit
     log(f"engine: {config.summary()}")
     log(layout.describe(num_blocks, num_slots))
-    runner = ModelRunner(model, layout, num_blocks, num_slots, sampler or Sampler(args.eos_token_id), dtype, device)
+    log(runtime_table(config, model, layout, budget, num_blocks, num_slots, device))
+    sampler = sampler or Sampler(args.eos_token_id)
+    if fast:
+        log("runner: fast path (FastModel over flat pools, CUDA-graph decode on CUDA)")
+        runner: Any = gpu.FastRunner(fm, layout, num_blocks, num_slots, sampler, device, max_model_len,
+                                     config.max_num_batched_tokens)
+    else:
+        runner = ModelRunner(model, layout, num_blocks, num_slots, sampler, dtype, device)
     return runner, args, max_model_len
 
 

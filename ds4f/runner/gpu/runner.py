@@ -1,0 +1,141 @@
+"""⑤ runner, GPU fast path behind the engine: SchedulerOutput in → StepMeta over FastCache pools → FastModel forward
+(eager: prefill chunks, mixed steps) or a DecodeGraphs replay (pure-decode steps on CUDA) → Sampler → RunnerOutput out.
+
+Same interface as ModelRunner (`execute`, `logits`, `.device`, `.layout`, `.num_blocks`, `.num_slots`, `.model`).
+Addressing: the engine's KVCacheManager owns allocation and FastCache follows CacheLayout's addressing, so engine
+slot s IS FastCache slot s (window ring + compressor carry rows) and engine block b IS FastCache block b
+(compressed KV + index entries). FastCache's dummy slot / block (padding, unemitted entries) are num_slots /
+num_blocks, past anything the manager hands out. Each step binds the scheduled block tables: EngineCache's
+`ensure` / `table_row` read them instead of FastCache's own allocator, so FastCache.build_meta / fill_decode and
+DecodeGraphs run unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ds4f.cache.manager import CacheLayout
+from ds4f.engine.outputs import ScheduledSeq, SchedulerOutput
+from ds4f.runner.gpu import pools
+from ds4f.runner.gpu.fast_model import FastModel
+from ds4f.runner.gpu.pools import FastCache
+from ds4f.runner.model_runner import ModelRunner
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class EngineCache(FastCache):
+    """FastCache whose block tables are the engine's: `bind` installs one step's (slot -> table); nothing is
+    allocated or freed here (the KVCacheManager does both)."""
+
+    def bind(self, seqs: list[ScheduledSeq]) -> None:
+        self.tables = {s.slot: s.block_table for s in seqs}
+
+    def ensure(self, slot: int, num_tokens: int) -> list[int]:
+        t = self.tables[slot]
+        assert 0 <= slot < self.max_seqs, f"slot {slot} outside the {self.max_seqs} sequence slots"
+        assert num_tokens <= len(t) * self.block_size and len(t) <= self.max_blocks, \
+            f"block table of {len(t)} blocks for {num_tokens} tokens (max {self.max_blocks} blocks)"
+        return t
+
+    def release(self, slot: int) -> None:
+        self.tables.pop(slot, None)
+
+
+def graph_buckets(num_slots: int, max_tokens: int, largest: int = GRAPH_BUCKETS[-1]) -> tuple[int, ...]:
+    """Powers of two up to the first that holds every slot; a bucket never exceeds the scratch rows (max_tokens)."""
+    out: list[int] = []
+    for b in GRAPH_BUCKETS:
+        if b > min(max_tokens, largest):
+            break
+        out.append(b)
+        if b >= num_slots:
+            break
+    return tuple(out)
+
+
+class FastRunner:
+    """Owns the FastModel, its pools (EngineCache), the decode graphs and the sampler; `execute` runs one step."""
+
+    def __init__(self, fm: FastModel, layout: CacheLayout, num_blocks: int, num_slots: int,
+                 sampler: Callable[..., Any], device: torch.device | str, max_model_len: int, max_num_tokens: int,
+                 use_graphs: bool | None = None, max_bucket: int = GRAPH_BUCKETS[-1]) -> None:
+        self.fm, self.model, self.sampler, self.layout = fm, fm.model, sampler, layout
+        self.num_blocks, self.num_slots = num_blocks, num_slots
+        self.device = torch.device(device)
+        self.max_model_len = max_model_len
+        kw = {} if layout.kv_dtype == "bfloat16" else {"kv_dtype": layout.kv_dtype}  # fp8 rows as CacheLayout's
+        self.cache = EngineCache(fm.args, max_seqs=num_slots, num_blocks=num_blocks, block_size=layout.block_size,
+                                 max_ctx=round_up(max_model_len, layout.block_size), max_tokens=max_num_tokens,
+                                 device=self.device, dtype=fm.dtype, **kw)
+        self.graphs = None
+        if use_graphs is None:
+            use_graphs = self.device.type == "cuda"
+        if use_graphs:
+            from ds4f.runner.gpu.graphs import DecodeGraphs
+
+            self.cache.tables = {}  # capture: every row points at the dummy slot / block
+            with torch.inference_mode():  # the mode every step runs in (one torch.compile guard set for the glue)
+                self.graphs = DecodeGraphs(fm, self.cache, graph_buckets(num_slots, max_num_tokens, max_bucket))
+        self.num_graph_steps = self.num_eager_steps = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
+
+    @torch.inference_mode()
+    def logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Forward the step's chunks; logits [N, V] fp32 of the N sampled rows (None when nothing samples)."""
+        seqs = out.seqs
+        self.cache.bind(seqs)
+        g = self.graphs
+        if g is not None and len(seqs) <= g.buckets[-1] and all(len(s.token_ids) == 1 for s in seqs):
+            lg = g.step([(s.slot, s.start_pos, s.token_ids[0]) for s in seqs])
+            self.num_graph_steps += 1
+        else:
+            meta = self.cache.build_meta([(s.slot, s.start_pos, s.token_ids) for s in seqs], self.fm.ratios)
+            lg = self.fm.logits(self.fm.forward(meta, self.cache), meta)
+            self.num_eager_steps += 1
+        rows = [i for i, s in enumerate(seqs) if s.sample]
+        return lg[rows] if rows else None  # a copy: the graph's output buffer is rewritten by the next replay
+
+    # sampling and RunnerOutput exactly as the reference runner: it only calls self.logits and self.sampler
+    execute = ModelRunner.execute
+
+
+@torch.inference_mode()
+def fast_warmup(fm: FastModel, max_ctx: int, num_tokens: int, num_logits: int, block_size: int) -> None:
+    """One eager forward of a full step budget over a scratch FastCache with the serving max_ctx (the index tensors
+    are [T, max_ctx / ratio]-shaped), so the activation peak is known before the KV cache is sized."""
+    dev = fm.device
+    torch.cuda.reset_peak_memory_stats(dev)
+    cache = FastCache(fm.args, max_seqs=1, num_blocks=-(-num_tokens // block_size), block_size=block_size,
+                      max_ctx=max_ctx, max_tokens=num_tokens, device=dev, dtype=fm.dtype)
+    meta = cache.build_meta([(0, 0, [0] * num_tokens)], fm.ratios)
+    streams = fm.forward(meta, cache)
+    fm.model.compute_logits(streams[-min(num_logits, num_tokens):])
+    torch.cuda.synchronize(dev)
+    del streams, meta, cache
+    torch.cuda.empty_cache()
+
+
+def fast_model(model: Any, max_model_len: int, block_size: int) -> FastModel:
+    """FastModel over a loaded reference Transformer; RoPE tables cover positions up to max_model_len."""
+    return FastModel(model, max_pos=round_up(max_model_len, block_size) + block_size)
+
+
+def check_fast_supported(dtype: str, kv_dtype: str) -> str | None:
+    """None if the fast path can serve this config, else why not (the caller names the flags)."""
+    if dtype != "bfloat16":
+        return f"the fast path computes in bfloat16 (got --dtype {dtype})"
+    kinds = pools.KV_DTYPES
+    if kv_dtype not in kinds:
+        return f"the fast path stores the KV cache as one of {sorted(set(kinds.values()))} (got {kv_dtype})"
+    return None
