@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import pickle
+import time
 from collections import Counter
 from typing import Any
 
@@ -14,36 +15,76 @@ import torch.distributed as dist
 class Comm:
     """The model-side TP group: the only path the sharded model takes to another rank.
 
-    `counts` tallies each collective by kind so tests (and docs/parallel.md) can assert how many one forward issues.
+    `counts` tallies each collective by kind so tests (and docs/parallel.md) can assert how many one forward issues;
+    `nbytes` the bytes this rank put into them (all-reduce: the tensor; all-gather: its own shard).
     `pg` is a c10d process-group backend object (gloo on CPU, NCCL on GPU) or None when world == 1.
+    Timing (bench/bench_tp.py) is off unless start_timing() was called: then each collective is bracketed by CUDA
+    events on the current stream (wall clock on CPU), i.e. the time the compute stream loses to it, waits included.
     """
 
     def __init__(self, rank: int, world: int, pg: Any = None) -> None:
         assert world == 1 or pg is not None, "a TP group of more than one rank needs a process group"
         self.rank, self.world, self.pg = rank, world, pg
         self.counts: Counter[str] = Counter()
+        self.nbytes: Counter[str] = Counter()
+        self._spans: list[tuple[str, Any, Any]] | None = None  # None = timing off
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the group (in place when x is contiguous); returns the sum."""
         self.counts["all_reduce"] += 1
+        self.nbytes["all_reduce"] += x.numel() * x.element_size()
         if self.world == 1:
             return x
         x = x.contiguous()
+        t0 = self._mark(x) if self._spans is not None else None
         self.pg.allreduce([x]).wait()
+        if t0 is not None:
+            self._close("all_reduce", t0, x)
         return x
 
     def all_gather_last(self, x: torch.Tensor, full: int) -> torch.Tensor:
         """x [..., n] (this rank's slice of a last dim split into equal, zero-padded shards) -> [..., full]."""
         self.counts["all_gather"] += 1
+        self.nbytes["all_gather"] += x.numel() * x.element_size()
         if self.world == 1:
             return x[..., :full]
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world)]
+        t0 = self._mark(x) if self._spans is not None else None
         self.pg.allgather([parts], [x]).wait()
+        if t0 is not None:
+            self._close("all_gather", t0, x)
         return torch.cat(parts, dim=-1)[..., :full]
 
     def reset_counts(self) -> None:
         self.counts.clear()
+        self.nbytes.clear()
+
+    def start_timing(self) -> None:
+        """Time every collective from now until stop_timing()."""
+        self._spans = []
+
+    def stop_timing(self) -> dict[str, float]:
+        """Stop timing -> {kind: milliseconds} summed over the collectives since start_timing (syncs the GPU)."""
+        spans, self._spans = self._spans or [], None
+        if any(isinstance(s, torch.cuda.Event) for _, s, _ in spans):
+            torch.cuda.synchronize()
+        out: Counter[str] = Counter()
+        for kind, s, e in spans:
+            out[kind] += s.elapsed_time(e) if isinstance(s, torch.cuda.Event) else (e - s) * 1e3
+        return dict(out)
+
+    @staticmethod
+    def _mark(x: torch.Tensor) -> Any:
+        if x.is_cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _close(self, kind: str, t0: Any, x: torch.Tensor) -> None:
+        assert self._spans is not None
+        self._spans.append((kind, t0, self._mark(x)))
 
 
 def gloo_group(store: dist.Store, rank: int, world: int, timeout_s: float, hostname: str = "") -> Any:
