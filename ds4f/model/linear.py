@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Opt-in: bf16 CUDA inputs of fp8 Linears run the block-FP8 Triton GEMM on the packed tensors (ds4f/kernels/fp8_gemm)
+# instead of F.linear on the dequantized weight. Off until the fast path turns it on; CPU behaviour never changes.
+USE_FP8_GEMM = False
+
 
 class Linear(nn.Module):
     """y = x @ weight.T. `fmt` is the checkpoint storage format of this weight: "bf16" | "fp8" | "fp4".
@@ -24,6 +28,11 @@ class Linear(nn.Module):
         self.packed_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (USE_FP8_GEMM and self.fmt == "fp8" and self.packed_weight is not None and x.is_cuda
+                and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16):
+            from ds4f.kernels.fp8_gemm import fp8_linear
+
+            return fp8_linear(x, self.packed_weight, self.packed_scale, torch.bfloat16)
         return F.linear(x.to(self.weight.dtype), self.weight)
 
     def extra_repr(self) -> str:
