@@ -164,10 +164,15 @@ def scale_f32(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x.float() * scale
 
 
-@fuse
-def rank_zeros(sc: torch.Tensor, zero_rank: torch.Tensor) -> torch.Tensor:
-    """Indexer scores [T, L]: exact zeros -> zero_rank[:L] (tiny negatives, lower id ranks higher)."""
-    return torch.where(sc == 0, zero_rank[: sc.shape[1]], sc)
+def rank_zeros(sc: torch.Tensor, zero_rank: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """Indexer scores [T, L], in place: exact zeros -> zero_rank[:L] (tiny negatives, lower id ranks higher).
+    In place and `rows` at a time: at 1M context a prefill chunk's scores are [8192, 262144] fp32 (8 GiB), so a
+    second copy (or a whole-size mask) would double the activation peak."""
+    zr = zero_rank[: sc.shape[1]]
+    for r in range(0, sc.shape[0], rows):
+        part = sc[r: r + rows]
+        torch.where(part == 0, zr, part, out=part)
+    return sc
 
 
 @fuse
