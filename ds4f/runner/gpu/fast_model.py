@@ -14,6 +14,10 @@ shared expert are moved into w13 [E+1, 2I, D] / w2 [E+1, D, I] and the modules' 
 attention input x_n (wq_a, wkv, compressor wkv / wgate, indexer weights_proj and its compressor) is stacked into one
 [sum(out), D] matrix per layer: one GEMM instead of up to seven. Extra copies: the router weight in fp32
 (E x D x 4 bytes per layer, 4 MiB at Flash width) and the two RoPE cos/sin tables ([max_pos, rope_dim/2] fp32 each).
+A model loaded packed-only (load_model(keep_dequantized=False)) runs on the checkpoint's tensors
+(ds4f.runner.gpu.packed): FP8 projections through fp8_linear / fp8_grouped_linear (the stacked input GEMM in runs),
+MXFP4 routed experts stacked packed for fused_moe_mxfp4, the shared expert dequantized to bf16 once; the bf16 path is
+unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from ds4f.kernels import fused_moe, topk_indices
 from ds4f.kernels.mhc import hc_step
+from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
 from ds4f.kernels.rope import norm_rope, rope_
 from ds4f.kernels.router import MAX_TOKENS as ROUTER_MAX_TOKENS
 from ds4f.kernels.router import route
@@ -32,7 +37,7 @@ from ds4f.model.deepseek_v4 import Block, Transformer
 from ds4f.model.layers import Rope
 from ds4f.model.linear import Linear
 from ds4f.model.mhc import hc_head
-from ds4f.runner.gpu import glue
+from ds4f.runner.gpu import glue, packed
 from ds4f.runner.gpu.pools import FastCache, StepMeta
 
 
@@ -66,9 +71,10 @@ class FastModel:
         n_idx = -(-max_pos // min(self.ratios)) if self.ratios else 0
         self.zero_rank = -(torch.arange(n_idx, device=self.device, dtype=torch.float32) + 1) * 1e-30
         self.gate_w32: list[torch.Tensor] = []
-        self.w13: list[torch.Tensor] = []
-        self.w2: list[torch.Tensor] = []
-        self.w_in: list[torch.Tensor] = []
+        self.w13: list[torch.Tensor | None] = []  # None: the layer's experts run packed (self.mx)
+        self.w2: list[torch.Tensor | None] = []
+        self.mx: list[packed.MxMoE | None] = []
+        self.w_in: list[torch.Tensor | packed.InProj] = []
         self.w_in_split: list[list[int]] = []
         for blk in model.layers:
             self._stack_experts(blk)
@@ -86,8 +92,13 @@ class FastModel:
 
     @torch.no_grad()
     def _stack_inputs(self, blk: Block) -> None:
+        """One [sum(out), D] bf16 matrix, or with packed fp8 linears a packed.InProj (stacked runs)."""
         lins = self._in_linears(blk)
         sizes = [lin.out_features for lin in lins]
+        if any(packed.is_packed(lin) for lin in lins):
+            self.w_in.append(packed.InProj(lins))
+            self.w_in_split.append(sizes)
+            return
         w = torch.empty(sum(sizes), lins[0].in_features, dtype=self.dtype, device=self.device)
         o = 0
         for lin, n in zip(lins, sizes):
@@ -99,19 +110,29 @@ class FastModel:
 
     @torch.no_grad()
     def _stack_experts(self, blk: Block) -> None:
+        """MXFP4-packed routed experts: packed.stack_mx (packed stacks, bf16 shared expert). Otherwise bf16 w13 / w2
+        with the shared expert as expert E; packed fp8 experts (Flash-Base) are dequantized into that stack."""
         ffn = blk.ffn
+        self.gate_w32.append(ffn.gate.weight.float())
+        mx = packed.stack_mx(ffn, self.dtype)
+        self.mx.append(mx)
+        if mx is not None:
+            self.w13.append(None)
+            self.w2.append(None)
+            return
         experts = list(ffn.experts) + ([ffn.shared_experts] if ffn.shared_experts is not None else [])
         inter, d = experts[0].w1.out_features, experts[0].w1.in_features
         w13 = torch.empty(len(experts), 2 * inter, d, dtype=self.dtype, device=self.device)
         w2 = torch.empty(len(experts), d, inter, dtype=self.dtype, device=self.device)
         for e, ex in enumerate(experts):
-            w13[e, :inter].copy_(ex.w1.weight)
-            w13[e, inter:].copy_(ex.w3.weight)
-            w2[e].copy_(ex.w2.weight)
-            ex.w1.weight.data, ex.w3.weight.data, ex.w2.weight.data = w13[e, :inter], w13[e, inter:], w2[e]
+            w13[e, :inter].copy_(packed.dense_weight(ex.w1, self.dtype))
+            w13[e, inter:].copy_(packed.dense_weight(ex.w3, self.dtype))
+            w2[e].copy_(packed.dense_weight(ex.w2, self.dtype))
+            for lin, v in ((ex.w1, w13[e, :inter]), (ex.w3, w13[e, inter:]), (ex.w2, w2[e])):
+                if not packed.is_packed(lin):  # a packed one keeps its meta weight and packed tensors
+                    lin.weight.data = v
         self.w13.append(w13)
         self.w2.append(w2)
-        self.gate_w32.append(ffn.gate.weight.float())
 
     # ---- per-step index tensors ----
     def _derive(self, meta: StepMeta, cache: FastCache) -> _Derived:
@@ -145,10 +166,15 @@ class FastModel:
         layers = self.model.layers
         x = self.model.embed(meta.input_ids).unsqueeze(1).expand(-1, self.hc, -1).contiguous()
         x, xn, post, comb = self._hc(None, x, None, None, layers[0], "attn")
+        comm = getattr(self.model, "tp_comm", None)  # TP: the sublayers' partial sums, as the reference's hooks
         for i, blk in enumerate(layers):
             y = self._attn(i, blk, xn, meta, cache, d)
+            if comm is not None:
+                y = comm.all_reduce(y)
             x, xn, post, comb = self._hc(y, x, post, comb, blk, "ffn")
             y = self._moe(i, blk, xn, meta.input_ids)
+            if comm is not None:
+                y = comm.all_reduce(y)
             x, xn, post, comb = self._hc(y, x, post, comb, layers[i + 1] if i + 1 < len(layers) else None, "attn")
         return x
 
@@ -178,11 +204,12 @@ class FastModel:
         att, a = blk.attn, self.args
         T, H, hd = xn.shape[0], att.n_heads, att.head_dim
         cos, sin = d.cs["main" if att.kind == SWA else "compress"]
-        y = torch.nn.functional.linear(xn, self.w_in[i])
+        w_in = self.w_in[i]
+        y = torch.nn.functional.linear(xn, w_in) if isinstance(w_in, torch.Tensor) else w_in(xn)
         parts = y.split(self.w_in_split[i], dim=1)
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy
         qr = glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
-        q = norm_rope(att.wq_b(qr).view(T, H, hd), None, cos, sin, att.eps)  # per-head RMSNorm + RoPE
+        q = norm_rope(packed.linear(att.wq_b, qr).view(T, H, hd), None, cos, sin, att.eps)  # per-head RMSNorm + RoPE
         kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
         pool = cache.kv[i]
         cache.put_scratch(i, kv)
@@ -201,7 +228,7 @@ class FastModel:
                 idx = d.attn_idx[m]
             else:  # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
                 ix = att.indexer
-                iq = rope_(ix.wq_b(qr).view(T, ix.n_heads, ix.head_dim), cos, sin)
+                iq = rope_(packed.linear(ix.wq_b, qr).view(T, ix.n_heads, ix.head_dim), cos, sin)
                 iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
                 sc = cache.index_scores(i, iq, iw, d.slots[m], d.seq32, d.vis32[m])
                 # exact-zero scores (every head's ReLU at 0) tie; the reference keeps the lowest ids among them
@@ -210,8 +237,8 @@ class FastModel:
                 idx = glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
         o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5)
         cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
-        wa = att.wo_a.weight.view(att.o_groups, -1, att.wo_a.in_features)  # [G, o_lora_rank, H*hd/G]
-        return att.wo_b(glue.grouped_out(rope_(o, cos, sin, inverse=True), wa))
+        o = packed.grouped_out(att.wo_a, rope_(o, cos, sin, inverse=True), att.o_groups)  # [T, G*o_lora_rank]
+        return packed.linear(att.wo_b, o)
 
     def _compress(self, comp: Compressor, kvz: torch.Tensor, meta: StepMeta, cache: FastCache, d: _Derived,
                   ring: torch.Tensor, R: int, dest: torch.Tensor, dest_base: int, m: int) -> None:
@@ -225,9 +252,10 @@ class FastModel:
         ring.index_copy_(0, d.ring_rows[R], rows)
 
     def _moe(self, i: int, blk: Block, xn: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Router (fp32 scores, hash or biased top-k) -> one fused_moe over the picks + the shared expert (id E)."""
-        ffn, gate = blk.ffn, blk.ffn.gate
-        shared = self.E if ffn.shared_experts is not None else -1
+        """Router (fp32 scores, hash or biased top-k) -> one fused_moe over the picks + the shared expert (id E), or
+        fused_moe_mxfp4 on the packed experts (shared expert passed beside them)."""
+        ffn, gate, mx = blk.ffn, blk.ffn.gate, self.mx[i]
+        shared = self.E if ffn.shared_experts is not None and mx is None else -1
         if xn.shape[0] <= ROUTER_MAX_TOKENS and use_triton(xn):  # decode: two Triton kernels
             eid, w = route(xn, gate.weight, gate.bias, gate.tid2eid if gate.hash else None, ids, gate.topk,
                            gate.norm_topk, gate.scaling, shared)
@@ -237,4 +265,8 @@ class FastModel:
             eid, w = glue.route(xn, self.gate_w32[i], bias, hashed, gate.topk, gate.hash, gate.norm_topk,
                                 gate.scaling, shared)
         lim = self.args.swiglu_limit if self.args.swiglu_limit > 0 else float("inf")
-        return fused_moe(xn, self.w13[i], self.w2[i], eid, w, lim)
+        if mx is not None:
+            return fused_moe_mxfp4(xn, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, eid, w, lim, mx.shared)
+        w13, w2 = self.w13[i], self.w2[i]
+        assert w13 is not None and w2 is not None
+        return fused_moe(xn, w13, w2, eid, w, lim)

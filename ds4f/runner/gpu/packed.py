@@ -1,0 +1,184 @@
+"""⑤ runner GPU fast path, packed weights: Linears of a model loaded with keep_dequantized=False in, the fast path's
+projections and routed-expert stacks on the checkpoint's packed tensors out (ds4f.model.loader, ds4f.model.linear).
+
+A Linear is packed when its `weight` is a meta tensor and `packed_weight` / `packed_scale` hold the tensors as
+shipped: fp8 = e4m3 [N, K] + block scales [ceil(N/128), ceil(K/128)] (UE8M0 bytes or fp32); fp4 = MXFP4 nibbles
+[N, K/2] uint8 + UE8M0 [N, K/32]. Any other Linear (bf16, or dequantized at load) takes the unchanged bf16 path.
+- linear(lin, x): fp8_linear on a packed fp8 Linear, lin(x) otherwise.
+- InProj: the linears that read one input, stacked in runs of consecutive linears: dense ones as one bf16 matrix,
+  packed fp8 ones whose row counts are multiples of 128 (the scale block) as one e4m3 matrix + one scale grid; any
+  other packed linear runs alone. x [T, K] -> [T, sum(out)] in the linears' order (one cat when there are runs).
+- grouped_out: wo_a per group: fp8_grouped_linear when the group's rows are a multiple of 128, else every group
+  through the whole fp8_linear keeping its own columns (G times the work; only tiny test configs are off the grid).
+- stack_mx: MXFP4 routed experts -> MxMoE in fused_moe_mxfp4's layouts. The shared expert goes in as bf16 (the only
+  form fused_moe_mxfp4 takes): dequantized once when fp8, 3 * Is * D * 2 bytes per layer (48 MiB at Flash width,
+  ~2 GiB over its 43 layers, beside the packed copy the module keeps).
+- dense_weight(lin): the compute-dtype weight, dequantized when packed: how FP8 routed experts (Flash-Base), which
+  fused_moe_mxfp4 cannot run, reach the bf16 expert stack.
+Stacking copies each part once into the new tensor and points the module's tensor at its view (no extra memory
+past one stack's transient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ds4f.kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
+from ds4f.model.linear import Linear
+from ds4f.model.moe import MoE
+from ds4f.model.quant import FP8_BLOCK, dequantize
+from ds4f.runner.gpu import glue
+
+
+def is_packed(lin: Linear) -> bool:
+    return lin.weight.is_meta and lin.packed_weight is not None and lin.packed_scale is not None
+
+
+def _pk(lin: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    assert lin.packed_weight is not None and lin.packed_scale is not None
+    return lin.packed_weight, lin.packed_scale
+
+
+def dense_weight(lin: Linear, dtype: torch.dtype) -> torch.Tensor:
+    """[out, in] weight in `dtype` (the parameter itself when not packed)."""
+    if not is_packed(lin):
+        return lin.weight
+    return dequantize(lin.fmt, *_pk(lin), dtype)
+
+
+def linear(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    if not is_packed(lin):
+        return lin(x)
+    if lin.fmt != "fp8":
+        raise NotImplementedError(f"packed {lin.fmt} linear outside the routed experts")
+    return fp8_linear(x, *_pk(lin), x.dtype)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def _stack(parts: list[list[torch.Tensor]]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """parts[e] = tensors with equal trailing dims, concatenated along dim 0 into out[e] -> (out [len(parts), rows,
+    ...] in parts[0][0]'s dtype, the view of out that holds each part). 1-byte dtypes (e4m3, e8m0) copy as bytes."""
+    first = parts[0][0]
+    rows = sum(t.shape[0] for t in parts[0])
+    out = torch.empty(len(parts), rows, *first.shape[1:], dtype=first.dtype, device=first.device)
+    raw = _bytes(out)
+    views: list[list[torch.Tensor]] = []
+    for e, ts in enumerate(parts):
+        o, vs = 0, []
+        for t in ts:
+            raw[e, o: o + t.shape[0]].copy_(_bytes(t))
+            vs.append(out[e, o: o + t.shape[0]])
+            o += t.shape[0]
+        views.append(vs)
+    return out, views
+
+
+@dataclass
+class _Run:
+    w: torch.Tensor  # [n, K] bf16 (dense) or e4m3 (fp8)
+    s: torch.Tensor | None  # fp8 block scales [n/128, ceil(K/128)]; None: dense
+
+
+class InProj:
+    """Linears reading one input -> x [T, K] @ [W_0; W_1; ...]^T = [T, sum(out)] (see the module docstring)."""
+
+    def __init__(self, lins: list[Linear]) -> None:
+        self.sizes = [lin.out_features for lin in lins]
+        groups: list[tuple[str, list[Linear]]] = []
+        for lin in lins:
+            kind = "dense" if not is_packed(lin) else "fp8" if self._stackable(lin) else "alone"
+            if groups and kind != "alone" and groups[-1][0] == kind:
+                groups[-1][1].append(lin)
+            else:
+                groups.append((kind, [lin]))
+        self.runs: list[_Run] = []
+        with torch.no_grad():
+            for kind, g in groups:
+                self.runs.append(self._dense(g) if kind == "dense" else self._fp8(g))
+
+    @staticmethod
+    def _stackable(lin: Linear) -> bool:
+        return lin.fmt == "fp8" and lin.out_features % FP8_BLOCK == 0
+
+    @staticmethod
+    def _dense(g: list[Linear]) -> _Run:
+        w, views = _stack([[lin.weight for lin in g]])
+        for lin, v in zip(g, views[0]):
+            lin.weight.data = v
+        return _Run(w[0], None)
+
+    @staticmethod
+    def _fp8(g: list[Linear]) -> _Run:
+        pk = [_pk(lin) for lin in g]
+        if len(g) == 1:
+            return _Run(*pk[0])
+        assert len({s.dtype for _, s in pk}) == 1, "fp8 linears of one layer with different scale dtypes"
+        w, wv = _stack([[w for w, _ in pk]])
+        s, sv = _stack([[s for _, s in pk]])
+        for lin, a, b in zip(g, wv[0], sv[0]):
+            lin.packed_weight, lin.packed_scale = a, b
+        return _Run(w[0], s[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ys = [F.linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype) for r in self.runs]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+
+
+def grouped_out(wo_a: Linear, o: torch.Tensor, groups: int) -> torch.Tensor:
+    """o [T, H, hd] (inverse-roped) -> [T, G*r]: group g's H*hd/G columns through wo_a's rows g*r..(g+1)*r-1."""
+    if not is_packed(wo_a):
+        return glue.grouped_out(o, wo_a.weight.view(groups, -1, wo_a.in_features))
+    w, s = _pk(wo_a)
+    assert wo_a.fmt == "fp8"
+    t, r = o.shape[0], wo_a.out_features // groups
+    x = o.view(t, groups, -1)
+    if r % FP8_BLOCK == 0:
+        return fp8_grouped_linear(x, w, s, o.dtype).reshape(t, groups * r)  # the CPU fallback: strided
+    return torch.cat([fp8_linear(x[:, g], w, s, o.dtype)[:, g * r: (g + 1) * r] for g in range(groups)], dim=1)
+
+
+@dataclass
+class MxMoE:
+    """One layer's experts as fused_moe_mxfp4 takes them (its docstring has the layouts)."""
+    w13_q: torch.Tensor  # [E, 2I, D/2] uint8: w1 (gate) rows then w3 (up) rows
+    w13_s: torch.Tensor  # [E, 2I, D/32] UE8M0
+    w2_q: torch.Tensor  # [E, D, I/2] uint8
+    w2_s: torch.Tensor  # [E, D, I/32] UE8M0
+    shared: tuple[torch.Tensor, torch.Tensor] | None  # bf16 (w13 [2Is, D], w2 [D, Is])
+
+    def nbytes(self) -> int:
+        """Bytes of the routed stacks (the packed bytes, nothing dequantized)."""
+        return sum(t.numel() * t.element_size() for t in (self.w13_q, self.w13_s, self.w2_q, self.w2_s))
+
+
+@torch.no_grad()
+def stack_mx(ffn: MoE, dtype: torch.dtype) -> MxMoE | None:
+    """MXFP4-packed routed experts -> MxMoE (the experts' packed tensors become views of it); None when they are
+    not all packed fp4 (the caller stacks dense / dequantized bf16 instead)."""
+    ex = list(ffn.experts)
+    if not all(e.w1.fmt == "fp4" and all(is_packed(lin) for lin in (e.w1, e.w2, e.w3)) for e in ex):
+        return None
+    p1, p3, p2 = ([_pk(getattr(e, n)) for e in ex] for n in ("w1", "w3", "w2"))
+    w13_q, qv = _stack([[a[0], b[0]] for a, b in zip(p1, p3)])
+    w13_s, sv = _stack([[a[1], b[1]] for a, b in zip(p1, p3)])
+    w2_q, q2 = _stack([[a[0]] for a in p2])
+    w2_s, s2 = _stack([[a[1]] for a in p2])
+    for e, (q1, q3), (s1, s3), (qd,), (sd,) in zip(ex, qv, sv, q2, s2):
+        e.w1.packed_weight, e.w3.packed_weight, e.w2.packed_weight = q1, q3, qd
+        e.w1.packed_scale, e.w3.packed_scale, e.w2.packed_scale = s1, s3, sd
+    shared = None
+    if ffn.shared_experts is not None:
+        sh = ffn.shared_experts
+        w13 = torch.cat([dense_weight(sh.w1, dtype), dense_weight(sh.w3, dtype)]).to(dtype)
+        w2 = dense_weight(sh.w2, dtype).to(dtype).contiguous()
+        if not is_packed(sh.w1):  # bf16: the module reads the stacked copy (no second one)
+            i = sh.w1.out_features
+            sh.w1.weight.data, sh.w3.weight.data, sh.w2.weight.data = w13[:i], w13[i:], w2
+        shared = (w13, w2)
+    return MxMoE(w13_q, w13_s, w2_q, w2_s, shared)
