@@ -39,7 +39,7 @@ class EngineConfig:
     distributed_timeout: float = 60.0  # s a collective or a silent rank may take before every rank exits 1
     join_timeout: float = 600.0  # s to wait for every rank to join and load the model
     max_waiting: int | None = None  # bounded waiting queue; None = unbounded
-    runner: str = "auto"  # "fast" (GPU fast path), "reference" (plain-torch model); auto = fast on CUDA with TP 1
+    runner: str = "auto"  # "fast" (GPU fast path), "reference" (plain-torch model); see model_runner.choose_runner
 
     def __post_init__(self) -> None:
         def need(ok: bool, flag: str, why: str) -> None:
@@ -69,8 +69,6 @@ class EngineConfig:
         need(self.max_waiting is None or self.max_waiting >= 1, "max_waiting",
              f"must be >= 1 or None, got {self.max_waiting}")
         need(self.runner in RUNNERS, "runner", f"{self.runner!r} is not one of {RUNNERS}")
-        need(self.runner != "fast" or self.tensor_parallel_size == 1, "runner",
-             "the fast path runs on one GPU; use --runner auto or reference with --tensor-parallel-size > 1")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

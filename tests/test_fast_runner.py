@@ -230,5 +230,4 @@ def test_runner_flag() -> None:
         parse_serve_args(["--runner", "turbo"])
     with pytest.raises(ValueError, match="--runner"):
         EngineConfig(runner="turbo")
-    with pytest.raises(ValueError, match="--runner"):
-        EngineConfig(runner="fast", tensor_parallel_size=2)
+    assert EngineConfig(runner="fast", tensor_parallel_size=2).runner == "fast"  # tests/test_tp_fast.py
