@@ -135,14 +135,15 @@ def build_runner(config: EngineConfig, model: Any = None, sampler: Callable[...,
     The runner is a ModelRunner or (--runner, choose_runner) a FastRunner; both size the cache the same way."""
     device = torch.device(config.resolved_device)
     dtype = getattr(torch, config.resolved_dtype)
+    fast = choose_runner(config) == "fast"
     if model is None:
         from ds4f.model.loader import load_model
 
+        # the fast path computes on packed FP8 / MXFP4 weights directly: no dequantized copies
         model = load_model(config.model, dtype=dtype, device=str(device), load_format=config.load_format,
-                           seed=config.seed)
+                           seed=config.seed, keep_dequantized=not fast)
     args: ModelArgs = model.args
     max_model_len = config.max_model_len or args.max_position_embeddings
-    fast = choose_runner(config) == "fast"
     if fast:
         from ds4f.runner.gpu import runner as gpu
 
