@@ -16,7 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ds4f.kernels.compress import compress_fused
 from ds4f.kernels.rope import rope_ref
+from ds4f.kernels.sparse_attn import use_triton
 from ds4f.model.layers import rms_normalize
 
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
@@ -89,11 +91,26 @@ def route(xn: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor, hashed: torch
     return eid.to(torch.int32), w.contiguous()
 
 
-@fuse
 def compress(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, norm_w: torch.Tensor, et: torch.Tensor,
              p: torch.Tensor, chunk_start: torch.Tensor, tok_slot: torch.Tensor, bt_tok: torch.Tensor,
              cos_t: torch.Tensor, sin_t: torch.Tensor, m: int, ring_len: int, overlap: bool, eps: float,
              dest_base: int, dummy_block: int, epb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """compress_ref's inputs and outputs: with DS4F_COMPRESS_KERNEL=1, one Triton launch (ds4f.kernels.compress) where
+    triton runs (CUDA, or the interpreter), else compress_ref. Off by default until tests/gpu/test_compress_gpu.py
+    has run on a GPU. The kernel's entries of candidates that complete nothing are zeros (they go to the dummy block;
+    compress_ref's are unspecified)."""
+    if os.environ.get("DS4F_COMPRESS_KERNEL", "0") == "1" and use_triton(kvz):
+        return compress_fused(kvz, ape, ring, norm_w, et, p, chunk_start, tok_slot, bt_tok, cos_t, sin_t, m,
+                              ring_len, overlap, eps, dest_base, dummy_block, epb)
+    return compress_ref(kvz, ape, ring, norm_w, et, p, chunk_start, tok_slot, bt_tok, cos_t, sin_t, m, ring_len,
+                        overlap, eps, dest_base, dummy_block, epb)
+
+
+@fuse
+def compress_ref(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, norm_w: torch.Tensor, et: torch.Tensor,
+                 p: torch.Tensor, chunk_start: torch.Tensor, tok_slot: torch.Tensor, bt_tok: torch.Tensor,
+                 cos_t: torch.Tensor, sin_t: torch.Tensor, m: int, ring_len: int, overlap: bool, eps: float,
+                 dest_base: int, dummy_block: int, epb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """= model.compressor.Compressor.project + compress for a batch of candidate tokens.
 
     kvz [T, 2*cd] = [wkv | wgate](x) (bf16), ring [S1*R, 2*cd] fp32 carry; et [E] candidate tokens (-1 = none).

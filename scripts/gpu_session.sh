@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU validation (run from the repo root on the GPU machine; outputs under $OUT, at most
+# a few files so they all come back). Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp [git-rev]
+#   tests    every tests/gpu file (DS4F_COMPILE=0: the compiled glue is covered by the decode bench), one log
+#   decode   bench/bench_decode.py: decode b1/4/16 at 0 / 8K / 1M (synthesized), prefill 1K / 8K, profiles
+#   ttft     bench/bench_ttft.py through the engine (--runner fast): 128K, then 1M
+#   kernels  bench_moe, bench_fp8_gemm, bench_moe_mxfp4 (each measures its own ceilings)
+#   tp       bench/bench_tp.py on 2 GPUs: bf16 4 layers and fp32 2 layers
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD DS4F_GIT=${2:-unknown}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+case "${1:-}" in
+  tests)
+    DS4F_COMPILE=0 timeout 540 python3 -m pytest -q -rs tests/gpu 2>&1 | tail -n 60 | tee "$OUT/gpu_tests.log" ;;
+  decode)
+    timeout 540 python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 --prefill 1024,8192 \
+      --profile "$OUT" --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|prefill|#)" ;;
+  ttft)
+    timeout 200 python3 bench/bench_ttft.py --tokens 131072 --out "$OUT/ttft.jsonl" 2>&1 | tail -n 20
+    timeout 340 python3 bench/bench_ttft.py --tokens 1048576 --out "$OUT/ttft.jsonl" 2>&1 | tail -n 20 ;;
+  kernels)
+    timeout 150 python3 bench/bench_moe.py --out "$OUT/moe.jsonl" 2>&1 | tail -n 15
+    timeout 180 python3 bench/bench_fp8_gemm.py --out "$OUT/fp8_gemm.jsonl" --budget 45 2>&1 | tail -n 30
+    timeout 200 python3 bench/bench_moe_mxfp4.py --out "$OUT/moe_mxfp4.jsonl" --budget 120 --bf16 2>&1 | tail -n 30 ;;
+  tp)
+    timeout 200 python3 bench/bench_tp.py --layers 4 --experts 32 --out "$OUT/tp.jsonl" 2>&1 | grep "^\[bench_tp\]"
+    timeout 120 python3 bench/bench_tp.py --layers 2 --experts 16 --dtype float32 --out "$OUT/tp.jsonl" 2>&1 \
+      | grep "^\[bench_tp\]" ;;
+  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp [git-rev]" >&2; exit 2 ;;
+esac
