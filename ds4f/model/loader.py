@@ -189,13 +189,16 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Reader]]:
                 yield name, read
 
 
-def iter_dummy(resolved: ResolvedModel, seed: int, manifest: dict[str, TensorSpec]) -> Iterator[tuple[str, Reader]]:
-    """Dummy weights, one tensor (weight + scale pair) generated at a time; a rank keeps only its cut."""
+def iter_dummy(resolved: ResolvedModel, seed: int, manifest: dict[str, TensorSpec],
+               device: torch.device | None = None) -> Iterator[tuple[str, Reader]]:
+    """Dummy weights, one tensor (weight + scale pair) generated at a time (on CUDA when the target is: see
+    ds4f/model/weights.py); a rank keeps only its cut."""
+    gen = device if device is not None and device.type == "cuda" else torch.device("cpu")
     for name, spec in manifest.items():
         if spec.fmt == "scale":
             continue  # produced with its weight
         scale_spec = manifest.get(name.removesuffix(".weight") + ".scale")
-        for n, t in random_tensors(name, spec, resolved.args, seed, scale_spec).items():
+        for n, t in random_tensors(name, spec, resolved.args, seed, scale_spec, gen).items():
             yield n, lambda cut, t=t: _narrow(t, cut)
 
 
@@ -284,7 +287,7 @@ def iter_checkpoint(resolved: ResolvedModel, *, dtype: torch.dtype, load_format:
     tp = f", TP rank {tp_rank}/{tp_world}" if tp_world > 1 else ""
     if load_format == "dummy" or (load_format == "auto" and resolved.path is None):
         stats.source = f"dummy weights (seed {seed}{tp})"
-        stream: Iterator[tuple[str, Reader]] = iter_dummy(resolved, seed, manifest)
+        stream: Iterator[tuple[str, Reader]] = iter_dummy(resolved, seed, manifest, opts.device)
         desc = "Generating dummy weights"
     else:
         if resolved.path is None:
