@@ -112,9 +112,12 @@ def activation_bytes(args: ModelArgs, tokens: int, context: int, tp_world: int =
     keys = a.sliding_window + 128 + max(context // max(ratios), a.index_topk)  # one 128-query tile's keys
     tile = 3 * 128 * h * keys * 4 + 128 * a.index_topk * a.head_dim * 4
     csa_entries = context // min(ratios)
-    # score pass (SCORE_BUDGET fp32) + every CSA entry read back from the cache: fp32 index keys, KV rows
-    indexer = (2 * min(1 << 26, tokens * a.index_n_heads * max(csa_entries, 1)) * 4
-               + csa_entries * (a.index_head_dim * 4 + a.head_dim * e))
+    # reference path: score pass (SCORE_BUDGET fp32) + every CSA entry read back from the cache (fp32 index keys, KV
+    # rows); fast path: the whole [tokens, entries] fp32 score matrix (8 GiB for an 8192-token chunk at 1M) + the
+    # selected ids. The larger of the two.
+    indexer = max(2 * min(1 << 26, tokens * a.index_n_heads * max(csa_entries, 1)) * 4
+                  + csa_entries * (a.index_head_dim * 4 + a.head_dim * e),
+                  tokens * csa_entries * 4 + tokens * (a.sliding_window + a.index_topk) * 8)
     inter = a.moe_intermediate_size // tp_world
     moe = tokens * a.hidden_size * 4 * 2 + 3 * tokens * inter * max(a.n_shared_experts, 1) * e
     return int(streams + attn + tile + indexer + moe)
