@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import measure_ceilings  # noqa: E402
 from ds4f.model.args import HCA, SWA, ModelArgs, flash_config  # noqa: E402
 from ds4f.model.deepseek_v4 import Transformer  # noqa: E402
 from ds4f.runner.gpu.fast_model import FastModel  # noqa: E402
@@ -89,13 +90,8 @@ def timed(fn, reps: int = 5, inner: int = 10) -> float:
 
 
 def ceilings() -> dict[str, float]:
-    a = torch.empty(2**32, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = timed(lambda: b.copy_(a), reps=3, inner=5)
-    copy = 2 * a.numel() / t
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = timed(lambda: x @ x, reps=3, inner=5)
-    return {"copy_Bps": copy, "mm_flops": 2 * 8192**3 / t}
+    copy_gbps, mm_tflops = measure_ceilings(iters=15)
+    return {"copy_Bps": copy_gbps * 1e9, "mm_flops": mm_tflops * 1e12}
 
 
 # ---- bytes and FLOPs ----

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import measure_ceilings, run_meta, time_us  # noqa: E402
 from ds4f.kernels.fp8_gemm import (  # noqa: E402
     Cfg,
     Opts,
@@ -40,61 +40,23 @@ DECODE_SWEEP = [Cfg(16, 32, 128, 4, 4), Cfg(16, 64, 128, 4, 3), Cfg(16, 64, 128,
                 Cfg(16, 128, 128, 8, 4), Cfg(16, 256, 128, 8, 3)]
 PREFILL_SWEEP = [Cfg(64, 128, 128, 4, 4), Cfg(128, 128, 128, 8, 3), Cfg(128, 128, 128, 4, 3),
                  Cfg(128, 256, 128, 8, 3), Cfg(64, 256, 128, 4, 3), Cfg(128, 128, 128, 8, 4)]
-_FLUSH: torch.Tensor | None = None
-
-
-def bench(fn: Callable[[], object], iters: int = 50, flush: bool = True, graph: bool = True) -> float:
-    """Median µs of fn, replayed from a CUDA graph, each run after a 256 MB L2 flush (weights come from HBM)."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    for _ in range(2):
-        fn()
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for a, b in ev:
-        if flush:
-            _FLUSH.zero_()
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    ts = sorted(a.elapsed_time(b) for a, b in ev)
-    return ts[len(ts) // 2] * 1e3
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
 class Run:
     def __init__(self, args: argparse.Namespace):
-        import triton
-
         self.args, self.rows, self.t0 = args, [], time.time()
-        self.meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                         git=os.environ.get("DS4F_GIT", "unknown"), command=args.command)
+        self.meta = run_meta(args.command)
         self.copy_gbps = self.mm_tflops = self.fp8_tflops = 0.0
 
     def ceilings(self) -> None:
-        a = torch.empty(2**32, dtype=torch.uint8, device="cuda")
-        b = torch.empty_like(a)
-        self.copy_gbps = 2 * a.numel() / bench(lambda: b.copy_(a), 10, False, False) / 1e3
+        self.copy_gbps, self.mm_tflops = measure_ceilings(iters=10)
         x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        self.mm_tflops = 2 * 8192**3 / bench(lambda: x @ x, 10, False, False) / 1e6
         try:
             x8 = x.to(torch.float8_e4m3fn)
             one = torch.ones((), device="cuda")
-            t = bench(lambda: torch._scaled_mm(x8, x8.t(), one, one, out_dtype=torch.bfloat16), 10, False, False)
+            t = time_us(lambda: torch._scaled_mm(x8, x8.t(), one, one, out_dtype=torch.bfloat16), 10, False, False)
             self.fp8_tflops = 2 * 8192**3 / t / 1e6
         except Exception as ex:  # older torch / arch without fp8 matmul
             print(f"# fp8 _scaled_mm ceiling unavailable: {str(ex)[:100]}")
@@ -116,7 +78,7 @@ class Run:
     def timed(self, name: str, n: int, k: int, g: int, m: int, variant: str, fn: Callable[[], object],
               wbytes: int, quant: bool = False, **extra: object) -> None:
         try:
-            t = bench(fn, iters=10 if m > 64 else 50)
+            t = time_us(fn, iters=10 if m > 64 else 50)
         except Exception as ex:
             self.emit(dict(case=name, variant=variant, m=m, error=f"{type(ex).__name__}: {str(ex)[:300]}"))
             return

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,70 +13,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import graph_of, measure_ceilings, run_meta, time_us  # noqa: E402
 from ds4f.kernels import fused_moe, indexer_scores, quantize_rows, sparse_attn, topk_indices  # noqa: E402
 from ds4f.kernels.indexer import indexer_bytes, indexer_flops  # noqa: E402
 from ds4f.kernels.moe import moe_bytes, moe_flops  # noqa: E402
 from ds4f.kernels.sparse_attn import attn_bytes, attn_flops  # noqa: E402
 
-_FLUSH: torch.Tensor | None = None
-
-
-def bench(fn: Callable[[], object], iters: int = 50, flush: bool = True, graph: bool = True) -> float:
-    """Median µs of fn over `iters` runs, each replayed from a CUDA graph (no launch gaps from Python) after an
-    L2 flush (256 MB write) unless flush=False."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    for _ in range(3):
-        fn()
-    if graph:
-        try:
-            fn = graph_of(fn)
-        except Exception as ex:  # not capturable: time it eagerly, and say so
-            print(f"# graph capture failed ({str(ex)[:100]}); eager timing", flush=True)
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for s, e in ev:
-        if flush:
-            _FLUSH.zero_()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    ts = sorted(s.elapsed_time(e) for s, e in ev)
-    return ts[len(ts) // 2] * 1e3
-
-
-def graph_of(fn: Callable[[], object]) -> Callable[[], object]:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
 
 class Recorder:
     def __init__(self, out: Path, command: str):
         self.out, self.rows = out, []
-        self.meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=_triton_version(),
-                         git=_git_commit(), command=command)
+        self.meta = run_meta(command)
         self.copy_gbps = self.mm_tflops = 0.0
 
     def ceilings(self) -> None:
-        a = torch.empty(2**32, dtype=torch.uint8, device="cuda")
-        b = torch.empty_like(a)
-        t = bench(lambda: b.copy_(a), iters=20, flush=False, graph=False)
-        self.copy_gbps = 2 * a.numel() / t / 1e3
-        x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        t = bench(lambda: x @ x, iters=20, flush=False, graph=False)
-        self.mm_tflops = 2 * 8192**3 / t / 1e6
+        self.copy_gbps, self.mm_tflops = measure_ceilings(iters=20)
         self.emit("ceiling_copy", "4GiB d2d", t_us=0.0, gbps=self.copy_gbps)
         one = torch.zeros(1, device="cuda")
-        self.emit("floor_one_kernel", "1-element add, graph, after flush", t_us=bench(lambda: one.add_(1)))
-        self.emit("floor_5_kernels", "5 x 1-element add, graph", t_us=bench(lambda: [one.add_(1) for _ in range(5)]))
+        self.emit("floor_one_kernel", "1-element add, graph, after flush", t_us=time_us(lambda: one.add_(1)))
+        self.emit("floor_5_kernels", "5 x 1-element add, graph", t_us=time_us(lambda: [one.add_(1) for _ in range(5)]))
         self.emit("ceiling_mm_bf16", "8192^3", t_us=0.0, tflops=self.mm_tflops)
 
     def emit(self, case: str, shape: str, t_us: float, gbps: float | None = None, tflops: float | None = None,
@@ -106,22 +58,6 @@ class Recorder:
                 f.write(json.dumps(r) + "\n")
 
 
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "none"
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return os.environ.get("DS4F_GIT", "unknown")
-
-
 def bench_attn(r: Recorder, quick: bool) -> None:
     H, D, N = 64, 512, 1_000_000
     pool = torch.randn(N, D, device="cuda").bfloat16()
@@ -135,7 +71,7 @@ def bench_attn(r: Recorder, quick: bool) -> None:
     for T, K in [(1, 640), (1, 192), (32, 640), (128, 640), (1024, 640), (4096, 640)]:
         q, idx = case(T, K)
         for name, p, s, rb in [("bf16", pool, None, 2 * D), ("fp8", pool8, sc8, row8)]:
-            t = bench(lambda q=q, idx=idx, p=p, s=s: sparse_attn(q, p, idx, sink, D**-0.5, s))
+            t = time_us(lambda q=q, idx=idx, p=p, s=s: sparse_attn(q, p, idx, sink, D**-0.5, s))
             shape = f"T={T} H={H} D={D} K={K} kv={name}"
             r.emit("attn", shape, t, gbps=attn_bytes(T, H, D, K, rb) / t / 1e3,
                    tflops=attn_flops(T, H, D, K) / t / 1e6)
@@ -143,19 +79,19 @@ def bench_attn(r: Recorder, quick: bool) -> None:
     q, idx = case(1, 640)
     for bh, bk, ns_, nw in [(64, 64, 10, 8), (16, 64, 10, 4), (16, 64, 5, 4), (16, 128, 5, 4)]:
         kw = dict(block_h=bh, block_k=bk, num_splits=ns_, num_warps=nw)
-        t = bench(lambda kw=kw: sparse_attn(q, pool, idx, sink, D**-0.5, **kw))
+        t = time_us(lambda kw=kw: sparse_attn(q, pool, idx, sink, D**-0.5, **kw))
         r.emit("attn_decode_cfg", f"T=1 K=640 bh={bh} bk={bk} splits={ns_} nw={nw}", t,
                gbps=attn_bytes(1, H, D, 640, 2 * D) / t / 1e3)
     small = pool[:4096].clone()
     idx_small = torch.randint(0, 4096, (1, 640), device="cuda").int()
-    t = bench(lambda: sparse_attn(q, small, idx_small, sink, D**-0.5))
+    t = time_us(lambda: sparse_attn(q, small, idx_small, sink, D**-0.5))
     r.emit("attn_decode_smallpool", "T=1 K=640 N=4096", t, gbps=attn_bytes(1, H, D, 640, 2 * D) / t / 1e3)
     pool1, sc1 = quantize_rows(pool, D)
     for T in (128, 4096):
         q, idx = case(T, 640)
         for name, p, s, bk, rb in [("fp8 g64 bk=32", pool8, sc8, 32, row8), ("fp8 g64 bk=64", pool8, sc8, 64, row8),
                                    ("fp8 row bk=64", pool1, sc1, 64, D + 4)]:
-            t = bench(lambda q=q, idx=idx, p=p, s=s, bk=bk: sparse_attn(q, p, idx, sink, D**-0.5, s, block_k=bk))
+            t = time_us(lambda q=q, idx=idx, p=p, s=s, bk=bk: sparse_attn(q, p, idx, sink, D**-0.5, s, block_k=bk))
             r.emit("attn_fp8", f"T={T} K=640 kv={name}", t, gbps=attn_bytes(T, H, D, 640, rb) / t / 1e3,
                    tflops=attn_flops(T, H, D, 640) / t / 1e6)
     del pool1, sc1
@@ -169,7 +105,7 @@ def bench_attn(r: Recorder, quick: bool) -> None:
             for qq, ii in zip(qs, ids):
                 sparse_attn(qq, p, ii, sink, D**-0.5, s)
 
-        t = bench(graph_of(step), graph=False)
+        t = time_us(graph_of(step), graph=False)
         r.emit("attn_decode_step_graph", f"43 layers keys={sum(ks)} kv={name}", t,
                gbps=sum(attn_bytes(1, H, D, k, rb) for k in ks) / t / 1e3)
 
@@ -193,7 +129,7 @@ def bench_indexer(r: Recorder, quick: bool) -> None:
         distinct = L * S
         for name, kk, sc, kb in [("bf16", kp, None, 2 * DI), ("fp8", kq, ks.view(-1), DI + 4)]:
             args = (q, w, kk, slots, seq_of, vlen)
-            t = bench(lambda args=args, sc=sc: indexer_scores(*args, k_scale=sc))
+            t = time_us(lambda args=args, sc=sc: indexer_scores(*args, k_scale=sc))
             shape = f"T={T} Hi={HI} d={DI} L={L} k={name}"
             r.emit("indexer", shape, t, gbps=indexer_bytes(T, HI, DI, L, kb, distinct) / t / 1e3,
                    tflops=indexer_flops(T, HI, DI, L) / t / 1e6)
@@ -201,13 +137,13 @@ def bench_indexer(r: Recorder, quick: bool) -> None:
             for bl, ni, nw, ns in [(64, 16, 4, 4), (128, 8, 8, 3)]:
                 kw = dict(block_l=bl, n_inner=ni, num_warps=nw, num_stages=ns)
                 base = (q, w, kp, slots, seq_of, vlen)
-                t = bench(lambda kw=kw, base=base: indexer_scores(*base, **kw))
+                t = time_us(lambda kw=kw, base=base: indexer_scores(*base, **kw))
                 r.emit("indexer_cfg", f"T={T} L={L} bl={bl} ni={ni} nw={nw} ns={ns}", t,
                        gbps=indexer_bytes(T, HI, DI, L, 2 * DI, distinct) / t / 1e3,
                        tflops=indexer_flops(T, HI, DI, L) / t / 1e6)
         s = indexer_scores(q, w, kp, slots, seq_of, vlen)
         for be in ("torch", "radix"):
-            t = bench(lambda s=s, be=be: topk_indices(s, 512, backend=be))
+            t = time_us(lambda s=s, be=be: topk_indices(s, 512, backend=be))
             r.emit(f"topk_{be}", f"T={T} L={L} k=512", t, gbps=T * L * 4 / t / 1e3)
         del kp, kq, ks
 
@@ -220,7 +156,7 @@ def bench_moe(r: Recorder, quick: bool) -> None:
         x = torch.randn(T, D, device="cuda").bfloat16()
         ids = torch.rand(T, E, device="cuda").topk(k, dim=1).indices.int()
         wt = torch.rand(T, k, device="cuda")
-        t = bench(lambda x=x, ids=ids, wt=wt: fused_moe(x, w13, w2, ids, wt, 10.0), iters=20 if T > 512 else 50)
+        t = time_us(lambda x=x, ids=ids, wt=wt: fused_moe(x, w13, w2, ids, wt, 10.0), iters=20 if T > 512 else 50)
         r.emit("moe", f"T={T} E={E} k={k} D={D} I={I}", t, gbps=moe_bytes(T, k, E, D, I) / t / 1e3,
                tflops=moe_flops(T, k, D, I) / t / 1e6)
     for T, cfgs in [
@@ -233,7 +169,7 @@ def bench_moe(r: Recorder, quick: bool) -> None:
         for bm, bn, bk, nw, ns, pp in cfgs:
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, PER_PICK=pp)
             try:
-                t = bench(lambda x=x, ids=ids, wt=wt, cfg=cfg: fused_moe(x, w13, w2, ids, wt, 10.0, config=cfg),
+                t = time_us(lambda x=x, ids=ids, wt=wt, cfg=cfg: fused_moe(x, w13, w2, ids, wt, 10.0, config=cfg),
                           iters=20 if T > 512 else 50)
             except Exception as ex:  # a config that does not fit: report, keep going
                 print(f"moe_cfg {cfg} failed: {str(ex)[:160]}")

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -22,58 +20,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import triton  # noqa: E402
-
+from bench.common import measure_ceilings, run_meta, time_us  # noqa: E402
 from ds4f.kernels import moe  # noqa: E402
 from ds4f.kernels.ref import fused_moe_ref  # noqa: E402
 
 E, K_ROUTED, D, I = 256, 6, 4096, 2048
 DEV = "cuda"
-_FLUSH: torch.Tensor | None = None
-
-
-def timed(fn: Callable[[], object], iters: int, flush: bool = True) -> float:
-    """Median µs of fn over iters runs (events around each; the L2 flush before each keeps the CPU ahead)."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device=DEV)
-    fn()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for s, e in ev:
-        if flush:
-            _FLUSH.zero_()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    ts = sorted(s.elapsed_time(e) for s, e in ev)
-    return ts[len(ts) // 2] * 1e3
-
-
-def graphed(fn: Callable[[], object], iters: int) -> float:
-    """Like timed, fn replayed from a CUDA graph (as the server runs decode steps)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return timed(g.replay, iters)
+timed = partial(time_us, graph=False, warmup=1)  # events around each run, L2 flushed before each (flush=False: not)
+graphed = partial(time_us, graph=True, warmup=1)  # replayed from a CUDA graph, as the server runs decode steps
 
 
 class Recorder:
     def __init__(self, out: Path | None, command: str) -> None:
         self.out, self.mm, self.bw = out, 0.0, 0.0
-        try:
-            git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True, timeout=10).stdout.strip() or "unknown"
-        except OSError:
-            git = "unknown"
-        self.meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                         git=git, command=command)
+        self.meta = run_meta(command)
 
     def emit(self, case: str, shape: str, t_us: float, flops: float = 0.0, nbytes: float = 0.0, **extra) -> None:
         tf, gb = flops / t_us / 1e6, nbytes / t_us / 1e3
@@ -89,14 +49,7 @@ class Recorder:
 
 
 def ceilings(r: Recorder) -> None:
-    a = torch.randn(8192, 8192, device=DEV).bfloat16()
-    b = torch.randn(8192, 8192, device=DEV).bfloat16()
-    t = timed(lambda: a @ b, 20, flush=False)
-    r.mm = 2 * 8192**3 / t / 1e6
-    src = torch.empty(2**31, dtype=torch.int16, device=DEV)
-    dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), 10, flush=False)
-    r.bw = 2 * src.numel() * 2 / t / 1e3  # read + write
+    r.bw, r.mm = measure_ceilings(iters=10)
     print(f"ceilings: matmul 8192^3 bf16 {r.mm:.0f} TFLOP/s, copy {r.bw:.0f} GB/s", flush=True)
     r.emit("ceil_mm", "8192^3 bf16", t_us=2 * 8192**3 / r.mm / 1e6, flops=2 * 8192**3)
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import measure_ceilings, run_meta, time_us  # noqa: E402
 from ds4f.kernels.moe_mxfp4 import (  # noqa: E402
     default_config,
     fused_moe_mxfp4,
@@ -47,55 +46,14 @@ PREFILL_CFGS = [
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
 ]
 
-_FLUSH: torch.Tensor | None = None
-
-
-def bench(fn: Callable[[], object], iters: int = 30, flush: bool = True, graph: bool = True) -> float:
-    """Median µs of fn, replayed from a CUDA graph, each run after a 256 MB L2 flush unless flush=False."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    for _ in range(2):
-        fn()
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for a, b in ev:
-        if flush:
-            _FLUSH.zero_()
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    ts = sorted(a.elapsed_time(b) for a, b in ev)
-    return ts[len(ts) // 2] * 1e3
-
-
 class Recorder:
     def __init__(self, out: Path, command: str):
-        import triton
-
         self.out = out
-        self.meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                         git=_git(), command=command)
+        self.meta = run_meta(command)
         self.copy_gbps = self.mm_tflops = 0.0
 
     def ceilings(self) -> None:
-        a = torch.empty(2**32, dtype=torch.uint8, device="cuda")
-        b = torch.empty_like(a)
-        t = bench(lambda: b.copy_(a), iters=10, flush=False, graph=False)
-        self.copy_gbps = 2 * a.numel() / t / 1e3
-        x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        t = bench(lambda: x @ x, iters=10, flush=False, graph=False)
-        self.mm_tflops = 2 * 8192**3 / t / 1e6
+        self.copy_gbps, self.mm_tflops = measure_ceilings(iters=10)
         self.emit("ceiling_copy", "4GiB d2d, read+write", 0.0, gbps=self.copy_gbps)
         self.emit("ceiling_mm_bf16", "8192^3", 0.0, tflops=self.mm_tflops)
 
@@ -117,13 +75,6 @@ class Recorder:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with self.out.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
-
-
-def _git() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def _name(cfg: dict[str, int]) -> str:
@@ -168,7 +119,7 @@ def main() -> None:
 
     def timed(case: str, T: int, cfg: dict[str, int]) -> float | None:
         try:
-            t = bench(lambda: call(T, cfg), iters=10 if T > 64 else 30)
+            t = time_us(lambda: call(T, cfg), iters=10 if T > 64 else 30)
         except Exception as ex:  # a variant that does not compile here: say so and go on
             print(f"# {case} T={T} {_name(cfg)} FAILED: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
             return None
@@ -233,7 +184,7 @@ def bench_bf16(r: Recorder, cases: dict[int, tuple[torch.Tensor, torch.Tensor, t
     w13 = torch.empty(E, 2 * I, D, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
     w2 = torch.empty(E, D, I, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
     for T, (x, ids, wts) in cases.items():
-        t = bench(lambda x=x, ids=ids, wts=wts: fused_moe(x, w13, w2, ids, wts, LIMIT), iters=10 if T > 64 else 30)
+        t = time_us(lambda x=x, ids=ids, wts=wts: fused_moe(x, w13, w2, ids, wts, LIMIT), iters=10 if T > 64 else 30)
         hit = int(ids.unique().numel())
         r.emit("bf16_fused_moe", f"T={T}", t, gbps=(hit * 3 * I * D * 2 + T * D * 4) / t / 1e3,
                tflops=2.0 * T * K * 3 * I * D / t / 1e6, T=T)
