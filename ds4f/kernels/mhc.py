@@ -146,8 +146,9 @@ if triton is not None:
     @triton.jit
     def _hc_post_mix_row(y_ptr, x_ptr, post_ptr, comb_ptr, fn_ptr, xo_ptr, pd_ptr, ps_ptr, D, NSPLIT,
                          HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, BLOCK_D: tl.constexpr,
-                         HAS_Y: tl.constexpr, HAS_FN: tl.constexpr):
-        # few tokens (decode): program = (token, BLOCK_D channels of every stream), all HC streams as one tile
+                         HAS_Y: tl.constexpr, HAS_FN: tl.constexpr, DOTS: tl.constexpr):
+        # program = (token, BLOCK_D channels of every stream), all HC streams as one tile: few tokens (decode), or
+        # many with DOTS=False (squares only; the mix is then one fp32 GEMM over X', see _hc_step_gemm)
         t = tl.program_id(0).to(tl.int64)
         sp = tl.program_id(1)
         d = sp * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -165,36 +166,14 @@ if triton is not None:
             xk = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0)
         if HAS_FN:
             xf = xk.to(tl.float32)
-            r = tl.arange(0, NMP)
-            rm = r < NM
-            f = tl.load(fn_ptr + r[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
-                        mask=rm[:, None, None] & dm[None, None, :], other=0.0)  # [NMP, HC, BD]
-            acc = tl.sum(tl.sum(f * xf[None, :, :], 2), 1)
-            tl.store(pd_ptr + (t * NSPLIT + sp) * NM + r, acc, mask=rm)
+            if DOTS:
+                r = tl.arange(0, NMP)
+                rm = r < NM
+                f = tl.load(fn_ptr + r[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
+                            mask=rm[:, None, None] & dm[None, None, :], other=0.0)  # [NMP, HC, BD]
+                acc = tl.sum(tl.sum(f * xf[None, :, :], 2), 1)
+                tl.store(pd_ptr + (t * NSPLIT + sp) * NM + r, acc, mask=rm)
             tl.store(ps_ptr + t * NSPLIT + sp, tl.sum(tl.sum(xf * xf, 1), 0))
-
-    @triton.jit
-    def _hc_post_sq(y_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, ps_ptr, D, NSPLIT, HC: tl.constexpr,
-                    BLOCK_D: tl.constexpr, HAS_Y: tl.constexpr):
-        # many tokens: program = (token, BLOCK_D channels of every stream): X' chunk + its sum of squares; the
-        # [T, HC*D] x [HC*D, NM] mix is one fp32 GEMM (cuBLAS) afterwards
-        t = tl.program_id(0).to(tl.int64)
-        sp = tl.program_id(1)
-        d = sp * BLOCK_D + tl.arange(0, BLOCK_D)
-        dm = d < D
-        j = tl.arange(0, HC)
-        xrow = t * (HC * D) + j[:, None] * D + d[None, :]  # [HC, BD]
-        if HAS_Y:
-            xs = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0).to(tl.float32)
-            yv = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
-            cm = tl.load(comb_ptr + t * (HC * HC) + j[:, None] * HC + j[None, :])  # [j, k]
-            pk = tl.load(post_ptr + t * HC + j)
-            xk = (pk[:, None] * yv[None, :] + tl.sum(cm[:, :, None] * xs[:, None, :], 0)).to(xo_ptr.dtype.element_ty)
-            tl.store(xo_ptr + xrow, xk, mask=dm[None, :])
-        else:
-            xk = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0)
-        xf = xk.to(tl.float32)
-        tl.store(ps_ptr + t * NSPLIT + sp, tl.sum(tl.sum(xf * xf, 1), 0))
 
     @triton.jit
     def _hc_weights_collapse(x_ptr, pd_ptr, ps_ptr, scale_ptr, base_ptr, c_ptr, cs_ptr, post_ptr, comb_ptr, D,
@@ -248,9 +227,10 @@ def _hc_step_gemm(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | 
     nsplit = triton.cdiv(dim, bd)
     xo = torch.empty_like(x) if y is not None else x
     ps = torch.empty(t, nsplit, dtype=f32, device=x.device)
-    _hc_post_sq[(t, nsplit)](y if y is not None else x, x, post if post is not None else ps,
-                             comb if comb is not None else ps, xo, ps, dim, nsplit, HC=hc, BLOCK_D=bd,
-                             HAS_Y=y is not None, num_warps=4)
+    _hc_post_mix_row[(t, nsplit)](y if y is not None else x, x, post if post is not None else ps,
+                                  comb if comb is not None else ps, ps, xo, ps, ps, dim, nsplit, HC=hc, NM=nm,
+                                  NMP=max(16, triton.next_power_of_2(nm)), BLOCK_D=bd, HAS_Y=y is not None,
+                                  HAS_FN=fn is not None, DOTS=False, num_warps=4)
     if fn is None:
         return xo, None, None, None
     pd = torch.nn.functional.linear(xo.view(t, hc * dim).float(), fn)  # [T, NM]: one split of the dots
@@ -306,7 +286,7 @@ def hc_step(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, 
             HAS_FN=fn is not None, SPLIT=split, num_warps=8)
     else:
         _hc_post_mix_row[(t, nsplit)](*ptrs, dim, nsplit, HC=hc, NM=nm, NMP=nmp, BLOCK_D=bd, HAS_Y=y is not None,
-                                      HAS_FN=fn is not None, num_warps=4)
+                                      HAS_FN=fn is not None, DOTS=True, num_warps=4)
     if fn is None:
         return xo, None, None, None
     xn = torch.empty(t, dim, dtype=x.dtype, device=x.device)
