@@ -40,11 +40,12 @@ class Row:
 @dataclass(frozen=True)
 class MemoryPlan:
     rows: tuple[Row, ...]  # in table order; "free" last
-    usable: int  # gpu total x gpu_memory_utilization
+    usable: int  # gpu total x gpu_memory_utilization (CPU: weights + KV budget)
     kv_budget: int  # bytes handed to CacheLayout.plan
     num_blocks: int
     num_slots: int
     block_size: int
+    usable_note: str = "gpu total x gpu_memory_utilization"
 
     @property
     def max_kv_tokens(self) -> int:
@@ -61,7 +62,7 @@ class MemoryPlan:
         w = max(len(r.name) for r in self.rows)
         lines = [title, f"  {'':{w}}  {'GiB':>8}"]
         lines += [f"  {r.name:{w}}  {r.nbytes / GiB:8.2f}  {r.note}".rstrip() for r in self.rows]
-        lines.append(f"  {'usable':{w}}  {self.usable / GiB:8.2f}  gpu total x gpu_memory_utilization")
+        lines.append(f"  {'usable':{w}}  {self.usable / GiB:8.2f}  {self.usable_note}")
         lines.append(f"  KV capacity admitted: {self.max_kv_tokens} tokens ({self.num_blocks} blocks of "
                      f"{self.block_size}), {self.num_slots} sequence slots")
         return "\n".join(lines)
@@ -130,13 +131,13 @@ def nccl_bytes(tp_world: int) -> int:
 # ------------------------------------------------------------------------------------------- plans
 
 def _finish(rows: list[Row], usable: int, layout: CacheLayout, kv_budget: int, max_num_seqs: int,
-            kv_plan: tuple[int, int] | None = None) -> MemoryPlan:
+            kv_plan: tuple[int, int] | None = None, usable_note: str = MemoryPlan.usable_note) -> MemoryPlan:
     blocks, slots = kv_plan if kv_plan is not None else layout.plan(kv_budget, max_num_seqs)
     kv = blocks * layout.block_bytes + slots * layout.slot_bytes
     rows.append(Row("KV pool", kv, f"{layout.kv_dtype}, {layout.bytes_per_token:.1f} B/token + "
                                    f"{layout.slot_bytes / 2**20:.1f} MiB/sequence (every rank holds all of it)"))
     rows.append(Row("free", usable - sum(r.nbytes for r in rows)))
-    return MemoryPlan(tuple(rows), usable, kv_budget, blocks, slots, layout.block_size)
+    return MemoryPlan(tuple(rows), usable, kv_budget, blocks, slots, layout.block_size, usable_note)
 
 
 def plan_memory(args: ModelArgs, *, dtype: torch.dtype = torch.bfloat16, keep_dequantized: bool = False,
@@ -198,10 +199,10 @@ def runtime_table(config: Any, model: Any, layout: CacheLayout, budget: int, num
             Row("CUDA graphs", activation_bytes(args, min(config.max_num_seqs, GRAPH_TOKENS), 0, tp, model.dtype),
                 "estimate, not reserved from the KV budget"),
         ]
-        usable = int(total * config.gpu_memory_utilization)
+        usable, note = int(total * config.gpu_memory_utilization), MemoryPlan.usable_note
     else:
-        usable = weights + budget
-    plan = _finish(rows, usable, layout, budget, config.max_num_seqs, (num_blocks, num_slots))
+        usable, note = weights + budget, "weights + KV budget (host memory)"
+    plan = _finish(rows, usable, layout, budget, config.max_num_seqs, (num_blocks, num_slots), note)
     return plan.table(f"memory plan ({device.type}, KV budget {budget / GiB:.2f} GiB)")
 
 
