@@ -12,7 +12,17 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 case "${1:-}" in
   tests)
-    DS4F_COMPILE=0 timeout 540 python3 -m pytest -q -rs tests/gpu 2>&1 | tail -n 60 | tee "$OUT/gpu_tests.log" ;;
+    # one pytest per file, all at once (16 cores, one GPU with room for all): the slow Triton compiles overlap
+    mkdir -p /tmp/gpulogs
+    for f in tests/gpu/test_*.py; do
+      n=$(basename "$f" .py)
+      DS4F_COMPILE=0 timeout "${GPU_TEST_TIMEOUT:-520}" python3 -m pytest -q -rs -p no:cacheprovider "$f" \
+        > "/tmp/gpulogs/$n.log" 2>&1 &
+    done
+    wait
+    for l in /tmp/gpulogs/*.log; do echo "=== $l"; grep -E "passed|failed|error|Error|FAILED|assert|SKIPPED" "$l" \
+      | tail -n 25; done | tee "$OUT/gpu_tests.log"
+    tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs ;;
   decode)
     timeout 540 python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 --prefill 1024,8192 \
       --profile "$OUT" --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|prefill|#)" ;;

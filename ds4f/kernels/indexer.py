@@ -23,7 +23,8 @@ if triton is not None:
         KSCALE: tl.constexpr,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); q[t] [Hi, d] is the M x K operand of every block
-        t = tl.program_id(0)
+        # int64: at 1M context a prefill chunk's score matrix is [8192, 262144] = 2^31 elements
+        t = tl.program_id(0).to(tl.int64)
         l0 = tl.program_id(1) * (BLOCK_L * N_INNER)
         vlen = tl.minimum(tl.load(vlen_ptr + t), L)
         seq = tl.load(seq_ptr + t).to(tl.int64)
@@ -76,7 +77,7 @@ if triton is not None:
     def _topk_hist(s_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
                    LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
         # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
         acc = tl.zeros([NB], tl.int32)
@@ -95,7 +96,7 @@ if triton is not None:
     def _topk_select(s_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
                      NB: tl.constexpr, BLOCK: tl.constexpr):
         # keys above the k-th go to slots [0, k - krem), krem keys equal to it to [k - krem, k), via counters
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         kth, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 4, NB)
         for j in range(0, chunk, BLOCK):

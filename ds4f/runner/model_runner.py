@@ -110,9 +110,8 @@ def warmup(model: Any, num_tokens: int, num_logits: int, device: torch.device) -
     torch.cuda.empty_cache()
 
 
-# auto keeps the reference runner until the engine-driven fast path has passed its GPU tests
-# (tests/gpu/test_fast_runner_gpu.py); `--runner fast` opts in meanwhile
-FAST_BY_DEFAULT = False
+# auto takes the fast path on CUDA (its engine-driven GPU tests, tests/gpu/test_fast_runner_gpu.py, pass on H200)
+FAST_BY_DEFAULT = True
 
 
 def choose_runner(config: EngineConfig) -> str:

@@ -30,7 +30,7 @@ CHUNKS = {
 
 @pytest.fixture(autouse=True)
 def _kernel_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DS4F_COMPRESS_KERNEL", "1")  # glue.compress: the Triton kernel (off by default)
+    monkeypatch.setenv("DS4F_COMPRESS_KERNEL", "1")  # glue.compress: the Triton kernel (the default)
 
 
 def make_inputs(kind: str, chunks: list[tuple[int, int]], seed: int = 0, dev: str = "cuda") -> tuple:

@@ -23,11 +23,14 @@ pytestmark = [
 ]
 
 # Weight-only fp8 everywhere (W8_MAX_M raised): both paths multiply the same bf16-exact weight values with fp32
-# accumulation, so the bound of tests/test_fast_packed.py holds (rounding order only).
-TOL_W8 = 2e-2
+# accumulation; only the rounding order differs (measured on H200: max 0.024, median 0.011 over 24 forwards of
+# the aligned config; CPU 0.015).
+TOL_W8 = 3e-2
 # Default schemes: prefill rows above W8_MAX_M tokens quantize activations to e4m3 per 128 columns (a8w8), ~2^-4
-# relative per element; not measured yet on this scenario (the lead's first GPU run should confirm / tighten it).
-TOL_A8 = 0.1
+# relative per element, compounded over the random tiny model's layers (measured on H200: max 0.163 on the
+# 150-token a8w8 prefill, 0.01 on the w8 decode steps). The kernels' own a8w8-vs-reference bound is in
+# test_fp8_gemm_gpu.py; this bound only catches a broken path (wrong scales give O(1)).
+TOL_A8 = 0.25
 
 CONFIGS = {"tiny": tiny_config, "aligned": aligned_config, "mid": lambda: mid_config(tiny_config())}
 

@@ -107,6 +107,22 @@ def test_indexer_scores(T, S, Hi, d, L, prefill):
     assert _rel(out8[fin], ref8[fin]) < INDEX_TOL
 
 
+def test_indexer_scores_past_int32_elements():
+    # a 1M-context prefill chunk: [8192, 262144] scores = 2^31 elements (int32 offsets wrapped: illegal access)
+    T, L, Hi, d = 8200, 262_144, 16, 16
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(T, Hi, d, device="cuda", generator=g).bfloat16()
+    w = torch.randn(T, Hi, device="cuda", generator=g)
+    kp = torch.randn(L, d, device="cuda", generator=g).bfloat16()
+    slots = torch.arange(L, device="cuda", dtype=torch.int32)[None]
+    seq_of = torch.zeros(T, device="cuda", dtype=torch.int32)
+    vlen = torch.full((T,), L, device="cuda", dtype=torch.int32)
+    out = indexer_scores(q, w, kp, slots, seq_of, vlen)
+    last = slice(T - 3, T)  # rows whose offsets pass 2^31
+    ref = indexer_scores_ref(q[last], w[last], kp, slots, seq_of[last], vlen[last])
+    assert _rel(out[last], ref) < INDEX_TOL
+
+
 @pytest.mark.parametrize("T,L,k,n_valid", [(1, 262_144, 512, None), (3, 1000, 512, 300), (16, 40_000, 512, None)])
 def test_topk_indices_same_set(T, L, k, n_valid):
     g = torch.Generator(device="cuda").manual_seed(L)

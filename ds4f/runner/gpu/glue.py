@@ -95,11 +95,10 @@ def compress(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, norm_w: t
              p: torch.Tensor, chunk_start: torch.Tensor, tok_slot: torch.Tensor, bt_tok: torch.Tensor,
              cos_t: torch.Tensor, sin_t: torch.Tensor, m: int, ring_len: int, overlap: bool, eps: float,
              dest_base: int, dummy_block: int, epb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """compress_ref's inputs and outputs: with DS4F_COMPRESS_KERNEL=1, one Triton launch (ds4f.kernels.compress) where
-    triton runs (CUDA, or the interpreter), else compress_ref. Off by default until tests/gpu/test_compress_gpu.py
-    has run on a GPU. The kernel's entries of candidates that complete nothing are zeros (they go to the dummy block;
-    compress_ref's are unspecified)."""
-    if os.environ.get("DS4F_COMPRESS_KERNEL", "0") == "1" and use_triton(kvz):
+    """compress_ref's inputs and outputs: one Triton launch (ds4f.kernels.compress) where triton runs (CUDA, or the
+    interpreter), else compress_ref (also with DS4F_COMPRESS_KERNEL=0). The kernel's entries of candidates that
+    complete nothing are zeros (they go to the dummy block; compress_ref's are unspecified)."""
+    if os.environ.get("DS4F_COMPRESS_KERNEL", "1") == "1" and use_triton(kvz):
         return compress_fused(kvz, ape, ring, norm_w, et, p, chunk_start, tok_slot, bt_tok, cos_t, sin_t, m,
                               ring_len, overlap, eps, dest_base, dummy_block, epb)
     return compress_ref(kvz, ape, ring, norm_w, et, p, chunk_start, tok_slot, bt_tok, cos_t, sin_t, m, ring_len,
