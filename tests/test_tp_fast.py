@@ -3,12 +3,18 @@ bf16 rounding of the split sums. Oracle: TP=1 fast runner on the same prompts. W
 same tokens so far, the top token's logprob agrees within bf16 noise; the first differing token (if any) is at a
 TP=1 near-tie. A missing or doubled all-reduce moves every logprob by far more than that from the first step.
 Every MoE layer is hash-routed and the indexer keeps every entry, so no discrete choice (an expert, a top-k entry)
-can flip on rounding: those are the reference model's business (tests/test_tp_llm.py, fp32)."""
+can flip on rounding: those are the reference model's business (tests/test_tp_llm.py, fp32). On an FP8 + MXFP4
+checkpoint each rank loads packed-only and warms up once, as TP=1 does (tests/test_build_rank.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
+from checkpoints import write_checkpoint
+from test_build_rank import check_experts_packed, count_warmups, tp_quant_config
 
 from ds4f import LLM, SamplingParams
 from ds4f.model.args import tiny_config
@@ -19,6 +25,8 @@ PROMPTS = ["Hello, my name is", "The capital of France is a city that many peopl
            [5, 17, 99, 1024, 77, 3, 4096, 12, 8, 8, 8, 60000, 2, 19, 128000, 42, 43, 44, 45, 46, 47, 48, 49, 50],
            "Tensor parallel splits heads"]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+ID_PROMPTS = [[5, 17, 99, 1000, 77, 3, 409, 12, 8, 8, 8, 600, 2, 19, 128, 42, 43, 44, 45, 46, 47, 48, 49, 50],
+              [7, 8, 9], list(range(300, 337))]  # within tp_quant_config's 1024-token vocab
 BF16_LOGIT_NOISE = 0.1  # two bf16 ulps at the tiny model's logit scale (|logit| < 8: ulp <= 2^-5... 2^-4)
 
 
@@ -34,6 +42,10 @@ def test_fast_runner_tp2_matches_tp1(tmp_path: Path) -> None:
         got = llm.generate(PROMPTS, PARAMS)
     finally:
         llm.engine.runner.close()
+    assert_tp_matches(ref, got)
+
+
+def assert_tp_matches(ref: list[Any], got: list[Any]) -> None:
     compared = 0
     for r, g in zip(ref, got):
         rt, gt = r.outputs[0].token_ids, g.outputs[0].token_ids
@@ -45,4 +57,20 @@ def test_fast_runner_tp2_matches_tp1(tmp_path: Path) -> None:
                 break
             assert abs(rl[i][a].logprob - gl[i][b].logprob) < BF16_LOGIT_NOISE, (i, rl[i], gl[i])
             compared += 1
-    assert compared >= len(PROMPTS) * PARAMS.max_tokens // 2, compared
+    assert compared >= len(ref) * PARAMS.max_tokens // 2, compared
+
+
+def test_fast_runner_tp2_packed_matches_tp1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    warm_calls = count_warmups(monkeypatch)
+    d = write_checkpoint(tmp_path, tp_quant_config(), 3, quantized=True)
+    kw = dict(KW, model=str(d))
+    ref = LLM(**kw).generate(ID_PROMPTS, PARAMS)
+    assert len(warm_calls) == 1
+    llm = LLM(tensor_parallel_size=2, distributed_timeout=60, **kw)
+    try:
+        assert len(warm_calls) == 2  # rank 0 (this process) warmed up once; rank 1 runs tests/test_build_rank.py's
+        check_experts_packed(llm.engine.runner.runner.fm, 2)
+        got = llm.generate(ID_PROMPTS, PARAMS)
+    finally:
+        llm.engine.runner.close()
+    assert_tp_matches(ref, got)

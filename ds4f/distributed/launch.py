@@ -36,10 +36,13 @@ def _agree_min(ctrl: Any, value: int) -> int:
 
 def build_rank(config: Any, pc: ParallelConfig, rank: int, store: Any,
                sampler: Any = None) -> tuple[Any, Any, Any, int]:
-    """Groups, sharded model and runner of one rank -> (runner, control group, model args, max_model_len)."""
+    """Groups, sharded model and runner of one rank -> (runner, control group, model args, max_model_len).
+    Loads and warms up as a single-GPU build_runner does: the runner rule is choose_runner's (auto = reference under
+    TP, --runner fast opts in), the fast path loads packed-only, and the one warmup is that runner's own, so its
+    activation peak is what the budget leaves room for; then the ranks agree on the smallest budget."""
     from ds4f.config import DEFAULT_CPU_KV_CACHE_MEMORY
     from ds4f.model.loader import load_model
-    from ds4f.runner.model_runner import build_runner, kv_cache_budget, warmup
+    from ds4f.runner.model_runner import build_runner, kv_cache_budget, prepare, use_fast
 
     device = config.resolved_device
     local = rank - pc.node_ranks[0]
@@ -51,14 +54,13 @@ def build_rank(config: Any, pc: ParallelConfig, rank: int, store: Any,
     dtype = getattr(torch, config.resolved_dtype)
     # each rank reads (or, for dummy weights, generates and keeps) only its own slice of every tensor
     model = load_model(config.model, dtype=dtype, device=device, load_format=config.load_format, seed=config.seed,
-                       tp_rank=rank, tp_world=pc.world_size, comm=Comm(rank, pc.world_size, model_pg))
-    if device == "cuda":  # the activation peak counts against the budget (build_runner warms up the same way)
-        mml = config.max_model_len or model.args.max_position_embeddings
-        warmup(model, min(config.max_num_batched_tokens, mml), min(config.max_num_seqs, 256), torch.device(device))
+                       tp_rank=rank, tp_world=pc.world_size, comm=Comm(rank, pc.world_size, model_pg),
+                       keep_dequantized=not use_fast(config))
+    prepared = prepare(config, model)  # every rank warms up together (the forward's all-reduces pair up)
     budget = kv_cache_budget(torch.device(device), config.gpu_memory_utilization, config.kv_cache_memory,
                              DEFAULT_CPU_KV_CACHE_MEMORY)
     config = dataclasses.replace(config, kv_cache_memory=max(1, _agree_min(ctrl, budget)))
-    runner, args, max_model_len = build_runner(config, model=model, sampler=sampler)
+    runner, args, max_model_len = build_runner(config, sampler=sampler, prepared=prepared)
     return runner, ctrl, args, max_model_len
 
 

@@ -31,6 +31,12 @@ if triton is not None:
         offs_h = tl.arange(0, BLOCK_HI)
         offs_d = tl.arange(0, DI)
         hmask = offs_h < HI
+        if l0 >= vlen:  # nothing visible in this program's columns (short context, long max_ctx): -inf only
+            for j in range(N_INNER):
+                offs_l = l0 + j * BLOCK_L + tl.arange(0, BLOCK_L)
+                tl.store(out_ptr + t * s_ot + offs_l, tl.full([BLOCK_L], float("-inf"), tl.float32),
+                         mask=offs_l < L)
+            return
         q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
         w = tl.load(w_ptr + t * s_wt + offs_h, mask=hmask, other=0.0) * scale
         for j in range(N_INNER):
@@ -74,43 +80,48 @@ if triton is not None:
         return tl.where(s == float("-inf"), 0, u)
 
     @triton.jit
-    def _topk_hist(s_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
-                   LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
-        # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far
+    def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
+                   LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr):
+        # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far; VLEN: columns at
+        # or past vlen_ptr[t] are -inf by contract and never read (a chunk entirely past it adds nothing)
         t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
+        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
         prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
-        acc = tl.zeros([NB], tl.int32)
-        for j in range(0, chunk, BLOCK):
-            offs = c * chunk + j + tl.arange(0, BLOCK)
-            m = offs < L
-            u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
-            sel = (u != 0) & ~take_all
-            if LEVEL > 0:
-                sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
-            digit = ((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32)
-            acc += tl.histogram(digit, NB, mask=sel)
-        tl.atomic_add(hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB), acc)
+        if c * chunk < lim:  # (a data-dependent loop bound would not run under the interpreter)
+            acc = tl.zeros([NB], tl.int32)
+            for j in range(0, chunk, BLOCK):
+                offs = c * chunk + j + tl.arange(0, BLOCK)
+                m = offs < lim
+                u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+                sel = (u != 0) & ~take_all
+                if LEVEL > 0:
+                    sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
+                digit = ((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32)
+                acc += tl.histogram(digit, NB, mask=sel)
+            tl.atomic_add(hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB), acc)
 
     @triton.jit
-    def _topk_select(s_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
-                     NB: tl.constexpr, BLOCK: tl.constexpr):
+    def _topk_select(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
+                     NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr):
         # keys above the k-th go to slots [0, k - krem), krem keys equal to it to [k - krem, k), via counters
         t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
+        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
         kth, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 4, NB)
-        for j in range(0, chunk, BLOCK):
-            offs = c * chunk + j + tl.arange(0, BLOCK)
-            m = offs < L
-            u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
-            gt = m & (u > kth)
-            base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0))
-            pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
-            tl.store(out_ptr + t * k + pos, offs, mask=gt)
-            eq = m & (u == kth) & ~take_all
-            base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0))
-            pos_e = base_e + tl.cumsum(eq.to(tl.int32), 0) - 1
-            tl.store(out_ptr + t * k + (k - krem) + pos_e, offs, mask=eq & (pos_e < krem))
+        if c * chunk < lim:
+            for j in range(0, chunk, BLOCK):
+                offs = c * chunk + j + tl.arange(0, BLOCK)
+                m = offs < lim
+                u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+                gt = m & (u > kth)
+                base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0))
+                pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
+                tl.store(out_ptr + t * k + pos, offs, mask=gt)
+                eq = m & (u == kth) & ~take_all
+                base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0))
+                pos_e = base_e + tl.cumsum(eq.to(tl.int32), 0) - 1
+                tl.store(out_ptr + t * k + (k - krem) + pos_e, offs, mask=eq & (pos_e < krem))
 
 
 def indexer_scores(
@@ -171,13 +182,16 @@ def indexer_scores(
 RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; even at T=32; 2x slower at T=2048
 
 
-def topk_indices(scores: torch.Tensor, k: int, *, block: int = 1024, backend: str = "auto") -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, *, block: int = 1024, backend: str = "auto",
+                 valid_len: torch.Tensor | None = None) -> torch.Tensor:
     """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
     arbitrary subset is taken. backend "radix": a 4-digit radix select (8 bits at a time of the order-preserving
     key), each pass a grid of row chunks adding into per-row histograms, then a compaction pass; 5 launches, no
     host sync; it beats torch.topk on H200 for few rows (decode), torch.topk wins for many (prefill), so "auto"
-    takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk."""
+    takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk. valid_len [T] int32 (optional): row t's
+    columns at or past valid_len[t] are -inf (as indexer_scores writes them) and the radix passes skip them, so
+    decode at a short context over a long max_ctx costs what the context costs."""
     assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert k > 0
     T, L = scores.shape
@@ -194,11 +208,14 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int = 1024, backend: st
     n_chunks = max(1, min(triton.cdiv(L, block), triton.cdiv(2 * sm_count(scores.device), T)))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
     grid = (T, triton.cdiv(L, chunk))
+    vl = valid_len if valid_len is not None else cnt
+    if valid_len is not None:
+        assert valid_len.shape == (T,) and valid_len.dtype == torch.int32 and valid_len.is_contiguous()
     for level in range(4):
-        _topk_hist[grid](scores, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, NB=nb, BLOCK=block,
-                         num_warps=4)
-    _topk_select[grid](scores, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, NB=nb, BLOCK=block,
-                       num_warps=4)
+        _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, NB=nb, BLOCK=block,
+                         VLEN=valid_len is not None, num_warps=4)
+    _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, NB=nb, BLOCK=block,
+                       VLEN=valid_len is not None, num_warps=4)
     return out
 
 

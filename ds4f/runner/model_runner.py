@@ -128,35 +128,81 @@ def choose_runner(config: EngineConfig) -> str:
     return "fast" if ok else "reference"
 
 
-def build_runner(config: EngineConfig, model: Any = None, sampler: Callable[..., Any] | None = None,
-                 ) -> tuple[Any, ModelArgs, int]:
-    """Load the model (unless given), size and allocate the KV cache -> (runner, model args, max_model_len).
-    The runner is a ModelRunner or (--runner, choose_runner) a FastRunner; both size the cache the same way."""
-    device = torch.device(config.resolved_device)
-    dtype = getattr(torch, config.resolved_dtype)
-    fast = choose_runner(config) == "fast"
-    if model is None:
-        from ds4f.model.loader import load_model
+def use_fast(config: EngineConfig) -> bool:
+    """choose_runner(config) == "fast", checked against what the fast path serves (ValueError naming the flag).
+    Decide before loading: the fast path loads packed-only (load_model keep_dequantized=False)."""
+    if choose_runner(config) != "fast":
+        return False
+    from ds4f.runner.gpu.runner import check_fast_supported
 
-        # the fast path computes on packed FP8 / MXFP4 weights directly: no dequantized copies
-        model = load_model(config.model, dtype=dtype, device=str(device), load_format=config.load_format,
-                           seed=config.seed, keep_dequantized=not fast)
-    args: ModelArgs = model.args
-    max_model_len = config.max_model_len or args.max_position_embeddings
+    why = check_fast_supported(config.resolved_dtype, config.resolved_kv_cache_dtype)
+    if why is not None:
+        raise ValueError(f"--runner fast: {why}; use --runner reference")
+    return True
+
+
+@dataclass
+class Prepared:
+    """A loaded model made ready for build_runner: the runner kind, the FastModel over it (fast only), and on CUDA the
+    warmup's activation peak in the allocator's stats (kv_cache_budget reads it)."""
+    model: Any
+    fast: bool
+    fm: Any = None  # FastModel when fast, else None
+
+
+def model_len(config: EngineConfig, args: ModelArgs) -> int:
+    return config.max_model_len or args.max_position_embeddings
+
+
+def warm_up(prep: Prepared, config: EngineConfig) -> None:
+    """The runner's own warmup forward of a full step budget (fast_warmup or warmup); nothing off CUDA."""
+    device = torch.device(config.resolved_device)
+    if device.type != "cuda":
+        return
+    mml = model_len(config, prep.model.args)
+    num_tokens, num_logits = min(config.max_num_batched_tokens, mml), min(config.max_num_seqs, 256)
+    if prep.fast:
+        from ds4f.runner.gpu import runner as gpu
+
+        gpu.fast_warmup(prep.fm, gpu.round_up(mml, config.block_size), num_tokens, num_logits, config.block_size)
+    else:
+        warmup(prep.model, num_tokens, num_logits, device)
+
+
+def prepare(config: EngineConfig, model: Any) -> Prepared:
+    """Choose the runner for a loaded model, build its FastModel (fast) and warm up once (CUDA) -> Prepared.
+    Size the KV cache (kv_cache_budget) after this and before anything else allocates; build_runner takes it."""
+    fast = use_fast(config)
+    fm = None
     if fast:
         from ds4f.runner.gpu import runner as gpu
 
-        why = gpu.check_fast_supported(config.resolved_dtype, config.resolved_kv_cache_dtype)
-        if why is not None:
-            raise ValueError(f"--runner fast: {why}; use --runner reference")
-        fm = gpu.fast_model(model, max_model_len, config.block_size)
-    if device.type == "cuda":
-        if fast:
-            gpu.fast_warmup(fm, gpu.round_up(max_model_len, config.block_size),
-                            min(config.max_num_batched_tokens, max_model_len), min(config.max_num_seqs, 256),
-                            config.block_size)
-        else:
-            warmup(model, min(config.max_num_batched_tokens, max_model_len), min(config.max_num_seqs, 256), device)
+        fm = gpu.fast_model(model, model_len(config, model.args), config.block_size)
+    prep = Prepared(model, fast, fm)
+    warm_up(prep, config)
+    return prep
+
+
+def build_runner(config: EngineConfig, model: Any = None, sampler: Callable[..., Any] | None = None,
+                 prepared: Prepared | None = None) -> tuple[Any, ModelArgs, int]:
+    """Load the model (unless given), `prepare` it (unless given prepared: no second warmup), size and allocate the
+    KV cache -> (runner, model args, max_model_len). The runner is a ModelRunner or (--runner, choose_runner) a
+    FastRunner; both size the cache the same way."""
+    device = torch.device(config.resolved_device)
+    dtype = getattr(torch, config.resolved_dtype)
+    if prepared is None:
+        if model is None:
+            from ds4f.model.loader import load_model
+
+            # the fast path computes on packed FP8 / MXFP4 weights directly: no dequantized copies
+            model = load_model(config.model, dtype=dtype, device=str(device), load_format=config.load_format,
+                               seed=config.seed, keep_dequantized=not use_fast(config))
+        prepared = prepare(config, model)
+    elif model is not None and model is not prepared.model:
+        raise ValueError("build_runner: pass the model or a Prepared of it, not both")
+    model, fast, fm = prepared.model, prepared.fast, prepared.fm
+    args: ModelArgs = model.args
+    max_model_len = model_len(config, args)
     layout = CacheLayout.from_model_args(args, config.block_size, config.resolved_kv_cache_dtype)
     budget = kv_cache_budget(device, config.gpu_memory_utilization, config.kv_cache_memory,
                              DEFAULT_CPU_KV_CACHE_MEMORY)
@@ -174,6 +220,8 @@ def build_runner(config: EngineConfig, model: Any = None, sampler: Callable[...,
     log(runtime_table(config, model, layout, budget, num_blocks, num_slots, device))
     sampler = sampler or Sampler(args.eos_token_id)
     if fast:
+        from ds4f.runner.gpu import runner as gpu
+
         log("runner: fast path (FastModel over flat pools, CUDA-graph decode on CUDA)")
         runner: Any = gpu.FastRunner(fm, layout, num_blocks, num_slots, sampler, device, max_model_len,
                                      config.max_num_batched_tokens)

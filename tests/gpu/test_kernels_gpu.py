@@ -134,6 +134,14 @@ def test_topk_indices_same_set(T, L, k, n_valid):
     assert got.shape == (T, k) and got.dtype == torch.int32
     for t in range(T):
         assert set(got[t].tolist()) == set(want[t].tolist())
+    # per-row valid lengths (decode over a long max_ctx): the radix passes skip the -inf tail
+    vl = torch.randint(1, L + 1, (T,), device="cuda", generator=g, dtype=torch.int32)
+    vl[0] = min(L, 3 * k)
+    s2 = s.masked_fill(torch.arange(L, device="cuda")[None, :] >= vl[:, None], float("-inf"))
+    got2 = topk_indices(s2, k, valid_len=vl)
+    want2 = topk_indices_ref(s2, k)
+    for t in range(T):
+        assert set(got2[t].tolist()) == set(want2[t].tolist())
 
 
 def test_topk_indices_ties():

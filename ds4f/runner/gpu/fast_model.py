@@ -7,6 +7,8 @@ flat pool, inverse RoPE, grouped wo_a / wo_b; MoE through one fused_moe call wit
 Between sublayers one mHC step (ds4f.kernels.mhc: hc_post of the sublayer, then the next hc_pre + its RMSNorm); q / kv
 norm + RoPE in one kernel each, RoPE in place on the rope channels only (ds4f.kernels.rope); the router of a decode
 step (<= 16 tokens) as two kernels (ds4f.kernels.router); the per-step index tensors in one compiled glue function.
+An eager step (StepMeta.max_len known on the host) scores only the first glue.index_len index entries of each CSA
+layer: at 1M context a chunk early in the prompt sees a few thousand of 262144; decode graphs keep every column.
 
 Weights are the reference modules' parameters. Setup changes layout once: each layer's routed experts plus the
 shared expert are moved into w13 [E+1, 2I, D] / w2 [E+1, D, I] and the modules' weights become views of those
@@ -48,7 +50,8 @@ class _Derived:
     bt_tok: torch.Tensor  # [T, max_blocks] int64 block table row of each token's sequence
     cs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # rope table -> cos, sin [T, rope/2] at the tokens' positions
     attn_idx: dict[int, torch.Tensor]  # HCA ratio -> [T, W + L] int32; CSA with L <= topk likewise
-    slots: dict[int, torch.Tensor]  # CSA ratio -> [B, L] int32 index-pool rows per sequence
+    slots: dict[int, torch.Tensor]  # CSA ratio -> [B, L] int32 index-pool rows per sequence (a view of the first
+    # L = glue.index_len(meta.max_len, ...) columns: eager steps score only the entries they can see)
     vis32: dict[int, torch.Tensor]  # CSA ratio -> [T] int32 visible entries (t+1)//ratio, clipped to L
     seq32: torch.Tensor  # [T] int32 tok_seq
     ring_rows: dict[int, torch.Tensor]  # ring size R -> [T] int64 carry-ring row each token writes
@@ -70,6 +73,7 @@ class FastModel:
         # -(id + 1) * 1e-30: below 0, above any negative score a bf16 product can give; lower id ranks higher
         n_idx = -(-max_pos // min(self.ratios)) if self.ratios else 0
         self.zero_rank = -(torch.arange(n_idx, device=self.device, dtype=torch.float32) + 1) * 1e-30
+        self.index_bucket = glue.INDEX_BUCKET  # indexer column counts of eager steps are multiples of this
         self.gate_w32: list[torch.Tensor] = []
         self.w13: list[torch.Tensor | None] = []  # None: the layer's experts run packed (self.mx)
         self.w2: list[torch.Tensor | None] = []
@@ -154,8 +158,10 @@ class FastModel:
         for (m, _, _, direct), v in zip(ents, per):
             if direct:
                 d.attn_idx[m] = v
-            else:
-                d.slots[m], d.vis32[m] = v
+            else:  # vis32 <= max_len // m <= the columns kept
+                slots, d.vis32[m] = v
+                d.slots[m] = slots[:, : glue.index_len(meta.max_len, m, slots.shape[1], a.index_topk,
+                                                       self.index_bucket)]
         return d
 
     # ---- forward ----
@@ -233,7 +239,7 @@ class FastModel:
                 sc = cache.index_scores(i, iq, iw, d.slots[m], d.seq32, d.vis32[m])
                 # exact-zero scores (every head's ReLU at 0) tie; the reference keeps the lowest ids among them
                 sc = glue.rank_zeros(sc, self.zero_rank)
-                sel = topk_indices(sc, a.index_topk)  # [T, k] entry ids, -1 = none
+                sel = topk_indices(sc, a.index_topk, valid_len=d.vis32[m])  # [T, k] entry ids, -1 = none
                 idx = glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
         o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5)
         cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions

@@ -180,6 +180,19 @@ def scale_f32(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x.float() * scale
 
 
+INDEX_BUCKET = 256  # indexer column counts are multiples of this: few distinct shapes, Triton's L stays 16-aligned
+
+
+def index_len(max_len: int | None, ratio: int, n_ent: int, topk: int, bucket: int = INDEX_BUCKET) -> int:
+    """Host ints -> the indexer columns an eager step needs: every token's visible count (p+1)//ratio <= max_len //
+    ratio, and at least topk, rounded up to `bucket`, at most n_ent (None: n_ent). Columns past a token's visible
+    count score -inf and are never selected, so scoring [:, :n] selects the set the full n_ent would (rank_zeros'
+    tie-break values zero_rank[:n] do not depend on n), in the same order under torch.topk (sorted by value)."""
+    if max_len is None:
+        return n_ent
+    return min(n_ent, -(-max(max_len // ratio, topk, 1) // bucket) * bucket)
+
+
 def rank_zeros(sc: torch.Tensor, zero_rank: torch.Tensor, rows: int = 1024) -> torch.Tensor:
     """Indexer scores [T, L], in place: exact zeros -> zero_rank[:L] (tiny negatives, lower id ranks higher).
     In place and `rows` at a time: at 1M context a prefill chunk's scores are [8192, 262144] fp32 (8 GiB), so a

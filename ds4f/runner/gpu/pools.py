@@ -76,6 +76,9 @@ class StepMeta:
     block_table: torch.Tensor  # [B, max_blocks] int64
     ent_tok: dict[int, torch.Tensor]  # ratio -> [E] int64 tokens that may complete an entry (-1 = none)
     last_tok: torch.Tensor  # [B] int64 token whose logits are wanted
+    # host int: one past the step's largest position (eager steps; bounds the indexer's columns). None: unknown, the
+    # indexer scores every entry (decode graphs: static shapes; fast_warmup: the [T, max_ctx / ratio] peak)
+    max_len: int | None = None
 
 
 class FastCache:
@@ -205,7 +208,8 @@ class FastCache:
         return t + [self.dummy_block] * (self.max_blocks - len(t))
 
     def build_meta(self, seqs: list[tuple[int, int, list[int]]], ratios: list[int]) -> StepMeta:
-        """seqs: (slot, start position, new token ids) per sequence -> StepMeta (one H2D copy per field)."""
+        """seqs: (slot, start position, new token ids) per sequence -> StepMeta (one H2D copy per field; max_len
+        from the host values)."""
         ids, pos, slot, seq, cs, ce, last, rows = [], [], [], [], [], [], [], []
         ent: dict[int, list[int]] = {m: [] for m in ratios}
         for b, (s, start, toks) in enumerate(seqs):
@@ -229,7 +233,8 @@ class FastCache:
             return torch.from_numpy(np.asarray(x, dtype=np.int64)).to(self.device, non_blocking=True)
 
         return StepMeta(dev(ids), dev(pos), dev(slot), dev(seq), dev(cs), dev(ce), dev(rows),
-                        {m: dev(e if e else [-1]) for m, e in ent.items()}, dev(last))
+                        {m: dev(e if e else [-1]) for m, e in ent.items()}, dev(last),
+                        max((start + len(toks) for _, start, toks in seqs), default=0))
 
     def fill_decode(self, meta: StepMeta, seqs: list[tuple[int, int, int]]) -> None:
         """Write one decode step (slot, position, token id) per sequence into static buffers sized to a bucket

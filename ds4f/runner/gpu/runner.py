@@ -119,6 +119,7 @@ def fast_warmup(fm: FastModel, max_ctx: int, num_tokens: int, num_logits: int, b
     cache = FastCache(fm.args, max_seqs=1, num_blocks=-(-num_tokens // block_size), block_size=block_size,
                       max_ctx=max_ctx, max_tokens=num_tokens, device=dev, dtype=fm.dtype)
     meta = cache.build_meta([(0, 0, [0] * num_tokens)], fm.ratios)
+    meta.max_len = None  # no indexer trimming: profile the full [T, max_ctx / ratio] score peak of a late chunk
     streams = fm.forward(meta, cache)
     fm.model.compute_logits(streams[-min(num_logits, num_tokens):])
     torch.cuda.synchronize(dev)

@@ -1,0 +1,217 @@
+"""⑦ full-model bench: DeepSeek-V4-Flash (43 layers, its checkpoint formats: FP8 block-scaled attention, MXFP4 routed
+experts; `--load-format dummy` weights) through the engine at TP=N with the fast runner and fp8 KV in; one line +
+one JSON record per case out (bench/results/full.jsonl).
+
+Cases, in this order (each record is written as soon as it is measured):
+  decode b=1 at depth ~0, decode b=B (--batches), then one --ttft-tokens prompt through chunked prefill (TTFT) and
+  decode right after it at that depth. Decode tok/s = batch / median step time of the pure-decode steps of the full
+  batch (rank 0's executor, synchronized); collectives per step (count, bytes, time on rank 0's stream) from Comm.
+Roofline (per rank): bytes a decode step must read = every parameter/buffer but the embedding and the routed experts,
++ expected distinct experts hit (uniform routing) x bytes per expert, + KV rows read at that depth; over the copy
+bandwidth measured before the engine starts. --profile DIR: a kernel-time table of rank 0 over decode steps at b=1
+(categories: weights GEMM, MoE, attention + indexer, collectives, other), for the step-time breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_decode import keys  # noqa: E402
+from bench_tp import StepTimer, versions  # noqa: E402
+
+from bench.common import IdsOnlyTokenizer, measure_ceilings  # noqa: E402
+from ds4f.config import EngineConfig  # noqa: E402
+from ds4f.engine.llm import build_engine  # noqa: E402
+from ds4f.model.args import ModelArgs, flash_config  # noqa: E402
+from ds4f.sample.params import SamplingParams  # noqa: E402
+
+CATEGORIES = (  # kernel-name substrings -> step-time category (first match wins)
+    ("collectives", ("nccl", "allreduce", "all_reduce", "allgather")),
+    ("moe", ("_moe", "mxfp4")),
+    ("attention+indexer", ("_attn", "_indexer", "_topk", "_compress", "sparse")),
+    ("weights_gemm", ("nvjet", "gemm", "gemv", "cutlass", "_fp8", "splitk", "sm90_xmma", "sm80_xmma")),
+)
+
+
+def model_dir(layers: int, experts: int) -> str:
+    cfg = flash_config()
+    if layers != cfg["num_hidden_layers"]:
+        cfg["compress_ratios"] = cfg["compress_ratios"][:layers] + cfg["compress_ratios"][-1:]
+        cfg["num_hidden_layers"] = layers
+    cfg["n_routed_experts"] = experts
+    d = tempfile.mkdtemp(prefix="ds4f-flash-")
+    (Path(d) / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def decode_bytes(model: Any, depth: int, batch: int) -> float:
+    """Per-rank bytes of one decode step (see the module docstring)."""
+    a: ModelArgs = model.args
+    dense, experts = 0, 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith("embed.") or "tid2eid" in name:
+            continue
+        if ".ffn.experts." in name:
+            experts += t.numel() * t.element_size()
+        else:
+            dense += t.numel() * t.element_size()
+    per_expert = experts / (a.num_hidden_layers * a.n_routed_experts)
+    hit = a.n_routed_experts * (1 - (1 - 1 / a.n_routed_experts) ** (a.num_experts_per_tok * batch))
+    kv = 0.0
+    for i in range(a.num_hidden_layers):
+        rows, idx = keys(a, i, depth + 1)
+        kv += rows * 584 + idx * 132  # fp8 rows: fp8_ds_mla 584 B, index keys 128 B + scale
+    return dense + a.num_hidden_layers * hit * per_expert + batch * kv
+
+
+def categorize(prof: Any) -> dict[str, float]:
+    out: dict[str, float] = {c: 0.0 for c, _ in CATEGORIES}
+    out["other"] = 0.0
+    for e in prof.key_averages():
+        if e.device_time_total <= 0:
+            continue
+        name = e.key.lower()
+        cat = next((c for c, subs in CATEGORIES if any(s in name for s in subs)), "other")
+        out[cat] += e.device_time_total / 1e3
+    return out
+
+
+def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int) -> tuple[float | None, float, dict]:
+    """-> (TTFT s of the first prompt, wall s, decode summary of the full batch + engine_tokens_per_s: tokens
+    after every request's first one over the wall time since then, i.e. with the scheduler, sampler and output
+    bookkeeping the step time leaves out)."""
+    sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    timer.steps.clear()
+    t0 = time.perf_counter()
+    reqs = [engine.add_request(p, sp) for p in prompts]
+    ttft, last, all_first = None, t0, None
+    while engine.has_unfinished_requests():
+        engine.step()
+        now = time.perf_counter()
+        if ttft is None and reqs[0].output_token_ids:
+            ttft = now - t0
+        if all_first is None and all(r.output_token_ids for r in reqs):
+            all_first = now
+        if ttft is None and now - last > 20:
+            print(f"  prefill {reqs[0].num_computed_tokens}/{len(prompts[0])} tokens at {now - t0:.0f}s", flush=True)
+            last = now
+    end = time.perf_counter()
+    summ = timer.summary(len(prompts))
+    if all_first is not None and end > all_first and new > 1:
+        summ["engine_tokens_per_s"] = round(len(prompts) * (new - 1) / (end - all_first), 1)
+    return ttft, end - t0, summ
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=43)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=48)
+    ap.add_argument("--ttft-tokens", type=int, default=1048576, help="0: skip the long prompt")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--kv-cache-dtype", default="fp8")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    ap.add_argument("--profile", default="", help="directory for rank 0's decode kernel-time table")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/full.jsonl"))
+    ap.add_argument("--command", default=" ".join(sys.argv))
+    args = ap.parse_args()
+    copy_gbps, mm_tflops = measure_ceilings(iters=10)
+    torch.cuda.empty_cache()
+    batches = [int(b) for b in args.batches.split(",")]
+    max_len = max(args.ttft_tokens, args.prompt_len) + args.decode_tokens + 8
+    config = EngineConfig.from_kwargs(
+        model=model_dir(args.layers, args.experts), load_format="dummy", tensor_parallel_size=args.tp,
+        runner="fast", kv_cache_dtype=args.kv_cache_dtype, dtype="bfloat16", max_model_len=max_len,
+        max_num_seqs=max(batches), max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization)
+    t0 = time.perf_counter()
+    engine = build_engine(config, tokenizer=IdsOnlyTokenizer())
+    startup = time.perf_counter() - t0
+    ex = engine.runner
+    local = ex.runner if hasattr(ex, "runner") else ex
+    fm = local.model
+    model = getattr(fm, "model", fm)
+    comm = getattr(model, "tp_comm", None)
+    timer = StepTimer(ex, comm, "cuda")
+    meta = dict(versions("cuda"), command=args.command, tp=args.tp, layers=args.layers, experts=args.experts,
+                kv_cache_dtype=args.kv_cache_dtype, copy_GBps=round(copy_gbps, 1), runner=type(local).__name__,
+                startup_s=round(startup, 1), weights_GiB_rank0=round(torch.cuda.memory_allocated() / 2**30, 2),
+                model="DeepSeek-V4-Flash config, FP8 attention + MXFP4 experts, dummy weights")
+    print(f"# startup {startup:.1f}s on {args.tp} GPUs, copy {copy_gbps:.0f} GB/s, bf16 mm {mm_tflops:.0f} TFLOP/s",
+          flush=True)
+    g = torch.Generator().manual_seed(0)
+    a = model.args
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(2, a.vocab_size, (n,), generator=g).tolist()
+
+    def emit(rec: dict[str, Any]) -> None:
+        rec.update(meta)
+        print(" ".join(f"{k}={rec[k]}" for k in ("case", "batch", "depth", "tokens_per_s", "roofline_frac",
+                                                   "engine_tokens_per_s", "ttft_s", "step_ms",
+                                                   "collective_ms_per_step") if k in rec),
+              flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def decode_record(summ: dict, batch: int, depth: int) -> dict[str, Any]:
+        step = summ.get("step_ms")
+        if not step:
+            return {"case": "decode", "batch": batch, "depth": depth, "error": "no decode steps"}
+        roof = batch / (decode_bytes(model, depth, batch) / (copy_gbps * 1e9))
+        tps = batch * 1e3 / step
+        return dict(summ, case="decode", batch=batch, depth=depth, tokens_per_s=round(tps, 1),
+                    roofline_tokens_per_s=round(roof, 1), roofline_frac=round(tps / roof, 3))
+
+    run_case(engine, timer, [prompt(args.prompt_len)], 4)  # first-use compiles outside the timed cases
+    for b in batches:
+        _, _, summ = run_case(engine, timer, [prompt(args.prompt_len) for _ in range(b)], args.decode_tokens)
+        emit(decode_record(summ, b, args.prompt_len))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        steps = 16
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _, _, summ = run_case(engine, timer, [prompt(args.prompt_len)], steps + 2)
+            torch.cuda.synchronize()
+        cats = {k: round(v / (steps + 2), 4) for k, v in categorize(prof).items()}
+        table = prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=70)
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile) / "profile_full_decode_b1.txt").write_text(
+            f"rank 0, {steps + 2} forwards (1 prefill of {args.prompt_len} + decode), ms per forward by category: "
+            f"{json.dumps(cats)}\n" + table)
+        emit(dict(decode_record(summ, 1, args.prompt_len), case="breakdown", kernel_ms_per_forward=cats))
+    if args.ttft_tokens:
+        n = args.ttft_tokens
+        ttft, wall, summ = run_case(engine, timer, [prompt(n)], args.decode_tokens)
+        pre = [s["step_ms"] for s in timer.steps if not s["decode"]]
+        emit(dict(decode_record(summ, 1, n), case="ttft", ttft_s=round(ttft or 0.0, 2),
+                  prefill_tokens_per_s=round(n / (ttft or 1), 1), chunk=args.max_num_batched_tokens,
+                  prefill_steps=len(pre), prefill_step_ms_first_last=[round(pre[0], 1), round(pre[-1], 1)]
+                  if pre else None, peak_GiB_rank0=round(torch.cuda.max_memory_allocated() / 2**30, 2)))
+    if hasattr(ex, "close"):
+        ex.close()
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    import os
+
+    os._exit(0)  # NCCL teardown was seen to hang at exit on the GPU machine
