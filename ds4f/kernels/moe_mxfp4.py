@@ -318,7 +318,7 @@ def fused_moe_mxfp4(
     out_sh = _shared(x, shared, swiglu_limit)
     if M == 0:
         return torch.zeros_like(x) if out_sh is None else out_sh
-    gemv_ok = x.is_cuda and not _INTERPRET and M <= PER_PICK_MAX
+    gemv_ok = x.is_cuda and not _INTERPRET and M <= PER_PICK_MAX and os.environ.get("DS4F_MXFP4_GEMV", "1") == "1"
     cfg = dict(config or (GEMV_CONFIG if gemv_ok else default_config(M / E)))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     per_pick = cfg.pop("PER_PICK", int(M <= PER_PICK_MAX))
