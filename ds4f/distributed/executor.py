@@ -152,6 +152,11 @@ class TPExecutor:
         self._last = time.monotonic()
         self._closed = False
         self._wire = WireEncoder()
+        self._trace = None
+        if os.environ.get("DS4F_TRACE_WORKER") == "1":  # rank 0: broadcast ms, then execute ms (sampling included)
+            from ds4f.distributed.worker import StepTrace
+
+            self._trace = StepTrace(0)
         watchdog.start(on_tick=self._ping_if_idle)
 
     def __getattr__(self, name: str) -> Any:  # other runner attributes the engine reads (e.g. weight_format)
@@ -167,8 +172,13 @@ class TPExecutor:
         with self._lock:
             self.watchdog.step_started = time.monotonic()
             try:
+                t0 = time.perf_counter()
                 broadcast_object(self.ctrl, ("step", self._wire.encode(sched)), 0)
-                return self.runner.execute(sched)
+                t1 = time.perf_counter()
+                out = self.runner.execute(sched)
+                if self._trace is not None:
+                    self._trace.add(t1 - t0, time.perf_counter() - t1)
+                return out
             except Exception as e:
                 self.watchdog.fail(f"step failed: {_short(e)}")
                 raise

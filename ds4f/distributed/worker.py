@@ -54,6 +54,22 @@ def child_main(rank: int, pc: ParallelConfig, addr: str, port: int, parent: int)
     run_worker(rank, pc, store, [])
 
 
+class StepTrace:
+    """DS4F_TRACE_WORKER=1: every 50 steps, one line with the mean ms a worker waited for rank 0's message and the
+    mean ms its host spent from the message to the step's last launch (where a TP decode step's time goes)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.waits, self.hosts = rank, [], []
+
+    def add(self, wait_s: float, host_s: float) -> None:
+        self.waits.append(wait_s)
+        self.hosts.append(host_s)
+        if len(self.waits) == 50:
+            log(f"rank {self.rank}: last 50 steps: waited {1e3 * sum(self.waits) / 50:.3f} ms, host "
+                f"{1e3 * sum(self.hosts) / 50:.3f} ms per step")
+            self.waits, self.hosts = [], []
+
+
 def run_worker(rank: int, pc: ParallelConfig, store: Any, children: list[LocalRank]) -> None:
     """Join, load and shard the model like rank 0, then follow rank 0's steps until "stop". Never returns."""
     watchdog = Watchdog(rank, pc, store, children)
@@ -79,7 +95,9 @@ def run_worker(rank: int, pc: ParallelConfig, store: Any, children: list[LocalRa
         watchdog.fail(f"{state['phase']} failed: {_short(e)}")
     state["phase"] = "loop"
     wire = WireDecoder()
+    trace = StepTrace(rank) if os.environ.get("DS4F_TRACE_WORKER") == "1" else None
     while True:
+        t_wait = time.perf_counter()
         try:
             kind, msg = broadcast_object(ctrl, None, rank)
         except Exception as e:
@@ -90,12 +108,15 @@ def run_worker(rank: int, pc: ParallelConfig, store: Any, children: list[LocalRa
         if kind == "stop":
             break
         watchdog.step_started = time.monotonic()
+        t_got = time.perf_counter()
         try:
             runner.logits(wire.decode(msg))
         except Exception as e:
             watchdog.fail(f"step failed: {_short(e)}")
         watchdog.step_started = None
         state["last"] = time.monotonic()
+        if trace is not None:
+            trace.add(t_got - t_wait, time.perf_counter() - t_got)
     watchdog.stop()
     try:
         ctrl.barrier().wait()
