@@ -56,24 +56,51 @@ def model_dir(layers: int, experts: int) -> str:
     return d
 
 
-def decode_bytes(model: Any, depth: int, batch: int) -> float:
-    """Per-rank bytes of one decode step (see the module docstring)."""
-    a: ModelArgs = model.args
-    dense, experts = 0, 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name.startswith("embed.") or "tid2eid" in name:
+def rank_weight_bytes(args: ModelArgs, tp: int) -> tuple[float, float]:
+    """(bytes every decode step reads on one rank except the routed experts, bytes of one routed expert on one
+    rank), in the checkpoint's formats (FP8 + block scales, MXFP4 + UE8M0, bf16 / fp32 as stored): the model built on
+    the meta device and sharded by tp.shard_model, as memory_plan.weight_bytes. Not counted: the embedding (one row
+    per token), the MTP layer (not run) and buffers (RoPE tables: a few rows per token)."""
+    from ds4f.distributed.comm import Comm
+    from ds4f.model.deepseek_v4 import Transformer
+    from ds4f.model.linear import Linear
+    from ds4f.model.manifest import checkpoint_manifest
+    from ds4f.model.tp import shard_model
+
+    man = checkpoint_manifest(args)
+    net = Transformer(args, dtype=torch.bfloat16, device="meta")
+    if tp > 1:
+        shard_model(net, 0, tp, Comm(0, tp, pg=object()))
+    dense = experts = 0.0
+    for name, mod in net.named_modules():
+        if name.startswith(("embed", "mtp")):
             continue
-        if ".ffn.experts." in name:
-            experts += t.numel() * t.element_size()
+        n = 0.0
+        for leaf, t in mod._parameters.items():
+            if t is None or (isinstance(mod, Linear) and leaf == "weight" and mod.fmt != "bf16"):
+                continue
+            n += t.numel() * t.element_size()
+        if isinstance(mod, Linear) and mod.fmt != "bf16":
+            w, sc = man[f"{name}.weight"], man[f"{name}.scale"]
+            frac = (mod.out_features * mod.in_features) / (w.shape[0] * w.shape[1] * (2 if mod.fmt == "fp4" else 1))
+            n += (w.nbytes + sc.nbytes) * frac
+        if ".ffn.experts." in f"{name}.":
+            experts += n
         else:
-            dense += t.numel() * t.element_size()
-    per_expert = experts / (a.num_hidden_layers * a.n_routed_experts)
-    hit = a.n_routed_experts * (1 - (1 - 1 / a.n_routed_experts) ** (a.num_experts_per_tok * batch))
+            dense += n
+    return dense, experts / (args.num_hidden_layers * args.n_routed_experts)
+
+
+def decode_bytes(args: ModelArgs, tp: int, depth: int, batch: int) -> float:
+    """Per-rank bytes of one decode step: rank_weight_bytes + expected distinct experts hit (uniform routing) + the
+    KV every rank reads (the pools are replicated: fp8 rows of 584 B, index keys 128 B + an fp32 scale)."""
+    dense, per_expert = rank_weight_bytes(args, tp)
+    hit = args.n_routed_experts * (1 - (1 - 1 / args.n_routed_experts) ** (args.num_experts_per_tok * batch))
     kv = 0.0
-    for i in range(a.num_hidden_layers):
-        rows, idx = keys(a, i, depth + 1)
-        kv += rows * 584 + idx * 132  # fp8 rows: fp8_ds_mla 584 B, index keys 128 B + scale
-    return dense + a.num_hidden_layers * hit * per_expert + batch * kv
+    for i in range(args.num_hidden_layers):
+        rows, idx = keys(args, i, depth + 1)
+        kv += rows * 584 + idx * 132
+    return dense + args.num_hidden_layers * hit * per_expert + batch * kv
 
 
 def categorize(prof: Any) -> dict[str, float]:
@@ -174,7 +201,7 @@ def main() -> None:
         step = summ.get("step_ms")
         if not step:
             return {"case": "decode", "batch": batch, "depth": depth, "error": "no decode steps"}
-        roof = batch / (decode_bytes(model, depth, batch) / (copy_gbps * 1e9))
+        roof = batch / (decode_bytes(a, args.tp, depth, batch) / (copy_gbps * 1e9))
         tps = batch * 1e3 / step
         return dict(summ, case="decode", batch=batch, depth=depth, tokens_per_s=round(tps, 1),
                     roofline_tokens_per_s=round(roof, 1), roofline_frac=round(tps / roof, 3))
