@@ -6,15 +6,12 @@ reference engine's fp8 path (the fp32 Transformer over PagedKVCache with fp8 sto
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interp import run_interpreted
 
 from ds4f.cache.manager import CacheLayout
 from ds4f.kernels.fp8 import (
@@ -205,28 +202,6 @@ def test_sparse_attn_split_rows_fallback(hd: int, rope: int) -> None:
     assert got[1].abs().max() == 0
 
 
-# Triton 3.6's interpreter under numpy 2 needs two fixes: a runtime loop bound (a 1-element array) as a Python int,
-# and tl.dot of bf16 operands (held as uint16 bits) through fp32. triton.jit picks the interpreter when a kernel is
-# defined, so the interpreted run is a fresh process with TRITON_INTERPRET=1.
-_INTERPRETED = """
-import numpy as np, torch, triton.language as tl, triton.runtime.interpreter as ti
-orig_patch, orig_dot = ti._patch_lang_tensor, ti.InterpreterBuilder.create_dot
-def patch(tensor, scope):
-    orig_patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-def f32(x):
-    if x.dtype.scalar != tl.bfloat16:
-        return x
-    return ti.TensorHandle(ti._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
-ti._patch_lang_tensor = patch
-ti.InterpreterBuilder.create_dot = lambda self, a, b, d, *rest: orig_dot(self, f32(a), f32(b), d, *rest)
-import sys
-sys.path.insert(0, sys.argv[1])
-from test_fast_fp8_kv import check_interpreted
-check_interpreted()
-"""
-
-
 def store_cases(device: str) -> list[tuple[torch.Tensor, int]]:
     """(x [n, D] bf16, rope_dim): rows over 12 decades, zeros, an amax of exactly 448 * 2^k, and every e4m3 value and
     every tie between neighbours at scale 1 (a group whose amax is 448)."""
@@ -289,13 +264,9 @@ def check_interpreted() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_sparse_attn_split_rows_triton_interpreted() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    here = str(Path(__file__).resolve().parent)
-    r = subprocess.run([sys.executable, "-c", _INTERPRETED, here], env=env, capture_output=True, text=True,
-                       timeout=600)
-    print(r.stdout)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("max |err|") == 8 and "fused stores: bit-exact" in r.stdout
+    out = run_interpreted("test_fast_fp8_kv", "check_interpreted")
+    print(out)
+    assert out.count("max |err|") == 8 and "fused stores: bit-exact" in out
 
 
 # ---- bytes ----

@@ -91,3 +91,39 @@ def test_trimmed_indexer_is_bit_identical(bucket: int, index_topk: int, max_ctx:
         out["dec"] = out.get("dec", []) + [fm.logits(fm.forward(meta, cache), meta)]
         assert cache.cols == [n_ent] * n_csa
     assert torch.equal(out["dec"][0], out["dec"][1])
+
+
+@torch.no_grad()
+def test_direct_attention_rows_and_live_bound() -> None:
+    # the rows of every "direct" ratio (HCA: window + every entry): eager steps keep glue.index_len columns, and
+    # live[t] (DS4F_ATTN_LIVE, what sparse_attn's kernel stops at) leaves only -1 at and past it, with the token's
+    # last visible entry just before it
+    args = ModelArgs.from_hf(tiny_config())
+    model = init_random_(Transformer(args, dtype=torch.bfloat16), seed=0)
+    max_ctx = 1024
+    fm = FastModel(model, max_pos=max_ctx + BLOCK)
+    fm.attn_live = True
+    cache = FastCache(args, max_seqs=4, num_blocks=2 * (max_ctx // BLOCK), block_size=BLOCK, max_ctx=max_ctx,
+                      max_tokens=256, device="cpu")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, args.vocab_size, (200,), generator=g).tolist()
+    checked = 0
+    for trim in (True, False):
+        meta = cache.build_meta([(0, 0, ids), (2, 0, ids[:37])], fm.ratios)
+        if not trim:
+            meta.max_len = None
+        d = fm._derive(meta, cache)
+        assert d.attn_idx and set(d.live) == set(d.attn_idx)
+        for m, idx in d.attn_idx.items():
+            n_ent = cache.max_entries(m)
+            want_cols = fm.W + (glue.index_len(200, m, n_ent, 0, fm.index_bucket) if trim else n_ent)
+            assert idx.shape[1] == want_cols
+            live = d.live[m].long()
+            vis = (meta.positions + 1) // m
+            assert torch.equal(live, fm.W + vis.clamp(max=n_ent))
+            cols = torch.arange(idx.shape[1])[None, :]
+            assert (idx[cols >= live[:, None]] == -1).all()
+            has = vis > 0
+            assert (idx[has, live[has] - 1] >= 0).all()
+            checked += int(has.sum())
+    assert checked > 0

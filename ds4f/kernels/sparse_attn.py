@@ -51,12 +51,12 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd(
-        q_ptr, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr,
+        q_ptr, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr, live_ptr,
         H, K, keys_per_split, qk_scale,
         s_qt, s_qh, s_kvn, s_kvsn, s_rn, s_it, s_ot, s_oh,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
         NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
-        NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr,
+        NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr,
     ):
         # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA)
         t = tl.program_id(0)
@@ -73,9 +73,15 @@ if triton is not None:
         l = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
         k_lo = sp * keys_per_split
-        for k0 in range(0, keys_per_split, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
+        lim = K
+        if LIVE:  # token t's indices at or past live[t] are all -1: splits past it skip the loop and their partials
+            lim = tl.minimum(tl.load(live_ptr + t), K)
+        n_k = keys_per_split
+        if LIVE:
+            n_k = tl.minimum(keys_per_split, lim - k_lo)  # <= 0: a split past the live keys does nothing
+        for k0 in range(0, n_k, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < K, other=-1)
+            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
             valid = idx >= 0
             if NOPE > 0:
                 rows = _kv_row_tile(kv_ptr, kvs_ptr, rope_ptr, idx.to(tl.int64), valid, offs_d, dmask,
@@ -113,10 +119,11 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), rows)
             m = m_new
         if SPLIT:
-            row = (t * tl.num_programs(2) + sp) * H + offs_h  # partials [T, S, H, (D | 2)]
-            tl.store(po_ptr + row.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=hmask[:, None])
-            tl.store(pm_ptr + row * 2, m, mask=hmask)
-            tl.store(pm_ptr + row * 2 + 1, l, mask=hmask)
+            if k_lo < lim:  # the combine reads the partials of the splits below the live bound only
+                row = (t * tl.num_programs(2) + sp) * H + offs_h  # partials [T, S, H, (D | 2)]
+                tl.store(po_ptr + row.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=hmask[:, None])
+                tl.store(pm_ptr + row * 2, m, mask=hmask)
+                tl.store(pm_ptr + row * 2 + 1, l, mask=hmask)
         else:
             # sink in the denominator only: o = acc·2^(m-M) / (l·2^(m-M) + 2^(sink-M))
             sink = tl.load(sink_ptr + offs_h, mask=hmask, other=0.0) * 1.4426950408889634
@@ -129,18 +136,22 @@ if triton is not None:
 
     @triton.jit
     def _attn_combine(
-        po_ptr, pm_ptr, sink_ptr, o_ptr, H, S, s_ot, s_oh,
-        D: tl.constexpr, PD: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr,
+        po_ptr, pm_ptr, sink_ptr, o_ptr, live_ptr, H, S, K, kps, s_ot, s_oh,
+        D: tl.constexpr, PD: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr, LIVE: tl.constexpr,
     ):
-        # program = (token, head block, column chunk): merges the S partials [T, S, H, PD] of its tile
+        # program = (token, head block, column chunk): merges the S partials [T, S, H, PD] of its tile (LIVE: the
+        # first ceil(min(live[t], K) / kps) of them, the splits that saw a key)
         t = tl.program_id(0)
+        n_s = S
+        if LIVE:
+            n_s = tl.cdiv(tl.minimum(tl.load(live_ptr + t), K), kps)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_d = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
         hmask = offs_h < H
         mm = tl.load(sink_ptr + offs_h, mask=hmask, other=0.0) * 1.4426950408889634  # the sink seeds M and L
         den = tl.full([BLOCK_H], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_DC], tl.float32)
-        for s in range(S):
+        for s in range(0, n_s):
             row = (t * S + s) * H + offs_h
             ms = tl.load(pm_ptr + row * 2, mask=hmask, other=-1.0e30)
             ls = tl.load(pm_ptr + row * 2 + 1, mask=hmask, other=0.0)
@@ -188,6 +199,7 @@ def sparse_attn(
     num_warps: int | None = None,
     num_stages: int = 2,
     scale_bcast: bool = True,
+    live: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """o [T, H, D] bf16 = one softmax per (t, h) over kv_pool[indices[t]] with the sink in the denominator only.
 
@@ -198,14 +210,18 @@ def sparse_attn(
     the device); sink [H] fp32. num_splits=None picks a key split that fills the GPU when T is small (decode); the
     split partials are merged by a second kernel. native_fp8 (split rows): hardware e4m3 converts, default on
     sm_89+; else a bit-level decode that builds on sm_80. block_h..scale_bcast are tuning knobs (bench/).
-    No host sync: CUDA-graph safe."""
+    live [T] int32 (optional): indices[t, live[t]:] are all -1 (a short context in a table sized for a long one);
+    the kernel then reads and merges only the key splits below it (the result is the same). No host sync:
+    CUDA-graph safe."""
+    if live is not None:
+        assert live.shape == (indices.shape[0],) and live.dtype == torch.int32 and live.is_contiguous()
     assert q.dim() == 3 and q.dtype == torch.bfloat16 and q.stride(-1) == 1, "q must be [T, H, D] bf16, dim -1 dense"
     T, H, D = q.shape
     assert indices.dim() == 2 and indices.shape[0] == T and indices.dtype == torch.int32 and indices.stride(-1) == 1
     assert sink.shape == (H,) and sink.dtype == torch.float32 and sink.is_contiguous()
     if kv_rope is not None:
         return _sparse_attn_split(q, kv_pool, kv_scale, kv_rope, indices, sink, scale, native_fp8, block_h, block_k,
-                                  num_splits, num_warps, num_stages, scale_bcast)
+                                  num_splits, num_warps, num_stages, scale_bcast, live)
     assert kv_pool.dim() == 2 and kv_pool.shape[1] == D and kv_pool.stride(-1) == 1, "kv_pool must be [N, D]"
     ng = 0
     if kv_pool.dtype == torch.float8_e4m3fn:
@@ -220,13 +236,13 @@ def sparse_attn(
         return sparse_attn_ref(q, kv_pool, indices, sink, scale, kv_scale)
     kvs = kv_scale if kv_scale is not None else kv_pool
     return _launch(q, kv_pool, kvs, kv_pool, indices, sink, scale, ng, 0, False, (kv_pool.stride(0), 0, 0),
-                   block_h, block_k, num_splits, num_warps, num_stages, scale_bcast)
+                   block_h, block_k, num_splits, num_warps, num_stages, scale_bcast, live)
 
 
 def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | None, rope: torch.Tensor,
                        indices: torch.Tensor, sink: torch.Tensor, scale: float, native_fp8: bool | None,
                        block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
-                       num_stages: int, scale_bcast: bool) -> torch.Tensor:
+                       num_stages: int, scale_bcast: bool, live: torch.Tensor | None = None) -> torch.Tensor:
     T, H, D = q.shape
     N, dn = nope.shape
     assert nope.dtype in (torch.float8_e4m3fn, torch.uint8) and nope.stride(-1) == 1, "nope must be [N, dn] e4m3"
@@ -244,13 +260,13 @@ def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | 
         native_fp8 = q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
     return _launch(q, nope.view(torch.uint8), exp, rope, indices, sink, scale, 0, dn, native_fp8,
                    (nope.stride(0), exp.stride(0), rope.stride(0)), block_h, block_k, num_splits, num_warps,
-                   num_stages, scale_bcast)
+                   num_stages, scale_bcast, live)
 
 
 def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Tensor, indices: torch.Tensor,
             sink: torch.Tensor, scale: float, ng: int, nope: int, native_fp8: bool, strides: tuple[int, int, int],
             block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
-            num_stages: int, scale_bcast: bool) -> torch.Tensor:
+            num_stages: int, scale_bcast: bool, live: torch.Tensor | None = None) -> torch.Tensor:
     T, H, D = q.shape
     K = indices.shape[1]
     o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
@@ -278,18 +294,19 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
         pm = torch.empty(T, num_splits, H, 2, dtype=torch.float32, device=q.device)
     else:
         po = pm = o  # unused
+    lv = live if live is not None else indices
     _attn_fwd[(T, n_hb, num_splits)](
-        q, kv, kvs, rope, indices, sink, o, po, pm,
+        q, kv, kvs, rope, indices, sink, o, po, pm, lv,
         H, K, kps, scale * LOG2E,
         q.stride(0), q.stride(1), *strides, indices.stride(0), o.stride(0), o.stride(1),
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
-        NOPE=nope, NATIVE_FP8=native_fp8, num_warps=num_warps, num_stages=num_stages,
+        NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         dc = min(block_d, 128)
         _attn_combine[(T, triton.cdiv(H, 16), block_d // dc)](
-            po, pm, sink, o, H, num_splits, o.stride(0), o.stride(1),
-            D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, num_warps=4,
+            po, pm, sink, o, lv, H, num_splits, K, kps, o.stride(0), o.stride(1),
+            D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, LIVE=live is not None, num_warps=4,
         )
     return o
 

@@ -24,6 +24,8 @@ unchanged.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ds4f.kernels import fused_moe, topk_indices
@@ -49,7 +51,9 @@ class _Derived:
     win: torch.Tensor  # [T, W] int32 window rows (scratch or ring, -1 = none)
     bt_tok: torch.Tensor  # [T, max_blocks] int64 block table row of each token's sequence
     cs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # rope table -> cos, sin [T, rope/2] at the tokens' positions
-    attn_idx: dict[int, torch.Tensor]  # HCA ratio -> [T, W + L] int32; CSA with L <= topk likewise
+    attn_idx: dict[int, torch.Tensor]  # HCA ratio -> [T, W + L] int32; CSA with L <= topk likewise (eager steps: L
+    # cut to the entries the step can see, as for slots)
+    live: dict[int, torch.Tensor]  # ratio of attn_idx -> [T] int32 W + visible entries: attn_idx[t, live[t]:] = -1
     slots: dict[int, torch.Tensor]  # CSA ratio -> [B, L] int32 index-pool rows per sequence (a view of the first
     # L = glue.index_len(meta.max_len, ...) columns: eager steps score only the entries they can see)
     vis32: dict[int, torch.Tensor]  # CSA ratio -> [T] int32 visible entries (t+1)//ratio, clipped to L
@@ -74,6 +78,9 @@ class FastModel:
         n_idx = -(-max_pos // min(self.ratios)) if self.ratios else 0
         self.zero_rank = -(torch.arange(n_idx, device=self.device, dtype=torch.float32) + 1) * 1e-30
         self.index_bucket = glue.INDEX_BUCKET  # indexer column counts of eager steps are multiples of this
+        # DS4F_ATTN_LIVE=1: attention over all entries (HCA) stops at each token's visible entries (decode at a short
+        # context in pools sized for 1M); opt-in until tests/gpu/test_kernels_gpu.py's live cases run on a GPU
+        self.attn_live = os.environ.get("DS4F_ATTN_LIVE", "0") == "1"
         self.gate_w32: list[torch.Tensor] = []
         self.w13: list[torch.Tensor | None] = []  # None: the layer's experts run packed (self.mx)
         self.w2: list[torch.Tensor | None] = []
@@ -154,10 +161,12 @@ class FastModel:
             cache.scratch, cache.dummy_slot, cache.comp_base, self.W, rings, tuple(ents))
         d.ring_rows = dict(zip(rings, ring_rows))
         d.cs = {k: (cs[2 * n], cs[2 * n + 1]) for n, k in enumerate(names)}
-        d.attn_idx, d.slots, d.vis32 = {}, {}, {}
-        for (m, _, _, direct), v in zip(ents, per):
+        d.attn_idx, d.slots, d.vis32, d.live = {}, {}, {}, {}
+        for (m, n_ent, _, direct), v in zip(ents, per):
             if direct:
-                d.attn_idx[m] = v
+                d.attn_idx[m] = v[:, : self.W + glue.index_len(meta.max_len, m, n_ent, 0, self.index_bucket)]
+                if self.attn_live:  # the kernel skips the key splits past W + the visible entries
+                    d.live[m] = ((meta.positions + 1) // m).clamp(max=n_ent).add(self.W).to(torch.int32)
             else:  # vis32 <= max_len // m <= the columns kept
                 slots, d.vis32[m] = v
                 d.slots[m] = slots[:, : glue.index_len(meta.max_len, m, slots.shape[1], a.index_topk,
@@ -241,7 +250,8 @@ class FastModel:
                 sc = glue.rank_zeros(sc, self.zero_rank)
                 sel = topk_indices(sc, a.index_topk, valid_len=d.vis32[m])  # [T, k] entry ids, -1 = none
                 idx = glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
-        o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5)
+        live = d.live.get(att.ratio) if att.kind != SWA and att.ratio in d.attn_idx else None
+        o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live)
         cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
         o = packed.grouped_out(att.wo_a, rope_(o, cos, sin, inverse=True), att.o_groups)  # [T, G*o_lora_rank]
         return packed.linear(att.wo_b, o)

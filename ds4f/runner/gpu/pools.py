@@ -159,12 +159,13 @@ class FastCache:
             dest[lo: lo + x.shape[0]] = x
 
     def attend(self, layer: int, q: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
-               scale: float) -> torch.Tensor:
-        """sparse_attn over layer's pool: q [T, H, hd] bf16, idx [T, K] int32 pool rows (-1 = none) -> [T, H, hd]."""
+               scale: float, live: torch.Tensor | None = None) -> torch.Tensor:
+        """sparse_attn over layer's pool: q [T, H, hd] bf16, idx [T, K] int32 pool rows (-1 = none; all -1 from
+        live[t] on when live [T] int32 is given) -> [T, H, hd]."""
         pool = self.kv[layer]
         if isinstance(pool, Fp8KV):
-            return sparse_attn(q, pool.nope, idx, sink, scale, pool.exp, kv_rope=pool.rope, **self.attn_kw)
-        return sparse_attn(q, pool, idx, sink, scale, **self.attn_kw)
+            return sparse_attn(q, pool.nope, idx, sink, scale, pool.exp, kv_rope=pool.rope, live=live, **self.attn_kw)
+        return sparse_attn(q, pool, idx, sink, scale, live=live, **self.attn_kw)
 
     def index_scores(self, layer: int, q: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, seq_of: torch.Tensor,
                      valid_len: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""Kernels under the Triton interpreter (CPU, tiny shapes, a subprocess each) against their torch references:
+sparse_attn with a per-token live bound (the same output as without it: splits past the bound skip their loop, their
+partials and the combine), the radix top-k with per-row valid lengths, and indexer_scores past each row's valid
+length (programs whose columns are all hidden only write -inf)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from interp import run_interpreted
+
+from ds4f.kernels.fp8 import dequantize_kv_rows, quantize_kv_rows
+from ds4f.kernels.ref import indexer_scores_ref, sparse_attn_ref, topk_indices_ref
+
+pytest.importorskip("triton")
+
+
+def _idx_with_live(t: int, k: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """indices [t, k] with every entry at or past live[t] = -1 (and some -1 inside, as window rows can be)."""
+    idx = torch.randint(-1, n, (t, k), generator=g, dtype=torch.int32)
+    live = torch.tensor([k, 37, 0, 1, 130][:t], dtype=torch.int32)
+    idx[torch.arange(k)[None, :] >= live[:, None].long()] = -1
+    return idx, live
+
+
+def check_sparse_attn_live() -> None:
+    from ds4f.kernels.sparse_attn import sparse_attn, use_triton
+
+    g = torch.Generator().manual_seed(0)
+    t, h, d, k, n = 5, 16, 64, 200, 300
+    q = torch.randn(t, h, d, generator=g).bfloat16()
+    pool = torch.randn(n, d, generator=g).bfloat16()
+    sink = torch.randn(h, generator=g)
+    idx, live = _idx_with_live(t, k, n, g)
+    assert use_triton(q)
+    want = sparse_attn_ref(q, pool, idx, sink, d**-0.5).float()
+    for splits in (1, 3, 7):
+        a = sparse_attn(q, pool, idx, sink, d**-0.5, num_splits=splits, block_k=16)
+        b = sparse_attn(q, pool, idx, sink, d**-0.5, num_splits=splits, block_k=16, live=live)
+        assert torch.equal(a, b), splits
+        torch.testing.assert_close(b.float(), want, atol=1.5e-2, rtol=1e-2)
+        print("attn bf16 pool splits", splits, "equal")
+    nope, exp, rp = quantize_kv_rows(torch.randn(n, d, generator=g), 16)
+    want = sparse_attn_ref(q, dequantize_kv_rows(nope, exp, rp), idx, sink, d**-0.5).float()
+    for splits in (1, 4):
+        a = sparse_attn(q, nope, idx, sink, d**-0.5, exp, kv_rope=rp, num_splits=splits)
+        b = sparse_attn(q, nope, idx, sink, d**-0.5, exp, kv_rope=rp, num_splits=splits, live=live)
+        assert torch.equal(a, b), splits
+        torch.testing.assert_close(b.float(), want, atol=1.5e-2, rtol=1e-2)
+        print("attn fp8 rows splits", splits, "equal")
+
+
+def check_topk_and_indexer_valid_len() -> None:
+    from ds4f.kernels import indexer
+
+    g = torch.Generator().manual_seed(1)
+    t, length, k = 3, 3000, 16
+    vl = torch.tensor([length, 700, 5], dtype=torch.int32)
+    s = torch.randn(t, length, generator=g)
+    s[torch.arange(length)[None, :] >= vl[:, None].long()] = float("-inf")
+    want = topk_indices_ref(s, k)
+    for v in (None, vl):
+        got = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=v)
+        for r in range(t):
+            assert set(got[r].tolist()) == set(want[r].tolist()), (v is None, r)
+    print("radix top-k equal sets")
+    hi, di = 16, 16
+    q = torch.randn(t, hi, di, generator=g).bfloat16()
+    w = torch.randn(t, hi, generator=g)
+    keys = torch.randn(length, di, generator=g).bfloat16()
+    slots = torch.randperm(length, generator=g).int()[None]
+    seq = torch.zeros(t, dtype=torch.int32)
+    out = indexer.indexer_scores(q, w, keys, slots, seq, vl, block_l=64, n_inner=2)
+    ref = indexer_scores_ref(q, w, keys, slots, seq, vl, di**-0.5)
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(out)) and (out[~fin] == float("-inf")).all()
+    torch.testing.assert_close(out[fin], ref[fin], atol=1e-3, rtol=1e-3)
+    print("indexer scores match")
+
+
+def test_sparse_attn_live_interpreted() -> None:
+    out = run_interpreted("test_kernels_interp", "check_sparse_attn_live")
+    assert out.count("equal") == 5, out
+
+
+def test_topk_and_indexer_valid_len_interpreted() -> None:
+    out = run_interpreted("test_kernels_interp", "check_topk_and_indexer_valid_len")
+    assert "radix top-k equal sets" in out and "indexer scores match" in out, out
