@@ -39,9 +39,11 @@ from ds4f.sample.params import SamplingParams  # noqa: E402
 
 CATEGORIES = (  # kernel-name substrings -> step-time category (first match wins)
     ("collectives", ("nccl", "allreduce", "all_reduce", "allgather")),
-    ("moe", ("_moe", "mxfp4")),
-    ("attention+indexer", ("_attn", "_indexer", "_topk", "_compress", "sparse")),
-    ("weights_gemm", ("nvjet", "gemm", "gemv", "cutlass", "_fp8", "splitk", "sm90_xmma", "sm80_xmma")),
+    ("moe", ("_moe", "mxfp4", "_up_mx", "_down_mx", "_up_gemv", "_down_gemv")),
+    ("attention", ("_attn",)),
+    ("indexer", ("_indexer", "_topk", "gathertopk", "sbtopk", "radix")),
+    ("mhc", ("_hc_",)),
+    ("weights_gemm", ("nvjet", "gemm", "cutlass", "_w8", "_a8", "_fp8", "splitk", "sum_splits", "xmma")),
 )
 
 
@@ -115,17 +117,32 @@ def categorize(prof: Any) -> dict[str, float]:
     return out
 
 
-def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int) -> tuple[float | None, float, dict]:
+def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
+             profile_chunk: Path | None = None) -> tuple[float | None, float, dict]:
     """-> (TTFT s of the first prompt, wall s, decode summary of the full batch + engine_tokens_per_s: tokens
     after every request's first one over the wall time since then, i.e. with the scheduler, sampler and output
-    bookkeeping the step time leaves out)."""
+    bookkeeping the step time leaves out). profile_chunk: a kernel table of the prefill step that starts past 7/8
+    of the first prompt (rank 0), written there."""
     sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     timer.steps.clear()
     t0 = time.perf_counter()
     reqs = [engine.add_request(p, sp) for p in prompts]
     ttft, last, all_first = None, t0, None
     while engine.has_unfinished_requests():
-        engine.step()
+        if profile_chunk is not None and reqs[0].num_computed_tokens >= len(prompts[0]) * 7 // 8 and ttft is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            start = reqs[0].num_computed_tokens
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.step()
+                torch.cuda.synchronize()
+            profile_chunk.write_text(
+                f"rank 0, one prefill step from position {start} to {reqs[0].num_computed_tokens}\n"
+                f"ms by category: {json.dumps({k: round(v, 2) for k, v in categorize(prof).items()})}\n"
+                + prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=70))
+            profile_chunk = None
+        else:
+            engine.step()
         now = time.perf_counter()
         if ttft is None and reqs[0].output_token_ids:
             ttft = now - t0
@@ -226,7 +243,8 @@ def main() -> None:
         emit(dict(decode_record(summ, 1, args.prompt_len), case="breakdown", kernel_ms_per_forward=cats))
     if args.ttft_tokens:
         n = args.ttft_tokens
-        ttft, wall, summ = run_case(engine, timer, [prompt(n)], args.decode_tokens)
+        pc = Path(args.profile) / f"profile_full_prefill_{n}.txt" if args.profile else None
+        ttft, wall, summ = run_case(engine, timer, [prompt(n)], args.decode_tokens, pc)
         pre = [s["step_ms"] for s in timer.steps if not s["decode"]]
         emit(dict(decode_record(summ, 1, n), case="ttft", ttft_s=round(ttft or 0.0, 2),
                   prefill_tokens_per_s=round(n / (ttft or 1), 1), chunk=args.max_num_batched_tokens,

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU validation (run from the repo root on the GPU machine; outputs under $OUT, at most
-# a few files so they all come back). Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp [git-rev]
+# a few files so they all come back). Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full [git-rev]
 #   tests    every tests/gpu file (DS4F_COMPILE=0: the compiled glue is covered by the decode bench), one log
 #   decode   bench/bench_decode.py: decode b1/4/16 at 0 / 8K / 1M (synthesized), prefill 1K / 8K, profiles
 #   ttft     bench/bench_ttft.py through the engine (--runner fast): 128K, then 1M
 #   kernels  bench_moe, bench_fp8_gemm, bench_moe_mxfp4 (each measures its own ceilings)
 #   tp       bench/bench_tp.py on 2 GPUs: bf16 4 layers and fp32 2 layers
+#   full     bench/bench_full.py on 2 GPUs: the full model at TP=2 (decode, a FULL_TTFT-token prompt, profiles)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD DS4F_GIT=${2:-unknown}
 OUT=${OUT:-/tmp/out}
@@ -37,5 +38,8 @@ case "${1:-}" in
     timeout 200 python3 bench/bench_tp.py --layers 4 --experts 32 --out "$OUT/tp.jsonl" 2>&1 | grep "^\[bench_tp\]"
     timeout 120 python3 bench/bench_tp.py --layers 2 --experts 16 --dtype float32 --out "$OUT/tp.jsonl" 2>&1 \
       | grep "^\[bench_tp\]" ;;
-  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp [git-rev]" >&2; exit 2 ;;
+  full)  # 2 GPUs (kind nvidia-h200-x2): the 43-layer V4-Flash, TP=2, decode b1/b4, a 128K prompt, profiles
+    C="python3 bench/bench_full.py --tp 2 --ttft-tokens ${FULL_TTFT:-131072} --profile $OUT --out $OUT/full.jsonl"
+    timeout 560 $C --command "$C" 2>&1 | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
+  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full [git-rev]" >&2; exit 2 ;;
 esac
