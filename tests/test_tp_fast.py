@@ -74,3 +74,30 @@ def test_fast_runner_tp2_packed_matches_tp1(tmp_path: Path, monkeypatch: pytest.
     finally:
         llm.engine.runner.close()
     assert_tp_matches(ref, got)
+
+
+def test_sp_indexer_matches_replicated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DS4F_SP_INDEXER=1: each rank scores and ranks half of a prefill chunk's tokens, one all-gather joins the picks;
+    # the forward is the replicated indexer's (same scores per token, same top-k) at TP=2: equal tokens, logprobs
+    # equal to float noise (a pick from the wrong token or rank moves them by far more)
+    cfg = tiny_config()
+    cfg.update(num_hash_layers=cfg["num_hidden_layers"], index_topk=8)  # 64 entries > 8: the indexer path
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    kw = dict(KW, model=str(tmp_path), load_format="dummy", seed=0, tensor_parallel_size=2, distributed_timeout=60)
+    prompts = [list(range(100 + 7 * i, 100 + 7 * i + n)) for i, n in enumerate((90, 61, 120))]  # up to 30 visible
+    runs, gathers = [], []
+    for sp in ("0", "1"):
+        monkeypatch.setenv("DS4F_SP_INDEXER", sp)
+        monkeypatch.setenv("DS4F_SP_INDEXER_MIN_T", "16")
+        llm = LLM(**kw)
+        try:
+            runs.append(llm.generate(prompts, PARAMS))
+            gathers.append(llm.engine.runner.runner.model.tp_comm.counts["all_gather"])
+        finally:
+            llm.engine.runner.close()
+    assert gathers[1] > gathers[0]  # the split indexer ran (one all-gather per CSA layer of each long chunk)
+    for a, b in zip(*runs):
+        ra, rb = a.outputs[0], b.outputs[0]
+        assert ra.token_ids == rb.token_ids
+        for la, lb, tok in zip(ra.logprobs, rb.logprobs, ra.token_ids):
+            assert abs(la[tok].logprob - lb[tok].logprob) < 1e-3

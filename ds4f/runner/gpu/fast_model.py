@@ -81,6 +81,10 @@ class FastModel:
         # DS4F_ATTN_LIVE=1: attention over all entries (HCA) stops at each token's visible entries (decode at a short
         # context in pools sized for 1M); opt-in until tests/gpu/test_kernels_gpu.py's live cases run on a GPU
         self.attn_live = os.environ.get("DS4F_ATTN_LIVE", "0") == "1"
+        # DS4F_SP_INDEXER=1: under TP, prefill chunks of >= sp_index_min_t tokens split the indexer by tokens (_select)
+        self.sp_indexer = os.environ.get("DS4F_SP_INDEXER", "0") == "1"
+        # from 2048 tokens: >= 1024 rows per rank, so torch.topk ranks both the split and the whole (same order)
+        self.sp_index_min_t = int(os.environ.get("DS4F_SP_INDEXER_MIN_T", "2048"))
         self.gate_w32: list[torch.Tensor] = []
         self.w13: list[torch.Tensor | None] = []  # None: the layer's experts run packed (self.mx)
         self.w2: list[torch.Tensor | None] = []
@@ -245,16 +249,38 @@ class FastModel:
                 ix = att.indexer
                 iq = rope_(packed.linear(ix.wq_b, qr).view(T, ix.n_heads, ix.head_dim), cos, sin)
                 iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
-                sc = cache.index_scores(i, iq, iw, d.slots[m], d.seq32, d.vis32[m])
-                # exact-zero scores (every head's ReLU at 0) tie; the reference keeps the lowest ids among them
-                sc = glue.rank_zeros(sc, self.zero_rank)
-                sel = topk_indices(sc, a.index_topk, valid_len=d.vis32[m])  # [T, k] entry ids, -1 = none
+                sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
                 idx = glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
         live = d.live.get(att.ratio) if att.kind != SWA and att.ratio in d.attn_idx else None
         o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live)
         cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
         o = packed.grouped_out(att.wo_a, rope_(o, cos, sin, inverse=True), att.o_groups)  # [T, G*o_lora_rank]
         return packed.linear(att.wo_b, o)
+
+    def _select(self, i: int, m: int, iq: torch.Tensor, iw: torch.Tensor, d: _Derived, cache: FastCache
+                ) -> torch.Tensor:
+        """Indexer scores + top-k -> [T, k] int32 entry ids. Under TP with DS4F_SP_INDEXER=1 and a chunk of at least
+        sp_index_min_t tokens, each rank scores and ranks its own 1/N of the tokens (the keys are on every rank)
+        and one all-gather of the [T/N, k] picks gives every rank the same [T, k]: the indexer's cost at long
+        context (T x L scores per CSA layer) is split instead of replicated."""
+        T, k = iq.shape[0], self.args.index_topk
+        comm = getattr(self.model, "tp_comm", None)
+        lo, hi = 0, T
+        sp = self.sp_indexer and comm is not None and comm.world > 1 and self.sp_index_min_t <= T
+        if sp:
+            per = -(-T // comm.world)
+            lo, hi = min(T, comm.rank * per), min(T, (comm.rank + 1) * per)
+        vis = d.vis32[m][lo:hi]
+        sc = cache.index_scores(i, iq[lo:hi], iw[lo:hi], d.slots[m], d.seq32[lo:hi], vis)
+        # exact-zero scores (every head's ReLU at 0) tie; the reference keeps the lowest ids among them
+        sc = glue.rank_zeros(sc, self.zero_rank)
+        sel = topk_indices(sc, k, valid_len=vis)
+        if not sp:
+            return sel
+        part = torch.full((per, k), -1, dtype=sel.dtype, device=sel.device)
+        part[: hi - lo] = sel
+        # all_gather_last concatenates along the last dim: gather [k, per] shards, back to [N * per, k] rows
+        return comm.all_gather_last(part.t(), comm.world * per).t()[:T].contiguous()
 
     def _compress(self, comp: Compressor, kvz: torch.Tensor, meta: StepMeta, cache: FastCache, d: _Derived,
                   ring: torch.Tensor, R: int, dest: torch.Tensor, dest_base: int, m: int) -> None:
