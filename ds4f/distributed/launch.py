@@ -21,6 +21,7 @@ from ds4f.distributed.comm import Comm
 from ds4f.distributed.executor import TPExecutor, Watchdog
 from ds4f.distributed.parallel import ParallelConfig
 from ds4f.distributed.rendezvous import head_store, join, log, make_groups, wait_key
+from ds4f.distributed.symm import try_symm
 from ds4f.distributed.worker import spawn_local
 
 
@@ -52,9 +53,11 @@ def build_rank(config: Any, pc: ParallelConfig, rank: int, store: Any,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.ranks_per_node))
     ctrl, model_pg = make_groups(store, pc, rank, device)
     dtype = getattr(torch, config.resolved_dtype)
+    fast_ar = try_symm(ctrl, store, rank, pc.world_size, torch.device(device, local) if device == "cuda"
+                       else torch.device(device), not pc.multi_node, _agree_min)
     # each rank reads (or, for dummy weights, generates and keeps) only its own slice of every tensor
     model = load_model(config.model, dtype=dtype, device=device, load_format=config.load_format, seed=config.seed,
-                       tp_rank=rank, tp_world=pc.world_size, comm=Comm(rank, pc.world_size, model_pg),
+                       tp_rank=rank, tp_world=pc.world_size, comm=Comm(rank, pc.world_size, model_pg, fast_ar),
                        keep_dequantized=not use_fast(config))
     prepared = prepare(config, model)  # every rank warms up together (the forward's all-reduces pair up)
     budget = kv_cache_budget(torch.device(device), config.gpu_memory_utilization, config.kv_cache_memory,

@@ -1,0 +1,69 @@
+"""⑦ one-shot all-reduce for small TP messages: a bf16 tensor in, its sum over the ranks of one node out, in place.
+
+Through torch's symmetric memory (CUDA backend: buffers mapped into every rank by CUDA IPC, signal pads for the
+barrier; peer-to-peer loads over NVLink, no multicast): each rank copies its x into its slot of a shared buffer and
+sums every rank's slot in one kernel. One launch and one barrier instead of NCCL's ring for decode-sized messages
+(T x hidden bf16, 8 KB per token); larger messages stay on NCCL. Opt-in (DS4F_ALLREDUCE=symm) until
+tests/gpu/test_symm_allreduce.py has run on two GPUs; CUDA-graph capturable like the NCCL path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+MAX_BYTES = 512 << 10  # 64 tokens x 4096 x bf16: the largest decode graph bucket's message
+
+
+def wanted() -> bool:
+    return os.environ.get("DS4F_ALLREDUCE", "nccl") == "symm"
+
+
+class SymmAllReduce:
+    """Rank `rank` of `world` on this node; `store` is shared by the group (a PrefixStore keeps its keys apart)."""
+
+    def __init__(self, store: Any, rank: int, world: int, device: torch.device, max_bytes: int = MAX_BYTES,
+                 name: str = "ds4f-tp") -> None:
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+        from torch._C._distributed_c10d import _SymmetricMemory
+
+        self.name, self.world = name, world
+        _SymmetricMemory.set_group_info(name, rank, world, dist.PrefixStore(f"symm/{name}", store))
+        self.cap = max_bytes // 2
+        self.buf = symm_mem.empty(self.cap, dtype=torch.bfloat16, device=device)
+        symm_mem.rendezvous(self.buf, name)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.dtype == torch.bfloat16 and x.numel() <= self.cap
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """x (contiguous, fits) -> x holding the sum over the ranks."""
+        n = x.numel()
+        b = self.buf[:n]
+        b.copy_(x.view(-1))
+        torch.ops.symm_mem.one_shot_all_reduce_out(b, "sum", self.name, x.view(-1))
+        return x
+
+
+def try_symm(ctrl: Any, store: Any, rank: int, world: int, device: torch.device, single_node: bool,
+             agree: Any) -> SymmAllReduce | None:
+    """A SymmAllReduce when DS4F_ALLREDUCE=symm, CUDA, one node, and every rank built one (agreed over the control
+    group, so no rank takes a path the others did not); else None (NCCL)."""
+    if not (wanted() and device.type == "cuda" and single_node and world > 1):
+        return None
+    from ds4f.distributed.rendezvous import log
+
+    ar: SymmAllReduce | None
+    try:
+        ar = SymmAllReduce(store, rank, world, device)
+    except Exception as e:  # an older torch, no P2P between the GPUs, ...: NCCL does the job
+        log(f"rank {rank}: DS4F_ALLREDUCE=symm unavailable ({type(e).__name__}: {str(e)[:200]}); using NCCL")
+        ar = None
+    if agree(ctrl, 1 if ar is not None else 0) == 0:
+        return None
+    if rank == 0:
+        log(f"tensor parallel: one-shot symmetric-memory all-reduce for messages up to {MAX_BYTES >> 10} KiB")
+    return ar
