@@ -125,6 +125,8 @@ def shape_cases(run: Run, name: str, n: int, k: int, g: int, warm: bool) -> None
         variants: list[tuple[str, Opts]] = [("auto", Opts())]
         if m <= 64:
             variants += [("serial", Opts(serial=True)), ("bits", Opts(native=False))]
+            if m <= 4:
+                variants += [("gemv", Opts("w8", gemv=True))]
             if m == 1 and name in ("wq_a", "wo_b", "head", "wq_b"):
                 variants += [(f"cfg bn={c.bn} w={c.warps} st={c.stages}", Opts(cfg=c)) for c in DECODE_SWEEP]
         else:
@@ -141,7 +143,7 @@ def shape_cases(run: Run, name: str, n: int, k: int, g: int, warm: bool) -> None
             if time.time() - run.t0 > run.args.budget and variant not in ("auto", "serial"):
                 continue
             extra: dict[str, object] = {}
-            if variant in ("auto", "bits", "serial") or variant.startswith("w8"):
+            if variant in ("auto", "bits", "serial", "gemv") or variant.startswith("w8"):
                 rows = slice(0, min(m, 256))
                 try:
                     out = gemm(x[rows].contiguous(), opts).float()

@@ -140,6 +140,9 @@ _INTERP_SCRIPT = textwrap.dedent("""
         for native, split, serial in [(True, 1, False), (False, 1, False), (True, 2, False), (False, 2, True)]:
             o = fp8_linear(x, q, s, torch.float32, Opts("w8", small, split, native, serial=serial))
             assert rel(o, ref) < 1e-5, (m, n, k, native, split, serial, rel(o, ref))
+        for native, split in [(True, 1), (False, 1), (True, 2)]:  # the CUDA-core GEMV (M <= 4)
+            o = fp8_linear(x[:3], q, s, torch.float32, Opts("w8", split=split, native=native, gemv=True))
+            assert rel(o, ref[:3]) < 1e-5, (m, n, k, native, split, "gemv", rel(o, ref[:3]))
         for pow2 in (True, False):
             qa, sa = quant_act(x, pow2)
             qr, sr = quant_act_ref(x, pow2)
@@ -152,6 +155,10 @@ _INTERP_SCRIPT = textwrap.dedent("""
         o = fp8_grouped_linear(x, q, s, torch.float32, Opts(scheme, small, split=2))
         want = torch.stack([fn(x[:, i], q[128 * i:128 * (i + 1)], s[i:i + 1], torch.float32) for i in range(2)], 1)
         assert rel(o, want) < 1e-5, (scheme, rel(o, want))
+    o = fp8_grouped_linear(x, q, s, torch.float32, Opts("w8", gemv=True))
+    want = torch.stack([fp8_linear_ref(x[:, i], q[128 * i:128 * (i + 1)], s[i:i + 1], torch.float32)
+                        for i in range(2)], 1)
+    assert rel(o, want) < 1e-5, ("gemv grouped", rel(o, want))
     print("ok")
 """)
 

@@ -310,6 +310,7 @@ class Opts:
     native: bool | None = None
     pow2: bool | None = None
     serial: bool | None = None
+    gemv: bool | None = None  # w8 on the CUDA-core GEMV (ds4f/kernels/fp8_gemv.py) for M <= GEMV_MAX_M
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -351,6 +352,16 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, groups: int, 
         _a8w8_kernel[grid](q, s_t, w, ws, out, m, n, k, q.stride(0), ws.stride(0), out.stride(0),
                            KB=triton.cdiv(k, c.bk), SCALE_E8M0=e8m0, EVEN_K=k % c.bk == 0, BLOCK_M=c.bm,
                            BLOCK_N=c.bn, BLOCK_K=c.bk, GROUP_M=c.group_m, num_warps=c.warps, num_stages=c.stages)
+        return out
+    from ds4f.kernels import fp8_gemv
+
+    if (fp8_gemv.USE_GEMV if o.gemv is None else o.gemv) and m <= fp8_gemv.GEMV_MAX_M:
+        progs = m * triton.cdiv(n, fp8_gemv.BLOCK_N) * groups
+        part = fp8_gemv.w8_gemv(x, w, ws, e8m0, out, n, k, groups, native,
+                                o.split or max(1, -(-2 * sm_count(dev) // progs)))
+        if part is not None:
+            total = m * groups * n
+            _sum_splits[(triton.cdiv(total, 1024),)](part, out, total, S=part.shape[0], BLOCK=1024, num_warps=4)
         return out
     c = o.cfg or w8_config(m)
     chunks = triton.cdiv(k, c.bk)

@@ -61,6 +61,21 @@ def test_w8_matches_reference(shape: tuple[int, int, int], fmt: str, native: boo
 
 
 @pytest.mark.parametrize("split", [2, 8])
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize(("shape", "fmt"), [((1, 1024, 4096), "ue8m0"), ((4, 512, 4096), "float32"),
+                                            ((1, 4096, 4096), "ue8m0"), ((3, 200, 300), "float32"),
+                                            ((1, 16384, 1024), "ue8m0")])
+def test_gemv_matches_reference(shape: tuple[int, int, int], fmt: str, native: bool) -> None:
+    # the opt-in CUDA-core GEMV (DS4F_FP8_GEMV=1), K split or not
+    m, n, k = shape
+    x, q, s = _case(m, n, k, fmt, seed=m + n + 1)
+    ref = fp8_linear_ref(x, q, s, torch.float32)
+    for split in (None, 1, 4):
+        out = fp8_linear(x, q, s, opts=Opts("w8", split=split, native=native, gemv=True))
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        assert _rel(out, ref) < OUT_TOL, (shape, fmt, native, split, _rel(out, ref))
+
+
 def test_split_k_reduces_are_deterministic_and_rearm(split: int) -> None:
     x, q, s = _case(4, 1024, 4096, "ue8m0", seed=3)
     ref = fp8_linear_ref(x, q, s, torch.float32)
