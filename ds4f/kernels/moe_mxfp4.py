@@ -359,11 +359,16 @@ def fused_moe_mxfp4(
 
 
 def _finish(out: torch.Tensor, T: int, k: int, out_sh: torch.Tensor | None) -> torch.Tensor:
-    """[T*k, D] fp32 rows (weighted per pick) -> Σ over the k picks (+ shared expert) as bf16."""
-    y = out.view(T, k, out.shape[1]).sum(1)
-    if out_sh is not None:
-        y = y + out_sh.float()
-    return y.to(torch.bfloat16)
+    """[T*k, D] fp32 rows (weighted per pick) -> Σ over the k picks (+ shared expert) as bf16, one launch."""
+    from ds4f.kernels.moe_kernels import _moe_sum_add
+
+    D = out.shape[1]
+    y = torch.empty(T, D, dtype=torch.bfloat16, device=out.device)
+    sh = out_sh.contiguous() if out_sh is not None else y
+    bt, bd = (1, 1024) if T <= 64 else (8, 256)
+    _moe_sum_add[(triton.cdiv(T, bt), triton.cdiv(D, bd))](out, sh, y, T, K=k, D=D, HAS_SH=out_sh is not None,
+                                                           BLOCK_T=bt, BLOCK_D=bd, F32=_INTERPRET, num_warps=4)
+    return y
 
 
 def _shared(x: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None, limit: float) -> torch.Tensor | None:

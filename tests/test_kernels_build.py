@@ -1,0 +1,84 @@
+"""The kernels changed since their last GPU run compile for sm_80 and sm_90 without a GPU (Triton's MLIR passes +
+ptxas, as tests/test_moe_mxfp4.py does for the MXFP4 tiles): the sparse attention live bound and its combine, the
+indexer's early exit, the radix top-k with valid lengths, the FP8 GEMV and the MoE pick sum. Numerics are the
+interpreter tests' and the GPU tests' business; this catches what only the compiler sees (types, layouts,
+shared memory)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def build(fn: Any, types: dict[str, str], consts: dict[str, Any], arch: int, nw: int = 4, ns: int = 2) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    try:
+        k = compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                    options=dict(num_warps=nw, num_stages=ns))
+    except RuntimeError as ex:  # no ptxas / backend on this machine
+        if "ptxas" in str(ex).lower() and "not found" in str(ex).lower():
+            pytest.skip(str(ex))
+        raise
+    return dict(shared=k.metadata.shared, ptx=k.asm["ptx"])
+
+
+ARCHS = [80, 90]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("live", [False, True])
+@pytest.mark.parametrize("split", [False, True])
+def test_sparse_attn_builds(arch: int, live: bool, split: bool) -> None:
+    import importlib
+
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")
+
+    types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
+                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", qk_scale="fp32")
+    k = build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=32, NG=0, SPLIT=split,
+                                        SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=live), arch, 4, 2)
+    assert k["shared"] <= 160 * 1024
+    if split:
+        build(sa._attn_combine, dict(po_ptr="*fp32", pm_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16",
+                                     live_ptr="*i32"), dict(D=512, PD=512, BLOCK_DC=128, BLOCK_H=16, LIVE=live), arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("vlen", [False, True])
+def test_indexer_and_topk_build(arch: int, vlen: bool) -> None:
+    from ds4f.kernels import indexer as ix
+
+    build(ix._indexer_fwd, dict(q_ptr="*bf16", w_ptr="*fp32", k_ptr="*fp8e4nv" if arch >= 89 else "*bf16",
+                                ks_ptr="*fp32", slots_ptr="*i32", seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32",
+                                scale="fp32"),
+          dict(DI=128, BLOCK_HI=64, BLOCK_L=64, N_INNER=8, KSCALE=arch >= 89), arch, 4, 4)
+    t = dict(s_ptr="*fp32", vlen_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", out_ptr="*i32")
+    for level in range(4):
+        build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=1024, VLEN=vlen), arch)
+    build(ix._topk_select, t, dict(NB=256, BLOCK=1024, VLEN=vlen), arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_gemv_builds(arch: int) -> None:
+    from ds4f.kernels import fp8_gemv as fg
+
+    native = arch >= 89
+    for e8m0, out in ((True, "*bf16"), (False, "*fp32")):
+        build(fg._w8_gemv, dict(x_ptr="*bf16", w_ptr="*fp8e4nv" if native else "*u8",
+                                ws_ptr="*u8" if e8m0 else "*fp32", out_ptr=out),
+              dict(CHUNKS=2, NATIVE=native, SCALE_E8M0=e8m0, BLOCK_N=fg.BLOCK_N, NB=fg.NB), arch, 4, 3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_moe_sum_add_builds(arch: int) -> None:
+    from ds4f.kernels import moe_kernels as mk
+
+    for has_sh in (False, True):
+        build(mk._moe_sum_add, dict(rows_ptr="*fp32", sh_ptr="*bf16", out_ptr="*bf16"),
+              dict(K=6, D=4096, HAS_SH=has_sh, BLOCK_T=1, BLOCK_D=1024, F32=False), arch)
