@@ -190,11 +190,14 @@ def runtime_table(config: Any, model: Any, layout: CacheLayout, budget: int, num
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
+        reserved = torch.cuda.memory_reserved(device)
         peak = torch.cuda.max_memory_allocated(device) - allocated
         rows = [
             Row("weights", allocated, f"measured memory_allocated after load, TP {tp}"),
             Row("activation peak", peak, "measured warmup (empty context)"),
-            Row("context+NCCL+other", max(0, total - free - allocated),
+            Row("allocator cache", max(0, reserved - allocated),
+                "measured: free blocks torch keeps in partly used segments (fragmentation)"),
+            Row("context+NCCL+other", max(0, total - free - max(reserved, allocated)),
                 "measured: CUDA context, NCCL buffers, other processes"),
             Row("CUDA graphs", activation_bytes(args, min(config.max_num_seqs, GRAPH_TOKENS), 0, tp, model.dtype),
                 "estimate, not reserved from the KV budget"),
