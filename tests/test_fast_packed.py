@@ -17,7 +17,7 @@ from ds4f.model.args import ModelArgs, tiny_config
 from ds4f.model.deepseek_v4 import Transformer
 from ds4f.model.linear import Linear
 from ds4f.model.loader import load_model
-from ds4f.runner.gpu import glue
+from ds4f.runner.gpu import glue, packed
 from ds4f.runner.gpu.fast_model import FastModel
 from ds4f.runner.gpu.packed import InProj, grouped_out, is_packed, linear
 from ds4f.runner.gpu.pools import FastCache
@@ -115,7 +115,8 @@ def check_packed_only(fm: FastModel) -> None:
             for lin, stack in ((ex.w1, mx.w13_q), (ex.w3, mx.w13_q), (ex.w2, mx.w2_q)):
                 assert lin.weight.is_meta and lin.packed_weight is not None
                 assert lin.packed_weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
-        assert mx.shared is not None and mx.shared[0].shape == (2 * I, D)  # the shared expert: bf16, small
+        # the shared expert: bf16 and small, or (DS4F_SHARED_FP8) on its packed fp8 tensors
+        assert mx.shared_fp8 is not None or (mx.shared is not None and mx.shared[0].shape == (2 * I, D))
         att = blk.attn
         for lin in (att.wq_a, att.wkv, att.wq_b, att.wo_a, att.wo_b):
             assert is_packed(lin), lin
@@ -136,6 +137,20 @@ def test_packed_fast_model_matches_dequantized(tmp_path: Path, name: str) -> Non
     runs = [len(w.runs) for w in fm.w_in if isinstance(w, InProj)]
     if name == "aligned":  # SWA layer: one packed run; CSA / HCA: packed [wq_a; wkv] + the bf16 compressor run
         assert runs == [1, 2, 2, 2], runs
+    err = rel_errors(got, want)
+    assert len(want) == 8 and err.max() < TOL, err.tolist()
+
+
+def test_shared_expert_on_packed_fp8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DS4F_SHARED_FP8=1: the FP8 shared expert runs through fp8_linear on its packed tensors (no bf16 copy) and is
+    # added in fused_moe_mxfp4's final sum; the logits stay within the packed path's bound of the dequantized model
+    monkeypatch.setattr(packed, "SHARED_FP8", True)
+    want, got, fm = run_pair(all_hash(aligned_config()), tmp_path / "sh", "cpu")
+    check_packed_only(fm)
+    for mx in fm.mx:
+        assert mx is not None and mx.shared is None and mx.shared_fp8 is not None
+        w13, w2 = mx.shared_fp8
+        assert all(r.s is not None for r in w13.runs) and is_packed(w2)  # e4m3 runs, no bf16 copy
     err = rel_errors(got, want)
     assert len(want) == 8 and err.max() < TOL, err.tolist()
 

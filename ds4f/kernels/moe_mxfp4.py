@@ -292,6 +292,7 @@ def fused_moe_mxfp4(
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     config: dict[str, int] | None = None,
+    shared_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out [T, D] bf16 = Σ_j weights[t,j] · (swiglu_clamp(x[t] @ W13[e]ᵀ) @ W2[e]ᵀ) (+ shared expert), e = ids[t,j].
 
@@ -300,7 +301,9 @@ def fused_moe_mxfp4(
     fp32; shared = (w13 [2Is, D], w2 [D, Is]) bf16 or None. Scales must lie in [2, 252] (2^-125..2^125). D and I
     are multiples of 32. No host sync: CUDA-graph safe. config: BLOCK_M/N/K, num_warps, num_stages, ASM (PTX nibble
     decode, CUDA only), SPLIT (even/odd column dots instead of an interleaved tile), PER_PICK, GEMV (with PER_PICK:
-    CUDA-core FMAs instead of tl.dot)."""
+    CUDA-core FMAs instead of tl.dot). shared_out [T, D] bf16: a shared expert's output the caller computed, added
+    as `shared`'s would be (pass one of the two)."""
+    assert shared is None or shared_out is None, "pass the shared expert's weights or its output, not both"
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(-1) == 1, "x must be [T, D] bf16"
     T, DM = x.shape
     w13_q, w2_q = _packed(w13_q, "w13_q"), _packed(w2_q, "w2_q")
@@ -312,10 +315,11 @@ def fused_moe_mxfp4(
     assert ids.dim() == 2 and ids.shape[0] == T and ids.dtype == torch.int32
     assert weights.shape == ids.shape and weights.dtype == torch.float32
     if triton is None or not (x.is_cuda or _INTERPRET):
-        return fused_moe_mxfp4_ref(x, w13_q, w13_s, w2_q, w2_s, ids, weights, swiglu_limit, shared)
+        y = fused_moe_mxfp4_ref(x, w13_q, w13_s, w2_q, w2_s, ids, weights, swiglu_limit, shared)
+        return y if shared_out is None else (y.float() + shared_out.float()).to(x.dtype)
     k = ids.shape[1]
     M = T * k
-    out_sh = _shared(x, shared, swiglu_limit)
+    out_sh = _shared(x, shared, swiglu_limit) if shared_out is None else shared_out
     if M == 0:
         return torch.zeros_like(x) if out_sh is None else out_sh
     gemv_ok = x.is_cuda and not _INTERPRET and M <= PER_PICK_MAX and os.environ.get("DS4F_MXFP4_GEMV", "1") == "1"

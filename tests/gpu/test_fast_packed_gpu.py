@@ -59,3 +59,19 @@ def test_packed_prefill_a8w8(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_packed_ops_match_dequantized_gpu(tmp_path: Path, name: str) -> None:
     check_ops(CONFIGS[name](), tmp_path / name, "cuda")  # T = 7: weight-only fp8, MXFP4 per-pick kernels
+
+
+@pytest.mark.parametrize("gemv", [False, True])
+def test_shared_expert_on_packed_fp8_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gemv: bool) -> None:
+    # DS4F_SHARED_FP8=1 (and DS4F_FP8_GEMV=1 for its decode GEMMs): the shared expert on its packed e4m3 tensors
+    from ds4f.kernels import fp8_gemv
+    from ds4f.runner.gpu import packed
+
+    monkeypatch.setattr(packed, "SHARED_FP8", True)
+    monkeypatch.setattr(fp8_gemv, "USE_GEMV", gemv)
+    monkeypatch.setattr(fp8_gemm, "W8_MAX_M", 1 << 30)
+    want, got, fm = run_pair(all_hash(CONFIGS["aligned"]()), tmp_path / "sh", "cuda", prompt_lens=(37, 5, 21),
+                             decode_steps=12)
+    assert all(mx is not None and mx.shared_fp8 is not None for mx in fm.mx)
+    err = rel_errors(got, want)
+    assert err.max() < TOL_W8, err.tolist()

@@ -308,7 +308,8 @@ class FastModel:
                                 gate.scaling, shared)
         lim = self.args.swiglu_limit if self.args.swiglu_limit > 0 else float("inf")
         if mx is not None:
-            return fused_moe_mxfp4(xn, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, eid, w, lim, mx.shared)
+            sh = None if mx.shared_fp8 is None else packed.shared_fp8_out(mx.shared_fp8, xn, lim)
+            return fused_moe_mxfp4(xn, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, eid, w, lim, mx.shared, shared_out=sh)
         w13, w2 = self.w13[i], self.w2[i]
         assert w13 is not None and w2 is not None
         return fused_moe(xn, w13, w2, eid, w, lim)

@@ -176,6 +176,13 @@ def derive(p: torch.Tensor, slot: torch.Tensor, c0: torch.Tensor, c1: torch.Tens
 
 
 @fuse
+def swiglu_act(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """= kernels.ref.swiglu_clamp in fp32, rounded to h's dtype: h [T, 2I] = [gate | up] -> [T, I]."""
+    g, u = h.float().chunk(2, dim=-1)
+    return (F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)).to(h.dtype)
+
+
+@fuse
 def scale_f32(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x.float() * scale
 

@@ -21,6 +21,7 @@ past one stack's transient).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,18 @@ from ds4f.model.linear import Linear
 from ds4f.model.moe import MoE
 from ds4f.model.quant import FP8_BLOCK, dequantize
 from ds4f.runner.gpu import glue
+
+# DS4F_SHARED_FP8=1: an FP8 shared expert runs on its packed weights (fp8_linear, the FP8 GEMV at decode with
+# DS4F_FP8_GEMV=1) instead of a bf16 copy through fused_moe; opt-in until measured on a GPU
+SHARED_FP8 = os.environ.get("DS4F_SHARED_FP8", "0") == "1"
+
+
+def shared_fp8_out(shared: tuple[InProj, Linear], x: torch.Tensor, limit: float) -> torch.Tensor:
+    """The shared expert on packed FP8: x [T, D] -> w2(swiglu_clamp([w1; w3] x)) [T, D] bf16 (the activation
+    rounded to x's dtype between the GEMMs, as fused_moe stores it)."""
+    w13, w2 = shared
+    a = glue.swiglu_act(w13(x), limit)
+    return linear(w2, a)
 
 
 def is_packed(lin: Linear) -> bool:
@@ -151,6 +164,7 @@ class MxMoE:
     w2_q: torch.Tensor  # [E, D, I/2] uint8
     w2_s: torch.Tensor  # [E, D, I/32] UE8M0
     shared: tuple[torch.Tensor, torch.Tensor] | None  # bf16 (w13 [2Is, D], w2 [D, Is])
+    shared_fp8: tuple[InProj, Linear] | None = None  # DS4F_SHARED_FP8=1: [w1; w3] stacked e4m3, w2 packed
 
     def nbytes(self) -> int:
         """Bytes of the routed stacks (the packed bytes, nothing dequantized)."""
@@ -173,6 +187,11 @@ def stack_mx(ffn: MoE, dtype: torch.dtype) -> MxMoE | None:
         e.w1.packed_weight, e.w3.packed_weight, e.w2.packed_weight = q1, q3, qd
         e.w1.packed_scale, e.w3.packed_scale, e.w2.packed_scale = s1, s3, sd
     shared = None
+    if ffn.shared_experts is not None and SHARED_FP8 and all(
+            lin.fmt == "fp8" and is_packed(lin) for lin in (ffn.shared_experts.w1, ffn.shared_experts.w3,
+                                                            ffn.shared_experts.w2)):
+        sh = ffn.shared_experts
+        return MxMoE(w13_q, w13_s, w2_q, w2_s, None, (InProj([sh.w1, sh.w3]), sh.w2))
     if ffn.shared_experts is not None:
         sh = ffn.shared_experts
         w13 = torch.cat([dense_weight(sh.w1, dtype), dense_weight(sh.w3, dtype)]).to(dtype)
