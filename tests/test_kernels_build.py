@@ -2,7 +2,7 @@
 ptxas, as tests/test_moe_mxfp4.py does for the MXFP4 tiles): the sparse attention live bound and its combine, the
 indexer's early exit, the radix top-k with valid lengths, the FP8 GEMV and the MoE pick sum. Numerics are the
 interpreter tests' and the GPU tests' business; this catches what only the compiler sees (types, layouts,
-shared memory)."""
+shared memory). Also the fp8-query indexer (fp8 MMA, sm_90)."""
 
 from __future__ import annotations
 
@@ -54,10 +54,12 @@ def test_sparse_attn_builds(arch: int, live: bool, split: bool) -> None:
 def test_indexer_and_topk_build(arch: int, vlen: bool) -> None:
     from ds4f.kernels import indexer as ix
 
-    build(ix._indexer_fwd, dict(q_ptr="*bf16", w_ptr="*fp32", k_ptr="*fp8e4nv" if arch >= 89 else "*bf16",
-                                ks_ptr="*fp32", slots_ptr="*i32", seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32",
-                                scale="fp32"),
-          dict(DI=128, BLOCK_HI=64, BLOCK_L=64, N_INNER=8, KSCALE=arch >= 89), arch, 4, 4)
+    fp8 = arch >= 89
+    for qfp8 in (False, True) if fp8 else (False,):  # e4m3 queries: the fp8 MMA (sm_89+)
+        build(ix._indexer_fwd, dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",
+                                    k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32", slots_ptr="*i32",
+                                    seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32", scale="fp32"),
+              dict(DI=128, BLOCK_HI=64, BLOCK_L=64, N_INNER=8, KSCALE=fp8, QFP8=qfp8), arch, 4, 4)
     t = dict(s_ptr="*fp32", vlen_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", out_ptr="*i32")
     for level in range(4):
         build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=1024, VLEN=vlen), arch)

@@ -86,3 +86,29 @@ def test_sparse_attn_live_interpreted() -> None:
 def test_topk_and_indexer_valid_len_interpreted() -> None:
     out = run_interpreted("test_kernels_interp", "check_topk_and_indexer_valid_len")
     assert "radix top-k equal sets" in out and "indexer scores match" in out, out
+
+
+def check_indexer_fp8_q() -> None:
+    from ds4f.kernels import indexer
+    from ds4f.kernels.fp8 import quantize_rows
+
+    g = torch.Generator().manual_seed(4)
+    t, hi, di, n = 4, 16, 32, 500
+    q = torch.randn(t, hi, di, generator=g).bfloat16()
+    w = torch.randn(t, hi, generator=g)
+    k8, ks = quantize_rows(torch.randn(n, di, generator=g).bfloat16(), di)
+    slots = torch.randperm(n, generator=g).int()[None]
+    seq = torch.zeros(t, dtype=torch.int32)
+    vl = torch.tensor([n, 300, 7, 64], dtype=torch.int32)
+    q8, qs = indexer.quant_heads_fp8(q)
+    out = indexer.indexer_scores(q8, w * qs, k8, slots, seq, vl, k_scale=ks.view(-1), block_l=64, n_inner=2)
+    ref = indexer_scores_ref(q8, w * qs, k8, slots, seq, vl, di**-0.5, ks)
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(out))
+    torch.testing.assert_close(out[fin], ref[fin], atol=1e-3, rtol=1e-3)
+    print("indexer fp8 q matches")
+
+
+def test_indexer_fp8_q_interpreted() -> None:
+    out = run_interpreted("test_kernels_interp", "check_indexer_fp8_q")
+    assert "indexer fp8 q matches" in out, out

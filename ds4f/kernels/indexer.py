@@ -20,7 +20,7 @@ if triton is not None:
         q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
         HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
-        KSCALE: tl.constexpr,
+        KSCALE: tl.constexpr, QFP8: tl.constexpr,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); q[t] [Hi, d] is the M x K operand of every block
         # int64: at 1M context a prefill chunk's score matrix is [8192, 262144] = 2^31 elements
@@ -44,9 +44,12 @@ if triton is not None:
             valid = offs_l < vlen
             slot = tl.load(slots_ptr + seq * s_ss + offs_l, mask=valid, other=0).to(tl.int64)
             keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if KSCALE:  # e4m3 -> bf16 is exact; through fp32, which measured faster than the direct convert
-                keys = keys.to(tl.float32)
-            s = tl.dot(q, tl.trans(keys.to(tl.bfloat16)))  # [Hi, BLOCK_L]
+            if QFP8:  # e4m3 q (its per-head scale folded into w) x e4m3 keys: the fp8 MMA, fp32 accumulation
+                s = tl.dot(q, tl.trans(keys))
+            else:
+                if KSCALE:  # e4m3 -> bf16 is exact; through fp32, which measured faster than the direct convert
+                    keys = keys.to(tl.float32)
+                s = tl.dot(q, tl.trans(keys.to(tl.bfloat16)))  # [Hi, BLOCK_L]
             sc = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
             if KSCALE:
                 # a positive per-row scale commutes with ReLU: apply it to the reduced score
@@ -141,11 +144,14 @@ def indexer_scores(
 ) -> torch.Tensor:
     """scores [T, L] fp32 = scale * Σ_h w[t,h] ReLU(q[t,h]·k[slots[seq_of[t], l]]), -inf at l >= valid_len[t].
 
-    q [T, Hi, d] bf16 (d a power of two, last dim dense); w [T, Hi] fp32; k_pool [N, d] bf16, or e4m3 with
+    q [T, Hi, d] bf16 (d a power of two, last dim dense), or e4m3 with e4m3 keys (quant_heads_fp8: its per-head
+    scales folded into w, which ReLU commutes with); w [T, Hi] fp32; k_pool [N, d] bf16, or e4m3 with
     k_scale [N] fp32 (one scale per row, the 132 B/entry format); slots [S, L] int32 flat slot ids per sequence;
     seq_of [T] int32 (row of slots per token); valid_len [T] int32 (causal count (t+1)//ratio, clipped to L).
     Slots at l >= valid_len are never read. scale defaults to d^-0.5."""
-    assert q.dim() == 3 and q.dtype == torch.bfloat16 and q.stride(-1) == 1, "q must be [T, Hi, d] bf16"
+    assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
+    assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
+        "q must be bf16, or e4m3 over e4m3 keys"
     T, HI, DI = q.shape
     assert DI & (DI - 1) == 0 and DI >= 16, f"d={DI} must be a power of two >= 16"
     assert w.shape == (T, HI) and w.dtype == torch.float32 and w.stride(-1) == 1
@@ -174,9 +180,18 @@ def indexer_scores(
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
         HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
-        KSCALE=k_scale is not None, num_warps=num_warps, num_stages=num_stages,
+        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def quant_heads_fp8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hi, d] -> (e4m3 [T, Hi, d], fp32 scale [T, Hi]) with q ≈ q8 * scale per (token, head): scale = the
+    smallest power of two putting the head's amax at or below 448 (exact to fold into the head weights)."""
+    amax = q.float().abs().amax(dim=-1).clamp(min=1e-30)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+    q8 = (q.float() / scale[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q8, scale
 
 
 RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; even at T=32; 2x slower at T=2048

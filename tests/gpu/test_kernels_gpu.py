@@ -125,6 +125,14 @@ def test_indexer_scores(T, S, Hi, d, L, prefill):
     out8 = indexer_scores(q, w, kq, slots, seq_of, vlen, k_scale=ks.view(-1))
     ref8 = indexer_scores_ref(q, w, kq, slots, seq_of, vlen, k_scale=ks)
     assert _rel(out8[fin], ref8[fin]) < INDEX_TOL
+    if torch.cuda.get_device_capability() >= (8, 9):  # e4m3 queries (DS4F_INDEX_FP8): the fp8 MMA
+        from ds4f.kernels.indexer import quant_heads_fp8
+
+        q8, qs = quant_heads_fp8(q)
+        outq = indexer_scores(q8, w * qs, kq, slots, seq_of, vlen, k_scale=ks.view(-1))
+        refq = indexer_scores_ref(q8, w * qs, kq, slots, seq_of, vlen, k_scale=ks)
+        assert torch.equal(torch.isfinite(outq), fin)
+        assert _rel(outq[fin], refq[fin]) < INDEX_TOL
 
 
 def test_indexer_scores_past_int32_elements():

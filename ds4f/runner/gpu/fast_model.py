@@ -29,6 +29,7 @@ import os
 import torch
 
 from ds4f.kernels import fused_moe, topk_indices
+from ds4f.kernels.indexer import quant_heads_fp8
 from ds4f.kernels.mhc import hc_step
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
 from ds4f.kernels.rope import norm_rope, rope_
@@ -42,7 +43,7 @@ from ds4f.model.layers import Rope
 from ds4f.model.linear import Linear
 from ds4f.model.mhc import hc_head
 from ds4f.runner.gpu import glue, packed
-from ds4f.runner.gpu.pools import FastCache, StepMeta
+from ds4f.runner.gpu.pools import FastCache, Fp8Keys, StepMeta
 
 
 class _Derived:
@@ -85,6 +86,9 @@ class FastModel:
         self.sp_indexer = os.environ.get("DS4F_SP_INDEXER", "0") == "1"
         # from 2048 tokens: >= 1024 rows per rank, so torch.topk ranks both the split and the whole (same order)
         self.sp_index_min_t = int(os.environ.get("DS4F_SP_INDEXER_MIN_T", "2048"))
+        # DS4F_INDEX_FP8=1 (fp8 index keys): indexer q quantized per head to e4m3, scores by the fp8 MMA (2x the bf16
+        # rate; vLLM quantizes q the same way, the official reference simulates MXFP4). Opt-in until measured.
+        self.index_fp8 = os.environ.get("DS4F_INDEX_FP8", "0") == "1"
         self.gate_w32: list[torch.Tensor] = []
         self.w13: list[torch.Tensor | None] = []  # None: the layer's experts run packed (self.mx)
         self.w2: list[torch.Tensor | None] = []
@@ -271,7 +275,11 @@ class FastModel:
             per = -(-T // comm.world)
             lo, hi = min(T, comm.rank * per), min(T, (comm.rank + 1) * per)
         vis = d.vis32[m][lo:hi]
-        sc = cache.index_scores(i, iq[lo:hi], iw[lo:hi], d.slots[m], d.seq32[lo:hi], vis)
+        q, w = iq[lo:hi], iw[lo:hi]
+        if self.index_fp8 and isinstance(cache.index[i], Fp8Keys):  # e4m3 q over the e4m3 keys: the fp8 MMA
+            q, qs = quant_heads_fp8(q)
+            w = w * qs
+        sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis)
         # exact-zero scores (every head's ReLU at 0) tie; the reference keeps the lowest ids among them
         sc = glue.rank_zeros(sc, self.zero_rank)
         sel = topk_indices(sc, k, valid_len=vis)
