@@ -30,8 +30,11 @@ W8_MAX_M = 64  # largest M that takes the weight-only scheme on sm_89+
 ACT_POW2 = True  # activation scales rounded up to powers of two (official reference); False: amax / 448
 AMAX_FLOOR = 1e-4  # all-zero token groups get a finite scale
 # K-split reduce: False = a second kernel sums the fp32 partials; True = the last split of each tile sums them
-# (one launch; per-device arrival counters, so calls must not run concurrently on two streams of one device)
-SERIAL_SPLIT = False
+# (one launch; per-device arrival counters, so calls must not run concurrently on two streams of one device).
+# True: at M=1 on H200 it was as fast or faster on every V4 shape (bench/results/fp8_gemm.jsonl, session 3: wq_a
+# 10.3 vs 11.7 us, wkv 10.0 vs 11.0, wo_a 22.2 vs 22.7, wo_b 23.3 vs 23.6, head 189.3 vs 189.2) and saves a launch
+# per projection in the decode graphs (~190 per step at TP=2); tests/gpu/test_fp8_gemm_gpu.py covers it in graphs.
+SERIAL_SPLIT = True
 
 
 @dataclass(frozen=True)
