@@ -100,14 +100,20 @@ def _align_triton(flat: torch.Tensor, E: int, bm: int, nb: int, tail_m: int = 0,
     return sorted_ids, block_expert, (sid2 if tail_m else None), (be2 if tail_m else None)
 
 
-def moe_sum(rows: torch.Tensor, T: int, k: int) -> torch.Tensor:
-    """[T*k, D] bf16 per-pick rows -> [T, D] bf16, each token's k rows summed in fp32."""
+def moe_sum(rows: torch.Tensor, T: int, k: int, shared: torch.Tensor | None = None,
+            round_by_hand: bool = False) -> torch.Tensor:
+    """[T*k, D] per-pick rows (bf16 or fp32) -> [T, D] bf16, each token's k rows summed in fp32 in pick order
+    (+ shared [T, D], a shared expert's output), one launch. round_by_hand: round to bf16 to nearest even in the
+    kernel (the interpreter truncates)."""
     D = rows.shape[1]
     if not use_triton(rows):
-        return rows.view(T, k, D).sum(1)
+        y = rows.view(T, k, D).sum(1)
+        return y if shared is None else (y.float() + shared.float()).to(torch.bfloat16)
     out = torch.empty(T, D, dtype=torch.bfloat16, device=rows.device)
+    sh = shared.contiguous() if shared is not None else out
     bt, bd = (4, 512) if T > 64 else (1, 256)
-    _moe_sum[(triton.cdiv(T, bt), triton.cdiv(D, bd))](rows, out, T, K=k, D=D, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+    _moe_sum[(triton.cdiv(T, bt), triton.cdiv(D, bd))](rows, sh, out, T, K=k, D=D, HAS_SH=shared is not None,
+                                                        BLOCK_T=bt, BLOCK_D=bd, F32=round_by_hand, num_warps=4)
     return out
 
 

@@ -233,22 +233,9 @@ def _align_scatter(ids_ptr, rank0_ptr, meta_ptr, sid1_ptr, be1_ptr, sid2_ptr, be
 
 
 @triton.jit
-def _moe_sum(rows_ptr, out_ptr, T, K: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # out[t] = Σ_j rows[t*K + j] (bf16 in, fp32 sum, bf16 out)
-    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = (t < T)[:, None] & (d < D)[None, :]
-    p = rows_ptr + (t * K * D)[:, None] + d[None, :]
-    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    for j in tl.static_range(K):
-        acc += tl.load(p + j * D, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (t * D)[:, None] + d[None, :], acc.to(tl.bfloat16), mask=m)
-
-
-@triton.jit
-def _moe_sum_add(rows_ptr, sh_ptr, out_ptr, T, K: tl.constexpr, D: tl.constexpr, HAS_SH: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
-    # out[t] = Σ_j rows[t*K + j] (+ sh[t]) in fp32, in pick order, stored bf16 (rows fp32: the MXFP4 down GEMM's)
+def _moe_sum(rows_ptr, sh_ptr, out_ptr, T, K: tl.constexpr, D: tl.constexpr, HAS_SH: tl.constexpr,
+             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
+    # out[t] = Σ_j rows[t*K + j] (+ sh[t]) in fp32, in pick order, stored bf16 (rows bf16 or fp32)
     t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = (t < T)[:, None] & (d < D)[None, :]

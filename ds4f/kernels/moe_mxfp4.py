@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ds4f.kernels.moe import fused_moe, moe_align
+from ds4f.kernels.moe import fused_moe, moe_align, moe_sum
 from ds4f.kernels.ref import fused_moe_ref, swiglu_clamp
 from ds4f.model.quant import MXFP4_BLOCK, dequant_mxfp4, e8m0_bytes
 
@@ -364,15 +364,7 @@ def fused_moe_mxfp4(
 
 def _finish(out: torch.Tensor, T: int, k: int, out_sh: torch.Tensor | None) -> torch.Tensor:
     """[T*k, D] fp32 rows (weighted per pick) -> Σ over the k picks (+ shared expert) as bf16, one launch."""
-    from ds4f.kernels.moe_kernels import _moe_sum_add
-
-    D = out.shape[1]
-    y = torch.empty(T, D, dtype=torch.bfloat16, device=out.device)
-    sh = out_sh.contiguous() if out_sh is not None else y
-    bt, bd = (1, 1024) if T <= 64 else (8, 256)
-    _moe_sum_add[(triton.cdiv(T, bt), triton.cdiv(D, bd))](out, sh, y, T, K=k, D=D, HAS_SH=out_sh is not None,
-                                                           BLOCK_T=bt, BLOCK_D=bd, F32=_INTERPRET, num_warps=4)
-    return y
+    return moe_sum(out, T, k, out_sh, round_by_hand=_INTERPRET)
 
 
 def _shared(x: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None, limit: float) -> torch.Tensor | None:
