@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_decode import keys  # noqa: E402
 from bench_tp import StepTimer, versions  # noqa: E402
 
 from bench.common import IdsOnlyTokenizer, measure_ceilings  # noqa: E402
 from ds4f.config import EngineConfig  # noqa: E402
 from ds4f.engine.llm import build_engine  # noqa: E402
+from ds4f.engine.roofline import kv_bytes  # noqa: E402
 from ds4f.model.args import ModelArgs, flash_config  # noqa: E402
+from ds4f.runner.memory_plan import module_bytes  # noqa: E402
 from ds4f.sample.params import SamplingParams  # noqa: E402
 
 CATEGORIES = (  # kernel-name substrings -> step-time category (first match wins)
@@ -60,32 +61,13 @@ def model_dir(layers: int, experts: int) -> str:
 
 def rank_weight_bytes(args: ModelArgs, tp: int) -> tuple[float, float]:
     """(bytes every decode step reads on one rank except the routed experts, bytes of one routed expert on one
-    rank), in the checkpoint's formats (FP8 + block scales, MXFP4 + UE8M0, bf16 / fp32 as stored): the model built on
-    the meta device and sharded by tp.shard_model, as memory_plan.weight_bytes. Not counted: the embedding (one row
-    per token), the MTP layer (not run) and buffers (RoPE tables: a few rows per token)."""
-    from ds4f.distributed.comm import Comm
-    from ds4f.model.deepseek_v4 import Transformer
-    from ds4f.model.linear import Linear
-    from ds4f.model.manifest import checkpoint_manifest
-    from ds4f.model.tp import shard_model
-
-    man = checkpoint_manifest(args)
-    net = Transformer(args, dtype=torch.bfloat16, device="meta")
-    if tp > 1:
-        shard_model(net, 0, tp, Comm(0, tp, pg=object()))
+    rank), in the checkpoint's formats (FP8 + block scales, MXFP4 + UE8M0, bf16 / fp32 as stored), from
+    memory_plan.module_bytes. Not counted: the embedding (one row per token), the MTP layer (not run) and buffers
+    (RoPE tables: a few rows per token)."""
     dense = experts = 0.0
-    for name, mod in net.named_modules():
+    for name, n in module_bytes(args, torch.bfloat16, tp, buffers=False):
         if name.startswith(("embed", "mtp")):
             continue
-        n = 0.0
-        for leaf, t in mod._parameters.items():
-            if t is None or (isinstance(mod, Linear) and leaf == "weight" and mod.fmt != "bf16"):
-                continue
-            n += t.numel() * t.element_size()
-        if isinstance(mod, Linear) and mod.fmt != "bf16":
-            w, sc = man[f"{name}.weight"], man[f"{name}.scale"]
-            frac = (mod.out_features * mod.in_features) / (w.shape[0] * w.shape[1] * (2 if mod.fmt == "fp4" else 1))
-            n += (w.nbytes + sc.nbytes) * frac
         if ".ffn.experts." in f"{name}.":
             experts += n
         else:
@@ -98,11 +80,7 @@ def decode_bytes(args: ModelArgs, tp: int, depth: int, batch: int) -> float:
     KV every rank reads (the pools are replicated: fp8 rows of 584 B, index keys 128 B + an fp32 scale)."""
     dense, per_expert = rank_weight_bytes(args, tp)
     hit = args.n_routed_experts * (1 - (1 - 1 / args.n_routed_experts) ** (args.num_experts_per_tok * batch))
-    kv = 0.0
-    for i in range(args.num_hidden_layers):
-        rows, idx = keys(args, i, depth + 1)
-        kv += rows * 584 + idx * 132
-    return dense + args.num_hidden_layers * hit * per_expert + batch * kv
+    return dense + args.num_hidden_layers * hit * per_expert + batch * sum(kv_bytes(args, depth, 584, 132))
 
 
 def categorize(prof: Any) -> dict[str, float]:

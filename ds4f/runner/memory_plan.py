@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,9 +71,11 @@ class MemoryPlan:
 
 # ------------------------------------------------------------------------------------------- estimates
 
-def weight_bytes(args: ModelArgs, dtype: torch.dtype, tp_world: int = 1, keep_dequantized: bool = False) -> int:
-    """Bytes one rank's model holds after load_model (exact): the model built on meta, sharded by shard_model;
-    quantized linears count their packed bytes, plus the dequantized weight when keep_dequantized."""
+def module_bytes(args: ModelArgs, dtype: torch.dtype, tp_world: int = 1, keep_dequantized: bool = False,
+                 buffers: bool = True) -> Iterator[tuple[str, int]]:
+    """(module name, bytes it holds on one rank after load_model) for every module, exactly: the model built on
+    meta, sharded by shard_model; quantized linears count their packed bytes (the checkpoint's, cut to the rank's
+    slice), plus the dequantized weight when keep_dequantized; buffers (RoPE tables, ...) unless buffers=False."""
     from ds4f.distributed.comm import Comm
     from ds4f.model.deepseek_v4 import Transformer
     from ds4f.model.linear import Linear
@@ -83,20 +86,24 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, tp_world: int = 1, keep_de
     net = Transformer(args, dtype=dtype, device="meta")
     if tp_world > 1:
         shard_model(net, 0, tp_world, Comm(0, tp_world, pg=object()))
-    total = 0
     for name, mod in net.named_modules():
-        for leaf, t in [*mod._parameters.items(), *mod._buffers.items()]:
+        total = 0
+        for leaf, t in [*mod._parameters.items(), *(mod._buffers.items() if buffers else ())]:
             if t is None or (isinstance(mod, Linear) and leaf == "weight" and mod.fmt != "bf16"):
                 continue
             total += t.numel() * t.element_size()
-        if not isinstance(mod, Linear) or mod.fmt == "bf16":
-            continue
-        w, s = man[f"{name}.weight"], man[f"{name}.scale"]
-        frac = (mod.out_features * mod.in_features) / (w.shape[0] * w.shape[1] * (2 if mod.fmt == "fp4" else 1))
-        total += int((w.nbytes + s.nbytes) * frac)
-        if keep_dequantized:
-            total += mod.weight.numel() * mod.weight.element_size()
-    return total
+        if isinstance(mod, Linear) and mod.fmt != "bf16":
+            w, s = man[f"{name}.weight"], man[f"{name}.scale"]
+            frac = (mod.out_features * mod.in_features) / (w.shape[0] * w.shape[1] * (2 if mod.fmt == "fp4" else 1))
+            total += int((w.nbytes + s.nbytes) * frac)
+            if keep_dequantized:
+                total += mod.weight.numel() * mod.weight.element_size()
+        yield name, total
+
+
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, tp_world: int = 1, keep_dequantized: bool = False) -> int:
+    """Bytes one rank's model holds after load_model (exact; see module_bytes)."""
+    return sum(n for _, n in module_bytes(args, dtype, tp_world, keep_dequantized))
 
 
 def activation_bytes(args: ModelArgs, tokens: int, context: int, tp_world: int = 1,
