@@ -46,6 +46,15 @@ PREFILL_CFGS = [
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
 ]
 
+def packed_experts(e: int, d: int, inter: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random MXFP4 experts on CUDA in fused_moe_mxfp4's layouts: (w13_q, w13_s, w2_q, w2_s), scales near 2^-7."""
+    def rnd(lo: int, hi: int, *shape: int) -> torch.Tensor:
+        return torch.randint(lo, hi, shape, dtype=torch.uint8, device="cuda", generator=g)
+
+    return (rnd(0, 256, e, 2 * inter, d // 2), rnd(119, 122, e, 2 * inter, d // 32), rnd(0, 256, e, d, inter // 2),
+            rnd(119, 122, e, d, inter // 32))
+
+
 class Recorder:
     def __init__(self, out: Path, command: str):
         self.out = out
@@ -96,10 +105,7 @@ def main() -> None:
     r = Recorder(Path(args.out), "python3 bench/bench_moe_mxfp4.py " + " ".join(sys.argv[1:]))
     r.ceilings()
     g = torch.Generator(device="cuda").manual_seed(0)
-    w13q = torch.randint(0, 256, (E, 2 * I, D // 2), dtype=torch.uint8, device="cuda", generator=g)
-    w13s = torch.randint(119, 122, (E, 2 * I, D // 32), dtype=torch.uint8, device="cuda", generator=g)
-    w2q = torch.randint(0, 256, (E, D, I // 2), dtype=torch.uint8, device="cuda", generator=g)
-    w2s = torch.randint(119, 122, (E, D, I // 32), dtype=torch.uint8, device="cuda", generator=g)
+    w13q, w13s, w2q, w2s = packed_experts(E, D, I, g)
     cases = {}
     for T in (1, 4, 16, 8192):
         x = torch.randn(T, D, device="cuda", generator=g).bfloat16()

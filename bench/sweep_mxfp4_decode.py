@@ -17,6 +17,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_moe_mxfp4 import packed_experts  # noqa: E402
 
 from bench.common import measure_ceilings, run_meta, time_us  # noqa: E402
 from ds4f.kernels.moe_mxfp4 import default_config, fused_moe_mxfp4, fused_moe_mxfp4_ref, mxfp4_moe_bytes  # noqa: E402
@@ -42,10 +45,7 @@ def main() -> None:
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta("python3 bench/sweep_mxfp4_decode.py " + " ".join(sys.argv[1:]))
     g = torch.Generator(device="cuda").manual_seed(0)
-    w13q = torch.randint(0, 256, (E, 2 * inter, D // 2), dtype=torch.uint8, device="cuda", generator=g)
-    w13s = torch.randint(119, 122, (E, 2 * inter, D // 32), dtype=torch.uint8, device="cuda", generator=g)
-    w2q = torch.randint(0, 256, (E, D, inter // 2), dtype=torch.uint8, device="cuda", generator=g)
-    w2s = torch.randint(119, 122, (E, D, inter // 32), dtype=torch.uint8, device="cuda", generator=g)
+    w13q, w13s, w2q, w2s = packed_experts(E, D, inter, g)
     rows = []
     for T in (1, 4):
         x = torch.randn(T, D, device="cuda", generator=g).bfloat16()

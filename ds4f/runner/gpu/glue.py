@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ds4f.kernels.compress import compress_fused
+from ds4f.kernels.ref import swiglu_clamp
 from ds4f.kernels.rope import rope_ref
 from ds4f.kernels.sparse_attn import use_triton
 from ds4f.model.layers import rms_normalize
@@ -177,9 +178,8 @@ def derive(p: torch.Tensor, slot: torch.Tensor, c0: torch.Tensor, c1: torch.Tens
 
 @fuse
 def swiglu_act(h: torch.Tensor, limit: float) -> torch.Tensor:
-    """= kernels.ref.swiglu_clamp in fp32, rounded to h's dtype: h [T, 2I] = [gate | up] -> [T, I]."""
-    g, u = h.float().chunk(2, dim=-1)
-    return (F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)).to(h.dtype)
+    """kernels.ref.swiglu_clamp in fp32, rounded to h's dtype: h [T, 2I] = [gate | up] -> [T, I]."""
+    return swiglu_clamp(h.float(), limit).to(h.dtype)
 
 
 @fuse
