@@ -15,6 +15,7 @@ bandwidth measured before the engine starts. --profile DIR: a kernel-time table 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -59,6 +60,7 @@ def model_dir(layers: int, experts: int) -> str:
     return d
 
 
+@functools.cache  # one meta-model build per (config, TP): decode_bytes runs for every record
 def rank_weight_bytes(args: ModelArgs, tp: int) -> tuple[float, float]:
     """(bytes every decode step reads on one rank except the routed experts, bytes of one routed expert on one
     rank), in the checkpoint's formats (FP8 + block scales, MXFP4 + UE8M0, bf16 / fp32 as stored), from

@@ -255,7 +255,7 @@ class FastModel:
                 iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
                 sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
                 idx = glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
-        live = d.live.get(att.ratio) if att.kind != SWA and att.ratio in d.attn_idx else None
+        live = d.live.get(att.ratio) if att.kind != SWA else None  # set for attn_idx ratios (DS4F_ATTN_LIVE)
         o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live)
         cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
         o = packed.grouped_out(att.wo_a, rope_(o, cos, sin, inverse=True), att.o_groups)  # [T, G*o_lora_rank]
