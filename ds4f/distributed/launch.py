@@ -54,7 +54,7 @@ def build_rank(config: Any, pc: ParallelConfig, rank: int, store: Any,
     ctrl, model_pg = make_groups(store, pc, rank, device)
     dtype = getattr(torch, config.resolved_dtype)
     fast_ar = try_symm(ctrl, store, rank, pc.world_size, torch.device(device, local) if device == "cuda"
-                       else torch.device(device), not pc.multi_node, _agree_min)
+                       else torch.device(device), not pc.multi_node, _agree_min, backend=model_pg)
     # each rank reads (or, for dummy weights, generates and keeps) only its own slice of every tensor
     model = load_model(config.model, dtype=dtype, device=device, load_format=config.load_format, seed=config.seed,
                        tp_rank=rank, tp_world=pc.world_size, comm=Comm(rank, pc.world_size, model_pg, fast_ar),

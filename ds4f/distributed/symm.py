@@ -22,19 +22,31 @@ def wanted() -> bool:
 
 
 class SymmAllReduce:
-    """Rank `rank` of `world` on this node; `store` is shared by the group (a PrefixStore keeps its keys apart)."""
+    """Rank `rank` of `world` on this node; `store` is shared by the group (a PrefixStore keeps its keys apart).
+    `backend` (the TP group's NCCL backend, optional) is registered with the group torch's symmetric memory resolves
+    by name; no new communicator is made."""
+
+    _made = 0  # group names must be unique in a process
 
     def __init__(self, store: Any, rank: int, world: int, device: torch.device, max_bytes: int = MAX_BYTES,
-                 name: str = "ds4f-tp") -> None:
+                 name: str = "ds4f-tp", backend: Any = None) -> None:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
-        from torch._C._distributed_c10d import _SymmetricMemory
+        from torch._C import _distributed_c10d as c10d
 
-        self.name, self.world = name, world
-        _SymmetricMemory.set_group_info(name, rank, world, dist.PrefixStore(f"symm/{name}", store))
+        SymmAllReduce._made += 1
+        self.name, self.world = f"{name}-{SymmAllReduce._made}", world
+        # torch >= 2.6 resolves the group by its registered name (rank, size and store from the ProcessGroup)
+        pg = dist.ProcessGroup(dist.PrefixStore(f"symm/{self.name}", store), rank, world)
+        if backend is not None:
+            pg._register_backend(torch.device(device.type), dist.ProcessGroup.BackendType.NCCL, backend)
+            pg._set_default_backend(dist.ProcessGroup.BackendType.NCCL)
+        pg._set_group_name(self.name)
+        c10d._register_process_group(self.name, pg)
+        self.pg = pg
         self.cap = max_bytes // 2
         self.buf = symm_mem.empty(self.cap, dtype=torch.bfloat16, device=device)
-        symm_mem.rendezvous(self.buf, name)
+        symm_mem.rendezvous(self.buf, self.name)
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.is_cuda and x.dtype == torch.bfloat16 and x.numel() <= self.cap
@@ -49,7 +61,7 @@ class SymmAllReduce:
 
 
 def try_symm(ctrl: Any, store: Any, rank: int, world: int, device: torch.device, single_node: bool,
-             agree: Any) -> SymmAllReduce | None:
+             agree: Any, backend: Any = None) -> SymmAllReduce | None:
     """A SymmAllReduce when DS4F_ALLREDUCE=symm, CUDA, one node, and every rank built one (agreed over the control
     group, so no rank takes a path the others did not); else None (NCCL)."""
     if not (wanted() and device.type == "cuda" and single_node and world > 1):
@@ -58,7 +70,7 @@ def try_symm(ctrl: Any, store: Any, rank: int, world: int, device: torch.device,
 
     ar: SymmAllReduce | None
     try:
-        ar = SymmAllReduce(store, rank, world, device)
+        ar = SymmAllReduce(store, rank, world, device, backend=backend)
     except Exception as e:  # an older torch, no P2P between the GPUs, ...: NCCL does the job
         log(f"rank {rank}: DS4F_ALLREDUCE=symm unavailable ({type(e).__name__}: {str(e)[:200]}); using NCCL")
         ar = None

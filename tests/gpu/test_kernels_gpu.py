@@ -16,6 +16,8 @@ pytestmark = [
 # tolerances (‖out - ref‖ / ‖ref‖ against fp32 references on the same bf16/fp8 inputs):
 ATTN_TOL = 1.5e-2  # softmax weights are rounded to bf16 before the PV product
 INDEX_TOL = 1e-4  # exact bf16 products, fp32 sums: only the summation order differs
+# Hopper's fp8 MMA keeps fewer accumulator bits than fp32 (measured 1.1e-4 .. 1.3e-4 rel on the H200, 3 cases)
+INDEX_FP8_TOL = 5e-4
 MOE_TOL = 1.5e-2  # bf16 output; the activation is bf16 in both
 
 
@@ -132,7 +134,7 @@ def test_indexer_scores(T, S, Hi, d, L, prefill):
         outq = indexer_scores(q8, w * qs, kq, slots, seq_of, vlen, k_scale=ks.view(-1))
         refq = indexer_scores_ref(q8, w * qs, kq, slots, seq_of, vlen, k_scale=ks)
         assert torch.equal(torch.isfinite(outq), fin)
-        assert _rel(outq[fin], refq[fin]) < INDEX_TOL
+        assert _rel(outq[fin], refq[fin]) < INDEX_FP8_TOL
 
 
 def test_indexer_scores_past_int32_elements():

@@ -25,7 +25,7 @@ rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.cuda.set_device(rank)
 store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, wait_for_workers=True)
 pg = nccl_group(dist.PrefixStore("model", store), rank, 2, 60.0)
-ar = SymmAllReduce(store, rank, 2, torch.device("cuda", rank))
+ar = SymmAllReduce(store, rank, 2, torch.device("cuda", rank), backend=pg)
 lines = []
 for t in (1, 4, 64):
     g = torch.Generator(device="cuda").manual_seed(100 * t + rank)
