@@ -228,8 +228,10 @@ def check_ops(cfg: dict[str, Any], directory: Path, device: str, T: int = 7) -> 
         ids_e = torch.cat([ids, torch.full((T, 1), a.n_routed_experts, dtype=torch.int32)], dim=1).to(device)
         wt_e = torch.cat([wt, torch.ones(T, 1)], dim=1).to(device)
         ids, wt = ids.to(device), wt.to(device)
-        _close(fused_moe_mxfp4(x, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, ids, wt, a.swiglu_limit, mx.shared),
-               fused_moe_ref(x, w13, w2, ids_e, wt_e, a.swiglu_limit), MOE_OP_TOL)
+        # the shared expert as the model runs it: its bf16 copy inside the kernel, or (SHARED_FP8) fp8_linear's output
+        sh = None if mx.shared_fp8 is None else packed.shared_fp8_out(mx.shared_fp8, x, a.swiglu_limit)
+        _close(fused_moe_mxfp4(x, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, ids, wt, a.swiglu_limit, mx.shared,
+                               shared_out=sh), fused_moe_ref(x, w13, w2, ids_e, wt_e, a.swiglu_limit), MOE_OP_TOL)
 
 
 def test_llm_fast_runner_loads_packed(tmp_path: Path) -> None:

@@ -84,3 +84,18 @@ def test_moe_sum_builds(arch: int) -> None:
     for has_sh in (False, True):
         build(mk._moe_sum, dict(rows_ptr="*fp32", sh_ptr="*bf16", out_ptr="*bf16"),
               dict(K=6, D=4096, HAS_SH=has_sh, BLOCK_T=1, BLOCK_D=1024, F32=False), arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("nope", [0, 448])
+def test_prefix_attn_builds(arch: int, nope: int) -> None:
+    from ds4f.kernels import prefix_attn as pa
+
+    types = dict(q_ptr="*bf16", ent_ptr="*bf16", seq_ptr="*i32", vis_ptr="*i32", win_ptr="*i32",
+                 kv_ptr="*u8" if nope else "*bf16", exp_ptr="*u8" if nope else "*bf16", rope_ptr="*bf16",
+                 sink_ptr="*fp32", o_ptr="*bf16", qk_scale="fp32")
+    # the launch's picks: 64-key tiles on Hopper; on sm_80 (164 KB of shared memory) 32, or 16 with the bit decode
+    bn = 64 if arch >= 90 else 16 if nope else 32
+    k = build(pa._prefix_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_M=64, BLOCK_N=bn, BT=3, NOPE=nope,
+                                          NATIVE_FP8=arch >= 89), arch, 8, 2)
+    assert k["shared"] <= (227 if arch >= 90 else 163) * 1024

@@ -1,4 +1,4 @@
-"""The opt-in one-shot all-reduce's guard (CPU): every rank takes it or none does, and Comm routes only the
+"""The one-shot all-reduce's guard (CPU): every rank takes it or none does, and Comm routes only the
 messages it fits to it (the GPU kernel itself: tests/gpu/test_symm_allreduce.py)."""
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ class FakeAR:
         return x * 2  # what two ranks holding the same x would sum to
 
 
-def test_off_unless_asked_and_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_off_when_asked_or_off_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
 
     def agree(ctrl: Any, v: int) -> int:
         seen.append(v)
         return v
 
-    monkeypatch.delenv("DS4F_ALLREDUCE", raising=False)
+    monkeypatch.setenv("DS4F_ALLREDUCE", "nccl")
     assert symm.try_symm(None, None, 0, 2, torch.device("cuda"), True, agree) is None
-    monkeypatch.setenv("DS4F_ALLREDUCE", "symm")
+    monkeypatch.delenv("DS4F_ALLREDUCE", raising=False)  # the default: symm where it can run
     assert symm.try_symm(None, None, 0, 2, torch.device("cpu"), True, agree) is None
     assert symm.try_symm(None, None, 0, 2, torch.device("cuda"), False, agree) is None  # two nodes: no P2P
     assert seen == []  # decided from the config alone: every rank skips the agreement alike

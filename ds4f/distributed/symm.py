@@ -3,8 +3,9 @@
 Through torch's symmetric memory (CUDA backend: buffers mapped into every rank by CUDA IPC, signal pads for the
 barrier; peer-to-peer loads over NVLink, no multicast): each rank copies its x into its slot of a shared buffer and
 sums every rank's slot in one kernel. One launch and one barrier instead of NCCL's ring for decode-sized messages
-(T x hidden bf16, 8 KB per token); larger messages stay on NCCL. Opt-in (DS4F_ALLREDUCE=symm) until
-tests/gpu/test_symm_allreduce.py has run on two GPUs; CUDA-graph capturable like the NCCL path.
+(T x hidden bf16, 8 KB per token); larger messages stay on NCCL. The default on one node (DS4F_ALLREDUCE=nccl
+reverts): tests/gpu/test_symm_allreduce.py on 2 H200s gave NCCL's sums exactly, eagerly and from a CUDA graph, at
+~30 us per eager call against NCCL's ~35. CUDA-graph capturable like the NCCL path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ MAX_BYTES = 512 << 10  # 64 tokens x 4096 x bf16: the largest decode graph bucke
 
 
 def wanted() -> bool:
-    return os.environ.get("DS4F_ALLREDUCE", "nccl") == "symm"
+    return os.environ.get("DS4F_ALLREDUCE", "symm") == "symm"
 
 
 class SymmAllReduce:
@@ -62,7 +63,7 @@ class SymmAllReduce:
 
 def try_symm(ctrl: Any, store: Any, rank: int, world: int, device: torch.device, single_node: bool,
              agree: Any, backend: Any = None) -> SymmAllReduce | None:
-    """A SymmAllReduce when DS4F_ALLREDUCE=symm, CUDA, one node, and every rank built one (agreed over the control
+    """A SymmAllReduce unless DS4F_ALLREDUCE=nccl: CUDA, one node, and every rank built one (agreed over the control
     group, so no rank takes a path the others did not); else None (NCCL)."""
     if not (wanted() and device.type == "cuda" and single_node and world > 1):
         return None

@@ -55,6 +55,7 @@ class _Derived:
     attn_idx: dict[int, torch.Tensor]  # HCA ratio -> [T, W + L] int32; CSA with L <= topk likewise (eager steps: L
     # cut to the entries the step can see, as for slots)
     live: dict[int, torch.Tensor]  # ratio of attn_idx -> [T] int32 W + visible entries: attn_idx[t, live[t]:] = -1
+    pvis: dict[int, torch.Tensor]  # ratio of attn_idx -> [T] int32 visible entries (prefix_attn steps only)
     slots: dict[int, torch.Tensor]  # CSA ratio -> [B, L] int32 index-pool rows per sequence (a view of the first
     # L = glue.index_len(meta.max_len, ...) columns: eager steps score only the entries they can see)
     vis32: dict[int, torch.Tensor]  # CSA ratio -> [T] int32 visible entries (t+1)//ratio, clipped to L
@@ -79,16 +80,21 @@ class FastModel:
         n_idx = -(-max_pos // min(self.ratios)) if self.ratios else 0
         self.zero_rank = -(torch.arange(n_idx, device=self.device, dtype=torch.float32) + 1) * 1e-30
         self.index_bucket = glue.INDEX_BUCKET  # indexer column counts of eager steps are multiples of this
-        # DS4F_ATTN_LIVE=1: attention over all entries (HCA) stops at each token's visible entries (decode at a short
-        # context in pools sized for 1M); opt-in until tests/gpu/test_kernels_gpu.py's live cases run on a GPU
-        self.attn_live = os.environ.get("DS4F_ATTN_LIVE", "0") == "1"
-        # DS4F_SP_INDEXER=1: under TP, prefill chunks of >= sp_index_min_t tokens split the indexer by tokens (_select)
-        self.sp_indexer = os.environ.get("DS4F_SP_INDEXER", "0") == "1"
+        # attention over all entries (HCA) stops at each token's visible entries (decode at a short context in pools
+        # sized for 1M); GPU-tested (test_sparse_attn_live_bound); DS4F_ATTN_LIVE=0 walks every entry slot
+        self.attn_live = os.environ.get("DS4F_ATTN_LIVE", "1") == "1"
+        # under TP, prefill chunks of >= sp_index_min_t tokens split the indexer by tokens (_select); 128K prompt at
+        # TP=2: TTFT 22.7 s with it and the other defaults of 2026-11-28 (29.4 s before); DS4F_SP_INDEXER=0 replicates
+        self.sp_indexer = os.environ.get("DS4F_SP_INDEXER", "1") == "1"
         # from 2048 tokens: >= 1024 rows per rank, so torch.topk ranks both the split and the whole (same order)
         self.sp_index_min_t = int(os.environ.get("DS4F_SP_INDEXER_MIN_T", "2048"))
         # DS4F_INDEX_FP8=1 (fp8 index keys): indexer q quantized per head to e4m3, scores by the fp8 MMA (2x the bf16
         # rate; vLLM quantizes q the same way, the official reference simulates MXFP4). Opt-in until measured.
         self.index_fp8 = os.environ.get("DS4F_INDEX_FP8", "0") == "1"
+        # eager steps of >= prefix_min_t tokens: all-entries layers through prefix_attn (entries dequantized once per
+        # step and shared by the tokens of a sequence) instead of per-token lists; DS4F_PREFIX_ATTN=0 turns it off
+        self.prefix_attn = os.environ.get("DS4F_PREFIX_ATTN", "1") == "1"
+        self.prefix_min_t = int(os.environ.get("DS4F_PREFIX_MIN_T", "256"))
         self.gate_w32: list[torch.Tensor] = []
         self.w13: list[torch.Tensor | None] = []  # None: the layer's experts run packed (self.mx)
         self.w2: list[torch.Tensor | None] = []
@@ -169,10 +175,14 @@ class FastModel:
             cache.scratch, cache.dummy_slot, cache.comp_base, self.W, rings, tuple(ents))
         d.ring_rows = dict(zip(rings, ring_rows))
         d.cs = {k: (cs[2 * n], cs[2 * n + 1]) for n, k in enumerate(names)}
-        d.attn_idx, d.slots, d.vis32, d.live = {}, {}, {}, {}
+        d.attn_idx, d.slots, d.vis32, d.live, d.pvis = {}, {}, {}, {}, {}
+        prefix = self.prefix_attn and meta.max_len is not None and meta.positions.shape[0] >= self.prefix_min_t
         for (m, n_ent, _, direct), v in zip(ents, per):
             if direct:
                 d.attn_idx[m] = v[:, : self.W + glue.index_len(meta.max_len, m, n_ent, 0, self.index_bucket)]
+                if prefix:
+                    n = d.attn_idx[m].shape[1] - self.W
+                    d.pvis[m] = ((meta.positions + 1) // m).clamp(max=n).to(torch.int32)
                 if self.attn_live:  # the kernel skips the key splits past W + the visible entries
                     d.live[m] = ((meta.positions + 1) // m).clamp(max=n_ent).add(self.W).to(torch.int32)
             else:  # vis32 <= max_len // m <= the columns kept
@@ -255,8 +265,12 @@ class FastModel:
                 iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
                 sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
                 idx = glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
-        live = d.live.get(att.ratio) if att.kind != SWA else None  # set for attn_idx ratios (DS4F_ATTN_LIVE)
-        o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live)
+        if att.kind != SWA and att.ratio in d.pvis:
+            o = cache.attend_prefix(i, q, d.win, meta.block_table, d.seq32, d.pvis[att.ratio],
+                                    d.attn_idx[att.ratio].shape[1] - self.W, att.attn_sink, hd**-0.5)
+        else:
+            live = d.live.get(att.ratio) if att.kind != SWA else None  # set for attn_idx ratios (DS4F_ATTN_LIVE)
+            o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live)
         cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
         o = packed.grouped_out(att.wo_a, rope_(o, cos, sin, inverse=True), att.o_groups)  # [T, G*o_lora_rank]
         return packed.linear(att.wo_b, o)

@@ -33,9 +33,9 @@ from ds4f.model.moe import MoE
 from ds4f.model.quant import FP8_BLOCK, dequantize
 from ds4f.runner.gpu import glue
 
-# DS4F_SHARED_FP8=1: an FP8 shared expert runs on its packed weights (fp8_linear, the FP8 GEMV at decode with
-# DS4F_FP8_GEMV=1) instead of a bf16 copy through fused_moe; opt-in until measured on a GPU
-SHARED_FP8 = os.environ.get("DS4F_SHARED_FP8", "0") == "1"
+# an FP8 shared expert runs on its packed weights (fp8_linear) instead of a bf16 copy through fused_moe (~1 GiB per
+# rank at TP=2); GPU-tested (test_shared_expert_on_packed_fp8_gpu); DS4F_SHARED_FP8=0 keeps the bf16 copy
+SHARED_FP8 = os.environ.get("DS4F_SHARED_FP8", "1") == "1"
 
 
 def shared_fp8_out(shared: tuple[InProj, Linear], x: torch.Tensor, limit: float) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 
 from ds4f.kernels import indexer_scores, sparse_attn
 from ds4f.kernels.fp8 import FP8, kv_exp_bytes, store_key_rows, store_kv_rows
+from ds4f.kernels.prefix_attn import dense_entries, prefix_attn
 from ds4f.model.args import CSA, HCA, ModelArgs
 
 KV_DTYPES = {"auto": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "fp8_e4m3": "fp8"}
@@ -166,6 +167,15 @@ class FastCache:
         if isinstance(pool, Fp8KV):
             return sparse_attn(q, pool.nope, idx, sink, scale, pool.exp, kv_rope=pool.rope, live=live, **self.attn_kw)
         return sparse_attn(q, pool, idx, sink, scale, live=live, **self.attn_kw)
+
+    def attend_prefix(self, layer: int, q: torch.Tensor, win: torch.Tensor, table: torch.Tensor, seq: torch.Tensor,
+                      vis: torch.Tensor, n_ent: int, sink: torch.Tensor, scale: float) -> torch.Tensor:
+        """attend's softmax for an all-entries layer through prefix_attn: window rows win [T, W] plus entries
+        0..vis[t]-1 of block-table row seq[t] (each sequence's first n_ent entries dequantized once) -> [T, H, hd]."""
+        pool = self.kv[layer]
+        parts = pool.parts() if isinstance(pool, Fp8KV) else pool
+        ent = dense_entries(parts, table, self.comp_base, self.epb(self.ratio[layer]), n_ent)
+        return prefix_attn(q, ent, seq, vis, win, parts, sink, scale)  # type: ignore[arg-type]
 
     def index_scores(self, layer: int, q: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, seq_of: torch.Tensor,
                      valid_len: torch.Tensor) -> torch.Tensor:
