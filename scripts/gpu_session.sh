@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU validation (run from the repo root on the GPU machine; outputs under $OUT, at most
-# a few files so they all come back). Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full [git-rev]
+# a few files so they all come back).
+# Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m [git-rev]
 #   tests    every tests/gpu file (DS4F_COMPILE=0: the compiled glue is covered by the decode bench), one log
 #   decode   bench/bench_decode.py: decode b1/4/16 at 0 / 8K / 1M (synthesized), prefill 1K / 8K, profiles
 #   ttft     bench/bench_ttft.py through the engine (--runner fast): 128K, then 1M
 #   kernels  bench_moe, bench_fp8_gemm, bench_moe_mxfp4 (each measures its own ceilings)
 #   tp       bench/bench_tp.py on 2 GPUs: bf16 4 layers and fp32 2 layers
 #   full     bench/bench_full.py on 2 GPUs: the full model at TP=2 (decode, a FULL_TTFT-token prompt, profiles)
+#   prefill1m  2 GPUs: prefix-attention / token-blocked indexer GPU tests + indexer sweep, then `full` at 1M with them
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD DS4F_GIT=${2:-unknown}
 OUT=${OUT:-/tmp/out}
@@ -41,5 +43,24 @@ case "${1:-}" in
   full)  # 2 GPUs (kind nvidia-h200-x2): the 43-layer V4-Flash, TP=2, decode b1/b4, a 128K prompt, profiles
     C="python3 bench/bench_full.py --tp 2 --ttft-tokens ${FULL_TTFT:-131072} --profile $OUT --out $OUT/full.jsonl"
     timeout 560 $C --command "$C" 2>&1 | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
-  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full [git-rev]" >&2; exit 2 ;;
+  prefill1m)  # 2 GPUs: the prefill kernels' GPU tests and the indexer sweep side by side (it picks
+    # DS4F_INDEXER_TB), then the full model's 1M-token prompt with what passed (batch 1 decode, profiles)
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_prefix_attn_gpu.py \
+      > "$OUT/test_prefix.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_indexer_tb_gpu.py \
+      > "$OUT/test_tb.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/sweep_indexer_tb.py --out "$OUT/indexer_tb.jsonl" \
+      > "$OUT/sweep_tb.log" 2>&1
+    wait
+    P=0; grep -q " passed" "$OUT/test_prefix.log" && ! grep -q "failed\|error" "$OUT/test_prefix.log" && P=1
+    TB=1; grep -q " passed" "$OUT/test_tb.log" && ! grep -q "failed\|error" "$OUT/test_tb.log" && \
+      TB=$(grep -o "PICK DS4F_INDEXER_TB=[0-9,]*" "$OUT/sweep_tb.log" | cut -d= -f2); TB=${TB:-1}
+    tail -n 3 "$OUT/test_tb.log"; grep -E "ms|passed|failed" "$OUT/test_prefix.log" | tail -n 8
+    grep -E "^variant|PICK" "$OUT/sweep_tb.log"
+    E="DS4F_PREFIX_ATTN=$P DS4F_INDEXER_TB=$TB DS4F_INDEX_FP8=${DS4F_INDEX_FP8:-1}"
+    C="python3 bench/bench_full.py --tp 2 --batches 1 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
+    echo "# $E $C (${SECONDS}s in)"
+    env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | grep -E "^(case|#|  prefill)|Error|error|failure" \
+      | tail -n 40 ;;
+  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m [git-rev]" >&2; exit 2 ;;
 esac

@@ -99,3 +99,19 @@ def test_prefix_attn_builds(arch: int, nope: int) -> None:
     k = build(pa._prefix_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_M=64, BLOCK_N=bn, BT=3, NOPE=nope,
                                           NATIVE_FP8=arch >= 89), arch, 8, 2)
     assert k["shared"] <= (227 if arch >= 90 else 163) * 1024
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("bt", [2, 4])
+def test_indexer_token_blocks_build(arch: int, bt: int) -> None:
+    from ds4f.kernels import indexer_tb
+
+    fp8 = arch >= 89
+    for qfp8 in (False, True) if fp8 else (False,):
+        k = build(indexer_tb._indexer_tb_fwd, dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",
+                                                   k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32",
+                                                   slots_ptr="*i32", seq_ptr="*i32", vlen_ptr="*i32",
+                                                   out_ptr="*fp32", scale="fp32"),
+                  dict(DI=128, BLOCK_HI=64, BT=bt, BLOCK_L=64, N_INNER=4, KSCALE=fp8, QFP8=qfp8), arch,
+                  8 if bt > 2 else 4, 3)
+        assert k["shared"] <= 160 * 1024

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
@@ -12,6 +14,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the wrappers fall back to the references
     triton = None
+
+TB_MIN_T = 64  # DS4F_INDEXER_TB applies to calls of at least this many tokens (prefill chunks)
 
 if triton is not None:
 
@@ -141,6 +145,7 @@ def indexer_scores(
     n_inner: int | None = None,
     num_warps: int = 4,
     num_stages: int = 4,
+    token_block: int | None = None,
 ) -> torch.Tensor:
     """scores [T, L] fp32 = scale * Σ_h w[t,h] ReLU(q[t,h]·k[slots[seq_of[t], l]]), -inf at l >= valid_len[t].
 
@@ -148,7 +153,9 @@ def indexer_scores(
     scales folded into w, which ReLU commutes with); w [T, Hi] fp32; k_pool [N, d] bf16, or e4m3 with
     k_scale [N] fp32 (one scale per row, the 132 B/entry format); slots [S, L] int32 flat slot ids per sequence;
     seq_of [T] int32 (row of slots per token); valid_len [T] int32 (causal count (t+1)//ratio, clipped to L).
-    Slots at l >= valid_len are never read. scale defaults to d^-0.5."""
+    Slots at l >= valid_len are never read. scale defaults to d^-0.5. token_block > 1: that many tokens per program
+    (ds4f.kernels.indexer_tb, each key tile shared by them); None: DS4F_INDEXER_TB ("bt" or "bt,block_l,num_warps";
+    default 1 = one token per program) for calls of >= TB_MIN_T tokens."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -173,6 +180,18 @@ def indexer_scores(
     out = torch.empty(T, L, dtype=torch.float32, device=q.device)
     if T == 0 or L == 0:
         return out
+    if token_block is None and T >= TB_MIN_T:  # DS4F_INDEXER_TB = "bt" or "bt,block_l,num_warps"
+        knobs = [int(v) for v in os.environ.get("DS4F_INDEXER_TB", "1").split(",")]
+        token_block = knobs[0]
+        if len(knobs) == 3:
+            block_l, num_warps = knobs[1], knobs[2]
+    if token_block is not None and token_block > 1:
+        from ds4f.kernels.indexer_tb import launch_tb
+
+        nb = triton.cdiv(T, token_block)
+        n_in = n_inner or max(1, min(8, triton.cdiv(nb * L, block_l * 2 * sm_count(q.device))))
+        return launch_tb(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, token_block, block_l, n_in,
+                         num_warps, num_stages)
     if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
         n_inner = max(1, min(8, triton.cdiv(T * L, block_l * 2 * sm_count(q.device))))
     grid = (T, triton.cdiv(L, block_l * n_inner))
