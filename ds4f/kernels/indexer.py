@@ -15,7 +15,11 @@ try:
 except ImportError:  # CPU-only installs: the wrappers fall back to the references
     triton = None
 
-TB_MIN_T = 64  # DS4F_INDEXER_TB applies to calls of at least this many tokens (prefill chunks)
+# DS4F_INDEXER_TB (default TB_DEFAULT) applies to calls of at least TB_MIN_T tokens (long prefill chunks). H200,
+# 4096 tokens x 229,376 entries (a 1M prompt's last chunk on one TP=2 rank), e4m3 q: one token per program 70.2 ms,
+# 2 tokens x 128 keys x 4 warps 55.3 ms, the best of 7 blocked tiles (bench/results/indexer_tb.jsonl)
+TB_MIN_T = 1024
+TB_DEFAULT = "2,128,4"
 
 if triton is not None:
 
@@ -155,7 +159,7 @@ def indexer_scores(
     seq_of [T] int32 (row of slots per token); valid_len [T] int32 (causal count (t+1)//ratio, clipped to L).
     Slots at l >= valid_len are never read. scale defaults to d^-0.5. token_block > 1: that many tokens per program
     (ds4f.kernels.indexer_tb, each key tile shared by them); None: DS4F_INDEXER_TB ("bt" or "bt,block_l,num_warps";
-    default 1 = one token per program) for calls of >= TB_MIN_T tokens."""
+    1 = one token per program; default TB_DEFAULT) for calls of >= TB_MIN_T tokens."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -181,7 +185,7 @@ def indexer_scores(
     if T == 0 or L == 0:
         return out
     if token_block is None and T >= TB_MIN_T:  # DS4F_INDEXER_TB = "bt" or "bt,block_l,num_warps"
-        knobs = [int(v) for v in os.environ.get("DS4F_INDEXER_TB", "1").split(",")]
+        knobs = [int(v) for v in os.environ.get("DS4F_INDEXER_TB", TB_DEFAULT).split(",")]
         token_block = knobs[0]
         if len(knobs) == 3:
             block_l, num_warps = knobs[1], knobs[2]

@@ -164,7 +164,8 @@ def warm_up(prep: Prepared, config: EngineConfig) -> None:
     if prep.fast:
         from ds4f.runner.gpu import runner as gpu
 
-        gpu.fast_warmup(prep.fm, gpu.round_up(mml, config.block_size), num_tokens, num_logits, config.block_size)
+        gpu.fast_warmup(prep.fm, gpu.round_up(mml, config.block_size), num_tokens, num_logits, config.block_size,
+                        config.resolved_kv_cache_dtype)
     else:
         warmup(prep.model, num_tokens, num_logits, device)
 
