@@ -97,30 +97,44 @@ def categorize(prof: Any) -> dict[str, float]:
     return out
 
 
+def _profiled(engine: Any, steps: int, path: Path, head: str) -> None:
+    """`steps` engine steps under the CUDA profiler -> rank 0's kernel table at path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    cats = {k: round(v / steps, 3) for k, v in categorize(prof).items()}
+    path.write_text(f"{head}\nms per step by category: {json.dumps(cats)}\n"
+                    + prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=70))
+
+
 def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
-             profile_chunk: Path | None = None) -> tuple[float | None, float, dict]:
+             profile_chunk: Path | None = None, profile_decode: Path | None = None) -> tuple[float | None, float, dict]:
     """-> (TTFT s of the first prompt, wall s, decode summary of the full batch + engine_tokens_per_s: tokens
     after every request's first one over the wall time since then, i.e. with the scheduler, sampler and output
     bookkeeping the step time leaves out). profile_chunk: a kernel table of the prefill step that starts past 7/8
-    of the first prompt (rank 0), written there."""
+    of the first prompt (rank 0), written there. profile_decode: one of 8 decode steps after the 16th new token
+    (their step times are left out of the summary)."""
     sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     timer.steps.clear()
     t0 = time.perf_counter()
     reqs = [engine.add_request(p, sp) for p in prompts]
     ttft, last, all_first = None, t0, None
+    prof_s, prof_tokens = 0.0, 0  # profiled decode steps: left out of the engine rate too
     while engine.has_unfinished_requests():
         if profile_chunk is not None and reqs[0].num_computed_tokens >= len(prompts[0]) * 7 // 8 and ttft is None:
-            from torch.profiler import ProfilerActivity, profile
-
             start = reqs[0].num_computed_tokens
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                engine.step()
-                torch.cuda.synchronize()
-            profile_chunk.write_text(
-                f"rank 0, one prefill step from position {start} to {reqs[0].num_computed_tokens}\n"
-                f"ms by category: {json.dumps({k: round(v, 2) for k, v in categorize(prof).items()})}\n"
-                + prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=70))
+            _profiled(engine, 1, profile_chunk, f"rank 0, one prefill step from position {start}")
             profile_chunk = None
+        elif profile_decode is not None and len(reqs[0].output_token_ids) >= 16 and new >= 32:
+            n0, p0 = len(timer.steps), time.perf_counter()
+            _profiled(engine, 8, profile_decode, f"rank 0, 8 decode steps of batch {len(prompts)} from position "
+                                                 f"{reqs[0].num_computed_tokens}")
+            del timer.steps[n0:]
+            prof_s, prof_tokens = time.perf_counter() - p0, 8 * len(prompts)
+            profile_decode = None
         else:
             engine.step()
         now = time.perf_counter()
@@ -134,7 +148,7 @@ def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
     end = time.perf_counter()
     summ = timer.summary(len(prompts))
     if all_first is not None and end > all_first and new > 1:
-        summ["engine_tokens_per_s"] = round(len(prompts) * (new - 1) / (end - all_first), 1)
+        summ["engine_tokens_per_s"] = round((len(prompts) * (new - 1) - prof_tokens) / (end - all_first - prof_s), 1)
     return ttft, end - t0, summ
 
 
@@ -224,7 +238,8 @@ def main() -> None:
     if args.ttft_tokens:
         n = args.ttft_tokens
         pc = Path(args.profile) / f"profile_full_prefill_{n}.txt" if args.profile else None
-        ttft, wall, summ = run_case(engine, timer, [prompt(n)], args.decode_tokens, pc)
+        pd = Path(args.profile) / f"profile_full_decode_after_{n}.txt" if args.profile else None
+        ttft, wall, summ = run_case(engine, timer, [prompt(n)], args.decode_tokens, pc, pd)
         pre = [s["step_ms"] for s in timer.steps if not s["decode"]]
         emit(dict(decode_record(summ, 1, n), case="ttft", ttft_s=round(ttft or 0.0, 2),
                   prefill_tokens_per_s=round(n / (ttft or 1), 1), chunk=args.max_num_batched_tokens,

@@ -1,7 +1,8 @@
 """⑥ indexer scores at a long-prompt prefill chunk, one token per program (indexer_scores' kernel) against the
 token-blocked kernel (ds4f/kernels/indexer_tb.py) over a few tile choices; each variant's scores checked against
 the one-token kernel's. Prints one line per variant, appends JSON records, and ends with the line
-`PICK DS4F_INDEXER_TB=<bt,block_l,num_warps>` (or `=1`: no blocked variant was >= 5 % faster and matching).
+`PICK DS4F_INDEXER_TB=<[k,]bt,block_l,num_warps>` (or `=1`: no blocked variant was >= 5 % faster and
+matching).
 
 Default shape: the last 8K-token chunk of a 1M-token prompt on one TP=2 rank with the token-split indexer:
 4096 tokens x 229,376 visible entries, 64 heads of 128, fp8 keys with row scales, e4m3 queries (DS4F_INDEX_FP8)."""
@@ -47,39 +48,42 @@ def main() -> None:
         w = w * qs
     flops = indexer_flops(T, HI, DI, L)
 
-    def run(bt: int, bl: int, nw: int, ns: int) -> torch.Tensor:
+    def run(bt: int, bl: int, nw: int, ns: int, km: bool = False) -> torch.Tensor:
         return indexer_scores(q, w, k8, slots, seq, vl, k_scale=ks, token_block=bt, block_l=bl, num_warps=nw,
-                              num_stages=ns)
+                              num_stages=ns, keys_major=km)
 
     base = run(1, 64, 4, 4)
     fin = torch.isfinite(base)
     ref_norm = base[fin].double().norm()
-    variants = [(1, 64, 4, 4), (2, 64, 4, 3), (2, 128, 4, 3), (2, 64, 8, 3), (2, 128, 8, 3), (4, 64, 8, 3),
-                (4, 128, 8, 2), (4, 32, 8, 3)]
+    # (token block, keys per tile, warps, stages, keys-major)
+    variants = [(1, 64, 4, 4, False), (2, 128, 4, 3, False), (2, 64, 4, 3, False), (4, 64, 8, 3, False),
+                (8, 128, 4, 2, True), (16, 128, 4, 2, True), (16, 128, 8, 2, True), (32, 64, 4, 2, True),
+                (16, 256, 8, 2, True)]
     best, best_us, base_us = "1", 0.0, 0.0
-    for bt, bl, nw, ns in variants:
+    for bt, bl, nw, ns, km in variants:
         try:
-            out = run(bt, bl, nw, ns)
+            out = run(bt, bl, nw, ns, km)
             err = ((out[fin].double() - base[fin].double()).norm() / ref_norm).item()
             ok = bool(torch.equal(torch.isfinite(out), fin)) and err < 1e-3
-            us = time_us(lambda v=(bt, bl, nw, ns): run(*v), iters=5, flush=False, graph=False)
+            us = time_us(lambda v=(bt, bl, nw, ns, km): run(*v), iters=5, flush=False, graph=False)
         except Exception as ex:  # a tile that does not compile here: reported, not picked
-            print(f"variant bt={bt} block_l={bl} nw={nw} ns={ns} FAILED {type(ex).__name__}: {str(ex)[:160]}")
+            print(f"variant bt={bt} block_l={bl} nw={nw} ns={ns} keys_major={km} FAILED {type(ex).__name__}: "
+                  f"{str(ex)[:160]}")
             continue
         del out
         tf = flops / us / 1e6
         if bt == 1:
             base_us = us
-        print(f"variant bt={bt} block_l={bl} nw={nw} ns={ns} ms={us / 1e3:.2f} tflops={tf:.0f} rel_err={err:.1e} "
-              f"match={ok}", flush=True)
+        print(f"variant bt={bt} block_l={bl} nw={nw} ns={ns} keys_major={km} ms={us / 1e3:.2f} tflops={tf:.0f} "
+              f"rel_err={err:.1e} match={ok}", flush=True)
         rec = dict(meta, case="indexer_prefill_chunk", tokens=T, entries=L, q="bf16" if args.bf16_q else "e4m3",
-                   token_block=bt, block_l=bl, num_warps=nw, num_stages=ns, time_ms=round(us / 1e3, 3),
+                   token_block=bt, block_l=bl, num_warps=nw, num_stages=ns, keys_major=km, time_ms=round(us / 1e3, 3),
                    tflops=round(tf, 1), frac_bf16_mm=round(tf / mm_tflops, 3), rel_err_vs_one_token=err, match=ok,
                    copy_gbps=round(copy_gbps), bf16_mm_tflops=round(mm_tflops))
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if bt > 1 and ok and us < 0.95 * base_us and (not best_us or us < best_us):
-            best, best_us = f"{bt},{bl},{nw}", us
+            best, best_us = ("k," if km else "") + f"{bt},{bl},{nw}", us
     print(f"PICK DS4F_INDEXER_TB={best}", flush=True)
 
 

@@ -54,7 +54,7 @@ case "${1:-}" in
     wait
     P=0; grep -q " passed" "$OUT/test_prefix.log" && ! grep -q "failed\|error" "$OUT/test_prefix.log" && P=1
     TB=1; grep -q " passed" "$OUT/test_tb.log" && ! grep -q "failed\|error" "$OUT/test_tb.log" && \
-      TB=$(grep -o "PICK DS4F_INDEXER_TB=[0-9,]*" "$OUT/sweep_tb.log" | cut -d= -f2); TB=${TB:-1}
+      TB=$(grep -o "PICK DS4F_INDEXER_TB=[0-9k,]*" "$OUT/sweep_tb.log" | cut -d= -f2); TB=${TB:-1}
     tail -n 3 "$OUT/test_tb.log"; grep -E "ms|passed|failed" "$OUT/test_prefix.log" | tail -n 8
     grep -E "^variant|PICK" "$OUT/sweep_tb.log"
     E="DS4F_PREFIX_ATTN=$P DS4F_INDEXER_TB=$TB DS4F_INDEX_FP8=${DS4F_INDEX_FP8:-1}"

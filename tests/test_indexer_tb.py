@@ -1,6 +1,7 @@
 """⑥ the token-blocked indexer (ds4f/kernels/indexer_tb.py, DS4F_INDEXER_TB) under the Triton interpreter against
 indexer_scores_ref: blocks that straddle sequences (one pass per sequence), tokens with nothing visible, T not a
-multiple of the block, bf16 keys, e4m3 keys with row scales, and e4m3 queries."""
+multiple of the block, bf16 keys, e4m3 keys with row scales, and e4m3 queries; both the heads-major (token blocks
+as M) and the keys-major (key tile as M, tokens walked over it) kernels."""
 
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ def check_indexer_token_blocks() -> None:
     for name, qq, ww, kp, sc in cases:
         ref = indexer_scores_ref(qq, ww, kp, slots, seq, vl, di**-0.5, None if sc is None else sc)
         fin = torch.isfinite(ref)
-        for bt in (2, 4):
+        for bt, km in ((2, False), (4, False), (2, True), (8, True)):
             out = indexer.indexer_scores(qq, ww, kp, slots, seq, vl, k_scale=None if sc is None else sc.view(-1),
-                                         block_l=32, n_inner=2, token_block=bt)
-            assert torch.equal(fin, torch.isfinite(out)), (name, bt)
+                                         block_l=32, n_inner=2, token_block=bt, keys_major=km)
+            assert torch.equal(fin, torch.isfinite(out)), (name, bt, km)
             torch.testing.assert_close(out[fin], ref[fin], atol=1e-3, rtol=1e-3)
-            print("token block", bt, name, "matches")
+            print("token block", bt, "keys-major" if km else "", name, "matches")
 
 
 def test_indexer_token_blocks_interpreted() -> None:
@@ -41,4 +42,4 @@ def test_indexer_token_blocks_interpreted() -> None:
     from tests.interp import run_interpreted
 
     out = run_interpreted("test_indexer_tb", "check_indexer_token_blocks")
-    assert out.count("matches") == 6, out
+    assert out.count("matches") == 12, out

@@ -115,3 +115,17 @@ def test_indexer_token_blocks_build(arch: int, bt: int) -> None:
                   dict(DI=128, BLOCK_HI=64, BT=bt, BLOCK_L=64, N_INNER=4, KSCALE=fp8, QFP8=qfp8), arch,
                   8 if bt > 2 else 4, 3)
         assert k["shared"] <= 160 * 1024
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_indexer_keys_major_builds(arch: int) -> None:
+    from ds4f.kernels import indexer_tb
+
+    fp8 = arch >= 89
+    for qfp8 in (False, True) if fp8 else (False,):
+        k = build(indexer_tb._indexer_kt_fwd, dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",
+                                                   k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32",
+                                                   slots_ptr="*i32", seq_ptr="*i32", vlen_ptr="*i32",
+                                                   out_ptr="*fp32", scale="fp32"),
+                  dict(DI=128, BLOCK_HI=64, BT=16, BLOCK_L=128, KSCALE=fp8, QFP8=qfp8), arch, 4, 2)
+        assert k["shared"] <= 160 * 1024

@@ -150,6 +150,7 @@ def indexer_scores(
     num_warps: int = 4,
     num_stages: int = 4,
     token_block: int | None = None,
+    keys_major: bool = False,
 ) -> torch.Tensor:
     """scores [T, L] fp32 = scale * Σ_h w[t,h] ReLU(q[t,h]·k[slots[seq_of[t], l]]), -inf at l >= valid_len[t].
 
@@ -159,7 +160,8 @@ def indexer_scores(
     seq_of [T] int32 (row of slots per token); valid_len [T] int32 (causal count (t+1)//ratio, clipped to L).
     Slots at l >= valid_len are never read. scale defaults to d^-0.5. token_block > 1: that many tokens per program
     (ds4f.kernels.indexer_tb, each key tile shared by them); None: DS4F_INDEXER_TB ("bt" or "bt,block_l,num_warps";
-    1 = one token per program; default TB_DEFAULT) for calls of >= TB_MIN_T tokens."""
+    1 = one token per program; default TB_DEFAULT; "k,..." the keys-major kernel) for calls of >= TB_MIN_T tokens.
+    keys_major (with token_block): the keys-major kernel of ds4f.kernels.indexer_tb."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -184,11 +186,18 @@ def indexer_scores(
     out = torch.empty(T, L, dtype=torch.float32, device=q.device)
     if T == 0 or L == 0:
         return out
-    if token_block is None and T >= TB_MIN_T:  # DS4F_INDEXER_TB = "bt" or "bt,block_l,num_warps"
-        knobs = [int(v) for v in os.environ.get("DS4F_INDEXER_TB", TB_DEFAULT).split(",")]
+    if token_block is None and T >= TB_MIN_T:  # DS4F_INDEXER_TB = "bt", "bt,block_l,num_warps" or "k,bt,block_l,nw"
+        spec = os.environ.get("DS4F_INDEXER_TB", TB_DEFAULT).split(",")
+        keys_major = spec[0] == "k"
+        knobs = [int(v) for v in spec[int(keys_major):]]
         token_block = knobs[0]
         if len(knobs) == 3:
             block_l, num_warps = knobs[1], knobs[2]
+    if keys_major and token_block is not None:
+        from ds4f.kernels.indexer_tb import launch_kt
+
+        return launch_kt(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, token_block, block_l,
+                         num_warps, num_stages)
     if token_block is not None and token_block > 1:
         from ds4f.kernels.indexer_tb import launch_tb
 

@@ -6,6 +6,9 @@ again, and the MMA's M is one token's heads (64). Here a program takes BT tokens
 stacked (BT x 64 rows, q loaded once), each gathered key tile serves all BT tokens, and the per-token head sums
 come from one reshape of the [BT*Hi, BLOCK_L] product. Tokens of different sequences in one block (a chunk's edge
 next to a decode token) take one pass per sequence over that sequence's keys, masked to their rows.
+
+The keys-major form (_indexer_kt_fwd, DS4F_INDEXER_TB="k,bt,block_l,num_warps") swaps the MMA's operands: a tile of
+BLOCK_L keys is M, one token's heads are N, and the program walks BT tokens over the same tile. Opt-in until timed.
 """
 
 from __future__ import annotations
@@ -72,6 +75,71 @@ if triton is not None:
                     sc = tl.where(offs_l[None, :] < vlen[:, None], sc, float("-inf"))
                     tl.store(out_ptr + tok[:, None] * s_ot + offs_l[None, :], sc,
                              mask=mine[:, None] & (offs_l < L)[None, :])
+
+
+    @triton.jit
+    def _indexer_kt_fwd(
+        q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
+        T, HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
+        DI: tl.constexpr, BLOCK_HI: tl.constexpr, BT: tl.constexpr, BLOCK_L: tl.constexpr,
+        KSCALE: tl.constexpr, QFP8: tl.constexpr,
+    ):
+        # keys-major: program = (BLOCK_L keys, BT tokens). The key tile is the MMA's M operand, a token's heads its N,
+        # so the head sum runs along N (within a thread's columns and a few lanes) instead of across warps; the tile
+        # is gathered once per sequence change and reused by the following tokens.
+        l0 = tl.program_id(0) * BLOCK_L
+        t0 = tl.program_id(1).to(tl.int64) * BT
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        offs_h = tl.arange(0, BLOCK_HI)
+        offs_d = tl.arange(0, DI)
+        hmask = offs_h < HI
+        lmask = offs_l < L
+        cur = tl.load(seq_ptr + t0) * 0 - 1  # sequence whose keys the tile holds (-1: none yet)
+        keys = tl.zeros([BLOCK_L, DI], dtype=k_ptr.dtype.element_ty)
+        kscale = tl.zeros([BLOCK_L], dtype=tl.float32)
+        for b in range(0, BT):
+            t = t0 + b
+            if t < T:
+                vlen = tl.minimum(tl.load(vlen_ptr + t), L)
+                if l0 < vlen:
+                    sq = tl.load(seq_ptr + t)
+                    if sq != cur:  # (re)gather this sequence's keys of the tile, up to the widest row that reads it
+                        slot = tl.load(slots_ptr + sq.to(tl.int64) * s_ss + offs_l, mask=lmask, other=0).to(tl.int64)
+                        keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=lmask[:, None], other=0.0)
+                        if KSCALE:
+                            kscale = tl.load(ks_ptr + slot, mask=lmask, other=0.0)
+                        cur = sq
+                    q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :], mask=hmask[:, None],
+                                other=0.0)
+                    w = tl.load(w_ptr + t * s_wt + offs_h, mask=hmask, other=0.0) * scale
+                    if QFP8:  # e4m3 keys x e4m3 q (per-head scales folded into w): the fp8 MMA
+                        s = tl.dot(keys, tl.trans(q))
+                    else:
+                        kb = keys.to(tl.float32).to(tl.bfloat16) if KSCALE else keys
+                        s = tl.dot(kb, tl.trans(q))  # [BLOCK_L, BLOCK_HI]
+                    sc = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
+                    if KSCALE:  # a positive per-row scale commutes with ReLU
+                        sc = sc * kscale
+                    sc = tl.where(offs_l < vlen, sc, float("-inf"))
+                else:
+                    sc = tl.full([BLOCK_L], float("-inf"), tl.float32)
+                tl.store(out_ptr + t * s_ot + offs_l, sc, mask=lmask)
+
+
+def launch_kt(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None,
+              slots: torch.Tensor, seq_of: torch.Tensor, valid_len: torch.Tensor, scale: float, out: torch.Tensor,
+              bt: int, block_l: int, num_warps: int, num_stages: int) -> torch.Tensor:
+    """indexer_scores' checked arguments -> out [T, L] filled by the keys-major kernel (bt tokens per program)."""
+    T, HI, DI = q.shape
+    L = slots.shape[1]
+    grid = (triton.cdiv(L, block_l), triton.cdiv(T, bt))
+    _indexer_kt_fwd[grid](
+        q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
+        T, HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
+        DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BT=bt, BLOCK_L=block_l,
+        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
 
 
 def launch_tb(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None,

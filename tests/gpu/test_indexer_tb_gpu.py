@@ -1,5 +1,6 @@
-"""⑥ the token-blocked indexer (DS4F_INDEXER_TB) on CUDA at V4-Flash widths (64 heads of 128, fp8 keys with row
-scales; bf16 and e4m3 queries), tokens of two sequences and a decode token in one call, against the reference."""
+"""⑥ the token-blocked indexer (DS4F_INDEXER_TB; heads-major and keys-major) on CUDA at V4-Flash widths (64 heads
+of 128, fp8 keys with row scales; bf16 and e4m3 queries), tokens of two sequences and a decode token in one call,
+against the reference."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ pytestmark = [
 TOL = 5e-4  # the fp8 MMA's accumulation (tests/gpu/test_kernels_gpu.py INDEX_FP8_TOL)
 
 
-@pytest.mark.parametrize("bt,block_l,nw", [(2, 64, 4), (2, 128, 8), (4, 64, 8)])
+@pytest.mark.parametrize("bt,block_l,nw,km", [(2, 64, 4, False), (2, 128, 4, False), (4, 64, 8, False),
+                                               (16, 128, 4, True), (8, 64, 8, True), (32, 256, 8, True)])
 @pytest.mark.parametrize("qfp8", [False, True])
-def test_token_blocks_match_reference(bt: int, block_l: int, nw: int, qfp8: bool) -> None:
+def test_token_blocks_match_reference(bt: int, block_l: int, nw: int, km: bool, qfp8: bool) -> None:
     g = torch.Generator(device="cuda").manual_seed(bt * 10 + int(qfp8))
     HI, DI, L, N = 64, 128, 3000, 7000
     lens = (201, 1, 98)  # a chunk, a decode token, another chunk
@@ -36,7 +38,7 @@ def test_token_blocks_match_reference(bt: int, block_l: int, nw: int, qfp8: bool
         q, qs = quant_heads_fp8(q)
         w = w * qs
     out = indexer_scores(q, w, k8, slots, seq, vl, k_scale=ks.view(-1), token_block=bt, block_l=block_l,
-                         num_warps=nw, num_stages=3)
+                         num_warps=nw, num_stages=2 if km else 3, keys_major=km)
     ref = indexer_scores_ref(q, w, k8, slots, seq, vl, DI**-0.5, ks)
     fin = torch.isfinite(ref)
     assert torch.equal(fin, torch.isfinite(out))
