@@ -24,16 +24,20 @@ def check_indexer_token_blocks() -> None:
     slots = torch.stack([torch.randperm(n, generator=g)[:length] for _ in range(3)]).int()
     seq = torch.tensor([2, 2, 2, 0, 1, 1, 1], dtype=torch.int32)
     vl = torch.tensor([150, 149, 3, 0, 64, 65, 200], dtype=torch.int32)
+    q[4] = 0  # every score of token 4 is an exact zero: zero_rank's tie-break values, exactly
     q8, qs = indexer.quant_heads_fp8(q)
     cases = [("bf16", q, w, keys, None), ("fp8 keys", q, w, k8, ks), ("fp8 q", q8, w * qs, k8, ks)]
     for name, qq, ww, kp, sc in cases:
         ref = indexer_scores_ref(qq, ww, kp, slots, seq, vl, di**-0.5, None if sc is None else sc)
         fin = torch.isfinite(ref)
-        for bt, km in ((2, False), (4, False), (2, True), (8, True)):
+        ranks = -(torch.arange(length, dtype=torch.float32) + 1) * 1e-30
+        for bt, km in ((1, False), (2, False), (4, False), (2, True), (8, True)):
             out = indexer.indexer_scores(qq, ww, kp, slots, seq, vl, k_scale=None if sc is None else sc.view(-1),
-                                         block_l=32, n_inner=2, token_block=bt, keys_major=km)
+                                         block_l=32, n_inner=2, token_block=bt, keys_major=km, zero_rank=True)
             assert torch.equal(fin, torch.isfinite(out)), (name, bt, km)
-            torch.testing.assert_close(out[fin], ref[fin], atol=1e-3, rtol=1e-3)
+            assert torch.equal(out[4, :64], ranks[:64]) and torch.isinf(out[4, 64:]).all()  # vl[4] = 64
+            nz = fin & (ref != 0)
+            torch.testing.assert_close(out[nz], ref[nz], atol=1e-3, rtol=1e-3)
             print("token block", bt, "keys-major" if km else "", name, "matches")
 
 
@@ -42,4 +46,4 @@ def test_indexer_token_blocks_interpreted() -> None:
     from tests.interp import run_interpreted
 
     out = run_interpreted("test_indexer_tb", "check_indexer_token_blocks")
-    assert out.count("matches") == 12, out
+    assert out.count("matches") == 15, out

@@ -110,3 +110,20 @@ def test_fast_model_prefix_path_equals_sparse_path(kv_dtype: str) -> None:
     assert len(used) == 3 * n_hca  # the three prefill steps, prefix model only
     for a, b in zip(out["prefix"], out["sparse"]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_dense_entries_in_row_chunks(monkeypatch: pytest.MonkeyPatch, fp8: bool) -> None:
+    # chunked dequantization (a bounded transient) gives the rows a one-shot gather gives
+    from ds4f.kernels import prefix_attn as pa
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 128, generator=g)
+    pool = quantize_kv_rows(x, 64) if fp8 else x.bfloat16()
+    table = torch.randint(0, 20, (3, 10), generator=g)
+    monkeypatch.setattr(pa, "DEQUANT_ROWS", 7)
+    got = dense_entries(pool, table, 40, 4, 37)
+    w = torch.arange(37)
+    rows = (40 + table[:, w // 4] * 4 + w % 4).reshape(-1)
+    want = dequantize_kv_rows(pool[0][rows], pool[1][rows], pool[2][rows]) if fp8 else pool[rows]
+    assert got.shape == (3, 37, 128) and torch.equal(got.reshape(-1, 128), want)

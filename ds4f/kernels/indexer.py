@@ -28,7 +28,7 @@ if triton is not None:
         q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
         HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
-        KSCALE: tl.constexpr, QFP8: tl.constexpr,
+        KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); q[t] [Hi, d] is the M x K operand of every block
         # int64: at 1M context a prefill chunk's score matrix is [8192, 262144] = 2^31 elements
@@ -62,6 +62,8 @@ if triton is not None:
             if KSCALE:
                 # a positive per-row scale commutes with ReLU: apply it to the reduced score
                 sc = sc * tl.load(ks_ptr + slot, mask=valid, other=0.0)
+            if ZERO_RANK:  # exact zeros -> -(l + 1) * 1e-30: among tied zeros the lower id ranks higher
+                sc = tl.where(sc == 0.0, -(offs_l + 1).to(tl.float32) * 1e-30, sc)
             sc = tl.where(valid, sc, float("-inf"))
             tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
 
@@ -151,6 +153,7 @@ def indexer_scores(
     num_stages: int = 4,
     token_block: int | None = None,
     keys_major: bool = False,
+    zero_rank: bool = False,
 ) -> torch.Tensor:
     """scores [T, L] fp32 = scale * Σ_h w[t,h] ReLU(q[t,h]·k[slots[seq_of[t], l]]), -inf at l >= valid_len[t].
 
@@ -161,7 +164,9 @@ def indexer_scores(
     Slots at l >= valid_len are never read. scale defaults to d^-0.5. token_block > 1: that many tokens per program
     (ds4f.kernels.indexer_tb, each key tile shared by them); None: DS4F_INDEXER_TB ("bt" or "bt,block_l,num_warps";
     1 = one token per program; default TB_DEFAULT; "k,..." the keys-major kernel) for calls of >= TB_MIN_T tokens.
-    keys_major (with token_block): the keys-major kernel of ds4f.kernels.indexer_tb."""
+    keys_major (with token_block): the keys-major kernel of ds4f.kernels.indexer_tb. zero_rank: an exact-zero score
+    (every head's ReLU at 0) at column l becomes -(l + 1) * 1e-30, below 0 and above any negative score a bf16
+    product gives, so among tied zeros the lower id ranks higher (what the reference's selection keeps)."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -181,7 +186,14 @@ def indexer_scores(
     scale = DI**-0.5 if scale is None else scale
     if not use_triton(q):
         ks = None if k_scale is None else k_scale[:, None]
-        return indexer_scores_ref(q, w, k_pool, slots, seq_of, valid_len, scale, ks)
+        ref = indexer_scores_ref(q, w, k_pool, slots, seq_of, valid_len, scale, ks)
+        if not zero_rank:
+            return ref
+        ranks = -(torch.arange(ref.shape[1], device=ref.device, dtype=torch.float32) + 1) * 1e-30
+        for r in range(0, ref.shape[0], 1024):  # in place, rows at a time: no second [T, L] buffer
+            part = ref[r: r + 1024]
+            torch.where(part == 0, ranks, part, out=part)
+        return ref
     L = slots.shape[1]
     out = torch.empty(T, L, dtype=torch.float32, device=q.device)
     if T == 0 or L == 0:
@@ -197,14 +209,14 @@ def indexer_scores(
         from ds4f.kernels.indexer_tb import launch_kt
 
         return launch_kt(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, token_block, block_l,
-                         num_warps, num_stages)
+                         num_warps, num_stages, zero_rank)
     if token_block is not None and token_block > 1:
         from ds4f.kernels.indexer_tb import launch_tb
 
         nb = triton.cdiv(T, token_block)
         n_in = n_inner or max(1, min(8, triton.cdiv(nb * L, block_l * 2 * sm_count(q.device))))
         return launch_tb(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, token_block, block_l, n_in,
-                         num_warps, num_stages)
+                         num_warps, num_stages, zero_rank)
     if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
         n_inner = max(1, min(8, triton.cdiv(T * L, block_l * 2 * sm_count(q.device))))
     grid = (T, triton.cdiv(L, block_l * n_inner))
@@ -212,7 +224,8 @@ def indexer_scores(
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
         HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
-        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, num_warps=num_warps, num_stages=num_stages,
+        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 

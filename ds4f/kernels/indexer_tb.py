@@ -28,7 +28,7 @@ if triton is not None:
         q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
         T, HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BT: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
-        KSCALE: tl.constexpr, QFP8: tl.constexpr,
+        KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr,
     ):
         t0 = tl.program_id(0).to(tl.int64) * BT
         l0 = tl.program_id(1) * (BLOCK_L * N_INNER)
@@ -72,6 +72,8 @@ if triton is not None:
                     sc = tl.sum(tl.reshape(p, [BT, BLOCK_HI, BLOCK_L]), 1)  # [BT, BLOCK_L]
                     if KSCALE:  # a positive per-row scale commutes with ReLU
                         sc = sc * tl.load(ks_ptr + slot, mask=kval, other=0.0)[None, :]
+                    if ZERO_RANK:  # as indexer_scores(zero_rank=True)
+                        sc = tl.where(sc == 0.0, -(offs_l[None, :] + 1).to(tl.float32) * 1e-30, sc)
                     sc = tl.where(offs_l[None, :] < vlen[:, None], sc, float("-inf"))
                     tl.store(out_ptr + tok[:, None] * s_ot + offs_l[None, :], sc,
                              mask=mine[:, None] & (offs_l < L)[None, :])
@@ -82,7 +84,7 @@ if triton is not None:
         q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
         T, HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BT: tl.constexpr, BLOCK_L: tl.constexpr,
-        KSCALE: tl.constexpr, QFP8: tl.constexpr,
+        KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr,
     ):
         # keys-major: program = (BLOCK_L keys, BT tokens). The key tile is the MMA's M operand, a token's heads its N,
         # so the head sum runs along N (within a thread's columns and a few lanes) instead of across warps; the tile
@@ -120,6 +122,8 @@ if triton is not None:
                     sc = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
                     if KSCALE:  # a positive per-row scale commutes with ReLU
                         sc = sc * kscale
+                    if ZERO_RANK:  # as indexer_scores(zero_rank=True)
+                        sc = tl.where(sc == 0.0, -(offs_l + 1).to(tl.float32) * 1e-30, sc)
                     sc = tl.where(offs_l < vlen, sc, float("-inf"))
                 else:
                     sc = tl.full([BLOCK_L], float("-inf"), tl.float32)
@@ -128,7 +132,7 @@ if triton is not None:
 
 def launch_kt(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None,
               slots: torch.Tensor, seq_of: torch.Tensor, valid_len: torch.Tensor, scale: float, out: torch.Tensor,
-              bt: int, block_l: int, num_warps: int, num_stages: int) -> torch.Tensor:
+              bt: int, block_l: int, num_warps: int, num_stages: int, zero_rank: bool = False) -> torch.Tensor:
     """indexer_scores' checked arguments -> out [T, L] filled by the keys-major kernel (bt tokens per program)."""
     T, HI, DI = q.shape
     L = slots.shape[1]
@@ -137,14 +141,16 @@ def launch_kt(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: t
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
         T, HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BT=bt, BLOCK_L=block_l,
-        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, num_warps=num_warps, num_stages=num_stages,
+        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
 
 def launch_tb(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None,
               slots: torch.Tensor, seq_of: torch.Tensor, valid_len: torch.Tensor, scale: float, out: torch.Tensor,
-              bt: int, block_l: int, n_inner: int, num_warps: int, num_stages: int) -> torch.Tensor:
+              bt: int, block_l: int, n_inner: int, num_warps: int, num_stages: int,
+              zero_rank: bool = False) -> torch.Tensor:
     """indexer_scores' checked arguments -> out [T, L] filled (bt tokens per program)."""
     T, HI, DI = q.shape
     L = slots.shape[1]
@@ -154,6 +160,7 @@ def launch_tb(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: t
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
         T, HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BT=bt, BLOCK_L=block_l, N_INNER=n_inner,
-        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, num_warps=num_warps, num_stages=num_stages,
+        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

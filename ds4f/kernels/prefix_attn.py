@@ -117,12 +117,21 @@ def _rows(pool: Pool, rows: torch.Tensor) -> torch.Tensor:
     return dequantize_kv_rows(nope[rows], exp[rows], rope[rows], torch.bfloat16)
 
 
+DEQUANT_ROWS = 1 << 16  # rows dequantized at a time: ~0.4 GiB of fp32 temporaries at head_dim 512
+
+
 def dense_entries(pool: Pool, table: torch.Tensor, comp_base: int, epb: int, n: int) -> torch.Tensor:
     """Entries 0..n-1 of every block-table row -> [B, n, D] bf16 (entry w of row b at pool row
-    comp_base + table[b, w // epb] * epb + w % epb; entries past a sequence's blocks read the dummy block)."""
+    comp_base + table[b, w // epb] * epb + w % epb; entries past a sequence's blocks read the dummy block).
+    Dequantized DEQUANT_ROWS at a time: a step of many sequences next to a 1M-token one holds B x n rows, and only
+    the bf16 result may be that large (the warmup's activation peak has B = 1)."""
     w = torch.arange(n, device=table.device)
-    rows = comp_base + table[:, w // epb] * epb + w % epb  # [B, n]
-    return _rows(pool, rows.reshape(-1)).view(table.shape[0], n, -1)
+    rows = (comp_base + table[:, w // epb] * epb + w % epb).reshape(-1)  # [B * n]
+    D = pool.shape[1] if isinstance(pool, torch.Tensor) else pool[0].shape[1] + pool[2].shape[1]
+    out = torch.empty(rows.numel(), D, dtype=torch.bfloat16, device=table.device)
+    for r in range(0, rows.numel(), DEQUANT_ROWS):
+        out[r: r + DEQUANT_ROWS] = _rows(pool, rows[r: r + DEQUANT_ROWS])
+    return out.view(table.shape[0], n, D)
 
 
 def prefix_attn_ref(q: torch.Tensor, ent: torch.Tensor, seq: torch.Tensor, vis: torch.Tensor, win: torch.Tensor,

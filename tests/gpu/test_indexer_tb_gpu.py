@@ -34,13 +34,17 @@ def test_token_blocks_match_reference(bt: int, block_l: int, nw: int, km: bool, 
     slots = torch.stack([torch.randperm(N, device="cuda", generator=g)[:L] for _ in lens]).int()
     seq = torch.cat([torch.full((n,), i, dtype=torch.int32, device="cuda") for i, n in enumerate(lens)])
     vl = torch.randint(0, L + 1, (T,), device="cuda", generator=g, dtype=torch.int32)
+    q[5] = 0  # exact-zero scores: zero_rank's tie-break values
+    vl[5] = L
     if qfp8:
         q, qs = quant_heads_fp8(q)
         w = w * qs
     out = indexer_scores(q, w, k8, slots, seq, vl, k_scale=ks.view(-1), token_block=bt, block_l=block_l,
-                         num_warps=nw, num_stages=2 if km else 3, keys_major=km)
+                         num_warps=nw, num_stages=2 if km else 3, keys_major=km, zero_rank=True)
     ref = indexer_scores_ref(q, w, k8, slots, seq, vl, DI**-0.5, ks)
     fin = torch.isfinite(ref)
     assert torch.equal(fin, torch.isfinite(out))
+    assert torch.equal(out[5], -(torch.arange(L, device="cuda", dtype=torch.float32) + 1) * 1e-30)
+    fin &= ref != 0
     err = ((out[fin].double() - ref[fin].double()).norm() / ref[fin].double().norm()).item()
     assert err < TOL, err

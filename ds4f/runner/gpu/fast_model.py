@@ -76,9 +76,6 @@ class FastModel:
         rm = Rope.for_layer(a, next((i for i in range(a.num_hidden_layers) if a.layer_type(i) == SWA), 0))
         self.tables = {"main": rm.cos_sin(pos), "compress": Rope.compress(a).cos_sin(pos)}
         del pos
-        # -(id + 1) * 1e-30: below 0, above any negative score a bf16 product can give; lower id ranks higher
-        n_idx = -(-max_pos // min(self.ratios)) if self.ratios else 0
-        self.zero_rank = -(torch.arange(n_idx, device=self.device, dtype=torch.float32) + 1) * 1e-30
         self.index_bucket = glue.INDEX_BUCKET  # indexer column counts of eager steps are multiples of this
         # attention over all entries (HCA) stops at each token's visible entries (decode at a short context in pools
         # sized for 1M); GPU-tested (test_sparse_attn_live_bound); DS4F_ATTN_LIVE=0 walks every entry slot
@@ -294,8 +291,6 @@ class FastModel:
             q, qs = quant_heads_fp8(q)
             w = w * qs
         sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis)
-        # exact-zero scores (every head's ReLU at 0) tie; the reference keeps the lowest ids among them
-        sc = glue.rank_zeros(sc, self.zero_rank)
         sel = topk_indices(sc, k, valid_len=vis)
         if not sp:
             return sel

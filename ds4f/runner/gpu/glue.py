@@ -193,22 +193,11 @@ INDEX_BUCKET = 256  # indexer column counts are multiples of this: few distinct 
 def index_len(max_len: int | None, ratio: int, n_ent: int, topk: int, bucket: int = INDEX_BUCKET) -> int:
     """Host ints -> the indexer columns an eager step needs: every token's visible count (p+1)//ratio <= max_len //
     ratio, and at least topk, rounded up to `bucket`, at most n_ent (None: n_ent). Columns past a token's visible
-    count score -inf and are never selected, so scoring [:, :n] selects the set the full n_ent would (rank_zeros'
-    tie-break values zero_rank[:n] do not depend on n), in the same order under torch.topk (sorted by value)."""
+    count score -inf and are never selected, so scoring [:, :n] selects the set the full n_ent would (the zero-score
+    tie-break -(l + 1) * 1e-30 does not depend on n), in the same order under torch.topk (sorted by value)."""
     if max_len is None:
         return n_ent
     return min(n_ent, -(-max(max_len // ratio, topk, 1) // bucket) * bucket)
-
-
-def rank_zeros(sc: torch.Tensor, zero_rank: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-    """Indexer scores [T, L], in place: exact zeros -> zero_rank[:L] (tiny negatives, lower id ranks higher).
-    In place and `rows` at a time: at 1M context a prefill chunk's scores are [8192, 262144] fp32 (8 GiB), so a
-    second copy (or a whole-size mask) would double the activation peak."""
-    zr = zero_rank[: sc.shape[1]]
-    for r in range(0, sc.shape[0], rows):
-        part = sc[r: r + rows]
-        torch.where(part == 0, zr, part, out=part)
-    return sc
 
 
 @fuse

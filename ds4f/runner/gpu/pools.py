@@ -179,11 +179,12 @@ class FastCache:
 
     def index_scores(self, layer: int, q: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, seq_of: torch.Tensor,
                      valid_len: torch.Tensor) -> torch.Tensor:
-        """indexer_scores over layer's index keys (arguments as ds4f.kernels.indexer_scores) -> [T, L] fp32."""
+        """indexer_scores over layer's index keys (arguments as ds4f.kernels.indexer_scores, zero_rank on: exact
+        zeros tie-broken by id) -> [T, L] fp32."""
         keys = self.index[layer]
         if isinstance(keys, Fp8Keys):
-            return indexer_scores(q, w, keys.keys, slots, seq_of, valid_len, k_scale=keys.scale)
-        return indexer_scores(q, w, keys, slots, seq_of, valid_len)
+            return indexer_scores(q, w, keys.keys, slots, seq_of, valid_len, k_scale=keys.scale, zero_rank=True)
+        return indexer_scores(q, w, keys, slots, seq_of, valid_len, zero_rank=True)
 
     def ring(self, layer: int) -> int:
         m = self.ratio[layer]
