@@ -42,7 +42,8 @@ case "${1:-}" in
       | grep "^\[bench_tp\]" ;;
   full)  # 2 GPUs (kind nvidia-h200-x2): the 43-layer V4-Flash, TP=2, decode b1/b4, a 128K prompt, profiles
     C="python3 bench/bench_full.py --tp 2 --ttft-tokens ${FULL_TTFT:-131072} --profile $OUT --out $OUT/full.jsonl"
-    timeout 560 $C --command "$C" 2>&1 | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
+    timeout 560 $C --command "$C" 2>&1 | tee "$OUT/full.log" | grep -E "^(case|#|  prefill)|Error|error|failure" \
+      | tail -n 30 ;;
   prefill1m)  # 2 GPUs: the prefill kernels' GPU tests and the indexer sweep side by side (it picks
     # DS4F_INDEXER_TB), then the full model's 1M-token prompt with what passed (batch 1 decode, profiles)
     CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_prefix_attn_gpu.py \
@@ -57,10 +58,11 @@ case "${1:-}" in
       TB=$(grep -o "PICK DS4F_INDEXER_TB=[0-9k,]*" "$OUT/sweep_tb.log" | cut -d= -f2); TB=${TB:-1}
     tail -n 3 "$OUT/test_tb.log"; grep -E "ms|passed|failed" "$OUT/test_prefix.log" | tail -n 8
     grep -E "^variant|PICK" "$OUT/sweep_tb.log"
+    cat "$OUT/test_prefix.log" "$OUT/test_tb.log" > "$OUT/tests.log"; rm "$OUT/test_prefix.log" "$OUT/test_tb.log"
     E="DS4F_PREFIX_ATTN=$P DS4F_INDEXER_TB=$TB DS4F_INDEX_FP8=${DS4F_INDEX_FP8:-1}"
     C="python3 bench/bench_full.py --tp 2 --batches 1 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
     echo "# $E $C (${SECONDS}s in)"
-    env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | grep -E "^(case|#|  prefill)|Error|error|failure" \
-      | tail -n 40 ;;
+    env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
+      | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 40 ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m [git-rev]" >&2; exit 2 ;;
 esac
