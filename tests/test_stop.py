@@ -102,6 +102,13 @@ def test_length_limits() -> None:
     assert (sc.finish_reason, sc.stop_reason, text) == ("stop", "o w", "Hell")
 
 
+def test_stop_strings_at_one_position() -> None:
+    # two stop strings found at the same place in one token's text: the shorter one (hypothesis found this case)
+    for stops in (["##", "#"], ["#", "##"]):
+        sc, text, _, _ = generate([H2], stop=stops, include_stop_str_in_output=True)
+        assert (sc.stop_reason, text) == ("#", "#"), stops
+
+
 def test_min_tokens_and_stop_strings() -> None:
     # "lo" lies wholly inside the first two tokens' text: ignored; "o w" straddles the boundary: found
     sc, _, n, _ = generate([HEL, LO, WOR, LD], stop="lo", min_tokens=2, max_tokens=4)

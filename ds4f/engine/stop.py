@@ -64,7 +64,9 @@ class StopChecker:
         return self.finish_reason
 
     def check_text(self, text: str) -> str | None:
-        """Search the detokenizer's whole text for a stop string ending in what is new since the last call."""
+        """Search the detokenizer's whole text for a stop string ending in what is new since the last call. The
+        earliest match wins; of matches at the same position (one a prefix of the other) the shortest, which a
+        character-by-character stream would have completed first."""
         searched, self._searched = self._searched, len(text)
         if not self.stop or self.text_end is not None or len(text) == searched \
                 or self.num_output_tokens <= self.min_tokens:
@@ -72,7 +74,7 @@ class StopChecker:
         hit: tuple[int, str] | None = None
         for s in self.stop:
             i = text.find(s, max(0, searched - len(s) + 1))
-            if i != -1 and (hit is None or i < hit[0]):
+            if i != -1 and (hit is None or (i, len(s)) < (hit[0], len(hit[1]))):
                 hit = (i, s)
         if hit is None:
             return None
