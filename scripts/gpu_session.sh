@@ -50,6 +50,8 @@ case "${1:-}" in
       > "$OUT/test_prefix.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_indexer_tb_gpu.py \
       > "$OUT/test_tb.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -s -p no:cacheprovider \
+      tests/gpu/test_attn_decode_splits_gpu.py > "$OUT/test_splits.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/sweep_indexer_tb.py --out "$OUT/indexer_tb.jsonl" \
       > "$OUT/sweep_tb.log" 2>&1
     wait
@@ -58,7 +60,8 @@ case "${1:-}" in
       TB=$(grep -o "PICK DS4F_INDEXER_TB=[0-9k,]*" "$OUT/sweep_tb.log" | cut -d= -f2); TB=${TB:-1}
     tail -n 3 "$OUT/test_tb.log"; grep -E "ms|passed|failed" "$OUT/test_prefix.log" | tail -n 8
     grep -E "^variant|PICK" "$OUT/sweep_tb.log"
-    cat "$OUT/test_prefix.log" "$OUT/test_tb.log" > "$OUT/tests.log"; rm "$OUT/test_prefix.log" "$OUT/test_tb.log"
+    grep -E "decode attention|passed|failed" "$OUT/test_splits.log"
+    cat "$OUT"/test_*.log > "$OUT/tests.log"; rm "$OUT"/test_*.log
     E="DS4F_PREFIX_ATTN=$P DS4F_INDEXER_TB=$TB DS4F_INDEX_FP8=${DS4F_INDEX_FP8:-1}"
     C="python3 bench/bench_full.py --tp 2 --batches 1 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
     echo "# $E $C (${SECONDS}s in)"

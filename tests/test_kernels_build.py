@@ -46,7 +46,8 @@ def test_sparse_attn_builds(arch: int, live: bool, split: bool) -> None:
     assert k["shared"] <= 160 * 1024
     if split:
         build(sa._attn_combine, dict(po_ptr="*fp32", pm_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16",
-                                     live_ptr="*i32"), dict(D=512, PD=512, BLOCK_DC=128, BLOCK_H=16, LIVE=live), arch)
+                                     live_ptr="*i32"),
+              dict(D=512, PD=512, BLOCK_DC=64, BLOCK_H=16, LIVE=live, UNROLL=4), arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -138,9 +138,11 @@ if triton is not None:
     def _attn_combine(
         po_ptr, pm_ptr, sink_ptr, o_ptr, live_ptr, H, S, K, kps, s_ot, s_oh,
         D: tl.constexpr, PD: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr, LIVE: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
         # program = (token, head block, column chunk): merges the S partials [T, S, H, PD] of its tile (LIVE: the
-        # first ceil(min(live[t], K) / kps) of them, the splits that saw a key)
+        # first ceil(min(live[t], K) / kps) of them, the splits that saw a key), UNROLL splits per iteration: their
+        # loads are issued together (a chain of dependent loads UNROLL times shorter) and merged through their max.
         t = tl.program_id(0)
         n_s = S
         if LIVE:
@@ -151,16 +153,20 @@ if triton is not None:
         mm = tl.load(sink_ptr + offs_h, mask=hmask, other=0.0) * 1.4426950408889634  # the sink seeds M and L
         den = tl.full([BLOCK_H], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_DC], tl.float32)
-        for s in range(0, n_s):
-            row = (t * S + s) * H + offs_h
-            ms = tl.load(pm_ptr + row * 2, mask=hmask, other=-1.0e30)
-            ls = tl.load(pm_ptr + row * 2 + 1, mask=hmask, other=0.0)
-            os_ = tl.load(po_ptr + row.to(tl.int64)[:, None] * PD + offs_d[None, :], mask=hmask[:, None], other=0.0)
-            m_new = tl.maximum(mm, ms)
+        offs_u = tl.arange(0, UNROLL)
+        for s0 in range(0, n_s, UNROLL):
+            su = s0 + offs_u
+            ok = (su < n_s)[:, None] & hmask[None, :]  # a split past n_s: m = -1e30, l = 0, o = 0 add exactly 0
+            row = (t * S + su)[:, None] * H + offs_h[None, :]  # [UNROLL, BLOCK_H]
+            ms = tl.load(pm_ptr + row * 2, mask=ok, other=-1.0e30)
+            ls = tl.load(pm_ptr + row * 2 + 1, mask=ok, other=0.0)
+            os_ = tl.load(po_ptr + row.to(tl.int64)[:, :, None] * PD + offs_d[None, None, :], mask=ok[:, :, None],
+                          other=0.0)
+            m_new = tl.maximum(mm, tl.max(ms, 0))
             a = tl.exp2(mm - m_new)
-            b = tl.exp2(ms - m_new)
-            den = den * a + ls * b
-            acc = acc * a[:, None] + os_ * b[:, None]
+            b = tl.exp2(ms - m_new[None, :])
+            den = den * a + tl.sum(ls * b, 0)
+            acc = acc * a[:, None] + tl.sum(os_ * b[:, :, None], 0)
             mm = m_new
         o = acc / den[:, None]
         tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_d[None, :], o.to(tl.bfloat16),
@@ -168,6 +174,9 @@ if triton is not None:
 
 
 _SM_COUNT: dict[int, int] = {}
+# key splits per (token, head block) when num_splits is not given; DS4F_ATTN_MAX_SPLITS=0 lifts the cap (A/B)
+MAX_SPLITS = int(os.environ.get("DS4F_ATTN_MAX_SPLITS", "32")) or 1 << 30
+COMBINE_UNROLL = 4
 
 
 def sm_count(device: torch.device) -> int:
@@ -284,8 +293,10 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     n_hb = triton.cdiv(H, block_h)
     if num_splits is None:
         # fill ~2 programs per SM; each split keeps >= 2 key blocks so partial writes stay below the KV bytes read
+        # and at most MAX_SPLITS: the combine walks the splits in order (at 1M context an HCA layer's 8320 keys
+        # made 130 splits of 64 keys for one decode token, a chain of 130 dependent partial loads)
         want = triton.cdiv(2 * sm_count(q.device), T * n_hb)
-        num_splits = max(1, min(want, K // (2 * block_k)))
+        num_splits = max(1, min(want, K // (2 * block_k), MAX_SPLITS))
     kps = triton.cdiv(triton.cdiv(max(K, 1), num_splits), block_k) * block_k
     num_splits = max(1, triton.cdiv(K, kps))
     split = num_splits > 1
@@ -303,10 +314,10 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
         NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if split:
-        dc = min(block_d, 128)
+        dc = min(block_d, 64)
         _attn_combine[(T, triton.cdiv(H, 16), block_d // dc)](
             po, pm, sink, o, lv, H, num_splits, K, kps, o.stride(0), o.stride(1),
-            D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, LIVE=live is not None, num_warps=4,
+            D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, LIVE=live is not None, UNROLL=COMBINE_UNROLL, num_warps=4,
         )
     return o
 
