@@ -47,3 +47,18 @@ def test_indexer_token_blocks_interpreted() -> None:
 
     out = run_interpreted("test_indexer_tb", "check_indexer_token_blocks")
     assert out.count("matches") == 15, out
+
+
+@pytest.mark.parametrize(("env", "module", "name"), [
+    ({"DS4F_INDEXER_TB": "2,128"}, "ds4f.kernels.indexer", "DS4F_INDEXER_TB"),
+    ({"DS4F_INDEXER_TB": "k,x"}, "ds4f.kernels.indexer", "DS4F_INDEXER_TB"),
+    ({"DS4F_ATTN_COMBINE_UNROLL": "3"}, "ds4f.kernels.sparse_attn", "DS4F_ATTN_COMBINE_UNROLL"),
+])
+def test_bad_kernel_env_names_the_variable(env: dict[str, str], module: str, name: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], env=dict(os.environ, **env), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and f"ValueError: {name}=" in r.stderr, r.stderr[-500:]

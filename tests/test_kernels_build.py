@@ -103,30 +103,19 @@ def test_prefix_attn_builds(arch: int, nope: int) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("bt", [2, 4])
-def test_indexer_token_blocks_build(arch: int, bt: int) -> None:
+@pytest.mark.parametrize(("kernel", "tile", "nw", "ns"), [
+    ("_indexer_tb_fwd", dict(BT=2, BLOCK_L=64, N_INNER=4), 4, 3),  # heads-major: BT tokens' heads as M
+    ("_indexer_tb_fwd", dict(BT=4, BLOCK_L=64, N_INNER=4), 8, 3),
+    ("_indexer_kt_fwd", dict(BT=16, BLOCK_L=128), 4, 2),  # keys-major: the key tile as M
+])
+def test_indexer_token_blocks_build(arch: int, kernel: str, tile: dict[str, int], nw: int, ns: int) -> None:
     from ds4f.kernels import indexer_tb
 
     fp8 = arch >= 89
     for qfp8 in (False, True) if fp8 else (False,):
-        k = build(indexer_tb._indexer_tb_fwd, dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",
-                                                   k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32",
-                                                   slots_ptr="*i32", seq_ptr="*i32", vlen_ptr="*i32",
-                                                   out_ptr="*fp32", scale="fp32"),
-                  dict(DI=128, BLOCK_HI=64, BT=bt, BLOCK_L=64, N_INNER=4, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True), arch,
-                  8 if bt > 2 else 4, 3)
-        assert k["shared"] <= 160 * 1024
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_indexer_keys_major_builds(arch: int) -> None:
-    from ds4f.kernels import indexer_tb
-
-    fp8 = arch >= 89
-    for qfp8 in (False, True) if fp8 else (False,):
-        k = build(indexer_tb._indexer_kt_fwd, dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",
-                                                   k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32",
-                                                   slots_ptr="*i32", seq_ptr="*i32", vlen_ptr="*i32",
-                                                   out_ptr="*fp32", scale="fp32"),
-                  dict(DI=128, BLOCK_HI=64, BT=16, BLOCK_L=128, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True), arch, 4, 2)
+        k = build(getattr(indexer_tb, kernel), dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",
+                                                    k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32",
+                                                    slots_ptr="*i32", seq_ptr="*i32", vlen_ptr="*i32",
+                                                    out_ptr="*fp32", scale="fp32"),
+                  dict(DI=128, BLOCK_HI=64, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True, **tile), arch, nw, ns)
         assert k["shared"] <= 160 * 1024

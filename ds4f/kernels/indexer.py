@@ -20,6 +20,15 @@ except ImportError:  # CPU-only installs: the wrappers fall back to the referenc
 # 2 tokens x 128 keys x 4 warps 55.3 ms, the best of 7 blocked tiles (bench/results/indexer_tb.jsonl)
 TB_MIN_T = 1024
 TB_DEFAULT = "2,128,4"
+# "bt", "bt,block_l,num_warps", or "k," before either for the keys-major kernel; "1": one token per program
+_TB = os.environ.get("DS4F_INDEXER_TB", TB_DEFAULT).split(",")
+TB_KEYS_MAJOR = _TB[0] == "k"
+try:
+    TB_KNOBS = [int(v) for v in _TB[int(TB_KEYS_MAJOR):]]
+    assert len(TB_KNOBS) in (1, 3) and all(v > 0 for v in TB_KNOBS)
+except (ValueError, AssertionError):
+    raise ValueError(f"DS4F_INDEXER_TB={','.join(_TB)!r}: expected 'bt' or 'bt,block_l,num_warps' (positive "
+                     f"integers), optionally after 'k,'; e.g. {TB_DEFAULT!r}") from None
 
 if triton is not None:
 
@@ -198,27 +207,18 @@ def indexer_scores(
     out = torch.empty(T, L, dtype=torch.float32, device=q.device)
     if T == 0 or L == 0:
         return out
-    if token_block is None and T >= TB_MIN_T:  # DS4F_INDEXER_TB = "bt", "bt,block_l,num_warps" or "k,bt,block_l,nw"
-        spec = os.environ.get("DS4F_INDEXER_TB", TB_DEFAULT).split(",")
-        keys_major = spec[0] == "k"
-        knobs = [int(v) for v in spec[int(keys_major):]]
-        token_block = knobs[0]
-        if len(knobs) == 3:
-            block_l, num_warps = knobs[1], knobs[2]
-    if keys_major and token_block is not None:
-        from ds4f.kernels.indexer_tb import launch_kt
-
-        return launch_kt(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, token_block, block_l,
-                         num_warps, num_stages, zero_rank)
-    if token_block is not None and token_block > 1:
-        from ds4f.kernels.indexer_tb import launch_tb
-
-        nb = triton.cdiv(T, token_block)
-        n_in = n_inner or max(1, min(8, triton.cdiv(nb * L, block_l * 2 * sm_count(q.device))))
-        return launch_tb(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, token_block, block_l, n_in,
-                         num_warps, num_stages, zero_rank)
+    if token_block is None and T >= TB_MIN_T:  # DS4F_INDEXER_TB
+        token_block, keys_major = TB_KNOBS[0], TB_KEYS_MAJOR
+        if len(TB_KNOBS) == 3:
+            block_l, num_warps = TB_KNOBS[1], TB_KNOBS[2]
+    token_block = token_block or 1
     if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
-        n_inner = max(1, min(8, triton.cdiv(T * L, block_l * 2 * sm_count(q.device))))
+        n_inner = max(1, min(8, triton.cdiv(triton.cdiv(T, token_block) * L, block_l * 2 * sm_count(q.device))))
+    if token_block > 1 or keys_major:
+        from ds4f.kernels.indexer_tb import launch
+
+        return launch(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, token_block, keys_major, block_l,
+                      n_inner, num_warps, num_stages, zero_rank)
     grid = (T, triton.cdiv(L, block_l * n_inner))
     _indexer_fwd[grid](
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,

@@ -130,37 +130,23 @@ if triton is not None:
                 tl.store(out_ptr + t * s_ot + offs_l, sc, mask=lmask)
 
 
-def launch_kt(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None,
-              slots: torch.Tensor, seq_of: torch.Tensor, valid_len: torch.Tensor, scale: float, out: torch.Tensor,
-              bt: int, block_l: int, num_warps: int, num_stages: int, zero_rank: bool = False) -> torch.Tensor:
-    """indexer_scores' checked arguments -> out [T, L] filled by the keys-major kernel (bt tokens per program)."""
-    T, HI, DI = q.shape
-    L = slots.shape[1]
-    grid = (triton.cdiv(L, block_l), triton.cdiv(T, bt))
-    _indexer_kt_fwd[grid](
-        q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
-        T, HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
-        DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BT=bt, BLOCK_L=block_l,
-        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    return out
-
-
-def launch_tb(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None,
-              slots: torch.Tensor, seq_of: torch.Tensor, valid_len: torch.Tensor, scale: float, out: torch.Tensor,
-              bt: int, block_l: int, n_inner: int, num_warps: int, num_stages: int,
-              zero_rank: bool = False) -> torch.Tensor:
-    """indexer_scores' checked arguments -> out [T, L] filled (bt tokens per program)."""
+def launch(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: torch.Tensor | None,
+           slots: torch.Tensor, seq_of: torch.Tensor, valid_len: torch.Tensor, scale: float, out: torch.Tensor,
+           bt: int, keys_major: bool, block_l: int, n_inner: int, num_warps: int, num_stages: int,
+           zero_rank: bool) -> torch.Tensor:
+    """indexer_scores' checked arguments -> out [T, L] filled, bt tokens per program (a power of two): the
+    heads-major kernel (n_inner key blocks per program) or the keys-major one (one key block per program)."""
     T, HI, DI = q.shape
     L = slots.shape[1]
     assert bt >= 1 and bt & (bt - 1) == 0, f"token_block={bt} must be a power of two"
-    grid = (triton.cdiv(T, bt), triton.cdiv(L, block_l * n_inner))
-    _indexer_tb_fwd[grid](
-        q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
-        T, HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
-        DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BT=bt, BLOCK_L=block_l, N_INNER=n_inner,
-        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    args = (q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
+            T, HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0))
+    consts = dict(DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BT=bt, BLOCK_L=block_l,
+                  KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank,
+                  num_warps=num_warps, num_stages=num_stages)
+    if keys_major:
+        _indexer_kt_fwd[(triton.cdiv(L, block_l), triton.cdiv(T, bt))](*args, **consts)
+    else:
+        grid = (triton.cdiv(T, bt), triton.cdiv(L, block_l * n_inner))
+        _indexer_tb_fwd[grid](*args, N_INNER=n_inner, **consts)
     return out

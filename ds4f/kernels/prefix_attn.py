@@ -29,6 +29,15 @@ except ImportError:  # CPU-only installs: prefix_attn runs the reference
 if triton is not None:
 
     @triton.jit
+    def _softmax_step(q, kt, keep, m, l, acc, qk_scale):
+        # one key tile kt [N, D] (K = V) into the online softmax of rows q [M, D]; keep [M, N] masks the logits
+        s = tl.where(keep, tl.dot(q, tl.trans(kt)) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), kt)
+
+    @triton.jit
     def _prefix_fwd(
         q_ptr, ent_ptr, seq_ptr, vis_ptr, win_ptr, kv_ptr, exp_ptr, rope_ptr, sink_ptr, o_ptr,
         T, H, W, qk_scale,
@@ -69,14 +78,7 @@ if triton is not None:
                     else:
                         kt = tl.load(kv_ptr + idx.to(tl.int64)[:, None] * s_kvn + offs_d[None, :],
                                      mask=valid[:, None] & dmask[None, :], other=0.0)
-                    s = tl.dot(q, tl.trans(kt)) * qk_scale
-                    s = tl.where(mine[:, None] & valid[None, :], s, float("-inf"))
-                    m_new = tl.maximum(m, tl.max(s, 1))
-                    alpha = tl.exp2(m - m_new)
-                    p = tl.exp2(s - m_new[:, None])
-                    l = l * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), kt)
-                    m = m_new
+                    m, l, acc = _softmax_step(q, kt, mine[:, None] & valid[None, :], m, l, acc, qk_scale)
                 # entries: one pass per distinct sequence among the tile's tokens (tokens of a sequence are adjacent)
                 sj = tl.load(seq_ptr + tj)
                 sp = tl.load(seq_ptr + tl.maximum(tj - 1, 0))
@@ -88,14 +90,7 @@ if triton is not None:
                         offs_k = k0 + offs_n
                         kt = tl.load(base + offs_k.to(tl.int64)[:, None] * s_en + offs_d[None, :],
                                      mask=(offs_k < n_j)[:, None] & dmask[None, :], other=0.0)
-                        s = tl.dot(q, tl.trans(kt)) * qk_scale
-                        s = tl.where(offs_k[None, :] < lim[:, None], s, float("-inf"))
-                        m_new = tl.maximum(m, tl.max(s, 1))
-                        alpha = tl.exp2(m - m_new)
-                        p = tl.exp2(s - m_new[:, None])
-                        l = l * alpha + tl.sum(p, 1)
-                        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), kt)
-                        m = m_new
+                        m, l, acc = _softmax_step(q, kt, offs_k[None, :] < lim[:, None], m, l, acc, qk_scale)
         # sink in the denominator only: o = acc·2^(m-M) / (l·2^(m-M) + 2^(sink-M))
         sink = tl.load(sink_ptr + h, mask=rmask, other=0.0) * 1.4426950408889634
         mm = tl.maximum(m, sink)

@@ -4,11 +4,14 @@ fp8 rows, 128 window + 8192 entry keys, live bound): the default split count (ca
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import time_us
 from ds4f.kernels import HAS_TRITON, sparse_attn
 from ds4f.kernels.fp8 import dequantize_kv_rows, quantize_kv_rows
 from ds4f.kernels.ref import sparse_attn_ref
@@ -39,19 +42,5 @@ def test_decode_splits_at_1m(T: int) -> None:
             return sparse_attn(q, nope, idx, sink, D**-0.5, exp, kv_rope=rope, live=live, **kw)
 
         assert _rel(run().float(), want) < 1.5e-2, name
-        side = torch.cuda.Stream()  # 20 calls in one CUDA graph: kernel time without Python launch gaps
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(20):
-                run()
-        graph.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times[name] = (time.perf_counter() - t0) / 20 * 1e6
+        times[name] = time_us(run, iters=20, flush=False)  # CUDA-graph replays: no Python launch gaps
     print(f"T={T} HCA decode attention at 1M: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()))
