@@ -1,7 +1,7 @@
 """⑥ indexer scores at a long-prompt prefill chunk, one token per program (indexer_scores' kernel) against the
 token-blocked kernel (ds4f/kernels/indexer_tb.py) over a few tile choices; each variant's scores checked against
 the one-token kernel's. Prints one line per variant, appends JSON records, and ends with the line
-`PICK DS4F_INDEXER_TB=<[k,]bt,block_l,num_warps>` (or `=1`: no blocked variant was >= 5 % faster and
+`PICK DS4F_INDEXER_TB=<[k,]bt,block_l,num_warps,num_stages>` (or `=1`: no blocked variant was >= 5 % faster and
 matching).
 
 Default shape: the last 8K-token chunk of a 1M-token prompt on one TP=2 rank with the token-split indexer:
@@ -56,9 +56,9 @@ def main() -> None:
     fin = torch.isfinite(base)
     ref_norm = base[fin].double().norm()
     # (token block, keys per tile, warps, stages, keys-major)
-    variants = [(1, 64, 4, 4, False), (2, 128, 4, 3, False), (2, 64, 4, 3, False), (4, 64, 8, 3, False),
-                (8, 128, 4, 2, True), (16, 128, 4, 2, True), (16, 128, 8, 2, True), (32, 64, 4, 2, True),
-                (16, 256, 8, 2, True)]
+    variants = [(1, 64, 4, 4, False), (2, 128, 4, 3, False), (32, 64, 4, 2, True), (32, 64, 4, 3, True),
+                (32, 64, 4, 4, True), (64, 64, 4, 3, True), (128, 64, 4, 3, True), (32, 128, 4, 3, True),
+                (64, 128, 8, 3, True), (16, 64, 4, 3, True)]
     best, best_us, base_us = "1", 0.0, 0.0
     for bt, bl, nw, ns, km in variants:
         try:
@@ -83,7 +83,7 @@ def main() -> None:
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if bt > 1 and ok and us < 0.95 * base_us and (not best_us or us < best_us):
-            best, best_us = ("k," if km else "") + f"{bt},{bl},{nw}", us
+            best, best_us = ("k," if km else "") + f"{bt},{bl},{nw},{ns}", us
     print(f"PICK DS4F_INDEXER_TB={best}", flush=True)
 
 

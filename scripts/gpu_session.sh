@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU validation (run from the repo root on the GPU machine; outputs under $OUT, at most
 # a few files so they all come back).
-# Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split [git-rev]
+# Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps [git-rev]
 #   tests    every tests/gpu file (DS4F_COMPILE=0: the compiled glue is covered by the decode bench), one log
 #   decode   bench/bench_decode.py: decode b1/4/16 at 0 / 8K / 1M (synthesized), prefill 1K / 8K, profiles
 #   ttft     bench/bench_ttft.py through the engine (--runner fast): 128K, then 1M
@@ -9,6 +9,7 @@
 #   tp       bench/bench_tp.py on 2 GPUs: bf16 4 layers and fp32 2 layers
 #   full     bench/bench_full.py on 2 GPUs: the full model at TP=2 (decode, a FULL_TTFT-token prompt, profiles)
 #   prefill1m  2 GPUs: prefix-attention / token-blocked indexer GPU tests + indexer sweep, then `full` at 1M with them
+#   sweeps   2 GPUs: the indexer sweep (GPU 0) and the prefill attention sweep (GPU 1)
 #   split    2 GPUs: GPU 0 the decode-splits / blocked-indexer GPU tests then the indexer sweep; GPU 1 `decode`
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD DS4F_GIT=${2:-unknown}
@@ -80,5 +81,14 @@ case "${1:-}" in
     tar czf "$OUT/profiles.tgz" -C /tmp prof
     grep -E "decode attention|passed|failed|Error" "$OUT/tests.log" | tail -n 12
     grep -E "^variant|PICK" "$OUT/sweep_tb.log"; grep -E "^(decode|prefill|#)|Error" "$OUT/decode.log" ;;
-  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split [git-rev]" >&2; exit 2 ;;
+  sweeps)  # 2 GPUs: GPU 0 the blocked-indexer GPU test then the indexer sweep; GPU 1 the prefill attention sweep
+    ( CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_indexer_tb_gpu.py \
+        > "$OUT/tests.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/sweep_indexer_tb.py --out "$OUT/indexer_tb.jsonl" \
+        > "$OUT/sweep_tb.log" 2>&1 ) &
+    CUDA_VISIBLE_DEVICES=1 timeout 300 python3 bench/sweep_attn_prefill.py --out "$OUT/attn_prefill.jsonl" \
+      > "$OUT/sweep_attn.log" 2>&1
+    wait
+    tail -n 3 "$OUT/tests.log"; grep -E "^variant|PICK" "$OUT/sweep_tb.log"; grep -E "^H=|PICK|Error" "$OUT/sweep_attn.log" ;;
+  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps [git-rev]" >&2; exit 2 ;;
 esac

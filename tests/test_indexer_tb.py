@@ -1,7 +1,8 @@
 """⑥ the token-blocked indexer (ds4f/kernels/indexer_tb.py, DS4F_INDEXER_TB) under the Triton interpreter against
 indexer_scores_ref: blocks that straddle sequences (one pass per sequence), tokens with nothing visible, T not a
 multiple of the block, bf16 keys, e4m3 keys with row scales, and e4m3 queries; both the heads-major (token blocks
-as M) and the keys-major (key tile as M, tokens walked over it) kernels."""
+as M) and the keys-major (key tile as M, tokens walked over it) kernels; the keys-major kernel's one-sequence
+fast path (blocks of seq 2 and seq 1 at bt 2 and 4, the ragged last block) and its general loop (mixed blocks)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def check_indexer_token_blocks() -> None:
         ref = indexer_scores_ref(qq, ww, kp, slots, seq, vl, di**-0.5, None if sc is None else sc)
         fin = torch.isfinite(ref)
         ranks = -(torch.arange(length, dtype=torch.float32) + 1) * 1e-30
-        for bt, km in ((1, False), (2, False), (4, False), (2, True), (8, True)):
+        for bt, km in ((1, False), (2, False), (4, False), (2, True), (4, True), (8, True)):
             out = indexer.indexer_scores(qq, ww, kp, slots, seq, vl, k_scale=None if sc is None else sc.view(-1),
                                          block_l=32, n_inner=2, token_block=bt, keys_major=km, zero_rank=True)
             assert torch.equal(fin, torch.isfinite(out)), (name, bt, km)
@@ -46,13 +47,14 @@ def test_indexer_token_blocks_interpreted() -> None:
     from tests.interp import run_interpreted
 
     out = run_interpreted("test_indexer_tb", "check_indexer_token_blocks")
-    assert out.count("matches") == 15, out
+    assert out.count("matches") == 18, out
 
 
 @pytest.mark.parametrize(("env", "module", "name"), [
     ({"DS4F_INDEXER_TB": "2,128"}, "ds4f.kernels.indexer", "DS4F_INDEXER_TB"),
     ({"DS4F_INDEXER_TB": "k,x"}, "ds4f.kernels.indexer", "DS4F_INDEXER_TB"),
     ({"DS4F_ATTN_COMBINE_UNROLL": "3"}, "ds4f.kernels.sparse_attn", "DS4F_ATTN_COMBINE_UNROLL"),
+    ({"DS4F_ATTN_PREFILL": "64,8"}, "ds4f.kernels.sparse_attn", "DS4F_ATTN_PREFILL"),
 ])
 def test_bad_kernel_env_names_the_variable(env: dict[str, str], module: str, name: str) -> None:
     import os

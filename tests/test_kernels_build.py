@@ -106,7 +106,8 @@ def test_prefix_attn_builds(arch: int, nope: int) -> None:
 @pytest.mark.parametrize(("kernel", "tile", "nw", "ns"), [
     ("_indexer_tb_fwd", dict(BT=2, BLOCK_L=64, N_INNER=4), 4, 3),  # heads-major: BT tokens' heads as M
     ("_indexer_tb_fwd", dict(BT=4, BLOCK_L=64, N_INNER=4), 8, 3),
-    ("_indexer_kt_fwd", dict(BT=16, BLOCK_L=128), 4, 2),  # keys-major: the key tile as M
+    ("_indexer_kt_fwd", dict(BT=16, BLOCK_L=128, STAGES=2), 4, 2),  # keys-major: the key tile as M
+    ("_indexer_kt_fwd", dict(BT=32, BLOCK_L=64, STAGES=3), 4, 3),
 ])
 def test_indexer_token_blocks_build(arch: int, kernel: str, tile: dict[str, int], nw: int, ns: int) -> None:
     from ds4f.kernels import indexer_tb

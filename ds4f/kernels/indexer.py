@@ -20,15 +20,15 @@ except ImportError:  # CPU-only installs: the wrappers fall back to the referenc
 # 2 tokens x 128 keys x 4 warps 55.3 ms, the best of 7 blocked tiles (bench/results/indexer_tb.jsonl)
 TB_MIN_T = 1024
 TB_DEFAULT = "2,128,4"
-# "bt", "bt,block_l,num_warps", or "k," before either for the keys-major kernel; "1": one token per program
+# "bt", "bt,block_l,num_warps[,num_stages]", or "k," before either for the keys-major kernel; "1": one token per program
 _TB = os.environ.get("DS4F_INDEXER_TB", TB_DEFAULT).split(",")
 TB_KEYS_MAJOR = _TB[0] == "k"
 try:
     TB_KNOBS = [int(v) for v in _TB[int(TB_KEYS_MAJOR):]]
-    assert len(TB_KNOBS) in (1, 3) and all(v > 0 for v in TB_KNOBS)
+    assert len(TB_KNOBS) in (1, 3, 4) and all(v > 0 for v in TB_KNOBS)
 except (ValueError, AssertionError):
-    raise ValueError(f"DS4F_INDEXER_TB={','.join(_TB)!r}: expected 'bt' or 'bt,block_l,num_warps' (positive "
-                     f"integers), optionally after 'k,'; e.g. {TB_DEFAULT!r}") from None
+    raise ValueError(f"DS4F_INDEXER_TB={','.join(_TB)!r}: expected 'bt' or 'bt,block_l,num_warps[,num_stages]' "
+                     f"(positive integers), optionally after 'k,'; e.g. {TB_DEFAULT!r}") from None
 
 if triton is not None:
 
@@ -171,8 +171,9 @@ def indexer_scores(
     k_scale [N] fp32 (one scale per row, the 132 B/entry format); slots [S, L] int32 flat slot ids per sequence;
     seq_of [T] int32 (row of slots per token); valid_len [T] int32 (causal count (t+1)//ratio, clipped to L).
     Slots at l >= valid_len are never read. scale defaults to d^-0.5. token_block > 1: that many tokens per program
-    (ds4f.kernels.indexer_tb, each key tile shared by them); None: DS4F_INDEXER_TB ("bt" or "bt,block_l,num_warps";
-    1 = one token per program; default TB_DEFAULT; "k,..." the keys-major kernel) for calls of >= TB_MIN_T tokens.
+    (ds4f.kernels.indexer_tb, each key tile shared by them); None: DS4F_INDEXER_TB ("bt" or
+    "bt,block_l,num_warps[,num_stages]"; 1 = one token per program; default TB_DEFAULT; "k,..." the keys-major
+    kernel) for calls of >= TB_MIN_T tokens.
     keys_major (with token_block): the keys-major kernel of ds4f.kernels.indexer_tb. zero_rank: an exact-zero score
     (every head's ReLU at 0) at column l becomes -(l + 1) * 1e-30, below 0 and above any negative score a bf16
     product gives, so among tied zeros the lower id ranks higher (what the reference's selection keeps)."""
@@ -209,8 +210,10 @@ def indexer_scores(
         return out
     if token_block is None and T >= TB_MIN_T:  # DS4F_INDEXER_TB
         token_block, keys_major = TB_KNOBS[0], TB_KEYS_MAJOR
-        if len(TB_KNOBS) == 3:
+        if len(TB_KNOBS) >= 3:
             block_l, num_warps = TB_KNOBS[1], TB_KNOBS[2]
+        if len(TB_KNOBS) == 4:
+            num_stages = TB_KNOBS[3]
     token_block = token_block or 1
     if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
         n_inner = max(1, min(8, triton.cdiv(triton.cdiv(T, token_block) * L, block_l * 2 * sm_count(q.device))))

@@ -84,7 +84,7 @@ if triton is not None:
         q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
         T, HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BT: tl.constexpr, BLOCK_L: tl.constexpr,
-        KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr,
+        KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr, STAGES: tl.constexpr,
     ):
         # keys-major: program = (BLOCK_L keys, BT tokens). The key tile is the MMA's M operand, a token's heads its N,
         # so the head sum runs along N (within a thread's columns and a few lanes) instead of across warps; the tile
@@ -96,7 +96,41 @@ if triton is not None:
         offs_d = tl.arange(0, DI)
         hmask = offs_h < HI
         lmask = offs_l < L
-        cur = tl.load(seq_ptr + t0) * 0 - 1  # sequence whose keys the tile holds (-1: none yet)
+        t_last = tl.minimum(t0 + BT, T) - 1
+        s_first = tl.load(seq_ptr + t0)
+        if s_first == tl.load(seq_ptr + t_last):
+            # one sequence (a prefill chunk's body): one gather, then a branch-free token loop whose q loads the
+            # pipeliner can issue ahead of the MMA
+            offs_b = tl.arange(0, BT)
+            vl = tl.minimum(tl.load(vlen_ptr + t0 + offs_b, mask=t0 + offs_b < T, other=0), L)
+            if l0 >= tl.max(vl, 0):  # no token of the block sees these keys
+                tl.store(out_ptr + (t0 + offs_b)[:, None] * s_ot + offs_l[None, :],
+                         tl.full([BT, BLOCK_L], float("-inf"), tl.float32),
+                         mask=(t0 + offs_b < T)[:, None] & lmask[None, :])
+                return
+            slot = tl.load(slots_ptr + s_first.to(tl.int64) * s_ss + offs_l, mask=lmask, other=0).to(tl.int64)
+            keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=lmask[:, None], other=0.0)
+            if KSCALE:
+                kscale = tl.load(ks_ptr + slot, mask=lmask, other=0.0)
+            if not QFP8:
+                keys = keys.to(tl.float32).to(tl.bfloat16) if KSCALE else keys
+            for b in tl.range(0, BT, num_stages=STAGES):
+                t = t0 + b
+                tv = t < T
+                vlen = tl.minimum(tl.load(vlen_ptr + t, mask=tv, other=0), L)
+                q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :], mask=hmask[:, None] & tv,
+                            other=0.0)
+                w = tl.load(w_ptr + t * s_wt + offs_h, mask=hmask & tv, other=0.0) * scale
+                s = tl.dot(keys, tl.trans(q))  # [BLOCK_L, BLOCK_HI]
+                sc = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
+                if KSCALE:
+                    sc = sc * kscale
+                if ZERO_RANK:
+                    sc = tl.where(sc == 0.0, -(offs_l + 1).to(tl.float32) * 1e-30, sc)
+                sc = tl.where(offs_l < vlen, sc, float("-inf"))
+                tl.store(out_ptr + t * s_ot + offs_l, sc, mask=lmask & tv)
+            return
+        cur = s_first * 0 - 1  # sequence whose keys the tile holds (-1: none yet)
         keys = tl.zeros([BLOCK_L, DI], dtype=k_ptr.dtype.element_ty)
         kscale = tl.zeros([BLOCK_L], dtype=tl.float32)
         for b in range(0, BT):
@@ -145,7 +179,7 @@ def launch(q: torch.Tensor, w: torch.Tensor, k_pool: torch.Tensor, k_scale: torc
                   KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank,
                   num_warps=num_warps, num_stages=num_stages)
     if keys_major:
-        _indexer_kt_fwd[(triton.cdiv(L, block_l), triton.cdiv(T, bt))](*args, **consts)
+        _indexer_kt_fwd[(triton.cdiv(L, block_l), triton.cdiv(T, bt))](*args, STAGES=max(1, num_stages), **consts)
     else:
         grid = (triton.cdiv(T, bt), triton.cdiv(L, block_l * n_inner))
         _indexer_tb_fwd[grid](*args, N_INNER=n_inner, **consts)

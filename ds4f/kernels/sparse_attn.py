@@ -179,6 +179,15 @@ MAX_SPLITS = int(os.environ.get("DS4F_ATTN_MAX_SPLITS", "32")) or 1 << 30
 COMBINE_UNROLL = int(os.environ.get("DS4F_ATTN_COMBINE_UNROLL", "4"))  # splits merged per iteration
 if COMBINE_UNROLL < 1 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
     raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be a power of two (1 = one split at a time)")
+# "block_k,num_warps,num_stages" for calls of >= PREFILL_MIN_T tokens (prefill chunks; bench/sweep_attn_prefill.py)
+PREFILL_MIN_T = 1024
+_PF = os.environ.get("DS4F_ATTN_PREFILL", "")
+try:
+    PREFILL_KNOBS = tuple(int(v) for v in _PF.split(",")) if _PF else ()
+    assert not PREFILL_KNOBS or (len(PREFILL_KNOBS) == 3 and all(v > 0 for v in PREFILL_KNOBS))
+except (ValueError, AssertionError):
+    raise ValueError(f"DS4F_ATTN_PREFILL={_PF!r}: expected 'block_k,num_warps,num_stages' (positive integers), "
+                     "e.g. '64,8,2', or empty for the built-in choice") from None
 
 
 def sm_count(device: torch.device) -> int:
@@ -283,6 +292,8 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
     if T == 0:
         return o
+    if PREFILL_KNOBS and T >= PREFILL_MIN_T and block_k is None and num_warps is None:
+        block_k, num_warps, num_stages = PREFILL_KNOBS
     block_d = triton.next_power_of_2(D)
     if nope:  # split rows: the tile holds whole 64-column exponent groups
         block_d = max(64, block_d)
