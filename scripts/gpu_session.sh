@@ -8,7 +8,7 @@
 #   kernels  bench_moe, bench_fp8_gemm, bench_moe_mxfp4 (each measures its own ceilings)
 #   tp       bench/bench_tp.py on 2 GPUs: bf16 4 layers and fp32 2 layers
 #   full     bench/bench_full.py on 2 GPUs: the full model at TP=2 (decode, a FULL_TTFT-token prompt, profiles)
-#   prefill1m  2 GPUs: prefix-attention / token-blocked indexer GPU tests + indexer sweep, then `full` at 1M with them
+#   prefill1m  2 GPUs: blocked-indexer GPU test + prefill attention sweep, then `full` at 1M
 #   sweeps   2 GPUs: the indexer sweep (GPU 0) and the prefill attention sweep (GPU 1)
 #   split    2 GPUs: GPU 0 the decode-splits / blocked-indexer GPU tests then the indexer sweep; GPU 1 `decode`
 set -uo pipefail
@@ -46,25 +46,16 @@ case "${1:-}" in
     C="python3 bench/bench_full.py --tp 2 --ttft-tokens ${FULL_TTFT:-131072} --profile $OUT --out $OUT/full.jsonl"
     timeout 560 $C --command "$C" 2>&1 | tee "$OUT/full.log" | grep -E "^(case|#|  prefill)|Error|error|failure" \
       | tail -n 30 ;;
-  prefill1m)  # 2 GPUs: the prefill kernels' GPU tests and the indexer sweep side by side (it picks
-    # DS4F_INDEXER_TB), then the full model's 1M-token prompt with what passed (batch 1 decode, profiles)
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_prefix_attn_gpu.py \
-      > "$OUT/test_prefix.log" 2>&1 &
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_indexer_tb_gpu.py \
-      > "$OUT/test_tb.log" 2>&1 &
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -s -p no:cacheprovider \
-      tests/gpu/test_attn_decode_splits_gpu.py > "$OUT/test_splits.log" 2>&1 &
-    CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/sweep_indexer_tb.py --out "$OUT/indexer_tb.jsonl" \
-      > "$OUT/sweep_tb.log" 2>&1
+  prefill1m)  # 2 GPUs: the blocked-indexer GPU test and the prefill attention sweep side by side (it may pick
+    # DS4F_ATTN_PREFILL for 32-head blocks), then the full model's 1M-token prompt (batch 1 decode, profiles)
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_indexer_tb_gpu.py \
+      > "$OUT/tests.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/sweep_attn_prefill.py --heads 32 --out "$OUT/attn_prefill.jsonl" \
+      > "$OUT/sweep_attn.log" 2>&1
     wait
-    P=0; grep -q " passed" "$OUT/test_prefix.log" && ! grep -q "failed\|error" "$OUT/test_prefix.log" && P=1
-    TB=1; grep -q " passed" "$OUT/test_tb.log" && ! grep -q "failed\|error" "$OUT/test_tb.log" && \
-      TB=$(grep -o "PICK DS4F_INDEXER_TB=[0-9k,]*" "$OUT/sweep_tb.log" | cut -d= -f2); TB=${TB:-1}
-    tail -n 3 "$OUT/test_tb.log"; grep -E "ms|passed|failed" "$OUT/test_prefix.log" | tail -n 8
-    grep -E "^variant|PICK" "$OUT/sweep_tb.log"
-    grep -E "decode attention|passed|failed" "$OUT/test_splits.log"
-    cat "$OUT"/test_*.log > "$OUT/tests.log"; rm "$OUT"/test_*.log
-    E="DS4F_PREFIX_ATTN=$P DS4F_INDEXER_TB=$TB DS4F_INDEX_FP8=${DS4F_INDEX_FP8:-1}"
+    tail -n 2 "$OUT/tests.log"; grep -E "^H=|PICK" "$OUT/sweep_attn.log"
+    AP=$(grep -o "PICK DS4F_ATTN_PREFILL=H32:[0-9,]*" "$OUT/sweep_attn.log" | cut -d: -f2)
+    E="DS4F_INDEX_FP8=${DS4F_INDEX_FP8:-1}${AP:+ DS4F_ATTN_PREFILL=$AP}"
     C="python3 bench/bench_full.py --tp 2 --batches 1 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
     echo "# $E $C (${SECONDS}s in)"
     env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \

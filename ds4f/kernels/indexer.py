@@ -16,10 +16,11 @@ except ImportError:  # CPU-only installs: the wrappers fall back to the referenc
     triton = None
 
 # DS4F_INDEXER_TB (default TB_DEFAULT) applies to calls of at least TB_MIN_T tokens (long prefill chunks). H200,
-# 4096 tokens x 229,376 entries (a 1M prompt's last chunk on one TP=2 rank), e4m3 q: one token per program 70.2 ms,
-# 2 tokens x 128 keys x 4 warps 55.3 ms, the best of 7 blocked tiles (bench/results/indexer_tb.jsonl)
+# 4096 tokens x 229,376 entries (a 1M prompt's last chunk on one TP=2 rank), e4m3 q: one token per program 69.7 ms,
+# heads-major 2 tokens x 128 keys 55.2 ms, keys-major 32 tokens x 128 keys x 4 warps x 3 stages 26.2 ms, the best
+# of 10 tiles (bench/results/indexer_tb.jsonl)
 TB_MIN_T = 1024
-TB_DEFAULT = "2,128,4"
+TB_DEFAULT = "k,32,128,4,3"
 # "bt", "bt,block_l,num_warps[,num_stages]", or "k," before either for the keys-major kernel; "1": one token per program
 _TB = os.environ.get("DS4F_INDEXER_TB", TB_DEFAULT).split(",")
 TB_KEYS_MAJOR = _TB[0] == "k"

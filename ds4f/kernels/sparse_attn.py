@@ -217,7 +217,7 @@ def sparse_attn(
     block_k: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     scale_bcast: bool = True,
     live: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -262,7 +262,7 @@ def sparse_attn(
 def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | None, rope: torch.Tensor,
                        indices: torch.Tensor, sink: torch.Tensor, scale: float, native_fp8: bool | None,
                        block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
-                       num_stages: int, scale_bcast: bool, live: torch.Tensor | None = None) -> torch.Tensor:
+                       num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None) -> torch.Tensor:
     T, H, D = q.shape
     N, dn = nope.shape
     assert nope.dtype in (torch.float8_e4m3fn, torch.uint8) and nope.stride(-1) == 1, "nope must be [N, dn] e4m3"
@@ -286,7 +286,7 @@ def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | 
 def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Tensor, indices: torch.Tensor,
             sink: torch.Tensor, scale: float, ng: int, nope: int, native_fp8: bool, strides: tuple[int, int, int],
             block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
-            num_stages: int, scale_bcast: bool, live: torch.Tensor | None = None) -> torch.Tensor:
+            num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None) -> torch.Tensor:
     T, H, D = q.shape
     K = indices.shape[1]
     o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
@@ -303,6 +303,10 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     # fp8 group scales stage the tile in fp32: 32-key blocks with 16 heads, 64 with 64 heads measured best
     block_k = max(16, block_k or (32 if (ng > 1 or nope) and block_h < 64 else 64))
     num_warps = num_warps or (8 if block_h >= 64 else 4)
+    if num_stages is None:
+        # a prefill chunk with 32-head blocks (one TP=2 rank): unpipelined measured 6.5 vs 11.3 ms at 8192 tokens x
+        # 640 fp8 rows (bench/results/attn_prefill.jsonl); 64-head blocks and decode keep 2
+        num_stages = 1 if T >= PREFILL_MIN_T and block_h < 64 else 2
     n_hb = triton.cdiv(H, block_h)
     if num_splits is None:
         # fill ~2 programs per SM; each split keeps >= 2 key blocks so partial writes stay below the KV bytes read
