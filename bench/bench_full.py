@@ -119,6 +119,9 @@ def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
     (their step times are left out of the summary)."""
     sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     timer.steps.clear()
+    graphs = getattr(getattr(engine.runner, "runner", engine.runner), "graphs", None)
+    if graphs is not None and hasattr(graphs, "replay_ms"):
+        graphs.replay_ms()  # forget earlier cases' replays
     t0 = time.perf_counter()
     reqs = [engine.add_request(p, sp) for p in prompts]
     ttft, last, all_first = None, t0, None
@@ -147,6 +150,9 @@ def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
             last = now
     end = time.perf_counter()
     summ = timer.summary(len(prompts))
+    graphs = getattr(getattr(engine.runner, "runner", engine.runner), "graphs", None)
+    if graphs is not None and hasattr(graphs, "replay_ms"):  # DS4F_GRAPH_TIMING=1: rank 0's replay GPU time
+        summ["replay_gpu_ms"] = graphs.replay_ms()
     if all_first is not None and end > all_first and new > 1:
         summ["engine_tokens_per_s"] = round((len(prompts) * (new - 1) - prof_tokens) / (end - all_first - prof_s), 1)
     return ttft, end - t0, summ
@@ -201,7 +207,7 @@ def main() -> None:
     def emit(rec: dict[str, Any]) -> None:
         rec.update(meta)
         print(" ".join(f"{k}={rec[k]}" for k in ("case", "batch", "depth", "tokens_per_s", "roofline_frac",
-                                                   "engine_tokens_per_s", "ttft_s", "step_ms",
+                                                   "engine_tokens_per_s", "ttft_s", "step_ms", "replay_gpu_ms",
                                                    "collective_ms_per_step") if k in rec),
               flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU validation (run from the repo root on the GPU machine; outputs under $OUT, at most
 # a few files so they all come back).
-# Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps [git-rev]
+# Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]
 #   tests    every tests/gpu file (DS4F_COMPILE=0: the compiled glue is covered by the decode bench), one log
 #   decode   bench/bench_decode.py: decode b1/4/16 at 0 / 8K / 1M (synthesized), prefill 1K / 8K, profiles
 #   ttft     bench/bench_ttft.py through the engine (--runner fast): 128K, then 1M
@@ -9,6 +9,7 @@
 #   tp       bench/bench_tp.py on 2 GPUs: bf16 4 layers and fp32 2 layers
 #   full     bench/bench_full.py on 2 GPUs: the full model at TP=2 (decode, a FULL_TTFT-token prompt, profiles)
 #   prefill1m  2 GPUs: blocked-indexer GPU test + prefill attention sweep, then `full` at 1M
+#   final1m  2 GPUs: depth-1M decode sweep + kernel GPU tests, then `full` at 1M with the picked decode knobs
 #   sweeps   2 GPUs: the indexer sweep (GPU 0) and the prefill attention sweep (GPU 1)
 #   split    2 GPUs: GPU 0 the decode-splits / blocked-indexer GPU tests then the indexer sweep; GPU 1 `decode`
 set -uo pipefail
@@ -81,5 +82,19 @@ case "${1:-}" in
       > "$OUT/sweep_attn.log" 2>&1
     wait
     tail -n 3 "$OUT/tests.log"; grep -E "^variant|PICK" "$OUT/sweep_tb.log"; grep -E "^H=|PICK|Error" "$OUT/sweep_attn.log" ;;
-  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps [git-rev]" >&2; exit 2 ;;
+  final1m)  # 2 GPUs: the depth-1M decode sweep (GPU 0; it picks decode knobs) beside the kernel GPU tests (GPU 1),
+    # then the full model's 1M-token prompt with the picks, replay GPU time and rank 1's host trace
+    CUDA_VISIBLE_DEVICES=1 timeout 170 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
+      > "$OUT/tests.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/sweep_decode_long.py --out "$OUT/decode_long.jsonl" \
+      > "$OUT/sweep_decode.log" 2>&1
+    wait
+    tail -n 2 "$OUT/tests.log"; grep -vE "^\[ds4f\]|Warning|warn" "$OUT/sweep_decode.log" | tail -n 32
+    PICKS=$(grep "^PICK " "$OUT/sweep_decode.log" | cut -d' ' -f2-)
+    E="DS4F_INDEX_FP8=${DS4F_INDEX_FP8:-1} DS4F_GRAPH_TIMING=1 DS4F_TRACE_WORKER=10 $PICKS"
+    C="python3 bench/bench_full.py --tp 2 --batches 1 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
+    echo "# $E $C (${SECONDS}s in)"
+    env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
+      | grep -E "^(case|#|  prefill)|rank [01]: last|Error|error|failure" | tail -n 60 ;;
+  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac

@@ -59,10 +59,10 @@ def check_topk_and_indexer_valid_len() -> None:
     s = torch.randn(t, length, generator=g)
     s[torch.arange(length)[None, :] >= vl[:, None].long()] = float("-inf")
     want = topk_indices_ref(s, k)
-    for v in (None, vl):
-        got = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=v)
+    for v, progs in ((None, None), (vl, None), (vl, 3)):  # programs=3: chunks of several blocks per program
+        got = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=v, programs=progs)
         for r in range(t):
-            assert set(got[r].tolist()) == set(want[r].tolist()), (v is None, r)
+            assert set(got[r].tolist()) == set(want[r].tolist()), (v is None, progs, r)
     print("radix top-k equal sets")
     hi, di = 16, 16
     q = torch.randn(t, hi, di, generator=g).bfloat16()

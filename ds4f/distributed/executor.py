@@ -153,7 +153,8 @@ class TPExecutor:
         self._closed = False
         self._wire = WireEncoder()
         self._trace = None
-        if os.environ.get("DS4F_TRACE_WORKER") == "1":  # rank 0: broadcast ms, then execute ms (sampling included)
+        trace = os.environ.get("DS4F_TRACE_WORKER", "0")
+        if trace.isdigit() and int(trace) >= 1:  # rank 0: broadcast ms, then execute ms (sampling included)
             from ds4f.distributed.worker import StepTrace
 
             self._trace = StepTrace(0)

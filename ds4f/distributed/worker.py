@@ -55,18 +55,22 @@ def child_main(rank: int, pc: ParallelConfig, addr: str, port: int, parent: int)
 
 
 class StepTrace:
-    """DS4F_TRACE_WORKER=1: every 50 steps, one line with the mean ms a worker waited for rank 0's message and the
-    mean ms its host spent from the message to the step's last launch (where a TP decode step's time goes)."""
+    """DS4F_TRACE_WORKER=1 (or N > 1): every 50 (N) steps, one line with the mean ms a worker waited for rank 0's
+    message and the mean ms its host spent from the message to the step's last launch (where a TP decode step's
+    time goes)."""
 
     def __init__(self, rank: int) -> None:
         self.rank, self.waits, self.hosts = rank, [], []
+        n = os.environ.get("DS4F_TRACE_WORKER", "1")
+        self.window = int(n) if n.isdigit() and int(n) > 1 else 50
 
     def add(self, wait_s: float, host_s: float) -> None:
         self.waits.append(wait_s)
         self.hosts.append(host_s)
-        if len(self.waits) == 50:
-            log(f"rank {self.rank}: last 50 steps: waited {1e3 * sum(self.waits) / 50:.3f} ms, host "
-                f"{1e3 * sum(self.hosts) / 50:.3f} ms per step")
+        if len(self.waits) == self.window:
+            n = self.window
+            log(f"rank {self.rank}: last {n} steps: waited {1e3 * sum(self.waits) / n:.3f} ms, host "
+                f"{1e3 * sum(self.hosts) / n:.3f} ms per step")
             self.waits, self.hosts = [], []
 
 
@@ -95,7 +99,8 @@ def run_worker(rank: int, pc: ParallelConfig, store: Any, children: list[LocalRa
         watchdog.fail(f"{state['phase']} failed: {_short(e)}")
     state["phase"] = "loop"
     wire = WireDecoder()
-    trace = StepTrace(rank) if os.environ.get("DS4F_TRACE_WORKER") == "1" else None
+    trace = StepTrace(rank) if os.environ.get("DS4F_TRACE_WORKER", "0").isdigit() and \
+        int(os.environ.get("DS4F_TRACE_WORKER", "0")) >= 1 else None
     while True:
         t_wait = time.perf_counter()
         try:

@@ -31,6 +31,25 @@ except (ValueError, AssertionError):
     raise ValueError(f"DS4F_INDEXER_TB={','.join(_TB)!r}: expected 'bt' or 'bt,block_l,num_warps[,num_stages]' "
                      f"(positive integers), optionally after 'k,'; e.g. {TB_DEFAULT!r}") from None
 
+
+
+def _env_knobs(name: str, n: int, example: str) -> tuple[int, ...]:
+    """An optional "a,b,..." env var of n non-negative integers (empty: the built-in choice); bad -> ValueError."""
+    raw = os.environ.get(name, "")
+    try:
+        vals = tuple(int(v) for v in raw.split(",")) if raw else ()
+        assert not vals or (len(vals) == n and all(v >= 0 for v in vals))
+    except (ValueError, AssertionError):
+        raise ValueError(f"{name}={raw!r}: expected {n} comma-separated integers, e.g. {example!r}, or empty for "
+                         "the built-in choice") from None
+    return vals
+
+
+# calls of < TB_MIN_T tokens (decode): "block_l,n_inner,num_warps,num_stages" (n_inner 0 = auto); radix top-k:
+# "block,programs per row" (bench/sweep_decode_long.py)
+DECODE_KNOBS = _env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3")
+TOPK_KNOBS = _env_knobs("DS4F_TOPK_DECODE", 2, "2048,128")
+
 if triton is not None:
 
     @triton.jit
@@ -215,6 +234,9 @@ def indexer_scores(
             block_l, num_warps = TB_KNOBS[1], TB_KNOBS[2]
         if len(TB_KNOBS) == 4:
             num_stages = TB_KNOBS[3]
+    if token_block is None and T < TB_MIN_T and DECODE_KNOBS and n_inner is None:
+        block_l, n_inner, num_warps, num_stages = DECODE_KNOBS
+        n_inner = n_inner or None
     token_block = token_block or 1
     if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
         n_inner = max(1, min(8, triton.cdiv(triton.cdiv(T, token_block) * L, block_l * 2 * sm_count(q.device))))
@@ -246,8 +268,8 @@ def quant_heads_fp8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; even at T=32; 2x slower at T=2048
 
 
-def topk_indices(scores: torch.Tensor, k: int, *, block: int = 1024, backend: str = "auto",
-                 valid_len: torch.Tensor | None = None) -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto",
+                 valid_len: torch.Tensor | None = None, programs: int | None = None) -> torch.Tensor:
     """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
     arbitrary subset is taken. backend "radix": a 4-digit radix select (8 bits at a time of the order-preserving
@@ -255,7 +277,8 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int = 1024, backend: st
     host sync; it beats torch.topk on H200 for few rows (decode), torch.topk wins for many (prefill), so "auto"
     takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk. valid_len [T] int32 (optional): row t's
     columns at or past valid_len[t] are -inf (as indexer_scores writes them) and the radix passes skip them, so
-    decode at a short context over a long max_ctx costs what the context costs."""
+    decode at a short context over a long max_ctx costs what the context costs. block / programs (per row): the
+    radix passes' tile and grid (default DS4F_TOPK_DECODE, else 1024 and ~2 per SM)."""
     assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert k > 0
     T, L = scores.shape
@@ -269,7 +292,9 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int = 1024, backend: st
     nb = 256
     buf = torch.zeros(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
     hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
-    n_chunks = max(1, min(triton.cdiv(L, block), triton.cdiv(2 * sm_count(scores.device), T)))
+    if block is None:
+        block, programs = TOPK_KNOBS if TOPK_KNOBS else (1024, programs)
+    n_chunks = max(1, min(triton.cdiv(L, block), programs or triton.cdiv(2 * sm_count(scores.device), T)))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
     grid = (T, triton.cdiv(L, chunk))
     vl = valid_len if valid_len is not None else cnt

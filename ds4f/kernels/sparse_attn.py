@@ -179,6 +179,16 @@ MAX_SPLITS = int(os.environ.get("DS4F_ATTN_MAX_SPLITS", "32")) or 1 << 30
 COMBINE_UNROLL = int(os.environ.get("DS4F_ATTN_COMBINE_UNROLL", "4"))  # splits merged per iteration
 if COMBINE_UNROLL < 1 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
     raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be a power of two (1 = one split at a time)")
+# "block_h,block_k,num_warps,num_stages" for calls of < PREFILL_MIN_T tokens with >= LONG_K keys per token (the HCA
+# layers' lists at a long max_ctx; bench/sweep_decode_long.py)
+LONG_K = 2048
+_DC = os.environ.get("DS4F_ATTN_DECODE", "")
+try:
+    DECODE_KNOBS = tuple(int(v) for v in _DC.split(",")) if _DC else ()
+    assert not DECODE_KNOBS or (len(DECODE_KNOBS) == 4 and all(v > 0 for v in DECODE_KNOBS))
+except (ValueError, AssertionError):
+    raise ValueError(f"DS4F_ATTN_DECODE={_DC!r}: expected 'block_h,block_k,num_warps,num_stages' (positive "
+                     "integers), e.g. '32,64,4,2', or empty for the built-in choice") from None
 # "block_k,num_warps,num_stages" for calls of >= PREFILL_MIN_T tokens (prefill chunks; bench/sweep_attn_prefill.py)
 PREFILL_MIN_T = 1024
 _PF = os.environ.get("DS4F_ATTN_PREFILL", "")
@@ -294,6 +304,8 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
         return o
     if PREFILL_KNOBS and T >= PREFILL_MIN_T and block_k is None and num_warps is None:
         block_k, num_warps, num_stages = PREFILL_KNOBS
+    if DECODE_KNOBS and T < PREFILL_MIN_T and K >= LONG_K and block_h is None and block_k is None:
+        block_h, block_k, num_warps, num_stages = DECODE_KNOBS
     block_d = triton.next_power_of_2(D)
     if nope:  # split rows: the tile holds whole 64-column exponent groups
         block_d = max(64, block_d)

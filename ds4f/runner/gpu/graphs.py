@@ -7,12 +7,15 @@ Padding rows point at the dummy slot / block of the FastCache, so they never tou
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ds4f.runner.gpu.fast_model import FastModel
 from ds4f.runner.gpu.pools import FastCache, slice_meta
 
 BUCKETS = (1, 2, 4, 8, 16)
+TIMING = os.environ.get("DS4F_GRAPH_TIMING") == "1"  # CUDA events around each replay (benches: GPU vs host time)
 
 
 class DecodeGraphs:
@@ -39,6 +42,7 @@ class DecodeGraphs:
                 self.out[b] = fm.logits(fm.forward(meta, cache), meta)
             self.graphs[b] = g
         torch.cuda.synchronize()
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def bucket(self, n: int) -> int:
         for b in self.buckets:
@@ -55,5 +59,21 @@ class DecodeGraphs:
     def step(self, seqs: list[tuple[int, int, int]]) -> torch.Tensor:
         """One decode step -> logits [len(seqs), vocab] fp32 (a view of the graph's output; copy to keep)."""
         b = self.prepare(seqs)
-        self.graphs[b].replay()
+        if TIMING:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+            self.graphs[b].replay()
+            ev[1].record()
+            self.events.append(ev)
+        else:
+            self.graphs[b].replay()
         return self.out[b][: len(seqs)]
+
+    def replay_ms(self) -> float | None:
+        """Median GPU ms of the replays since the last call (DS4F_GRAPH_TIMING=1; None without), then forgets them."""
+        if not self.events:
+            return None
+        torch.cuda.synchronize()
+        ts = sorted(s.elapsed_time(e) for s, e in self.events)
+        self.events = []
+        return ts[len(ts) // 2]
