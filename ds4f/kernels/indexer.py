@@ -46,9 +46,11 @@ def _env_knobs(name: str, n: int, example: str) -> tuple[int, ...]:
 
 
 # calls of < TB_MIN_T tokens (decode): "block_l,n_inner,num_warps,num_stages" (n_inner 0 = auto); radix top-k:
-# "block,programs per row" (bench/sweep_decode_long.py)
-DECODE_KNOBS = _env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3")
-TOPK_KNOBS = _env_knobs("DS4F_TOPK_DECODE", 2, "2048,128")
+# "block,programs per row" (programs 0 = ~2 per SM). H200, one token at 1M context (bench/sweep_decode_long.py,
+# bench/results/decode_long.jsonl): indexer over 262,144 entries 25.2 us at 128 x 4 x 4 warps x 3 stages vs 54.4 at
+# the former 64 x auto x 4 x 4; top-512 43.5 us in 2048-column tiles vs 51.2 in 1024
+DECODE_KNOBS = _env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3") or (128, 4, 4, 3)
+TOPK_KNOBS = _env_knobs("DS4F_TOPK_DECODE", 2, "2048,128") or (2048, 0)
 
 if triton is not None:
 
@@ -234,7 +236,7 @@ def indexer_scores(
             block_l, num_warps = TB_KNOBS[1], TB_KNOBS[2]
         if len(TB_KNOBS) == 4:
             num_stages = TB_KNOBS[3]
-    if token_block is None and T < TB_MIN_T and DECODE_KNOBS and n_inner is None:
+    if token_block is None and T < TB_MIN_T and n_inner is None:
         block_l, n_inner, num_warps, num_stages = DECODE_KNOBS
         n_inner = n_inner or None
     token_block = token_block or 1
@@ -278,7 +280,7 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk. valid_len [T] int32 (optional): row t's
     columns at or past valid_len[t] are -inf (as indexer_scores writes them) and the radix passes skip them, so
     decode at a short context over a long max_ctx costs what the context costs. block / programs (per row): the
-    radix passes' tile and grid (default DS4F_TOPK_DECODE, else 1024 and ~2 per SM)."""
+    radix passes' tile and grid (default DS4F_TOPK_DECODE, else 2048 and ~2 programs per SM)."""
     assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert k > 0
     T, L = scores.shape
@@ -293,7 +295,7 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     buf = torch.zeros(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
     hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
     if block is None:
-        block, programs = TOPK_KNOBS if TOPK_KNOBS else (1024, programs)
+        block, programs = TOPK_KNOBS[0], TOPK_KNOBS[1] or programs
     n_chunks = max(1, min(triton.cdiv(L, block), programs or triton.cdiv(2 * sm_count(scores.device), T)))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
     grid = (T, triton.cdiv(L, chunk))

@@ -174,8 +174,9 @@ if triton is not None:
 
 
 _SM_COUNT: dict[int, int] = {}
-# key splits per (token, head block) when num_splits is not given; DS4F_ATTN_MAX_SPLITS=0 lifts the cap (A/B)
-MAX_SPLITS = int(os.environ.get("DS4F_ATTN_MAX_SPLITS", "32")) or 1 << 30
+# key splits per (token, head block) when num_splits is not given; DS4F_ATTN_MAX_SPLITS=0 lifts the cap (A/B). H200,
+# one token, 32 heads, 8320 HCA keys at 1M: 51.6 us at 64 vs 62.9 at 32 (bench/results/decode_long.jsonl)
+MAX_SPLITS = int(os.environ.get("DS4F_ATTN_MAX_SPLITS", "64")) or 1 << 30
 COMBINE_UNROLL = int(os.environ.get("DS4F_ATTN_COMBINE_UNROLL", "4"))  # splits merged per iteration
 if COMBINE_UNROLL < 1 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
     raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be a power of two (1 = one split at a time)")
