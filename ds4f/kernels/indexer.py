@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
 from ds4f.kernels.sparse_attn import sm_count, use_triton
 
@@ -33,24 +34,12 @@ except (ValueError, AssertionError):
 
 
 
-def _env_knobs(name: str, n: int, example: str) -> tuple[int, ...]:
-    """An optional "a,b,..." env var of n non-negative integers (empty: the built-in choice); bad -> ValueError."""
-    raw = os.environ.get(name, "")
-    try:
-        vals = tuple(int(v) for v in raw.split(",")) if raw else ()
-        assert not vals or (len(vals) == n and all(v >= 0 for v in vals))
-    except (ValueError, AssertionError):
-        raise ValueError(f"{name}={raw!r}: expected {n} comma-separated integers, e.g. {example!r}, or empty for "
-                         "the built-in choice") from None
-    return vals
-
-
 # calls of < TB_MIN_T tokens (decode): "block_l,n_inner,num_warps,num_stages" (n_inner 0 = auto); radix top-k:
 # "block,programs per row" (programs 0 = ~2 per SM). H200, one token at 1M context (bench/sweep_decode_long.py,
 # bench/results/decode_long.jsonl): indexer over 262,144 entries 25.2 us at 128 x 4 x 4 warps x 3 stages vs 54.4 at
 # the former 64 x auto x 4 x 4; top-512 43.5 us in 2048-column tiles vs 51.2 in 1024
-DECODE_KNOBS = _env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3") or (128, 4, 4, 3)
-TOPK_KNOBS = _env_knobs("DS4F_TOPK_DECODE", 2, "2048,128") or (2048, 0)
+DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (128, 4, 4, 3)
+TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,128", minimum=0) or (2048, 0)
 
 if triton is not None:
 

@@ -7,6 +7,7 @@ import os
 import torch
 
 from ds4f.kernels.fp8 import dequantize_kv_rows
+from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import sparse_attn_ref
 
 try:
@@ -183,22 +184,10 @@ if COMBINE_UNROLL < 1 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
 # "block_h,block_k,num_warps,num_stages" for calls of < PREFILL_MIN_T tokens with >= LONG_K keys per token (the HCA
 # layers' lists at a long max_ctx; bench/sweep_decode_long.py)
 LONG_K = 2048
-_DC = os.environ.get("DS4F_ATTN_DECODE", "")
-try:
-    DECODE_KNOBS = tuple(int(v) for v in _DC.split(",")) if _DC else ()
-    assert not DECODE_KNOBS or (len(DECODE_KNOBS) == 4 and all(v > 0 for v in DECODE_KNOBS))
-except (ValueError, AssertionError):
-    raise ValueError(f"DS4F_ATTN_DECODE={_DC!r}: expected 'block_h,block_k,num_warps,num_stages' (positive "
-                     "integers), e.g. '32,64,4,2', or empty for the built-in choice") from None
+DECODE_KNOBS = env_knobs("DS4F_ATTN_DECODE", 4, "16,32,4,2")
 # "block_k,num_warps,num_stages" for calls of >= PREFILL_MIN_T tokens (prefill chunks; bench/sweep_attn_prefill.py)
 PREFILL_MIN_T = 1024
-_PF = os.environ.get("DS4F_ATTN_PREFILL", "")
-try:
-    PREFILL_KNOBS = tuple(int(v) for v in _PF.split(",")) if _PF else ()
-    assert not PREFILL_KNOBS or (len(PREFILL_KNOBS) == 3 and all(v > 0 for v in PREFILL_KNOBS))
-except (ValueError, AssertionError):
-    raise ValueError(f"DS4F_ATTN_PREFILL={_PF!r}: expected 'block_k,num_warps,num_stages' (positive integers), "
-                     "e.g. '64,8,2', or empty for the built-in choice") from None
+PREFILL_KNOBS = env_knobs("DS4F_ATTN_PREFILL", 3, "32,4,1")
 
 
 def sm_count(device: torch.device) -> int:
