@@ -108,15 +108,28 @@ def nccl_group(store: dist.Store, rank: int, world: int, timeout_s: float) -> An
     return dist.ProcessGroupNCCL(store, rank, world, opts)
 
 
+# bytes of a control message's first broadcast (8-byte length + the head of the pickle); a decode step's message is
+# well under it, so it takes one gloo round trip instead of two (length, then data): ~110 vs ~200 us on loopback
+# (2-core CPU, ping-pong with an 8-byte ack)
+BCAST_HEAD = 16384
+_HEAD_BUFS: dict[int, torch.Tensor] = {}
+
+
 def broadcast_object(pg: Any, obj: Any, rank: int) -> Any:
-    """Send obj from rank 0 to every rank of a gloo group (two broadcasts: length, then pickled bytes)."""
+    """Send obj from rank 0 to every rank of a gloo group: one broadcast of a BCAST_HEAD-byte buffer (length + the
+    pickle's head), a second for the rest of a longer pickle."""
+    buf = _HEAD_BUFS.setdefault(id(pg), torch.zeros(BCAST_HEAD, dtype=torch.uint8))
+    data = b""
     if rank == 0:
-        data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
-        size = torch.tensor([data.numel()], dtype=torch.int64)
-    else:
-        size = torch.zeros(1, dtype=torch.int64)
-    pg.broadcast(size, 0).wait()
-    if rank != 0:
-        data = torch.empty(int(size.item()), dtype=torch.uint8)
-    pg.broadcast(data, 0).wait()
-    return obj if rank == 0 else pickle.loads(data.numpy().tobytes())
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        head = len(data).to_bytes(8, "little") + data[: BCAST_HEAD - 8]
+        buf[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    pg.broadcast(buf, 0).wait()
+    n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
+    rest = b""
+    if n > BCAST_HEAD - 8:
+        t = (torch.frombuffer(bytearray(data[BCAST_HEAD - 8:]), dtype=torch.uint8) if rank == 0
+             else torch.empty(n - (BCAST_HEAD - 8), dtype=torch.uint8))
+        pg.broadcast(t, 0).wait()
+        rest = t.numpy().tobytes()
+    return obj if rank == 0 else pickle.loads(buf[8: 8 + min(n, BCAST_HEAD - 8)].numpy().tobytes() + rest)
