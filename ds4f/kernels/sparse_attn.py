@@ -178,6 +178,9 @@ _SM_COUNT: dict[int, int] = {}
 # key splits per (token, head block) when num_splits is not given; DS4F_ATTN_MAX_SPLITS=0 lifts the cap (A/B). H200,
 # one token, 32 heads, 8320 HCA keys at 1M: 51.6 us at 64 vs 62.9 at 32 (bench/results/decode_long.jsonl)
 MAX_SPLITS = int(os.environ.get("DS4F_ATTN_MAX_SPLITS", "64")) or 1 << 30
+# ... and at most SPLIT_PROGRAMS // head blocks, so one token keeps the 128 programs both measured points had: 32
+# heads (TP=2, 2 blocks of 16) x 64 splits above, 64 heads (one GPU, 4 blocks) x 32 splits (session 5 8-layer run)
+SPLIT_PROGRAMS = 128
 COMBINE_UNROLL = int(os.environ.get("DS4F_ATTN_COMBINE_UNROLL", "4"))  # splits merged per iteration
 if COMBINE_UNROLL < 1 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
     raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be a power of two (1 = one split at a time)")
@@ -315,7 +318,8 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
         # and at most MAX_SPLITS: the combine walks the splits in order (at 1M context an HCA layer's 8320 keys
         # made 130 splits of 64 keys for one decode token, a chain of 130 dependent partial loads)
         want = triton.cdiv(2 * sm_count(q.device), T * n_hb)
-        num_splits = max(1, min(want, K // (2 * block_k), MAX_SPLITS))
+        cap = MAX_SPLITS if MAX_SPLITS >= 1 << 30 else min(MAX_SPLITS, max(1, SPLIT_PROGRAMS // n_hb))
+        num_splits = max(1, min(want, K // (2 * block_k), cap))
     kps = triton.cdiv(triton.cdiv(max(K, 1), num_splits), block_k) * block_k
     num_splits = max(1, triton.cdiv(K, kps))
     split = num_splits > 1
