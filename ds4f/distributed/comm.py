@@ -112,13 +112,12 @@ def nccl_group(store: dist.Store, rank: int, world: int, timeout_s: float) -> An
 # well under it, so it takes one gloo round trip instead of two (length, then data): ~110 vs ~200 us on loopback
 # (2-core CPU, ping-pong with an 8-byte ack)
 BCAST_HEAD = 16384
-_HEAD_BUFS: dict[int, torch.Tensor] = {}
 
 
 def broadcast_object(pg: Any, obj: Any, rank: int) -> Any:
     """Send obj from rank 0 to every rank of a gloo group: one broadcast of a BCAST_HEAD-byte buffer (length + the
     pickle's head), a second for the rest of a longer pickle."""
-    buf = _HEAD_BUFS.setdefault(id(pg), torch.zeros(BCAST_HEAD, dtype=torch.uint8))
+    buf = torch.empty(BCAST_HEAD, dtype=torch.uint8)  # only its first 8 + n bytes are read
     data = b""
     if rank == 0:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)

@@ -153,11 +153,10 @@ class TPExecutor:
         self._closed = False
         self._wire = WireEncoder()
         self._trace = None
-        trace = os.environ.get("DS4F_TRACE_WORKER", "0")
-        if trace.isdigit() and int(trace) >= 1:  # rank 0: broadcast ms, then execute ms (sampling included)
-            from ds4f.distributed.worker import StepTrace
+        from ds4f.distributed.worker import StepTrace, trace_window
 
-            self._trace = StepTrace(0)
+        if trace_window():  # rank 0: broadcast ms, then execute ms (sampling included)
+            self._trace = StepTrace(0, trace_window())
         watchdog.start(on_tick=self._ping_if_idle)
 
     def __getattr__(self, name: str) -> Any:  # other runner attributes the engine reads (e.g. weight_format)

@@ -54,15 +54,20 @@ def child_main(rank: int, pc: ParallelConfig, addr: str, port: int, parent: int)
     run_worker(rank, pc, store, [])
 
 
+def trace_window() -> int:
+    """DS4F_TRACE_WORKER: 0 / unset = no trace, 1 = a line per 50 steps, N > 1 = per N steps."""
+    n = os.environ.get("DS4F_TRACE_WORKER", "0")
+    w = int(n) if n.isdigit() else 0
+    return 50 if w == 1 else w
+
+
 class StepTrace:
-    """DS4F_TRACE_WORKER=1 (or N > 1): every 50 (N) steps, one line with the mean ms a worker waited for rank 0's
+    """DS4F_TRACE_WORKER (trace_window): every window steps, one line with the mean ms a worker waited for rank 0's
     message and the mean ms its host spent from the message to the step's last launch (where a TP decode step's
     time goes)."""
 
-    def __init__(self, rank: int) -> None:
-        self.rank, self.waits, self.hosts = rank, [], []
-        n = os.environ.get("DS4F_TRACE_WORKER", "1")
-        self.window = int(n) if n.isdigit() and int(n) > 1 else 50
+    def __init__(self, rank: int, window: int) -> None:
+        self.rank, self.window, self.waits, self.hosts = rank, window, [], []
 
     def add(self, wait_s: float, host_s: float) -> None:
         self.waits.append(wait_s)
@@ -99,8 +104,7 @@ def run_worker(rank: int, pc: ParallelConfig, store: Any, children: list[LocalRa
         watchdog.fail(f"{state['phase']} failed: {_short(e)}")
     state["phase"] = "loop"
     wire = WireDecoder()
-    trace = StepTrace(rank) if os.environ.get("DS4F_TRACE_WORKER", "0").isdigit() and \
-        int(os.environ.get("DS4F_TRACE_WORKER", "0")) >= 1 else None
+    trace = StepTrace(rank, trace_window()) if trace_window() else None
     while True:
         t_wait = time.perf_counter()
         try:

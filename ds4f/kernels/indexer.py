@@ -32,8 +32,6 @@ except (ValueError, AssertionError):
     raise ValueError(f"DS4F_INDEXER_TB={','.join(_TB)!r}: expected 'bt' or 'bt,block_l,num_warps[,num_stages]' "
                      f"(positive integers), optionally after 'k,'; e.g. {TB_DEFAULT!r}") from None
 
-
-
 # calls of < TB_MIN_T tokens (decode): "block_l,n_inner,num_warps,num_stages" (n_inner 0 = auto); radix top-k:
 # "block,programs per row" (programs 0 = ~2 per SM). H200, one token at 1M context (bench/sweep_decode_long.py,
 # bench/results/decode_long.jsonl): indexer over 262,144 entries 25.2 us at 128 x 4 x 4 warps x 3 stages vs 54.4 at
