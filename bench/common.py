@@ -7,6 +7,7 @@ import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,6 +63,41 @@ def measure_ceilings(iters: int = 10) -> tuple[float, float]:
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_tflops = 2 * 8192**3 / time_us(lambda: x @ x, iters, flush=False, graph=False) / 1e6
     return copy_gbps, mm_tflops
+
+
+def sweep(name: str, variants: list[tuple], run: Callable[..., Any], compare: Callable[[Any, Any], tuple[bool, float]],
+          record: Callable[[tuple, float, float, bool, float], None], *, label: Callable[[tuple], str] = str,
+          timer: Callable[[Callable[[], object]], float] | None = None, extra: Callable[[tuple], float] | None = None,
+          eligible: Callable[[tuple], bool] | None = None) -> tuple | None:
+    """A tile sweep: run(*v) per variant (variants[0] is the baseline whose output compare(out, base) -> (ok, err)
+    checks the others against), timed by timer (default time_us, 30 runs); one printed line and one
+    record(v, us, extra_us, ok, err) per variant that ran (a variant that fails, e.g. does not compile, is printed
+    and skipped). extra(v): a second timing (printed as us_short) that the pick must not worsen by > 2 %. -> the
+    fastest eligible variant (default: any but the baseline) that matched and was >= 5 % faster than the baseline,
+    or None."""
+    timer = timer or (lambda fn: time_us(fn, iters=30))
+    base = run(*variants[0])
+    best: tuple | None = None
+    best_us = base_us = base2 = 0.0
+    for v in variants:
+        try:
+            out = run(*v)
+            ok, err = compare(out, base)
+            del out
+            us = timer(lambda v=v: run(*v))
+            us2 = extra(v) if extra else 0.0
+        except Exception as ex:
+            print(f"{name} {label(v)} FAILED {type(ex).__name__}: {str(ex)[:160]}", flush=True)
+            continue
+        if v == variants[0]:
+            base_us, base2 = us, us2
+        print(f"{name} {label(v)} us={us:.1f}" + (f" us_short={us2:.1f}" if extra else "")
+              + f" rel_err={err:.1e} match={ok}", flush=True)
+        record(v, us, us2, ok, err)
+        good = (eligible(v) if eligible else v != variants[0]) and ok and us < 0.95 * base_us
+        if good and (best is None or us < best_us) and (not extra or us2 <= 1.02 * base2):
+            best, best_us = v, us
+    return best
 
 
 def git_commit() -> str:

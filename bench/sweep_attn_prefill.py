@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import measure_ceilings, run_meta, time_us  # noqa: E402
+from bench.common import measure_ceilings, run_meta, sweep, time_us  # noqa: E402
 from ds4f.kernels.fp8 import quantize_kv_rows  # noqa: E402
 from ds4f.kernels.sparse_attn import attn_flops, sparse_attn  # noqa: E402
 
@@ -43,36 +43,35 @@ def main() -> None:
         q = torch.randn(T, H, D, device="cuda", generator=g).bfloat16()
         sink = torch.randn(H, device="cuda", generator=g)
 
-        def run(q: torch.Tensor = q, sink: torch.Tensor = sink, **kw: int) -> torch.Tensor:
+        def run(bk: int, nw: int, ns: int, q: torch.Tensor = q, sink: torch.Tensor = sink) -> torch.Tensor:
+            kw = dict(block_k=bk, num_warps=nw, num_stages=ns) if bk else {}  # (0, 0, 0): the built-in choice
             return sparse_attn(q, nope, idx, sink, D**-0.5, exp, kv_rope=rope, **kw)
 
-        base = run()
-        base_us = time_us(run, iters=5, flush=False, graph=False)
-        print(f"H={H} default ms={base_us / 1e3:.2f} tflops={attn_flops(T, H, D, K) / base_us / 1e6:.0f}", flush=True)
-        best, best_us = "default", base_us
-        # (block_k, num_warps, num_stages)
-        for bk, nw, ns in [(32, 4, 2), (16, 4, 1), (32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (64, 8, 2),
-                           (16, 8, 1)]:
-            kw = dict(block_k=bk, num_warps=nw, num_stages=ns)
-            try:
-                out = run(**kw)
-                err = ((out.float() - base.float()).norm() / base.float().norm()).item()
-                us = time_us(lambda kw=kw: run(**kw), iters=5, flush=False, graph=False)
-            except Exception as ex:  # a tile that does not compile here: reported, not picked
-                print(f"H={H} bk={bk} nw={nw} ns={ns} FAILED {type(ex).__name__}: {str(ex)[:160]}", flush=True)
-                continue
+        def compare(out: torch.Tensor, base: torch.Tensor) -> tuple[bool, float]:
+            err = ((out.float() - base.float()).norm() / base.float().norm()).item()
+            return err < 1e-2, err
+
+        default_us: list[float] = []  # the baseline's time (recorded first)
+
+        def record(v: tuple, us: float, _: float, ok: bool, err: float, H: int = H,
+                   default_us: list[float] = default_us) -> None:
+            if not default_us:
+                default_us.append(us)
             tf = attn_flops(T, H, D, K) / us / 1e6
-            ok = err < 1e-2
-            print(f"H={H} bk={bk} nw={nw} ns={ns} ms={us / 1e3:.2f} tflops={tf:.0f} rel_err={err:.1e} match={ok}",
-                  flush=True)
-            rec = dict(meta, case="attn_prefill_chunk", tokens=T, heads=H, rows=N, keys=K, block_k=bk, num_warps=nw,
-                       num_stages=ns, time_ms=round(us / 1e3, 3), default_ms=round(base_us / 1e3, 3),
-                       tflops=round(tf, 1), frac_bf16_mm=round(tf / mm_tflops, 3), rel_err_vs_default=err, match=ok,
+            rec = dict(meta, case="attn_prefill_chunk", tokens=T, heads=H, rows=N, keys=K, block_k=v[0],
+                       num_warps=v[1], num_stages=v[2], time_ms=round(us / 1e3, 3),
+                       default_ms=round(default_us[0] / 1e3, 3), tflops=round(tf, 1),
+                       frac_bf16_mm=round(tf / mm_tflops, 3), rel_err_vs_default=err, match=ok,
                        copy_gbps=round(copy_gbps), bf16_mm_tflops=round(mm_tflops))
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            if ok and us < 0.95 * best_us:
-                best, best_us = f"{bk},{nw},{ns}", us
+
+        # (block_k, num_warps, num_stages); the first is the built-in choice (the baseline)
+        pick = sweep(f"H={H}", [(0, 0, 0), (32, 4, 2), (16, 4, 1), (32, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1),
+                                (64, 8, 2), (16, 8, 1)], run, compare, record,
+                     label=lambda v: "default" if not v[0] else f"bk={v[0]} nw={v[1]} ns={v[2]}",
+                     timer=lambda fn: time_us(fn, iters=5, flush=False, graph=False))
+        best = "default" if pick is None else ",".join(map(str, pick))
         picks.append(f"H{H}:{best}")
     print(f"PICK DS4F_ATTN_PREFILL={' '.join(picks)}", flush=True)
 

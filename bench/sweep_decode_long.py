@@ -19,33 +19,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import run_meta, time_us  # noqa: E402
+from bench.common import run_meta, sweep, time_us  # noqa: E402
 from ds4f.kernels.fp8 import quantize_kv_rows, quantize_rows  # noqa: E402
 from ds4f.kernels.indexer import indexer_scores, quant_heads_fp8, topk_indices  # noqa: E402
 from ds4f.kernels.sparse_attn import sparse_attn  # noqa: E402
-
-
-def sweep(name: str, variants: list[tuple], run: Callable[..., torch.Tensor], same: Callable[..., bool],
-          rec: Callable[..., None], extra: Callable[[tuple], float] | None = None) -> tuple | None:
-    """Times run(*v) per variant (the first is the default); -> the fastest matching variant >= 5 % faster."""
-    base = run(*variants[0])
-    best, best_us, base_us = None, 0.0, 0.0
-    for v in variants:
-        try:
-            out = run(*v)
-            ok = same(out, base)
-            us = time_us(lambda v=v: run(*v), iters=30)
-            us2 = extra(v) if extra else 0.0
-        except Exception as ex:  # a tile that does not compile here: reported, not picked
-            print(f"{name} {v} FAILED {type(ex).__name__}: {str(ex)[:160]}", flush=True)
-            continue
-        if not base_us:
-            base_us, base2 = us, us2
-        print(f"{name} {v} us={us:.1f}" + (f" us_short={us2:.1f}" if extra else "") + f" match={ok}", flush=True)
-        rec(name, v, us, us2, ok)
-        if v is not variants[0] and ok and us < 0.95 * (best_us or base_us) and (not extra or us2 <= 1.02 * base2):
-            best, best_us = v, us
-    return best
 
 
 def main() -> None:
@@ -57,10 +34,12 @@ def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     dev = "cuda"
 
-    def rec(case: str, v: tuple, us: float, us2: float, ok: bool) -> None:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(dict(meta, case=f"decode_1m_{case}", variant=list(v), time_us=round(us, 2),
-                                    time_us_192_live=round(us2, 2) or None, match=ok)) + "\n")
+    def rec(case: str) -> Callable[[tuple, float, float, bool, float], None]:
+        def write(v: tuple, us: float, us2: float, ok: bool, err: float) -> None:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(dict(meta, case=f"decode_1m_{case}", variant=list(v), time_us=round(us, 2),
+                                        time_us_192_live=round(us2, 2) or None, match=ok)) + "\n")
+        return write
 
     # indexer: one token over 262,144 entries
     L, HI, DI = 262144, 64, 128
@@ -78,7 +57,7 @@ def main() -> None:
 
     ix = sweep("indexer", [(64, 0, 4, 4), (128, 0, 4, 3), (128, 4, 4, 3), (128, 2, 4, 3), (256, 2, 8, 3),
                            (256, 1, 8, 3), (64, 4, 4, 4), (128, 8, 4, 3), (256, 4, 8, 2), (128, 1, 4, 3)],
-               run_ix, lambda a, b: bool(torch.equal(a, b)), rec)
+               run_ix, lambda a, b: (bool(torch.equal(a, b)), 0.0), rec("indexer"))
 
     # HCA attention: 8192 entries + 128 window rows, 32 heads
     H, D, K = 32, 512, 8320
@@ -98,13 +77,14 @@ def main() -> None:
     def short_us(v: tuple) -> float:
         return time_us(lambda: run_at(*v, live=short, ids=idx_short), iters=30)
 
-    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    def close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        return err < 1e-2, err
 
     at = sweep("attn", [(0, 0, 0, 0, 0), (32, 32, 4, 2, 0), (32, 64, 4, 2, 0), (32, 64, 8, 2, 0), (16, 64, 4, 2, 0),
                         (16, 32, 4, 3, 0), (32, 32, 8, 2, 0), (16, 32, 4, 2, 64), (32, 32, 4, 2, 64),
                         (32, 64, 4, 2, 64), (16, 16, 4, 2, 0)],
-               run_at, close, rec, extra=short_us)
+               run_at, close, rec("attn"), extra=short_us)
 
     # radix top-512 of 262,144 scores
     sc = torch.randn(1, L, device=dev, generator=g)
@@ -112,11 +92,11 @@ def main() -> None:
     def run_tk(block: int, progs: int) -> torch.Tensor:
         return topk_indices(sc, 512, valid_len=vl, block=block, programs=progs or None)
 
-    def same_set(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return bool(torch.equal(a.sort(1).values, b.sort(1).values))
+    def same_set(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+        return bool(torch.equal(a.sort(1).values, b.sort(1).values)), 0.0
 
     tk = sweep("topk", [(1024, 0), (2048, 128), (4096, 64), (1024, 128), (2048, 64), (512, 264), (4096, 32),
-                        (8192, 32)], run_tk, same_set, rec)
+                        (8192, 32)], run_tk, same_set, rec("topk"))
 
     picks = []
     if ix:

@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import measure_ceilings, run_meta, time_us  # noqa: E402
+from bench.common import measure_ceilings, run_meta, sweep, time_us  # noqa: E402
 from ds4f.kernels.fp8 import quantize_rows  # noqa: E402
 from ds4f.kernels.indexer import indexer_flops, indexer_scores, quant_heads_fp8  # noqa: E402
 
@@ -52,38 +52,30 @@ def main() -> None:
         return indexer_scores(q, w, k8, slots, seq, vl, k_scale=ks, token_block=bt, block_l=bl, num_warps=nw,
                               num_stages=ns, keys_major=km)
 
-    base = run(1, 64, 4, 4)
-    fin = torch.isfinite(base)
-    ref_norm = base[fin].double().norm()
-    # (token block, keys per tile, warps, stages, keys-major)
+    # (token block, keys per tile, warps, stages, keys-major); the first (one token per program) is the baseline
     variants = [(1, 64, 4, 4, False), (2, 128, 4, 3, False), (32, 64, 4, 2, True), (32, 64, 4, 3, True),
                 (32, 64, 4, 4, True), (64, 64, 4, 3, True), (128, 64, 4, 3, True), (32, 128, 4, 3, True),
                 (64, 128, 8, 3, True), (16, 64, 4, 3, True)]
-    best, best_us, base_us = "1", 0.0, 0.0
-    for bt, bl, nw, ns, km in variants:
-        try:
-            out = run(bt, bl, nw, ns, km)
-            err = ((out[fin].double() - base[fin].double()).norm() / ref_norm).item()
-            ok = bool(torch.equal(torch.isfinite(out), fin)) and err < 1e-3
-            us = time_us(lambda v=(bt, bl, nw, ns, km): run(*v), iters=5, flush=False, graph=False)
-        except Exception as ex:  # a tile that does not compile here: reported, not picked
-            print(f"variant bt={bt} block_l={bl} nw={nw} ns={ns} keys_major={km} FAILED {type(ex).__name__}: "
-                  f"{str(ex)[:160]}")
-            continue
-        del out
+
+    def compare(out: torch.Tensor, base: torch.Tensor) -> tuple[bool, float]:
+        fin = torch.isfinite(base)
+        err = ((out[fin].double() - base[fin].double()).norm() / base[fin].double().norm()).item()
+        return bool(torch.equal(torch.isfinite(out), fin)) and err < 1e-3, err
+
+    def record(v: tuple, us: float, _: float, ok: bool, err: float) -> None:
+        bt, bl, nw, ns, km = v
         tf = flops / us / 1e6
-        if bt == 1:
-            base_us = us
-        print(f"variant bt={bt} block_l={bl} nw={nw} ns={ns} keys_major={km} ms={us / 1e3:.2f} tflops={tf:.0f} "
-              f"rel_err={err:.1e} match={ok}", flush=True)
         rec = dict(meta, case="indexer_prefill_chunk", tokens=T, entries=L, q="bf16" if args.bf16_q else "e4m3",
                    token_block=bt, block_l=bl, num_warps=nw, num_stages=ns, keys_major=km, time_ms=round(us / 1e3, 3),
                    tflops=round(tf, 1), frac_bf16_mm=round(tf / mm_tflops, 3), rel_err_vs_one_token=err, match=ok,
                    copy_gbps=round(copy_gbps), bf16_mm_tflops=round(mm_tflops))
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if bt > 1 and ok and us < 0.95 * base_us and (not best_us or us < best_us):
-            best, best_us = ("k," if km else "") + f"{bt},{bl},{nw},{ns}", us
+
+    pick = sweep("variant", variants, run, compare, record, eligible=lambda v: v[0] > 1,
+                 label=lambda v: f"bt={v[0]} block_l={v[1]} nw={v[2]} ns={v[3]} keys_major={v[4]}",
+                 timer=lambda fn: time_us(fn, iters=5, flush=False, graph=False))
+    best = "1" if pick is None else ("k," if pick[4] else "") + ",".join(map(str, pick[:4]))
     print(f"PICK DS4F_INDEXER_TB={best}", flush=True)
 
 
