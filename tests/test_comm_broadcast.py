@@ -5,13 +5,13 @@ mixed with the long one's leftover bytes."""
 from __future__ import annotations
 
 import datetime as dt
-import multiprocessing as mp
 import pickle
 from pathlib import Path
 
 import torch.distributed as dist
 
 from ds4f.distributed.comm import BCAST_HEAD, broadcast_object, gloo_group
+from tests.ranks import spawn_ranks
 
 
 def _messages() -> list[object]:
@@ -34,17 +34,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 
 
 def test_broadcast_object_head_sizes(tmp_path: Path) -> None:
-    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=dt.timedelta(seconds=30), wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, store.port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    codes = spawn_ranks(_rank_main, 2, str(tmp_path))
     assert codes == [0, 0], f"rank exit codes {codes}"
     want = _messages()
     for r in range(2):

@@ -4,7 +4,6 @@ per layer and 1 all-gather per logits call; bad sizes are refused naming the fla
 from __future__ import annotations
 
 import datetime as dt
-import multiprocessing as mp
 import pickle
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from ds4f.model.args import ModelArgs, tiny_config
 from ds4f.model.cache import AttnBatch, DenseCache
 from ds4f.model.deepseek_v4 import Transformer, init_random_
 from ds4f.model.tp import ShardError, shard_model
+from tests.ranks import spawn_ranks
 
 PROMPTS = [list(range(100, 130)), list(range(5000, 5045))]  # 30 and 45 tokens: CSA layers select (topk 4 < entries)
 DECODE_STEPS = 4
@@ -57,7 +57,7 @@ def _tiny() -> Transformer:
     return init_random_(Transformer(ModelArgs.from_hf(tiny_config())), seed=0)
 
 
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+def _rank_main(rank: int, port: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, None, False, timeout=dt.timedelta(seconds=30))
     comm = Comm(rank, world, gloo_group(dist.PrefixStore("model", store), rank, world, 30.0, "127.0.0.1"))
@@ -72,17 +72,7 @@ def reference() -> dict[str, Any]:
 
 def test_tp2_matches_tp1_logits_tokens_and_collective_count(reference: dict[str, Any], tmp_path: Path) -> None:
     world = 2
-    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=dt.timedelta(seconds=30), wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, world, store.port, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    codes = spawn_ranks(_rank_main, world, world, str(tmp_path))
     assert codes == [0, 0], f"rank exit codes {codes}"
     ref = reference
     n_layers = ModelArgs.from_hf(tiny_config()).num_hidden_layers
