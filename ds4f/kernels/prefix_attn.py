@@ -72,12 +72,8 @@ if triton is not None:
                     offs_w = w0 + offs_n
                     idx = tl.load(win_ptr + tj.to(tl.int64) * s_wt + offs_w, mask=offs_w < W, other=-1)
                     valid = idx >= 0
-                    if NOPE > 0:
-                        kt = _kv_row_tile(kv_ptr, exp_ptr, rope_ptr, idx.to(tl.int64), valid, offs_d, dmask,
-                                          s_kvn, s_en8, s_rn, BLOCK_N, BLOCK_D, NOPE, NATIVE_FP8)
-                    else:
-                        kt = tl.load(kv_ptr + idx.to(tl.int64)[:, None] * s_kvn + offs_d[None, :],
-                                     mask=valid[:, None] & dmask[None, :], other=0.0)
+                    kt = _kv_row_tile(kv_ptr, exp_ptr, rope_ptr, idx.to(tl.int64), valid, offs_d, dmask,
+                                      s_kvn, s_en8, s_rn, BLOCK_N, BLOCK_D, NOPE, NATIVE_FP8)
                     m, l, acc = _softmax_step(q, kt, mine[:, None] & valid[None, :], m, l, acc, qk_scale)
                 # entries: one pass per distinct sequence among the tile's tokens (tokens of a sequence are adjacent)
                 sj = tl.load(seq_ptr + tj)

@@ -25,30 +25,36 @@ if triton is not None:
     @triton.jit
     def _kv_row_tile(kv_ptr, exp_ptr, rope_ptr, ridx, valid, offs_d, dmask, s_kvn, s_en, s_rn,
                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr):
-        # fp8_ds_mla rows -> [BLOCK_K, BLOCK_D] bf16 (exact): columns < NOPE = e4m3 bits (uint8) * 2^(exp - 127),
-        # one exponent byte per 64 columns; columns >= NOPE from the bf16 rope rows
-        nm = offs_d < NOPE
-        x = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & nm[None, :], other=0)
-        if NATIVE_FP8:  # sm_89+: hardware e4m3 convert
-            xf = x.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            bias = 127.0
-        else:  # any arch: e4m3 bits -> fp16 bits (exponent bias 7 -> 15, so the value is 2^-8 of the e4m3 one)
-            h = x.to(tl.uint16)
-            xf = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
-            bias = 119.0
-        NGB: tl.constexpr = BLOCK_D // 64
-        if NGB == 1:
-            e = tl.load(exp_ptr + ridx * s_en, mask=valid, other=0)
-            xf = xf * tl.exp2(e.to(tl.float32) - bias)[:, None]
+        # NOPE == 0: plain rows [BLOCK_K, BLOCK_D] as stored (bf16, or e4m3 that the caller scales). Else fp8_ds_mla
+        # rows -> bf16 (exact): columns < NOPE = e4m3 bits (uint8) * 2^(exp - 127), one exponent byte per 64 columns;
+        # columns >= NOPE from the bf16 rope rows
+        if NOPE == 0:
+            out = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
+                          other=0.0)
         else:
-            offs_g = tl.arange(0, NGB)
-            e = tl.load(exp_ptr + ridx[:, None] * s_en + offs_g[None, :],
-                        mask=valid[:, None] & (offs_g * 64 < NOPE)[None, :], other=0)
-            sc = tl.exp2(e.to(tl.float32) - bias)
-            xf = xf * tl.reshape(tl.broadcast_to(sc[:, :, None], [BLOCK_K, NGB, 64]), [BLOCK_K, BLOCK_D])
-        r = tl.load(rope_ptr + ridx[:, None] * s_rn + (offs_d - NOPE)[None, :],
-                    mask=valid[:, None] & (~nm & dmask)[None, :], other=0.0)
-        return tl.where(nm[None, :], xf, r.to(tl.float32)).to(tl.bfloat16)
+            nm = offs_d < NOPE
+            x = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & nm[None, :], other=0)
+            if NATIVE_FP8:  # sm_89+: hardware e4m3 convert
+                xf = x.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                bias = 127.0
+            else:  # any arch: e4m3 bits -> fp16 bits (exponent bias 7 -> 15, so the value is 2^-8 of the e4m3 one)
+                h = x.to(tl.uint16)
+                xf = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
+                bias = 119.0
+            NGB: tl.constexpr = BLOCK_D // 64
+            if NGB == 1:
+                e = tl.load(exp_ptr + ridx * s_en, mask=valid, other=0)
+                xf = xf * tl.exp2(e.to(tl.float32) - bias)[:, None]
+            else:
+                offs_g = tl.arange(0, NGB)
+                e = tl.load(exp_ptr + ridx[:, None] * s_en + offs_g[None, :],
+                            mask=valid[:, None] & (offs_g * 64 < NOPE)[None, :], other=0)
+                sc = tl.exp2(e.to(tl.float32) - bias)
+                xf = xf * tl.reshape(tl.broadcast_to(sc[:, :, None], [BLOCK_K, NGB, 64]), [BLOCK_K, BLOCK_D])
+            r = tl.load(rope_ptr + ridx[:, None] * s_rn + (offs_d - NOPE)[None, :],
+                        mask=valid[:, None] & (~nm & dmask)[None, :], other=0.0)
+            out = tl.where(nm[None, :], xf, r.to(tl.float32)).to(tl.bfloat16)
+        return out
 
     @triton.jit
     def _attn_fwd(
@@ -84,12 +90,8 @@ if triton is not None:
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
             valid = idx >= 0
-            if NOPE > 0:
-                rows = _kv_row_tile(kv_ptr, kvs_ptr, rope_ptr, idx.to(tl.int64), valid, offs_d, dmask,
-                                    s_kvn, s_kvsn, s_rn, BLOCK_K, BLOCK_D, NOPE, NATIVE_FP8)
-            else:
-                rows = tl.load(kv_ptr + idx.to(tl.int64)[:, None] * s_kvn + offs_d[None, :],
-                               mask=valid[:, None] & dmask[None, :], other=0.0)
+            rows = _kv_row_tile(kv_ptr, kvs_ptr, rope_ptr, idx.to(tl.int64), valid, offs_d, dmask,
+                                s_kvn, s_kvsn, s_rn, BLOCK_K, BLOCK_D, NOPE, NATIVE_FP8)
             # fp8 rows dequantize exactly to bf16 (power-of-two scales); through fp32, which measured faster than
             # Triton 3.6's direct e4m3 -> bf16 / fp16 converts on H200
             if NG == 1:
