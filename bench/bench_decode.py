@@ -73,6 +73,9 @@ def init_random_gpu_(model: Transformer, seed: int) -> None:
             buf.copy_(r.argsort(dim=-1)[:, : buf.shape[1]])
 
 
+PROFILE_DIR = ""  # main's --profile: graph-replay timelines of batch 1 land here
+
+
 def timed(fn, reps: int = 5, inner: int = 10) -> float:
     """Median seconds per call (CUDA events around `inner` calls, `reps` times) after 3 warm-up calls."""
     for _ in range(3):
@@ -158,6 +161,13 @@ def decode_cases(fm: FastModel, model: Transformer, depth: int, batches: list[in
         seqs = [(s, depth, 1000 + s) for s in range(b)]
         graph = dg.graphs[dg.prepare(seqs)]
         t = timed(graph.replay)
+        if PROFILE_DIR and b == 1 and depth in (0, 8192):
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                graph.replay()
+                torch.cuda.synchronize()
+            write_timeline(prof, Path(PROFILE_DIR) / f"graph_decode_d{depth}_timeline.txt")
         # the graph (compiled glue) against an eager forward of the same step (rewrites the same rows)
         got = dg.out[dg.bucket(b)][:b].clone()
         mode = os.environ.get("DS4F_COMPILE")
@@ -207,6 +217,26 @@ def prefill_case(fm: FastModel, model: Transformer, n: int, ceil: dict, emit, pr
           "tflops": round(fl / t / 1e12, 1)})
 
 
+def write_timeline(prof, out: Path) -> None:
+    """Kernels of a profiled region in launch order: start (us from the first), duration, gap before it, name."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        evs = [e for e in json.loads(Path(f.name).read_text())["traceEvents"]
+               if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    evs.sort(key=lambda e: e["ts"])
+    if not evs:
+        return
+    t0, end, lines = evs[0]["ts"], evs[0]["ts"], []
+    for e in evs:
+        lines.append(f"{e['ts'] - t0:10.2f} {e['dur']:8.2f} {max(0.0, e['ts'] - end):7.2f}  {e['name'][:90]}")
+        end = max(end, e["ts"] + e["dur"])
+    busy = sum(e["dur"] for e in evs)
+    out.write_text(f"# {len(evs)} kernels, span {end - t0:.1f} us, busy {busy:.1f} us\n"
+                   "# start_us dur_us gap_us name\n" + "\n".join(lines) + "\n")
+
+
 def profile_decode(fm: FastModel, model: Transformer, depth: int, out: Path) -> None:
     """Kernel-time table of one eager decode step at batch 1 (where the step time goes)."""
     a = model.args
@@ -223,6 +253,7 @@ def profile_decode(fm: FastModel, model: Transformer, depth: int, out: Path) -> 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fm.logits(fm.forward(meta, cache), meta)
         torch.cuda.synchronize()
+    write_timeline(prof, out.with_name(out.stem + "_timeline.txt"))
     ka = prof.key_averages()
     total = sum(e.device_time_total for e in ka)
     n_kernels = sum(e.count for e in ka)
@@ -278,6 +309,8 @@ def main() -> None:
     fm = FastModel(model, max_pos=max(depths + [1]) + 2 * BS)
     torch.cuda.synchronize()
     print(f"# model ready in {time.time() - t0:.1f}s, {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     if args.profile:
         for d in (8192,):
             profile_decode(fm, model, d, Path(args.profile) / f"profile_decode_d{d}.txt")
