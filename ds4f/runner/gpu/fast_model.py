@@ -92,6 +92,11 @@ class FastModel:
         # step and shared by the tokens of a sequence) instead of per-token lists; DS4F_PREFIX_ATTN=0 turns it off
         self.prefix_attn = os.environ.get("DS4F_PREFIX_ATTN", "1") == "1"
         self.prefix_min_t = int(os.environ.get("DS4F_PREFIX_MIN_T", "256"))
+        # decode steps (<= overlap_max_t tokens) run each layer's kv / compressor / indexer chain on a second stream
+        # beside the q projection (captured into the decode graphs as a fork / join); DS4F_OVERLAP=0: one stream
+        self.overlap = os.environ.get("DS4F_OVERLAP", "1") == "1"
+        self.overlap_max_t = 16
+        self._sides: list[torch.cuda.Stream] = []
         self.gate_w32: list[torch.Tensor] = []
         self.w13: list[torch.Tensor | None] = []  # None: the layer's experts run packed (self.mx)
         self.w2: list[torch.Tensor | None] = []
@@ -176,12 +181,13 @@ class FastModel:
         prefix = self.prefix_attn and meta.max_len is not None and meta.positions.shape[0] >= self.prefix_min_t
         for (m, n_ent, _, direct), v in zip(ents, per):
             if direct:
-                d.attn_idx[m] = v[:, : self.W + glue.index_len(meta.max_len, m, n_ent, 0, self.index_bucket)]
+                rows, live = v
+                d.attn_idx[m] = rows[:, : self.W + glue.index_len(meta.max_len, m, n_ent, 0, self.index_bucket)]
                 if prefix:
                     n = d.attn_idx[m].shape[1] - self.W
                     d.pvis[m] = ((meta.positions + 1) // m).clamp(max=n).to(torch.int32)
                 if self.attn_live:  # the kernel skips the key splits past W + the visible entries
-                    d.live[m] = ((meta.positions + 1) // m).clamp(max=n_ent).add(self.W).to(torch.int32)
+                    d.live[m] = live
             else:  # vis32 <= max_len // m <= the columns kept
                 slots, d.vis32[m] = v
                 d.slots[m] = slots[:, : glue.index_len(meta.max_len, m, slots.shape[1], a.index_topk,
@@ -239,29 +245,54 @@ class FastModel:
         parts = y.split(self.w_in_split[i], dim=1)
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy
         qr = glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
-        q = norm_rope(packed.linear(att.wq_b, qr).view(T, H, hd), None, cos, sin, att.eps)  # per-head RMSNorm + RoPE
-        kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
         pool = cache.kv[i]
-        cache.put_scratch(i, kv)
-        if att.kind == SWA:
-            idx = d.win
-        else:
-            m = att.ratio
-            n2 = 2 * att.compressor.wkv.out_features
-            self._compress(att.compressor, y[:, o2: o2 + n2], meta, cache, d, cache.state[i, "attn"],
-                           cache.ring(i), pool, cache.comp_base, m)
-            if att.indexer is not None:
-                n4 = 2 * att.indexer.compressor.wkv.out_features
-                self._compress(att.indexer.compressor, y[:, o2 + n2: o2 + n2 + n4], meta, cache, d,
-                               cache.state[i, "index"], cache.ring(i), cache.index[i], 0, m)
+
+        def kv_path() -> torch.Tensor:
+            """K=V row into the scratch rows, the attention compressor's entries -> kv [T, hd]."""
+            kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
+            cache.put_scratch(i, kv)
+            if att.kind != SWA:
+                n2 = 2 * att.compressor.wkv.out_features
+                self._compress(att.compressor, y[:, o2: o2 + n2], meta, cache, d, cache.state[i, "attn"],
+                               cache.ring(i), pool, cache.comp_base, att.ratio)
+            return kv
+
+        def index_path() -> torch.Tensor:
+            """The indexer's compressor entries, scores + top-k -> attention rows idx [T, K] (window + entries)."""
+            m, ix = att.ratio, att.indexer
+            n2, n4 = 2 * att.compressor.wkv.out_features, 2 * ix.compressor.wkv.out_features
+            self._compress(ix.compressor, y[:, o2 + n2: o2 + n2 + n4], meta, cache, d, cache.state[i, "index"],
+                           cache.ring(i), cache.index[i], 0, m)
             if m in d.attn_idx:
-                idx = d.attn_idx[m]
-            else:  # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
-                ix = att.indexer
-                iq = rope_(packed.linear(ix.wq_b, qr).view(T, ix.n_heads, ix.head_dim), cos, sin)
-                iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
-                sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
-                idx = glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
+                return d.attn_idx[m]
+            # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
+            iq = rope_(packed.linear(ix.wq_b, qr).view(T, ix.n_heads, ix.head_dim), cos, sin)
+            iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
+            sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
+            return glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
+
+        def idx_direct() -> torch.Tensor:
+            return d.win if att.kind == SWA else d.attn_idx[att.ratio]
+
+        sides = self._side_streams(T)
+        chains = [kv_path] + ([index_path] if att.indexer is not None else [])
+        if sides is None:
+            q = norm_rope(packed.linear(att.wq_b, qr).view(T, H, hd), None, cos, sin, att.eps)
+            outs = [f() for f in chains]
+        else:  # decode: the latency-bound kv / compressor and indexer chains each on a stream of their own beside
+            # the bandwidth-bound wq_b GEMM. Memory: a side stream's tensors are read on main only after the join
+            # below, and its next allocations come after the next fork (which follows this layer's attention).
+            main = torch.cuda.current_stream()
+            outs = []
+            for f, st in zip(chains, sides):
+                st.wait_stream(main)
+                with torch.cuda.stream(st):
+                    outs.append(f())
+            q = norm_rope(packed.linear(att.wq_b, qr).view(T, H, hd), None, cos, sin, att.eps)
+            for st in sides[: len(chains)]:
+                main.wait_stream(st)
+        kv = outs[0]
+        idx = outs[1] if len(outs) > 1 else idx_direct()
         if att.kind != SWA and att.ratio in d.pvis:
             o = cache.attend_prefix(i, q, d.win, meta.block_table, d.seq32, d.pvis[att.ratio],
                                     d.attn_idx[att.ratio].shape[1] - self.W, att.attn_sink, hd**-0.5)
@@ -271,6 +302,15 @@ class FastModel:
         cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
         o = packed.grouped_out(att.wo_a, rope_(o, cos, sin, inverse=True), att.o_groups)  # [T, G*o_lora_rank]
         return packed.linear(att.wo_b, o)
+
+    def _side_streams(self, T: int) -> list[torch.cuda.Stream] | None:
+        """The two streams the kv / compressor chain and the indexer chain of a decode step (T <= overlap_max_t
+        tokens, CUDA) run on beside the q projection; None: one stream (prefill chunks, CPU, DS4F_OVERLAP=0)."""
+        if not (self.overlap and self.device.type == "cuda" and 0 < T <= self.overlap_max_t):
+            return None
+        if not self._sides:
+            self._sides = [torch.cuda.Stream(device=self.device) for _ in range(2)]
+        return self._sides
 
     def _select(self, i: int, m: int, iq: torch.Tensor, iw: torch.Tensor, d: _Derived, cache: FastCache
                 ) -> torch.Tensor:

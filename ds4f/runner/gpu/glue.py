@@ -150,8 +150,8 @@ def derive(p: torch.Tensor, slot: torch.Tensor, c0: torch.Tensor, c1: torch.Tens
     """StepMeta fields (positions, tok_slot, chunk_start, chunk_end, tok_seq, block_table) -> FastModel's per-step
     index tensors: window rows [T, W] int32, window-ring write rows [T], a carry-ring write row [T] per ring size,
     bt_tok [T, max_blocks], each table [max_pos, r] at the positions, and per (ratio, n_entries, epb, direct) of ents:
-    direct -> attention rows [T, W + n] int32 (window + every visible entry), else (index-pool rows [B, n] int32,
-    visible entries [T] int32); then tok_seq as int32."""
+    direct -> (attention rows [T, W + n] int32 (window + every visible entry), W + visible entries [T] int32), else
+    (index-pool rows [B, n] int32, visible entries [T] int32); then tok_seq as int32."""
     t = p.shape[0]
     ti = torch.arange(t, device=p.device)
     j = torch.arange(W, device=p.device)
@@ -170,7 +170,7 @@ def derive(p: torch.Tensor, slot: torch.Tensor, c0: torch.Tensor, c1: torch.Tens
         if direct:
             rows_tok = bt_tok[:, w // epb] * epb + w % epb  # [T, n]
             ent = torch.where(w[None, :] < vis[:, None], comp_base + rows_tok, -1)
-            per.append(torch.cat([win, ent.to(torch.int32)], dim=1))
+            per.append((torch.cat([win, ent.to(torch.int32)], dim=1), (vis.clamp(max=n_ent) + W).to(torch.int32)))
         else:
             per.append(((table[:, w // epb] * epb + w % epb).to(torch.int32), vis.clamp(max=n_ent).to(torch.int32)))
     return win, win_write, ring_rows, bt_tok, cs, tuple(per), seq.to(torch.int32)
