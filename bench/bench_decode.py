@@ -312,6 +312,8 @@ def main() -> None:
     global PROFILE_DIR
     PROFILE_DIR = args.profile
     if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    if args.profile:
         for d in (8192,):
             profile_decode(fm, model, d, Path(args.profile) / f"profile_decode_d{d}.txt")
     for d in depths:
