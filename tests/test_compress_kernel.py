@@ -105,6 +105,32 @@ def drive(case: Case, fn: Callable[..., tuple[torch.Tensor, ...]]) -> list[dict]
     return out
 
 
+def drive_pool(case: Case, fn: Callable[..., tuple[torch.Tensor | None, ...]], in_place: bool,
+               dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """As FastModel._compress: decode forwards with in_place pass ring_rows / pool (the kernel stores rows and
+    entries itself), every other forward stores them after the call -> (ring, pool) after each forward."""
+    cd2 = case.comp.state_width
+    hd = case.comp.norm.weight.shape[0]
+    ring = torch.zeros((len(SLOTS) + 1) * case.R, cd2)
+    pool = torch.zeros(case.dest_base + (case.dummy_block + 1) * case.epb, hd, dtype=dtype)
+    out = []
+    for f in case.fwds:
+        c1 = torch.tensor([s + n for _, s, n in f["fwd"] for _ in range(n)])
+        rr = torch.where(f["p"] >= c1 - case.R, f["slot"], len(SLOTS)) * case.R + f["p"] % case.R
+        decode = all(n == 1 for _, _, n in f["fwd"])
+        kw = dict(ring_rows=rr, pool=pool) if in_place and decode else {}
+        rows, ent, dst = fn(f["kvz"], case.comp.ape, ring, case.comp.norm.weight, f["et"], f["p"], f["cs"],
+                            f["slot"], f["bt"], case.cos, case.sin, case.m, case.R, case.overlap, EPS,
+                            case.dest_base, case.dummy_block, case.epb, **kw)
+        if ent is not None:
+            pool.index_copy_(0, dst, ent)
+        if rows is not None:
+            ring.index_copy_(0, rr, rows)
+        assert (rows is None) == (ent is None) == bool(kw)
+        out.append((ring.clone(), pool.clone()))
+    return out
+
+
 def test_compress_ref_matches_model_compressor() -> None:
     for kind in KINDS:
         case = make_case(kind, torch.bfloat16)
@@ -155,6 +181,13 @@ def _interpret_checks() -> None:
                     a, b = g["ent"][valid].float(), w["ent"][valid].float()
                     err = ((a - b).abs() / (b.abs() + 1)).max().item() if valid.any() else 0.0
                     assert err <= tol, (kind, dtype, err)
+            # decode forwards storing rows / entries inside the kernel: the same ring and pool as storing after
+            live_ring = slice(0, len(SLOTS) * case.R)
+            live_pool = slice(0, case.dest_base + case.dummy_block * case.epb)
+            for (r0, p0), (r1, p1) in zip(drive_pool(case, glue.compress, False, dtype),
+                                          drive_pool(case, glue.compress, True, dtype)):
+                assert torch.equal(r0[live_ring], r1[live_ring]), (kind, dtype)
+                assert torch.equal(p0[live_pool], p1[live_pool]), (kind, dtype)
     print("interpret ok")
 
 

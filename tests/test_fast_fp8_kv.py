@@ -38,6 +38,10 @@ TINY = ModelArgs.from_hf(tiny_config())
 class SimFp8Cache(FastCache):
     """A bf16 FastCache whose rows pass through fp8 and back on store: the fp8 cache's values, bf16 kernels."""
 
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.plain_store = False  # every store goes through put (kernels must not write the pools themselves)
+
     def _sim(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == self.args.head_dim:
             return dequantize_kv_rows(*quantize_kv_rows(x, self.args.qk_rope_head_dim))

@@ -28,10 +28,13 @@ if triton is not None:
 
     @triton.jit
     def _compress_kernel(kvz_ptr, ape_ptr, ring_ptr, w_ptr, et_ptr, p_ptr, cs_ptr, slot_ptr, bt_ptr, cos_ptr,
-                         sin_ptr, rows_ptr, ent_ptr, dst_ptr, E, T, s_kvz, s_bt, s_cs, eps, dest_base, dummy_block,
-                         epb, ring_len, CD: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
+                         sin_ptr, rows_ptr, ent_ptr, dst_ptr, rrow_ptr, E, T, s_kvz, s_bt, s_cs, eps, dest_base,
+                         dummy_block, epb, ring_len, CD: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
                          HALF: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, RING_OUT: tl.constexpr,
+                         POOL_OUT: tl.constexpr):
+        # RING_OUT: state rows go to ring rows rrow[t] (rows_ptr = the ring); POOL_OUT: entries go to pool row dst
+        # (ent_ptr = the pool [N, HD]) instead of row pid of ent
         pid = tl.program_id(0)
         if pid < E:
             et = tl.load(et_ptr + pid)
@@ -92,9 +95,11 @@ if triton is not None:
                 c = tl.load(cos_ptr + (w * M) * s_cs + pj, mask=cm, other=1.0)
                 sn = tl.load(sin_ptr + (w * M) * s_cs + pj, mask=cm, other=0.0)
                 y = tl.reshape(tl.join(e * c - o * sn, o * c + e * sn), [BLOCK_D])
-                tl.store(ent_ptr + pid * HD + offs_d, y.to(ent_ptr.dtype.element_ty), mask=dm)
+                er = dst if POOL_OUT else pid
+                tl.store(ent_ptr + er * HD + offs_d, y.to(ent_ptr.dtype.element_ty), mask=dm)
             else:
-                tl.store(ent_ptr + pid * HD + offs_d, tl.zeros([BLOCK_D], tl.float32).to(ent_ptr.dtype.element_ty),
+                er = dst if POOL_OUT else pid
+                tl.store(ent_ptr + er * HD + offs_d, tl.zeros([BLOCK_D], tl.float32).to(ent_ptr.dtype.element_ty),
                          mask=dm)
         else:
             NCB: tl.constexpr = (2 * CD + BLOCK_C - 1) // BLOCK_C
@@ -107,15 +112,24 @@ if triton is not None:
             pt = tl.load(p_ptr + t, mask=tm, other=0)
             a = tl.load(ape_ptr + (pt % M)[:, None] * CD + (col - CD)[None, :], mask=m2 & (col >= CD)[None, :],
                         other=0.0)
-            tl.store(rows_ptr + t[:, None].to(tl.int64) * (2 * CD) + col[None, :], x.to(tl.float32) + a, mask=m2)
+            if RING_OUT:
+                rr = tl.load(rrow_ptr + t, mask=tm, other=0).to(tl.int64)
+            else:
+                rr = t.to(tl.int64)
+            tl.store(rows_ptr + rr[:, None] * (2 * CD) + col[None, :], x.to(tl.float32) + a, mask=m2)
 
 
 def compress_fused(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, norm_w: torch.Tensor, et: torch.Tensor,
                    p: torch.Tensor, chunk_start: torch.Tensor, tok_slot: torch.Tensor, bt_tok: torch.Tensor,
                    cos_t: torch.Tensor, sin_t: torch.Tensor, m: int, ring_len: int, overlap: bool, eps: float,
-                   dest_base: int, dummy_block: int, epb: int, block_s: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton kernel (see the module docstring); block_s overrides the slots pooled per step (tests)."""
+                   dest_base: int, dummy_block: int, epb: int, block_s: int | None = None,
+                   ring_rows: torch.Tensor | None = None, pool: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """The Triton kernel (see the module docstring); block_s overrides the slots pooled per step (tests).
+
+    ring_rows [T] int64: the state rows are written to ring[ring_rows] in the same launch and rows comes back None;
+    only when no candidate reads a ring row another token of the step writes (one token per sequence). pool [N, hd]
+    (kvz's dtype): the entries are written to pool[dest] and ent comes back None."""
     assert triton is not None, "compress_fused needs triton"
     t, cd2 = kvz.shape
     cd = cd2 // 2
@@ -126,11 +140,16 @@ def compress_fused(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, nor
     assert ape.shape == (m, cd) and ape.dtype == ring.dtype == torch.float32 and ape.is_contiguous()
     assert norm_w.shape == (hd,) and 2 * half <= hd and cos_t.stride(1) == sin_t.stride(1) == 1
     assert cos_t.stride(0) == sin_t.stride(0) and cos_t.dtype == sin_t.dtype == torch.float32
-    rows = torch.empty(t, cd2, dtype=torch.float32, device=kvz.device)
-    ent = torch.empty(e, hd, dtype=kvz.dtype, device=kvz.device)
+    assert pool is None or (pool.shape[1] == hd and pool.dtype == kvz.dtype and pool.is_contiguous())
+    assert ring_rows is None or ring_rows.shape == (t,)
+    rows = torch.empty(t, cd2, dtype=torch.float32, device=kvz.device) if ring_rows is None else None
+    ent = torch.empty(e, hd, dtype=kvz.dtype, device=kvz.device) if pool is None else None
     dst = torch.empty(e, dtype=torch.int64, device=kvz.device)
     if t == 0:
-        return rows, ent.zero_(), dst.fill_(dest_base + dummy_block * epb)
+        dst.fill_(dest_base + dummy_block * epb)
+        if pool is not None:
+            pool.index_fill_(0, dst, 0)
+        return rows, None if ent is None else ent.zero_(), dst
     ns = 2 * m if overlap else m
     block_d = triton.next_power_of_2(hd)
     bs = block_s or max(1, min(triton.next_power_of_2(ns), 8192 // block_d))
@@ -140,7 +159,9 @@ def compress_fused(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, nor
     bt = bt_tok if bt_tok.stride(1) == 1 else bt_tok.contiguous()
     _compress_kernel[grid](
         kvz, ape, ring, norm_w.float().contiguous(), et.contiguous(), p.contiguous(), chunk_start.contiguous(),
-        tok_slot.contiguous(), bt, cos_t, sin_t, rows, ent, dst, e, t, kvz.stride(0), bt.stride(0),
+        tok_slot.contiguous(), bt, cos_t, sin_t, ring if rows is None else rows, pool if ent is None else ent, dst,
+        dst if ring_rows is None else ring_rows.contiguous(), e, t, kvz.stride(0), bt.stride(0),
         cos_t.stride(0), eps, dest_base, dummy_block, epb, ring_len, CD=cd, HD=hd, BLOCK_D=block_d, HALF=half, M=m,
-        OVERLAP=overlap, BLOCK_S=bs, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=8 if block_d >= 512 else 4)
+        OVERLAP=overlap, BLOCK_S=bs, BLOCK_T=block_t, BLOCK_C=block_c, RING_OUT=ring_rows is not None,
+        POOL_OUT=pool is not None, num_warps=8 if block_d >= 512 else 4)
     return rows, ent, dst

@@ -96,6 +96,9 @@ class FastModel:
         # beside the q projection (captured into the decode graphs as a fork / join); DS4F_OVERLAP=0: one stream
         self.overlap = os.environ.get("DS4F_OVERLAP", "1") == "1"
         self.overlap_max_t = 16
+        # decode steps: compressor state rows (and entries of bf16 pools) stored by the compressor kernel itself;
+        # DS4F_COMPRESS_IN_PLACE=0: separate index_copy / put launches
+        self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
         self.gate_w32: list[torch.Tensor] = []
         self.w13: list[torch.Tensor | None] = []  # None: the layer's experts run packed (self.mx)
@@ -344,11 +347,18 @@ class FastModel:
         """State rows of every token -> entries for the tokens that complete a window (written to dest), then the
         carry ring. Candidates are meta.ent_tok[m]; a candidate that completes nothing writes the dummy block."""
         c, s = self.tables["compress"]
+        # one token per sequence: the state rows go straight to the ring in the same launch; a plain (bf16) pool
+        # takes the entries in the same launch too (fp8 pools quantize through cache.put)
+        in_place = meta.one_per_seq and self.compress_in_place
+        plain = in_place and cache.plain_store and isinstance(dest, torch.Tensor) and dest.dtype == kvz.dtype
         rows, ent, dst = glue.compress(kvz, comp.ape, ring, comp.norm.weight, meta.ent_tok[m], meta.positions,
                                        meta.chunk_start, meta.tok_slot, d.bt_tok, c, s, m, R, comp.overlap,
-                                       self.args.rms_norm_eps, dest_base, cache.dummy_block, cache.epb(m))
-        cache.put(dest, dst, ent)
-        ring.index_copy_(0, d.ring_rows[R], rows)
+                                       self.args.rms_norm_eps, dest_base, cache.dummy_block, cache.epb(m),
+                                       d.ring_rows[R] if in_place else None, dest if plain else None)
+        if ent is not None:
+            cache.put(dest, dst, ent)
+        if rows is not None:
+            ring.index_copy_(0, d.ring_rows[R], rows)
 
     def _moe(self, i: int, blk: Block, xn: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Router (fp32 scores, hash or biased top-k) -> one fused_moe over the picks + the shared expert (id E), or

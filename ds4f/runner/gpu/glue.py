@@ -95,15 +95,22 @@ def route(xn: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor, hashed: torch
 def compress(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, norm_w: torch.Tensor, et: torch.Tensor,
              p: torch.Tensor, chunk_start: torch.Tensor, tok_slot: torch.Tensor, bt_tok: torch.Tensor,
              cos_t: torch.Tensor, sin_t: torch.Tensor, m: int, ring_len: int, overlap: bool, eps: float,
-             dest_base: int, dummy_block: int, epb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             dest_base: int, dummy_block: int, epb: int, ring_rows: torch.Tensor | None = None,
+             pool: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """compress_ref's inputs and outputs: one Triton launch (ds4f.kernels.compress) where triton runs (CUDA, or the
     interpreter), else compress_ref (also with DS4F_COMPRESS_KERNEL=0). The kernel's entries of candidates that
-    complete nothing are zeros (they go to the dummy block; compress_ref's are unspecified)."""
+    complete nothing are zeros (they go to the dummy block; compress_ref's are unspecified).
+    ring_rows / pool (see compress_fused): the state rows / entries are stored there and come back None."""
     if os.environ.get("DS4F_COMPRESS_KERNEL", "1") == "1" and use_triton(kvz):
         return compress_fused(kvz, ape, ring, norm_w, et, p, chunk_start, tok_slot, bt_tok, cos_t, sin_t, m,
-                              ring_len, overlap, eps, dest_base, dummy_block, epb)
-    return compress_ref(kvz, ape, ring, norm_w, et, p, chunk_start, tok_slot, bt_tok, cos_t, sin_t, m, ring_len,
-                        overlap, eps, dest_base, dummy_block, epb)
+                              ring_len, overlap, eps, dest_base, dummy_block, epb, ring_rows=ring_rows, pool=pool)
+    rows, ent, dst = compress_ref(kvz, ape, ring, norm_w, et, p, chunk_start, tok_slot, bt_tok, cos_t, sin_t, m,
+                                  ring_len, overlap, eps, dest_base, dummy_block, epb)
+    if pool is not None:
+        pool.index_copy_(0, dst, ent.to(pool.dtype))
+    if ring_rows is not None:
+        ring.index_copy_(0, ring_rows, rows)
+    return (None if ring_rows is not None else rows), (None if pool is not None else ent), dst
 
 
 @fuse

@@ -80,6 +80,9 @@ class StepMeta:
     # host int: one past the step's largest position (eager steps; bounds the indexer's columns). None: unknown, the
     # indexer scores every entry (decode graphs: static shapes; fast_warmup: the [T, max_ctx / ratio] peak)
     max_len: int | None = None
+    # host bool: every sequence has exactly one token in this step (decode), so no token's carry-ring write lands
+    # on a row another token of the step reads: the compressor may write its state rows in place
+    one_per_seq: bool = False
 
 
 class FastCache:
@@ -92,6 +95,9 @@ class FastCache:
         self.args, self.device, self.dtype = args, torch.device(device), dtype
         self.kv_dtype = KV_DTYPES[kv_dtype]
         self.fused_quant: bool | None = None  # fp8 stores: one Triton launch (None = on CUDA) or torch ops
+        # put() on a plain tensor pool stores rows verbatim, so a kernel may write them itself (the compressor at
+        # decode); a subclass whose put transforms the rows sets this False
+        self.plain_store = True
         self.attn_kw: dict[str, Any] = {}  # sparse_attn tuning knobs (block_k, ...) for tests and benches
         self.max_seqs, self.num_blocks, self.block_size = max_seqs, num_blocks, block_size
         self.max_ctx, self.max_tokens = max_ctx, max_tokens
@@ -246,7 +252,8 @@ class FastCache:
 
         return StepMeta(dev(ids), dev(pos), dev(slot), dev(seq), dev(cs), dev(ce), dev(rows),
                         {m: dev(e if e else [-1]) for m, e in ent.items()}, dev(last),
-                        max((start + len(toks) for _, start, toks in seqs), default=0))
+                        max((start + len(toks) for _, start, toks in seqs), default=0),
+                        all(len(toks) == 1 for _, _, toks in seqs))
 
     def fill_decode(self, meta: StepMeta, seqs: list[tuple[int, int, int]]) -> None:
         """Write one decode step (slot, position, token id) per sequence into static buffers sized to a bucket
@@ -274,11 +281,11 @@ class FastCache:
         z = torch.zeros(bucket, dtype=torch.int64, device=d)
         return StepMeta(z.clone(), z.clone(), torch.full_like(z, self.dummy_slot), ar.clone(), z.clone(), z + 1,
                         torch.full((bucket, self.max_blocks), self.dummy_block, dtype=torch.int64, device=d),
-                        {m: ar.clone() for m in ratios}, ar.clone())
+                        {m: ar.clone() for m in ratios}, ar.clone(), one_per_seq=True)
 
 
 def slice_meta(meta: StepMeta, n: int) -> StepMeta:
     """The first n rows of decode buffers (views: a bucket's graph reads the shared static storage)."""
     return StepMeta(meta.input_ids[:n], meta.positions[:n], meta.tok_slot[:n], meta.tok_seq[:n],
                     meta.chunk_start[:n], meta.chunk_end[:n], meta.block_table[:n],
-                    {m: e[:n] for m, e in meta.ent_tok.items()}, meta.last_tok[:n])
+                    {m: e[:n] for m, e in meta.ent_tok.items()}, meta.last_tok[:n], meta.max_len, meta.one_per_seq)
