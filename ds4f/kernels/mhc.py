@@ -8,12 +8,16 @@ None). Two Triton kernels on CUDA: (1) per (token block, D chunk): X' chunk, its
 with fn's columns as fp32 partials (the [24, hc*D] fn read by many programs, not one row per SM); (2) per token:
 partials -> mix -> sigmoid / Sinkhorn -> pre / post / comb, then the collapse sum_j pre_j X'_j and the RMSNorm.
 mix = (X' . fn) * rsqrt(mean X'^2 + eps) equals linear(rms_normalize(X'), fn) within fp32 rounding.
+Fewer than DECODE_MAX_T tokens with hc = 4 (decode): one launch instead, ds4f/kernels/mhc_decode.py.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ds4f.kernels.mhc_decode import ENABLED as _DECODE_ON
+from ds4f.kernels.mhc_decode import MAX_T as _DECODE_T
+from ds4f.kernels.mhc_decode import hc_step_decode
 from ds4f.kernels.sparse_attn import _INTERPRET, use_triton
 from ds4f.model.layers import rms_normalize
 from ds4f.model.mhc import hc_mix, hc_post
@@ -213,6 +217,9 @@ if triton is not None:
 # From this many tokens on, the mix runs as one fp32 cuBLAS GEMM over X' instead of inside the post kernel (prefill:
 # the in-kernel split dots measured 5.5 ms per call at 8192 tokens; the GEMM path is memory bound)
 GEMM_MIX_MIN_T = 256
+# Below this many tokens (at most mhc_decode.MAX_T) with hc = 4: the one-launch decode kernel (0: the kernels below;
+# DS4F_HC_DECODE=0,0 sets 0)
+DECODE_MAX_T = _DECODE_T if _DECODE_ON else 0
 
 
 def _hc_step_gemm(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, comb: torch.Tensor | None,
@@ -269,6 +276,8 @@ def hc_step(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, 
         fn, scale, base, norm_w = (v.to(f32).contiguous() for v in (fn, scale, base, norm_w))
     if t >= GEMM_MIX_MIN_T:
         return _hc_step_gemm(y, x, post, comb, fn, scale, base, norm_w, iters, eps, norm_eps, rms_eps)
+    if t < DECODE_MAX_T and hc == 4:
+        return hc_step_decode(y, x, post, comb, fn, scale, base, norm_w, iters, eps, norm_eps, rms_eps)
     use_dot = t >= 16 and dim >= 16  # token tiles through tl.dot; else one token per program
     bd = min(128 if use_dot else 64, triton.next_power_of_2(dim))
     nsplit = triton.cdiv(dim, bd)
