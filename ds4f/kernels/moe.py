@@ -3,12 +3,16 @@
 fused_moe = moe_align (picks sorted by expert into BLOCK_M-row blocks; one Triton program up to 1024 picks, else
 three passes over chunks; none for a single token) + the up GEMM with the SwiGLU clamp fused (activation stored
 bf16) + the down GEMM writing one weighted bf16 row per (token, pick), no atomics + a sum over each token's k rows.
-Kernels in moe_kernels.py; the tile table (_config) was swept on an H200 with bench/bench_moe.py --sweep."""
+Decode (FUSE_SUM, one block per pick): each down program covers all k picks of one token for its output columns and
+writes the final row itself (no sum launch); SPLIT_K > 1 splits down's K over programs (fp32 partials, summed after).
+Kernels in moe_kernels.py; the tile table (_config) was swept on an H200 with bench/bench_moe.py --sweep, the decode
+rows (DECODE_TABLE, env DS4F_MOE_DECODE_T1/_T4/_T16) with bench/sweep_moe_decode.py."""
 
 from __future__ import annotations
 
 import torch
 
+from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import fused_moe_ref
 from ds4f.kernels.sparse_attn import _INTERPRET, use_triton
 
@@ -122,27 +126,59 @@ def _gemm(bn: int, bk: int, gm: int, nw: int, ns: int, which: str) -> dict[str, 
             f"{which}_num_stages": ns}
 
 
+# Decode rows: (BLOCK_M, PER_PICK, FUSE_SUM, SPLIT_K, up BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, down
+# BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by token bucket (T = 1, 2..4, 5..16); None = the picks-per-expert
+# table below. Filled from bench/sweep_moe_decode.py's PICK line; env DS4F_MOE_DECODE_T<bucket> overrides a row.
+DecodeRow = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int]
+DECODE_BUCKETS = (1, 4, 16)
+DECODE_TABLE: dict[int, DecodeRow | None] = {1: None, 4: None, 16: None}
+DECODE_ENV = {b: env_knobs(f"DS4F_MOE_DECODE_T{b}", 14, "16,1,1,1,32,256,1,4,4,32,256,1,4,4", minimum=0)
+              for b in DECODE_BUCKETS}
+
+
+def decode_row_config(row: DecodeRow) -> dict[str, int]:
+    """A decode row (see DECODE_TABLE) -> the config dict fused_moe takes."""
+    bm, pp, fs, sk, *g = row
+    assert bm in (16, 32, 64) and pp in (0, 1) and fs in (0, 1) and sk >= 1 and (pp or not fs), row
+    assert all(v >= 1 for v in g), row
+    return dict(BLOCK_M=bm, PER_PICK=pp, TAIL_M=0, FUSE_SUM=fs, SPLIT_K=sk, **_gemm(*g[:5], "up"),
+                **_gemm(*g[5:], "down"))
+
+
+def _decode_row(T: int) -> DecodeRow | None:
+    for b in DECODE_BUCKETS:
+        if b >= T:
+            env = DECODE_ENV[b]
+            return env if env else DECODE_TABLE[b]  # type: ignore[return-value]
+    return None
+
+
 def _config(M: int, E: int, T: int) -> dict[str, int]:
     """Tiles by picks per expert (swept on an H200 with bench/bench_moe.py --sweep). Keys: BLOCK_M, PER_PICK
-    (one block per pick, no sort), TAIL_M (> 0: a second tier of TAIL_M-row blocks for each expert's tail), then per
+    (one block per pick, no sort), TAIL_M (> 0: a second tier of TAIL_M-row blocks for each expert's tail), FUSE_SUM
+    (PER_PICK only: down sums each token's picks itself), SPLIT_K (down's K over this many programs), then per
     GEMM (prefix up_, down_, tail_up_, tail_down_) BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages."""
+    row = _decode_row(T)
+    if row is not None:
+        return decode_row_config(row)
     m = M / E
+    one = dict(TAIL_M=0, FUSE_SUM=0, SPLIT_K=1)
     if M <= 64:  # a few tokens: bytes-bound, every program in flight at once (one wave over the SMs)
-        return dict(BLOCK_M=16, PER_PICK=int(T == 1), TAIL_M=0, **_gemm(64, 128, 1, 4, 3, "up"),
+        return dict(BLOCK_M=16, PER_PICK=int(T == 1), **one, **_gemm(64, 128, 1, 4, 3, "up"),
                     **_gemm(32, 256, 1, 4, 3, "down"))
     if m <= 4:  # batched decode: bytes-bound on the picked experts' weights
-        return dict(BLOCK_M=16, PER_PICK=0, TAIL_M=0, **_gemm(32, 128, 1, 4, 4, "up"),
+        return dict(BLOCK_M=16, PER_PICK=0, **one, **_gemm(32, 128, 1, 4, 4, "up"),
                     **_gemm(32, 128, 1, 4, 4, "down"))
     if m <= 48:
-        return dict(BLOCK_M=32, PER_PICK=0, TAIL_M=0, **_gemm(64, 128, 8, 4, 4, "up"),
+        return dict(BLOCK_M=32, PER_PICK=0, **one, **_gemm(64, 128, 8, 4, 4, "up"),
                     **_gemm(128, 128, 8, 4, 4, "down"))
     if m <= 128:
-        return dict(BLOCK_M=64, PER_PICK=0, TAIL_M=0, **_gemm(128, 64, 16, 8, 4, "up"),
+        return dict(BLOCK_M=64, PER_PICK=0, **one, **_gemm(128, 64, 16, 8, 4, "up"),
                     **_gemm(256, 64, 16, 8, 3, "down"))
     # prefill: compute-bound, 128-row tiles. TAIL_M=64 (each expert's tail in a second launch of 64-row tiles) cuts
     # the padded rows ~11% at 8192 tokens but measured no faster (H200): the tail blocks re-read their experts'
     # weights, and at ~190 picks per expert the GEMMs sit near the bytes/FLOP ridge. Kept as a config option.
-    return dict(BLOCK_M=128, PER_PICK=0, TAIL_M=0, **_gemm(128, 64, 8, 8, 4, "up"),
+    return dict(BLOCK_M=128, PER_PICK=0, **one, **_gemm(128, 64, 8, 8, 4, "up"),
                 **_gemm(256, 64, 8, 8, 4, "down"))
 
 
@@ -155,6 +191,7 @@ def resolve_config(M: int, E: int, T: int, config: dict[str, int] | None = None)
         else:
             assert key in cfg or key.startswith("tail_"), f"unknown fused_moe config key {key}"
             cfg[key] = v
+    assert cfg["PER_PICK"] or not cfg["FUSE_SUM"], "FUSE_SUM needs PER_PICK"
     return cfg
 
 
@@ -196,17 +233,30 @@ def moe_up(x: torch.Tensor, w13: torch.Tensor, sorted_ids: torch.Tensor, be: tor
 
 
 def moe_down(a: torch.Tensor, w2: torch.Tensor, sorted_ids: torch.Tensor, be: torch.Tensor, nb: int,
-             tw: torch.Tensor, M: int, cfg: dict[str, int], out: torch.Tensor | None = None) -> torch.Tensor:
+             tw: torch.Tensor, M: int, cfg: dict[str, int], out: torch.Tensor | None = None,
+             topk_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[M, D] bf16: row t*k+j = topk_weights[t, j] * expert(x[t]) of that pick (only this plan's picks are
-    written into out)."""
+    written into out). SPLIT_K = S > 1: [M*S, D] fp32, row (t*k+j)*S + s = split s's part of that row.
+    FUSE_SUM (topk_ids [T, k] needed): [T*S, D], row t*S + s = Σ_j of token t's picks (bf16 when S == 1: the
+    final output)."""
     DM, I = w2.shape[1], w2.shape[2]
     kw = _gemm_kw(cfg, "down")
     bn = kw.pop("BLOCK_N")
+    sk, fs = cfg.get("SPLIT_K", 1), bool(cfg.get("FUSE_SUM", 0))
+    assert I % sk == 0, f"SPLIT_K={sk} must divide I={I}"
+    if fs:
+        assert topk_ids is not None and cfg["PER_PICK"], "FUSE_SUM: one block per pick, topk_ids given"
+        T, k = topk_ids.shape
+        ids, rows_out, grid = topk_ids.contiguous(), T * sk, T * sk * triton.cdiv(DM, bn)
+    else:
+        k = 1
+        ids, rows_out, grid = tw, M * sk, nb * sk * triton.cdiv(DM, bn)  # ids unused
     if out is None:
-        out = torch.empty(M, DM, dtype=torch.bfloat16, device=a.device)
-    _moe_down[(nb * triton.cdiv(DM, bn),)](
-        a, w2, sorted_ids, be, tw, out, M, nb, a.stride(0), w2.stride(0), w2.stride(1), out.stride(0), DM=DM, I=I,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, PER_PICK=cfg["PER_PICK"], F32_DOT=_INTERPRET, **kw,
+        out = torch.empty(rows_out, DM, dtype=torch.float32 if sk > 1 else torch.bfloat16, device=a.device)
+    _moe_down[(grid,)](
+        a, w2, sorted_ids, be, tw, ids, out, M, T if fs else nb, a.stride(0), w2.stride(0), w2.stride(1),
+        out.stride(0), DM=DM, I=I, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, PER_PICK=cfg["PER_PICK"], F32_DOT=_INTERPRET,
+        TOPK=k, KP=triton.next_power_of_2(k), SPLIT_K=sk, FUSE_SUM=fs, **kw,
     )
     return out
 
@@ -243,11 +293,17 @@ def fused_moe(
     if M == 0:
         return torch.zeros_like(x)
     cfg = resolve_config(M, E, T, config)
-    rows = torch.empty(M, DM, dtype=torch.bfloat16, device=x.device)
     tw = topk_weights.contiguous().view(-1)
+    sk = cfg["SPLIT_K"]
+    if cfg["FUSE_SUM"]:
+        (sorted_ids, be, nb, c), = moe_plan(topk_ids, E, cfg)
+        part = moe_down(moe_up(x, w13, sorted_ids, be, nb, k, limit, c), w2, sorted_ids, be, nb, tw, M, c,
+                        topk_ids=topk_ids)
+        return moe_sum(part, T, sk) if sk > 1 else part
+    rows = torch.empty(M * sk, DM, dtype=torch.float32 if sk > 1 else torch.bfloat16, device=x.device)
     for sorted_ids, be, nb, c in moe_plan(topk_ids, E, cfg):
         moe_down(moe_up(x, w13, sorted_ids, be, nb, k, limit, c), w2, sorted_ids, be, nb, tw, M, c, rows)
-    return moe_sum(rows, T, k) if k > 1 else rows
+    return moe_sum(rows, T, k * sk) if k * sk > 1 else rows
 
 
 def moe_bytes(T: int, k: int, E: int, D: int, I: int) -> float:

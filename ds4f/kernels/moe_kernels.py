@@ -5,7 +5,8 @@ Layout shared by the kernels: picks are flat ids p = t*k + j (p < M = T*k). A "b
 sorted_ids, all of one expert (block_expert[b], -1 = unused); padding slots hold M. With PER_PICK, block b is pick b
 alone (block_expert = topk_ids flattened, no sort). The programs run in grouped order: GROUP_M consecutive blocks
 sweep all N tiles together, so an expert's weight tile is read from HBM once for all its blocks, and the blocks'
-input rows stay in L2 for the whole N sweep (row-major order re-reads all inputs once per N tile)."""
+input rows stay in L2 for the whole N sweep (row-major order re-reads all inputs once per N tile). Decode variants of
+the down GEMM: SPLIT_K (K over several programs, fp32 partial rows) and FUSE_SUM (a program sums one token's picks)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _moe_up(
     if e >= 0:
         sid = _picks(sid_ptr, pid_m, M, BLOCK_M, PER_PICK)
         rmask = sid < M
-        tok = (tl.where(rmask, sid, 0) // TOPK).to(tl.int64)  # padding rows read token 0 and are never stored
+        tok = (tl.where(rmask, sid, 0) // TOPK).to(tl.int64)  # padding rows: masked loads, never stored
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_nc = tl.minimum(offs_n, I - 1).to(tl.int64)  # a ragged N tile re-reads the last row, not stored
         offs_k = tl.arange(0, BLOCK_K)
@@ -63,13 +64,14 @@ def _moe_up(
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, DM, BLOCK_K):
+            # padding rows are masked (no load): with one pick per block they are 15 of the 16 x rows
             if DM % BLOCK_K == 0:
-                xa = tl.load(xp)
+                xa = tl.load(xp, mask=rmask[:, None], other=0.0)
                 wg = tl.load(gp)
                 wu = tl.load(up)
             else:
                 km = (k0 + offs_k) < DM
-                xa = tl.load(xp, mask=km[None, :], other=0.0)
+                xa = tl.load(xp, mask=rmask[:, None] & km[None, :], other=0.0)
                 wg = tl.load(gp, mask=km[None, :], other=0.0)
                 wu = tl.load(up, mask=km[None, :], other=0.0)
             acc_g = _mm(xa, wg, acc_g, F32_DOT)
@@ -88,39 +90,82 @@ def _moe_up(
 
 @triton.jit
 def _moe_down(
-    a_ptr, w_ptr, sid_ptr, be_ptr, tw_ptr, out_ptr, M, nb, s_at, s_we, s_wn, s_ot,
+    a_ptr, w_ptr, sid_ptr, be_ptr, tw_ptr, ids_ptr, out_ptr, M, nb, s_at, s_we, s_wn, s_ot,
     DM: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PER_PICK: tl.constexpr, F32_DOT: tl.constexpr,
+    GROUP_M: tl.constexpr, PER_PICK: tl.constexpr, F32_DOT: tl.constexpr, TOPK: tl.constexpr = 1,
+    KP: tl.constexpr = 1, SPLIT_K: tl.constexpr = 1, FUSE_SUM: tl.constexpr = False,
 ):
-    # program = (block, BLOCK_N output columns); out[pick] = topk_weight[pick] * (a[slot] @ w2[e]ᵀ) in bf16, one row
-    # per pick (no atomics: the caller sums a token's k rows). Unwritten padding rows of a only reach unstored rows.
-    pid_m, pid_n = _tile(tl.program_id(0), nb, tl.cdiv(DM, BLOCK_N), GROUP_M)
-    e = tl.load(be_ptr + pid_m)
-    if e >= 0:
-        sid = _picks(sid_ptr, pid_m, M, BLOCK_M, PER_PICK)
-        rmask = sid < M
+    # program = (block, BLOCK_N output columns[, K split]); out[pick] = topk_weight[pick] * (a[slot] @ w2[e]ᵀ), one
+    # row per pick (no atomics: the caller sums a token's k rows). Unwritten padding rows of a only reach unstored
+    # rows. SPLIT_K > 1: program s covers I / SPLIT_K of K and writes fp32 row pick*SPLIT_K + s (summed after).
+    # FUSE_SUM (PER_PICK only; a's row for pick p is p*BLOCK_M): program = (BLOCK_N columns, token t[, K split])
+    # covering all TOPK picks of t, out row t*SPLIT_K + s = Σ_j topk_weight[t,j] * (a[p] @ w2[e_j]ᵀ) in fp32 (bf16
+    # when SPLIT_K == 1: the final output, no sum launch). Token-minor order: programs of one N tile run together,
+    # so an expert picked by several tokens is read from L2 after the first.
+    KS: tl.constexpr = I // SPLIT_K
+    NKS: tl.constexpr = (KS + BLOCK_K - 1) // BLOCK_K
+    pid = tl.program_id(0)
+    s = pid % SPLIT_K
+    offs_k = tl.arange(0, BLOCK_K)
+    if FUSE_SUM:
+        t = (pid // SPLIT_K) % nb  # nb = tokens here
+        pid_n = pid // (SPLIT_K * nb)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_nc = tl.minimum(offs_n, DM - 1).to(tl.int64)
-        offs_k = tl.arange(0, BLOCK_K)
-        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        ap = a_ptr + rows[:, None] * s_at + offs_k[None, :]
-        wp = w_ptr + e.to(tl.int64) * s_we + offs_nc[:, None] * s_wn + offs_k[None, :]
+        jj = tl.arange(0, KP)
+        es = tl.load(ids_ptr + t * TOPK + jj, mask=jj < TOPK, other=0).to(tl.int64)
+        tws = tl.load(tw_ptr + t * TOPK + jj, mask=jj < TOPK, other=0.0)
+        r0 = tl.arange(0, BLOCK_M) == 0  # the one real row of each pick's activation block
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            if I % BLOCK_K == 0:
-                aa = tl.load(ap)
-                wd = tl.load(wp)
+        for it in range(0, TOPK * NKS):  # one flat loop over (pick, K tile): the load pipeline never drains
+            j = it // NKS
+            kk = s * KS + (it % NKS) * BLOCK_K + offs_k
+            e = tl.sum(tl.where(jj == j, es, 0), 0)
+            tw = tl.sum(tl.where(jj == j, tws, 0.0), 0)
+            km = kk < s * KS + KS
+            p = (t * TOPK + j).to(tl.int64) * BLOCK_M
+            aa = tl.load(a_ptr + (p + tl.arange(0, BLOCK_M))[:, None] * s_at + kk[None, :],
+                         mask=r0[:, None] & km[None, :], other=0.0)
+            wd = tl.load(w_ptr + e * s_we + offs_nc[:, None] * s_wn + kk[None, :], mask=km[None, :], other=0.0)
+            acc += _mm(aa, wd, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), F32_DOT) * tw
+        orow = (t * SPLIT_K + s).to(tl.int64)
+        optr = out_ptr + orow * s_ot + tl.arange(0, BLOCK_M)[:, None] * 0 + offs_n[None, :]
+        omask = r0[:, None] & (offs_n < DM)[None, :]
+        if SPLIT_K == 1:
+            tl.store(optr, acc.to(tl.bfloat16), mask=omask)
+        else:
+            tl.store(optr, acc, mask=omask)
+    else:
+        pid_m, pid_n = _tile(pid // SPLIT_K, nb, tl.cdiv(DM, BLOCK_N), GROUP_M)
+        e = tl.load(be_ptr + pid_m)
+        if e >= 0:
+            sid = _picks(sid_ptr, pid_m, M, BLOCK_M, PER_PICK)
+            rmask = sid < M
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_nc = tl.minimum(offs_n, DM - 1).to(tl.int64)
+            rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            ap = a_ptr + rows[:, None] * s_at + s * KS + offs_k[None, :]
+            wp = w_ptr + e.to(tl.int64) * s_we + offs_nc[:, None] * s_wn + s * KS + offs_k[None, :]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, KS, BLOCK_K):
+                if KS % BLOCK_K == 0:
+                    aa = tl.load(ap, mask=rmask[:, None], other=0.0)
+                    wd = tl.load(wp)
+                else:
+                    km = (k0 + offs_k) < KS
+                    aa = tl.load(ap, mask=rmask[:, None] & km[None, :], other=0.0)
+                    wd = tl.load(wp, mask=km[None, :], other=0.0)
+                acc = _mm(aa, wd, acc, F32_DOT)
+                ap += BLOCK_K
+                wp += BLOCK_K
+            tw = tl.load(tw_ptr + sid, mask=rmask, other=0.0)
+            orow = sid.to(tl.int64) * SPLIT_K + s
+            omask = rmask[:, None] & (offs_n < DM)[None, :]
+            if SPLIT_K == 1:
+                tl.store(out_ptr + orow[:, None] * s_ot + offs_n[None, :], (acc * tw[:, None]).to(tl.bfloat16),
+                         mask=omask)
             else:
-                km = (k0 + offs_k) < I
-                aa = tl.load(ap, mask=km[None, :], other=0.0)
-                wd = tl.load(wp, mask=km[None, :], other=0.0)
-            acc = _mm(aa, wd, acc, F32_DOT)
-            ap += BLOCK_K
-            wp += BLOCK_K
-        tw = tl.load(tw_ptr + sid, mask=rmask, other=0.0)
-        y = (acc * tw[:, None]).to(tl.bfloat16)
-        tl.store(out_ptr + sid.to(tl.int64)[:, None] * s_ot + offs_n[None, :], y,
-                 mask=rmask[:, None] & (offs_n < DM)[None, :])
+                tl.store(out_ptr + orow[:, None] * s_ot + offs_n[None, :], acc * tw[:, None], mask=omask)
 
 
 @triton.jit

@@ -145,3 +145,58 @@ def test_fused_moe_replays_from_a_cuda_graph(T):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want.flip(0))
+
+
+# decode rows (moe.DECODE_TABLE layout): BLOCK_M, PER_PICK, FUSE_SUM, SPLIT_K, up BN/BK/GM/warps/stages, down same
+DECODE_ROWS = [
+    (16, 1, 1, 1, 16, 256, 1, 4, 4, 16, 256, 1, 4, 4),  # down sums a token's picks in registers, no sum launch
+    (16, 1, 1, 2, 32, 128, 64, 4, 6, 64, 128, 64, 4, 6),  # + K split in two (fp32 partials, moe_sum)
+    (16, 1, 0, 2, 64, 256, 64, 8, 3, 32, 256, 64, 8, 4),  # one block per pick, K split, N-major order
+    (16, 0, 0, 2, 32, 128, 8, 2, 4, 32, 128, 1, 2, 4),  # sorted picks, K split
+    (16, 0, 0, 1, 16, 64, 1, 4, 6, 64, 256, 1, 4, 3),
+]
+
+
+@pytest.fixture(scope="module")
+def flash_experts():
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w13 = (torch.randn(257, 4096, 4096, device="cuda", generator=g) * (3 / 4096**0.5)).bfloat16()
+    w2 = (torch.randn(257, 4096, 2048, device="cuda", generator=g) / 2048**0.5).bfloat16()
+    return w13, w2
+
+
+@pytest.mark.parametrize("T", [1, 4, 16])
+def test_fused_moe_decode_rows_at_flash_width(T, flash_experts):
+    w13, w2 = flash_experts
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, 4096, device="cuda", generator=g).bfloat16()
+    ids = torch.rand(T, 256, device="cuda", generator=g).topk(6, dim=1).indices.int()
+    ids = torch.cat([ids, torch.full((T, 1), 256, dtype=torch.int32, device="cuda")], 1)
+    wt = torch.rand(ids.shape, device="cuda", generator=g)
+    ref = fused_moe_ref(x, w13, w2, ids, wt, 2.0)
+    base = moe.fused_moe(x, w13, w2, ids, wt, 2.0)
+    for row in DECODE_ROWS:
+        out = moe.fused_moe(x, w13, w2, ids, wt, 2.0, config=moe.decode_row_config(row))
+        assert _rel(out, ref) < MOE_TOL and _rel(out, base) < 1e-2, row
+
+
+@pytest.mark.parametrize("row", DECODE_ROWS[:3])
+def test_fused_moe_decode_rows_replay_from_a_cuda_graph(row):
+    x, w13, w2, ids, wt = _case(3, 64, 6, 512, 256, shared=True, seed=11)
+    cfg = moe.decode_row_config(row)
+    want = moe.fused_moe(x, w13, w2, ids, wt, 2.0, config=cfg)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        moe.fused_moe(x, w13, w2, ids, wt, 2.0, config=cfg)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe.fused_moe(x, w13, w2, ids, wt, 2.0, config=cfg)
+    ids.copy_(ids.flip(0))
+    x.copy_(x.flip(0))
+    wt.copy_(wt.flip(0))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want.flip(0))
+    assert _rel(out, fused_moe_ref(x, w13, w2, ids, wt, 2.0)) < MOE_TOL
