@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from ds4f.kernels import fused_moe, topk_indices
+from ds4f.kernels import fused_moe, gemv, topk_indices
 from ds4f.kernels.indexer import quant_heads_fp8
 from ds4f.kernels.mhc import hc_step
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
@@ -244,7 +244,7 @@ class FastModel:
         T, H, hd = xn.shape[0], att.n_heads, att.head_dim
         cos, sin = d.cs["main" if att.kind == SWA else "compress"]
         w_in = self.w_in[i]
-        y = torch.nn.functional.linear(xn, w_in) if isinstance(w_in, torch.Tensor) else w_in(xn)
+        y = gemv.linear(xn, w_in) if isinstance(w_in, torch.Tensor) else w_in(xn)
         parts = y.split(self.w_in_split[i], dim=1)
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy
         qr = glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ds4f.kernels import gemv
 from ds4f.kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
 from ds4f.model.linear import Linear
 from ds4f.model.moe import MoE
@@ -63,8 +64,8 @@ def dense_weight(lin: Linear, dtype: torch.dtype) -> torch.Tensor:
 
 
 def linear(lin: Linear, x: torch.Tensor) -> torch.Tensor:
-    if not is_packed(lin):
-        return lin(x)
+    if not is_packed(lin):  # decode-sized bf16 inputs through the Triton GEMV (its fallback: F.linear)
+        return gemv.linear(x.to(lin.weight.dtype), lin.weight)
     if lin.fmt != "fp8":
         raise NotImplementedError(f"packed {lin.fmt} linear outside the routed experts")
     return fp8_linear(x, *_pk(lin), x.dtype)
@@ -146,7 +147,7 @@ class InProj:
 def grouped_out(wo_a: Linear, o: torch.Tensor, groups: int) -> torch.Tensor:
     """o [T, H, hd] (inverse-roped) -> [T, G*r]: group g's H*hd/G columns through wo_a's rows g*r..(g+1)*r-1."""
     if not is_packed(wo_a):
-        return glue.grouped_out(o, wo_a.weight.view(groups, -1, wo_a.in_features))
+        return gemv.grouped_linear(o, wo_a.weight.view(groups, -1, wo_a.in_features))
     w, s = _pk(wo_a)
     assert wo_a.fmt == "fp8"
     t, r = o.shape[0], wo_a.out_features // groups
