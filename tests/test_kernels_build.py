@@ -40,14 +40,16 @@ def test_sparse_attn_builds(arch: int, live: bool, split: bool) -> None:
     sa = importlib.import_module("ds4f.kernels.sparse_attn")
 
     types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
-                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", qk_scale="fp32")
+                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
+                 qk_scale="fp32")
     k = build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=32, NG=0, SPLIT=split,
-                                        SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=live), arch, 4, 2)
+                                        SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=live, HALF=0),
+              arch, 4, 2)
     assert k["shared"] <= 160 * 1024
     if split:
         build(sa._attn_combine, dict(po_ptr="*fp32", pm_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16",
-                                     live_ptr="*i32"),
-              dict(D=512, PD=512, BLOCK_DC=64, BLOCK_H=16, LIVE=live, UNROLL=4), arch)
+                                     live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32"),
+              dict(D=512, PD=512, BLOCK_DC=64, BLOCK_H=16, LIVE=live, UNROLL=4, HALF=0), arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

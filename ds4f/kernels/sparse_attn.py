@@ -1,4 +1,5 @@
-"""⑥ kernels, sparse MQA attention: q [T, H, D] + a flat KV slot pool + per-token slot lists in, o [T, H, D] out."""
+"""⑥ kernels, sparse MQA attention: q [T, H, D] + a flat KV slot pool + per-token slot lists in, o [T, H, D] out
+(optionally with the inverse RoPE of its last rope channels applied in the kernel that writes o)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from ds4f.kernels.ref import sparse_attn_ref
 try:
     import triton
     import triton.language as tl
+
+    from ds4f.kernels.rope_tile import inv_rope_tile
 except ImportError:  # CPU-only installs: sparse_attn falls back to the reference
     triton = None
 
@@ -58,12 +61,12 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd(
-        q_ptr, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr, live_ptr,
+        q_ptr, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr, live_ptr, cos_ptr, sin_ptr,
         H, K, keys_per_split, qk_scale,
-        s_qt, s_qh, s_kvn, s_kvsn, s_rn, s_it, s_ot, s_oh,
+        s_qt, s_qh, s_kvn, s_kvsn, s_rn, s_it, s_ot, s_oh, s_cs,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
         NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
-        NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr,
+        NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr, HALF: tl.constexpr,
     ):
         # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA)
         t = tl.program_id(0)
@@ -134,14 +137,18 @@ if triton is not None:
             a = tl.exp2(m - mm)
             den = l * a + tl.exp2(sink - mm)
             o = acc * (a / den)[:, None]
-            tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_d[None, :], o.to(tl.bfloat16),
+            if HALF > 0:  # inverse RoPE of the last 2 * HALF columns (rope_tile: the rounding of rope_ after o)
+                ob = inv_rope_tile(o, cos_ptr, sin_ptr, t, s_cs, 0, D, HALF, BLOCK_H, BLOCK_D)
+            else:
+                ob = o.to(tl.bfloat16)
+            tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_d[None, :], ob,
                      mask=hmask[:, None] & dmask[None, :])
 
     @triton.jit
     def _attn_combine(
-        po_ptr, pm_ptr, sink_ptr, o_ptr, live_ptr, H, S, K, kps, s_ot, s_oh,
+        po_ptr, pm_ptr, sink_ptr, o_ptr, live_ptr, cos_ptr, sin_ptr, H, S, K, kps, s_ot, s_oh, s_cs,
         D: tl.constexpr, PD: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr, LIVE: tl.constexpr,
-        UNROLL: tl.constexpr,
+        UNROLL: tl.constexpr, HALF: tl.constexpr,
     ):
         # program = (token, head block, column chunk): merges the S partials [T, S, H, PD] of its tile (LIVE: the
         # first ceil(min(live[t], K) / kps) of them, the splits that saw a key), UNROLL splits per iteration: their
@@ -172,7 +179,11 @@ if triton is not None:
             acc = acc * a[:, None] + tl.sum(os_ * b[:, :, None], 0)
             mm = m_new
         o = acc / den[:, None]
-        tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_d[None, :], o.to(tl.bfloat16),
+        if HALF > 0:
+            ob = inv_rope_tile(o, cos_ptr, sin_ptr, t, s_cs, tl.program_id(2) * BLOCK_DC, D, HALF, BLOCK_H, BLOCK_DC)
+        else:
+            ob = o.to(tl.bfloat16)
+        tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_d[None, :], ob,
                  mask=hmask[:, None] & (offs_d < D)[None, :])
 
 
@@ -225,6 +236,7 @@ def sparse_attn(
     num_stages: int | None = None,
     scale_bcast: bool = True,
     live: torch.Tensor | None = None,
+    inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """o [T, H, D] bf16 = one softmax per (t, h) over kv_pool[indices[t]] with the sink in the denominator only.
 
@@ -236,8 +248,19 @@ def sparse_attn(
     split partials are merged by a second kernel. native_fp8 (split rows): hardware e4m3 converts, default on
     sm_89+; else a bit-level decode that builds on sm_80. block_h..scale_bcast are tuning knobs (bench/).
     live [T] int32 (optional): indices[t, live[t]:] are all -1 (a short context in a table sized for a long one);
-    the kernel then reads and merges only the key splits below it (the result is the same). No host sync:
-    CUDA-graph safe."""
+    the kernel then reads and merges only the key splits below it (the result is the same). inv_rope = (cos, sin)
+    [T, rd/2] fp32 (optional): returns rope_(o, cos, sin, inverse=True) instead of o, rotated by the kernel that
+    writes o (same roundings: o to bf16, then rotated in fp32 and rounded again). No host sync: CUDA-graph safe."""
+    if inv_rope is not None:
+        cos, sin = inv_rope
+        assert cos.shape == sin.shape == (q.shape[0], cos.shape[1]) and 0 < 2 * cos.shape[1] <= q.shape[2]
+        assert cos.dtype == sin.dtype == torch.float32 and cos.stride(1) == sin.stride(1) == 1
+        assert cos.stride(0) == sin.stride(0) and q.shape[2] % 2 == 0 and cos.device == q.device, "cos / sin rows"
+        if not use_triton(q):  # the references: attention, then the rotation
+            from ds4f.kernels.rope import rope_ref
+
+            return rope_ref(sparse_attn(q, kv_pool, indices, sink, scale, kv_scale, kv_rope=kv_rope, live=live),
+                            cos, sin, True)
     if live is not None:
         assert live.shape == (indices.shape[0],) and live.dtype == torch.int32 and live.is_contiguous()
     assert q.dim() == 3 and q.dtype == torch.bfloat16 and q.stride(-1) == 1, "q must be [T, H, D] bf16, dim -1 dense"
@@ -246,7 +269,7 @@ def sparse_attn(
     assert sink.shape == (H,) and sink.dtype == torch.float32 and sink.is_contiguous()
     if kv_rope is not None:
         return _sparse_attn_split(q, kv_pool, kv_scale, kv_rope, indices, sink, scale, native_fp8, block_h, block_k,
-                                  num_splits, num_warps, num_stages, scale_bcast, live)
+                                  num_splits, num_warps, num_stages, scale_bcast, live, inv_rope)
     assert kv_pool.dim() == 2 and kv_pool.shape[1] == D and kv_pool.stride(-1) == 1, "kv_pool must be [N, D]"
     ng = 0
     if kv_pool.dtype == torch.float8_e4m3fn:
@@ -261,13 +284,14 @@ def sparse_attn(
         return sparse_attn_ref(q, kv_pool, indices, sink, scale, kv_scale)
     kvs = kv_scale if kv_scale is not None else kv_pool
     return _launch(q, kv_pool, kvs, kv_pool, indices, sink, scale, ng, 0, False, (kv_pool.stride(0), 0, 0),
-                   block_h, block_k, num_splits, num_warps, num_stages, scale_bcast, live)
+                   block_h, block_k, num_splits, num_warps, num_stages, scale_bcast, live, inv_rope)
 
 
 def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | None, rope: torch.Tensor,
                        indices: torch.Tensor, sink: torch.Tensor, scale: float, native_fp8: bool | None,
                        block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
-                       num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None) -> torch.Tensor:
+                       num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None,
+                       inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     T, H, D = q.shape
     N, dn = nope.shape
     assert nope.dtype in (torch.float8_e4m3fn, torch.uint8) and nope.stride(-1) == 1, "nope must be [N, dn] e4m3"
@@ -285,13 +309,14 @@ def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | 
         native_fp8 = q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
     return _launch(q, nope.view(torch.uint8), exp, rope, indices, sink, scale, 0, dn, native_fp8,
                    (nope.stride(0), exp.stride(0), rope.stride(0)), block_h, block_k, num_splits, num_warps,
-                   num_stages, scale_bcast, live)
+                   num_stages, scale_bcast, live, inv_rope)
 
 
 def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Tensor, indices: torch.Tensor,
             sink: torch.Tensor, scale: float, ng: int, nope: int, native_fp8: bool, strides: tuple[int, int, int],
             block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
-            num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None) -> torch.Tensor:
+            num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None,
+            inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     T, H, D = q.shape
     K = indices.shape[1]
     o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
@@ -331,18 +356,22 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     else:
         po = pm = o  # unused
     lv = live if live is not None else indices
+    cos, sin = inv_rope if inv_rope is not None else (sink, sink)  # HALF = 0: never read
+    half, s_cs = (cos.shape[1], cos.stride(0)) if inv_rope is not None else (0, 0)
     _attn_fwd[(T, n_hb, num_splits)](
-        q, kv, kvs, rope, indices, sink, o, po, pm, lv,
+        q, kv, kvs, rope, indices, sink, o, po, pm, lv, cos, sin,
         H, K, kps, scale * LOG2E,
-        q.stride(0), q.stride(1), *strides, indices.stride(0), o.stride(0), o.stride(1),
+        q.stride(0), q.stride(1), *strides, indices.stride(0), o.stride(0), o.stride(1), s_cs,
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
-        NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, num_warps=num_warps, num_stages=num_stages,
+        NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, HALF=half, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if split:
         dc = min(block_d, 64)
         _attn_combine[(T, triton.cdiv(H, 16), block_d // dc)](
-            po, pm, sink, o, lv, H, num_splits, K, kps, o.stride(0), o.stride(1),
-            D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, LIVE=live is not None, UNROLL=COMBINE_UNROLL, num_warps=4,
+            po, pm, sink, o, lv, cos, sin, H, num_splits, K, kps, o.stride(0), o.stride(1), s_cs,
+            D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, LIVE=live is not None, UNROLL=COMBINE_UNROLL, HALF=half,
+            num_warps=4,
         )
     return o
 

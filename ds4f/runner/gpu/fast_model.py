@@ -6,7 +6,7 @@ a window (candidate lists, masked), indexer scores + top-k over each sequence's 
 flat pool, inverse RoPE, grouped wo_a / wo_b; MoE through one fused_moe call with the shared expert as expert E.
 Between sublayers one mHC step (ds4f.kernels.mhc: hc_post of the sublayer, then the next hc_pre + its RMSNorm); q / kv
 norm + RoPE in one kernel each, RoPE in place on the rope channels only (ds4f.kernels.rope); the router of a decode
-step (<= 16 tokens) as two kernels (ds4f.kernels.router); the per-step index tensors in one compiled glue function.
+step (<= 16 tokens) as one kernel (ds4f.kernels.router); the per-step index tensors in one compiled glue function.
 An eager step (StepMeta.max_len known on the host) scores only the first glue.index_len index entries of each CSA
 layer: at 1M context a chunk early in the prompt sees a few thousand of 262144; decode graphs keep every column.
 
@@ -32,7 +32,7 @@ from ds4f.kernels import fused_moe, gemv, topk_indices
 from ds4f.kernels.indexer import quant_heads_fp8
 from ds4f.kernels.mhc import hc_step
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
-from ds4f.kernels.rope import norm_rope, rope_
+from ds4f.kernels.rope import norm_rope, norm_rope2, rope_
 from ds4f.kernels.router import MAX_TOKENS as ROUTER_MAX_TOKENS
 from ds4f.kernels.router import route
 from ds4f.kernels.sparse_attn import use_triton
@@ -250,9 +250,11 @@ class FastModel:
         qr = glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
         pool = cache.kv[i]
 
-        def kv_path() -> torch.Tensor:
-            """K=V row into the scratch rows, the attention compressor's entries -> kv [T, hd]."""
-            kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
+        def kv_path(kv: torch.Tensor | None = None) -> torch.Tensor:
+            """K=V row (normed + roped here unless given) into the scratch rows, the attention compressor's entries
+            -> kv [T, hd]."""
+            if kv is None:
+                kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
             cache.put_scratch(i, kv)
             if att.kind != SWA:
                 n2 = 2 * att.compressor.wkv.out_features
@@ -279,9 +281,10 @@ class FastModel:
 
         sides = self._side_streams(T)
         chains = [kv_path] + ([index_path] if att.indexer is not None else [])
-        if sides is None:
-            q = norm_rope(packed.linear(att.wq_b, qr).view(T, H, hd), None, cos, sin, att.eps)
-            outs = [f() for f in chains]
+        if sides is None:  # q's per-head RMSNorm + RoPE and kv's weighted one in one launch
+            q, kv0 = norm_rope2(packed.linear(att.wq_b, qr).view(T, H, hd), parts[1], att.kv_norm.weight, cos, sin,
+                                att.eps)
+            outs = [kv_path(kv0)] + [f() for f in chains[1:]]
         else:  # decode: the latency-bound kv / compressor and indexer chains each on a stream of their own beside
             # the bandwidth-bound wq_b GEMM. Memory: a side stream's tensors are read on main only after the join
             # below, and its next allocations come after the next fork (which follows this layer's attention).
@@ -297,13 +300,14 @@ class FastModel:
         kv = outs[0]
         idx = outs[1] if len(outs) > 1 else idx_direct()
         if att.kind != SWA and att.ratio in d.pvis:
-            o = cache.attend_prefix(i, q, d.win, meta.block_table, d.seq32, d.pvis[att.ratio],
-                                    d.attn_idx[att.ratio].shape[1] - self.W, att.attn_sink, hd**-0.5)
-        else:
+            o = rope_(cache.attend_prefix(i, q, d.win, meta.block_table, d.seq32, d.pvis[att.ratio],
+                                          d.attn_idx[att.ratio].shape[1] - self.W, att.attn_sink, hd**-0.5),
+                      cos, sin, inverse=True)
+        else:  # the inverse RoPE inside the kernel that writes o
             live = d.live.get(att.ratio) if att.kind != SWA else None  # set for attn_idx ratios (DS4F_ATTN_LIVE)
-            o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live)
+            o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live, inv_rope=(cos, sin))
         cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
-        o = packed.grouped_out(att.wo_a, rope_(o, cos, sin, inverse=True), att.o_groups)  # [T, G*o_lora_rank]
+        o = packed.grouped_out(att.wo_a, o, att.o_groups)  # [T, G*o_lora_rank]
         return packed.linear(att.wo_b, o)
 
     def _side_streams(self, T: int) -> list[torch.cuda.Stream] | None:
@@ -365,7 +369,7 @@ class FastModel:
         fused_moe_mxfp4 on the packed experts (shared expert passed beside them)."""
         ffn, gate, mx = blk.ffn, blk.ffn.gate, self.mx[i]
         shared = self.E if ffn.shared_experts is not None and mx is None else -1
-        if xn.shape[0] <= ROUTER_MAX_TOKENS and use_triton(xn):  # decode: two Triton kernels
+        if xn.shape[0] <= ROUTER_MAX_TOKENS and use_triton(xn):  # decode: one Triton launch
             eid, w = route(xn, gate.weight, gate.bias, gate.tid2eid if gate.hash else None, ids, gate.topk,
                            gate.norm_topk, gate.scaling, shared)
         else:
