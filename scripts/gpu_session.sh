@@ -96,5 +96,23 @@ case "${1:-}" in
     echo "# $E $C (${SECONDS}s in)"
     env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|rank [01]: last|Error|error|failure" | tail -n 60 ;;
+  newk)  # 1 GPU: the GPU tests of the decode kernels (parallel), then their benches / sweeps, then the 8K decode
+    # step with and without the Triton GEMV (graph timelines)
+    mkdir -p /tmp/gpulogs
+    for f in ${NEWK_TESTS:-tests/gpu/test_mhc_decode_gpu.py tests/gpu/test_gemv_gpu.py tests/gpu/test_moe_gpu.py \
+               tests/gpu/test_compress_gpu.py tests/gpu/test_kernels_fused.py tests/gpu/test_fast_model.py \
+               tests/gpu/test_router_fused_gpu.py tests/gpu/test_rope_fused_gpu.py tests/gpu/test_kernels_gpu.py \
+               tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_fast_fp8_kv_gpu.py}; do
+      DS4F_COMPILE=0 timeout 240 python3 -m pytest -q -rs -p no:cacheprovider "$f" > "/tmp/gpulogs/$(basename $f .py).log" 2>&1 &
+    done
+    wait
+    for l in /tmp/gpulogs/*.log; do echo "=== $l"; grep -E "passed|failed|error|Error|FAILED|assert" "$l" | tail -n 8; done \
+      | tee "$OUT/tests.log"
+    tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
+    for b in ${NEWK_BENCH:-bench/bench_mhc.py bench/bench_router.py}; do timeout 90 python3 $b 2>&1 | tail -n 12; done
+    timeout 150 python3 bench/sweep_gemv.py --table-only --tokens 1,4 2>&1 | grep -vE "^\[|Warn" | tail -n 24
+    for g in 1 0; do DS4F_GEMV=$g timeout 150 python3 bench/bench_decode.py --depths 8192 --batches ${NEWK_B:-1,4} --prefill "" \
+      --profile /tmp/prof$g --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|#)|Error"; done
+    cp /tmp/prof1/graph_decode_d8192_timeline.txt "$OUT/" ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac
