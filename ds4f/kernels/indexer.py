@@ -9,6 +9,7 @@ import torch
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
 from ds4f.kernels.sparse_attn import sm_count, use_triton
+from ds4f.kernels.topk_small import _sort_key, launch_small
 
 try:
     import triton
@@ -38,6 +39,8 @@ except (ValueError, AssertionError):
 # the former 64 x auto x 4 x 4; top-512 43.5 us in 2048-column tiles vs 51.2 in 1024
 DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (128, 4, 4, 3)
 TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,128", minimum=0) or (2048, 0)
+# rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off
+SMALL_KNOBS = env_knobs("DS4F_TOPK_SMALL", 2, "8192,8", minimum=0) or (8192, 8)
 
 if triton is not None:
 
@@ -46,12 +49,15 @@ if triton is not None:
         q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
         HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
-        KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr,
+        KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr, STRIDED: tl.constexpr = True,
     ):
-        # program = (token t, N_INNER blocks of BLOCK_L candidates); q[t] [Hi, d] is the M x K operand of every block
-        # int64: at 1M context a prefill chunk's score matrix is [8192, 262144] = 2^31 elements
+        # program = (token t, N_INNER blocks of BLOCK_L candidates); STRIDED: the blocks P = grid dim 1 blocks apart,
+        # so a short valid length over a long L still spreads its blocks over programs (else adjacent blocks);
+        # q[t] [Hi, d] is the M x K operand of every block. int64: at 1M context a prefill chunk's score matrix is
+        # [8192, 262144] = 2^31 elements
         t = tl.program_id(0).to(tl.int64)
-        l0 = tl.program_id(1) * (BLOCK_L * N_INNER)
+        l0 = tl.program_id(1) * (BLOCK_L if STRIDED else BLOCK_L * N_INNER)
+        step = tl.num_programs(1) * BLOCK_L if STRIDED else BLOCK_L
         vlen = tl.minimum(tl.load(vlen_ptr + t), L)
         seq = tl.load(seq_ptr + t).to(tl.int64)
         offs_h = tl.arange(0, BLOCK_HI)
@@ -59,14 +65,14 @@ if triton is not None:
         hmask = offs_h < HI
         if l0 >= vlen:  # nothing visible in this program's columns (short context, long max_ctx): -inf only
             for j in range(N_INNER):
-                offs_l = l0 + j * BLOCK_L + tl.arange(0, BLOCK_L)
+                offs_l = l0 + j * step + tl.arange(0, BLOCK_L)
                 tl.store(out_ptr + t * s_ot + offs_l, tl.full([BLOCK_L], float("-inf"), tl.float32),
                          mask=offs_l < L)
             return
         q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
         w = tl.load(w_ptr + t * s_wt + offs_h, mask=hmask, other=0.0) * scale
         for j in range(N_INNER):
-            offs_l = l0 + j * BLOCK_L + tl.arange(0, BLOCK_L)
+            offs_l = l0 + j * step + tl.arange(0, BLOCK_L)
             valid = offs_l < vlen
             slot = tl.load(slots_ptr + seq * s_ss + offs_l, mask=valid, other=0).to(tl.int64)
             keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -104,22 +110,17 @@ if triton is not None:
         return prefix, krem, take_all
 
     @triton.jit
-    def _sort_key(s):
-        # fp32 -> uint32 with the same order; -inf (not selectable) -> 0, every finite score -> >= 2^23
-        bits = s.to(tl.uint32, bitcast=True)
-        u = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-        return tl.where(s == float("-inf"), 0, u)
-
-    @triton.jit
     def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
-                   LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr):
+                   LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
+                   SMALL: tl.constexpr):
         # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far; VLEN: columns at
-        # or past vlen_ptr[t] are -inf by contract and never read (a chunk entirely past it adds nothing)
+        # or past vlen_ptr[t] are -inf by contract and never read (a chunk entirely past it adds nothing).
+        # SMALL > 0: rows of <= SMALL valid entries were selected by topk_small's kernel: nothing to do
         t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
-        prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
-        if c * chunk < lim:  # (a data-dependent loop bound would not run under the interpreter)
+        if (c * chunk < lim) & (lim > SMALL):  # (a data-dependent loop bound would not run under the interpreter)
+            prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
             acc = tl.zeros([NB], tl.int32)
             for j in range(0, chunk, BLOCK):
                 offs = c * chunk + j + tl.arange(0, BLOCK)
@@ -134,13 +135,13 @@ if triton is not None:
 
     @triton.jit
     def _topk_select(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
-                     NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr):
+                     NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr):
         # keys above the k-th go to slots [0, k - krem), krem keys equal to it to [k - krem, k), via counters
         t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
-        kth, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 4, NB)
-        if c * chunk < lim:
+        if (c * chunk < lim) & (lim > SMALL):
+            kth, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 4, NB)
             for j in range(0, chunk, BLOCK):
                 offs = c * chunk + j + tl.arange(0, BLOCK)
                 m = offs < lim
@@ -172,6 +173,7 @@ def indexer_scores(
     token_block: int | None = None,
     keys_major: bool = False,
     zero_rank: bool = False,
+    strided: bool = True,
 ) -> torch.Tensor:
     """scores [T, L] fp32 = scale * Σ_h w[t,h] ReLU(q[t,h]·k[slots[seq_of[t], l]]), -inf at l >= valid_len[t].
 
@@ -185,7 +187,9 @@ def indexer_scores(
     kernel) for calls of >= TB_MIN_T tokens.
     keys_major (with token_block): the keys-major kernel of ds4f.kernels.indexer_tb. zero_rank: an exact-zero score
     (every head's ReLU at 0) at column l becomes -(l + 1) * 1e-30, below 0 and above any negative score a bf16
-    product gives, so among tied zeros the lower id ranks higher (what the reference's selection keeps)."""
+    product gives, so among tied zeros the lower id ranks higher (what the reference's selection keeps).
+    strided (one token per program): a program's n_inner key blocks lie a grid apart (else adjacent; the scores are
+    the same); decode calls take n_inner down to leave ~2 programs per SM at a short L."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -225,6 +229,8 @@ def indexer_scores(
             num_stages = TB_KNOBS[3]
     if token_block is None and T < TB_MIN_T and n_inner is None:
         block_l, n_inner, num_warps, num_stages = DECODE_KNOBS
+        if n_inner:  # a short L (static): fewer blocks per program while that leaves under ~2 programs per SM
+            n_inner = min(n_inner, max(1, triton.cdiv(T * L, block_l * 2 * sm_count(q.device))))
         n_inner = n_inner or None
     token_block = token_block or 1
     if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
@@ -239,8 +245,8 @@ def indexer_scores(
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
         HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
-        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, num_warps=num_warps,
-        num_stages=num_stages,
+        KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, STRIDED=strided,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -258,7 +264,8 @@ RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; eve
 
 
 def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto",
-                 valid_len: torch.Tensor | None = None, programs: int | None = None) -> torch.Tensor:
+                 valid_len: torch.Tensor | None = None, programs: int | None = None,
+                 small: int | None = None) -> torch.Tensor:
     """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
     arbitrary subset is taken. backend "radix": a 4-digit radix select (8 bits at a time of the order-preserving
@@ -267,7 +274,12 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk. valid_len [T] int32 (optional): row t's
     columns at or past valid_len[t] are -inf (as indexer_scores writes them) and the radix passes skip them, so
     decode at a short context over a long max_ctx costs what the context costs. block / programs (per row): the
-    radix passes' tile and grid (default DS4F_TOPK_DECODE, else 2048 and ~2 programs per SM)."""
+    radix passes' tile and grid (default DS4F_TOPK_DECODE, else 2048 and ~2 programs per SM). small (a power of
+    two, 0 = off; default DS4F_TOPK_SMALL's lanes): rows of at most that many valid entries (decided on the
+    device) are selected by one program each (ds4f.kernels.topk_small), which also writes the -1 padding and
+    zeroes the passes' histograms, so the passes skip those rows and no fill kernel runs; at L <= small that one
+    launch is all. A row that fits one chunk gets the same ids in the same order either way (the keys above the
+    k-th in ascending id, then the lowest ids equal to it, then -1)."""
     assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert k > 0
     T, L = scores.shape
@@ -275,25 +287,35 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
         backend = "radix" if T <= RADIX_MAX_ROWS else "torch"
     if backend == "torch" or not use_triton(scores):
         return topk_indices_ref(scores, k)
-    out = torch.full((T, k), -1, dtype=torch.int32, device=scores.device)
-    if T == 0 or L == 0:
-        return out
+    small = SMALL_KNOBS[0] if small is None else small
+    assert small & (small - 1) == 0, f"small={small} must be a power of two (or 0)"
+    if T == 0 or L == 0 or not small:
+        out = torch.full((T, k), -1, dtype=torch.int32, device=scores.device)
+        if T == 0 or L == 0:
+            return out
+    else:
+        out = torch.empty((T, k), dtype=torch.int32, device=scores.device)
+    if valid_len is not None:
+        assert valid_len.shape == (T,) and valid_len.dtype == torch.int32 and valid_len.is_contiguous()
     nb = 256
-    buf = torch.zeros(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
+    if small >= L:  # every row fits the one-program select (static): one launch
+        launch_small(scores, valid_len, out, None, None, k, max(16, triton.next_power_of_2(L)), 0, SMALL_KNOBS[1])
+        return out
+    buf = (torch.empty if small else torch.zeros)(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
     hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
+    if small:
+        launch_small(scores, valid_len, out, hist, cnt, k, small, T * nb, SMALL_KNOBS[1])
     if block is None:
         block, programs = TOPK_KNOBS[0], TOPK_KNOBS[1] or programs
     n_chunks = max(1, min(triton.cdiv(L, block), programs or triton.cdiv(2 * sm_count(scores.device), T)))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
     grid = (T, triton.cdiv(L, chunk))
     vl = valid_len if valid_len is not None else cnt
-    if valid_len is not None:
-        assert valid_len.shape == (T,) and valid_len.dtype == torch.int32 and valid_len.is_contiguous()
     for level in range(4):
         _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, NB=nb, BLOCK=block,
-                         VLEN=valid_len is not None, num_warps=4)
+                         VLEN=valid_len is not None, SMALL=small, num_warps=4)
     _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, NB=nb, BLOCK=block,
-                       VLEN=valid_len is not None, num_warps=4)
+                       VLEN=valid_len is not None, SMALL=small, num_warps=4)
     return out
 
 

@@ -1,0 +1,114 @@
+"""Decode top-k with the one-program-per-row kernel (ds4f.kernels.topk_small) on CUDA, inside a CUDA graph captured
+once and replayed (twice per valid length) while valid_len changes on the device, as a decode graph serves every
+depth: T in 1, 4, 16; L = 2048 and 262,144 (max_model_len 1M at ratio 4); valid_len 0 .. L. Against an ordered
+torch oracle (keys above the k-th in ascending id, then the lowest tied ids, then -1) for rows of <= small entries
+and rows in one radix chunk, torch.topk's values otherwise, and the former path (no small kernel, fill kernels).
+Also the decode indexer (programs striding over key blocks) bit-equal to the adjacent-block tiling it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4f.kernels import HAS_TRITON, indexer_scores, topk_indices
+from ds4f.kernels.indexer import SMALL_KNOBS, TOPK_KNOBS
+from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton"),
+]
+
+K = 512
+VLENS = (0, 100, 512, 2048, 8192, 262144)
+
+
+def ordered_ref(s: torch.Tensor, k: int, vlen: torch.Tensor) -> torch.Tensor:
+    """[T, L] -> [T, k] int32 in the radix path's order, on the order-preserving uint32 key."""
+    T, L = s.shape
+    bits = s.view(torch.int32).long() & 0xFFFFFFFF
+    key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    ar = torch.arange(L, device=s.device)
+    valid = (s != float("-inf")) & (ar[None, :] < vlen.long()[:, None])
+    key = torch.where(valid, key, 0)
+    kk = min(k, L)
+    n = valid.sum(1)
+    full = n >= k
+    kth = torch.where(full, key.topk(kk, dim=1).values[:, -1], 0)
+    gt = valid & (key > kth[:, None])
+    eq = valid & (key == kth[:, None]) & full[:, None]
+    rank = torch.where(gt, ar, torch.where(eq, L + ar, 2 * L)).sort(dim=1).values[:, :kk]
+    ids = torch.where(rank < 2 * L, rank % L, -1).int()
+    return torch.cat([ids, ids.new_full((T, k - kk), -1)], 1)
+
+
+def _same_top(got: torch.Tensor, s: torch.Tensor, k: int) -> None:
+    """got's picks hold the k largest values of each row (a tied k-th's subset aside): as torch.topk's."""
+    ref = topk_indices_ref(s, k)
+    for r in range(s.shape[0]):
+        a, b = got[r][got[r] >= 0].long(), ref[r][ref[r] >= 0].long()
+        assert a.numel() == b.numel() and a.unique().numel() == a.numel(), r
+        assert torch.equal(s[r, a].sort().values, s[r, b].sort().values), r
+
+
+@pytest.mark.parametrize("T", [1, 4, 16])
+@pytest.mark.parametrize("L", [2048, 262144])
+def test_topk_small_graph(T: int, L: int) -> None:
+    g = torch.Generator(device="cuda").manual_seed(T + L)
+    base = torch.randn(T, L, device="cuda", generator=g)
+    base[T // 2:] = (base[T // 2:] * 8).round() / 8  # the upper rows: many ties at the k-th place
+    scores = torch.empty_like(base)
+    vl = torch.zeros(T, dtype=torch.int32, device="cuda")
+    topk_indices(scores.fill_(0), K, valid_len=vl)  # compile outside the capture
+    topk_indices(scores, K, valid_len=vl, small=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        new = topk_indices(scores, K, valid_len=vl)
+        old = topk_indices(scores, K, valid_len=vl, small=0)
+    chunk = TOPK_KNOBS[0]  # rows within one chunk: the former path's order is deterministic too
+    for v in VLENS:
+        lens = torch.tensor([min(v + r * 7, L) for r in range(T)], dtype=torch.int32, device="cuda")
+        vl.copy_(lens)
+        cols = torch.arange(L, device="cuda")[None, :] >= lens.long()[:, None]
+        scores.copy_(base.masked_fill(cols, float("-inf")))
+        for _ in range(2):
+            new.fill_(-7)
+            graph.replay()
+            torch.cuda.synchronize()
+            want = ordered_ref(scores, K, lens)
+            for r in range(T):
+                n = int(lens[r])
+                if n <= SMALL_KNOBS[0] or n <= chunk:
+                    assert torch.equal(new[r], want[r]), (v, r)
+                if n <= chunk:
+                    assert torch.equal(old[r], want[r]), (v, r)
+            _same_top(new, scores, K)
+            _same_top(old, scores, K)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_strided_equal(fp8: bool) -> None:
+    g = torch.Generator(device="cuda").manual_seed(5)
+    T, hi, d, L = 4, 64, 128, 262144
+    q = torch.randn(T, hi, d, device="cuda", generator=g).bfloat16()
+    w = torch.randn(T, hi, device="cuda", generator=g)
+    keys = torch.randn(L, d, device="cuda", generator=g).bfloat16()
+    ks = None
+    if fp8:
+        ks = keys.float().abs().amax(1).clamp(min=1e-6) / 448
+        keys = (keys.float() / ks[:, None]).to(torch.float8_e4m3fn)
+    slots = torch.randperm(L, device="cuda", generator=g).int()[None]
+    seq = torch.zeros(T, dtype=torch.int32, device="cuda")
+    for lens in ([2048, 2049, 100, 0], [L, L - 5, 8192, 1]):
+        vl = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        for n_l in (L, 2048):  # a long pool at short depth; a pool the size of the depth
+            sl, v = slots[:, :n_l].contiguous(), vl.clamp(max=n_l)
+            new = indexer_scores(q, w, keys, sl, seq, v, k_scale=ks, zero_rank=True)
+            old = indexer_scores(q, w, keys, sl, seq, v, k_scale=ks, zero_rank=True, block_l=128, n_inner=4,
+                                 num_warps=4, num_stages=3, strided=False)
+            assert torch.equal(new, old), (lens, n_l)
+    new = indexer_scores(q, w, keys, slots, seq, vl, k_scale=ks)
+    ref = indexer_scores_ref(q, w, keys, slots, seq, vl, d**-0.5, None if ks is None else ks[:, None])
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(new))
+    assert ((new[fin] - ref[fin]).norm() / ref[fin].norm()).item() < 1e-4

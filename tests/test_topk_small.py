@@ -1,0 +1,139 @@
+"""The one-program-per-row top-k (ds4f.kernels.topk_small) and the interleaved decode indexer tiling under the Triton
+interpreter (CPU, tiny shapes, a subprocess each): ids and their order against an ordered torch oracle (keys above
+the k-th largest in ascending id, the lowest ids equal to it, -1 padding) and against the multi-pass path without
+the small kernel, over ties, -0.0, -inf inside the valid range, valid_len 0, < k, == k, past the small lanes and == L;
+sets against topk_indices_ref. The indexer: n_inner 4 (blocks grid-strided) bit-equal to n_inner 1 and the
+reference within tolerance, rows with a short valid length over a long L."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from interp import run_interpreted
+
+from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
+
+pytest.importorskip("triton")
+
+
+def ordered_ref(s: torch.Tensor, k: int, vlen: torch.Tensor | None) -> torch.Tensor:
+    """scores [T, L] -> [T, k] int32 in the radix path's order, on the order-preserving key (so -0.0 < +0.0)."""
+    T, L = s.shape
+    bits = s.view(torch.int32).long() & 0xFFFFFFFF
+    key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    valid = s != float("-inf")
+    if vlen is not None:
+        valid &= torch.arange(L)[None, :] < vlen.long()[:, None]
+    out = torch.full((T, k), -1, dtype=torch.int32)
+    for r in range(T):
+        ids = valid[r].nonzero().flatten()
+        if ids.numel() >= k:  # exactly k: still those above the smallest first
+            kth = key[r, ids].sort(descending=True).values[k - 1]
+            gt, eq = ids[key[r, ids] > kth], ids[key[r, ids] == kth]
+            ids = torch.cat([gt, eq[: k - gt.numel()]])
+        out[r, : ids.numel()] = ids.int()
+    return out
+
+
+def _scores(T: int, L: int, vl: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    s = (torch.randn(T, L, generator=g) * 4).round() / 4  # few distinct values: ties at the k-th place
+    s[1, ::3] = -0.0
+    s[2, torch.randperm(L, generator=g)[: L // 2]] = float("-inf")  # -inf inside the valid range
+    s[3, 5:] = float("-inf")  # fewer finite than k although valid_len is larger
+    s[torch.arange(L)[None, :] >= vl[:, None].long()] = float("-inf")
+    return s
+
+
+def check_topk_small() -> None:
+    from ds4f.kernels import indexer
+
+    g = torch.Generator().manual_seed(7)
+    k, L = 64, 5000
+    vl = torch.tensor([2048, 3000, 4096, 700, 0, 10, 64, 2049, 4097, L], dtype=torch.int32)
+    s = _scores(len(vl), L, vl, g)
+    want = ordered_ref(s, k, vl)
+    old = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=1, small=0)
+    assert torch.equal(old, want), "multi-pass in one chunk vs the ordered oracle"
+    for small in (4096, 512):  # 4096: the 2048-lane tile and the 4096-lane tile; rows past it: the passes
+        new = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=1, small=small)
+        assert torch.equal(new, want), small
+        multi = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=3, small=small)
+        ref = topk_indices_ref(s, k)
+        for r in range(len(vl)):  # several chunks: the order (and a tied k-th's subset) may differ, not the top
+            a, b = multi[r][multi[r] >= 0], ref[r][ref[r] >= 0]
+            assert a.numel() == b.numel() and torch.equal(s[r, a.long()].sort().values, s[r, b.long()].sort().values)
+            assert torch.equal(multi[r] >= 0, want[r] >= 0)
+    print("small rows ordered equal")
+    for length in (300, 2048):  # L <= small: the one launch only, valid_len given or not
+        s2 = s[:, :length].contiguous()
+        v2 = vl.clamp(max=length)
+        got = indexer.topk_indices(s2, k, backend="radix", valid_len=v2, small=4096)
+        assert torch.equal(got, ordered_ref(s2, k, v2)), length
+        got = indexer.topk_indices(s2, k, backend="radix", small=4096)
+        assert torch.equal(got, ordered_ref(s2, k, None)), length
+        assert torch.equal(got, indexer.topk_indices(s2, k, backend="radix", programs=1, small=0)), length
+    got = indexer.topk_indices(s, k, block=256, backend="radix", programs=1, small=512)  # no valid_len, L > small
+    assert torch.equal(got, ordered_ref(s, k, None))
+    print("one launch ordered equal")
+
+
+def check_indexer_strided() -> None:
+    from ds4f.kernels import indexer
+
+    g = torch.Generator().manual_seed(3)
+    t, hi, di, n = 4, 16, 32, 1100
+    q = torch.randn(t, hi, di, generator=g).bfloat16()
+    w = torch.randn(t, hi, generator=g)
+    keys = torch.randn(n, di, generator=g).bfloat16()
+    slots = torch.randperm(n, generator=g).int()[None]
+    seq = torch.zeros(t, dtype=torch.int32)
+    vl = torch.tensor([n, 130, 0, 64], dtype=torch.int32)
+    ref = indexer_scores_ref(q, w, keys, slots, seq, vl, di**-0.5)
+    one = indexer.indexer_scores(q, w, keys, slots, seq, vl, block_l=32, n_inner=1, zero_rank=True)
+    for n_inner in (3, 4):  # 1100 columns: the last program's later blocks fall past L
+        got = indexer.indexer_scores(q, w, keys, slots, seq, vl, block_l=32, n_inner=n_inner, zero_rank=True)
+        assert torch.equal(got, one), n_inner
+        got = indexer.indexer_scores(q, w, keys, slots, seq, vl, block_l=32, n_inner=n_inner, zero_rank=True,
+                                     strided=False)
+        assert torch.equal(got, one), (n_inner, "adjacent")
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(one)) and (one[~fin] == float("-inf")).all()
+    torch.testing.assert_close(one[fin], ref[fin], atol=1e-3, rtol=1e-3)
+    print("indexer strided equal")
+
+
+def test_ordered_ref_matches_topk_ref() -> None:
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 200, generator=g)  # distinct scores: the same set as torch.topk
+    s[1, 50:] = float("-inf")
+    for k in (16, 200, 300):
+        a, b = ordered_ref(s, k, None), topk_indices_ref(s, k)
+        assert all(set(a[r].tolist()) == set(b[r].tolist()) for r in range(3)), k
+
+
+def test_topk_small_interpreted() -> None:
+    out = run_interpreted("test_topk_small", "check_topk_small")
+    assert "small rows ordered equal" in out and "one launch ordered equal" in out, out
+
+
+def test_indexer_strided_interpreted() -> None:
+    out = run_interpreted("test_topk_small", "check_indexer_strided")
+    assert "indexer strided equal" in out, out
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_topk_small_builds(arch: int) -> None:
+    """The small kernel (both tiles, with and without the scratch zeroing) and the passes' early exit compile for
+    sm_80 / sm_90 without a GPU (what only the compiler sees: layouts, shared memory of the 8192-lane histogram)."""
+    from test_kernels_build import build
+
+    from ds4f.kernels import indexer as ix
+    from ds4f.kernels import topk_small as ts
+
+    t = dict(s_ptr="*fp32", vlen_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", out_ptr="*i32")
+    for lanes, n2, zero in ((8192, 2048, True), (2048, 0, False)):
+        k = build(ts._topk_small, t, dict(N=lanes, N2=n2, KP=512, NB=256, VLEN=True, ZERO=zero), arch, 8)
+        assert k["shared"] <= 160 * 1024
+    for level in range(4):
+        build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=2048, VLEN=True, SMALL=8192), arch)
+    build(ix._topk_select, t, dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192), arch)
