@@ -109,10 +109,20 @@ case "${1:-}" in
     for l in /tmp/gpulogs/*.log; do echo "=== $l"; grep -E "passed|failed|error|Error|FAILED|assert" "$l" | tail -n 8; done \
       | tee "$OUT/tests.log"
     tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
+    [ -n "${NEWK_ONLY_TESTS:-}" ] && exit 0
     for b in ${NEWK_BENCH:-bench/bench_mhc.py bench/bench_router.py}; do timeout 90 python3 $b 2>&1 | tail -n 12; done
     timeout 150 python3 bench/sweep_gemv.py --table-only --tokens 1,4 2>&1 | grep -vE "^\[|Warn" | tail -n 24
     for g in 1 0; do DS4F_GEMV=$g timeout 150 python3 bench/bench_decode.py --depths 8192 --batches ${NEWK_B:-1,4} --prefill "" \
       --profile /tmp/prof$g --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|#)|Error"; done
     cp /tmp/prof1/graph_decode_d8192_timeline.txt "$OUT/" ;;
+  newk2)  # 1 GPU: top-k / fast-model GPU tests, then the top-k, mHC and big-GEMV sweeps, then the 8K decode step
+    NEWK_TESTS="tests/gpu/test_topk_small_gpu.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fast_model.py \
+      tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_fast_runner_gpu.py" NEWK_ONLY_TESTS=1 bash "$0" newk "$2"
+    timeout 90 python3 bench/bench_topk_decode.py --tokens 1 2>&1 | grep -vE "^\[|Warn" | tail -n 14
+    timeout 90 python3 bench/bench_mhc.py --sweep --tokens 1 2>&1 | tail -n 14
+    timeout 220 python3 bench/sweep_gemv.py --shapes WQ_B,WO_A,WO_B --tokens 1 2>&1 | grep -E "PICK|cublas|==" | tail -n 12
+    timeout 150 python3 bench/bench_decode.py --depths 8192 --batches 1,4 --prefill "" --profile /tmp/prof \
+      --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|#)|Error"
+    cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac

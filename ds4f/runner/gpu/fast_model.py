@@ -256,6 +256,8 @@ class FastModel:
             if kv is None:
                 kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
             cache.put_scratch(i, kv)
+            if meta.one_per_seq:  # the window-ring row of position p held p - W, which no window reads now
+                cache.put(pool, d.win_write, kv)
             if att.kind != SWA:
                 n2 = 2 * att.compressor.wkv.out_features
                 self._compress(att.compressor, y[:, o2: o2 + n2], meta, cache, d, cache.state[i, "attn"],
@@ -306,7 +308,8 @@ class FastModel:
         else:  # the inverse RoPE inside the kernel that writes o
             live = d.live.get(att.ratio) if att.kind != SWA else None  # set for attn_idx ratios (DS4F_ATTN_LIVE)
             o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live, inv_rope=(cos, sin))
-        cache.put(pool, d.win_write, kv)  # after attention: ring rows of this chunk's last W positions
+        if not meta.one_per_seq:  # after attention: ring rows of this chunk's last W positions
+            cache.put(pool, d.win_write, kv)
         o = packed.grouped_out(att.wo_a, o, att.o_groups)  # [T, G*o_lora_rank]
         return packed.linear(att.wo_b, o)
 
