@@ -124,5 +124,20 @@ case "${1:-}" in
     timeout 150 python3 bench/bench_decode.py --depths 8192 --batches 1,4 --prefill "" --profile /tmp/prof \
       --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|#)|Error"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" ;;
+  newk3)  # 1 GPU: mHC / GEMV / fast-model GPU tests, top-k warp counts, the MoE T=1 sweep, then the 8K step with
+    # the MoE pick
+    NEWK_TESTS="tests/gpu/test_mhc_decode_gpu.py tests/gpu/test_gemv_gpu.py tests/gpu/test_fast_model.py \
+      tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_kernels_fused.py" NEWK_ONLY_TESTS=1 bash "$0" newk "$2"
+    for v in 8192,4 8192,2; do DS4F_TOPK_SMALL=$v timeout 60 python3 bench/bench_topk_decode.py --tokens 1 2>&1 \
+      | grep -E "^topk" | sed "s/^/$v /"; done
+    timeout 170 python3 bench/sweep_moe_decode.py --tokens 1 --budget 120 --out "$OUT/moe_decode.jsonl" \
+      > /tmp/moe_sweep.log 2>&1
+    grep -E "PICK|combined|budget|done in" /tmp/moe_sweep.log | tail -n 6; cp /tmp/moe_sweep.log "$OUT/"
+    PICKS=$(grep "^PICK " /tmp/moe_sweep.log | cut -d' ' -f2- | tr ' ' '\n' | grep -v "=None" | tr '\n' ' ')
+    echo "# bench with: $PICKS"
+    env $PICKS timeout 150 python3 bench/bench_decode.py --depths 8192 --batches 1,4 --prefill "" --profile /tmp/prof \
+      --out "$OUT/decode.jsonl" --git "$DS4F_GIT" --command "$PICKS python3 bench/bench_decode.py --depths 8192" 2>&1 \
+      | grep -E "^(decode|#)|Error"
+    cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac

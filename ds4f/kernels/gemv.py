@@ -39,12 +39,13 @@ ENABLED = os.environ.get("DS4F_GEMV", "1") != "0"
 Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages
 
 # name -> ((N, K, G), config or None for cuBLAS). G > 1: the grouped wo_a form (N = G*r, K = Kg).
-# Shapes of the V4-Flash decode projections; H200 (bench/sweep_gemv.py --table-only, 2026-11-28): the Triton tile
-# beat cuBLAS on WO_B and the stacked inputs (e.g. W_IN_CSA 11.8 vs 13.6 us); cuBLAS kept where it was not slower.
+# Shapes of the V4-Flash decode projections; H200 sweeps (bench/sweep_gemv.py, 2026-11-28, T = 1): WO_A 17.6 vs
+# cuBLAS 18.5 us, WO_B 18.5 vs 21.2, W_IN_CSA 11.8 vs 13.6, W_IN_HCA 9.7 vs 10.3; cuBLAS kept where it was not slower
+# (WQ_B 17.6 vs 17.7, IDX_WQ_B, HEAD).
 CONFIGS: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
     "WQ_B": ((32768, 1024, 1), None),
-    "WO_A": ((8192, 4096, 8), None),
-    "WO_B": ((4096, 8192, 1), (32, 256, 2, 4, 4)),
+    "WO_A": ((8192, 4096, 8), (64, 128, 1, 4, 5)),
+    "WO_B": ((4096, 8192, 1), (64, 256, 1, 4, 5)),
     "W_IN_SWA": ((1536, 4096, 1), (32, 256, 4, 4, 4)),
     "W_IN_HCA": ((2560, 4096, 1), (32, 256, 3, 4, 4)),
     "W_IN_CSA": ((4160, 4096, 1), (32, 256, 2, 4, 4)),

@@ -218,8 +218,9 @@ if triton is not None:
 # the in-kernel split dots measured 5.5 ms per call at 8192 tokens; the GEMM path is memory bound)
 GEMM_MIX_MIN_T = 256
 # Below this many tokens (at most mhc_decode.MAX_T) with hc = 4: the one-launch decode kernel (0: the kernels below;
-# DS4F_HC_DECODE=0,0 sets 0)
-DECODE_MAX_T = _DECODE_T if _DECODE_ON else 0
+# DS4F_HC_DECODE=0,0 sets 0). H200, graph of 16 chained calls: T = 1 11.0 vs 11.7 us, T = 4 11.6 vs 12.3, T = 15
+# 22.7 vs 17.2 (the finishing programs serialize per token), so up to 4 tokens only
+DECODE_MAX_T = min(_DECODE_T, 5) if _DECODE_ON else 0
 
 
 def _hc_step_gemm(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, comb: torch.Tensor | None,
