@@ -160,6 +160,8 @@ def parts(r: Recorder, w13: torch.Tensor, w2: torch.Tensor, T: int, shared: bool
         one = dict(config or {}, TAIL_M=0)
         r.emit(f"{tag}_total_1tier", shape, timed(partial(moe.fused_moe, x, w13, w2, ids, wt, 10.0, config=one), it),
                flops=flops)
+    if cfg["FUSE_SUM"] or cfg["SPLIT_K"] > 1:  # the pieces below time per-pick bf16 rows + a sum; such decode rows
+        return  # are timed piece by piece in bench/sweep_moe_decode.py
     tiers = moe.moe_plan(ids, n_exp, cfg)
     acts = [moe.moe_up(x, w13, s, b, n, k, 10.0, c) for s, b, n, c in tiers]
     rows = torch.empty(M, D, dtype=torch.bfloat16, device=DEV)

@@ -139,5 +139,12 @@ case "${1:-}" in
       --out "$OUT/decode.jsonl" --git "$DS4F_GIT" --command "$PICKS python3 bench/bench_decode.py --depths 8192" 2>&1 \
       | grep -E "^(decode|#)|Error"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" ;;
+  final6)  # 1 GPU: every tests/gpu file (parallel, 180 s cap each), then the decode bench (0 / 8K / 1M, b1/4/16,
+    # prefill 1K / 8K, profiles)
+    GPU_TEST_TIMEOUT=180 bash "$0" tests "$2" > /dev/null 2>&1
+    grep -E "passed|failed|error" "$OUT/gpu_tests.log" | grep -vE "^E " | tail -n 40
+    timeout 330 python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 --prefill 1024,8192 \
+      --profile /tmp/prof --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|prefill|#)|Error"
+    cp /tmp/prof/graph_decode_d8192_timeline.txt /tmp/prof/profile_decode_d8192.txt "$OUT/" ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac

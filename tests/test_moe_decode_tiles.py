@@ -50,6 +50,8 @@ def test_decode_configs_in_the_interpreter_match_the_reference():
 
 
 def test_decode_rows_resolve_by_token_bucket(monkeypatch):
+    assert moe.resolve_config(7, 257, 1) == moe.decode_row_config(moe.DECODE_TABLE[1])  # the swept T = 1 row
+    monkeypatch.setattr(moe, "DECODE_TABLE", {1: None, 4: None, 16: None})
     legacy = moe.resolve_config(7, 257, 1)
     assert legacy["PER_PICK"] == 1 and legacy["FUSE_SUM"] == 0 and legacy["SPLIT_K"] == 1
     monkeypatch.setattr(moe, "DECODE_TABLE", {1: ROWS["fuse_sum"], 4: ROWS["sorted_split2"], 16: None})

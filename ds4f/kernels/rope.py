@@ -146,17 +146,13 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool =
 
 
 def norm_rope(x: torch.Tensor, w: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-              eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, hd] (any row stride) or [T, H, hd], w [hd] or None -> RMSNorm(x) (fp32 math) then RoPE, a new tensor or
-    written into out (contiguous, x's shape and dtype; e.g. a pool's scratch rows)."""
+              eps: float) -> torch.Tensor:
+    """x [T, hd] (any row stride) or [T, H, hd], w [hd] or None -> RMSNorm(x) (fp32 math) then RoPE, new tensor."""
     _check(x, cos, sin)
     assert w is None or w.shape == (x.shape[-1],), (x.shape, w.shape)
-    assert out is None or (out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()), out
     if not use_triton(x):
-        r = norm_rope_ref(x, w, cos, sin, eps)
-        return r if out is None else out.copy_(r)
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return norm_rope_ref(x, w, cos, sin, eps)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, out, None if w is None else w.float().contiguous(), cos, sin, eps, False, norm=True)
     return out
 

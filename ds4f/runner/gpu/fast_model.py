@@ -253,13 +253,9 @@ class FastModel:
         def kv_path(kv: torch.Tensor | None = None) -> torch.Tensor:
             """K=V row (normed + roped here unless given) into the scratch rows, the attention compressor's entries
             -> kv [T, hd]."""
-            if kv is None:  # [T, hd]: K and V, into the scratch rows directly where the pool stores rows as is
-                sv = cache.scratch_out(i, T, parts[1].dtype)
-                kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps, out=sv)
-                if sv is None:
-                    cache.put_scratch(i, kv)
-            else:
-                cache.put_scratch(i, kv)
+            if kv is None:
+                kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
+            cache.put_scratch(i, kv)
             if meta.one_per_seq:  # the window-ring row of position p held p - W, which no window reads now
                 cache.put(pool, d.win_write, kv)
             if att.kind != SWA:

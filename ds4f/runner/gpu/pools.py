@@ -157,14 +157,6 @@ class FastCache:
         else:
             dest.index_copy_(0, rows, x.to(dest.dtype))
 
-    def scratch_out(self, layer: int, n: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The first n scratch rows of layer's pool as a tensor a kernel may write this forward's K=V rows into (in
-        place of put_scratch), or None where stores must go through put_scratch (fp8 pools, plain_store off)."""
-        dest = self.kv[layer]
-        if not (self.plain_store and isinstance(dest, torch.Tensor) and dest.dtype == dtype):
-            return None
-        return dest[self.scratch: self.scratch + n]
-
     def put_scratch(self, layer: int, x: torch.Tensor) -> None:
         """This forward's K=V rows x [T, head_dim] -> the scratch rows of layer's pool."""
         dest, lo = self.kv[layer], self.scratch
