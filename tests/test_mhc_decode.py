@@ -39,12 +39,13 @@ def check_decode_interpreted() -> None:
     for t, d, bd, iters in ((1, 40, None, ITERS), (3, 40, None, ITERS), (3, 40, 16, ITERS), (1, 64, 16, 1)):
         full = _case(t, d, torch.float32, t + d)
         for args in (full, (None, full[1], None, None, *full[4:]), (*full[:4], None, None, None, None)):
-            got = mhc_decode.hc_step_decode(*args, iters, EPS, EPS, EPS, block_d=bd)
             want = hc_step_ref(*args, iters, EPS, EPS, EPS)
-            errs = [_err(g_, w_) for g_, w_ in zip(got, want)]
-            assert max(errs) <= 2e-5, (t, d, bd, errs)
-            assert not cnt.any(), cnt  # re-armed by each token's last program
-            calls += 1
+            for split in (False, True):  # split: comb's Sinkhorn as its own launch (the deferred form)
+                got = mhc_decode.hc_step_decode(*args, iters, EPS, EPS, EPS, block_d=bd, split_sinkhorn=split)
+                errs = [_err(g_, w_) for g_, w_ in zip(got, want)]
+                assert max(errs) <= 2e-5, (t, d, bd, split, errs)
+                assert not cnt.any(), cnt  # re-armed by each token's last program
+                calls += 1
     # bf16 streams through hc_step: X' is the old path's to the bit; the weights / xn from the kernel's own X'
     for t in (1, 3):
         full = _case(t, 48, torch.bfloat16, 7 + t)
@@ -74,7 +75,7 @@ def test_decode_interpreted() -> None:
     from tests.interp import run_interpreted
 
     out = run_interpreted("test_mhc_decode", "check_decode_interpreted")
-    assert "decode interpreted ok 16" in out, out
+    assert "decode interpreted ok 28" in out, out
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -252,12 +252,20 @@ def _hc_step_gemm(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | 
     return xo, xn, post2, comb2
 
 
+def decode_kernel(x: torch.Tensor, fn: torch.Tensor | None) -> bool:
+    """Whether hc_step(..., x, ..., fn, ...) runs the one-launch decode kernel (and so honours sinkhorn_stream)."""
+    t, hc, _ = x.shape
+    return fn is not None and use_triton(x) and 0 < t < min(DECODE_MAX_T, GEMM_MIX_MIN_T) and hc == 4
+
+
 def hc_step(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, comb: torch.Tensor | None,
             fn: torch.Tensor | None, scale: torch.Tensor | None, base: torch.Tensor | None,
-            norm_w: torch.Tensor | None, iters: int, eps: float, norm_eps: float, rms_eps: float
+            norm_w: torch.Tensor | None, iters: int, eps: float, norm_eps: float, rms_eps: float,
+            sinkhorn_stream: torch.cuda.Stream | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """See the module docstring. y [T, D], x [T, hc, D] (same dtype), post [T, hc] / comb [T, hc, hc] fp32,
-    fn [(2+hc)*hc, hc*D] / scale [3] / base [(2+hc)*hc] / norm_w [D] fp32."""
+    fn [(2+hc)*hc, hc*D] / scale [3] / base [(2+hc)*hc] / norm_w [D] fp32. sinkhorn_stream: where
+    decode_kernel(x, fn) holds, comb's Sinkhorn runs on that stream (hc_step_decode: wait on it before reading comb)."""
     t, hc, dim = x.shape
     assert y is None or (y.shape == (t, dim) and y.dtype == x.dtype), (None if y is None else y.shape, x.shape)
     assert y is None or (post is not None and post.shape == (t, hc) and comb is not None
@@ -278,7 +286,8 @@ def hc_step(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, 
     if t >= GEMM_MIX_MIN_T:
         return _hc_step_gemm(y, x, post, comb, fn, scale, base, norm_w, iters, eps, norm_eps, rms_eps)
     if t < DECODE_MAX_T and hc == 4:
-        return hc_step_decode(y, x, post, comb, fn, scale, base, norm_w, iters, eps, norm_eps, rms_eps)
+        return hc_step_decode(y, x, post, comb, fn, scale, base, norm_w, iters, eps, norm_eps, rms_eps,
+                              sinkhorn_stream=sinkhorn_stream)
     use_dot = t >= 16 and dim >= 16  # token tiles through tl.dot; else one token per program
     bd = min(128 if use_dot else 64, triton.next_power_of_2(dim))
     nsplit = triton.cdiv(dim, bd)

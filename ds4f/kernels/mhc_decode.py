@@ -84,7 +84,7 @@ if triton is not None:
     @triton.jit
     def _finish(xo_ptr, pd_ptr, scale_ptr, base_ptr, w_ptr, xn_ptr, post_ptr, comb_ptr, t, D, NSPLIT, eps,
                 norm_eps, rms_eps, ITERS: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, BLOCK_S: tl.constexpr,
-                BLOCK_F: tl.constexpr):
+                BLOCK_F: tl.constexpr, SINK: tl.constexpr):
         # token t, all partials in: mix -> pre / post / comb (= model.mhc.hc_weights) -> collapse -> RMSNorm
         s = tl.arange(0, BLOCK_S)
         r = tl.arange(0, NMP)
@@ -120,6 +120,20 @@ if triton is not None:
         c10, c11, c12, c13 = _lin4(mrow, base_ptr, 12, rr, s2)
         c20, c21, c22, c23 = _lin4(mrow, base_ptr, 16, rr, s2)
         c30, c31, c32, c33 = _lin4(mrow, base_ptr, 20, rr, s2)
+        cb = comb_ptr + t * 16
+        if SINK:
+            _sinkhorn_store(cb, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33,
+                            eps, ITERS)
+        else:  # the logits; _hc_sinkhorn finishes comb (on another stream: off the next sublayer's path)
+            _store4(cb, c00, c01, c02, c03)
+            _store4(cb + 4, c10, c11, c12, c13)
+            _store4(cb + 8, c20, c21, c22, c23)
+            _store4(cb + 12, c30, c31, c32, c33)
+
+    @triton.jit
+    def _sinkhorn_store(cb, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps,
+                        ITERS: tl.constexpr):
+        # comb logits -> row softmax + eps -> column normalize -> ITERS - 1 row / column rounds -> cb[0:16]
         c00, c01, c02, c03 = _softmax4(c00, c01, c02, c03, eps)
         c10, c11, c12, c13 = _softmax4(c10, c11, c12, c13, eps)
         c20, c21, c22, c23 = _softmax4(c20, c21, c22, c23, eps)
@@ -131,17 +145,25 @@ if triton is not None:
                 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps)
             c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _cols(
                 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps)
-        cb = comb_ptr + t * 16
         _store4(cb, c00, c01, c02, c03)
         _store4(cb + 4, c10, c11, c12, c13)
         _store4(cb + 8, c20, c21, c22, c23)
         _store4(cb + 12, c30, c31, c32, c33)
 
     @triton.jit
+    def _hc_sinkhorn(comb_ptr, eps, ITERS: tl.constexpr):
+        # program = token: comb [T, 4, 4] logits (the finisher's, SINK=False) -> comb in place
+        cb = comb_ptr + tl.program_id(0).to(tl.int64) * 16
+        _sinkhorn_store(cb, tl.load(cb), tl.load(cb + 1), tl.load(cb + 2), tl.load(cb + 3), tl.load(cb + 4),
+                        tl.load(cb + 5), tl.load(cb + 6), tl.load(cb + 7), tl.load(cb + 8), tl.load(cb + 9),
+                        tl.load(cb + 10), tl.load(cb + 11), tl.load(cb + 12), tl.load(cb + 13), tl.load(cb + 14),
+                        tl.load(cb + 15), eps, ITERS)
+
+    @triton.jit
     def _hc_decode(y_ptr, x_ptr, post_ptr, comb_ptr, fn_ptr, scale_ptr, base_ptr, w_ptr, xo_ptr, pd_ptr, cnt_ptr,
                    xn_ptr, post2_ptr, comb2_ptr, D, NSPLIT, eps, norm_eps, rms_eps, ITERS: tl.constexpr,
                    NM: tl.constexpr, NMP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_F: tl.constexpr, HAS_Y: tl.constexpr, HAS_FN: tl.constexpr):
+                   BLOCK_F: tl.constexpr, HAS_Y: tl.constexpr, HAS_FN: tl.constexpr, SINK: tl.constexpr):
         # x / xo [T, 4, D], fn [NM, 4*D] fp32, pd [T, NSPLIT + 1, NMP] fp32, cnt [>= T] int32 (zero between calls)
         t = tl.program_id(0).to(tl.int64)
         sp = tl.program_id(1)
@@ -149,6 +171,10 @@ if triton is not None:
         dm = d < D
         j = tl.arange(0, 4)
         xrow = t * (4 * D) + j[:, None] * D + d[None, :]  # [4, BD]
+        if HAS_FN:  # fn's HBM read first, so its latency overlaps the streams' loads and the post-mix
+            r = tl.arange(0, NMP)
+            f = tl.load(fn_ptr + r[:, None, None] * (4 * D) + j[None, :, None] * D + d[None, None, :],
+                        mask=(r < NM)[:, None, None] & dm[None, None, :], other=0.0)  # [NMP, 4, BD]
         if HAS_Y:  # = the old _hc_post_mix_row's X' (same rounding)
             xs = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0).to(tl.float32)
             yv = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
@@ -160,9 +186,6 @@ if triton is not None:
             xk = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0)
         if HAS_FN:
             xf = xk.to(tl.float32)
-            r = tl.arange(0, NMP)
-            f = tl.load(fn_ptr + r[:, None, None] * (4 * D) + j[None, :, None] * D + d[None, None, :],
-                        mask=(r < NM)[:, None, None] & dm[None, None, :], other=0.0)  # [NMP, 4, BD]
             acc = tl.sum(tl.sum(f * xf[None, :, :], 2), 1)
             acc = tl.where(r == NM, tl.sum(tl.sum(xf * xf, 1), 0), acc)
             tl.store(pd_ptr + (t * (NSPLIT + 1) + sp) * NMP + r, acc)  # whole rows (0 past NM): unmasked reloads
@@ -170,7 +193,7 @@ if triton is not None:
             done = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
             if done == NSPLIT - 1:
                 _finish(xo_ptr, pd_ptr, scale_ptr, base_ptr, w_ptr, xn_ptr, post2_ptr, comb2_ptr, t, D, NSPLIT, eps,
-                        norm_eps, rms_eps, ITERS, NM, NMP, BLOCK_S, BLOCK_F)
+                        norm_eps, rms_eps, ITERS, NM, NMP, BLOCK_S, BLOCK_F, SINK)
                 tl.atomic_xchg(cnt_ptr + t, 0)
 
 
@@ -187,9 +210,14 @@ def _counters(device: torch.device) -> torch.Tensor:
 def hc_step_decode(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, comb: torch.Tensor | None,
                    fn: torch.Tensor | None, scale: torch.Tensor | None, base: torch.Tensor | None,
                    norm_w: torch.Tensor | None, iters: int, eps: float, norm_eps: float, rms_eps: float,
-                   block_d: int | None = None, num_warps: int | None = None
+                   block_d: int | None = None, num_warps: int | None = None, split_sinkhorn: bool = False,
+                   sinkhorn_stream: torch.cuda.Stream | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """See the module docstring (checked, contiguous inputs from hc_step; y or fn given)."""
+    """See the module docstring (checked, contiguous inputs from hc_step; y or fn given).
+
+    split_sinkhorn or sinkhorn_stream: the finishing program stores comb's logits and a second launch (_hc_sinkhorn)
+    turns them into comb; with sinkhorn_stream it runs there (forked from the current stream): the caller must make
+    its stream wait on sinkhorn_stream before comb is read (xn and post are final when this launch ends)."""
     t, hc, dim = x.shape
     assert hc == 4 and 0 < t <= MAX_T and iters >= 1, (x.shape, iters)
     nm = (2 + hc) * hc
@@ -214,7 +242,14 @@ def hc_step_decode(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor |
     _hc_decode[(t, nsplit)](y if y is not None else x, x, post if post is not None else xo,
                             comb if comb is not None else xo, *scratch, dim, nsplit, eps, norm_eps, rms_eps,
                             ITERS=iters, NM=nm, NMP=nmp, BLOCK_D=bd, BLOCK_S=triton.next_power_of_2(nsplit),
-                            BLOCK_F=bf, HAS_Y=y is not None, HAS_FN=fn is not None, num_warps=nw)
+                            BLOCK_F=bf, HAS_Y=y is not None, HAS_FN=fn is not None,
+                            SINK=not (split_sinkhorn or sinkhorn_stream is not None), num_warps=nw)
     if fn is None:
         return xo, None, None, None
+    if sinkhorn_stream is not None:
+        sinkhorn_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(sinkhorn_stream):
+            _hc_sinkhorn[(t,)](comb2, eps, ITERS=iters, num_warps=1)
+    elif split_sinkhorn:
+        _hc_sinkhorn[(t,)](comb2, eps, ITERS=iters, num_warps=1)
     return xo, xn, post2, comb2

@@ -106,3 +106,38 @@ def test_decode_in_cuda_graph(t: int) -> None:
         torch.cuda.synchronize()
         want = two()
         assert all(torch.equal(o, w) for o, w in zip(out, want)), seed
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_deferred_sinkhorn_on_a_side_stream(t: int) -> None:
+    """sinkhorn_stream: comb's Sinkhorn launched on another stream equals the inline one once joined, eagerly and in a
+    captured graph of two chained steps (as FastModel._hc runs it: join before the next step reads comb)."""
+    from ds4f.kernels.mhc_decode import hc_step_decode
+
+    full = _case(t, 100 + t)
+    side = torch.cuda.Stream()
+    inline = hc_step_decode(*full, ITERS, EPS, EPS, EPS)
+    got = hc_step_decode(*full, ITERS, EPS, EPS, EPS, sinkhorn_stream=side)
+    torch.cuda.current_stream().wait_stream(side)
+    assert all(torch.equal(a, b) for a, b in zip(got, inline))
+
+    def two_steps(deferred: bool) -> tuple:
+        kw = dict(sinkhorn_stream=side) if deferred else {}
+        x, xn, post, comb = hc_step_decode(*full, ITERS, EPS, EPS, EPS, **kw)
+        if deferred:
+            torch.cuda.current_stream().wait_stream(side)
+        out = hc_step_decode(xn, x, post, comb, *full[4:], ITERS, EPS, EPS, EPS, **kw)
+        if deferred:
+            torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    want = two_steps(False)
+    two_steps(True)  # warm outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = two_steps(True)
+    for _ in range(2):
+        g.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(out, want))

@@ -30,7 +30,7 @@ import torch
 
 from ds4f.kernels import fused_moe, gemv, topk_indices
 from ds4f.kernels.indexer import quant_heads_fp8
-from ds4f.kernels.mhc import hc_step
+from ds4f.kernels.mhc import decode_kernel, hc_step
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
 from ds4f.kernels.rope import norm_rope, norm_rope2, rope_
 from ds4f.kernels.router import MAX_TOKENS as ROUTER_MAX_TOKENS
@@ -100,6 +100,8 @@ class FastModel:
         # DS4F_COMPRESS_IN_PLACE=0: separate index_copy / put launches
         self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
+        self._sink: torch.cuda.Stream | None = None  # the mHC Sinkhorn's stream (decode)
+        self._sink_pending = False
         self.gate_w32: list[torch.Tensor] = []
         self.w13: list[torch.Tensor | None] = []  # None: the layer's experts run packed (self.mx)
         self.w2: list[torch.Tensor | None] = []
@@ -202,6 +204,7 @@ class FastModel:
     def forward(self, meta: StepMeta, cache: FastCache) -> torch.Tensor:
         """-> streams [T, hc, D] after the last layer."""
         d = self._derive(meta, cache)
+        self._sink_pending = False
         layers = self.model.layers
         x = self.model.embed(meta.input_ids).unsqueeze(1).expand(-1, self.hc, -1).contiguous()
         x, xn, post, comb = self._hc(None, x, None, None, layers[0], "attn")
@@ -223,13 +226,22 @@ class FastModel:
         """hc_post of the sublayer that gave y (none: x as is), then the hc_pre + RMSNorm of the next sublayer
         (nxt's `kind`) -> streams, its normed input, post, comb (None after the last sublayer)."""
         a = self.args
+        if self._sink_pending:  # the previous step's comb (Sinkhorn on the side stream) is read now
+            torch.cuda.current_stream().wait_stream(self._sink)
+            self._sink_pending = False
         if nxt is None:
             return hc_step(y, x, post, comb, None, None, None, None, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps,
                            a.rms_norm_eps)
         norm = nxt.attn_norm if kind == "attn" else nxt.ffn_norm
-        return hc_step(y, x, post, comb, getattr(nxt, f"hc_{kind}_fn"), getattr(nxt, f"hc_{kind}_scale"),
-                       getattr(nxt, f"hc_{kind}_base"), norm.weight, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps,
-                       a.rms_norm_eps)
+        fn = getattr(nxt, f"hc_{kind}_fn")
+        side = None
+        if self.overlap and x.shape[0] <= self.overlap_max_t and decode_kernel(x, fn):
+            # comb is first read by the next mHC step: its Sinkhorn runs beside the sublayer in between
+            side = self._sink = self._sink or torch.cuda.Stream(device=self.device)
+            self._sink_pending = True
+        return hc_step(y, x, post, comb, fn, getattr(nxt, f"hc_{kind}_scale"), getattr(nxt, f"hc_{kind}_base"),
+                       norm.weight, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps, a.rms_norm_eps,
+                       sinkhorn_stream=side)
 
     @torch.no_grad()
     def logits(self, streams: torch.Tensor, meta: StepMeta) -> torch.Tensor:
