@@ -119,7 +119,8 @@ def test_deferred_sinkhorn_on_a_side_stream(t: int) -> None:
     inline = hc_step_decode(*full, ITERS, EPS, EPS, EPS)
     got = hc_step_decode(*full, ITERS, EPS, EPS, EPS, sinkhorn_stream=side)
     torch.cuda.current_stream().wait_stream(side)
-    assert all(torch.equal(a, b) for a, b in zip(got, inline))
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], inline[:3]))
+    assert _err(got[3], inline[3]) <= TOL["comb"]  # the same fp32 ops in another kernel (contraction may differ)
 
     def two_steps(deferred: bool) -> tuple:
         kw = dict(sinkhorn_stream=side) if deferred else {}
@@ -140,4 +141,5 @@ def test_deferred_sinkhorn_on_a_side_stream(t: int) -> None:
     for _ in range(2):
         g.replay()
         torch.cuda.synchronize()
-        assert all(torch.equal(a, b) for a, b in zip(out, want))
+        errs = [_err(a, b) for a, b in zip(out, want)]
+        assert errs[0] <= TOL["x"] and errs[1] <= TOL["xn"] and errs[2] <= TOL["post"] and errs[3] <= TOL["comb"], errs
