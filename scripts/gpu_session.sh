@@ -103,7 +103,8 @@ case "${1:-}" in
                tests/gpu/test_compress_gpu.py tests/gpu/test_kernels_fused.py tests/gpu/test_fast_model.py \
                tests/gpu/test_router_fused_gpu.py tests/gpu/test_rope_fused_gpu.py tests/gpu/test_kernels_gpu.py \
                tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_fast_fp8_kv_gpu.py}; do
-      DS4F_COMPILE=0 timeout 240 python3 -m pytest -q -rs -p no:cacheprovider "$f" > "/tmp/gpulogs/$(basename $f .py).log" 2>&1 &
+      DS4F_COMPILE=0 timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -rs -p no:cacheprovider "$f" \
+        > "/tmp/gpulogs/$(basename $f .py).log" 2>&1 &
     done
     wait
     for l in /tmp/gpulogs/*.log; do echo "=== $l"; grep -E "passed|failed|error|Error|FAILED|assert" "$l" | tail -n 8; done \
@@ -146,5 +147,11 @@ case "${1:-}" in
     timeout 330 python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 --prefill 1024,8192 \
       --profile /tmp/prof --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|prefill|#)|Error"
     cp /tmp/prof/graph_decode_d8192_timeline.txt /tmp/prof/profile_decode_d8192.txt "$OUT/" ;;
+  mhc8k)  # 1 GPU, short: the mHC / fast-model GPU tests, then the 8K batch-1 decode step
+    NEWK_TESTS="tests/gpu/test_mhc_decode_gpu.py tests/gpu/test_fast_model.py tests/gpu/test_fast_fp8_kv_gpu.py" \
+      NEWK_ONLY_TESTS=1 GPU_TEST_TIMEOUT=120 bash "$0" newk "$2"
+    timeout 100 python3 bench/bench_decode.py --depths 8192 --batches 1 --prefill "" --profile /tmp/prof \
+      --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|#)|Error"
+    cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac
