@@ -7,6 +7,9 @@ flat pool, inverse RoPE, grouped wo_a / wo_b; MoE through one fused_moe call wit
 Between sublayers one mHC step (ds4f.kernels.mhc: hc_post of the sublayer, then the next hc_pre + its RMSNorm); q / kv
 norm + RoPE in one kernel each, RoPE in place on the rope channels only (ds4f.kernels.rope); the router of a decode
 step (<= 16 tokens) as one kernel (ds4f.kernels.router); the per-step index tensors in one compiled glue function.
+Decode steps (<= 16 tokens, CUDA) run each layer's kv / compressor chain and its indexer chain on two side streams
+beside the q projection, and each mHC step's Sinkhorn on a third (joined before the next mHC step reads comb); bf16
+projections of <= 16 tokens go through the Triton GEMV (ds4f.kernels.gemv) where its table beats cuBLAS.
 An eager step (StepMeta.max_len known on the host) scores only the first glue.index_len index entries of each CSA
 layer: at 1M context a chunk early in the prompt sees a few thousand of 262144; decode graphs keep every column.
 
