@@ -266,8 +266,7 @@ class FastModel:
         pool = cache.kv[i]
 
         def kv_path(kv: torch.Tensor | None = None) -> torch.Tensor:
-            """K=V row (normed + roped here unless given) into the scratch rows, the attention compressor's entries
-            -> kv [T, hd]."""
+            """K=V row (normed + roped unless given) to the scratch rows, the attention compressor's entries -> kv."""
             if kv is None:
                 kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
             cache.put_scratch(i, kv)
@@ -293,9 +292,6 @@ class FastModel:
             sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
             return glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
 
-        def idx_direct() -> torch.Tensor:
-            return d.win if att.kind == SWA else d.attn_idx[att.ratio]
-
         sides = self._side_streams(T)
         chains = [kv_path] + ([index_path] if att.indexer is not None else [])
         if sides is None:  # q's per-head RMSNorm + RoPE and kv's weighted one in one launch
@@ -315,7 +311,7 @@ class FastModel:
             for st in sides[: len(chains)]:
                 main.wait_stream(st)
         kv = outs[0]
-        idx = outs[1] if len(outs) > 1 else idx_direct()
+        idx = outs[1] if len(outs) > 1 else d.win if att.kind == SWA else d.attn_idx[att.ratio]
         if att.kind != SWA and att.ratio in d.pvis:
             o = rope_(cache.attend_prefix(i, q, d.win, meta.block_table, d.seq32, d.pvis[att.ratio],
                                           d.attn_idx[att.ratio].shape[1] - self.W, att.attn_sink, hd**-0.5),
