@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds4f.kernels import gemv
+from ds4f.kernels import arrival, gemv
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,7 +34,7 @@ def check_gemv_interpreted() -> None:
             err = _rel(out.float(), want)
             assert err < 8e-3, (t, n, k, cfg, rep, err)
         if cfg[2] > 1:
-            assert all(int(b.abs().sum()) == 0 for b in gemv._LOCKS.values()), "tile counters not reset"
+            assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("gemv")), "tile counters not reset"
     # a strided x (rows of a wider buffer) and a strided w (a row block of a stacked matrix)
     xb = torch.randn(4, 200, generator=g).bfloat16()
     wb = (torch.randn(50, 100, generator=g) / 10).bfloat16()

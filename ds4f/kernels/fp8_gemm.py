@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ds4f.kernels import arrival
 from ds4f.kernels.sparse_attn import sm_count, use_triton
 from ds4f.model.quant import FP8_BLOCK, FP8_DTYPE, FP8_MAX, dequant_fp8_block
 
@@ -316,14 +317,9 @@ class Opts:
     gemv: bool | None = None  # w8 on the CUDA-core GEMV (ds4f/kernels/fp8_gemv.py) for M <= GEMV_MAX_M
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
 def _counters(device: torch.device) -> torch.Tensor:
     """Per-device tile arrival counts for the serial split-K reduce; zero between calls (the last split re-arms)."""
-    if device not in _COUNTERS:
-        _COUNTERS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
+    return arrival.counters(device, 1 << 16, "fp8_gemm")
 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, groups: int, out_dtype: torch.dtype,

@@ -24,6 +24,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from ds4f.kernels import arrival
 from ds4f.kernels.knobs import env_knobs
 
 try:
@@ -171,16 +172,9 @@ def _fit(cfg: Cfg, dev: torch.device, itemsize: int) -> Cfg:
     return bn, bk, split, nw, ns
 
 
-_LOCKS: dict[tuple[int, int, int, int, int, int], torch.Tensor] = {}
-
-
 def _locks(dev: torch.device, key: tuple[int, int, int, int, int], tiles: int) -> torch.Tensor:
     """Per (device, shape, BLOCK_N) tile counters; zero between calls (the kernel resets them)."""
-    full = (dev.index if dev.index is not None else -1, *key)
-    buf = _LOCKS.get(full)
-    if buf is None or buf.numel() < tiles:
-        buf = _LOCKS[full] = torch.zeros(tiles, dtype=torch.int32, device=dev)
-    return buf
+    return arrival.counters(dev, tiles, ("gemv", *key))
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Cfg, gn: int = 0, s_xg: int = 0) -> None:

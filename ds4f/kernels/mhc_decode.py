@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ds4f.kernels import arrival
 from ds4f.kernels.knobs import env_knobs
 
 try:
@@ -197,14 +198,9 @@ if triton is not None:
                 tl.atomic_xchg(cnt_ptr + t, 0)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
 def _counters(device: torch.device) -> torch.Tensor:
     """Per-device, per-token arrival counts; zero between calls (the finishing program re-arms its token's)."""
-    if device not in _COUNTERS:
-        _COUNTERS[device] = torch.zeros(MAX_T, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
+    return arrival.counters(device, MAX_T, "mhc_decode")
 
 
 def hc_step_decode(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, comb: torch.Tensor | None,

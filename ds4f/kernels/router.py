@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ds4f.kernels import arrival
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.sparse_attn import use_triton
 
@@ -31,7 +32,6 @@ MAX_TOKENS = 16  # above this the scores go through one GEMM
 FUSED_MAX_T = (env_knobs("DS4F_ROUTER_FUSED_MAX_T", 1, "16", minimum=0) or (MAX_TOKENS,))[0]
 TILE = env_knobs("DS4F_ROUTER_TILE", 3, "8192,4,16") or (8192, 4, 16)
 HASH_CHUNK = 256  # channels per hash-layer program: the K hashed rows x 256 (16 programs per token at D = 4096)
-_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: the arrival counter, 0 between launches
 
 
 def route_ref(xn: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
@@ -202,10 +202,7 @@ if triton is not None:
 
 
 def _counter(dev: torch.device) -> torch.Tensor:
-    c = _COUNTERS.get(dev)
-    if c is None:
-        c = _COUNTERS[dev] = torch.zeros(1, dtype=torch.int32, device=dev)
-    return c
+    return arrival.counters(dev, 1, "router")
 
 
 def fused_config(t: int, n_exp: int, dim: int, elems: int, splits: int) -> tuple[int, int, int]:

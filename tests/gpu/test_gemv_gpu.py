@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ds4f.kernels import gemv
+from ds4f.kernels import arrival, gemv
 
 pytestmark = [
     pytest.mark.gpu,
@@ -97,7 +97,7 @@ def test_cuda_graph_replays_and_split_counters(cfg: tuple[int, int, int, int, in
     torch.cuda.synchronize()
     for o, f in zip(outs, first):
         assert torch.equal(o, f)
-    assert all(int(b.abs().sum()) == 0 for b in gemv._LOCKS.values()), "a split left its tile counter non-zero"
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("gemv")), "a split left its tile counter non-zero"
 
 
 def test_fallbacks() -> None:
