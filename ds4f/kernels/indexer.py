@@ -9,7 +9,7 @@ import torch
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
 from ds4f.kernels.sparse_attn import sm_count, use_triton
-from ds4f.kernels.topk_small import _sort_key, launch_small
+from ds4f.kernels.topk_small import _radix_step, _sort_key, launch_small
 
 try:
     import triton
@@ -101,12 +101,7 @@ if triton is not None:
         prefix = (k * 0).to(tl.uint32)
         for lv in tl.static_range(LEVELS):
             h = tl.load(hist_ptr + lv * s_lv + t * NB + offs)
-            cge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys in bins >= b
-            b = tl.max(tl.where(cge >= krem, offs, -1), 0)
-            above = tl.sum(tl.where(offs == b, cge - h, 0), 0)
-            take_all = take_all | (b < 0)
-            krem = tl.where(take_all, 0, krem - above)
-            prefix = tl.where(take_all, 0, prefix | (b.to(tl.uint32) << (24 - 8 * lv)))
+            krem, take_all, prefix = _radix_step(h, offs, krem, take_all, prefix, lv)
         return prefix, krem, take_all
 
     @triton.jit

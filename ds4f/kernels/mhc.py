@@ -25,6 +25,8 @@ from ds4f.model.mhc import hc_mix, hc_post
 try:
     import triton
     import triton.language as tl
+
+    from ds4f.kernels.mhc_decode import _post_mix  # the post-mix tile both decode kernels share
 except ImportError:  # CPU-only installs: the torch reference below
     triton = None
 
@@ -158,16 +160,7 @@ if triton is not None:
         d = sp * BLOCK_D + tl.arange(0, BLOCK_D)
         dm = d < D
         j = tl.arange(0, HC)
-        xrow = t * (HC * D) + j[:, None] * D + d[None, :]  # [HC, BD]
-        if HAS_Y:
-            xs = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0).to(tl.float32)
-            yv = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
-            cm = tl.load(comb_ptr + t * (HC * HC) + j[:, None] * HC + j[None, :])  # [j, k]
-            pk = tl.load(post_ptr + t * HC + j)
-            xk = (pk[:, None] * yv[None, :] + tl.sum(cm[:, :, None] * xs[:, None, :], 0)).to(xo_ptr.dtype.element_ty)
-            tl.store(xo_ptr + xrow, xk, mask=dm[None, :])
-        else:
-            xk = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0)
+        xk = _post_mix(y_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, HC, HAS_Y)
         if HAS_FN:
             xf = xk.to(tl.float32)
             if DOTS:

@@ -83,6 +83,23 @@ if triton is not None:
         tl.store(p + 3, d)
 
     @triton.jit
+    def _post_mix(y_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, HC: tl.constexpr, HAS_Y: tl.constexpr):
+        # token t's channels d of all HC streams: X'_k = post_k * y + sum_j comb[j, k] X_j (stored, xo's dtype), or
+        # X as is without y -> [HC, BD] in the streams' dtype
+        j = tl.arange(0, HC)
+        xrow = t * (HC * D) + j[:, None] * D + d[None, :]  # [HC, BD]
+        if HAS_Y:
+            xs = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0).to(tl.float32)
+            yv = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
+            cm = tl.load(comb_ptr + t * (HC * HC) + j[:, None] * HC + j[None, :])  # [j, k]
+            pk = tl.load(post_ptr + t * HC + j)
+            xk = (pk[:, None] * yv[None, :] + tl.sum(cm[:, :, None] * xs[:, None, :], 0)).to(xo_ptr.dtype.element_ty)
+            tl.store(xo_ptr + xrow, xk, mask=dm[None, :])
+        else:
+            xk = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0)
+        return xk
+
+    @triton.jit
     def _finish(xo_ptr, pd_ptr, scale_ptr, base_ptr, w_ptr, xn_ptr, post_ptr, comb_ptr, t, D, NSPLIT, eps,
                 norm_eps, rms_eps, ITERS: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, BLOCK_S: tl.constexpr,
                 BLOCK_F: tl.constexpr, SINK: tl.constexpr):
@@ -171,20 +188,11 @@ if triton is not None:
         d = sp * BLOCK_D + tl.arange(0, BLOCK_D)
         dm = d < D
         j = tl.arange(0, 4)
-        xrow = t * (4 * D) + j[:, None] * D + d[None, :]  # [4, BD]
         if HAS_FN:  # fn's HBM read first, so its latency overlaps the streams' loads and the post-mix
             r = tl.arange(0, NMP)
             f = tl.load(fn_ptr + r[:, None, None] * (4 * D) + j[None, :, None] * D + d[None, None, :],
                         mask=(r < NM)[:, None, None] & dm[None, None, :], other=0.0)  # [NMP, 4, BD]
-        if HAS_Y:  # = the old _hc_post_mix_row's X' (same rounding)
-            xs = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0).to(tl.float32)
-            yv = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
-            cm = tl.load(comb_ptr + t * 16 + j[:, None] * 4 + j[None, :])  # [j, k]
-            pk = tl.load(post_ptr + t * 4 + j)
-            xk = (pk[:, None] * yv[None, :] + tl.sum(cm[:, :, None] * xs[:, None, :], 0)).to(xo_ptr.dtype.element_ty)
-            tl.store(xo_ptr + xrow, xk, mask=dm[None, :])
-        else:
-            xk = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0)
+        xk = _post_mix(y_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, 4, HAS_Y)
         if HAS_FN:
             xf = xk.to(tl.float32)
             acc = tl.sum(tl.sum(f * xf[None, :, :], 2), 1)

@@ -30,6 +30,18 @@ if triton is not None:
         return tl.where(s == float("-inf"), 0, u)
 
     @triton.jit
+    def _radix_step(h, offs_b, krem, take_all, prefix, lv: tl.constexpr):
+        # one digit of the radix select: histogram h [NB] of level lv's digits among the keys still in play ->
+        # (krem, take_all, prefix) after it (the k-th largest lies in the highest bin whose suffix count reaches krem)
+        cge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys in bins >= b
+        b = tl.max(tl.where(cge >= krem, offs_b, -1), 0)
+        above = tl.sum(tl.where(offs_b == b, cge - h, 0), 0)
+        take_all = take_all | (b < 0)
+        krem = tl.where(take_all, 0, krem - above)
+        prefix = tl.where(take_all, 0, prefix | (b.to(tl.uint32) << (24 - 8 * lv)))
+        return krem, take_all, prefix
+
+    @triton.jit
     def _select_row(s_ptr, out_ptr, t, lim, s_st, k, N: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr):
         # row t's lim (<= N) leading scores -> out[t, :k]; the same digit walk as indexer._radix_state
         offs = tl.arange(0, N)
@@ -45,12 +57,7 @@ if triton is not None:
                 sel = sel & ((u >> (32 - 8 * lv)) == (prefix >> (32 - 8 * lv)))
             digit = ((u >> (24 - 8 * lv)) & 255).to(tl.int32)
             h = tl.histogram(digit, NB, mask=sel & ~take_all)
-            cge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys in bins >= b
-            b = tl.max(tl.where(cge >= krem, offs_b, -1), 0)
-            above = tl.sum(tl.where(offs_b == b, cge - h, 0), 0)
-            take_all = take_all | (b < 0)
-            krem = tl.where(take_all, 0, krem - above)
-            prefix = tl.where(take_all, 0, prefix | (b.to(tl.uint32) << (24 - 8 * lv)))
+            krem, take_all, prefix = _radix_step(h, offs_b, krem, take_all, prefix, lv)
         gt = m & (u > prefix)
         pos = tl.cumsum(gt.to(tl.int32), 0) - 1
         tl.store(out_ptr + t * k + pos, offs, mask=gt)
