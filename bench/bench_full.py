@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_decode import write_timeline  # noqa: E402
 from bench_tp import StepTimer, versions  # noqa: E402
 
 from bench.common import IdsOnlyTokenizer, measure_ceilings  # noqa: E402
@@ -240,6 +241,14 @@ def main() -> None:
         (Path(args.profile) / "profile_full_decode_b1.txt").write_text(
             f"rank 0, {steps + 2} forwards (1 prefill of {args.prompt_len} + decode), ms per forward by category: "
             f"{json.dumps(cats)}\n" + table)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # one decode step in launch order
+            engine.add_request(prompt(args.prompt_len), SamplingParams(max_tokens=4, ignore_eos=True))
+            for _ in range(3):
+                engine.step()
+            torch.cuda.synchronize()
+        while engine.has_unfinished_requests():
+            engine.step()
+        write_timeline(prof, Path(args.profile) / "full_decode_b1_timeline.txt")
         emit(dict(decode_record(summ, 1, args.prompt_len), case="breakdown", kernel_ms_per_forward=cats))
     if args.ttft_tokens:
         n = args.ttft_tokens

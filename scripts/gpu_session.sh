@@ -153,5 +153,14 @@ case "${1:-}" in
     timeout 100 python3 bench/bench_decode.py --depths 8192 --batches 1 --prefill "" --profile /tmp/prof \
       --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|#)|Error"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" ;;
+  s7base)  # 2 GPUs: the 2-GPU tests (TP ranks, symmetric all-reduce) and the packed fast-path test, then `full`
+    # without the long prompt (decode b1 / b4, kernel table + rank 0 timeline)
+    DS4F_COMPILE=0 timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_tp_gpu.py \
+      tests/gpu/test_symm_allreduce.py tests/gpu/test_fast_packed_gpu.py > "$OUT/tests.log" 2>&1
+    grep -E "passed|failed|error|SKIPPED|FAILED" "$OUT/tests.log" | tail -n 15
+    C="python3 bench/bench_full.py --tp 2 --batches 1,4 --ttft-tokens ${FULL_TTFT:-0} --profile $OUT --out $OUT/full.jsonl"
+    echo "# $C (${SECONDS}s in)"
+    DS4F_GRAPH_TIMING=1 timeout $((590 - SECONDS)) $C --command "DS4F_GRAPH_TIMING=1 $C" 2>&1 | tee "$OUT/full.log" \
+      | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac
