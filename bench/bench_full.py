@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=48)
     ap.add_argument("--ttft-tokens", type=int, default=1048576, help="0: skip the long prompt")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=0,
+                    help="0: the longest case + decode; 1048576 captures the decode graphs for 1M-token sessions")
     ap.add_argument("--kv-cache-dtype", default="fp8")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     ap.add_argument("--profile", default="", help="directory for rank 0's decode kernel-time table")
@@ -178,7 +180,7 @@ def main() -> None:
     copy_gbps, mm_tflops = measure_ceilings(iters=10)
     torch.cuda.empty_cache()
     batches = [int(b) for b in args.batches.split(",")]
-    max_len = max(args.ttft_tokens, args.prompt_len) + args.decode_tokens + 8
+    max_len = max(args.max_model_len, max(args.ttft_tokens, args.prompt_len) + args.decode_tokens + 8)
     config = EngineConfig.from_kwargs(
         model=model_dir(args.layers, args.experts), load_format="dummy", tensor_parallel_size=args.tp,
         runner="fast", kv_cache_dtype=args.kv_cache_dtype, dtype="bfloat16", max_model_len=max_len,
@@ -194,7 +196,8 @@ def main() -> None:
     comm = getattr(model, "tp_comm", None)
     timer = StepTimer(ex, comm, "cuda")
     meta = dict(versions("cuda"), command=args.command, tp=args.tp, layers=args.layers, experts=args.experts,
-                kv_cache_dtype=args.kv_cache_dtype, copy_GBps=round(copy_gbps, 1), runner=type(local).__name__,
+                kv_cache_dtype=args.kv_cache_dtype, max_model_len=max_len, copy_GBps=round(copy_gbps, 1),
+                runner=type(local).__name__,
                 startup_s=round(startup, 1), weights_GiB_rank0=round(torch.cuda.memory_allocated() / 2**30, 2),
                 model="DeepSeek-V4-Flash config, FP8 attention + MXFP4 experts, dummy weights")
     print(f"# startup {startup:.1f}s on {args.tp} GPUs, copy {copy_gbps:.0f} GB/s, bf16 mm {mm_tflops:.0f} TFLOP/s",

@@ -256,3 +256,17 @@ def test_llm_fast_runner_loads_packed(tmp_path: Path) -> None:
                 assert top[0] - top[1] < 0.1, (i, top)
                 break
             assert abs(r.outputs[0].logprobs[i][a].logprob - g.outputs[0].logprobs[i][b].logprob) < 0.1
+
+
+def test_cols_views_match_concatenation() -> None:
+    """InProj.cols hands out each linear's columns as views of its run's output: equal to slicing the concatenated
+    output; a range across two runs is refused."""
+    g = torch.Generator().manual_seed(0)
+    ys = [torch.randn(3, 5, generator=g), torch.randn(3, 7, generator=g)]
+    full = torch.cat(ys, dim=1)
+    c = packed.Cols(ys)
+    for a, b in [(0, 2), (2, 5), (5, 6), (6, 12)]:
+        assert torch.equal(c.cols(a, b), full[:, a:b])
+    assert all(torch.equal(p, q) for p, q in zip(c.split([2, 3, 4, 3]), full.split([2, 3, 4, 3], dim=1)))
+    with pytest.raises(ValueError, match="straddle"):
+        c.cols(4, 6)

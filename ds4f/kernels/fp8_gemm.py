@@ -31,7 +31,7 @@ W8_MAX_M = 64  # largest M that takes the weight-only scheme on sm_89+
 ACT_POW2 = True  # activation scales rounded up to powers of two (official reference); False: amax / 448
 AMAX_FLOOR = 1e-4  # all-zero token groups get a finite scale
 # K-split reduce: False = a second kernel sums the fp32 partials; True = the last split of each tile sums them
-# (one launch; per-device arrival counters, so calls must not run concurrently on two streams of one device).
+# (one launch; arrival counters per weight shape: two calls of one shape must not run at once on two streams).
 # True: at M=1 on H200 it was as fast or faster on every V4 shape (bench/results/fp8_gemm.jsonl, session 3: wq_a
 # 10.3 vs 11.7 us, wkv 10.0 vs 11.0, wo_a 22.2 vs 22.7, wo_b 23.3 vs 23.6, head 189.3 vs 189.2) and saves a launch
 # per projection in the decode graphs (~190 per step at TP=2); tests/gpu/test_fp8_gemm_gpu.py covers it in graphs.
@@ -317,9 +317,11 @@ class Opts:
     gemv: bool | None = None  # w8 on the CUDA-core GEMV (ds4f/kernels/fp8_gemv.py) for M <= GEMV_MAX_M
 
 
-def _counters(device: torch.device) -> torch.Tensor:
-    """Per-device tile arrival counts for the serial split-K reduce; zero between calls (the last split re-arms)."""
-    return arrival.counters(device, 1 << 16, "fp8_gemm")
+def _counters(device: torch.device, tiles: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Tile arrival counts for the serial split-K reduce, one buffer per weight shape (decode runs the indexer's
+    wq_b on a side stream while wq_b runs on the main one: a shared buffer let their splits count each other's
+    arrivals); zero between calls (the last split re-arms)."""
+    return arrival.counters(device, tiles, ("fp8_gemm", *shape))
 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, groups: int, out_dtype: torch.dtype,
@@ -370,7 +372,7 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, groups: int, 
     part = out if sp == 1 else torch.empty(sp, m, groups, n, dtype=torch.float32, device=dev)
     grid = (triton.cdiv(n, c.bn), sp, triton.cdiv(m, c.bm) * groups)
     serial = sp > 1 and (SERIAL_SPLIT if o.serial is None else o.serial) and grid[0] * grid[2] <= 1 << 16
-    cnt = _counters(dev) if serial else out
+    cnt = _counters(dev, grid[0] * grid[2], (n, k, groups)) if serial else out
     _w8_kernel[grid](x, w if native else w.view(torch.uint8), ws, out, part, cnt, m, n, k, groups,
                      x.stride(0), x.stride(1), ws.stride(0), m * groups * n, groups * n, n,
                      CHUNKS=chunks // sp, SPLITS=sp, SERIAL=serial, NATIVE=native, SCALE_E8M0=e8m0,

@@ -259,8 +259,8 @@ class FastModel:
         T, H, hd = xn.shape[0], att.n_heads, att.head_dim
         cos, sin = d.cs["main" if att.kind == SWA else "compress"]
         w_in = self.w_in[i]
-        y = gemv.linear(xn, w_in) if isinstance(w_in, torch.Tensor) else w_in(xn)
-        parts = y.split(self.w_in_split[i], dim=1)
+        y = packed.Cols([gemv.linear(xn, w_in)]) if isinstance(w_in, torch.Tensor) else w_in.cols(xn)
+        parts = y.split(self.w_in_split[i])
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy
         qr = glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
         pool = cache.kv[i]
@@ -274,7 +274,7 @@ class FastModel:
                 cache.put(pool, d.win_write, kv)
             if att.kind != SWA:
                 n2 = 2 * att.compressor.wkv.out_features
-                self._compress(att.compressor, y[:, o2: o2 + n2], meta, cache, d, cache.state[i, "attn"],
+                self._compress(att.compressor, y.cols(o2, o2 + n2), meta, cache, d, cache.state[i, "attn"],
                                cache.ring(i), pool, cache.comp_base, att.ratio)
             return kv
 
@@ -282,7 +282,7 @@ class FastModel:
             """The indexer's compressor entries, scores + top-k -> attention rows idx [T, K] (window + entries)."""
             m, ix = att.ratio, att.indexer
             n2, n4 = 2 * att.compressor.wkv.out_features, 2 * ix.compressor.wkv.out_features
-            self._compress(ix.compressor, y[:, o2 + n2: o2 + n2 + n4], meta, cache, d, cache.state[i, "index"],
+            self._compress(ix.compressor, y.cols(o2 + n2, o2 + n2 + n4), meta, cache, d, cache.state[i, "index"],
                            cache.ring(i), cache.index[i], 0, m)
             if m in d.attn_idx:
                 return d.attn_idx[m]

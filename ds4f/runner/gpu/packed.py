@@ -25,7 +25,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ds4f.kernels import gemv
 from ds4f.kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
@@ -140,8 +139,40 @@ class InProj:
         return _Run(w[0], s[0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        ys = [F.linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype) for r in self.runs]
+        ys = self.run_outputs(x)
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+
+    def run_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [T, K] -> one [T, n_run] output per run (dense runs through the decode GEMV, which falls back to
+        F.linear off its conditions)."""
+        return [gemv.linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype) for r in self.runs]
+
+    def cols(self, x: torch.Tensor) -> Cols:
+        """x [T, K] -> the stacked output's columns as views of the runs' outputs (no concatenation)."""
+        return Cols(self.run_outputs(x))
+
+
+class Cols:
+    """Columns of a stacked projection's output held as consecutive runs [T, n_0], [T, n_1], ...: `cols(lo, hi)`
+    is the view of columns [lo, hi), which must lie inside one run."""
+
+    def __init__(self, ys: list[torch.Tensor]) -> None:
+        self.ys = ys
+        self.starts = [0]
+        for y in ys:
+            self.starts.append(self.starts[-1] + y.shape[1])
+
+    def cols(self, lo: int, hi: int) -> torch.Tensor:
+        for y, s, e in zip(self.ys, self.starts, self.starts[1:]):
+            if s <= lo and hi <= e:
+                return y[:, lo - s: hi - s]
+        raise ValueError(f"columns [{lo}, {hi}) straddle the runs starting at {self.starts}")
+
+    def split(self, sizes: list[int]) -> list[torch.Tensor]:
+        offs = [0]
+        for n in sizes:
+            offs.append(offs[-1] + n)
+        return [self.cols(a, b) for a, b in zip(offs, offs[1:])]
 
 
 def grouped_out(wo_a: Linear, o: torch.Tensor, groups: int) -> torch.Tensor:
