@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 MAX_BYTES = 512 << 10  # 64 tokens x 4096 x bf16: the largest decode graph bucket's message
+# the copy-in one-shot kernel (torch >= 2.7); DS4F_SYMM_COPY_IN=0: a separate copy, then one_shot_all_reduce_out
+COPY_IN = os.environ.get("DS4F_SYMM_COPY_IN", "1") == "1"
 
 
 def wanted() -> bool:
@@ -47,15 +49,21 @@ class SymmAllReduce:
         self.pg = pg
         self.cap = max_bytes // 2
         self.buf = symm_mem.empty(self.cap, dtype=torch.bfloat16, device=device)
+        self.copy_in = COPY_IN and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         symm_mem.rendezvous(self.buf, self.name)
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.is_cuda and x.dtype == torch.bfloat16 and x.numel() <= self.cap
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """x (contiguous, fits) -> x holding the sum over the ranks."""
+        """x (contiguous, fits) -> the sum over the ranks: a new tensor where torch has the copy-in variant (the
+        kernel itself copies x into this rank's slot: one launch instead of a copy + the reduce), else x in place."""
         n = x.numel()
         b = self.buf[:n]
+        if self.copy_in:
+            out = torch.empty_like(x)
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(b, x.view(-1), "sum", self.name, out.view(-1))
+            return out
         b.copy_(x.view(-1))
         torch.ops.symm_mem.one_shot_all_reduce_out(b, "sum", self.name, x.view(-1))
         return x
