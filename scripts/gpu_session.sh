@@ -162,5 +162,12 @@ case "${1:-}" in
     echo "# $C (${SECONDS}s in)"
     DS4F_GRAPH_TIMING=1 timeout $((590 - SECONDS)) $C --command "DS4F_GRAPH_TIMING=1 $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
+  s7b)  # 2 GPUs, short: the TP=2-vs-TP=1 test and the symmetric all-reduce test (copy-in kernel), then the L2
+    # prefetch microbenchmark on GPU 0
+    timeout 200 python3 -m pytest -x -q -rs --tb=short -p no:cacheprovider tests/test_tp_gpu.py \
+      tests/gpu/test_symm_allreduce.py -s > "$OUT/tests.log" 2>&1
+    grep -E "passed|failed|Error|assert|rank . T=|copy-in|SKIPPED" "$OUT/tests.log" | tail -n 30
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/bench_prefetch.py --out "$OUT/prefetch.jsonl" 2>&1 \
+      | tee "$OUT/prefetch.log" | grep -vE "^#" | cut -c1-230 ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac
