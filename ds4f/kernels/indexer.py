@@ -9,11 +9,13 @@ import torch
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
 from ds4f.kernels.sparse_attn import sm_count, use_triton
-from ds4f.kernels.topk_small import _radix_step, _sort_key, launch_small
+from ds4f.kernels.topk_small import launch_small
 
 try:
     import triton
     import triton.language as tl
+
+    from ds4f.kernels.topk_small import _radix_step, _sort_key  # jit helpers: defined only with triton
 except ImportError:  # CPU-only installs: the wrappers fall back to the references
     triton = None
 
