@@ -65,6 +65,7 @@ class _Derived:
     seq32: torch.Tensor  # [T] int32 tok_seq
     ring_rows: dict[int, torch.Tensor]  # ring size R -> [T] int64 carry-ring row each token writes
     win_write: torch.Tensor  # [T] int64 window-ring row each token writes (dummy slot unless in its last W)
+    x: torch.Tensor  # [T, hc, D] the tokens' embedding rows in every stream (the first hc step's input)
 
 
 class FastModel:
@@ -180,9 +181,10 @@ class FastModel:
             ents.append((m, n_ent, cache.epb(m), not is_csa or n_ent <= a.index_topk))
         names = list(self.tables)
         flat = tuple(t for k in names for t in self.tables[k])
-        d.win, d.win_write, ring_rows, d.bt_tok, cs, per, d.seq32 = glue.derive(
+        d.win, d.win_write, ring_rows, d.bt_tok, cs, per, d.seq32, d.x = glue.derive(
             meta.positions, meta.tok_slot, meta.chunk_start, meta.chunk_end, meta.tok_seq, meta.block_table, flat,
-            cache.scratch, cache.dummy_slot, cache.comp_base, self.W, rings, tuple(ents))
+            cache.scratch, cache.dummy_slot, cache.comp_base, self.W, rings, tuple(ents),
+            (meta.input_ids, self.model.embed.weight, self.hc))
         d.ring_rows = dict(zip(rings, ring_rows))
         d.cs = {k: (cs[2 * n], cs[2 * n + 1]) for n, k in enumerate(names)}
         d.attn_idx, d.slots, d.vis32, d.live, d.pvis = {}, {}, {}, {}, {}
@@ -209,7 +211,7 @@ class FastModel:
         d = self._derive(meta, cache)
         self._sink_pending = False
         layers = self.model.layers
-        x = self.model.embed(meta.input_ids).unsqueeze(1).expand(-1, self.hc, -1).contiguous()
+        x = d.x  # = embed(input_ids) in every stream (glue.derive: folded into its launch at decode)
         x, xn, post, comb = self._hc(None, x, None, None, layers[0], "attn")
         comm = getattr(self.model, "tp_comm", None)  # TP: the sublayers' partial sums, as the reference's hooks
         for i, blk in enumerate(layers):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ds4f.kernels import step_meta
 from ds4f.kernels.compress import compress_fused
 from ds4f.kernels.ref import swiglu_clamp
 from ds4f.kernels.rope import rope_ref
@@ -150,10 +151,32 @@ def compress_ref(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, norm_
     return rows, ent, dest_base + blk * epb + torch.where(valid, w % epb, 0)
 
 
-@fuse
+DERIVE_KERNEL_MAX_T = 16  # decode steps: derive in one Triton launch (ds4f.kernels.step_meta) up to this many tokens
+
+
 def derive(p: torch.Tensor, slot: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, seq: torch.Tensor,
            table: torch.Tensor, tables: tuple[torch.Tensor, ...], scratch: int, dummy_slot: int, comp_base: int,
-           W: int, rings: tuple[int, ...], ents: tuple[tuple[int, int, int, bool], ...]) -> tuple[Any, ...]:
+           W: int, rings: tuple[int, ...], ents: tuple[tuple[int, int, int, bool], ...],
+           embed: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> tuple[Any, ...]:
+    """derive_ref's outputs; embed = (input_ids [T], embedding weight [V, D], hc): one more output, the streams
+    [T, hc, D] = weight[input_ids] in every stream (= Transformer.forward's first step). Steps of <=
+    DERIVE_KERNEL_MAX_T tokens where triton runs (CUDA, or the interpreter) from one launch (step_meta.derive_fused;
+    DS4F_STEP_META_KERNEL=0: derive_ref, ~12 compiled launches, + the embedding's gather and copy)."""
+    args = (p, slot, c0, c1, seq, table, tables)
+    if (p.shape[0] <= DERIVE_KERNEL_MAX_T and os.environ.get("DS4F_STEP_META_KERNEL", "1") == "1" and use_triton(p)
+            and step_meta.supported(*args, rings, ents, embed)):
+        return step_meta.derive_fused(*args, scratch, dummy_slot, comp_base, W, rings, ents, embed)
+    out = derive_ref(*args, scratch, dummy_slot, comp_base, W, rings, ents)
+    if embed is None:
+        return out
+    ids, weight, hc = embed
+    return (*out, F.embedding(ids, weight).unsqueeze(1).expand(-1, hc, -1).contiguous())
+
+
+@fuse
+def derive_ref(p: torch.Tensor, slot: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, seq: torch.Tensor,
+               table: torch.Tensor, tables: tuple[torch.Tensor, ...], scratch: int, dummy_slot: int, comp_base: int,
+               W: int, rings: tuple[int, ...], ents: tuple[tuple[int, int, int, bool], ...]) -> tuple[Any, ...]:
     """StepMeta fields (positions, tok_slot, chunk_start, chunk_end, tok_seq, block_table) -> FastModel's per-step
     index tensors: window rows [T, W] int32, window-ring write rows [T], a carry-ring write row [T] per ring size,
     bt_tok [T, max_blocks], each table [max_pos, r] at the positions, and per (ratio, n_entries, epb, direct) of ents:
