@@ -127,3 +127,11 @@ def test_served_fraction_is_read_by_the_bench_parser() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("depths", [[0], [5], [127, 128, 129], [8192, 100, 1 << 20], list(range(0, 4000, 397))])
+def test_tracker_step_bytes_equal_the_layer_walk(depths: list[int]) -> None:
+    for kv in ("fp8", "bfloat16"):
+        kv_row, index_row = rows(kv)
+        tr = DecodeRoofline(FLASH, "checkpoint", kv_row, index_row, bandwidth=4e12)
+        assert tr.step_bytes(depths) == decode_step_bytes(FLASH, depths, "checkpoint", kv_row, index_row)

@@ -8,7 +8,7 @@ import functools
 import math
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -142,10 +142,30 @@ class DecodeRoofline:
         self.kv_row_bytes, self.index_row_bytes = kv_row_bytes, index_row_bytes
         self.bandwidth = bandwidth
         self._steps: deque[tuple[int, float]] = deque(maxlen=DECODE_WINDOW)  # (bytes, seconds)
+        self._weights: dict[int, int] = {}  # batch -> weight_bytes (the per-layer walk is ~100 us of Python)
+        self._kinds = Counter((args.layer_type(i), args.compress_ratio(i)) for i in range(args.num_hidden_layers))
+
+    def step_bytes(self, depths: Sequence[int]) -> int:
+        """decode_step_bytes(depths) from memoized weight bytes and per-(kind, ratio) layer counts: a few us per
+        step instead of a walk over every layer for each sequence (observe runs between every two decode steps)."""
+        b = len(depths)
+        if b not in self._weights:
+            self._weights[b] = weight_bytes(self.args, b, self.weights)
+        a, rows, keys = self.args, 0, 0
+        for d in depths:
+            t = d + 1
+            for (kind, ratio), n in self._kinds.items():
+                r = min(t, a.sliding_window)
+                if kind == CSA:
+                    r += min(a.index_topk, t // ratio)
+                    keys += n * (t // ratio)
+                elif kind == HCA:
+                    r += t // ratio
+                rows += n * r
+        return self._weights[b] + rows * self.kv_row_bytes + keys * self.index_row_bytes
 
     def observe(self, depths: Sequence[int], seconds: float) -> None:
-        nbytes = decode_step_bytes(self.args, depths, self.weights, self.kv_row_bytes, self.index_row_bytes)
-        self._steps.append((nbytes, seconds))
+        self._steps.append((self.step_bytes(depths), seconds))
 
     def stats(self) -> dict[str, Any]:
         n = len(self._steps)
