@@ -56,11 +56,11 @@ class StubTokenizer:
 
 class EagerDecodeBuffers(DecodeGraphs):
     """DecodeGraphs without capture (CPU): a pure-decode step fills the same static bucket buffers through
-    FastCache.fill_decode (the engine's tables, dummy padding rows) and runs them eagerly instead of replaying."""
+    DecodeGraphs.prepare (the engine's tables, dummy padding rows) and runs them eagerly instead of replaying."""
 
     def __init__(self, fm: Any, cache: Any, buckets: tuple[int, ...]) -> None:
         self.fm, self.cache, self.buckets = fm, cache, tuple(sorted(buckets))
-        self.buf = cache.decode_buffers(self.buckets[-1], fm.ratios)
+        self.setup_buffers()
 
     def step(self, seqs: list[tuple[int, int, int]]) -> torch.Tensor:
         meta = slice_meta(self.buf, self.prepare(seqs))

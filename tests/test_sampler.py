@@ -102,6 +102,23 @@ def test_greedy_is_argmax() -> None:
     assert [got[i] for i in (1, 3)] == [logits[i].argmax().item() for i in (1, 3)]
 
 
+def test_greedy_rows_same_alone_or_batched() -> None:
+    # a batch of plain greedy rows takes only the argmax; one row needing process() sends the batch the long way:
+    # every row's token must not depend on which path its batch took
+    torch.manual_seed(2)
+    logits = torch.randn(5, 50)
+    logits[:, 7] += 4.0  # token 7 (the eos below) wins unless masked
+    ps = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logits_processors=[]),
+          SamplingParams(temperature=0.0, min_tokens=3), SamplingParams(temperature=0.0, repetition_penalty=1.5),
+          SamplingParams(temperature=0.0, min_tokens=1)]
+    rs = [req(p, [7, 3], [7]) for p in ps]
+    s = Sampler(eos_token_id=7)
+    alone = [s(logits[i: i + 1].clone(), [r]).token_ids[0] for i, r in enumerate(rs)]
+    assert alone[0] == alone[1] == alone[4] == 7 and alone[2] != 7  # min_tokens 3 > 1 output: eos masked
+    assert s(logits.clone(), rs).token_ids == alone
+    assert s(logits[[0, 1, 4]].clone(), [rs[0], rs[1], rs[4]]).token_ids == [7, 7, 7]
+
+
 def test_penalties_hand_computed() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 1.0, 0.0]] * 5)
     prompt, out = [0, 1], [2, 2, 3]

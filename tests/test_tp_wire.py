@@ -38,3 +38,33 @@ def test_workers_rebuild_every_step_and_tables_travel_as_diffs() -> None:
         assert all(s.params is None and s.generator is None for s in got.seqs)  # sampling state stays on rank 0
     assert sizes[0] > 8000 and sizes[1] < 300 and sizes[2] < 300, sizes  # 4096 block ids once, then diffs
     assert set(dec.tables) == {"b"} and set(enc.sent) == {"b"}  # finished / preempted requests are forgotten
+
+
+def test_steady_decode_steps_travel_as_tokens_and_positions() -> None:
+    # random decode steps (rows join / leave / come back on new blocks / reorder, tables grow): every step decodes to
+    # what was scheduled; steps of the same sequences with unchanged tables go as the short form
+    import random
+
+    from test_decode_inputs import _steps
+
+    enc, dec = WireEncoder(), WireDecoder()
+    short = full = 0
+    for seqs in _steps(random.Random(1), 6, 64, 16, 10, 400):
+        sched = SchedulerOutput(seqs, len(seqs))
+        msg = pickle.loads(pickle.dumps(enc.encode(sched)))
+        short += len(msg) == 2
+        full += len(msg) == 3
+        got = dec.decode(msg)
+        assert [[getattr(s, f) for f in FIELDS] for s in got.seqs] == [[getattr(s, f) for f in FIELDS] for s in seqs]
+    assert short > 50 and full > 50, (short, full)  # both forms exercised
+    # a preempted request's id is dropped: the next step goes whole even if the others are unchanged
+    a, b = seq("a", [1], 40, [3, 4, 5], 0), seq("b", [2], 20, [6, 7], 1)
+    enc, dec = WireEncoder(), WireDecoder()
+    steps = [SchedulerOutput([a, b], 2), SchedulerOutput([a, b], 2),
+             SchedulerOutput([a], 1, preempted_req_ids=["b"]), SchedulerOutput([a], 1)]
+    for sched in steps:
+        msg = enc.encode(sched)
+        got = dec.decode(pickle.loads(pickle.dumps(msg)))
+        assert [[getattr(s, f) for f in FIELDS] for s in got.seqs] == [[getattr(s, f) for f in FIELDS]
+                                                                        for s in sched.seqs]
+    assert set(dec.tables) == {"a"} and len(msg) == 2

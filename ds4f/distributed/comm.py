@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import pickle
+import threading
 import time
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -114,21 +116,35 @@ def nccl_group(store: dist.Store, rank: int, world: int, timeout_s: float) -> An
 BCAST_HEAD = 16384
 
 
+_HEAD = threading.local()  # .buf: this thread's BCAST_HEAD-byte buffer, .view: its numpy view
+
+
+def _head() -> tuple[torch.Tensor, np.ndarray]:
+    """This thread's persistent head buffer: a broadcast completes before broadcast_object returns, so one buffer
+    per thread serves every call (and holds no reference to a group)."""
+    buf = getattr(_HEAD, "buf", None)
+    if buf is None:
+        buf = _HEAD.buf = torch.empty(BCAST_HEAD, dtype=torch.uint8)
+        _HEAD.view = buf.numpy()
+    return buf, _HEAD.view
+
+
 def broadcast_object(pg: Any, obj: Any, rank: int) -> Any:
     """Send obj from rank 0 to every rank of a gloo group: one broadcast of a BCAST_HEAD-byte buffer (length + the
     pickle's head), a second for the rest of a longer pickle."""
-    buf = torch.empty(BCAST_HEAD, dtype=torch.uint8)  # only its first 8 + n bytes are read
+    buf, view = _head()  # only its first 8 + n bytes are read
+    room = BCAST_HEAD - 8
     data = b""
     if rank == 0:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        head = len(data).to_bytes(8, "little") + data[: BCAST_HEAD - 8]
-        buf[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        view[:8] = np.frombuffer(len(data).to_bytes(8, "little"), dtype=np.uint8)
+        k = min(len(data), room)
+        view[8: 8 + k] = np.frombuffer(data, dtype=np.uint8, count=k)
     pg.broadcast(buf, 0).wait()
-    n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
-    rest = b""
-    if n > BCAST_HEAD - 8:
-        t = (torch.frombuffer(bytearray(data[BCAST_HEAD - 8:]), dtype=torch.uint8) if rank == 0
-             else torch.empty(n - (BCAST_HEAD - 8), dtype=torch.uint8))
-        pg.broadcast(t, 0).wait()
-        rest = t.numpy().tobytes()
-    return obj if rank == 0 else pickle.loads(buf[8: 8 + min(n, BCAST_HEAD - 8)].numpy().tobytes() + rest)
+    n = int.from_bytes(view[:8].tobytes(), "little")
+    if n <= room:
+        return obj if rank == 0 else pickle.loads(view[8: 8 + n])
+    t = (torch.frombuffer(bytearray(data[room:]), dtype=torch.uint8) if rank == 0
+         else torch.empty(n - room, dtype=torch.uint8))
+    pg.broadcast(t, 0).wait()
+    return obj if rank == 0 else pickle.loads(view[8:].tobytes() + t.numpy().tobytes())

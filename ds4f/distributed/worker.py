@@ -102,8 +102,24 @@ def run_worker(rank: int, pc: ParallelConfig, store: Any, children: list[LocalRa
         wait_key(store, "go", pc.join_timeout, f"rank {rank}: rank 0 did not start")
     except Exception as e:
         watchdog.fail(f"{state['phase']} failed: {_short(e)}")
+    state["last"] = time.monotonic()  # silence counts from here, not from before the model load
     state["phase"] = "loop"
+    follow_steps(rank, ctrl, runner, watchdog, state)
+    watchdog.stop()
+    try:
+        ctrl.barrier().wait()
+    finally:
+        for c in children:
+            c.join(10.0)
+            c.kill()
+        os._exit(0)
+
+
+def follow_steps(rank: int, ctrl: Any, runner: Any, watchdog: Watchdog, state: dict[str, Any]) -> None:
+    """Run each step rank 0 broadcasts on `runner` (its forward only: rank 0 samples) until "stop"; returns then.
+    `state["last"]` is the monotonic time of the last message (the silence check reads it)."""
     wire = WireDecoder()
+    forward = getattr(runner, "forward_step", runner.logits)  # FastRunner: no logits gathered for nobody
     trace = StepTrace(rank, trace_window()) if trace_window() else None
     while True:
         t_wait = time.perf_counter()
@@ -115,25 +131,17 @@ def run_worker(rank: int, pc: ParallelConfig, store: Any, children: list[LocalRa
         if kind == "ping":
             continue
         if kind == "stop":
-            break
+            return
         watchdog.step_started = time.monotonic()
         t_got = time.perf_counter()
         try:
-            runner.logits(wire.decode(msg))
+            forward(wire.decode(msg))
         except Exception as e:
             watchdog.fail(f"step failed: {_short(e)}")
         watchdog.step_started = None
         state["last"] = time.monotonic()
         if trace is not None:
             trace.add(t_got - t_wait, time.perf_counter() - t_got)
-    watchdog.stop()
-    try:
-        ctrl.barrier().wait()
-    finally:
-        for c in children:
-            c.join(10.0)
-            c.kill()
-        os._exit(0)
 
 
 def run_headless(pc: ParallelConfig) -> int:

@@ -84,6 +84,8 @@ class Sampler:
         """logits [B, V] float32 is overwritten. One host sync (the final .tolist())."""
         assert logits.dim() == 2 and logits.shape[0] == len(reqs), (logits.shape, len(reqs))
         assert logits.dtype == torch.float32, logits.dtype
+        if all(_plain_greedy(r) for r in reqs):  # nothing to edit, no logprobs: the argmax and its one sync
+            return SamplerOutput(logits.argmax(-1).tolist(), None)
         lp_rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         raw_logprobs = _take(logits, lp_rows).log_softmax(-1) if lp_rows else None  # vLLM "raw_logprobs"
 
@@ -191,6 +193,14 @@ class Sampler:
         freq = _tensor([p.frequency_penalty for p in ps], logits.dtype, dev)[:, None]
         pres = _tensor([p.presence_penalty for p in ps], logits.dtype, dev)[:, None]
         _put(logits, rows, sub - freq * out_counts - pres * out_seen)
+
+
+def _plain_greedy(r: SamplingRequest) -> bool:
+    """Greedy, no logprobs, and nothing process() would change in its row (the argmax of the raw logits)."""
+    p = r.params
+    return (p.greedy and p.logprobs is None and p.allowed_token_ids is None and not p.logits_processors
+            and len(r.output_token_ids) >= p.min_tokens and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty)
 
 
 def _exponential_race(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -3,16 +3,23 @@
 One graph per batch bucket (captured largest first into one shared memory pool); every bucket reads the first
 `bucket` rows of one set of static metadata buffers, so a step is: fill buffers (H2D), replay, read logits.
 Padding rows point at the dummy slot / block of the FastCache, so they never touch live sequences.
+
+Host path of a step (DecodeInputs): token ids, positions, slots, chunk starts / ends live in one packed [5, B] device
+buffer filled by ONE copy from a persistent pinned staging buffer; a block-table row is copied only when that row's
+table changed since the last step (a new block every block_size tokens, another sequence in the row), and then only
+its changed entries, so a steady decode step does no work proportional to the table length but one list compare.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import numpy as np
 import torch
 
 from ds4f.runner.gpu.fast_model import FastModel
-from ds4f.runner.gpu.pools import FastCache, slice_meta
+from ds4f.runner.gpu.pools import FastCache, StepMeta, slice_meta
 
 BUCKETS = (1, 2, 4, 8, 16)
 TIMING = os.environ.get("DS4F_GRAPH_TIMING") == "1"  # CUDA events around each replay (benches: GPU vs host time)
@@ -23,7 +30,7 @@ class DecodeGraphs:
         assert cache.device.type == "cuda", "CUDA graphs need a CUDA device"
         self.fm, self.cache = fm, cache
         self.buckets = tuple(sorted(buckets))
-        self.buf = cache.decode_buffers(self.buckets[-1], fm.ratios)
+        self.setup_buffers()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.out: dict[int, torch.Tensor] = {}
         side = torch.cuda.Stream()
@@ -44,6 +51,11 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
+    def setup_buffers(self) -> None:
+        """The static metadata buffers every bucket's graph reads (before capture)."""
+        self.inputs = DecodeInputs(self.cache, self.buckets[-1], self.fm.ratios)
+        self.buf = self.inputs.meta
+
     def bucket(self, n: int) -> int:
         for b in self.buckets:
             if b >= n:
@@ -53,7 +65,7 @@ class DecodeGraphs:
     def prepare(self, seqs: list[tuple[int, int, int]]) -> int:
         """Fill the static buffers for one step of (slot, position, token id); returns the bucket to replay."""
         b = self.bucket(len(seqs))
-        self.cache.fill_decode(slice_meta(self.buf, b), seqs)
+        self.inputs.fill(seqs, b)
         return b
 
     def step(self, seqs: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -77,3 +89,65 @@ class DecodeGraphs:
         ts = sorted(s.elapsed_time(e) for s, e in self.events)
         self.events = []
         return ts[len(ts) // 2]
+
+
+class DecodeInputs:
+    """The static decode buffers of up to B sequences (StepMeta `meta`, padding rows at the dummy slot / block) and
+    their host staging: `fill` writes one step exactly as FastCache.fill_decode would, with one H2D copy of the
+    packed [5, B] fields (+ one per block-table row that changed)."""
+
+    def __init__(self, cache: FastCache, bucket: int, ratios: list[int]) -> None:
+        self.cache = cache
+        meta = cache.decode_buffers(bucket, ratios)
+        pin = cache.device.type == "cuda"
+        # rows: input ids, positions, slots, chunk starts (= positions), chunk ends (= positions + 1)
+        self.host = torch.zeros(5, bucket, dtype=torch.int64, pin_memory=pin)
+        self.h = self.host.numpy()
+        self.h[2], self.h[4] = cache.dummy_slot, 1
+        self.packed = torch.empty(5, bucket, dtype=torch.int64, device=cache.device).copy_(self.host)
+        self.meta: StepMeta = dataclasses.replace(meta, input_ids=self.packed[0], positions=self.packed[1],
+                                                  tok_slot=self.packed[2], chunk_start=self.packed[3],
+                                                  chunk_end=self.packed[4])
+        self.table_host = torch.full(tuple(meta.block_table.shape), cache.dummy_block, dtype=torch.int64,
+                                     pin_memory=pin)
+        self.tnp = self.table_host.numpy()
+        self.rows: list[list[int]] = [[] for _ in range(bucket)]  # device row i = rows[i] + dummy blocks
+        self.done = torch.cuda.Event() if pin else None  # the last fill's copies (staging reuse waits on it)
+
+    def fill(self, seqs: list[tuple[int, int, int]], bucket: int) -> None:
+        """(slot, position, token id) per sequence into the first `bucket` rows (the rest of them padding)."""
+        n = len(seqs)
+        assert n <= bucket <= self.h.shape[1]
+        if self.done is not None:
+            self.done.synchronize()  # long complete in practice: a step's copies precede its replay
+        h, ensure = self.h, self.cache.ensure
+        for i, (s, p, tok) in enumerate(seqs):
+            h[0, i], h[1, i], h[2, i] = tok, p, s
+            t = ensure(s, p + 1)
+            if t != self.rows[i]:
+                self._row(i, t)
+        if n < bucket:
+            h[0, n:bucket] = 0
+            h[1, n:bucket] = 0
+            h[2, n:bucket] = self.cache.dummy_slot
+            for i in range(n, bucket):
+                if self.rows[i]:
+                    self._row(i, [])
+        h[3] = h[1]
+        np.add(h[1], 1, out=h[4])
+        self.packed.copy_(self.host, non_blocking=True)
+        if self.done is not None:
+            self.done.record()
+
+    def _row(self, i: int, t: list[int]) -> None:
+        """Make device block-table row i hold t + dummy blocks, copying only the entries that differ."""
+        prev = self.rows[i]
+        k = len(prev)
+        lo = k if k <= len(t) and t[:k] == prev else 0
+        hi = max(k, len(t))
+        row = self.tnp[i]
+        row[lo:len(t)] = t[lo:]
+        row[len(t):hi] = self.cache.dummy_block
+        if hi > lo:
+            self.meta.block_table[i, lo:hi].copy_(self.table_host[i, lo:hi], non_blocking=True)
+        self.rows[i] = list(t)

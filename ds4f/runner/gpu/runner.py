@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from ds4f.cache.manager import CacheLayout
-from ds4f.engine.outputs import ScheduledSeq, SchedulerOutput
+from ds4f.engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from ds4f.runner.gpu import pools
 from ds4f.runner.gpu.fast_model import FastModel
 from ds4f.runner.gpu.pools import FastCache
-from ds4f.runner.model_runner import ModelRunner
+from ds4f.sample.sampler import SamplingRequest
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -90,24 +90,50 @@ class FastRunner:
     def nbytes(self) -> int:
         return self.cache.nbytes
 
-    @torch.inference_mode()
     def logits(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Forward the step's chunks; logits [N, V] fp32 of the N sampled rows (None when nothing samples)."""
-        seqs = out.seqs
+        with torch.inference_mode():
+            return self._sampled_logits(out, copy=True)
+
+    def forward_step(self, out: SchedulerOutput) -> None:
+        """A TP worker's step: the same forward (collectives included) as `logits`, no logits gathered."""
+        with torch.inference_mode():
+            self._forward(out.seqs)
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Sampling and RunnerOutput exactly as the reference runner's (ModelRunner.execute), in one inference-mode
+        context (the sampler and logits processors edit the logits in place)."""
+        with torch.inference_mode():
+            # the sampler may edit a decode graph's output buffer in place: it is done before the next replay
+            logits = self._sampled_logits(out, copy=False) if out.seqs else None
+            if logits is None:
+                return RunnerOutput([], [])
+            seqs = [s for s in out.seqs if s.sample]
+            reqs = [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
+            result = self.sampler(logits, reqs)
+        return RunnerOutput(req_ids=[s.req_id for s in seqs], token_ids=list(result.token_ids),
+                            logprobs=result.logprobs)
+
+    def _sampled_logits(self, out: SchedulerOutput, copy: bool) -> torch.Tensor | None:
+        lg, graphed = self._forward(out.seqs)
+        rows = [i for i, s in enumerate(out.seqs) if s.sample]
+        if not rows:
+            return None
+        if graphed and len(rows) == lg.shape[0]:  # no index copy (a Python-list index is a synchronous H2D copy)
+            return lg.clone() if copy else lg  # the graph's output buffer is rewritten by the next replay
+        return lg[rows]
+
+    def _forward(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, bool]:
+        """-> (logits [len(seqs), V] fp32, one row per sequence; whether a decode graph produced them)."""
         self.cache.bind(seqs)
         g = self.graphs
         if g is not None and len(seqs) <= g.buckets[-1] and all(len(s.token_ids) == 1 for s in seqs):
             lg = g.step([(s.slot, s.start_pos, s.token_ids[0]) for s in seqs])
             self.num_graph_steps += 1
-        else:
-            meta = self.cache.build_meta([(s.slot, s.start_pos, s.token_ids) for s in seqs], self.fm.ratios)
-            lg = self.fm.logits(self.fm.forward(meta, self.cache), meta)
-            self.num_eager_steps += 1
-        rows = [i for i, s in enumerate(seqs) if s.sample]
-        return lg[rows] if rows else None  # a copy: the graph's output buffer is rewritten by the next replay
-
-    # sampling and RunnerOutput exactly as the reference runner: it only calls self.logits and self.sampler
-    execute = ModelRunner.execute
+            return lg, True
+        meta = self.cache.build_meta([(s.slot, s.start_pos, s.token_ids) for s in seqs], self.fm.ratios)
+        self.num_eager_steps += 1
+        return self.fm.logits(self.fm.forward(meta, self.cache), meta), False
 
 
 @torch.inference_mode()
