@@ -3,7 +3,8 @@
 Two schemes behind `fp8_linear` (and `fp8_grouped_linear`, G independent [N, K] blocks of one weight, for wo_a):
 - "w8" (decode, M <= W8_MAX_M, and every M below sm_89): weight-only dequant in the kernel; each e4m3 tile is
   widened to bf16, dotted with bf16 x, and the fp32 partial is scaled by its block scale. Memory bound: the grid
-  splits N, and K too (fp32 partials, one reduce) when N alone would leave SMs idle.
+  splits N, and K too (fp32 partials, one reduce) when N alone would leave SMs idle. On CUDA at M <= 16 the
+  swap-AB GEMV of ds4f/kernels/fp8_gemv.py runs instead where its per-shape table picks it (DS4F_FP8_GEMV=0: never).
 - "a8w8" (prefill, sm_89+): x quantized per token per 128 columns (e4m3, power-of-two fp32 scales by default, as the
   official reference), then fp8 x fp8 tl.dot per 128-wide K block with both scales applied to the fp32 partial.
 Weight scales may be fp32 or UE8M0 bytes (float8_e8m0fnu / uint8). Below sm_89 Triton has no e4m3 type: the weight
@@ -314,7 +315,8 @@ class Opts:
     native: bool | None = None
     pow2: bool | None = None
     serial: bool | None = None
-    gemv: bool | None = None  # w8 on the CUDA-core GEMV (ds4f/kernels/fp8_gemv.py) for M <= GEMV_MAX_M
+    gemv: bool | None = None  # w8 on the swap-AB GEMV (ds4f/kernels/fp8_gemv.py) for M <= 16: None = its table on
+    # CUDA when cfg is None, True = always (split overrides its K split), False = never
 
 
 def _counters(device: torch.device, tiles: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -356,13 +358,11 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, groups: int, 
         return out
     from ds4f.kernels import fp8_gemv
 
-    if (fp8_gemv.USE_GEMV if o.gemv is None else o.gemv) and m <= fp8_gemv.GEMV_MAX_M:
-        progs = m * triton.cdiv(n, fp8_gemv.BLOCK_N) * groups
-        part = fp8_gemv.w8_gemv(x, w, ws, e8m0, out, n, k, groups, native,
-                                o.split or max(1, -(-2 * sm_count(dev) // progs)))
-        if part is not None:
-            total = m * groups * n
-            _sum_splits[(triton.cdiv(total, 1024),)](part, out, total, S=part.shape[0], BLOCK=1024, num_warps=4)
+    # decode sizes: the swap-AB GEMV where its table (or the generic rule) says it wins; Opts(gemv=True) forces it,
+    # Opts(cfg=...) (tiles of _w8_kernel) or gemv=False keep the w8 tiles
+    auto = fp8_gemv.USE_GEMV and x.is_cuda and o.cfg is None
+    use_gemv = m <= fp8_gemv.GEMV_MAX_M and (auto if o.gemv is None else o.gemv)
+    if use_gemv and fp8_gemv.w8_gemv(x, w, ws, e8m0, out, groups, native, split=o.split, force=o.gemv is True):
         return out
     c = o.cfg or w8_config(m)
     chunks = triton.cdiv(k, c.bk)

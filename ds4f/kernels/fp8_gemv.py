@@ -1,18 +1,32 @@
-"""⑥ kernels, block-FP8 GEMV for a few tokens: x [M, G, K] bf16 (M <= GEMV_MAX_M) + W [G*N, K] e4m3 with one scale
-per 128x128 block in, x @ W^T out ([M, G, N], or fp32 K-split partials [S, M, G, N] that fp8_gemm sums).
+"""⑥ kernels, block-FP8 decode GEMV: x [T, G, K] bf16 (T <= MAX_T tokens) + W [G*N, K] e4m3 with one scale per
+128x128 block (fp32, or UE8M0 bytes) in, x @ W^T [T, G, N] out (G > 1: group g's rows read x[:, g]; wo_a).
 
-The alternative to fp8_gemm's w8 tiles at decode sizes: no tl.dot (whose M would be padded to 16), CUDA-core FMAs on
-a [BLOCK_N, NB, 128] tile per step (NB 128-column scale blocks), one token per program with the tokens of a tile
-adjacent in the grid so they share the weight tile in L2. Same math as fp8_linear_ref: each 128x128 block's products
-are summed in fp32 and scaled by its block scale. Opt-in (DS4F_FP8_GEMV=1, or Opts(gemv=True)) until its GPU test
-and the fp8_gemm bench have run on an H200.
+Swap-AB, as the bf16 GEMV (ds4f/kernels/gemv.py): each program streams a [BLOCK_N, BLOCK_K] tile of W (the A operand
+of tl.dot, pipelined over num_stages) against x^T [128, 16] (T zero-padded to 16), so the weight is read once at full
+width whatever T is. Per 128-column scale block: the e4m3 tile is widened to bf16 in registers (by integer ops in
+inline PTX on any sm_80+, E4M3_BF16_ASM; with DS4F_FP8_GEMV_WIDEN=cvt and in the interpreter: Triton's cvt on sm_89+,
+fp16 bit patterns below), dotted, and the fp32 partial is scaled by the block's scale; BLOCK_N divides 128, so a
+tile's rows share one scale row. Same math as fp8_gemm.fp8_linear_ref up to fp32 summation order. A K split (fp32
+partials) is summed in split order by the last program of each N tile to arrive (ds4f/kernels/arrival.py counters,
+re-armed by that program: CUDA-graph safe).
+
+Configs (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages) per (G*N, K, G) from CONFIGS (bench/sweep_fp8_gemv.py on an
+H200 fills it; None = fp8_gemm's w8 tiles win there), env DS4F_FP8_GEMV_<NAME>=bn,bk,split,nw,ns ("0": the w8 tiles),
+else generic_config. DS4F_FP8_GEMV=0 turns the path off (fp8_gemm's _w8_kernel for every M). Counters are per
+weight shape: two calls of one shape must not run at once on two streams (decode's side-stream indexer wq_b differs
+in shape from wq_b).
 """
 
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import torch
+
+from ds4f.kernels import arrival
+from ds4f.kernels.knobs import env_knobs
+from ds4f.kernels.sparse_attn import sm_count
 
 try:
     import triton
@@ -20,59 +34,250 @@ try:
 except ImportError:  # CPU-only installs: fp8_gemm falls back to the reference before reaching this file
     triton = None
 
-GEMV_MAX_M = 4  # tokens per call the GEMV serves (each token re-reads the weight, from L2 when the grid is lucky)
-USE_GEMV = os.environ.get("DS4F_FP8_GEMV", "0") == "1"
-BLOCK_N, NB = 16, 4  # 16 rows x 512 columns of e4m3 (8 KiB) per program step
+MAX_T = 16  # tokens per call (decode buckets 1, 4, 16)
+GEMV_MAX_M = MAX_T  # the name fp8_gemm dispatches on
+BLOCK_T = 16  # tl.dot's smallest N: T columns padded with zeros
+USE_GEMV = os.environ.get("DS4F_FP8_GEMV", "1") != "0"
+
+Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages
+
+# name -> ((G*N, K, G), config or None for fp8_gemm's _w8_kernel): the per-rank decode projections of V4-Flash
+# (ds4f/model/args.py flash_config sharded by ds4f/model/tp.py). IN_PROJ = [wq_a; wkv] (the fp8 run of
+# runner/gpu/packed.InProj in every layer type: the compressor / indexer input linears are bf16), IDX_WQ_B = the
+# indexer's wq_b (CSA layers, replicated; on a side stream beside WQ_B), W13 = the shared expert's [w1; w3].
+# WO_B_TP2 is also W13_TP1. PLACEHOLDER configs (generic_config's picks) until
+# bench/sweep_fp8_gemv.py has run on an H200: paste its CONFIGS lines here with the date and its numbers.
+CONFIGS: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
+    "IN_PROJ": ((1536, 4096, 1), (32, 256, 6, 4, 4)),
+    "IDX_WQ_B": ((8192, 1024, 1), (32, 256, 2, 4, 4)),
+    "WQ_B_TP2": ((16384, 1024, 1), (32, 256, 1, 4, 4)),
+    "WO_A_TP2": ((4096, 4096, 4), (32, 256, 3, 4, 4)),
+    "WO_B_TP2": ((4096, 4096, 1), (32, 256, 3, 4, 4)),
+    "W13_TP2": ((2048, 4096, 1), (32, 256, 5, 4, 4)),
+    "W2_TP2": ((4096, 1024, 1), (32, 256, 2, 4, 4)),
+    "WQ_B_TP1": ((32768, 1024, 1), (64, 256, 1, 4, 4)),
+    "WO_A_TP1": ((8192, 4096, 8), (32, 256, 2, 4, 4)),
+    "WO_B_TP1": ((4096, 8192, 1), (32, 256, 3, 4, 4)),
+    "W2_TP1": ((4096, 2048, 1), (32, 256, 3, 4, 4)),
+}
+
+# e4m3 bytes -> bf16 with integer ops (Triton's cvt path runs 3 conversions per element in sm_90 SASS, and conversions
+# issue at 16 lanes per clock per SM: at most ~1.4 TB/s of e4m3 on an H200, _w8_kernel's measured rate). Four bytes b
+# in $2 -> bf16 pairs $0 = (b0, b1), $1 = (b2, b3): prmt puts each b in the low byte of a 16-bit half with its sign
+# replicated over the high byte; << 4 and the mask keep the sign at bit 15 and exponent|mantissa (b & 0x7F) at bits
+# 4..10: the bf16 of value * 2^-120, exact for subnormal e4m3 too (bf16 subnormals); then * 2^120 (+ -0.0) by a
+# bf16x2 fma, exact. NaN bytes (0x7F, 0xFF) come out as 480: checkpoints have none.
+E4M3_BF16_ASM = """{
+.reg .b32 t0, t1, k, z;
+prmt.b32 t0, $2, 0, 0x9180;
+prmt.b32 t1, $2, 0, 0xB3A2;
+shl.b32 t0, t0, 4;
+shl.b32 t1, t1, 4;
+and.b32 t0, t0, 0x87F087F0;
+and.b32 t1, t1, 0x87F087F0;
+mov.b32 k, 0x7B807B80;
+mov.b32 z, 0x80008000;
+fma.rn.bf16x2 $0, t0, k, z;
+fma.rn.bf16x2 $1, t1, k, z;
+}"""
+WIDEN_BITS = os.environ.get("DS4F_FP8_GEMV_WIDEN", "bits") != "cvt"  # "cvt": Triton's conversions (as fp8_gemm)
 
 if triton is not None:
+    _ASM = tl.constexpr(E4M3_BF16_ASM)
 
     @triton.jit
-    def _w8_gemv(
-        x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, G, s_xm, s_xg, s_wsn, s_op, s_om, s_og,
-        CHUNKS: tl.constexpr, NATIVE: tl.constexpr, SCALE_E8M0: tl.constexpr, BLOCK_N: tl.constexpr,
-        NB: tl.constexpr,
-    ):
-        # program = (token m, BLOCK_N rows of group g, K split s): CHUNKS steps of NB * 128 columns
-        m = tl.program_id(0)
-        pid_n = tl.program_id(1) // G
-        g = tl.program_id(1) % G
-        sp = tl.program_id(2)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        wrow = g * N + tl.minimum(rn, N - 1)  # rows past N re-read row N-1; the store drops them
-        b = tl.arange(0, NB)
-        j = tl.arange(0, 128)
-        acc = tl.zeros([BLOCK_N, NB, 128], tl.float32)
-        for i in range(0, CHUNKS):
-            kb0 = (sp * CHUNKS + i) * NB  # first 128-column block of this step
-            col = (kb0 + b)[:, None] * 128 + j[None, :]  # [NB, 128]
-            kmask = col < K
-            xa = tl.load(x_ptr + m.to(tl.int64) * s_xm + g * s_xg + col, mask=kmask, other=0.0).to(tl.float32)
-            wp = w_ptr + wrow.to(tl.int64)[:, None, None] * K + col[None, :, :]
+    def _block(acc, w_p, x_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
+               SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr):
+        # acc [BLOCK_N, 16] += the 128-column scale block starting c columns into the program's K slice (of k_len)
+        if EVEN_K:
+            wq = tl.load(w_p + c)
+            xv = tl.load(x_p + c, mask=tmask, other=0.0)
+            s = tl.load(s_p + c // 128)
+        else:
+            km = (c + tl.arange(0, 128)) < k_len
+            wq = tl.load(w_p + c, mask=km[None, :], other=0.0)
+            xv = tl.load(x_p + c, mask=tmask & km[None, :], other=0.0)
+            s = tl.load(s_p + c // 128, mask=c < k_len, other=0)
+        if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits (b == 0 gives 0, not 2^-127)
+            s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        if BITS:  # integer ops, any sm_80+ (inline PTX: not in the interpreter)
             if NATIVE:
-                wf = tl.load(wp, mask=kmask[None, :, :], other=0.0).to(tl.float32)
-            else:  # e4m3 byte -> fp16 bits of value / 256, then x 256
-                h = tl.load(wp, mask=kmask[None, :, :], other=0).to(tl.uint16)
-                wf = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
-            sp_ = ws_ptr + (wrow // 128)[:, None] * s_wsn + (kb0 + b)[None, :]  # [BLOCK_N, NB] block scales
-            s = tl.load(sp_, mask=((kb0 + b) * 128 < K)[None, :], other=0)
-            if SCALE_E8M0:
-                s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            acc += wf * xa[None, :, :] * s[:, :, None]
-        y = tl.sum(tl.sum(acc, 2), 1)
-        o = out_ptr + sp * s_op + m.to(tl.int64) * s_om + g * s_og + rn
-        tl.store(o, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+                wq = wq.to(tl.uint8, bitcast=True)
+            wb = tl.inline_asm_elementwise(_ASM, "=r,=r,r", [wq], dtype=tl.bfloat16, is_pure=True, pack=4)
+        elif NATIVE:
+            wb = wq.to(tl.bfloat16)
+        else:  # e4m3 byte -> fp16 bits of value / 256 (exact), x 256 folded into the scale
+            h = wq.to(tl.uint16)
+            wb = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.bfloat16)
+            s = s * 256.0
+        xb = xv.to(tl.bfloat16)
+        if DOT_F32:  # the interpreter's bf16 tl.dot multiplies raw bits; same values in fp32
+            wb = wb.to(tl.float32)
+            xb = xb.to(tl.float32)
+        return acc + tl.dot(wb, tl.trans(xb)) * s
+
+    @triton.jit(do_not_specialize=["T"])
+    def _fp8_gemv(
+        x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
+        EVEN_K: tl.constexpr, NATIVE: tl.constexpr, SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr,
+        ITERS: tl.constexpr, BITS: tl.constexpr,
+    ):
+        # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W [NT, K] (inside group n0 // GN and inside one 128-row
+        # scale block) over columns [k_lo, k_lo + k_per); k_per a multiple of BLOCK_K, itself a multiple of 128
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n0 = pid_n * BLOCK_N
+        rn = n0 + tl.arange(0, BLOCK_N)
+        rt = tl.arange(0, BLOCK_T)
+        rk = tl.arange(0, 128)
+        rows = tl.minimum(rn, NT - 1)  # rows past NT re-read row NT-1 (same scale block); the store drops them
+        k_lo = pid_s * k_per
+        k_hi = tl.minimum(k_lo + k_per, K)
+        w_p = w_ptr + rows.to(tl.int64)[:, None] * K + (k_lo + rk)[None, :]
+        x_p = x_ptr + (n0 // GN) * s_xg + rt[:, None] * s_xt + (k_lo + rk)[None, :]
+        s_p = ws_ptr + (n0 // 128) * s_wsn + k_lo // 128
+        tmask = rt[:, None] < T
+        acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+        if ITERS > 0:  # the interpreter (numpy 2) takes no runtime loop bound: the caller passes the count
+            for i in range(0, ITERS):
+                for j in tl.static_range(BLOCK_K // 128):  # one 128-column scale block per dot
+                    acc = _block(acc, w_p, x_p, s_p, i * BLOCK_K + j * 128, k_hi - k_lo, tmask, EVEN_K, NATIVE,
+                                 SCALE_E8M0, DOT_F32, BITS)
+        else:
+            for i in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+                for j in tl.static_range(BLOCK_K // 128):
+                    acc = _block(acc, w_p, x_p, s_p, i * BLOCK_K + j * 128, k_hi - k_lo, tmask, EVEN_K, NATIVE,
+                                 SCALE_E8M0, DOT_F32, BITS)
+        omask = (rn[:, None] < NT) & (rt[None, :] < T)
+        o_p = out_ptr + rt[None, :] * s_ot + rn[:, None]
+        if SPLIT_K:
+            # partials [n_split, T, n_tiles * BLOCK_N] fp32 (row-contiguous per token); the last arrival sums them
+            n_split = tl.num_programs(1)
+            nr = tl.num_programs(0) * BLOCK_N
+            p_off = rt[None, :] * nr + rn[:, None]
+            pmask = rt[None, :] < T
+            tl.store(part_ptr + pid_s * T * nr + p_off, acc, mask=pmask)
+            tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
+            cnt = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if cnt == n_split - 1:
+                tot = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+                sp = 0
+                while sp < n_split:  # fixed order: the sum does not depend on arrival order (a while loop: the
+                    # interpreter cannot range over a runtime bound)
+                    tot += tl.load(part_ptr + sp * T * nr + p_off, mask=pmask, other=0.0, cache_modifier=".cg")
+                    sp += 1
+                tl.store(o_p, tot.to(out_ptr.dtype.element_ty), mask=omask)
+                tl.store(lock_ptr + pid_n, 0)  # every program of this tile has counted: re-armed for the next call
+        else:
+            tl.store(o_p, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, n: int, k: int,
-            groups: int, native: bool, split: int) -> torch.Tensor | None:
-    """x [M, G, K] -> out [M, G, N] (split 1) or fp32 partials [split, M, G, N] returned for the caller to sum.
-    ws: block scales [ceil(G*N/128), ceil(K/128)] fp32 or UE8M0 bytes (e8m0)."""
-    m = x.shape[0]
-    steps = triton.cdiv(triton.cdiv(k, 128), NB)
-    split = max(d for d in range(1, min(split, steps) + 1) if steps % d == 0)
-    part = out if split == 1 else torch.empty(split, m, groups, n, dtype=torch.float32, device=x.device)
-    grid = (m, triton.cdiv(n, BLOCK_N) * groups, split)
-    _w8_gemv[grid](x, w if native else w.view(torch.uint8), ws, part, m, n, k, groups, x.stride(0), x.stride(1),
-                   ws.stride(0), m * groups * n, groups * n, n, CHUNKS=steps // split, NATIVE=native,
-                   SCALE_E8M0=e8m0, BLOCK_N=BLOCK_N, NB=NB, num_warps=4, num_stages=3)
-    return None if split == 1 else part
+def generic_config(nt: int, k: int, groups: int, sms: int) -> Cfg:
+    """A config for a shape the table lacks: 64-row tiles when they give >= 2 programs per SM, else 32; a K split
+    up to about 2 programs per SM (>= 2 BLOCK_K steps each)."""
+    bk = 256 if k >= 512 else 128
+    bn = 64 if nt >= 64 * 2 * sms else 32
+    if groups > 1:
+        while bn > 16 and (nt // groups) % bn:
+            bn //= 2
+    tiles, chunks = -(-nt // bn), -(-k // bk)
+    split = max(1, min(chunks // 2, 8, -(-2 * sms // tiles)))
+    return bn, bk, split, 4, 4
+
+
+@cache
+def _env_config(name: str) -> Cfg | None | str:
+    """DS4F_FP8_GEMV_<name>: "0" -> None (the w8 tiles), five ints -> that config, unset -> "table"."""
+    var = f"DS4F_FP8_GEMV_{name}"
+    if os.environ.get(var, "") == "0":
+        return None
+    v = env_knobs(var, 5, "64,256,4,4,4")
+    return v if v else "table"  # type: ignore[return-value]
+
+
+def pick(nt: int, k: int, groups: int, dev: torch.device) -> Cfg | None:
+    """The config for W [nt, K] in G groups on dev: env override, then CONFIGS, then generic_config; None = use
+    fp8_gemm's _w8_kernel."""
+    for name, (shape, cfg) in CONFIGS.items():
+        if shape == (nt, k, groups):
+            env = _env_config(name)
+            return cfg if env == "table" else env  # type: ignore[return-value]
+    return generic_config(nt, k, groups, sm_count(dev))
+
+
+def valid(cfg: Cfg, nt: int, groups: int) -> bool:
+    """Whether the kernel can run cfg: BLOCK_N a power of two dividing 128 (one scale row per tile) and each group's
+    rows, BLOCK_K a multiple of 128."""
+    bn, bk, split, nw, ns = cfg
+    return (16 <= bn <= 128 and 128 % bn == 0 and (groups == 1 or (nt // groups) % bn == 0)
+            and bk % 128 == 0 and bk >= 128 and split >= 1 and nw in (1, 2, 4, 8, 16) and ns >= 1)
+
+
+@cache
+def _smem(index: int) -> int:
+    p = torch.cuda.get_device_properties(index)
+    return int(getattr(p, "shared_memory_per_block_optin", 99 * 1024))
+
+
+def smem_of(dev: torch.device) -> int:
+    """Opt-in shared memory per block of dev in bytes (the interpreter: an H200's)."""
+    if dev.type != "cuda":
+        return 227 << 10
+    return _smem(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def fit(cfg: Cfg, smem: int) -> Cfg:
+    """Fewer pipeline stages where `smem` bytes (~99 KB on sm_86 / sm_12x, 163 KB on sm_80) cannot hold them: a
+    stage is the e4m3 tile [BLOCK_N, BLOCK_K] plus bf16 x [16, BLOCK_K]."""
+    bn, bk, split, nw, ns = cfg
+    while ns > 2 and ns * (bn + 2 * BLOCK_T) * bk > smem - 4096:
+        ns -= 1
+    return bn, bk, split, nw, ns
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
+           native: bool, cfg: Cfg, bits: bool | None = None) -> None:
+    """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group, W = w [G*N, K] e4m3 (uint8 bytes
+    when not native) with block scales ws [ceil(G*N/128), ceil(K/128)] fp32 or UE8M0 bytes (e8m0). T <= MAX_T.
+    bits: widen e4m3 by integer ops (default WIDEN_BITS on CUDA; the interpreter always converts)."""
+    t, (nt, k) = x.shape[0], w.shape
+    bn, bk, split, nw, ns = fit(cfg, smem_of(x.device))
+    if not valid(cfg, nt, groups) or t > MAX_T:
+        raise ValueError(f"fp8 GEMV config {cfg} invalid for [{nt}, {k}] in {groups} groups at T={t}")
+    chunks = -(-k // bk)
+    per = -(-chunks // max(1, split))
+    split = -(-chunks // per)  # no empty K slice
+    tiles = -(-nt // bn)
+    if split > 1:
+        part = torch.empty(split * t * tiles * bn, dtype=torch.float32, device=x.device)
+        lock = arrival.counters(x.device, tiles, ("fp8_gemv", nt, k, bn, split))
+    else:
+        part = lock = out  # unused
+    interp = not x.is_cuda  # every split runs `per` steps: the last one's extra steps masked unless K is even
+    _fp8_gemv[(tiles, split)](
+        x, w if native else w.view(torch.uint8), ws, out, part, lock, t, nt, k, nt // groups, x.stride(0),
+        x.stride(1), ws.stride(0), out.stride(0), per * bk, BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T,
+        SPLIT_K=split > 1, EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0,
+        DOT_F32=interp, ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits),
+        num_warps=nw, num_stages=ns)
+
+
+def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
+            native: bool, split: int | None = None, force: bool = False) -> bool:
+    """fp8_gemm's w8 entry for T <= MAX_T: out [T, G, N] = x [T, G, K] @ W^T with pick's config (split overrides
+    its SPLIT). -> False (nothing launched) when the table or env gives this shape to the w8 tiles, unless force
+    (then generic_config runs it)."""
+    nt, k = w.shape
+    c = pick(nt, k, groups, x.device)
+    if c is None:
+        if not force:
+            return False
+        c = generic_config(nt, k, groups, sm_count(x.device))
+    if split is not None:
+        c = (c[0], c[1], split, c[3], c[4])
+    bn = c[0]
+    while groups > 1 and bn > 16 and (nt // groups) % bn:  # a table BLOCK_N that does not divide the group
+        bn //= 2
+    launch(x, w, ws, e8m0, out, groups, native, (bn, *c[1:]))
+    return True

@@ -1,5 +1,7 @@
 """⑥ kernels, block-FP8 GEMM on CUDA: both schemes against the pure-torch references at V4-Flash widths and odd
-sizes, the activation quantizer bit for bit, split-K reduces, CUDA graph replay and the opt-in Linear hook."""
+sizes, the swap-AB decode GEMV (ds4f/kernels/fp8_gemv.py) at the per-rank V4-Flash shapes (T = 1 / 4 / 16, both scale
+dtypes, grouped wo_a) and its dispatch switches, the activation quantizer bit for bit, split-K reduces, CUDA graph
+replay and the opt-in Linear hook."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 
 import ds4f.kernels.fp8_gemm as fp8_gemm
 import ds4f.model.linear as linear_mod
-from ds4f.kernels import HAS_TRITON
+from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv
 from ds4f.kernels.fp8_gemm import (
     Opts,
     fp8_grouped_linear,
@@ -55,31 +57,154 @@ def test_w8_matches_reference(shape: tuple[int, int, int], fmt: str, native: boo
     x, q, s = _case(m, n, k, fmt, seed=m + n)
     ref = fp8_linear_ref(x, q, s, torch.float32)
     for serial in (False, True):
-        out = fp8_linear(x, q, s, opts=Opts("w8", native=native, serial=serial))
+        out = fp8_linear(x, q, s, opts=Opts("w8", native=native, serial=serial, gemv=False))  # the _w8_kernel tiles
         assert out.dtype == torch.bfloat16 and out.shape == (m, n)
         assert _rel(out, ref) < OUT_TOL, (shape, fmt, native, serial, _rel(out, ref))
 
 
+def _grouped_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [T, G, K] with W [G*N, K] -> [T, G, N] fp32, group by group through fp8_linear_ref."""
+    g, rows = x.shape[1], q.shape[0] // x.shape[1]
+    return torch.stack([fp8_linear_ref(x[:, i], q[rows * i:rows * (i + 1)], s[rows // 128 * i:rows // 128 * (i + 1)],
+                                       torch.float32) for i in range(g)], 1)
+
+
+@pytest.mark.parametrize("name", list(fp8_gemv.CONFIGS))
+def test_gemv_matches_reference_at_v4_shapes(name: str) -> None:
+    # the swap-AB decode GEMV (forced, whatever the table says) at the per-rank V4-Flash shapes, T = 1 / 4 / 16,
+    # UE8M0 and fp32 scales; the default dispatch gives the same bits when the table picks the GEMV
+    (nt, k, groups), cfg = fp8_gemv.CONFIGS[name]
+    for t, fmt in ((1, "ue8m0"), (4, "float32"), (16, "ue8m0"), (1, "float32")):
+        x, q, s = _case(t * groups, nt, k, fmt, seed=nt + k + t)
+        if groups > 1:
+            x = x.view(t, groups, k)
+            ref = _grouped_ref(x, q, s)
+            out = fp8_grouped_linear(x, q, s, opts=Opts("w8", gemv=True))
+            default = fp8_grouped_linear(x, q, s)
+        else:
+            ref = fp8_linear_ref(x, q, s, torch.float32)
+            out = fp8_linear(x, q, s, opts=Opts("w8", gemv=True))
+            default = fp8_linear(x, q, s)
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+        assert _rel(out, ref) < OUT_TOL, (name, t, fmt, _rel(out, ref))
+        assert _rel(default, ref) < OUT_TOL, (name, t, fmt, "default", _rel(default, ref))
+        if cfg is not None and fp8_gemv.USE_GEMV:
+            assert torch.equal(default, out), (name, t, fmt)
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))  # every split counter re-armed
+
+
 @pytest.mark.parametrize("native", NATIVE)
-@pytest.mark.parametrize(("shape", "fmt"), [((1, 1024, 4096), "ue8m0"), ((4, 512, 4096), "float32"),
-                                            ((1, 4096, 4096), "ue8m0"), ((3, 200, 300), "float32"),
-                                            ((1, 16384, 1024), "ue8m0")])
-def test_gemv_matches_reference(shape: tuple[int, int, int], fmt: str, native: bool) -> None:
-    # the opt-in CUDA-core GEMV (DS4F_FP8_GEMV=1), K split or not
-    m, n, k = shape
-    x, q, s = _case(m, n, k, fmt, seed=m + n + 1)
+@pytest.mark.parametrize("bits", [True, False])
+def test_gemv_widens_every_e4m3_byte_exactly(native: bool, bits: bool) -> None:
+    # W[r, c] = byte (r + c) % 256 (NaN bytes zeroed), unit scales, token t one-hot at column c_t: out[t, r] is that
+    # byte's value exactly (subnormals, signed zeros, every position of the packed widening)
+    r, c = torch.arange(256, device="cuda")[:, None], torch.arange(256, device="cuda")[None, :]
+    b = ((r + c) % 256).to(torch.uint8)
+    b[(b & 0x7F) == 0x7F] = 0
+    q = b.view(torch.float8_e4m3fn)
+    cols = (torch.arange(16, device="cuda") * 37) % 256
+    x = torch.zeros(16, 1, 256, device="cuda", dtype=torch.bfloat16)
+    x[torch.arange(16, device="cuda"), 0, cols] = 1.0
+    want = q.float()[:, cols].t()
+    for s, cfg in ((torch.ones(2, 2, device="cuda"), (32, 128, 2, 4, 3)),
+                   (torch.full((2, 2), 127, dtype=torch.uint8, device="cuda"), (64, 256, 1, 4, 3))):
+        ws, e8m0 = fp8_gemm._scale_arg(s)
+        out = torch.empty(16, 1, 256, dtype=torch.float32, device="cuda")
+        fp8_gemv.launch(x, q if native else q.view(torch.uint8), ws, e8m0, out, 1, native, cfg, bits=bits)
+        assert torch.equal(out[:, 0], want), (native, bits, cfg, (out[:, 0] != want).sum().item())
+
+
+@pytest.mark.parametrize(("shape", "fmt", "native", "split"), [
+    ((1, 4096, 4096, 1), "ue8m0", False, None), ((16, 4096, 1024, 4), "float32", False, 2),  # below-sm_89 widening
+    ((3, 200, 300, 1), "float32", None, None), ((5, 1000, 4160, 1), "ue8m0", None, 3),  # N, K off the tile grid
+    ((4, 1024, 4096, 4), "ue8m0", None, 16), ((2, 16384, 1024, 1), "ue8m0", None, 4),
+])
+def test_gemv_odd_cases(shape: tuple[int, int, int, int], fmt: str, native: bool | None, split: int | None) -> None:
+    t, nt, k, groups = shape
+    x, q, s = _case(t * groups, nt, k, fmt, seed=nt + 7 * k + t)
+    opts = Opts("w8", split=split, native=native, gemv=True)
+    if groups > 1:
+        x = x.view(t, groups, k)
+        ref, outs = _grouped_ref(x, q, s), [fp8_grouped_linear(x, q, s, opts=opts) for _ in range(3)]
+    else:
+        ref, outs = fp8_linear_ref(x, q, s, torch.float32), [fp8_linear(x, q, s, opts=opts) for _ in range(3)]
+    assert _rel(outs[0], ref) < OUT_TOL, (shape, fmt, native, split, _rel(outs[0], ref))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])  # split-order sums; counters re-armed between calls
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
+
+
+def test_gemv_switch_and_table_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DS4F_FP8_GEMV=0 (USE_GEMV False) and a table entry of None both leave M <= 16 on the _w8_kernel tiles
+    x, q, s = _case(4, 4096, 4096, "ue8m0", seed=11)
+    launched: list[int] = []
+    real = fp8_gemv.launch
+    monkeypatch.setattr(fp8_gemv, "launch", lambda *a, **kw: launched.append(1) or real(*a, **kw))
     ref = fp8_linear_ref(x, q, s, torch.float32)
-    for split in (None, 1, 4):
-        out = fp8_linear(x, q, s, opts=Opts("w8", split=split, native=native, gemv=True))
-        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-        assert _rel(out, ref) < OUT_TOL, (shape, fmt, native, split, _rel(out, ref))
+    monkeypatch.setattr(fp8_gemv, "USE_GEMV", True)
+    monkeypatch.setitem(fp8_gemv.CONFIGS, "WO_B_TP2", ((4096, 4096, 1), (64, 256, 4, 4, 4)))
+    assert _rel(fp8_linear(x, q, s), ref) < OUT_TOL and len(launched) == 1
+    monkeypatch.setattr(fp8_gemv, "USE_GEMV", False)
+    assert _rel(fp8_linear(x, q, s), ref) < OUT_TOL and len(launched) == 1
+    monkeypatch.setattr(fp8_gemv, "USE_GEMV", True)
+    monkeypatch.setitem(fp8_gemv.CONFIGS, "WO_B_TP2", ((4096, 4096, 1), None))
+    assert _rel(fp8_linear(x, q, s), ref) < OUT_TOL and len(launched) == 1
+    assert _rel(fp8_linear(x, q, s, opts=Opts(gemv=True)), ref) < OUT_TOL and len(launched) == 2
+
+
+def test_gemv_two_streams_two_shapes() -> None:
+    # decode runs the indexer's wq_b on a side stream beside wq_b: per-shape counters keep their K splits apart
+    (n1, k1, _), _ = fp8_gemv.CONFIGS["WQ_B_TP2"]
+    (n2, k2, _), _ = fp8_gemv.CONFIGS["IDX_WQ_B"]
+    x1, q1, s1 = _case(1, n1, k1, "ue8m0", seed=14)
+    x2, q2, s2 = _case(1, n2, k2, "ue8m0", seed=15)
+    opts = Opts(gemv=True, split=4)
+    r1, r2 = fp8_linear_ref(x1, q1, s1, torch.float32), fp8_linear_ref(x2, q2, s2, torch.float32)
+    side = torch.cuda.Stream()
+    outs = []
+    for _ in range(20):
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            o2 = fp8_linear(x2, q2, s2, opts=opts)
+        o1 = fp8_linear(x1, q1, s1, opts=opts)
+        torch.cuda.current_stream().wait_stream(side)
+        outs.append((o1, o2))
+    torch.cuda.synchronize()
+    assert all(_rel(o1, r1) < OUT_TOL and _rel(o2, r2) < OUT_TOL for o1, o2 in outs)
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gemv_cuda_graph_replay(grouped: bool) -> None:
+    # the default decode dispatch (the GEMV with its K split) captured once, replayed twice on new inputs
+    if grouped:
+        x, q, s = _case(4, 4096, 4096, "ue8m0", seed=12)
+        x = x.view(1, 4, 4096)
+        fn = fp8_grouped_linear
+    else:
+        x, q, s = _case(1, 1536, 4096, "ue8m0", seed=13)
+        fn = fp8_linear
+    eager = fn(x, q, s)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(x, q, s)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(x, q, s)
+    x.copy_(x * 2)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn(x, q, s)) and _rel(out, 2 * eager.float()) < OUT_TOL
 
 
 @pytest.mark.parametrize("split", [2, 8])
 def test_split_k_reduces_are_deterministic_and_rearm(split: int) -> None:
     x, q, s = _case(4, 1024, 4096, "ue8m0", seed=3)
     ref = fp8_linear_ref(x, q, s, torch.float32)
-    outs = [fp8_linear(x, q, s, opts=Opts("w8", split=split, serial=serial)) for serial in (True, True, True, False)]
+    outs = [fp8_linear(x, q, s, opts=Opts("w8", split=split, serial=serial, gemv=False))
+            for serial in (True, True, True, False)]
     assert _rel(outs[0], ref) < OUT_TOL
     assert all(torch.equal(o, outs[0]) for o in outs[1:])  # same split order in both reduces; counters re-armed
 
@@ -136,7 +261,7 @@ def test_grouped_wo_a(m: int) -> None:
 @pytest.mark.parametrize("serial", [False, True])
 def test_cuda_graph_replay_matches_eager(serial: bool) -> None:
     x, q, s = _case(1, 1024, 4096, "ue8m0", seed=6)
-    opts = Opts(serial=serial)
+    opts = Opts(serial=serial, gemv=False)
     eager = fp8_linear(x, q, s, opts=opts)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

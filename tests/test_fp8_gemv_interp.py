@@ -1,0 +1,115 @@
+"""⑥ kernels, the swap-AB FP8 decode GEMV (ds4f/kernels/fp8_gemv.py) under TRITON_INTERPRET=1 at tiny shapes against
+fp8_gemm.fp8_linear_ref: fp32 and UE8M0 scales, e4m3 native and through fp16 bit patterns, T = 1 / 3 / 16, K split
+on and off (the last-arriving reduce re-arms its counters), N and K off the tile grid, the grouped wo_a form, and
+fp8_gemm's dispatch to it; plus the config rules on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from interp import run_interpreted
+
+TOL = 1e-5  # fp32 outputs: summation order only
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def check_gemv() -> None:
+    from ds4f.kernels import arrival, fp8_gemv
+    from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_grouped_linear, fp8_linear, fp8_linear_ref
+    from ds4f.model.quant import quant_fp8_block
+
+    g = torch.Generator().manual_seed(0)
+
+    def weights(n: int, k: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.randn(n, k, generator=g) * 0.05 * torch.logspace(-2, 2, n)[:, None]  # scales differ per block
+        return quant_fp8_block(w, fmt)
+
+    def run(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int, native: bool, cfg: tuple) -> torch.Tensor:
+        ws, e8m0 = _scale_arg(s)
+        out = torch.empty(x.shape[0], groups, q.shape[0] // groups, dtype=torch.float32)
+        fp8_gemv.launch(x, q if native else q.view(torch.uint8), ws, e8m0, out, groups, native, cfg)
+        return out
+
+    # (T, N, K, scale fmt, native, (BLOCK_N, BLOCK_K, SPLIT, warps, stages)); N % BLOCK_N != 0 in most
+    cases = [
+        (1, 160, 256, "ue8m0", True, (32, 128, 1, 4, 2)),
+        (3, 200, 384, "float32", True, (64, 128, 3, 4, 2)),
+        (16, 96, 300, "ue8m0", False, (32, 128, 2, 4, 2)),
+        (3, 130, 512, "float32", False, (16, 256, 2, 4, 2)),
+        (1, 72, 200, "float32", True, (128, 256, 1, 4, 2)),
+        (4, 64, 640, "ue8m0", True, (32, 128, 2, 4, 2)),  # K whole, the last split one BLOCK_K step short
+    ]
+    for t, n, k, fmt, native, cfg in cases:
+        q, s = weights(n, k, fmt)
+        x = (torch.randn(t, k, generator=g) * 3).bfloat16()
+        ref = fp8_linear_ref(x, q, s, torch.float32)
+        for _ in range(2):  # the second call finds the split counters re-armed
+            got = run(x.view(t, 1, k), q, s, 1, native, cfg)[:, 0]
+            assert _rel(got, ref) < TOL, (t, n, k, fmt, native, cfg, _rel(got, ref))
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
+
+    # grouped: x [T, G, K], W [G*N, K]; group g's rows read x[:, g] (a strided x view, as wo_a's caller passes)
+    for t, fmt, native, cfg in [(3, "ue8m0", True, (32, 128, 2, 4, 2)), (16, "float32", False, (64, 256, 1, 4, 2))]:
+        q, s = weights(3 * 128, 256, fmt)
+        xs = (torch.randn(t, 3, 2 * 256, generator=g)).bfloat16()[:, :, 128:384]
+        want = torch.stack([fp8_linear_ref(xs[:, i], q[128 * i:128 * (i + 1)], s[i:i + 1], torch.float32)
+                            for i in range(3)], 1)
+        got = run(xs, q, s, 3, native, cfg)
+        assert _rel(got, want) < TOL, ("grouped", t, fmt, native, cfg, _rel(got, want))
+
+    # every e4m3 byte widened exactly (both widenings): W[r, c] = byte (r + c) % 256, token t one-hot at column c_t
+    b = ((torch.arange(256)[:, None] + torch.arange(256)[None, :]) % 256).to(torch.uint8)
+    b[(b & 0x7F) == 0x7F] = 0  # NaN
+    qb = b.view(torch.float8_e4m3fn)
+    cols = (torch.arange(16) * 37) % 256
+    x = torch.zeros(16, 1, 256).bfloat16()
+    x[torch.arange(16), 0, cols] = 1.0
+    for native in (True, False):
+        got = run(x, qb, torch.full((2, 2), 127, dtype=torch.uint8), 1, native, (32, 128, 2, 4, 2))
+        assert torch.equal(got[:, 0], qb.float()[:, cols].t()), native
+
+    # through fp8_gemm: Opts(gemv=True) forces the GEMV off CUDA (table config or the generic rule, split override)
+    q, s = weights(256, 512, "ue8m0")
+    x = torch.randn(4, 512, generator=g).bfloat16()
+    for split in (None, 2):
+        got = fp8_linear(x, q, s, torch.float32, Opts("w8", split=split, gemv=True))
+        assert _rel(got, fp8_linear_ref(x, q, s, torch.float32)) < TOL, split
+    xg = torch.randn(2, 2, 512, generator=g).bfloat16()
+    got = fp8_grouped_linear(xg, q, s, torch.float32, Opts("w8", gemv=True))
+    want = torch.stack([fp8_linear_ref(xg[:, i], q[128 * i:128 * (i + 1)], s[i:i + 1], torch.float32)
+                        for i in range(2)], 1)
+    assert _rel(got, want) < TOL
+    print("ok")
+
+
+def test_fp8_gemv_under_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    assert run_interpreted("test_fp8_gemv_interp", "check_gemv").strip().endswith("ok")
+
+
+def test_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    from ds4f.kernels import fp8_gemv
+
+    cpu = torch.device("cpu")
+    for (nt, k, groups), cfg in fp8_gemv.CONFIGS.values():
+        if cfg is not None:
+            assert fp8_gemv.valid(cfg, nt, groups), (nt, k, groups, cfg)
+        assert fp8_gemv.pick(nt, k, groups, cpu) == cfg
+    for nt, k, groups in [(1536, 4096, 1), (640, 384, 5), (100, 200, 1), (129280, 4096, 1)]:
+        cfg = fp8_gemv.generic_config(nt, k, groups, 132)
+        assert fp8_gemv.valid(cfg, nt, groups) and fp8_gemv.pick(nt, k, groups, cpu) == cfg
+    name = next(iter(fp8_gemv.CONFIGS))
+    (nt, k, groups), _ = fp8_gemv.CONFIGS[name]
+    for val, want in (("0", None), ("64,128,2,8,5", (64, 128, 2, 8, 5))):
+        fp8_gemv._env_config.cache_clear()
+        monkeypatch.setenv(f"DS4F_FP8_GEMV_{name}", val)
+        assert fp8_gemv.pick(nt, k, groups, cpu) == want
+    fp8_gemv._env_config.cache_clear()
+    monkeypatch.setenv(f"DS4F_FP8_GEMV_{name}", "64,128")
+    with pytest.raises(ValueError, match=f"DS4F_FP8_GEMV_{name}"):
+        fp8_gemv.pick(nt, k, groups, cpu)
+    fp8_gemv._env_config.cache_clear()
