@@ -13,13 +13,16 @@ import pytest
 pytest.importorskip("triton")
 
 
-def build(fn: Any, types: dict[str, str], consts: dict[str, Any], arch: int, nw: int = 4, ns: int = 2) -> dict:
+def build(fn: Any, types: dict[str, str], consts: dict[str, Any], arch: int, nw: int = 4, ns: int = 2,
+          div16: tuple[str, ...] = ()) -> dict:
+    """div16: arguments the launch specializes as multiples of 16 (aligned pointers, sizes), as the runtime does."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     try:
-        k = compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+        k = compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                     options=dict(num_warps=nw, num_stages=ns))
     except RuntimeError as ex:  # no ptxas / backend on this machine
         if "ptxas" in str(ex).lower() and "not found" in str(ex).lower():
@@ -31,25 +34,32 @@ def build(fn: Any, types: dict[str, str], consts: dict[str, Any], arch: int, nw:
 ARCHS = [80, 90]
 
 
+# (live, split, DYN, FUSE, SKIP, HALF): the decode policies' kernels (sparse_attn.DecodePolicy)
+ATTN_MODES = [(False, False, False, 0, True, 0), (True, False, False, 0, False, 32), (False, True, False, 8, True, 32),
+              (True, True, True, 0, False, 0), (True, True, True, 4, False, 32)]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("live", [False, True])
-@pytest.mark.parametrize("split", [False, True])
-def test_sparse_attn_builds(arch: int, live: bool, split: bool) -> None:
+@pytest.mark.parametrize("mode", ATTN_MODES)
+def test_sparse_attn_builds(arch: int, mode: tuple[bool, bool, bool, int, bool, int]) -> None:
     import importlib
 
     sa = importlib.import_module("ds4f.kernels.sparse_attn")
-
+    live, split, dyn, fuse, skip, half = mode
     types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
                  o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
-                 qk_scale="fp32")
+                 cnt_ptr="*i32", qk_scale="fp32")
     k = build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=32, NG=0, SPLIT=split,
-                                        SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=live, HALF=0),
+                                        SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=live, HALF=half,
+                                        DYN=dyn, FUSE=fuse, SKIP=skip),
               arch, 4, 2)
     assert k["shared"] <= 160 * 1024
-    if split:
+    if fuse:
+        assert "atom" in k["ptx"]  # the arrival count
+    if split and not fuse:
         build(sa._attn_combine, dict(po_ptr="*fp32", pm_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16",
                                      live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32"),
-              dict(D=512, PD=512, BLOCK_DC=64, BLOCK_H=16, LIVE=live, UNROLL=4, HALF=0), arch)
+              dict(D=512, PD=512, BLOCK_DC=64, BLOCK_H=16, LIVE=live, UNROLL=4, HALF=half, DYN=dyn, BLOCK_K=32), arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -70,14 +80,28 @@ def test_indexer_and_topk_build(arch: int, vlen: bool) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fp8_gemv_builds(arch: int) -> None:
+@pytest.mark.parametrize("cfg", [(32, 256, 3, 4, 4), (64, 256, 1, 4, 5), (128, 128, 2, 8, 4)])
+def test_fp8_gemv_builds(arch: int, cfg: tuple[int, int, int, int, int]) -> None:
+    # the swap-AB FP8 decode GEMV at the V4 shapes' specializations: the e4m3 tiles stream through cp.async (the
+    # software pipeline), fitting sm_80's shared memory after fp8_gemv.fit
     from ds4f.kernels import fp8_gemv as fg
 
     native = arch >= 89
-    for e8m0, out in ((True, "*bf16"), (False, "*fp32")):
-        build(fg._w8_gemv, dict(x_ptr="*bf16", w_ptr="*fp8e4nv" if native else "*u8",
-                                ws_ptr="*u8" if e8m0 else "*fp32", out_ptr=out),
-              dict(CHUNKS=2, NATIVE=native, SCALE_E8M0=e8m0, BLOCK_N=fg.BLOCK_N, NB=fg.NB), arch, 4, 3)
+    bn, bk, split, nw, ns = fg.fit(cfg, (227 if arch >= 90 else 163) << 10)
+    div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "NT", "K", "GN", "s_xt", "s_xg", "s_ot",
+           "k_per")
+    # (UE8M0 scales, K a multiple of BLOCK_K, bf16 out, e4m3 widened by the integer-op PTX) and the other choices
+    for e8m0, even, out, bits in ((True, True, "*bf16", True), (False, False, "*fp32", False),
+                                  (False, True, "*bf16", False)):
+        k = build(fg._fp8_gemv, dict(x_ptr="*bf16", w_ptr="*fp8e4nv" if native else "*u8",
+                                     ws_ptr="*u8" if e8m0 else "*fp32", out_ptr=out, part_ptr="*fp32",
+                                     lock_ptr="*i32"),
+                  dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=fg.BLOCK_T, SPLIT_K=split > 1, EVEN_K=even, NATIVE=native,
+                       SCALE_E8M0=e8m0, DOT_F32=False, ITERS=0, BITS=bits), arch, nw, ns, div16=div if even else ())
+        assert k["shared"] <= (227 if arch >= 90 else 163) * 1024
+        if even:
+            assert "cp.async" in k["ptx"] and "mma" in k["ptx"]
+        assert ("fma.rn.bf16x2" in k["ptx"]) == bits
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -5,6 +5,8 @@ length (programs whose columns are all hidden only write -inf)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from interp import run_interpreted
@@ -24,7 +26,10 @@ def _idx_with_live(t: int, k: int, n: int, g: torch.Generator) -> tuple[torch.Te
 
 
 def check_sparse_attn_live() -> None:
-    from ds4f.kernels.sparse_attn import sparse_attn, use_triton
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")  # the module (ds4f.kernels.sparse_attn: the function)
+
+    sa.POLICY = sa.OLD_POLICY  # static key splits on both paths: bit-equal outputs (the new policy: below)
+    sparse_attn, use_triton = sa.sparse_attn, sa.use_triton
 
     g = torch.Generator().manual_seed(0)
     t, h, d, k, n = 5, 16, 64, 200, 300
@@ -81,6 +86,46 @@ def check_topk_and_indexer_valid_len() -> None:
 def test_sparse_attn_live_interpreted() -> None:
     out = run_interpreted("test_kernels_interp", "check_sparse_attn_live")
     assert out.count("equal") == 5, out
+
+
+def check_sparse_attn_decode_policy() -> None:
+    """The decode policies (live-sized splits, in-kernel combine, all -1 block skip, one block per split, no
+    split) against the reference, and against each other: with static splits the live bound changes no bit. The
+    arrival counts are back at zero after the fused calls."""
+    from dataclasses import replace
+
+    from ds4f.kernels import arrival
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")  # the module (ds4f.kernels.sparse_attn: the function)
+    from ds4f.kernels.rope import rope_ref
+
+    g = torch.Generator().manual_seed(2)
+    t, h, d, k, n = 5, 16, 64, 200, 300
+    q = torch.randn(t, h, d, generator=g).bfloat16()
+    sink = torch.randn(h, generator=g)
+    idx, live = _idx_with_live(t, k, n, g)
+    idx[1, 16:32] = -1  # a whole -1 block below the live bound (SKIP)
+    nope, exp, rp = quantize_kv_rows(torch.randn(n, d, generator=g), 16)
+    cos, sin = torch.randn(t, 8, generator=g), torch.randn(t, 8, generator=g)
+    want = rope_ref(sparse_attn_ref(q, dequantize_kv_rows(nope, exp, rp), idx, sink, d**-0.5), cos, sin, True)
+    new = sa.DecodePolicy()
+    pols = {"old": sa.OLD_POLICY, "new": new, "static": replace(new, dyn=False), "combine": replace(new, fuse_max=0),
+            "noskip": replace(new, skip=False), "nosplit": replace(new, nosplit_k=1 << 20),
+            "fuse16": replace(new, fuse_max=16)}  # 12 splits (num_splits None): 16 unrolled, 4 masked
+    for name, pol in pols.items():
+        sa.POLICY = pol
+        for splits in (None, 3, 7):
+            a, b = (sa.sparse_attn(q, nope, idx, sink, d**-0.5, exp, kv_rope=rp, num_splits=splits, block_k=16,
+                                   live=lv, inv_rope=(cos, sin)) for lv in (None, live))
+            for x in (a, b):
+                torch.testing.assert_close(x.float(), want.float(), atol=2e-2, rtol=1e-2)
+            assert pol.dyn or torch.equal(a, b), (name, splits)
+            assert all(int(c.abs().sum()) == 0 for c in arrival.buffers("sparse_attn")), (name, splits)
+        print("policy", name, "matches")
+
+
+def test_sparse_attn_decode_policy_interpreted() -> None:
+    out = run_interpreted("test_kernels_interp", "check_sparse_attn_decode_policy")
+    assert out.count("matches") == 7, out
 
 
 def test_topk_and_indexer_valid_len_interpreted() -> None:

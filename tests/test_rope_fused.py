@@ -141,17 +141,18 @@ def test_fused_kernels_build(arch: int) -> None:
 
     types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
                  o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
-                 qk_scale="fp32")
+                 cnt_ptr="*i32", qk_scale="fp32")
     for split in (False, True):
         for bh, nw in ((16, 4), (64, 8)):  # the decode tiles: 16 heads (T * H / 64 < 16), 64 heads
             sh = [build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=bh, BLOCK_K=32 if bh == 16 else 64,
                                                   NG=0, SPLIT=split, SCALE_BCAST=True, NOPE=448,
-                                                  NATIVE_FP8=arch >= 89, LIVE=True, HALF=half), arch, nw, 2)["shared"]
+                                                  NATIVE_FP8=arch >= 89, LIVE=True, HALF=half, DYN=split,
+                                                  FUSE=0, SKIP=False), arch, nw, 2)["shared"]
                   for half in (0, 32)]
             assert sh[1] == sh[0], (split, bh, sh)  # the epilogue's shuffle reuses the loop's shared memory
     build(sa._attn_combine, dict(po_ptr="*fp32", pm_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", live_ptr="*i32",
                                  cos_ptr="*fp32", sin_ptr="*fp32"),
-          dict(D=512, PD=512, BLOCK_DC=64, BLOCK_H=16, LIVE=True, UNROLL=4, HALF=32), arch)
+          dict(D=512, PD=512, BLOCK_DC=64, BLOCK_H=16, LIVE=True, UNROLL=4, HALF=32, DYN=True, BLOCK_K=32), arch)
     build(rope._norm_rope2_kernel, dict(q_ptr="*bf16", qo_ptr="*bf16", kv_ptr="*bf16", kvo_ptr="*bf16",
                                         w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32"),
           dict(HDQ=512, HDK=512, HALF=32, BPQ=256, BPK=256, BRQ=8, BRK=8, HAS_W=True), arch)

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 import torch
 
+from ds4f.kernels import arrival
 from ds4f.kernels.fp8 import dequantize_kv_rows
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import sparse_attn_ref
@@ -60,38 +62,12 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _attn_fwd(
-        q_ptr, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr, live_ptr, cos_ptr, sin_ptr,
-        H, K, keys_per_split, qk_scale,
-        s_qt, s_qh, s_kvn, s_kvsn, s_rn, s_it, s_ot, s_oh, s_cs,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-        NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
-        NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr, HALF: tl.constexpr,
-    ):
-        # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA)
-        t = tl.program_id(0)
-        hb = tl.program_id(1)
-        sp = tl.program_id(2)
-        offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        offs_d = tl.arange(0, BLOCK_D)
-        hmask = offs_h < H
-        dmask = offs_d < D
-        q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :],
-                    mask=hmask[:, None] & dmask[None, :], other=0.0)
-        # m is in log2 units; a finite floor keeps exp2(m - m_new) defined while every key so far is masked
-        m = tl.full([BLOCK_H], -1.0e30, tl.float32)
-        l = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        k_lo = sp * keys_per_split
-        lim = K
-        if LIVE:  # token t's indices at or past live[t] are all -1: splits past it skip the loop and their partials
-            lim = tl.minimum(tl.load(live_ptr + t), K)
-        n_k = keys_per_split
-        if LIVE:
-            n_k = tl.minimum(keys_per_split, lim - k_lo)  # <= 0: a split past the live keys does nothing
-        for k0 in range(0, n_k, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
-            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
+    def _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn, s_rn, qk_scale,
+                   BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, SCALE_BCAST: tl.constexpr,
+                   NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, go):
+        # one key block (idx [BLOCK_K], -1 = none) into the online softmax's running (m, l, acc); go False (SKIP,
+        # a block of -1 only): unchanged
+        if go:
             valid = idx >= 0
             rows = _kv_row_tile(kv_ptr, kvs_ptr, rope_ptr, idx.to(tl.int64), valid, offs_d, dmask,
                                 s_kvn, s_kvsn, s_rn, BLOCK_K, BLOCK_D, NOPE, NATIVE_FP8)
@@ -124,39 +100,128 @@ if triton is not None:
                 p = p * sc[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), rows)
             m = m_new
+        return m, l, acc
+
+    @triton.jit
+    def _attn_fwd(
+        q_ptr, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr, live_ptr, cos_ptr, sin_ptr,
+        cnt_ptr, H, K, keys_per_split, qk_scale,
+        s_qt, s_qh, s_kvn, s_kvsn, s_rn, s_it, s_ot, s_oh, s_cs,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
+        NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr, HALF: tl.constexpr,
+        DYN: tl.constexpr = False, FUSE: tl.constexpr = 0, SKIP: tl.constexpr = False,
+    ):
+        # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA).
+        # DYN (with LIVE): the S splits share token t's live keys, ceil(live / S) rounded up to BLOCK_K each (not
+        # keys_per_split, which is sized for the capacity K), so a short live count still spreads over programs.
+        # FUSE (> 0, a power of two >= S): the last program of (t, head block) to arrive merges the partials (no
+        # combine launch); cnt_ptr [T * head blocks] int32 arrival counts, zero between calls (re-armed here).
+        # SKIP: a key block whose indices are all -1 skips its loads and math (sparse decode lists).
+        t = tl.program_id(0)
+        hb = tl.program_id(1)
+        sp = tl.program_id(2)
+        offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        hmask = offs_h < H
+        dmask = offs_d < D
+        lim = K
+        if LIVE:  # token t's indices at or past live[t] are all -1: splits past it skip the loop and their partials
+            lim = tl.minimum(tl.load(live_ptr + t), K)
+        kps = keys_per_split
+        if DYN:
+            kps = tl.cdiv(tl.cdiv(tl.maximum(lim, 1), tl.num_programs(2)), BLOCK_K) * BLOCK_K
+        k_lo = sp * kps
+        n_k = kps
+        if LIVE:
+            n_k = tl.minimum(kps, lim - k_lo)  # <= 0: a split past the live keys does nothing (not even read q)
+        q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :],
+                    mask=hmask[:, None] & dmask[None, :] & (n_k > 0), other=0.0)
+        # m is in log2 units; a finite floor keeps exp2(m - m_new) defined while every key so far is masked
+        m = tl.full([BLOCK_H], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for k0 in range(0, n_k, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
+            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
+            if SKIP:
+                m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
+                                       s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8,
+                                       tl.max(idx, 0) >= 0)
+            else:
+                m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
+                                       s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8, True)
         if SPLIT:
+            S = tl.num_programs(2)
             if k_lo < lim:  # the combine reads the partials of the splits below the live bound only
-                row = (t * tl.num_programs(2) + sp) * H + offs_h  # partials [T, S, H, (D | 2)]
+                row = (t * S + sp) * H + offs_h  # partials [T, S, H, (D | 2)]
                 tl.store(po_ptr + row.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=hmask[:, None])
                 tl.store(pm_ptr + row * 2, m, mask=hmask)
                 tl.store(pm_ptr + row * 2 + 1, l, mask=hmask)
+            if FUSE > 0:
+                tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
+                c_ptr = cnt_ptr + t * tl.num_programs(1) + hb
+                if tl.atomic_add(c_ptr, 1, sem="acq_rel", scope="gpu") == S - 1:
+                    # the splits that stored (k_lo < lim): their max and denominator first (sink in the
+                    # denominator only), then o = sum_j w_j o_j in split order: loads independent of the sum, so the
+                    # unrolled loop can keep several splits' tiles in flight
+                    offs_j = tl.arange(0, FUSE)
+                    n_s = tl.cdiv(lim, kps)
+                    okj = (offs_j < n_s)[:, None] & hmask[None, :]  # [FUSE, BLOCK_H]
+                    rowj = (t * S + offs_j)[:, None] * H + offs_h[None, :]
+                    ms = tl.load(pm_ptr + rowj * 2, mask=okj, other=-1.0e30, cache_modifier=".cg")
+                    ls = tl.load(pm_ptr + rowj * 2 + 1, mask=okj, other=0.0, cache_modifier=".cg")
+                    sink = tl.load(sink_ptr + offs_h, mask=hmask, other=0.0) * 1.4426950408889634
+                    mx = tl.maximum(tl.max(ms, 0), sink)
+                    den = tl.sum(ls * tl.exp2(ms - mx[None, :]), 0) + tl.exp2(sink - mx)
+                    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+                    for j in tl.static_range(FUSE):
+                        ok = hmask & (j < n_s)
+                        row = (t * S + j) * H + offs_h
+                        mj = tl.load(pm_ptr + row * 2, mask=ok, other=-1.0e30, cache_modifier=".cg")
+                        oj = tl.load(po_ptr + row.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :],
+                                     mask=ok[:, None], other=0.0, cache_modifier=".cg")
+                        acc += oj * (tl.exp2(mj - mx) / den)[:, None]
+                    _store_o(acc, o_ptr, cos_ptr, sin_ptr, t, offs_h, 0, offs_d, hmask, s_ot, s_oh, s_cs, D, HALF,
+                             BLOCK_H, BLOCK_D)
+                    tl.atomic_xchg(c_ptr, 0)  # every program of (t, head block) has counted: re-armed
         else:
             # sink in the denominator only: o = acc·2^(m-M) / (l·2^(m-M) + 2^(sink-M))
             sink = tl.load(sink_ptr + offs_h, mask=hmask, other=0.0) * 1.4426950408889634
             mm = tl.maximum(m, sink)
             a = tl.exp2(m - mm)
             den = l * a + tl.exp2(sink - mm)
-            o = acc * (a / den)[:, None]
-            if HALF > 0:  # inverse RoPE of the last 2 * HALF columns (rope_tile: the rounding of rope_ after o)
-                ob = inv_rope_tile(o, cos_ptr, sin_ptr, t, s_cs, 0, D, HALF, BLOCK_H, BLOCK_D)
-            else:
-                ob = o.to(tl.bfloat16)
-            tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + offs_d[None, :], ob,
-                     mask=hmask[:, None] & dmask[None, :])
+            _store_o(acc * (a / den)[:, None], o_ptr, cos_ptr, sin_ptr, t, offs_h, 0, offs_d, hmask, s_ot, s_oh,
+                     s_cs, D, HALF, BLOCK_H, BLOCK_D)
+
+    @triton.jit
+    def _store_o(o, o_ptr, cos_ptr, sin_ptr, t, offs_h, d0, offs_c, hmask, s_ot, s_oh, s_cs, D: tl.constexpr,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, C: tl.constexpr):
+        # o [BLOCK_H, C] fp32: columns d0 + offs_c (offs_c = arange(C)) of token t's heads offs_h -> bf16 o rows
+        if HALF > 0:  # inverse RoPE of the last 2 * HALF columns (rope_tile: the rounding of rope_ after o)
+            ob = inv_rope_tile(o, cos_ptr, sin_ptr, t, s_cs, d0, D, HALF, BLOCK_H, C)
+        else:
+            ob = o.to(tl.bfloat16)
+        tl.store(o_ptr + t * s_ot + offs_h[:, None] * s_oh + (d0 + offs_c)[None, :], ob,
+                 mask=hmask[:, None] & (d0 + offs_c < D)[None, :])
 
     @triton.jit
     def _attn_combine(
         po_ptr, pm_ptr, sink_ptr, o_ptr, live_ptr, cos_ptr, sin_ptr, H, S, K, kps, s_ot, s_oh, s_cs,
         D: tl.constexpr, PD: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr, LIVE: tl.constexpr,
-        UNROLL: tl.constexpr, HALF: tl.constexpr,
+        UNROLL: tl.constexpr, HALF: tl.constexpr, DYN: tl.constexpr = False, BLOCK_K: tl.constexpr = 1,
     ):
         # program = (token, head block, column chunk): merges the S partials [T, S, H, PD] of its tile (LIVE: the
-        # first ceil(min(live[t], K) / kps) of them, the splits that saw a key), UNROLL splits per iteration: their
-        # loads are issued together (a chain of dependent loads UNROLL times shorter) and merged through their max.
+        # first ceil(min(live[t], K) / kps) of them, the splits that saw a key; DYN: kps as _attn_fwd's DYN sizes
+        # it), UNROLL splits per iteration: their loads are issued together (a chain of dependent loads UNROLL times
+        # shorter) and merged through their max.
         t = tl.program_id(0)
         n_s = S
         if LIVE:
-            n_s = tl.cdiv(tl.minimum(tl.load(live_ptr + t), K), kps)
+            lim = tl.minimum(tl.load(live_ptr + t), K)
+            if DYN:
+                kps = tl.cdiv(tl.cdiv(tl.maximum(lim, 1), S), BLOCK_K) * BLOCK_K
+            n_s = tl.cdiv(lim, kps)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_d = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
         hmask = offs_h < H
@@ -198,9 +263,42 @@ COMBINE_UNROLL = int(os.environ.get("DS4F_ATTN_COMBINE_UNROLL", "4"))  # splits 
 if COMBINE_UNROLL < 1 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
     raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be a power of two (1 = one split at a time)")
 # "block_h,block_k,num_warps,num_stages" for calls of < PREFILL_MIN_T tokens with >= LONG_K keys per token (the HCA
-# layers' lists at a long max_ctx; bench/sweep_decode_long.py)
+# layers' lists at a long max_ctx; bench/sweep_decode_long.py) ...
 LONG_K = 2048
 DECODE_KNOBS = env_knobs("DS4F_ATTN_DECODE", 4, "16,32,4,2")
+# ... and with fewer (window, CSA top-k and short-context HCA lists; bench/sweep_attn_decode.py)
+SHORT_KNOBS = env_knobs("DS4F_ATTN_SHORT", 4, "16,32,8,2")
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """Static launch choices of decode calls (< PREFILL_MIN_T tokens); from shapes / capacity only, never from
+    device values (the live counts are read by the kernels). bench/sweep_attn_decode.py times each. Env: one field
+    each through DS4F_ATTN_DYN, _FUSE_MAX, _SKIP, _SPLIT_BLOCKS, _NOSPLIT_K; DS4F_ATTN_POLICY=old: OLD_POLICY."""
+
+    dyn: bool = True  # with live: the splits share the live keys (not the capacity K): a short live count at a
+    # large K still spreads over the programs, and the combine reads only the splits that saw a key
+    fuse_max: int = 8  # split counts <= this (<= 16) merge in the last-arriving program (no _attn_combine launch)
+    skip: bool = True  # lists without live: a key block of -1 only skips its loads and math
+    split_blocks: int = 1  # fewest key blocks per split
+    nosplit_k: int = 0  # K <= this: one program per (token, head block), no partials
+
+
+# the policy before bench/sweep_attn_decode.py (DS4F_ATTN_POLICY=old: A/B); prefill chunks always use it
+OLD_POLICY = DecodePolicy(dyn=False, fuse_max=0, skip=False, split_blocks=2, nosplit_k=0)
+
+
+def _policy() -> DecodePolicy:
+    if os.environ.get("DS4F_ATTN_POLICY", "") == "old":
+        return OLD_POLICY
+    base = DecodePolicy()
+    vals = {f: env_knobs(f"DS4F_ATTN_{f.upper()}", 1, str(int(getattr(base, f))), int(f == "split_blocks"))
+            for f in ("dyn", "fuse_max", "skip", "split_blocks", "nosplit_k")}
+    return replace(base, **{f: type(getattr(base, f))(v[0]) for f, v in vals.items() if v})
+
+
+POLICY = _policy()  # benches and tests swap it (sparse_attn reads it per call)
+
 # "block_k,num_warps,num_stages" for calls of >= PREFILL_MIN_T tokens (prefill chunks; bench/sweep_attn_prefill.py)
 PREFILL_MIN_T = 1024
 PREFILL_KNOBS = env_knobs("DS4F_ATTN_PREFILL", 3, "32,4,1")
@@ -248,9 +346,11 @@ def sparse_attn(
     split partials are merged by a second kernel. native_fp8 (split rows): hardware e4m3 converts, default on
     sm_89+; else a bit-level decode that builds on sm_80. block_h..scale_bcast are tuning knobs (bench/).
     live [T] int32 (optional): indices[t, live[t]:] are all -1 (a short context in a table sized for a long one);
-    the kernel then reads and merges only the key splits below it (the result is the same). inv_rope = (cos, sin)
-    [T, rd/2] fp32 (optional): returns rope_(o, cos, sin, inverse=True) instead of o, rotated by the kernel that
-    writes o (same roundings: o to bf16, then rotated in fp32 and rounded again). No host sync: CUDA-graph safe."""
+    the kernel then reads and merges only the key splits below it (the same result up to rounding: decode calls
+    size the splits by live on the device, DecodePolicy.dyn, so a short live count spreads over them).
+    inv_rope = (cos, sin) [T, rd/2] fp32 (optional): returns rope_(o, cos, sin, inverse=True) instead of o, rotated
+    by the kernel that writes o (same roundings: o to bf16, then rotated in fp32 and rounded again). Decode launch
+    choices: DecodePolicy (POLICY, env DS4F_ATTN_*). No host sync: CUDA-graph safe."""
     if inv_rope is not None:
         cos, sin = inv_rope
         assert cos.shape == sin.shape == (q.shape[0], cos.shape[1]) and 0 < 2 * cos.shape[1] <= q.shape[2]
@@ -322,10 +422,13 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
     if T == 0:
         return o
-    if PREFILL_KNOBS and T >= PREFILL_MIN_T and block_k is None and num_warps is None:
+    decode = T < PREFILL_MIN_T
+    pol = POLICY if decode else OLD_POLICY
+    if PREFILL_KNOBS and not decode and block_k is None and num_warps is None:
         block_k, num_warps, num_stages = PREFILL_KNOBS
-    if DECODE_KNOBS and T < PREFILL_MIN_T and K >= LONG_K and block_h is None and block_k is None:
-        block_h, block_k, num_warps, num_stages = DECODE_KNOBS
+    knobs = DECODE_KNOBS if K >= LONG_K else SHORT_KNOBS
+    if knobs and decode and block_h is None and block_k is None:
+        block_h, block_k, num_warps, num_stages = knobs
     block_d = triton.next_power_of_2(D)
     if nope:  # split rows: the tile holds whole 64-column exponent groups
         block_d = max(64, block_d)
@@ -340,38 +443,46 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
         # 640 fp8 rows (bench/results/attn_prefill.jsonl); 64-head blocks and decode keep 2
         num_stages = 1 if T >= PREFILL_MIN_T and block_h < 64 else 2
     n_hb = triton.cdiv(H, block_h)
+    if num_splits is None and pol.nosplit_k >= K:
+        num_splits = 1
     if num_splits is None:
-        # fill ~2 programs per SM; each split keeps >= 2 key blocks so partial writes stay below the KV bytes read
-        # and at most MAX_SPLITS: the combine walks the splits in order (at 1M context an HCA layer's 8320 keys
-        # made 130 splits of 64 keys for one decode token, a chain of 130 dependent partial loads)
+        # fill ~2 programs per SM; each split keeps >= split_blocks key blocks and at most MAX_SPLITS: the combine
+        # walks the splits in order (at 1M context an HCA layer's 8320 keys made 130 splits of 64 keys for one
+        # decode token, a chain of 130 dependent partial loads)
         want = triton.cdiv(2 * sm_count(q.device), T * n_hb)
         cap = MAX_SPLITS if MAX_SPLITS >= 1 << 30 else min(MAX_SPLITS, max(1, SPLIT_PROGRAMS // n_hb))
-        num_splits = max(1, min(want, K // (2 * block_k), cap))
+        num_splits = max(1, min(want, K // (pol.split_blocks * block_k), cap))
     kps = triton.cdiv(triton.cdiv(max(K, 1), num_splits), block_k) * block_k
     num_splits = max(1, triton.cdiv(K, kps))
     split = num_splits > 1
+    dyn = split and live is not None and pol.dyn
+    # the finisher's loop over the splits is unrolled: at most 16 (32 built 279 KB of code, spilling)
+    fuse = triton.next_power_of_2(num_splits) if split and num_splits <= min(pol.fuse_max, 16) else 0
     if split:
         po = torch.empty(T, num_splits, H, block_d, dtype=torch.float32, device=q.device)
         pm = torch.empty(T, num_splits, H, 2, dtype=torch.float32, device=q.device)
     else:
         po = pm = o  # unused
+    # per (token, head block) arrival counts, re-armed by the kernel; sized once for any decode call (no regrowth
+    # inside a graph capture)
+    cnt = arrival.counters(q.device, max(T * n_hb, PREFILL_MIN_T * 8), "sparse_attn") if fuse else sink
     lv = live if live is not None else indices
     cos, sin = inv_rope if inv_rope is not None else (sink, sink)  # HALF = 0: never read
     half, s_cs = (cos.shape[1], cos.stride(0)) if inv_rope is not None else (0, 0)
     _attn_fwd[(T, n_hb, num_splits)](
-        q, kv, kvs, rope, indices, sink, o, po, pm, lv, cos, sin,
+        q, kv, kvs, rope, indices, sink, o, po, pm, lv, cos, sin, cnt,
         H, K, kps, scale * LOG2E,
         q.stride(0), q.stride(1), *strides, indices.stride(0), o.stride(0), o.stride(1), s_cs,
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
-        NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, HALF=half, num_warps=num_warps,
-        num_stages=num_stages,
+        NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, HALF=half, DYN=dyn, FUSE=fuse,
+        SKIP=pol.skip and decode and live is None, num_warps=num_warps, num_stages=num_stages,
     )
-    if split:
+    if split and not fuse:
         dc = min(block_d, 64)
         _attn_combine[(T, triton.cdiv(H, 16), block_d // dc)](
             po, pm, sink, o, lv, cos, sin, H, num_splits, K, kps, o.stride(0), o.stride(1), s_cs,
             D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, LIVE=live is not None, UNROLL=COMBINE_UNROLL, HALF=half,
-            num_warps=4,
+            DYN=dyn, BLOCK_K=block_k, num_warps=4,
         )
     return o
 

@@ -78,22 +78,33 @@ def test_sparse_attn_splits_agree():
 
 @pytest.mark.parametrize("T,heads", [(1, 32), (1, 64), (4, 64)])
 def test_sparse_attn_live_bound(T, heads):
-    # HCA decode at a short context in 1M-sized tables: K = 128 window + 8192 entries, live keys few; the live bound
-    # gives the same output (bf16 pool and fp8_ds_mla split rows), splits past it skipped
+    # HCA decode at a short context in 1M-sized tables: K = 128 window + 8192 entries, live keys few; with the key
+    # splits sized by the capacity (DecodePolicy.dyn off) the live bound gives the same output (bf16 pool and
+    # fp8_ds_mla split rows), splits past it skipped; sized by live (the default) the same up to rounding
+    import importlib
+    from dataclasses import replace
+
     from ds4f.kernels.fp8 import quantize_kv_rows
 
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")
     D, N, K = 512, 20_000, 128 + 8192
     q, pool, idx, sink = _attn_case(T, heads, D, N, K, 0.0, seed=11 + T)
     live = torch.tensor([130, 128 + 3000, 1, 0][:T], device="cuda", dtype=torch.int32)
     idx[torch.arange(K, device="cuda")[None, :] >= live[:, None]] = -1
-    a = sparse_attn(q, pool, idx, sink, D**-0.5)
-    b = sparse_attn(q, pool, idx, sink, D**-0.5, live=live)
-    assert torch.equal(a, b)
-    assert _rel(b, sparse_attn_ref(q, pool, idx, sink, D**-0.5)) < ATTN_TOL
     nope, exp, rope = quantize_kv_rows(pool, 64)
-    a = sparse_attn(q, nope, idx, sink, D**-0.5, exp, kv_rope=rope)
-    b = sparse_attn(q, nope, idx, sink, D**-0.5, exp, kv_rope=rope, live=live)
-    assert torch.equal(a, b)
+    saved = sa.POLICY
+    try:
+        for dyn in (False, True):
+            sa.POLICY = replace(saved, dyn=dyn)
+            a = sparse_attn(q, pool, idx, sink, D**-0.5)
+            b = sparse_attn(q, pool, idx, sink, D**-0.5, live=live)
+            assert torch.equal(a, b) or dyn
+            assert _rel(b, sparse_attn_ref(q, pool, idx, sink, D**-0.5)) < ATTN_TOL and _rel(b, a) < ATTN_TOL
+            a = sparse_attn(q, nope, idx, sink, D**-0.5, exp, kv_rope=rope)
+            b = sparse_attn(q, nope, idx, sink, D**-0.5, exp, kv_rope=rope, live=live)
+            assert (torch.equal(a, b) or dyn) and _rel(b, a) < ATTN_TOL
+    finally:
+        sa.POLICY = saved
 
 
 @pytest.mark.parametrize(
