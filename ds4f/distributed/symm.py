@@ -6,6 +6,14 @@ sums every rank's slot in one kernel. One launch and one barrier instead of NCCL
 (T x hidden bf16, 8 KB per token); larger messages stay on NCCL. The default on one node (DS4F_ALLREDUCE=nccl
 reverts): tests/gpu/test_symm_allreduce.py on 2 H200s gave NCCL's sums exactly, eagerly and from a CUDA graph, at
 ~30 us per eager call against NCCL's ~35. CUDA-graph capturable like the NCCL path.
+
+DS4F_SYMM_PUSH=1 (opt-in until its 2-GPU test has run): the push kernel of ds4f/kernels/push_allreduce.py instead of
+torch's: every rank stores its x straight into the peers' receive slots and raises a flag there, waits for the peers'
+flags in its own memory and sums locally (one launch, one NVLink crossing, no barrier round trip). Tile
+DS4F_SYMM_PUSH_TILE="block,warps" (default 2048,4); messages over DS4F_SYMM_PUSH_MAX_NUMEL elements (default: all that
+fit) stay on torch's kernel; a rank gives up waiting after DS4F_SYMM_PUSH_TIMEOUT_S (60) seconds and traps. The first
+push call of an instance meets every rank on the host store, so a rank still loading its weights keeps its peer
+waiting on the host, not spinning on the GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 MAX_BYTES = 512 << 10  # 64 tokens x 4096 x bf16: the largest decode graph bucket's message
 # the copy-in one-shot kernel (torch >= 2.7); DS4F_SYMM_COPY_IN=0: a separate copy, then one_shot_all_reduce_out
 COPY_IN = os.environ.get("DS4F_SYMM_COPY_IN", "1") == "1"
+PUSH_TILE = (2048, 4)  # elements per program, warps (DS4F_SYMM_PUSH_TILE)
 
 
 def wanted() -> bool:
@@ -32,7 +41,8 @@ class SymmAllReduce:
     _made = 0  # group names must be unique in a process
 
     def __init__(self, store: Any, rank: int, world: int, device: torch.device, max_bytes: int = MAX_BYTES,
-                 name: str = "ds4f-tp", backend: Any = None) -> None:
+                 name: str = "ds4f-tp", backend: Any = None, push: bool | None = None,
+                 push_tile: tuple[int, int] | None = None, push_timeout_s: float | None = None) -> None:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
         from torch._C import _distributed_c10d as c10d
@@ -51,13 +61,57 @@ class SymmAllReduce:
         self.buf = symm_mem.empty(self.cap, dtype=torch.bfloat16, device=device)
         self.copy_in = COPY_IN and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         symm_mem.rendezvous(self.buf, self.name)
+        self.store, self.rank, self._armed = store, rank, False
+        self.push = None
+        if os.environ.get("DS4F_SYMM_PUSH", "0") == "1" if push is None else push:
+            self.push = self._make_push(device, push_tile, push_timeout_s)
+
+    def _make_push(self, device: torch.device, tile: tuple[int, int] | None, timeout_s: float | None) -> Any:
+        """The push kernel's receive region (symmetric memory, flag words zeroed before the rendezvous, which returns
+        on no rank before every rank has reached it) and its launcher, compiled now."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from ds4f.kernels.knobs import env_knobs
+        from ds4f.kernels.push_allreduce import PushAllReduce, region_numel
+
+        block, warps = tile or env_knobs("DS4F_SYMM_PUSH_TILE", 2, "2048,4") or PUSH_TILE
+        self.push_max = (env_knobs("DS4F_SYMM_PUSH_MAX_NUMEL", 1, "16384") or (self.cap,))[0]
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("DS4F_SYMM_PUSH_TIMEOUT_S", "60"))
+        self.region = symm_mem.empty(region_numel(self.world, self.cap, block), dtype=torch.bfloat16, device=device)
+        self.region.zero_()
+        torch.cuda.synchronize(device)
+        hdl = symm_mem.rendezvous(self.region, self.name)
+        # the region sits at the same offset of every rank's mapped buffer (symmetric allocation)
+        off = self.region.data_ptr() - int(hdl.buffer_ptrs[self.rank])
+        size = getattr(hdl, "buffer_size", None)
+        assert off >= 0 and (size is None or off < int(size)), (off, size)
+        self.region_hdl = hdl
+        push = PushAllReduce([int(p) + off for p in hdl.buffer_ptrs], self.rank, self.world, self.cap, device, block,
+                             warps, timeout_s)
+        push.warmup(torch.empty(4096, dtype=torch.bfloat16, device=device))
+        return push
+
+    def _arm(self) -> None:
+        """Meet every rank on the host store before the first push (once per instance)."""
+        import torch.distributed as dist
+
+        st = dist.PrefixStore(f"symm-push/{self.name}", self.store)
+        st.set(str(self.rank), "1")
+        st.wait([str(r) for r in range(self.world)])
+        self._armed = True
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.is_cuda and x.dtype == torch.bfloat16 and x.numel() <= self.cap
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """x (contiguous, fits) -> the sum over the ranks: a new tensor where torch has the copy-in variant (the
-        kernel itself copies x into this rank's slot: one launch instead of a copy + the reduce), else x in place."""
+        """x (contiguous, fits) -> the sum over the ranks: a new tensor with the push kernel or where torch has the
+        copy-in variant (the kernel itself copies x into this rank's slot: one launch instead of a copy + the
+        reduce), else x in place."""
+        if self.push is not None and x.numel() <= self.push_max:
+            if not self._armed:
+                self._arm()
+            return self.push(x)
         n = x.numel()
         b = self.buf[:n]
         if self.copy_in:
@@ -86,5 +140,7 @@ def try_symm(ctrl: Any, store: Any, rank: int, world: int, device: torch.device,
     if agree(ctrl, 1 if ar is not None else 0) == 0:
         return None
     if rank == 0:
-        log(f"tensor parallel: one-shot symmetric-memory all-reduce for messages up to {MAX_BYTES >> 10} KiB")
+        push = getattr(ar, "push", None)
+        kind = f"push kernel, tile {push.block},{push.warps}" if push is not None else "torch's kernel"
+        log(f"tensor parallel: one-shot symmetric-memory all-reduce ({kind}) for messages up to {MAX_BYTES >> 10} KiB")
     return ar

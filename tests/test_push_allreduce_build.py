@@ -1,0 +1,125 @@
+"""⑦ the push one-shot all-reduce (ds4f/kernels/push_allreduce.py) without a GPU: it compiles for sm_80 and sm_90 (W =
+2 and 4) with 16-byte peer stores, a system-scope release flag, a system-scope acquire spin, the %globaltimer bound
+and the trap; under TRITON_INTERPRET=1, W ranks as forked processes over one shared mapping (the "NVLink") run a
+sequence of calls of changing sizes with random skew and equal push_all_reduce_ref bit for bit on every rank, the
+per-program epochs count each program's calls; a rank whose peer never comes records the epoch and returns (the
+GPU traps). The 2-GPU test: tests/gpu/test_symm_allreduce.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4f.kernels.push_allreduce import push_all_reduce_ref
+
+
+def test_ref_two_ranks_is_one_bf16_add() -> None:
+    # two ranks: the rank-order fp32 sum rounded once is the bf16 sum (NCCL's for two ranks), in either order
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(4096, generator=g) * torch.logspace(-6, 6, 4096)).bfloat16()
+    b = (torch.randn(4096, generator=g) * torch.logspace(6, -6, 4096)).bfloat16()
+    assert torch.equal(push_all_reduce_ref([a, b]), a + b)
+    assert torch.equal(push_all_reduce_ref([b, a]), a + b)
+
+
+def _build(world: int, arch: int, block: int, warps: int) -> str:
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from ds4f.kernels import push_allreduce as pa
+
+    fn = pa._push_ar
+    types = dict(x_ptr="*bf16", out_ptr="*bf16", addr_ptr="*i64", epoch_ptr="*i32", err_ptr="*i32", n="i32",
+                 rank="i32", timeout="i64")
+    cap = 262144
+    consts = dict(W=world, CAP=cap, MAXB=cap // block, BLOCK=block, TIMER=True, TRAP=True, SW_ROUND=False)
+    sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("x_ptr", "out_ptr", "addr_ptr", "n")}
+    try:
+        k = compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                    options=dict(num_warps=warps))
+    except RuntimeError as ex:  # no ptxas / backend on this machine
+        if "ptxas" in str(ex).lower() and "not found" in str(ex).lower():
+            pytest.skip(str(ex))
+        raise
+    return k.asm["ptx"]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize(("world", "block", "warps"), [(2, 2048, 4), (2, 1024, 4), (4, 4096, 8)])
+def test_push_kernel_builds(arch: int, world: int, block: int, warps: int) -> None:
+    ptx = _build(world, arch, block, warps)
+    assert "st.global.v4.b32" in ptx  # the NVLink pushes: 16-byte stores through the int64 address table
+    assert "ld.global.cg.v4.b32" in ptx  # the received slots: L2 reads, vectorized
+    assert ptx.count("atom.global.sys.release.exch.b32") == world - 1  # one flag per peer
+    assert "sys.acquire" in ptx  # the spin (ld.acquire or atom.acquire at system scope)
+    assert "%globaltimer" in ptx and "trap;" in ptx
+    assert ptx.count("bar.sync") >= 2  # the pushes before the flag, the wait before the reads
+
+
+def check_ranks() -> None:
+    """Fork W ranks (2, then 3) over one shared anonymous mapping; each runs the same call sequence and checks its
+    output against the oracle; then a lone rank times out."""
+    import mmap
+    import os
+    import random
+    import time
+
+    from ds4f.kernels import push_allreduce as pa
+
+    cap, block = 512, 64
+    sizes = [64, 200, 512, 1, 130, 512, 64, 448, 3]
+    for world in (2, 3):
+        numel = pa.region_numel(world, cap, block)
+        mm = mmap.mmap(-1, world * numel * 2)  # MAP_SHARED | MAP_ANONYMOUS: survives the fork, zeroed
+        whole = torch.frombuffer(mm, dtype=torch.bfloat16)
+        addrs = [whole[q * numel:].data_ptr() for q in range(world)]
+        kids = []
+        rank = 0
+        for r in range(1, world):
+            pid = os.fork()
+            if pid == 0:
+                rank = r
+                break
+            kids.append(pid)
+        ok = 1
+        try:
+            ar = pa.PushAllReduce(addrs, rank, world, cap, torch.device("cpu"), block=block, warps=1,
+                                  spin_iters=1 << 22)
+            rng = random.Random(rank)
+            counts = torch.zeros(cap // block, dtype=torch.int32)
+            for i, n in enumerate(sizes):
+                xs = [((torch.randn(n, generator=torch.Generator().manual_seed(1000 * i + q))) * (q + 1)).bfloat16()
+                      for q in range(world)]
+                time.sleep(rng.random() * 0.05)  # skew: the ranks enter each call at different times
+                got = ar(xs[rank].clone())
+                assert torch.equal(got, pa.push_all_reduce_ref(xs)), (world, rank, i, n)
+                counts[: (n + block - 1) // block] += 1
+            assert torch.equal(ar.epoch, counts), (ar.epoch, counts)  # each program counts its own calls
+            assert ar.error() == 0
+        except BaseException as ex:  # a child must exit here, never return into the parent's code
+            print(f"rank {rank}: {type(ex).__name__}: {ex}", flush=True)
+            ok = 0
+        if rank:
+            os._exit(0 if ok else 1)
+        codes = [os.waitpid(pid, 0)[1] for pid in kids]
+        assert ok and codes == [0] * len(kids), (world, ok, codes)
+        print(f"world {world}: {len(sizes)} calls equal the reference on every rank")
+    # a lone rank: its peer never flags; the bounded spin records the epoch and gives up
+    numel = pa.region_numel(2, cap, block)
+    mm = mmap.mmap(-1, 2 * numel * 2)
+    whole = torch.frombuffer(mm, dtype=torch.bfloat16)
+    ar = pa.PushAllReduce([whole.data_ptr(), whole[numel:].data_ptr()], 0, 2, cap, torch.device("cpu"), block=block,
+                          warps=1, spin_iters=20)
+    ar(torch.ones(64, dtype=torch.bfloat16))
+    assert ar.error() == 1
+    print("lone rank: error epoch 1")
+
+
+def test_push_ranks_interpreted() -> None:
+    pytest.importorskip("triton")
+    from interp import run_interpreted
+
+    out = run_interpreted("test_push_allreduce_build", "check_ranks", timeout=600)
+    assert "world 3:" in out and "lone rank" in out, out
