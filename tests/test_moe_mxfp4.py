@@ -3,6 +3,7 @@ checks, and (TRITON_INTERPRET=1, tiny shapes, skipped without triton) the Triton
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -128,11 +129,31 @@ x, w13q, w13s, w2q, w2s, ids, wts = _case(E=5, D=64, I=96, T=6, k=2, seed=11)
 ref = mm.fused_moe_mxfp4_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
 def boom(*a, **k):
     raise RuntimeError("the kernel path must not dequantize an expert")
+real = (quant.dequant_mxfp4, quant.unpack_fp4)
 mm.dequant_mxfp4 = quant.unpack_fp4 = quant.dequant_mxfp4 = boom
 for split, pp, bn, gemv in [(0, 0, 32, 0), (1, 1, 16, 0), (0, 1, 64, 0), (0, 1, 32, 1)]:
     cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=1, SPLIT=split, PER_PICK=pp, GEMV=gemv)
     out = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=cfg)
     res[f"split{split}_pp{pp}_bn{bn}_gemv{gemv}"] = _rel(out, ref)
+# moe_mxfp4_decode (swap-AB, group-column B, fused pick sum): K splits with arrival sums, and one step per program
+from ds4f.kernels import arrival
+mm.dequant_mxfp4 = quant.dequant_mxfp4 = real[0]
+quant.unpack_fp4 = real[1]
+x, w13q, w13s, w2q, w2s, ids, wts = _case(E=5, D=128, I=192, T=3, k=2, seed=12)
+ref = mm.fused_moe_mxfp4_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
+mm.dequant_mxfp4 = quant.unpack_fp4 = quant.dequant_mxfp4 = boom
+for dec in [(32, 64, 2, 4, 1, 16, 64, 3, 4, 1), (64, 128, 1, 4, 1, 64, 64, 1, 4, 1)]:
+    out = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=dec))
+    res["dec_" + "_".join(map(str, dec))] = _rel(out, ref)
+out = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=(32, 64, 2, 4, 1, 16, 64, 3, 4, 1),
+                                                                                SUB=1))
+res["dec_sub"] = _rel(out, ref)  # weights times 2^-126 (subnormal MMA inputs), x times 2^100, sums times 2^26
+sh = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+out = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=(32, 64, 2, 4, 1, 16, 64, 3, 4, 1)),
+                         shared_out=sh)
+res["dec_shared_out"] = _rel(out, ref.float() + sh.float()) / 5  # two bf16 roundings in the oracle, one here
+res["dec_locks_zero"] = all(int(b.abs().sum()) == 0 for k in ("mxfp4_dec_up", "mxfp4_dec_down")
+                            for b in arrival.buffers(k))
 print("RESULT", json.dumps(res))
 """
 
@@ -146,6 +167,8 @@ def test_triton_kernels_in_interpreter():
     assert p.returncode == 0 and line, p.stderr[-3000:]
     res = json.loads(line[0][7:])
     assert res.pop("decode_exact") is True
+    assert res.pop("dec_locks_zero") is True  # the decode kernels' arrival counters are re-armed
+    assert {n for n in res if n.startswith("dec_")} >= {"dec_shared_out", "dec_sub", "dec_32_64_2_4_1_16_64_3_4_1"}
     for name, rel in res.items():
         assert rel < 1e-3, (name, rel)  # same fp32 products; only the summation order differs
 
@@ -193,3 +216,68 @@ def test_default_tiles_build_offline_for_sm80_and_sm90(arch, m_per_expert):
     if m_per_expert < 1:  # decode tiles also build as the CUDA-core GEMV
         _build(mm._up_gemv, dict(**shape, TOPK=6, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], ASM=1, F32=0), arch,
                nw, ns)
+
+
+def test_decode_tile_choice_table_env_and_fit(monkeypatch):
+    from ds4f.kernels import moe_mxfp4_decode as md
+
+    monkeypatch.delenv("DS4F_MXFP4_DEC", raising=False)
+    md._env.cache_clear()
+    for (d, i, b), cfgs in md.CONFIGS.items():
+        assert cfgs is None or md.fits(cfgs, d, i)
+        assert md.tiles_for(None, True, b, 6, d, i) == cfgs
+    for d, i, t in [(4096, 256, 1), (7168, 512, 4), (2048, 1536, 2), (128, 192, 1)]:
+        assert md.fits(md.generic_config(d, i, t), d, i), (d, i, t)
+    assert md.tiles_for(None, False, 1, 6, 4096, 1024) is None  # CPU / interpreter: only when forced
+    assert md.tiles_for(None, True, 11, 6, 4096, 1024) is None  # 66 picks: the GEMM path
+    assert md.tiles_for(dict(BLOCK_M=16, BLOCK_N=8), True, 1, 6, 4096, 1024) is None  # an explicit old config
+    with pytest.raises(AssertionError, match="does not tile"):
+        md.tiles_for(dict(DEC=(64, 256, 3, 4, 4, 64, 256, 1, 4, 4)), True, 1, 6, 4096, 1024)
+    try:
+        monkeypatch.setenv("DS4F_MXFP4_DEC", "0")
+        md._env.cache_clear()
+        assert md.tiles_for(None, True, 1, 6, 4096, 1024) is None
+        monkeypatch.setenv("DS4F_MXFP4_DEC", "128,256,4,8,4,32,256,2,4,4")
+        md._env.cache_clear()
+        assert md.tiles_for(None, True, 1, 6, 4096, 1024) == ((128, 256, 4, 8, 4), (32, 256, 2, 4, 4))
+        monkeypatch.setenv("DS4F_MXFP4_DEC", "64,256")
+        md._env.cache_clear()
+        with pytest.raises(ValueError, match="DS4F_MXFP4_DEC"):
+            md.pick(4096, 1024, 1)
+    finally:
+        monkeypatch.delenv("DS4F_MXFP4_DEC")
+        md._env.cache_clear()
+
+
+_DEC_PTRS = dict(x_ptr="*bf16", a_ptr="*bf16", q_ptr="*i16", s_ptr="*u8", ids_ptr="*i32", tw_ptr="*fp32",
+                 sh_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32", limit="fp32")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("tp", [2, 1])
+def test_decode_kernels_build_offline_and_load_bytes_into_the_mma_operand(arch, tp):
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from ds4f.kernels import moe_mxfp4_decode as md
+
+    inter = 2048 // tp
+    up, down = md.CONFIGS[(4096, inter, 1)]
+    for (fn, cfg, consts), sub in itertools.product([(md._dec_up, up, dict(I=inter, DM=4096, TOPK=6)),
+                                                     (md._dec_down, down, dict(DM=4096, I=inter, TOPK=6, HAS_SH=1))],
+                                                    (0, 1)):
+        consts = dict(consts, BLOCK_N=cfg[0], BLOCK_K=cfg[1], SPLIT=cfg[2], ASM=1, SUB=sub, F32=0)
+        sig = {n: "constexpr" if n in consts else _DEC_PTRS.get(n, "i32") for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in _DEC_PTRS
+                 and n != "limit"}
+        try:
+            k = compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                        options=dict(num_warps=cfg[3], num_stages=cfg[4]))
+        except RuntimeError as ex:  # no ptxas / backend on this machine
+            if "ptxas" in str(ex).lower() and "not found" in str(ex).lower():
+                pytest.skip(str(ex))
+            raise
+        assert ("fma.rn.bf16x2" in k.asm["ptx"]) != bool(sub) and k.metadata.shared <= 160 * 1024
+        # the packed words reach the MMA operand layout undecoded: no decoded tile through shared memory
+        assert "xi16, #ttg.dot_op<{opIdx = 0" in k.asm["ttgir"]

@@ -9,6 +9,7 @@ expert is ever written. The optional bf16 shared expert runs through ds4f.kernel
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -291,8 +292,9 @@ def fused_moe_mxfp4(
     swiglu_limit: float,
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
-    config: dict[str, int] | None = None,
+    config: dict[str, Any] | None = None,
     shared_out: torch.Tensor | None = None,
+    shared_ready: Any = None,
 ) -> torch.Tensor:
     """out [T, D] bf16 = Σ_j weights[t,j] · (swiglu_clamp(x[t] @ W13[e]ᵀ) @ W2[e]ᵀ) (+ shared expert), e = ids[t,j].
 
@@ -301,8 +303,11 @@ def fused_moe_mxfp4(
     fp32; shared = (w13 [2Is, D], w2 [D, Is]) bf16 or None. Scales must lie in [2, 252] (2^-125..2^125). D and I
     are multiples of 32. No host sync: CUDA-graph safe. config: BLOCK_M/N/K, num_warps, num_stages, ASM (PTX nibble
     decode, CUDA only), SPLIT (even/odd column dots instead of an interleaved tile), PER_PICK, GEMV (with PER_PICK:
-    CUDA-core FMAs instead of tl.dot). shared_out [T, D] bf16: a shared expert's output the caller computed, added
-    as `shared`'s would be (pass one of the two)."""
+    CUDA-core FMAs instead of tl.dot), or DEC (ten ints: moe_mxfp4_decode's up and down tiles; with ASM, SUB). Without
+    a config, decode-sized CUDA calls take moe_mxfp4_decode's table (DS4F_MXFP4_DEC=0: the GEMV below).
+    shared_out [T, D] bf16: a shared expert's output the caller computed, added as `shared`'s would be (pass one of
+    the two); shared_ready: the CUDA stream computing it, joined right before the first launch that reads it (the
+    decode path's down kernel), so the routed up GEMM overlaps it."""
     assert shared is None or shared_out is None, "pass the shared expert's weights or its output, not both"
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(-1) == 1, "x must be [T, D] bf16"
     T, DM = x.shape
@@ -321,7 +326,19 @@ def fused_moe_mxfp4(
     M = T * k
     out_sh = _shared(x, shared, swiglu_limit) if shared_out is None else shared_out
     if M == 0:
+        if shared_ready is not None:
+            torch.cuda.current_stream().wait_stream(shared_ready)
         return torch.zeros_like(x) if out_sh is None else out_sh
+    from ds4f.kernels import moe_mxfp4_decode as md  # here: it imports this module's jit helpers
+
+    dec = md.tiles_for(config, x.is_cuda and not _INTERPRET, T, k, DM, I)
+    if dec is not None:  # decode sizes: swap-AB tensor-core kernels, pick sum fused
+        c = config or {}
+        return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
+                             bool(c.get("ASM", x.is_cuda and not _INTERPRET)), bool(c.get("SUB", md.SUB)),
+                             shared_ready)
+    if shared_ready is not None:
+        torch.cuda.current_stream().wait_stream(shared_ready)
     gemv_ok = x.is_cuda and not _INTERPRET and M <= PER_PICK_MAX and os.environ.get("DS4F_MXFP4_GEMV", "1") == "1"
     cfg = dict(config or (GEMV_CONFIG if gemv_ok else default_config(M / E)))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")

@@ -126,3 +126,120 @@ def test_no_dequantized_copy_of_the_experts():
     # activation [<= (M/bm + E) * bm, I] bf16 + per-pick rows [M, D] fp32 + sort scratch (~3.5 MB here)
     all_bf16 = E * 3 * I * D * 2  # 201 MB
     assert 0 < extra < all_bf16 / 32
+
+
+# ------------------------------------------------ decode: moe_mxfp4_decode's swap-AB kernels (default, <= 64 picks)
+
+# (E, D, I, T, k): the per-rank V4-Flash shapes at TP=2 (I = 1024) and TP=1 (I = 2048), T = 1 and 4
+DEC_SHAPES = [(32, 4096, 1024, 1, 6), (32, 4096, 1024, 4, 6), (32, 4096, 2048, 1, 6), (32, 4096, 2048, 4, 6)]
+# None: the shape table; one 512-column step per up program; 8-warp 128-row up tiles with 32-row down tiles
+DEC_TILES = [None, (64, 512, 8, 4, 3, 64, 512, 2, 4, 3), (128, 512, 4, 8, 3, 32, 256, 4, 4, 4)]
+
+
+@pytest.mark.parametrize("E,D,I,T,k", DEC_SHAPES)
+@pytest.mark.parametrize("tiles", DEC_TILES)
+def test_decode_kernels_match_reference(E, D, I, T, k, tiles):
+    from ds4f.kernels import arrival
+
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(E, D, I, T, k, seed=T + I, s_lo=110, s_hi=131)
+    ids[-1, 1:] = ids[-1, 0]  # a repeated expert inside one token's picks
+    sh = (torch.randn(T, D, device="cuda") * 0.1).bfloat16()
+    cfg = None if tiles is None else dict(DEC=tiles)
+    out = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=cfg)
+    ref = fused_moe_mxfp4_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert _rel(out, ref) < TOL
+    out_sh = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=cfg, shared_out=sh)
+    assert _rel(out_sh, ref.float() + sh.float()) < TOL
+    torch.cuda.synchronize()
+    assert all(int(b.abs().sum()) == 0 for n in ("mxfp4_dec_up", "mxfp4_dec_down") for b in arrival.buffers(n))
+
+
+@pytest.mark.parametrize("E,D,I,T,k", DEC_SHAPES)
+def test_decode_sub_variant_matches_reference(E, D, I, T, k):
+    """DS4F_MXFP4_DEC_SUB's form (weights times 2^-126 into the MMA, so +-0.5 arrive as bf16 subnormals): exact only
+    if the tensor cores keep subnormal inputs. A failure here means the SUB option must stay off."""
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(E, D, I, T, k, seed=T + I + 1, s_lo=110, s_hi=131)
+    x[0, :8] = torch.tensor([3e4, -2e4, 1e-30, -1e-35, 0.5, 7.0, -9.0, 1e-3], device="cuda")  # x * 2^100 range
+    tiles = md_table(D, I, T)
+    out = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, SUB=1))
+    ref = fused_moe_mxfp4_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
+    assert torch.isfinite(out).all() and _rel(out, ref) < TOL
+    # the +-0.5 codes alone: a flush to zero would lose the whole output
+    w13h, w2h = (w13q & 0x88) | 0x11, (w2q & 0x88) | 0x11  # every nibble s|001: +-0.5, random signs
+    out = fused_moe_mxfp4(x, w13h, w13s, w2h, w2s, ids, wts, 10.0, config=dict(DEC=tiles, SUB=1))
+    ref = fused_moe_mxfp4_ref(x, w13h, w13s, w2h, w2s, ids, wts, 10.0)
+    assert _rel(out, ref) < TOL
+
+
+def md_table(D: int, I: int, T: int) -> tuple[int, ...]:
+    from ds4f.kernels import moe_mxfp4_decode as md
+
+    up, down = md.pick(D, I, T)  # type: ignore[misc]
+    return (*up, *down)
+
+
+def test_decode_is_the_default_and_env_falls_back(monkeypatch):
+    from ds4f.kernels import moe_mxfp4_decode as md
+
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(16, 4096, 1024, 1, 6, seed=2)
+    assert md.tiles_for(None, True, 1, 6, 4096, 1024) is not None  # the TP=2 shape takes the decode kernels
+    calls = []
+    real = md.moe_decode
+    monkeypatch.setattr(md, "moe_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    new = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
+    assert calls == [1]
+    monkeypatch.setenv("DS4F_MXFP4_DEC", "0")
+    md._env.cache_clear()
+    try:
+        old = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)  # moe_mxfp4's CUDA-core GEMV
+    finally:
+        monkeypatch.delenv("DS4F_MXFP4_DEC")
+        md._env.cache_clear()
+    assert calls == [1]
+    assert _rel(new, old) < TOL
+
+
+if HAS_TRITON:
+    from ds4f.kernels.moe_mxfp4_decode import _nibbles
+
+    @triton.jit
+    def _nib_kernel(q_ptr, o_ptr, ASM: tl.constexpr, SUB: tl.constexpr):
+        # [256, 32] int16 words -> their 4 nibbles [256, 32, 4] bf16 through the decode kernels' one-input routine
+        o = tl.arange(0, 256)[:, None] * 32 + tl.arange(0, 32)[None, :]
+        q = tl.load(q_ptr + o)
+        for r in tl.static_range(4):
+            tl.store(o_ptr + o * 4 + r, _nibbles(q, r, ASM, SUB).to(tl.bfloat16))
+
+
+@pytest.mark.parametrize("asm,sub", [(1, 0), (0, 0), (1, 1)])
+def test_decode_nibbles_every_byte_exact(asm, sub):
+    q = torch.arange(256, dtype=torch.uint8, device="cuda").repeat(64).view(256, 64)
+    q[:, 1::2] = q[:, 1::2].flip(0)  # each word's second byte differs from its first
+    o = torch.empty(256, 32, 4, dtype=torch.bfloat16, device="cuda")
+    _nib_kernel[(1,)](q.view(torch.int16), o, ASM=asm, SUB=sub)
+    want = dequant_mxfp4(q, torch.full((256, 4), 127, dtype=torch.uint8, device="cuda"))
+    assert torch.equal(o.view(256, 128).float() * 2.0 ** (126 * sub), want)  # SUB: value * 2^-126 (subnormal 0.5)
+
+
+def test_decode_graph_replay_matches_eager():
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(32, 4096, 1024, 1, 6, seed=6)
+    sh = (torch.randn(1, 4096, device="cuda") * 0.1).bfloat16()
+    eager = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, shared_out=sh)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, shared_out=sh)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, shared_out=sh)
+    for _ in range(3):  # the arrival counters re-arm between replays
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    ids.copy_(ids.roll(1, 1).flip(0))
+    wts.copy_(wts.flip(1))
+    g.replay()
+    assert not torch.equal(out, eager)
+    assert torch.equal(out, fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, shared_out=sh))

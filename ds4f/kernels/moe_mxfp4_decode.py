@@ -1,0 +1,363 @@
+"""⑥ kernels, MXFP4 routed MoE at decode sizes: x [T, D] bf16 (T * k picks <= MAX_PICKS) + packed experts + top-k
+routing in, Σ_j w_j·expert_j(x) (+ a shared expert's output) [T, D] bf16 out, in two launches.
+
+Swap-AB on tensor cores, as ds4f/kernels/gemv.py: each program streams a [BLOCK_N, BLOCK_K/4] tile of one picked
+expert's packed 16-bit words (4 nibbles = K columns 4w..4w+3; the A operand of tl.dot, pipelined through shared
+memory) against x^T. Nibble r of each word decodes with a one-input PTX routine to exact bf16 without its UE8M0
+scale (~2.2 instructions per value), so Triton hoists the MMA-operand layout conversion to the load: the words go
+from shared memory into the operand registers undecoded and are decoded there (no 16-bit tile round trip through
+shared memory, which bounded the older tl.dot tiles). One dot per residue r against B_r, x's columns 4w + r.
+The scale is applied to dot partials: the 16 columns of B that a GEMV would waste on padding hold x split by scale
+group, B_r[w, j] = x[4w + r] if (4w + r) // 32 == j (BLOCK_K <= 512), so acc[n, j] is row n's partial over group j
+and one fp32 multiply by 2^(s[n, j] - 127) per 32 values applies the scale, as the reference does (fp32 products of
+exact bf16 values, fp32 sums; only the summation order differs). Offline sm_90 builds (64x256 tiles): 3.3 (up) /
+3.6 (down) instructions per weight value in the main loop (2.8 / 3.2 with SUB), no spills, ~156 / ~90 registers.
+
+_dec_up: program (pick m, BLOCK_N gate rows + the same up rows, K slice) -> SwiGLU activation row a[m] (bf16, as the
+reference rounds it); with SPLIT > 1 the slices' fp32 partials are summed in slice order by the last program of the
+tile to arrive (ds4f/kernels/arrival.py counters, re-armed by that program: CUDA-graph safe).
+_dec_down: program ((token t, BLOCK_N output rows), (pick j, K slice)); the last of the k * SPLIT programs of a tile
+to arrive sums their weighted partials in (pick, slice) order, adds the shared expert's output and stores bf16: the
+pick sum is fused, no [T*k, D] fp32 rows and no separate sum launch.
+
+Tiles per (D, I) shape from CONFIGS (bench/sweep_mxfp4_decode.py fills it), env DS4F_MXFP4_DEC=bn_up,bk_up,split_up,
+nw_up,ns_up,bn_dn,bk_dn,split_dn,nw_dn,ns_dn overrides, DS4F_MXFP4_DEC=0 turns the path off (moe_mxfp4's CUDA-core
+GEMV), DS4F_MXFP4_DEC_SUB=1 takes the SUB decode (one instruction fewer per two values; needs subnormal bf16 MMA
+inputs, see _SUB_ASM). Two concurrent calls of one shape on two streams would share the tile counters: not supported.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Any
+
+import torch
+
+from ds4f.kernels import arrival
+from ds4f.kernels.knobs import env_knobs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: moe_mxfp4 never calls in here without triton
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_PICKS = 64  # T * k up to this: this path (each pick reads its expert; a repeated expert is read again)
+
+# Two K-adjacent 16-bit words of packed nibbles ($1: word 0 in bits 0..15, word 1 in 16..31; one K pair of the MMA
+# operand layout) -> nibble R of each word as an exact bf16 pair ($0, no scale): (a shift by 8 for R >= 2 and) a mask
+# leave nibble R at bits 0..3 / 4..7 of both lanes, one multiply by 0x1040 / 0x104 copies each nibble s|e1 e0|m to
+# bit 15 and bits 8..6, the mask keeps bf16 bits 15 | 8 7 | 6 (= value * 2^-126; code 1 is the subnormal 2^-127)
+# and one bf16x2 multiply by 2^126 makes it the value: 4-5 instructions per two values. One input, one output:
+# Triton hoists the MMA-operand layout conversion above it to the load, so the packed words go from shared memory
+# straight into the operand layout (no 16-bit tile round trip through shared memory).
+_NIB = ("{{\n.reg .b32 t, big, nz;\nmov.b32 big, 0x7E807E80;\nmov.b32 nz, 0x80008000;\n{shift}"
+        "and.b32 t, {src}, {mask};\nmul.lo.u32 t, t, {mul};\nand.b32 t, t, 0x81C081C0;\n"
+        "fma.rn.bf16x2 $0, t, big, nz;\n}}\n")
+_NIB_ASM = tuple(_NIB.format(shift="shr.b32 t, $1, 8;\n" if r >= 2 else "", src="t" if r >= 2 else "$1",
+                             mask=("0x000F000F", "0x00F000F0")[r % 2], mul=("0x1040", "0x104")[r % 2])
+                 for r in range(4))
+# SUB: the same without the multiply: value * 2^-126 (bf16 subnormals for codes 0.5 / -0.5) goes into the MMA
+# against x * 2^100 (exact for |x| < 2^27), the scale factors times 2^26 (UE8M0 scales <= 228). One instruction
+# fewer per two values, exact only if the tensor cores take bf16 subnormal inputs: the GPU tests check it; off
+# unless DS4F_MXFP4_DEC_SUB=1.
+_SUB_ASM = tuple(a.replace("fma.rn.bf16x2 $0, t, big, nz;", "mov.b32 $0, t;") for a in _NIB_ASM)
+SUB = os.environ.get("DS4F_MXFP4_DEC_SUB", "0") == "1"
+
+Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages
+
+# (D, I, token bucket) -> (up config, down config); bucket 1: T = 1, bucket 4: T >= 2. V4-Flash: D = 4096,
+# I = 2048 / tp. PLACEHOLDER picks from offline sm_90 builds (64x256 tiles: ~156 registers, 3 CTAs per SM; about
+# one wave of up programs), not yet timed on an H200: paste bench/sweep_mxfp4_decode.py's CONFIGS lines here.
+CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg] | None] = {  # None: moe_mxfp4's GEMV wins there
+    (4096, 1024, 1): ((64, 256, 4, 4, 4), (64, 256, 2, 4, 4)),  # TP=2
+    (4096, 1024, 4): ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),
+    (4096, 2048, 1): ((64, 256, 2, 4, 4), (64, 256, 2, 4, 4)),  # TP=1
+    (4096, 2048, 4): ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),
+}
+
+
+def bucket(T: int) -> int:
+    return 1 if T <= 1 else 4
+
+
+if triton is not None:
+    from ds4f.kernels.moe_mxfp4 import _act_bf16, _nibble_bits
+
+    _N0, _N1, _N2, _N3 = (tl.constexpr(a) for a in _NIB_ASM)
+    _S0, _S1, _S2, _S3 = (tl.constexpr(a) for a in _SUB_ASM)
+
+    @triton.jit
+    def _nibbles(q, R: tl.constexpr, ASM: tl.constexpr, SUB: tl.constexpr):
+        # q [BN, KW] int16 words of 4 nibbles (columns 4w..4w+3) -> nibble R of each as exact bf16 [BN, KW]
+        # (SUB: times 2^-126)
+        if ASM:
+            if SUB:
+                v = tl.inline_asm_elementwise(_S0 if R == 0 else _S1 if R == 1 else _S2 if R == 2 else _S3, "=r,r",
+                                              [q], dtype=tl.bfloat16, is_pure=True, pack=2)
+            else:
+                v = tl.inline_asm_elementwise(_N0 if R == 0 else _N1 if R == 1 else _N2 if R == 2 else _N3, "=r,r",
+                                              [q], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            c = (q.to(tl.int32) >> (4 * R)) & 15
+            v = _nibble_bits(c, tl.full(c.shape, 127, tl.int32))
+            if SUB:  # 2^-126, exact (0.5 -> an fp32 subnormal); left fp32: the interpreter flushes bf16 subnormals
+                v = v.to(tl.float32) * 1.1754943508222875e-38
+        return v
+
+    @triton.jit
+    def _mm(a, b, acc, F32: tl.constexpr):
+        if F32:  # the interpreter (Triton 3.6) multiplies bf16 dot operands as their uint16 bit patterns
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a.to(b.dtype), b, acc)
+
+    @triton.jit
+    def _gdot(q, b0, b1, b2, b3, ASM: tl.constexpr, SUB: tl.constexpr, F32: tl.constexpr):
+        # [BN, KW] words . (B of column residue r mod 4) [KW, 16] -> [BN, 16] fp32 partials per scale group
+        acc = _mm(_nibbles(q, 0, ASM, SUB), b0, tl.zeros([q.shape[0], 16], tl.float32), F32)
+        acc = _mm(_nibbles(q, 1, ASM, SUB), b1, acc, F32)
+        acc = _mm(_nibbles(q, 2, ASM, SUB), b2, acc, F32)
+        return _mm(_nibbles(q, 3, ASM, SUB), b3, acc, F32)
+
+    @triton.jit
+    def _group_b(xp, KW: tl.constexpr, SUB: tl.constexpr):
+        # x's BLOCK_K = 4*KW values at xp -> B_r [KW, 16] bf16, r = column mod 4: B_r[w, j] = x[4w + r] if the
+        # column's scale group (w // 8) is j, else 0
+        xv = tl.load(xp + tl.arange(0, 4 * KW))
+        if SUB:  # 2^100: exact (the weights come in times 2^-126)
+            xv = (xv.to(tl.float32) * 1.2676506002282294e30).to(tl.bfloat16)
+        x4 = tl.reshape(xv, [KW, 2, 2])  # (w, r // 2, r % 2)
+        xa, xb = tl.split(x4)
+        x0, x2 = tl.split(xa)
+        x1, x3 = tl.split(xb)
+        # built as B_r^T [16, KW] (each thread's values contiguous along KW: wide shared-memory stores), fed
+        # transposed
+        sel = tl.arange(0, 16)[:, None] == (tl.arange(0, KW) // 8)[None, :]
+        return (tl.trans(tl.where(sel, x0[None, :], 0.0).to(tl.bfloat16)),
+                tl.trans(tl.where(sel, x1[None, :], 0.0).to(tl.bfloat16)),
+                tl.trans(tl.where(sel, x2[None, :], 0.0).to(tl.bfloat16)),
+                tl.trans(tl.where(sel, x3[None, :], 0.0).to(tl.bfloat16)))
+
+    @triton.jit
+    def _scales(sp, NG: tl.constexpr, live, SUB: tl.constexpr):
+        # [BN, 16] UE8M0 bytes (groups >= NG, or all when not live, masked) -> 2^(s-127) fp32 (0 where masked);
+        # SUB: 2^(s-101), the 2^26 the SUB decode owes (2^-126 weights against x * 2^100; needs s <= 228)
+        s = tl.load(sp, mask=(tl.arange(0, 16)[None, :] < NG) & live, other=0).to(tl.int32)
+        if SUB:
+            s = tl.where(s > 0, s + 26, 0)
+        return (s << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_bf16(v, F32: tl.constexpr):
+        if F32:  # the interpreter truncates fp32 -> bf16: round to nearest even by hand, as the GPU does
+            b = v.to(tl.int32, bitcast=True)
+            v = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        return v.to(tl.bfloat16)
+
+    @triton.jit
+    def _dec_up(
+        x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
+        I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr, ASM: tl.constexpr, SUB: tl.constexpr, F32: tl.constexpr,
+    ):
+        # program (pick m, gate rows [n0, n0 + BLOCK_N) and the same up rows, K slice pid_s); I % BLOCK_N == 0,
+        # DM % (SPLIT * BLOCK_K) == 0, BLOCK_K <= 512
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        KW: tl.constexpr = BLOCK_K // 4
+        K_PER: tl.constexpr = DM // SPLIT
+        e = tl.load(ids_ptr + pid_m).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        r64 = rn.to(tl.int64)[:, None]
+        k0 = pid_s * K_PER
+        qg = q_ptr + e * s_qe + r64 * s_qn + k0 // 4 + tl.arange(0, KW)[None, :]
+        sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
+        xp = x_ptr + (pid_m // TOPK).to(tl.int64) * s_xt + k0
+        acc_g = tl.zeros([BLOCK_N, 16], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, 16], tl.float32)
+        NS: tl.constexpr = K_PER // BLOCK_K
+        NG: tl.constexpr = BLOCK_K // 32
+        # the scales feed no dot, so Triton's pipeliner leaves their loads in the loop: fetched a step ahead by hand
+        fg_n = _scales(sg, NG, True, SUB)
+        fu_n = _scales(sg + I * s_sn, NG, True, SUB)
+        for kb in range(0, NS):  # offsets as kb * constant keep the 16-byte alignment visible
+            fg = fg_n
+            fu = fu_n
+            fg_n = _scales(sg + (kb + 1) * NG, NG, kb + 1 < NS, SUB)
+            fu_n = _scales(sg + I * s_sn + (kb + 1) * NG, NG, kb + 1 < NS, SUB)
+            b0, b1, b2, b3 = _group_b(xp + kb * BLOCK_K, KW, SUB)
+            wg = tl.load(qg + kb * KW)
+            wu = tl.load(qg + I * s_qn + kb * KW)
+            acc_g += _gdot(wg, b0, b1, b2, b3, ASM, SUB, F32) * fg
+            acc_u += _gdot(wu, b0, b1, b2, b3, ASM, SUB, F32) * fu
+        g = tl.sum(acc_g, 1)
+        u = tl.sum(acc_u, 1)
+        if SPLIT > 1:
+            # partials [M, SPLIT, 2, I] fp32; the last program of (m, tile) to arrive sums them in slice order
+            pp = part_ptr + pid_m.to(tl.int64) * (SPLIT * 2 * I) + rn
+            tl.store(pp + pid_s * (2 * I), g)
+            tl.store(pp + pid_s * (2 * I) + I, u)
+            tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
+            cnt = tl.atomic_add(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
+            if cnt == SPLIT - 1:
+                g = tl.zeros([BLOCK_N], tl.float32)
+                u = tl.zeros([BLOCK_N], tl.float32)
+                for s in range(0, SPLIT):  # fixed order: the sum does not depend on arrival order
+                    g += tl.load(pp + s * (2 * I), cache_modifier=".cg")
+                    u += tl.load(pp + s * (2 * I) + I, cache_modifier=".cg")
+                tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+                tl.store(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 0)  # re-armed for the next call
+        else:
+            tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+
+    @triton.jit
+    def _dec_down(
+        a_ptr, q_ptr, s_ptr, ids_ptr, tw_ptr, sh_ptr, out_ptr, part_ptr, lock_ptr, s_at, s_qe, s_qn, s_se, s_sn,
+        s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, ASM: tl.constexpr, SUB: tl.constexpr,
+        F32: tl.constexpr,
+    ):
+        # program ((token t, rows [n0, n0 + BLOCK_N) of D), (pick j, K slice)); DM % BLOCK_N == 0,
+        # I % (SPLIT * BLOCK_K) == 0
+        pid_tn = tl.program_id(0)
+        pid_js = tl.program_id(1)
+        NT: tl.constexpr = DM // BLOCK_N
+        KW: tl.constexpr = BLOCK_K // 4
+        K_PER: tl.constexpr = I // SPLIT
+        t = pid_tn // NT
+        rn = (pid_tn % NT) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = t * TOPK + pid_js // SPLIT
+        k0 = (pid_js % SPLIT) * K_PER
+        e = tl.load(ids_ptr + m).to(tl.int64)
+        r64 = rn.to(tl.int64)[:, None]
+        qd = q_ptr + e * s_qe + r64 * s_qn + k0 // 4 + tl.arange(0, KW)[None, :]
+        sd = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
+        ap = a_ptr + m.to(tl.int64) * s_at + k0
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        NS: tl.constexpr = K_PER // BLOCK_K
+        NG: tl.constexpr = BLOCK_K // 32
+        fd_n = _scales(sd, NG, True, SUB)
+        for kb in range(0, NS):
+            fd = fd_n
+            fd_n = _scales(sd + (kb + 1) * NG, NG, kb + 1 < NS, SUB)  # a step ahead (see _dec_up)
+            b0, b1, b2, b3 = _group_b(ap + kb * BLOCK_K, KW, SUB)
+            wd = tl.load(qd + kb * KW)
+            acc += _gdot(wd, b0, b1, b2, b3, ASM, SUB, F32) * fd
+        y = tl.sum(acc, 1) * tl.load(tw_ptr + m)
+        # partials [T, k * SPLIT, DM] fp32; the last of the tile's k * SPLIT programs to arrive sums them in order
+        pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
+        tl.store(pp + pid_js * DM, y)
+        tl.debug_barrier()
+        cnt = tl.atomic_add(lock_ptr + pid_tn, 1, sem="acq_rel", scope="gpu")
+        if cnt == TOPK * SPLIT - 1:
+            tot = tl.zeros([BLOCK_N], tl.float32)
+            for js in range(0, TOPK * SPLIT):
+                tot += tl.load(pp + js * DM, cache_modifier=".cg")
+            if HAS_SH:
+                tot += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
+            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(tot, F32))
+            tl.store(lock_ptr + pid_tn, 0)
+
+
+@cache
+def _env() -> tuple[Cfg, Cfg] | None | str:
+    """DS4F_MXFP4_DEC: "0" -> None (path off), ten ints -> (up, down) configs, unset -> "table"."""
+    if os.environ.get("DS4F_MXFP4_DEC", "") == "0":
+        return None
+    v = env_knobs("DS4F_MXFP4_DEC", 10, "64,256,8,4,4,64,256,2,4,4")
+    return (v[:5], v[5:]) if v else "table"  # type: ignore[return-value]
+
+
+def generic_config(D: int, I: int, T: int) -> tuple[Cfg, Cfg]:
+    """Configs for a shape the table lacks: 64-row tiles, 256-column steps, K split to 2 (T = 1) or 4 steps per
+    program, at most 8 ways."""
+    def one(n: int, k: int) -> Cfg:
+        bn = next(b for b in (64, 32, 16) if n % b == 0)
+        bk = next((b for b in (256, 128, 64) if k % b == 0), 64)
+        split = max(1, min(8, k // ((2 if T <= 1 else 4) * bk)))
+        while k % (split * bk):
+            split -= 1
+        return bn, bk, split, 4, 4
+    return one(I, D), one(D, I)
+
+
+def pick(D: int, I: int, T: int) -> tuple[Cfg, Cfg] | None:
+    """(up, down) configs for (D, I, T): env override, then the table, then generic_config; None = this path off
+    (env "0", or a None table entry)."""
+    env = _env()
+    if env is None:
+        return None
+    if env != "table":
+        return env  # type: ignore[return-value]
+    key = (D, I, bucket(T))
+    return CONFIGS[key] if key in CONFIGS else generic_config(D, I, T)
+
+
+def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
+    """Whether (up, down) tile the shape exactly (no masks in the kernels) with BLOCK_K in [64, 512] (>= 16 words
+    per residue dot)."""
+    (bn_u, bk_u, sp_u, *_), (bn_d, bk_d, sp_d, *_) = cfgs
+    return (I % bn_u == 0 and D % (sp_u * bk_u) == 0 and D % bn_d == 0 and I % (sp_d * bk_d) == 0
+            and all(64 <= b <= 512 and b % 64 == 0 for b in (bk_u, bk_d)) and min(bn_u, bn_d) >= 16)
+
+
+def tiles_for(config: dict | None, native: bool, T: int, k: int, D: int, I: int) -> tuple[Cfg, Cfg] | None:
+    """fused_moe_mxfp4's choice: config["DEC"] (ten ints, up then down; any device the kernels run on) forces these
+    kernels; with no config, native CUDA calls of T * k <= MAX_PICKS picks take pick()'s tiles where they fit;
+    None = moe_mxfp4's own GEMM / GEMV paths."""
+    if config is not None:
+        v = config.get("DEC")
+        if not v:
+            return None
+        cfgs = (tuple(v[:5]), tuple(v[5:]))
+        assert len(v) == 10 and fits(cfgs, D, I), f"DEC={v} does not tile D={D}, I={I}"  # type: ignore[arg-type]
+        assert T * k <= MAX_PICKS, f"DEC: {T * k} picks > {MAX_PICKS}"
+        return cfgs  # type: ignore[return-value]
+    cfgs = pick(D, I, T) if native and T * k <= MAX_PICKS else None
+    return cfgs if cfgs is not None and fits(cfgs, D, I) else None
+
+
+def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
+               ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
+               cfgs: tuple[Cfg, Cfg], asm: bool, sub: bool = False, shared_ready: Any = None) -> torch.Tensor:
+    """The two launches. x [T, D] bf16; w13 = (bytes [E, 2I, D/2], UE8M0 [E, 2I, D/32]) and w2 = ([E, D, I/2],
+    [E, D, I/32]) uint8, contiguous (moe_mxfp4 checked them; the bytes are read as int16 words); ids [T, k] int32,
+    weights [T, k] fp32; shared_out [T, D] or None; cfgs from pick() that fits() the shape; asm: the PTX decode
+    (CUDA), sub: its SUB form; shared_ready: the stream computing shared_out, joined before down reads it.
+    -> [T, D] bf16."""
+    (q13, s13), (q2, s2) = w13, w2
+    q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
+    T, D = x.shape
+    k = ids.shape[1]
+    I = q2.shape[2] * 4
+    M = T * k
+    (bn_u, bk_u, sp_u, nw_u, ns_u), (bn_d, bk_d, sp_d, nw_d, ns_d) = cfgs
+    dev = x.device
+    flat = ids.contiguous().view(-1)
+    tw = weights.contiguous().view(-1)
+    f32 = int(_INTERPRET)
+    a = torch.empty(M, I, dtype=torch.bfloat16, device=dev)
+    nt_u = I // bn_u
+    part_u = torch.empty(M * sp_u * 2 * I if sp_u > 1 else 1, dtype=torch.float32, device=dev)
+    # counters sized for MAX_PICKS whatever T is: one buffer per key for every batch size, so a graph captured at
+    # one T never holds a buffer that a later, larger T replaced
+    lock_u = arrival.counters(dev, MAX_PICKS * nt_u, ("mxfp4_dec_up", I, bn_u)) if sp_u > 1 else part_u
+    _dec_up[(M, nt_u, sp_u)](
+        x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
+        s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, ASM=int(asm),
+        SUB=int(sub), F32=f32, num_warps=nw_u, num_stages=ns_u)
+    out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
+    nt_d = D // bn_d
+    part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)
+    lock_d = arrival.counters(dev, MAX_PICKS * nt_d, ("mxfp4_dec_down", D, bn_d))
+    if shared_ready is not None:
+        torch.cuda.current_stream().wait_stream(shared_ready)
+    sh = shared_out.contiguous() if shared_out is not None else out
+    _dec_down[(T * nt_d, k * sp_d)](
+        a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
+        s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
+        HAS_SH=shared_out is not None, ASM=int(asm), SUB=int(sub), F32=f32, num_warps=nw_d, num_stages=ns_d)
+    return out
