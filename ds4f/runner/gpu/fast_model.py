@@ -3,26 +3,24 @@
 Batched over every token of the step and free of host syncs (CUDA-graph safe): per layer one set of projections for
 all T tokens, window rows through the scratch region + slot rings, compressor entries for the tokens that complete
 a window (candidate lists, masked), indexer scores + top-k over each sequence's entries, one sparse_attn over the
-flat pool, inverse RoPE, grouped wo_a / wo_b; MoE through one fused_moe call with the shared expert as expert E.
-Between sublayers one mHC step (ds4f.kernels.mhc: hc_post of the sublayer, then the next hc_pre + its RMSNorm); q / kv
-norm + RoPE in one kernel each, RoPE in place on the rope channels only (ds4f.kernels.rope); the router of a decode
-step (<= 16 tokens) as one kernel (ds4f.kernels.router); the per-step index tensors in one compiled glue function.
+flat pool (inverse RoPE in its epilogue), grouped wo_a / wo_b; MoE through one fused_moe call with the shared expert
+as expert E (bf16) or fused_moe_mxfp4 on the packed experts. Between sublayers one mHC step (ds4f.kernels.mhc); q / kv
+norm + RoPE in one kernel each; a decode step's router in one kernel (ds4f.kernels.router) and its per-step index
+tensors + embedding in one (glue.derive -> ds4f.kernels.step_meta).
 Decode steps (<= 16 tokens, CUDA) run each layer's kv / compressor chain and its indexer chain on two side streams
-beside the q projection, and each mHC step's Sinkhorn on a third (joined before the next mHC step reads comb); bf16
-projections of <= 16 tokens go through the Triton GEMV (ds4f.kernels.gemv) where its table beats cuBLAS.
+beside the q projection, the packed FP8 shared expert on one beside the router and routed up GEMM, and each mHC
+step's Sinkhorn on a third (joined before the next mHC step reads comb); bf16 projections of <= 16 tokens go
+through the Triton GEMV (ds4f.kernels.gemv), FP8 ones through fp8_gemm's decode GEMV.
 An eager step (StepMeta.max_len known on the host) scores only the first glue.index_len index entries of each CSA
 layer: at 1M context a chunk early in the prompt sees a few thousand of 262144; decode graphs keep every column.
 
-Weights are the reference modules' parameters. Setup changes layout once: each layer's routed experts plus the
-shared expert are moved into w13 [E+1, 2I, D] / w2 [E+1, D, I] and the modules' weights become views of those
-(no extra memory once set up; one layer's stack is the transient peak). Likewise every projection that reads the
-attention input x_n (wq_a, wkv, compressor wkv / wgate, indexer weights_proj and its compressor) is stacked into one
-[sum(out), D] matrix per layer: one GEMM instead of up to seven. Extra copies: the router weight in fp32
-(E x D x 4 bytes per layer, 4 MiB at Flash width) and the two RoPE cos/sin tables ([max_pos, rope_dim/2] fp32 each).
-A model loaded packed-only (load_model(keep_dequantized=False)) runs on the checkpoint's tensors
+Weights are the reference modules' parameters. Setup stacks each layer's routed + shared experts into w13 [E+1, 2I, D]
+/ w2 [E+1, D, I] and every projection reading the attention input x_n (wq_a, wkv, compressor wkv / wgate, indexer
+weights_proj and its compressor) into one [sum(out), D] matrix, the modules' weights becoming views (no extra memory
+past one stack's transient). Extra copies: the router weight in fp32 (4 MiB per layer at Flash width) and the RoPE
+cos/sin tables. A model loaded packed-only (load_model(keep_dequantized=False)) runs on the checkpoint's tensors
 (ds4f.runner.gpu.packed): FP8 projections through fp8_linear / fp8_grouped_linear (the stacked input GEMM in runs),
-MXFP4 routed experts stacked packed for fused_moe_mxfp4, the shared expert dequantized to bf16 once; the bf16 path is
-unchanged.
+MXFP4 routed experts stacked packed, the shared expert on its packed FP8 weights.
 """
 
 from __future__ import annotations
@@ -81,27 +79,21 @@ class FastModel:
         self.tables = {"main": rm.cos_sin(pos), "compress": Rope.compress(a).cos_sin(pos)}
         del pos
         self.index_bucket = glue.INDEX_BUCKET  # indexer column counts of eager steps are multiples of this
-        # attention over all entries (HCA) stops at each token's visible entries (decode at a short context in pools
-        # sized for 1M); GPU-tested (test_sparse_attn_live_bound); DS4F_ATTN_LIVE=0 walks every entry slot
+        # HCA attention stops at each token's visible entries (short contexts in 1M pools); DS4F_ATTN_LIVE=0: all
         self.attn_live = os.environ.get("DS4F_ATTN_LIVE", "1") == "1"
-        # under TP, prefill chunks of >= sp_index_min_t tokens split the indexer by tokens (_select); 128K prompt at
-        # TP=2: TTFT 22.7 s with it and the other defaults of 2026-11-28 (29.4 s before); DS4F_SP_INDEXER=0 replicates
+        # TP prefill chunks of >= sp_index_min_t tokens split the indexer by tokens (128K TTFT at TP=2: 22.7 vs 29.4 s)
         self.sp_indexer = os.environ.get("DS4F_SP_INDEXER", "1") == "1"
         # from 2048 tokens: >= 1024 rows per rank, so torch.topk ranks both the split and the whole (same order)
         self.sp_index_min_t = int(os.environ.get("DS4F_SP_INDEXER_MIN_T", "2048"))
-        # DS4F_INDEX_FP8=1 (fp8 index keys): indexer q quantized per head to e4m3, scores by the fp8 MMA (2x the bf16
-        # rate; vLLM quantizes q the same way, the official reference simulates MXFP4). Opt-in until measured.
+        # DS4F_INDEX_FP8=1 (fp8 index keys): indexer q per head in e4m3, scores by the fp8 MMA; opt-in until measured
         self.index_fp8 = os.environ.get("DS4F_INDEX_FP8", "0") == "1"
-        # eager steps of >= prefix_min_t tokens: all-entries layers through prefix_attn (entries dequantized once per
-        # step and shared by the tokens of a sequence) instead of per-token lists; DS4F_PREFIX_ATTN=0 turns it off
+        # eager steps of >= prefix_min_t tokens: all-entries layers through prefix_attn; DS4F_PREFIX_ATTN=0: off
         self.prefix_attn = os.environ.get("DS4F_PREFIX_ATTN", "1") == "1"
         self.prefix_min_t = int(os.environ.get("DS4F_PREFIX_MIN_T", "256"))
-        # decode steps (<= overlap_max_t tokens) run each layer's kv / compressor / indexer chain on a second stream
-        # beside the q projection (captured into the decode graphs as a fork / join); DS4F_OVERLAP=0: one stream
+        # decode steps (<= overlap_max_t tokens) fork side streams (see the module docstring); DS4F_OVERLAP=0: none
         self.overlap = os.environ.get("DS4F_OVERLAP", "1") == "1"
         self.overlap_max_t = 16
-        # decode steps: compressor state rows (and entries of bf16 pools) stored by the compressor kernel itself;
-        # DS4F_COMPRESS_IN_PLACE=0: separate index_copy / put launches
+        # decode: the compressor kernel stores state rows (+ bf16 pool entries); DS4F_COMPRESS_IN_PLACE=0: launches
         self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
         self._sink: torch.cuda.Stream | None = None  # the mHC Sinkhorn's stream (decode)
@@ -385,6 +377,14 @@ class FastModel:
         fused_moe_mxfp4 on the packed experts (shared expert passed beside them)."""
         ffn, gate, mx = blk.ffn, blk.ffn.gate, self.mx[i]
         shared = self.E if ffn.shared_experts is not None and mx is None else -1
+        lim = self.args.swiglu_limit if self.args.swiglu_limit > 0 else float("inf")
+        sh = ready = None  # decode: the packed shared expert on a side stream beside the router and routed up GEMM
+        if mx is not None and mx.shared_fp8 is not None:
+            ready = (self._side_streams(xn.shape[0]) or [None])[0]
+            if ready is not None:
+                ready.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(ready):  # None: the current stream
+                sh = packed.shared_fp8_out(mx.shared_fp8, xn, lim)
         if xn.shape[0] <= ROUTER_MAX_TOKENS and use_triton(xn):  # decode: one Triton launch
             eid, w = route(xn, gate.weight, gate.bias, gate.tid2eid if gate.hash else None, ids, gate.topk,
                            gate.norm_topk, gate.scaling, shared)
@@ -393,10 +393,9 @@ class FastModel:
             bias = gate.bias if gate.bias is not None else self.gate_w32[i][:, 0]
             eid, w = glue.route(xn, self.gate_w32[i], bias, hashed, gate.topk, gate.hash, gate.norm_topk,
                                 gate.scaling, shared)
-        lim = self.args.swiglu_limit if self.args.swiglu_limit > 0 else float("inf")
-        if mx is not None:
-            sh = None if mx.shared_fp8 is None else packed.shared_fp8_out(mx.shared_fp8, xn, lim)
-            return fused_moe_mxfp4(xn, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, eid, w, lim, mx.shared, shared_out=sh)
+        if mx is not None:  # shared_ready: joined before the first kernel that reads sh
+            return fused_moe_mxfp4(xn, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, eid, w, lim, mx.shared, shared_out=sh,
+                                   shared_ready=ready)
         w13, w2 = self.w13[i], self.w2[i]
         assert w13 is not None and w2 is not None
         return fused_moe(xn, w13, w2, eid, w, lim)
