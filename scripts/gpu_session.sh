@@ -169,5 +169,32 @@ case "${1:-}" in
     grep -E "passed|failed|Error|assert|rank . T=|copy-in|SKIPPED" "$OUT/tests.log" | tail -n 30
     CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/bench_prefetch.py --out "$OUT/prefetch.jsonl" 2>&1 \
       | tee "$OUT/prefetch.log" | grep -vE "^#" | cut -c1-230 ;;
+  s7val)  # 2 GPUs: every GPU test at once (2-GPU ones on both, the rest split over GPU 0 / 1), then the sweeps of
+    # this session's decode kernels beside each other, then the 8-layer decode bench (issue 5) on GPU 1
+    mkdir -p /tmp/gpulogs; i=0
+    for f in tests/test_tp_gpu.py tests/gpu/test_*.py; do
+      n=$(basename "$f" .py)
+      case "$n" in test_tp_gpu|test_tp_fast_gpu|test_symm_allreduce) dev=0,1 ;; *) dev=$((i % 2)); i=$((i + 1)) ;; esac
+      CUDA_VISIBLE_DEVICES=$dev DS4F_COMPILE=0 timeout "${GPU_TEST_TIMEOUT:-230}" python3 -m pytest -q -rs -x \
+        --tb=short -p no:cacheprovider "$f" > "/tmp/gpulogs/$n.log" 2>&1 &
+    done
+    wait
+    for l in /tmp/gpulogs/*.log; do echo "=== $(basename $l)"; grep -E "passed|failed|rror|FAILED|assert|SKIPPED" "$l" \
+      | tail -n 6; done > "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
+    grep -B1 -E "failed|rror" "$OUT/gpu_tests.log" | head -n 40; grep -c passed "$OUT/gpu_tests.log"
+    echo "# sweeps (${SECONDS}s in)"
+    ( CUDA_VISIBLE_DEVICES=0 timeout 170 python3 bench/sweep_fp8_gemv.py --out "$OUT/fp8_gemv.jsonl" \
+        > "$OUT/sweep_fp8_gemv.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout 170 python3 bench/sweep_attn_decode.py --quick --out "$OUT/attn_decode.jsonl" \
+        > "$OUT/sweep_attn.log" 2>&1 ) &
+    CUDA_VISIBLE_DEVICES=1 timeout 170 python3 bench/sweep_mxfp4_decode.py --out "$OUT/moe_mxfp4.jsonl" \
+      > "$OUT/sweep_mxfp4.log" 2>&1
+    CUDA_VISIBLE_DEVICES=1 timeout $((585 - SECONDS)) python3 bench/bench_decode.py --depths 0,8192,1048576 \
+      --batches 1,4,16 --prefill 8192 --profile /tmp/prof --out "$OUT/decode.jsonl" --git "$DS4F_GIT" \
+      > "$OUT/decode.log" 2>&1
+    wait
+    tar czf "$OUT/profiles.tgz" -C /tmp prof 2>/dev/null
+    grep -E "^PICK|CONFIGS|^ +\"" "$OUT/sweep_fp8_gemv.log" "$OUT/sweep_mxfp4.log" "$OUT/sweep_attn.log" | cut -c1-200 | tail -n 60
+    grep -E "^(decode|prefill|#)|Error" "$OUT/decode.log" | tail -n 14 ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac
