@@ -99,7 +99,7 @@ def test_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         if cfg is not None:
             assert fp8_gemv.valid(cfg, nt, groups), (nt, k, groups, cfg)
         assert fp8_gemv.pick(nt, k, groups, cpu) == cfg
-    for nt, k, groups in [(1536, 4096, 1), (640, 384, 5), (100, 200, 1), (129280, 4096, 1)]:
+    for nt, k, groups in [(1024, 4096, 1), (640, 384, 5), (100, 200, 1), (129280, 4096, 1)]:  # not in CONFIGS
         cfg = fp8_gemv.generic_config(nt, k, groups, 132)
         assert fp8_gemv.valid(cfg, nt, groups) and fp8_gemv.pick(nt, k, groups, cpu) == cfg
     name = next(iter(fp8_gemv.CONFIGS))

@@ -228,6 +228,8 @@ def test_decode_tile_choice_table_env_and_fit(monkeypatch):
         assert md.tiles_for(None, True, b, 6, d, i) == cfgs
     for d, i, t in [(4096, 256, 1), (7168, 512, 4), (2048, 1536, 2), (128, 192, 1)]:
         assert md.fits(md.generic_config(d, i, t), d, i), (d, i, t)
+    for d, i in [(64, 32), (32, 32), (96, 48)]:  # tiny test configs off the 64-column grid: other paths run
+        assert md.tiles_for(None, True, 1, 6, d, i) is None, (d, i)
     assert md.tiles_for(None, False, 1, 6, 4096, 1024) is None  # CPU / interpreter: only when forced
     assert md.tiles_for(None, True, 11, 6, 4096, 1024) is None  # 66 picks: the GEMM path
     assert md.tiles_for(dict(BLOCK_M=16, BLOCK_N=8), True, 1, 6, 4096, 1024) is None  # an explicit old config

@@ -45,20 +45,20 @@ Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_
 # (ds4f/model/args.py flash_config sharded by ds4f/model/tp.py). IN_PROJ = [wq_a; wkv] (the fp8 run of
 # runner/gpu/packed.InProj in every layer type: the compressor / indexer input linears are bf16), IDX_WQ_B = the
 # indexer's wq_b (CSA layers, replicated; on a side stream beside WQ_B), W13 = the shared expert's [w1; w3].
-# WO_B_TP2 is also W13_TP1. PLACEHOLDER configs (generic_config's picks) until
-# bench/sweep_fp8_gemv.py has run on an H200: paste its CONFIGS lines here with the date and its numbers.
+# WO_B_TP2 is also W13_TP1. bench/sweep_fp8_gemv.py on an H200, 2026-11-29 (bench/results/fp8_gemv.jsonl), one
+# token, us this kernel vs _w8_kernel's default tiles (each shape from HBM: weight copies rotated past the L2):
 CONFIGS: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
-    "IN_PROJ": ((1536, 4096, 1), (32, 256, 6, 4, 4)),
-    "IDX_WQ_B": ((8192, 1024, 1), (32, 256, 2, 4, 4)),
-    "WQ_B_TP2": ((16384, 1024, 1), (32, 256, 1, 4, 4)),
-    "WO_A_TP2": ((4096, 4096, 4), (32, 256, 3, 4, 4)),
-    "WO_B_TP2": ((4096, 4096, 1), (32, 256, 3, 4, 4)),
-    "W13_TP2": ((2048, 4096, 1), (32, 256, 5, 4, 4)),
-    "W2_TP2": ((4096, 1024, 1), (32, 256, 2, 4, 4)),
-    "WQ_B_TP1": ((32768, 1024, 1), (64, 256, 1, 4, 4)),
-    "WO_A_TP1": ((8192, 4096, 8), (32, 256, 2, 4, 4)),
-    "WO_B_TP1": ((4096, 8192, 1), (32, 256, 3, 4, 4)),
-    "W2_TP1": ((4096, 2048, 1), (32, 256, 3, 4, 4)),
+    "IN_PROJ": ((1536, 4096, 1), (32, 128, 6, 4, 6)),  # 6.94 vs 7.69
+    "IDX_WQ_B": ((8192, 1024, 1), (32, 128, 1, 4, 6)),  # 6.26 vs 7.94
+    "WQ_B_TP2": ((16384, 1024, 1), (64, 128, 1, 4, 4)),  # 8.93 vs 11.93
+    "WO_A_TP2": ((4096, 4096, 4), (32, 128, 3, 4, 6)),  # 10.26 vs 11.63
+    "WO_B_TP2": ((4096, 4096, 1), (32, 128, 3, 4, 6)),  # 10.29 vs 11.66
+    "W13_TP2": ((2048, 4096, 1), (64, 128, 8, 4, 4)),  # 7.49 vs 8.01
+    "W2_TP2": ((4096, 1024, 1), (32, 128, 1, 4, 6)),  # 4.94 vs 6.31
+    "WQ_B_TP1": ((32768, 1024, 1), (64, 128, 1, 4, 4)),  # 14.90 vs 17.25
+    "WO_A_TP1": ((8192, 4096, 8), (64, 128, 3, 4, 4)),  # 15.71 vs 18.29
+    "WO_B_TP1": ((4096, 8192, 1), (32, 128, 3, 4, 6)),  # 15.90 vs 18.18
+    "W2_TP1": ((4096, 2048, 1), (32, 128, 2, 4, 6)),  # 7.19 vs 7.94
 }
 
 # e4m3 bytes -> bf16 with integer ops (Triton's cvt path runs 3 conversions per element in sm_90 SASS, and conversions

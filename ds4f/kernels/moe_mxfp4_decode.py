@@ -69,13 +69,13 @@ SUB = os.environ.get("DS4F_MXFP4_DEC_SUB", "0") == "1"
 Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages
 
 # (D, I, token bucket) -> (up config, down config); bucket 1: T = 1, bucket 4: T >= 2. V4-Flash: D = 4096,
-# I = 2048 / tp. PLACEHOLDER picks from offline sm_90 builds (64x256 tiles: ~156 registers, 3 CTAs per SM; about
-# one wave of up programs), not yet timed on an H200: paste bench/sweep_mxfp4_decode.py's CONFIGS lines here.
+# I = 2048 / tp. bench/sweep_mxfp4_decode.py on an H200, 2026-11-29 (bench/results/moe_mxfp4.jsonl), us per layer
+# for 6 picks (up + down, graphs over distinct random picks) vs the former CUDA-core GEMV + moe_sum:
 CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg] | None] = {  # None: moe_mxfp4's GEMV wins there
-    (4096, 1024, 1): ((64, 256, 4, 4, 4), (64, 256, 2, 4, 4)),  # TP=2
-    (4096, 1024, 4): ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),
-    (4096, 2048, 1): ((64, 256, 2, 4, 4), (64, 256, 2, 4, 4)),  # TP=1
-    (4096, 2048, 4): ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),
+    (4096, 1024, 1): ((64, 256, 4, 4, 4), (64, 256, 4, 4, 4)),  # TP=2: 28.2 vs 35.8
+    (4096, 1024, 4): ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),  # 77.8 vs 108.9
+    (4096, 2048, 1): ((64, 256, 2, 4, 4), (64, 256, 1, 4, 4)),  # TP=1: 45.1 vs 62.4
+    (4096, 2048, 4): ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),  # 139.5 vs 199.7
 }
 
 
@@ -278,9 +278,9 @@ def generic_config(D: int, I: int, T: int) -> tuple[Cfg, Cfg]:
         bn = next(b for b in (64, 32, 16) if n % b == 0)
         bk = next((b for b in (256, 128, 64) if k % b == 0), 64)
         split = max(1, min(8, k // ((2 if T <= 1 else 4) * bk)))
-        while k % (split * bk):
+        while split > 1 and k % (split * bk):
             split -= 1
-        return bn, bk, split, 4, 4
+        return bn, bk, split, 4, 4  # k off the 64 grid: fits() rejects it (the caller's other paths run)
     return one(I, D), one(D, I)
 
 

@@ -266,8 +266,12 @@ if COMBINE_UNROLL < 1 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
 # layers' lists at a long max_ctx; bench/sweep_decode_long.py) ...
 LONG_K = 2048
 DECODE_KNOBS = env_knobs("DS4F_ATTN_DECODE", 4, "16,32,4,2")
-# ... and with fewer (window, CSA top-k and short-context HCA lists; bench/sweep_attn_decode.py)
+# ... and with fewer (window, CSA top-k and short-context HCA lists; bench/sweep_attn_decode.py, H200, 32 heads, one
+# token, 2026-11-29: 8 warps 11.6-12.8 us vs 17.0-17.6 for the former tiles at 128-192 keys; lists of >= MID_K keys
+# (CSA: window + top-512) 64-key blocks: 16.5-16.8 vs 17.7-18.3 us at 640)
 SHORT_KNOBS = env_knobs("DS4F_ATTN_SHORT", 4, "16,32,8,2")
+MID_K = 512
+MID_KNOBS = env_knobs("DS4F_ATTN_MID", 4, "16,64,8,2")
 
 
 @dataclass(frozen=True)
@@ -278,7 +282,8 @@ class DecodePolicy:
 
     dyn: bool = True  # with live: the splits share the live keys (not the capacity K): a short live count at a
     # large K still spreads over the programs, and the combine reads only the splits that saw a key
-    fuse_max: int = 8  # split counts <= this (<= 16) merge in the last-arriving program (no _attn_combine launch)
+    fuse_max: int = 0  # split counts <= this (<= 16) merge in the last-arriving program (no _attn_combine launch);
+    # 0: the sweep timed the separate combine faster (SWA 11.6 vs 12.7-13.3 us, HCA at 8K capacity 12.7 vs 14.4)
     skip: bool = True  # lists without live: a key block of -1 only skips its loads and math
     split_blocks: int = 1  # fewest key blocks per split
     nosplit_k: int = 0  # K <= this: one program per (token, head block), no partials
@@ -423,10 +428,13 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     if T == 0:
         return o
     decode = T < PREFILL_MIN_T
-    pol = POLICY if decode else OLD_POLICY
+    # the decode policy and the short / mid tiles were swept on fp8 rows (the TP=2 model's pools); bf16 rows keep
+    # the former choices: at 64 heads an 8-layer step's window layers took 11.1 us with them vs 8.8 us before
+    fp8_rows = ng > 1 or bool(nope)
+    pol = POLICY if decode and fp8_rows else OLD_POLICY
     if PREFILL_KNOBS and not decode and block_k is None and num_warps is None:
         block_k, num_warps, num_stages = PREFILL_KNOBS
-    knobs = DECODE_KNOBS if K >= LONG_K else SHORT_KNOBS
+    knobs = DECODE_KNOBS if K >= LONG_K else None if not fp8_rows else MID_KNOBS if K >= MID_K else SHORT_KNOBS
     if knobs and decode and block_h is None and block_k is None:
         block_h, block_k, num_warps, num_stages = knobs
     block_d = triton.next_power_of_2(D)
