@@ -169,7 +169,7 @@ def sweep_t(T: int, layers: list[tuple[torch.Tensor, torch.Tensor]], timer: Call
         tw = c.tw[li].view(-1)
         part = moe.moe_down(a, layers[li][1], sid, be, nb, tw, c.M, cfg, topk_ids=c.ids[li] if fs else None)
         n = sk if fs else c.k * sk
-        return moe.moe_sum(part, T, n) if n > 1 else part
+        return moe.moe_sum(part, T, n) if n > 1 and part.dtype == torch.float32 else part  # bf16: summed in-kernel
 
     best_down: dict[int, tuple[float, Down]] = {}
     for d in [down_of(cur)] + down_variants(T):

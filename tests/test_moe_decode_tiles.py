@@ -23,6 +23,7 @@ ROWS = {
 def check_interpreted() -> None:
     """Each row class at a few token counts, the shared expert as id E (so tokens repeat an expert), ragged N and
     ragged K-split tiles (D = 40, I = 48: half-K 24 over 16-wide K tiles)."""
+    from ds4f.kernels import arrival
     from ds4f.kernels.ref import fused_moe_ref
 
     g = torch.Generator().manual_seed(0)
@@ -39,6 +40,12 @@ def check_interpreted() -> None:
             assert out.shape == ref.shape and out.dtype == torch.bfloat16
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             assert err < 1.5e-2, (name, T, err)
+            if name == "fuse_sum_split2":  # the last-arriving split's sum = moe_sum's, bit for bit; counts re-armed
+                moe.SERIAL_SUM = False
+                two = moe.fused_moe(x, w13, w2, ids, wt, 2.0, config=moe.decode_row_config(row))
+                moe.SERIAL_SUM = True
+                assert torch.equal(out, two), (T, (out.float() - two.float()).abs().max())
+                assert all(int(c.abs().sum()) == 0 for c in arrival.buffers("moe_down_sum"))
     print("ok")
 
 
@@ -90,13 +97,16 @@ def test_decode_kernels_build(arch, fs, sk, pp):
     from tests.test_kernels_build import build
 
     out = "*fp32" if sk > 1 else "*bf16"
+    serial = bool(fs) and sk > 1  # the last-arriving split's sum (moe.SERIAL_SUM)
     down = dict(a_ptr="*bf16", w_ptr="*bf16", sid_ptr="*i32", be_ptr="*i32", tw_ptr="*fp32", ids_ptr="*i32",
-                out_ptr=out)
+                out_ptr=out, fin_ptr="*bf16" if serial else out, cnt_ptr="*i32" if serial else out)
     for bn, bk, nw, ns in [(16, 256, 4, 4), (64, 256, 4, 3), (32, 512, 8, 3)]:
         k = build(mk._moe_down, down, dict(DM=4096, I=2048, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1,
-                                           PER_PICK=pp, F32_DOT=False, TOPK=7, KP=8, SPLIT_K=sk, FUSE_SUM=bool(fs)),
+                                           PER_PICK=pp, F32_DOT=False, TOPK=7, KP=8, SPLIT_K=sk, FUSE_SUM=bool(fs),
+                                           SERIAL=serial),
                   arch, nw, ns)
         assert k["shared"] <= 160 * 1024
+        assert not serial or "atom" in k["ptx"]
     up = dict(x_ptr="*bf16", w_ptr="*bf16", sid_ptr="*i32", be_ptr="*i32", a_ptr="*bf16", limit="fp32")
     for bn, bk, nw, ns in [(16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4)]:
         k = build(mk._moe_up, up, dict(I=2048, DM=4096, TOPK=7, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1,

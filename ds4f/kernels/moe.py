@@ -10,8 +10,11 @@ rows (DECODE_TABLE, env DS4F_MOE_DECODE_T1/_T4/_T16) with bench/sweep_moe_decode
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ds4f.kernels import arrival
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import fused_moe_ref
 from ds4f.kernels.sparse_attn import _INTERPRET, use_triton
@@ -125,6 +128,11 @@ def _gemm(bn: int, bk: int, gm: int, nw: int, ns: int, which: str) -> dict[str, 
     return {f"{which}_BLOCK_N": bn, f"{which}_BLOCK_K": bk, f"{which}_GROUP_M": gm, f"{which}_num_warps": nw,
             f"{which}_num_stages": ns}
 
+
+# FUSE_SUM with SPLIT_K > 1 at <= SERIAL_MAX_T tokens: the last-arriving split sums the partials into the bf16 output
+# (moe_sum's order, same bits) instead of a moe_sum launch; DS4F_MOE_SERIAL_SUM=0: the launch
+SERIAL_SUM = os.environ.get("DS4F_MOE_SERIAL_SUM", "1") == "1"
+SERIAL_MAX_T = 64
 
 # Decode rows: (BLOCK_M, PER_PICK, FUSE_SUM, SPLIT_K, up BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, down
 # BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by token bucket (T = 1, 2..4, 5..16); None = the picks-per-expert
@@ -241,7 +249,7 @@ def moe_down(a: torch.Tensor, w2: torch.Tensor, sorted_ids: torch.Tensor, be: to
     """[M, D] bf16: row t*k+j = topk_weights[t, j] * expert(x[t]) of that pick (only this plan's picks are
     written into out). SPLIT_K = S > 1: [M*S, D] fp32, row (t*k+j)*S + s = split s's part of that row.
     FUSE_SUM (topk_ids [T, k] needed): [T*S, D], row t*S + s = Σ_j of token t's picks (bf16 when S == 1: the
-    final output)."""
+    final output; S > 1 and SERIAL_SUM: the final [T, D] bf16 too, the splits summed by the last to arrive)."""
     DM, I = w2.shape[1], w2.shape[2]
     kw = _gemm_kw(cfg, "down")
     bn = kw.pop("BLOCK_N")
@@ -256,12 +264,15 @@ def moe_down(a: torch.Tensor, w2: torch.Tensor, sorted_ids: torch.Tensor, be: to
         ids, rows_out, grid = tw, M * sk, nb * sk * triton.cdiv(DM, bn)  # ids unused
     if out is None:
         out = torch.empty(rows_out, DM, dtype=torch.float32 if sk > 1 else torch.bfloat16, device=a.device)
+    serial = fs and sk > 1 and SERIAL_SUM and T <= SERIAL_MAX_T
+    fin = torch.empty(T, DM, dtype=torch.bfloat16, device=a.device) if serial else out
+    cnt = arrival.counters(a.device, SERIAL_MAX_T * triton.cdiv(DM, bn), ("moe_down_sum", DM, bn)) if serial else out
     _moe_down[(grid,)](
         a, w2, sorted_ids, be, tw, ids, out, M, T if fs else nb, a.stride(0), w2.stride(0), w2.stride(1),
         out.stride(0), DM=DM, I=I, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, PER_PICK=cfg["PER_PICK"], F32_DOT=_INTERPRET,
-        TOPK=k, KP=triton.next_power_of_2(k), SPLIT_K=sk, FUSE_SUM=fs, **kw,
+        TOPK=k, KP=triton.next_power_of_2(k), SPLIT_K=sk, FUSE_SUM=fs, fin_ptr=fin, cnt_ptr=cnt, SERIAL=serial, **kw,
     )
-    return out
+    return fin if serial else out
 
 
 def fused_moe(
@@ -302,7 +313,7 @@ def fused_moe(
         (sorted_ids, be, nb, c), = moe_plan(topk_ids, E, cfg)
         part = moe_down(moe_up(x, w13, sorted_ids, be, nb, k, limit, c), w2, sorted_ids, be, nb, tw, M, c,
                         topk_ids=topk_ids)
-        return moe_sum(part, T, sk) if sk > 1 else part
+        return moe_sum(part, T, sk) if sk > 1 and part.dtype == torch.float32 else part  # bf16: summed in-kernel
     rows = torch.empty(M * sk, DM, dtype=torch.float32 if sk > 1 else torch.bfloat16, device=x.device)
     for sorted_ids, be, nb, c in moe_plan(topk_ids, E, cfg):
         moe_down(moe_up(x, w13, sorted_ids, be, nb, k, limit, c), w2, sorted_ids, be, nb, tw, M, c, rows)

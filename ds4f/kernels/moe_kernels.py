@@ -93,7 +93,8 @@ def _moe_down(
     a_ptr, w_ptr, sid_ptr, be_ptr, tw_ptr, ids_ptr, out_ptr, M, nb, s_at, s_we, s_wn, s_ot,
     DM: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PER_PICK: tl.constexpr, F32_DOT: tl.constexpr, TOPK: tl.constexpr = 1,
-    KP: tl.constexpr = 1, SPLIT_K: tl.constexpr = 1, FUSE_SUM: tl.constexpr = False,
+    KP: tl.constexpr = 1, SPLIT_K: tl.constexpr = 1, FUSE_SUM: tl.constexpr = False, fin_ptr=None, cnt_ptr=None,
+    SERIAL: tl.constexpr = False,
 ):
     # program = (block, BLOCK_N output columns[, K split]); out[pick] = topk_weight[pick] * (a[slot] @ w2[e]ᵀ), one
     # row per pick (no atomics: the caller sums a token's k rows). Unwritten padding rows of a only reach unstored
@@ -135,6 +136,17 @@ def _moe_down(
             tl.store(optr, acc.to(tl.bfloat16), mask=omask)
         else:
             tl.store(optr, acc, mask=omask)
+            if SERIAL:  # the last split of (token, N tile) to arrive sums the partials in split order (moe_sum's
+                # fp32 order) into fin [T, DM] bf16 and re-arms the count: no sum launch
+                tile = t * tl.cdiv(DM, BLOCK_N) + pid_n
+                tl.debug_barrier()  # every thread's partial is stored before the release below
+                if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+                    tot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                    for sp in range(SPLIT_K):
+                        tot += tl.load(optr + (sp - s) * s_ot, mask=omask, other=0.0, cache_modifier=".cg")
+                    tl.store(fin_ptr + t.to(tl.int64) * DM + tl.arange(0, BLOCK_M)[:, None] * 0 + offs_n[None, :],
+                             tot.to(tl.bfloat16), mask=omask)
+                    tl.atomic_xchg(cnt_ptr + tile, 0)
     else:
         pid_m, pid_n = _tile(pid // SPLIT_K, nb, tl.cdiv(DM, BLOCK_N), GROUP_M)
         e = tl.load(be_ptr + pid_m)
