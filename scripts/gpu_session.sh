@@ -214,5 +214,19 @@ case "${1:-}" in
     echo "# $E $C (${SECONDS}s in)"
     env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
+  s7dec)  # 1 GPU: the GPU tests of the decode changes (parallel), then the 8-layer decode bench (issue 5)
+    mkdir -p /tmp/gpulogs
+    for f in tests/gpu/test_rope_fused_gpu.py tests/gpu/test_moe_gpu.py tests/gpu/test_fast_model.py \
+             tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attn_decode_splits_gpu.py \
+             tests/gpu/test_fast_runner_gpu.py tests/gpu/test_moe_mxfp4_gpu.py tests/gpu/test_fast_packed_gpu.py; do
+      DS4F_COMPILE=0 timeout 200 python3 -m pytest -q -rs --tb=short -p no:cacheprovider "$f" \
+        > "/tmp/gpulogs/$(basename $f .py).log" 2>&1 &
+    done
+    wait
+    for l in /tmp/gpulogs/*.log; do echo "=== $(basename $l)"; grep -E "passed|failed|rror|FAILED|assert" "$l" \
+      | tail -n 5; done | tee "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
+    timeout $((590 - SECONDS)) python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 \
+      --prefill 8192 --profile /tmp/prof --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 \
+      | grep -E "^(decode|prefill|#)|Error"; tar czf "$OUT/profiles.tgz" -C /tmp prof 2>/dev/null ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac
