@@ -33,23 +33,3 @@ if triton is not None:
         yo = tl.where(keep, od, od * c + e * s).to(tl.bfloat16)
         y = tl.join(ye, yo)
         return tl.reshape(y, [R, C])
-
-    @triton.jit
-    def norm_rope_tile(x, cos_ptr, sin_ptr, t, s_cs, eps, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       C: tl.constexpr):
-        # x [R, C] bf16 (R heads of token t, C >= D columns, zeros past D) -> norm_rope_ref(x, None, cos, sin, eps)'s
-        # roundings: RMSNorm over the D columns in fp32 rounded to bf16, then the pairs of the last 2 * HALF of them
-        # rotated by +angle in fp32 and rounded again (an attention kernel's q prologue)
-        xf = x.to(tl.float32)
-        n = (xf * tl.rsqrt(tl.sum(xf * xf, 1) / D + eps)[:, None]).to(tl.bfloat16)
-        e, od = tl.split(tl.reshape(n, [R, C // 2, 2]))
-        e = e.to(tl.float32)
-        od = od.to(tl.float32)
-        ci = tl.arange(0, C // 2) - (D // 2 - HALF)
-        cm = (ci >= 0) & (ci < HALF)
-        c = tl.load(cos_ptr + t * s_cs + ci, mask=cm, other=1.0)[None, :]
-        s = tl.load(sin_ptr + t * s_cs + ci, mask=cm, other=0.0)[None, :]
-        keep = (~cm)[None, :]
-        ye = tl.where(keep, e, e * c - od * s).to(tl.bfloat16)
-        yo = tl.where(keep, od, od * c + e * s).to(tl.bfloat16)
-        return tl.reshape(tl.join(ye, yo), [R, C])

@@ -17,7 +17,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.rope_tile import inv_rope_tile, norm_rope_tile
+    from ds4f.kernels.rope_tile import inv_rope_tile
 except ImportError:  # CPU-only installs: sparse_attn falls back to the reference
     triton = None
 
@@ -110,8 +110,7 @@ if triton is not None:
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
         NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
         NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr, HALF: tl.constexpr,
-        DYN: tl.constexpr = False, FUSE: tl.constexpr = 0, SKIP: tl.constexpr = False, q_eps=0.0,
-        QNORM: tl.constexpr = False,
+        DYN: tl.constexpr = False, FUSE: tl.constexpr = 0, SKIP: tl.constexpr = False,
     ):
         # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA).
         # DYN (with LIVE): the S splits share token t's live keys, ceil(live / S) rounded up to BLOCK_K each (not
@@ -138,8 +137,6 @@ if triton is not None:
             n_k = tl.minimum(kps, lim - k_lo)  # <= 0: a split past the live keys does nothing (not even read q)
         q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :],
                     mask=hmask[:, None] & dmask[None, :] & (n_k > 0), other=0.0)
-        if QNORM:  # q arrives raw: its per-head RMSNorm + RoPE here (the rows of a rope_.norm_rope launch)
-            q = norm_rope_tile(q, cos_ptr, sin_ptr, t, s_cs, q_eps, D, HALF, BLOCK_H, BLOCK_D)
         # m is in log2 units; a finite floor keeps exp2(m - m_new) defined while every key so far is masked
         m = tl.full([BLOCK_H], -1.0e30, tl.float32)
         l = tl.zeros([BLOCK_H], tl.float32)
@@ -343,7 +340,6 @@ def sparse_attn(
     scale_bcast: bool = True,
     live: torch.Tensor | None = None,
     inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    q_norm_eps: float | None = None,
 ) -> torch.Tensor:
     """o [T, H, D] bf16 = one softmax per (t, h) over kv_pool[indices[t]] with the sink in the denominator only.
 
@@ -359,15 +355,7 @@ def sparse_attn(
     size the splits by live on the device, DecodePolicy.dyn, so a short live count spreads over them).
     inv_rope = (cos, sin) [T, rd/2] fp32 (optional): returns rope_(o, cos, sin, inverse=True) instead of o, rotated
     by the kernel that writes o (same roundings: o to bf16, then rotated in fp32 and rounded again). Decode launch
-    choices: DecodePolicy (POLICY, env DS4F_ATTN_*). No host sync: CUDA-graph safe.
-    q_norm_eps (needs inv_rope): q is taken raw and the kernel applies norm_rope(q, None, cos, sin, q_norm_eps) to
-    it first (per-head RMSNorm + RoPE; the launch fast_model's q would otherwise make)."""
-    if q_norm_eps is not None:
-        assert inv_rope is not None, "q_norm_eps: the RoPE tables come from inv_rope"
-        if not use_triton(q):
-            from ds4f.kernels.rope import norm_rope_ref
-
-            q, q_norm_eps = norm_rope_ref(q, None, *inv_rope, q_norm_eps), None
+    choices: DecodePolicy (POLICY, env DS4F_ATTN_*). No host sync: CUDA-graph safe."""
     if inv_rope is not None:
         cos, sin = inv_rope
         assert cos.shape == sin.shape == (q.shape[0], cos.shape[1]) and 0 < 2 * cos.shape[1] <= q.shape[2]
@@ -386,7 +374,7 @@ def sparse_attn(
     assert sink.shape == (H,) and sink.dtype == torch.float32 and sink.is_contiguous()
     if kv_rope is not None:
         return _sparse_attn_split(q, kv_pool, kv_scale, kv_rope, indices, sink, scale, native_fp8, block_h, block_k,
-                                  num_splits, num_warps, num_stages, scale_bcast, live, inv_rope, q_norm_eps)
+                                  num_splits, num_warps, num_stages, scale_bcast, live, inv_rope)
     assert kv_pool.dim() == 2 and kv_pool.shape[1] == D and kv_pool.stride(-1) == 1, "kv_pool must be [N, D]"
     ng = 0
     if kv_pool.dtype == torch.float8_e4m3fn:
@@ -401,15 +389,14 @@ def sparse_attn(
         return sparse_attn_ref(q, kv_pool, indices, sink, scale, kv_scale)
     kvs = kv_scale if kv_scale is not None else kv_pool
     return _launch(q, kv_pool, kvs, kv_pool, indices, sink, scale, ng, 0, False, (kv_pool.stride(0), 0, 0),
-                   block_h, block_k, num_splits, num_warps, num_stages, scale_bcast, live, inv_rope, q_norm_eps)
+                   block_h, block_k, num_splits, num_warps, num_stages, scale_bcast, live, inv_rope)
 
 
 def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | None, rope: torch.Tensor,
                        indices: torch.Tensor, sink: torch.Tensor, scale: float, native_fp8: bool | None,
                        block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
                        num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None,
-                       inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       q_norm_eps: float | None = None) -> torch.Tensor:
+                       inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     T, H, D = q.shape
     N, dn = nope.shape
     assert nope.dtype in (torch.float8_e4m3fn, torch.uint8) and nope.stride(-1) == 1, "nope must be [N, dn] e4m3"
@@ -427,14 +414,14 @@ def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | 
         native_fp8 = q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
     return _launch(q, nope.view(torch.uint8), exp, rope, indices, sink, scale, 0, dn, native_fp8,
                    (nope.stride(0), exp.stride(0), rope.stride(0)), block_h, block_k, num_splits, num_warps,
-                   num_stages, scale_bcast, live, inv_rope, q_norm_eps)
+                   num_stages, scale_bcast, live, inv_rope)
 
 
 def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Tensor, indices: torch.Tensor,
             sink: torch.Tensor, scale: float, ng: int, nope: int, native_fp8: bool, strides: tuple[int, int, int],
             block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
             num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None,
-            inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None, q_norm_eps: float | None = None) -> torch.Tensor:
+            inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     T, H, D = q.shape
     K = indices.shape[1]
     o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
@@ -496,8 +483,7 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
         q.stride(0), q.stride(1), *strides, indices.stride(0), o.stride(0), o.stride(1), s_cs,
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
         NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, HALF=half, DYN=dyn, FUSE=fuse,
-        SKIP=pol.skip and decode and live is None, q_eps=float(q_norm_eps or 0.0), QNORM=q_norm_eps is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        SKIP=pol.skip and decode and live is None, num_warps=num_warps, num_stages=num_stages,
     )
     if split and not fuse:
         dc = min(block_d, 64)

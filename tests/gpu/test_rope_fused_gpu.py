@@ -122,38 +122,3 @@ def test_sparse_attn_inv_rope(T: int, H: int, kind: str) -> None:
 
         print(f"attn+rope_ vs fused {kind} T={T} H={H} K={K} splits={splits}: {_graph_us(old):.2f} -> "
               f"{_graph_us(new):.2f} us; bit-exact vs rope_ {exact:.4f}, rel vs ref {rel:.2e}")
-
-
-@pytest.mark.parametrize("kind", ["bf16", "split_rows"])
-@pytest.mark.parametrize("H", [64, 32])
-@pytest.mark.parametrize("T", [1, 4, 16])
-def test_sparse_attn_q_norm(T: int, H: int, kind: str) -> None:
-    """q_norm_eps: the attention kernel's own per-head RMSNorm + RoPE of raw q against norm_rope's launch then the
-    same call: equal but for rare one-step bf16 roundings (the RMS's fp32 sum order); timings of both forms."""
-    g = torch.Generator(device="cuda").manual_seed(11 * T + H)
-    n = 8192
-    (pool,), kw, rows = _pool(kind, n, g)
-    q = (torch.randn(T, H, HD, device="cuda", generator=g) * 4).bfloat16()
-    sink = torch.randn(H, device="cuda", generator=g)
-    cos, sin = _cs(T, H)
-    eps = 1e-6
-    for K in (128, 640, 2176):
-        idx = torch.randint(0, n, (T, K), device="cuda", generator=g, dtype=torch.int32)
-        live = torch.full((T,), K, dtype=torch.int32, device="cuda") if K > 640 else None
-        kw2 = dict(kw, live=live, inv_rope=(cos, sin))
-        want = sparse_attn(norm_rope(q, None, cos, sin, eps), pool, idx, sink, HD**-0.5, **kw2)
-        got = sparse_attn(q, pool, idx, sink, HD**-0.5, q_norm_eps=eps, **kw2)
-        rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        assert rel < 2e-3, (K, rel)
-        ref = rope_ref(sparse_attn_ref(norm_rope_ref(q, None, cos, sin, eps), rows, idx, sink, HD**-0.5), cos, sin,
-                       True)
-        assert ((got.double() - ref.double()).norm() / ref.double().norm()).item() < 1.5e-2, K
-
-        def old(kw2=kw2, idx=idx):
-            sparse_attn(norm_rope(q, None, cos, sin, eps), pool, idx, sink, HD**-0.5, **kw2)
-
-        def new(kw2=kw2, idx=idx):
-            sparse_attn(q, pool, idx, sink, HD**-0.5, q_norm_eps=eps, **kw2)
-
-        print(f"norm_rope + attn vs q_norm_eps {kind} T={T} H={H} K={K}: {_graph_us(old):.2f} -> "
-              f"{_graph_us(new):.2f} us, rel {rel:.1e}")

@@ -288,7 +288,6 @@ class FastModel:
 
         sides = self._side_streams(T)
         chains = [kv_path] + ([index_path] if att.indexer is not None else [])
-        q_eps = None  # set: q is raw, its per-head RMSNorm + RoPE still to come (decode: in the attention kernel)
         if sides is None:  # q's per-head RMSNorm + RoPE and kv's weighted one in one launch
             q, kv0 = norm_rope2(packed.linear(att.wq_b, qr).view(T, H, hd), parts[1], att.kv_norm.weight, cos, sin,
                                 att.eps)
@@ -302,19 +301,18 @@ class FastModel:
                 st.wait_stream(main)
                 with torch.cuda.stream(st):
                     outs.append(f())
-            q, q_eps = packed.linear(att.wq_b, qr).view(T, H, hd), att.eps
+            q = norm_rope(packed.linear(att.wq_b, qr).view(T, H, hd), None, cos, sin, att.eps)
             for st in sides[: len(chains)]:
                 main.wait_stream(st)
         kv = outs[0]
         idx = outs[1] if len(outs) > 1 else d.win if att.kind == SWA else d.attn_idx[att.ratio]
         if att.kind != SWA and att.ratio in d.pvis:
-            q = q if q_eps is None else norm_rope(q, None, cos, sin, q_eps)
             o = rope_(cache.attend_prefix(i, q, d.win, meta.block_table, d.seq32, d.pvis[att.ratio],
                                           d.attn_idx[att.ratio].shape[1] - self.W, att.attn_sink, hd**-0.5),
                       cos, sin, inverse=True)
         else:  # the inverse RoPE inside the kernel that writes o
             live = d.live.get(att.ratio) if att.kind != SWA else None  # set for attn_idx ratios (DS4F_ATTN_LIVE)
-            o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live, inv_rope=(cos, sin), q_norm_eps=q_eps)
+            o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live, inv_rope=(cos, sin))
         if not meta.one_per_seq:  # after attention: ring rows of this chunk's last W positions
             cache.put(pool, d.win_write, kv)
         o = packed.grouped_out(att.wo_a, o, att.o_groups)  # [T, G*o_lora_rank]
