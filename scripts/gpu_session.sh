@@ -209,7 +209,7 @@ case "${1:-}" in
     E="DS4F_INDEX_FP8=1 DS4F_GRAPH_TIMING=1${P:+ DS4F_SYMM_PUSH=1 DS4F_SYMM_PUSH_TILE=$P}"
     C="python3 bench/bench_full.py --tp 2 --batches 1,4 --max-model-len 1048576 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
     echo "# $E $C (${SECONDS}s in)"
-    env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
+    env $E timeout $((${S7_LIMIT:-595} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
   s7dec)  # 1 GPU: the GPU tests of the decode changes (parallel), then the 8-layer decode bench (issue 5)
     mkdir -p /tmp/gpulogs
