@@ -225,5 +225,18 @@ case "${1:-}" in
     timeout $((590 - SECONDS)) python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 \
       --prefill 8192 --profile /tmp/prof --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 \
       | grep -E "^(decode|prefill|#)|Error"; tar czf "$OUT/profiles.tgz" -C /tmp prof 2>/dev/null ;;
+  s7dec2)  # 1 GPU: the attention GPU tests after the kernel-module split, then the 8-layer decode bench (issue 5)
+    mkdir -p /tmp/gpulogs
+    for f in tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_prefix_attn_gpu.py \
+             tests/gpu/test_fast_fp8_kv_gpu.py; do
+      DS4F_COMPILE=0 timeout 120 python3 -m pytest -q -rs --tb=short -p no:cacheprovider "$f" \
+        > "/tmp/gpulogs/$(basename $f .py).log" 2>&1 &
+    done
+    wait
+    for l in /tmp/gpulogs/*.log; do echo "=== $(basename $l)"; grep -E "passed|failed|rror|FAILED|assert" "$l" \
+      | tail -n 5; done | tee "$OUT/gpu_tests.log"
+    timeout $((${S7_LIMIT:-590} - SECONDS)) python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 \
+      --prefill 8192 --profile /tmp/prof --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 \
+      | grep -E "^(decode|prefill|#)|Error"; tar czf "$OUT/profiles.tgz" -C /tmp prof 2>/dev/null ;;
   *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
 esac
