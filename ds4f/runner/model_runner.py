@@ -64,6 +64,17 @@ def kv_cache_budget(device: torch.device, gpu_memory_utilization: float, kv_cach
     return max(0, int(total * gpu_memory_utilization) - used - peak)
 
 
+def sample_outputs(sampler: Callable[..., Any], logits: torch.Tensor | None, out: SchedulerOutput) -> RunnerOutput:
+    """logits [n, vocab] at the step's sampled rows (None: nothing sampled) -> RunnerOutput of those sequences, in
+    order (every runner's last stage; call in inference mode: the sampler edits the logits in place)."""
+    if logits is None:
+        return RunnerOutput([], [])
+    seqs = [s for s in out.seqs if s.sample]
+    reqs = [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
+    result = sampler(logits, reqs)
+    return RunnerOutput(req_ids=[s.req_id for s in seqs], token_ids=list(result.token_ids), logprobs=result.logprobs)
+
+
 class ModelRunner:
     """Owns the model, the KV tensors and the sampler; `execute` runs one scheduled step."""
 
@@ -88,14 +99,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         # NOTE: the sampler and logits processors edit the logits in place, so they run in inference mode too
-        logits = self.logits(out) if out.seqs else None
-        if logits is None:
-            return RunnerOutput([], [])
-        seqs = [s for s in out.seqs if s.sample]
-        reqs = [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
-        result = self.sampler(logits, reqs)
-        return RunnerOutput(req_ids=[s.req_id for s in seqs], token_ids=list(result.token_ids),
-                            logprobs=result.logprobs)
+        return sample_outputs(self.sampler, self.logits(out) if out.seqs else None, out)
 
 
 @torch.inference_mode()

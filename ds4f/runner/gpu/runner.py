@@ -22,7 +22,7 @@ from ds4f.engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from ds4f.runner.gpu import pools
 from ds4f.runner.gpu.fast_model import FastModel
 from ds4f.runner.gpu.pools import FastCache
-from ds4f.sample.sampler import SamplingRequest
+from ds4f.runner.model_runner import sample_outputs
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -101,18 +101,11 @@ class FastRunner:
             self._forward(out.seqs)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """Sampling and RunnerOutput exactly as the reference runner's (ModelRunner.execute), in one inference-mode
-        context (the sampler and logits processors edit the logits in place)."""
+        """Sampling and RunnerOutput through the reference runner's sample_outputs, in one inference-mode context
+        (the sampler and logits processors edit the logits in place)."""
         with torch.inference_mode():
             # the sampler may edit a decode graph's output buffer in place: it is done before the next replay
-            logits = self._sampled_logits(out, copy=False) if out.seqs else None
-            if logits is None:
-                return RunnerOutput([], [])
-            seqs = [s for s in out.seqs if s.sample]
-            reqs = [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
-            result = self.sampler(logits, reqs)
-        return RunnerOutput(req_ids=[s.req_id for s in seqs], token_ids=list(result.token_ids),
-                            logprobs=result.logprobs)
+            return sample_outputs(self.sampler, self._sampled_logits(out, copy=False) if out.seqs else None, out)
 
     def _sampled_logits(self, out: SchedulerOutput, copy: bool) -> torch.Tensor | None:
         lg, graphed = self._forward(out.seqs)
