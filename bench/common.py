@@ -28,6 +28,21 @@ def graph_of(fn: Callable[[], object]) -> Callable[[], object]:
     return g.replay
 
 
+def time_graph(fn: Callable[[int], object], copies: int, calls: int, reps: int = 10) -> float:
+    """us per call of fn(i % copies) captured `calls` times in one CUDA graph (its first run on a side stream
+    compiles and allocates lazily made state outside the capture), over `reps` replays after one."""
+    replay = graph_of(lambda: [fn(i % copies) for i in range(calls)])
+    replay()
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(reps):
+        replay()
+    t1.record()
+    torch.cuda.synchronize()
+    return t0.elapsed_time(t1) * 1e3 / (reps * calls)
+
+
 def time_us(fn: Callable[[], object], iters: int = 50, flush: bool = True, graph: bool = True,
             warmup: int = 2) -> float:
     """Median µs of fn over `iters` runs, CUDA events around each; replayed from a CUDA graph (no Python launch gaps)

@@ -18,14 +18,13 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure_ceilings, run_meta  # noqa: E402,RUF100
+from bench.common import measure_ceilings, run_meta, time_graph  # noqa: E402,RUF100
 from ds4f.kernels import fp8_gemv  # noqa: E402,RUF100
 from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_grouped_linear, fp8_linear, fp8_linear_ref  # noqa: E402,RUF100
 from ds4f.model.args import flash_config  # noqa: E402,RUF100
@@ -72,31 +71,6 @@ def candidates(nt: int, k: int, groups: int, sms: int, full: bool) -> list[Cfg]:
                 seen.add(eff)
                 out.append((bn, bk, eff, nw, ns))
     return out
-
-
-def time_graph(fn: Callable[[int], torch.Tensor], copies: int, calls: int, reps: int = 10) -> float:
-    """us per call of fn(i % copies) captured `calls` times in one CUDA graph, over `reps` replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(min(copies, 2)):  # compile + warm (counters, scratch) outside the capture
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i % copies)
-    g.replay()
-    torch.cuda.synchronize()
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0.record()
-    for _ in range(reps):
-        g.replay()
-    t1.record()
-    torch.cuda.synchronize()
-    del g
-    return t0.elapsed_time(t1) * 1e3 / (reps * calls)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,7 +13,6 @@ import argparse
 import itertools
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import time_graph
 from ds4f.kernels import gemv  # noqa: E402,RUF100
 
 Cfg = tuple[int, int, int, int, int]
@@ -46,32 +46,6 @@ def candidates(n: int, k: int, groups: int, sms: int, full: bool) -> list[Cfg]:
             for nw in (4, 8) if bn >= 64 else (4,):
                 out.append((bn, bk, split, nw, ns))
     return out
-
-
-def time_graph(fn: Callable[[int], torch.Tensor], copies: int, calls: int, reps: int = 10) -> float:
-    """us per call of fn(i % copies) captured `calls` times in one CUDA graph, over `reps` replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(copies):  # compile + warm outside the capture
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i % copies)
-    for _ in range(3):
-        g.replay()
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0.record()
-    for _ in range(reps):
-        g.replay()
-    t1.record()
-    torch.cuda.synchronize()
-    us = t0.elapsed_time(t1) * 1e3 / (reps * calls)
-    del g
-    return us
 
 
 def run_triton(x: torch.Tensor, w: torch.Tensor, cfg: Cfg, groups: int) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import measure_ceilings, run_meta  # noqa: E402
+from bench.common import measure_ceilings, run_meta, time_graph  # noqa: E402
 from ds4f.kernels import moe_mxfp4_decode as md  # noqa: E402
 from ds4f.kernels.moe_mxfp4 import GEMV_CONFIG, fused_moe_mxfp4, fused_moe_mxfp4_ref  # noqa: E402
 from ds4f.model.quant import MXFP4_BLOCK  # noqa: E402
@@ -35,28 +34,6 @@ E, D, K, LIMIT, CALLS = 256, 4096, 6, 10.0, 32
 UP = [(64, 256, 2, 4, 4), (64, 256, 4, 4, 4), (64, 256, 8, 4, 4), (64, 128, 8, 4, 4), (128, 256, 4, 8, 4),
       (128, 256, 8, 8, 3)]
 DOWN = [(64, 256, 1, 4, 4), (64, 256, 2, 4, 4), (64, 256, 4, 4, 4), (64, 128, 4, 4, 5), (128, 256, 2, 8, 4)]
-
-
-def time_graph(fn: Callable[[int], torch.Tensor]) -> float:
-    """µs per call of fn(i), i = 0..CALLS-1 captured in one CUDA graph (warmed and compiled outside), 5 replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(CALLS):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(CALLS):
-            fn(i)
-    g.replay()
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0.record()
-    for _ in range(5):
-        g.replay()
-    t1.record()
-    torch.cuda.synchronize()
-    return t0.elapsed_time(t1) * 1e3 / (5 * CALLS)
 
 
 def main() -> None:
@@ -103,7 +80,7 @@ def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_exp
     def run(cfg: dict | None) -> tuple[float, float]:
         out = fused_moe_mxfp4(xs[0], *w, ids[0], wts[0], LIMIT, config=cfg).double()
         err = ((out - ref).norm() / ref.norm()).item()
-        return time_graph(lambda i: fused_moe_mxfp4(xs[i], *w, ids[i], wts[i], LIMIT, config=cfg)), err
+        return time_graph(lambda i: fused_moe_mxfp4(xs[i], *w, ids[i], wts[i], LIMIT, config=cfg), CALLS, CALLS, 5), err
 
     def report(name: str, cfg: dict | None) -> float:
         try:
