@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import measure_ceilings, run_meta, time_us  # noqa: E402
+from bench.l2_prefetch import prefetch  # noqa: E402
 from ds4f.kernels import gemv  # noqa: E402
 from ds4f.kernels.fp8_gemm import fp8_linear  # noqa: E402
-from ds4f.kernels.prefetch import prefetch  # noqa: E402
 from ds4f.model.quant import FP8_DTYPE  # noqa: E402
 
 SHAPES = [("wq_b", 16384, 1024), ("wo_b", 4096, 4096), ("w13_shared", 2048, 4096), ("wq_a+wkv", 1536, 4096)]

@@ -1,6 +1,6 @@
-"""L2 prefetch (ds4f/kernels/prefetch.py): the PTX builds for sm_80 and sm_90 (prefetch.global.L2::evict_last in
-the assembly, one per line), its address walk covers every line of a tensor and never passes its end (the
-interpreter form loads each address it would prefetch), and off CUDA it is a no-op that leaves values alone."""
+"""L2 prefetch (bench/l2_prefetch.py, bench/bench_prefetch.py's tool): the PTX builds for sm_80 and sm_90
+(prefetch.global.L2::evict_last in the assembly), its address walk covers every line of a tensor and never passes
+its end (the interpreter form counts each line it reaches), and off CUDA it is a no-op that leaves values alone."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton")
 def test_prefetch_builds(arch: int) -> None:
     from test_kernels_build import build
 
-    from ds4f.kernels import prefetch as pf
+    from bench import l2_prefetch as pf
 
     k = build(pf._prefetch, dict(ptr="*u8", nbytes="i64", rec_ptr="*u8"), dict(ASM=True, LINES=pf.LINES), arch)
     assert "prefetch.global.L2::evict_last" in k["ptx"]
@@ -22,7 +22,7 @@ def test_prefetch_builds(arch: int) -> None:
 
 def _check_walk() -> None:
     """Under the interpreter: the walk reaches every 128-byte line of the tensor and no address past its end."""
-    from ds4f.kernels import prefetch as pf
+    from bench import l2_prefetch as pf
 
     for n in (3 * pf.LINES * pf.LINE + 200, 100, 2 * pf.LINES * pf.LINE):
         rec = pf.prefetch_walk(torch.zeros(n, dtype=torch.uint8), programs=2)
@@ -39,7 +39,7 @@ def test_prefetch_walk_covers_lines() -> None:
 
 
 def test_prefetch_cpu_noop() -> None:
-    from ds4f.kernels.prefetch import prefetch
+    from bench.l2_prefetch import prefetch
 
     t = torch.arange(10.0)
     prefetch(t)

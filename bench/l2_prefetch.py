@@ -1,13 +1,12 @@
-"""⑥ kernels, L2 prefetch: a tensor in, nothing out: its bytes pulled into L2 (each 128-byte line, evict_last), so a
-kernel that reads it soon after (a decode GEMV's weight) hits L2 instead of HBM.
+"""bench tool, L2 prefetch (bench/bench_prefetch.py): a tensor in, nothing out: its bytes pulled into L2 (each 128-byte
+line, evict_last), so a kernel that reads it soon after (a decode GEMV's weight) hits L2 instead of HBM.
 
-Meant for a side stream beside latency-bound kernels (attention, RoPE, norms, mHC, all-reduce), when HBM sits idle:
-the prefetch spends that idle bandwidth on the next projection's weight. A small grid (PROGRAMS) keeps it from taking
-SMs the main stream needs. Values never change; off CUDA (or without Triton) it is a no-op. The L2 of an H200 holds
-~50 MB: prefetch at most the next one or two weights.
-Not wired into the decode step: on the H200 (bench/bench_prefetch.py, bench/results/prefetch.jsonl, 2026-11-29) the
-TP=2 FP8 decode GEMVs were no faster from L2 than from HBM (wq_b 15.6 us hot vs 16.6 cold for 16 MB: the kernel,
-not HBM, bounds them), and a prefetch beside a latency-bound chain cost 2-3 us more than chain + GEMV in series.
+Meant for a side stream beside latency-bound kernels (attention, RoPE, norms, mHC, all-reduce), when HBM sits idle.
+A small grid (PROGRAMS) keeps it from taking SMs the main stream needs. Values never change; off CUDA (or without
+Triton) it is a no-op. Kept with the benches, not in the package: on the H200 (bench/results/prefetch.jsonl,
+2026-11-29) the TP=2 FP8 decode GEMVs were no faster from L2 than from HBM (wq_b 15.6 us hot vs 16.6 cold for 16 MB:
+the kernel, not HBM, bounds them), and a prefetch beside a latency-bound chain cost 2-3 us more than chain + GEMV in
+series.
 """
 
 from __future__ import annotations
