@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU validation (run from the repo root on the GPU machine; outputs under $OUT, at most
 # a few files so they all come back).
-# Usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]
+# Usage: bash scripts/gpu_session.sh MODE [git-rev]; the first modes below, the later ones in their case comments
 #   tests    every tests/gpu file (DS4F_COMPILE=0: the compiled glue is covered by the decode bench), one log
 #   decode   bench/bench_decode.py: decode b1/4/16 at 0 / 8K / 1M (synthesized), prefill 1K / 8K, profiles
 #   ttft     bench/bench_ttft.py through the engine (--runner fast): 128K, then 1M
@@ -16,6 +16,23 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD DS4F_GIT=${2:-unknown}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+par_tests() {  # CAP FILE...: one pytest per file, all at once (the slow Triton compiles overlap), logs in /tmp/gpulogs
+  local cap=$1; shift; mkdir -p /tmp/gpulogs
+  for f in "$@"; do
+    DS4F_COMPILE=0 timeout "$cap" python3 -m pytest -q -rs --tb=short -p no:cacheprovider "$f" \
+      > "/tmp/gpulogs/$(basename "$f" .py).log" 2>&1 &
+  done
+  wait
+}
+test_summary() {  # the result lines of every log in /tmp/gpulogs
+  for l in /tmp/gpulogs/*.log; do echo "=== $(basename "$l")"; grep -E "passed|failed|rror|FAILED|assert|SKIPPED" "$l" \
+    | tail -n 6; done
+}
+decode_bench() {  # LIMIT: the 8-layer decode bench (0 / 8K / 1M, b1/4/16, prefill 8K), stopped LIMIT s into the call
+  timeout $(($1 - SECONDS)) python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 --prefill 8192 \
+    --profile /tmp/prof --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|prefill|#)|Error"
+  tar czf "$OUT/profiles.tgz" -C /tmp prof 2>/dev/null
+}
 case "${1:-}" in
   tests)
     # one pytest per file, all at once (16 cores, one GPU with room for all): the slow Triton compiles overlap
@@ -162,13 +179,6 @@ case "${1:-}" in
     echo "# $C (${SECONDS}s in)"
     DS4F_GRAPH_TIMING=1 timeout $((590 - SECONDS)) $C --command "DS4F_GRAPH_TIMING=1 $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
-  s7b)  # 2 GPUs, short: the TP=2-vs-TP=1 test and the symmetric all-reduce test (copy-in kernel), then the L2
-    # prefetch microbenchmark on GPU 0
-    timeout 200 python3 -m pytest -x -q -rs --tb=short -p no:cacheprovider tests/test_tp_gpu.py \
-      tests/gpu/test_symm_allreduce.py -s > "$OUT/tests.log" 2>&1
-    grep -E "passed|failed|Error|assert|rank . T=|copy-in|SKIPPED" "$OUT/tests.log" | tail -n 30
-    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/bench_prefetch.py --out "$OUT/prefetch.jsonl" 2>&1 \
-      | tee "$OUT/prefetch.log" | grep -vE "^#" | cut -c1-230 ;;
   s7val)  # 2 GPUs: every GPU test at once (2-GPU ones on both, the rest split over GPU 0 / 1), then the sweeps of
     # this session's decode kernels beside each other, then the 8-layer decode bench (issue 5) on GPU 1
     mkdir -p /tmp/gpulogs; i=0
@@ -179,8 +189,7 @@ case "${1:-}" in
         --tb=short -p no:cacheprovider "$f" > "/tmp/gpulogs/$n.log" 2>&1 &
     done
     wait
-    for l in /tmp/gpulogs/*.log; do echo "=== $(basename $l)"; grep -E "passed|failed|rror|FAILED|assert|SKIPPED" "$l" \
-      | tail -n 6; done > "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
+    test_summary > "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
     grep -B1 -E "failed|rror" "$OUT/gpu_tests.log" | head -n 40; grep -c passed "$OUT/gpu_tests.log"
     echo "# sweeps (${SECONDS}s in)"
     ( CUDA_VISIBLE_DEVICES=0 timeout 170 python3 bench/sweep_fp8_gemv.py --out "$OUT/fp8_gemv.jsonl" \
@@ -212,31 +221,15 @@ case "${1:-}" in
     env $E timeout $((${S7_LIMIT:-595} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
   s7dec)  # 1 GPU: the GPU tests of the decode changes (parallel), then the 8-layer decode bench (issue 5)
-    mkdir -p /tmp/gpulogs
-    for f in tests/gpu/test_rope_fused_gpu.py tests/gpu/test_moe_gpu.py tests/gpu/test_fast_model.py \
-             tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attn_decode_splits_gpu.py \
-             tests/gpu/test_fast_runner_gpu.py tests/gpu/test_moe_mxfp4_gpu.py tests/gpu/test_fast_packed_gpu.py; do
-      DS4F_COMPILE=0 timeout 200 python3 -m pytest -q -rs --tb=short -p no:cacheprovider "$f" \
-        > "/tmp/gpulogs/$(basename $f .py).log" 2>&1 &
-    done
-    wait
-    for l in /tmp/gpulogs/*.log; do echo "=== $(basename $l)"; grep -E "passed|failed|rror|FAILED|assert" "$l" \
-      | tail -n 5; done | tee "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
-    timeout $((590 - SECONDS)) python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 \
-      --prefill 8192 --profile /tmp/prof --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 \
-      | grep -E "^(decode|prefill|#)|Error"; tar czf "$OUT/profiles.tgz" -C /tmp prof 2>/dev/null ;;
+    par_tests 200 tests/gpu/test_rope_fused_gpu.py tests/gpu/test_moe_gpu.py tests/gpu/test_fast_model.py \
+      tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attn_decode_splits_gpu.py \
+      tests/gpu/test_fast_runner_gpu.py tests/gpu/test_moe_mxfp4_gpu.py tests/gpu/test_fast_packed_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
+    decode_bench 590 ;;
   s7dec2)  # 1 GPU: the attention GPU tests after the kernel-module split, then the 8-layer decode bench (issue 5)
-    mkdir -p /tmp/gpulogs
-    for f in tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_prefix_attn_gpu.py \
-             tests/gpu/test_fast_fp8_kv_gpu.py; do
-      DS4F_COMPILE=0 timeout 120 python3 -m pytest -q -rs --tb=short -p no:cacheprovider "$f" \
-        > "/tmp/gpulogs/$(basename $f .py).log" 2>&1 &
-    done
-    wait
-    for l in /tmp/gpulogs/*.log; do echo "=== $(basename $l)"; grep -E "passed|failed|rror|FAILED|assert" "$l" \
-      | tail -n 5; done | tee "$OUT/gpu_tests.log"
-    timeout $((${S7_LIMIT:-590} - SECONDS)) python3 bench/bench_decode.py --depths 0,8192,1048576 --batches 1,4,16 \
-      --prefill 8192 --profile /tmp/prof --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 \
-      | grep -E "^(decode|prefill|#)|Error"; tar czf "$OUT/profiles.tgz" -C /tmp prof 2>/dev/null ;;
-  *) echo "usage: bash scripts/gpu_session.sh tests|decode|ttft|kernels|tp|full|prefill1m|split|sweeps|final1m [git-rev]" >&2; exit 2 ;;
+    par_tests 120 tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_prefix_attn_gpu.py \
+      tests/gpu/test_fast_fp8_kv_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"
+    decode_bench "${S7_LIMIT:-590}" ;;
+  *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac
