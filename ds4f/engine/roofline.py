@@ -72,20 +72,27 @@ def weight_bytes(args: ModelArgs, batch: int, weights: str = "checkpoint") -> in
     return int(total + head + batch * embed_row)
 
 
-def kv_bytes(args: ModelArgs, depth: int, kv_row_bytes: int, index_row_bytes: int) -> tuple[int, int]:
+def layer_kinds(args: ModelArgs) -> Counter[tuple[str, int]]:
+    """(layer type, compress ratio) -> how many layers have it."""
+    return Counter((args.layer_type(i), args.compress_ratio(i)) for i in range(args.num_hidden_layers))
+
+
+def kv_bytes(args: ModelArgs, depth: int, kv_row_bytes: int, index_row_bytes: int,
+             kinds: Counter[tuple[str, int]] | None = None) -> tuple[int, int]:
     """(attention KV bytes, index-key bytes) one sequence's decode token at `depth` reads (t = depth + 1 positions):
     every layer's min(t, window) window rows; CSA: min(index_topk, t // m) selected rows + all t // m index keys;
-    HCA: all t // m entries. Compressor state (fixed, a few MiB) is not counted."""
+    HCA: all t // m entries. Compressor state (fixed, a few MiB) is not counted. kinds: layer_kinds(args), when
+    the caller keeps it."""
     t = depth + 1
     rows = index_keys = 0
-    for layer in range(args.num_hidden_layers):
-        kind, ratio = args.layer_type(layer), args.compress_ratio(layer)
-        rows += min(t, args.sliding_window)
+    for (kind, ratio), n in (kinds if kinds is not None else layer_kinds(args)).items():
+        r = min(t, args.sliding_window)
         if kind == CSA:
-            rows += min(args.index_topk, t // ratio)
-            index_keys += t // ratio
+            r += min(args.index_topk, t // ratio)
+            index_keys += n * (t // ratio)
         elif kind == HCA:
-            rows += t // ratio
+            r += t // ratio
+        rows += n * r
     return rows * kv_row_bytes, index_keys * index_row_bytes
 
 
@@ -143,26 +150,16 @@ class DecodeRoofline:
         self.bandwidth = bandwidth
         self._steps: deque[tuple[int, float]] = deque(maxlen=DECODE_WINDOW)  # (bytes, seconds)
         self._weights: dict[int, int] = {}  # batch -> weight_bytes (the per-layer walk is ~100 us of Python)
-        self._kinds = Counter((args.layer_type(i), args.compress_ratio(i)) for i in range(args.num_hidden_layers))
+        self._kinds = layer_kinds(args)
 
     def step_bytes(self, depths: Sequence[int]) -> int:
-        """decode_step_bytes(depths) from memoized weight bytes and per-(kind, ratio) layer counts: a few us per
-        step instead of a walk over every layer for each sequence (observe runs between every two decode steps)."""
+        """decode_step_bytes(depths) from memoized weight bytes and layer kinds: a few us per step instead of a walk
+        over every layer (observe runs between every two decode steps)."""
         b = len(depths)
         if b not in self._weights:
             self._weights[b] = weight_bytes(self.args, b, self.weights)
-        a, rows, keys = self.args, 0, 0
-        for d in depths:
-            t = d + 1
-            for (kind, ratio), n in self._kinds.items():
-                r = min(t, a.sliding_window)
-                if kind == CSA:
-                    r += min(a.index_topk, t // ratio)
-                    keys += n * (t // ratio)
-                elif kind == HCA:
-                    r += t // ratio
-                rows += n * r
-        return self._weights[b] + rows * self.kv_row_bytes + keys * self.index_row_bytes
+        return self._weights[b] + sum(sum(kv_bytes(self.args, d, self.kv_row_bytes, self.index_row_bytes,
+                                                   self._kinds)) for d in depths)
 
     def observe(self, depths: Sequence[int], seconds: float) -> None:
         self._steps.append((self.step_bytes(depths), seconds))
