@@ -361,7 +361,7 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, groups: int, 
     # decode sizes: the swap-AB GEMV where its table (or the generic rule) says it wins; Opts(gemv=True) forces it,
     # Opts(cfg=...) (tiles of _w8_kernel) or gemv=False keep the w8 tiles
     auto = fp8_gemv.USE_GEMV and x.is_cuda and o.cfg is None
-    use_gemv = m <= fp8_gemv.GEMV_MAX_M and (auto if o.gemv is None else o.gemv)
+    use_gemv = m <= fp8_gemv.MAX_T and (auto if o.gemv is None else o.gemv)
     if use_gemv and fp8_gemv.w8_gemv(x, w, ws, e8m0, out, groups, native, split=o.split, force=o.gemv is True):
         return out
     c = o.cfg or w8_config(m)

@@ -35,7 +35,6 @@ except ImportError:  # CPU-only installs: fp8_gemm falls back to the reference b
     triton = None
 
 MAX_T = 16  # tokens per call (decode buckets 1, 4, 16)
-GEMV_MAX_M = MAX_T  # the name fp8_gemm dispatches on
 BLOCK_T = 16  # tl.dot's smallest N: T columns padded with zeros
 USE_GEMV = os.environ.get("DS4F_FP8_GEMV", "1") != "0"
 
