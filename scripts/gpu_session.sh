@@ -231,5 +231,16 @@ case "${1:-}" in
       tests/gpu/test_fast_fp8_kv_gpu.py
     test_summary | tee "$OUT/gpu_tests.log"
     decode_bench "${S7_LIMIT:-590}" ;;
+  s8pdl)  # 1 GPU: the 8K decode step without / with programmatic dependent launch (ds4f.kernels.pdl; graph
+    # timelines of both), then the GPU tests of every kernel it touches (PDL on, eager and in graphs)
+    for v in 0 1; do DS4F_PDL=$v timeout 150 python3 bench/bench_decode.py --depths 8192 --batches 1,4 --prefill "" \
+      --profile /tmp/prof$v --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|#)|Error" \
+      | sed "s/^/PDL=$v /"; cp /tmp/prof$v/graph_decode_d8192_timeline.txt "$OUT/timeline_pdl$v.txt"; done
+    par_tests "${S8_TEST_CAP:-240}" tests/gpu/test_gemv_gpu.py tests/gpu/test_mhc_decode_gpu.py tests/gpu/test_moe_gpu.py \
+      tests/gpu/test_router_fused_gpu.py tests/gpu/test_rope_fused_gpu.py tests/gpu/test_kernels_gpu.py \
+      tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_fast_model.py tests/gpu/test_fast_fp8_kv_gpu.py \
+      tests/gpu/test_fast_runner_gpu.py tests/gpu/test_moe_mxfp4_gpu.py tests/gpu/test_fast_packed_gpu.py \
+      tests/gpu/test_fp8_gemm_gpu.py tests/gpu/test_compress_gpu.py tests/gpu/test_topk_small_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac

@@ -117,7 +117,7 @@ def test_gemv_builds_for_sm80_sm90(arch: int) -> None:
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     cfgs = {c for _, c in gemv.CONFIGS.values() if c is not None} | {(64, 128, 2, 8, 3)}
     for bn, bk, split, nw, ns in sorted(cfgs):
-        consts = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=gemv.BLOCK_T, SPLIT_K=split > 1, EVEN_K=True)
+        consts = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=gemv.BLOCK_T, SPLIT_K=split > 1, EVEN_K=True, PDL=arch >= 90)
         sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
         try:
             k = compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
@@ -128,5 +128,9 @@ def test_gemv_builds_for_sm80_sm90(arch: int) -> None:
             raise
         ptx = k.asm["ptx"]
         assert "cp.async" in ptx, (bn, bk, split, nw, ns)
-        assert k.metadata.shared <= ns * (bn + gemv.BLOCK_T) * bk * 2 + 8192
+        assert k.metadata.shared <= (ns + (arch >= 90)) * (bn + gemv.BLOCK_T) * bk * 2 + 8192
         assert ptx.count("atom.global.gpu.acq_rel.add") == (split > 1)
+        # sm_90: the first W tile is loaded before griddepcontrol.wait (ds4f.kernels.pdl), on sm_80 no PDL
+        assert ("griddepcontrol.wait" in ptx) == (arch >= 90)
+        if arch >= 90:
+            assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch")

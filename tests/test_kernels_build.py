@@ -19,6 +19,8 @@ def build(fn: Any, types: dict[str, str], consts: dict[str, Any], arch: int, nw:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
+    if "PDL" in fn.arg_names and "PDL" not in consts:  # as pdl.launch picks it: sm_90+ only
+        consts = dict(consts, PDL=arch >= 90)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     try:

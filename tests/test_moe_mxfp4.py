@@ -183,6 +183,8 @@ def _build(fn, consts: dict, arch: int, nw: int, ns: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
+    if "PDL" in fn.arg_names:  # as pdl.launch picks it: sm_90+ only
+        consts = dict(consts, PDL=arch >= 90)
     sig = {n: "constexpr" if n in consts else _PTRS.get(n, "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts and n != "limit"
              and n != "M"}
@@ -269,7 +271,7 @@ def test_decode_kernels_build_offline_and_load_bytes_into_the_mma_operand(arch, 
     for (fn, cfg, consts), sub in itertools.product([(md._dec_up, up, dict(I=inter, DM=4096, TOPK=6)),
                                                      (md._dec_down, down, dict(DM=4096, I=inter, TOPK=6, HAS_SH=1))],
                                                     (0, 1)):
-        consts = dict(consts, BLOCK_N=cfg[0], BLOCK_K=cfg[1], SPLIT=cfg[2], ASM=1, SUB=sub, F32=0)
+        consts = dict(consts, BLOCK_N=cfg[0], BLOCK_K=cfg[1], SPLIT=cfg[2], ASM=1, SUB=sub, F32=0, PDL=arch >= 90)
         sig = {n: "constexpr" if n in consts else _DEC_PTRS.get(n, "i32") for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in _DEC_PTRS
                  and n != "limit"}
@@ -281,5 +283,6 @@ def test_decode_kernels_build_offline_and_load_bytes_into_the_mma_operand(arch, 
                 pytest.skip(str(ex))
             raise
         assert ("fma.rn.bf16x2" in k.asm["ptx"]) != bool(sub) and k.metadata.shared <= 160 * 1024
+        assert ("griddepcontrol.wait" in k.asm["ptx"]) == (arch >= 90)  # ds4f.kernels.pdl
         # the packed words reach the MMA operand layout undecoded: no decoded tile through shared memory
         assert "xi16, #ttg.dot_op<{opIdx = 0" in k.asm["ttgir"]

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from ds4f.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: glue.compress runs the torch reference
     triton = None
 
@@ -32,9 +35,12 @@ if triton is not None:
                          dummy_block, epb, ring_len, CD: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
                          HALF: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_S: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, RING_OUT: tl.constexpr,
-                         POOL_OUT: tl.constexpr):
+                         POOL_OUT: tl.constexpr, PDL: tl.constexpr = False):
         # RING_OUT: state rows go to ring rows rrow[t] (rows_ptr = the ring); POOL_OUT: entries go to pool row dst
         # (ent_ptr = the pool [N, HD]) instead of row pid of ent
+        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+            gdc_wait()
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         if pid < E:
             et = tl.load(et_ptr + pid)
@@ -163,5 +169,5 @@ def compress_fused(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, nor
         dst if ring_rows is None else ring_rows.contiguous(), e, t, kvz.stride(0), bt.stride(0),
         cos_t.stride(0), eps, dest_base, dummy_block, epb, ring_len, CD=cd, HD=hd, BLOCK_D=block_d, HALF=half, M=m,
         OVERLAP=overlap, BLOCK_S=bs, BLOCK_T=block_t, BLOCK_C=block_c, RING_OUT=ring_rows is not None,
-        POOL_OUT=pool is not None, num_warps=8 if block_d >= 512 else 4)
+        POOL_OUT=pool is not None, num_warps=8 if block_d >= 512 else 4, **pdl.launch(kvz.device))
     return rows, ent, dst

@@ -24,13 +24,14 @@ from functools import cache
 
 import torch
 
-from ds4f.kernels import arrival
+from ds4f.kernels import arrival, pdl
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.sparse_attn import sm_count
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: fp8_gemm falls back to the reference before reaching this file
     triton = None
 
@@ -85,16 +86,29 @@ if triton is not None:
     _ASM = tl.constexpr(E4M3_BF16_ASM)
 
     @triton.jit
+    def _wload(w_p, c, k_len, EVEN_K: tl.constexpr):
+        # the [BLOCK_N, 128] weight bytes of the scale block c columns into the program's K slice (of k_len)
+        if EVEN_K:
+            return tl.load(w_p + c)
+        km = (c + tl.arange(0, 128)) < k_len
+        return tl.load(w_p + c, mask=km[None, :], other=0.0)
+
+    @triton.jit
     def _block(acc, w_p, x_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
                SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr):
         # acc [BLOCK_N, 16] += the 128-column scale block starting c columns into the program's K slice (of k_len)
+        return _wblock(acc, _wload(w_p, c, k_len, EVEN_K), x_p, s_p, c, k_len, tmask, EVEN_K, NATIVE, SCALE_E8M0,
+                       DOT_F32, BITS)
+
+    @triton.jit
+    def _wblock(acc, wq, x_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
+                SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr):
+        # _block with the weight bytes wq already loaded
         if EVEN_K:
-            wq = tl.load(w_p + c)
             xv = tl.load(x_p + c, mask=tmask, other=0.0)
             s = tl.load(s_p + c // 128)
         else:
             km = (c + tl.arange(0, 128)) < k_len
-            wq = tl.load(w_p + c, mask=km[None, :], other=0.0)
             xv = tl.load(x_p + c, mask=tmask & km[None, :], other=0.0)
             s = tl.load(s_p + c // 128, mask=c < k_len, other=0)
         if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits (b == 0 gives 0, not 2^-127)
@@ -120,7 +134,7 @@ if triton is not None:
         x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr, NATIVE: tl.constexpr, SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr,
-        ITERS: tl.constexpr, BITS: tl.constexpr,
+        ITERS: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr = False,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W [NT, K] (inside group n0 // GN and inside one 128-row
         # scale block) over columns [k_lo, k_lo + k_per); k_per a multiple of BLOCK_K, itself a multiple of 128
@@ -138,13 +152,23 @@ if triton is not None:
         s_p = ws_ptr + (n0 // 128) * s_wsn + k_lo // 128
         tmask = rt[:, None] < T
         acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+        i0 = 0
+        if PDL:  # (ds4f.kernels.pdl) the first weight block is read while the kernel before drains; x after the wait
+            wq = _wload(w_p, 0, k_hi - k_lo, EVEN_K)
+            gdc_wait()
+            gdc_launch_dependents()
+            acc = _wblock(acc, wq, x_p, s_p, 0, k_hi - k_lo, tmask, EVEN_K, NATIVE, SCALE_E8M0, DOT_F32, BITS)
+            for j in tl.static_range(1, BLOCK_K // 128):
+                acc = _block(acc, w_p, x_p, s_p, j * 128, k_hi - k_lo, tmask, EVEN_K, NATIVE, SCALE_E8M0, DOT_F32,
+                             BITS)
+            i0 = 1
         if ITERS > 0:  # the interpreter (numpy 2) takes no runtime loop bound: the caller passes the count
             for i in range(0, ITERS):
                 for j in tl.static_range(BLOCK_K // 128):  # one 128-column scale block per dot
                     acc = _block(acc, w_p, x_p, s_p, i * BLOCK_K + j * 128, k_hi - k_lo, tmask, EVEN_K, NATIVE,
                                  SCALE_E8M0, DOT_F32, BITS)
         else:
-            for i in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+            for i in range(i0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
                 for j in tl.static_range(BLOCK_K // 128):
                     acc = _block(acc, w_p, x_p, s_p, i * BLOCK_K + j * 128, k_hi - k_lo, tmask, EVEN_K, NATIVE,
                                  SCALE_E8M0, DOT_F32, BITS)
@@ -259,7 +283,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
         x.stride(1), ws.stride(0), out.stride(0), per * bk, BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T,
         SPLIT_K=split > 1, EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0,
         DOT_F32=interp, ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits),
-        num_warps=nw, num_stages=ns)
+        num_warps=nw, num_stages=ns, **pdl.launch(x.device))
 
 
 def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,

@@ -24,12 +24,13 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from ds4f.kernels import arrival
+from ds4f.kernels import arrival, pdl
 from ds4f.kernels.knobs import env_knobs
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: linear / grouped_linear fall back to torch
     triton = None
 
@@ -60,7 +61,7 @@ if triton is not None:
     def _gemv(
         x_ptr, w_ptr, out_ptr, part_ptr, lock_ptr, T, N, K, s_xt, s_wn, s_ot, GN, s_xg, k_per,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W over columns [k_lo, k_lo + k_per) of K
         pid_n = tl.program_id(0)
@@ -76,7 +77,18 @@ if triton is not None:
         x_p = x_ptr + (n0 // GN) * s_xg + rt[:, None] * s_xt + (k_lo + rk)[None, :]  # grouped: the tile's group
         tmask = rt[:, None] < T
         acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
-        for k in range(k_lo, k_hi, BLOCK_K):
+        k0 = k_lo
+        if PDL:  # (ds4f.kernels.pdl) the first W tile is read while the kernel before drains; x after the wait
+            km = (k_lo + rk) < k_hi
+            w = tl.load(w_p, mask=km[None, :], other=0.0)
+            gdc_wait()
+            gdc_launch_dependents()
+            xv = tl.load(x_p, mask=tmask & km[None, :], other=0.0)
+            acc = tl.dot(w, tl.trans(xv), acc)
+            w_p += BLOCK_K
+            x_p += BLOCK_K
+            k0 = k_lo + BLOCK_K
+        for k in range(k0, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_p)
                 xv = tl.load(x_p, mask=tmask, other=0.0)
@@ -163,11 +175,12 @@ def pick(n: int, k: int, groups: int, dev: torch.device) -> Cfg | None:
     return generic_config(n, k, sms)
 
 
-def _fit(cfg: Cfg, dev: torch.device, itemsize: int) -> Cfg:
-    """Fewer pipeline stages where the device's shared memory (e.g. ~99 KB on sm_86 / sm_12x) cannot hold them."""
+def _fit(cfg: Cfg, dev: torch.device, itemsize: int, pdl_on: bool = False) -> Cfg:
+    """Fewer pipeline stages where the device's shared memory (e.g. ~99 KB on sm_86 / sm_12x) cannot hold them
+    (with PDL the tile loaded before the wait takes one stage's worth more)."""
     bn, bk, split, nw, ns = cfg
     _, smem = _limits(dev)
-    while ns > 2 and ns * (bn + BLOCK_T) * bk * itemsize > smem - 4096:
+    while ns > 2 and (ns + pdl_on) * (bn + BLOCK_T) * bk * itemsize > smem - 4096:
         ns -= 1
     return bn, bk, split, nw, ns
 
@@ -181,7 +194,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Cfg, gn: in
     """out [T, N] = x @ w^T (gn = 0) or the grouped form (tiles of gn rows read x's columns from (row // gn) * s_xg).
     x [T, *] and w [N, K] with unit inner stride; runs wherever triton does (the interpreter on CPU too)."""
     t, (n, k) = x.shape[0], w.shape
-    bn, bk, split, nw, ns = _fit(cfg, x.device, x.element_size())
+    pk = pdl.launch(x.device)
+    bn, bk, split, nw, ns = _fit(cfg, x.device, x.element_size(), pk["PDL"])
     chunks = -(-k // bk)
     per = -(-chunks // max(1, split))
     split = -(-chunks // per)  # no empty K slice
@@ -193,7 +207,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Cfg, gn: in
         part = lock = out  # unused
     _gemv[(tiles, split)](x, w, out, part, lock, t, n, k, x.stride(0), w.stride(0), out.stride(0), gn or n,
                           s_xg, per * bk, BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T, SPLIT_K=split > 1,
-                          EVEN_K=k % bk == 0, num_warps=nw, num_stages=ns)
+                          EVEN_K=k % bk == 0, num_warps=nw, num_stages=ns, **pk)
 
 
 def _usable(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from ds4f.kernels import arrival
+from ds4f.kernels import arrival, pdl
 from ds4f.kernels.knobs import env_knobs
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: hc_step falls back to its torch reference
     triton = None
 
@@ -181,17 +182,22 @@ if triton is not None:
     def _hc_decode(y_ptr, x_ptr, post_ptr, comb_ptr, fn_ptr, scale_ptr, base_ptr, w_ptr, xo_ptr, pd_ptr, cnt_ptr,
                    xn_ptr, post2_ptr, comb2_ptr, D, NSPLIT, eps, norm_eps, rms_eps, ITERS: tl.constexpr,
                    NM: tl.constexpr, NMP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_F: tl.constexpr, HAS_Y: tl.constexpr, HAS_FN: tl.constexpr, SINK: tl.constexpr):
+                   BLOCK_F: tl.constexpr, HAS_Y: tl.constexpr, HAS_FN: tl.constexpr, SINK: tl.constexpr,
+                   PDL: tl.constexpr = False):
         # x / xo [T, 4, D], fn [NM, 4*D] fp32, pd [T, NSPLIT + 1, NMP] fp32, cnt [>= T] int32 (zero between calls)
         t = tl.program_id(0).to(tl.int64)
         sp = tl.program_id(1)
         d = sp * BLOCK_D + tl.arange(0, BLOCK_D)
         dm = d < D
         j = tl.arange(0, 4)
-        if HAS_FN:  # fn's HBM read first, so its latency overlaps the streams' loads and the post-mix
+        if HAS_FN:  # fn's HBM read first, so its latency overlaps the streams' loads and the post-mix (with PDL:
+            # also the tail of the kernel before, ds4f.kernels.pdl)
             r = tl.arange(0, NMP)
             f = tl.load(fn_ptr + r[:, None, None] * (4 * D) + j[None, :, None] * D + d[None, None, :],
                         mask=(r < NM)[:, None, None] & dm[None, None, :], other=0.0)  # [NMP, 4, BD]
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         xk = _post_mix(y_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, 4, HAS_Y)
         if HAS_FN:
             xf = xk.to(tl.float32)
@@ -247,7 +253,8 @@ def hc_step_decode(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor |
                             comb if comb is not None else xo, *scratch, dim, nsplit, eps, norm_eps, rms_eps,
                             ITERS=iters, NM=nm, NMP=nmp, BLOCK_D=bd, BLOCK_S=triton.next_power_of_2(nsplit),
                             BLOCK_F=bf, HAS_Y=y is not None, HAS_FN=fn is not None,
-                            SINK=not (split_sinkhorn or sinkhorn_stream is not None), num_warps=nw)
+                            SINK=not (split_sinkhorn or sinkhorn_stream is not None), num_warps=nw,
+                            **pdl.launch(x.device))
     if fn is None:
         return xo, None, None, None
     if sinkhorn_stream is not None:

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ds4f.kernels import arrival
+from ds4f.kernels import arrival, pdl
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import fused_moe_ref
 from ds4f.kernels.sparse_attn import _INTERPRET, use_triton
@@ -238,7 +238,7 @@ def moe_up(x: torch.Tensor, w13: torch.Tensor, sorted_ids: torch.Tensor, be: tor
     _moe_up[(nb * triton.cdiv(I, bn),)](
         x, w13, sorted_ids, be, a, x.shape[0] * k, nb, float(limit), x.stride(0), w13.stride(0),
         w13.stride(1), a.stride(0), I=I, DM=x.shape[1], TOPK=k, BLOCK_M=bm, BLOCK_N=bn, PER_PICK=cfg["PER_PICK"],
-        F32_DOT=_INTERPRET, **kw,
+        F32_DOT=_INTERPRET, **kw, **pdl.launch(x.device),
     )
     return a
 
@@ -271,6 +271,7 @@ def moe_down(a: torch.Tensor, w2: torch.Tensor, sorted_ids: torch.Tensor, be: to
         a, w2, sorted_ids, be, tw, ids, out, M, T if fs else nb, a.stride(0), w2.stride(0), w2.stride(1),
         out.stride(0), DM=DM, I=I, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, PER_PICK=cfg["PER_PICK"], F32_DOT=_INTERPRET,
         TOPK=k, KP=triton.next_power_of_2(k), SPLIT_K=sk, FUSE_SUM=fs, fin_ptr=fin, cnt_ptr=cnt, SERIAL=serial, **kw,
+        **pdl.launch(a.device),
     )
     return fin if serial else out
 

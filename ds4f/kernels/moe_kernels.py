@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -46,9 +47,13 @@ def _moe_up(
     x_ptr, w_ptr, sid_ptr, be_ptr, a_ptr, M, nb, limit, s_xt, s_we, s_wn, s_at,
     I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PER_PICK: tl.constexpr, F32_DOT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # program = (block of BLOCK_M picks of one expert, BLOCK_N columns of gate and the same columns of up);
     # a[slot] = swiglu_clamp(x[tok] @ [gate | up]ᵀ) for the block's real slots (padding slots are left unwritten)
+    if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+        gdc_wait()
+        gdc_launch_dependents()
     pid_m, pid_n = _tile(tl.program_id(0), nb, tl.cdiv(I, BLOCK_N), GROUP_M)
     e = tl.load(be_ptr + pid_m)
     if e >= 0:
@@ -94,7 +99,7 @@ def _moe_down(
     DM: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PER_PICK: tl.constexpr, F32_DOT: tl.constexpr, TOPK: tl.constexpr = 1,
     KP: tl.constexpr = 1, SPLIT_K: tl.constexpr = 1, FUSE_SUM: tl.constexpr = False, fin_ptr=None, cnt_ptr=None,
-    SERIAL: tl.constexpr = False,
+    SERIAL: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     # program = (block, BLOCK_N output columns[, K split]); out[pick] = topk_weight[pick] * (a[slot] @ w2[e]ᵀ), one
     # row per pick (no atomics: the caller sums a token's k rows). Unwritten padding rows of a only reach unstored
@@ -103,6 +108,9 @@ def _moe_down(
     # covering all TOPK picks of t, out row t*SPLIT_K + s = Σ_j topk_weight[t,j] * (a[p] @ w2[e_j]ᵀ) in fp32 (bf16
     # when SPLIT_K == 1: the final output, no sum launch). Token-minor order: programs of one N tile run together,
     # so an expert picked by several tokens is read from L2 after the first.
+    if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+        gdc_wait()
+        gdc_launch_dependents()
     KS: tl.constexpr = I // SPLIT_K
     NKS: tl.constexpr = (KS + BLOCK_K - 1) // BLOCK_K
     pid = tl.program_id(0)

@@ -34,12 +34,13 @@ from typing import Any
 
 import torch
 
-from ds4f.kernels import arrival
+from ds4f.kernels import arrival, pdl
 from ds4f.kernels.knobs import env_knobs
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: moe_mxfp4 never calls in here without triton
     triton = None
 
@@ -160,10 +161,13 @@ if triton is not None:
     def _dec_up(
         x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
         I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr, ASM: tl.constexpr, SUB: tl.constexpr, F32: tl.constexpr,
+        SPLIT: tl.constexpr, ASM: tl.constexpr, SUB: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False,
     ):
         # program (pick m, gate rows [n0, n0 + BLOCK_N) and the same up rows, K slice pid_s); I % BLOCK_N == 0,
         # DM % (SPLIT * BLOCK_K) == 0, BLOCK_K <= 512
+        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+            gdc_wait()
+            gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -218,10 +222,13 @@ if triton is not None:
         a_ptr, q_ptr, s_ptr, ids_ptr, tw_ptr, sh_ptr, out_ptr, part_ptr, lock_ptr, s_at, s_qe, s_qn, s_se, s_sn,
         s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, ASM: tl.constexpr, SUB: tl.constexpr,
-        F32: tl.constexpr,
+        F32: tl.constexpr, PDL: tl.constexpr = False,
     ):
         # program ((token t, rows [n0, n0 + BLOCK_N) of D), (pick j, K slice)); DM % BLOCK_N == 0,
         # I % (SPLIT * BLOCK_K) == 0
+        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+            gdc_wait()
+            gdc_launch_dependents()
         pid_tn = tl.program_id(0)
         pid_js = tl.program_id(1)
         NT: tl.constexpr = DM // BLOCK_N
@@ -348,7 +355,7 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     _dec_up[(M, nt_u, sp_u)](
         x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
         s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, ASM=int(asm),
-        SUB=int(sub), F32=f32, num_warps=nw_u, num_stages=ns_u)
+        SUB=int(sub), F32=f32, num_warps=nw_u, num_stages=ns_u, **pdl.launch(dev))
     out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
     nt_d = D // bn_d
     part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)
@@ -359,5 +366,6 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     _dec_down[(T * nt_d, k * sp_d)](
         a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
         s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
-        HAS_SH=shared_out is not None, ASM=int(asm), SUB=int(sub), F32=f32, num_warps=nw_d, num_stages=ns_d)
+        HAS_SH=shared_out is not None, ASM=int(asm), SUB=int(sub), F32=f32, num_warps=nw_d, num_stages=ns_d,
+        **pdl.launch(dev))
     return out

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from ds4f.kernels import pdl
 from ds4f.kernels.sparse_attn import use_triton
 from ds4f.model.layers import rms_normalize
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the torch references below
     triton = None
 
@@ -79,7 +81,10 @@ if triton is not None:
     @triton.jit
     def _rope_kernel(x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, N, H, s_xt, s_xh, s_ot, s_oh, s_cs, eps, sign,
                      HD: tl.constexpr, HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-                     NORM: tl.constexpr, HAS_W: tl.constexpr):
+                     NORM: tl.constexpr, HAS_W: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+            gdc_wait()
+            gdc_launch_dependents()
         _norm_rope_rows(x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, tl.program_id(0), N, H, s_xt, s_xh, s_ot, s_oh, s_cs,
                         eps, sign, HD, HALF, BLOCK_P, BLOCK_R, NORM, HAS_W)
 
@@ -87,8 +92,12 @@ if triton is not None:
     def _norm_rope2_kernel(q_ptr, qo_ptr, kv_ptr, kvo_ptr, w_ptr, cos_ptr, sin_ptr, NQP, NQ, HQ, NKV,
                            s_qt, s_qh, s_qot, s_qoh, s_kvt, s_kvot, s_cs, eps,
                            HDQ: tl.constexpr, HDK: tl.constexpr, HALF: tl.constexpr, BPQ: tl.constexpr,
-                           BPK: tl.constexpr, BRQ: tl.constexpr, BRK: tl.constexpr, HAS_W: tl.constexpr):
+                           BPK: tl.constexpr, BRQ: tl.constexpr, BRK: tl.constexpr, HAS_W: tl.constexpr,
+                           PDL: tl.constexpr = False):
         # programs [0, NQP): q rows (token, head), unweighted; the rest: kv rows (one per token), weighted by w
+        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+            gdc_wait()
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         if pid < NQP:
             _norm_rope_rows(q_ptr, qo_ptr, w_ptr, cos_ptr, sin_ptr, pid, NQ, HQ, s_qt, s_qh, s_qot, s_qoh, s_cs,
@@ -124,7 +133,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, w: torch.Tensor | None, cos: tor
     _rope_kernel[(triton.cdiv(n, block_r),)](
         x3, o3, w if w is not None else cos, cos, sin, n, h, x3.stride(0), x3.stride(1), o3.stride(0),
         o3.stride(1), cos.stride(0), eps, -1.0 if inverse else 1.0, HD=hd, HALF=half, BLOCK_P=block_p,
-        BLOCK_R=block_r, NORM=norm, HAS_W=w is not None, num_warps=4)
+        BLOCK_R=block_r, NORM=norm, HAS_W=w is not None, num_warps=4, **pdl.launch(x.device))
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -181,5 +190,5 @@ def norm_rope2(q: torch.Tensor, kv: torch.Tensor, w_kv: torch.Tensor | None, cos
     _norm_rope2_kernel[(nqp + triton.cdiv(t, brk),)](
         q3, qo3, k3, ko3, w if w is not None else cos, cos, sin, nqp, t * h, h, t, q3.stride(0), q3.stride(1),
         qo3.stride(0), qo3.stride(1), k3.stride(0), ko3.stride(0), cos.stride(0), eps, HDQ=hdq, HDK=hdk, HALF=half,
-        BPQ=bpq, BPK=bpk, BRQ=brq, BRK=brk, HAS_W=w is not None, num_warps=4)
+        BPQ=bpq, BPK=bpk, BRQ=brq, BRK=brk, HAS_W=w is not None, num_warps=4, **pdl.launch(q.device))
     return qo, ko

@@ -16,13 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ds4f.kernels import arrival
+from ds4f.kernels import arrival, pdl
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.sparse_attn import use_triton
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the torch reference below
     triton = None
 
@@ -128,10 +129,14 @@ if triton is not None:
     def _router_fused(x_ptr, w_ptr, part_ptr, cnt_ptr, bias_ptr, hash_ptr, tok_ptr, ids_ptr, wo_ptr, T, E, D, s_xt,
                       scaling, shared_id, K: tl.constexpr, KO: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EA: tl.constexpr, CHUNK: tl.constexpr,
-                      NDS: tl.constexpr, HASH: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr):
+                      NDS: tl.constexpr, HASH: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
+                      PDL: tl.constexpr = False):
         # all scores (learned, or hash with ROWS off): program (expert block, channel chunk) -> partial logits
         # part [NDS, T, E] for every token; ROWS (hash only): program (token, channel chunk) -> part [NDS, T, BLOCK_K]
         # of the token's hashed rows. The last program to arrive sums the partials and picks for all tokens.
+        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+            gdc_wait()
+            gdc_launch_dependents()
         d = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
         dm = d < D
         kk = tl.arange(0, BLOCK_K)
@@ -241,7 +246,7 @@ def route_fused(xn: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ti
     _router_fused[grid](xn, w, part, _counter(xn.device), bias if bias is not None else part, hsh, ids, out, wts, t,
                         n_exp, dim, xn.stride(0), float(scaling), int(shared_id), K=k, KO=ko, BLOCK_K=bk,
                         BLOCK_T=bt, BLOCK_E=be, BLOCK_EA=triton.next_power_of_2(n_exp), CHUNK=chunk, NDS=nds,
-                        HASH=tid2eid is not None, ROWS=rows, NORM=norm, num_warps=num_warps)
+                        HASH=tid2eid is not None, ROWS=rows, NORM=norm, num_warps=num_warps, **pdl.launch(xn.device))
     return out, wts
 
 

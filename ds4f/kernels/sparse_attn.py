@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ds4f.kernels import arrival
+from ds4f.kernels import arrival, pdl
 from ds4f.kernels.fp8 import dequantize_kv_rows
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import sparse_attn_ref
@@ -259,13 +259,14 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
         NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, HALF=half, DYN=dyn, FUSE=fuse,
         SKIP=pol.skip and decode and live is None, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch(q.device),
     )
     if split and not fuse:
         dc = min(block_d, 64)
         _attn_combine[(T, triton.cdiv(H, 16), block_d // dc)](
             po, pm, sink, o, lv, cos, sin, H, num_splits, K, kps, o.stride(0), o.stride(1), s_cs,
             D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, LIVE=live is not None, UNROLL=COMBINE_UNROLL, HALF=half,
-            DYN=dyn, BLOCK_K=block_k, num_warps=4,
+            DYN=dyn, BLOCK_K=block_k, num_warps=4, **pdl.launch(q.device),
         )
     return o
 

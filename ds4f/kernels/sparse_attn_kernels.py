@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ds4f.kernels.rope_tile import inv_rope_tile
 
@@ -95,7 +96,7 @@ def _attn_fwd(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
     NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr, HALF: tl.constexpr,
-    DYN: tl.constexpr = False, FUSE: tl.constexpr = 0, SKIP: tl.constexpr = False,
+    DYN: tl.constexpr = False, FUSE: tl.constexpr = 0, SKIP: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA).
     # DYN (with LIVE): the S splits share token t's live keys, ceil(live / S) rounded up to BLOCK_K each (not
@@ -103,6 +104,9 @@ def _attn_fwd(
     # FUSE (> 0, a power of two >= S): the last program of (t, head block) to arrive merges the partials (no
     # combine launch); cnt_ptr [T * head blocks] int32 arrival counts, zero between calls (re-armed here).
     # SKIP: a key block whose indices are all -1 skips its loads and math (sparse decode lists).
+    if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -195,11 +199,15 @@ def _attn_combine(
     po_ptr, pm_ptr, sink_ptr, o_ptr, live_ptr, cos_ptr, sin_ptr, H, S, K, kps, s_ot, s_oh, s_cs,
     D: tl.constexpr, PD: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr, LIVE: tl.constexpr,
     UNROLL: tl.constexpr, HALF: tl.constexpr, DYN: tl.constexpr = False, BLOCK_K: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     # program = (token, head block, column chunk): merges the S partials [T, S, H, PD] of its tile (LIVE: the
     # first ceil(min(live[t], K) / kps) of them, the splits that saw a key; DYN: kps as _attn_fwd's DYN sizes
     # it), UNROLL splits per iteration: their loads are issued together (a chain of dependent loads UNROLL times
     # shorter) and merged through their max.
+    if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0)
     n_s = S
     if LIVE:

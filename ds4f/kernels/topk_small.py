@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ds4f.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: topk_indices runs its reference instead
     triton = None
 
@@ -71,8 +74,11 @@ if triton is not None:
     @triton.jit
     def _topk_small(s_ptr, vlen_ptr, out_ptr, hist_ptr, cnt_ptr, L, s_st, k, s_lv,
                     N: tl.constexpr, N2: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, VLEN: tl.constexpr,
-                    ZERO: tl.constexpr):
+                    ZERO: tl.constexpr, PDL: tl.constexpr = False):
         # program = row t. N: the widest row handled here; N2 (< N, or 0): a narrower tile for rows of <= N2
+        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
+            gdc_wait()
+            gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
         if ZERO:  # the multi-pass kernels' per-row histograms (4 levels) and their two slot counters
@@ -104,4 +110,4 @@ def launch_small(scores: torch.Tensor, valid_len: torch.Tensor | None, out: torc
     _topk_small[(T,)](scores, valid_len if valid_len is not None else out, out, hist if zero else out,
                       cnt if zero else out, L, scores.stride(0), k, s_lv, N=lanes, N2=n2,
                       KP=triton.next_power_of_2(k), NB=256, VLEN=valid_len is not None, ZERO=zero,
-                      num_warps=num_warps)
+                      num_warps=num_warps, **pdl.launch(scores.device))
