@@ -50,6 +50,17 @@ def check_gemv_interpreted() -> None:
         gemv.launch(o, wa.view(3 * 32, 48), out, cfg, gn=32, s_xg=48)
         want = torch.einsum("tgk,grk->tgr", o.view(t, 3, 48).float(), wa.float()).reshape(t, -1)
         assert _rel(out.float(), want) < 8e-3, (t, cfg)
+    # norm=(g, eps): the rows RMSNorm'd inside the kernel (the model's q_norm before wq_b), a strided x, a K split
+    # with a ragged tail; against the reference norm (bf16-rounded rows) then fp32 math
+    xb = (3 * torch.randn(3, 150, generator=g)).bfloat16()
+    x = xb[:, 10:110]
+    gw = (1 + torch.randn(100, generator=g) / 4).bfloat16()
+    w = (torch.randn(40, 100, generator=g) / 10).bfloat16()
+    for cfg in ((16, 32, 1, 4, 2), (16, 32, 2, 4, 2)):
+        out = torch.empty(3, 40, dtype=torch.bfloat16)
+        gemv.launch(x, w, out, cfg, norm=(gw, 1e-6))
+        want = gemv.rms_norm_ref(x, gw, 1e-6).float() @ w.float().t()
+        assert _rel(out.float(), want) < 8e-3, cfg
     print("GEMV_OK")
 
 
@@ -73,6 +84,14 @@ def test_refs_and_cpu_fallbacks_match_torch() -> None:
     manual = torch.cat([o.reshape(3, 2, 64)[:, i].float() @ wa[i].float().t() for i in range(2)], dim=1)
     assert _rel(ref, manual) < 8e-3
     assert _rel(gemv.grouped_linear(o, wa).float(), manual) < 8e-3
+    # linear_norm's CPU fallback and rms_norm_ref = the model's RMSNorm module
+    from ds4f.model.layers import RMSNorm
+
+    norm = RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(64, generator=g) / 4)
+    assert torch.equal(gemv.rms_norm_ref(x, norm.weight, 1e-6), norm(x))
+    assert torch.equal(gemv.linear_norm(x, norm.weight, 1e-6, w), torch.nn.functional.linear(norm(x), w))
 
 
 def test_pick_table_env_and_generic(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,12 +131,15 @@ def test_gemv_builds_for_sm80_sm90(arch: int) -> None:
     from triton.compiler import ASTSource, compile
 
     fn = gemv._gemv
-    types = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32")
+    types = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32", g_ptr="*fp32",
+                 eps="fp32")
     div16 = [*types, "K", "s_xt", "s_wn", "s_ot", "k_per", "N", "s_xg", "GN"]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
-    cfgs = {c for _, c in gemv.CONFIGS.values() if c is not None} | {(64, 128, 2, 8, 3)}
-    for bn, bk, split, nw, ns in sorted(cfgs):
-        consts = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=gemv.BLOCK_T, SPLIT_K=split > 1, EVEN_K=True, PDL=arch >= 90)
+    cfgs = {(c, False) for _, c in gemv.CONFIGS.values() if c is not None} | {((64, 128, 2, 8, 3), False)}
+    cfgs |= {(gemv.generic_config(*gemv.CONFIGS["WQ_B"][0][:2], 132), True)}  # linear_norm's wq_b
+    for (bn, bk, split, nw, ns), norm in sorted(cfgs):
+        consts = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=gemv.BLOCK_T, SPLIT_K=split > 1, EVEN_K=True, PDL=arch >= 90,
+                      NORM=norm)
         sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
         try:
             k = compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),

@@ -58,12 +58,24 @@ CONFIGS: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
 if triton is not None:
 
     @triton.jit
+    def _xtile(x_p, tmask, km, g_p, r, NORM: tl.constexpr):
+        # x tile [BLOCK_T, BLOCK_K] (rows tmask [BLOCK_T, 1], columns km [BLOCK_K]); NORM: RMSNorm'd as
+        # model.layers.RMSNorm (fp32 x * r, times the weight g, rounded to x's dtype), r [BLOCK_T] the rows' 1 / rms
+        xv = tl.load(x_p, mask=tmask & km[None, :], other=0.0)
+        if NORM:
+            g = tl.load(g_p, mask=km, other=0.0).to(tl.float32)
+            xv = (g[None, :] * (xv.to(tl.float32) * r[:, None])).to(x_p.dtype.element_ty)
+        return xv
+
+    @triton.jit
     def _gemv(
-        x_ptr, w_ptr, out_ptr, part_ptr, lock_ptr, T, N, K, s_xt, s_wn, s_ot, GN, s_xg, k_per,
+        x_ptr, w_ptr, out_ptr, part_ptr, lock_ptr, g_ptr, T, N, K, s_xt, s_wn, s_ot, GN, s_xg, k_per, eps,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
-        EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
+        EVEN_K: tl.constexpr, NORM: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
-        # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W over columns [k_lo, k_lo + k_per) of K
+        # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W over columns [k_lo, k_lo + k_per) of K. NORM (not
+        # grouped): x's rows RMSNorm'd with weight g [K] first (every program sums its rows' squares over all of K;
+        # g_ptr is any pointer without NORM)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         n0 = pid_n * BLOCK_N
@@ -76,6 +88,7 @@ if triton is not None:
         w_p = w_ptr + rows.to(tl.int64)[:, None] * s_wn + (k_lo + rk)[None, :]
         x_p = x_ptr + (n0 // GN) * s_xg + rt[:, None] * s_xt + (k_lo + rk)[None, :]  # grouped: the tile's group
         tmask = rt[:, None] < T
+        g_p = g_ptr + k_lo + rk  # NORM only
         acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
         k0 = k_lo
         if PDL:  # (ds4f.kernels.pdl) the first W tile is read while the kernel before drains; x after the wait
@@ -83,22 +96,32 @@ if triton is not None:
             w = tl.load(w_p, mask=km[None, :], other=0.0)
             gdc_wait()
             gdc_launch_dependents()
-            xv = tl.load(x_p, mask=tmask & km[None, :], other=0.0)
-            acc = tl.dot(w, tl.trans(xv), acc)
+        r = tl.zeros([BLOCK_T], tl.float32)
+        if NORM:
+            ss = tl.zeros([BLOCK_T], tl.float32)
+            for kk in range(0, K, BLOCK_K):
+                xs = tl.load(x_ptr + rt[:, None] * s_xt + (kk + rk)[None, :], mask=tmask & ((kk + rk) < K)[None, :],
+                             other=0.0).to(tl.float32)
+                ss += tl.sum(xs * xs, 1)
+            r = tl.rsqrt(ss / K + eps)
+        if PDL:
+            acc = tl.dot(w, tl.trans(_xtile(x_p, tmask, km, g_p, r, NORM)), acc)
             w_p += BLOCK_K
             x_p += BLOCK_K
+            g_p += BLOCK_K
             k0 = k_lo + BLOCK_K
         for k in range(k0, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_p)
-                xv = tl.load(x_p, mask=tmask, other=0.0)
+                xv = _xtile(x_p, tmask, rk < BLOCK_K, g_p, r, NORM)
             else:
                 km = (k + rk) < k_hi
                 w = tl.load(w_p, mask=km[None, :], other=0.0)
-                xv = tl.load(x_p, mask=tmask & km[None, :], other=0.0)
+                xv = _xtile(x_p, tmask, km, g_p, r, NORM)
             acc = tl.dot(w, tl.trans(xv), acc)  # [BLOCK_N, BLOCK_T]
             w_p += BLOCK_K
             x_p += BLOCK_K
+            g_p += BLOCK_K
         omask = (rn[:, None] < N) & (rt[None, :] < T)
         o_p = out_ptr + rt[None, :] * s_ot + rn[:, None]
         if SPLIT_K:
@@ -190,9 +213,11 @@ def _locks(dev: torch.device, key: tuple[int, int, int, int, int], tiles: int) -
     return arrival.counters(dev, tiles, ("gemv", *key))
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Cfg, gn: int = 0, s_xg: int = 0) -> None:
+def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Cfg, gn: int = 0, s_xg: int = 0,
+           norm: tuple[torch.Tensor, float] | None = None) -> None:
     """out [T, N] = x @ w^T (gn = 0) or the grouped form (tiles of gn rows read x's columns from (row // gn) * s_xg).
-    x [T, *] and w [N, K] with unit inner stride; runs wherever triton does (the interpreter on CPU too)."""
+    x [T, *] and w [N, K] with unit inner stride; runs wherever triton does (the interpreter on CPU too).
+    norm = (g [K], eps), not grouped: out = RMSNorm_g(x) @ w^T (model.layers.RMSNorm's math on each row of x)."""
     t, (n, k) = x.shape[0], w.shape
     pk = pdl.launch(x.device)
     bn, bk, split, nw, ns = _fit(cfg, x.device, x.element_size(), pk["PDL"])
@@ -205,9 +230,11 @@ def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Cfg, gn: in
         lock = _locks(x.device, (n, k, gn, bn, split), tiles)
     else:
         part = lock = out  # unused
-    _gemv[(tiles, split)](x, w, out, part, lock, t, n, k, x.stride(0), w.stride(0), out.stride(0), gn or n,
-                          s_xg, per * bk, BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T, SPLIT_K=split > 1,
-                          EVEN_K=k % bk == 0, num_warps=nw, num_stages=ns, **pk)
+    assert norm is None or (gn == 0 and norm[0].shape == (k,) and norm[0].stride(0) == 1), "norm: not grouped, g [K]"
+    _gemv[(tiles, split)](x, w, out, part, lock, x if norm is None else norm[0], t, n, k, x.stride(0), w.stride(0),
+                          out.stride(0), gn or n, s_xg, per * bk, 0.0 if norm is None else float(norm[1]),
+                          BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T, SPLIT_K=split > 1, EVEN_K=k % bk == 0,
+                          NORM=norm is not None, num_warps=nw, num_stages=ns, **pk)
 
 
 def _usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -226,6 +253,26 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w)
     out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
     launch(x, w, out, cfg)
+    return out
+
+
+def rms_norm_ref(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """= model.layers.RMSNorm.forward on the rows of x [T, K] with weight g [K]."""
+    xf = x.float()
+    return (g * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
+    """RMSNorm_g(x) @ w^T -> [T, N] with the norm inside the GEMV (no launch, no round trip for the normed rows):
+    Triton where linear's conditions hold (a shape the table gives to cuBLAS takes generic_config), else the
+    reference norm and F.linear."""
+    if (x.dim() != 2 or w.dim() != 2 or not _usable(x, w) or w.shape[1] != x.shape[1] or w.shape[1] < 16
+            or g.shape != (x.shape[1],) or g.stride(0) != 1):
+        return F.linear(rms_norm_ref(x, g, eps), w)
+    n, k = w.shape
+    cfg = pick(n, k, 1, x.device) or generic_config(n, k, _limits(x.device)[0])
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    launch(x, w, out, cfg, norm=(g, eps))
     return out
 
 

@@ -143,3 +143,21 @@ def test_pdl_chain_in_graph_matches_plain_launches(monkeypatch: pytest.MonkeyPat
             torch.cuda.synchronize()
             assert torch.equal(out, plain)
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("gemv"))
+
+
+def test_linear_norm_matches_the_norm_then_the_projection() -> None:
+    """gemv.linear_norm (q_norm inside wq_b's GEMV) at the WQ_B shape, T = 1, 4, 16: against the reference norm's
+    bf16 rows times W in fp32, no farther from it than the unfused path (norm launch + Triton / cuBLAS GEMV)."""
+    (n, k, _), _ = gemv.CONFIGS["WQ_B"]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w = (torch.randn(n, k, device="cuda", generator=g) / math.sqrt(k)).bfloat16()
+    gw = 1 + torch.randn(k, device="cuda", generator=g) / 4
+    for t in (1, 4, 16):
+        xb = (5 * torch.randn(t, 3 * k, device="cuda", generator=g)).bfloat16()
+        x = xb[:, k: 2 * k]  # a column view, as the stacked input projection hands it out
+        with torch.no_grad():
+            out = gemv.linear_norm(x, gw, 1e-6, w)
+            unfused = F.linear(gemv.rms_norm_ref(x, gw, 1e-6), w)
+        want = gemv.rms_norm_ref(x, gw, 1e-6).float() @ w.float().t()
+        err, err_unfused = _rel(out, want), _rel(unfused, want)
+        assert err < TOL and err <= 2 * err_unfused + 1e-4, (t, err, err_unfused)

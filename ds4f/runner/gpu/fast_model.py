@@ -95,6 +95,8 @@ class FastModel:
         self.overlap_max_t = 16
         # decode: the compressor kernel stores state rows (+ bf16 pool entries); DS4F_COMPRESS_IN_PLACE=0: launches
         self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
+        # decode, bf16 wq_b: q_norm inside wq_b's GEMV (gemv.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
+        self.q_norm_gemv = os.environ.get("DS4F_Q_NORM_GEMV", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
         self._sink: torch.cuda.Stream | None = None  # the mHC Sinkhorn's stream (decode)
         self._sink_pending = False
@@ -256,7 +258,9 @@ class FastModel:
         y = packed.Cols([gemv.linear(xn, w_in)]) if isinstance(w_in, torch.Tensor) else w_in.cols(xn)
         parts = y.split(self.w_in_split[i])
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy
-        qr = glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
+        sides = self._side_streams(T)
+        fused_q = sides is not None and self.q_norm_gemv and not packed.is_packed(att.wq_b)
+        qr = None if fused_q else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
         pool = cache.kv[i]
 
         def kv_path(kv: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,14 +285,15 @@ class FastModel:
             if m in d.attn_idx:
                 return d.attn_idx[m]
             # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
-            iq = rope_(packed.linear(ix.wq_b, qr).view(T, ix.n_heads, ix.head_dim), cos, sin)
+            qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
+            iq = rope_(packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim), cos, sin)
             iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
             sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
             return glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
 
-        sides = self._side_streams(T)
         chains = [kv_path] + ([index_path] if att.indexer is not None else [])
         if sides is None:  # q's per-head RMSNorm + RoPE and kv's weighted one in one launch
+            assert qr is not None
             q, kv0 = norm_rope2(packed.linear(att.wq_b, qr).view(T, H, hd), parts[1], att.kv_norm.weight, cos, sin,
                                 att.eps)
             outs = [kv_path(kv0)] + [f() for f in chains[1:]]
@@ -301,7 +306,9 @@ class FastModel:
                 st.wait_stream(main)
                 with torch.cuda.stream(st):
                     outs.append(f())
-            q = norm_rope(packed.linear(att.wq_b, qr).view(T, H, hd), None, cos, sin, att.eps)
+            qb = (gemv.linear_norm(parts[0], att.q_norm.weight, a.rms_norm_eps, att.wq_b.weight) if qr is None
+                  else packed.linear(att.wq_b, qr))
+            q = norm_rope(qb.view(T, H, hd), None, cos, sin, att.eps)
             for st in sides[: len(chains)]:
                 main.wait_stream(st)
         kv = outs[0]
