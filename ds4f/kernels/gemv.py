@@ -43,9 +43,9 @@ Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_
 # name -> ((N, K, G), config or None for cuBLAS). G > 1: the grouped wo_a form (N = G*r, K = Kg).
 # Shapes of the V4-Flash decode projections; H200 sweeps (bench/sweep_gemv.py, 2026-11-28, T = 1): WO_A 17.6 vs
 # cuBLAS 18.5 us, WO_B 18.5 vs 21.2, W_IN_CSA 11.8 vs 13.6, W_IN_HCA 9.7 vs 10.3; cuBLAS kept where it was not slower
-# (WQ_B 17.6 vs 17.7, IDX_WQ_B, HEAD).
+# (IDX_WQ_B, HEAD). WQ_B: 17.8 vs cuBLAS 18.6 us (2026-11-29, graphs of PDL launches; its q norm fused: linear_norm).
 CONFIGS: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
-    "WQ_B": ((32768, 1024, 1), None),
+    "WQ_B": ((32768, 1024, 1), (64, 128, 1, 4, 3)),
     "WO_A": ((8192, 4096, 8), (64, 128, 1, 4, 5)),
     "WO_B": ((4096, 8192, 1), (64, 256, 1, 4, 5)),
     "W_IN_SWA": ((1536, 4096, 1), (32, 256, 4, 4, 4)),
@@ -58,14 +58,16 @@ CONFIGS: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
 if triton is not None:
 
     @triton.jit
-    def _xtile(x_p, tmask, km, g_p, r, NORM: tl.constexpr):
-        # x tile [BLOCK_T, BLOCK_K] (rows tmask [BLOCK_T, 1], columns km [BLOCK_K]); NORM: RMSNorm'd as
-        # model.layers.RMSNorm (fp32 x * r, times the weight g, rounded to x's dtype), r [BLOCK_T] the rows' 1 / rms
+    def _xtile(x_p, tmask, km, g_p, ss, NORM: tl.constexpr):
+        # x tile [BLOCK_T, BLOCK_K] (rows tmask [BLOCK_T, 1], columns km [BLOCK_K]) -> (tile, ss); NORM: the tile
+        # times the norm weight g (rounded to x's dtype; the rows' 1 / rms scales the sums after the loop) and ss
+        # [BLOCK_T] += the rows' squares
         xv = tl.load(x_p, mask=tmask & km[None, :], other=0.0)
         if NORM:
-            g = tl.load(g_p, mask=km, other=0.0).to(tl.float32)
-            xv = (g[None, :] * (xv.to(tl.float32) * r[:, None])).to(x_p.dtype.element_ty)
-        return xv
+            xf = xv.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+            xv = (tl.load(g_p, mask=km, other=0.0).to(tl.float32)[None, :] * xf).to(x_p.dtype.element_ty)
+        return xv, ss
 
     @triton.jit
     def _gemv(
@@ -73,9 +75,9 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr, NORM: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
-        # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W over columns [k_lo, k_lo + k_per) of K. NORM (not
-        # grouped): x's rows RMSNorm'd with weight g [K] first (every program sums its rows' squares over all of K;
-        # g_ptr is any pointer without NORM)
+        # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W over columns [k_lo, k_lo + k_per) of K. NORM (no
+        # groups, no K split): RMSNorm_g(x) @ W^T as r * ((g * x) @ W^T), r [T] the rows' 1 / rms from the squares
+        # of the x tiles the loop loads anyway (g_ptr is any pointer without NORM)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         n0 = pid_n * BLOCK_N
@@ -96,16 +98,10 @@ if triton is not None:
             w = tl.load(w_p, mask=km[None, :], other=0.0)
             gdc_wait()
             gdc_launch_dependents()
-        r = tl.zeros([BLOCK_T], tl.float32)
-        if NORM:
-            ss = tl.zeros([BLOCK_T], tl.float32)
-            for kk in range(0, K, BLOCK_K):
-                xs = tl.load(x_ptr + rt[:, None] * s_xt + (kk + rk)[None, :], mask=tmask & ((kk + rk) < K)[None, :],
-                             other=0.0).to(tl.float32)
-                ss += tl.sum(xs * xs, 1)
-            r = tl.rsqrt(ss / K + eps)
+        ss = tl.zeros([BLOCK_T], tl.float32)
         if PDL:
-            acc = tl.dot(w, tl.trans(_xtile(x_p, tmask, km, g_p, r, NORM)), acc)
+            xv, ss = _xtile(x_p, tmask, km, g_p, ss, NORM)
+            acc = tl.dot(w, tl.trans(xv), acc)
             w_p += BLOCK_K
             x_p += BLOCK_K
             g_p += BLOCK_K
@@ -113,15 +109,17 @@ if triton is not None:
         for k in range(k0, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_p)
-                xv = _xtile(x_p, tmask, rk < BLOCK_K, g_p, r, NORM)
+                xv, ss = _xtile(x_p, tmask, rk < BLOCK_K, g_p, ss, NORM)
             else:
                 km = (k + rk) < k_hi
                 w = tl.load(w_p, mask=km[None, :], other=0.0)
-                xv = _xtile(x_p, tmask, km, g_p, r, NORM)
+                xv, ss = _xtile(x_p, tmask, km, g_p, ss, NORM)
             acc = tl.dot(w, tl.trans(xv), acc)  # [BLOCK_N, BLOCK_T]
             w_p += BLOCK_K
             x_p += BLOCK_K
             g_p += BLOCK_K
+        if NORM:
+            acc = acc * tl.rsqrt(ss / K + eps)[None, :]
         omask = (rn[:, None] < N) & (rt[None, :] < T)
         o_p = out_ptr + rt[None, :] * s_ot + rn[:, None]
         if SPLIT_K:
@@ -224,13 +222,15 @@ def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Cfg, gn: in
     chunks = -(-k // bk)
     per = -(-chunks // max(1, split))
     split = -(-chunks // per)  # no empty K slice
+    if norm is not None:  # the rows' squares are summed inside one program: the whole of K, no split
+        assert gn == 0 and norm[0].shape == (k,) and norm[0].stride(0) == 1, "norm: not grouped, g [K]"
+        split, per = 1, chunks
     tiles = -(-n // bn)
     if split > 1:
         part = torch.empty(split * tiles * bn * BLOCK_T, dtype=torch.float32, device=x.device)
         lock = _locks(x.device, (n, k, gn, bn, split), tiles)
     else:
         part = lock = out  # unused
-    assert norm is None or (gn == 0 and norm[0].shape == (k,) and norm[0].stride(0) == 1), "norm: not grouped, g [K]"
     _gemv[(tiles, split)](x, w, out, part, lock, x if norm is None else norm[0], t, n, k, x.stride(0), w.stride(0),
                           out.stride(0), gn or n, s_xg, per * bk, 0.0 if norm is None else float(norm[1]),
                           BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T, SPLIT_K=split > 1, EVEN_K=k % bk == 0,
