@@ -256,12 +256,12 @@ case "${1:-}" in
       --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^decode|Error" | sed "s/^/QN=0 /"
     decode_bench "${S8_LIMIT:-590}"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
-  s8ab)  # 1 GPU: the gemv GPU tests, then the 8K step (b1) under each env in S8_AB ("name:VAR=v,VAR=v;..."), the
+  s8ab)  # 1 GPU: the gemv GPU tests, then the 8K step (b1) under each env in S8_AB ("name:VAR=v+VAR=v;..."), the
     # last one with its graph timeline
     par_tests 120 tests/gpu/test_gemv_gpu.py; test_summary
     IFS=';' read -ra VS <<< "${S8_AB:-base:}"
     for v in "${VS[@]}"; do n=${v%%:*}; e=${v#*:}
-      env ${e//,/ } timeout 120 python3 bench/bench_decode.py --depths 8192 --batches 1 --prefill "" --profile /tmp/p_$n \
+      env ${e//+/ } timeout 120 python3 bench/bench_decode.py --depths 8192 --batches 1 --prefill "" --profile /tmp/p_$n \
         --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^decode|Error" | sed "s/^/$n /"
       cp /tmp/p_$n/graph_decode_d8192_timeline.txt "$OUT/timeline_$n.txt" 2>/dev/null; done ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
