@@ -264,5 +264,8 @@ case "${1:-}" in
       env ${e//+/ } timeout 120 python3 bench/bench_decode.py --depths 8192 --batches 1 --prefill "" --profile /tmp/p_$n \
         --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^decode|Error" | sed "s/^/$n /"
       cp /tmp/p_$n/graph_decode_d8192_timeline.txt "$OUT/timeline_$n.txt" 2>/dev/null; done ;;
+  s8fin)  # 1 GPU: s8ab's A/B (S8_AB), then the whole 8-layer decode bench (issue 5's table)
+    bash "$0" s8ab "$2"; decode_bench "${S8_LIMIT:-590}"
+    cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac

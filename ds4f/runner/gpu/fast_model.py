@@ -98,6 +98,9 @@ class FastModel:
         # decode, bf16 wq_b: q_norm inside wq_b's GEMV (gemv.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
         self.q_norm_gemv = os.environ.get("DS4F_Q_NORM_GEMV", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
+        # the side streams at high priority: their latency-bound chains (the CSA layers' indexer chain is the
+        # critical path there) get SMs before the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
+        self.side_priority = -1 if os.environ.get("DS4F_SIDE_PRIORITY", "1") == "1" else 0
         self._sink: torch.cuda.Stream | None = None  # the mHC Sinkhorn's stream (decode)
         self._sink_pending = False
         self.gate_w32: list[torch.Tensor] = []
@@ -236,7 +239,7 @@ class FastModel:
         side = None
         if self.overlap and x.shape[0] <= self.overlap_max_t and decode_kernel(x, fn):
             # comb is first read by the next mHC step: its Sinkhorn runs beside the sublayer in between
-            side = self._sink = self._sink or torch.cuda.Stream(device=self.device)
+            side = self._sink = self._sink or torch.cuda.Stream(device=self.device, priority=self.side_priority)
             self._sink_pending = True
         return hc_step(y, x, post, comb, fn, getattr(nxt, f"hc_{kind}_scale"), getattr(nxt, f"hc_{kind}_base"),
                        norm.weight, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps, a.rms_norm_eps,
@@ -331,7 +334,7 @@ class FastModel:
         if not (self.overlap and self.device.type == "cuda" and 0 < T <= self.overlap_max_t):
             return None
         if not self._sides:
-            self._sides = [torch.cuda.Stream(device=self.device) for _ in range(2)]
+            self._sides = [torch.cuda.Stream(device=self.device, priority=self.side_priority) for _ in range(2)]
         return self._sides
 
     def _select(self, i: int, m: int, iq: torch.Tensor, iw: torch.Tensor, d: _Derived, cache: FastCache
