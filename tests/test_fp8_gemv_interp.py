@@ -51,6 +51,22 @@ def check_gemv() -> None:
             assert _rel(got, ref) < TOL, (t, n, k, fmt, native, cfg, _rel(got, ref))
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
 
+    # norm=(g, eps): RMSNorm'd rows (the decode q_norm) inside the GEMV, a strided x, N and K off the grid, a config
+    # with a K split (run whole: the rows' squares stay in one program); against the reference norm's bf16 rows
+    from ds4f.kernels.gemv import rms_norm_ref
+
+    for t, n, k, fmt, native, cfg in [(1, 160, 256, "ue8m0", True, (32, 128, 1, 4, 2)),
+                                       (3, 200, 300, "float32", False, (64, 128, 2, 4, 2))]:
+        q, s = weights(n, k, fmt)
+        xs = (torch.randn(t, k + 40, generator=g) * 3).bfloat16()[:, 20: 20 + k]
+        gw = 1 + torch.randn(k, generator=g) / 4
+        ws, e8m0 = _scale_arg(s)
+        out = torch.empty(t, 1, n, dtype=torch.float32)
+        fp8_gemv.launch(xs.view(t, 1, k), q if native else q.view(torch.uint8), ws, e8m0, out, 1, native, cfg,
+                        norm=(gw, 1e-6))
+        want = fp8_linear_ref(rms_norm_ref(xs, gw, 1e-6), q, s, torch.float32)
+        assert _rel(out[:, 0], want) < 8e-3, (t, n, k, fmt, native, cfg, _rel(out[:, 0], want))
+
     # grouped: x [T, G, K], W [G*N, K]; group g's rows read x[:, g] (a strided x view, as wo_a's caller passes)
     for t, fmt, native, cfg in [(3, "ue8m0", True, (32, 128, 2, 4, 2)), (16, "float32", False, (64, 256, 1, 4, 2))]:
         q, s = weights(3 * 128, 256, fmt)

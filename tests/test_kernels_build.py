@@ -93,13 +93,15 @@ def test_fp8_gemv_builds(arch: int, cfg: tuple[int, int, int, int, int]) -> None
     div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "NT", "K", "GN", "s_xt", "s_xg", "s_ot",
            "k_per")
     # (UE8M0 scales, K a multiple of BLOCK_K, bf16 out, e4m3 widened by the integer-op PTX) and the other choices
-    for e8m0, even, out, bits in ((True, True, "*bf16", True), (False, False, "*fp32", False),
-                                  (False, True, "*bf16", False)):
+    # (+ the q_norm form: NORM, no K split)
+    for e8m0, even, out, bits, norm in ((True, True, "*bf16", True, False), (False, False, "*fp32", False, False),
+                                        (False, True, "*bf16", False, False), (True, True, "*bf16", True, True)):
         k = build(fg._fp8_gemv, dict(x_ptr="*bf16", w_ptr="*fp8e4nv" if native else "*u8",
                                      ws_ptr="*u8" if e8m0 else "*fp32", out_ptr=out, part_ptr="*fp32",
-                                     lock_ptr="*i32"),
-                  dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=fg.BLOCK_T, SPLIT_K=split > 1, EVEN_K=even, NATIVE=native,
-                       SCALE_E8M0=e8m0, DOT_F32=False, ITERS=0, BITS=bits), arch, nw, ns, div16=div if even else ())
+                                     lock_ptr="*i32", g_ptr="*fp32", eps="fp32"),
+                  dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=fg.BLOCK_T, SPLIT_K=split > 1 and not norm, EVEN_K=even,
+                       NATIVE=native, SCALE_E8M0=e8m0, DOT_F32=False, ITERS=0, BITS=bits, NORM=norm), arch, nw, ns,
+                  div16=div if even else ())
         assert k["shared"] <= (227 if arch >= 90 else 163) * 1024
         if even:
             assert "cp.async" in k["ptx"] and "mma" in k["ptx"]

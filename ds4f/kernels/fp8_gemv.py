@@ -94,23 +94,28 @@ if triton is not None:
         return tl.load(w_p + c, mask=km[None, :], other=0.0)
 
     @triton.jit
-    def _block(acc, w_p, x_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
-               SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr):
-        # acc [BLOCK_N, 16] += the 128-column scale block starting c columns into the program's K slice (of k_len)
-        return _wblock(acc, _wload(w_p, c, k_len, EVEN_K), x_p, s_p, c, k_len, tmask, EVEN_K, NATIVE, SCALE_E8M0,
-                       DOT_F32, BITS)
+    def _block(acc, ss, w_p, x_p, g_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
+               SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr):
+        # (acc [BLOCK_N, 16], ss [16]) += the 128-column scale block starting c columns into the program's K slice
+        # (of k_len); NORM: x times the norm weight g, ss += the rows' squares (see _fp8_gemv)
+        return _wblock(acc, ss, _wload(w_p, c, k_len, EVEN_K), x_p, g_p, s_p, c, k_len, tmask, EVEN_K, NATIVE,
+                       SCALE_E8M0, DOT_F32, BITS, NORM)
 
     @triton.jit
-    def _wblock(acc, wq, x_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
-                SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr):
+    def _wblock(acc, ss, wq, x_p, g_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
+                SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr):
         # _block with the weight bytes wq already loaded
+        km = (c + tl.arange(0, 128)) < k_len
         if EVEN_K:
             xv = tl.load(x_p + c, mask=tmask, other=0.0)
             s = tl.load(s_p + c // 128)
         else:
-            km = (c + tl.arange(0, 128)) < k_len
             xv = tl.load(x_p + c, mask=tmask & km[None, :], other=0.0)
             s = tl.load(s_p + c // 128, mask=c < k_len, other=0)
+        if NORM:
+            xf = xv.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+            xv = tl.load(g_p + c, mask=km, other=0.0).to(tl.float32)[None, :] * xf
         if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits (b == 0 gives 0, not 2^-127)
             s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
         if BITS:  # integer ops, any sm_80+ (inline PTX: not in the interpreter)
@@ -127,17 +132,20 @@ if triton is not None:
         if DOT_F32:  # the interpreter's bf16 tl.dot multiplies raw bits; same values in fp32
             wb = wb.to(tl.float32)
             xb = xb.to(tl.float32)
-        return acc + tl.dot(wb, tl.trans(xb)) * s
+        return acc + tl.dot(wb, tl.trans(xb)) * s, ss
 
     @triton.jit(do_not_specialize=["T"])
     def _fp8_gemv(
         x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr, NATIVE: tl.constexpr, SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr,
-        ITERS: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr = False,
+        ITERS: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr = False, g_ptr=None, eps=0.0,
+        NORM: tl.constexpr = False,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W [NT, K] (inside group n0 // GN and inside one 128-row
-        # scale block) over columns [k_lo, k_lo + k_per); k_per a multiple of BLOCK_K, itself a multiple of 128
+        # scale block) over columns [k_lo, k_lo + k_per); k_per a multiple of BLOCK_K, itself a multiple of 128.
+        # NORM (one group, no K split): RMSNorm_g(x) @ W^T as r * ((g * x) @ W^T), r [T] the rows' 1 / rms from
+        # the squares of the x tiles the loop loads anyway (model.layers.RMSNorm; g_ptr = x_ptr without NORM)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         n0 = pid_n * BLOCK_N
@@ -151,27 +159,33 @@ if triton is not None:
         x_p = x_ptr + (n0 // GN) * s_xg + rt[:, None] * s_xt + (k_lo + rk)[None, :]
         s_p = ws_ptr + (n0 // 128) * s_wsn + k_lo // 128
         tmask = rt[:, None] < T
+        g_p = g_ptr + k_lo + rk
         acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        kl = k_hi - k_lo
         i0 = 0
         if PDL:  # (ds4f.kernels.pdl) the first weight block is read while the kernel before drains; x after the wait
-            wq = _wload(w_p, 0, k_hi - k_lo, EVEN_K)
+            wq = _wload(w_p, 0, kl, EVEN_K)
             gdc_wait()
             gdc_launch_dependents()
-            acc = _wblock(acc, wq, x_p, s_p, 0, k_hi - k_lo, tmask, EVEN_K, NATIVE, SCALE_E8M0, DOT_F32, BITS)
+            acc, ss = _wblock(acc, ss, wq, x_p, g_p, s_p, 0, kl, tmask, EVEN_K, NATIVE, SCALE_E8M0, DOT_F32, BITS,
+                              NORM)
             for j in tl.static_range(1, BLOCK_K // 128):
-                acc = _block(acc, w_p, x_p, s_p, j * 128, k_hi - k_lo, tmask, EVEN_K, NATIVE, SCALE_E8M0, DOT_F32,
-                             BITS)
+                acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, j * 128, kl, tmask, EVEN_K, NATIVE, SCALE_E8M0,
+                                 DOT_F32, BITS, NORM)
             i0 = 1
         if ITERS > 0:  # the interpreter (numpy 2) takes no runtime loop bound: the caller passes the count
             for i in range(0, ITERS):
                 for j in tl.static_range(BLOCK_K // 128):  # one 128-column scale block per dot
-                    acc = _block(acc, w_p, x_p, s_p, i * BLOCK_K + j * 128, k_hi - k_lo, tmask, EVEN_K, NATIVE,
-                                 SCALE_E8M0, DOT_F32, BITS)
+                    acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, i * BLOCK_K + j * 128, kl, tmask, EVEN_K, NATIVE,
+                                     SCALE_E8M0, DOT_F32, BITS, NORM)
         else:
-            for i in range(i0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+            for i in range(i0, tl.cdiv(kl, BLOCK_K)):
                 for j in tl.static_range(BLOCK_K // 128):
-                    acc = _block(acc, w_p, x_p, s_p, i * BLOCK_K + j * 128, k_hi - k_lo, tmask, EVEN_K, NATIVE,
-                                 SCALE_E8M0, DOT_F32, BITS)
+                    acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, i * BLOCK_K + j * 128, kl, tmask, EVEN_K, NATIVE,
+                                     SCALE_E8M0, DOT_F32, BITS, NORM)
+        if NORM:
+            acc = acc * tl.rsqrt(ss / K + eps)[None, :]
         omask = (rn[:, None] < NT) & (rt[None, :] < T)
         o_p = out_ptr + rt[None, :] * s_ot + rn[:, None]
         if SPLIT_K:
@@ -260,10 +274,11 @@ def fit(cfg: Cfg, smem: int) -> Cfg:
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
-           native: bool, cfg: Cfg, bits: bool | None = None) -> None:
+           native: bool, cfg: Cfg, bits: bool | None = None, norm: tuple[torch.Tensor, float] | None = None) -> None:
     """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group, W = w [G*N, K] e4m3 (uint8 bytes
     when not native) with block scales ws [ceil(G*N/128), ceil(K/128)] fp32 or UE8M0 bytes (e8m0). T <= MAX_T.
-    bits: widen e4m3 by integer ops (default WIDEN_BITS on CUDA; the interpreter always converts)."""
+    bits: widen e4m3 by integer ops (default WIDEN_BITS on CUDA; the interpreter always converts).
+    norm = (g [K], eps), one group: out = RMSNorm_g(x) @ W^T (model.layers.RMSNorm on x's rows; no K split)."""
     t, (nt, k) = x.shape[0], w.shape
     bn, bk, split, nw, ns = fit(cfg, smem_of(x.device))
     if not valid(cfg, nt, groups) or t > MAX_T:
@@ -271,6 +286,9 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
     chunks = -(-k // bk)
     per = -(-chunks // max(1, split))
     split = -(-chunks // per)  # no empty K slice
+    if norm is not None:  # the rows' squares are summed inside one program: the whole of K
+        assert groups == 1 and norm[0].shape == (k,) and norm[0].stride(0) == 1, "norm: one group, g [K]"
+        split, per = 1, chunks
     tiles = -(-nt // bn)
     if split > 1:
         part = torch.empty(split * t * tiles * bn, dtype=torch.float32, device=x.device)
@@ -283,7 +301,19 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
         x.stride(1), ws.stride(0), out.stride(0), per * bk, BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T,
         SPLIT_K=split > 1, EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0,
         DOT_F32=interp, ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits),
+        g_ptr=x if norm is None else norm[0], eps=0.0 if norm is None else float(norm[1]), NORM=norm is not None,
         num_warps=nw, num_stages=ns, **pdl.launch(x.device))
+
+
+def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor, ws: torch.Tensor, e8m0: bool,
+                native: bool) -> torch.Tensor:
+    """RMSNorm_g(x [T, K]) @ W^T -> [T, N] bf16 in one launch (W = w [N, K] e4m3 with block scales ws; T <= MAX_T):
+    the decode step's q_norm inside wq_b's GEMV. The table's config (generic_config where it has none)."""
+    nt, k = w.shape
+    c = pick(nt, k, 1, x.device) or generic_config(nt, k, 1, sm_count(x.device))
+    out = torch.empty(x.shape[0], 1, nt, dtype=torch.bfloat16, device=x.device)
+    launch(x.view(x.shape[0], 1, k), w, ws, e8m0, out, 1, native, c, norm=(g, eps))
+    return out.view(x.shape[0], nt)
 
 
 def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,

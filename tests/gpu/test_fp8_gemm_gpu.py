@@ -300,3 +300,30 @@ def test_linear_hook(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     tol = A8_TOL if m > 64 and NATIVE[0] else OUT_TOL
     assert _rel(fast, fp8_linear_ref(x, q, s, torch.float32)) < tol
     assert torch.equal(lin(x.float()), torch.nn.functional.linear(x.float().bfloat16(), lin.weight))
+
+
+def test_gemv_linear_norm_at_the_wq_b_shapes() -> None:
+    """fp8_gemv.linear_norm (the decode q_norm inside the FP8 wq_b GEMVs) at the per-rank TP=2 wq_b and indexer wq_b
+    shapes and TP=1's, T = 1 / 4 / 16, UE8M0 scales, a column view of x as the stacked input projection gives it:
+    against the reference norm's bf16 rows through fp8_linear_ref, also after CUDA-graph replays."""
+    from ds4f.kernels.gemv import rms_norm_ref
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for n in (16384, 4096, 32768):
+        q, s = quant_fp8_block(torch.randn(n, 1024, device="cuda", generator=g) / 32, "ue8m0")
+        ws, e8m0 = fp8_gemm._scale_arg(s)
+        gw = 1 + torch.randn(1024, device="cuda", generator=g) / 4
+        for t in (1, 4, 16):
+            x = (4 * torch.randn(t, 3072, device="cuda", generator=g)).bfloat16()[:, 1024:2048]
+            want = fp8_linear_ref(rms_norm_ref(x, gw, 1e-6), q, s, torch.float32)
+            got = fp8_gemv.linear_norm(x, gw, 1e-6, q, ws, e8m0, fp8_native(x.device))
+            assert _rel(got, want) < OUT_TOL + 4e-3, (n, t, _rel(got, want))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_gemv.linear_norm(x, gw, 1e-6, q, ws, e8m0, fp8_native(x.device))
+    for _ in range(3):
+        x.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        want = fp8_linear_ref(rms_norm_ref(x, gw, 1e-6), q, s, torch.float32)
+        assert _rel(out, want) < OUT_TOL + 4e-3

@@ -95,7 +95,7 @@ class FastModel:
         self.overlap_max_t = 16
         # decode: the compressor kernel stores state rows (+ bf16 pool entries); DS4F_COMPRESS_IN_PLACE=0: launches
         self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
-        # decode, bf16 wq_b: q_norm inside wq_b's GEMV (gemv.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
+        # decode: q_norm inside the wq_b GEMVs (packed.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
         self.q_norm_gemv = os.environ.get("DS4F_Q_NORM_GEMV", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
         # the side streams at high priority: their latency-bound chains (the CSA layers' indexer chain is the
@@ -262,7 +262,7 @@ class FastModel:
         parts = y.split(self.w_in_split[i])
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy
         sides = self._side_streams(T)
-        fused_q = sides is not None and self.q_norm_gemv and not packed.is_packed(att.wq_b)
+        fused_q = sides is not None and self.q_norm_gemv
         qr = None if fused_q else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
         pool = cache.kv[i]
 
@@ -288,8 +288,11 @@ class FastModel:
             if m in d.attn_idx:
                 return d.attn_idx[m]
             # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
-            qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
-            iq = rope_(packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim), cos, sin)
+            if qr is None:  # decode: q_norm inside this GEMV too
+                iqb = packed.linear_norm(ix.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps)
+            else:
+                iqb = packed.linear(ix.wq_b, qr)
+            iq = rope_(iqb.view(T, ix.n_heads, ix.head_dim), cos, sin)
             iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
             sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
             return glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
@@ -309,7 +312,7 @@ class FastModel:
                 st.wait_stream(main)
                 with torch.cuda.stream(st):
                     outs.append(f())
-            qb = (gemv.linear_norm(parts[0], att.q_norm.weight, a.rms_norm_eps, att.wq_b.weight) if qr is None
+            qb = (packed.linear_norm(att.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps) if qr is None
                   else packed.linear(att.wq_b, qr))
             q = norm_rope(qb.view(T, H, hd), None, cos, sin, att.eps)
             for st in sides[: len(chains)]:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ds4f.kernels import gemv
-from ds4f.kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
+from ds4f.kernels import fp8_gemv, gemv
+from ds4f.kernels.fp8_gemm import _scale_arg, fp8_grouped_linear, fp8_linear, fp8_native
 from ds4f.model.linear import Linear
 from ds4f.model.moe import MoE
 from ds4f.model.quant import FP8_BLOCK, dequantize
@@ -68,6 +68,18 @@ def linear(lin: Linear, x: torch.Tensor) -> torch.Tensor:
     if lin.fmt != "fp8":
         raise NotImplementedError(f"packed {lin.fmt} linear outside the routed experts")
     return fp8_linear(x, *_pk(lin), x.dtype)
+
+
+def linear_norm(lin: Linear, x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """lin(RMSNorm_g(x)) with the norm inside the decode GEMV: bf16 (gemv.linear_norm) or FP8 (fp8_gemv.linear_norm,
+    CUDA, T <= its MAX_T); elsewhere the reference norm, then linear."""
+    if not is_packed(lin):
+        return gemv.linear_norm(x.to(lin.weight.dtype), g, eps, lin.weight)
+    if lin.fmt == "fp8" and x.is_cuda and fp8_gemv.USE_GEMV and x.shape[0] <= fp8_gemv.MAX_T and x.stride(-1) == 1:
+        w, s = _pk(lin)
+        ws, e8m0 = _scale_arg(s)
+        return fp8_gemv.linear_norm(x, g, eps, w.contiguous(), ws, e8m0, fp8_native(x.device))
+    return linear(lin, gemv.rms_norm_ref(x, g, eps))
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
