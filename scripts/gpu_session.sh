@@ -258,7 +258,7 @@ case "${1:-}" in
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
   s8ab)  # 1 GPU: the gemv GPU tests, then the 8K step (b1) under each env in S8_AB ("name:VAR=v+VAR=v;..."), the
     # last one with its graph timeline
-    par_tests 120 tests/gpu/test_gemv_gpu.py; test_summary
+    par_tests "${S8_TEST_CAP:-150}" ${S8_TESTS:-tests/gpu/test_gemv_gpu.py}; test_summary
     IFS=';' read -ra VS <<< "${S8_AB:-base:}"
     for v in "${VS[@]}"; do n=${v%%:*}; e=${v#*:}
       env ${e//+/ } timeout 120 python3 bench/bench_decode.py --depths 8192 --batches 1 --prefill "" --profile /tmp/p_$n \
