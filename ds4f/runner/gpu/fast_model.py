@@ -288,11 +288,10 @@ class FastModel:
             if m in d.attn_idx:
                 return d.attn_idx[m]
             # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
-            if qr is None:  # decode: q_norm inside this GEMV too
-                iqb = packed.linear_norm(ix.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps)
-            else:
-                iqb = packed.linear(ix.wq_b, qr)
-            iq = rope_(iqb.view(T, ix.n_heads, ix.head_dim), cos, sin)
+            # the q norm as its own launch here: fused into this GEMV too (packed.linear_norm) the chain took 17 us
+            # longer per CSA layer at 8K (call 5): Triton CTAs sharing the SMs with wq_b's, where cuBLAS's get in
+            qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
+            iq = rope_(packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim), cos, sin)
             iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
             sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
             return glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
