@@ -267,5 +267,12 @@ case "${1:-}" in
   s8fin)  # 1 GPU: s8ab's A/B (S8_AB), then the whole 8-layer decode bench (issue 5's table)
     bash "$0" s8ab "$2"; decode_bench "${S8_LIMIT:-590}"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
+  s8full)  # 2 GPUs, short: the full model at TP=2, decode b1 / b4 with graphs for short contexts, no long prompt,
+    # rank 0's decode timeline (what fits in a few device minutes: startup ~130 s)
+    E="DS4F_INDEX_FP8=1 DS4F_GRAPH_TIMING=1"
+    C="python3 bench/bench_full.py --tp 2 --batches 1,4 --max-model-len 4096 --ttft-tokens 0 --profile $OUT --out $OUT/full.jsonl"
+    echo "# $E $C"
+    env $E timeout $((${S8_LIMIT:-400} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
+      | grep -E "^(case|#)|Error|error|failure" | tail -n 30 ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac
