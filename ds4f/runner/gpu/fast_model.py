@@ -97,7 +97,6 @@ class FastModel:
         self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
         # decode: q_norm inside the wq_b GEMVs (packed.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
         self.q_norm_gemv = os.environ.get("DS4F_Q_NORM_GEMV", "1") == "1"
-        self.idx_q_main = os.environ.get("DS4F_IDX_Q_MAIN", "1") == "1"  # see _attn; 0: on the indexer's stream
         self._sides: list[torch.cuda.Stream] = []
         # the side streams at high priority: their latency-bound chains (the CSA layers' indexer chain is the
         # critical path there) get SMs before the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
@@ -289,21 +288,14 @@ class FastModel:
             if m in d.attn_idx:
                 return d.attn_idx[m]
             # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
-            qp = iqb
-            if qp is None:
-                qp = packed.linear(ix.wq_b, qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight,
-                                                                                 a.rms_norm_eps))
-            iq = rope_(qp.view(T, ix.n_heads, ix.head_dim), cos, sin)
+            # the q norm as its own launch here: fused into this GEMV too (packed.linear_norm) the chain took 17 us
+            # longer per CSA layer at 8K (call 5): Triton CTAs sharing the SMs with wq_b's, where cuBLAS's get in
+            qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
+            iq = rope_(packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim), cos, sin)
             iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
             sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
             return glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
 
-        # decode, CSA beyond top-k: the indexer's q projection (q norm inside) on the main stream before the fork.
-        # Its chain (scores, top-k) is these layers' critical path; on the side stream its GEMV waited for SMs
-        # behind wq_b's CTAs (8K: 16 us of main idle per CSA layer; fused there too, 17 us more: session 8)
-        iqb = None
-        if fused_q and self.idx_q_main and att.indexer is not None and att.ratio not in d.attn_idx:
-            iqb = packed.linear_norm(att.indexer.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps)
         chains = [kv_path] + ([index_path] if att.indexer is not None else [])
         if sides is None:  # q's per-head RMSNorm + RoPE and kv's weighted one in one launch
             assert qr is not None
