@@ -8,9 +8,10 @@ as expert E (bf16) or fused_moe_mxfp4 on the packed experts. Between sublayers o
 norm + RoPE in one kernel each; a decode step's router in one kernel (ds4f.kernels.router) and its per-step index
 tensors + embedding in one (glue.derive -> ds4f.kernels.step_meta).
 Decode steps (<= 16 tokens, CUDA) run each layer's kv / compressor chain and its indexer chain on two side streams
-beside the q projection, the packed FP8 shared expert on one beside the router and routed up GEMM, and each mHC
-step's Sinkhorn on a third (joined before the next mHC step reads comb); bf16 projections of <= 16 tokens go
-through the Triton GEMV (ds4f.kernels.gemv), FP8 ones through fp8_gemm's decode GEMV.
+beside the q projection (q_norm inside its GEMV: packed.linear_norm), the packed FP8 shared expert on one beside the
+router and routed up GEMM, and each mHC step's Sinkhorn on a third (joined before the next mHC step reads comb), all
+at high priority; bf16 projections of <= 16 tokens go through the Triton GEMV (ds4f.kernels.gemv), FP8 ones through
+fp8_gemm's decode GEMV.
 An eager step (StepMeta.max_len known on the host) scores only the first glue.index_len index entries of each CSA
 layer: at 1M context a chunk early in the prompt sees a few thousand of 262144; decode graphs keep every column.
 
@@ -98,8 +99,8 @@ class FastModel:
         # decode: q_norm inside the wq_b GEMVs (packed.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
         self.q_norm_gemv = os.environ.get("DS4F_Q_NORM_GEMV", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
-        # the side streams at high priority: their latency-bound chains (the CSA layers' indexer chain is the
-        # critical path there) get SMs before the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
+        # side streams at high priority: their latency-bound chains (in CSA layers the critical path) get SMs before
+        # the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
         self.side_priority = -1 if os.environ.get("DS4F_SIDE_PRIORITY", "1") == "1" else 0
         self._sink: torch.cuda.Stream | None = None  # the mHC Sinkhorn's stream (decode)
         self._sink_pending = False
@@ -288,8 +289,7 @@ class FastModel:
             if m in d.attn_idx:
                 return d.attn_idx[m]
             # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
-            # the q norm as its own launch here: fused into this GEMV too (packed.linear_norm) the chain took 17 us
-            # longer per CSA layer at 8K (call 5): Triton CTAs sharing the SMs with wq_b's, where cuBLAS's get in
+            # the q norm as its own launch (fused into this GEMV as into wq_b's: +17 us per CSA layer at 8K)
             qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
             iq = rope_(packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim), cos, sin)
             iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
