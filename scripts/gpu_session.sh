@@ -274,5 +274,13 @@ case "${1:-}" in
     echo "# $E $C"
     env $E timeout $((${S8_LIMIT:-400} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#)|Error|error|failure" | tail -n 30 ;;
+  s9val)  # 1 GPU: the GPU tests of what session 8 changed after its last GPU call (the indexer query kernel,
+    # quant_heads_fp8's exact scale, their fast-path use), then the 8-layer decode bench (issue 5)
+    par_tests "${S9_TEST_CAP:-220}" tests/gpu/test_index_q_gpu.py tests/gpu/test_kernels_gpu.py \
+      tests/gpu/test_indexer_tb_gpu.py tests/gpu/test_fast_model.py tests/gpu/test_fast_fp8_kv_gpu.py \
+      tests/gpu/test_fast_packed_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
+    decode_bench "${S9_LIMIT:-590}"
+    cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac

@@ -205,7 +205,7 @@ def check_ops(cfg: dict[str, Any], directory: Path, device: str, T: int = 7) -> 
         x = rand(T, a.hidden_size)
         w_in = fm.w_in[i]
         assert isinstance(w_in, InProj)
-        _close(w_in(x), torch.cat([_f32(lin, x) for lin in fm._in_linears(bd)], dim=1))
+        _close(w_in(x), torch.cat([_f32(lin, x) for lin in packed.in_linears(bd)], dim=1))
         qr = rand(T, a.q_lora_rank)
         _close(linear(bp.attn.wq_b, qr), _f32(bd.attn.wq_b, qr))
         if bp.attn.indexer is not None:

@@ -150,3 +150,15 @@ def test_indexer_token_blocks_build(arch: int, kernel: str, tile: dict[str, int]
                                                     out_ptr="*fp32", scale="fp32"),
                   dict(DI=128, BLOCK_HI=64, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True, **tile), arch, nw, ns)
         assert k["shared"] <= 160 * 1024
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_index_q_builds(arch: int) -> None:
+    # the indexer query kernel at V4's shape (64 heads of 128, 64 rope channels): bf16 everywhere, e4m3 from sm_89
+    from ds4f.kernels import index_q as iq
+
+    for fp8 in (False, True) if arch >= 89 else (False,):
+        k = build(iq._index_q, dict(q_ptr="*bf16", w_ptr="*bf16", q8_ptr="*fp8e4nv" if fp8 else "*bf16",
+                                    wo_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", w_scale="fp32"),
+                  dict(HD=128, HALF=32, BLOCK_P=32, BLOCK_H=64, FP8=fp8), arch, 4, 1)
+        assert ("cvt.rn.satfinite.e4m3x2.f32" in k["ptx"]) == fp8  # round-to-nearest-even, as quant_heads_fp8

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ds4f.kernels.index_q import quant_heads_fp8 as quant_heads_fp8  # re-exported: callers and tests use it here
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
 from ds4f.kernels.sparse_attn import sm_count, use_triton
@@ -246,15 +247,6 @@ def indexer_scores(
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
-
-
-def quant_heads_fp8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hi, d] -> (e4m3 [T, Hi, d], fp32 scale [T, Hi]) with q ≈ q8 * scale per (token, head): scale = the
-    smallest power of two putting the head's amax at or below 448 (exact to fold into the head weights)."""
-    amax = q.float().abs().amax(dim=-1).clamp(min=1e-30)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
-    q8 = (q.float() / scale[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    return q8, scale
 
 
 RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; even at T=32; 2x slower at T=2048

@@ -31,7 +31,7 @@ import os
 import torch
 
 from ds4f.kernels import fused_moe, gemv, topk_indices
-from ds4f.kernels.indexer import quant_heads_fp8
+from ds4f.kernels.index_q import index_q, quant_heads_fp8
 from ds4f.kernels.mhc import decode_kernel, hc_step
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
 from ds4f.kernels.rope import norm_rope, norm_rope2, rope_
@@ -42,7 +42,6 @@ from ds4f.model.args import CSA, SWA
 from ds4f.model.compressor import Compressor
 from ds4f.model.deepseek_v4 import Block, Transformer
 from ds4f.model.layers import Rope
-from ds4f.model.linear import Linear
 from ds4f.model.mhc import hc_head
 from ds4f.runner.gpu import glue, packed
 from ds4f.runner.gpu.pools import FastCache, Fp8Keys, StepMeta
@@ -88,6 +87,9 @@ class FastModel:
         self.sp_index_min_t = int(os.environ.get("DS4F_SP_INDEXER_MIN_T", "2048"))
         # DS4F_INDEX_FP8=1 (fp8 index keys): indexer q per head in e4m3, scores by the fp8 MMA; opt-in until measured
         self.index_fp8 = os.environ.get("DS4F_INDEX_FP8", "0") == "1"
+        # DS4F_INDEX_Q=1: the indexer query's RoPE, weight scale and e4m3 rows in one launch (ds4f.kernels.index_q);
+        # opt-in until run on a GPU
+        self.index_q = os.environ.get("DS4F_INDEX_Q", "0") == "1"
         # eager steps of >= prefix_min_t tokens: all-entries layers through prefix_attn; DS4F_PREFIX_ATTN=0: off
         self.prefix_attn = os.environ.get("DS4F_PREFIX_ATTN", "1") == "1"
         self.prefix_min_t = int(os.environ.get("DS4F_PREFIX_MIN_T", "256"))
@@ -110,63 +112,15 @@ class FastModel:
         self.mx: list[packed.MxMoE | None] = []
         self.w_in: list[torch.Tensor | packed.InProj] = []
         self.w_in_split: list[list[int]] = []
-        for blk in model.layers:
-            self._stack_experts(blk)
-            self._stack_inputs(blk)
-
-    def _in_linears(self, blk: Block) -> list[Linear]:
-        att = blk.attn
-        lins = [att.wq_a, att.wkv]
-        if att.compressor is not None:
-            lins += [att.compressor.wkv, att.compressor.wgate]
-        if att.indexer is not None:
-            ic = att.indexer.compressor
-            lins += [ic.wkv, ic.wgate, att.indexer.weights_proj]
-        return lins
-
-    @torch.no_grad()
-    def _stack_inputs(self, blk: Block) -> None:
-        """One [sum(out), D] bf16 matrix, or with packed fp8 linears a packed.InProj (stacked runs)."""
-        lins = self._in_linears(blk)
-        sizes = [lin.out_features for lin in lins]
-        if any(packed.is_packed(lin) for lin in lins):
-            self.w_in.append(packed.InProj(lins))
+        for blk in model.layers:  # the modules' weights become views of these stacks (packed.stack_*)
+            self.gate_w32.append(blk.ffn.gate.weight.float())
+            mx, w13, w2 = packed.stack_experts(blk.ffn, self.dtype, self.device)
+            self.mx.append(mx)
+            self.w13.append(w13)
+            self.w2.append(w2)
+            w_in, sizes = packed.stack_inputs(blk, self.dtype, self.device)
+            self.w_in.append(w_in)
             self.w_in_split.append(sizes)
-            return
-        w = torch.empty(sum(sizes), lins[0].in_features, dtype=self.dtype, device=self.device)
-        o = 0
-        for lin, n in zip(lins, sizes):
-            w[o: o + n].copy_(lin.weight)
-            lin.weight.data = w[o: o + n]
-            o += n
-        self.w_in.append(w)
-        self.w_in_split.append(sizes)
-
-    @torch.no_grad()
-    def _stack_experts(self, blk: Block) -> None:
-        """MXFP4-packed routed experts: packed.stack_mx (packed stacks, bf16 shared expert). Otherwise bf16 w13 / w2
-        with the shared expert as expert E; packed fp8 experts (Flash-Base) are dequantized into that stack."""
-        ffn = blk.ffn
-        self.gate_w32.append(ffn.gate.weight.float())
-        mx = packed.stack_mx(ffn, self.dtype)
-        self.mx.append(mx)
-        if mx is not None:
-            self.w13.append(None)
-            self.w2.append(None)
-            return
-        experts = list(ffn.experts) + ([ffn.shared_experts] if ffn.shared_experts is not None else [])
-        inter, d = experts[0].w1.out_features, experts[0].w1.in_features
-        w13 = torch.empty(len(experts), 2 * inter, d, dtype=self.dtype, device=self.device)
-        w2 = torch.empty(len(experts), d, inter, dtype=self.dtype, device=self.device)
-        for e, ex in enumerate(experts):
-            w13[e, :inter].copy_(packed.dense_weight(ex.w1, self.dtype))
-            w13[e, inter:].copy_(packed.dense_weight(ex.w3, self.dtype))
-            w2[e].copy_(packed.dense_weight(ex.w2, self.dtype))
-            for lin, v in ((ex.w1, w13[e, :inter]), (ex.w3, w13[e, inter:]), (ex.w2, w2[e])):
-                if not packed.is_packed(lin):  # a packed one keeps its meta weight and packed tensors
-                    lin.weight.data = v
-        self.w13.append(w13)
-        self.w2.append(w2)
 
     # ---- per-step index tensors ----
     def _derive(self, meta: StepMeta, cache: FastCache) -> _Derived:
@@ -291,8 +245,15 @@ class FastModel:
             # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
             # the q norm as its own launch (fused into this GEMV as into wq_b's: +17 us per CSA layer at 8K)
             qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
-            iq = rope_(packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim), cos, sin)
-            iw = glue.scale_f32(parts[6], ix.n_heads**-0.5)
+            iq = packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim)
+            fp8 = self.index_fp8 and isinstance(cache.index[i], Fp8Keys)  # e4m3 q over e4m3 keys: the fp8 MMA
+            if self.index_q:  # RoPE, the head weights' scale and the e4m3 rows in one launch
+                iq, iw = index_q(iq, parts[6], cos, sin, ix.n_heads**-0.5, fp8)
+            else:
+                iq, iw = rope_(iq, cos, sin), glue.scale_f32(parts[6], ix.n_heads**-0.5)
+                if fp8:
+                    iq, qs = quant_heads_fp8(iq)
+                    iw = iw * qs
             sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
             return glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
 
@@ -354,9 +315,6 @@ class FastModel:
             lo, hi = min(T, comm.rank * per), min(T, (comm.rank + 1) * per)
         vis = d.vis32[m][lo:hi]
         q, w = iq[lo:hi], iw[lo:hi]
-        if self.index_fp8 and isinstance(cache.index[i], Fp8Keys):  # e4m3 q over the e4m3 keys: the fp8 MMA
-            q, qs = quant_heads_fp8(q)
-            w = w * qs
         sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis)
         sel = topk_indices(sc, k, valid_len=vis)
         if not sp:

@@ -15,6 +15,7 @@ shipped: fp8 = e4m3 [N, K] + block scales [ceil(N/128), ceil(K/128)] (UE8M0 byte
   ~2 GiB over its 43 layers, beside the packed copy the module keeps).
 - dense_weight(lin): the compute-dtype weight, dequantized when packed: how FP8 routed experts (Flash-Base), which
   fused_moe_mxfp4 cannot run, reach the bf16 expert stack.
+- stack_inputs / stack_experts: FastModel's per-layer stacks (the input projections, the experts + shared expert).
 Stacking copies each part once into the new tensor and points the module's tensor at its view (no extra memory
 past one stack's transient).
 """
@@ -28,6 +29,7 @@ import torch
 
 from ds4f.kernels import fp8_gemv, gemv
 from ds4f.kernels.fp8_gemm import _scale_arg, fp8_grouped_linear, fp8_linear, fp8_native
+from ds4f.model.deepseek_v4 import Block
 from ds4f.model.linear import Linear
 from ds4f.model.moe import MoE
 from ds4f.model.quant import FP8_BLOCK, dequantize
@@ -245,3 +247,55 @@ def stack_mx(ffn: MoE, dtype: torch.dtype) -> MxMoE | None:
             sh.w1.weight.data, sh.w3.weight.data, sh.w2.weight.data = w13[:i], w13[i:], w2
         shared = (w13, w2)
     return MxMoE(w13_q, w13_s, w2_q, w2_s, shared)
+
+
+def in_linears(blk: Block) -> list[Linear]:
+    """The projections of a block that read the attention input x_n, in the stacked input's column order."""
+    att = blk.attn
+    lins = [att.wq_a, att.wkv]
+    if att.compressor is not None:
+        lins += [att.compressor.wkv, att.compressor.wgate]
+    if att.indexer is not None:
+        ic = att.indexer.compressor
+        lins += [ic.wkv, ic.wgate, att.indexer.weights_proj]
+    return lins
+
+
+@torch.no_grad()
+def stack_inputs(blk: Block, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor | InProj, list[int]]:
+    """-> (one [sum(out), D] matrix whose row blocks the modules' weights become, or with packed fp8 linears an
+    InProj of stacked runs; the linears' output sizes)."""
+    lins = in_linears(blk)
+    sizes = [lin.out_features for lin in lins]
+    if any(is_packed(lin) for lin in lins):
+        return InProj(lins), sizes
+    w = torch.empty(sum(sizes), lins[0].in_features, dtype=dtype, device=device)
+    o = 0
+    for lin, n in zip(lins, sizes):
+        w[o: o + n].copy_(lin.weight)
+        lin.weight.data = w[o: o + n]
+        o += n
+    return w, sizes
+
+
+@torch.no_grad()
+def stack_experts(ffn: MoE, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[MxMoE | None, torch.Tensor | None, torch.Tensor | None]:
+    """-> (stack_mx's MxMoE for MXFP4-packed routed experts, None, None), or (None, w13 [E+1, 2I, D], w2 [E+1, D, I])
+    in dtype with the shared expert as expert E (packed fp8 experts, Flash-Base, dequantized into it; the bf16
+    modules' weights become views of the stacks)."""
+    mx = stack_mx(ffn, dtype)
+    if mx is not None:
+        return mx, None, None
+    experts = list(ffn.experts) + ([ffn.shared_experts] if ffn.shared_experts is not None else [])
+    inter, d = experts[0].w1.out_features, experts[0].w1.in_features
+    w13 = torch.empty(len(experts), 2 * inter, d, dtype=dtype, device=device)
+    w2 = torch.empty(len(experts), d, inter, dtype=dtype, device=device)
+    for e, ex in enumerate(experts):
+        w13[e, :inter].copy_(dense_weight(ex.w1, dtype))
+        w13[e, inter:].copy_(dense_weight(ex.w3, dtype))
+        w2[e].copy_(dense_weight(ex.w2, dtype))
+        for lin, v in ((ex.w1, w13[e, :inter]), (ex.w3, w13[e, inter:]), (ex.w2, w2[e])):
+            if not is_packed(lin):  # a packed one keeps its meta weight and packed tensors
+                lin.weight.data = v
+    return None, w13, w2
