@@ -66,3 +66,28 @@ def test_quant_heads_scale_is_the_smallest_power_of_two() -> None:
     cos, sin = torch.ones(3, 8), torch.zeros(3, 8)
     for x, y in zip(index_q(qa, w, cos, sin, 0.5, True), index_q_ref(qb, w, cos, sin, 0.5, True)):
         assert torch.equal(x.float(), y.float())
+
+
+@torch.no_grad()
+def test_fast_model_with_index_q_gives_the_same_logits() -> None:
+    """FastModel on CPU (kernels' torch paths) with DS4F_INDEX_Q's path and without: prompt chunks past the indexer's
+    top-k (CSA scoring runs), then decode steps: the same logits."""
+    from ds4f.model.args import ModelArgs, tiny_config
+    from ds4f.model.deepseek_v4 import Transformer, init_random_
+    from ds4f.runner.gpu.fast_model import FastModel
+    from ds4f.runner.gpu.pools import FastCache
+
+    cfg = tiny_config()
+    cfg["index_topk"] = 4
+    args = ModelArgs.from_hf(cfg)
+    fm = FastModel(init_random_(Transformer(args, dtype=torch.bfloat16), seed=0), max_pos=512 + 32)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, args.vocab_size, (120,), generator=g).tolist()
+    out = []
+    for flag in (False, True):
+        fm.index_q = flag
+        cache = FastCache(args, max_seqs=2, num_blocks=32, block_size=32, max_ctx=512, max_tokens=128, device="cpu")
+        steps = [[(0, 0, ids[:60])], [(0, 60, ids[60:])], [(0, 120, [5])], [(0, 121, [9])]]
+        out.append([fm.logits(fm.forward(m, cache), m) for m in (cache.build_meta(s, fm.ratios) for s in steps)])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
