@@ -231,31 +231,6 @@ case "${1:-}" in
       tests/gpu/test_fast_fp8_kv_gpu.py
     test_summary | tee "$OUT/gpu_tests.log"
     decode_bench "${S7_LIMIT:-590}" ;;
-  s8pdl)  # 1 GPU: the 8K decode step without / with programmatic dependent launch (ds4f.kernels.pdl; graph
-    # timelines of both), then the GPU tests of every kernel it touches (PDL on, eager and in graphs)
-    for v in 0 1; do DS4F_PDL=$v timeout 150 python3 bench/bench_decode.py --depths 8192 --batches 1,4 --prefill "" \
-      --profile /tmp/prof$v --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^(decode|#)|Error" \
-      | sed "s/^/PDL=$v /"; cp /tmp/prof$v/graph_decode_d8192_timeline.txt "$OUT/timeline_pdl$v.txt"; done
-    par_tests "${S8_TEST_CAP:-240}" tests/gpu/test_gemv_gpu.py tests/gpu/test_mhc_decode_gpu.py tests/gpu/test_moe_gpu.py \
-      tests/gpu/test_router_fused_gpu.py tests/gpu/test_rope_fused_gpu.py tests/gpu/test_kernels_gpu.py \
-      tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_fast_model.py tests/gpu/test_fast_fp8_kv_gpu.py \
-      tests/gpu/test_fast_runner_gpu.py tests/gpu/test_moe_mxfp4_gpu.py tests/gpu/test_fast_packed_gpu.py \
-      tests/gpu/test_fp8_gemm_gpu.py tests/gpu/test_compress_gpu.py tests/gpu/test_topk_small_gpu.py
-    test_summary | tee "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs ;;
-  s8q)  # 1 GPU: GPU tests of the q_norm-in-GEMV change, the WQ_B Triton configs (its best one for linear_norm),
-    # the 8K step without / with the fused q norm, then the whole 8-layer decode bench
-    par_tests 200 tests/gpu/test_gemv_gpu.py tests/gpu/test_fast_model.py tests/gpu/test_fast_fp8_kv_gpu.py \
-      tests/gpu/test_fast_runner_gpu.py
-    test_summary | tee "$OUT/gpu_tests.log"
-    timeout 120 python3 bench/sweep_gemv.py --shapes WQ_B --tokens 1 2>&1 | tee "$OUT/sweep_wqb.log" \
-      | grep -E "PICK|cublas|==" | tail -n 4
-    B=$(grep -o "PICK DS4F_GEMV_WQ_B=[0-9,]*" "$OUT/sweep_wqb.log" | cut -d= -f2)
-    [ "$B" = "0" ] && B=$(grep "PICK DS4F_GEMV_WQ_B=0" "$OUT/sweep_wqb.log" | grep -o "Triton ([0-9, ]*)" | tr -d 'Triton ()')
-    export DS4F_GEMV_WQ_B=${B:-}; echo "# DS4F_GEMV_WQ_B=$DS4F_GEMV_WQ_B"
-    DS4F_Q_NORM_GEMV=0 timeout 150 python3 bench/bench_decode.py --depths 8192 --batches 1 --prefill "" \
-      --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^decode|Error" | sed "s/^/QN=0 /"
-    decode_bench "${S8_LIMIT:-590}"
-    cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
   s8ab)  # 1 GPU: the gemv GPU tests, then the 8K step (b1) under each env in S8_AB ("name:VAR=v+VAR=v;..."), the
     # last one with its graph timeline
     par_tests "${S8_TEST_CAP:-150}" ${S8_TESTS:-tests/gpu/test_gemv_gpu.py}; test_summary

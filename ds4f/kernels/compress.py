@@ -23,7 +23,8 @@ from ds4f.kernels import pdl
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: glue.compress runs the torch reference
     triton = None
 
@@ -38,9 +39,7 @@ if triton is not None:
                          POOL_OUT: tl.constexpr, PDL: tl.constexpr = False):
         # RING_OUT: state rows go to ring rows rrow[t] (rows_ptr = the ring); POOL_OUT: entries go to pool row dst
         # (ent_ptr = the pool [N, HD]) instead of row pid of ent
-        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         pid = tl.program_id(0)
         if pid < E:
             et = tl.load(et_ptr + pid)

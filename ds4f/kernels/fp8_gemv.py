@@ -31,7 +31,8 @@ from ds4f.kernels.sparse_attn import sm_count
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: fp8_gemm falls back to the reference before reaching this file
     triton = None
 
@@ -136,11 +137,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["T"])
     def _fp8_gemv(
-        x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per,
+        x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, g_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per, eps,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr, NATIVE: tl.constexpr, SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr,
-        ITERS: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr = False, g_ptr=None, eps=0.0,
-        NORM: tl.constexpr = False,
+        ITERS: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W [NT, K] (inside group n0 // GN and inside one 128-row
         # scale block) over columns [k_lo, k_lo + k_per); k_per a multiple of BLOCK_K, itself a multiple of 128.
@@ -166,8 +166,7 @@ if triton is not None:
         i0 = 0
         if PDL:  # (ds4f.kernels.pdl) the first weight block is read while the kernel before drains; x after the wait
             wq = _wload(w_p, 0, kl, EVEN_K)
-            gdc_wait()
-            gdc_launch_dependents()
+            pdl_enter(PDL)
             acc, ss = _wblock(acc, ss, wq, x_p, g_p, s_p, 0, kl, tmask, EVEN_K, NATIVE, SCALE_E8M0, DOT_F32, BITS,
                               NORM)
             for j in tl.static_range(1, BLOCK_K // 128):
@@ -297,11 +296,11 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
         part = lock = out  # unused
     interp = not x.is_cuda  # every split runs `per` steps: the last one's extra steps masked unless K is even
     _fp8_gemv[(tiles, split)](
-        x, w if native else w.view(torch.uint8), ws, out, part, lock, t, nt, k, nt // groups, x.stride(0),
-        x.stride(1), ws.stride(0), out.stride(0), per * bk, BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T,
-        SPLIT_K=split > 1, EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0,
-        DOT_F32=interp, ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits),
-        g_ptr=x if norm is None else norm[0], eps=0.0 if norm is None else float(norm[1]), NORM=norm is not None,
+        x, w if native else w.view(torch.uint8), ws, out, part, lock, x if norm is None else norm[0], t, nt, k,
+        nt // groups, x.stride(0), x.stride(1), ws.stride(0), out.stride(0), per * bk,
+        0.0 if norm is None else float(norm[1]), BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T, SPLIT_K=split > 1,
+        EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0, DOT_F32=interp,
+        ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits), NORM=norm is not None,
         num_warps=nw, num_stages=ns, **pdl.launch(x.device))
 
 

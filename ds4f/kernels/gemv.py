@@ -30,7 +30,8 @@ from ds4f.kernels.knobs import env_knobs
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: linear / grouped_linear fall back to torch
     triton = None
 
@@ -96,8 +97,7 @@ if triton is not None:
         if PDL:  # (ds4f.kernels.pdl) the first W tile is read while the kernel before drains; x after the wait
             km = (k_lo + rk) < k_hi
             w = tl.load(w_p, mask=km[None, :], other=0.0)
-            gdc_wait()
-            gdc_launch_dependents()
+            pdl_enter(PDL)
         ss = tl.zeros([BLOCK_T], tl.float32)
         if PDL:
             xv, ss = _xtile(x_p, tmask, km, g_p, ss, NORM)

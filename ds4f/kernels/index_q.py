@@ -19,8 +19,8 @@ from ds4f.kernels.sparse_attn import use_triton
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+    from ds4f.kernels.pdl import enter as pdl_enter
     from ds4f.kernels.rope import _norm_rope_rows
 except ImportError:  # CPU-only installs: index_q runs the torch composition
     triton = None
@@ -58,9 +58,7 @@ if triton is not None:
                  FP8: tl.constexpr, PDL: tl.constexpr = False):
         # program = token t, its H (= BLOCK_H) heads: rope_'s row code in place, then the head weights and (FP8) the
         # per-head e4m3 rows from the rotated q (re-read after a CTA barrier: other threads wrote them)
-        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         t = tl.program_id(0).to(tl.int64)
         _norm_rope_rows(q_ptr, q_ptr, cos_ptr, cos_ptr, sin_ptr, t, N, H, s_qt, s_qh, s_qt, s_qh, s_cs, 0.0, 1.0,
                         HD, HALF, BLOCK_P, BLOCK_H, False, False)

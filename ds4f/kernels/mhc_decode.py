@@ -23,7 +23,8 @@ from ds4f.kernels.knobs import env_knobs
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: hc_step falls back to its torch reference
     triton = None
 
@@ -195,9 +196,7 @@ if triton is not None:
             r = tl.arange(0, NMP)
             f = tl.load(fn_ptr + r[:, None, None] * (4 * D) + j[None, :, None] * D + d[None, None, :],
                         mask=(r < NM)[:, None, None] & dm[None, None, :], other=0.0)  # [NMP, 4, BD]
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)
         xk = _post_mix(y_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, 4, HAS_Y)
         if HAS_FN:
             xf = xk.to(tl.float32)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ds4f.kernels.pdl import enter as pdl_enter
 
 
 @triton.jit
@@ -51,9 +52,7 @@ def _moe_up(
 ):
     # program = (block of BLOCK_M picks of one expert, BLOCK_N columns of gate and the same columns of up);
     # a[slot] = swiglu_clamp(x[tok] @ [gate | up]ᵀ) for the block's real slots (padding slots are left unwritten)
-    if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
     pid_m, pid_n = _tile(tl.program_id(0), nb, tl.cdiv(I, BLOCK_N), GROUP_M)
     e = tl.load(be_ptr + pid_m)
     if e >= 0:
@@ -108,9 +107,7 @@ def _moe_down(
     # covering all TOPK picks of t, out row t*SPLIT_K + s = Σ_j topk_weight[t,j] * (a[p] @ w2[e_j]ᵀ) in fp32 (bf16
     # when SPLIT_K == 1: the final output, no sum launch). Token-minor order: programs of one N tile run together,
     # so an expert picked by several tokens is read from L2 after the first.
-    if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
     KS: tl.constexpr = I // SPLIT_K
     NKS: tl.constexpr = (KS + BLOCK_K - 1) // BLOCK_K
     pid = tl.program_id(0)

@@ -40,7 +40,8 @@ from ds4f.kernels.knobs import env_knobs
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: moe_mxfp4 never calls in here without triton
     triton = None
 
@@ -165,9 +166,7 @@ if triton is not None:
     ):
         # program (pick m, gate rows [n0, n0 + BLOCK_N) and the same up rows, K slice pid_s); I % BLOCK_N == 0,
         # DM % (SPLIT * BLOCK_K) == 0, BLOCK_K <= 512
-        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -226,9 +225,7 @@ if triton is not None:
     ):
         # program ((token t, rows [n0, n0 + BLOCK_N) of D), (pick j, K slice)); DM % BLOCK_N == 0,
         # I % (SPLIT * BLOCK_K) == 0
-        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         pid_tn = tl.program_id(0)
         pid_js = tl.program_id(1)
         NT: tl.constexpr = DM // BLOCK_N

@@ -18,7 +18,8 @@ from ds4f.model.layers import rms_normalize
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: the torch references below
     triton = None
 
@@ -82,9 +83,7 @@ if triton is not None:
     def _rope_kernel(x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, N, H, s_xt, s_xh, s_ot, s_oh, s_cs, eps, sign,
                      HD: tl.constexpr, HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                      NORM: tl.constexpr, HAS_W: tl.constexpr, PDL: tl.constexpr = False):
-        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         _norm_rope_rows(x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, tl.program_id(0), N, H, s_xt, s_xh, s_ot, s_oh, s_cs,
                         eps, sign, HD, HALF, BLOCK_P, BLOCK_R, NORM, HAS_W)
 
@@ -95,9 +94,7 @@ if triton is not None:
                            BPK: tl.constexpr, BRQ: tl.constexpr, BRK: tl.constexpr, HAS_W: tl.constexpr,
                            PDL: tl.constexpr = False):
         # programs [0, NQP): q rows (token, head), unweighted; the rest: kv rows (one per token), weighted by w
-        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         pid = tl.program_id(0)
         if pid < NQP:
             _norm_rope_rows(q_ptr, qo_ptr, w_ptr, cos_ptr, sin_ptr, pid, NQ, HQ, s_qt, s_qh, s_qot, s_qoh, s_cs,

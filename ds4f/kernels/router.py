@@ -23,7 +23,8 @@ from ds4f.kernels.sparse_attn import use_triton
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: the torch reference below
     triton = None
 
@@ -134,9 +135,7 @@ if triton is not None:
         # all scores (learned, or hash with ROWS off): program (expert block, channel chunk) -> partial logits
         # part [NDS, T, E] for every token; ROWS (hash only): program (token, channel chunk) -> part [NDS, T, BLOCK_K]
         # of the token's hashed rows. The last program to arrive sums the partials and picks for all tokens.
-        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         d = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
         dm = d < D
         kk = tl.arange(0, BLOCK_K)

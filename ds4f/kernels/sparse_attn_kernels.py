@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ds4f.kernels.pdl import enter as pdl_enter
 from ds4f.kernels.rope_tile import inv_rope_tile
 
 
@@ -104,9 +104,7 @@ def _attn_fwd(
     # FUSE (> 0, a power of two >= S): the last program of (t, head block) to arrive merges the partials (no
     # combine launch); cnt_ptr [T * head blocks] int32 arrival counts, zero between calls (re-armed here).
     # SKIP: a key block whose indices are all -1 skips its loads and math (sparse decode lists).
-    if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
     t = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -205,9 +203,7 @@ def _attn_combine(
     # first ceil(min(live[t], K) / kps) of them, the splits that saw a key; DYN: kps as _attn_fwd's DYN sizes
     # it), UNROLL splits per iteration: their loads are issued together (a chain of dependent loads UNROLL times
     # shorter) and merged through their max.
-    if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
     t = tl.program_id(0)
     n_s = S
     if LIVE:

@@ -17,7 +17,8 @@ from ds4f.kernels import pdl
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: topk_indices runs its reference instead
     triton = None
 
@@ -76,9 +77,7 @@ if triton is not None:
                     N: tl.constexpr, N2: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, VLEN: tl.constexpr,
                     ZERO: tl.constexpr, PDL: tl.constexpr = False):
         # program = row t. N: the widest row handled here; N2 (< N, or 0): a narrower tile for rows of <= N2
-        if PDL:  # ds4f.kernels.pdl: nothing before this reads what an earlier kernel writes
-            gdc_wait()
-            gdc_launch_dependents()
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         t = tl.program_id(0).to(tl.int64)
         lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
         if ZERO:  # the multi-pass kernels' per-row histograms (4 levels) and their two slot counters
