@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ds4f.kernels import arrival, pdl
 from ds4f.kernels.knobs import env_knobs
+from ds4f.model.layers import rms_normalize
 
 try:
     import triton
@@ -93,13 +94,12 @@ if triton is not None:
         tmask = rt[:, None] < T
         g_p = g_ptr + k_lo + rk  # NORM only
         acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
         k0 = k_lo
         if PDL:  # (ds4f.kernels.pdl) the first W tile is read while the kernel before drains; x after the wait
             km = (k_lo + rk) < k_hi
             w = tl.load(w_p, mask=km[None, :], other=0.0)
             pdl_enter(PDL)
-        ss = tl.zeros([BLOCK_T], tl.float32)
-        if PDL:
             xv, ss = _xtile(x_p, tmask, km, g_p, ss, NORM)
             acc = tl.dot(w, tl.trans(xv), acc)
             w_p += BLOCK_K
@@ -258,8 +258,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def rms_norm_ref(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     """= model.layers.RMSNorm.forward on the rows of x [T, K] with weight g [K]."""
-    xf = x.float()
-    return (g * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
+    return (g * rms_normalize(x.float(), eps)).to(x.dtype)
 
 
 def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
