@@ -250,10 +250,13 @@ case "${1:-}" in
     env $E timeout $((${S8_LIMIT:-400} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#)|Error|error|failure" | tail -n 30 ;;
   s9val)  # 1 GPU: the GPU tests of what session 8 changed after its last GPU call (the indexer query kernel,
-    # quant_heads_fp8's exact scale, their fast-path use), then the 8-layer decode bench (issue 5)
+    # quant_heads_fp8's exact scale, the shared PDL prologue of every decode kernel), then the 8-layer decode bench
     par_tests "${S9_TEST_CAP:-220}" tests/gpu/test_index_q_gpu.py tests/gpu/test_kernels_gpu.py \
       tests/gpu/test_indexer_tb_gpu.py tests/gpu/test_fast_model.py tests/gpu/test_fast_fp8_kv_gpu.py \
-      tests/gpu/test_fast_packed_gpu.py
+      tests/gpu/test_fast_packed_gpu.py tests/gpu/test_gemv_gpu.py tests/gpu/test_fp8_gemm_gpu.py \
+      tests/gpu/test_mhc_decode_gpu.py tests/gpu/test_moe_gpu.py tests/gpu/test_moe_mxfp4_gpu.py \
+      tests/gpu/test_router_fused_gpu.py tests/gpu/test_rope_fused_gpu.py tests/gpu/test_attn_decode_splits_gpu.py \
+      tests/gpu/test_compress_gpu.py tests/gpu/test_topk_small_gpu.py
     test_summary | tee "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
     decode_bench "${S9_LIMIT:-590}"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
