@@ -260,5 +260,11 @@ case "${1:-}" in
     test_summary | tee "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
     decode_bench "${S9_LIMIT:-590}"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
+  s9ab)  # 1 GPU: GPU tests (S9_TESTS), the decode top-k sweep (PREV_TOPK: a former topk_small.py to time beside),
+    # then the 8K step (b1) under each env in S8_AB, each with its graph timeline
+    par_tests "${S9_TEST_CAP:-220}" ${S9_TESTS:-tests/gpu/test_topk_small_gpu.py}; test_summary | tee "$OUT/gpu_tests.log"
+    timeout 150 python3 bench/sweep_topk_small.py ${PREV_TOPK:+--prev $PREV_TOPK} --json "$OUT/topk_small.jsonl" 2>&1 \
+      | grep -E "^(T=|PICK)|Error" | tail -n 40
+    S8_TESTS=" " bash "$0" s8ab "$2" ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac

@@ -75,6 +75,35 @@ def check_topk_small() -> None:
     got = indexer.topk_indices(s, k, block=256, backend="radix", programs=1, small=512)  # no valid_len, L > small
     assert torch.equal(got, ordered_ref(s, k, None))
     print("one launch ordered equal")
+    # distinct scores (the digit walk stops once the k-th's bin holds just the keys still needed), rows whose k-th
+    # ties fill its bin exactly, and k = 1 / k = L
+    c = torch.randn(6, 2048, generator=g) * torch.tensor([1.0, 1e-3, 1e4, 1.0, 1.0, 1.0])[:, None]
+    c[3] = c[3].abs()
+    c[4, :600] = 1.5  # 600 tied maxima, k inside them
+    c[5, 100:] = (c[5, 100:] * 2).round()  # ties below a few distinct keys at the top
+    for kk in (1, 64, 512, 2048):
+        want = ordered_ref(c, kk, None)
+        assert torch.equal(indexer.topk_indices(c, kk, backend="radix", small=4096), want), kk
+        assert torch.equal(indexer.topk_indices(c, kk, backend="radix", programs=1, small=0), want), kk
+    print("early stop ordered equal")
+
+
+def check_pool_rows() -> None:
+    """topk_pool_rows (ids mapped to pool rows in the same launch) against topk_indices + glue.topk_rows."""
+    from ds4f.kernels import indexer
+    from ds4f.runner.gpu.glue import topk_rows
+
+    g = torch.Generator().manual_seed(11)
+    k, L, W, epb, base = 64, 2048, 16, 8, 1000
+    vl = torch.tensor([2048, 700, 0, 10, 64, 1999], dtype=torch.int32)
+    s = _scores(len(vl), L, vl, g)
+    bt = torch.randint(0, 5000, (len(vl), L // epb), generator=g)  # int64 block ids
+    win = torch.randint(-1, 900, (len(vl), W), generator=g, dtype=torch.int32)
+    got = indexer.topk_pool_rows(s, k, vl, bt, win, base, epb)
+    want = topk_rows(ordered_ref(s, k, vl), bt, win, base, epb)
+    assert got is not None and got.dtype == torch.int32 and torch.equal(got, want)
+    assert indexer.topk_pool_rows(torch.zeros(2, 9000), k, None, bt[:2], win[:2], base, epb) is None  # L > lanes
+    print("pool rows equal")
 
 
 def check_indexer_strided() -> None:
@@ -114,6 +143,12 @@ def test_ordered_ref_matches_topk_ref() -> None:
 def test_topk_small_interpreted() -> None:
     out = run_interpreted("test_topk_small", "check_topk_small")
     assert "small rows ordered equal" in out and "one launch ordered equal" in out, out
+    assert "early stop ordered equal" in out, out
+
+
+def test_pool_rows_interpreted() -> None:
+    out = run_interpreted("test_topk_small", "check_pool_rows")
+    assert "pool rows equal" in out, out
 
 
 def test_indexer_strided_interpreted() -> None:
@@ -130,9 +165,11 @@ def test_topk_small_builds(arch: int) -> None:
     from ds4f.kernels import indexer as ix
     from ds4f.kernels import topk_small as ts
 
-    t = dict(s_ptr="*fp32", vlen_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", out_ptr="*i32")
-    for lanes, n2, zero in ((8192, 2048, True), (2048, 0, False)):
-        k = build(ts._topk_small, t, dict(N=lanes, N2=n2, KP=512, NB=256, VLEN=True, ZERO=zero), arch, 8)
+    t = dict(s_ptr="*fp32", vlen_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", out_ptr="*i32", bt_ptr="*i64",
+             win_ptr="*i32")
+    for lanes, n2, zero, wp in ((8192, 2048, True, 0), (2048, 0, False, 0), (8192, 2048, False, 128)):
+        c = dict(N=lanes, N2=n2, KP=512, NB=256, VLEN=True, ZERO=zero, WP=wp, ROWS=wp > 0)
+        k = build(ts._topk_small, t, c, arch, 8)
         assert k["shared"] <= 160 * 1024
     for level in range(4):
         build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=2048, VLEN=True, SMALL=8192), arch)

@@ -104,7 +104,10 @@ if triton is not None:
         prefix = (k * 0).to(tl.uint32)
         for lv in tl.static_range(LEVELS):
             h = tl.load(hist_ptr + lv * s_lv + t * NB + offs)
-            krem, take_all, prefix = _radix_step(h, offs, krem, take_all, prefix, lv)
+            b, above, _ = _radix_step(h, offs, krem)
+            take_all = take_all | (b < 0)
+            krem = tl.where(take_all, 0, krem - above)
+            prefix = tl.where(take_all, 0, prefix | (b.to(tl.uint32) << (24 - 8 * lv)))
         return prefix, krem, take_all
 
     @triton.jit
@@ -305,6 +308,22 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
                          VLEN=valid_len is not None, SMALL=small, num_warps=4)
     _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, NB=nb, BLOCK=block,
                        VLEN=valid_len is not None, SMALL=small, num_warps=4)
+    return out
+
+
+def topk_pool_rows(scores: torch.Tensor, k: int, valid_len: torch.Tensor | None, bt_tok: torch.Tensor,
+                   win: torch.Tensor, comp_base: int, epb: int) -> torch.Tensor | None:
+    """Decode's top-k straight to the attention index list [T, W + k] int32 (window rows, then the picks' pool rows
+    comp_base + bt_tok[t, id // epb] * epb + id % epb, -1 = none; the picks in topk_indices' order) in the one
+    small-kernel launch, which replaces topk_indices + the torch mapping; None where that launch does not apply (no
+    Triton / CPU, more than RADIX_MAX_ROWS rows, L past DS4F_TOPK_SMALL's lanes, W not a power of two)."""
+    T, L = scores.shape
+    small, W = SMALL_KNOBS[0], win.shape[1]
+    if not use_triton(scores) or not 0 < T <= RADIX_MAX_ROWS or not 0 < L <= small or W < 1 or W & (W - 1):
+        return None
+    out = torch.empty((T, W + k), dtype=torch.int32, device=scores.device)
+    launch_small(scores, valid_len, out, None, None, k, max(16, triton.next_power_of_2(L)), 0, SMALL_KNOBS[1],
+                 rows=(bt_tok, win, comp_base, epb))
     return out
 
 

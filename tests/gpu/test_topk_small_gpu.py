@@ -112,3 +112,33 @@ def test_indexer_strided_equal(fp8: bool) -> None:
     fin = torch.isfinite(ref)
     assert torch.equal(fin, torch.isfinite(new))
     assert ((new[fin] - ref[fin]).norm() / ref[fin].norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("T", [1, 4, 16])
+@pytest.mark.parametrize("L", [2048, 8192])
+def test_topk_pool_rows_graph(T: int, L: int) -> None:
+    """The top-k kernel writing attention rows itself (window rows, then pool rows) inside a replayed CUDA graph,
+    equal to the ordered ids mapped by glue.topk_rows (the path it replaces), distinct and tied scores."""
+    from ds4f.kernels.indexer import topk_pool_rows
+    from ds4f.runner.gpu.glue import topk_rows
+
+    g = torch.Generator(device="cuda").manual_seed(T * L)
+    W, epb, base = 128, 64, 4096
+    raw = torch.randn(T, L, device="cuda", generator=g)
+    raw[T // 2:] = (raw[T // 2:] * 8).round() / 8
+    scores, vl = torch.empty_like(raw), torch.zeros(T, dtype=torch.int32, device="cuda")
+    bt = torch.randperm(1 << 14, device="cuda", generator=g)[: T * (L // epb)].view(T, -1)
+    win = torch.randint(-1, 4000, (T, W), device="cuda", generator=g, dtype=torch.int32)
+    topk_pool_rows(scores.fill_(0), K, vl, bt, win, base, epb)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = topk_pool_rows(scores, K, vl, bt, win, base, epb)
+    assert got is not None
+    for v in (0, 100, 512, 513, 2048, L - 3, L):
+        lens = torch.tensor([min(v + r * 5, L) for r in range(T)], dtype=torch.int32, device="cuda")
+        vl.copy_(lens)
+        scores.copy_(raw.masked_fill(torch.arange(L, device="cuda")[None, :] >= lens.long()[:, None], float("-inf")))
+        got.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, topk_rows(ordered_ref(scores, K, lens), bt, win, base, epb)), v

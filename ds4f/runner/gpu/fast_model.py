@@ -32,6 +32,7 @@ import torch
 
 from ds4f.kernels import fused_moe, gemv, topk_indices
 from ds4f.kernels.index_q import index_q, quant_heads_fp8
+from ds4f.kernels.indexer import topk_pool_rows
 from ds4f.kernels.mhc import decode_kernel, hc_step
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
 from ds4f.kernels.rope import norm_rope, norm_rope2, rope_
@@ -90,6 +91,9 @@ class FastModel:
         # DS4F_INDEX_Q=1: the indexer query's RoPE, weight scale and e4m3 rows in one launch (ds4f.kernels.index_q);
         # opt-in until run on a GPU
         self.index_q = os.environ.get("DS4F_INDEX_Q", "0") == "1"
+        # the top-k kernel writes the attention rows (window + pool rows) itself where its one launch applies
+        # (ds4f.kernels.indexer.topk_pool_rows); DS4F_TOPK_ROWS=0: ids, then glue.topk_rows
+        self.topk_rows = os.environ.get("DS4F_TOPK_ROWS", "1") == "1"
         # eager steps of >= prefix_min_t tokens: all-entries layers through prefix_attn; DS4F_PREFIX_ATTN=0: off
         self.prefix_attn = os.environ.get("DS4F_PREFIX_ATTN", "1") == "1"
         self.prefix_min_t = int(os.environ.get("DS4F_PREFIX_MIN_T", "256"))
@@ -254,8 +258,7 @@ class FastModel:
                 if fp8:
                     iq, qs = quant_heads_fp8(iq)
                     iw = iw * qs
-            sel = self._select(i, m, iq, iw, d, cache)  # [T, k] entry ids, -1 = none
-            return glue.topk_rows(sel, d.bt_tok, d.win, cache.comp_base, cache.epb(m))
+            return self._select(i, m, iq, iw, d, cache)
 
         chains = [kv_path] + ([index_path] if att.indexer is not None else [])
         if sides is None:  # q's per-head RMSNorm + RoPE and kv's weighted one in one launch
@@ -302,10 +305,11 @@ class FastModel:
 
     def _select(self, i: int, m: int, iq: torch.Tensor, iw: torch.Tensor, d: _Derived, cache: FastCache
                 ) -> torch.Tensor:
-        """Indexer scores + top-k -> [T, k] int32 entry ids. Under TP with DS4F_SP_INDEXER=1 and a chunk of at least
-        sp_index_min_t tokens, each rank scores and ranks its own 1/N of the tokens (the keys are on every rank)
-        and one all-gather of the [T/N, k] picks gives every rank the same [T, k]: the indexer's cost at long
-        context (T x L scores per CSA layer) is split instead of replicated."""
+        """Indexer scores + top-k -> attention rows [T, W + k] (window rows, then the picks' pool rows). Under TP
+        with DS4F_SP_INDEXER=1 and a chunk of at least sp_index_min_t tokens, each rank scores and ranks its own 1/N
+        of the tokens (the keys are on every rank) and one all-gather of the [T/N, k] picks gives every rank the
+        same [T, k]: the indexer's cost at long context (T x L scores per CSA layer) is split instead of
+        replicated."""
         T, k = iq.shape[0], self.args.index_topk
         comm = getattr(self.model, "tp_comm", None)
         lo, hi = 0, T
@@ -316,13 +320,18 @@ class FastModel:
         vis = d.vis32[m][lo:hi]
         q, w = iq[lo:hi], iw[lo:hi]
         sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis)
-        sel = topk_indices(sc, k, valid_len=vis)
-        if not sp:
-            return sel
-        part = torch.full((per, k), -1, dtype=sel.dtype, device=sel.device)
-        part[: hi - lo] = sel
-        # all_gather_last concatenates along the last dim: gather [k, per] shards, back to [N * per, k] rows
-        return comm.all_gather_last(part.t(), comm.world * per).t()[:T].contiguous()
+        rows = (d.bt_tok, d.win, cache.comp_base, cache.epb(m))
+        if not sp and self.topk_rows:
+            out = topk_pool_rows(sc, k, vis, *rows)
+            if out is not None:
+                return out
+        sel = topk_indices(sc, k, valid_len=vis)  # [T, k] entry ids, -1 = none
+        if sp:
+            part = torch.full((per, k), -1, dtype=sel.dtype, device=sel.device)
+            part[: hi - lo] = sel
+            # all_gather_last concatenates along the last dim: gather [k, per] shards, back to [N * per, k] rows
+            sel = comm.all_gather_last(part.t(), comm.world * per).t()[:T].contiguous()
+        return glue.topk_rows(sel, *rows)
 
     def _compress(self, comp: Compressor, kvz: torch.Tensor, meta: StepMeta, cache: FastCache, d: _Derived,
                   ring: torch.Tensor, R: int, dest: torch.Tensor, dest_base: int, m: int) -> None:
