@@ -42,8 +42,14 @@ except (ValueError, AssertionError):
 # the former 64 x auto x 4 x 4; top-512 43.5 us in 2048-column tiles vs 51.2 in 1024
 DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (128, 4, 4, 3)
 TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,128", minimum=0) or (2048, 0)
-# rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off
-SMALL_KNOBS = env_knobs("DS4F_TOPK_SMALL", 2, "8192,8", minimum=0) or (8192, 8)
+# rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off;
+# num_warps 0: small_warps (H200, bench/sweep_topk_small.py, one row, rows written: 2048 entries 8.2 us at 8 warps
+# vs 8.6 at 16, 8192 entries 21.4 us at 16 vs 30.4 at 8 and 27.8 at 32; 2026-11-29)
+SMALL_KNOBS = env_knobs("DS4F_TOPK_SMALL", 2, "8192,8", minimum=0) or (8192, 0)
+
+
+def small_warps(lanes: int) -> int:
+    return SMALL_KNOBS[1] or (16 if lanes >= 8192 else 8)
 
 if triton is not None:
 
@@ -291,12 +297,13 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
         assert valid_len.shape == (T,) and valid_len.dtype == torch.int32 and valid_len.is_contiguous()
     nb = 256
     if small >= L:  # every row fits the one-program select (static): one launch
-        launch_small(scores, valid_len, out, None, None, k, max(16, triton.next_power_of_2(L)), 0, SMALL_KNOBS[1])
+        lanes = max(16, triton.next_power_of_2(L))
+        launch_small(scores, valid_len, out, None, None, k, lanes, 0, small_warps(lanes))
         return out
     buf = (torch.empty if small else torch.zeros)(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
     hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
     if small:
-        launch_small(scores, valid_len, out, hist, cnt, k, small, T * nb, SMALL_KNOBS[1])
+        launch_small(scores, valid_len, out, hist, cnt, k, small, T * nb, small_warps(small))
     if block is None:
         block, programs = TOPK_KNOBS[0], TOPK_KNOBS[1] or programs
     n_chunks = max(1, min(triton.cdiv(L, block), programs or triton.cdiv(2 * sm_count(scores.device), T)))
@@ -322,7 +329,8 @@ def topk_pool_rows(scores: torch.Tensor, k: int, valid_len: torch.Tensor | None,
     if not use_triton(scores) or not 0 < T <= RADIX_MAX_ROWS or not 0 < L <= small or W < 1 or W & (W - 1):
         return None
     out = torch.empty((T, W + k), dtype=torch.int32, device=scores.device)
-    launch_small(scores, valid_len, out, None, None, k, max(16, triton.next_power_of_2(L)), 0, SMALL_KNOBS[1],
+    lanes = max(16, triton.next_power_of_2(L))
+    launch_small(scores, valid_len, out, None, None, k, lanes, 0, small_warps(lanes),
                  rows=(bt_tok, win, comp_base, epb))
     return out
 
