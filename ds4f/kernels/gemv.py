@@ -45,9 +45,11 @@ Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_
 # name -> ((N, K, G), config or None for cuBLAS). G > 1: the grouped wo_a form (N = G*r, K = Kg).
 # Shapes of the V4-Flash decode projections; H200 sweeps (bench/sweep_gemv.py, 2026-11-28, T = 1): WO_A 17.6 vs
 # cuBLAS 18.5 us, WO_B 18.5 vs 21.2, W_IN_CSA 11.8 vs 13.6, W_IN_HCA 9.7 vs 10.3; cuBLAS kept where it was not slower
-# (IDX_WQ_B, HEAD). WQ_B: 17.8 vs cuBLAS 18.6 us (2026-11-29, graphs of PDL launches; its q norm fused: linear_norm).
+# (IDX_WQ_B, HEAD). WQ_B: 17.8 vs cuBLAS 18.6 us (2026-11-29, graphs of PDL launches; its q norm fused: linear_norm),
+# then 2 stages instead of 3 (8-layer 8K step 1.918 vs 1.929 / 1.926 ms, 2026-11-29: 3 CTAs per SM instead of 2,
+# so the CSA layers' side-stream kernels wait less for a free SM while it runs).
 CONFIGS: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
-    "WQ_B": ((32768, 1024, 1), (64, 128, 1, 4, 3)),
+    "WQ_B": ((32768, 1024, 1), (64, 128, 1, 4, 2)),
     "WO_A": ((8192, 4096, 8), (64, 128, 1, 4, 5)),
     "WO_B": ((4096, 8192, 1), (64, 256, 1, 4, 5)),
     "W_IN_SWA": ((1536, 4096, 1), (32, 256, 4, 4, 4)),
