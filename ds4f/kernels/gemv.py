@@ -47,7 +47,8 @@ Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_
 # cuBLAS 18.5 us, WO_B 18.5 vs 21.2, W_IN_CSA 11.8 vs 13.6, W_IN_HCA 9.7 vs 10.3; cuBLAS kept where it was not slower
 # (IDX_WQ_B, HEAD). WQ_B: 17.8 vs cuBLAS 18.6 us (2026-11-29, graphs of PDL launches; its q norm fused: linear_norm),
 # then 2 stages instead of 3 (8-layer 8K step 1.918 vs 1.929 / 1.926 ms, 2026-11-29: 3 CTAs per SM instead of 2,
-# so the CSA layers' side-stream kernels wait less for a free SM while it runs).
+# so the CSA layers' side-stream kernels wait less for a free SM while it runs); IDX_WQ_B on the Triton GEMV in
+# 32-row tiles beside it (1.900 vs 1.917 / 1.910 ms in one call; 64-row tiles: 1.956 vs 1.929).
 CONFIGS: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
     "WQ_B": ((32768, 1024, 1), (64, 128, 1, 4, 2)),
     "WO_A": ((8192, 4096, 8), (64, 128, 1, 4, 5)),
@@ -55,7 +56,7 @@ CONFIGS: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
     "W_IN_SWA": ((1536, 4096, 1), (32, 256, 4, 4, 4)),
     "W_IN_HCA": ((2560, 4096, 1), (32, 256, 3, 4, 4)),
     "W_IN_CSA": ((4160, 4096, 1), (32, 256, 2, 4, 4)),
-    "IDX_WQ_B": ((8192, 1024, 1), None),
+    "IDX_WQ_B": ((8192, 1024, 1), (32, 128, 1, 4, 2)),
     "HEAD": ((129280, 4096, 1), None),
 }
 
