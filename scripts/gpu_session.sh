@@ -231,12 +231,13 @@ case "${1:-}" in
       tests/gpu/test_fast_fp8_kv_gpu.py
     test_summary | tee "$OUT/gpu_tests.log"
     decode_bench "${S7_LIMIT:-590}" ;;
-  s8ab)  # 1 GPU: the gemv GPU tests, then the 8K step (b1) under each env in S8_AB ("name:VAR=v+VAR=v;..."), the
-    # last one with its graph timeline
+  s8ab)  # 1 GPU: the gemv GPU tests, then the 8K step (b1; S8_DEPTHS: others) under each env in S8_AB
+    # ("name:VAR=v+VAR=v;..."), each with its graph timeline
     par_tests "${S8_TEST_CAP:-150}" ${S8_TESTS:-tests/gpu/test_gemv_gpu.py}; test_summary
     IFS=';' read -ra VS <<< "${S8_AB:-base:}"
     for v in "${VS[@]}"; do n=${v%%:*}; e=${v#*:}
-      env ${e//+/ } timeout 120 python3 bench/bench_decode.py --depths 8192 --batches 1 --prefill "" --profile /tmp/p_$n \
+      env ${e//+/ } timeout "${S8_CAP:-120}" python3 bench/bench_decode.py --depths "${S8_DEPTHS:-8192}" --batches 1 \
+        --prefill "" --profile /tmp/p_$n \
         --out "$OUT/decode.jsonl" --git "$DS4F_GIT" 2>&1 | grep -E "^decode|Error" | sed "s/^/$n /"
       cp /tmp/p_$n/graph_decode_d8192_timeline.txt "$OUT/timeline_$n.txt" 2>/dev/null; done ;;
   s8fin)  # 1 GPU: s8ab's A/B (S8_AB), then the whole 8-layer decode bench (issue 5's table)

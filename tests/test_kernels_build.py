@@ -6,6 +6,7 @@ shared memory). Also the fp8-query indexer (fp8 MMA, sm_90)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -21,6 +22,9 @@ def build(fn: Any, types: dict[str, str], consts: dict[str, Any], arch: int, nw:
 
     if "PDL" in fn.arg_names and "PDL" not in consts:  # as pdl.launch picks it: sm_90+ only
         consts = dict(consts, PDL=arch >= 90)
+    # constexpr parameters not given take their defaults (as a launch that omits them does)
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty},
+              **consts}
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     try:

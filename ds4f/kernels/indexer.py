@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ds4f.kernels import pdl
 from ds4f.kernels.index_q import quant_heads_fp8 as quant_heads_fp8  # re-exported: callers and tests use it here
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
@@ -16,6 +17,7 @@ try:
     import triton
     import triton.language as tl
 
+    from ds4f.kernels.pdl import enter as pdl_enter
     from ds4f.kernels.topk_small import _radix_step, _sort_key  # jit helpers: defined only with triton
 except ImportError:  # CPU-only installs: the wrappers fall back to the references
     triton = None
@@ -59,11 +61,13 @@ if triton is not None:
         HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
         KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr, STRIDED: tl.constexpr = True,
+        PDL: tl.constexpr = False,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); STRIDED: the blocks P = grid dim 1 blocks apart,
         # so a short valid length over a long L still spreads its blocks over programs (else adjacent blocks);
         # q[t] [Hi, d] is the M x K operand of every block. int64: at 1M context a prefill chunk's score matrix is
         # [8192, 262144] = 2^31 elements
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         t = tl.program_id(0).to(tl.int64)
         l0 = tl.program_id(1) * (BLOCK_L if STRIDED else BLOCK_L * N_INNER)
         step = tl.num_programs(1) * BLOCK_L if STRIDED else BLOCK_L
@@ -119,10 +123,11 @@ if triton is not None:
     @triton.jit
     def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
                    LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
-                   SMALL: tl.constexpr):
+                   SMALL: tl.constexpr, PDL: tl.constexpr = False):
         # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far; VLEN: columns at
         # or past vlen_ptr[t] are -inf by contract and never read (a chunk entirely past it adds nothing).
         # SMALL > 0: rows of <= SMALL valid entries were selected by topk_small's kernel: nothing to do
+        pdl_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
@@ -144,9 +149,10 @@ if triton is not None:
     def _topk_select(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
                      NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
                      s_ot=0, bt_ptr=None, s_bt=0, comp_base=0, epb=1, WP: tl.constexpr = 0,
-                     ROWS: tl.constexpr = False):
+                     ROWS: tl.constexpr = False, PDL: tl.constexpr = False):
         # keys above the k-th go to slots [0, k - krem), krem keys equal to it to [k - krem, k), via counters;
         # ROWS (topk_pool_rows): slots WP + those of out rows s_ot apart, each pick's pool row instead of its id
+        pdl_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         if ROWS:
             out_ptr += WP + t * s_ot
@@ -264,7 +270,7 @@ def indexer_scores(
         HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
         KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, STRIDED=strided,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device),
     )
     return out
 
@@ -326,11 +332,12 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     vl = valid_len if valid_len is not None else cnt
     for level in range(4):
         _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, NB=nb, BLOCK=block,
-                         VLEN=valid_len is not None, SMALL=small, num_warps=4)
+                         VLEN=valid_len is not None, SMALL=small, num_warps=4,
+                         **pdl.launch(scores.device))
     pick = {} if rows is None else dict(s_ot=out.stride(0), bt_ptr=rows[0], s_bt=rows[0].stride(0),
                                         comp_base=rows[2], epb=rows[3], WP=W, ROWS=True)
     _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, NB=nb, BLOCK=block,
-                       VLEN=valid_len is not None, SMALL=small, num_warps=4, **pick)
+                       VLEN=valid_len is not None, SMALL=small, num_warps=4, **pick, **pdl.launch(scores.device))
     return out
 
 
