@@ -267,9 +267,11 @@ case "${1:-}" in
     timeout 150 python3 bench/sweep_topk_small.py ${PREV_TOPK:+--prev $PREV_TOPK} --json "$OUT/topk_small.jsonl" 2>&1 \
       | grep -E "^(T=|PICK)|Error" | tail -n 40
     S8_TESTS=" " bash "$0" s8ab "$2" ;;
-  s9fin)  # 1 GPU: the GPU tests in S9_TESTS, then issue 5's 8-layer table twice (two processes: the spread)
+  s9fin)  # 1 GPU: the GPU tests in S9_TESTS, then issue 5's 8-layer table twice (two processes: the spread;
+    # S9_RUNS=1: once)
     par_tests "${S9_TEST_CAP:-150}" ${S9_TESTS:-tests/gpu/test_topk_small_gpu.py}; test_summary | tee "$OUT/gpu_tests.log"
-    decode_bench "${S9_LIMIT1:-360}"; decode_bench "${S9_LIMIT:-585}"
+    [ "${S9_RUNS:-2}" = 2 ] && decode_bench "${S9_LIMIT1:-360}"
+    decode_bench "${S9_LIMIT:-585}"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac

@@ -148,16 +148,11 @@ if triton is not None:
     @triton.jit
     def _topk_select(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
                      NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
-                     s_ot=0, bt_ptr=None, s_bt=0, comp_base=0, epb=1, WP: tl.constexpr = 0,
-                     ROWS: tl.constexpr = False, PDL: tl.constexpr = False):
-        # keys above the k-th go to slots [0, k - krem), krem keys equal to it to [k - krem, k), via counters;
-        # ROWS (topk_pool_rows): slots WP + those of out rows s_ot apart, each pick's pool row instead of its id
+                     PDL: tl.constexpr = False):
+        # keys above the k-th go to slots [0, k - krem), krem keys equal to it to [k - krem, k), via counters
         pdl_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
-        if ROWS:
-            out_ptr += WP + t * s_ot
-        else:
-            out_ptr += t * k
+        out_ptr += t * k
         c = tl.program_id(1)
         lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
         if (c * chunk < lim) & (lim > SMALL):
@@ -168,16 +163,12 @@ if triton is not None:
                 u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
                 gt = m & (u > kth)
                 eq = m & (u == kth) & ~take_all
-                val = offs
-                if ROWS:
-                    blk = tl.load(bt_ptr + t * s_bt + offs // epb, mask=gt | eq, other=0)
-                    val = (comp_base + blk * epb + offs % epb).to(tl.int32)
                 base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0))
                 pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
-                tl.store(out_ptr + pos, val, mask=gt)
+                tl.store(out_ptr + pos, offs, mask=gt)
                 base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0))
                 pos_e = base_e + tl.cumsum(eq.to(tl.int32), 0) - 1
-                tl.store(out_ptr + (k - krem) + pos_e, val, mask=eq & (pos_e < krem))
+                tl.store(out_ptr + (k - krem) + pos_e, offs, mask=eq & (pos_e < krem))
 
 
 def indexer_scores(
@@ -280,8 +271,7 @@ RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; eve
 
 def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto",
                  valid_len: torch.Tensor | None = None, programs: int | None = None,
-                 small: int | None = None, rows: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
-                 ) -> torch.Tensor:
+                 small: int | None = None) -> torch.Tensor:
     """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
     arbitrary subset is taken. backend "radix": a 4-digit radix select (8 bits at a time of the order-preserving
@@ -295,7 +285,7 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     device) are selected by one program each (ds4f.kernels.topk_small), which also writes the -1 padding and
     zeroes the passes' histograms, so the passes skip those rows and no fill kernel runs; at L <= small that one
     launch is all. A row that fits one chunk gets the same ids in the same order either way (the keys above the
-    k-th in ascending id, then the lowest ids equal to it, then -1). rows: topk_pool_rows' form (radix with small)."""
+    k-th in ascending id, then the lowest ids equal to it, then -1)."""
     assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert k > 0
     T, L = scores.shape
@@ -305,25 +295,23 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
         return topk_indices_ref(scores, k)
     small = SMALL_KNOBS[0] if small is None else small
     assert small & (small - 1) == 0, f"small={small} must be a power of two (or 0)"
-    assert rows is None or (small and backend == "radix" and T and L), "rows: the radix path with small rows"
-    W = 0 if rows is None else rows[1].shape[1]
     if T == 0 or L == 0 or not small:
         out = torch.full((T, k), -1, dtype=torch.int32, device=scores.device)
         if T == 0 or L == 0:
             return out
     else:
-        out = torch.empty((T, W + k), dtype=torch.int32, device=scores.device)
+        out = torch.empty((T, k), dtype=torch.int32, device=scores.device)
     if valid_len is not None:
         assert valid_len.shape == (T,) and valid_len.dtype == torch.int32 and valid_len.is_contiguous()
     nb = 256
     if small >= L:  # every row fits the one-program select (static): one launch
         lanes = max(16, triton.next_power_of_2(L))
-        launch_small(scores, valid_len, out, None, None, k, lanes, 0, small_warps(lanes), rows=rows)
+        launch_small(scores, valid_len, out, None, None, k, lanes, 0, small_warps(lanes))
         return out
     buf = (torch.empty if small else torch.zeros)(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
     hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
     if small:
-        launch_small(scores, valid_len, out, hist, cnt, k, small, T * nb, small_warps(small), rows=rows)
+        launch_small(scores, valid_len, out, hist, cnt, k, small, T * nb, small_warps(small))
     if block is None:
         block, programs = TOPK_KNOBS[0], TOPK_KNOBS[1] or programs
     n_chunks = max(1, min(triton.cdiv(L, block), programs or triton.cdiv(2 * sm_count(scores.device), T)))
@@ -334,25 +322,28 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
         _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, NB=nb, BLOCK=block,
                          VLEN=valid_len is not None, SMALL=small, num_warps=4,
                          **pdl.launch(scores.device))
-    pick = {} if rows is None else dict(s_ot=out.stride(0), bt_ptr=rows[0], s_bt=rows[0].stride(0),
-                                        comp_base=rows[2], epb=rows[3], WP=W, ROWS=True)
     _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, NB=nb, BLOCK=block,
-                       VLEN=valid_len is not None, SMALL=small, num_warps=4, **pick, **pdl.launch(scores.device))
+                       VLEN=valid_len is not None, SMALL=small, num_warps=4, **pdl.launch(scores.device))
     return out
 
 
 def topk_pool_rows(scores: torch.Tensor, k: int, valid_len: torch.Tensor | None, bt_tok: torch.Tensor,
                    win: torch.Tensor, comp_base: int, epb: int) -> torch.Tensor | None:
     """Decode's top-k straight to the attention index list [T, W + k] int32 (window rows, then the picks' pool rows
-    comp_base + bt_tok[t, id // epb] * epb + id % epb, -1 = none; the picks in topk_indices' order): the small-row
-    kernel and the radix select write it themselves, which replaces the torch mapping (glue.topk_rows) and its
-    launch; None where the radix path does not apply (no Triton / CPU, more than RADIX_MAX_ROWS rows,
-    DS4F_TOPK_SMALL off, W not a power of two)."""
+    comp_base + bt_tok[t, id // epb] * epb + id % epb, -1 = none; the picks in topk_indices' order) in the one
+    small-kernel launch, which replaces topk_indices + the torch mapping (glue.topk_rows) and its launch; None where
+    that launch does not apply (no Triton / CPU, more than RADIX_MAX_ROWS rows, L past DS4F_TOPK_SMALL's lanes, W
+    not a power of two). The multi-pass select writing rows as well measured slower at 1M (H200 8-layer step 2.147
+    vs 2.114 ms, 2026-11-29), so long pools keep ids + the mapping."""
     T, L = scores.shape
-    W = win.shape[1]
-    if not use_triton(scores) or not 0 < T <= RADIX_MAX_ROWS or not L or not SMALL_KNOBS[0] or W < 1 or W & (W - 1):
+    small, W = SMALL_KNOBS[0], win.shape[1]
+    if not use_triton(scores) or not 0 < T <= RADIX_MAX_ROWS or not 0 < L <= small or W < 1 or W & (W - 1):
         return None
-    return topk_indices(scores, k, backend="radix", valid_len=valid_len, rows=(bt_tok, win, comp_base, epb))
+    out = torch.empty((T, W + k), dtype=torch.int32, device=scores.device)
+    lanes = max(16, triton.next_power_of_2(L))
+    launch_small(scores, valid_len, out, None, None, k, lanes, 0, small_warps(lanes),
+                 rows=(bt_tok, win, comp_base, epb))
+    return out
 
 
 def indexer_bytes(T: int, HI: int, DI: int, L: int, key_bytes: float, distinct_keys: int | None = None) -> float:

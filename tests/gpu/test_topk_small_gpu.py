@@ -115,43 +115,30 @@ def test_indexer_strided_equal(fp8: bool) -> None:
 
 
 @pytest.mark.parametrize("T", [1, 4, 16])
-@pytest.mark.parametrize("L", [2048, 8192, 262144])
+@pytest.mark.parametrize("L", [2048, 8192])
 def test_topk_pool_rows_graph(T: int, L: int) -> None:
-    """The top-k kernels writing attention rows themselves (window rows, then pool rows) inside a replayed CUDA
-    graph, against the ordered ids mapped by glue.topk_rows (the path it replaces), distinct and tied scores. L =
-    262,144 (a 1M pool): rows past the small kernel go through the multi-pass select (rows within one chunk: the
-    same order; longer ones: the same top values, with the identity block table so rows read back as ids)."""
+    """The top-k kernel writing attention rows itself (window rows, then pool rows) inside a replayed CUDA graph,
+    equal to the ordered ids mapped by glue.topk_rows (the path it replaces), distinct and tied scores."""
     from ds4f.kernels.indexer import topk_pool_rows
     from ds4f.runner.gpu.glue import topk_rows
 
     g = torch.Generator(device="cuda").manual_seed(T * L)
-    W, epb = 128, 64
+    W, epb, base = 128, 64, 4096
     raw = torch.randn(T, L, device="cuda", generator=g)
     raw[T // 2:] = (raw[T // 2:] * 8).round() / 8
     scores, vl = torch.empty_like(raw), torch.zeros(T, dtype=torch.int32, device="cuda")
-    long = L > 8192
-    if long:
-        bt, base = torch.arange(L // epb, device="cuda").repeat(T, 1), 0
-    else:
-        bt, base = torch.randperm(1 << 14, device="cuda", generator=g)[: T * (L // epb)].view(T, -1), 4096
+    bt = torch.randperm(1 << 14, device="cuda", generator=g)[: T * (L // epb)].view(T, -1)
     win = torch.randint(-1, 4000, (T, W), device="cuda", generator=g, dtype=torch.int32)
     topk_pool_rows(scores.fill_(0), K, vl, bt, win, base, epb)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got = topk_pool_rows(scores, K, vl, bt, win, base, epb)
     assert got is not None
-    for v in (0, 100, 512, 513, 2048, 8192, 8193, L - 3, L):
+    for v in (0, 100, 512, 513, 2048, L - 3, L):
         lens = torch.tensor([min(v + r * 5, L) for r in range(T)], dtype=torch.int32, device="cuda")
         vl.copy_(lens)
         scores.copy_(raw.masked_fill(torch.arange(L, device="cuda")[None, :] >= lens.long()[:, None], float("-inf")))
         got.fill_(-7)
         graph.replay()
         torch.cuda.synchronize()
-        want = topk_rows(ordered_ref(scores, K, lens), bt, win, base, epb)
-        assert torch.equal(got[:, :W], win), v
-        for r in range(T):
-            n = int(lens[r])
-            if n <= SMALL_KNOBS[0] or n <= TOPK_KNOBS[0]:
-                assert torch.equal(got[r], want[r]), (v, r)
-        if long:
-            _same_top(got[:, W:], scores, K)
+        assert torch.equal(got, topk_rows(ordered_ref(scores, K, lens), bt, win, base, epb)), v
