@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_fast_fp8_kv import FP8, rel_errors, run_steps
 
+from ds4f.kernels import index_q as index_q_mod
 from ds4f.kernels.fp8 import quantize_rows
 from ds4f.kernels.indexer import quant_heads_fp8
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
@@ -55,7 +56,8 @@ def test_fast_model_with_fp8_index_queries(monkeypatch: pytest.MonkeyPatch) -> N
         calls.append(q.shape[0])
         return orig(q)
 
-    monkeypatch.setattr(fast_model, "quant_heads_fp8", counting)
+    monkeypatch.setattr(fast_model, "quant_heads_fp8", counting)  # DS4F_INDEX_Q=0's path
+    monkeypatch.setattr(index_q_mod, "quant_heads_fp8", counting)  # index_q's torch path (CPU), the default
     cfg = tiny_config()  # the indexer scores fp8 keys (top-4 of up to 13 entries)
     kw: dict[str, Any] = dict(prompt_lens=(37, 21), first_chunk=13, decode_steps=10, ref=())
     fast = {"fp8": FP8["fp8"]}
