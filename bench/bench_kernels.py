@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import graph_of, measure_ceilings, run_meta, time_us  # noqa: E402
+from bench.common import append_jsonl, graph_of, measure_ceilings, run_meta, time_us  # noqa: E402
 from ds4f.kernels import fused_moe, indexer_scores, quantize_rows, sparse_attn, topk_indices  # noqa: E402
 from ds4f.kernels.indexer import indexer_bytes, indexer_flops  # noqa: E402
 from ds4f.kernels.moe import moe_bytes, moe_flops  # noqa: E402
@@ -52,10 +51,7 @@ class Recorder:
         self.rows.append(rec)
 
     def save(self) -> None:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        with self.out.open("a") as f:
-            for r in self.rows:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(self.out, self.rows)
 
 
 def bench_attn(r: Recorder, quick: bool) -> None:

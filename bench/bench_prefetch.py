@@ -10,7 +10,6 @@ GEMV serially, and chain beside the prefetch then GEMV. One line per case, JSON 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import measure_ceilings, run_meta, time_us  # noqa: E402
+from bench.common import append_jsonl, measure_ceilings, run_meta, time_us  # noqa: E402
 from bench.l2_prefetch import prefetch  # noqa: E402
 from ds4f.kernels import gemv  # noqa: E402
 from ds4f.kernels.fp8_gemm import fp8_linear  # noqa: E402
@@ -98,9 +97,7 @@ def main() -> None:
                       "serial_us": round(serial, 2), "chain_us": round(alone, 2),
                       "saved_us": round(serial - t, 2)})
     if args.out:
-        with open(args.out, "a") as f:
-            for r in recs:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(args.out, recs)
 
 
 if __name__ == "__main__":

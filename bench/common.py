@@ -1,8 +1,10 @@
 """Shared by the benches: CUDA-event timing (optionally replayed from a CUDA graph, optionally after an L2 flush),
-the copy / bf16-matmul ceilings measured in the same run, and a run's metadata (gpu, versions, commit, command)."""
+the copy / bf16-matmul ceilings measured in the same run, a run's metadata (gpu, versions, commit, command) and the
+JSON-lines records."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -137,6 +139,14 @@ def triton_version() -> str:
         return triton.__version__
     except ImportError:
         return "none"
+
+
+def append_jsonl(path: str | Path, records: list[dict]) -> None:
+    """One JSON record per line, appended to path (its directory made if missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
 
 
 def run_meta(command: str) -> dict[str, str]:

@@ -1,15 +1,14 @@
 """⑥ decode top-512 of one short row, per-call µs: the one-program kernel (ds4f.kernels.topk_small) writing ids and
 then the torch mapping to attention rows (glue.topk_rows), against the same kernel writing the rows itself
 (indexer.topk_pool_rows), at 4 / 8 / 16 / 32 warps; with --prev, a former topk_small.py (a file path) in the first
-form beside them. CUDA graph of N calls on N distinct score rows, replayed, L2 not flushed (the scores were just
-written by the indexer in a decode step). Each form's rows are checked equal to the default's. One line per case,
-PICK the fastest; --json appends the records."""
+form beside them. CUDA graph of N calls on N distinct score rows, replayed (bench.common.time_graph), L2 not flushed
+(the scores were just written by the indexer in a decode step). Each form's rows are checked equal to the default's.
+One line per case, PICK the fastest; --json appends the records."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,16 +18,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import run_meta, time_us  # noqa: E402
+from bench.common import append_jsonl, run_meta, time_graph  # noqa: E402
 from ds4f.kernels import topk_small  # noqa: E402
 from ds4f.kernels.indexer import topk_pool_rows  # noqa: E402
 from ds4f.runner.gpu.glue import topk_rows  # noqa: E402
 
 K, W, EPB = 512, 128, 64
-
-
-def per_call(fn: Callable[[int], object], n: int) -> float:
-    return time_us(lambda: [fn(i) for i in range(n)], iters=30, flush=False) / n
 
 
 def run_case(T: int, v: int, warps: list[int], prev: object, calls: int, g: torch.Generator) -> list[dict]:
@@ -61,7 +56,7 @@ def run_case(T: int, v: int, warps: list[int], prev: object, calls: int, g: torc
     out = []
     for name, fn in forms:
         ok = bool(torch.equal(fn(0), want))
-        us = per_call(fn, calls)
+        us = time_graph(fn, calls, calls)
         out.append(dict(case="topk_small", form=name, T=T, L=L, vlen=v, us=us, match=ok))
         print(f"T={T:2d} vlen={v:5d} {name:18s} {us:7.2f} us  match={ok}", flush=True)
     best = min((r for r in out if r["form"].startswith("rows")), key=lambda r: r["us"])
@@ -90,9 +85,7 @@ def main() -> None:
     recs = [dict(meta, **r) for T in (int(t) for t in args.tokens.split(","))
             for v in (int(x) for x in args.lens.split(",")) for r in run_case(T, v, warps, prev, args.calls, g)]
     if args.json:
-        with open(args.json, "a") as f:
-            for r in recs:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(args.json, recs)
 
 
 if __name__ == "__main__":

@@ -250,17 +250,6 @@ case "${1:-}" in
     echo "# $E $C"
     env $E timeout $((${S8_LIMIT:-400} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#)|Error|error|failure" | tail -n 30 ;;
-  s9val)  # 1 GPU: the GPU tests of what session 8 changed after its last GPU call (the indexer query kernel,
-    # quant_heads_fp8's exact scale, the shared PDL prologue of every decode kernel), then the 8-layer decode bench
-    par_tests "${S9_TEST_CAP:-220}" tests/gpu/test_index_q_gpu.py tests/gpu/test_kernels_gpu.py \
-      tests/gpu/test_indexer_tb_gpu.py tests/gpu/test_fast_model.py tests/gpu/test_fast_fp8_kv_gpu.py \
-      tests/gpu/test_fast_packed_gpu.py tests/gpu/test_gemv_gpu.py tests/gpu/test_fp8_gemm_gpu.py \
-      tests/gpu/test_mhc_decode_gpu.py tests/gpu/test_moe_gpu.py tests/gpu/test_moe_mxfp4_gpu.py \
-      tests/gpu/test_router_fused_gpu.py tests/gpu/test_rope_fused_gpu.py tests/gpu/test_attn_decode_splits_gpu.py \
-      tests/gpu/test_compress_gpu.py tests/gpu/test_topk_small_gpu.py
-    test_summary | tee "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
-    decode_bench "${S9_LIMIT:-590}"
-    cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
   s9ab)  # 1 GPU: GPU tests (S9_TESTS), the decode top-k sweep (PREV_TOPK: a former topk_small.py to time beside),
     # then the 8K step (b1) under each env in S8_AB, each with its graph timeline
     par_tests "${S9_TEST_CAP:-220}" ${S9_TESTS:-tests/gpu/test_topk_small_gpu.py}; test_summary | tee "$OUT/gpu_tests.log"
@@ -269,7 +258,11 @@ case "${1:-}" in
     S8_TESTS=" " bash "$0" s8ab "$2" ;;
   s9fin)  # 1 GPU: the GPU tests in S9_TESTS, then issue 5's 8-layer table twice (two processes: the spread;
     # S9_RUNS=1: once)
-    par_tests "${S9_TEST_CAP:-150}" ${S9_TESTS:-tests/gpu/test_topk_small_gpu.py}; test_summary | tee "$OUT/gpu_tests.log"
+    D="topk_small_gpu index_q_gpu kernels_gpu indexer_tb_gpu fast_model fast_fp8_kv_gpu fast_packed_gpu gemv_gpu
+       fp8_gemm_gpu mhc_decode_gpu moe_gpu moe_mxfp4_gpu router_fused_gpu rope_fused_gpu attn_decode_splits_gpu
+       compress_gpu"  # default: the decode kernels' GPU tests
+    par_tests "${S9_TEST_CAP:-220}" ${S9_TESTS:-$(for n in $D; do echo "tests/gpu/test_$n.py"; done)}
+    test_summary | tee "$OUT/gpu_tests.log"
     [ "${S9_RUNS:-2}" = 2 ] && decode_bench "${S9_LIMIT1:-360}"
     decode_bench "${S9_LIMIT:-585}"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;

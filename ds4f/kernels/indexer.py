@@ -266,6 +266,13 @@ def indexer_scores(
     return out
 
 
+def _one_launch(scores: torch.Tensor, valid_len: torch.Tensor | None, out: torch.Tensor, k: int,
+                rows: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> None:
+    """Every row of scores [T, L <= the small lanes] selected by topk_small's kernel alone (ids, or rows)."""
+    lanes = max(16, triton.next_power_of_2(scores.shape[1]))
+    launch_small(scores, valid_len, out, None, None, k, lanes, 0, small_warps(lanes), rows=rows)
+
+
 RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; even at T=32; 2x slower at T=2048
 
 
@@ -305,8 +312,7 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
         assert valid_len.shape == (T,) and valid_len.dtype == torch.int32 and valid_len.is_contiguous()
     nb = 256
     if small >= L:  # every row fits the one-program select (static): one launch
-        lanes = max(16, triton.next_power_of_2(L))
-        launch_small(scores, valid_len, out, None, None, k, lanes, 0, small_warps(lanes))
+        _one_launch(scores, valid_len, out, k)
         return out
     buf = (torch.empty if small else torch.zeros)(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
     hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
@@ -340,9 +346,7 @@ def topk_pool_rows(scores: torch.Tensor, k: int, valid_len: torch.Tensor | None,
     if not use_triton(scores) or not 0 < T <= RADIX_MAX_ROWS or not 0 < L <= small or W < 1 or W & (W - 1):
         return None
     out = torch.empty((T, W + k), dtype=torch.int32, device=scores.device)
-    lanes = max(16, triton.next_power_of_2(L))
-    launch_small(scores, valid_len, out, None, None, k, lanes, 0, small_warps(lanes),
-                 rows=(bt_tok, win, comp_base, epb))
+    _one_launch(scores, valid_len, out, k, (bt_tok, win, comp_base, epb))
     return out
 
 
