@@ -8,7 +8,10 @@ Cases, in this order (each record is written as soon as it is measured):
   batch (rank 0's executor, synchronized); collectives per step (count, bytes, time on rank 0's stream) from Comm.
 Roofline (per rank): bytes a decode step must read = every parameter/buffer but the embedding and the routed experts,
 + expected distinct experts hit (uniform routing) x bytes per expert, + KV rows read at that depth; over the copy
-bandwidth measured before the engine starts. --profile DIR: a kernel-time table of rank 0 over decode steps at b=1
+bandwidth measured before the engine starts. --tp-sim N (with --tp 1): one GPU runs rank 0 of a TP=N group alone (its
+weight shards, its kernels at the per-rank shapes) with every collective a counted no-op, so a machine with one GPU
+measures a TP rank's step without the wire; records carry `tp_sim` and a projection that adds --sim-allreduce-us
+per all-reduce (2 per layer). --profile DIR: a kernel-time table of rank 0 over decode steps at b=1
 (categories: weights GEMM, MoE, attention + indexer, collectives, other), for the step-time breakdown.
 """
 
@@ -34,6 +37,7 @@ from bench_tp import StepTimer, versions  # noqa: E402
 
 from bench.common import IdsOnlyTokenizer, measure_ceilings  # noqa: E402
 from ds4f.config import EngineConfig  # noqa: E402
+from ds4f.distributed.comm import Comm  # noqa: E402
 from ds4f.engine.llm import build_engine  # noqa: E402
 from ds4f.engine.roofline import kv_bytes  # noqa: E402
 from ds4f.model.args import ModelArgs, flash_config  # noqa: E402
@@ -48,6 +52,24 @@ CATEGORIES = (  # kernel-name substrings -> step-time category (first match wins
     ("mhc", ("_hc_",)),
     ("weights_gemm", ("nvjet", "gemm", "cutlass", "_w8", "_a8", "_fp8", "splitk", "sum_splits", "xmma")),
 )
+
+
+class SimComm(Comm):
+    """Rank 0 of a `world`-rank group with nobody else: all-reduce returns its input (the partial sum), all-gather
+    repeats the local shard (right shapes, not the other ranks' values). Counted like Comm."""
+
+    def __init__(self, world: int) -> None:
+        super().__init__(0, world, pg=object())
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.counts["all_reduce"] += 1
+        self.nbytes["all_reduce"] += x.numel() * x.element_size()
+        return x
+
+    def all_gather_last(self, x: torch.Tensor, full: int) -> torch.Tensor:
+        self.counts["all_gather"] += 1
+        self.nbytes["all_gather"] += x.numel() * x.element_size()
+        return torch.cat([x] * self.world, dim=-1)[..., :full]
 
 
 def model_dir(layers: int, experts: int) -> str:
@@ -162,6 +184,10 @@ def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--tp-sim", type=int, default=0, help="with --tp 1: run rank 0 of a TP group of this size alone")
+    ap.add_argument("--sim-allreduce-us", type=float, default=7.8,
+                    help="per all-reduce in the --tp-sim projection (6.8 us one-shot + 1.0 us copy-in: rank 0's "
+                         "graph replay of the full model on 2 H200s, session 7)")
     ap.add_argument("--layers", type=int, default=43)
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--batches", default="1,4")
@@ -187,7 +213,15 @@ def main() -> None:
         max_num_seqs=max(batches), max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization)
     t0 = time.perf_counter()
-    engine = build_engine(config, tokenizer=IdsOnlyTokenizer())
+    sim = None
+    if args.tp_sim > 1:
+        if args.tp != 1:
+            raise SystemExit("--tp-sim runs one rank in this process: use it with --tp 1")
+        from ds4f.model.loader import load_model
+
+        sim = load_model(config.model, dtype=torch.bfloat16, device="cuda", load_format="dummy",
+                         tp_rank=0, tp_world=args.tp_sim, comm=SimComm(args.tp_sim), keep_dequantized=False)
+    engine = build_engine(config, model=sim, tokenizer=IdsOnlyTokenizer())
     startup = time.perf_counter() - t0
     ex = engine.runner
     local = ex.runner if hasattr(ex, "runner") else ex
@@ -195,7 +229,9 @@ def main() -> None:
     model = getattr(fm, "model", fm)
     comm = getattr(model, "tp_comm", None)
     timer = StepTimer(ex, comm, "cuda")
-    meta = dict(versions("cuda"), command=args.command, tp=args.tp, layers=args.layers, experts=args.experts,
+    rank_tp = args.tp_sim if sim is not None else args.tp  # the per-rank shapes the roofline is for
+    meta = dict(versions("cuda"), command=args.command, tp=args.tp, tp_sim=args.tp_sim or None, layers=args.layers,
+                experts=args.experts,
                 kv_cache_dtype=args.kv_cache_dtype, max_model_len=max_len, copy_GBps=round(copy_gbps, 1),
                 runner=type(local).__name__,
                 startup_s=round(startup, 1), weights_GiB_rank0=round(torch.cuda.memory_allocated() / 2**30, 2),
@@ -212,6 +248,7 @@ def main() -> None:
         rec.update(meta)
         print(" ".join(f"{k}={rec[k]}" for k in ("case", "batch", "depth", "tokens_per_s", "roofline_frac",
                                                    "engine_tokens_per_s", "ttft_s", "step_ms", "replay_gpu_ms",
+                                                   "projected_tokens_per_s",
                                                    "collective_ms_per_step") if k in rec),
               flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -222,10 +259,14 @@ def main() -> None:
         step = summ.get("step_ms")
         if not step:
             return {"case": "decode", "batch": batch, "depth": depth, "error": "no decode steps"}
-        roof = batch / (decode_bytes(a, args.tp, depth, batch) / (copy_gbps * 1e9))
+        roof = batch / (decode_bytes(a, rank_tp, depth, batch) / (copy_gbps * 1e9))
         tps = batch * 1e3 / step
-        return dict(summ, case="decode", batch=batch, depth=depth, tokens_per_s=round(tps, 1),
-                    roofline_tokens_per_s=round(roof, 1), roofline_frac=round(tps / roof, 3))
+        rec = dict(summ, case="decode", batch=batch, depth=depth, tokens_per_s=round(tps, 1),
+                   roofline_tokens_per_s=round(roof, 1), roofline_frac=round(tps / roof, 3))
+        if sim is not None:  # no wire in this run: what 2 all-reduces per layer at the measured latency would add
+            proj = step + 2 * a.num_hidden_layers * args.sim_allreduce_us / 1e3
+            rec.update(projected_step_ms=round(proj, 3), projected_tokens_per_s=round(batch * 1e3 / proj, 1))
+        return rec
 
     run_case(engine, timer, [prompt(args.prompt_len)], 4)  # first-use compiles outside the timed cases
     for b in batches:
