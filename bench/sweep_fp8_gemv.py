@@ -7,8 +7,10 @@ Each variant is timed as a CUDA graph of many calls cycling through distinct wei
 in the same run (bench/common.measure_ceilings), checks every variant against fp8_linear_ref, appends one JSON record
 per (shape, T, variant) to --out, and ends each shape with `PICK <NAME> bn,bk,split,nw,ns` (or `PICK <NAME> w8`: the
 _w8_kernel is at least as fast) plus the fp8_gemv.CONFIGS lines to paste. Stops starting new variants after --budget
-seconds (the picks then come from what ran). Usage:
-PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv.py [--shapes IN_PROJ,WO_B_TP2] [--tokens 1,4] [--full]
+seconds (the picks then come from what ran). --a8: the table config in the widening form, then every candidate with
+x quantized per 128 columns and the e4m3 x e4m3 dot (fp8_gemv.launch a8=True, checked against fp8_linear_a8_ref),
+ending each shape with `PICK_A8 <NAME> bn,bk,split,nw,ns` and the fp8_gemv.CONFIGS_A8 lines. Usage:
+PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv.py [--shapes IN_PROJ,WO_B_TP2] [--tokens 1,4] [--full] [--a8]
 [--out bench/results/fp8_gemv.jsonl]"""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,7 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import measure_ceilings, run_meta, time_graph  # noqa: E402,RUF100
 from ds4f.kernels import fp8_gemv  # noqa: E402,RUF100
-from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_grouped_linear, fp8_linear, fp8_linear_ref  # noqa: E402,RUF100
+from ds4f.kernels.fp8_gemm import (  # noqa: E402,RUF100
+    Opts,
+    _scale_arg,
+    fp8_grouped_linear,
+    fp8_linear,
+    fp8_linear_a8_ref,
+    fp8_linear_ref,
+)
 from ds4f.model.args import flash_config  # noqa: E402,RUF100
 
 Cfg = tuple[int, int, int, int, int]
@@ -88,9 +98,13 @@ def sweep_shape(name: str, shape: tuple[int, int, int], tokens: list[int], sms: 
           .view(torch.float8_e8m0fnu) for _ in range(copies)]
     xs = {t: torch.randn(t, groups, k, device="cuda").bfloat16() for t in tokens}
     rows = nt // groups
-    want = {t: torch.stack([fp8_linear_ref(xs[t][:, i], ws[0][rows * i:rows * (i + 1)],
-                                           ss[0][-(-rows // 128) * i:-(-rows // 128) * (i + 1)], torch.float32)
-                            for i in range(groups)], 1) for t in tokens}
+    def reference(ref: Callable[..., torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {t: torch.stack([ref(xs[t][:, i], ws[0][rows * i:rows * (i + 1)],
+                                    ss[0][-(-rows // 128) * i:-(-rows // 128) * (i + 1)], torch.float32)
+                                for i in range(groups)], 1) for t in tokens}
+
+    exact = reference(fp8_linear_ref)  # the w8 kernel and the widening form
+    want = reference(fp8_linear_a8_ref) if ctx["a8"] else exact
     scale = {i: _scale_arg(ss[i]) for i in range(copies)}
 
     def old(t: int, i: int) -> torch.Tensor:
@@ -98,9 +112,9 @@ def sweep_shape(name: str, shape: tuple[int, int, int], tokens: list[int], sms: 
         return fp8_grouped_linear(xs[t], ws[i], ss[i], opts=o) if groups > 1 else fp8_linear(xs[t][:, 0], ws[i],
                                                                                              ss[i], opts=o)
 
-    def new(t: int, i: int, cfg: Cfg, bits: bool = True) -> torch.Tensor:
+    def new(t: int, i: int, cfg: Cfg, bits: bool = True, a8: bool = ctx["a8"]) -> torch.Tensor:
         out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
-        fp8_gemv.launch(xs[t], ws[i], scale[i][0], scale[i][1], out, groups, True, cfg, bits=bits)
+        fp8_gemv.launch(xs[t], ws[i], scale[i][0], scale[i][1], out, groups, True, cfg, bits=bits, a8=a8)
         return out
 
     def report(label: str, us: dict[int, float], ok: bool, cfg: Cfg | None) -> None:
@@ -119,9 +133,15 @@ def sweep_shape(name: str, shape: tuple[int, int, int], tokens: list[int], sms: 
     print(f"== {name} N={nt} K={k} G={groups} {wbytes / 2**20:.1f} MB x {copies} copies, {calls} calls/graph",
           flush=True)
     base = {t: time_graph(lambda i, t=t: old(t, i), copies, calls) for t in tokens}
-    base_ok = all(rel(old(t, 0), want[t]) < 5e-3 for t in tokens)
+    base_ok = all(rel(old(t, 0), exact[t]) < 5e-3 for t in tokens)
     report("w8_kernel", base, base_ok, None)
     table = fp8_gemv.CONFIGS.get(name, (shape, None))[1]
+    if ctx["a8"] and table is not None:  # today's widening kernel at its table config, then the a8 candidates
+        us = {t: time_graph(lambda i, t=t: new(t, i, table, a8=False), copies, calls) for t in tokens}
+        report(f"{table} table widen", us, all(rel(new(t, 0, table, a8=False), exact[t]) < 5e-3 for t in tokens),
+               table)
+        base = us
+        table = fp8_gemv.CONFIGS_A8.get(name, (shape, None))[1]
     cands = candidates(nt, k, groups, sms, ctx["full"])
     if table is not None and table not in cands:
         cands.insert(0, table)
@@ -141,6 +161,12 @@ def sweep_shape(name: str, shape: tuple[int, int, int], tokens: list[int], sms: 
             results.append((sum(us.values()) / len(us), cfg))
     b_us = sum(base.values()) / len(base)
     best_us, best = min(results) if results else (math.inf, None)
+    if ctx["a8"]:
+        if best is None:
+            return f'    # {name}: no a8 config ran'
+        print(f"PICK_A8 {name} {','.join(map(str, best))}  # {best_us:.2f} us ({wbytes / best_us / 1e3:.0f} GB/s, "
+              f"{wbytes / best_us / 1e3 / ctx['copy']:.2f} of copy) vs widening {b_us:.2f} us", flush=True)
+        return f'    "{name}": (({nt}, {k}, {groups}), {best}),  # {best_us:.2f} vs widening {b_us:.2f} us'
     if best is not None:  # the same tiles with Triton's e4m3 -> bf16 conversions (DS4F_FP8_GEMV_WIDEN=cvt)
         us = {t: time_graph(lambda i, t=t: new(t, i, best, False), copies, calls) for t in tokens}
         report(f"{best} cvt", us, all(rel(new(t, 0, best, False), want[t]) < 5e-3 for t in tokens), best)
@@ -160,6 +186,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="every BLOCK_N x BLOCK_K (+512) x warps x stages")
     ap.add_argument("--mb", type=int, default=96, help="weight copies per shape totalling at least this many MB")
     ap.add_argument("--budget", type=float, default=140.0, help="seconds after which no new variant starts")
+    ap.add_argument("--a8", action="store_true", help="sweep the a8 form (x quantized, e4m3 x e4m3 dot)")
     ap.add_argument("--out", default="", help="append JSON records here")
     args = ap.parse_args()
     t0 = time.time()
@@ -168,7 +195,7 @@ def main() -> None:
     copy_gbps, mm = measure_ceilings(5)
     for name, shape in shapes.items():  # the table must describe the same shapes as the model
         assert fp8_gemv.CONFIGS.get(name, (shape,))[0] == shape, (name, shape)
-    ctx = dict(copy=copy_gbps, mb=args.mb, full=args.full, out=args.out, deadline=t0 + args.budget,
+    ctx = dict(copy=copy_gbps, mb=args.mb, full=args.full, out=args.out, deadline=t0 + args.budget, a8=args.a8,
                meta=run_meta(" ".join(sys.argv)))
     print(f"device {torch.cuda.get_device_name()} SMs {sms} torch {torch.__version__} copy {copy_gbps:.0f} GB/s "
           f"(read+write) bf16 mm {mm:.0f} TFLOP/s; GB/s columns: weight bytes / us, then the fraction of copy",
@@ -178,7 +205,8 @@ def main() -> None:
     for name in args.shapes.split(","):
         lines.append(sweep_shape(name, shapes[name], tokens, sms, ctx))
         torch.cuda.empty_cache()
-    print(f"CONFIGS to paste into ds4f/kernels/fp8_gemv.py ({time.time() - t0:.0f} s):\n" + "\n".join(lines),
+    table = "CONFIGS_A8" if args.a8 else "CONFIGS"
+    print(f"{table} to paste into ds4f/kernels/fp8_gemv.py ({time.time() - t0:.0f} s):\n" + "\n".join(lines),
           flush=True)
 
 

@@ -101,6 +101,62 @@ def check_gemv() -> None:
     print("ok")
 
 
+def check_gemv_a8() -> None:
+    """a8=True: x quantized per token per 128 columns (pow2 scales) and the e4m3 x e4m3 dot, against
+    fp8_linear_a8_ref (the same quantization: equal up to fp32 summation order); the one-block quantization grid by
+    a one-hot x; with norm, (g * x) quantized and 1 / rms applied after the dot."""
+    from ds4f.kernels import arrival, fp8_gemv
+    from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_a8_ref, quant_act_ref
+    from ds4f.model.quant import quant_fp8_block
+
+    g = torch.Generator().manual_seed(1)
+
+    def weights(n: int, k: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.randn(n, k, generator=g) * 0.05 * torch.logspace(-2, 2, n)[:, None]
+        return quant_fp8_block(w, fmt)
+
+    def run(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int, cfg: tuple, **kw: object) -> torch.Tensor:
+        ws, e8m0 = _scale_arg(s)
+        out = torch.empty(x.shape[0], groups, q.shape[0] // groups, dtype=torch.float32)
+        fp8_gemv.launch(x, q, ws, e8m0, out, groups, True, cfg, a8=True, **kw)
+        return out
+
+    for t, n, k, fmt, cfg in [(1, 160, 256, "ue8m0", (32, 128, 1, 4, 2)), (3, 200, 384, "float32", (64, 128, 3, 4, 2)),
+                              (16, 96, 300, "ue8m0", (32, 128, 2, 4, 2)), (4, 64, 640, "ue8m0", (32, 256, 2, 4, 2))]:
+        q, s = weights(n, k, fmt)
+        # column blocks of very different magnitude: each 128-column block has its own scale
+        x = (torch.randn(t, k, generator=g) * torch.logspace(-3, 3, k)[None, :]).bfloat16()
+        want = fp8_linear_a8_ref(x, q, s, torch.float32)
+        for _ in range(2):
+            got = run(x.view(t, 1, k), q, s, 1, cfg)[:, 0]
+            assert _rel(got, want) < TOL, (t, n, k, fmt, cfg, _rel(got, want))
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
+
+    # the quantization itself: W = identity blocks, so out = x's dequantized e4m3 rows (quant_act_ref's, exactly)
+    eye = torch.eye(128).repeat(2, 2)[:128].to(torch.float8_e4m3fn)  # [128, 256]: out[c] = x[c] + x[c + 128]
+    x = (torch.randn(5, 256, generator=g) * 40).bfloat16()
+    x[:, 128:] = 0
+    qx, sx = quant_act_ref(x)
+    got = run(x.view(5, 1, 256), eye, torch.ones(1, 2), 1, (32, 128, 1, 4, 2))[:, 0]
+    assert torch.equal(got, qx.float()[:, :128] * sx[:, :1]), "a8 quantization grid"
+
+    # norm: r * ((g * x) quantized @ W^T), r = 1 / rms of x's rows
+    q, s = weights(160, 256, "ue8m0")
+    xs = (torch.randn(3, 256, generator=g) * 3).bfloat16()
+    gw = 1 + torch.randn(256, generator=g) / 4
+    got = run(xs.view(3, 1, 256), q, s, 1, (32, 128, 1, 4, 2), norm=(gw, 1e-6))[:, 0]
+    xf = xs.float()
+    r = torch.rsqrt(xf.pow(2).mean(1) + 1e-6)
+    want = fp8_linear_a8_ref(xf * gw, q, s, torch.float32) * r[:, None]
+    assert _rel(got, want) < 1e-4, _rel(got, want)
+    print("ok")
+
+
+def test_fp8_gemv_a8_under_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    assert run_interpreted("test_fp8_gemv_interp", "check_gemv_a8").strip().endswith("ok")
+
+
 def test_fp8_gemv_under_the_interpreter() -> None:
     pytest.importorskip("triton")
     assert run_interpreted("test_fp8_gemv_interp", "check_gemv").strip().endswith("ok")

@@ -112,6 +112,24 @@ def test_fp8_gemv_builds(arch: int, cfg: tuple[int, int, int, int, int]) -> None
         assert ("fma.rn.bf16x2" in k["ptx"]) == bits
 
 
+@pytest.mark.parametrize("cfg", [(32, 128, 6, 4, 6), (64, 128, 1, 4, 4), (128, 256, 1, 4, 4)])
+def test_fp8_gemv_a8_builds(cfg: tuple[int, int, int, int, int]) -> None:
+    # a8 (sm_90): x quantized in the program, the e4m3 x e4m3 MMA on the weight tile as loaded (no widening)
+    from ds4f.kernels import fp8_gemv as fg
+
+    bn, bk, split, nw, ns = fg.fit(cfg, 227 << 10)
+    div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "NT", "K", "GN", "s_xt", "s_xg", "s_ot",
+           "k_per")
+    for norm in (False, True):
+        k = build(fg._fp8_gemv, dict(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*u8", out_ptr="*bf16",
+                                     part_ptr="*fp32", lock_ptr="*i32", g_ptr="*bf16", eps="fp32"),
+                  dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=fg.BLOCK_T, SPLIT_K=split > 1 and not norm, EVEN_K=True,
+                       NATIVE=True, SCALE_E8M0=True, DOT_F32=False, ITERS=0, BITS=False, NORM=norm, A8=True), 90,
+                  nw, ns, div16=div)
+        assert k["shared"] <= 227 * 1024
+        assert "e4m3" in k["ptx"] and "cp.async" in k["ptx"] and "fma.rn.bf16x2" not in k["ptx"]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_sum_builds(arch: int) -> None:
     from ds4f.kernels import moe_kernels as mk

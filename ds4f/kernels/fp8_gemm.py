@@ -25,6 +25,8 @@ from ds4f.model.quant import FP8_BLOCK, FP8_DTYPE, FP8_MAX, dequant_fp8_block
 try:
     import triton
     import triton.language as tl
+
+    from ds4f.kernels.fp8_gemv import quant_rows
 except ImportError:  # CPU-only installs: fp8_linear falls back to the reference
     triton = None
 
@@ -180,21 +182,15 @@ if triton is not None:
         mask = (rm < M)[:, None] & (rk < K)[None, :]
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * s_xm + g * s_xg + rk[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
         if POW2:
-            # amax = 1.f * 2^e: the scale is 2^(e-8), or 2^(e-7) when 1.f > 1.75 (bits above 0x600000)
-            bits = amax.to(tl.int32, bitcast=True)
-            e = ((bits >> 23) & 0xFF) - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-            scale = (e << 23).to(tl.float32, bitcast=True)
-            q = x * ((254 - e) << 23).to(tl.float32, bitcast=True)[:, None]
+            q, scale = quant_rows(x, SW_ROUND)
         else:
-            scale = amax / 448.0
-            q = x / scale[:, None]
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        if SW_ROUND:  # the interpreter's fp8 cast mis-rounds: snap to the e4m3 grid first (RTNE by an fp32 add)
-            e8 = tl.maximum(((q.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # grid step 2^(e8-3)
-            c = (((e8 + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^(e8+20)
-            q = (q + c) - c
+            scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4) / 448.0
+            q = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+            if SW_ROUND:  # the interpreter's fp8 cast mis-rounds: snap to the e4m3 grid first (RTNE by an fp32 add)
+                e8 = tl.maximum(((q.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # grid step 2^(e8-3)
+                c = (((e8 + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^(e8+20)
+                q = (q + c) - c
         tl.store(q_ptr + rm.to(tl.int64)[:, None] * s_qm + g * K + rk[None, :], q.to(q_ptr.dtype.element_ty),
                  mask=mask)
         tl.store(s_ptr + j * M + rm, scale, mask=rm < M)

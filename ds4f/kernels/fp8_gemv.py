@@ -82,6 +82,9 @@ fma.rn.bf16x2 $0, t0, k, z;
 fma.rn.bf16x2 $1, t1, k, z;
 }"""
 WIDEN_BITS = os.environ.get("DS4F_FP8_GEMV_WIDEN", "bits") != "cvt"  # "cvt": Triton's conversions (as fp8_gemm)
+# x quantized per token per 128 columns (pow2 scales, fp8_gemm.quant_act_ref) and an e4m3 x e4m3 dot: the weight
+# tile feeds the MMA as loaded (sm_89+; below, the widening path). DS4F_FP8_GEMV_A8=1: on
+A8 = os.environ.get("DS4F_FP8_GEMV_A8", "0") == "1"
 
 if triton is not None:
     _ASM = tl.constexpr(E4M3_BF16_ASM)
@@ -95,17 +98,38 @@ if triton is not None:
         return tl.load(w_p + c, mask=km[None, :], other=0.0)
 
     @triton.jit
+    def quant_rows(x, SW_ROUND: tl.constexpr):
+        # x [R, 128] fp32 -> (q [R, 128] fp32 on the e4m3 grid's range, s [R] fp32): fp8_gemm.quant_act_ref's pow2
+        # scales (amax floored at 1e-4; amax = 1.f * 2^e: s = 2^(e-8), or 2^(e-7) when 1.f > 1.75), x / s clamped
+        # to +-448; SW_ROUND: snapped to the e4m3 grid here (RTNE by an fp32 add: the interpreter's fp8 cast
+        # mis-rounds), else the caller's cast to e4m3 rounds
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+        bits = amax.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+        s = (e << 23).to(tl.float32, bitcast=True)
+        q = x * ((254 - e) << 23).to(tl.float32, bitcast=True)[:, None]
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        if SW_ROUND:
+            e8 = tl.maximum(((q.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # grid step 2^(e8-3)
+            c = (((e8 + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^(e8+20)
+            q = (q + c) - c
+        return q, s
+
+    @triton.jit
     def _block(acc, ss, w_p, x_p, g_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
-               SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr):
+               SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr,
+               A8: tl.constexpr):
         # (acc [BLOCK_N, 16], ss [16]) += the 128-column scale block starting c columns into the program's K slice
         # (of k_len); NORM: x times the norm weight g, ss += the rows' squares (see _fp8_gemv)
         return _wblock(acc, ss, _wload(w_p, c, k_len, EVEN_K), x_p, g_p, s_p, c, k_len, tmask, EVEN_K, NATIVE,
-                       SCALE_E8M0, DOT_F32, BITS, NORM)
+                       SCALE_E8M0, DOT_F32, BITS, NORM, A8)
 
     @triton.jit
     def _wblock(acc, ss, wq, x_p, g_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
-                SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr):
-        # _block with the weight bytes wq already loaded
+                SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr,
+                A8: tl.constexpr):
+        # _block with the weight bytes wq already loaded. A8 (NATIVE only): x quantized per token to e4m3 with a
+        # pow2 scale (quant_rows) and the e4m3 x e4m3 dot: W goes to the MMA as loaded, no widening
         km = (c + tl.arange(0, 128)) < k_len
         if EVEN_K:
             xv = tl.load(x_p + c, mask=tmask, other=0.0)
@@ -119,6 +143,13 @@ if triton is not None:
             xv = tl.load(g_p + c, mask=km, other=0.0).to(tl.float32)[None, :] * xf
         if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits (b == 0 gives 0, not 2^-127)
             s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        if A8:
+            q, xs = quant_rows(xv.to(tl.float32), DOT_F32)
+            if DOT_F32:
+                d = tl.dot(wq.to(tl.float32), tl.trans(q))
+            else:
+                d = tl.dot(wq, tl.trans(q.to(wq.dtype)))
+            return acc + d * (s * xs[None, :]), ss
         if BITS:  # integer ops, any sm_80+ (inline PTX: not in the interpreter)
             if NATIVE:
                 wq = wq.to(tl.uint8, bitcast=True)
@@ -141,6 +172,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr, NATIVE: tl.constexpr, SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr,
         ITERS: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr = False, PDL: tl.constexpr = False,
+        A8: tl.constexpr = False,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W [NT, K] (inside group n0 // GN and inside one 128-row
         # scale block) over columns [k_lo, k_lo + k_per); k_per a multiple of BLOCK_K, itself a multiple of 128.
@@ -168,21 +200,21 @@ if triton is not None:
             wq = _wload(w_p, 0, kl, EVEN_K)
             pdl_enter(PDL)
             acc, ss = _wblock(acc, ss, wq, x_p, g_p, s_p, 0, kl, tmask, EVEN_K, NATIVE, SCALE_E8M0, DOT_F32, BITS,
-                              NORM)
+                              NORM, A8)
             for j in tl.static_range(1, BLOCK_K // 128):
                 acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, j * 128, kl, tmask, EVEN_K, NATIVE, SCALE_E8M0,
-                                 DOT_F32, BITS, NORM)
+                                 DOT_F32, BITS, NORM, A8)
             i0 = 1
         if ITERS > 0:  # the interpreter (numpy 2) takes no runtime loop bound: the caller passes the count
             for i in range(0, ITERS):
                 for j in tl.static_range(BLOCK_K // 128):  # one 128-column scale block per dot
                     acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, i * BLOCK_K + j * 128, kl, tmask, EVEN_K, NATIVE,
-                                     SCALE_E8M0, DOT_F32, BITS, NORM)
+                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8)
         else:
             for i in range(i0, tl.cdiv(kl, BLOCK_K)):
                 for j in tl.static_range(BLOCK_K // 128):
                     acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, i * BLOCK_K + j * 128, kl, tmask, EVEN_K, NATIVE,
-                                     SCALE_E8M0, DOT_F32, BITS, NORM)
+                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8)
         if NORM:
             acc = acc * tl.rsqrt(ss / K + eps)[None, :]
         omask = (rn[:, None] < NT) & (rt[None, :] < T)
@@ -209,6 +241,10 @@ if triton is not None:
             tl.store(o_p, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
+# the a8 form's tiles per name (bench/sweep_fp8_gemv.py --a8 fills it); a name not here takes CONFIGS' tiles
+CONFIGS_A8: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {}
+
+
 def generic_config(nt: int, k: int, groups: int, sms: int) -> Cfg:
     """A config for a shape the table lacks: 64-row tiles when they give >= 2 programs per SM, else 32; a K split
     up to about 2 programs per SM (>= 2 BLOCK_K steps each)."""
@@ -233,11 +269,13 @@ def _env_config(name: str) -> Cfg | None | str:
 
 
 def pick(nt: int, k: int, groups: int, dev: torch.device) -> Cfg | None:
-    """The config for W [nt, K] in G groups on dev: env override, then CONFIGS, then generic_config; None = use
-    fp8_gemm's _w8_kernel."""
+    """The config for W [nt, K] in G groups on dev: env override, then CONFIGS_A8 (with A8) or CONFIGS, then
+    generic_config; None = use fp8_gemm's _w8_kernel."""
     for name, (shape, cfg) in CONFIGS.items():
         if shape == (nt, k, groups):
             env = _env_config(name)
+            if env == "table" and A8 and name in CONFIGS_A8:
+                return CONFIGS_A8[name][1]
             return cfg if env == "table" else env  # type: ignore[return-value]
     return generic_config(nt, k, groups, sm_count(dev))
 
@@ -273,11 +311,15 @@ def fit(cfg: Cfg, smem: int) -> Cfg:
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
-           native: bool, cfg: Cfg, bits: bool | None = None, norm: tuple[torch.Tensor, float] | None = None) -> None:
+           native: bool, cfg: Cfg, bits: bool | None = None, norm: tuple[torch.Tensor, float] | None = None,
+           a8: bool | None = None) -> None:
     """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group, W = w [G*N, K] e4m3 (uint8 bytes
     when not native) with block scales ws [ceil(G*N/128), ceil(K/128)] fp32 or UE8M0 bytes (e8m0). T <= MAX_T.
     bits: widen e4m3 by integer ops (default WIDEN_BITS on CUDA; the interpreter always converts).
-    norm = (g [K], eps), one group: out = RMSNorm_g(x) @ W^T (model.layers.RMSNorm on x's rows; no K split)."""
+    norm = (g [K], eps), one group: out = RMSNorm_g(x) @ W^T (model.layers.RMSNorm on x's rows; no K split).
+    a8 (default A8; native only): x quantized per token per 128 columns, e4m3 x e4m3 dot (fp8_linear_a8_ref's
+    math; with norm, the quantized rows are g * x, the 1 / rms applied after the dot)."""
+    a8 = (A8 if a8 is None else a8) and native
     t, (nt, k) = x.shape[0], w.shape
     bn, bk, split, nw, ns = fit(cfg, smem_of(x.device))
     if not valid(cfg, nt, groups) or t > MAX_T:
@@ -301,7 +343,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
         0.0 if norm is None else float(norm[1]), BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T, SPLIT_K=split > 1,
         EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0, DOT_F32=interp,
         ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits), NORM=norm is not None,
-        num_warps=nw, num_stages=ns, **pdl.launch(x.device))
+        A8=a8, num_warps=nw, num_stages=ns, **pdl.launch(x.device))
 
 
 def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor, ws: torch.Tensor, e8m0: bool,

@@ -93,6 +93,47 @@ def test_gemv_matches_reference_at_v4_shapes(name: str) -> None:
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))  # every split counter re-armed
 
 
+@pytest.mark.skipif(not fp8_native(torch.device("cuda")) if torch.cuda.is_available() else True,
+                    reason="the a8 form needs e4m3 (sm_89+)")
+@pytest.mark.parametrize("name", list(fp8_gemv.CONFIGS))
+def test_gemv_a8_matches_its_reference_at_v4_shapes(name: str) -> None:
+    # the a8 form (x quantized per token per 128 columns, e4m3 x e4m3 dot) at the table's shapes and its a8 tiles
+    # (CONFIGS_A8, else CONFIGS, else the generic rule), T = 1 / 4 / 16, both scale dtypes, eagerly and replayed in
+    # a CUDA graph, against fp8_linear_a8_ref (the same quantization) group by group; the q_norm form for WQ_B
+    from ds4f.kernels.fp8_gemm import _scale_arg
+    from ds4f.kernels.gemv import rms_norm_ref
+
+    (nt, k, groups), cfg = fp8_gemv.CONFIGS[name]
+    cfg = fp8_gemv.CONFIGS_A8.get(name, (None, cfg))[1] or fp8_gemv.generic_config(nt, k, groups, 132)
+    rows = nt // groups
+    for t, fmt in ((1, "ue8m0"), (4, "float32"), (16, "ue8m0")):
+        x, q, s = _case(t * groups, nt, k, fmt, seed=nt + k + t)
+        x = x.view(t, groups, k)
+        ws, e8m0 = _scale_arg(s)
+        ref = torch.stack([fp8_linear_a8_ref(x[:, i], q[rows * i:rows * (i + 1)],
+                                             s[-(-rows // 128) * i:-(-rows // 128) * (i + 1)], torch.float32)
+                           for i in range(groups)], 1)
+        out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
+        fp8_gemv.launch(x, q, ws, e8m0, out, groups, True, cfg, a8=True)
+        assert _rel(out, ref) < OUT_TOL, (name, t, fmt, _rel(out, ref))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fp8_gemv.launch(x, q, ws, e8m0, out, groups, True, cfg, a8=True)
+        eager = out.clone()
+        out.zero_()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), (name, t, fmt)
+        if groups == 1 and name.startswith("WQ_B"):
+            gw = 1 + torch.randn(k, device="cuda") / 4
+            outn = torch.empty(t, 1, nt, dtype=torch.bfloat16, device="cuda")
+            fp8_gemv.launch(x, q, ws, e8m0, outn, 1, True, cfg, norm=(gw, 1e-6), a8=True)
+            want = fp8_linear_a8_ref(rms_norm_ref(x[:, 0], gw, 1e-6), q, s, torch.float32)
+            assert _rel(outn[:, 0], want) < A8_TOL, (name, t, fmt, "norm", _rel(outn[:, 0], want))
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
+
+
 @pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("bits", [True, False])
 def test_gemv_widens_every_e4m3_byte_exactly(native: bool, bits: bool) -> None:
