@@ -313,6 +313,7 @@ class Opts:
     serial: bool | None = None
     gemv: bool | None = None  # w8 on the swap-AB GEMV (ds4f/kernels/fp8_gemv.py) for M <= 16: None = its table on
     # CUDA when cfg is None, True = always (split overrides its K split), False = never
+    a8: bool | None = None  # that GEMV's a8 form (x quantized per 128 columns): None = fp8_gemv.use_a8's choice
 
 
 def _counters(device: torch.device, tiles: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -358,7 +359,8 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, groups: int, 
     # Opts(cfg=...) (tiles of _w8_kernel) or gemv=False keep the w8 tiles
     auto = fp8_gemv.USE_GEMV and x.is_cuda and o.cfg is None
     use_gemv = m <= fp8_gemv.MAX_T and (auto if o.gemv is None else o.gemv)
-    if use_gemv and fp8_gemv.w8_gemv(x, w, ws, e8m0, out, groups, native, split=o.split, force=o.gemv is True):
+    if use_gemv and fp8_gemv.w8_gemv(x, w, ws, e8m0, out, groups, native, split=o.split, force=o.gemv is True,
+                                     a8=o.a8):
         return out
     c = o.cfg or w8_config(m)
     chunks = triton.cdiv(k, c.bk)

@@ -82,9 +82,11 @@ fma.rn.bf16x2 $0, t0, k, z;
 fma.rn.bf16x2 $1, t1, k, z;
 }"""
 WIDEN_BITS = os.environ.get("DS4F_FP8_GEMV_WIDEN", "bits") != "cvt"  # "cvt": Triton's conversions (as fp8_gemm)
-# x quantized per token per 128 columns (pow2 scales, fp8_gemm.quant_act_ref) and an e4m3 x e4m3 dot: the weight
-# tile feeds the MMA as loaded (sm_89+; below, the widening path). DS4F_FP8_GEMV_A8=1: on
-A8 = os.environ.get("DS4F_FP8_GEMV_A8", "0") == "1"
+# the a8 form: x quantized per token per 128 columns (pow2 scales, fp8_gemm.quant_act_ref: the checkpoint's dynamic
+# activation scheme, as HF's FP8Linear and the prefill's a8w8 path) and an e4m3 x e4m3 dot, so the weight tile feeds
+# the MMA as loaded (sm_89+; below, the widening path). Default "table": the shapes CONFIGS_A8 lists; "1": every
+# shape; "0": none
+A8 = os.environ.get("DS4F_FP8_GEMV_A8", "table")
 
 if triton is not None:
     _ASM = tl.constexpr(E4M3_BF16_ASM)
@@ -241,8 +243,20 @@ if triton is not None:
             tl.store(o_p, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-# the a8 form's tiles per name (bench/sweep_fp8_gemv.py --a8 fills it); a name not here takes CONFIGS' tiles
-CONFIGS_A8: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {}
+# the a8 form's tiles per name (bench/sweep_fp8_gemv.py --a8 fills it; a name not here runs the widening form with
+# CONFIGS' tiles unless DS4F_FP8_GEMV_A8=1). H200, 2026-11-29 (bench/results/fp8_gemv.jsonl), one token, us a8 vs the
+# widening form at its table tiles in the same run. Every TP=2 shape takes it: in the full model's TP=2 rank step
+# (bench_full --tp-sim 2, 43 layers) these seven together took the step from 6.184 to 5.559 ms, more than the
+# kernels' sums, as the in-proj / shared-expert GEMVs overlap other streams' kernels there
+CONFIGS_A8: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
+    "IN_PROJ": ((1536, 4096, 1), (128, 128, 11, 8, 4)),  # 6.47 vs widening 6.37 us
+    "IDX_WQ_B": ((8192, 1024, 1), (128, 128, 4, 8, 4)),  # 5.53 vs 5.47
+    "WQ_B_TP2": ((16384, 1024, 1), (128, 128, 1, 4, 4)),  # 7.18 vs 7.71
+    "WO_A_TP2": ((4096, 4096, 4), (128, 128, 8, 8, 4)),  # 9.00 vs 12.63
+    "WO_B_TP2": ((4096, 4096, 1), (128, 128, 8, 8, 4)),  # 9.01 vs 12.64
+    "W13_TP2": ((2048, 4096, 1), (128, 128, 8, 8, 4)),  # 6.76 vs 6.58
+    "W2_TP2": ((4096, 1024, 1), (128, 128, 4, 8, 4)),  # 4.59 vs 3.93
+}
 
 
 def generic_config(nt: int, k: int, groups: int, sms: int) -> Cfg:
@@ -274,10 +288,17 @@ def pick(nt: int, k: int, groups: int, dev: torch.device) -> Cfg | None:
     for name, (shape, cfg) in CONFIGS.items():
         if shape == (nt, k, groups):
             env = _env_config(name)
-            if env == "table" and A8 and name in CONFIGS_A8:
+            if env == "table" and A8 != "0" and name in CONFIGS_A8:
                 return CONFIGS_A8[name][1]
             return cfg if env == "table" else env  # type: ignore[return-value]
     return generic_config(nt, k, groups, sm_count(dev))
+
+
+def use_a8(nt: int, k: int, groups: int) -> bool:
+    """Whether W [nt, K] in G groups runs the a8 form (DS4F_FP8_GEMV_A8: "table" = the shapes CONFIGS_A8 lists)."""
+    if A8 in ("0", "1"):
+        return A8 == "1"
+    return any(shape == (nt, k, groups) for shape, _ in CONFIGS_A8.values())
 
 
 def valid(cfg: Cfg, nt: int, groups: int) -> bool:
@@ -317,9 +338,9 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
     when not native) with block scales ws [ceil(G*N/128), ceil(K/128)] fp32 or UE8M0 bytes (e8m0). T <= MAX_T.
     bits: widen e4m3 by integer ops (default WIDEN_BITS on CUDA; the interpreter always converts).
     norm = (g [K], eps), one group: out = RMSNorm_g(x) @ W^T (model.layers.RMSNorm on x's rows; no K split).
-    a8 (default A8; native only): x quantized per token per 128 columns, e4m3 x e4m3 dot (fp8_linear_a8_ref's
+    a8 (default use_a8; native only): x quantized per token per 128 columns, e4m3 x e4m3 dot (fp8_linear_a8_ref's
     math; with norm, the quantized rows are g * x, the 1 / rms applied after the dot)."""
-    a8 = (A8 if a8 is None else a8) and native
+    a8 = (use_a8(w.shape[0], w.shape[1], groups) if a8 is None else a8) and native
     t, (nt, k) = x.shape[0], w.shape
     bn, bk, split, nw, ns = fit(cfg, smem_of(x.device))
     if not valid(cfg, nt, groups) or t > MAX_T:
@@ -358,10 +379,10 @@ def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor, w
 
 
 def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
-            native: bool, split: int | None = None, force: bool = False) -> bool:
+            native: bool, split: int | None = None, force: bool = False, a8: bool | None = None) -> bool:
     """fp8_gemm's w8 entry for T <= MAX_T: out [T, G, N] = x [T, G, K] @ W^T with pick's config (split overrides
-    its SPLIT). -> False (nothing launched) when the table or env gives this shape to the w8 tiles, unless force
-    (then generic_config runs it)."""
+    its SPLIT; a8 as launch's). -> False (nothing launched) when the table or env gives this shape to the w8 tiles,
+    unless force (then generic_config runs it)."""
     nt, k = w.shape
     c = pick(nt, k, groups, x.device)
     if c is None:
@@ -373,5 +394,5 @@ def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out:
     bn = c[0]
     while groups > 1 and bn > 16 and (nt // groups) % bn:  # a table BLOCK_N that does not divide the group
         bn //= 2
-    launch(x, w, ws, e8m0, out, groups, native, (bn, *c[1:]))
+    launch(x, w, ws, e8m0, out, groups, native, (bn, *c[1:]), a8=a8)
     return True

@@ -5,6 +5,8 @@ replay and the opt-in Linear hook."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -62,11 +64,11 @@ def test_w8_matches_reference(shape: tuple[int, int, int], fmt: str, native: boo
         assert _rel(out, ref) < OUT_TOL, (shape, fmt, native, serial, _rel(out, ref))
 
 
-def _grouped_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [T, G, K] with W [G*N, K] -> [T, G, N] fp32, group by group through fp8_linear_ref."""
+def _grouped_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, ref: Any = fp8_linear_ref) -> torch.Tensor:
+    """x [T, G, K] with W [G*N, K] -> [T, G, N] fp32, group by group through ref (fp8_linear_ref)."""
     g, rows = x.shape[1], q.shape[0] // x.shape[1]
-    return torch.stack([fp8_linear_ref(x[:, i], q[rows * i:rows * (i + 1)], s[rows // 128 * i:rows // 128 * (i + 1)],
-                                       torch.float32) for i in range(g)], 1)
+    return torch.stack([ref(x[:, i], q[rows * i:rows * (i + 1)], s[rows // 128 * i:rows // 128 * (i + 1)],
+                            torch.float32) for i in range(g)], 1)
 
 
 @pytest.mark.parametrize("name", list(fp8_gemv.CONFIGS))
@@ -76,20 +78,25 @@ def test_gemv_matches_reference_at_v4_shapes(name: str) -> None:
     (nt, k, groups), cfg = fp8_gemv.CONFIGS[name]
     for t, fmt in ((1, "ue8m0"), (4, "float32"), (16, "ue8m0"), (1, "float32")):
         x, q, s = _case(t * groups, nt, k, fmt, seed=nt + k + t)
+        a8 = fp8_gemv.use_a8(nt, k, groups) and fp8_gemv.USE_GEMV
         if groups > 1:
             x = x.view(t, groups, k)
             ref = _grouped_ref(x, q, s)
-            out = fp8_grouped_linear(x, q, s, opts=Opts("w8", gemv=True))
+            out = fp8_grouped_linear(x, q, s, opts=Opts("w8", gemv=True, a8=False))
             default = fp8_grouped_linear(x, q, s)
+            forced = fp8_grouped_linear(x, q, s, opts=Opts("w8", gemv=True, a8=a8))
+            ref_default = _grouped_ref(x, q, s, fp8_linear_a8_ref if a8 else fp8_linear_ref)
         else:
             ref = fp8_linear_ref(x, q, s, torch.float32)
-            out = fp8_linear(x, q, s, opts=Opts("w8", gemv=True))
+            out = fp8_linear(x, q, s, opts=Opts("w8", gemv=True, a8=False))
             default = fp8_linear(x, q, s)
+            forced = fp8_linear(x, q, s, opts=Opts("w8", gemv=True, a8=a8))
+            ref_default = (fp8_linear_a8_ref if a8 else fp8_linear_ref)(x, q, s, torch.float32)
         assert out.dtype == torch.bfloat16 and out.shape == ref.shape
-        assert _rel(out, ref) < OUT_TOL, (name, t, fmt, _rel(out, ref))
-        assert _rel(default, ref) < OUT_TOL, (name, t, fmt, "default", _rel(default, ref))
+        assert _rel(out, ref) < OUT_TOL, (name, t, fmt, _rel(out, ref))  # the widening form
+        assert _rel(default, ref_default) < OUT_TOL, (name, t, fmt, "default", a8, _rel(default, ref_default))
         if cfg is not None and fp8_gemv.USE_GEMV:
-            assert torch.equal(default, out), (name, t, fmt)
+            assert torch.equal(default, forced), (name, t, fmt)
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))  # every split counter re-armed
 
 
@@ -129,7 +136,7 @@ def test_gemv_a8_matches_its_reference_at_v4_shapes(name: str) -> None:
             gw = 1 + torch.randn(k, device="cuda") / 4
             outn = torch.empty(t, 1, nt, dtype=torch.bfloat16, device="cuda")
             fp8_gemv.launch(x, q, ws, e8m0, outn, 1, True, cfg, norm=(gw, 1e-6), a8=True)
-            want = fp8_linear_a8_ref(rms_norm_ref(x[:, 0], gw, 1e-6), q, s, torch.float32)
+            want = fp8_linear_ref(rms_norm_ref(x[:, 0], gw, 1e-6), q, s, torch.float32)  # one quantization off
             assert _rel(outn[:, 0], want) < A8_TOL, (name, t, fmt, "norm", _rel(outn[:, 0], want))
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
 
@@ -163,7 +170,7 @@ def test_gemv_widens_every_e4m3_byte_exactly(native: bool, bits: bool) -> None:
 def test_gemv_odd_cases(shape: tuple[int, int, int, int], fmt: str, native: bool | None, split: int | None) -> None:
     t, nt, k, groups = shape
     x, q, s = _case(t * groups, nt, k, fmt, seed=nt + 7 * k + t)
-    opts = Opts("w8", split=split, native=native, gemv=True)
+    opts = Opts("w8", split=split, native=native, gemv=True, a8=False)  # the widening form
     if groups > 1:
         x = x.view(t, groups, k)
         ref, outs = _grouped_ref(x, q, s), [fp8_grouped_linear(x, q, s, opts=opts) for _ in range(3)]
@@ -180,6 +187,7 @@ def test_gemv_switch_and_table_none(monkeypatch: pytest.MonkeyPatch) -> None:
     launched: list[int] = []
     real = fp8_gemv.launch
     monkeypatch.setattr(fp8_gemv, "launch", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    monkeypatch.setattr(fp8_gemv, "A8", "0")  # the widening form: against the exact reference
     ref = fp8_linear_ref(x, q, s, torch.float32)
     monkeypatch.setattr(fp8_gemv, "USE_GEMV", True)
     monkeypatch.setitem(fp8_gemv.CONFIGS, "WO_B_TP2", ((4096, 4096, 1), (64, 256, 4, 4, 4)))
@@ -198,7 +206,7 @@ def test_gemv_two_streams_two_shapes() -> None:
     (n2, k2, _), _ = fp8_gemv.CONFIGS["IDX_WQ_B"]
     x1, q1, s1 = _case(1, n1, k1, "ue8m0", seed=14)
     x2, q2, s2 = _case(1, n2, k2, "ue8m0", seed=15)
-    opts = Opts(gemv=True, split=4)
+    opts = Opts(gemv=True, split=4, a8=False)
     r1, r2 = fp8_linear_ref(x1, q1, s1, torch.float32), fp8_linear_ref(x2, q2, s2, torch.float32)
     side = torch.cuda.Stream()
     outs = []
