@@ -283,5 +283,11 @@ case "${1:-}" in
     grep -E "^(==|  |PICK)|Error" "$OUT/sweep_a8.log" | tail -n 120
     P=$(grep "^PICK_A8" "$OUT/sweep_a8.log" | awk '{print "DS4F_FP8_GEMV_"$2"="$3}' | tr '\n' ' ')
     SIM_ENV="DS4F_FP8_GEMV_A8=1 $P" SIM_LIMIT=$((SECONDS + ${SIM_S:-240})) bash "$0" s10sim "$2" ;;
+  s10ab)  # 1 GPU: the GPU tests in SIM_TESTS, then s10sim under each env of S10_AB (';'-separated, "-" = none)
+    par_tests "${S9_TEST_CAP:-150}" ${SIM_TESTS:-tests/gpu/test_fp8_gemm_gpu.py}; test_summary | tee "$OUT/gpu_tests.log"
+    IFS=';' read -ra V <<< "${S10_AB:--}"
+    n=0; for v in "${V[@]}"; do n=$((n + 1)); [ "$v" = "-" ] && v=""
+      SIM_TESTS="" SIM_ENV="$v" SIM_LIMIT=$((SECONDS + ${SIM_S:-200})) OUT="$OUT/v$n" bash "$0" s10sim "$2"
+      mv "$OUT/v$n/full.jsonl" "$OUT/full_v$n.jsonl" 2>/dev/null; done ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac
