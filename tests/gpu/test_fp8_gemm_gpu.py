@@ -366,7 +366,9 @@ def test_gemv_linear_norm_at_the_wq_b_shapes() -> None:
             x = (4 * torch.randn(t, 3072, device="cuda", generator=g)).bfloat16()[:, 1024:2048]
             want = fp8_linear_ref(rms_norm_ref(x, gw, 1e-6), q, s, torch.float32)
             got = fp8_gemv.linear_norm(x, gw, 1e-6, q, ws, e8m0, fp8_native(x.device))
-            assert _rel(got, want) < OUT_TOL + 4e-3, (n, t, _rel(got, want))
+            # the a8 form where the table gives it this shape: x's e4m3 rounding on top
+            tol = A8_TOL if fp8_gemv.use_a8(n, 1024, 1) and fp8_native(x.device) else OUT_TOL + 4e-3
+            assert _rel(got, want) < tol, (n, t, _rel(got, want))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fp8_gemv.linear_norm(x, gw, 1e-6, q, ws, e8m0, fp8_native(x.device))
@@ -375,4 +377,4 @@ def test_gemv_linear_norm_at_the_wq_b_shapes() -> None:
         graph.replay()
         torch.cuda.synchronize()
         want = fp8_linear_ref(rms_norm_ref(x, gw, 1e-6), q, s, torch.float32)
-        assert _rel(out, want) < OUT_TOL + 4e-3
+        assert _rel(out, want) < tol

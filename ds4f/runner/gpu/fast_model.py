@@ -8,9 +8,7 @@ as expert E (bf16) or fused_moe_mxfp4 on the packed experts. Between sublayers o
 norm + RoPE in one kernel each; a decode step's router in one kernel (ds4f.kernels.router) and its per-step index
 tensors + embedding in one (glue.derive -> ds4f.kernels.step_meta).
 Decode steps (<= 16 tokens, CUDA) run each layer's kv / compressor chain and its indexer chain on two side streams
-beside the q projection (q_norm inside its GEMV: packed.linear_norm; packed weights: the bf16 compressor run of the
-stacked input projection on a third, the chains waiting for it only where they read it), the packed FP8 shared
-expert on one beside the
+beside the q projection (q_norm inside its GEMV: packed.linear_norm), the packed FP8 shared expert on one beside the
 router and routed up GEMM, and each mHC step's Sinkhorn on a third (joined before the next mHC step reads comb), all
 at high priority; bf16 projections of <= 16 tokens go through the Triton GEMV (ds4f.kernels.gemv), FP8 ones through
 fp8_gemm's decode GEMV.
@@ -106,9 +104,6 @@ class FastModel:
         self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
         # decode: q_norm inside the wq_b GEMVs (packed.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
         self.q_norm_gemv = os.environ.get("DS4F_Q_NORM_GEMV", "1") == "1"
-        # decode: the bf16 run of a packed stacked input projection (compressors, indexer head weights) on a third
-        # side stream, so the chains start after [wq_a; wkv] alone; DS4F_DENSE_SIDE=0: both runs on main first
-        self.dense_side = os.environ.get("DS4F_DENSE_SIDE", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
         # side streams at high priority: their latency-bound chains (in CSA layers the critical path) get SMs before
         # the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
@@ -222,23 +217,10 @@ class FastModel:
         T, H, hd = xn.shape[0], att.n_heads, att.head_dim
         cos, sin = d.cs["main" if att.kind == SWA else "compress"]
         w_in = self.w_in[i]
-        sides = self._side_streams(T)
-        dense = None  # decode with a packed [wq_a; wkv] and bf16 compressor linears: the stream of the bf16 run
-        if sides is not None and self.dense_side and isinstance(w_in, packed.InProj) and w_in.dense_tail():
-            # the bf16 run (read only by the compressors and the indexer's head weights) on a stream of its own:
-            # wq_b, the kv stores and the indexer's q start as soon as [wq_a; wkv] is out
-            y0, dense = w_in.run(0, xn), sides[2]
-            dense.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(dense):
-                y = packed.Cols([y0, w_in.run(1, xn)])
-        else:
-            y = packed.Cols([gemv.linear(xn, w_in)]) if isinstance(w_in, torch.Tensor) else w_in.cols(xn)
+        y = packed.Cols([gemv.linear(xn, w_in)]) if isinstance(w_in, torch.Tensor) else w_in.cols(xn)
         parts = y.split(self.w_in_split[i])
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy
-
-        def dense_ready() -> None:  # the bf16 run's columns are read after this on the current stream
-            if dense is not None:
-                torch.cuda.current_stream().wait_stream(dense)
+        sides = self._side_streams(T)
         fused_q = sides is not None and self.q_norm_gemv
         qr = None if fused_q else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
         pool = cache.kv[i]
@@ -251,7 +233,6 @@ class FastModel:
             if meta.one_per_seq:  # the window-ring row of position p held p - W, which no window reads now
                 cache.put(pool, d.win_write, kv)
             if att.kind != SWA:
-                dense_ready()
                 n2 = 2 * att.compressor.wkv.out_features
                 self._compress(att.compressor, y.cols(o2, o2 + n2), meta, cache, d, cache.state[i, "attn"],
                                cache.ring(i), pool, cache.comp_base, att.ratio)
@@ -261,16 +242,14 @@ class FastModel:
             """The indexer's compressor entries, scores + top-k -> attention rows idx [T, K] (window + entries)."""
             m, ix = att.ratio, att.indexer
             n2, n4 = 2 * att.compressor.wkv.out_features, 2 * ix.compressor.wkv.out_features
-            score = m not in d.attn_idx  # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
-            if score:  # the query first (it needs only [wq_a; wkv]); the q norm as its own launch (fused into this
-                # GEMV as into wq_b's: +17 us per CSA layer at 8K)
-                qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
-                iq = packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim)
-            dense_ready()
             self._compress(ix.compressor, y.cols(o2 + n2, o2 + n2 + n4), meta, cache, d, cache.state[i, "index"],
                            cache.ring(i), cache.index[i], 0, m)
-            if not score:
+            if m in d.attn_idx:
                 return d.attn_idx[m]
+            # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
+            # the q norm as its own launch (fused into this GEMV as into wq_b's: +17 us per CSA layer at 8K)
+            qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
+            iq = packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim)
             fp8 = self.index_fp8 and isinstance(cache.index[i], Fp8Keys)  # e4m3 q over e4m3 keys: the fp8 MMA
             if self.index_q:  # RoPE, the head weights' scale and the e4m3 rows in one launch
                 iq, iw = index_q(iq, parts[6], cos, sin, ix.n_heads**-0.5, fp8)
@@ -301,8 +280,6 @@ class FastModel:
             q = norm_rope(qb.view(T, H, hd), None, cos, sin, att.eps)
             for st in sides[: len(chains)]:
                 main.wait_stream(st)
-            if dense is not None:  # joined through the chains' waits already (every compressor layer reads it)
-                main.wait_stream(dense)
         kv = outs[0]
         idx = outs[1] if len(outs) > 1 else d.win if att.kind == SWA else d.attn_idx[att.ratio]
         if att.kind != SWA and att.ratio in d.pvis:
@@ -318,13 +295,12 @@ class FastModel:
         return packed.linear(att.wo_b, o)
 
     def _side_streams(self, T: int) -> list[torch.cuda.Stream] | None:
-        """The streams the kv / compressor chain, the indexer chain and the bf16 input run of a decode step
-        (T <= overlap_max_t tokens, CUDA) use beside the q projection; None: one stream (prefill chunks, CPU,
-        DS4F_OVERLAP=0)."""
+        """The two streams the kv / compressor chain and the indexer chain of a decode step (T <= overlap_max_t
+        tokens, CUDA) run on beside the q projection; None: one stream (prefill chunks, CPU, DS4F_OVERLAP=0)."""
         if not (self.overlap and self.device.type == "cuda" and 0 < T <= self.overlap_max_t):
             return None
         if not self._sides:
-            self._sides = [torch.cuda.Stream(device=self.device, priority=self.side_priority) for _ in range(3)]
+            self._sides = [torch.cuda.Stream(device=self.device, priority=self.side_priority) for _ in range(2)]
         return self._sides
 
     def _select(self, i: int, m: int, iq: torch.Tensor, iw: torch.Tensor, d: _Derived, cache: FastCache

@@ -159,16 +159,7 @@ class InProj:
     def run_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [T, K] -> one [T, n_run] output per run (dense runs through the decode GEMV, which falls back to
         F.linear off its conditions)."""
-        return [self.run(j, x) for j in range(len(self.runs))]
-
-    def run(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """x [T, K] -> run j's output [T, n_j]."""
-        r = self.runs[j]
-        return gemv.linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype)
-
-    def dense_tail(self) -> bool:
-        """Two runs, packed fp8 then dense: [wq_a; wkv] and the compressor / indexer bf16 linears."""
-        return len(self.runs) == 2 and self.runs[0].s is not None and self.runs[1].s is None
+        return [gemv.linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype) for r in self.runs]
 
     def cols(self, x: torch.Tensor) -> Cols:
         """x [T, K] -> the stacked output's columns as views of the runs' outputs (no concatenation)."""
