@@ -63,10 +63,14 @@ def v4_shapes() -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def candidates(nt: int, k: int, groups: int, sms: int, full: bool) -> list[Cfg]:
-    """Configs worth timing: K splits around 1, 2 and 4 programs per SM (distinct effective splits only)."""
+def candidates(nt: int, k: int, groups: int, sms: int, full: bool, grid: str = "") -> list[Cfg]:
+    """Configs worth timing: K splits around 1, 2 and 4 programs per SM (distinct effective splits only). grid
+    "BNs:BKs:NWs:NSs" (comma lists) replaces the default tiles; full: every BLOCK_N x BLOCK_K x warps x stages."""
     base = BASE if not full else [(bn, bk, nw, ns) for bn in (32, 64, 128) for bk in (128, 256, 512)
                                   for nw in (4, 8) for ns in (3, 4, 5, 6)]
+    if grid:
+        bns, bks, nws, nss = ([int(v) for v in part.split(",")] for part in grid.split(":"))
+        base = [(bn, bk, nw, ns) for bn in bns for bk in bks for nw in nws for ns in nss]
     out: list[Cfg] = []
     for bn, bk, nw, ns in base:
         c0: Cfg = (bn, bk, 1, nw, ns)
@@ -142,7 +146,7 @@ def sweep_shape(name: str, shape: tuple[int, int, int], tokens: list[int], sms: 
                table)
         base = us
         table = fp8_gemv.CONFIGS_A8.get(name, (shape, None))[1]
-    cands = candidates(nt, k, groups, sms, ctx["full"])
+    cands = candidates(nt, k, groups, sms, ctx["full"], ctx["grid"])
     if table is not None and table not in cands:
         cands.insert(0, table)
     results: list[tuple[float, Cfg]] = []
@@ -186,6 +190,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="every BLOCK_N x BLOCK_K (+512) x warps x stages")
     ap.add_argument("--mb", type=int, default=96, help="weight copies per shape totalling at least this many MB")
     ap.add_argument("--budget", type=float, default=140.0, help="seconds after which no new variant starts")
+    ap.add_argument("--grid", default="", help="BNs:BKs:NWs:NSs, e.g. 64,128:128,256:4,8:3,4,6 (replaces the tiles)")
     ap.add_argument("--a8", action="store_true", help="sweep the a8 form (x quantized, e4m3 x e4m3 dot)")
     ap.add_argument("--out", default="", help="append JSON records here")
     args = ap.parse_args()
@@ -196,6 +201,7 @@ def main() -> None:
     for name, shape in shapes.items():  # the table must describe the same shapes as the model
         assert fp8_gemv.CONFIGS.get(name, (shape,))[0] == shape, (name, shape)
     ctx = dict(copy=copy_gbps, mb=args.mb, full=args.full, out=args.out, deadline=t0 + args.budget, a8=args.a8,
+               grid=args.grid,
                meta=run_meta(" ".join(sys.argv)))
     print(f"device {torch.cuda.get_device_name()} SMs {sms} torch {torch.__version__} copy {copy_gbps:.0f} GB/s "
           f"(read+write) bf16 mm {mm:.0f} TFLOP/s; GB/s columns: weight bytes / us, then the fraction of copy",

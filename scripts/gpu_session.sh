@@ -276,13 +276,14 @@ case "${1:-}" in
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
   s10a8)  # 1 GPU: the FP8 GEMM GPU tests, the a8 GEMV sweep at the TP=2 decode shapes, then s10sim with the a8
     # form on (SIM_ENV) and its tiles from the sweep's picks (DS4F_FP8_GEMV_<NAME>)
-    par_tests "${S9_TEST_CAP:-150}" tests/gpu/test_fp8_gemm_gpu.py; test_summary | tee "$OUT/gpu_tests.log"
+    [ -n "${A8_TESTS-x}" ] && { par_tests "${S9_TEST_CAP:-150}" tests/gpu/test_fp8_gemm_gpu.py
+      test_summary | tee "$OUT/gpu_tests.log"; }
     timeout "${A8_SWEEP_S:-200}" python3 bench/sweep_fp8_gemv.py --a8 --budget "${A8_BUDGET:-150}" \
-      --shapes IN_PROJ,IDX_WQ_B,WQ_B_TP2,WO_A_TP2,WO_B_TP2,W13_TP2,W2_TP2 --out "$OUT/fp8_gemv.jsonl" \
-      > "$OUT/sweep_a8.log" 2>&1
+      --shapes "${A8_SHAPES:-IN_PROJ,IDX_WQ_B,WQ_B_TP2,WO_A_TP2,WO_B_TP2,W13_TP2,W2_TP2}" ${A8_ARGS:-} \
+      --out "$OUT/fp8_gemv.jsonl" > "$OUT/sweep_a8.log" 2>&1
     grep -E "^(==|  |PICK)|Error" "$OUT/sweep_a8.log" | tail -n 120
     P=$(grep "^PICK_A8" "$OUT/sweep_a8.log" | awk '{print "DS4F_FP8_GEMV_"$2"="$3}' | tr '\n' ' ')
-    SIM_ENV="DS4F_FP8_GEMV_A8=1 $P" SIM_LIMIT=$((SECONDS + ${SIM_S:-240})) bash "$0" s10sim "$2" ;;
+    SIM_TESTS="" SIM_ENV="${A8_ENV-DS4F_FP8_GEMV_A8=1} $P" SIM_LIMIT=$((SECONDS + ${SIM_S:-240})) bash "$0" s10sim "$2" ;;
   s10ab)  # 1 GPU: the GPU tests in SIM_TESTS, then s10sim under each env of S10_AB (';'-separated, "-" = none)
     par_tests "${S9_TEST_CAP:-150}" ${SIM_TESTS:-tests/gpu/test_fp8_gemm_gpu.py}; test_summary | tee "$OUT/gpu_tests.log"
     IFS=';' read -ra V <<< "${S10_AB:--}"
