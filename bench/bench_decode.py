@@ -218,7 +218,8 @@ def prefill_case(fm: FastModel, model: Transformer, n: int, ceil: dict, emit, pr
 
 
 def write_timeline(prof, out: Path) -> None:
-    """Kernels of a profiled region in launch order: start (us from the first), duration, gap before it, name."""
+    """Kernels of a profiled region in launch order: start (us from the first), duration, gap before it, stream
+    ("s<id>"), name (bench/step_breakdown.py reads it)."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -230,11 +231,12 @@ def write_timeline(prof, out: Path) -> None:
         return
     t0, end, lines = evs[0]["ts"], evs[0]["ts"], []
     for e in evs:
-        lines.append(f"{e['ts'] - t0:10.2f} {e['dur']:8.2f} {max(0.0, e['ts'] - end):7.2f}  {e['name'][:90]}")
+        st = (e.get("args") or {}).get("stream", e.get("tid", 0))
+        lines.append(f"{e['ts'] - t0:10.2f} {e['dur']:8.2f} {max(0.0, e['ts'] - end):7.2f} s{st}  {e['name'][:90]}")
         end = max(end, e["ts"] + e["dur"])
     busy = sum(e["dur"] for e in evs)
     out.write_text(f"# {len(evs)} kernels, span {end - t0:.1f} us, busy {busy:.1f} us\n"
-                   "# start_us dur_us gap_us name\n" + "\n".join(lines) + "\n")
+                   "# start_us dur_us gap_us stream name\n" + "\n".join(lines) + "\n")
 
 
 def profile_decode(fm: FastModel, model: Transformer, depth: int, out: Path) -> None:

@@ -8,11 +8,13 @@ Cases, in this order (each record is written as soon as it is measured):
   batch (rank 0's executor, synchronized); collectives per step (count, bytes, time on rank 0's stream) from Comm.
 Roofline (per rank): bytes a decode step must read = every parameter/buffer but the embedding and the routed experts,
 + expected distinct experts hit (uniform routing) x bytes per expert, + KV rows read at that depth; over the copy
-bandwidth measured before the engine starts. --tp-sim N (with --tp 1): one GPU runs rank 0 of a TP=N group alone (its
-weight shards, its kernels at the per-rank shapes) with every collective a counted no-op, so a machine with one GPU
-measures a TP rank's step without the wire; records carry `tp_sim` and a projection that adds --sim-allreduce-us
-per all-reduce (2 per layer). --profile DIR: a kernel-time table of rank 0 over decode steps at b=1
-(categories: weights GEMM, MoE, attention + indexer, collectives, other), for the step-time breakdown.
+bandwidth measured before the engine starts.
+--tp-sim N (with --tp 1): one GPU runs rank 0 of a TP=N group alone (its weight shards, its kernels at the per-rank
+shapes) with every collective a counted no-op, so a machine with one GPU measures a TP rank's step without the wire;
+records carry `tp_sim` and a projection that adds --sim-allreduce-us per all-reduce (2 per layer).
+--profile DIR: a kernel-time table of rank 0 over decode steps at b=1 (categories: weights GEMM, MoE, attention +
+indexer, collectives, other) and one step's timeline; the breakdown record's critical_ms_by_category charges that
+step's graph replay along rank 0's main stream (bench/step_breakdown.py), summing to its span.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_decode import write_timeline  # noqa: E402
 from bench_tp import StepTimer, versions  # noqa: E402
+from step_breakdown import breakdown, last_step, parse  # noqa: E402
 
 from bench.common import IdsOnlyTokenizer, measure_ceilings  # noqa: E402
 from ds4f.config import EngineConfig  # noqa: E402
@@ -292,8 +295,11 @@ def main() -> None:
             torch.cuda.synchronize()
         while engine.has_unfinished_requests():
             engine.step()
-        write_timeline(prof, Path(args.profile) / "full_decode_b1_timeline.txt")
-        emit(dict(decode_record(summ, 1, args.prompt_len), case="breakdown", kernel_ms_per_forward=cats))
+        tl = Path(args.profile) / "full_decode_b1_timeline.txt"
+        write_timeline(prof, tl)
+        crit = breakdown(last_step(parse(tl.read_text()), "_step_meta"))  # one graph replay's main-stream span
+        emit(dict(decode_record(summ, 1, args.prompt_len), case="breakdown", kernel_ms_per_forward=cats,
+                  critical_ms_by_category={c: round(us / 1e3, 4) for c, us in sorted(crit.items())}))
     if args.ttft_tokens:
         n = args.ttft_tokens
         pc = Path(args.profile) / f"profile_full_prefill_{n}.txt" if args.profile else None

@@ -1,6 +1,7 @@
 """bench_full's per-rank roofline bytes against a second code path: at TP=1 with 6 experts counted it is
 ds4f.engine.roofline.weight_bytes (the engine's own formula, per tensor kind) plus the KV bytes; at TP=2 the
-sharded parts halve while replicated ones do not."""
+sharded parts halve while replicated ones do not. --tp-sim's SimComm: a rank alone computes its own partial sums
+(the two ranks' partials add up to the unsharded sublayer) and counts its collectives."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from bench_full import decode_bytes, rank_weight_bytes  # noqa: E402
+import torch  # noqa: E402
+from bench_full import SimComm, decode_bytes, rank_weight_bytes  # noqa: E402
 
 from ds4f.engine.roofline import kv_bytes, weight_bytes  # noqa: E402
 from ds4f.model.args import ModelArgs, flash_config  # noqa: E402
@@ -35,3 +37,23 @@ def test_tp2_shards_what_splits() -> None:
     d2, e2 = rank_weight_bytes(a, 2)
     assert e2 == e1 / 2  # each expert's intermediate dim is split
     assert d1 / 2 < d2 < d1  # attention heads and the head split; norms, mHC, router, wq_a, wkv are replicated
+
+
+def test_sim_rank_partials_sum_to_the_unsharded_sublayer() -> None:
+    from ds4f.model.loader import load_model
+
+    full = load_model(None, dtype=torch.float32, device="cpu", load_format="dummy", seed=3)
+    ranks = [load_model(None, dtype=torch.float32, device="cpu", load_format="dummy", seed=3, tp_rank=r, tp_world=2,
+                        comm=SimComm(2)) for r in (0, 1)]
+    x = torch.randn(5, full.args.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.arange(5)
+    with torch.no_grad():
+        want = full.layers[1].ffn(x, ids)
+        parts = [m.layers[1].ffn(x, ids) for m in ranks]  # each rank's all-reduce returns its own partial
+    assert not torch.allclose(parts[0], want, atol=1e-3)  # a partial alone is not the sum
+    torch.testing.assert_close(parts[0] + parts[1], want, atol=1e-4, rtol=1e-4)
+    comm = ranks[0].tp_comm
+    assert comm.counts["all_reduce"] == 1 and comm.nbytes["all_reduce"] == want.numel() * 4
+    h = torch.randn(2, 3, 7)
+    g = comm.all_gather_last(h, 12)  # shards of 7 columns, 12 real: the shape of the gathered vocab
+    assert g.shape == (2, 3, 12) and torch.equal(g[..., :7], h) and comm.counts["all_gather"] == 1

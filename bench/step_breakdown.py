@@ -1,0 +1,112 @@
+"""Where a decode step's wall time goes: a kernel timeline of one step (bench_decode.write_timeline's file: start_us
+dur_us gap_us [stream] name per kernel) in, milliseconds per category out, summing to the main stream's span.
+
+Walk the main stream (the stream of the step's first kernel) in launch order. Each kernel is charged from when it
+could start doing work, max(its start, the end of the main-stream kernel before it: programmatic dependent launch
+starts a kernel early and it waits inside), to its end. A gap before a main-stream kernel is charged to
+`wait:<category>` of the side-stream kernel that ended last inside the gap, up to that kernel's end (the main stream
+joins the side chains before attention and the next mHC step: that kernel is the likely holdup), and the rest to
+`launch` (nothing of the main stream running). Side-stream
+kernels that end while the main stream is busy cost nothing here: they were hidden. Timelines without a stream
+column are read as one stream. Usage: python3 bench/step_breakdown.py TIMELINE [--first _step_meta]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+# kernel-name substrings -> category (first match wins)
+CATEGORIES = (
+    ("collectives", ("nccl", "allreduce", "all_reduce", "allgather", "push_ar", "one_shot")),
+    ("moe", ("_dec_up", "_dec_down", "_moe", "mxfp4", "_up_mx", "_down_mx", "_up_gemv", "_down_gemv", "silu")),
+    ("fp8_gemv", ("_fp8_gemv", "_w8_kernel", "_a8w8")),
+    ("bf16_gemv", ("_gemv", "nvjet", "gemm", "cutlass", "splitk", "xmma", "dot_kernel", "gemv")),
+    ("attention", ("_attn",)),
+    ("kv_path", ("_rope", "_norm_rope", "_store_kv", "_store_key", "_compress")),
+    ("indexer", ("_indexer", "_topk", "_index_q", "radix", "gathertopk", "sbtopk", "_align_small")),
+    ("mhc", ("_hc_",)),
+    ("router", ("_router",)),
+)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    start: float  # us
+    dur: float
+    stream: str
+    name: str
+
+    @property
+    def end(self) -> float:
+        return self.start + self.dur
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    return next((c for c, subs in CATEGORIES if any(s in n for s in subs)), "other")
+
+
+def parse(text: str) -> list[Kernel]:
+    """Timeline lines -> kernels (comment lines skipped; 4 columns + name: the stream is the 4th, else "0")."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        f = line.split(None, 4)
+        if len(f) == 5 and f[3].startswith("s") and f[3][1:].isdigit():
+            out.append(Kernel(float(f[0]), float(f[1]), f[3], f[4].strip()))
+        else:
+            g = line.split(None, 3)
+            out.append(Kernel(float(g[0]), float(g[1]), "0", g[3].strip()))
+    return out
+
+
+def last_step(kernels: list[Kernel], first: str) -> list[Kernel]:
+    """The kernels from the last one whose name starts with `first` on (a step's first kernel), or all."""
+    starts = [i for i, k in enumerate(kernels) if k.name.startswith(first)]
+    return kernels[starts[-1]:] if starts else kernels
+
+
+def breakdown(kernels: list[Kernel]) -> dict[str, float]:
+    """-> {category: us} over the main stream's span (see the module docstring); the values sum to the span."""
+    if not kernels:
+        return {}
+    ks = sorted(kernels, key=lambda k: k.start)
+    main = ks[0].stream
+    side = sorted((k for k in ks if k.stream != main), key=lambda k: k.end)
+    out: Counter[str] = Counter()
+    prev = ks[0].start
+    for k in (k for k in ks if k.stream == main):
+        if k.start > prev:
+            ended = [s for s in side if prev < s.end <= k.start]
+            if ended:
+                w = ended[-1].end - prev
+                out[f"wait:{category(ended[-1].name)}"] += w
+                out["launch"] += k.start - prev - w
+            else:
+                out["launch"] += k.start - prev
+        begin = max(k.start, prev)
+        if k.end > begin:
+            out[category(k.name)] += k.end - begin
+            prev = k.end
+    return dict(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("timeline")
+    ap.add_argument("--first", default="_step_meta", help="name prefix of a step's first kernel")
+    args = ap.parse_args()
+    b = breakdown(last_step(parse(Path(args.timeline).read_text()), args.first))
+    total = sum(b.values())
+    for c, us in sorted(b.items(), key=lambda x: -x[1]):
+        print(f"{c:20s} {us / 1e3:8.3f} ms {us / total:6.1%}")
+    print(json.dumps({c: round(us / 1e3, 4) for c, us in b.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""bench/step_breakdown.py on hand-built timelines: a kernel launched early (PDL) is charged from the end of the one
+before it, a main-stream gap goes to the side kernel that ended in it (then launch), hidden side kernels cost
+nothing, the categories sum to the main stream's span; the written format round-trips, with and without streams."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from step_breakdown import Kernel, breakdown, category, last_step, parse
+
+
+def test_charges_along_the_main_stream() -> None:
+    ks = [Kernel(0, 10, "s7", "_step_meta"), Kernel(8, 12, "s7", "_fp8_gemv"),  # launched early: 10 -> 20 charged
+          Kernel(10, 4, "s9", "_rope_kernel"),  # hidden behind the GEMV: free
+          Kernel(12, 13, "s9", "_store_kv_rows"),  # ends at 25 inside the main stream's gap 20 -> 27
+          Kernel(27, 3, "s7", "_attn_fwd")]
+    b = breakdown(ks)
+    assert b == pytest.approx({"other": 10, "fp8_gemv": 10, "wait:kv_path": 5, "launch": 2, "attention": 3})
+    assert sum(b.values()) == pytest.approx(30)  # the span of the main stream
+
+
+def test_one_stream_and_step_selection() -> None:
+    text = "# header\n" + "\n".join([
+        "      0.00     5.00    0.00  _step_meta", "      6.00     4.00    1.00  _hc_decode",
+        "     20.00     2.00   10.00  _step_meta", "     21.00     4.00    0.00  _router_fused",
+        "     30.00     2.00    5.00  _dec_up"])
+    ks = last_step(parse(text), "_step_meta")
+    assert [k.name for k in ks] == ["_step_meta", "_router_fused", "_dec_up"]
+    assert breakdown(ks) == pytest.approx({"other": 2, "router": 3, "launch": 5, "moe": 2})
+    five = parse("     1.00     2.00    0.00 s13  _attn_combine\n")
+    assert five == [Kernel(1.0, 2.0, "s13", "_attn_combine")]
+
+
+def test_categories() -> None:
+    assert category("_fp8_gemv") == "fp8_gemv" and category("_gemv") == "bf16_gemv"
+    assert category("_dec_up") == "moe" and category("_topk_small") == "indexer"
+    assert category("_hc_decode") == "mhc" and category("ncclDevKernel_AllReduce") == "collectives"
+    assert category("Memcpy HtoD") == "other"
