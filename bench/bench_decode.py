@@ -231,7 +231,7 @@ def write_timeline(prof, out: Path) -> None:
         return
     t0, end, lines = evs[0]["ts"], evs[0]["ts"], []
     for e in evs:
-        st = (e.get("args") or {}).get("stream", e.get("tid", 0))
+        st = "".join(c for c in str((e.get("args") or {}).get("stream", e.get("tid", 0))) if c.isdigit()) or "0"
         lines.append(f"{e['ts'] - t0:10.2f} {e['dur']:8.2f} {max(0.0, e['ts'] - end):7.2f} s{st}  {e['name'][:90]}")
         end = max(end, e["ts"] + e["dur"])
     busy = sum(e["dur"] for e in evs)

@@ -123,8 +123,9 @@ def categorize(prof: Any) -> dict[str, float]:
     return out
 
 
-def _profiled(engine: Any, steps: int, path: Path, head: str) -> None:
-    """`steps` engine steps under the CUDA profiler -> rank 0's kernel table at path."""
+def _profiled(engine: Any, steps: int, path: Path, head: str) -> dict[str, float]:
+    """`steps` engine steps under the CUDA profiler -> rank 0's kernel table at path, their timeline beside it
+    (*_timeline.txt); returns the last step's main-stream breakdown in ms (bench/step_breakdown.py)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -134,6 +135,10 @@ def _profiled(engine: Any, steps: int, path: Path, head: str) -> None:
     cats = {k: round(v / steps, 3) for k, v in categorize(prof).items()}
     path.write_text(f"{head}\nms per step by category: {json.dumps(cats)}\n"
                     + prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=70))
+    tl = path.with_name(path.stem + "_timeline.txt")
+    write_timeline(prof, tl)
+    return {c: round(us / 1e3, 4) for c, us in sorted(breakdown(last_step(parse(tl.read_text()),
+                                                                            "_step_meta")).items())}
 
 
 def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
@@ -142,7 +147,7 @@ def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
     after every request's first one over the wall time since then, i.e. with the scheduler, sampler and output
     bookkeeping the step time leaves out). profile_chunk: a kernel table of the prefill step that starts past 7/8
     of the first prompt (rank 0), written there. profile_decode: one of 8 decode steps after the 16th new token
-    (their step times are left out of the summary)."""
+    (their step times are left out of the summary; the last one's main-stream breakdown goes into it)."""
     sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     timer.steps.clear()
     graphs = getattr(getattr(engine.runner, "runner", engine.runner), "graphs", None)
@@ -152,6 +157,7 @@ def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
     reqs = [engine.add_request(p, sp) for p in prompts]
     ttft, last, all_first = None, t0, None
     prof_s, prof_tokens = 0.0, 0  # profiled decode steps: left out of the engine rate too
+    crit: dict[str, float] | None = None  # the profiled decode step's main-stream breakdown
     while engine.has_unfinished_requests():
         if profile_chunk is not None and reqs[0].num_computed_tokens >= len(prompts[0]) * 7 // 8 and ttft is None:
             start = reqs[0].num_computed_tokens
@@ -159,8 +165,8 @@ def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
             profile_chunk = None
         elif profile_decode is not None and len(reqs[0].output_token_ids) >= 16 and new >= 32:
             n0, p0 = len(timer.steps), time.perf_counter()
-            _profiled(engine, 8, profile_decode, f"rank 0, 8 decode steps of batch {len(prompts)} from position "
-                                                 f"{reqs[0].num_computed_tokens}")
+            crit = _profiled(engine, 8, profile_decode, f"rank 0, 8 decode steps of batch {len(prompts)} from "
+                                                        f"position {reqs[0].num_computed_tokens}")
             del timer.steps[n0:]
             prof_s, prof_tokens = time.perf_counter() - p0, 8 * len(prompts)
             profile_decode = None
@@ -176,6 +182,8 @@ def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
             last = now
     end = time.perf_counter()
     summ = timer.summary(len(prompts))
+    if crit is not None:
+        summ["critical_ms_by_category"] = crit
     graphs = getattr(getattr(engine.runner, "runner", engine.runner), "graphs", None)
     if graphs is not None and hasattr(graphs, "replay_ms"):  # DS4F_GRAPH_TIMING=1: rank 0's replay GPU time
         summ["replay_gpu_ms"] = graphs.replay_ms()

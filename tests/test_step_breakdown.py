@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
 
-from step_breakdown import Kernel, breakdown, category, last_step, parse
+from step_breakdown import Kernel, breakdown, category, last_step, parse  # noqa: E402
 
 
 def test_charges_along_the_main_stream() -> None:
@@ -41,3 +43,26 @@ def test_categories() -> None:
     assert category("_dec_up") == "moe" and category("_topk_small") == "indexer"
     assert category("_hc_decode") == "mhc" and category("ncclDevKernel_AllReduce") == "collectives"
     assert category("Memcpy HtoD") == "other"
+
+
+def test_write_timeline_round_trip(tmp_path: Path) -> None:
+    # bench_decode.write_timeline's file (a stand-in profiler's chrome trace: stream ids in args or as "stream N")
+    # parses back with its streams, and the breakdown charges the gap to the side kernel
+    import json
+
+    from bench_decode import write_timeline
+
+    class Prof:
+        def export_chrome_trace(self, f: str) -> None:
+            Path(f).write_text(json.dumps({"traceEvents": [
+                {"cat": "kernel", "name": "_step_meta", "ts": 100.0, "dur": 5.0, "tid": 7, "args": {"stream": 7}},
+                {"cat": "kernel", "name": "_rope_kernel", "ts": 103.0, "dur": 4.0, "tid": "stream 13"},
+                {"cat": "cpu_op", "name": "aten::mm", "ts": 104.0, "dur": 1.0},
+                {"cat": "kernel", "name": "_attn_fwd", "ts": 110.0, "dur": 3.0, "tid": 7, "args": {"stream": 7}}]}))
+
+    out = tmp_path / "t.txt"
+    write_timeline(Prof(), out)
+    ks = parse(out.read_text())
+    assert [(k.start, k.stream, k.name) for k in ks] == [(0.0, "s7", "_step_meta"), (3.0, "s13", "_rope_kernel"),
+                                                         (10.0, "s7", "_attn_fwd")]
+    assert breakdown(ks) == pytest.approx({"other": 5, "wait:kv_path": 2, "launch": 3, "attention": 3})
