@@ -267,10 +267,11 @@ case "${1:-}" in
     decode_bench "${S9_LIMIT:-585}"
     cp /tmp/prof/graph_decode_d8192_timeline.txt "$OUT/" 2>/dev/null ;;
   s10sim)  # 1 GPU: rank 0 of the full model at TP=2 alone (--tp-sim 2: its shards and kernels, collectives no-ops),
-    # decode b1 / b4 with graphs for short contexts, rank 0's decode timeline; SIM_TESTS first when given
+    # decode b1 / b4 with graphs for short contexts, rank 0's decode timeline; SIM_TESTS first when given;
+    # SIM_LAYERS < 43: a shorter model for quick A/Bs (the same per-layer kernels)
     [ -n "${SIM_TESTS:-}" ] && { par_tests "${S9_TEST_CAP:-150}" $SIM_TESTS; test_summary | tee "$OUT/gpu_tests.log"; }
     E="DS4F_INDEX_FP8=1 DS4F_GRAPH_TIMING=1 ${SIM_ENV:-}"
-    C="python3 bench/bench_full.py --tp 1 --tp-sim 2 --batches ${SIM_BATCHES:-1,4} --max-model-len ${SIM_LEN:-4096} --ttft-tokens ${SIM_TTFT:-0} --profile $OUT --out $OUT/full.jsonl"
+    C="python3 bench/bench_full.py --tp 1 --tp-sim 2 --layers ${SIM_LAYERS:-43} --batches ${SIM_BATCHES:-1,4} --max-model-len ${SIM_LEN:-4096} --ttft-tokens ${SIM_TTFT:-0} --profile $OUT --out $OUT/full.jsonl"
     echo "# $E $C"
     env $E timeout $((${SIM_LIMIT:-560} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;

@@ -113,9 +113,16 @@ if triton is not None:
         rm = r < n
         dst = tl.load(rows_ptr + r, mask=rm, other=0).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
-        nm = offs_d < NOPE
         x = tl.load(x_ptr + r.to(tl.int64)[:, None] * s_x + offs_d[None, :], mask=rm[:, None] & (offs_d < D)[None, :],
                     other=0.0).to(tl.bfloat16).to(tl.float32)
+        _kv_tile_store(x, rm, dst, nope_ptr, exp_ptr, rope_ptr, s_nope, s_exp, s_rope, D, NOPE, BLOCK_D, BLOCK_R)
+
+    @triton.jit
+    def _kv_tile_store(x, rm, dst, nope_ptr, exp_ptr, rope_ptr, s_nope, s_exp, s_rope, D: tl.constexpr,
+                       NOPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+        # x [BLOCK_R, BLOCK_D] fp32 holding bf16 values (0 past D) -> pool rows dst [BLOCK_R] (rows rm), quantized
+        offs_d = tl.arange(0, BLOCK_D)
+        nm = offs_d < NOPE
         NGB: tl.constexpr = BLOCK_D // 64
         amax = tl.max(tl.reshape(tl.where(nm[None, :], tl.abs(x), 0.0), [BLOCK_R, NGB, 64]), axis=2)
         c = _pow2_exp(amax)  # [BLOCK_R, NGB]

@@ -55,8 +55,17 @@ if triton is not None:
         rm = rows < N
         tok = (rows // H).to(tl.int64)
         head = (rows % H).to(tl.int64)
-        xrow = tok * s_xt + head * s_xh
         orow = tok * s_ot + head * s_oh
+        y, ch, m2 = _norm_rope_tile(x_ptr, w_ptr, cos_ptr, sin_ptr, rm, tok, tok * s_xt + head * s_xh, s_cs, eps, sign,
+                                    HD, HALF, BLOCK_P, BLOCK_R, NORM, HAS_W)
+        tl.store(o_ptr + orow[:, None] + ch[None, :], y, mask=m2)
+
+    @triton.jit
+    def _norm_rope_tile(x_ptr, w_ptr, cos_ptr, sin_ptr, rm, tok, xrow, s_cs, eps, sign, HD: tl.constexpr,
+                        HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, NORM: tl.constexpr,
+                        HAS_W: tl.constexpr):
+        # rows at x_ptr + xrow (rm: valid; tok: their tokens) -> (y [BLOCK_R, 2 * BLOCK_P] in x's dtype, channels,
+        # mask): normed (NORM) and rotated, in channel order
         NOPE_P: tl.constexpr = HD // 2 - HALF
         P0: tl.constexpr = 0 if NORM else NOPE_P  # rotate only: touch the rope pairs alone
         ch = 2 * P0 + tl.arange(0, 2 * BLOCK_P)  # channels, loaded contiguously, then split into (even, odd)
@@ -77,7 +86,7 @@ if triton is not None:
         c = tl.load(cos_ptr + tok[:, None] * s_cs + ci[None, :], mask=cm, other=1.0)
         s = tl.load(sin_ptr + tok[:, None] * s_cs + ci[None, :], mask=cm, other=0.0) * sign
         y = tl.join((e * c - o * s).to(dt), (o * c + e * s).to(dt))
-        tl.store(o_ptr + orow[:, None] + ch[None, :], tl.reshape(y, [BLOCK_R, 2 * BLOCK_P]), mask=m2)
+        return tl.reshape(y, [BLOCK_R, 2 * BLOCK_P]), ch, m2
 
     @triton.jit
     def _rope_kernel(x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, N, H, s_xt, s_xh, s_ot, s_oh, s_cs, eps, sign,

@@ -19,7 +19,15 @@ from ds4f.model.args import tiny_config
 from ds4f.runner.gpu.check import mid_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_fast_fp8_kv import FP8, check_fused_stores, check_vs_reference, no_flip_config, rel_errors, run_steps
+from test_fast_fp8_kv import (
+    FP8,
+    ThreeLaunchKVCache,
+    check_fused_stores,
+    check_vs_reference,
+    no_flip_config,
+    rel_errors,
+    run_steps,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -89,6 +97,27 @@ def test_fast_model_fp8_vs_bf16_over_fp8_values(graphs: bool) -> None:
         assert torch.equal(a, b)
     assert e.max() < 1e-3
     assert lossy.median() > 5e-3
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_kv_fused_decode_is_bit_identical(graphs: bool) -> None:
+    # FastModel.kv_fused (DS4F_KV_FUSED=1): decode steps write the kv row with one launch; the same logits, bit for
+    # bit, as the three launches, eagerly and in captured decode graphs
+    from ds4f.runner.gpu.pools import FastCache
+
+    took = []
+
+    class Counted(FastCache):
+        def put_kv_fused(self, *a: object, **kw: object) -> bool:
+            took.append(super().put_kv_fused(*a, **kw))  # type: ignore[arg-type]
+            return took[-1]
+
+    out = run_steps(no_flip_config(), "cuda", prompt_lens=(37, 5, 21), first_chunk=13, decode_steps=20,
+                    fast={"fused": (Counted, "fp8"), "three": (ThreeLaunchKVCache, "fp8")}, ref=(), graphs=graphs,
+                    kv_fused=True)
+    assert len(out["fused"]) == 22 and took and all(took)  # the one launch ran (at capture, with graphs)
+    for a, b in zip(out["fused"], out["three"]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("graphs", [False, True])

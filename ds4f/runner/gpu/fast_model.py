@@ -104,6 +104,9 @@ class FastModel:
         self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
         # decode: q_norm inside the wq_b GEMVs (packed.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
         self.q_norm_gemv = os.environ.get("DS4F_Q_NORM_GEMV", "1") == "1"
+        # decode over fp8 pools: the kv norm + RoPE and its scratch / window stores in one launch (ds4f.kernels.
+        # kv_store, bit for bit the three launches); DS4F_KV_FUSED=1 opts in until an H200 A/B
+        self.kv_fused = os.environ.get("DS4F_KV_FUSED", "0") == "1"
         self._sides: list[torch.cuda.Stream] = []
         # side streams at high priority: their latency-bound chains (in CSA layers the critical path) get SMs before
         # the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
@@ -225,13 +228,17 @@ class FastModel:
         qr = None if fused_q else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
         pool = cache.kv[i]
 
-        def kv_path(kv: torch.Tensor | None = None) -> torch.Tensor:
-            """K=V row (normed + roped unless given) to the scratch rows, the attention compressor's entries -> kv."""
-            if kv is None:
-                kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
-            cache.put_scratch(i, kv)
-            if meta.one_per_seq:  # the window-ring row of position p held p - W, which no window reads now
-                cache.put(pool, d.win_write, kv)
+        def kv_path(kv: torch.Tensor | None = None) -> torch.Tensor | None:
+            """K=V row (normed + roped unless given) to the scratch rows, the attention compressor's entries -> kv
+            (None: written by the fused launch, decode only)."""
+            fused = kv is None and meta.one_per_seq and self.kv_fused and cache.put_kv_fused(
+                i, parts[1], att.kv_norm.weight, cos, sin, att.eps, d.win_write)  # norm, RoPE, both stores
+            if not fused:
+                if kv is None:
+                    kv = norm_rope(parts[1], att.kv_norm.weight, cos, sin, att.eps)  # [T, hd]: K and V
+                cache.put_scratch(i, kv)
+                if meta.one_per_seq:  # the window-ring row of position p held p - W, which no window reads now
+                    cache.put(pool, d.win_write, kv)
             if att.kind != SWA:
                 n2 = 2 * att.compressor.wkv.out_features
                 self._compress(att.compressor, y.cols(o2, o2 + n2), meta, cache, d, cache.state[i, "attn"],

@@ -32,6 +32,7 @@ import torch
 
 from ds4f.kernels import indexer_scores, sparse_attn
 from ds4f.kernels.fp8 import FP8, kv_exp_bytes, store_key_rows, store_kv_rows
+from ds4f.kernels.kv_store import fits, norm_rope_store_kv
 from ds4f.kernels.prefix_attn import dense_entries, prefix_attn
 from ds4f.model.args import CSA, HCA, ModelArgs
 
@@ -156,6 +157,18 @@ class FastCache:
             store_key_rows(dest.keys, dest.scale, rows, x, fused=self.fused_quant)
         else:
             dest.index_copy_(0, rows, x.to(dest.dtype))
+
+    def put_kv_fused(self, layer: int, x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     eps: float, win_rows: torch.Tensor | None) -> bool:
+        """norm_rope(x, w, ...) into layer's scratch rows (and window rows win_rows [T] int64) in one launch
+        (ds4f.kernels.kv_store) -> True; False (nothing written) unless the pool is fp8, its stores are the fused
+        kind (fused_quant not False) and the launch fits x."""
+        dest = self.kv[layer]
+        if not (isinstance(dest, Fp8KV) and self.fused_quant is not False and fits(x)):
+            return False
+        norm_rope_store_kv(x, w, cos, sin, eps, dest.nope, dest.exp, dest.rope, self.scratch_rows[: x.shape[0]],
+                           win_rows)
+        return True
 
     def put_scratch(self, layer: int, x: torch.Tensor) -> None:
         """This forward's K=V rows x [T, head_dim] -> the scratch rows of layer's pool."""
