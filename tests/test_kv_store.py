@@ -76,3 +76,12 @@ def test_kv_store_builds(arch: int) -> None:
                                                rope_ptr="*bf16", eps="fp32"),
                   dict(HD=512, HALF=32, BLOCK_R=8, NOPE=448, TWO=two), arch)
         assert k["shared"] <= 160 * 1024
+    # the kernels whose per-row code it shares, after that code moved into helpers
+    from ds4f.kernels import fp8, rope
+
+    for norm in (False, True):
+        build(rope._rope_kernel, dict(x_ptr="*bf16", o_ptr="*bf16", w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
+                                      eps="fp32", sign="fp32"),
+              dict(HD=512, HALF=32, BLOCK_P=256 if norm else 32, BLOCK_R=8, NORM=norm, HAS_W=norm), arch)
+    build(fp8._store_kv_rows, dict(x_ptr="*bf16", rows_ptr="*i64", nope_ptr="*u8", exp_ptr="*u8", rope_ptr="*bf16"),
+          dict(D=512, NOPE=448, BLOCK_D=512, BLOCK_R=16), arch)
