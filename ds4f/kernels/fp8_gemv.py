@@ -10,6 +10,11 @@ tile's rows share one scale row. Same math as fp8_gemm.fp8_linear_ref up to fp32
 partials) is summed in split order by the last program of each N tile to arrive (ds4f/kernels/arrival.py counters,
 re-armed by that program: CUDA-graph safe).
 
+The a8 form (sm_89+, the default for the shapes in CONFIGS_A8; DS4F_FP8_GEMV_A8=0 / 1: none / all): each program
+quantizes its x tiles per token per 128 columns to e4m3 with power-of-two scales (fp8_gemm.quant_act_ref's math,
+the checkpoint's dynamic activation scheme) and dots the e4m3 weight tile as loaded against them (no widening),
+scaling each 128-column partial by both scales.
+
 Configs (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages) per (G*N, K, G) from CONFIGS (bench/sweep_fp8_gemv.py on an
 H200 fills it; None = fp8_gemm's w8 tiles win there), env DS4F_FP8_GEMV_<NAME>=bn,bk,split,nw,ns ("0": the w8 tiles),
 else generic_config. DS4F_FP8_GEMV=0 turns the path off (fp8_gemm's _w8_kernel for every M). Counters are per
@@ -288,10 +293,17 @@ def pick(nt: int, k: int, groups: int, dev: torch.device) -> Cfg | None:
     for name, (shape, cfg) in CONFIGS.items():
         if shape == (nt, k, groups):
             env = _env_config(name)
-            if env == "table" and A8 != "0" and name in CONFIGS_A8:
+            if env == "table" and A8 != "0" and name in CONFIGS_A8 and _e4m3(dev):
                 return CONFIGS_A8[name][1]
             return cfg if env == "table" else env  # type: ignore[return-value]
     return generic_config(nt, k, groups, sm_count(dev))
+
+
+def _e4m3(dev: torch.device) -> bool:
+    """e4m3 MMAs on dev (sm_89+; the interpreter: yes): where the a8 form runs (fp8_gemm.fp8_native)."""
+    from ds4f.kernels.fp8_gemm import fp8_native
+
+    return fp8_native(dev)
 
 
 def use_a8(nt: int, k: int, groups: int) -> bool:
