@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_decode import write_timeline  # noqa: E402
 from bench_tp import StepTimer, versions  # noqa: E402
-from step_breakdown import breakdown, last_step, parse  # noqa: E402
+from step_breakdown import timeline_ms  # noqa: E402
 
 from bench.common import IdsOnlyTokenizer, measure_ceilings  # noqa: E402
 from ds4f.config import EngineConfig  # noqa: E402
@@ -57,22 +57,28 @@ CATEGORIES = (  # kernel-name substrings -> step-time category (first match wins
 )
 
 
+class _NoWire:
+    """A process group with nobody else in it: all-reduce leaves each tensor as it is (the rank's partial sum),
+    all-gather fills every slot with the local shard (right shapes, not the other ranks' values)."""
+
+    class _Done:
+        def wait(self) -> None:
+            pass
+
+    def allreduce(self, _ts: list[torch.Tensor]) -> _Done:
+        return self._Done()
+
+    def allgather(self, outs: list[list[torch.Tensor]], ins: list[torch.Tensor]) -> _Done:
+        for o in outs[0]:
+            o.copy_(ins[0])
+        return self._Done()
+
+
 class SimComm(Comm):
-    """Rank 0 of a `world`-rank group with nobody else: all-reduce returns its input (the partial sum), all-gather
-    repeats the local shard (right shapes, not the other ranks' values). Counted like Comm."""
+    """Rank 0 of a `world`-rank group run alone (--tp-sim): Comm over _NoWire, counted as usual."""
 
     def __init__(self, world: int) -> None:
-        super().__init__(0, world, pg=object())
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        self.counts["all_reduce"] += 1
-        self.nbytes["all_reduce"] += x.numel() * x.element_size()
-        return x
-
-    def all_gather_last(self, x: torch.Tensor, full: int) -> torch.Tensor:
-        self.counts["all_gather"] += 1
-        self.nbytes["all_gather"] += x.numel() * x.element_size()
-        return torch.cat([x] * self.world, dim=-1)[..., :full]
+        super().__init__(0, world, pg=_NoWire())
 
 
 def model_dir(layers: int, experts: int) -> str:
@@ -137,8 +143,7 @@ def _profiled(engine: Any, steps: int, path: Path, head: str) -> dict[str, float
                     + prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=70))
     tl = path.with_name(path.stem + "_timeline.txt")
     write_timeline(prof, tl)
-    return {c: round(us / 1e3, 4) for c, us in sorted(breakdown(last_step(parse(tl.read_text()),
-                                                                            "_step_meta")).items())}
+    return timeline_ms(tl)
 
 
 def run_case(engine: Any, timer: StepTimer, prompts: list[list[int]], new: int,
@@ -305,9 +310,8 @@ def main() -> None:
             engine.step()
         tl = Path(args.profile) / "full_decode_b1_timeline.txt"
         write_timeline(prof, tl)
-        crit = breakdown(last_step(parse(tl.read_text()), "_step_meta"))  # one graph replay's main-stream span
         emit(dict(decode_record(summ, 1, args.prompt_len), case="breakdown", kernel_ms_per_forward=cats,
-                  critical_ms_by_category={c: round(us / 1e3, 4) for c, us in sorted(crit.items())}))
+                  critical_ms_by_category=timeline_ms(tl)))  # one graph replay's main-stream span
     if args.ttft_tokens:
         n = args.ttft_tokens
         pc = Path(args.profile) / f"profile_full_prefill_{n}.txt" if args.profile else None

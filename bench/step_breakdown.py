@@ -96,16 +96,22 @@ def breakdown(kernels: list[Kernel]) -> dict[str, float]:
     return dict(out)
 
 
+def timeline_ms(path: Path, first: str = "_step_meta") -> dict[str, float]:
+    """A timeline file's last step (from the last kernel named `first`) -> {category: ms}, sorted by name."""
+    b = breakdown(last_step(parse(Path(path).read_text()), first))
+    return {c: round(us / 1e3, 4) for c, us in sorted(b.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("timeline")
     ap.add_argument("--first", default="_step_meta", help="name prefix of a step's first kernel")
     args = ap.parse_args()
-    b = breakdown(last_step(parse(Path(args.timeline).read_text()), args.first))
+    b = timeline_ms(Path(args.timeline), args.first)
     total = sum(b.values())
-    for c, us in sorted(b.items(), key=lambda x: -x[1]):
-        print(f"{c:20s} {us / 1e3:8.3f} ms {us / total:6.1%}")
-    print(json.dumps({c: round(us / 1e3, 4) for c, us in b.items()}))
+    for c, ms in sorted(b.items(), key=lambda x: -x[1]):
+        print(f"{c:20s} {ms:8.3f} ms {ms / total:6.1%}")
+    print(json.dumps(b))
 
 
 if __name__ == "__main__":

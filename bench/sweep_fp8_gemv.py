@@ -145,7 +145,7 @@ def sweep_shape(name: str, shape: tuple[int, int, int], tokens: list[int], sms: 
         report(f"{table} table widen", us, all(rel(new(t, 0, table, a8=False), exact[t]) < 5e-3 for t in tokens),
                table)
         base = us
-        table = fp8_gemv.CONFIGS_A8.get(name, (shape, None))[1]
+        table = fp8_gemv.CONFIGS_A8.get(name)
     cands = candidates(nt, k, groups, sms, ctx["full"], ctx["grid"])
     if table is not None and table not in cands:
         cands.insert(0, table)
@@ -170,7 +170,7 @@ def sweep_shape(name: str, shape: tuple[int, int, int], tokens: list[int], sms: 
             return f'    # {name}: no a8 config ran'
         print(f"PICK_A8 {name} {','.join(map(str, best))}  # {best_us:.2f} us ({wbytes / best_us / 1e3:.0f} GB/s, "
               f"{wbytes / best_us / 1e3 / ctx['copy']:.2f} of copy) vs widening {b_us:.2f} us", flush=True)
-        return f'    "{name}": (({nt}, {k}, {groups}), {best}),  # {best_us:.2f} vs widening {b_us:.2f} us'
+        return f'    "{name}": {best},  # {best_us:.2f} vs widening {b_us:.2f} us'
     if best is not None:  # the same tiles with Triton's e4m3 -> bf16 conversions (DS4F_FP8_GEMV_WIDEN=cvt)
         us = {t: time_graph(lambda i, t=t: new(t, i, best, False), copies, calls) for t in tokens}
         report(f"{best} cvt", us, all(rel(new(t, 0, best, False), want[t]) < 5e-3 for t in tokens), best)

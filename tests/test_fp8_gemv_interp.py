@@ -169,17 +169,17 @@ def test_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     for name, ((nt, k, groups), cfg) in fp8_gemv.CONFIGS.items():
         a8 = fp8_gemv.CONFIGS_A8.get(name)
-        for c in (cfg, a8[1] if a8 else None):
+        for c in (cfg, a8):
             if c is not None:
                 assert fp8_gemv.valid(c, nt, groups), (nt, k, groups, c)
-        assert a8 is None or a8[0] == (nt, k, groups), name  # both tables name the same shapes
-        assert fp8_gemv.pick(nt, k, groups, cpu) == (a8[1] if a8 else cfg), name  # default "table"
+        assert fp8_gemv.pick(nt, k, groups, cpu) == (a8 or cfg), name  # default "table"
         assert fp8_gemv.use_a8(nt, k, groups) == (a8 is not None), name
         monkeypatch.setattr(fp8_gemv, "A8", "0")  # the widening form everywhere, with CONFIGS' tiles
         assert fp8_gemv.pick(nt, k, groups, cpu) == cfg and not fp8_gemv.use_a8(nt, k, groups)
         monkeypatch.setattr(fp8_gemv, "A8", "1")
         assert fp8_gemv.use_a8(nt, k, groups)
         monkeypatch.setattr(fp8_gemv, "A8", "table")
+    assert set(fp8_gemv.CONFIGS_A8) <= set(fp8_gemv.CONFIGS)  # every a8 entry names a shape of CONFIGS
     for nt, k, groups in [(1024, 4096, 1), (640, 384, 5), (100, 200, 1), (129280, 4096, 1)]:  # not in CONFIGS
         cfg = fp8_gemv.generic_config(nt, k, groups, 132)
         assert fp8_gemv.valid(cfg, nt, groups) and fp8_gemv.pick(nt, k, groups, cpu) == cfg

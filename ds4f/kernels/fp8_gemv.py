@@ -253,14 +253,14 @@ if triton is not None:
 # widening form at its table tiles in the same run. Every TP=2 shape takes it: in the full model's TP=2 rank step
 # (bench_full --tp-sim 2, 43 layers) these seven together took the step from 6.184 to 5.559 ms, more than the
 # kernels' sums, as the in-proj / shared-expert GEMVs overlap other streams' kernels there
-CONFIGS_A8: dict[str, tuple[tuple[int, int, int], Cfg | None]] = {
-    "IN_PROJ": ((1536, 4096, 1), (128, 128, 11, 8, 4)),  # 6.47 vs widening 6.37 us
-    "IDX_WQ_B": ((8192, 1024, 1), (128, 128, 4, 8, 4)),  # 5.53 vs 5.47
-    "WQ_B_TP2": ((16384, 1024, 1), (128, 128, 1, 4, 4)),  # 7.18 vs 7.71
-    "WO_A_TP2": ((4096, 4096, 4), (128, 128, 8, 8, 4)),  # 9.00 vs 12.63
-    "WO_B_TP2": ((4096, 4096, 1), (128, 128, 8, 8, 4)),  # 9.01 vs 12.64
-    "W13_TP2": ((2048, 4096, 1), (128, 128, 8, 8, 4)),  # 6.76 vs 6.58
-    "W2_TP2": ((4096, 1024, 1), (128, 128, 4, 8, 4)),  # 4.59 vs 3.93
+CONFIGS_A8: dict[str, Cfg] = {  # name -> tiles; the shape is CONFIGS' under the same name
+    "IN_PROJ": (128, 128, 11, 8, 4),  # 6.47 vs widening 6.37 us
+    "IDX_WQ_B": (128, 128, 4, 8, 4),  # 5.53 vs 5.47
+    "WQ_B_TP2": (128, 128, 1, 4, 4),  # 7.18 vs 7.71
+    "WO_A_TP2": (128, 128, 8, 8, 4),  # 9.00 vs 12.63
+    "WO_B_TP2": (128, 128, 8, 8, 4),  # 9.01 vs 12.64
+    "W13_TP2": (128, 128, 8, 8, 4),  # 6.76 vs 6.58
+    "W2_TP2": (128, 128, 4, 8, 4),  # 4.59 vs 3.93
 }
 
 
@@ -294,7 +294,7 @@ def pick(nt: int, k: int, groups: int, dev: torch.device) -> Cfg | None:
         if shape == (nt, k, groups):
             env = _env_config(name)
             if env == "table" and A8 != "0" and name in CONFIGS_A8 and _e4m3(dev):
-                return CONFIGS_A8[name][1]
+                return CONFIGS_A8[name]
             return cfg if env == "table" else env  # type: ignore[return-value]
     return generic_config(nt, k, groups, sm_count(dev))
 
@@ -310,7 +310,7 @@ def use_a8(nt: int, k: int, groups: int) -> bool:
     """Whether W [nt, K] in G groups runs the a8 form (DS4F_FP8_GEMV_A8: "table" = the shapes CONFIGS_A8 lists)."""
     if A8 in ("0", "1"):
         return A8 == "1"
-    return any(shape == (nt, k, groups) for shape, _ in CONFIGS_A8.values())
+    return any(CONFIGS[name][0] == (nt, k, groups) for name in CONFIGS_A8)
 
 
 def valid(cfg: Cfg, nt: int, groups: int) -> bool:

@@ -111,7 +111,7 @@ def test_gemv_a8_matches_its_reference_at_v4_shapes(name: str) -> None:
     from ds4f.kernels.gemv import rms_norm_ref
 
     (nt, k, groups), cfg = fp8_gemv.CONFIGS[name]
-    cfg = fp8_gemv.CONFIGS_A8.get(name, (None, cfg))[1] or fp8_gemv.generic_config(nt, k, groups, 132)
+    cfg = fp8_gemv.CONFIGS_A8.get(name, cfg) or fp8_gemv.generic_config(nt, k, groups, 132)
     rows = nt // groups
     for t, fmt in ((1, "ue8m0"), (4, "float32"), (16, "ue8m0")):
         x, q, s = _case(t * groups, nt, k, fmt, seed=nt + k + t)
