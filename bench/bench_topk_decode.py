@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import run_meta, time_us  # noqa: E402
+from ds4f.kernels import topk_long  # noqa: E402
 from ds4f.kernels.fp8 import quantize_rows  # noqa: E402
 from ds4f.kernels.indexer import TOPK_KNOBS, indexer_scores, quant_heads_fp8, topk_indices  # noqa: E402
+from ds4f.runner.gpu.glue import topk_rows  # noqa: E402
 
 HI, DI, K = 64, 128, 512
-CASES = ((262144, 2048), (262144, 262144), (2048, 2048))
+CASES = ((262144, 2048), (262144, 65536), (262144, 262144), (2048, 2048))
 
 
 def per_call(fn: Callable[[int], object], n: int) -> float:
@@ -73,18 +75,61 @@ def bench_indexer(T: int, L: int, vlen: int, n: int, keys: str, g: torch.Generat
     return dict(old_us=per_call(old, n), new_us=per_call(new, n), match=bool(torch.equal(old(0), new(0))))
 
 
+def bench_chain(T: int, L: int, vlen: int, n: int, g: torch.Generator) -> dict:
+    """A CSA layer's decode selection, e4m3 q + keys: indexer_scores + topk_indices + glue.topk_rows (old) vs
+    indexer_scores(hist=) + topk_long.decode_rows (new, where topk_long.applies), the attention rows compared as
+    sets of scores."""
+    W = 128
+    q, qs = quant_heads_fp8(torch.randn(T, HI, DI, device="cuda", generator=g).bfloat16())
+    w = torch.randn(T, HI, device="cuda", generator=g) * qs
+    pools = []
+    for _ in range(n):
+        k8, ks = quantize_rows(torch.randn(L, DI, device="cuda", generator=g).bfloat16(), DI)
+        pools.append((k8, ks.view(-1).contiguous()))
+    slots = torch.arange(L, device="cuda", dtype=torch.int32)[None]
+    seq = torch.zeros(T, dtype=torch.int32, device="cuda")
+    vl = torch.full((T,), vlen, dtype=torch.int32, device="cuda")
+    bt = torch.arange(L // 32 + 1, device="cuda")[None].repeat(T, 1)  # identity block table: pool row = id + base
+    win = torch.zeros(T, W, dtype=torch.int32, device="cuda")
+    rows = (bt, win, 0, 32)
+    st = topk_long.state(torch.device("cuda"))
+
+    def old(i: int) -> torch.Tensor:
+        sc = indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True)
+        return topk_rows(topk_indices(sc, K, valid_len=vl), *rows)
+
+    def new(i: int) -> torch.Tensor:
+        sc = indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True, hist=st.hist0)
+        return topk_long.decode_rows(sc, K, vl, st, rows)
+
+    if not topk_long.applies(T, L, W, torch.device("cuda")):
+        return dict(old_us=per_call(old, n), new_us=float("nan"), match=True)
+    sc = indexer_scores(q, w, pools[0][0], slots, seq, vl, k_scale=pools[0][1], zero_rank=True)
+    a, b = old(0), new(0)
+    ok = all(torch.equal(sc[r, a[r, W:][a[r, W:] >= 0].long()].sort().values,
+                         sc[r, b[r, W:][b[r, W:] >= 0].long()].sort().values) for r in range(T))
+    return dict(old_us=per_call(old, n), new_us=per_call(new, n), match=ok)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,4,16")
     ap.add_argument("--keys", default="bf16,fp8,fp8q", help="indexer formats: bf16 q+keys, e4m3 keys, e4m3 q+keys")
     ap.add_argument("--calls", type=int, default=20, help="calls per graph (distinct input copies)")
     ap.add_argument("--json", default="", help="append one JSON record per line to this file")
+    ap.add_argument("--chain", action="store_true", help="only the indexer + top-k + rows chain, old vs topk_long")
     args = ap.parse_args()
     meta = run_meta(" ".join(sys.argv))
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for T in (int(t) for t in args.tokens.split(",")):
         for L, vlen in CASES:
+            if args.chain:
+                rows.append(dict(kernel="chain", T=T, L=L, vlen=vlen, **bench_chain(T, L, vlen, args.calls, g)))
+                r = rows[-1]
+                print(f"chain T={r['T']:2d} L={r['L']:6d} vlen={r['vlen']:6d}  old {r['old_us']:7.2f} us  new "
+                      f"{r['new_us']:7.2f} us  match={r['match']}", flush=True)
+                continue
             rows.append(dict(kernel="topk", T=T, L=L, vlen=vlen, **bench_topk(T, L, vlen, args.calls, g)))
             for keys in args.keys.split(","):
                 rows.append(dict(kernel=f"indexer_{keys}", T=T, L=L, vlen=vlen,

@@ -9,6 +9,7 @@ when no variant was >= 5 % faster and matching; attention must also not be slowe
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from bench.common import run_meta, sweep, time_us  # noqa: E402
 from ds4f.kernels.fp8 import quantize_kv_rows, quantize_rows  # noqa: E402
 from ds4f.kernels.indexer import indexer_scores, quant_heads_fp8, topk_indices  # noqa: E402
 from ds4f.kernels.sparse_attn import sparse_attn  # noqa: E402
+
+sa = importlib.import_module("ds4f.kernels.sparse_attn")  # the module (the package re-exports the function)
 
 
 def main() -> None:
@@ -69,21 +72,28 @@ def main() -> None:
     idx_short = idx.clone()
     idx_short[:, 192:] = -1
 
-    def run_at(bh: int, bk: int, nw: int, ns: int, sp: int, live: torch.Tensor = full,
+    def run_at(bh: int, bk: int, nw: int, ns: int, sp: int, cu: int = 0, live: torch.Tensor = full,
                ids: torch.Tensor = idx) -> torch.Tensor:
+        # cu: _attn_combine's splits per round (sparse_attn.COMBINE_UNROLL; 0 = all at once, the default)
         kw = {} if not bh else dict(block_h=bh, block_k=bk, num_warps=nw, num_stages=ns)
-        return sparse_attn(qa, nope, ids, sink, D**-0.5, exp, kv_rope=rope, live=live, num_splits=sp or None, **kw)
+        prev, sa.COMBINE_UNROLL = sa.COMBINE_UNROLL, cu
+        try:
+            return sparse_attn(qa, nope, ids, sink, D**-0.5, exp, kv_rope=rope, live=live, num_splits=sp or None,
+                               **kw)
+        finally:
+            sa.COMBINE_UNROLL = prev
 
     def short_us(v: tuple) -> float:
-        return time_us(lambda: run_at(*v, live=short, ids=idx_short), iters=30)
+        return time_us(lambda: run_at(*v, live=short, ids=idx_short), iters=30)  # type: ignore[misc]
 
     def close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         return err < 1e-2, err
 
-    at = sweep("attn", [(0, 0, 0, 0, 0), (32, 32, 4, 2, 0), (32, 64, 4, 2, 0), (32, 64, 8, 2, 0), (16, 64, 4, 2, 0),
-                        (16, 32, 4, 3, 0), (32, 32, 8, 2, 0), (16, 32, 4, 2, 64), (32, 32, 4, 2, 64),
-                        (32, 64, 4, 2, 64), (16, 16, 4, 2, 0)],
+    # the first: the tiles before the one-round combine (16-head rounds of 4 splits, 64 splits)
+    at = sweep("attn", [(0, 0, 0, 0, 0, 4), (0, 0, 0, 0, 0, 0), (16, 32, 4, 2, 128, 0), (16, 32, 4, 2, 256, 0),
+                        (16, 64, 4, 2, 128, 0), (16, 32, 8, 2, 128, 0), (16, 16, 4, 2, 256, 0),
+                        (32, 32, 4, 2, 128, 0), (16, 32, 4, 2, 32, 0)],
                run_at, close, rec("attn"), extra=short_us)
 
     # radix top-512 of 262,144 scores
@@ -102,9 +112,11 @@ def main() -> None:
     if ix:
         picks.append("DS4F_INDEXER_DECODE=" + ",".join(map(str, ix)))
     if at:
-        picks.append("DS4F_ATTN_DECODE=" + ",".join(map(str, at[:4])))
+        if at[0]:
+            picks.append("DS4F_ATTN_DECODE=" + ",".join(map(str, at[:4])))
         if at[4]:
             picks.append(f"DS4F_ATTN_MAX_SPLITS={at[4]}")
+        picks.append(f"DS4F_ATTN_COMBINE_UNROLL={at[5]}")
     if tk:
         picks.append("DS4F_TOPK_DECODE=" + ",".join(map(str, (tk[0], tk[1]))))
     print("PICK " + " ".join(picks), flush=True)

@@ -128,6 +128,38 @@ def test_sparse_attn_decode_policy_interpreted() -> None:
     assert out.count("matches") == 7, out
 
 
+def check_attn_combine_shapes() -> None:
+    """_attn_combine's auto shape (all splits in one round, fewer heads per tile) and forced ones (COMBINE_TILE
+    shrunk to 1- and 2-head tiles; the former 16-head rounds of 1 and 4 splits) against the reference: the merge
+    order is all they change."""
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")
+    from ds4f.kernels.rope import rope_ref
+
+    g = torch.Generator().manual_seed(4)
+    t, h, d, k, n = 2, 16, 64, 208, 300
+    q = torch.randn(t, h, d, generator=g).bfloat16()
+    sink = torch.randn(h, generator=g)
+    idx, live = _idx_with_live(t, k, n, g)
+    nope, exp, rp = quantize_kv_rows(torch.randn(n, d, generator=g), 16)
+    cos, sin = torch.randn(t, 8, generator=g), torch.randn(t, 8, generator=g)
+    want = rope_ref(sparse_attn_ref(q, dequantize_kv_rows(nope, exp, rp), idx, sink, d**-0.5), cos, sin, True)
+    shapes = set()
+    for unroll, tile in ((0, 8192), (0, 1024), (0, 512), (1, 8192), (4, 8192)):
+        sa.COMBINE_UNROLL, sa.COMBINE_TILE = unroll, tile
+        for splits in (13, 6):
+            shapes.add(sa.combine_shape(splits, d))
+            out = sa.sparse_attn(q, nope, idx, sink, d**-0.5, exp, kv_rope=rp, num_splits=splits, block_k=16,
+                                 live=live, inv_rope=(cos, sin))
+            torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=1e-2)
+    assert {(16, 8, 64), (16, 1, 64), (8, 2, 64), (1, 16, 64), (4, 16, 64)} <= shapes, shapes
+    print("combine shapes match")
+
+
+def test_attn_combine_shapes_interpreted() -> None:
+    out = run_interpreted("test_kernels_interp", "check_attn_combine_shapes")
+    assert "combine shapes match" in out, out
+
+
 def test_topk_and_indexer_valid_len_interpreted() -> None:
     out = run_interpreted("test_kernels_interp", "check_topk_and_indexer_valid_len")
     assert "radix top-k equal sets" in out and "indexer scores match" in out, out

@@ -34,9 +34,24 @@ MAX_SPLITS = int(os.environ.get("DS4F_ATTN_MAX_SPLITS", "64")) or 1 << 30
 # ... and at most SPLIT_PROGRAMS // head blocks, so one token keeps the 128 programs both measured points had: 32
 # heads (TP=2, 2 blocks of 16) x 64 splits above, 64 heads (one GPU, 4 blocks) x 32 splits (session 5 8-layer run)
 SPLIT_PROGRAMS = 128
-COMBINE_UNROLL = int(os.environ.get("DS4F_ATTN_COMBINE_UNROLL", "4"))  # splits merged per iteration
-if COMBINE_UNROLL < 1 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
-    raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be a power of two (1 = one split at a time)")
+# splits _attn_combine merges per iteration; 0 (default): all of them at once (up to COMBINE_MAX_UNROLL) in tiles of
+# fewer heads, so no chain of dependent partial loads: at 1M context an HCA layer's 64 splits in 16 rounds of 4 took
+# ~30 us per layer; a power of two: that many per round over 16-head tiles (the former shape, A/B)
+COMBINE_UNROLL = int(os.environ.get("DS4F_ATTN_COMBINE_UNROLL", "0"))
+if COMBINE_UNROLL < 0 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
+    raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be 0 (auto) or a power of two (1 = one split "
+                     "at a time)")
+COMBINE_MAX_UNROLL = 128
+COMBINE_TILE = 8192  # fp32 partials one combine program holds: UNROLL x BLOCK_H x BLOCK_DC (64 registers at 4 warps)
+
+
+def combine_shape(num_splits: int, block_d: int) -> tuple[int, int, int]:
+    """(UNROLL, BLOCK_H, BLOCK_DC) of _attn_combine for num_splits partials of block_d columns."""
+    dc = min(block_d, 64)
+    if COMBINE_UNROLL:
+        return COMBINE_UNROLL, 16, dc
+    unroll = min(triton.next_power_of_2(num_splits), COMBINE_MAX_UNROLL)
+    return unroll, max(1, min(16, COMBINE_TILE // (unroll * dc))), dc
 # "block_h,block_k,num_warps,num_stages" for calls of < PREFILL_MIN_T tokens with >= LONG_K keys per token (the HCA
 # layers' lists at a long max_ctx; bench/sweep_decode_long.py) ...
 LONG_K = 2048
@@ -262,10 +277,10 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
         **pdl.launch(q.device),
     )
     if split and not fuse:
-        dc = min(block_d, 64)
-        _attn_combine[(T, triton.cdiv(H, 16), block_d // dc)](
+        unroll, bh, dc = combine_shape(num_splits, block_d)
+        _attn_combine[(T, triton.cdiv(H, bh), block_d // dc)](
             po, pm, sink, o, lv, cos, sin, H, num_splits, K, kps, o.stride(0), o.stride(1), s_cs,
-            D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=16, LIVE=live is not None, UNROLL=COMBINE_UNROLL, HALF=half,
+            D=D, PD=block_d, BLOCK_DC=dc, BLOCK_H=bh, LIVE=live is not None, UNROLL=unroll, HALF=half,
             DYN=dyn, BLOCK_K=block_k, num_warps=4, **pdl.launch(q.device),
         )
     return o

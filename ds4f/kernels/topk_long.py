@@ -1,0 +1,269 @@
+"""⑥ kernels, decode top-k of long rows in two launches after the indexer: scores [T, L] fp32 + valid_len [T] in,
+the attention index list [T, W + k] int32 (window rows, then the picks' pool rows) or ids [T, k] out.
+
+A radix select over the order-preserving 32-bit key (topk_small._sort_key) in digits of 11, 11 and 10 bits:
+- the indexer (ds4f.kernels.indexer.indexer_scores with hist=) adds each row's first-digit histogram as it writes
+  the scores, so no pass reads the row for it;
+- launch 1 (`_long_l1`): every chunk program of a long row histograms the second digit of the keys in the k-th's
+  first-digit bin; program 0 of a short row (<= lanes valid entries) selects it whole (topk_small._select_row) and
+  copies the window rows of a long one;
+- launch 2 (`_long_sel`): keys whose top 22 bits are above the k-th's go straight to the output; keys sharing the
+  k-th's 22 bits (bins 2^-13 wide: a handful at most for real scores) go to a candidate list; the last-arriving
+  program resolves the last digit among them (a rescan of the row if more than CAND share the bin: ties) and
+  re-arms the row's histograms and counters to zero for the next call.
+The state (histograms, counters, candidates) is a persistent zeroed buffer per device that every call leaves zeroed
+(ds4f.kernels.arrival's contract): allocate it outside a graph capture, one call at a time per device. The multi-pass
+ds4f.kernels.indexer.topk_indices took 6 launches (+1 for the id -> pool row mapping) for what this does in 2.
+Order inside a row: the keys above the k-th's 22-bit bin in arrival order, then the rest; callers use the set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds4f.kernels import arrival, pdl
+from ds4f.kernels.indexer import SMALL_KNOBS, TOPK_KNOBS, small_warps
+from ds4f.kernels.sparse_attn import sm_count
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ds4f.kernels.pdl import enter as pdl_enter
+    from ds4f.kernels.topk_small import SMALL_LANES, _radix_step, _select_row, _sort_key
+except ImportError:  # CPU-only installs: callers take the reference path
+    triton = None
+
+NB = 2048  # bins of the 11-bit digits
+NB2 = 1024  # ... of the last, 10-bit digit
+CAND = 4096  # candidate ids per row the finisher resolves in registers (more: it rescans the row)
+MAX_ROWS = 32  # rows per call (decode batches); the state is sized for them
+CNT = 4  # per-row counters: picks written, candidates, programs arrived, (pad)
+ROW = 2 * NB + CNT + CAND  # int32 per row of state: hist0 | hist1 | counters | candidates
+
+
+@dataclass(frozen=True)
+class State:
+    buf: torch.Tensor  # [MAX_ROWS, ROW] int32; histograms and counters zero between calls (candidates: scratch)
+
+    @property
+    def hist0(self) -> torch.Tensor:
+        """[MAX_ROWS, NB] int32 first-digit histograms (the indexer's hist= argument)."""
+        return self.buf[:, :NB]
+
+
+def sort_key(scores: torch.Tensor) -> torch.Tensor:
+    """fp32 -> int64 holding topk_small._sort_key's uint32: the same order, -inf -> 0, finite -> >= 2^23."""
+    bits = scores.contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return torch.where(scores == float("-inf"), 0, key)
+
+
+def hist_ref(scores: torch.Tensor, valid_len: torch.Tensor) -> torch.Tensor:
+    """[T, NB] int32: per row, the counts of the first digit (key >> 21) of the finite scores below valid_len (what
+    indexer_scores(hist=) adds)."""
+    T, L = scores.shape
+    key = sort_key(scores)
+    ok = (key != 0) & (torch.arange(L, device=scores.device)[None, :] < valid_len.long()[:, None])
+    out = torch.zeros(T, NB, dtype=torch.int32, device=scores.device)
+    for t in range(T):
+        out[t] = torch.bincount(key[t][ok[t]] >> 21, minlength=NB).int()
+    return out
+
+
+def state(device: torch.device) -> State:
+    """The device's persistent top-k state (zeroed; every call leaves its histograms and counters zeroed)."""
+    return State(arrival.counters(device, MAX_ROWS * ROW, "topk_long")[: MAX_ROWS * ROW].view(MAX_ROWS, ROW))
+
+
+if triton is not None:
+    _NB = tl.constexpr(NB)  # the module's sizes as the kernels see them
+    _NB2 = tl.constexpr(NB2)
+    _CNT = tl.constexpr(CNT)
+    _CAND = tl.constexpr(CAND)
+
+    @triton.jit
+    def _pool_rows(ids, m, t, bt_ptr, s_bt, comp_base, epb, ROWS: tl.constexpr):
+        # entry ids -> what the output holds: ids, or (ROWS) their pool rows comp_base + bt[t, id // epb] * epb +
+        # id % epb
+        if ROWS:
+            blk = tl.load(bt_ptr + t * s_bt + ids // epb, mask=m, other=0)
+            return (comp_base + blk * epb + ids % epb).to(tl.int32)
+        return ids.to(tl.int32)
+
+    @triton.jit
+    def _long_l1(s_ptr, vlen_ptr, st_ptr, out_ptr, L, s_st, s_ot, k, chunk, bt_ptr, s_bt, win_ptr, s_wt,
+                 comp_base, epb, N: tl.constexpr, N2: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+                 WP: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False):
+        # program = (row t, chunk c). Long row: the second digit's histogram of its chunk's keys in bin b0
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
+        t = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        lim = tl.minimum(tl.load(vlen_ptr + t), L)
+        row = st_ptr + t * (2 * _NB + _CNT + _CAND)
+        offs_b = tl.arange(0, _NB)
+        if lim <= N:
+            if c == 0:  # the whole row in this program; the indexer's histogram re-armed
+                tl.store(row + offs_b, tl.zeros([_NB], tl.int32))
+                if N2 > 0:
+                    if lim <= N2:
+                        _select_row(s_ptr, out_ptr, t, lim, s_st, s_ot, k, bt_ptr, s_bt, win_ptr, s_wt, comp_base,
+                                    epb, N2, KP, 256, WP, ROWS)
+                    else:
+                        _select_row(s_ptr, out_ptr, t, lim, s_st, s_ot, k, bt_ptr, s_bt, win_ptr, s_wt, comp_base,
+                                    epb, N, KP, 256, WP, ROWS)
+                else:
+                    _select_row(s_ptr, out_ptr, t, lim, s_st, s_ot, k, bt_ptr, s_bt, win_ptr, s_wt, comp_base, epb,
+                                N, KP, 256, WP, ROWS)
+        else:
+            if ROWS:  # noqa: SIM102 (ROWS is static, c a tensor: no `and` between them in Triton)
+                if c == 0:
+                    offs_w = tl.arange(0, WP)
+                    tl.store(out_ptr + t * s_ot + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
+            if c * chunk < lim:
+                b0, _, _ = _radix_step(tl.load(row + offs_b), offs_b, k)
+                if b0 >= 0:  # else fewer than k finite keys: every one is taken, no digit to refine
+                    acc = tl.zeros([_NB], tl.int32)
+                    for j in range(0, chunk, BLOCK):
+                        offs = c * chunk + j + tl.arange(0, BLOCK)
+                        u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
+                        sel = (u != 0) & ((u >> 21).to(tl.int32) == b0)
+                        acc += tl.histogram(((u >> 10) & 2047).to(tl.int32), _NB, mask=sel)
+                    tl.atomic_add(row + _NB + offs_b, acc, mask=acc != 0)
+
+    @triton.jit
+    def _long_sel(s_ptr, vlen_ptr, st_ptr, out_ptr, L, s_st, s_ot, k, chunk, n_chunks, bt_ptr, s_bt, comp_base, epb,
+                  N: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, WP: tl.constexpr, ROWS: tl.constexpr,
+                  PDL: tl.constexpr = False):
+        # program = (row t, chunk c) of a long row: keys above the k-th's 22-bit bin -> out, keys in it -> the
+        # candidates; the last to arrive picks the rest and re-arms the row's state
+        pdl_enter(PDL)
+        t = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        lim = tl.minimum(tl.load(vlen_ptr + t), L)
+        if lim > N:
+            row = st_ptr + t * (2 * _NB + _CNT + _CAND)
+            cnt = row + 2 * _NB
+            cand = cnt + _CNT
+            outp = out_ptr + t * s_ot + WP
+            offs_b = tl.arange(0, _NB)
+            b0, above0, _ = _radix_step(tl.load(row + offs_b), offs_b, k)
+            take_all = b0 < 0
+            krem = k - above0
+            b1, above1, _ = _radix_step(tl.load(row + _NB + offs_b), offs_b, tl.maximum(krem, 1))
+            krem = tl.where(take_all, 0, krem - above1)
+            p22 = tl.where(take_all, 0, (b0 << 11) | b1).to(tl.uint32)  # take_all: every finite key is above
+            if c * chunk < lim:
+                for j in range(0, chunk, BLOCK):
+                    offs = c * chunk + j + tl.arange(0, BLOCK)
+                    m = offs < lim
+                    u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+                    top = u >> 10
+                    gt = m & (u != 0) & (top > p22)
+                    eq = m & (u != 0) & (top == p22) & ~take_all
+                    base = tl.atomic_add(cnt, tl.sum(gt.to(tl.int32), 0))
+                    pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
+                    tl.store(outp + pos, _pool_rows(offs, gt, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=gt)
+                    base_c = tl.atomic_add(cnt + 1, tl.sum(eq.to(tl.int32), 0))
+                    pos_c = base_c + tl.cumsum(eq.to(tl.int32), 0) - 1
+                    tl.store(cand + pos_c, offs.to(tl.int32), mask=eq & (pos_c < _CAND))
+            if tl.atomic_add(cnt + 2, 1) == n_chunks - 1:  # acq_rel: every other program's stores are visible
+                ngt = tl.atomic_add(cnt, 0)
+                ncand = tl.atomic_add(cnt + 1, 0)
+                offs_k = tl.arange(0, KP)
+                tl.store(outp + offs_k, tl.full([KP], -1, tl.int32), mask=(offs_k >= ngt) & (offs_k < k) & take_all)
+                offs_2 = tl.arange(0, _NB2)
+                if (krem > 0) & (ncand <= _CAND):
+                    offs_c = tl.arange(0, _CAND)
+                    mc = offs_c < ncand
+                    ids = tl.load(cand + offs_c, mask=mc, other=0)
+                    u = _sort_key(tl.load(s_ptr + t * s_st + ids, mask=mc, other=float("-inf")))
+                    d2 = (u & 1023).to(tl.int32)
+                    b2, above2, _ = _radix_step(tl.histogram(d2, _NB2, mask=mc), offs_2, krem)
+                    gt2 = mc & (d2 > b2)
+                    eq2 = mc & (d2 == b2)
+                    pos = ngt + tl.cumsum(gt2.to(tl.int32), 0) - 1
+                    tl.store(outp + pos, _pool_rows(ids, gt2, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=gt2)
+                    pos_e = ngt + above2 + tl.cumsum(eq2.to(tl.int32), 0) - 1
+                    eq2 = eq2 & (pos_e < k)
+                    tl.store(outp + pos_e, _pool_rows(ids, eq2, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=eq2)
+                if (krem > 0) & (ncand > _CAND):  # many keys share the k-th's top 22 bits (ties): rescan the row
+                    h2 = tl.zeros([_NB2], tl.int32)
+                    for j in range(0, L, BLOCK):
+                        offs = j + tl.arange(0, BLOCK)
+                        u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
+                        sel = (u != 0) & ((u >> 10) == p22)
+                        h2 += tl.histogram((u & 1023).to(tl.int32), _NB2, mask=sel)
+                    b2, above2, _ = _radix_step(h2, offs_2, krem)
+                    n_g = ngt
+                    n_e = ngt + above2
+                    for j in range(0, L, BLOCK):
+                        offs = j + tl.arange(0, BLOCK)
+                        u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
+                        sel = (u != 0) & ((u >> 10) == p22)
+                        d2 = (u & 1023).to(tl.int32)
+                        gt2 = sel & (d2 > b2)
+                        eq2 = sel & (d2 == b2)
+                        pos = n_g + tl.cumsum(gt2.to(tl.int32), 0) - 1
+                        tl.store(outp + pos, _pool_rows(offs, gt2, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=gt2)
+                        pos_e = n_e + tl.cumsum(eq2.to(tl.int32), 0) - 1
+                        eq2 = eq2 & (pos_e < k)
+                        tl.store(outp + pos_e, _pool_rows(offs, eq2, t, bt_ptr, s_bt, comp_base, epb, ROWS),
+                                 mask=eq2)
+                        n_g += tl.sum(gt2.to(tl.int32), 0)
+                        n_e += tl.sum(eq2.to(tl.int32), 0)
+                tl.store(row + tl.arange(0, 2 * _NB), tl.zeros([2 * _NB], tl.int32))  # re-armed for the next call
+                tl.store(cnt + tl.arange(0, _CNT), tl.zeros([_CNT], tl.int32))
+
+
+def select(scores: torch.Tensor, valid_len: torch.Tensor, k: int, st: State, lanes: int, warps: int,
+           block: int = 2048, programs: int = 128,
+           rows: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor:
+    """scores [T, L] written by indexer_scores(hist=st.hist0) -> [T, k] ids (rows None) or [T, W + k] window rows
+    then pool rows (rows = (bt_tok [T, blocks] int64, win [T, W] int32, comp_base, epb)); -1 = none. lanes (a power
+    of two): rows of <= lanes valid entries are selected whole by one program with `warps` warps (as
+    topk_small.launch_small); longer ones by the chunk programs (chunks of `block`, `programs` per row)."""
+    T, L = scores.shape
+    assert 0 < T <= MAX_ROWS and L < 1 << 20 and 0 < k <= lanes and lanes & (lanes - 1) == 0 and k < 1 << 15
+    assert scores.stride(1) == 1 and valid_len.shape == (T,) and valid_len.dtype == torch.int32
+    if rows is None:
+        out = torch.empty((T, k), dtype=torch.int32, device=scores.device)
+        bt, win, base, epb, wp = out, out, 0, 1, 0
+    else:
+        bt, win, base, epb = rows
+        wp = win.shape[1]
+        assert win.shape[0] == T and wp & (wp - 1) == 0 and win.stride(1) == 1 and bt.stride(1) == 1
+        out = torch.empty((T, wp + k), dtype=torch.int32, device=scores.device)
+    n_chunks = max(1, min(triton.cdiv(L, block), programs))
+    chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
+    n_chunks = triton.cdiv(L, chunk)
+    kp = triton.next_power_of_2(k)
+    n2 = SMALL_LANES if lanes > SMALL_LANES else 0
+    _long_l1[(T, n_chunks)](scores, valid_len, st.buf, out, L, scores.stride(0), out.stride(0), k, chunk, bt,
+                            bt.stride(0), win, win.stride(0), base, epb, N=lanes, N2=n2, KP=kp, BLOCK=block, WP=wp,
+                            ROWS=rows is not None, num_warps=warps, **pdl.launch(scores.device))
+    _long_sel[(T, n_chunks)](scores, valid_len, st.buf, out, L, scores.stride(0), out.stride(0), k, chunk, n_chunks,
+                             bt, bt.stride(0), base, epb, N=lanes, KP=kp, BLOCK=block, WP=wp, ROWS=rows is not None,
+                             num_warps=warps, **pdl.launch(scores.device))
+    return out
+
+
+def applies(T: int, L: int, W: int, device: torch.device) -> bool:
+    """The two-launch top-k (the indexer adding its first-digit histogram) serves this decode call: Triton on CUDA,
+    1..MAX_ROWS rows, L past DS4F_TOPK_SMALL's lanes, W a power of two."""
+    small = SMALL_KNOBS[0]
+    return (triton is not None and device.type == "cuda" and 0 < T <= MAX_ROWS and small > 0
+            and small < L and L < 1 << 20 and W >= 1 and W & (W - 1) == 0)
+
+
+def decode_rows(scores: torch.Tensor, k: int, valid_len: torch.Tensor, st: State,
+                rows: tuple[torch.Tensor, torch.Tensor, int, int]) -> torch.Tensor:
+    """select with ds4f.kernels.indexer's decode knobs: rows of <= DS4F_TOPK_SMALL lanes in one program, longer ones
+    in DS4F_TOPK_DECODE's chunks; scores written by indexer_scores(hist=st.hist0) -> [T, W + k] attention rows."""
+    lanes = SMALL_KNOBS[0]
+    programs = TOPK_KNOBS[1] or triton.cdiv(2 * sm_count(scores.device), scores.shape[0])
+    return select(scores, valid_len, k, st, lanes, small_warps(lanes), TOPK_KNOBS[0], programs, rows=rows)
+
+
+__all__ = ["CAND", "MAX_ROWS", "NB", "State", "applies", "decode_rows", "hist_ref", "select", "sort_key", "state"]
