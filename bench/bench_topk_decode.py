@@ -102,13 +102,22 @@ def bench_chain(T: int, L: int, vlen: int, n: int, g: torch.Generator) -> dict:
         sc = indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True, hist=st.hist0)
         return topk_long.decode_rows(sc, K, vl, st, rows)
 
+    def ix(i: int) -> torch.Tensor:  # the indexer alone, without / with the histogram
+        return indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True)
+
+    def ixh(i: int) -> torch.Tensor:
+        out = indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True, hist=st.hist0)
+        st.hist0.zero_()
+        return out
+
     if not topk_long.applies(T, L, W, torch.device("cuda")):
         return dict(old_us=per_call(old, n), new_us=float("nan"), match=True)
+    parts = dict(indexer_us=per_call(ix, n), indexer_hist_zero_us=per_call(ixh, n))
     sc = indexer_scores(q, w, pools[0][0], slots, seq, vl, k_scale=pools[0][1], zero_rank=True)
     a, b = old(0), new(0)
     ok = all(torch.equal(sc[r, a[r, W:][a[r, W:] >= 0].long()].sort().values,
                          sc[r, b[r, W:][b[r, W:] >= 0].long()].sort().values) for r in range(T))
-    return dict(old_us=per_call(old, n), new_us=per_call(new, n), match=ok)
+    return dict(old_us=per_call(old, n), new_us=per_call(new, n), match=ok, **parts)
 
 
 def main() -> None:
@@ -128,7 +137,8 @@ def main() -> None:
                 rows.append(dict(kernel="chain", T=T, L=L, vlen=vlen, **bench_chain(T, L, vlen, args.calls, g)))
                 r = rows[-1]
                 print(f"chain T={r['T']:2d} L={r['L']:6d} vlen={r['vlen']:6d}  old {r['old_us']:7.2f} us  new "
-                      f"{r['new_us']:7.2f} us  match={r['match']}", flush=True)
+                      f"{r['new_us']:7.2f} us  match={r['match']}  (indexer {r.get('indexer_us', 0):.2f}, with "
+                      f"the histogram + a zero fill {r.get('indexer_hist_zero_us', 0):.2f})", flush=True)
                 continue
             rows.append(dict(kernel="topk", T=T, L=L, vlen=vlen, **bench_topk(T, L, vlen, args.calls, g)))
             for keys in args.keys.split(","):

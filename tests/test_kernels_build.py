@@ -90,7 +90,7 @@ def test_indexer_and_topk_build(arch: int, vlen: bool) -> None:
                                         seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32", hist_ptr="*i32",
                                         scale="fp32"),
                   dict(DI=128, BLOCK_HI=64, BLOCK_L=128, N_INNER=4, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True,
-                       HIST=2048), arch, 4, 3)
+                       HIST=256, HSHIFT=24), arch, 4, 3)
     t = dict(s_ptr="*fp32", vlen_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", out_ptr="*i32")
     for level in range(4):
         build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=1024, VLEN=vlen), arch)
@@ -204,8 +204,10 @@ def test_topk_long_builds(arch: int, rows: bool) -> None:
     from ds4f.kernels import topk_long as tk
 
     t = dict(s_ptr="*fp32", vlen_ptr="*i32", st_ptr="*i32", out_ptr="*i32", bt_ptr="*i64", win_ptr="*i32")
-    k1 = build(tk._long_l1, t, dict(N=8192, N2=2048, KP=512, BLOCK=2048, WP=128 if rows else 0, ROWS=rows), arch,
-               16, 2)
+    k1 = build(tk._long_hist, t, dict(LEVEL=1, N=8192, N2=2048, KP=512, BLOCK=2048, WP=128 if rows else 0,
+                                      ROWS=rows), arch, 16, 2)
+    build(tk._long_hist, t, dict(LEVEL=2, N=8192, N2=2048, KP=512, BLOCK=2048, WP=128 if rows else 0, ROWS=rows),
+          arch, 16, 2)
     k2 = build(tk._long_sel, t, dict(N=8192, KP=512, BLOCK=2048, WP=128 if rows else 0, ROWS=rows), arch, 16, 2)
     for k in (k1, k2):
         assert "atom" in k["ptx"] and k["shared"] <= 160 * 1024

@@ -61,7 +61,7 @@ if triton is not None:
         HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot, s_ht,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
         KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr, STRIDED: tl.constexpr = True,
-        HIST: tl.constexpr = 0, PDL: tl.constexpr = False,
+        HIST: tl.constexpr = 0, HSHIFT: tl.constexpr = 24, PDL: tl.constexpr = False,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); STRIDED: the blocks P = grid dim 1 blocks apart,
         # so a short valid length over a long L still spreads its blocks over programs (else adjacent blocks);
@@ -105,9 +105,9 @@ if triton is not None:
                 sc = tl.where(sc == 0.0, -(offs_l + 1).to(tl.float32) * 1e-30, sc)
             sc = tl.where(valid, sc, float("-inf"))
             tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
-            if HIST > 0:  # ds4f.kernels.topk_long's first digit (the key's top 11 bits) of the finite scores
+            if HIST > 0:  # ds4f.kernels.topk_long's first digit (the key's top bits) of the finite scores
                 u = _sort_key(sc)
-                hacc += tl.histogram((u >> 21).to(tl.int32), HIST, mask=u != 0)
+                hacc += tl.histogram((u >> HSHIFT).to(tl.int32), HIST, mask=u != 0)
         if HIST > 0:
             offs_b = tl.arange(0, HIST)
             tl.atomic_add(hist_ptr + t * s_ht + offs_b, hacc, mask=hacc != 0)
@@ -214,8 +214,8 @@ def indexer_scores(
     product gives, so among tied zeros the lower id ranks higher (what the reference's selection keeps).
     strided (one token per program): a program's n_inner key blocks lie a grid apart (else adjacent; the scores are
     the same); decode calls take n_inner down to leave ~2 programs per SM at a short L.
-    hist [>= T, topk_long.NB] int32 (decode: one token per program; zero on entry): each row's histogram of the top
-    11 bits of its finite scores' order-preserving keys is added into it (ds4f.kernels.topk_long's first digit)."""
+    hist [>= T, 2^b] int32 (decode: one token per program; zero on entry): each row's histogram of the top b bits
+    of its finite scores' order-preserving keys is added into it (ds4f.kernels.topk_long's first digit)."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -281,6 +281,7 @@ def indexer_scores(
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
         KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, STRIDED=strided,
         HIST=hist.shape[1] if hist is not None else 0,
+        HSHIFT=33 - hist.shape[1].bit_length() if hist is not None else 24,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device),
     )
     return out

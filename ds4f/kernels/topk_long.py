@@ -1,20 +1,23 @@
-"""⑥ kernels, decode top-k of long rows in two launches after the indexer: scores [T, L] fp32 + valid_len [T] in,
+"""⑥ kernels, decode top-k of long rows in three launches after the indexer: scores [T, L] fp32 + valid_len [T] in,
 the attention index list [T, W + k] int32 (window rows, then the picks' pool rows) or ids [T, k] out.
 
-A radix select over the order-preserving 32-bit key (topk_small._sort_key) in digits of 11, 11 and 10 bits:
+The radix select of ds4f.kernels.indexer.topk_indices (8-bit digits of the order-preserving key,
+topk_small._sort_key), with fewer passes over the row:
 - the indexer (ds4f.kernels.indexer.indexer_scores with hist=) adds each row's first-digit histogram as it writes
   the scores, so no pass reads the row for it;
-- launch 1 (`_long_l1`): every chunk program of a long row histograms the second digit of the keys in the k-th's
-  first-digit bin; program 0 of a short row (<= lanes valid entries) selects it whole (topk_small._select_row) and
-  copies the window rows of a long one;
-- launch 2 (`_long_sel`): keys whose top 22 bits are above the k-th's go straight to the output; keys sharing the
-  k-th's 22 bits (bins 2^-13 wide: a handful at most for real scores) go to a candidate list; the last-arriving
-  program resolves the last digit among them (a rescan of the row if more than CAND share the bin: ties) and
-  re-arms the row's histograms and counters to zero for the next call.
-The state (histograms, counters, candidates) is a persistent zeroed buffer per device that every call leaves zeroed
-(ds4f.kernels.arrival's contract): allocate it outside a graph capture, one call at a time per device. The multi-pass
-ds4f.kernels.indexer.topk_indices took 6 launches (+1 for the id -> pool row mapping) for what this does in 2.
-Order inside a row: the keys above the k-th's 22-bit bin in arrival order, then the rest; callers use the set."""
+- launches 1 and 2 (`_long_hist`, LEVEL 1 and 2): every chunk program of a long row histograms the next digit of
+  the keys matching the k-th's prefix so far; in launch 1, program 0 of a short row (<= lanes valid entries) selects
+  it whole (topk_small._select_row) and copies the window rows of a long one;
+- launch 3 (`_long_sel`): keys whose top 24 bits are above the k-th's go straight to the output; keys sharing the
+  k-th's 24 bits (bins 2^-15 wide: a handful for real scores) go to a candidate list; the last-arriving program
+  resolves the last digit among them (a rescan of the row if more than CAND share the bin: ties) and re-arms the
+  row's histograms and counters to zero for the next call.
+The former path took 7 launches: topk_small's (zeroing), 4 digit passes, the compaction, the id -> pool row mapping.
+The state (histograms, counters, candidates) is a persistent buffer per device whose histograms and counters every
+call leaves zeroed (ds4f.kernels.arrival's contract): allocate it outside a graph capture, one call at a time per
+device. Order inside a row: the keys above the k-th's 24-bit bin in arrival order, then the rest; callers use the
+set. H200 (bench/bench_topk_decode.py --chain): 11-bit digits measured 2.8x slower than the 7 launches (Triton's
+histogram over 2048 bins), hence 8 bits."""
 
 from __future__ import annotations
 
@@ -30,17 +33,18 @@ try:
     import triton
     import triton.language as tl
 
+    from ds4f.kernels.indexer import _radix_state
     from ds4f.kernels.pdl import enter as pdl_enter
     from ds4f.kernels.topk_small import SMALL_LANES, _radix_step, _select_row, _sort_key
 except ImportError:  # CPU-only installs: callers take the reference path
     triton = None
 
-NB = 2048  # bins of the 11-bit digits
-NB2 = 1024  # ... of the last, 10-bit digit
-CAND = 4096  # candidate ids per row the finisher resolves in registers (more: it rescans the row)
+NB = 256  # bins of a digit (8 bits)
+LEVELS = 3  # digits histogrammed over the row (the indexer's and two passes); the fourth over the candidates
+CAND = 1024  # candidate ids per row the finisher resolves in registers (more: it rescans the row)
 MAX_ROWS = 32  # rows per call (decode batches); the state is sized for them
 CNT = 4  # per-row counters: picks written, candidates, programs arrived, (pad)
-ROW = 2 * NB + CNT + CAND  # int32 per row of state: hist0 | hist1 | counters | candidates
+ROW = LEVELS * NB + CNT + CAND  # int32 per row of state: hist[LEVELS] | counters | candidates
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class State:
         """[MAX_ROWS, NB] int32 first-digit histograms (the indexer's hist= argument)."""
         return self.buf[:, :NB]
 
+    def armed(self) -> bool:
+        """Histograms and counters all zero (host sync: tests)."""
+        return int(self.buf[:, : LEVELS * NB + CNT].abs().sum()) == 0
+
 
 def sort_key(scores: torch.Tensor) -> torch.Tensor:
     """fp32 -> int64 holding topk_small._sort_key's uint32: the same order, -inf -> 0, finite -> >= 2^23."""
@@ -61,14 +69,14 @@ def sort_key(scores: torch.Tensor) -> torch.Tensor:
 
 
 def hist_ref(scores: torch.Tensor, valid_len: torch.Tensor) -> torch.Tensor:
-    """[T, NB] int32: per row, the counts of the first digit (key >> 21) of the finite scores below valid_len (what
+    """[T, NB] int32: per row, the counts of the first digit (key >> 24) of the finite scores below valid_len (what
     indexer_scores(hist=) adds)."""
     T, L = scores.shape
     key = sort_key(scores)
     ok = (key != 0) & (torch.arange(L, device=scores.device)[None, :] < valid_len.long()[:, None])
     out = torch.zeros(T, NB, dtype=torch.int32, device=scores.device)
     for t in range(T):
-        out[t] = torch.bincount(key[t][ok[t]] >> 21, minlength=NB).int()
+        out[t] = torch.bincount(key[t][ok[t]] >> 24, minlength=NB).int()
     return out
 
 
@@ -79,9 +87,10 @@ def state(device: torch.device) -> State:
 
 if triton is not None:
     _NB = tl.constexpr(NB)  # the module's sizes as the kernels see them
-    _NB2 = tl.constexpr(NB2)
+    _LV = tl.constexpr(LEVELS)
     _CNT = tl.constexpr(CNT)
     _CAND = tl.constexpr(CAND)
+    _ROW = tl.constexpr(ROW)
 
     @triton.jit
     def _pool_rows(ids, m, t, bt_ptr, s_bt, comp_base, epb, ROWS: tl.constexpr):
@@ -93,75 +102,72 @@ if triton is not None:
         return ids.to(tl.int32)
 
     @triton.jit
-    def _long_l1(s_ptr, vlen_ptr, st_ptr, out_ptr, L, s_st, s_ot, k, chunk, bt_ptr, s_bt, win_ptr, s_wt,
-                 comp_base, epb, N: tl.constexpr, N2: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
-                 WP: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False):
-        # program = (row t, chunk c). Long row: the second digit's histogram of its chunk's keys in bin b0
+    def _long_hist(s_ptr, vlen_ptr, st_ptr, out_ptr, L, s_st, s_ot, k, chunk, bt_ptr, s_bt, win_ptr, s_wt,
+                   comp_base, epb, LEVEL: tl.constexpr, N: tl.constexpr, N2: tl.constexpr, KP: tl.constexpr,
+                   BLOCK: tl.constexpr, WP: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False):
+        # program = (row t, chunk c). Long row: digit LEVEL's histogram of its chunk's keys matching the k-th's
+        # prefix of the LEVEL digits before. LEVEL 1 also: a short row selected whole by program 0, which also
+        # re-arms the indexer's histogram; a long row's window rows copied by program 0
         pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         lim = tl.minimum(tl.load(vlen_ptr + t), L)
-        row = st_ptr + t * (2 * _NB + _CNT + _CAND)
-        offs_b = tl.arange(0, _NB)
+        row = st_ptr + t * _ROW
         if lim <= N:
-            if c == 0:  # the whole row in this program; the indexer's histogram re-armed
-                tl.store(row + offs_b, tl.zeros([_NB], tl.int32))
-                if N2 > 0:
-                    if lim <= N2:
-                        _select_row(s_ptr, out_ptr, t, lim, s_st, s_ot, k, bt_ptr, s_bt, win_ptr, s_wt, comp_base,
-                                    epb, N2, KP, 256, WP, ROWS)
+            if LEVEL == 1:  # noqa: SIM102 (LEVEL is static, c a tensor: no `and` between them in Triton)
+                if c == 0:
+                    tl.store(row + tl.arange(0, _NB), tl.zeros([_NB], tl.int32))
+                    if N2 > 0:
+                        if lim <= N2:
+                            _select_row(s_ptr, out_ptr, t, lim, s_st, s_ot, k, bt_ptr, s_bt, win_ptr, s_wt,
+                                        comp_base, epb, N2, KP, _NB, WP, ROWS)
+                        else:
+                            _select_row(s_ptr, out_ptr, t, lim, s_st, s_ot, k, bt_ptr, s_bt, win_ptr, s_wt,
+                                        comp_base, epb, N, KP, _NB, WP, ROWS)
                     else:
                         _select_row(s_ptr, out_ptr, t, lim, s_st, s_ot, k, bt_ptr, s_bt, win_ptr, s_wt, comp_base,
-                                    epb, N, KP, 256, WP, ROWS)
-                else:
-                    _select_row(s_ptr, out_ptr, t, lim, s_st, s_ot, k, bt_ptr, s_bt, win_ptr, s_wt, comp_base, epb,
-                                N, KP, 256, WP, ROWS)
+                                    epb, N, KP, _NB, WP, ROWS)
         else:
-            if ROWS:  # noqa: SIM102 (ROWS is static, c a tensor: no `and` between them in Triton)
+            if ROWS and LEVEL == 1:  # noqa: SIM102
                 if c == 0:
                     offs_w = tl.arange(0, WP)
                     tl.store(out_ptr + t * s_ot + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
             if c * chunk < lim:
-                b0, _, _ = _radix_step(tl.load(row + offs_b), offs_b, k)
-                if b0 >= 0:  # else fewer than k finite keys: every one is taken, no digit to refine
+                prefix, _, take_all = _radix_state(row, 0, k, _NB, LEVEL, _NB)
+                if take_all == 0:  # else fewer than k finite keys: every one is taken, no digit to refine
                     acc = tl.zeros([_NB], tl.int32)
                     for j in range(0, chunk, BLOCK):
                         offs = c * chunk + j + tl.arange(0, BLOCK)
                         u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
-                        sel = (u != 0) & ((u >> 21).to(tl.int32) == b0)
-                        acc += tl.histogram(((u >> 10) & 2047).to(tl.int32), _NB, mask=sel)
-                    tl.atomic_add(row + _NB + offs_b, acc, mask=acc != 0)
+                        sel = (u != 0) & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
+                        acc += tl.histogram(((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32), _NB, mask=sel)
+                    tl.atomic_add(row + LEVEL * _NB + tl.arange(0, _NB), acc, mask=acc != 0)
 
     @triton.jit
     def _long_sel(s_ptr, vlen_ptr, st_ptr, out_ptr, L, s_st, s_ot, k, chunk, n_chunks, bt_ptr, s_bt, comp_base, epb,
                   N: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, WP: tl.constexpr, ROWS: tl.constexpr,
                   PDL: tl.constexpr = False):
-        # program = (row t, chunk c) of a long row: keys above the k-th's 22-bit bin -> out, keys in it -> the
+        # program = (row t, chunk c) of a long row: keys above the k-th's 24-bit prefix -> out, keys with it -> the
         # candidates; the last to arrive picks the rest and re-arms the row's state
         pdl_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         lim = tl.minimum(tl.load(vlen_ptr + t), L)
         if lim > N:
-            row = st_ptr + t * (2 * _NB + _CNT + _CAND)
-            cnt = row + 2 * _NB
+            row = st_ptr + t * _ROW
+            cnt = row + _LV * _NB
             cand = cnt + _CNT
             outp = out_ptr + t * s_ot + WP
-            offs_b = tl.arange(0, _NB)
-            b0, above0, _ = _radix_step(tl.load(row + offs_b), offs_b, k)
-            take_all = b0 < 0
-            krem = k - above0
-            b1, above1, _ = _radix_step(tl.load(row + _NB + offs_b), offs_b, tl.maximum(krem, 1))
-            krem = tl.where(take_all, 0, krem - above1)
-            p22 = tl.where(take_all, 0, (b0 << 11) | b1).to(tl.uint32)  # take_all: every finite key is above
+            prefix, krem, take_all = _radix_state(row, 0, k, _NB, _LV, _NB)
+            p24 = prefix >> 8  # take_all: 0, below every finite key's top 24 bits (>= 2^15)
             if c * chunk < lim:
                 for j in range(0, chunk, BLOCK):
                     offs = c * chunk + j + tl.arange(0, BLOCK)
                     m = offs < lim
                     u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
-                    top = u >> 10
-                    gt = m & (u != 0) & (top > p22)
-                    eq = m & (u != 0) & (top == p22) & ~take_all
+                    top = u >> 8
+                    gt = m & (u != 0) & (top > p24)
+                    eq = m & (u != 0) & (top == p24) & ~take_all
                     base = tl.atomic_add(cnt, tl.sum(gt.to(tl.int32), 0))
                     pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
                     tl.store(outp + pos, _pool_rows(offs, gt, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=gt)
@@ -173,47 +179,46 @@ if triton is not None:
                 ncand = tl.atomic_add(cnt + 1, 0)
                 offs_k = tl.arange(0, KP)
                 tl.store(outp + offs_k, tl.full([KP], -1, tl.int32), mask=(offs_k >= ngt) & (offs_k < k) & take_all)
-                offs_2 = tl.arange(0, _NB2)
+                offs_b = tl.arange(0, _NB)
                 if (krem > 0) & (ncand <= _CAND):
                     offs_c = tl.arange(0, _CAND)
                     mc = offs_c < ncand
                     ids = tl.load(cand + offs_c, mask=mc, other=0)
                     u = _sort_key(tl.load(s_ptr + t * s_st + ids, mask=mc, other=float("-inf")))
-                    d2 = (u & 1023).to(tl.int32)
-                    b2, above2, _ = _radix_step(tl.histogram(d2, _NB2, mask=mc), offs_2, krem)
-                    gt2 = mc & (d2 > b2)
-                    eq2 = mc & (d2 == b2)
-                    pos = ngt + tl.cumsum(gt2.to(tl.int32), 0) - 1
-                    tl.store(outp + pos, _pool_rows(ids, gt2, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=gt2)
-                    pos_e = ngt + above2 + tl.cumsum(eq2.to(tl.int32), 0) - 1
-                    eq2 = eq2 & (pos_e < k)
-                    tl.store(outp + pos_e, _pool_rows(ids, eq2, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=eq2)
-                if (krem > 0) & (ncand > _CAND):  # many keys share the k-th's top 22 bits (ties): rescan the row
-                    h2 = tl.zeros([_NB2], tl.int32)
+                    d = (u & 255).to(tl.int32)
+                    b, above, _ = _radix_step(tl.histogram(d, _NB, mask=mc), offs_b, krem)
+                    gt = mc & (d > b)
+                    eq = mc & (d == b)
+                    pos = ngt + tl.cumsum(gt.to(tl.int32), 0) - 1
+                    tl.store(outp + pos, _pool_rows(ids, gt, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=gt)
+                    pos_e = ngt + above + tl.cumsum(eq.to(tl.int32), 0) - 1
+                    eq = eq & (pos_e < k)
+                    tl.store(outp + pos_e, _pool_rows(ids, eq, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=eq)
+                if (krem > 0) & (ncand > _CAND):  # many keys share the k-th's top 24 bits (ties): rescan the row
+                    h = tl.zeros([_NB], tl.int32)
                     for j in range(0, L, BLOCK):
                         offs = j + tl.arange(0, BLOCK)
                         u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
-                        sel = (u != 0) & ((u >> 10) == p22)
-                        h2 += tl.histogram((u & 1023).to(tl.int32), _NB2, mask=sel)
-                    b2, above2, _ = _radix_step(h2, offs_2, krem)
+                        h += tl.histogram((u & 255).to(tl.int32), _NB, mask=(u != 0) & ((u >> 8) == p24))
+                    b, above, _ = _radix_step(h, offs_b, krem)
                     n_g = ngt
-                    n_e = ngt + above2
+                    n_e = ngt + above
                     for j in range(0, L, BLOCK):
                         offs = j + tl.arange(0, BLOCK)
                         u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
-                        sel = (u != 0) & ((u >> 10) == p22)
-                        d2 = (u & 1023).to(tl.int32)
-                        gt2 = sel & (d2 > b2)
-                        eq2 = sel & (d2 == b2)
-                        pos = n_g + tl.cumsum(gt2.to(tl.int32), 0) - 1
-                        tl.store(outp + pos, _pool_rows(offs, gt2, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=gt2)
-                        pos_e = n_e + tl.cumsum(eq2.to(tl.int32), 0) - 1
-                        eq2 = eq2 & (pos_e < k)
-                        tl.store(outp + pos_e, _pool_rows(offs, eq2, t, bt_ptr, s_bt, comp_base, epb, ROWS),
-                                 mask=eq2)
-                        n_g += tl.sum(gt2.to(tl.int32), 0)
-                        n_e += tl.sum(eq2.to(tl.int32), 0)
-                tl.store(row + tl.arange(0, 2 * _NB), tl.zeros([2 * _NB], tl.int32))  # re-armed for the next call
+                        sel = (u != 0) & ((u >> 8) == p24)
+                        d = (u & 255).to(tl.int32)
+                        gt = sel & (d > b)
+                        eq = sel & (d == b)
+                        pos = n_g + tl.cumsum(gt.to(tl.int32), 0) - 1
+                        tl.store(outp + pos, _pool_rows(offs, gt, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=gt)
+                        pos_e = n_e + tl.cumsum(eq.to(tl.int32), 0) - 1
+                        eq = eq & (pos_e < k)
+                        tl.store(outp + pos_e, _pool_rows(offs, eq, t, bt_ptr, s_bt, comp_base, epb, ROWS), mask=eq)
+                        n_g += tl.sum(gt.to(tl.int32), 0)
+                        n_e += tl.sum(eq.to(tl.int32), 0)
+                for lv in tl.static_range(_LV):  # re-armed for the next call
+                    tl.store(row + lv * _NB + offs_b, tl.zeros([_NB], tl.int32))
                 tl.store(cnt + tl.arange(0, _CNT), tl.zeros([_CNT], tl.int32))
 
 
@@ -240,9 +245,11 @@ def select(scores: torch.Tensor, valid_len: torch.Tensor, k: int, st: State, lan
     n_chunks = triton.cdiv(L, chunk)
     kp = triton.next_power_of_2(k)
     n2 = SMALL_LANES if lanes > SMALL_LANES else 0
-    _long_l1[(T, n_chunks)](scores, valid_len, st.buf, out, L, scores.stride(0), out.stride(0), k, chunk, bt,
-                            bt.stride(0), win, win.stride(0), base, epb, N=lanes, N2=n2, KP=kp, BLOCK=block, WP=wp,
-                            ROWS=rows is not None, num_warps=warps, **pdl.launch(scores.device))
+    for level in (1, 2):
+        _long_hist[(T, n_chunks)](scores, valid_len, st.buf, out, L, scores.stride(0), out.stride(0), k, chunk, bt,
+                                  bt.stride(0), win, win.stride(0), base, epb, LEVEL=level, N=lanes, N2=n2, KP=kp,
+                                  BLOCK=block, WP=wp, ROWS=rows is not None, num_warps=warps,
+                                  **pdl.launch(scores.device))
     _long_sel[(T, n_chunks)](scores, valid_len, st.buf, out, L, scores.stride(0), out.stride(0), k, chunk, n_chunks,
                              bt, bt.stride(0), base, epb, N=lanes, KP=kp, BLOCK=block, WP=wp, ROWS=rows is not None,
                              num_warps=warps, **pdl.launch(scores.device))
@@ -266,4 +273,5 @@ def decode_rows(scores: torch.Tensor, k: int, valid_len: torch.Tensor, st: State
     return select(scores, valid_len, k, st, lanes, small_warps(lanes), TOPK_KNOBS[0], programs, rows=rows)
 
 
-__all__ = ["CAND", "MAX_ROWS", "NB", "State", "applies", "decode_rows", "hist_ref", "select", "sort_key", "state"]
+__all__ = ["CAND", "LEVELS", "MAX_ROWS", "NB", "State", "applies", "decode_rows", "hist_ref", "select", "sort_key",
+           "state"]
