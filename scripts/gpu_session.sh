@@ -298,5 +298,12 @@ case "${1:-}" in
       --json "$OUT/topk_decode.jsonl" 2>&1 | grep -E "^chain|Error"
     timeout "${SWEEP_S:-200}" python3 bench/sweep_decode_long.py --out "$OUT/decode_long.jsonl" 2>&1 \
       | grep -E "^(attn|indexer|topk|PICK)|Error|FAILED" | tail -n 40 ;;
+  s11full)  # 2 GPUs: the full model at TP=2 for 1M-token sessions, no tests first (the call's time is the run's):
+    # decode b1 / b4 with graphs captured for 1M, the 1M prompt (TTFT), decode after it, rank 0's profiles
+    E="DS4F_INDEX_FP8=1 DS4F_GRAPH_TIMING=1 ${FULL_ENV:-}"
+    C="python3 bench/bench_full.py --tp 2 --batches ${FULL_BATCHES:-1,4} --max-model-len ${FULL_LEN:-1048576} --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
+    echo "# $E $C"
+    env $E timeout $((${S11_LIMIT:-590} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
+      | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac

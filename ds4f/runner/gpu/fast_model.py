@@ -94,9 +94,11 @@ class FastModel:
         # the top-k kernel writes the attention rows (window + pool rows) itself where its one launch applies
         # (ds4f.kernels.indexer.topk_pool_rows); DS4F_TOPK_ROWS=0: ids, then glue.topk_rows
         self.topk_rows = os.environ.get("DS4F_TOPK_ROWS", "1") == "1"
-        # ... and past its lanes (long contexts), the indexer adds the first radix digit's histogram as it scores and
-        # two launches select (ds4f.kernels.topk_long) instead of six + the mapping; DS4F_TOPK_LONG=0: those
-        self.topk_long = os.environ.get("DS4F_TOPK_LONG", "1") == "1"
+        # ... and past its lanes (long contexts), DS4F_TOPK_LONG=1: the indexer adds the first radix digit's
+        # histogram as it scores and three launches select (ds4f.kernels.topk_long) instead of seven. Opt-in: H200
+        # chain (indexer + top-512 + rows) at L = 262,144: 51.7 vs 54.9 us at one token, 133.3 vs 112.5 at four
+        # (the histogram costs the indexer 3-15 us; bench/results/topk_decode.jsonl)
+        self.topk_long = os.environ.get("DS4F_TOPK_LONG", "0") == "1"
         # eager steps of >= prefix_min_t tokens: all-entries layers through prefix_attn; DS4F_PREFIX_ATTN=0: off
         self.prefix_attn = os.environ.get("DS4F_PREFIX_ATTN", "1") == "1"
         self.prefix_min_t = int(os.environ.get("DS4F_PREFIX_MIN_T", "256"))
