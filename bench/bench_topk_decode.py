@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import run_meta, time_us  # noqa: E402
-from ds4f.kernels import topk_long  # noqa: E402
+from ds4f.kernels import topk_long, topk_radix  # noqa: E402
 from ds4f.kernels.fp8 import quantize_rows  # noqa: E402
 from ds4f.kernels.indexer import TOPK_KNOBS, indexer_scores, quant_heads_fp8, topk_indices  # noqa: E402
 from ds4f.runner.gpu.glue import topk_rows  # noqa: E402
@@ -76,9 +76,10 @@ def bench_indexer(T: int, L: int, vlen: int, n: int, keys: str, g: torch.Generat
 
 
 def bench_chain(T: int, L: int, vlen: int, n: int, g: torch.Generator) -> dict:
-    """A CSA layer's decode selection, e4m3 q + keys: indexer_scores + topk_indices + glue.topk_rows (old) vs
-    indexer_scores(hist=) + topk_long.decode_rows (new, where topk_long.applies), the attention rows compared as
-    sets of scores."""
+    """A CSA layer's decode selection, e4m3 q + keys, three ways: indexer_scores + topk_indices + glue.topk_rows with
+    the radix passes as five launches (passes_us) or one (fused_us, ds4f.kernels.topk_radix), and indexer_scores(
+    hist=) + topk_long.decode_rows (long_us, where topk_long.applies); each checked against the first (the rows'
+    picks as sets of scores). Also the indexer alone and with topk_long's histogram (+ a zero fill)."""
     W = 128
     q, qs = quant_heads_fp8(torch.randn(T, HI, DI, device="cuda", generator=g).bfloat16())
     w = torch.randn(T, HI, device="cuda", generator=g) * qs
@@ -94,30 +95,41 @@ def bench_chain(T: int, L: int, vlen: int, n: int, g: torch.Generator) -> dict:
     rows = (bt, win, 0, 32)
     st = topk_long.state(torch.device("cuda"))
 
-    def old(i: int) -> torch.Tensor:
-        sc = indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True)
-        return topk_rows(topk_indices(sc, K, valid_len=vl), *rows)
+    def ix(i: int, hist: bool = False) -> torch.Tensor:
+        return indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True,
+                              hist=st.hist0 if hist else None)
 
-    def new(i: int) -> torch.Tensor:
-        sc = indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True, hist=st.hist0)
-        return topk_long.decode_rows(sc, K, vl, st, rows)
+    def radix(i: int) -> torch.Tensor:
+        return topk_rows(topk_indices(ix(i), K, valid_len=vl), *rows)
 
-    def ix(i: int) -> torch.Tensor:  # the indexer alone, without / with the histogram
-        return indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True)
+    def long(i: int) -> torch.Tensor:
+        return topk_long.decode_rows(ix(i, True), K, vl, st, rows)
 
     def ixh(i: int) -> torch.Tensor:
-        out = indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True, hist=st.hist0)
+        out = ix(i, True)
         st.hist0.zero_()
         return out
 
-    if not topk_long.applies(T, L, W, torch.device("cuda")):
-        return dict(old_us=per_call(old, n), new_us=float("nan"), match=True)
-    parts = dict(indexer_us=per_call(ix, n), indexer_hist_zero_us=per_call(ixh, n))
-    sc = indexer_scores(q, w, pools[0][0], slots, seq, vl, k_scale=pools[0][1], zero_rank=True)
-    a, b = old(0), new(0)
-    ok = all(torch.equal(sc[r, a[r, W:][a[r, W:] >= 0].long()].sort().values,
-                         sc[r, b[r, W:][b[r, W:] >= 0].long()].sort().values) for r in range(T))
-    return dict(old_us=per_call(old, n), new_us=per_call(new, n), match=ok, **parts)
+    def timed_radix(fused: bool) -> tuple[float, torch.Tensor]:
+        prev, topk_radix.FUSED = topk_radix.FUSED, fused
+        try:
+            return per_call(radix, n), radix(0)
+        finally:
+            topk_radix.FUSED = prev
+
+    sc = ix(0)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return all(torch.equal(sc[r, a[r, W:][a[r, W:] >= 0].long()].sort().values,
+                               sc[r, b[r, W:][b[r, W:] >= 0].long()].sort().values) for r in range(T))
+
+    p_us, p_out = timed_radix(False)
+    f_us, f_out = timed_radix(True)
+    rec = dict(passes_us=p_us, fused_us=f_us, match=same(f_out, p_out), indexer_us=per_call(ix, n))
+    if topk_long.applies(T, L, W, torch.device("cuda")):
+        rec.update(long_us=per_call(long, n), indexer_hist_zero_us=per_call(ixh, n))
+        rec["match"] = rec["match"] and same(long(0), p_out)
+    return rec
 
 
 def main() -> None:
@@ -126,7 +138,8 @@ def main() -> None:
     ap.add_argument("--keys", default="bf16,fp8,fp8q", help="indexer formats: bf16 q+keys, e4m3 keys, e4m3 q+keys")
     ap.add_argument("--calls", type=int, default=20, help="calls per graph (distinct input copies)")
     ap.add_argument("--json", default="", help="append one JSON record per line to this file")
-    ap.add_argument("--chain", action="store_true", help="only the indexer + top-k + rows chain, old vs topk_long")
+    ap.add_argument("--chain", action="store_true",
+                    help="only the indexer + top-k + rows chain: radix passes, fused radix, topk_long")
     args = ap.parse_args()
     meta = run_meta(" ".join(sys.argv))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -136,9 +149,10 @@ def main() -> None:
             if args.chain:
                 rows.append(dict(kernel="chain", T=T, L=L, vlen=vlen, **bench_chain(T, L, vlen, args.calls, g)))
                 r = rows[-1]
-                print(f"chain T={r['T']:2d} L={r['L']:6d} vlen={r['vlen']:6d}  old {r['old_us']:7.2f} us  new "
-                      f"{r['new_us']:7.2f} us  match={r['match']}  (indexer {r.get('indexer_us', 0):.2f}, with "
-                      f"the histogram + a zero fill {r.get('indexer_hist_zero_us', 0):.2f})", flush=True)
+                print(f"chain T={r['T']:2d} L={r['L']:6d} vlen={r['vlen']:6d}  passes {r['passes_us']:7.2f} us  "
+                      f"fused {r['fused_us']:7.2f} us  topk_long {r.get('long_us', float('nan')):7.2f} us  "
+                      f"match={r['match']}  (indexer {r['indexer_us']:.2f}, with topk_long's histogram + a zero "
+                      f"fill {r.get('indexer_hist_zero_us', float('nan')):.2f})", flush=True)
                 continue
             rows.append(dict(kernel="topk", T=T, L=L, vlen=vlen, **bench_topk(T, L, vlen, args.calls, g)))
             for keys in args.keys.split(","):

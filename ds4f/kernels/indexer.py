@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ds4f.kernels import pdl
+from ds4f.kernels import pdl, topk_radix
 from ds4f.kernels.index_q import quant_heads_fp8 as quant_heads_fp8  # re-exported: callers and tests use it here
 from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
@@ -18,7 +18,8 @@ try:
     import triton.language as tl
 
     from ds4f.kernels.pdl import enter as pdl_enter
-    from ds4f.kernels.topk_small import _radix_step, _sort_key  # jit helpers: defined only with triton
+    from ds4f.kernels.topk_radix import _radix_state, _topk_hist, _topk_select  # noqa: F401 (re-exported)
+    from ds4f.kernels.topk_small import _sort_key  # jit helper: defined only with triton
 except ImportError:  # CPU-only installs: the wrappers fall back to the references
     triton = None
 
@@ -111,73 +112,6 @@ if triton is not None:
         if HIST > 0:
             offs_b = tl.arange(0, HIST)
             tl.atomic_add(hist_ptr + t * s_ht + offs_b, hacc, mask=hacc != 0)
-
-    @triton.jit
-    def _radix_state(hist_ptr, t, k, s_lv, LEVELS: tl.constexpr, NB: tl.constexpr):
-        # (prefix, krem, take_all) after LEVELS digits: keys with the prefix's top bits hold the k-th largest;
-        # krem of them are still needed. take_all: fewer than k valid keys, so every valid key is picked.
-        offs = tl.arange(0, NB)
-        krem = k
-        take_all = k < 0
-        prefix = (k * 0).to(tl.uint32)
-        for lv in tl.static_range(LEVELS):
-            h = tl.load(hist_ptr + lv * s_lv + t * NB + offs)
-            b, above, _ = _radix_step(h, offs, krem)
-            take_all = take_all | (b < 0)
-            krem = tl.where(take_all, 0, krem - above)
-            prefix = tl.where(take_all, 0, prefix | (b.to(tl.uint32) << (24 - 8 * lv)))
-        return prefix, krem, take_all
-
-    @triton.jit
-    def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
-                   LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
-                   SMALL: tl.constexpr, PDL: tl.constexpr = False):
-        # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far; VLEN: columns at
-        # or past vlen_ptr[t] are -inf by contract and never read (a chunk entirely past it adds nothing).
-        # SMALL > 0: rows of <= SMALL valid entries were selected by topk_small's kernel: nothing to do
-        pdl_enter(PDL)
-        t = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
-        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
-        if (c * chunk < lim) & (lim > SMALL):  # (a data-dependent loop bound would not run under the interpreter)
-            prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
-            acc = tl.zeros([NB], tl.int32)
-            for j in range(0, chunk, BLOCK):
-                offs = c * chunk + j + tl.arange(0, BLOCK)
-                m = offs < lim
-                u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
-                sel = (u != 0) & ~take_all
-                if LEVEL > 0:
-                    sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
-                digit = ((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32)
-                acc += tl.histogram(digit, NB, mask=sel)
-            tl.atomic_add(hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB), acc)
-
-    @triton.jit
-    def _topk_select(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
-                     NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
-                     PDL: tl.constexpr = False):
-        # keys above the k-th go to slots [0, k - krem), krem keys equal to it to [k - krem, k), via counters
-        pdl_enter(PDL)
-        t = tl.program_id(0).to(tl.int64)
-        out_ptr += t * k
-        c = tl.program_id(1)
-        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
-        if (c * chunk < lim) & (lim > SMALL):
-            kth, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 4, NB)
-            for j in range(0, chunk, BLOCK):
-                offs = c * chunk + j + tl.arange(0, BLOCK)
-                m = offs < lim
-                u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
-                gt = m & (u > kth)
-                eq = m & (u == kth) & ~take_all
-                base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0))
-                pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
-                tl.store(out_ptr + pos, offs, mask=gt)
-                base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0))
-                pos_e = base_e + tl.cumsum(eq.to(tl.int32), 0) - 1
-                tl.store(out_ptr + (k - krem) + pos_e, offs, mask=eq & (pos_e < krem))
-
 
 def indexer_scores(
     q: torch.Tensor,
@@ -303,7 +237,8 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
     arbitrary subset is taken. backend "radix": a 4-digit radix select (8 bits at a time of the order-preserving
-    key), each pass a grid of row chunks adding into per-row histograms, then a compaction pass; 5 launches, no
+    key), each pass a grid of row chunks adding into per-row histograms, then a compaction pass (ds4f.kernels.
+    topk_radix: one launch whose programs meet at a barrier between passes where its grid fits, else 5); no
     host sync; it beats torch.topk on H200 for few rows (decode), torch.topk wins for many (prefill), so "auto"
     takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk. valid_len [T] int32 (optional): row t's
     columns at or past valid_len[t] are -inf (as indexer_scores writes them) and the radix passes skip them, so
@@ -341,16 +276,13 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
         launch_small(scores, valid_len, out, hist, cnt, k, small, T * nb, small_warps(small))
     if block is None:
         block, programs = TOPK_KNOBS[0], TOPK_KNOBS[1] or programs
-    n_chunks = max(1, min(triton.cdiv(L, block), programs or triton.cdiv(2 * sm_count(scores.device), T)))
+    programs = programs or triton.cdiv(2 * sm_count(scores.device), T)
+    cap = topk_radix.fused_cap(scores.device)
+    if cap:  # the one-launch form: a grid every program of which is resident at once
+        programs = min(programs, max(1, cap // T))
+    n_chunks = max(1, min(triton.cdiv(L, block), programs))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
-    grid = (T, triton.cdiv(L, chunk))
-    vl = valid_len if valid_len is not None else cnt
-    for level in range(4):
-        _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, NB=nb, BLOCK=block,
-                         VLEN=valid_len is not None, SMALL=small, num_warps=4,
-                         **pdl.launch(scores.device))
-    _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, NB=nb, BLOCK=block,
-                       VLEN=valid_len is not None, SMALL=small, num_warps=4, **pdl.launch(scores.device))
+    topk_radix.launch_passes(scores, valid_len, hist, cnt, out, k, block, chunk, small)
     return out
 
 

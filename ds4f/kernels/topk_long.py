@@ -33,8 +33,8 @@ try:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.indexer import _radix_state
     from ds4f.kernels.pdl import enter as pdl_enter
+    from ds4f.kernels.topk_radix import _radix_state
     from ds4f.kernels.topk_small import SMALL_LANES, _radix_step, _select_row, _sort_key
 except ImportError:  # CPU-only installs: callers take the reference path
     triton = None
@@ -174,6 +174,7 @@ if triton is not None:
                     base_c = tl.atomic_add(cnt + 1, tl.sum(eq.to(tl.int32), 0))
                     pos_c = base_c + tl.cumsum(eq.to(tl.int32), 0) - 1
                     tl.store(cand + pos_c, offs.to(tl.int32), mask=eq & (pos_c < _CAND))
+            tl.debug_barrier()  # every thread's candidate stores issued before the (one-thread) release below
             if tl.atomic_add(cnt + 2, 1) == n_chunks - 1:  # acq_rel: every other program's stores are visible
                 ngt = tl.atomic_add(cnt, 0)
                 ncand = tl.atomic_add(cnt + 1, 0)
