@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import run_meta, time_us  # noqa: E402
-from ds4f.kernels import topk_long, topk_radix  # noqa: E402
+from ds4f.kernels import topk_radix  # noqa: E402
 from ds4f.kernels.fp8 import quantize_rows  # noqa: E402
 from ds4f.kernels.indexer import TOPK_KNOBS, indexer_scores, quant_heads_fp8, topk_indices  # noqa: E402
 from ds4f.runner.gpu.glue import topk_rows  # noqa: E402
@@ -76,10 +76,11 @@ def bench_indexer(T: int, L: int, vlen: int, n: int, keys: str, g: torch.Generat
 
 
 def bench_chain(T: int, L: int, vlen: int, n: int, g: torch.Generator) -> dict:
-    """A CSA layer's decode selection, e4m3 q + keys, three ways: indexer_scores + topk_indices + glue.topk_rows with
-    the radix passes as five launches (passes_us) or one (fused_us, ds4f.kernels.topk_radix), and indexer_scores(
-    hist=) + topk_long.decode_rows (long_us, where topk_long.applies); each checked against the first (the rows'
-    picks as sets of scores). Also the indexer alone and with topk_long's histogram (+ a zero fill)."""
+    """A CSA layer's decode selection, e4m3 q + keys: indexer_scores + topk_indices + glue.topk_rows with the radix
+    passes as five launches (passes_us) or one (fused_us, ds4f.kernels.topk_radix), the second checked against the
+    first (the rows' picks as sets of scores); and the indexer alone (indexer_us). (Records of session 11 calls 1-2
+    also time topk_long, a three-launch select with the first digit's histogram in the indexer, since removed: 51.7
+    vs 54.9 us at one token, 133.3 vs 112.5 at four.)"""
     W = 128
     q, qs = quant_heads_fp8(torch.randn(T, HI, DI, device="cuda", generator=g).bfloat16())
     w = torch.randn(T, HI, device="cuda", generator=g) * qs
@@ -93,22 +94,12 @@ def bench_chain(T: int, L: int, vlen: int, n: int, g: torch.Generator) -> dict:
     bt = torch.arange(L // 32 + 1, device="cuda")[None].repeat(T, 1)  # identity block table: pool row = id + base
     win = torch.zeros(T, W, dtype=torch.int32, device="cuda")
     rows = (bt, win, 0, 32)
-    st = topk_long.state(torch.device("cuda"))
 
-    def ix(i: int, hist: bool = False) -> torch.Tensor:
-        return indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True,
-                              hist=st.hist0 if hist else None)
+    def ix(i: int) -> torch.Tensor:
+        return indexer_scores(q, w, pools[i][0], slots, seq, vl, k_scale=pools[i][1], zero_rank=True)
 
     def radix(i: int) -> torch.Tensor:
         return topk_rows(topk_indices(ix(i), K, valid_len=vl), *rows)
-
-    def long(i: int) -> torch.Tensor:
-        return topk_long.decode_rows(ix(i, True), K, vl, st, rows)
-
-    def ixh(i: int) -> torch.Tensor:
-        out = ix(i, True)
-        st.hist0.zero_()
-        return out
 
     def timed_radix(fused: bool) -> tuple[float, torch.Tensor]:
         prev, topk_radix.FUSED = topk_radix.FUSED, fused
@@ -125,11 +116,7 @@ def bench_chain(T: int, L: int, vlen: int, n: int, g: torch.Generator) -> dict:
 
     p_us, p_out = timed_radix(False)
     f_us, f_out = timed_radix(True)
-    rec = dict(passes_us=p_us, fused_us=f_us, match=same(f_out, p_out), indexer_us=per_call(ix, n))
-    if topk_long.applies(T, L, W, torch.device("cuda")):
-        rec.update(long_us=per_call(long, n), indexer_hist_zero_us=per_call(ixh, n))
-        rec["match"] = rec["match"] and same(long(0), p_out)
-    return rec
+    return dict(passes_us=p_us, fused_us=f_us, match=same(f_out, p_out), indexer_us=per_call(ix, n))
 
 
 def main() -> None:
@@ -139,7 +126,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20, help="calls per graph (distinct input copies)")
     ap.add_argument("--json", default="", help="append one JSON record per line to this file")
     ap.add_argument("--chain", action="store_true",
-                    help="only the indexer + top-k + rows chain: radix passes, fused radix, topk_long")
+                    help="only the indexer + top-k + rows chain: radix passes vs the fused radix")
     args = ap.parse_args()
     meta = run_meta(" ".join(sys.argv))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -150,9 +137,8 @@ def main() -> None:
                 rows.append(dict(kernel="chain", T=T, L=L, vlen=vlen, **bench_chain(T, L, vlen, args.calls, g)))
                 r = rows[-1]
                 print(f"chain T={r['T']:2d} L={r['L']:6d} vlen={r['vlen']:6d}  passes {r['passes_us']:7.2f} us  "
-                      f"fused {r['fused_us']:7.2f} us  topk_long {r.get('long_us', float('nan')):7.2f} us  "
-                      f"match={r['match']}  (indexer {r['indexer_us']:.2f}, with topk_long's histogram + a zero "
-                      f"fill {r.get('indexer_hist_zero_us', float('nan')):.2f})", flush=True)
+                      f"fused {r['fused_us']:7.2f} us  match={r['match']}  (indexer {r['indexer_us']:.2f})",
+                      flush=True)
                 continue
             rows.append(dict(kernel="topk", T=T, L=L, vlen=vlen, **bench_topk(T, L, vlen, args.calls, g)))
             for keys in args.keys.split(","):

@@ -84,13 +84,6 @@ def test_indexer_and_topk_build(arch: int, vlen: bool) -> None:
                                     k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32", slots_ptr="*i32",
                                     seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32", scale="fp32"),
               dict(DI=128, BLOCK_HI=64, BLOCK_L=64, N_INNER=8, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True), arch, 4, 4)
-        if qfp8 or not fp8:  # the decode form with topk_long's fused first-digit histogram
-            build(ix._indexer_fwd, dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",
-                                        k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32", slots_ptr="*i32",
-                                        seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32", hist_ptr="*i32",
-                                        scale="fp32"),
-                  dict(DI=128, BLOCK_HI=64, BLOCK_L=128, N_INNER=4, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True,
-                       HIST=256, HSHIFT=24), arch, 4, 3)
     t = dict(s_ptr="*fp32", vlen_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", out_ptr="*i32")
     for level in range(4):
         build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=1024, VLEN=vlen), arch)
@@ -201,17 +194,3 @@ def test_index_q_builds(arch: int) -> None:
                   dict(HD=128, HALF=32, BLOCK_P=32, BLOCK_H=64, FP8=fp8), arch, 4, 1)
         assert ("cvt.rn.satfinite.e4m3x2.f32" in k["ptx"]) == fp8  # round-to-nearest-even, as quant_heads_fp8
 
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("rows", [False, True])
-def test_topk_long_builds(arch: int, rows: bool) -> None:
-    from ds4f.kernels import topk_long as tk
-
-    t = dict(s_ptr="*fp32", vlen_ptr="*i32", st_ptr="*i32", out_ptr="*i32", bt_ptr="*i64", win_ptr="*i32")
-    k1 = build(tk._long_hist, t, dict(LEVEL=1, N=8192, N2=2048, KP=512, BLOCK=2048, WP=128 if rows else 0,
-                                      ROWS=rows), arch, 16, 2)
-    build(tk._long_hist, t, dict(LEVEL=2, N=8192, N2=2048, KP=512, BLOCK=2048, WP=128 if rows else 0, ROWS=rows),
-          arch, 16, 2)
-    k2 = build(tk._long_sel, t, dict(N=8192, KP=512, BLOCK=2048, WP=128 if rows else 0, ROWS=rows), arch, 16, 2)
-    for k in (k1, k2):
-        assert "atom" in k["ptx"] and k["shared"] <= 160 * 1024

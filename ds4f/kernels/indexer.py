@@ -19,7 +19,6 @@ try:
 
     from ds4f.kernels.pdl import enter as pdl_enter
     from ds4f.kernels.topk_radix import _radix_state, _topk_hist, _topk_select  # noqa: F401 (re-exported)
-    from ds4f.kernels.topk_small import _sort_key  # jit helper: defined only with triton
 except ImportError:  # CPU-only installs: the wrappers fall back to the references
     triton = None
 
@@ -58,11 +57,11 @@ if triton is not None:
 
     @triton.jit
     def _indexer_fwd(
-        q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr, hist_ptr,
-        HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot, s_ht,
+        q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
+        HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
         KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr, STRIDED: tl.constexpr = True,
-        HIST: tl.constexpr = 0, HSHIFT: tl.constexpr = 24, PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); STRIDED: the blocks P = grid dim 1 blocks apart,
         # so a short valid length over a long L still spreads its blocks over programs (else adjacent blocks);
@@ -85,8 +84,6 @@ if triton is not None:
             return
         q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
         w = tl.load(w_ptr + t * s_wt + offs_h, mask=hmask, other=0.0) * scale
-        if HIST > 0:
-            hacc = tl.zeros([HIST], tl.int32)
         for j in range(N_INNER):
             offs_l = l0 + j * step + tl.arange(0, BLOCK_L)
             valid = offs_l < vlen
@@ -106,12 +103,6 @@ if triton is not None:
                 sc = tl.where(sc == 0.0, -(offs_l + 1).to(tl.float32) * 1e-30, sc)
             sc = tl.where(valid, sc, float("-inf"))
             tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
-            if HIST > 0:  # ds4f.kernels.topk_long's first digit (the key's top bits) of the finite scores
-                u = _sort_key(sc)
-                hacc += tl.histogram((u >> HSHIFT).to(tl.int32), HIST, mask=u != 0)
-        if HIST > 0:
-            offs_b = tl.arange(0, HIST)
-            tl.atomic_add(hist_ptr + t * s_ht + offs_b, hacc, mask=hacc != 0)
 
 def indexer_scores(
     q: torch.Tensor,
@@ -131,7 +122,6 @@ def indexer_scores(
     keys_major: bool = False,
     zero_rank: bool = False,
     strided: bool = True,
-    hist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """scores [T, L] fp32 = scale * Σ_h w[t,h] ReLU(q[t,h]·k[slots[seq_of[t], l]]), -inf at l >= valid_len[t].
 
@@ -147,9 +137,7 @@ def indexer_scores(
     (every head's ReLU at 0) at column l becomes -(l + 1) * 1e-30, below 0 and above any negative score a bf16
     product gives, so among tied zeros the lower id ranks higher (what the reference's selection keeps).
     strided (one token per program): a program's n_inner key blocks lie a grid apart (else adjacent; the scores are
-    the same); decode calls take n_inner down to leave ~2 programs per SM at a short L.
-    hist [>= T, 2^b] int32 (decode: one token per program; zero on entry): each row's histogram of the top b bits
-    of its finite scores' order-preserving keys is added into it (ds4f.kernels.topk_long's first digit)."""
+    the same); decode calls take n_inner down to leave ~2 programs per SM at a short L."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -175,10 +163,6 @@ def indexer_scores(
             for r in range(0, ref.shape[0], 1024):  # in place, rows at a time: no second [T, L] buffer
                 part = ref[r: r + 1024]
                 torch.where(part == 0, ranks, part, out=part)
-        if hist is not None:
-            from ds4f.kernels.topk_long import hist_ref
-
-            hist[:T] += hist_ref(ref, valid_len)
         return ref
     L = slots.shape[1]
     out = torch.empty(T, L, dtype=torch.float32, device=q.device)
@@ -198,10 +182,6 @@ def indexer_scores(
     token_block = token_block or 1
     if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
         n_inner = max(1, min(8, triton.cdiv(triton.cdiv(T, token_block) * L, block_l * 2 * sm_count(q.device))))
-    if hist is not None:
-        assert token_block == 1 and not keys_major, "hist= needs the one-token-per-program kernel (decode)"
-        assert hist.dtype == torch.int32 and hist.dim() == 2 and hist.shape[0] >= T and hist.stride(1) == 1
-        assert hist.shape[1] & (hist.shape[1] - 1) == 0
     if token_block > 1 or keys_major:
         from ds4f.kernels.indexer_tb import launch
 
@@ -210,12 +190,9 @@ def indexer_scores(
     grid = (T, triton.cdiv(L, block_l * n_inner))
     _indexer_fwd[grid](
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
-        hist if hist is not None else out, HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0),
-        slots.stride(0), out.stride(0), hist.stride(0) if hist is not None else 0,
+        HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
         KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, STRIDED=strided,
-        HIST=hist.shape[1] if hist is not None else 0,
-        HSHIFT=33 - hist.shape[1].bit_length() if hist is not None else 24,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device),
     )
     return out

@@ -11,7 +11,7 @@ of the keys above the k-th and of as many equal to it as still needed. Two launc
   nothing waits on this kernel while holding SMs (a CUDA graph launches a dependent node after it completes; PDL
   dependents are scheduled only once every program passed pdl.enter, that is, is resident). The barrier counters
   are a persistent zeroed buffer (ds4f.kernels.arrival) the last program of a row re-arms. The interpreter runs
-  programs one after another (a barrier would never open), so there, and with DS4F_TOPK_FUSED=0, the passes run.
+  programs one after another (a barrier would never open), so there, and unless DS4F_TOPK_FUSED=1, the passes run.
 A decode step at 1M context runs this in each of 21 CSA layers (262,144 entries per row): the four passes and the
 compaction each waited for the one before to drain."""
 
@@ -32,7 +32,10 @@ try:
 except ImportError:  # CPU-only installs: topk_indices runs its reference instead
     triton = None
 
-FUSED = os.environ.get("DS4F_TOPK_FUSED", "1") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+# opt-in: H200, indexer + top-512 + rows per CSA layer (bench/bench_topk_decode.py --chain): one token at 262,144
+# valid entries 65.4 vs 54.6 us with the passes, four tokens 146.2 vs 112.0; only rows the one-program kernel takes
+# gain (the passes' empty launches: 20.3 vs 22.7 us). The barrier rounds cost more than the launch boundaries.
+FUSED = os.environ.get("DS4F_TOPK_FUSED", "0") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
 FUSED_MAX_PROGRAMS = 128  # programs of one fused launch (all rows): co-resident on any sm_80+ GPU of >= 64 SMs
 
 if triton is not None:

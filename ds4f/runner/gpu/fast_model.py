@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from ds4f.kernels import fused_moe, gemv, topk_indices, topk_long
+from ds4f.kernels import fused_moe, gemv, topk_indices
 from ds4f.kernels.index_q import index_q, quant_heads_fp8
 from ds4f.kernels.indexer import topk_pool_rows
 from ds4f.kernels.mhc import decode_kernel, hc_step
@@ -94,11 +94,6 @@ class FastModel:
         # the top-k kernel writes the attention rows (window + pool rows) itself where its one launch applies
         # (ds4f.kernels.indexer.topk_pool_rows); DS4F_TOPK_ROWS=0: ids, then glue.topk_rows
         self.topk_rows = os.environ.get("DS4F_TOPK_ROWS", "1") == "1"
-        # ... and past its lanes (long contexts), DS4F_TOPK_LONG=1: the indexer adds the first radix digit's
-        # histogram as it scores and three launches select (ds4f.kernels.topk_long) instead of seven. Opt-in: H200
-        # chain (indexer + top-512 + rows) at L = 262,144: 51.7 vs 54.9 us at one token, 133.3 vs 112.5 at four
-        # (the histogram costs the indexer 3-15 us; bench/results/topk_decode.jsonl)
-        self.topk_long = os.environ.get("DS4F_TOPK_LONG", "0") == "1"
         # eager steps of >= prefix_min_t tokens: all-entries layers through prefix_attn; DS4F_PREFIX_ATTN=0: off
         self.prefix_attn = os.environ.get("DS4F_PREFIX_ATTN", "1") == "1"
         self.prefix_min_t = int(os.environ.get("DS4F_PREFIX_MIN_T", "256"))
@@ -331,13 +326,8 @@ class FastModel:
             lo, hi = min(T, comm.rank * per), min(T, (comm.rank + 1) * per)
         vis = d.vis32[m][lo:hi]
         q, w = iq[lo:hi], iw[lo:hi]
-        rows = (d.bt_tok, d.win, cache.comp_base, cache.epb(m))
-        if (not sp and self.topk_rows and self.topk_long
-                and topk_long.applies(T, d.slots[m].shape[1], d.win.shape[1], q.device)):
-            st = topk_long.state(q.device)
-            sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis, hist=st.hist0)
-            return topk_long.decode_rows(sc, k, vis, st, rows)
         sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis)
+        rows = (d.bt_tok, d.win, cache.comp_base, cache.epb(m))
         if not sp and self.topk_rows:
             out = topk_pool_rows(sc, k, vis, *rows)
             if out is not None:
