@@ -96,9 +96,34 @@ def breakdown(kernels: list[Kernel]) -> dict[str, float]:
     return dict(out)
 
 
+def busy_breakdown(kernels: list[Kernel]) -> dict[str, float]:
+    """-> {category: us} over the span, each instant charged to the running kernel that started first (a kernel
+    started early by programmatic dependent launch waits while the one before it works; a side-stream kernel that
+    starts under a running one is hidden by it), `launch` where none runs; the values sum to the span. For
+    timelines whose kernels are spread over many streams (a CUDA graph of a TP step replays its nodes on several),
+    where breakdown's main stream is not the step's chain."""
+    if not kernels:
+        return {}
+    ks = sorted(kernels, key=lambda k: (k.start, k.end))
+    cuts = sorted({x for k in ks for x in (k.start, k.end)})
+    out: Counter[str] = Counter()
+    i, active = 0, []  # active: kernels running at the current cut, in start order
+    for a, b in zip(cuts, cuts[1:]):
+        while i < len(ks) and ks[i].start <= a:
+            active.append(ks[i])
+            i += 1
+        active = [k for k in active if k.end > a]
+        out[category(active[0].name) if active else "launch"] += b - a
+    return dict(out)
+
+
 def timeline_ms(path: Path, first: str = "_step_meta") -> dict[str, float]:
-    """A timeline file's last step (from the last kernel named `first`) -> {category: ms}, sorted by name."""
-    b = breakdown(last_step(parse(Path(path).read_text()), first))
+    """A timeline file's last step (from the last kernel named `first`) -> {category: ms}, sorted by name:
+    breakdown's main-stream walk, or busy_breakdown where fewer than half the step's kernels are on its first
+    kernel's stream."""
+    ks = last_step(parse(Path(path).read_text()), first)
+    main = sum(k.stream == ks[0].stream for k in ks) if ks else 0
+    b = breakdown(ks) if 2 * main >= len(ks) else busy_breakdown(ks)
     return {c: round(us / 1e3, 4) for c, us in sorted(b.items())}
 
 

@@ -286,3 +286,14 @@ def test_decode_kernels_build_offline_and_load_bytes_into_the_mma_operand(arch, 
         assert ("griddepcontrol.wait" in k.asm["ptx"]) == (arch >= 90)  # ds4f.kernels.pdl
         # the packed words reach the MMA operand layout undecoded: no decoded tile through shared memory
         assert "xi16, #ttg.dot_op<{opIdx = 0" in k.asm["ttgir"]
+
+
+def test_sub_decode_default_follows_env_then_arch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DS4F_MXFP4_DEC_SUB wins when set; unset: on only for sm_90 CUDA devices (a CPU device: off)
+    from ds4f.kernels import moe_mxfp4_decode as md
+
+    for env, want in (("", False), ("1", True), ("0", False)):
+        monkeypatch.setattr(md, "_SUB_ENV", env)
+        md.sub_default.cache_clear()
+        assert md.sub_default(torch.device("cpu")) is want, env
+    md.sub_default.cache_clear()

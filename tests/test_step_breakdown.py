@@ -66,3 +66,19 @@ def test_write_timeline_round_trip(tmp_path: Path) -> None:
     assert [(k.start, k.stream, k.name) for k in ks] == [(0.0, "s7", "_step_meta"), (3.0, "s13", "_rope_kernel"),
                                                          (10.0, "s7", "_attn_fwd")]
     assert breakdown(ks) == pytest.approx({"other": 5, "wait:kv_path": 2, "launch": 3, "attention": 3})
+
+
+def test_busy_breakdown_charges_the_earliest_running_kernel(tmp_path: Path) -> None:
+    # kernels spread over streams (a TP graph replay): each instant goes to the running kernel that started first
+    # (a PDL-early kernel waits under it; a kernel starting under a running one is hidden), idle time to launch
+    from step_breakdown import busy_breakdown, timeline_ms
+
+    ks = [Kernel(0, 10, "s7", "_step_meta"), Kernel(8, 12, "s503", "_fp8_gemv"),  # 10 -> 20 charged
+          Kernel(12, 4, "s504", "_rope_kernel"),  # under the GEMV: free
+          Kernel(22, 6, "s505", "one_shot_all_reduce_kernel"), Kernel(24, 10, "s506", "_attn_fwd")]
+    b = busy_breakdown(ks)
+    assert b == pytest.approx({"other": 10, "fp8_gemv": 10, "launch": 2, "collectives": 6, "attention": 6})
+    assert sum(b.values()) == pytest.approx(34)
+    f = tmp_path / "t.txt"  # fewer than half on the first kernel's stream: timeline_ms takes the sweep
+    f.write_text("\n".join(f"{k.start:10.2f} {k.dur:8.2f} 0.00 {k.stream}  {k.name}" for k in ks) + "\n")
+    assert timeline_ms(f) == pytest.approx({c: v / 1e3 for c, v in sorted(b.items())})

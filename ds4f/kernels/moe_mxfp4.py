@@ -335,7 +335,8 @@ def fused_moe_mxfp4(
     if dec is not None:  # decode sizes: swap-AB tensor-core kernels, pick sum fused
         c = config or {}
         return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
-                             bool(c.get("ASM", x.is_cuda and not _INTERPRET)), bool(c.get("SUB", md.SUB)),
+                             bool(c.get("ASM", x.is_cuda and not _INTERPRET)),
+                             bool(c.get("SUB", md.sub_default(x.device) if x.is_cuda and not _INTERPRET else md.SUB)),
                              shared_ready)
     if shared_ready is not None:
         torch.cuda.current_stream().wait_stream(shared_ready)

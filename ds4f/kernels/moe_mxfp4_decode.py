@@ -63,10 +63,24 @@ _NIB_ASM = tuple(_NIB.format(shift="shr.b32 t, $1, 8;\n" if r >= 2 else "", src=
                  for r in range(4))
 # SUB: the same without the multiply: value * 2^-126 (bf16 subnormals for codes 0.5 / -0.5) goes into the MMA
 # against x * 2^100 (exact for |x| < 2^27), the scale factors times 2^26 (UE8M0 scales <= 228). One instruction
-# fewer per two values, exact only if the tensor cores take bf16 subnormal inputs: the GPU tests check it; off
-# unless DS4F_MXFP4_DEC_SUB=1.
+# fewer per two values, exact only if the tensor cores take bf16 subnormal inputs: the GPU tests check it
+# (test_decode_sub_variant_matches_reference passed on H200). Default on sm_90 only (verified there); elsewhere the
+# multiply stays unless DS4F_MXFP4_DEC_SUB=1; =0 turns it off. H200, 12-layer TP=2 rank step with DS4F_KV_FUSED=1
+# (bench/results/full.jsonl, session 11): replay 1.548 vs 1.565 ms at one token, 2.198 vs 2.258 at four.
 _SUB_ASM = tuple(a.replace("fma.rn.bf16x2 $0, t, big, nz;", "mov.b32 $0, t;") for a in _NIB_ASM)
-SUB = os.environ.get("DS4F_MXFP4_DEC_SUB", "0") == "1"
+_SUB_ENV = os.environ.get("DS4F_MXFP4_DEC_SUB", "")
+SUB = _SUB_ENV == "1"
+
+
+@cache
+def sub_default(device: torch.device) -> bool:
+    """The SUB decode for CUDA launches on device: DS4F_MXFP4_DEC_SUB if set, else on for sm_90 (H100 / H200)."""
+    if _SUB_ENV in ("0", "1"):
+        return _SUB_ENV == "1"
+    if device.type != "cuda":
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(i) == (9, 0)
 
 Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages
 
