@@ -22,8 +22,9 @@ pick sum is fused, no [T*k, D] fp32 rows and no separate sum launch.
 
 Tiles per (D, I) shape from CONFIGS (bench/sweep_mxfp4_decode.py fills it), env DS4F_MXFP4_DEC=bn_up,bk_up,split_up,
 nw_up,ns_up,bn_dn,bk_dn,split_dn,nw_dn,ns_dn overrides, DS4F_MXFP4_DEC=0 turns the path off (moe_mxfp4's CUDA-core
-GEMV), DS4F_MXFP4_DEC_SUB=1 takes the SUB decode (one instruction fewer per two values; needs subnormal bf16 MMA
-inputs, see _SUB_ASM). Two concurrent calls of one shape on two streams would share the tile counters: not supported.
+GEMV), DS4F_MXFP4_DEC_SUB=1|0 forces the SUB decode on|off (default: on for sm_90; one instruction fewer per two
+values; needs subnormal bf16 MMA inputs, see _SUB_ASM). Two concurrent calls of one shape on two streams would share
+the tile counters: not supported.
 """
 
 from __future__ import annotations
