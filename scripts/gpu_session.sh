@@ -300,10 +300,12 @@ case "${1:-}" in
       | grep -E "^(attn|indexer|topk|PICK)|Error|FAILED" | tail -n 40 ;;
   s11full)  # 2 GPUs: the full model at TP=2 for 1M-token sessions, no tests first (the call's time is the run's):
     # decode b1 / b4 with graphs captured for 1M, the 1M prompt (TTFT), decode after it, rank 0's profiles
-    E="DS4F_INDEX_FP8=1 DS4F_GRAPH_TIMING=1 ${FULL_ENV:-}"
+    # DS4F_TRACE_WORKER: each rank's mean wait / host ms per step every 16 steps (where the 0.7 ms of host time of a
+    # TP=2 decode step goes; session 11 measured step - replay, not its parts)
+    E="DS4F_INDEX_FP8=1 DS4F_GRAPH_TIMING=1 DS4F_TRACE_WORKER=16 ${FULL_ENV:-}"
     C="python3 bench/bench_full.py --tp 2 --batches ${FULL_BATCHES:-1,4} --max-model-len ${FULL_LEN:-1048576} --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
     echo "# $E $C"
     env $E timeout $((${S11_LIMIT:-590} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
-      | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
+      | grep -E "^(case|#|  prefill)|Error|error|failure|rank [0-9]: last" | tail -n 40 ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac
