@@ -284,12 +284,13 @@ case "${1:-}" in
       --out "$OUT/fp8_gemv.jsonl" > "$OUT/sweep_a8.log" 2>&1
     grep -E "^(==|  |PICK)|Error" "$OUT/sweep_a8.log" | tail -n 120
     P=$(grep "^PICK_A8" "$OUT/sweep_a8.log" | awk '{print "DS4F_FP8_GEMV_"$2"="$3}' | tr '\n' ' ')
-    SIM_TESTS="" SIM_ENV="${A8_ENV-DS4F_FP8_GEMV_A8=1} $P" SIM_LIMIT=$((SECONDS + ${SIM_S:-240})) bash "$0" s10sim "$2" ;;
+    SIM_TESTS="" SIM_ENV="${A8_ENV-DS4F_FP8_GEMV_A8=1} $P" SIM_LIMIT=${SIM_S:-240} bash "$0" s10sim "$2" ;;
   s10ab)  # 1 GPU: the GPU tests in SIM_TESTS, then s10sim under each env of S10_AB (';'-separated, "-" = none)
+    # (each variant gets SIM_S seconds: the child shell counts SECONDS from its own start)
     par_tests "${S9_TEST_CAP:-150}" ${SIM_TESTS:-tests/gpu/test_fp8_gemm_gpu.py}; test_summary | tee "$OUT/gpu_tests.log"
     IFS=';' read -ra V <<< "${S10_AB:--}"
     n=0; for v in "${V[@]}"; do n=$((n + 1)); [ "$v" = "-" ] && v=""
-      SIM_TESTS="" SIM_ENV="$v" SIM_LIMIT=$((SECONDS + ${SIM_S:-200})) OUT="$OUT/v$n" bash "$0" s10sim "$2"
+      SIM_TESTS="" SIM_ENV="$v" SIM_LIMIT=${SIM_S:-200} OUT="$OUT/v$n" bash "$0" s10sim "$2"
       mv "$OUT/v$n/full.jsonl" "$OUT/full_v$n.jsonl" 2>/dev/null; done ;;
   s11k)  # 1 GPU: the GPU tests in SIM_TESTS, the decode chain bench (indexer + top-k + rows: the multi-pass path vs
     # topk_long), the 1M-shape sweep (indexer, HCA attention with the one-round combine, top-k)
