@@ -14,9 +14,14 @@ import pytest
 pytest.importorskip("triton")
 
 
+# opt-in shared memory per block (bytes): A100, H100 / H200, and GB10 (DGX Spark, sm_121; sm_120 the same)
+SMEM = {80: 166912, 90: 232448, 121: 101376}
+
+
 def build(fn: Any, types: dict[str, str], consts: dict[str, Any], arch: int, nw: int = 4, ns: int = 2,
           div16: tuple[str, ...] = ()) -> dict:
-    """div16: arguments the launch specializes as multiples of 16 (aligned pointers, sizes), as the runtime does."""
+    """div16: arguments the launch specializes as multiples of 16 (aligned pointers, sizes), as the runtime does.
+    Every build must fit the arch's shared memory per block (SMEM): what a launch picks there must load."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -34,10 +39,11 @@ def build(fn: Any, types: dict[str, str], consts: dict[str, Any], arch: int, nw:
         if "ptxas" in str(ex).lower() and "not found" in str(ex).lower():
             pytest.skip(str(ex))
         raise
+    assert k.metadata.shared <= SMEM.get(arch, SMEM[90]), (fn, consts, k.metadata.shared, arch)
     return dict(shared=k.metadata.shared, ptx=k.asm["ptx"])
 
 
-ARCHS = [80, 90]
+ARCHS = [80, 90, 121]  # Ampere, Hopper, and the DGX Spark's GB10 (99 KB of shared memory per block)
 
 
 # (live, split, DYN, FUSE, SKIP, HALF): the decode policies' kernels (sparse_attn.DecodePolicy)
@@ -102,7 +108,7 @@ def test_fp8_gemv_builds(arch: int, cfg: tuple[int, int, int, int, int]) -> None
     from ds4f.kernels import fp8_gemv as fg
 
     native = arch >= 89
-    bn, bk, split, nw, ns = fg.fit(cfg, (227 if arch >= 90 else 163) << 10)
+    bn, bk, split, nw, ns = fg.fit(cfg, SMEM[arch])
     div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "NT", "K", "GN", "s_xt", "s_xg", "s_ot",
            "k_per")
     # (UE8M0 scales, K a multiple of BLOCK_K, bf16 out, e4m3 widened by the integer-op PTX) and the other choices
@@ -115,7 +121,6 @@ def test_fp8_gemv_builds(arch: int, cfg: tuple[int, int, int, int, int]) -> None
                   dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=fg.BLOCK_T, SPLIT_K=split > 1 and not norm, EVEN_K=even,
                        NATIVE=native, SCALE_E8M0=e8m0, DOT_F32=False, ITERS=0, BITS=bits, NORM=norm), arch, nw, ns,
                   div16=div if even else ())
-        assert k["shared"] <= (227 if arch >= 90 else 163) * 1024
         if even:
             assert "cp.async" in k["ptx"] and "mma" in k["ptx"]
         assert ("fma.rn.bf16x2" in k["ptx"]) == bits
@@ -156,11 +161,14 @@ def test_prefix_attn_builds(arch: int, nope: int) -> None:
     types = dict(q_ptr="*bf16", ent_ptr="*bf16", seq_ptr="*i32", vis_ptr="*i32", win_ptr="*i32",
                  kv_ptr="*u8" if nope else "*bf16", exp_ptr="*u8" if nope else "*bf16", rope_ptr="*bf16",
                  sink_ptr="*fp32", o_ptr="*bf16", qk_scale="fp32")
-    # the launch's picks: 64-key tiles on Hopper; on sm_80 (164 KB of shared memory) 32, or 16 with the bit decode
-    bn = 64 if arch >= 90 else 16 if nope else 32
-    k = build(pa._prefix_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_M=64, BLOCK_N=bn, BT=3, NOPE=nope,
-                                          NATIVE_FP8=arch >= 89), arch, 8, 2)
-    assert k["shared"] <= (227 if arch >= 90 else 163) * 1024
+    # the launch's picks by shared memory (prefix_attn: 64-key tiles on Hopper; on sm_80 32, or 16 with the bit
+    # decode; on GB10 16 keys, unpipelined, and 32 query rows with fp8 rows)
+    smem, native = SMEM[arch], arch >= 89
+    bn = 64 if smem >= 200 << 10 else (32 if nope == 0 or native else 16) if smem >= 140 << 10 else 16
+    ns = 2 if smem >= 140 << 10 else 1
+    bm = 32 if nope and smem < 140 << 10 else 64
+    build(pa._prefix_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_M=bm, BLOCK_N=bn, BT=bm // 64 + 2, NOPE=nope,
+                                      NATIVE_FP8=native), arch, 8, ns)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -194,3 +202,32 @@ def test_index_q_builds(arch: int) -> None:
                   dict(HD=128, HALF=32, BLOCK_P=32, BLOCK_H=64, FP8=fp8), arch, 4, 1)
         assert ("cvt.rn.satfinite.e4m3x2.f32" in k["ptx"]) == fp8  # round-to-nearest-even, as quant_heads_fp8
 
+
+
+def test_attn_tiles_shrink_to_fit_gb10() -> None:
+    # the decode / prefill tiles swept on H200 (227 KB) that do not fit GB10's 99 KB (sm_121): sparse_attn.shrink's
+    # sequence (what the launch walks when Triton refuses a tile) reaches one that builds within it
+    import importlib
+
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")
+    types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
+                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
+                 cnt_ptr="*i32", qk_scale="fp32")
+    cases = [(sa.MID_KNOBS, 448), (sa.DECODE_KNOBS or (16, 32, 4, 2), 448), (sa.SHORT_KNOBS, 448),
+             ((64, 32, 4, 1), 448), ((64, 64, 8, 2), 0)]  # CSA / long HCA / window decode on fp8 rows, a 64-head
+    # prefill chunk, bf16 rows
+    fitted = []
+    for cfg, nope in cases:
+        cfg = tuple(cfg)
+        while True:
+            bh, bk, nw, ns = cfg
+            try:
+                build(sa._attn_fwd, dict(types, kv_ptr="*u8" if nope else "*bf16"),
+                      dict(D=512, BLOCK_D=512, BLOCK_H=bh, BLOCK_K=bk, NG=0, SPLIT=True, SCALE_BCAST=True, NOPE=nope,
+                           NATIVE_FP8=True, LIVE=True, HALF=32, DYN=True, FUSE=0, SKIP=False), 121, nw, ns)
+                break
+            except AssertionError:  # over SMEM[121]
+                cfg = sa.shrink(cfg)
+                assert cfg is not None
+        fitted.append(cfg)
+    assert fitted[0] != tuple(sa.MID_KNOBS)  # the CSA decode tile (147 KB there) is one that had to shrink

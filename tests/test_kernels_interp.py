@@ -160,6 +160,49 @@ def test_attn_combine_shapes_interpreted() -> None:
     assert "combine shapes match" in out, out
 
 
+def check_attn_shrinks_to_fit() -> None:
+    """A tile the device cannot hold (Triton's OutOfResources before the launch runs, as on GB10's 99 KB of shared
+    memory with H200-swept knobs) is retried smaller: one stage, then halved key blocks; the output is the
+    reference's and the fitted tiles are kept for the shape (no second failure)."""
+    from triton.runtime.errors import OutOfResources
+
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")
+    g = torch.Generator().manual_seed(5)
+    t, h, d, k, n = 3, 16, 64, 96, 200
+    q = torch.randn(t, h, d, generator=g).bfloat16()
+    sink = torch.randn(h, generator=g)
+    idx, live = _idx_with_live(t, k, n, g)
+    nope, exp, rp = quantize_kv_rows(torch.randn(n, d, generator=g), 16)
+    want = sparse_attn_ref(q, dequantize_kv_rows(nope, exp, rp), idx, sink, d**-0.5)
+    real, tried = sa._attn_fwd, []
+
+    class Tight:  # stands in for the kernel: tiles of more than 600 head x key x stage units do not fit
+        def __getitem__(self, grid: tuple) -> object:
+            def run(*a: object, **kw: int) -> object:
+                tried.append((kw["BLOCK_H"], kw["BLOCK_K"], kw["num_stages"]))
+                if kw["BLOCK_H"] * kw["BLOCK_K"] * kw["num_stages"] > 600:
+                    raise OutOfResources(kw["BLOCK_K"] * 1000, 600 * 1000, "shared memory")
+                return real[grid](*a, **kw)
+            return run
+
+    sa._attn_fwd = Tight()
+    try:
+        for _ in range(2):
+            out = sa.sparse_attn(q, nope, idx, sink, d**-0.5, exp, kv_rope=rp, live=live, block_h=16, block_k=64,
+                                 num_warps=4, num_stages=2, num_splits=2)
+            torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=1e-2)
+    finally:
+        sa._attn_fwd = real
+    assert tried == [(16, 64, 2), (16, 64, 1), (16, 32, 1), (16, 32, 1)], tried
+    assert sa.shrink((16, 16, 4, 1)) is None and sa.shrink((64, 16, 8, 1)) == (32, 16, 8, 1)
+    print("attn tiles shrink to fit")
+
+
+def test_attn_shrinks_to_fit_interpreted() -> None:
+    out = run_interpreted("test_kernels_interp", "check_attn_shrinks_to_fit")
+    assert "attn tiles shrink to fit" in out, out
+
+
 def test_topk_and_indexer_valid_len_interpreted() -> None:
     out = run_interpreted("test_kernels_interp", "check_topk_and_indexer_valid_len")
     assert "radix top-k equal sets" in out and "indexer scores match" in out, out

@@ -63,7 +63,7 @@ def test_kv_store_under_the_interpreter() -> None:
     assert run_interpreted("test_kv_store", "check_kv_store").strip().endswith("ok")
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 121])
 def test_kv_store_builds(arch: int) -> None:
     pytest.importorskip("triton")
     from test_kernels_build import build

@@ -78,7 +78,7 @@ def test_decode_interpreted() -> None:
     assert "decode interpreted ok 28" in out, out
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 121])
 def test_decode_kernel_builds(arch: int) -> None:
     pytest.importorskip("triton")
     from ds4f.kernels import mhc_decode

@@ -190,10 +190,13 @@ def _build(fn, consts: dict, arch: int, nw: int, ns: int) -> dict:
              and n != "M"}
     k = compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                 options=dict(num_warps=nw, num_stages=ns))
+    from test_kernels_build import SMEM
+
+    assert k.metadata.shared <= SMEM[arch], (consts, k.metadata.shared, arch)
     return dict(shared=k.metadata.shared, ptx=k.asm["ptx"])
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 121])
 @pytest.mark.parametrize("m_per_expert", [0.5, 30.0, 200.0])
 def test_default_tiles_build_offline_for_sm80_and_sm90(arch, m_per_expert):
     pytest.importorskip("triton")
@@ -257,7 +260,7 @@ _DEC_PTRS = dict(x_ptr="*bf16", a_ptr="*bf16", q_ptr="*i16", s_ptr="*u8", ids_pt
                  sh_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32", limit="fp32")
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 121])
 @pytest.mark.parametrize("tp", [2, 1])
 def test_decode_kernels_build_offline_and_load_bytes_into_the_mma_operand(arch, tp):
     pytest.importorskip("triton")
@@ -282,7 +285,9 @@ def test_decode_kernels_build_offline_and_load_bytes_into_the_mma_operand(arch, 
             if "ptxas" in str(ex).lower() and "not found" in str(ex).lower():
                 pytest.skip(str(ex))
             raise
-        assert ("fma.rn.bf16x2" in k.asm["ptx"]) != bool(sub) and k.metadata.shared <= 160 * 1024
+        from test_kernels_build import SMEM
+
+        assert ("fma.rn.bf16x2" in k.asm["ptx"]) != bool(sub) and k.metadata.shared <= SMEM[arch]
         assert ("griddepcontrol.wait" in k.asm["ptx"]) == (arch >= 90)  # ds4f.kernels.pdl
         # the packed words reach the MMA operand layout undecoded: no decoded tile through shared memory
         assert "xi16, #ttg.dot_op<{opIdx = 0" in k.asm["ttgir"]

@@ -46,7 +46,7 @@ def _build(world: int, arch: int, block: int, warps: int) -> str:
     return k.asm["ptx"]
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 121])
 @pytest.mark.parametrize(("world", "block", "warps"), [(2, 2048, 4), (2, 1024, 4), (4, 4096, 8)])
 def test_push_kernel_builds(arch: int, world: int, block: int, warps: int) -> None:
     ptx = _build(world, arch, block, warps)

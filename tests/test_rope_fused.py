@@ -128,7 +128,7 @@ def test_interpreted(check: str) -> None:
     print(run_interpreted("test_rope_fused", check))
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 121])
 def test_fused_kernels_build(arch: int) -> None:
     pytest.importorskip("triton")
     import importlib
@@ -143,11 +143,12 @@ def test_fused_kernels_build(arch: int) -> None:
                  o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
                  cnt_ptr="*i32", qk_scale="fp32")
     for split in (False, True):
-        for bh, nw in ((16, 4), (64, 8)):  # the decode tiles: 16 heads (T * H / 64 < 16), 64 heads
-            sh = [build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=bh, BLOCK_K=32 if bh == 16 else 64,
-                                                  NG=0, SPLIT=split, SCALE_BCAST=True, NOPE=448,
-                                                  NATIVE_FP8=arch >= 89, LIVE=True, HALF=half, DYN=split,
-                                                  FUSE=0, SKIP=False), arch, nw, 2)["shared"]
+        # a decode tile, a 64-head prefill chunk's (GB10: a TP=2 rank's 32 heads; 64 shrink at launch, see
+        # test_kernels_build.test_attn_tiles_shrink_to_fit_gb10)
+        for bh, bk, nw, ns in ((16, 32, 4, 2), (64 if arch < 120 else 32, 32, 4, 1)):
+            sh = [build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=bh, BLOCK_K=bk, NG=0, SPLIT=split,
+                                                  SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=True,
+                                                  HALF=half, DYN=split, FUSE=0, SKIP=False), arch, nw, ns)["shared"]
                   for half in (0, 32)]
             assert sh[1] == sh[0], (split, bh, sh)  # the epilogue's shuffle reuses the loop's shared memory
     build(sa._attn_combine, dict(po_ptr="*fp32", pm_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", live_ptr="*i32",

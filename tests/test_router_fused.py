@@ -73,7 +73,7 @@ def test_route_fused_interpreted() -> None:
     assert "route fused ok" in run_interpreted("test_router_fused", "check_route_fused")
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 121])
 @pytest.mark.parametrize(("hsh", "rows", "bt", "be", "chunk", "nds"), [
     (False, False, 1, 32, 256, 16),  # decode: T = 1 at E = 256, D = 4096 (fused_config's pick)
     (False, False, 4, 8, 1024, 4),

@@ -157,7 +157,7 @@ def test_indexer_strided_interpreted() -> None:
     assert "indexer strided equal" in out, out
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 121])
 def test_topk_small_builds(arch: int) -> None:
     """The small kernel (both tiles, with and without the scratch zeroing) and the passes' early exit compile for
     sm_80 / sm_90 without a GPU (what only the compiler sees: layouts, shared memory of the 8192-lane histogram)."""

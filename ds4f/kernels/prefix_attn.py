@@ -140,7 +140,7 @@ def prefix_attn_ref(q: torch.Tensor, ent: torch.Tensor, seq: torch.Tensor, vis: 
 
 
 def prefix_attn(q: torch.Tensor, ent: torch.Tensor, seq: torch.Tensor, vis: torch.Tensor, win: torch.Tensor,
-                pool: Pool, sink: torch.Tensor, scale: float, *, block_m: int = 64, block_n: int | None = None,
+                pool: Pool, sink: torch.Tensor, scale: float, *, block_m: int | None = None, block_n: int | None = None,
                 num_warps: int = 8, num_stages: int | None = None, native_fp8: bool | None = None) -> torch.Tensor:
     """o [T, H, D] bf16: per (t, h) one softmax over win[t]'s pool rows and entries ent[seq[t], :vis[t]], the sink in
     the denominator only (sparse_attn over cat(win, visible entry rows) gives the same).
@@ -172,12 +172,14 @@ def prefix_attn(q: torch.Tensor, ent: torch.Tensor, seq: torch.Tensor, vis: torc
         strides = (kv.stride(0), exp.stride(0), rope.stride(0))
         native = native_fp8 if native_fp8 is not None else (
             q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9))
-    if block_n is None or num_stages is None:  # K tiles of [BLOCK_N, BLOCK_D] bf16 in shared memory, per stage
+    if block_m is None or block_n is None or num_stages is None:  # K tiles [BLOCK_N, BLOCK_D] per stage, q's rows
         smem = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin if q.is_cuda else 1 << 20
-        # Hopper 227 KB; A100 164 KB (its bit-level fp8 decode stages more: 192 KB at 32 keys); GB10 ~100 KB
+        # Hopper 227 KB; A100 164 KB (its bit-level fp8 decode stages more: 192 KB at 32 keys); GB10 / sm_12x 99 KB:
+        # fp8 rows there need 32 query rows per program (64 x 16 keys: 160 KB; 32 x 16: 96 KB, offline sm_121 builds)
         mid = 32 if nope == 0 or native else 16
         block_n = block_n or (64 if smem >= 200 << 10 else mid if smem >= 140 << 10 else 16)
         num_stages = num_stages or (2 if smem >= 140 << 10 else 1)
+        block_m = block_m or (32 if nope and smem < 140 << 10 else 64)
     bt = triton.cdiv(block_m, H) + 1
     _prefix_fwd[(triton.cdiv(T * H, block_m),)](
         q, ent, seq, vis, win, kv, exp, rope, sink, o,

@@ -17,6 +17,7 @@ from ds4f.kernels.ref import sparse_attn_ref
 
 try:
     import triton
+    from triton.runtime.errors import OutOfResources
 
     from ds4f.kernels.sparse_attn_kernels import _attn_combine, _attn_fwd
     from ds4f.kernels.sparse_attn_kernels import _kv_row_tile as _kv_row_tile  # prefix_attn's kernels use it
@@ -59,9 +60,11 @@ DECODE_KNOBS = env_knobs("DS4F_ATTN_DECODE", 4, "16,32,4,2")
 # ... and with fewer (window, CSA top-k and short-context HCA lists; bench/sweep_attn_decode.py, H200, 32 heads, one
 # token, 2026-11-29: 8 warps 11.6-12.8 us vs 17.0-17.6 for the former tiles at 128-192 keys; lists of >= MID_K keys
 # (CSA: window + top-512) 64-key blocks: 16.5-16.8 vs 17.7-18.3 us at 640)
-SHORT_KNOBS = env_knobs("DS4F_ATTN_SHORT", 4, "16,32,8,2")
+# (defaults since session 11: before, an unset variable gave (), so the swept tiles ran only where set; the env
+# overrides, e.g. DS4F_ATTN_SHORT=16,32,4,2 is the former choice)
+SHORT_KNOBS = env_knobs("DS4F_ATTN_SHORT", 4, "16,32,8,2") or (16, 32, 8, 2)
 MID_K = 512
-MID_KNOBS = env_knobs("DS4F_ATTN_MID", 4, "16,64,8,2")
+MID_KNOBS = env_knobs("DS4F_ATTN_MID", 4, "16,64,8,2") or (16, 64, 8, 2)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ def _policy() -> DecodePolicy:
 
 
 POLICY = _policy()  # benches and tests swap it (sparse_attn reads it per call)
+_FITTED: dict[tuple, tuple[int, int, int, int]] = {}  # launch key -> the tiles that fit the device (see _launch)
 
 # "block_k,num_warps,num_stages" for calls of >= PREFILL_MIN_T tokens (prefill chunks; bench/sweep_attn_prefill.py)
 PREFILL_MIN_T = 1024
@@ -214,9 +218,8 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
             inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     T, H, D = q.shape
     K = indices.shape[1]
-    o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
     if T == 0:
-        return o
+        return torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
     decode = T < PREFILL_MIN_T
     # the decode policy and the short / mid tiles were swept on fp8 rows (the TP=2 model's pools); bf16 rows keep
     # the former choices: at 64 heads an 8-layer step's window layers took 11.1 us with them vs 8.8 us before
@@ -240,6 +243,44 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
         # a prefill chunk with 32-head blocks (one TP=2 rank): unpipelined measured 6.5 vs 11.3 ms at 8192 tokens x
         # 640 fp8 rows (bench/results/attn_prefill.jsonl); 64-head blocks and decode keep 2
         num_stages = 1 if T >= PREFILL_MIN_T and block_h < 64 else 2
+    # a device whose shared memory cannot hold the tile (GB10 / sm_12x: 99 KB per block; the knobs were swept on
+    # H200's 227 KB) gets the largest smaller one that loads: found once per shape by the launch failing before it
+    # runs (Triton's OutOfResources), kept in _FITTED
+    key = (q.device, T if T < PREFILL_MIN_T else -1, H, D, K, ng, nope, native_fp8, block_h, block_k, num_warps,
+           num_stages, num_splits, live is not None, inv_rope is not None)
+    cfg = _FITTED.get(key, (block_h, block_k, num_warps, num_stages))
+    while True:
+        try:
+            return _launch_tiles(q, kv, kvs, rope, indices, sink, scale, ng, nope, native_fp8, strides, *cfg,
+                                 num_splits, pol, decode, block_d, scale_bcast, live, inv_rope)
+        except OutOfResources:
+            smaller = shrink(cfg)
+            if smaller is None:
+                raise
+            cfg = _FITTED[key] = smaller
+
+
+def shrink(cfg: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    """The next smaller (block_h, block_k, num_warps, num_stages) to try where a tile does not fit shared memory:
+    one pipeline stage first, then halved key blocks, then halved head blocks (down to 16); None: none left."""
+    bh, bk, nw, ns = cfg
+    if ns > 1:
+        return bh, bk, nw, ns - 1
+    if bk > 16:
+        return bh, bk // 2, nw, ns
+    if bh > 16:
+        return bh // 2, bk, nw, ns
+    return None
+
+
+def _launch_tiles(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Tensor, indices: torch.Tensor,
+                  sink: torch.Tensor, scale: float, ng: int, nope: int, native_fp8: bool,
+                  strides: tuple[int, int, int], block_h: int, block_k: int, num_warps: int, num_stages: int,
+                  num_splits: int | None, pol: DecodePolicy, decode: bool, block_d: int, scale_bcast: bool,
+                  live: torch.Tensor | None, inv_rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    T, H, D = q.shape
+    K = indices.shape[1]
+    o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
     n_hb = triton.cdiv(H, block_h)
     if num_splits is None and pol.nosplit_k >= K:
         num_splits = 1
