@@ -231,3 +231,23 @@ def test_attn_tiles_shrink_to_fit_gb10() -> None:
                 assert cfg is not None
         fitted.append(cfg)
     assert fitted[0] != tuple(sa.MID_KNOBS)  # the CSA decode tile (147 KB there) is one that had to shrink
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_moe_tiles_build(arch: int) -> None:
+    # the bf16 fused MoE's table tiles (prefill, batched decode, a few tokens) at V4-Flash's D = 4096, I = 2048 fit
+    # the arch's shared memory (build asserts SMEM)
+    from ds4f.kernels import moe
+    from ds4f.kernels import moe_kernels as mk
+
+    types = dict(x_ptr="*bf16", w_ptr="*bf16", sid_ptr="*i32", be_ptr="*i32", a_ptr="*bf16", tw_ptr="*fp32",
+                 ids_ptr="*i32", out_ptr="*bf16", fin_ptr="*bf16", cnt_ptr="*i32", limit="fp32")
+    for M, T in ((8192 * 6, 8192), (64 * 6, 64), (4 * 6, 4)):
+        c = moe._config(M, 256, T)
+        for fn, g in ((mk._moe_up, "up"), (mk._moe_down, "down")):
+            consts = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c[f"{g}_BLOCK_N"], BLOCK_K=c[f"{g}_BLOCK_K"],
+                          GROUP_M=c[f"{g}_GROUP_M"], PER_PICK=c["PER_PICK"], F32_DOT=False, DM=4096, I=2048, TOPK=6,
+                          PDL=arch >= 90)
+            if g == "down":
+                consts.update(SPLIT_K=c["SPLIT_K"], FUSE_SUM=bool(c["FUSE_SUM"]))
+            build(fn, types, consts, arch, c[f"{g}_num_warps"], c[f"{g}_num_stages"])
