@@ -308,5 +308,9 @@ case "${1:-}" in
     echo "# $E $C"
     env $E timeout $((${S11_LIMIT:-590} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure|rank [0-9]: last" | tail -n 40 ;;
+  s12ab)  # 1 GPU: the GPU tests of session 11's last changes (GB10 tile fits, attention knob defaults), then the
+    # TP=2 rank step (43 layers, b1 / b4) with the attention knob defaults vs the former 4-warp / 32-key tiles
+    SIM_TESTS="${SIM_TESTS:-tests/gpu/test_kernels_gpu.py tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_prefix_attn_gpu.py tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_rope_fused_gpu.py}" \
+      S10_AB="${S10_AB:--;DS4F_ATTN_SHORT=16,32,4,2 DS4F_ATTN_MID=16,32,4,2}" SIM_S="${SIM_S:-190}" bash "$0" s10ab "$2" ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac
