@@ -116,7 +116,7 @@ def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_exp
           flush=True)
     sub = report(f"up={up} down={dn} SUB", dict(DEC=(*up, *dn), SUB=1))  # inf when not exact
     sub_line = (f"PICK TP={tp} T={T} DS4F_MXFP4_DEC_SUB={int(sub < us)} (SUB decode {sub:.2f} us vs {us:.2f} us; "
-                "set moe_mxfp4_decode.SUB's default when 1 at every shape and the GPU tests pass)")
+                "moe_mxfp4_decode.sub_default: on for sm_90, where the GPU tests pass)")
     if old <= us:  # the old GEMV stays: a None table entry
         return (f"PICK TP={tp} T={T} DS4F_MXFP4_DEC=0 (old GEMV {old:.2f} us <= {us:.2f} us)\n{sub_line}",
                 f"    ({D}, {inter}, {md.bucket(T)}): None,  # old GEMV {old:.1f} us vs {us:.1f}")

@@ -115,9 +115,8 @@ def test_pick_table_env_and_generic(monkeypatch: pytest.MonkeyPatch) -> None:
         tiles = -(-n // bn)
         assert bk >= 16 and split <= -(-k // bk) and (tiles * split >= 132 or split == min(8, -(-k // bk)))
     # shared memory cap: a 99 KB device gets fewer stages, never fewer than 2
-    monkeypatch.setattr(gemv, "_limits", lambda dev: (48, 99 * 1024))
-    assert gemv._fit((64, 256, 1, 4, 5), cpu, 2)[4] == 2
-    assert gemv._fit((32, 128, 1, 4, 4), cpu, 2) == (32, 128, 1, 4, 4)
+    assert gemv._fit((64, 256, 1, 4, 5), 99 * 1024, 2)[4] == 2
+    assert gemv._fit((32, 128, 1, 4, 4), 99 * 1024, 2) == (32, 128, 1, 4, 4)
 
 
 
@@ -140,12 +139,7 @@ def test_gemv_builds_for_sm80_sm90(arch: int) -> None:
     from test_kernels_build import SMEM
 
     smem = SMEM[arch]
-    real = gemv._limits
-    gemv._limits = lambda dev: (132, smem)  # the launch's stage fit, for this arch's shared memory
-    try:
-        fitted = {(gemv._fit(c, torch.device("cpu"), 2, arch >= 90), norm) for c, norm in cfgs}
-    finally:
-        gemv._limits = real
+    fitted = {(gemv._fit(c, smem, 2, arch >= 90), norm) for c, norm in cfgs}  # the launch's stage fit there
     for (bn, bk, split, nw, ns), norm in sorted(fitted):
         consts = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=gemv.BLOCK_T, SPLIT_K=split > 1, EVEN_K=True, PDL=arch >= 90,
                       NORM=norm)

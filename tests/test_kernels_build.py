@@ -131,7 +131,7 @@ def test_fp8_gemv_a8_builds(cfg: tuple[int, int, int, int, int]) -> None:
     # a8 (sm_90): x quantized in the program, the e4m3 x e4m3 MMA on the weight tile as loaded (no widening)
     from ds4f.kernels import fp8_gemv as fg
 
-    bn, bk, split, nw, ns = fg.fit(cfg, 227 << 10)
+    bn, bk, split, nw, ns = fg.fit(cfg, SMEM[90])
     div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "NT", "K", "GN", "s_xt", "s_xg", "s_ot",
            "k_per")
     for norm in (False, True):

@@ -6,6 +6,7 @@ length (programs whose columns are all hidden only write -inf)."""
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,16 @@ def _idx_with_live(t: int, k: int, n: int, g: torch.Generator) -> tuple[torch.Te
     live = torch.tensor([k, 37, 0, 1, 130][:t], dtype=torch.int32)
     idx[torch.arange(k)[None, :] >= live[:, None].long()] = -1
     return idx, live
+
+
+def _fp8_case(seed: int, t: int, k: int, n: int, h: int = 16, d: int = 64) -> tuple[Any, ...]:
+    """(g, q [t, h, d] bf16, sink [h], indices [t, k] with live bounds, live, fp8_ds_mla rows nope / exp / rope) for
+    the split-row sparse attention checks; g continues the same draws."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, h, d, generator=g).bfloat16()
+    sink = torch.randn(h, generator=g)
+    idx, live = _idx_with_live(t, k, n, g)
+    return (g, q, sink, idx, live, *quantize_kv_rows(torch.randn(n, d, generator=g), 16))
 
 
 def check_sparse_attn_live() -> None:
@@ -98,13 +109,9 @@ def check_sparse_attn_decode_policy() -> None:
     sa = importlib.import_module("ds4f.kernels.sparse_attn")  # the module (ds4f.kernels.sparse_attn: the function)
     from ds4f.kernels.rope import rope_ref
 
-    g = torch.Generator().manual_seed(2)
-    t, h, d, k, n = 5, 16, 64, 200, 300
-    q = torch.randn(t, h, d, generator=g).bfloat16()
-    sink = torch.randn(h, generator=g)
-    idx, live = _idx_with_live(t, k, n, g)
+    t, d = 5, 64
+    g, q, sink, idx, live, nope, exp, rp = _fp8_case(2, t, 200, 300)
     idx[1, 16:32] = -1  # a whole -1 block below the live bound (SKIP)
-    nope, exp, rp = quantize_kv_rows(torch.randn(n, d, generator=g), 16)
     cos, sin = torch.randn(t, 8, generator=g), torch.randn(t, 8, generator=g)
     want = rope_ref(sparse_attn_ref(q, dequantize_kv_rows(nope, exp, rp), idx, sink, d**-0.5), cos, sin, True)
     new = sa.DecodePolicy()
@@ -135,12 +142,8 @@ def check_attn_combine_shapes() -> None:
     sa = importlib.import_module("ds4f.kernels.sparse_attn")
     from ds4f.kernels.rope import rope_ref
 
-    g = torch.Generator().manual_seed(4)
-    t, h, d, k, n = 2, 16, 64, 208, 300
-    q = torch.randn(t, h, d, generator=g).bfloat16()
-    sink = torch.randn(h, generator=g)
-    idx, live = _idx_with_live(t, k, n, g)
-    nope, exp, rp = quantize_kv_rows(torch.randn(n, d, generator=g), 16)
+    t, d = 2, 64
+    g, q, sink, idx, live, nope, exp, rp = _fp8_case(4, t, 208, 300)
     cos, sin = torch.randn(t, 8, generator=g), torch.randn(t, 8, generator=g)
     want = rope_ref(sparse_attn_ref(q, dequantize_kv_rows(nope, exp, rp), idx, sink, d**-0.5), cos, sin, True)
     shapes = set()
@@ -167,12 +170,8 @@ def check_attn_shrinks_to_fit() -> None:
     from triton.runtime.errors import OutOfResources
 
     sa = importlib.import_module("ds4f.kernels.sparse_attn")
-    g = torch.Generator().manual_seed(5)
-    t, h, d, k, n = 3, 16, 64, 96, 200
-    q = torch.randn(t, h, d, generator=g).bfloat16()
-    sink = torch.randn(h, generator=g)
-    idx, live = _idx_with_live(t, k, n, g)
-    nope, exp, rp = quantize_kv_rows(torch.randn(n, d, generator=g), 16)
+    d = 64
+    _, q, sink, idx, live, nope, exp, rp = _fp8_case(5, 3, 96, 200)
     want = sparse_attn_ref(q, dequantize_kv_rows(nope, exp, rp), idx, sink, d**-0.5)
     real, tried = sa._attn_fwd, []
 

@@ -199,11 +199,10 @@ def pick(n: int, k: int, groups: int, dev: torch.device) -> Cfg | None:
     return generic_config(n, k, sms)
 
 
-def _fit(cfg: Cfg, dev: torch.device, itemsize: int, pdl_on: bool = False) -> Cfg:
-    """Fewer pipeline stages where the device's shared memory (e.g. ~99 KB on sm_86 / sm_12x) cannot hold them
-    (with PDL the tile loaded before the wait takes one stage's worth more)."""
+def _fit(cfg: Cfg, smem: int, itemsize: int, pdl_on: bool = False) -> Cfg:
+    """Fewer pipeline stages where `smem` bytes of shared memory per block (e.g. ~99 KB on sm_86 / sm_12x) cannot
+    hold them (with PDL the tile loaded before the wait takes one stage's worth more)."""
     bn, bk, split, nw, ns = cfg
-    _, smem = _limits(dev)
     while ns > 2 and (ns + pdl_on) * (bn + BLOCK_T) * bk * itemsize > smem - 4096:
         ns -= 1
     return bn, bk, split, nw, ns
@@ -221,7 +220,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: Cfg, gn: in
     norm = (g [K], eps), not grouped: out = RMSNorm_g(x) @ w^T (model.layers.RMSNorm's math on each row of x)."""
     t, (n, k) = x.shape[0], w.shape
     pk = pdl.launch(x.device)
-    bn, bk, split, nw, ns = _fit(cfg, x.device, x.element_size(), pk["PDL"])
+    bn, bk, split, nw, ns = _fit(cfg, _limits(x.device)[1], x.element_size(), pk["PDL"])
     chunks = -(-k // bk)
     per = -(-chunks // max(1, split))
     split = -(-chunks // per)  # no empty K slice

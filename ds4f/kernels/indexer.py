@@ -18,7 +18,7 @@ try:
     import triton.language as tl
 
     from ds4f.kernels.pdl import enter as pdl_enter
-    from ds4f.kernels.topk_radix import _radix_state, _topk_hist, _topk_select  # noqa: F401 (re-exported)
+    from ds4f.kernels.topk_radix import _topk_hist, _topk_select  # noqa: F401 (re-exported: builds, benches)
 except ImportError:  # CPU-only installs: the wrappers fall back to the references
     triton = None
 

@@ -336,7 +336,7 @@ def fused_moe_mxfp4(
         c = config or {}
         return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
                              bool(c.get("ASM", x.is_cuda and not _INTERPRET)),
-                             bool(c.get("SUB", md.sub_default(x.device) if x.is_cuda and not _INTERPRET else md.SUB)),
+                             bool(c.get("SUB", md.sub_default(x.device))),
                              shared_ready)
     if shared_ready is not None:
         torch.cuda.current_stream().wait_stream(shared_ready)

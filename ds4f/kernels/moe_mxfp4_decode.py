@@ -70,12 +70,12 @@ _NIB_ASM = tuple(_NIB.format(shift="shr.b32 t, $1, 8;\n" if r >= 2 else "", src=
 # (bench/results/full.jsonl, session 11): replay 1.548 vs 1.565 ms at one token, 2.198 vs 2.258 at four.
 _SUB_ASM = tuple(a.replace("fma.rn.bf16x2 $0, t, big, nz;", "mov.b32 $0, t;") for a in _NIB_ASM)
 _SUB_ENV = os.environ.get("DS4F_MXFP4_DEC_SUB", "")
-SUB = _SUB_ENV == "1"
 
 
 @cache
 def sub_default(device: torch.device) -> bool:
-    """The SUB decode for CUDA launches on device: DS4F_MXFP4_DEC_SUB if set, else on for sm_90 (H100 / H200)."""
+    """The SUB decode for launches on device: DS4F_MXFP4_DEC_SUB if set, else on for sm_90 (H100 / H200) only (a CPU
+    device, the interpreter: off)."""
     if _SUB_ENV in ("0", "1"):
         return _SUB_ENV == "1"
     if device.type != "cuda":

@@ -64,7 +64,7 @@ if triton is not None:
             offs_w = tl.arange(0, WP)
             tl.store(out_ptr + t * s_ot + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
             out_ptr += WP
-        # digit walk (8 bits a level, as indexer._radix_state): krem keys still to take among those matching prefix;
+        # digit walk (8 bits a level, as topk_radix._radix_state): krem keys still to take among those matching prefix;
         # it stops early once the k-th's bin holds exactly the keys still needed (the k-th is then their minimum)
         krem = tl.full([], 0, tl.int32) + k  # tensors from the start (k = 1 is specialized to a constant)
         take_all = tl.full([], 0, tl.int1)
