@@ -312,5 +312,14 @@ case "${1:-}" in
     # TP=2 rank step (43 layers, b1 / b4) with the attention knob defaults vs the former 4-warp / 32-key tiles
     SIM_TESTS="${SIM_TESTS:-tests/gpu/test_kernels_gpu.py tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_prefix_attn_gpu.py tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_rope_fused_gpu.py}" \
       S10_AB="${S10_AB:--;DS4F_ATTN_SHORT=16,32,4,2 DS4F_ATTN_MID=16,32,4,2}" SIM_S="${SIM_S:-190}" bash "$0" s10ab "$2" ;;
+  s12a8)  # 1 GPU: the GPU tests of the FP8-activation MXFP4 decode and of session 11's last changes, its sweep
+    # against the bf16-activation kernels (TP=2 widths, T = 1 / 4), then the TP=2 rank step (SIM_LAYERS, b1 / b4)
+    # under each env of S10_AB (default: none vs DS4F_MXFP4_DEC_A8=1)
+    par_tests "${S9_TEST_CAP:-140}" tests/gpu/test_moe_mxfp4_a8_gpu.py ${SIM_TESTS:-tests/gpu/test_kernels_gpu.py tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_fast_fp8_kv_gpu.py}
+    test_summary | tee "$OUT/gpu_tests.log"
+    timeout "${A8_SWEEP_S:-130}" python3 bench/sweep_mxfp4_a8.py --tp 2 --tokens 1,4 --out "$OUT/moe_mxfp4.jsonl" \
+      > "$OUT/sweep_a8.log" 2>&1; grep -E "^(==|  |PICK)|Error" "$OUT/sweep_a8.log" | tail -n 40
+    SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--;DS4F_MXFP4_DEC_A8=1}" SIM_S="${SIM_S:-110}" \
+      bash "$0" s10ab "$2" ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac

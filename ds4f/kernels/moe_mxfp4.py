@@ -303,7 +303,8 @@ def fused_moe_mxfp4(
     fp32; shared = (w13 [2Is, D], w2 [D, Is]) bf16 or None. Scales must lie in [2, 252] (2^-125..2^125). D and I
     are multiples of 32. No host sync: CUDA-graph safe. config: BLOCK_M/N/K, num_warps, num_stages, ASM (PTX nibble
     decode, CUDA only), SPLIT (even/odd column dots instead of an interleaved tile), PER_PICK, GEMV (with PER_PICK:
-    CUDA-core FMAs instead of tl.dot), or DEC (ten ints: moe_mxfp4_decode's up and down tiles; with ASM, SUB). Without
+    CUDA-core FMAs instead of tl.dot), or DEC (ten ints: moe_mxfp4_decode's up and down tiles; with ASM, SUB, or A8:
+    moe_mxfp4_a8's FP8-activation form, default moe_mxfp4_a8.a8_default). Without
     a config, decode-sized CUDA calls take moe_mxfp4_decode's table (DS4F_MXFP4_DEC=0: the GEMV below).
     shared_out [T, D] bf16: a shared expert's output the caller computed, added as `shared`'s would be (pass one of
     the two); shared_ready: the CUDA stream computing it, joined right before the first launch that reads it (the
@@ -334,6 +335,11 @@ def fused_moe_mxfp4(
     dec = md.tiles_for(config, x.is_cuda and not _INTERPRET, T, k, DM, I)
     if dec is not None:  # decode sizes: swap-AB tensor-core kernels, pick sum fused
         c = config or {}
+        from ds4f.kernels import moe_mxfp4_a8 as a8
+
+        if bool(c.get("A8", a8.a8_default(x.device))) and a8.fits(dec, DM, I):  # FP8 activations, e4m3 MMA
+            return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
+                                    shared_ready)
         return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
                              bool(c.get("ASM", x.is_cuda and not _INTERPRET)),
                              bool(c.get("SUB", md.sub_default(x.device))),

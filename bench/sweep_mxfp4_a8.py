@@ -1,0 +1,115 @@
+"""⑥ kernels, MXFP4 MoE decode with FP8 activations (moe_mxfp4_a8) against the bf16-activation decode kernels: the
+routed experts of one V4-Flash layer (D=4096, 256 experts, top-6) at the TP=2 / TP=1 per-rank widths, T = 1 and 4
+tokens; per variant the µs per call, the fraction of a copy ceiling measured in the same run, and its error against
+its own oracle (a8: fused_moe_mxfp4_a8_ref; bf16: fused_moe_mxfp4_ref) and against the bf16 oracle.
+
+Timed as bench/sweep_mxfp4_decode.py does (a CUDA graph of CALLS calls with distinct random picks, ~1.2 GB of
+experts at TP=2, so the L2 never holds a pick's bytes). Ends with `PICK_A8 TP= T= DS4F_MXFP4_DEC=...` per case.
+
+    PYTHONPATH=$PWD python3 bench/sweep_mxfp4_a8.py [--tp 2] [--tokens 1,4] [--out FILE.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import measure_ceilings, run_meta, time_graph  # noqa: E402
+from ds4f.kernels import moe_mxfp4_decode as md  # noqa: E402
+from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4, fused_moe_mxfp4_ref  # noqa: E402
+from ds4f.kernels.moe_mxfp4_a8 import fused_moe_mxfp4_a8_ref  # noqa: E402
+from ds4f.model.quant import MXFP4_BLOCK  # noqa: E402
+
+E, D, K, LIMIT, CALLS = 256, 4096, 6, 10.0, 32
+# (up, down) tiles (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages); BLOCK_K in {128, 256, 512}
+TILES = [((64, 256, 4, 4, 4), (64, 256, 4, 4, 4)), ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),
+         ((64, 256, 2, 4, 4), (64, 256, 2, 4, 4)), ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),
+         ((64, 512, 4, 4, 3), (64, 512, 2, 4, 3)), ((128, 256, 2, 8, 4), (128, 256, 1, 8, 4)),
+         ((128, 256, 4, 8, 4), (64, 256, 2, 4, 4)), ((32, 256, 4, 4, 4), (32, 256, 2, 4, 4)),
+         ((64, 128, 8, 4, 6), (64, 128, 4, 4, 6)), ((128, 512, 2, 8, 3), (128, 512, 1, 8, 3))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", default="2")
+    ap.add_argument("--tokens", default="1,4")
+    ap.add_argument("--out", default="", help="append JSON records (case mxfp4_a8_sweep) to this file")
+    args = ap.parse_args()
+    copy_gbps, _ = measure_ceilings(iters=10)
+    meta = run_meta("python3 bench/sweep_mxfp4_a8.py " + " ".join(sys.argv[1:]))
+    print(f"device {meta['gpu']} copy ceiling {copy_gbps:.0f} GB/s, {CALLS} calls per graph", flush=True)
+    picks = []
+    for tp in (int(v) for v in args.tp.split(",")):
+        inter = 2048 // tp
+        g = torch.Generator(device="cuda").manual_seed(tp)
+
+        def rnd(lo: int, hi: int, *shape: int, g: torch.Generator = g) -> torch.Tensor:
+            return torch.randint(lo, hi, shape, dtype=torch.uint8, device="cuda", generator=g)
+
+        w = (rnd(0, 256, E, 2 * inter, D // 2), rnd(119, 122, E, 2 * inter, D // 32), rnd(0, 256, E, D, inter // 2),
+             rnd(119, 122, E, D, inter // 32))
+        per_expert = 3 * inter * D // 2 + 3 * inter * D // MXFP4_BLOCK
+        for T in (int(v) for v in args.tokens.split(",")):
+            picks.append(sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out))
+        del w
+        torch.cuda.empty_cache()
+    print("\n".join(picks), flush=True)
+
+
+def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_expert: int, copy_gbps: float,
+               meta: dict, out_path: str) -> str:
+    g = torch.Generator(device="cuda").manual_seed(100 * tp + T)
+    xs = [torch.randn(T, D, device="cuda", generator=g).bfloat16() for _ in range(CALLS)]
+    ids = [torch.rand(T, E, device="cuda", generator=g).topk(K, dim=1).indices.int() for _ in range(CALLS)]
+    wts = [torch.softmax(torch.randn(T, K, device="cuda", generator=g), 1) for _ in range(CALLS)]
+    nbytes = sum(int(i.unique().numel()) for i in ids) / CALLS * per_expert
+    ref16 = fused_moe_mxfp4_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
+    ref8 = fused_moe_mxfp4_a8_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    def report(name: str, cfg: dict) -> float:
+        try:
+            out = fused_moe_mxfp4(xs[0], *w, ids[0], wts[0], LIMIT, config=cfg)
+            us = time_graph(lambda i: fused_moe_mxfp4(xs[i], *w, ids[i], wts[i], LIMIT, config=cfg), CALLS, CALLS, 5)
+        except Exception as ex:  # a tile the compiler or the device rejects
+            print(f"  {name:52s} FAILED {type(ex).__name__}: {str(ex)[:120]}", flush=True)
+            return float("inf")
+        err = rel(out, ref8 if cfg.get("A8") else ref16)
+        err16 = rel(out, ref16)
+        frac = nbytes / us / 1e3 / copy_gbps
+        ok = err < 5e-3
+        print(f"  {name:52s} {us:8.2f} us {frac:5.2f} copy err={err:.1e} vs bf16 {err16:.1e}"
+              f"{'' if ok else ' WRONG'}", flush=True)
+        if out_path:
+            rec = dict(case="mxfp4_a8_sweep", tp=tp, I=inter, T=T, variant=name, time_us=round(us, 2),
+                       frac_copy=round(frac, 3), rel_err=err, rel_err_bf16_ref=err16, copy_gbps=round(copy_gbps, 1),
+                       **meta)
+            with open(out_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return us if ok else float("inf")
+
+    print(f"== TP={tp} I={inter} T={T}: {nbytes / 1e6:.1f} MB of distinct experts per call", flush=True)
+    up0, dn0 = md.pick(D, inter, T)  # type: ignore[misc]
+    base = report(f"bf16 table up={up0} down={dn0} SUB={int(md.sub_default(xs[0].device))}",
+                  dict(DEC=(*up0, *dn0), A8=0))
+    best = (report(f"a8 up={up0} down={dn0}", dict(DEC=(*up0, *dn0), A8=1)), up0, dn0)
+    for up, dn in TILES:
+        if (up, dn) != (up0, dn0) and md.fits((up, dn), D, inter):
+            best = min(best, (report(f"a8 up={up} down={dn}", dict(DEC=(*up, *dn), A8=1)), up, dn))
+    us, up, dn = best
+    print(f"  best a8 {us:.2f} us vs bf16 table {base:.2f} us: x{base / us:.2f}", flush=True)
+    return (f"PICK_A8 TP={tp} T={T} DS4F_MXFP4_DEC={','.join(str(v) for v in (*up, *dn))} ({us:.2f} us vs bf16 "
+            f"{base:.2f} us)")
+
+
+if __name__ == "__main__":
+    main()

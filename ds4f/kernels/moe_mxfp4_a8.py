@@ -1,0 +1,284 @@
+"""⑥ kernels, MXFP4 routed MoE at decode sizes with FP8 activations (sm_89+): moe_mxfp4_decode's two launches, its
+grid, tiles, arrival sums and fused pick sum, with an e4m3 x e4m3 tl.dot in place of the bf16 one.
+
+The checkpoint's own scheme (v4-architecture.md 4.2: every FP8 / FP4 GEMM's input is quantized to FP8 per token per
+128 columns with a power-of-two scale): each program quantizes its x (up) or a (down) slice per 128 columns with
+fp8_gemv.quant_rows (fp8_gemm.quant_act_ref's math). The weight bytes decode to e4m3 with no arithmetic on values:
+an e2m1 nibble s|e1 e0|m placed as e4m3 bits s|0 0 e1 e0|m 0 0 is the value times 2^-6 exactly (e1 e0 = 0 lands on
+e4m3's subnormals, code 1 = 2^-7 = 0.5 * 2^-6), so a byte's low nibble takes shl / shl / and / lop3 and its high
+nibble shr / and / lop3: ~0.9 instructions per weight value against ~2.8-3.3 for the bf16 decode. Low nibbles (even
+columns) and high nibbles (odd columns) are two [BLOCK_N, BLOCK_K/2] operands dotted against B_even / B_odd, whose
+16 columns hold x split by 32-column scale group as in moe_mxfp4_decode (B[b, j] = xq[2b + r] if b // 16 == j), so
+acc[n, j] is row n's partial over group j; per BLOCK_K step it is scaled by 2^(s[n, j] - 127) (weight) times x's
+scale of group j's 128-column block, and the 2^6 of the placement is paid once at the end. Products of e4m3 values
+are exact in fp32, so this equals dequantize(W) @ dequantize(quant(x)) up to fp32 summation order
+(fused_moe_mxfp4_a8_ref). The interpreter (F32) runs the same loop with the values decoded in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ds4f.kernels import arrival, pdl
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ds4f.kernels.pdl import enter as pdl_enter
+except ImportError:  # CPU-only installs: moe_mxfp4 never calls in here without triton
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages (moe_mxfp4_decode's)
+
+# four bytes of packed nibbles ($1) -> the e4m3 bytes (value * 2^-6) of their low (_LO) or high (_HI) nibbles ($0)
+_LO = ("{\n.reg .b32 a, b;\nshl.b32 a, $1, 2;\nand.b32 a, a, 0x1C1C1C1C;\nshl.b32 b, $1, 4;\n"
+       "and.b32 b, b, 0x80808080;\nor.b32 $0, a, b;\n}\n")
+_HI = ("{\n.reg .b32 a, b;\nshr.b32 a, $1, 2;\nand.b32 a, a, 0x1C1C1C1C;\nand.b32 b, $1, 0x80808080;\n"
+       "or.b32 $0, a, b;\n}\n")
+
+
+def supported(device: torch.device) -> bool:
+    """e4m3 tensor-core dots: sm_89 and newer (the interpreter runs the F32 form anywhere)."""
+    if _INTERPRET:
+        return True
+    if device.type != "cuda":
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(i) >= (8, 9)
+
+
+_A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
+
+
+def a8_default(device: torch.device) -> bool:
+    """This form for fused_moe_mxfp4's decode calls: DS4F_MXFP4_DEC_A8=1|0 if set, else off (opt-in until measured in
+    the step)."""
+    if _A8_ENV in ("0", "1"):
+        return _A8_ENV == "1" and supported(device)
+    return False
+
+
+def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
+    """BLOCK_K in {128, 256, 512} (whole 128-column quantization blocks) on top of moe_mxfp4_decode.fits."""
+    return all(c[1] in (128, 256, 512) for c in cfgs)
+
+
+if triton is not None:
+    from ds4f.kernels.fp8_gemv import quant_rows
+    from ds4f.kernels.moe_mxfp4 import _act_bf16
+    from ds4f.kernels.moe_mxfp4_decode import _round_bf16, _scales
+
+    _LO_C = tl.constexpr(_LO)
+    _HI_C = tl.constexpr(_HI)
+
+    @triton.jit
+    def _half(q, R: tl.constexpr, F32: tl.constexpr):
+        # q [BN, KB] uint8 (two nibbles each) -> nibble R (0: low = even column) as e4m3 = value * 2^-6 [BN, KB]
+        # (F32: the same values as fp32)
+        if F32:
+            c = (q.to(tl.int32) >> (4 * R)) & 15
+            mag = c & 7
+            v = tl.where(mag >= 2, (2 + (mag & 1)).to(tl.float32) * (1 << (mag >> 1)).to(tl.float32) * 0.25,
+                         mag.to(tl.float32) * 0.5)
+            return tl.where(c >= 8, -v, v) * 0.015625
+        if R == 0:
+            return tl.inline_asm_elementwise(_LO_C, "=r,r", [q], dtype=tl.float8e4nv, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(_HI_C, "=r,r", [q], dtype=tl.float8e4nv, is_pure=True, pack=4)
+
+    @triton.jit
+    def _xq(xp, KB: tl.constexpr, F32: tl.constexpr):
+        # x's BLOCK_K = 2 * KB values at xp -> (B_even, B_odd) [KB, 16] (e4m3; F32: fp32): B_r[b, j] = x[2b + r] / s
+        # if column 2b + r's scale group (b // 16) is j, else 0; and xs [16] fp32: group j's x scale s (its
+        # 128-column block's, j // 4)
+        NB: tl.constexpr = 2 * KB // 128
+        q, s = quant_rows(tl.reshape(tl.load(xp + tl.arange(0, 2 * KB)).to(tl.float32), [NB, 128]), F32)
+        qe, qo = tl.split(tl.reshape(q, [KB, 2]))
+        sel = tl.arange(0, 16)[:, None] == (tl.arange(0, KB) // 16)[None, :]
+        xs = tl.sum(tl.where((tl.arange(0, 16) // 4)[:, None] == tl.arange(0, NB)[None, :], s[None, :], 0.0), 1)
+        if F32:
+            return tl.trans(tl.where(sel, qe[None, :], 0.0)), tl.trans(tl.where(sel, qo[None, :], 0.0)), xs
+        # built as B^T [16, KB] (K contiguous, the fp8 MMA's B layout), fed transposed
+        return (tl.trans(tl.where(sel, qe[None, :], 0.0).to(tl.float8e4nv)),
+                tl.trans(tl.where(sel, qo[None, :], 0.0).to(tl.float8e4nv)), xs)
+
+    @triton.jit
+    def _gdot8(q, be, bo, F32: tl.constexpr):
+        # [BN, KB] packed bytes . (B_even, B_odd) -> [BN, 16] fp32 partials per scale group (times 2^-6)
+        acc = tl.dot(_half(q, 0, F32), be, tl.zeros([q.shape[0], 16], tl.float32))
+        return tl.dot(_half(q, 1, F32), bo, acc)
+
+    @triton.jit
+    def _a8_up(
+        x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
+        I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        # moe_mxfp4_decode._dec_up's program (pick m, BLOCK_N gate rows + the same up rows, K slice pid_s) over
+        # bytes: I % BLOCK_N == 0, DM % (SPLIT * BLOCK_K) == 0, BLOCK_K in {128, 256, 512}
+        pdl_enter(PDL)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        KB: tl.constexpr = BLOCK_K // 2
+        K_PER: tl.constexpr = DM // SPLIT
+        e = tl.load(ids_ptr + pid_m).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        r64 = rn.to(tl.int64)[:, None]
+        k0 = pid_s * K_PER
+        qg = q_ptr + e * s_qe + r64 * s_qn + k0 // 2 + tl.arange(0, KB)[None, :]
+        sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
+        xp = x_ptr + (pid_m // TOPK).to(tl.int64) * s_xt + k0
+        acc_g = tl.zeros([BLOCK_N, 16], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, 16], tl.float32)
+        NS: tl.constexpr = K_PER // BLOCK_K
+        NG: tl.constexpr = BLOCK_K // 32
+        fg_n = _scales(sg, NG, True, False)
+        fu_n = _scales(sg + I * s_sn, NG, True, False)
+        for kb in range(0, NS):
+            fg = fg_n
+            fu = fu_n
+            fg_n = _scales(sg + (kb + 1) * NG, NG, kb + 1 < NS, False)  # a step ahead (see _dec_up)
+            fu_n = _scales(sg + I * s_sn + (kb + 1) * NG, NG, kb + 1 < NS, False)
+            be, bo, xs = _xq(xp + kb * BLOCK_K, KB, F32)
+            wg = tl.load(qg + kb * KB)
+            wu = tl.load(qg + I * s_qn + kb * KB)
+            acc_g += _gdot8(wg, be, bo, F32) * (fg * xs[None, :])
+            acc_u += _gdot8(wu, be, bo, F32) * (fu * xs[None, :])
+        g = tl.sum(acc_g, 1) * 64.0
+        u = tl.sum(acc_u, 1) * 64.0
+        if SPLIT > 1:
+            pp = part_ptr + pid_m.to(tl.int64) * (SPLIT * 2 * I) + rn
+            tl.store(pp + pid_s * (2 * I), g)
+            tl.store(pp + pid_s * (2 * I) + I, u)
+            tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
+            cnt = tl.atomic_add(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
+            if cnt == SPLIT - 1:
+                g = tl.zeros([BLOCK_N], tl.float32)
+                u = tl.zeros([BLOCK_N], tl.float32)
+                for s in range(0, SPLIT):  # fixed order: the sum does not depend on arrival order
+                    g += tl.load(pp + s * (2 * I), cache_modifier=".cg")
+                    u += tl.load(pp + s * (2 * I) + I, cache_modifier=".cg")
+                tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+                tl.store(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 0)  # re-armed for the next call
+        else:
+            tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+
+    @triton.jit
+    def _a8_down(
+        a_ptr, q_ptr, s_ptr, ids_ptr, tw_ptr, sh_ptr, out_ptr, part_ptr, lock_ptr, s_at, s_qe, s_qn, s_se, s_sn,
+        s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick j, K slice)) over bytes, a's
+        # slice quantized per 128 columns: DM % BLOCK_N == 0, I % (SPLIT * BLOCK_K) == 0
+        pdl_enter(PDL)
+        pid_tn = tl.program_id(0)
+        pid_js = tl.program_id(1)
+        NT: tl.constexpr = DM // BLOCK_N
+        KB: tl.constexpr = BLOCK_K // 2
+        K_PER: tl.constexpr = I // SPLIT
+        t = pid_tn // NT
+        rn = (pid_tn % NT) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = t * TOPK + pid_js // SPLIT
+        k0 = (pid_js % SPLIT) * K_PER
+        e = tl.load(ids_ptr + m).to(tl.int64)
+        r64 = rn.to(tl.int64)[:, None]
+        qd = q_ptr + e * s_qe + r64 * s_qn + k0 // 2 + tl.arange(0, KB)[None, :]
+        sd = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
+        ap = a_ptr + m.to(tl.int64) * s_at + k0
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        NS: tl.constexpr = K_PER // BLOCK_K
+        NG: tl.constexpr = BLOCK_K // 32
+        fd_n = _scales(sd, NG, True, False)
+        for kb in range(0, NS):
+            fd = fd_n
+            fd_n = _scales(sd + (kb + 1) * NG, NG, kb + 1 < NS, False)
+            be, bo, xs = _xq(ap + kb * BLOCK_K, KB, F32)
+            wd = tl.load(qd + kb * KB)
+            acc += _gdot8(wd, be, bo, F32) * (fd * xs[None, :])
+        y = tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m))
+        pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
+        tl.store(pp + pid_js * DM, y)
+        tl.debug_barrier()
+        cnt = tl.atomic_add(lock_ptr + pid_tn, 1, sem="acq_rel", scope="gpu")
+        if cnt == TOPK * SPLIT - 1:
+            tot = tl.zeros([BLOCK_N], tl.float32)
+            for js in range(0, TOPK * SPLIT):
+                tot += tl.load(pp + js * DM, cache_modifier=".cg")
+            if HAS_SH:
+                tot += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
+            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(tot, F32))
+            tl.store(lock_ptr + pid_tn, 0)
+
+
+def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
+                  ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
+                  cfgs: tuple[Cfg, Cfg], shared_ready: Any = None) -> torch.Tensor:
+    """moe_mxfp4_decode.moe_decode's arguments and result (no asm / sub: the e4m3 placement has one form); cfgs
+    must also pass fits() here. -> [T, D] bf16."""
+    from ds4f.kernels.moe_mxfp4_decode import MAX_PICKS
+
+    (q13, s13), (q2, s2) = w13, w2
+    T, D = x.shape
+    k = ids.shape[1]
+    I = q2.shape[2] * 2
+    M = T * k
+    (bn_u, bk_u, sp_u, nw_u, ns_u), (bn_d, bk_d, sp_d, nw_d, ns_d) = cfgs
+    dev = x.device
+    flat = ids.contiguous().view(-1)
+    tw = weights.contiguous().view(-1)
+    f32 = int(_INTERPRET)
+    a = torch.empty(M, I, dtype=torch.bfloat16, device=dev)
+    nt_u = I // bn_u
+    part_u = torch.empty(M * sp_u * 2 * I if sp_u > 1 else 1, dtype=torch.float32, device=dev)
+    lock_u = arrival.counters(dev, MAX_PICKS * nt_u, ("mxfp4_a8_up", I, bn_u)) if sp_u > 1 else part_u
+    _a8_up[(M, nt_u, sp_u)](
+        x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
+        s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
+        num_warps=nw_u, num_stages=ns_u, **pdl.launch(dev))
+    out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
+    nt_d = D // bn_d
+    part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)
+    lock_d = arrival.counters(dev, MAX_PICKS * nt_d, ("mxfp4_a8_down", D, bn_d))
+    if shared_ready is not None:
+        torch.cuda.current_stream().wait_stream(shared_ready)
+    sh = shared_out.contiguous() if shared_out is not None else out
+    _a8_down[(T * nt_d, k * sp_d)](
+        a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
+        s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
+        HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **pdl.launch(dev))
+    return out
+
+
+def fused_moe_mxfp4_a8_ref(x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: torch.Tensor,
+                           w2_scale: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                           swiglu_limit: float) -> torch.Tensor:
+    """Pure-torch oracle of moe_decode_a8 (moe_mxfp4.fused_moe_mxfp4_ref's arguments, no shared expert): x and each
+    pick's bf16 activation quantized by fp8_gemm.quant_act_ref (pow2 scales per 128 columns) and dequantized, then
+    the reference's fp32 math on the dequantized experts."""
+    from ds4f.kernels.fp8_gemm import quant_act_ref
+    from ds4f.kernels.ref import swiglu_clamp
+    from ds4f.model.quant import dequant_mxfp4
+
+    def dq(v: torch.Tensor) -> torch.Tensor:
+        q, s = quant_act_ref(v)
+        return (q.float().view(v.shape[0], -1, 128) * s[:, :, None]).view(v.shape)
+
+    T, k = ids.shape
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    xq = dq(x)
+    flat = ids.reshape(-1).long()
+    for e in flat.unique().tolist():
+        pos = (flat == e).nonzero().squeeze(1)
+        tok = pos // k
+        w13 = dequant_mxfp4(w13_q[e], w13_scale[e], torch.float32, name=f"w13[{e}]")
+        w2 = dequant_mxfp4(w2_q[e], w2_scale[e], torch.float32, name=f"w2[{e}]")
+        a = swiglu_clamp(xq[tok] @ w13.t(), swiglu_limit).to(x.dtype)
+        out.index_add_(0, tok, (dq(a) @ w2.t()) * weights.reshape(-1)[pos].float()[:, None])
+    return out.to(x.dtype)
