@@ -337,7 +337,10 @@ def fused_moe_mxfp4(
         c = config or {}
         from ds4f.kernels import moe_mxfp4_a8 as a8
 
-        if bool(c.get("A8", a8.a8_default(x.device))) and a8.fits(dec, DM, I):  # FP8 activations, e4m3 MMA
+        use_a8 = bool(c.get("A8", a8.a8_default(x.device)))  # FP8 activations, e4m3 MMA
+        if use_a8 and "DEC" not in c and md._env() == "table":  # its own table unless tiles are forced
+            dec = a8.pick(DM, I, T, dec)
+        if use_a8 and a8.fits(dec, DM, I):
             return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
                                     shared_ready)
         return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,

@@ -52,6 +52,13 @@ def supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(i) >= (8, 9)
 
 
+# (D, I, token bucket) -> (up, down) tiles for this form; bench/sweep_mxfp4_a8.py on an H200, 2026-11-29
+# (bench/results/moe_mxfp4.jsonl, case mxfp4_a8_sweep), us per layer for 6 picks, this form at these tiles vs the
+# bf16-activation kernels at their table tiles (SUB decode): shapes not listed take moe_mxfp4_decode's tiles
+CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
+    (4096, 1024, 1): ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),  # TP=2: 25.30 vs 27.18
+    (4096, 1024, 4): ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),  # 71.08 vs 74.75
+}
 _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
 
 
@@ -61,6 +68,13 @@ def a8_default(device: torch.device) -> bool:
     if _A8_ENV in ("0", "1"):
         return _A8_ENV == "1" and supported(device)
     return False
+
+
+def pick(D: int, I: int, T: int, dec: tuple[Cfg, Cfg]) -> tuple[Cfg, Cfg]:
+    """This form's tiles for (D, I, T): CONFIGS, else moe_mxfp4_decode's pick `dec`."""
+    from ds4f.kernels.moe_mxfp4_decode import bucket
+
+    return CONFIGS.get((D, I, bucket(T)), dec)
 
 
 def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:

@@ -17,7 +17,11 @@ pytestmark = [
                        reason="e4m3 tensor-core dots need sm_89+"),
 ]
 
-TOL = 1e-3  # the oracle's own products (e4m3 x e2m1 * pow2 scales, exact in fp32); fp32 summation order only
+# The oracle's products (e4m3 x e2m1 times power-of-two scales) are exact in fp32, but Hopper's e4m3 wgmma keeps
+# fewer bits than fp32 while it sums inside one dot (Triton's max_num_imprecise_acc default): here one 32-column
+# scale group's 16 products per parity per dot, which measured 0.8e-3 (one token) to 2.4e-3 (four) against the
+# oracle on H200, tile-independent at 64+ rows; 32-row tiles take mma.sync and matched it exactly.
+TOL = 5e-3
 DEC_SHAPES = [(32, 4096, 1024, 1, 6), (32, 4096, 1024, 4, 6), (32, 4096, 2048, 1, 6), (32, 4096, 2048, 4, 6)]
 A8_TILES = [(64, 256, 4, 4, 4, 64, 256, 4, 4, 4), (64, 256, 1, 4, 4, 64, 256, 1, 4, 4),
             (64, 512, 2, 4, 3, 64, 512, 2, 4, 3), (128, 128, 4, 8, 4, 32, 128, 2, 4, 4)]
@@ -79,10 +83,10 @@ def test_a8_kernels_match_their_reference(E, D, I, T, k, tiles):
     ref = fused_moe_mxfp4_a8_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert _rel(out, ref) < TOL
-    # the bf16-activation oracle differs by the activations' e4m3 rounding (~3 %): this path does quantize
-    assert _rel(out, fused_moe_mxfp4_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)) > 10 * TOL
+    # the bf16-activation oracle differs by the activations' e4m3 rounding (4.6e-2 measured): this path quantizes
+    assert _rel(out, fused_moe_mxfp4_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)) > 4 * TOL
     out_sh = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=cfg, shared_out=sh)
-    assert _rel(out_sh, ref.float() + sh.float()) < 2 * TOL
+    assert _rel(out_sh, ref.float() + sh.float()) < TOL
     torch.cuda.synchronize()
     assert all(int(b.abs().sum()) == 0 for n in ("mxfp4_a8_up", "mxfp4_a8_down") for b in arrival.buffers(n))
 

@@ -1,0 +1,136 @@
+"""⑥ kernels, the FP8-activation MXFP4 decode (moe_mxfp4_a8) on CPU: its oracle against the checkpoint's scheme
+written out, the Triton kernels under TRITON_INTERPRET=1 against that oracle, the dispatch and its env switch, and
+offline builds for sm_90 / sm_121 (shared memory, e4m3 MMAs, the PTX placement). The PTX placement itself is
+checked for every byte on the GPU (tests/gpu/test_moe_mxfp4_a8_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4f.kernels.fp8_gemm import quant_act_ref
+from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4_ref
+from ds4f.kernels.moe_mxfp4_a8 import fused_moe_mxfp4_a8_ref
+from ds4f.model.quant import dequant_mxfp4, quant_mxfp4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def _case(E: int, D: int, I: int, T: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+
+    def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qs = [quant_mxfp4(w[e]) for e in range(w.shape[0])]
+        return torch.stack([q for q, _ in qs]).view(torch.uint8), torch.stack([s for _, s in qs]).view(torch.uint8)
+
+    w13q, w13s = pack(torch.randn(E, 2 * I, D, generator=g) * 0.3)
+    w2q, w2s = pack(torch.randn(E, D, I, generator=g) * 0.3)
+    x = (torch.randn(T, D, generator=g) * torch.rand(T, D // 128, 1, generator=g).repeat(1, 1, 128).view(T, D)
+         * 8).bfloat16()  # per-128-column blocks of different magnitude
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+    wts = torch.rand(T, k, generator=g)
+    return x, w13q, w13s, w2q, w2s, ids, wts
+
+
+def test_oracle_is_the_checkpoint_scheme_written_out():
+    """x and the activation quantized to e4m3 per token per 128 columns (pow2 scales), dequantized experts, fp32."""
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(5, 256, 128, 3, 2, seed=1)
+    got = fused_moe_mxfp4_a8_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
+    want = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        q, s = quant_act_ref(x[t:t + 1])
+        xq = q.float() * s.repeat_interleave(128, 1)
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = xq @ dequant_mxfp4(w13q[e], w13s[e], torch.float32).t()
+            g, u = h[:, :128], h[:, 128:]
+            a = (torch.nn.functional.silu(g.clamp(max=10.0)) * u.clamp(-10.0, 10.0)).bfloat16()
+            qa, sa = quant_act_ref(a)
+            aq = qa.float() * sa.repeat_interleave(128, 1)
+            want[t] += float(wts[t, j]) * (aq @ dequant_mxfp4(w2q[e], w2s[e], torch.float32).t())[0]
+    assert _rel(got, want.bfloat16()) < 1e-2 * 2**-7  # bf16 rounding of the sum only
+    # the quantization is there: the bf16-activation oracle differs by e4m3 rounding (a few percent)
+    assert 5e-3 < _rel(got, fused_moe_mxfp4_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)) < 0.1
+
+
+def check_interpreted() -> None:
+    """The two launches (K splits with arrival sums, 128 / 256 / 512-column steps, 16-64-row tiles) against the
+    oracle; the shared expert's output; counters re-armed; the dispatch: A8 with no DEC takes the kernels too."""
+    from ds4f.kernels import arrival
+    from ds4f.kernels import moe_mxfp4 as mm
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    for D, I, tiles in [(256, 256, (32, 128, 2, 4, 1, 16, 128, 2, 4, 1)),
+                        (256, 256, (64, 256, 1, 4, 1, 64, 256, 1, 4, 1)),
+                        (512, 128, (16, 512, 1, 4, 1, 32, 128, 1, 4, 1))]:
+        x, w13q, w13s, w2q, w2s, ids, wts = _case(5, D, I, 3, 2, seed=D + I)
+        ids[-1, 1] = ids[-1, 0]  # a repeated expert inside one token's picks
+        ref = fused_moe_mxfp4_a8_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
+        out = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, A8=1))
+        assert _rel(out, ref) < 1e-3, (tiles, _rel(out, ref))
+        sh = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+        out = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, A8=1),
+                                 shared_out=sh)
+        assert _rel(out, ref.float() + sh.float()) < 5e-3, tiles  # two bf16 roundings in the oracle, one here
+    assert all(int(b.abs().sum()) == 0 for n in ("mxfp4_a8_up", "mxfp4_a8_down") for b in arrival.buffers(n))
+    calls: list[int] = []
+    real = a8.moe_decode_a8
+    a8.moe_decode_a8 = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, A8=0))
+    assert calls == []
+    mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, A8=1))
+    assert calls == [1]
+    print("ok")
+
+
+def test_kernels_in_the_interpreter_match_the_oracle():
+    pytest.importorskip("triton")
+    from tests.interp import run_interpreted
+
+    assert run_interpreted("test_moe_mxfp4_a8", "check_interpreted").strip().endswith("ok")
+
+
+def test_default_env_and_tables(monkeypatch):
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    cpu = torch.device("cpu")
+    for env, want in (("", False), ("0", False), ("1", a8.supported(cpu))):
+        monkeypatch.setattr(a8, "_A8_ENV", env)
+        assert a8.a8_default(cpu) is want, env
+    dec = ((64, 256, 4, 4, 4), (64, 256, 4, 4, 4))
+    assert a8.pick(4096, 1024, 1, dec) == a8.CONFIGS[(4096, 1024, 1)]
+    assert a8.pick(4096, 1024, 3, dec) == a8.CONFIGS[(4096, 1024, 4)]  # T >= 2: the four-token row
+    assert a8.pick(4096, 4096, 1, dec) == dec  # a shape the table lacks
+    assert a8.fits(dec, 4096, 1024) and not a8.fits(((64, 64, 4, 4, 4), dec[1]), 4096, 1024)
+    for (D, I, _), cfgs in a8.CONFIGS.items():
+        from ds4f.kernels import moe_mxfp4_decode as md
+
+        assert md.fits(cfgs, D, I) and a8.fits(cfgs, D, I)
+
+
+_PTRS = dict(x_ptr="*bf16", a_ptr="*bf16", q_ptr="*u8", s_ptr="*u8", ids_ptr="*i32", tw_ptr="*fp32",
+             sh_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32", limit="fp32")
+
+
+@pytest.mark.parametrize("arch", [90, 121])
+@pytest.mark.parametrize("which", ["table", "wide"])
+def test_kernels_build_offline(arch, which):
+    """The table's tiles (and 128-row, 8-warp ones) compile for Hopper and the GB10 with e4m3 MMAs (wgmma on sm_90)
+    and the placement in PTX, within each arch's shared memory; the arrival sums are there."""
+    pytest.importorskip("triton")
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+    from tests.test_kernels_build import build
+
+    up, down = a8.CONFIGS[(4096, 1024, 4)] if which == "table" else ((128, 256, 4, 8, 3), (128, 256, 2, 8, 3))
+    div = tuple(n for n in a8._a8_up.arg_names if n in _PTRS and n != "limit" or n.startswith("s_"))
+    k = build(a8._a8_up, _PTRS, dict(I=1024, DM=4096, TOPK=6, BLOCK_N=up[0], BLOCK_K=up[1], SPLIT=up[2], F32=0),
+              arch, up[3], up[4], div16=div)
+    assert "0x1C1C1C1C" in k["ptx"] and "0x80808080" in k["ptx"]  # the placement, both nibbles
+    assert ("wgmma.mma_async" in k["ptx"]) == (arch == 90) and "e4m3" in k["ptx"]
+    assert up[2] == 1 or "atom" in k["ptx"]
+    div = tuple(n for n in a8._a8_down.arg_names if n in _PTRS and n != "limit" or n.startswith("s_"))
+    k = build(a8._a8_down, _PTRS, dict(DM=4096, I=1024, TOPK=6, BLOCK_N=down[0], BLOCK_K=down[1], SPLIT=down[2],
+                                       HAS_SH=1, F32=0), arch, down[3], down[4], div16=div)
+    assert "e4m3" in k["ptx"] and "atom" in k["ptx"]  # the pick sum's arrival counter
