@@ -321,5 +321,9 @@ case "${1:-}" in
       > "$OUT/sweep_a8.log" 2>&1; grep -E "^(==|  |PICK)|Error" "$OUT/sweep_a8.log" | tail -n 40
     SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--;DS4F_MXFP4_DEC_A8=1}" SIM_S="${SIM_S:-110}" \
       bash "$0" s10ab "$2" ;;
+  s12diag)  # 1 GPU: bench/diag_a8.py (moe_mxfp4_a8 vs its oracle per tile / weight / scale / x variant), then
+    # the rank-step A/B of S10_AB (SIM_S seconds each)
+    timeout 90 python3 bench/diag_a8.py 2>&1 | tee "$OUT/diag_a8.log" | tail -n 20
+    SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--}" SIM_S="${SIM_S:-170}" bash "$0" s10ab "$2" ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac
