@@ -95,10 +95,14 @@ def test_kernels_in_the_interpreter_match_the_oracle():
 def test_default_env_and_tables(monkeypatch):
     from ds4f.kernels import moe_mxfp4_a8 as a8
 
-    cpu = torch.device("cpu")
-    for env, want in (("", False), ("0", False), ("1", a8.supported(cpu))):
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(a8, "supported", lambda d: True)  # an sm_89+ device
+    for env, table, other in (("", True, False), ("0", False, False), ("1", True, True)):
         monkeypatch.setattr(a8, "_A8_ENV", env)
-        assert a8.a8_default(cpu) is want, env
+        assert a8.a8_default(dev, 4096, 1024, 1) is table and a8.a8_default(dev, 4096, 1024, 4) is table, env
+        assert a8.a8_default(dev, 4096, 2048, 1) is other, env  # TP=1 widths: not in the table
+    monkeypatch.setattr(a8, "supported", lambda d: False)  # sm_80 / sm_86: the bf16 kernels whatever the env says
+    assert not a8.a8_default(dev, 4096, 1024, 1)
     dec = ((64, 256, 4, 4, 4), (64, 256, 4, 4, 4))
     assert a8.pick(4096, 1024, 1, dec) == a8.CONFIGS[(4096, 1024, 1)]
     assert a8.pick(4096, 1024, 3, dec) == a8.CONFIGS[(4096, 1024, 4)]  # T >= 2: the four-token row

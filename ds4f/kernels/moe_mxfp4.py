@@ -304,7 +304,7 @@ def fused_moe_mxfp4(
     are multiples of 32. No host sync: CUDA-graph safe. config: BLOCK_M/N/K, num_warps, num_stages, ASM (PTX nibble
     decode, CUDA only), SPLIT (even/odd column dots instead of an interleaved tile), PER_PICK, GEMV (with PER_PICK:
     CUDA-core FMAs instead of tl.dot), or DEC (ten ints: moe_mxfp4_decode's up and down tiles; with ASM, SUB, or A8:
-    moe_mxfp4_a8's FP8-activation form, default moe_mxfp4_a8.a8_default). Without
+    moe_mxfp4_a8's FP8-activation form; without a config moe_mxfp4_a8.a8_default decides). Without
     a config, decode-sized CUDA calls take moe_mxfp4_decode's table (DS4F_MXFP4_DEC=0: the GEMV below).
     shared_out [T, D] bf16: a shared expert's output the caller computed, added as `shared`'s would be (pass one of
     the two); shared_ready: the CUDA stream computing it, joined right before the first launch that reads it (the
@@ -337,12 +337,13 @@ def fused_moe_mxfp4(
         c = config or {}
         from ds4f.kernels import moe_mxfp4_a8 as a8
 
-        use_a8 = bool(c.get("A8", a8.a8_default(x.device)))  # FP8 activations, e4m3 MMA
+        # FP8 activations, e4m3 MMA: a config's DEC tiles are the bf16 kernels' unless it also says A8
+        use_a8 = bool(c.get("A8", 0)) if config is not None else a8.a8_default(x.device, DM, I, T)
         if use_a8 and "DEC" not in c and md._env() == "table":  # its own table unless tiles are forced
             dec = a8.pick(DM, I, T, dec)
         if use_a8 and a8.fits(dec, DM, I):
             return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
-                                    shared_ready)
+                                    shared_ready, c.get("ACC"))
         return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
                              bool(c.get("ASM", x.is_cuda and not _INTERPRET)),
                              bool(c.get("SUB", md.sub_default(x.device))),

@@ -60,14 +60,20 @@ CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
     (4096, 1024, 4): ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),  # 71.08 vs 74.75
 }
 _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
+# Hopper's e4m3 wgmma sums in fewer bits than fp32 inside one dot; ACC_COLS > 0 adds its partial into fp32 every
+# that many K columns (tl.dot's max_num_imprecise_acc), 0 = Triton's default (never). DS4F_MXFP4_A8_ACC overrides.
+ACC_COLS = int(os.environ.get("DS4F_MXFP4_A8_ACC", "64"))
 
 
-def a8_default(device: torch.device) -> bool:
-    """This form for fused_moe_mxfp4's decode calls: DS4F_MXFP4_DEC_A8=1|0 if set, else off (opt-in until measured in
-    the step)."""
-    if _A8_ENV in ("0", "1"):
-        return _A8_ENV == "1" and supported(device)
-    return False
+def a8_default(device: torch.device, D: int, I: int, T: int) -> bool:
+    """This form for fused_moe_mxfp4's decode calls without a config: DS4F_MXFP4_DEC_A8=1 (every shape) | 0 (none) if
+    set, else the shapes in CONFIGS (the V4-Flash TP=2 widths: 12-layer TP=2 rank step on an H200, replay 1.523 vs
+    1.558 ms at one token, 2.191 vs 2.208 at four, bench/results/full.jsonl); sm_89+ only."""
+    if not supported(device) or _A8_ENV == "0":
+        return False
+    from ds4f.kernels.moe_mxfp4_decode import bucket
+
+    return _A8_ENV == "1" or (D, I, bucket(T)) in CONFIGS
 
 
 def pick(D: int, I: int, T: int, dec: tuple[Cfg, Cfg]) -> tuple[Cfg, Cfg]:
@@ -121,8 +127,12 @@ if triton is not None:
                 tl.trans(tl.where(sel, qo[None, :], 0.0).to(tl.float8e4nv)), xs)
 
     @triton.jit
-    def _gdot8(q, be, bo, F32: tl.constexpr):
-        # [BN, KB] packed bytes . (B_even, B_odd) -> [BN, 16] fp32 partials per scale group (times 2^-6)
+    def _gdot8(q, be, bo, F32: tl.constexpr, ACC: tl.constexpr):
+        # [BN, KB] packed bytes . (B_even, B_odd) -> [BN, 16] fp32 partials per scale group (times 2^-6); ACC > 0:
+        # the e4m3 MMA's reduced-precision sum is added into fp32 every ACC columns (see ACC_COLS)
+        if ACC > 0:
+            acc = tl.dot(_half(q, 0, F32), be, tl.zeros([q.shape[0], 16], tl.float32), max_num_imprecise_acc=ACC)
+            return tl.dot(_half(q, 1, F32), bo, acc, max_num_imprecise_acc=ACC)
         acc = tl.dot(_half(q, 0, F32), be, tl.zeros([q.shape[0], 16], tl.float32))
         return tl.dot(_half(q, 1, F32), bo, acc)
 
@@ -130,7 +140,7 @@ if triton is not None:
     def _a8_up(
         x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
         I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False,
+        SPLIT: tl.constexpr, F32: tl.constexpr, ACC: tl.constexpr = 0, PDL: tl.constexpr = False,
     ):
         # moe_mxfp4_decode._dec_up's program (pick m, BLOCK_N gate rows + the same up rows, K slice pid_s) over
         # bytes: I % BLOCK_N == 0, DM % (SPLIT * BLOCK_K) == 0, BLOCK_K in {128, 256, 512}
@@ -161,8 +171,8 @@ if triton is not None:
             be, bo, xs = _xq(xp + kb * BLOCK_K, KB, F32)
             wg = tl.load(qg + kb * KB)
             wu = tl.load(qg + I * s_qn + kb * KB)
-            acc_g += _gdot8(wg, be, bo, F32) * (fg * xs[None, :])
-            acc_u += _gdot8(wu, be, bo, F32) * (fu * xs[None, :])
+            acc_g += _gdot8(wg, be, bo, F32, ACC) * (fg * xs[None, :])
+            acc_u += _gdot8(wu, be, bo, F32, ACC) * (fu * xs[None, :])
         g = tl.sum(acc_g, 1) * 64.0
         u = tl.sum(acc_u, 1) * 64.0
         if SPLIT > 1:
@@ -186,7 +196,7 @@ if triton is not None:
     def _a8_down(
         a_ptr, q_ptr, s_ptr, ids_ptr, tw_ptr, sh_ptr, out_ptr, part_ptr, lock_ptr, s_at, s_qe, s_qn, s_se, s_sn,
         s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr, ACC: tl.constexpr = 0,
         PDL: tl.constexpr = False,
     ):
         # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick j, K slice)) over bytes, a's
@@ -215,7 +225,7 @@ if triton is not None:
             fd_n = _scales(sd + (kb + 1) * NG, NG, kb + 1 < NS, False)
             be, bo, xs = _xq(ap + kb * BLOCK_K, KB, F32)
             wd = tl.load(qd + kb * KB)
-            acc += _gdot8(wd, be, bo, F32) * (fd * xs[None, :])
+            acc += _gdot8(wd, be, bo, F32, ACC) * (fd * xs[None, :])
         y = tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m))
         pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
         tl.store(pp + pid_js * DM, y)
@@ -233,9 +243,9 @@ if triton is not None:
 
 def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                   ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
-                  cfgs: tuple[Cfg, Cfg], shared_ready: Any = None) -> torch.Tensor:
+                  cfgs: tuple[Cfg, Cfg], shared_ready: Any = None, acc_cols: int | None = None) -> torch.Tensor:
     """moe_mxfp4_decode.moe_decode's arguments and result (no asm / sub: the e4m3 placement has one form); cfgs
-    must also pass fits() here. -> [T, D] bf16."""
+    must also pass fits() here; acc_cols: ACC_COLS unless given. -> [T, D] bf16."""
     from ds4f.kernels.moe_mxfp4_decode import MAX_PICKS
 
     (q13, s13), (q2, s2) = w13, w2
@@ -248,13 +258,14 @@ def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: t
     flat = ids.contiguous().view(-1)
     tw = weights.contiguous().view(-1)
     f32 = int(_INTERPRET)
+    acc = ACC_COLS if acc_cols is None else acc_cols
     a = torch.empty(M, I, dtype=torch.bfloat16, device=dev)
     nt_u = I // bn_u
     part_u = torch.empty(M * sp_u * 2 * I if sp_u > 1 else 1, dtype=torch.float32, device=dev)
     lock_u = arrival.counters(dev, MAX_PICKS * nt_u, ("mxfp4_a8_up", I, bn_u)) if sp_u > 1 else part_u
     _a8_up[(M, nt_u, sp_u)](
         x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
-        s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
+        s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32, ACC=acc,
         num_warps=nw_u, num_stages=ns_u, **pdl.launch(dev))
     out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
     nt_d = D // bn_d
@@ -266,7 +277,7 @@ def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: t
     _a8_down[(T * nt_d, k * sp_d)](
         a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
         s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
-        HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **pdl.launch(dev))
+        HAS_SH=shared_out is not None, F32=f32, ACC=acc, num_warps=nw_d, num_stages=ns_d, **pdl.launch(dev))
     return out
 
 

@@ -110,3 +110,22 @@ def test_a8_graph_replay_matches_eager():
         g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("I,T,want_a8", [(1024, 1, True), (1024, 4, True), (2048, 1, False)])
+def test_default_decode_path_takes_a8_at_the_table_shapes(monkeypatch, I, T, want_a8):
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+    from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4, fused_moe_mxfp4_ref
+
+    monkeypatch.setattr(a8, "_A8_ENV", "")
+    calls: list[tuple] = []
+    real = a8.moe_decode_a8
+    monkeypatch.setattr(a8, "moe_decode_a8", lambda *a, **kw: calls.append(a[7]) or real(*a, **kw))
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(32, 4096, I, T, 6, seed=I + T)
+    out = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
+    if want_a8:
+        assert calls == [a8.CONFIGS[(4096, I, 1 if T == 1 else 4)]]  # its own tiles
+        assert _rel(out, a8.fused_moe_mxfp4_a8_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)) < TOL
+    else:
+        assert calls == []
+        assert _rel(out, fused_moe_mxfp4_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)) < TOL
