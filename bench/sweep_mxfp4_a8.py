@@ -41,8 +41,6 @@ def main() -> None:
     ap.add_argument("--tp", default="2")
     ap.add_argument("--tokens", default="1,4")
     ap.add_argument("--out", default="", help="append JSON records (case mxfp4_a8_sweep) to this file")
-    ap.add_argument("--acc", default="", help="comma list of ACC values (fp32 promotion every N columns) to time at "
-                    "the table tiles only, instead of the tile sweep")
     args = ap.parse_args()
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta("python3 bench/sweep_mxfp4_a8.py " + " ".join(sys.argv[1:]))
@@ -59,14 +57,14 @@ def main() -> None:
              rnd(119, 122, E, D, inter // 32))
         per_expert = 3 * inter * D // 2 + 3 * inter * D // MXFP4_BLOCK
         for T in (int(v) for v in args.tokens.split(",")):
-            picks.append(sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out, args.acc))
+            picks.append(sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out))
         del w
         torch.cuda.empty_cache()
     print("\n".join(picks), flush=True)
 
 
 def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_expert: int, copy_gbps: float,
-               meta: dict, out_path: str, accs: str = "") -> str:
+               meta: dict, out_path: str) -> str:
     g = torch.Generator(device="cuda").manual_seed(100 * tp + T)
     xs = [torch.randn(T, D, device="cuda", generator=g).bfloat16() for _ in range(CALLS)]
     ids = [torch.rand(T, E, device="cuda", generator=g).topk(K, dim=1).indices.int() for _ in range(CALLS)]
@@ -103,13 +101,6 @@ def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_exp
     up0, dn0 = md.pick(D, inter, T)  # type: ignore[misc]
     base = report(f"bf16 table up={up0} down={dn0} SUB={int(md.sub_default(xs[0].device))}",
                   dict(DEC=(*up0, *dn0), A8=0))
-    if accs:  # the promotion interval at this form's table tiles
-        from ds4f.kernels.moe_mxfp4_a8 import pick
-
-        up, dn = pick(D, inter, T, (up0, dn0))
-        res = [(report(f"a8 up={up} down={dn} ACC={a}", dict(DEC=(*up, *dn), A8=1, ACC=int(a))), a)
-               for a in accs.split(",")]
-        return f"ACC_A8 TP={tp} T={T} " + " ".join(f"ACC={a}:{us:.2f}us" for us, a in res) + f" bf16 {base:.2f}us"
     best = (report(f"a8 up={up0} down={dn0}", dict(DEC=(*up0, *dn0), A8=1)), up0, dn0)
     for up, dn in TILES:
         if (up, dn) != (up0, dn0) and md.fits((up, dn), D, inter):

@@ -343,7 +343,7 @@ def fused_moe_mxfp4(
             dec = a8.pick(DM, I, T, dec)
         if use_a8 and a8.fits(dec, DM, I):
             return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
-                                    shared_ready, c.get("ACC"))
+                                    shared_ready)
         return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
                              bool(c.get("ASM", x.is_cuda and not _INTERPRET)),
                              bool(c.get("SUB", md.sub_default(x.device))),

@@ -11,8 +11,17 @@ columns) and high nibbles (odd columns) are two [BLOCK_N, BLOCK_K/2] operands do
 16 columns hold x split by 32-column scale group as in moe_mxfp4_decode (B[b, j] = xq[2b + r] if b // 16 == j), so
 acc[n, j] is row n's partial over group j; per BLOCK_K step it is scaled by 2^(s[n, j] - 127) (weight) times x's
 scale of group j's 128-column block, and the 2^6 of the placement is paid once at the end. Products of e4m3 values
-are exact in fp32, so this equals dequantize(W) @ dequantize(quant(x)) up to fp32 summation order
-(fused_moe_mxfp4_a8_ref). The interpreter (F32) runs the same loop with the values decoded in fp32.
+are exact in fp32, so this equals dequantize(W) @ dequantize(quant(x)) (fused_moe_mxfp4_a8_ref) up to the order of
+the sums and, with 64+-row tiles on Hopper (wgmma), the e4m3 MMA's own reduced-precision sums inside one dot; the
+interpreter (F32) runs the same loop with the values decoded in fp32 and matches the oracle exactly.
+
+Measured on an H200 (session 12, bench/results/moe_mxfp4.jsonl): 25.1 vs 26.8 us per layer at one token, 71.0 vs
+74.7 at four (TP=2 widths, 6 picks, against the bf16-activation kernels with their SUB decode): it is not bound by
+the decode instructions it saves. Against the oracle the end-to-end difference is 1e-3 - 7e-3 with wgmma tiles and
+~1e-5 with 32-row (mma.sync) ones; adding the MMA's partials into fp32 every 32 / 64 / 128 columns (tl.dot's
+max_num_imprecise_acc) left it at 0.5e-3 - 7e-3 and cost 11-12 % of the time, because the difference is the oracle's
+own double rounding of the activation a (bf16, then e4m3 in the down GEMM) turning ~2^-14 differences in the up sums
+into whole e4m3 steps on a few elements. The GPU tests therefore check each launch against the oracle apart.
 """
 
 from __future__ import annotations
@@ -60,9 +69,6 @@ CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
     (4096, 1024, 4): ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),  # 71.08 vs 74.75
 }
 _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
-# Hopper's e4m3 wgmma sums in fewer bits than fp32 inside one dot; ACC_COLS > 0 adds its partial into fp32 every
-# that many K columns (tl.dot's max_num_imprecise_acc), 0 = Triton's default (never). DS4F_MXFP4_A8_ACC overrides.
-ACC_COLS = int(os.environ.get("DS4F_MXFP4_A8_ACC", "64"))
 
 
 def a8_default(device: torch.device, D: int, I: int, T: int) -> bool:
@@ -127,12 +133,8 @@ if triton is not None:
                 tl.trans(tl.where(sel, qo[None, :], 0.0).to(tl.float8e4nv)), xs)
 
     @triton.jit
-    def _gdot8(q, be, bo, F32: tl.constexpr, ACC: tl.constexpr):
-        # [BN, KB] packed bytes . (B_even, B_odd) -> [BN, 16] fp32 partials per scale group (times 2^-6); ACC > 0:
-        # the e4m3 MMA's reduced-precision sum is added into fp32 every ACC columns (see ACC_COLS)
-        if ACC > 0:
-            acc = tl.dot(_half(q, 0, F32), be, tl.zeros([q.shape[0], 16], tl.float32), max_num_imprecise_acc=ACC)
-            return tl.dot(_half(q, 1, F32), bo, acc, max_num_imprecise_acc=ACC)
+    def _gdot8(q, be, bo, F32: tl.constexpr):
+        # [BN, KB] packed bytes . (B_even, B_odd) -> [BN, 16] fp32 partials per scale group (times 2^-6)
         acc = tl.dot(_half(q, 0, F32), be, tl.zeros([q.shape[0], 16], tl.float32))
         return tl.dot(_half(q, 1, F32), bo, acc)
 
@@ -140,7 +142,7 @@ if triton is not None:
     def _a8_up(
         x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
         I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr, F32: tl.constexpr, ACC: tl.constexpr = 0, PDL: tl.constexpr = False,
+        SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False,
     ):
         # moe_mxfp4_decode._dec_up's program (pick m, BLOCK_N gate rows + the same up rows, K slice pid_s) over
         # bytes: I % BLOCK_N == 0, DM % (SPLIT * BLOCK_K) == 0, BLOCK_K in {128, 256, 512}
@@ -171,8 +173,8 @@ if triton is not None:
             be, bo, xs = _xq(xp + kb * BLOCK_K, KB, F32)
             wg = tl.load(qg + kb * KB)
             wu = tl.load(qg + I * s_qn + kb * KB)
-            acc_g += _gdot8(wg, be, bo, F32, ACC) * (fg * xs[None, :])
-            acc_u += _gdot8(wu, be, bo, F32, ACC) * (fu * xs[None, :])
+            acc_g += _gdot8(wg, be, bo, F32) * (fg * xs[None, :])
+            acc_u += _gdot8(wu, be, bo, F32) * (fu * xs[None, :])
         g = tl.sum(acc_g, 1) * 64.0
         u = tl.sum(acc_u, 1) * 64.0
         if SPLIT > 1:
@@ -196,7 +198,7 @@ if triton is not None:
     def _a8_down(
         a_ptr, q_ptr, s_ptr, ids_ptr, tw_ptr, sh_ptr, out_ptr, part_ptr, lock_ptr, s_at, s_qe, s_qn, s_se, s_sn,
         s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr, ACC: tl.constexpr = 0,
+        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
         # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick j, K slice)) over bytes, a's
@@ -225,7 +227,7 @@ if triton is not None:
             fd_n = _scales(sd + (kb + 1) * NG, NG, kb + 1 < NS, False)
             be, bo, xs = _xq(ap + kb * BLOCK_K, KB, F32)
             wd = tl.load(qd + kb * KB)
-            acc += _gdot8(wd, be, bo, F32, ACC) * (fd * xs[None, :])
+            acc += _gdot8(wd, be, bo, F32) * (fd * xs[None, :])
         y = tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m))
         pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
         tl.store(pp + pid_js * DM, y)
@@ -243,9 +245,11 @@ if triton is not None:
 
 def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                   ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
-                  cfgs: tuple[Cfg, Cfg], shared_ready: Any = None, acc_cols: int | None = None) -> torch.Tensor:
+                  cfgs: tuple[Cfg, Cfg], shared_ready: Any = None,
+                  act_out: list[torch.Tensor] | None = None) -> torch.Tensor:
     """moe_mxfp4_decode.moe_decode's arguments and result (no asm / sub: the e4m3 placement has one form); cfgs
-    must also pass fits() here; acc_cols: ACC_COLS unless given. -> [T, D] bf16."""
+    must also pass fits() here; act_out: a list that receives the activation rows a [T*k, I] bf16 (tests check the
+    two launches apart). -> [T, D] bf16."""
     from ds4f.kernels.moe_mxfp4_decode import MAX_PICKS
 
     (q13, s13), (q2, s2) = w13, w2
@@ -258,15 +262,16 @@ def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: t
     flat = ids.contiguous().view(-1)
     tw = weights.contiguous().view(-1)
     f32 = int(_INTERPRET)
-    acc = ACC_COLS if acc_cols is None else acc_cols
     a = torch.empty(M, I, dtype=torch.bfloat16, device=dev)
     nt_u = I // bn_u
     part_u = torch.empty(M * sp_u * 2 * I if sp_u > 1 else 1, dtype=torch.float32, device=dev)
     lock_u = arrival.counters(dev, MAX_PICKS * nt_u, ("mxfp4_a8_up", I, bn_u)) if sp_u > 1 else part_u
     _a8_up[(M, nt_u, sp_u)](
         x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
-        s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32, ACC=acc,
+        s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
         num_warps=nw_u, num_stages=ns_u, **pdl.launch(dev))
+    if act_out is not None:
+        act_out.append(a)
     out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
     nt_d = D // bn_d
     part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)
@@ -277,7 +282,7 @@ def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: t
     _a8_down[(T * nt_d, k * sp_d)](
         a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
         s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
-        HAS_SH=shared_out is not None, F32=f32, ACC=acc, num_warps=nw_d, num_stages=ns_d, **pdl.launch(dev))
+        HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **pdl.launch(dev))
     return out
 
 
