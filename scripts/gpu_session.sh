@@ -74,7 +74,7 @@ case "${1:-}" in
     tail -n 2 "$OUT/tests.log"; grep -E "^H=|PICK" "$OUT/sweep_attn.log"
     AP=$(grep -o "PICK DS4F_ATTN_PREFILL=H32:[0-9,]*" "$OUT/sweep_attn.log" | cut -d: -f2)
     E="DS4F_INDEX_FP8=${DS4F_INDEX_FP8:-1}${AP:+ DS4F_ATTN_PREFILL=$AP}"
-    C="python3 bench/bench_full.py --tp 2 --batches 1 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
+    C="python3 bench/bench_full.py --tp 2 --batches 1 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl ${FULL_ARGS:-}"
     echo "# $E $C (${SECONDS}s in)"
     env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 40 ;;
@@ -109,7 +109,7 @@ case "${1:-}" in
     tail -n 2 "$OUT/tests.log"; grep -vE "^\[ds4f\]|Warning|warn" "$OUT/sweep_decode.log" | tail -n 32
     PICKS=$(grep "^PICK " "$OUT/sweep_decode.log" | cut -d' ' -f2-)
     E="DS4F_INDEX_FP8=${DS4F_INDEX_FP8:-1} DS4F_GRAPH_TIMING=1 DS4F_TRACE_WORKER=10 $PICKS"
-    C="python3 bench/bench_full.py --tp 2 --batches 1 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
+    C="python3 bench/bench_full.py --tp 2 --batches 1 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl ${FULL_ARGS:-}"
     echo "# $E $C (${SECONDS}s in)"
     env $E timeout $((595 - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|rank [01]: last|Error|error|failure" | tail -n 60 ;;
@@ -216,7 +216,7 @@ case "${1:-}" in
     grep -E "rank 0 .*(graph|PICK)" "$OUT/symm.log" | tail -n 14
     P=$(grep -o "rank 0 PICK T=1 push [0-9]*,[0-9]*" "$OUT/symm.log" | awk '{print $5}')
     E="DS4F_INDEX_FP8=1 DS4F_GRAPH_TIMING=1${P:+ DS4F_SYMM_PUSH=1 DS4F_SYMM_PUSH_TILE=$P}"
-    C="python3 bench/bench_full.py --tp 2 --batches 1,4 --max-model-len 1048576 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
+    C="python3 bench/bench_full.py --tp 2 --batches 1,4 --max-model-len 1048576 --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl ${FULL_ARGS:-}"
     echo "# $E $C (${SECONDS}s in)"
     env $E timeout $((${S7_LIMIT:-595} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
@@ -271,7 +271,7 @@ case "${1:-}" in
     # SIM_LAYERS < 43: a shorter model for quick A/Bs (the same per-layer kernels)
     [ -n "${SIM_TESTS:-}" ] && { par_tests "${S9_TEST_CAP:-150}" $SIM_TESTS; test_summary | tee "$OUT/gpu_tests.log"; }
     E="DS4F_INDEX_FP8=1 DS4F_GRAPH_TIMING=1 ${SIM_ENV:-}"
-    C="python3 bench/bench_full.py --tp 1 --tp-sim 2 --layers ${SIM_LAYERS:-43} --batches ${SIM_BATCHES:-1,4} --max-model-len ${SIM_LEN:-4096} --ttft-tokens ${SIM_TTFT:-0} --profile $OUT --out $OUT/full.jsonl"
+    C="python3 bench/bench_full.py --tp 1 --tp-sim 2 --layers ${SIM_LAYERS:-43} --batches ${SIM_BATCHES:-1,4} --max-model-len ${SIM_LEN:-4096} --ttft-tokens ${SIM_TTFT:-0} --profile $OUT --out $OUT/full.jsonl ${SIM_ARGS:-}"
     echo "# $E $C"
     env $E timeout $((${SIM_LIMIT:-560} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure" | tail -n 30 ;;
@@ -304,14 +304,10 @@ case "${1:-}" in
     # DS4F_TRACE_WORKER: each rank's mean wait / host ms per step every 16 steps (where the 0.7 ms of host time of a
     # TP=2 decode step goes; session 11 measured step - replay, not its parts)
     E="DS4F_INDEX_FP8=1 DS4F_GRAPH_TIMING=1 DS4F_TRACE_WORKER=16 ${FULL_ENV:-}"
-    C="python3 bench/bench_full.py --tp 2 --batches ${FULL_BATCHES:-1,4} --max-model-len ${FULL_LEN:-1048576} --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl"
+    C="python3 bench/bench_full.py --tp 2 --batches ${FULL_BATCHES:-1,4} --max-model-len ${FULL_LEN:-1048576} --ttft-tokens ${FULL_TTFT:-1048576} --profile $OUT --out $OUT/full.jsonl ${FULL_ARGS:-}"
     echo "# $E $C"
     env $E timeout $((${S11_LIMIT:-590} - SECONDS)) $C --command "$E $C" 2>&1 | tee "$OUT/full.log" \
       | grep -E "^(case|#|  prefill)|Error|error|failure|rank [0-9]: last" | tail -n 40 ;;
-  s12ab)  # 1 GPU: the GPU tests of session 11's last changes (GB10 tile fits, attention knob defaults), then the
-    # TP=2 rank step (43 layers, b1 / b4) with the attention knob defaults vs the former 4-warp / 32-key tiles
-    SIM_TESTS="${SIM_TESTS:-tests/gpu/test_kernels_gpu.py tests/gpu/test_attn_decode_splits_gpu.py tests/gpu/test_prefix_attn_gpu.py tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_rope_fused_gpu.py}" \
-      S10_AB="${S10_AB:--;DS4F_ATTN_SHORT=16,32,4,2 DS4F_ATTN_MID=16,32,4,2}" SIM_S="${SIM_S:-190}" bash "$0" s10ab "$2" ;;
   s12a8)  # 1 GPU: the GPU tests of the FP8-activation MXFP4 decode and of session 11's last changes, its sweep
     # against the bf16-activation kernels (TP=2 widths, T = 1 / 4), then the TP=2 rank step (SIM_LAYERS, b1 / b4)
     # under each env of S10_AB (default: none vs DS4F_MXFP4_DEC_A8=1)
@@ -321,13 +317,18 @@ case "${1:-}" in
       > "$OUT/sweep_a8.log" 2>&1; grep -E "^(==|  |PICK)|Error" "$OUT/sweep_a8.log" | tail -n 40
     SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--;DS4F_MXFP4_DEC_A8=1}" SIM_S="${SIM_S:-110}" \
       bash "$0" s10ab "$2" ;;
-  s12diag)  # 1 GPU: bench/diag_a8.py (moe_mxfp4_a8 vs its oracle per tile / weight / scale / x variant), then
-    # the rank-step A/B of S10_AB (SIM_S seconds each)
-    timeout 90 python3 bench/diag_a8.py 2>&1 | tee "$OUT/diag_a8.log" | tail -n 20
-    SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--}" SIM_S="${SIM_S:-170}" bash "$0" s10ab "$2" ;;
   s12t)  # 1 GPU: the MXFP4 GPU tests (FP8-activation form: each launch apart; bf16 form pinned), diag_a8
     par_tests 120 tests/gpu/test_moe_mxfp4_a8_gpu.py tests/gpu/test_moe_mxfp4_gpu.py; test_summary | tee "$OUT/gpu_tests.log"
     cp /tmp/gpulogs/test_moe_mxfp4_a8_gpu.log "$OUT/" 2>/dev/null
     timeout 90 python3 bench/diag_a8.py 2>&1 | tee "$OUT/diag_a8.log" | tail -n 12 ;;
+  s13async)  # 1 GPU: the GPU tests of --async-scheduling and the FP8-activation MXFP4 decode, then the TP=2 rank step
+    # (SIM_LAYERS, b1 / b4) without and with --async-scheduling (compare engine_tokens_per_s: an async run times no
+    # step alone); each variant SIM_S seconds, the first one also compiles
+    par_tests 150 tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_fast_runner_gpu.py tests/gpu/test_moe_mxfp4_a8_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"
+    for v in sync async; do
+      A=""; [ "$v" = async ] && A="--async-scheduling"
+      SIM_TESTS="" SIM_ARGS="$A" SIM_LAYERS="${SIM_LAYERS:-43}" SIM_LIMIT=${SIM_S:-200} OUT="$OUT/$v" bash "$0" s10sim "$2"
+      mv "$OUT/$v/full.jsonl" "$OUT/full_$v.jsonl" 2>/dev/null; done ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
 esac

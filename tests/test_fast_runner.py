@@ -62,8 +62,11 @@ class EagerDecodeBuffers(DecodeGraphs):
         self.fm, self.cache, self.buckets = fm, cache, tuple(sorted(buckets))
         self.setup_buffers()
 
-    def step(self, seqs: list[tuple[int, int, int]]) -> torch.Tensor:
-        meta = slice_meta(self.buf, self.prepare(seqs))
+    def step(self, seqs: list[tuple[int, int, int]], feed: Any = None) -> torch.Tensor:
+        b = self.prepare(seqs)
+        if feed is not None:  # device-side ids (an --async-scheduling AHEAD step), as DecodeGraphs.step
+            feed(self.inputs.meta.input_ids)
+        meta = slice_meta(self.buf, b)
         return self.fm.logits(self.fm.forward(meta, self.cache), meta)[: len(seqs)]
 
 

@@ -41,6 +41,7 @@ def test_one_stream_and_step_selection() -> None:
 def test_categories() -> None:
     assert category("_fp8_gemv") == "fp8_gemv" and category("_gemv") == "bf16_gemv"
     assert category("_dec_up") == "moe" and category("_topk_small") == "indexer"
+    assert category("_a8_down") == "moe" and category("_fp8_gemv") == "fp8_gemv"  # moe_mxfp4_a8's launches
     assert category("_hc_decode") == "mhc" and category("ncclDevKernel_AllReduce") == "collectives"
     assert category("Memcpy HtoD") == "other"
 

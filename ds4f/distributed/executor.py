@@ -186,6 +186,35 @@ class TPExecutor:
                 self.watchdog.step_started = None
                 self._last = time.monotonic()
 
+    @property
+    def supports_launch(self) -> bool:
+        return bool(getattr(self.runner, "supports_launch", False))
+
+    def launch(self, sched: Any, prev: Any = None) -> Any:
+        """execute()'s first half (FastRunner.launch): the broadcast, then this rank's launch; AHEAD tokens cross the
+        wire as -1 and every rank feeds them from rank 0's sampled ids (one all-reduce)."""
+        return self._guarded(lambda: self.runner.launch(sched, prev), sched)
+
+    def collect(self, pending: Any) -> Any:
+        return self._guarded(lambda: self.runner.collect(pending), None)
+
+    def _guarded(self, run: Any, sched: Any) -> Any:
+        """run() under the watchdog (a stall past --distributed-timeout fails the group), after broadcasting sched."""
+        if self.watchdog.error is not None or self._closed:
+            raise RuntimeError(f"tensor-parallel group is down: {self.watchdog.error or 'closed'}")
+        with self._lock:
+            self.watchdog.step_started = time.monotonic()
+            try:
+                if sched is not None:
+                    broadcast_object(self.ctrl, ("step", self._wire.encode(sched)), 0)
+                return run()
+            except Exception as e:
+                self.watchdog.fail(f"step failed: {_short(e)}")
+                raise
+            finally:
+                self.watchdog.step_started = None
+                self._last = time.monotonic()
+
     def _ping_if_idle(self) -> None:
         if self._closed or time.monotonic() - self._last < PING_S or not self._lock.acquire(blocking=False):
             return

@@ -36,6 +36,10 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.check_integrity_each_step = False  # tests turn this on
+        # --async-scheduling: a step launched ahead (Scheduler.schedule_ahead) while the one before is collected
+        self.async_scheduling = bool(config.async_scheduling) and bool(getattr(runner, "supports_launch", False))
+        self._ahead: tuple[SchedulerOutput, Any] | None = None
+        self._t_collected: float | None = None
         # weights as the runner reads them: its own `weight_format`, else the compute dtype (dequantized at load)
         layout = runner.layout
         self.roofline = DecodeRoofline(model_args, getattr(runner, "weight_format", config.resolved_dtype),
@@ -69,16 +73,40 @@ class LLMEngine:
         return [self._output(r) for r in self.scheduler.abort(request_ids)]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._ahead is not None
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
-        seconds = time.perf_counter() - t0
+        return self._finish_step(sched, result, time.perf_counter() - t0)
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Collect one step, but launch the step after it first when the scheduler can tell it without its tokens
+        (steady decode): the host's bookkeeping, the next step's schedule and (TP) its broadcast overlap the GPU."""
+        if self._ahead is not None:
+            (sched, pending), self._ahead = self._ahead, None
+        else:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return []
+            t0 = time.perf_counter()
+            pending = self.runner.launch(sched)
+            self._t_collected = t0
+        nxt = self.scheduler.schedule_ahead(sched)
+        if nxt is not None:
+            self._ahead = (nxt, self.runner.launch(nxt, pending))
+        result = self.runner.collect(pending)
+        now = time.perf_counter()
+        seconds, self._t_collected = now - (self._t_collected or now), now  # a decode step's period
+        return self._finish_step(sched, result, seconds)
+
+    def _finish_step(self, sched: SchedulerOutput, result: Any, seconds: float) -> list[RequestOutput]:
         if all(len(s.token_ids) == 1 and s.start_pos >= len(s.prompt_token_ids) for s in sched.seqs):
             self.roofline.observe([s.start_pos for s in sched.seqs], seconds)
         outs = self._update(sched, result)

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# A ScheduledSeq token id standing for "the token the previous step sampled for this sequence", still on the device
+# when the step is launched (--async-scheduling: Scheduler.schedule_ahead; the runner feeds it from that step's ids).
+AHEAD = -1
+
 
 @dataclass
 class ScheduledSeq:

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from ds4f.cache.manager import KVCacheManager
-from ds4f.engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
+from ds4f.engine.outputs import AHEAD, RunnerOutput, ScheduledSeq, SchedulerOutput
 from ds4f.engine.request import QueueFullError, Request, RequestStatus
 
 
@@ -136,6 +136,30 @@ class Scheduler:
         return SchedulerOutput(seqs=list(scheduled.values()), num_batched_tokens=self.max_num_batched_tokens - budget,
                                preempted_req_ids=preempted, finished_req_ids=finished)
 
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """--async-scheduling: the step after `prev` while prev's tokens are still on the device, or None when it
+        cannot be known yet. Only for a pure-decode prev whose sequences are every running request, nobody waiting,
+        each request able to go on (not at max_tokens / max_model_len, no logprobs, penalties, logits processors or
+        min_tokens, which read the tokens) and a block for its next position without preempting: then the same
+        sequences in the same order, one position further, each with one AHEAD token. A request that prev finishes
+        (EOS, a stop string) still runs this step; update_from_output skips it once finished."""
+        if self.waiting or len(prev.seqs) != len(self.running) or not prev.seqs:
+            return None
+        seqs = []
+        for s in prev.seqs:
+            req = self.requests.get(s.req_id)
+            if req is None or req.status is not RequestStatus.RUNNING or len(s.token_ids) != 1 or not s.sample \
+                    or s.start_pos + 1 != req.num_tokens or not _ahead_ok(req, self.max_model_len):
+                return None
+            if not self.manager.allocate(req.request_id, s.start_pos + 2):
+                return None  # blocks already taken for the others are theirs for the next step anyway
+            seqs.append(ScheduledSeq(
+                req_id=req.request_id, token_ids=[AHEAD], start_pos=s.start_pos + 1,
+                block_table=list(self.manager.block_table(req.request_id)), slot=s.slot, sample=True,
+                params=req.params, prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
+                generator=req.generator))
+        return SchedulerOutput(seqs=seqs, num_batched_tokens=len(seqs))
+
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[tuple[Request, int, int]]:
         """Advance num_computed_tokens and append sampled tokens -> [(request, token_id, index into result)]."""
         sampled = {rid: i for i, rid in enumerate(result.req_ids)}
@@ -151,3 +175,14 @@ class Scheduler:
                 req.output_token_ids.append(tok)
                 new.append((req, tok, i))
         return new
+
+
+def _ahead_ok(req: Request, max_model_len: int) -> bool:
+    """req may run a step before its last token is known: it has room for two more tokens, and nothing in its
+    sampling reads its output tokens or returns logprobs."""
+    p = req.params
+    n_out = len(req.output_token_ids) + 1  # prev's token, not appended yet
+    if p.max_tokens is not None and n_out + 1 > p.max_tokens or req.num_tokens + 2 > max_model_len:
+        return False
+    return (p.logprobs is None and not p.logits_processors and p.min_tokens <= n_out - 1  # met before prev's token
+            and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)

@@ -88,13 +88,7 @@ class Sampler:
             return SamplerOutput(logits.argmax(-1).tolist(), None)
         lp_rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         raw_logprobs = _take(logits, lp_rows).log_softmax(-1) if lp_rows else None  # vLLM "raw_logprobs"
-
-        self.process(logits, reqs)
-        sampled = logits.argmax(-1)  # greedy rows keep this
-        rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
-        if rand:
-            warped = self.warp(_take(logits, rand), [reqs[i] for i in rand])
-            _put(sampled, rand, _exponential_race(warped, [reqs[i].generator for i in rand]))
+        sampled = self.tokens(logits, reqs)
         token_ids: list[int] = sampled.tolist()
 
         if raw_logprobs is None:
@@ -104,6 +98,19 @@ class Sampler:
         for i, entry in zip(lp_rows, _gather_logprobs(raw_logprobs, _take(sampled, lp_rows), nums)):
             entries[i] = entry
         return SamplerOutput(token_ids, entries)
+
+    def tokens(self, logits: torch.Tensor, reqs: Sequence[SamplingRequest]) -> torch.Tensor:
+        """The sampled ids [B] int64 on logits' device, no host sync (no logprobs: __call__ takes those); logits
+        [B, V] float32 is overwritten."""
+        if all(_plain_greedy(r) for r in reqs):
+            return logits.argmax(-1)
+        self.process(logits, reqs)
+        sampled = logits.argmax(-1)  # greedy rows keep this
+        rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if rand:
+            warped = self.warp(_take(logits, rand), [reqs[i] for i in rand])
+            _put(sampled, rand, _exponential_race(warped, [reqs[i].generator for i in rand]))
+        return sampled
 
     def process(self, logits: torch.Tensor, reqs: Sequence[SamplingRequest]) -> None:
         """In place, greedy and random rows alike: allowed_token_ids, logits_processors, min_tokens, penalties."""

@@ -107,6 +107,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runner", default="auto", choices=["auto", "fast", "reference"],
                    help="model runner: fast = GPU fast path (Triton kernels, CUDA-graph decode), reference = "
                         "plain-torch model; auto = fast on CUDA with bfloat16 and --tensor-parallel-size 1")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
+                   help="fast runner: launch each steady decode step before the previous step's tokens reach the "
+                        "host, so scheduling, output handling and the TP broadcast overlap the GPU")
     g.add_argument("--speculative-config", type=_json_dict, default=None, help="JSON, e.g. mtp/2 (not supported yet)")
     g.add_argument("--enable-flashinfer-autotune", action=argparse.BooleanOptionalAction, default=False,
                    help="accepted for vLLM compatibility; no effect (ds4f has no FlashInfer)")
@@ -254,7 +257,7 @@ def settings_from_namespace(ns: argparse.Namespace, dotted: dict[str, dict[str, 
         tensor_parallel_size=ns.tensor_parallel_size, nnodes=ns.nnodes, node_rank=ns.node_rank,
         master_addr=ns.master_addr, master_port=ns.master_port, distributed_timeout=ns.distributed_timeout,
         join_timeout=ns.join_timeout,
-        max_waiting=ns.max_waiting if ns.max_waiting else None, runner=ns.runner,
+        max_waiting=ns.max_waiting if ns.max_waiting else None, runner=ns.runner, async_scheduling=ns.async_scheduling,
     )
     try:
         from ds4f.config import EngineConfig

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,9 +69,12 @@ class DecodeGraphs:
         self.inputs.fill(seqs, b)
         return b
 
-    def step(self, seqs: list[tuple[int, int, int]]) -> torch.Tensor:
-        """One decode step -> logits [len(seqs), vocab] fp32 (a view of the graph's output; copy to keep)."""
+    def step(self, seqs: list[tuple[int, int, int]], feed: Any = None) -> torch.Tensor:
+        """One decode step -> logits [len(seqs), vocab] fp32 (a view of the graph's output; copy to keep). feed: called
+        with the static input ids [bucket] after they are filled, before the replay (device-side token ids)."""
         b = self.prepare(seqs)
+        if feed is not None:
+            feed(self.inputs.meta.input_ids)
         if TIMING:
             ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             ev[0].record()

@@ -13,12 +13,13 @@ DecodeGraphs run unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ds4f.cache.manager import CacheLayout
-from ds4f.engine.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
+from ds4f.engine.outputs import AHEAD, RunnerOutput, ScheduledSeq, SchedulerOutput
 from ds4f.runner.gpu import pools
 from ds4f.runner.gpu.fast_model import FastModel
 from ds4f.runner.gpu.pools import FastCache
@@ -29,6 +30,18 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+@dataclass
+class Pending:
+    """A launched step (FastRunner.launch): its sampled ids on the device and their copy on the way to `host`, or the
+    finished RunnerOutput of a step that ran synchronously (logprobs, nothing sampled)."""
+
+    req_ids: list[str] = field(default_factory=list)
+    tokens: torch.Tensor | None = None  # [n] int64, the sampled rows in batch order (what an AHEAD step feeds on)
+    host: torch.Tensor | None = None  # [>= n] int64 (pinned on CUDA), the copy's target
+    event: Any = None  # CUDA event after the copy (None on CPU: copied already)
+    result: RunnerOutput | None = None
 
 
 class EngineCache(FastCache):
@@ -62,7 +75,10 @@ def graph_buckets(num_slots: int, max_tokens: int, largest: int = GRAPH_BUCKETS[
 
 
 class FastRunner:
-    """Owns the FastModel, its pools (EngineCache), the decode graphs and the sampler; `execute` runs one step."""
+    """Owns the FastModel, its pools (EngineCache), the decode graphs and the sampler; `execute` runs one step,
+    `launch` + `collect` the same in two halves (--async-scheduling)."""
+
+    supports_launch = True
 
     def __init__(self, fm: FastModel, layout: CacheLayout, num_blocks: int, num_slots: int,
                  sampler: Callable[..., Any], device: torch.device | str, max_model_len: int, max_num_tokens: int,
@@ -84,7 +100,9 @@ class FastRunner:
             self.cache.tables = {}  # capture: every row points at the dummy slot / block
             with torch.inference_mode():  # the mode every step runs in (one torch.compile guard set for the glue)
                 self.graphs = DecodeGraphs(fm, self.cache, graph_buckets(num_slots, max_num_tokens, max_bucket))
-        self.num_graph_steps = self.num_eager_steps = 0
+        self.num_graph_steps = self.num_eager_steps = self.num_ahead_steps = 0
+        self._host: list[torch.Tensor | None] = [None, None]  # launch(): sampled ids' copy targets, used in turn
+        self._flip = 0
 
     @property
     def nbytes(self) -> int:
@@ -100,6 +118,42 @@ class FastRunner:
         with torch.inference_mode():
             self._forward(out.seqs)
 
+    def launch(self, out: SchedulerOutput, prev: Pending | None = None) -> Pending:
+        """Run a step up to its sampled ids on the device with no host sync (collect() reads them): the engine launches
+        the next step before collecting this one (--async-scheduling). prev: the step before, whose ids feed this
+        step's AHEAD tokens (Scheduler.schedule_ahead: its sequences, in its order). A step whose requests ask for
+        logprobs runs as execute() does."""
+        with torch.inference_mode():
+            seqs = [s for s in out.seqs if s.sample]
+            if not seqs or any(s.params is not None and s.params.logprobs is not None for s in seqs):
+                assert not out.seqs or out.seqs[0].token_ids[0] != AHEAD, "an AHEAD step must sample on the device"
+                return Pending(result=self.execute(out))
+            from ds4f.sample.sampler import SamplingRequest
+
+            lg = self._sampled_logits(out, copy=False, prev=prev)
+            reqs = [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
+            toks = self.sampler.tokens(lg, reqs)
+            self._flip ^= 1
+            host = self._host[self._flip]
+            if host is None or host.numel() < toks.numel():
+                host = torch.empty(max(toks.numel(), 64), dtype=torch.int64, pin_memory=self.device.type == "cuda")
+                self._host[self._flip] = host
+            host[: toks.numel()].copy_(toks, non_blocking=True)
+            ev = None
+            if self.device.type == "cuda":
+                ev = torch.cuda.Event()
+                ev.record()
+            return Pending(req_ids=[s.req_id for s in seqs], tokens=toks, host=host, event=ev)
+
+    def collect(self, p: Pending) -> RunnerOutput:
+        """A launched step's RunnerOutput (waits for its ids)."""
+        if p.result is not None:
+            return p.result
+        if p.event is not None:
+            p.event.synchronize()
+        assert p.host is not None
+        return RunnerOutput(req_ids=p.req_ids, token_ids=p.host[: len(p.req_ids)].tolist())
+
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Sampling and RunnerOutput through the reference runner's sample_outputs, in one inference-mode context
         (the sampler and logits processors edit the logits in place)."""
@@ -107,8 +161,8 @@ class FastRunner:
             # the sampler may edit a decode graph's output buffer in place: it is done before the next replay
             return sample_outputs(self.sampler, self._sampled_logits(out, copy=False) if out.seqs else None, out)
 
-    def _sampled_logits(self, out: SchedulerOutput, copy: bool) -> torch.Tensor | None:
-        lg, graphed = self._forward(out.seqs)
+    def _sampled_logits(self, out: SchedulerOutput, copy: bool, prev: Pending | None = None) -> torch.Tensor | None:
+        lg, graphed = self._forward(out.seqs, prev)
         rows = [i for i, s in enumerate(out.seqs) if s.sample]
         if not rows:
             return None
@@ -116,17 +170,38 @@ class FastRunner:
             return lg.clone() if copy else lg  # the graph's output buffer is rewritten by the next replay
         return lg[rows]
 
-    def _forward(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, bool]:
-        """-> (logits [len(seqs), V] fp32, one row per sequence; whether a decode graph produced them)."""
+    def _forward(self, seqs: list[ScheduledSeq], prev: Pending | None = None) -> tuple[torch.Tensor, bool]:
+        """-> (logits [len(seqs), V] fp32, one row per sequence; whether a decode graph produced them). An AHEAD step
+        (every sequence one AHEAD token) takes its ids from prev's sampled ids on the device."""
         self.cache.bind(seqs)
+        ahead = bool(seqs) and seqs[0].token_ids[0] == AHEAD
+        feed = (lambda ids: self._feed(ids, prev, len(seqs))) if ahead else None
+        self.num_ahead_steps += ahead
         g = self.graphs
         if g is not None and len(seqs) <= g.buckets[-1] and all(len(s.token_ids) == 1 for s in seqs):
-            lg = g.step([(s.slot, s.start_pos, s.token_ids[0]) for s in seqs])
+            lg = g.step([(s.slot, s.start_pos, max(s.token_ids[0], 0)) for s in seqs], feed)
             self.num_graph_steps += 1
             return lg, True
-        meta = self.cache.build_meta([(s.slot, s.start_pos, s.token_ids) for s in seqs], self.fm.ratios)
+        ids = [[0] if ahead else s.token_ids for s in seqs]
+        meta = self.cache.build_meta([(s.slot, s.start_pos, t) for s, t in zip(seqs, ids)], self.fm.ratios)
+        if feed is not None:
+            feed(meta.input_ids)
         self.num_eager_steps += 1
         return self.fm.logits(self.fm.forward(meta, self.cache), meta), False
+
+    def _feed(self, ids: torch.Tensor, prev: Pending | None, n: int) -> None:
+        """ids[:n] = the previous step's sampled ids. TP: rank 0 holds them (prev), the other ranks add zeros to one
+        all-reduce, so every rank feeds the same ids with no host round trip."""
+        comm = getattr(self.model, "tp_comm", None)
+        if prev is not None:
+            assert prev.tokens is not None and prev.tokens.numel() == n, "an AHEAD step follows its sampled step"
+            t = prev.tokens.to(ids.dtype)
+        else:
+            assert comm is not None and comm.rank > 0, "an AHEAD step on rank 0 needs the step before"
+            t = torch.zeros(n, dtype=ids.dtype, device=ids.device)
+        if comm is not None and comm.world > 1:
+            t = comm.all_reduce(t.contiguous())
+        ids[:n].copy_(t)
 
 
 @torch.inference_mode()
