@@ -238,3 +238,22 @@ def test_logprobs_ignore_allowed_mask() -> None:
     e = out.logprobs[0]
     assert e[2].rank == 2 and e[0].rank == 1
     assert e[2].logprob == pytest.approx(torch.log_softmax(raw, -1)[0, 2].item(), abs=1e-6)
+
+
+def test_two_stage_argmax_is_torch_argmax() -> None:
+    """sampler.argmax's pieces (forced on CPU): the first maximal index, ties within and across pieces included."""
+    from ds4f.sample.sampler import argmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1280, generator=g)
+    x[1, [3, 700, 1279]] = 9.0  # ties across pieces: the first wins
+    x[2, [700, 701]] = 9.0  # a tie inside one piece
+    x[3] = float("-inf")
+    x[3, 1000] = -1e30
+    x[4] = 1.0  # all equal: index 0
+    x[5, 1279] = 50.0  # the last column
+    for chunks in (128, 64, 10, 1):
+        assert torch.equal(argmax(x, chunks), x.argmax(-1)), chunks
+    assert argmax(x).tolist() == x.argmax(-1).tolist()  # CPU: torch's own
+    with pytest.raises(RuntimeError):
+        argmax(x, 7)  # must divide V
