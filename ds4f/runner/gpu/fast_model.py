@@ -43,7 +43,6 @@ from ds4f.model.args import CSA, SWA
 from ds4f.model.compressor import Compressor
 from ds4f.model.deepseek_v4 import Block, Transformer
 from ds4f.model.layers import Rope
-from ds4f.model.mhc import hc_head
 from ds4f.runner.gpu import glue, packed
 from ds4f.runner.gpu.pools import FastCache, Fp8Keys, StepMeta
 
@@ -212,8 +211,9 @@ class FastModel:
     def logits(self, streams: torch.Tensor, meta: StepMeta) -> torch.Tensor:
         """streams [T, hc, D] -> logits [B, vocab] fp32 at each sequence's last token."""
         m, a = self.model, self.args
-        h = hc_head(streams[meta.last_tok], m.hc_head_fn, m.hc_head_scale, m.hc_head_base, a.hc_eps, a.rms_norm_eps)
-        return m.head(m.norm(h)).float()
+        h = glue.head_in(streams, meta.last_tok, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, a.hc_eps,
+                         a.rms_norm_eps, m.norm.weight, m.norm.eps)
+        return m.head(h).float()
 
     def _attn(self, i: int, blk: Block, xn: torch.Tensor, meta: StepMeta, cache: FastCache,
               d: _Derived) -> torch.Tensor:
