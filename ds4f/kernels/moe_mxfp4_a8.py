@@ -27,6 +27,7 @@ into whole e4m3 steps on a few elements. The GPU tests therefore check each laun
 from __future__ import annotations
 
 import os
+from functools import cache
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ _HI = ("{\n.reg .b32 a, b;\nshr.b32 a, $1, 2;\nand.b32 a, a, 0x1C1C1C1C;\nand.b3
        "or.b32 $0, a, b;\n}\n")
 
 
+@cache
 def supported(device: torch.device) -> bool:
     """e4m3 tensor-core dots: sm_89 and newer (the interpreter runs the F32 form anywhere)."""
     if _INTERPRET:
