@@ -38,6 +38,11 @@ class LLMEngine:
         self.check_integrity_each_step = False  # tests turn this on
         # --async-scheduling: a step launched ahead (Scheduler.schedule_ahead) while the one before is collected
         self.async_scheduling = bool(config.async_scheduling) and bool(getattr(runner, "supports_launch", False))
+        if config.async_scheduling and not self.async_scheduling:
+            from ds4f.runner.model_runner import log
+
+            log("--async-scheduling: this runner runs each step synchronously (the fast runner, --runner fast, "
+                "launches steady decode steps ahead)")
         self._ahead: tuple[SchedulerOutput, Any] | None = None
         self._t_collected: float | None = None
         # weights as the runner reads them: its own `weight_format`, else the compute dtype (dequantized at load)
