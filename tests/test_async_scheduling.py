@@ -112,6 +112,11 @@ def check_async_matches_sync(model: Any, args: ModelArgs, prompts: list[list[int
     eng = _engine(model, args, True, buckets)
     assert _run(eng, prompts[:3], plain) == want
     assert eng.runner.ahead_steps >= 9, eng.runner.ahead_steps
+    # five plain requests over three slots: steps go ahead while two wait (none admissible until a slot frees)
+    want = _run(_engine(model, args, False, buckets), prompts, [greedy] * 5)
+    eng = _engine(model, args, True, buckets)
+    assert _run(eng, prompts, [greedy] * 5) == want
+    assert eng.runner.ahead_steps >= 18, eng.runner.ahead_steps  # 23 measured here
 
 
 def test_abort_with_a_step_in_flight(tiny) -> None:

@@ -138,12 +138,14 @@ class Scheduler:
 
     def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """--async-scheduling: the step after `prev` while prev's tokens are still on the device, or None when it
-        cannot be known yet. Only for a pure-decode prev whose sequences are every running request, nobody waiting,
-        each request able to go on (not at max_tokens / max_model_len, no logprobs, penalties, logits processors or
-        min_tokens, which read the tokens) and a block for its next position without preempting: then the same
-        sequences in the same order, one position further, each with one AHEAD token. A request that prev finishes
-        (EOS, a stop string) still runs this step; update_from_output skips it once finished."""
-        if self.waiting or len(prev.seqs) != len(self.running) or not prev.seqs:
+        cannot be known yet. Only for a pure-decode prev whose sequences are every running request, no waiting
+        request admissible (schedule() admits none while max_num_seqs run), each request able to go on (not at
+        max_tokens / max_model_len; no logprobs, penalties, logits processors or min_tokens to reach, which read the
+        tokens) and a block for its next position without preempting: then the same sequences in the same order, one
+        position further, each with one AHEAD token. A request that prev finishes (EOS, a stop string) still runs
+        this step (update_from_output skips it); a request waiting for its slot is admitted one step later."""
+        if (self.waiting and len(self.running) < self.max_num_seqs) or len(prev.seqs) != len(self.running) \
+                or not prev.seqs:
             return None
         seqs = []
         for s in prev.seqs:
