@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import run_meta, time_us  # noqa: E402
-from ds4f.kernels import topk_radix  # noqa: E402
 from ds4f.kernels.fp8 import quantize_rows  # noqa: E402
 from ds4f.kernels.indexer import TOPK_KNOBS, indexer_scores, quant_heads_fp8, topk_indices  # noqa: E402
 from ds4f.runner.gpu.glue import topk_rows  # noqa: E402
@@ -77,10 +76,9 @@ def bench_indexer(T: int, L: int, vlen: int, n: int, keys: str, g: torch.Generat
 
 def bench_chain(T: int, L: int, vlen: int, n: int, g: torch.Generator) -> dict:
     """A CSA layer's decode selection, e4m3 q + keys: indexer_scores + topk_indices + glue.topk_rows with the radix
-    passes as five launches (passes_us) or one (fused_us, ds4f.kernels.topk_radix), the second checked against the
-    first (the rows' picks as sets of scores); and the indexer alone (indexer_us). (Records of session 11 calls 1-2
-    also time topk_long, a three-launch select with the first digit's histogram in the indexer, since removed: 51.7
-    vs 54.9 us at one token, 133.3 vs 112.5 at four.)"""
+    passes (passes_us), and the indexer alone (indexer_us). (Session 11's records also time two forms since removed:
+    topk_long, a three-launch select with the first digit's histogram in the indexer, 51.7 vs 54.9 us at one token,
+    133.3 vs 112.5 at four; and the one-launch barrier form, fused_us: 65.4 vs 54.6, 146.2 vs 112.0.)"""
     W = 128
     q, qs = quant_heads_fp8(torch.randn(T, HI, DI, device="cuda", generator=g).bfloat16())
     w = torch.randn(T, HI, device="cuda", generator=g) * qs
@@ -101,23 +99,7 @@ def bench_chain(T: int, L: int, vlen: int, n: int, g: torch.Generator) -> dict:
     def radix(i: int) -> torch.Tensor:
         return topk_rows(topk_indices(ix(i), K, valid_len=vl), *rows)
 
-    def timed_radix(fused: bool) -> tuple[float, torch.Tensor]:
-        prev, topk_radix.FUSED = topk_radix.FUSED, fused
-        try:
-            return per_call(radix, n), radix(0)
-        finally:
-            topk_radix.FUSED = prev
-
-    sc = ix(0)
-
-    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return all(torch.equal(sc[r, a[r, W:][a[r, W:] >= 0].long()].sort().values,
-                               sc[r, b[r, W:][b[r, W:] >= 0].long()].sort().values) for r in range(T))
-
-    p_us, p_out = timed_radix(False)
-    f_us, f_out = timed_radix(True)
-    return dict(passes_us=p_us, fused_us=f_us, match=same(f_out, p_out), indexer_us=per_call(ix, n))
-
+    return dict(passes_us=per_call(radix, n), indexer_us=per_call(ix, n))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -126,7 +108,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20, help="calls per graph (distinct input copies)")
     ap.add_argument("--json", default="", help="append one JSON record per line to this file")
     ap.add_argument("--chain", action="store_true",
-                    help="only the indexer + top-k + rows chain: radix passes vs the fused radix")
+                    help="only the indexer + top-k + rows chain (the radix passes)")
     args = ap.parse_args()
     meta = run_meta(" ".join(sys.argv))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -137,8 +119,7 @@ def main() -> None:
                 rows.append(dict(kernel="chain", T=T, L=L, vlen=vlen, **bench_chain(T, L, vlen, args.calls, g)))
                 r = rows[-1]
                 print(f"chain T={r['T']:2d} L={r['L']:6d} vlen={r['vlen']:6d}  passes {r['passes_us']:7.2f} us  "
-                      f"fused {r['fused_us']:7.2f} us  match={r['match']}  (indexer {r['indexer_us']:.2f})",
-                      flush=True)
+                      f"(indexer {r['indexer_us']:.2f})", flush=True)
                 continue
             rows.append(dict(kernel="topk", T=T, L=L, vlen=vlen, **bench_topk(T, L, vlen, args.calls, g)))
             for keys in args.keys.split(","):

@@ -294,7 +294,7 @@ case "${1:-}" in
       mv "$OUT/v$n/full.jsonl" "$OUT/full_v$n.jsonl" 2>/dev/null; done ;;
   s11k)  # 1 GPU: the GPU tests in SIM_TESTS, the decode chain bench (indexer + top-k + rows: the multi-pass path vs
     # topk_long), the 1M-shape sweep (indexer, HCA attention with the one-round combine, top-k)
-    par_tests "${S9_TEST_CAP:-150}" ${SIM_TESTS:-tests/gpu/test_topk_fused_gpu.py}; test_summary | tee "$OUT/gpu_tests.log"
+    par_tests "${S9_TEST_CAP:-150}" ${SIM_TESTS:-tests/gpu/test_topk_small_gpu.py}; test_summary | tee "$OUT/gpu_tests.log"
     timeout "${CHAIN_S:-120}" python3 bench/bench_topk_decode.py --chain --tokens 1,4 --calls 10 \
       --json "$OUT/topk_decode.jsonl" 2>&1 | grep -E "^chain|Error"
     timeout "${SWEEP_S:-200}" python3 bench/sweep_decode_long.py --out "$OUT/decode_long.jsonl" 2>&1 \

@@ -215,7 +215,7 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
     arbitrary subset is taken. backend "radix": a 4-digit radix select (8 bits at a time of the order-preserving
     key), each pass a grid of row chunks adding into per-row histograms, then a compaction pass (ds4f.kernels.
-    topk_radix: one launch whose programs meet at a barrier between passes where its grid fits, else 5); no
+    topk_radix: five launches); no
     host sync; it beats torch.topk on H200 for few rows (decode), torch.topk wins for many (prefill), so "auto"
     takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk. valid_len [T] int32 (optional): row t's
     columns at or past valid_len[t] are -inf (as indexer_scores writes them) and the radix passes skip them, so
@@ -254,9 +254,6 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     if block is None:
         block, programs = TOPK_KNOBS[0], TOPK_KNOBS[1] or programs
     programs = programs or triton.cdiv(2 * sm_count(scores.device), T)
-    cap = topk_radix.fused_cap(scores.device)
-    if cap:  # the one-launch form: a grid every program of which is resident at once
-        programs = min(programs, max(1, cap // T))
     n_chunks = max(1, min(triton.cdiv(L, block), programs))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
     topk_radix.launch_passes(scores, valid_len, hist, cnt, out, k, block, chunk, small)
