@@ -22,12 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import measure_ceilings, run_meta, time_graph  # noqa: E402
+from bench.sweep_mxfp4_decode import CALLS, LIMIT, D, case_inputs, rank_experts  # noqa: E402
 from ds4f.kernels import moe_mxfp4_decode as md  # noqa: E402
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4, fused_moe_mxfp4_ref  # noqa: E402
 from ds4f.kernels.moe_mxfp4_a8 import fused_moe_mxfp4_a8_ref  # noqa: E402
-from ds4f.model.quant import MXFP4_BLOCK  # noqa: E402
 
-E, D, K, LIMIT, CALLS = 256, 4096, 6, 10.0, 32
 # (up, down) tiles (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages); BLOCK_K in {128, 256, 512}
 TILES = [((64, 256, 4, 4, 4), (64, 256, 4, 4, 4)), ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),
          ((64, 256, 2, 4, 4), (64, 256, 2, 4, 4)), ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),
@@ -47,15 +46,7 @@ def main() -> None:
     print(f"device {meta['gpu']} copy ceiling {copy_gbps:.0f} GB/s, {CALLS} calls per graph", flush=True)
     picks = []
     for tp in (int(v) for v in args.tp.split(",")):
-        inter = 2048 // tp
-        g = torch.Generator(device="cuda").manual_seed(tp)
-
-        def rnd(lo: int, hi: int, *shape: int, g: torch.Generator = g) -> torch.Tensor:
-            return torch.randint(lo, hi, shape, dtype=torch.uint8, device="cuda", generator=g)
-
-        w = (rnd(0, 256, E, 2 * inter, D // 2), rnd(119, 122, E, 2 * inter, D // 32), rnd(0, 256, E, D, inter // 2),
-             rnd(119, 122, E, D, inter // 32))
-        per_expert = 3 * inter * D // 2 + 3 * inter * D // MXFP4_BLOCK
+        inter, w, per_expert = rank_experts(tp)
         for T in (int(v) for v in args.tokens.split(",")):
             picks.append(sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out))
         del w
@@ -65,11 +56,7 @@ def main() -> None:
 
 def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_expert: int, copy_gbps: float,
                meta: dict, out_path: str) -> str:
-    g = torch.Generator(device="cuda").manual_seed(100 * tp + T)
-    xs = [torch.randn(T, D, device="cuda", generator=g).bfloat16() for _ in range(CALLS)]
-    ids = [torch.rand(T, E, device="cuda", generator=g).topk(K, dim=1).indices.int() for _ in range(CALLS)]
-    wts = [torch.softmax(torch.randn(T, K, device="cuda", generator=g), 1) for _ in range(CALLS)]
-    nbytes = sum(int(i.unique().numel()) for i in ids) / CALLS * per_expert
+    xs, ids, wts, nbytes = case_inputs(tp, T, per_expert)
     ref16 = fused_moe_mxfp4_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
     ref8 = fused_moe_mxfp4_a8_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
 

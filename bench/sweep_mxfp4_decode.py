@@ -47,15 +47,7 @@ def main() -> None:
     print(f"device {meta['gpu']} copy ceiling {copy_gbps:.0f} GB/s, {CALLS} calls per graph", flush=True)
     picks, table = [], []
     for tp in (int(v) for v in args.tp.split(",")):
-        inter = 2048 // tp
-        g = torch.Generator(device="cuda").manual_seed(tp)
-
-        def rnd(lo: int, hi: int, *shape: int, g: torch.Generator = g) -> torch.Tensor:
-            return torch.randint(lo, hi, shape, dtype=torch.uint8, device="cuda", generator=g)
-
-        w = (rnd(0, 256, E, 2 * inter, D // 2), rnd(119, 122, E, 2 * inter, D // 32), rnd(0, 256, E, D, inter // 2),
-             rnd(119, 122, E, D, inter // 32))
-        per_expert = 3 * inter * D // 2 + 3 * inter * D // MXFP4_BLOCK
+        inter, w, per_expert = rank_experts(tp)
         for T in (int(v) for v in args.tokens.split(",")):
             p, line = sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out)
             picks.append(p)
@@ -66,15 +58,36 @@ def main() -> None:
     print("CONFIGS lines for ds4f/kernels/moe_mxfp4_decode.py:\n" + "\n".join(table), flush=True)
 
 
-def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_expert: int, copy_gbps: float,
-               meta: dict, out_path: str) -> tuple[str, str]:
-    """Old GEMV, the table entry and the coordinate descent over UP / DOWN at one (I, T) -> (PICK line, CONFIGS
-    line)."""
+def rank_experts(tp: int) -> tuple[int, tuple[torch.Tensor, ...], int]:
+    """One layer's 256 packed experts at TP=tp's width (random bytes, UE8M0 scales 119..121) -> (I, (w13, w13
+    scales, w2, w2 scales), bytes per expert)."""
+    inter = 2048 // tp
+    g = torch.Generator(device="cuda").manual_seed(tp)
+
+    def rnd(lo: int, hi: int, *shape: int) -> torch.Tensor:
+        return torch.randint(lo, hi, shape, dtype=torch.uint8, device="cuda", generator=g)
+
+    w = (rnd(0, 256, E, 2 * inter, D // 2), rnd(119, 122, E, 2 * inter, D // 32), rnd(0, 256, E, D, inter // 2),
+         rnd(119, 122, E, D, inter // 32))
+    return inter, w, 3 * inter * D // 2 + 3 * inter * D // MXFP4_BLOCK
+
+
+def case_inputs(tp: int, T: int, per_expert: int) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                           list[torch.Tensor], float]:
+    """CALLS calls' x [T, D], top-K ids and weights, each with its own random picks -> (xs, ids, weights, distinct
+    expert bytes per call)."""
     g = torch.Generator(device="cuda").manual_seed(100 * tp + T)
     xs = [torch.randn(T, D, device="cuda", generator=g).bfloat16() for _ in range(CALLS)]
     ids = [torch.rand(T, E, device="cuda", generator=g).topk(K, dim=1).indices.int() for _ in range(CALLS)]
     wts = [torch.softmax(torch.randn(T, K, device="cuda", generator=g), 1) for _ in range(CALLS)]
-    nbytes = sum(int(i.unique().numel()) for i in ids) / CALLS * per_expert
+    return xs, ids, wts, sum(int(i.unique().numel()) for i in ids) / CALLS * per_expert
+
+
+def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_expert: int, copy_gbps: float,
+               meta: dict, out_path: str) -> tuple[str, str]:
+    """Old GEMV, the table entry and the coordinate descent over UP / DOWN at one (I, T) -> (PICK line, CONFIGS
+    line)."""
+    xs, ids, wts, nbytes = case_inputs(tp, T, per_expert)
     ref = fused_moe_mxfp4_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
 
     def run(cfg: dict | None) -> tuple[float, float]:

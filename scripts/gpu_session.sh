@@ -317,10 +317,6 @@ case "${1:-}" in
       > "$OUT/sweep_a8.log" 2>&1; grep -E "^(==|  |PICK)|Error" "$OUT/sweep_a8.log" | tail -n 40
     SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--;DS4F_MXFP4_DEC_A8=1}" SIM_S="${SIM_S:-110}" \
       bash "$0" s10ab "$2" ;;
-  s12t)  # 1 GPU: the MXFP4 GPU tests (FP8-activation form: each launch apart; bf16 form pinned), diag_a8
-    par_tests 120 tests/gpu/test_moe_mxfp4_a8_gpu.py tests/gpu/test_moe_mxfp4_gpu.py; test_summary | tee "$OUT/gpu_tests.log"
-    cp /tmp/gpulogs/test_moe_mxfp4_a8_gpu.log "$OUT/" 2>/dev/null
-    timeout 90 python3 bench/diag_a8.py 2>&1 | tee "$OUT/diag_a8.log" | tail -n 12 ;;
   s13async)  # 1 GPU: the GPU tests of --async-scheduling and the FP8-activation MXFP4 decode, then the TP=2 rank step
     # (SIM_LAYERS, b1 / b4) without and with --async-scheduling (compare engine_tokens_per_s: an async run times no
     # step alone); each variant SIM_S seconds, the first one also compiles

@@ -16,7 +16,6 @@ from test_fast_runner import EagerDecodeBuffers, StubTokenizer, all_hash
 from ds4f.cache.manager import CacheLayout
 from ds4f.config import EngineConfig
 from ds4f.engine.engine import LLMEngine
-from ds4f.engine.outputs import AHEAD
 from ds4f.model.args import ModelArgs, tiny_config
 from ds4f.model.deepseek_v4 import Transformer, init_random_
 from ds4f.runner.gpu.runner import FastRunner, fast_model
@@ -26,24 +25,12 @@ from ds4f.sample.sampler import Sampler
 BLOCK, SLOTS, MAX_LEN = 16, 3, 96
 
 
-class Counting(FastRunner):
-    """FastRunner counting the steps launched ahead (their first token AHEAD, fed from the step before)."""
-
-    ahead_steps = 0
-
-    def launch(self, out: Any, prev: Any = None) -> Any:
-        if out.seqs and out.seqs[0].token_ids[0] == AHEAD:
-            assert prev is not None
-            self.ahead_steps += 1
-        return super().launch(out, prev)
-
-
-def _engine_on(model: Any, args: ModelArgs, async_scheduling: bool, buckets: tuple[int, ...] = (),
-               device: str = "cpu") -> LLMEngine:
+def _engine(model: Any, args: ModelArgs, async_scheduling: bool, buckets: tuple[int, ...] = (),
+            device: str = "cpu") -> LLMEngine:
     """CUDA: the decode steps replay CUDA graphs (the AHEAD ids fed into the captured input buffer)."""
     layout = CacheLayout.from_model_args(args, BLOCK, "bfloat16")
-    runner = Counting(fast_model(model, MAX_LEN, BLOCK), layout, 12, SLOTS, Sampler(args.eos_token_id), device,
-                      MAX_LEN, 32)
+    runner = FastRunner(fast_model(model, MAX_LEN, BLOCK), layout, 12, SLOTS, Sampler(args.eos_token_id), device,
+                        MAX_LEN, 32)
     if buckets:  # the decode-graph path's static buffers, run eagerly (the AHEAD ids through DecodeGraphs' feed)
         runner.graphs = EagerDecodeBuffers(runner.fm, runner.cache, buckets)
     config = EngineConfig(device=device, dtype="bfloat16", block_size=BLOCK, max_num_seqs=SLOTS,
@@ -52,9 +39,6 @@ def _engine_on(model: Any, args: ModelArgs, async_scheduling: bool, buckets: tup
     engine = LLMEngine(config, runner, StubTokenizer(), args, MAX_LEN)
     engine.check_integrity_each_step = True
     return engine
-
-
-_engine = _engine_on
 
 
 def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams],
@@ -88,35 +72,32 @@ def test_async_matches_sync(tiny, buckets) -> None:
 
 def check_async_matches_sync(model: Any, args: ModelArgs, prompts: list[list[int]], buckets: tuple[int, ...] = (),
                              device: str = "cpu") -> None:
-    def _engine(m: Any, a: ModelArgs, on: bool, b: tuple[int, ...] = ()) -> LLMEngine:
-        return _engine_on(m, a, on, b, device)
-
     greedy = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
-    base = _run(_engine(model, args, False, buckets), prompts, [greedy] * 5)
+    base = _run(_engine(model, args, False, buckets, device), prompts, [greedy] * 5)
     # a stop token the greedy run emits at its 5th token: that request finishes with the next step in flight
     params = [SamplingParams(temperature=0.0, max_tokens=14, stop_token_ids=[base[0][4]]),
               SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=9, min_tokens=6, ignore_eos=True),
               greedy,  # queued behind three slots: admitted mid-decode
               SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)]  # runs synchronously
-    want = _run(_engine(model, args, False, buckets), prompts, params)
-    eng = _engine(model, args, True, buckets)
+    want = _run(_engine(model, args, False, buckets, device), prompts, params)
+    eng = _engine(model, args, True, buckets, device)
     got = _run(eng, prompts, params)
     assert got == want
     assert len(got[0]) <= 5 and got[0][-1] == base[0][4]  # the stop token ended it
-    assert eng.runner.ahead_steps > 0  # few here: a logprobs, a min_tokens or a queued request holds them back
-    assert not _engine(model, args, False).async_scheduling and eng.async_scheduling
+    assert eng.runner.num_ahead_steps > 0  # few here: a logprobs, a min_tokens or a queued request holds them back
+    assert not _engine(model, args, False, device=device).async_scheduling and eng.async_scheduling
     # steady decode of plain requests: every step but the first decode of each batch goes ahead
     plain = [greedy, params[1], greedy]
-    want = _run(_engine(model, args, False, buckets), prompts[:3], plain)
-    eng = _engine(model, args, True, buckets)
+    want = _run(_engine(model, args, False, buckets, device), prompts[:3], plain)
+    eng = _engine(model, args, True, buckets, device)
     assert _run(eng, prompts[:3], plain) == want
-    assert eng.runner.ahead_steps >= 9, eng.runner.ahead_steps
+    assert eng.runner.num_ahead_steps >= 9, eng.runner.num_ahead_steps
     # five plain requests over three slots: steps go ahead while two wait (none admissible until a slot frees)
-    want = _run(_engine(model, args, False, buckets), prompts, [greedy] * 5)
-    eng = _engine(model, args, True, buckets)
+    want = _run(_engine(model, args, False, buckets, device), prompts, [greedy] * 5)
+    eng = _engine(model, args, True, buckets, device)
     assert _run(eng, prompts, [greedy] * 5) == want
-    assert eng.runner.ahead_steps >= 18, eng.runner.ahead_steps  # 23 measured here
+    assert eng.runner.num_ahead_steps >= 18, eng.runner.num_ahead_steps  # 23 measured here
 
 
 def test_abort_with_a_step_in_flight(tiny) -> None:
@@ -125,7 +106,7 @@ def test_abort_with_a_step_in_flight(tiny) -> None:
     want = _run(_engine(model, args, False), prompts[:2], [sp, sp])
     eng = _engine(model, args, True)
     got = _run(eng, prompts[:2], [sp, sp], abort_at=(8, 0))  # past the prefills: a step is launched ahead
-    assert eng.runner.ahead_steps > 0
+    assert eng.runner.num_ahead_steps > 0
     assert got[1] == want[1] and 0 < len(got[0]) < 20 and got[0] == want[0][: len(got[0])]
 
 
@@ -140,7 +121,7 @@ def test_schedule_ahead_goes_only_where_the_next_step_is_known(tiny) -> None:
     assert eng._ahead is not None and len(req.output_token_ids) == 2
     eng.step()  # token 3 is max_tokens: no step goes ahead of it
     assert eng._ahead is None and req.finished and not eng.has_unfinished_requests()
-    assert eng.runner.ahead_steps == 1
+    assert eng.runner.num_ahead_steps == 1
     # a waiting request holds the next step back until it is admitted
     r1 = eng.add_request(prompts[1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     eng.step()

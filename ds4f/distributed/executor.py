@@ -167,24 +167,7 @@ class TPExecutor:
         return self.watchdog.error is None and not self._closed
 
     def execute(self, sched: Any) -> Any:
-        if self.watchdog.error is not None or self._closed:
-            raise RuntimeError(f"tensor-parallel group is down: {self.watchdog.error or 'closed'}")
-        with self._lock:
-            self.watchdog.step_started = time.monotonic()
-            try:
-                t0 = time.perf_counter()
-                broadcast_object(self.ctrl, ("step", self._wire.encode(sched)), 0)
-                t1 = time.perf_counter()
-                out = self.runner.execute(sched)
-                if self._trace is not None:
-                    self._trace.add(t1 - t0, time.perf_counter() - t1)
-                return out
-            except Exception as e:
-                self.watchdog.fail(f"step failed: {_short(e)}")
-                raise
-            finally:
-                self.watchdog.step_started = None
-                self._last = time.monotonic()
+        return self._guarded(lambda: self.runner.execute(sched), sched)
 
     @property
     def supports_launch(self) -> bool:
@@ -199,15 +182,21 @@ class TPExecutor:
         return self._guarded(lambda: self.runner.collect(pending), None)
 
     def _guarded(self, run: Any, sched: Any) -> Any:
-        """run() under the watchdog (a stall past --distributed-timeout fails the group), after broadcasting sched."""
+        """run() under the watchdog (a stall past --distributed-timeout fails the group), after broadcasting sched
+        when given (the trace: broadcast ms, then run ms)."""
         if self.watchdog.error is not None or self._closed:
             raise RuntimeError(f"tensor-parallel group is down: {self.watchdog.error or 'closed'}")
         with self._lock:
             self.watchdog.step_started = time.monotonic()
             try:
+                t0 = time.perf_counter()
                 if sched is not None:
                     broadcast_object(self.ctrl, ("step", self._wire.encode(sched)), 0)
-                return run()
+                t1 = time.perf_counter()
+                out = run()
+                if self._trace is not None:
+                    self._trace.add(t1 - t0, time.perf_counter() - t1)
+                return out
             except Exception as e:
                 self.watchdog.fail(f"step failed: {_short(e)}")
                 raise

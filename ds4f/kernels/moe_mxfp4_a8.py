@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ds4f.kernels import arrival, pdl
+from ds4f.kernels.moe_mxfp4_decode import bucket, moe_decode
 
 try:
     import triton
@@ -79,15 +79,11 @@ def a8_default(device: torch.device, D: int, I: int, T: int) -> bool:
     1.558 ms at one token, 2.191 vs 2.208 at four, bench/results/full.jsonl); sm_89+ only."""
     if not supported(device) or _A8_ENV == "0":
         return False
-    from ds4f.kernels.moe_mxfp4_decode import bucket
-
     return _A8_ENV == "1" or (D, I, bucket(T)) in CONFIGS
 
 
 def pick(D: int, I: int, T: int, dec: tuple[Cfg, Cfg]) -> tuple[Cfg, Cfg]:
     """This form's tiles for (D, I, T): CONFIGS, else moe_mxfp4_decode's pick `dec`."""
-    from ds4f.kernels.moe_mxfp4_decode import bucket
-
     return CONFIGS.get((D, I, bucket(T)), dec)
 
 
@@ -98,8 +94,7 @@ def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
 
 if triton is not None:
     from ds4f.kernels.fp8_gemv import quant_rows
-    from ds4f.kernels.moe_mxfp4 import _act_bf16
-    from ds4f.kernels.moe_mxfp4_decode import _round_bf16, _scales
+    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _scales, _up_finish
 
     _LO_C = tl.constexpr(_LO)
     _HI_C = tl.constexpr(_HI)
@@ -177,24 +172,8 @@ if triton is not None:
             wu = tl.load(qg + I * s_qn + kb * KB)
             acc_g += _gdot8(wg, be, bo, F32) * (fg * xs[None, :])
             acc_u += _gdot8(wu, be, bo, F32) * (fu * xs[None, :])
-        g = tl.sum(acc_g, 1) * 64.0
-        u = tl.sum(acc_u, 1) * 64.0
-        if SPLIT > 1:
-            pp = part_ptr + pid_m.to(tl.int64) * (SPLIT * 2 * I) + rn
-            tl.store(pp + pid_s * (2 * I), g)
-            tl.store(pp + pid_s * (2 * I) + I, u)
-            tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
-            cnt = tl.atomic_add(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
-            if cnt == SPLIT - 1:
-                g = tl.zeros([BLOCK_N], tl.float32)
-                u = tl.zeros([BLOCK_N], tl.float32)
-                for s in range(0, SPLIT):  # fixed order: the sum does not depend on arrival order
-                    g += tl.load(pp + s * (2 * I), cache_modifier=".cg")
-                    u += tl.load(pp + s * (2 * I) + I, cache_modifier=".cg")
-                tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
-                tl.store(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 0)  # re-armed for the next call
-        else:
-            tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+        _up_finish(tl.sum(acc_g, 1) * 64.0, tl.sum(acc_u, 1) * 64.0, a_ptr, part_ptr, lock_ptr, limit, s_at, pid_m,
+                   pid_n, pid_s, rn, I, SPLIT, F32)
 
     @triton.jit
     def _a8_down(
@@ -230,62 +209,19 @@ if triton is not None:
             be, bo, xs = _xq(ap + kb * BLOCK_K, KB, F32)
             wd = tl.load(qd + kb * KB)
             acc += _gdot8(wd, be, bo, F32) * (fd * xs[None, :])
-        y = tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m))
-        pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
-        tl.store(pp + pid_js * DM, y)
-        tl.debug_barrier()
-        cnt = tl.atomic_add(lock_ptr + pid_tn, 1, sem="acq_rel", scope="gpu")
-        if cnt == TOPK * SPLIT - 1:
-            tot = tl.zeros([BLOCK_N], tl.float32)
-            for js in range(0, TOPK * SPLIT):
-                tot += tl.load(pp + js * DM, cache_modifier=".cg")
-            if HAS_SH:
-                tot += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
-            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(tot, F32))
-            tl.store(lock_ptr + pid_tn, 0)
+        _down_finish(tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m)), sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot,
+                     t, pid_tn, pid_js, rn, DM, TOPK, SPLIT, HAS_SH, F32)
 
 
 def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                   ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
                   cfgs: tuple[Cfg, Cfg], shared_ready: Any = None,
                   act_out: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """moe_mxfp4_decode.moe_decode's arguments and result (no asm / sub: the e4m3 placement has one form); cfgs
-    must also pass fits() here; act_out: a list that receives the activation rows a [T*k, I] bf16 (tests check the
-    two launches apart). -> [T, D] bf16."""
-    from ds4f.kernels.moe_mxfp4_decode import MAX_PICKS
-
-    (q13, s13), (q2, s2) = w13, w2
-    T, D = x.shape
-    k = ids.shape[1]
-    I = q2.shape[2] * 2
-    M = T * k
-    (bn_u, bk_u, sp_u, nw_u, ns_u), (bn_d, bk_d, sp_d, nw_d, ns_d) = cfgs
-    dev = x.device
-    flat = ids.contiguous().view(-1)
-    tw = weights.contiguous().view(-1)
-    f32 = int(_INTERPRET)
-    a = torch.empty(M, I, dtype=torch.bfloat16, device=dev)
-    nt_u = I // bn_u
-    part_u = torch.empty(M * sp_u * 2 * I if sp_u > 1 else 1, dtype=torch.float32, device=dev)
-    lock_u = arrival.counters(dev, MAX_PICKS * nt_u, ("mxfp4_a8_up", I, bn_u)) if sp_u > 1 else part_u
-    _a8_up[(M, nt_u, sp_u)](
-        x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
-        s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
-        num_warps=nw_u, num_stages=ns_u, **pdl.launch(dev))
-    if act_out is not None:
-        act_out.append(a)
-    out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
-    nt_d = D // bn_d
-    part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)
-    lock_d = arrival.counters(dev, MAX_PICKS * nt_d, ("mxfp4_a8_down", D, bn_d))
-    if shared_ready is not None:
-        torch.cuda.current_stream().wait_stream(shared_ready)
-    sh = shared_out.contiguous() if shared_out is not None else out
-    _a8_down[(T * nt_d, k * sp_d)](
-        a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
-        s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
-        HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **pdl.launch(dev))
-    return out
+    """moe_mxfp4_decode.moe_decode with these kernels (no asm / sub: the e4m3 placement has one form); cfgs must
+    also pass fits() here; act_out: a list that receives the activation rows a [T*k, I] bf16 (tests check the two
+    launches apart). -> [T, D] bf16."""
+    return moe_decode(x, w13, w2, ids, weights, limit, shared_out, cfgs, False, shared_ready=shared_ready, a8=True,
+                      act_out=act_out)
 
 
 def fused_moe_mxfp4_a8_ref(x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: torch.Tensor,

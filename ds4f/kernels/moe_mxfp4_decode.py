@@ -174,6 +174,47 @@ if triton is not None:
         return v.to(tl.bfloat16)
 
     @triton.jit
+    def _up_finish(g, u, a_ptr, part_ptr, lock_ptr, limit, s_at, pid_m, pid_n, pid_s, rn, I: tl.constexpr,
+                   SPLIT: tl.constexpr, F32: tl.constexpr):
+        # gate / up sums g, u [BLOCK_N] fp32 of (pick m, tile n, K slice s) -> the SwiGLU row a[m, rn] (bf16); with
+        # SPLIT > 1 the partials [M, SPLIT, 2, I] fp32 are summed in slice order by the tile's last program to arrive
+        if SPLIT > 1:
+            pp = part_ptr + pid_m.to(tl.int64) * (SPLIT * 2 * I) + rn
+            tl.store(pp + pid_s * (2 * I), g)
+            tl.store(pp + pid_s * (2 * I) + I, u)
+            tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
+            cnt = tl.atomic_add(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
+            if cnt == SPLIT - 1:
+                g = tl.zeros(g.shape, tl.float32)
+                u = tl.zeros(u.shape, tl.float32)
+                for s in range(0, SPLIT):  # fixed order: the sum does not depend on arrival order
+                    g += tl.load(pp + s * (2 * I), cache_modifier=".cg")
+                    u += tl.load(pp + s * (2 * I) + I, cache_modifier=".cg")
+                tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+                tl.store(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 0)  # re-armed for the next call
+        else:
+            tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+
+    @triton.jit
+    def _down_finish(y, sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot, t, pid_tn, pid_js, rn, DM: tl.constexpr,
+                     TOPK: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr):
+        # a weighted pick partial y [BLOCK_N] fp32 of (token t, tile, (pick, K slice) pid_js) -> partials [T, k * SPLIT,
+        # DM] fp32; the last of the tile's k * SPLIT programs to arrive sums them in order, adds the shared expert's
+        # output and stores out[t, rn] (bf16)
+        pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
+        tl.store(pp + pid_js * DM, y)
+        tl.debug_barrier()
+        cnt = tl.atomic_add(lock_ptr + pid_tn, 1, sem="acq_rel", scope="gpu")
+        if cnt == TOPK * SPLIT - 1:
+            tot = tl.zeros(y.shape, tl.float32)
+            for js in range(0, TOPK * SPLIT):
+                tot += tl.load(pp + js * DM, cache_modifier=".cg")
+            if HAS_SH:
+                tot += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
+            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(tot, F32))
+            tl.store(lock_ptr + pid_tn, 0)
+
+    @triton.jit
     def _dec_up(
         x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
         I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -211,25 +252,8 @@ if triton is not None:
             wu = tl.load(qg + I * s_qn + kb * KW)
             acc_g += _gdot(wg, b0, b1, b2, b3, ASM, SUB, F32) * fg
             acc_u += _gdot(wu, b0, b1, b2, b3, ASM, SUB, F32) * fu
-        g = tl.sum(acc_g, 1)
-        u = tl.sum(acc_u, 1)
-        if SPLIT > 1:
-            # partials [M, SPLIT, 2, I] fp32; the last program of (m, tile) to arrive sums them in slice order
-            pp = part_ptr + pid_m.to(tl.int64) * (SPLIT * 2 * I) + rn
-            tl.store(pp + pid_s * (2 * I), g)
-            tl.store(pp + pid_s * (2 * I) + I, u)
-            tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
-            cnt = tl.atomic_add(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
-            if cnt == SPLIT - 1:
-                g = tl.zeros([BLOCK_N], tl.float32)
-                u = tl.zeros([BLOCK_N], tl.float32)
-                for s in range(0, SPLIT):  # fixed order: the sum does not depend on arrival order
-                    g += tl.load(pp + s * (2 * I), cache_modifier=".cg")
-                    u += tl.load(pp + s * (2 * I) + I, cache_modifier=".cg")
-                tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
-                tl.store(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 0)  # re-armed for the next call
-        else:
-            tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+        _up_finish(tl.sum(acc_g, 1), tl.sum(acc_u, 1), a_ptr, part_ptr, lock_ptr, limit, s_at, pid_m, pid_n, pid_s, rn,
+                   I, SPLIT, F32)
 
     @triton.jit
     def _dec_down(
@@ -265,20 +289,8 @@ if triton is not None:
             b0, b1, b2, b3 = _group_b(ap + kb * BLOCK_K, KW, SUB)
             wd = tl.load(qd + kb * KW)
             acc += _gdot(wd, b0, b1, b2, b3, ASM, SUB, F32) * fd
-        y = tl.sum(acc, 1) * tl.load(tw_ptr + m)
-        # partials [T, k * SPLIT, DM] fp32; the last of the tile's k * SPLIT programs to arrive sums them in order
-        pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
-        tl.store(pp + pid_js * DM, y)
-        tl.debug_barrier()
-        cnt = tl.atomic_add(lock_ptr + pid_tn, 1, sem="acq_rel", scope="gpu")
-        if cnt == TOPK * SPLIT - 1:
-            tot = tl.zeros([BLOCK_N], tl.float32)
-            for js in range(0, TOPK * SPLIT):
-                tot += tl.load(pp + js * DM, cache_modifier=".cg")
-            if HAS_SH:
-                tot += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
-            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(tot, F32))
-            tl.store(lock_ptr + pid_tn, 0)
+        _down_finish(tl.sum(acc, 1) * tl.load(tw_ptr + m), sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot, t, pid_tn,
+                     pid_js, rn, DM, TOPK, SPLIT, HAS_SH, F32)
 
 
 @cache
@@ -341,17 +353,27 @@ def tiles_for(config: dict | None, native: bool, T: int, k: int, D: int, I: int)
 
 def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
-               cfgs: tuple[Cfg, Cfg], asm: bool, sub: bool = False, shared_ready: Any = None) -> torch.Tensor:
+               cfgs: tuple[Cfg, Cfg], asm: bool, sub: bool = False, shared_ready: Any = None, a8: bool = False,
+               act_out: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The two launches. x [T, D] bf16; w13 = (bytes [E, 2I, D/2], UE8M0 [E, 2I, D/32]) and w2 = ([E, D, I/2],
-    [E, D, I/32]) uint8, contiguous (moe_mxfp4 checked them; the bytes are read as int16 words); ids [T, k] int32,
-    weights [T, k] fp32; shared_out [T, D] or None; cfgs from pick() that fits() the shape; asm: the PTX decode
-    (CUDA), sub: its SUB form; shared_ready: the stream computing shared_out, joined before down reads it.
-    -> [T, D] bf16."""
+    [E, D, I/32]) uint8, contiguous (moe_mxfp4 checked them; the bf16 form reads the bytes as int16 words); ids
+    [T, k] int32, weights [T, k] fp32; shared_out [T, D] or None; cfgs from pick() that fits() the shape; asm: the PTX
+    decode (CUDA), sub: its SUB form; a8: moe_mxfp4_a8's kernels instead (FP8 activations; asm / sub unused);
+    shared_ready: the stream computing shared_out, joined before down reads it; act_out: a list that receives the
+    activation rows a [T*k, I] bf16. -> [T, D] bf16."""
     (q13, s13), (q2, s2) = w13, w2
-    q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
+    if a8:
+        from ds4f.kernels.moe_mxfp4_a8 import _a8_down as down
+        from ds4f.kernels.moe_mxfp4_a8 import _a8_up as up
+
+        name, per, flags = "mxfp4_a8", 2, {}  # bytes: 2 columns each
+    else:
+        up, down = _dec_up, _dec_down
+        q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
+        name, per, flags = "mxfp4_dec", 4, dict(ASM=int(asm), SUB=int(sub))
     T, D = x.shape
     k = ids.shape[1]
-    I = q2.shape[2] * 4
+    I = q2.shape[2] * per
     M = T * k
     (bn_u, bk_u, sp_u, nw_u, ns_u), (bn_d, bk_d, sp_d, nw_d, ns_d) = cfgs
     dev = x.device
@@ -363,21 +385,22 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     part_u = torch.empty(M * sp_u * 2 * I if sp_u > 1 else 1, dtype=torch.float32, device=dev)
     # counters sized for MAX_PICKS whatever T is: one buffer per key for every batch size, so a graph captured at
     # one T never holds a buffer that a later, larger T replaced
-    lock_u = arrival.counters(dev, MAX_PICKS * nt_u, ("mxfp4_dec_up", I, bn_u)) if sp_u > 1 else part_u
-    _dec_up[(M, nt_u, sp_u)](
+    lock_u = arrival.counters(dev, MAX_PICKS * nt_u, (f"{name}_up", I, bn_u)) if sp_u > 1 else part_u
+    up[(M, nt_u, sp_u)](
         x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
-        s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, ASM=int(asm),
-        SUB=int(sub), F32=f32, num_warps=nw_u, num_stages=ns_u, **pdl.launch(dev))
+        s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
+        num_warps=nw_u, num_stages=ns_u, **flags, **pdl.launch(dev))
+    if act_out is not None:
+        act_out.append(a)
     out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
     nt_d = D // bn_d
     part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)
-    lock_d = arrival.counters(dev, MAX_PICKS * nt_d, ("mxfp4_dec_down", D, bn_d))
+    lock_d = arrival.counters(dev, MAX_PICKS * nt_d, (f"{name}_down", D, bn_d))
     if shared_ready is not None:
         torch.cuda.current_stream().wait_stream(shared_ready)
     sh = shared_out.contiguous() if shared_out is not None else out
-    _dec_down[(T * nt_d, k * sp_d)](
+    down[(T * nt_d, k * sp_d)](
         a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
         s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
-        HAS_SH=shared_out is not None, ASM=int(asm), SUB=int(sub), F32=f32, num_warps=nw_d, num_stages=ns_d,
-        **pdl.launch(dev))
+        HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **flags, **pdl.launch(dev))
     return out

@@ -64,14 +64,18 @@ def kv_cache_budget(device: torch.device, gpu_memory_utilization: float, kv_cach
     return max(0, int(total * gpu_memory_utilization) - used - peak)
 
 
+def sampling_requests(seqs: list[Any]) -> list[SamplingRequest]:
+    """The sampler's view of the step's sampled ScheduledSeqs, in order."""
+    return [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
+
+
 def sample_outputs(sampler: Callable[..., Any], logits: torch.Tensor | None, out: SchedulerOutput) -> RunnerOutput:
     """logits [n, vocab] at the step's sampled rows (None: nothing sampled) -> RunnerOutput of those sequences, in
     order (every runner's last stage; call in inference mode: the sampler edits the logits in place)."""
     if logits is None:
         return RunnerOutput([], [])
     seqs = [s for s in out.seqs if s.sample]
-    reqs = [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
-    result = sampler(logits, reqs)
+    result = sampler(logits, sampling_requests(seqs))
     return RunnerOutput(req_ids=[s.req_id for s in seqs], token_ids=list(result.token_ids), logprobs=result.logprobs)
 
 

@@ -84,8 +84,6 @@ class Sampler:
         """logits [B, V] float32 is overwritten. One host sync (the final .tolist())."""
         assert logits.dim() == 2 and logits.shape[0] == len(reqs), (logits.shape, len(reqs))
         assert logits.dtype == torch.float32, logits.dtype
-        if all(_plain_greedy(r) for r in reqs):  # nothing to edit, no logprobs: the argmax and its one sync
-            return SamplerOutput(argmax(logits).tolist(), None)
         lp_rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         raw_logprobs = _take(logits, lp_rows).log_softmax(-1) if lp_rows else None  # vLLM "raw_logprobs"
         sampled = self.tokens(logits, reqs)
@@ -102,7 +100,7 @@ class Sampler:
     def tokens(self, logits: torch.Tensor, reqs: Sequence[SamplingRequest]) -> torch.Tensor:
         """The sampled ids [B] int64 on logits' device, no host sync (no logprobs: __call__ takes those); logits
         [B, V] float32 is overwritten."""
-        if all(_plain_greedy(r) for r in reqs):
+        if all(_plain_greedy(r) for r in reqs):  # nothing to edit: the argmax alone
             return argmax(logits)
         self.process(logits, reqs)
         rand = [i for i, r in enumerate(reqs) if not r.params.greedy]

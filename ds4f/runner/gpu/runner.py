@@ -23,7 +23,7 @@ from ds4f.engine.outputs import AHEAD, RunnerOutput, ScheduledSeq, SchedulerOutp
 from ds4f.runner.gpu import pools
 from ds4f.runner.gpu.fast_model import FastModel
 from ds4f.runner.gpu.pools import FastCache
-from ds4f.runner.model_runner import sample_outputs
+from ds4f.runner.model_runner import sample_outputs, sampling_requests
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -128,11 +128,8 @@ class FastRunner:
             if not seqs or any(s.params is not None and s.params.logprobs is not None for s in seqs):
                 assert not out.seqs or out.seqs[0].token_ids[0] != AHEAD, "an AHEAD step must sample on the device"
                 return Pending(result=self.execute(out))
-            from ds4f.sample.sampler import SamplingRequest
-
             lg = self._sampled_logits(out, copy=False, prev=prev)
-            reqs = [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
-            toks = self.sampler.tokens(lg, reqs)
+            toks = self.sampler.tokens(lg, sampling_requests(seqs))
             self._flip ^= 1
             host = self._host[self._flip]
             if host is None or host.numel() < toks.numel():
