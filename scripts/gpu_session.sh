@@ -320,7 +320,7 @@ case "${1:-}" in
   s13async)  # 1 GPU: the GPU tests of --async-scheduling and the FP8-activation MXFP4 decode, then the TP=2 rank step
     # (SIM_LAYERS, b1 / b4) without and with --async-scheduling (compare engine_tokens_per_s: an async run times no
     # step alone); each variant SIM_S seconds, the first one also compiles
-    par_tests 150 tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_fast_runner_gpu.py tests/gpu/test_moe_mxfp4_a8_gpu.py tests/gpu/test_sampler_gpu.py
+    par_tests 150 tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_fast_runner_gpu.py tests/gpu/test_moe_mxfp4_a8_gpu.py tests/gpu/test_moe_mxfp4_gpu.py tests/gpu/test_sampler_gpu.py
     test_summary | tee "$OUT/gpu_tests.log"
     timeout 60 python3 bench/bench_sampler.py --out "$OUT/sampler.jsonl" 2>&1 | tail -n 16
     for v in sync async; do
