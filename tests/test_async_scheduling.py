@@ -25,7 +25,7 @@ from ds4f.sample.sampler import Sampler
 BLOCK, SLOTS, MAX_LEN = 16, 3, 96
 
 
-def _engine(model: Any, args: ModelArgs, async_scheduling: bool, buckets: tuple[int, ...] = (),
+def _engine(model: Any, args: ModelArgs, async_scheduling: bool | None, buckets: tuple[int, ...] = (),
             device: str = "cpu") -> LLMEngine:
     """CUDA: the decode steps replay CUDA graphs (the AHEAD ids fed into the captured input buffer)."""
     layout = CacheLayout.from_model_args(args, BLOCK, "bfloat16")
@@ -87,6 +87,7 @@ def check_async_matches_sync(model: Any, args: ModelArgs, prompts: list[list[int
     assert len(got[0]) <= 5 and got[0][-1] == base[0][4]  # the stop token ended it
     assert eng.runner.num_ahead_steps > 0  # few here: a logprobs, a min_tokens or a queued request holds them back
     assert not _engine(model, args, False, device=device).async_scheduling and eng.async_scheduling
+    assert _engine(model, args, None, device=device).async_scheduling  # the default in one process: on
     # steady decode of plain requests: every step but the first decode of each batch goes ahead
     plain = [greedy, params[1], greedy]
     want = _run(_engine(model, args, False, buckets, device), prompts[:3], plain)
@@ -149,13 +150,13 @@ def test_tp2_async_matches_sync(tmp_path: Path) -> None:
               SamplingParams(temperature=0.8, seed=3, max_tokens=10, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)]
     outs = []
-    for async_scheduling in (False, True):
+    for async_scheduling in (None, True):  # None (the default): off under TP until measured on two GPUs
         llm = LLM(async_scheduling=async_scheduling, **kw)
         try:
             assert type(llm.engine.runner).__name__ == "TPExecutor"
             outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
-            assert llm.engine.async_scheduling is async_scheduling
-            assert (llm.engine.runner.runner.num_ahead_steps >= 5) is async_scheduling  # rank 0's fast runner
+            assert llm.engine.async_scheduling is bool(async_scheduling)
+            assert (llm.engine.runner.runner.num_ahead_steps >= 5) is bool(async_scheduling)  # rank 0's fast runner
         finally:
             llm.engine.runner.close()
     assert outs[0] == outs[1]

@@ -119,7 +119,8 @@ def test_sizes_and_aliases() -> None:
     assert parse_serve_args(["--model", "ds4f-tiny"]).engine_kwargs["model"] is None
     assert parse_serve_args(["--kv-cache-memory-bytes", "1000"]).engine_kwargs["kv_cache_memory"] == 1000
     assert parse_serve_args(["--async-scheduling"]).engine_kwargs["async_scheduling"] is True  # vLLM's flag
-    assert parse_serve_args([]).engine_kwargs["async_scheduling"] is False
+    assert parse_serve_args([]).engine_kwargs["async_scheduling"] is None  # the engine's default (on at TP 1)
+    assert parse_serve_args(["--no-async-scheduling"]).engine_kwargs["async_scheduling"] is False
 
 
 def test_main_refuses_with_exit_2_and_message(capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,7 +37,9 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.check_integrity_each_step = False  # tests turn this on
         # --async-scheduling: a step launched ahead (Scheduler.schedule_ahead) while the one before is collected
-        self.async_scheduling = bool(config.async_scheduling) and bool(getattr(runner, "supports_launch", False))
+        can = bool(getattr(runner, "supports_launch", False))
+        auto = can and not getattr(runner, "distributed", False)  # None: on in one process, off under TP
+        self.async_scheduling = can and bool(config.async_scheduling) if config.async_scheduling is not None else auto
         if config.async_scheduling and not self.async_scheduling:
             from ds4f.runner.model_runner import log
 
