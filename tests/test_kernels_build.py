@@ -94,6 +94,11 @@ def test_indexer_and_topk_build(arch: int, vlen: bool) -> None:
     for level in range(4):
         build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=1024, VLEN=vlen), arch)
     build(ix._topk_select, t, dict(NB=256, BLOCK=1024, VLEN=vlen), arch)
+    from ds4f.kernels import topk_radix as tr
+
+    k = build(tr._topk_gather, dict(t, cand_ptr="*i32"), dict(NB=256, BLOCK=2048, VLEN=vlen), arch)
+    assert "atom.global.gpu.acq_rel" not in k["ptx"] and "red." in k["ptx"]  # relaxed: the launches order the passes
+    build(tr._topk_final, dict(t, cand_ptr="*i32"), dict(NB=256, NC=512, BLOCK=2048, VLEN=vlen), arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

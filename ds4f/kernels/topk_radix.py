@@ -1,15 +1,16 @@
 """⑥ kernels, the multi-program radix top-k of long rows (ds4f.kernels.indexer.topk_indices' passes): scores [T, L]
 fp32 + per-row histograms / slot counters (zeroed by topk_small's launch) in, ids [T, k] int32 out.
 
-Four 8-bit digits of the order-preserving key (topk_small._sort_key), each a grid of (row, chunk) programs adding
-their chunk's histogram of the keys that match the k-th's prefix so far into the row's histogram, then a compaction
-of the keys above the k-th and of as many equal to it as still needed: one launch per digit and one for the
-compaction (`_topk_hist`, `_topk_select`). Measured and removed (session 12): the five phases in one launch with a
-row's programs meeting at an arrival-counter barrier between them (every program resident at once): indexer + top-512
-+ rows at 262,144 entries 65.4 vs 54.6 us at one token, 146.2 vs 112.0 at four (H200, session 11,
-bench/results/topk_decode.jsonl); the barrier rounds cost more than the launch boundaries.
-A decode step at 1M context runs this in each of 21 CSA layers (262,144 entries per row): the four passes and the
-compaction each waited for the one before to drain."""
+8-bit digits of the order-preserving key (topk_small._sort_key), each a grid of (row, chunk) programs adding their
+chunk's histogram of the keys that match the k-th's prefix so far into the row's histogram (`_topk_hist`). Then,
+with a candidate buffer (cap > 0, the default): after two digits a grid pass writes the keys whose top 16 bits are
+above the k-th's and copies the keys sharing them into the row's candidate buffer (`_topk_gather`), and one program
+per row picks the krem still needed among them by their low 16 bits in registers (`_topk_final`; ~15 candidates
+for random scores at 262,144 entries; past `cap` it streams the row instead: exact, slower). cap 0: four digit
+passes and a compaction pass over the whole row (`_topk_select`), the former path. Atomics are relaxed: launch
+boundaries order the passes. Measured and removed (session 12): the five phases in one launch with a row's programs
+meeting at an arrival-counter barrier (slower: 65.4 vs 54.6 us at one token, 262,144 entries).
+A decode step at 1M context runs this in each of 21 CSA layers (262,144 entries per row)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ if triton is not None:
                 sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
             digit = ((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32)
             acc += tl.histogram(digit, NB, mask=sel)
-        tl.atomic_add(hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB), acc)
+        tl.atomic_add(hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB), acc, sem="relaxed")
 
     @triton.jit
     def _select_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, t, c, lim, s_st, k, chunk, s_lv, NB: tl.constexpr,
@@ -73,12 +74,115 @@ if triton is not None:
             u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
             gt = m & (u > kth)
             eq = m & (u == kth) & ~take_all
-            base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0))
+            base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0), sem="relaxed")
             pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
             tl.store(out_ptr + pos, offs, mask=gt)
-            base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0))
+            base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0), sem="relaxed")
             pos_e = base_e + tl.cumsum(eq.to(tl.int32), 0) - 1
             tl.store(out_ptr + (k - krem) + pos_e, offs, mask=eq & (pos_e < krem))
+
+    @triton.jit
+    def _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k, chunk, s_lv, CAP,
+                     NB: tl.constexpr, BLOCK: tl.constexpr):
+        # keys whose top 16 bits are above the k-th's -> out slots [0, k - krem) (counter 0); keys sharing them ->
+        # cand_ptr[t] (ids in [0, CAP), keys in [CAP, 2 CAP); counter 1 counts them all, stored or not)
+        out_ptr += t * k
+        cand_ptr += t * 2 * CAP
+        prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
+        hi = prefix >> 16  # take_all: 0, below every finite key's top bits
+        for j in range(0, chunk, BLOCK):
+            offs = c * chunk + j + tl.arange(0, BLOCK)
+            m = offs < lim
+            u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+            gt = m & ((u >> 16) > hi)
+            eq = m & ((u >> 16) == hi) & ~take_all
+            base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0), sem="relaxed")
+            tl.store(out_ptr + base + tl.cumsum(gt.to(tl.int32), 0) - 1, offs, mask=gt)
+            base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0), sem="relaxed")
+            pos_e = base_e + tl.cumsum(eq.to(tl.int32), 0) - 1
+            tl.store(cand_ptr + pos_e, offs, mask=eq & (pos_e < CAP))
+            tl.store(cand_ptr + CAP + pos_e, u.to(tl.int32, bitcast=True), mask=eq & (pos_e < CAP))
+
+    @triton.jit
+    def _final_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, L, s_st, k, s_lv, CAP,
+                    NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr):
+        # the krem keys still needed among those sharing the k-th's top 16 bits -> out slots [k - krem, k): from
+        # the candidate buffer when it holds them all (NC >= CAP lanes), else by streaming the row (exact, slow)
+        prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
+        if take_all == 0:
+            n = tl.load(cnt_ptr + 2 * t + 1)
+            out_ptr += t * k + (k - krem)
+            offs_b = tl.arange(0, NB)
+            hi = prefix >> 16
+            if n <= CAP:
+                offs = tl.arange(0, NC)
+                m = offs < n
+                ids = tl.load(cand_ptr + t * 2 * CAP + offs, mask=m, other=0)
+                lo = tl.load(cand_ptr + t * 2 * CAP + CAP + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
+                lo = lo & 0xFFFF
+                d2 = (lo >> 8).to(tl.int32)
+                b2, above, _ = _radix_step(tl.histogram(d2, NB, mask=m), offs_b, krem)
+                krem2 = krem - above
+                b3, above, _ = _radix_step(tl.histogram((lo & 255).to(tl.int32), NB, mask=m & (d2 == b2)), offs_b,
+                                           krem2)
+                krem3 = krem2 - above
+                kth = ((b2 << 8) | b3).to(tl.uint32)
+                gt = m & (lo > kth)
+                eq = m & (lo == kth)
+                c = tl.cumsum(gt.to(tl.int32) | (eq.to(tl.int32) << 15), 0)  # both counts < 2^15
+                tl.store(out_ptr + (c & 0x7FFF) - 1, ids, mask=gt)
+                pos_e = (krem - krem3) + (c >> 15) - 1
+                tl.store(out_ptr + pos_e, ids, mask=eq & (pos_e < krem))
+            else:
+                # digits 2 and 3 of the keys matching the top 16 bits, over the whole row, then the compaction
+                pre = hi
+                kr = krem
+                for lv in tl.static_range(2):
+                    h = tl.zeros([NB], tl.int32)
+                    for j in range(0, L, BLOCK):
+                        offs = j + tl.arange(0, BLOCK)
+                        m = offs < lim
+                        u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+                        sel = m & ((u >> (16 - 8 * lv)) == pre)
+                        h += tl.histogram(((u >> (8 - 8 * lv)) & 255).to(tl.int32), NB, mask=sel)
+                    b, above, _ = _radix_step(h, offs_b, kr)
+                    kr = kr - above
+                    pre = (pre << 8) | b.to(tl.uint32)
+                n_gt = tl.full([], 0, tl.int32)
+                n_eq = n_gt
+                for j in range(0, L, BLOCK):
+                    offs = j + tl.arange(0, BLOCK)
+                    m = offs < lim
+                    u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+                    gt = m & ((u >> 16) == hi) & (u > pre)
+                    eq = m & (u == pre)
+                    tl.store(out_ptr + n_gt + tl.cumsum(gt.to(tl.int32), 0) - 1, offs, mask=gt)
+                    pos_e = (krem - kr) + n_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
+                    tl.store(out_ptr + pos_e, offs, mask=eq & (pos_e < krem))
+                    n_gt += tl.sum(gt.to(tl.int32), 0)
+                    n_eq += tl.sum(eq.to(tl.int32), 0)
+
+    @triton.jit
+    def _topk_gather(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, chunk, s_lv, CAP,
+                     NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
+                     PDL: tl.constexpr = False):
+        pdl_enter(PDL)
+        t = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
+        if (c * chunk < lim) & (lim > SMALL):
+            _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k, chunk, s_lv, CAP, NB,
+                         BLOCK)
+
+    @triton.jit
+    def _topk_final(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, s_lv, CAP,
+                    NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
+                    SMALL: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)
+        t = tl.program_id(0).to(tl.int64)
+        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
+        if lim > SMALL:
+            _final_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, L, s_st, k, s_lv, CAP, NB, NC, BLOCK)
 
     @triton.jit
     def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
@@ -107,18 +211,26 @@ if triton is not None:
 
 
 def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: torch.Tensor, cnt: torch.Tensor,
-                  out: torch.Tensor, k: int, block: int, chunk: int, small: int) -> None:
+                  out: torch.Tensor, k: int, block: int, chunk: int, small: int, cand: torch.Tensor | None = None,
+                  cap: int = 0) -> None:
     """The radix select of the rows past `small` valid entries into out [T, k] (hist [4 * T * 256] and cnt [2 * T]
-    zeroed): the four digit passes, then the compaction."""
+    zeroed). cap > 0 (a power of two, cand [T * 2 * cap] int32): two digit passes, the gather, one program per row;
+    cap 0: the four digit passes, then the compaction."""
     T, L = scores.shape
     nb, n_chunks = 256, triton.cdiv(L, chunk)
     grid = (T, n_chunks)
     vl = valid_len if valid_len is not None else cnt
     common = dict(NB=nb, BLOCK=block, VLEN=valid_len is not None, SMALL=small, num_warps=4,
                   **pdl.launch(scores.device))
-    for level in range(4):
+    for level in range(2 if cap else 4):
         _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, **common)
-    _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, **common)
+    if not cap:
+        _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, **common)
+        return
+    assert cap & (cap - 1) == 0 and cand is not None and cand.numel() >= T * 2 * cap
+    _topk_gather[grid](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, chunk, T * nb, cap, **common)
+    _topk_final[(T,)](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, T * nb, cap, NC=cap,
+                      **{**common, "BLOCK": 2048})
 
 
 __all__ = ["launch_passes"]
