@@ -52,10 +52,10 @@ def check_topk_small() -> None:
     vl = torch.tensor([2048, 3000, 4096, 700, 0, 10, 64, 2049, 4097, L], dtype=torch.int32)
     s = _scores(len(vl), L, vl, g)
     want = ordered_ref(s, k, vl)
-    old = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=1, small=0, cand=0)
+    old = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=1, small=0, cand=(0, 0))
     assert torch.equal(old, want), "multi-pass in one chunk vs the ordered oracle"
     for small in (4096, 512):  # 4096: the 2048-lane tile and the 4096-lane tile; rows past it: the passes
-        new = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=1, small=small, cand=0)
+        new = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=1, small=small, cand=(0, 0))
         assert torch.equal(new, want), small
         multi = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=3, small=small)
         ref = topk_indices_ref(s, k)
@@ -71,7 +71,7 @@ def check_topk_small() -> None:
         assert torch.equal(got, ordered_ref(s2, k, v2)), length
         got = indexer.topk_indices(s2, k, backend="radix", small=4096)
         assert torch.equal(got, ordered_ref(s2, k, None)), length
-        assert torch.equal(got, indexer.topk_indices(s2, k, backend="radix", programs=1, small=0, cand=0)), length
+        assert torch.equal(got, indexer.topk_indices(s2, k, backend="radix", programs=1, small=0, cand=(0, 0))), length
     got = indexer.topk_indices(s, k, block=256, backend="radix", programs=1, small=512)  # no valid_len, L > small
     assert torch.equal(got, ordered_ref(s, k, None))
     print("one launch ordered equal")
@@ -84,7 +84,7 @@ def check_topk_small() -> None:
     for kk in (1, 64, 512, 2048):
         want = ordered_ref(c, kk, None)
         assert torch.equal(indexer.topk_indices(c, kk, backend="radix", small=4096), want), kk
-        assert torch.equal(indexer.topk_indices(c, kk, backend="radix", programs=1, small=0, cand=0), want), kk
+        assert torch.equal(indexer.topk_indices(c, kk, backend="radix", programs=1, small=0, cand=(0, 0)), want), kk
     print("early stop ordered equal")
 
 
@@ -100,9 +100,9 @@ def _same_top(got: torch.Tensor, s: torch.Tensor, k: int, vl: torch.Tensor | Non
 
 
 def check_topk_cand() -> None:
-    """Rows past the small lanes through two digit passes, the gather and the per-row pick: from the candidate
-    buffer, and streaming the row where its k-th's top 16 bits are shared by more keys than the buffer holds
-    (cand=16; 600 tied maxima; scores rounded to a few values), against the ordered oracle's top values."""
+    """Rows past the small lanes through two digit passes, the gather and the per-row pick: in registers, from the
+    candidate buffer, and streaming the row where its k-th's top 16 bits are shared by more keys than the buffer
+    holds (600 tied maxima; scores rounded to a few values; 4097 near-equal keys), against the oracle's top values."""
     from ds4f.kernels import indexer
 
     g = torch.Generator().manual_seed(5)
@@ -114,12 +114,19 @@ def check_topk_cand() -> None:
     # distinct, all with the same top 16 key bits (1 + [0, 2.9e-3)); the top 64 span two 24-bit prefixes
     s[5, :4097] = 1.0 + torch.randperm(4097, generator=g) * (3 * 2.0**-22)
     for small in (0, 512):
-        for cand in (512, 16):
+        for cand in ((512, 8192), (16, 8192), (16, 64)):  # registers / the buffer / the row past 64 candidates
             for progs in (1, 3):
                 got = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=progs,
                                            small=small, cand=cand)
                 _same_top(got, s, k, vl)
-    _same_top(indexer.topk_indices(s, 1, block=256, backend="radix", programs=2, small=0, cand=16), s, 1, None)
+    _same_top(indexer.topk_indices(s, 1, block=256, backend="radix", programs=2, small=0, cand=(16, 64)), s, 1, None)
+    # every candidate needed: 30 keys above, then exactly the 34 sharing the k-th's top 16 bits (distinct low bits)
+    r = torch.randn(2, L, generator=g) * 0.1
+    at = torch.randperm(L, generator=g)
+    r[:, at[:30]] = 8.0 + torch.rand(30, generator=g)
+    r[:, at[30:64]] = 2.0 + torch.arange(34) * 2.0**-20
+    for cand in ((16, 8192), (16, 32), (64, 8192)):
+        _same_top(indexer.topk_indices(r, k, block=256, backend="radix", programs=3, small=0, cand=cand), r, k, None)
     print("candidate top-k equal")
 
 

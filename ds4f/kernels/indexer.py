@@ -48,9 +48,10 @@ TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,128", minimum=0) or (2048, 0
 # num_warps 0: small_warps (H200, bench/sweep_topk_small.py, one row, rows written: 2048 entries 8.2 us at 8 warps
 # vs 8.6 at 16, 8192 entries 21.4 us at 16 vs 30.4 at 8 and 27.8 at 32; 2026-11-29)
 SMALL_KNOBS = env_knobs("DS4F_TOPK_SMALL", 2, "8192,8", minimum=0) or (8192, 0)
-# longer rows: the candidate buffer's lanes per row (ds4f.kernels.topk_radix; a power of two), 0 = the four digit
-# passes and the compaction (the former path)
-TOPK_CAND = (env_knobs("DS4F_TOPK_CAND", 1, "512", minimum=0) or (512,))[0]
+# longer rows (ds4f.kernels.topk_radix): "lanes,cap", the candidates the per-row pick holds in registers and the
+# buffer's entries per row (powers of two, cap >= lanes); lanes 0: the four digit passes and the compaction (the
+# former path)
+TOPK_CAND = env_knobs("DS4F_TOPK_CAND", 2, "512,8192", minimum=0) or (512, 8192)
 
 
 def small_warps(lanes: int) -> int:
@@ -213,7 +214,7 @@ RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; eve
 
 def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto",
                  valid_len: torch.Tensor | None = None, programs: int | None = None,
-                 small: int | None = None, cand: int | None = None) -> torch.Tensor:
+                 small: int | None = None, cand: tuple[int, int] | None = None) -> torch.Tensor:
     """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
     arbitrary subset is taken. backend "radix": a 4-digit radix select (8 bits at a time of the order-preserving
@@ -227,8 +228,9 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     two, 0 = off; default DS4F_TOPK_SMALL's lanes): rows of at most that many valid entries (decided on the
     device) are selected by one program each (ds4f.kernels.topk_small), which also writes the -1 padding and
     zeroes the passes' histograms, so the passes skip those rows and no fill kernel runs; at L <= small that one
-    launch is all. cand (default DS4F_TOPK_CAND): the longer rows' candidate lanes (two digit passes, a gather, one
-    program per row; ds4f.kernels.topk_radix), 0 = four digit passes + a compaction, with which a row that fits one
+    launch is all. cand (default DS4F_TOPK_CAND): (lanes, cap) of the longer rows' candidate pick (two digit
+    passes, a gather, one program per row; ds4f.kernels.topk_radix); lanes 0: four digit passes + a compaction (the
+    former path), with which a row that fits one
     chunk gets the small kernel's ids in its order (the keys above the k-th in ascending id, then the lowest ids
     equal to it, then -1)."""
     assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
@@ -252,11 +254,12 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     if small >= L:  # every row fits the one-program select (static): one launch
         _one_launch(scores, valid_len, out, k)
         return out
-    cap = TOPK_CAND if cand is None else cand
-    assert cap & (cap - 1) == 0 and cap < 1 << 15, f"cand={cap} must be a power of two below 2^15 (or 0)"
+    lanes, cap = TOPK_CAND if cand is None else cand
+    assert lanes & (lanes - 1) == 0 and lanes < 1 << 15 and (not lanes or cap >= lanes), \
+        f"cand={(lanes, cap)}: lanes a power of two below 2^15 (or 0), cap >= lanes"
     buf = (torch.empty if small else torch.zeros)(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
     hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
-    cbuf = torch.empty(T * 2 * cap, dtype=torch.int32, device=scores.device) if cap else None
+    cbuf = torch.empty(T * 2 * cap, dtype=torch.int32, device=scores.device) if lanes else None
     if small:
         launch_small(scores, valid_len, out, hist, cnt, k, small, T * nb, small_warps(small))
     if block is None:
@@ -264,7 +267,7 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     programs = programs or triton.cdiv(2 * sm_count(scores.device), T)
     n_chunks = max(1, min(triton.cdiv(L, block), programs))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
-    topk_radix.launch_passes(scores, valid_len, hist, cnt, out, k, block, chunk, small, cbuf, cap)
+    topk_radix.launch_passes(scores, valid_len, hist, cnt, out, k, block, chunk, small, cbuf, lanes, cap)
     return out
 
 

@@ -5,9 +5,10 @@ fp32 + per-row histograms / slot counters (zeroed by topk_small's launch) in, id
 chunk's histogram of the keys that match the k-th's prefix so far into the row's histogram (`_topk_hist`). Then,
 with a candidate buffer (cap > 0, the default): after two digits a grid pass writes the keys whose top 16 bits are
 above the k-th's and copies the keys sharing them into the row's candidate buffer (`_topk_gather`), and one program
-per row picks the krem still needed among them by their low 16 bits in registers (`_topk_final`; ~15 candidates
-for random scores at 262,144 entries; past `cap` it streams the row instead: exact, slower). cap 0: four digit
-passes and a compaction pass over the whole row (`_topk_select`), the former path. Atomics are relaxed: launch
+per row picks the krem still needed among them by their low 16 bits (`_topk_final`): in registers up to `lanes`
+of them (~15 candidates for random scores at 262,144 entries), else from the buffer 2048 at a time up to its `cap`,
+else by streaming the row (exact either way; the last is slow). lanes 0: four digit passes and a compaction pass
+over the whole row (`_topk_select`), the former path. Atomics are relaxed: launch
 boundaries order the passes. Measured and removed (session 12): the five phases in one launch with a row's programs
 meeting at an arrival-counter barrier (slower: 65.4 vs 54.6 us at one token, 262,144 entries).
 A decode step at 1M context runs this in each of 21 CSA layers (262,144 entries per row)."""
@@ -104,22 +105,65 @@ if triton is not None:
             tl.store(cand_ptr + CAP + pos_e, u.to(tl.int32, bitcast=True), mask=eq & (pos_e < CAP))
 
     @triton.jit
-    def _final_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, L, s_st, k, s_lv, CAP,
+    def _pick_stream(src_ptr, out_ptr, length, CAP, hi, krem, ROW: tl.constexpr, NB: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        # the krem largest of the keys whose top 16 bits are hi, BLOCK entries at a time -> out_ptr[0, krem):
+        # ROW: scores src_ptr[0, length) (ids = columns); else the candidate buffer (ids at src_ptr, key bits at
+        # src_ptr + CAP, length of them, every one with top bits hi)
+        offs_b = tl.arange(0, NB)
+        pre = hi
+        kr = krem
+        for lv in tl.static_range(2):  # digits 2 and 3 of the matching keys, then the compaction
+            h = tl.zeros([NB], tl.int32)
+            for j in range(0, length, BLOCK):
+                offs = j + tl.arange(0, BLOCK)
+                m = offs < length
+                if ROW:
+                    u = _sort_key(tl.load(src_ptr + offs, mask=m, other=float("-inf")))
+                else:
+                    u = tl.load(src_ptr + CAP + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
+                sel = m & ((u >> (16 - 8 * lv)) == pre)
+                h += tl.histogram(((u >> (8 - 8 * lv)) & 255).to(tl.int32), NB, mask=sel)
+            b, above, _ = _radix_step(h, offs_b, kr)
+            kr = kr - above
+            pre = (pre << 8) | b.to(tl.uint32)
+        n_gt = tl.full([], 0, tl.int32)
+        n_eq = n_gt
+        for j in range(0, length, BLOCK):
+            offs = j + tl.arange(0, BLOCK)
+            m = offs < length
+            if ROW:
+                u = _sort_key(tl.load(src_ptr + offs, mask=m, other=float("-inf")))
+                ids = offs
+            else:
+                u = tl.load(src_ptr + CAP + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
+                ids = tl.load(src_ptr + offs, mask=m, other=0)
+            gt = m & ((u >> 16) == hi) & (u > pre)
+            eq = m & (u == pre)
+            tl.store(out_ptr + n_gt + tl.cumsum(gt.to(tl.int32), 0) - 1, ids, mask=gt)
+            pos_e = (krem - kr) + n_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
+            tl.store(out_ptr + pos_e, ids, mask=eq & (pos_e < krem))
+            n_gt += tl.sum(gt.to(tl.int32), 0)
+            n_eq += tl.sum(eq.to(tl.int32), 0)
+
+    @triton.jit
+    def _final_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, s_lv, CAP,
                     NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr):
-        # the krem keys still needed among those sharing the k-th's top 16 bits -> out slots [k - krem, k): from
-        # the candidate buffer when it holds them all (NC >= CAP lanes), else by streaming the row (exact, slow)
+        # the krem keys still needed among the n sharing the k-th's top 16 bits -> out slots [k - krem, k): in
+        # registers (n <= NC lanes, the usual case), from the candidate buffer BLOCK at a time (n <= CAP), else by
+        # streaming the row (exact, slow: one program reads it three times)
         prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
         if take_all == 0:
             n = tl.load(cnt_ptr + 2 * t + 1)
             out_ptr += t * k + (k - krem)
-            offs_b = tl.arange(0, NB)
+            cand_ptr += t * 2 * CAP
             hi = prefix >> 16
-            if n <= CAP:
+            if n <= NC:
+                offs_b = tl.arange(0, NB)
                 offs = tl.arange(0, NC)
                 m = offs < n
-                ids = tl.load(cand_ptr + t * 2 * CAP + offs, mask=m, other=0)
-                lo = tl.load(cand_ptr + t * 2 * CAP + CAP + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
-                lo = lo & 0xFFFF
+                ids = tl.load(cand_ptr + offs, mask=m, other=0)
+                lo = tl.load(cand_ptr + CAP + offs, mask=m, other=0).to(tl.uint32, bitcast=True) & 0xFFFF
                 d2 = (lo >> 8).to(tl.int32)
                 b2, above, _ = _radix_step(tl.histogram(d2, NB, mask=m), offs_b, krem)
                 krem2 = krem - above
@@ -133,34 +177,10 @@ if triton is not None:
                 tl.store(out_ptr + (c & 0x7FFF) - 1, ids, mask=gt)
                 pos_e = (krem - krem3) + (c >> 15) - 1
                 tl.store(out_ptr + pos_e, ids, mask=eq & (pos_e < krem))
+            elif n <= CAP:
+                _pick_stream(cand_ptr, out_ptr, n, CAP, hi, krem, False, NB, BLOCK)
             else:
-                # digits 2 and 3 of the keys matching the top 16 bits, over the whole row, then the compaction
-                pre = hi
-                kr = krem
-                for lv in tl.static_range(2):
-                    h = tl.zeros([NB], tl.int32)
-                    for j in range(0, L, BLOCK):
-                        offs = j + tl.arange(0, BLOCK)
-                        m = offs < lim
-                        u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
-                        sel = m & ((u >> (16 - 8 * lv)) == pre)
-                        h += tl.histogram(((u >> (8 - 8 * lv)) & 255).to(tl.int32), NB, mask=sel)
-                    b, above, _ = _radix_step(h, offs_b, kr)
-                    kr = kr - above
-                    pre = (pre << 8) | b.to(tl.uint32)
-                n_gt = tl.full([], 0, tl.int32)
-                n_eq = n_gt
-                for j in range(0, L, BLOCK):
-                    offs = j + tl.arange(0, BLOCK)
-                    m = offs < lim
-                    u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
-                    gt = m & ((u >> 16) == hi) & (u > pre)
-                    eq = m & (u == pre)
-                    tl.store(out_ptr + n_gt + tl.cumsum(gt.to(tl.int32), 0) - 1, offs, mask=gt)
-                    pos_e = (krem - kr) + n_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-                    tl.store(out_ptr + pos_e, offs, mask=eq & (pos_e < krem))
-                    n_gt += tl.sum(gt.to(tl.int32), 0)
-                    n_eq += tl.sum(eq.to(tl.int32), 0)
+                _pick_stream(s_ptr + t * s_st, out_ptr, lim, CAP, hi, krem, True, NB, BLOCK)
 
     @triton.jit
     def _topk_gather(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, chunk, s_lv, CAP,
@@ -182,7 +202,7 @@ if triton is not None:
         t = tl.program_id(0).to(tl.int64)
         lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
         if lim > SMALL:
-            _final_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, L, s_st, k, s_lv, CAP, NB, NC, BLOCK)
+            _final_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, s_lv, CAP, NB, NC, BLOCK)
 
     @triton.jit
     def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
@@ -212,24 +232,24 @@ if triton is not None:
 
 def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: torch.Tensor, cnt: torch.Tensor,
                   out: torch.Tensor, k: int, block: int, chunk: int, small: int, cand: torch.Tensor | None = None,
-                  cap: int = 0) -> None:
+                  lanes: int = 0, cap: int = 0) -> None:
     """The radix select of the rows past `small` valid entries into out [T, k] (hist [4 * T * 256] and cnt [2 * T]
-    zeroed). cap > 0 (a power of two, cand [T * 2 * cap] int32): two digit passes, the gather, one program per row;
-    cap 0: the four digit passes, then the compaction."""
+    zeroed). lanes > 0 (a power of two; cand [T * 2 * cap] int32, cap >= lanes): two digit passes, the gather,
+    one program per row (lanes: its register tile); lanes 0: the four digit passes, then the compaction."""
     T, L = scores.shape
     nb, n_chunks = 256, triton.cdiv(L, chunk)
     grid = (T, n_chunks)
     vl = valid_len if valid_len is not None else cnt
     common = dict(NB=nb, BLOCK=block, VLEN=valid_len is not None, SMALL=small, num_warps=4,
                   **pdl.launch(scores.device))
-    for level in range(2 if cap else 4):
+    for level in range(2 if lanes else 4):
         _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, **common)
-    if not cap:
+    if not lanes:
         _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, **common)
         return
-    assert cap & (cap - 1) == 0 and cand is not None and cand.numel() >= T * 2 * cap
+    assert lanes & (lanes - 1) == 0 and cap >= lanes and cand is not None and cand.numel() >= T * 2 * cap
     _topk_gather[grid](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, chunk, T * nb, cap, **common)
-    _topk_final[(T,)](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, T * nb, cap, NC=cap,
+    _topk_final[(T,)](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, T * nb, cap, NC=lanes,
                       **{**common, "BLOCK": 2048})
 
 

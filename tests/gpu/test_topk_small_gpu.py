@@ -60,11 +60,11 @@ def test_topk_small_graph(T: int, L: int) -> None:
     scores = torch.empty_like(base)
     vl = torch.zeros(T, dtype=torch.int32, device="cuda")
     topk_indices(scores.fill_(0), K, valid_len=vl)  # compile outside the capture
-    topk_indices(scores, K, valid_len=vl, small=0, cand=0)
+    topk_indices(scores, K, valid_len=vl, small=0, cand=(0, 0))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         new = topk_indices(scores, K, valid_len=vl)
-        old = topk_indices(scores, K, valid_len=vl, small=0, cand=0)
+        old = topk_indices(scores, K, valid_len=vl, small=0, cand=(0, 0))
     chunk = TOPK_KNOBS[0]  # rows within one chunk: the former path's order is deterministic too
     for v in VLENS:
         lens = torch.tensor([min(v + r * 7, L) for r in range(T)], dtype=torch.int32, device="cuda")
