@@ -215,9 +215,10 @@ def main() -> None:
                     help="0: the longest case + decode; 1048576 captures the decode graphs for 1M-token sessions")
     ap.add_argument("--kv-cache-dtype", default="fp8")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="the engine's --async-scheduling: steps are not timed one by one (their GPU work overlaps), "
-                         "so a decode record's step_ms is the engine rate's period (step_from: engine_rate)")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="the engine's --async-scheduling (default: the engine's, on in one process, off under TP); "
+                         "its steps are not timed one by one (their GPU work overlaps), so a decode record's step_ms "
+                         "is the engine rate's period (step_from: engine_rate)")
     ap.add_argument("--profile", default="", help="directory for rank 0's decode kernel-time table")
     ap.add_argument("--out", default=str(ROOT / "bench/results/full.jsonl"))
     ap.add_argument("--command", default=" ".join(sys.argv))
@@ -252,7 +253,7 @@ def main() -> None:
     meta = dict(versions("cuda"), command=args.command, tp=args.tp, tp_sim=args.tp_sim or None, layers=args.layers,
                 experts=args.experts,
                 kv_cache_dtype=args.kv_cache_dtype, max_model_len=max_len, copy_GBps=round(copy_gbps, 1),
-                runner=type(local).__name__,
+                runner=type(local).__name__, async_scheduling=engine.async_scheduling,
                 startup_s=round(startup, 1), weights_GiB_rank0=round(torch.cuda.memory_allocated() / 2**30, 2),
                 model="DeepSeek-V4-Flash config, FP8 attention + MXFP4 experts, dummy weights")
     print(f"# startup {startup:.1f}s on {args.tp} GPUs, copy {copy_gbps:.0f} GB/s, bf16 mm {mm_tflops:.0f} TFLOP/s",

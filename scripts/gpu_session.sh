@@ -324,13 +324,13 @@ case "${1:-}" in
     test_summary | tee "$OUT/gpu_tests.log"
     timeout 60 python3 bench/bench_sampler.py --out "$OUT/sampler.jsonl" 2>&1 | tail -n 16
     for v in sync async; do
-      A=""; [ "$v" = async ] && A="--async-scheduling"
+      A="--no-async-scheduling"; [ "$v" = async ] && A="--async-scheduling"
       SIM_TESTS="" SIM_ARGS="$A" SIM_LAYERS="${SIM_LAYERS:-43}" SIM_LIMIT=${SIM_S:-200} OUT="$OUT/$v" bash "$0" s10sim "$2"
       mv "$OUT/$v/full.jsonl" "$OUT/full_$v.jsonl" 2>/dev/null; done ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
-      A=""; [ "$v" = async ] && A="--async-scheduling"
+      A="--no-async-scheduling"; [ "$v" = async ] && A="--async-scheduling"
       FULL_LEN=4096 FULL_TTFT=0 FULL_ARGS="$A" S11_LIMIT=${S13_S:-280} OUT="$OUT/$v" bash "$0" s11full "$2"
       mv "$OUT/$v/full.jsonl" "$OUT/full_$v.jsonl" 2>/dev/null; done ;;
   *) echo "usage: bash scripts/gpu_session.sh MODE [git-rev]; MODE: one of the case labels in this file" >&2; exit 2 ;;
