@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     meta = run_meta(" ".join(["bench/kernel_times_long.py", *sys.argv[1:]]))
+    meta["env"] = {k: v for k, v in os.environ.items() if k.startswith("DS4F_")}  # the knobs this run was under
     g = torch.Generator(device="cuda").manual_seed(0)
     dev = "cuda"
     L, HI, DI, K = 262144, 64, 128, 512

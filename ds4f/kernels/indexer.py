@@ -43,6 +43,9 @@ except (ValueError, AssertionError):
 # bench/results/decode_long.jsonl): indexer over 262,144 entries 25.2 us at 128 x 4 x 4 warps x 3 stages vs 54.4 at
 # the former 64 x auto x 4 x 4; top-512 43.5 us in 2048-column tiles vs 51.2 in 1024
 DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (128, 4, 4, 3)
+# one token per program: 1 = the loop double-buffered in registers (_indexer_prefetch, num_stages 1); opt-in, not yet
+# timed on a GPU (bench/kernel_times_long.py with and without it is the A/B)
+INDEXER_PREFETCH = bool((env_knobs("DS4F_INDEXER_PREFETCH", 1, "1", minimum=0) or (0,))[0])
 TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,128", minimum=0) or (2048, 0)
 # rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off;
 # num_warps 0: small_warps (H200, bench/sweep_topk_small.py, one row, rows written: 2048 entries 8.2 us at 8 warps
@@ -60,12 +63,60 @@ def small_warps(lanes: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _index_block(q, w, keys, ksv, offs_l, vlen, KSCALE: tl.constexpr, QFP8: tl.constexpr,
+                     ZERO_RANK: tl.constexpr):
+        # one block's scores from its keys (and row scales) as _indexer_fwd's loop computes them
+        if QFP8:
+            s = tl.dot(q, tl.trans(keys))
+        else:
+            if KSCALE:
+                keys = keys.to(tl.float32)
+            s = tl.dot(q, tl.trans(keys.to(tl.bfloat16)))
+        sc = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
+        if KSCALE:
+            sc = sc * ksv
+        if ZERO_RANK:
+            sc = tl.where(sc == 0.0, -(offs_l + 1).to(tl.float32) * 1e-30, sc)
+        return tl.where(offs_l < vlen, sc, float("-inf"))
+
+    @triton.jit
+    def _indexer_prefetch(q, w, k_ptr, ks_ptr, slots_ptr, out_ptr, t, seq, l0, step, vlen, L, s_kn, s_ss, s_ot,
+                          offs_d, DI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
+                          KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr):
+        # DS4F_INDEXER_PREFETCH (opt-in, num_stages 1): the loop double-buffered in registers. Block j + 1's keys and
+        # scales and block j + 2's slots are loaded before block j's dot, so their latency overlaps its math
+        # (Triton's own pipeline of this loop waits on every async copy at the top of each iteration, and the
+        # scale gather is a synchronous load after the dot). Same scores, bit for bit.
+        offs_b = tl.arange(0, BLOCK_L)
+        offs_l = l0 + offs_b
+        valid = offs_l < vlen
+        slot = tl.load(slots_ptr + seq * s_ss + offs_l, mask=valid, other=0).to(tl.int64)
+        keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        ksv = tl.zeros([BLOCK_L], tl.float32)
+        if KSCALE:
+            ksv = tl.load(ks_ptr + slot, mask=valid, other=0.0)
+        offs_n = offs_l + step
+        slot_n = tl.load(slots_ptr + seq * s_ss + offs_n, mask=offs_n < vlen, other=0).to(tl.int64)
+        for _j in range(N_INNER):
+            offs_n = offs_l + step
+            vn = offs_n < vlen
+            keys_n = tl.load(k_ptr + slot_n[:, None] * s_kn + offs_d[None, :], mask=vn[:, None], other=0.0)
+            ksv_n = ksv
+            if KSCALE:
+                ksv_n = tl.load(ks_ptr + slot_n, mask=vn, other=0.0)
+            offs_nn = offs_n + step
+            slot_nn = tl.load(slots_ptr + seq * s_ss + offs_nn, mask=offs_nn < vlen, other=0).to(tl.int64)
+            sc = _index_block(q, w, keys, ksv, offs_l, vlen, KSCALE, QFP8, ZERO_RANK)
+            tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
+            offs_l, keys, ksv, slot_n = offs_n, keys_n, ksv_n, slot_nn
+
+    @triton.jit
     def _indexer_fwd(
         q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
         HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
         KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr, STRIDED: tl.constexpr = True,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); STRIDED: the blocks P = grid dim 1 blocks apart,
         # so a short valid length over a long L still spreads its blocks over programs (else adjacent blocks);
@@ -88,6 +139,10 @@ if triton is not None:
             return
         q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
         w = tl.load(w_ptr + t * s_wt + offs_h, mask=hmask, other=0.0) * scale
+        if PREFETCH:
+            _indexer_prefetch(q, w, k_ptr, ks_ptr, slots_ptr, out_ptr, t, seq, l0, step, vlen, L, s_kn, s_ss, s_ot,
+                              offs_d, DI, BLOCK_L, N_INNER, KSCALE, QFP8, ZERO_RANK)
+            return
         for j in range(N_INNER):
             offs_l = l0 + j * step + tl.arange(0, BLOCK_L)
             valid = offs_l < vlen
@@ -192,12 +247,14 @@ def indexer_scores(
         return launch(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, token_block, keys_major, block_l,
                       n_inner, num_warps, num_stages, zero_rank)
     grid = (T, triton.cdiv(L, block_l * n_inner))
+    if INDEXER_PREFETCH:
+        num_stages = 1
     _indexer_fwd[grid](
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
         HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
         KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, STRIDED=strided,
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device),
+        num_warps=num_warps, num_stages=num_stages, PREFETCH=INDEXER_PREFETCH, **pdl.launch(q.device),
     )
     return out
 

@@ -88,6 +88,8 @@ def test_topk_small_graph(T: int, L: int) -> None:
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_indexer_strided_equal(fp8: bool) -> None:
+    from ds4f.kernels import indexer as ix
+
     g = torch.Generator(device="cuda").manual_seed(5)
     T, hi, d, L = 4, 64, 128, 262144
     q = torch.randn(T, hi, d, device="cuda", generator=g).bfloat16()
@@ -107,6 +109,12 @@ def test_indexer_strided_equal(fp8: bool) -> None:
             old = indexer_scores(q, w, keys, sl, seq, v, k_scale=ks, zero_rank=True, block_l=128, n_inner=4,
                                  num_warps=4, num_stages=3, strided=False)
             assert torch.equal(new, old), (lens, n_l)
+            ix.INDEXER_PREFETCH = True  # DS4F_INDEXER_PREFETCH's register double-buffered loop
+            try:
+                pre = indexer_scores(q, w, keys, sl, seq, v, k_scale=ks, zero_rank=True)
+            finally:
+                ix.INDEXER_PREFETCH = False
+            assert torch.equal(pre, old), (lens, n_l, "prefetch")
     new = indexer_scores(q, w, keys, slots, seq, vl, k_scale=ks)
     ref = indexer_scores_ref(q, w, keys, slots, seq, vl, d**-0.5, None if ks is None else ks[:, None])
     fin = torch.isfinite(ref)
