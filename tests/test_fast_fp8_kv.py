@@ -73,12 +73,12 @@ class ThreeLaunchKVCache(FastCache):
 def run_steps(cfg: dict[str, Any], device: str, prompt_lens: tuple[int, ...], first_chunk: int, decode_steps: int,
               fast: dict[str, tuple[type[FastCache], str]], ref: tuple[str, ...], graphs: bool = False, seed: int = 0,
               block_size: int = 32, attn_kw: dict[str, Any] | None = None,
-              kv_fused: bool = False) -> dict[str, list[torch.Tensor]]:
+              kv_fused: bool = False, fm_attrs: dict[str, Any] | None = None) -> dict[str, list[torch.Tensor]]:
     """Feed the same steps (a mixed prefill, the rest of a chunked prompt, then greedy decode steps with sequence 0
     skipping every third) to FastModel over each FastCache of `fast` (name -> (class, kv_dtype)) and to the fp32
     reference Transformer over PagedKVCache with each storage of `ref` (the reference engine's paths; "ref:<st>").
     Tokens come from the first reference (else the first fast cache); attn_kw: sparse_attn knobs of every fast cache;
-    kv_fused: FastModel.kv_fused. -> name -> per forward, logits [rows, vocab]."""
+    kv_fused: FastModel.kv_fused; fm_attrs: other FastModel knobs set. -> name -> per forward, logits [rows, vocab]."""
     args = ModelArgs.from_hf(cfg)
     model = init_random_(Transformer(args, dtype=torch.bfloat16), seed=seed).to(device)
     rm = Transformer(args, dtype=torch.float32).to(device)
@@ -87,6 +87,9 @@ def run_steps(cfg: dict[str, Any], device: str, prompt_lens: tuple[int, ...], fi
     max_ctx = max(prompt_lens) + decode_steps + 1
     fm = FastModel(model, max_pos=max_ctx + block_size)
     fm.kv_fused = kv_fused
+    for k, v in (fm_attrs or {}).items():
+        assert hasattr(fm, k), k
+        setattr(fm, k, v)
     nbps = -(-max_ctx // block_size)
     caches = {k: cls(args, max_seqs=2 * n, num_blocks=n * nbps, block_size=block_size, max_ctx=max_ctx,
                      max_tokens=sum(prompt_lens), device=device, kv_dtype=kd) for k, (cls, kd) in fast.items()}

@@ -60,10 +60,10 @@ def test_sparse_attn_builds(arch: int, mode: tuple[bool, bool, bool, int, bool, 
     live, split, dyn, fuse, skip, half = mode
     types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
                  o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
-                 cnt_ptr="*i32", qk_scale="fp32")
+                 cnt_ptr="*i32", qk_scale="fp32", q_eps="fp32")
     k = build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=32, NG=0, SPLIT=split,
                                         SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=live, HALF=half,
-                                        DYN=dyn, FUSE=fuse, SKIP=skip),
+                                        DYN=dyn, FUSE=fuse, SKIP=skip, QNR=bool(half)),  # q_norm: with inv_rope
               arch, 4, 2)
     assert k["shared"] <= 160 * 1024
     if fuse:

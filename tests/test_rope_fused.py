@@ -120,7 +120,30 @@ def check_sparse_attn_inv_rope() -> None:
     print("attn inv rope D=48 equal")
 
 
-@pytest.mark.parametrize("check", ["check_norm_rope2", "check_sparse_attn_inv_rope"])
+def check_sparse_attn_q_norm() -> None:
+    """q_norm: the attention kernel's prologue RMS-norms and rotates the raw q, bit for bit what norm_rope(q) then
+    the kernel give (pool formats, one / several key splits, live counts, masked heads)."""
+    from ds4f.kernels.rope import norm_rope
+
+    t, h, d, k, n, rd = 3, 12, 64, 100, 150, 16  # 12 heads in 16-head blocks: masked rows in the prologue
+    q, pool, idx, sink, cs = _attn_case(t, h, d, k, n, rd, 5)
+    q = q * 3.0  # a raw projection (not unit RMS)
+    live = torch.tensor([k, 37, 1], dtype=torch.int32)
+    idx[torch.arange(k)[None, :] >= live[:, None].long()] = -1
+    nope, exp, rp = quantize_kv_rows(pool.float(), rd)
+    qn = norm_rope(q, None, *cs, 1e-6)
+    for fp8 in (False, True):
+        args = (nope, idx, sink, d**-0.5, exp) if fp8 else (pool, idx, sink, d**-0.5)
+        kw = dict(kv_rope=rp) if fp8 else {}
+        for splits in (1, 3):
+            for lv in (None, live):
+                want = sparse_attn(qn, *args, num_splits=splits, block_k=16, live=lv, inv_rope=cs, **kw)
+                got = sparse_attn(q, *args, num_splits=splits, block_k=16, live=lv, inv_rope=cs, q_norm=1e-6, **kw)
+                assert torch.equal(got, want), (fp8, splits, lv is None)
+    print("attn q norm equal")
+
+
+@pytest.mark.parametrize("check", ["check_norm_rope2", "check_sparse_attn_inv_rope", "check_sparse_attn_q_norm"])
 def test_interpreted(check: str) -> None:
     pytest.importorskip("triton")
     from interp import run_interpreted

@@ -2,8 +2,9 @@
 weight + cos / sin in, pool rows written (scratch rows and, when given, window-ring rows), nothing returned.
 
 = rope.norm_rope (weighted RMSNorm rounded to bf16, then RoPE of the last rd channels) followed by
-fp8.store_kv_rows to each row list, bit for bit: the same per-row code (rope._norm_rope_tile, fp8._kv_tile_store)
-in one program instead of three launches (norm + RoPE, the scratch store, the window store) on the kv chain.
+fp8.store_kv_rows to each row list, bit for bit: the same per-row code (rope_tile.norm_rope_tile,
+fp8._kv_tile_store) in one program instead of three launches (norm + RoPE, the scratch store, the window store) on
+the kv chain.
 Triton on CUDA (and the interpreter); elsewhere the two-step torch path.
 """
 
@@ -22,7 +23,7 @@ try:
 
     from ds4f.kernels.fp8 import _kv_tile_store
     from ds4f.kernels.pdl import enter as pdl_enter
-    from ds4f.kernels.rope import _norm_rope_tile
+    from ds4f.kernels.rope_tile import norm_rope_tile as _norm_rope_tile
 except ImportError:  # CPU-only installs: norm_rope_store_kv runs the two-step path
     triton = None
 

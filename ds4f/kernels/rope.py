@@ -20,6 +20,7 @@ try:
     import triton.language as tl
 
     from ds4f.kernels.pdl import enter as pdl_enter
+    from ds4f.kernels.rope_tile import norm_rope_tile as _norm_rope_tile
 except ImportError:  # CPU-only installs: the torch references below
     triton = None
 
@@ -59,34 +60,6 @@ if triton is not None:
         y, ch, m2 = _norm_rope_tile(x_ptr, w_ptr, cos_ptr, sin_ptr, rm, tok, tok * s_xt + head * s_xh, s_cs, eps, sign,
                                     HD, HALF, BLOCK_P, BLOCK_R, NORM, HAS_W)
         tl.store(o_ptr + orow[:, None] + ch[None, :], y, mask=m2)
-
-    @triton.jit
-    def _norm_rope_tile(x_ptr, w_ptr, cos_ptr, sin_ptr, rm, tok, xrow, s_cs, eps, sign, HD: tl.constexpr,
-                        HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, NORM: tl.constexpr,
-                        HAS_W: tl.constexpr):
-        # rows at x_ptr + xrow (rm: valid; tok: their tokens) -> (y [BLOCK_R, 2 * BLOCK_P] in x's dtype, channels,
-        # mask): normed (NORM) and rotated, in channel order
-        NOPE_P: tl.constexpr = HD // 2 - HALF
-        P0: tl.constexpr = 0 if NORM else NOPE_P  # rotate only: touch the rope pairs alone
-        ch = 2 * P0 + tl.arange(0, 2 * BLOCK_P)  # channels, loaded contiguously, then split into (even, odd)
-        chm = ch < HD
-        m2 = rm[:, None] & chm[None, :]
-        xv = tl.load(x_ptr + xrow[:, None] + ch[None, :], mask=m2, other=0.0)
-        dt = xv.dtype
-        if NORM:
-            f = xv.to(tl.float32)
-            r = tl.rsqrt(tl.sum(f * f, 1) / HD + eps)
-            f = f * r[:, None]
-            if HAS_W:
-                f = f * tl.load(w_ptr + ch, mask=chm, other=0.0)[None, :]
-            xv = f.to(dt)  # the normed row is rounded to x's dtype before it rotates (as the reference)
-        e, o = tl.split(tl.reshape(xv.to(tl.float32), [BLOCK_R, BLOCK_P, 2]))
-        ci = P0 + tl.arange(0, BLOCK_P) - NOPE_P  # cos / sin column; < 0: a nope pair (cos 1, sin 0)
-        cm = rm[:, None] & (ci >= 0)[None, :] & (ci < HALF)[None, :]
-        c = tl.load(cos_ptr + tok[:, None] * s_cs + ci[None, :], mask=cm, other=1.0)
-        s = tl.load(sin_ptr + tok[:, None] * s_cs + ci[None, :], mask=cm, other=0.0) * sign
-        y = tl.join((e * c - o * s).to(dt), (o * c + e * s).to(dt))
-        return tl.reshape(y, [BLOCK_R, 2 * BLOCK_P]), ch, m2
 
     @triton.jit
     def _rope_kernel(x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, N, H, s_xt, s_xh, s_ot, s_oh, s_cs, eps, sign,

@@ -134,6 +134,7 @@ def sparse_attn(
     scale_bcast: bool = True,
     live: torch.Tensor | None = None,
     inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    q_norm: float | None = None,
 ) -> torch.Tensor:
     """o [T, H, D] bf16 = one softmax per (t, h) over kv_pool[indices[t]] with the sink in the denominator only.
 
@@ -148,8 +149,16 @@ def sparse_attn(
     the kernel then reads and merges only the key splits below it (the same result up to rounding: decode calls
     size the splits by live on the device, DecodePolicy.dyn, so a short live count spreads over them).
     inv_rope = (cos, sin) [T, rd/2] fp32 (optional): returns rope_(o, cos, sin, inverse=True) instead of o, rotated
-    by the kernel that writes o (same roundings: o to bf16, then rotated in fp32 and rounded again). Decode launch
+    by the kernel that writes o (same roundings: o to bf16, then rotated in fp32 and rounded again). q_norm = eps
+    (with inv_rope): q is the raw projection and the kernel loads it as rope.norm_rope(q, None, cos, sin, eps) (per-head
+    RMSNorm rounded to bf16, then RoPE of its last rope channels); elsewhere that call runs first. Decode launch
     choices: DecodePolicy (POLICY, env DS4F_ATTN_*). No host sync: CUDA-graph safe."""
+    if q_norm is not None:
+        assert inv_rope is not None, "q_norm: the kernel rotates q by inv_rope's (cos, sin) tables"
+        if not use_triton(q) or q.shape[2] & (q.shape[2] - 1):  # the normed q first (a tile needs D = 2^n)
+            from ds4f.kernels.rope import norm_rope
+
+            q, q_norm = norm_rope(q, None, inv_rope[0], inv_rope[1], q_norm), None
     if inv_rope is not None:
         cos, sin = inv_rope
         assert cos.shape == sin.shape == (q.shape[0], cos.shape[1]) and 0 < 2 * cos.shape[1] <= q.shape[2]
@@ -168,7 +177,7 @@ def sparse_attn(
     assert sink.shape == (H,) and sink.dtype == torch.float32 and sink.is_contiguous()
     if kv_rope is not None:
         return _sparse_attn_split(q, kv_pool, kv_scale, kv_rope, indices, sink, scale, native_fp8, block_h, block_k,
-                                  num_splits, num_warps, num_stages, scale_bcast, live, inv_rope)
+                                  num_splits, num_warps, num_stages, scale_bcast, live, inv_rope, q_norm)
     assert kv_pool.dim() == 2 and kv_pool.shape[1] == D and kv_pool.stride(-1) == 1, "kv_pool must be [N, D]"
     ng = 0
     if kv_pool.dtype == torch.float8_e4m3fn:
@@ -183,14 +192,15 @@ def sparse_attn(
         return sparse_attn_ref(q, kv_pool, indices, sink, scale, kv_scale)
     kvs = kv_scale if kv_scale is not None else kv_pool
     return _launch(q, kv_pool, kvs, kv_pool, indices, sink, scale, ng, 0, False, (kv_pool.stride(0), 0, 0),
-                   block_h, block_k, num_splits, num_warps, num_stages, scale_bcast, live, inv_rope)
+                   block_h, block_k, num_splits, num_warps, num_stages, scale_bcast, live, inv_rope, q_norm)
 
 
 def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | None, rope: torch.Tensor,
                        indices: torch.Tensor, sink: torch.Tensor, scale: float, native_fp8: bool | None,
                        block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
                        num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None,
-                       inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                       inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       q_norm: float | None = None) -> torch.Tensor:
     T, H, D = q.shape
     N, dn = nope.shape
     assert nope.dtype in (torch.float8_e4m3fn, torch.uint8) and nope.stride(-1) == 1, "nope must be [N, dn] e4m3"
@@ -208,14 +218,14 @@ def _sparse_attn_split(q: torch.Tensor, nope: torch.Tensor, exp: torch.Tensor | 
         native_fp8 = q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
     return _launch(q, nope.view(torch.uint8), exp, rope, indices, sink, scale, 0, dn, native_fp8,
                    (nope.stride(0), exp.stride(0), rope.stride(0)), block_h, block_k, num_splits, num_warps,
-                   num_stages, scale_bcast, live, inv_rope)
+                   num_stages, scale_bcast, live, inv_rope, q_norm)
 
 
 def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Tensor, indices: torch.Tensor,
             sink: torch.Tensor, scale: float, ng: int, nope: int, native_fp8: bool, strides: tuple[int, int, int],
             block_h: int | None, block_k: int | None, num_splits: int | None, num_warps: int | None,
             num_stages: int | None, scale_bcast: bool, live: torch.Tensor | None = None,
-            inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None, q_norm: float | None = None) -> torch.Tensor:
     T, H, D = q.shape
     K = indices.shape[1]
     if T == 0:
@@ -247,12 +257,12 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     # H200's 227 KB) gets the largest smaller one that loads: found once per shape by the launch failing before it
     # runs (Triton's OutOfResources), kept in _FITTED
     key = (q.device, T if T < PREFILL_MIN_T else -1, H, D, K, ng, nope, native_fp8, block_h, block_k, num_warps,
-           num_stages, num_splits, live is not None, inv_rope is not None)
+           num_stages, num_splits, live is not None, inv_rope is not None, q_norm is not None)
     cfg = _FITTED.get(key, (block_h, block_k, num_warps, num_stages))
     while True:
         try:
             return _launch_tiles(q, kv, kvs, rope, indices, sink, scale, ng, nope, native_fp8, strides, *cfg,
-                                 num_splits, pol, decode, block_d, scale_bcast, live, inv_rope)
+                                 num_splits, pol, decode, block_d, scale_bcast, live, inv_rope, q_norm)
         except OutOfResources:
             smaller = shrink(cfg)
             if smaller is None:
@@ -277,9 +287,11 @@ def _launch_tiles(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: to
                   sink: torch.Tensor, scale: float, ng: int, nope: int, native_fp8: bool,
                   strides: tuple[int, int, int], block_h: int, block_k: int, num_warps: int, num_stages: int,
                   num_splits: int | None, pol: DecodePolicy, decode: bool, block_d: int, scale_bcast: bool,
-                  live: torch.Tensor | None, inv_rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                  live: torch.Tensor | None, inv_rope: tuple[torch.Tensor, torch.Tensor] | None,
+                  q_norm: float | None = None) -> torch.Tensor:
     T, H, D = q.shape
     K = indices.shape[1]
+    assert q_norm is None or (inv_rope is not None and block_d == D), "q_norm: inv_rope's tables and D = 2^n"
     o = torch.empty(T, H, D, dtype=torch.bfloat16, device=q.device)
     n_hb = triton.cdiv(H, block_h)
     if num_splits is None and pol.nosplit_k >= K:
@@ -312,9 +324,10 @@ def _launch_tiles(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: to
         q, kv, kvs, rope, indices, sink, o, po, pm, lv, cos, sin, cnt,
         H, K, kps, scale * LOG2E,
         q.stride(0), q.stride(1), *strides, indices.stride(0), o.stride(0), o.stride(1), s_cs,
+        q_norm if q_norm is not None else 0.0,
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
         NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, HALF=half, DYN=dyn, FUSE=fuse,
-        SKIP=pol.skip and decode and live is None, num_warps=num_warps, num_stages=num_stages,
+        SKIP=pol.skip and decode and live is None, QNR=q_norm is not None, num_warps=num_warps, num_stages=num_stages,
         **pdl.launch(q.device),
     )
     if split and not fuse:

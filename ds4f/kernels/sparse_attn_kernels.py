@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ds4f.kernels.pdl import enter as pdl_enter
-from ds4f.kernels.rope_tile import inv_rope_tile
+from ds4f.kernels.rope_tile import inv_rope_tile, norm_rope_tile
 
 
 @triton.jit
@@ -92,11 +92,12 @@ def _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kv
 def _attn_fwd(
     q_ptr, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr, live_ptr, cos_ptr, sin_ptr,
     cnt_ptr, H, K, keys_per_split, qk_scale,
-    s_qt, s_qh, s_kvn, s_kvsn, s_rn, s_it, s_ot, s_oh, s_cs,
+    s_qt, s_qh, s_kvn, s_kvsn, s_rn, s_it, s_ot, s_oh, s_cs, q_eps,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
     NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr, HALF: tl.constexpr,
     DYN: tl.constexpr = False, FUSE: tl.constexpr = 0, SKIP: tl.constexpr = False, PDL: tl.constexpr = False,
+    QNR: tl.constexpr = False,
 ):
     # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA).
     # DYN (with LIVE): the S splits share token t's live keys, ceil(live / S) rounded up to BLOCK_K each (not
@@ -122,8 +123,13 @@ def _attn_fwd(
     n_k = kps
     if LIVE:
         n_k = tl.minimum(kps, lim - k_lo)  # <= 0: a split past the live keys does nothing (not even read q)
-    q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :],
-                mask=hmask[:, None] & dmask[None, :] & (n_k > 0), other=0.0)
+    if QNR:  # q is the raw projection: its per-head RMSNorm + RoPE here (rope.norm_rope's row code, D == BLOCK_D)
+        q, _, _ = norm_rope_tile(q_ptr, q_ptr, cos_ptr, sin_ptr, hmask & (n_k > 0), tl.zeros([BLOCK_H], tl.int64) + t,
+                                 t.to(tl.int64) * s_qt + offs_h.to(tl.int64) * s_qh, s_cs, q_eps, 1.0, D, HALF,
+                                 BLOCK_D // 2, BLOCK_H, True, False)
+    else:
+        q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :],
+                    mask=hmask[:, None] & dmask[None, :] & (n_k > 0), other=0.0)
     # m is in log2 units; a finite floor keeps exp2(m - m_new) defined while every key so far is masked
     m = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)

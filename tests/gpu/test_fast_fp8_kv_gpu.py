@@ -121,6 +121,36 @@ def test_kv_fused_decode_is_bit_identical(graphs: bool) -> None:
 
 
 @pytest.mark.parametrize("graphs", [False, True])
+def test_attn_q_norm_decode_matches(graphs: bool) -> None:
+    # FastModel.attn_q_norm (DS4F_ATTN_Q_NORM=1): decode steps hand the raw wq_b output to the attention kernel,
+    # which RMS-norms and rotates q as it loads it; the same logits up to the row sums' order (the separate launch
+    # reduces 8 rows per program, the attention prologue 16)
+    import importlib
+
+    sa_mod = importlib.import_module("ds4f.kernels.sparse_attn")  # the module (the package re-exports the function)
+    calls = []
+    real = sa_mod._launch_tiles
+
+    def counted(*a: object, **kw: object) -> torch.Tensor:
+        calls.append(a[-1] is not None)  # q_norm, the last argument
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    outs = []
+    for on in (False, True):
+        sa_mod._launch_tiles = counted
+        try:
+            outs.append(run_steps(no_flip_config(), "cuda", prompt_lens=(37, 5, 21), first_chunk=13, decode_steps=20,
+                                  fast={"fp8": FP8["fp8"]}, ref=(), graphs=graphs, kv_fused=True,
+                                  fm_attrs={"attn_q_norm": on})["fp8"])
+        finally:
+            sa_mod._launch_tiles = real
+    assert any(calls), "no attention call took q_norm"
+    errs = rel_errors(outs[1], outs[0])
+    print(f"q_norm in the kernel vs its own launch: max {errs.max():.2e}")
+    assert errs.max() < 1e-2
+
+
+@pytest.mark.parametrize("graphs", [False, True])
 def test_fast_model_fp8_vs_reference_engine(graphs: bool) -> None:
     # eager with torch stores, graph-captured decode with the fused stores
     kind = FP8["fp8"] if graphs else FP8["fp8-torch"]

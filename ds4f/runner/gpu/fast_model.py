@@ -107,6 +107,9 @@ class FastModel:
         # kv_store, bit for bit the three launches; H200 12-layer TP=2 rank step with the MXFP4 SUB decode, replay
         # 1.548 vs 1.565 ms at one token, 2.198 vs 2.258 at four); DS4F_KV_FUSED=0: the three launches
         self.kv_fused = os.environ.get("DS4F_KV_FUSED", "1") == "1"
+        # decode: q's per-head RMSNorm + RoPE in the attention kernel's prologue instead of a launch of its own
+        # (sparse_attn q_norm); opt-in until timed on a GPU
+        self.attn_q_norm = os.environ.get("DS4F_ATTN_Q_NORM", "0") == "1"
         self._sides: list[torch.cuda.Stream] = []
         # side streams at high priority: their latency-bound chains (in CSA layers the critical path) get SMs before
         # the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
@@ -269,6 +272,7 @@ class FastModel:
             return self._select(i, m, iq, iw, d, cache)
 
         chains = [kv_path] + ([index_path] if att.indexer is not None else [])
+        fold = False  # DS4F_ATTN_Q_NORM: q raw, normed and rotated by the attention kernel
         if sides is None:  # q's per-head RMSNorm + RoPE and kv's weighted one in one launch
             assert qr is not None
             q, kv0 = norm_rope2(packed.linear(att.wq_b, qr).view(T, H, hd), parts[1], att.kv_norm.weight, cos, sin,
@@ -284,8 +288,9 @@ class FastModel:
                 with torch.cuda.stream(st):
                     outs.append(f())
             qb = (packed.linear_norm(att.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps) if qr is None
-                  else packed.linear(att.wq_b, qr))
-            q = norm_rope(qb.view(T, H, hd), None, cos, sin, att.eps)
+                  else packed.linear(att.wq_b, qr)).view(T, H, hd)
+            fold = self.attn_q_norm and not (att.kind != SWA and att.ratio in d.pvis)  # the attend() below
+            q = qb if fold else norm_rope(qb, None, cos, sin, att.eps)
             for st in sides[: len(chains)]:
                 main.wait_stream(st)
         kv = outs[0]
@@ -296,7 +301,8 @@ class FastModel:
                       cos, sin, inverse=True)
         else:  # the inverse RoPE inside the kernel that writes o
             live = d.live.get(att.ratio) if att.kind != SWA else None  # set for attn_idx ratios (DS4F_ATTN_LIVE)
-            o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live, inv_rope=(cos, sin))
+            o = cache.attend(i, q, idx, att.attn_sink, hd**-0.5, live, inv_rope=(cos, sin),
+                             q_norm=att.eps if fold else None)
         if not meta.one_per_seq:  # after attention: ring rows of this chunk's last W positions
             cache.put(pool, d.win_write, kv)
         o = packed.grouped_out(att.wo_a, o, att.o_groups)  # [T, G*o_lora_rank]

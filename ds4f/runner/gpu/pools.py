@@ -180,15 +180,17 @@ class FastCache:
 
     def attend(self, layer: int, q: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                scale: float, live: torch.Tensor | None = None,
-               inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               inv_rope: tuple[torch.Tensor, torch.Tensor] | None = None, q_norm: float | None = None
+               ) -> torch.Tensor:
         """sparse_attn over layer's pool: q [T, H, hd] bf16, idx [T, K] int32 pool rows (-1 = none; all -1 from
         live[t] on when live [T] int32 is given) -> [T, H, hd]; inv_rope (cos, sin) [T, rope/2]: the output's rope
-        channels rotated back in the kernel that writes it."""
+        channels rotated back in the kernel that writes it; q_norm = eps: q is raw, normed and rotated by the kernel
+        (sparse_attn's q_norm)."""
         pool = self.kv[layer]
         if isinstance(pool, Fp8KV):
             return sparse_attn(q, pool.nope, idx, sink, scale, pool.exp, kv_rope=pool.rope, live=live,
-                               inv_rope=inv_rope, **self.attn_kw)
-        return sparse_attn(q, pool, idx, sink, scale, live=live, inv_rope=inv_rope, **self.attn_kw)
+                               inv_rope=inv_rope, q_norm=q_norm, **self.attn_kw)
+        return sparse_attn(q, pool, idx, sink, scale, live=live, inv_rope=inv_rope, q_norm=q_norm, **self.attn_kw)
 
     def attend_prefix(self, layer: int, q: torch.Tensor, win: torch.Tensor, table: torch.Tensor, seq: torch.Tensor,
                       vis: torch.Tensor, n_ent: int, sink: torch.Tensor, scale: float) -> torch.Tensor:
