@@ -63,19 +63,21 @@ def small_warps(lanes: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _index_block(q, w, keys, ksv, offs_l, vlen, KSCALE: tl.constexpr, QFP8: tl.constexpr,
-                     ZERO_RANK: tl.constexpr):
-        # one block's scores from its keys (and row scales) as _indexer_fwd's loop computes them
-        if QFP8:
+    def _index_sum(q, w, keys, KSCALE: tl.constexpr, QFP8: tl.constexpr):
+        # one block's head-weighted ReLU sum [BLOCK_L] before its row scales
+        if QFP8:  # e4m3 q (its per-head scale folded into w) x e4m3 keys: the fp8 MMA, fp32 accumulation
             s = tl.dot(q, tl.trans(keys))
         else:
-            if KSCALE:
+            if KSCALE:  # e4m3 -> bf16 is exact; through fp32, which measured faster than the direct convert
                 keys = keys.to(tl.float32)
-            s = tl.dot(q, tl.trans(keys.to(tl.bfloat16)))
-        sc = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
-        if KSCALE:
+            s = tl.dot(q, tl.trans(keys.to(tl.bfloat16)))  # [Hi, BLOCK_L]
+        return tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
+
+    @triton.jit
+    def _index_finish(sc, ksv, offs_l, vlen, KSCALE: tl.constexpr, ZERO_RANK: tl.constexpr):
+        if KSCALE:  # a positive per-row scale commutes with ReLU: applied to the reduced score
             sc = sc * ksv
-        if ZERO_RANK:
+        if ZERO_RANK:  # exact zeros -> -(l + 1) * 1e-30: among tied zeros the lower id ranks higher
             sc = tl.where(sc == 0.0, -(offs_l + 1).to(tl.float32) * 1e-30, sc)
         return tl.where(offs_l < vlen, sc, float("-inf"))
 
@@ -106,7 +108,7 @@ if triton is not None:
                 ksv_n = tl.load(ks_ptr + slot_n, mask=vn, other=0.0)
             offs_nn = offs_n + step
             slot_nn = tl.load(slots_ptr + seq * s_ss + offs_nn, mask=offs_nn < vlen, other=0).to(tl.int64)
-            sc = _index_block(q, w, keys, ksv, offs_l, vlen, KSCALE, QFP8, ZERO_RANK)
+            sc = _index_finish(_index_sum(q, w, keys, KSCALE, QFP8), ksv, offs_l, vlen, KSCALE, ZERO_RANK)
             tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
             offs_l, keys, ksv, slot_n = offs_n, keys_n, ksv_n, slot_nn
 
@@ -148,20 +150,10 @@ if triton is not None:
             valid = offs_l < vlen
             slot = tl.load(slots_ptr + seq * s_ss + offs_l, mask=valid, other=0).to(tl.int64)
             keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if QFP8:  # e4m3 q (its per-head scale folded into w) x e4m3 keys: the fp8 MMA, fp32 accumulation
-                s = tl.dot(q, tl.trans(keys))
-            else:
-                if KSCALE:  # e4m3 -> bf16 is exact; through fp32, which measured faster than the direct convert
-                    keys = keys.to(tl.float32)
-                s = tl.dot(q, tl.trans(keys.to(tl.bfloat16)))  # [Hi, BLOCK_L]
-            sc = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
-            if KSCALE:
-                # a positive per-row scale commutes with ReLU: apply it to the reduced score
-                sc = sc * tl.load(ks_ptr + slot, mask=valid, other=0.0)
-            if ZERO_RANK:  # exact zeros -> -(l + 1) * 1e-30: among tied zeros the lower id ranks higher
-                sc = tl.where(sc == 0.0, -(offs_l + 1).to(tl.float32) * 1e-30, sc)
-            sc = tl.where(valid, sc, float("-inf"))
-            tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
+            sc = _index_sum(q, w, keys, KSCALE, QFP8)
+            ksv = tl.load(ks_ptr + slot, mask=valid, other=0.0) if KSCALE else sc  # loaded after the dot (faster)
+            tl.store(out_ptr + t * s_ot + offs_l, _index_finish(sc, ksv, offs_l, vlen, KSCALE, ZERO_RANK),
+                     mask=offs_l < L)
 
 def indexer_scores(
     q: torch.Tensor,
@@ -274,11 +266,10 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
                  small: int | None = None, cand: tuple[int, int] | None = None) -> torch.Tensor:
     """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
-    arbitrary subset is taken. backend "radix": a 4-digit radix select (8 bits at a time of the order-preserving
-    key), each pass a grid of row chunks adding into per-row histograms, then a compaction pass (ds4f.kernels.
-    topk_radix: five launches); no
-    host sync; it beats torch.topk on H200 for few rows (decode), torch.topk wins for many (prefill), so "auto"
-    takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk. valid_len [T] int32 (optional): row t's
+    arbitrary subset is taken. backend "radix": a radix select (8 bits at a time of the order-preserving key), each
+    digit pass a grid of row chunks adding into per-row histograms, then the picks (ds4f.kernels.topk_radix; cand
+    below); no host sync; it beats torch.topk on H200 for few rows (decode), torch.topk wins for many (prefill), so
+    "auto" takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk. valid_len [T] int32 (optional): row t's
     columns at or past valid_len[t] are -inf (as indexer_scores writes them) and the radix passes skip them, so
     decode at a short context over a long max_ctx costs what the context costs. block / programs (per row): the
     radix passes' tile and grid (default DS4F_TOPK_DECODE, else 2048 and ~2 programs per SM). small (a power of
@@ -287,9 +278,8 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     zeroes the passes' histograms, so the passes skip those rows and no fill kernel runs; at L <= small that one
     launch is all. cand (default DS4F_TOPK_CAND): (lanes, cap) of the longer rows' candidate pick (two digit
     passes, a gather, one program per row; ds4f.kernels.topk_radix); lanes 0: four digit passes + a compaction (the
-    former path), with which a row that fits one
-    chunk gets the small kernel's ids in its order (the keys above the k-th in ascending id, then the lowest ids
-    equal to it, then -1)."""
+    former path), with which a row that fits one chunk gets the small kernel's ids in its order (the keys above the
+    k-th in ascending id, then the lowest ids equal to it, then -1)."""
     assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert k > 0
     T, L = scores.shape

@@ -47,6 +47,22 @@ if triton is not None:
         return prefix, krem, take_all
 
     @triton.jit
+    def _claim(cnt_ptr, m):
+        # slots for the lanes of mask m after those earlier programs claimed at the counter: [lanes] int32 positions
+        base = tl.atomic_add(cnt_ptr, tl.sum(m.to(tl.int32), 0), sem="relaxed")
+        return base + tl.cumsum(m.to(tl.int32), 0) - 1
+
+    @triton.jit
+    def _row_chunk(vlen_ptr, L, chunk, VLEN: tl.constexpr, SMALL: tl.constexpr):
+        # program (row t, chunk c) -> (t, c, lim, go): lim = the row's valid length (columns at or past vlen_ptr[t]
+        # are -inf by contract and never read); go: the chunk holds valid columns of a row past SMALL (rows of
+        # <= SMALL valid entries were selected by topk_small's kernel)
+        t = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
+        return t, c, lim, (c * chunk < lim) & (lim > SMALL)
+
+    @triton.jit
     def _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL: tl.constexpr, NB: tl.constexpr,
                    BLOCK: tl.constexpr):
         # chunk c of row t: digit LEVEL's histogram of the keys matching the k-th's prefix of the digits before
@@ -75,11 +91,8 @@ if triton is not None:
             u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
             gt = m & (u > kth)
             eq = m & (u == kth) & ~take_all
-            base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0), sem="relaxed")
-            pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
-            tl.store(out_ptr + pos, offs, mask=gt)
-            base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0), sem="relaxed")
-            pos_e = base_e + tl.cumsum(eq.to(tl.int32), 0) - 1
+            tl.store(out_ptr + _claim(cnt_ptr + 2 * t, gt), offs, mask=gt)
+            pos_e = _claim(cnt_ptr + 2 * t + 1, eq)
             tl.store(out_ptr + (k - krem) + pos_e, offs, mask=eq & (pos_e < krem))
 
     @triton.jit
@@ -97,10 +110,8 @@ if triton is not None:
             u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
             gt = m & ((u >> 16) > hi)
             eq = m & ((u >> 16) == hi) & ~take_all
-            base = tl.atomic_add(cnt_ptr + 2 * t, tl.sum(gt.to(tl.int32), 0), sem="relaxed")
-            tl.store(out_ptr + base + tl.cumsum(gt.to(tl.int32), 0) - 1, offs, mask=gt)
-            base_e = tl.atomic_add(cnt_ptr + 2 * t + 1, tl.sum(eq.to(tl.int32), 0), sem="relaxed")
-            pos_e = base_e + tl.cumsum(eq.to(tl.int32), 0) - 1
+            tl.store(out_ptr + _claim(cnt_ptr + 2 * t, gt), offs, mask=gt)
+            pos_e = _claim(cnt_ptr + 2 * t + 1, eq)
             tl.store(cand_ptr + pos_e, offs, mask=eq & (pos_e < CAP))
             tl.store(cand_ptr + CAP + pos_e, u.to(tl.int32, bitcast=True), mask=eq & (pos_e < CAP))
 
@@ -187,10 +198,8 @@ if triton is not None:
                      NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
                      PDL: tl.constexpr = False):
         pdl_enter(PDL)
-        t = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
-        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
-        if (c * chunk < lim) & (lim > SMALL):
+        t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
+        if go:
             _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k, chunk, s_lv, CAP, NB,
                          BLOCK)
 
@@ -198,24 +207,19 @@ if triton is not None:
     def _topk_final(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, s_lv, CAP,
                     NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
                     SMALL: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_enter(PDL)
-        t = tl.program_id(0).to(tl.int64)
-        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
-        if lim > SMALL:
+        pdl_enter(PDL)  # grid (T,): chunk 0 of each row
+        t, _, lim, go = _row_chunk(vlen_ptr, L, 0, VLEN, SMALL)
+        if go:
             _final_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, s_lv, CAP, NB, NC, BLOCK)
 
     @triton.jit
     def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
                    LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
                    SMALL: tl.constexpr, PDL: tl.constexpr = False):
-        # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far; VLEN: columns at
-        # or past vlen_ptr[t] are -inf by contract and never read (a chunk entirely past it adds nothing).
-        # SMALL > 0: rows of <= SMALL valid entries were selected by topk_small's kernel: nothing to do
+        # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far
         pdl_enter(PDL)
-        t = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
-        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
-        if (c * chunk < lim) & (lim > SMALL):  # (a data-dependent loop bound would not run under the interpreter)
+        t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
+        if go:  # (a data-dependent loop bound would not run under the interpreter)
             _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL, NB, BLOCK)
 
     @triton.jit
@@ -223,10 +227,8 @@ if triton is not None:
                      NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
                      PDL: tl.constexpr = False):
         pdl_enter(PDL)
-        t = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
-        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
-        if (c * chunk < lim) & (lim > SMALL):
+        t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
+        if go:
             _select_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, t, c, lim, s_st, k, chunk, s_lv, NB, BLOCK)
 
 
