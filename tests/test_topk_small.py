@@ -7,6 +7,10 @@ reference within tolerance, rows with a short valid length over a long L."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from interp import run_interpreted
@@ -221,6 +225,13 @@ def test_topk_small_interpreted() -> None:
     out = run_interpreted("test_topk_small", "check_topk_small")
     assert "small rows ordered equal" in out and "one launch ordered equal" in out, out
     assert "early stop ordered equal" in out, out
+
+
+@pytest.mark.parametrize("bad", ["500,8192", "512,256", "512"])
+def test_topk_cand_knob_refused(bad: str) -> None:
+    r = subprocess.run([sys.executable, "-c", "import ds4f.kernels.indexer"], capture_output=True, text=True,
+                       env={**os.environ, "DS4F_TOPK_CAND": bad})
+    assert r.returncode != 0 and "DS4F_TOPK_CAND" in r.stderr, r.stderr[-500:]
 
 
 def test_topk_cand_interpreted() -> None:

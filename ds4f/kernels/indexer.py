@@ -55,6 +55,9 @@ SMALL_KNOBS = env_knobs("DS4F_TOPK_SMALL", 2, "8192,8", minimum=0) or (8192, 0)
 # buffer's entries per row (powers of two, cap >= lanes); lanes 0: the four digit passes and the compaction (the
 # former path)
 TOPK_CAND = env_knobs("DS4F_TOPK_CAND", 2, "512,8192", minimum=0) or (512, 8192)
+if TOPK_CAND[0] & (TOPK_CAND[0] - 1) or TOPK_CAND[0] >= 1 << 15 or (TOPK_CAND[0] and TOPK_CAND[1] < TOPK_CAND[0]):
+    raise ValueError(f"DS4F_TOPK_CAND={','.join(map(str, TOPK_CAND))}: lanes a power of two below 32768 (or 0) and "
+                     "cap >= lanes, e.g. '512,8192'; '0,0' for the four digit passes")
 
 
 def small_warps(lanes: int) -> int:
