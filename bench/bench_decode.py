@@ -159,7 +159,8 @@ def decode_cases(fm: FastModel, model: Transformer, depth: int, batches: list[in
     dg = DecodeGraphs(fm, cache, buckets=tuple(batches))
     for b in batches:
         seqs = [(s, depth, 1000 + s) for s in range(b)]
-        graph = dg.graphs[dg.prepare(seqs)]
+        key = dg.prepare(seqs)
+        graph = dg.graphs[key]
         t = timed(graph.replay)
         if PROFILE_DIR and b == 1 and depth in (0, 8192):
             from torch.profiler import ProfilerActivity, profile
@@ -169,7 +170,7 @@ def decode_cases(fm: FastModel, model: Transformer, depth: int, batches: list[in
                 torch.cuda.synchronize()
             write_timeline(prof, Path(PROFILE_DIR) / f"graph_decode_d{depth}_timeline.txt")
         # the graph (compiled glue) against an eager forward of the same step (rewrites the same rows)
-        got = dg.out[dg.bucket(b)][:b].clone()
+        got = dg.out[key][:b].clone()
         mode = os.environ.get("DS4F_COMPILE")
         os.environ["DS4F_COMPILE"] = "0"
         meta = cache.build_meta([(s, depth, [tok]) for s, _, tok in seqs], fm.ratios)

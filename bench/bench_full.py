@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="fp8")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                    help="the engine's --async-scheduling (default: the engine's, on in one process, off under TP); "
+                    help="the engine's --async-scheduling (default: the engine's, on); "
                          "its steps are not timed one by one (their GPU work overlaps), so a decode record's step_ms "
                          "is the engine rate's period (step_from: engine_rate)")
     ap.add_argument("--profile", default="", help="directory for rank 0's decode kernel-time table")

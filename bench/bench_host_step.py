@@ -78,8 +78,9 @@ class StubGraphs(DecodeGraphs):
         else:  # a tree before this bench (baseline runs)
             self.buf = cache.decode_buffers(self.buckets[-1], fm.ratios)
         g = torch.Generator().manual_seed(0)
-        self.graphs = {b: StubReplay(pg) for b in self.buckets}  # type: ignore[misc]
-        self.out = {b: torch.randn(b, vocab, generator=g) for b in self.buckets}
+        keys = [(b, c) for b in self.buckets for c in getattr(self, "caps", (None,))]
+        self.graphs = {k: StubReplay(pg) for k in keys}  # type: ignore[misc]
+        self.out = {k: torch.randn(k[0], vocab, generator=g) for k in keys}
         self.events = []
 
 

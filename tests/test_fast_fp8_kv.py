@@ -73,12 +73,14 @@ class ThreeLaunchKVCache(FastCache):
 def run_steps(cfg: dict[str, Any], device: str, prompt_lens: tuple[int, ...], first_chunk: int, decode_steps: int,
               fast: dict[str, tuple[type[FastCache], str]], ref: tuple[str, ...], graphs: bool = False, seed: int = 0,
               block_size: int = 32, attn_kw: dict[str, Any] | None = None,
-              kv_fused: bool = False, fm_attrs: dict[str, Any] | None = None) -> dict[str, list[torch.Tensor]]:
+              kv_fused: bool = False, fm_attrs: dict[str, Any] | None = None,
+              graph_caps: dict[str, tuple[int, ...]] | None = None) -> dict[str, list[torch.Tensor]]:
     """Feed the same steps (a mixed prefill, the rest of a chunked prompt, then greedy decode steps with sequence 0
     skipping every third) to FastModel over each FastCache of `fast` (name -> (class, kv_dtype)) and to the fp32
     reference Transformer over PagedKVCache with each storage of `ref` (the reference engine's paths; "ref:<st>").
     Tokens come from the first reference (else the first fast cache); attn_kw: sparse_attn knobs of every fast cache;
-    kv_fused: FastModel.kv_fused; fm_attrs: other FastModel knobs set. -> name -> per forward, logits [rows, vocab]."""
+    kv_fused: FastModel.kv_fused; fm_attrs: other FastModel knobs set; graph_caps: a fast cache's decode-graph
+    context caps (default none). -> name -> per forward, logits [rows, vocab]."""
     args = ModelArgs.from_hf(cfg)
     model = init_random_(Transformer(args, dtype=torch.bfloat16), seed=seed).to(device)
     rm = Transformer(args, dtype=torch.float32).to(device)
@@ -105,7 +107,7 @@ def run_steps(cfg: dict[str, Any], device: str, prompt_lens: tuple[int, ...], fi
     if graphs:
         from ds4f.runner.gpu.graphs import DecodeGraphs
 
-        dg = {k: DecodeGraphs(fm, c, buckets=(1, 2, 4)) for k, c in caches.items()}
+        dg = {k: DecodeGraphs(fm, c, buckets=(1, 2, 4), caps=(graph_caps or {}).get(k, ())) for k, c in caches.items()}
     out: dict[str, list[torch.Tensor]] = {k: [] for k in [*paged, *caches]}
 
     def step(chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:

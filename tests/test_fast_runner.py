@@ -15,9 +15,8 @@ from ds4f.engine.engine import LLMEngine
 from ds4f.engine.outputs import RunnerOutput, SchedulerOutput
 from ds4f.model.args import ModelArgs, tiny_config
 from ds4f.model.deepseek_v4 import Transformer, init_random_
-from ds4f.runner.gpu import pools
+from ds4f.runner.gpu import graphs, pools
 from ds4f.runner.gpu.graphs import DecodeGraphs
-from ds4f.runner.gpu.pools import slice_meta
 from ds4f.runner.gpu.runner import FastRunner, fast_model, graph_buckets
 from ds4f.runner.model_runner import ModelRunner
 from ds4f.sample.params import SamplingParams
@@ -58,15 +57,17 @@ class EagerDecodeBuffers(DecodeGraphs):
     """DecodeGraphs without capture (CPU): a pure-decode step fills the same static bucket buffers through
     DecodeGraphs.prepare (the engine's tables, dummy padding rows) and runs them eagerly instead of replaying."""
 
-    def __init__(self, fm: Any, cache: Any, buckets: tuple[int, ...]) -> None:
+    def __init__(self, fm: Any, cache: Any, buckets: tuple[int, ...], caps: tuple[int, ...] = ()) -> None:
         self.fm, self.cache, self.buckets = fm, cache, tuple(sorted(buckets))
-        self.setup_buffers()
+        self.setup_buffers(caps)
+        self.used: list[tuple[int, int | None]] = []  # the key of each step
 
     def step(self, seqs: list[tuple[int, int, int]], feed: Any = None) -> torch.Tensor:
-        b = self.prepare(seqs)
+        k = self.prepare(seqs)
+        self.used.append(k)
         if feed is not None:  # device-side ids (an --async-scheduling AHEAD step), as DecodeGraphs.step
             feed(self.inputs.meta.input_ids)
-        meta = slice_meta(self.buf, b)
+        meta = self.meta(k)
         return self.fm.logits(self.fm.forward(meta, self.cache), meta)[: len(seqs)]
 
 
@@ -97,7 +98,8 @@ class DualRunner:
 def run_dual(cfg: dict, device: str, prompt_lens: list[int], *, block_size: int, num_blocks: int, num_slots: int,
              max_num_batched_tokens: int, max_model_len: int, max_tokens: int, tokenizer: Any = None,
              use_graphs: bool | None = None, eager_buckets: tuple[int, ...] = (), kv_dtype: str = "bfloat16",
-             seed: int = 0) -> tuple[LLMEngine, DualRunner, list[list[int]]]:
+             seed: int = 0, eager_caps: tuple[int, ...] = (),
+             index_bucket: int | None = None) -> tuple[LLMEngine, DualRunner, list[list[int]]]:
     """Greedy-generate `max_tokens` per prompt through LLMEngine over a DualRunner -> (engine, runner, outputs)."""
     args = ModelArgs.from_hf(cfg)
     model = init_random_(Transformer(args, dtype=torch.bfloat16), seed=seed).to(device)
@@ -107,8 +109,10 @@ def run_dual(cfg: dict, device: str, prompt_lens: list[int], *, block_size: int,
     layout = CacheLayout.from_model_args(args, block_size, kv_dtype)
     fast = FastRunner(fast_model(model, max_model_len, block_size), layout, num_blocks, num_slots, rec, device,
                       max_model_len, max_num_batched_tokens, use_graphs=use_graphs)
+    if index_bucket is not None:
+        fast.fm.index_bucket = index_bucket
     if eager_buckets:
-        fast.graphs = EagerDecodeBuffers(fast.fm, fast.cache, eager_buckets)
+        fast.graphs = EagerDecodeBuffers(fast.fm, fast.cache, eager_buckets, eager_caps)
     # same addressing; fp32 rows, or the same fp8 row format
     ref_layout = CacheLayout.from_model_args(args, block_size, "float32" if kv_dtype == "bfloat16" else kv_dtype)
     ref = ModelRunner(ref_model, ref_layout, num_blocks, num_slots, Sampler(args.eos_token_id), torch.float32, device)
@@ -178,6 +182,23 @@ def test_fast_runner_decode_buffers_cpu() -> None:
                                   eager_buckets=(2, 4))
     check_dual(engine, dual, outs, 16)
     assert dual.fast.num_graph_steps >= 14 and dual.fast.num_eager_steps >= 1
+
+
+def test_fast_runner_context_classes_cpu() -> None:
+    # decode graphs per context class: steps whose positions all fit a cap run with StepMeta.max_len = cap, so the
+    # indexer / HCA rows keep glue.index_len(cap) columns (index bucket 4: 8 of the 16 CSA entries under cap 24);
+    # two slots: the short prompts decode under cap 24, then 40; the third (30 tokens) waits, then crosses 40
+    engine, dual, outs = run_dual(all_hash(tiny_config()), "cpu", [4, 7, 30], block_size=16, num_blocks=12,
+                                  num_slots=2, max_num_batched_tokens=64, max_model_len=64, max_tokens=16,
+                                  eager_buckets=(2, 4), eager_caps=(24, 40), index_bucket=4)
+    check_dual(engine, dual, outs, 16)
+    g = dual.fast.graphs
+    assert g.caps == (24, 40, None) and {c for _, c in g.used} == {24, 40, None}
+    assert g.ctx_class([(0, 23, 1), (1, 3, 1)]) == 24 and g.ctx_class([(0, 24, 1)]) == 40
+    assert g.ctx_class([(0, 39, 1)]) == 40 and g.ctx_class([(2, 40, 1)]) is None
+    assert g.meta((2, 24)).max_len == 24 and g.meta((4, None)).max_len is None
+    with pytest.raises(ValueError, match="DS4F_GRAPH_CTX"):
+        graphs._caps("32k")
 
 
 @pytest.mark.skipif(not hasattr(pools, "KV_DTYPES"), reason="FastCache without fp8 pools")

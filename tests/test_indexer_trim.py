@@ -81,15 +81,21 @@ def test_trimmed_indexer_is_bit_identical(bucket: int, index_topk: int, max_ctx:
     assert caches["full"].cols == [n_ent] * len(caches["full"].cols)
     assert min(want_cols) < n_ent  # the trimmed path did score fewer columns
 
-    # static decode buffers (what DecodeGraphs captures): max_len unknown, every column, same logits
-    for cache in caches.values():
+    # static decode buffers (what DecodeGraphs captures): the full class (max_len None) scores every column; a
+    # context class (max_len = its cap, positions + 1 <= cap) only index_len(cap) of them, with the same logits
+    cap = 160
+    want = glue.index_len(cap, 4, n_ent, index_topk, bucket)
+    assert want < n_ent
+    for k, cache in caches.items():
         buf = cache.decode_buffers(2, fm.ratios)
         meta = slice_meta(buf, 2)
         assert meta.max_len is None
+        if k == "trim":
+            meta.max_len = cap
         cache.fill_decode(meta, [(0, 153, 7), (2, 64, 9)])
         cache.cols.clear()
         out["dec"] = out.get("dec", []) + [fm.logits(fm.forward(meta, cache), meta)]
-        assert cache.cols == [n_ent] * n_csa
+        assert cache.cols == [want if k == "trim" else n_ent] * n_csa
     assert torch.equal(out["dec"][0], out["dec"][1])
 
 

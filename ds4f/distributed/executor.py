@@ -169,8 +169,6 @@ class TPExecutor:
     def execute(self, sched: Any) -> Any:
         return self._guarded(lambda: self.runner.execute(sched), sched)
 
-    distributed = True  # --async-scheduling's default is off here until measured on two GPUs
-
     @property
     def supports_launch(self) -> bool:
         return bool(getattr(self.runner, "supports_launch", False))

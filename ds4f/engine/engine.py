@@ -37,9 +37,10 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.check_integrity_each_step = False  # tests turn this on
         # --async-scheduling: a step launched ahead (Scheduler.schedule_ahead) while the one before is collected
+        # None (default): on wherever the runner launches ahead, TP included (two H200s, TP=2, full model: 172.4 vs
+        # 150.6 tok/s at batch 1, 485.0 vs 441.6 at batch 4)
         can = bool(getattr(runner, "supports_launch", False))
-        auto = can and not getattr(runner, "distributed", False)  # None: on in one process, off under TP
-        self.async_scheduling = can and bool(config.async_scheduling) if config.async_scheduling is not None else auto
+        self.async_scheduling = can and (config.async_scheduling is None or bool(config.async_scheduling))
         if config.async_scheduling and not self.async_scheduling:
             from ds4f.runner.model_runner import log
 

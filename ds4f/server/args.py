@@ -109,8 +109,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "plain-torch model; auto = fast on CUDA with bfloat16 and --tensor-parallel-size 1")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="fast runner: launch each steady decode step before the previous step's tokens reach the "
-                        "host, so scheduling, output handling and the TP broadcast overlap the GPU (default: on "
-                        "at --tensor-parallel-size 1, off under TP; --no-async-scheduling turns it off)")
+                        "host, so scheduling, output handling and the TP broadcast overlap the GPU (default: on; "
+                        "--no-async-scheduling turns it off)")
     g.add_argument("--speculative-config", type=_json_dict, default=None, help="JSON, e.g. mtp/2 (not supported yet)")
     g.add_argument("--enable-flashinfer-autotune", action=argparse.BooleanOptionalAction, default=False,
                    help="accepted for vLLM compatibility; no effect (ds4f has no FlashInfer)")

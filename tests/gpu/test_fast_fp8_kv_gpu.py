@@ -83,6 +83,17 @@ def test_fused_stores_bit_exact() -> None:
     check_fused_stores("cuda")
 
 
+def test_decode_graph_context_classes_match_full() -> None:
+    # DecodeGraphs context classes: steps whose positions fit cap 32 / 48 replay graphs scoring only index_len(cap)
+    # indexer columns (index bucket 8 of the 16 CSA entries), the rest the full graphs; the same logits as a cache
+    # whose graphs always keep every column (max positions 21 -> 51 cross both caps)
+    out = run_steps(no_flip_config(), "cuda", prompt_lens=(13, 5, 21), first_chunk=7, decode_steps=30,
+                    fast={"cls": FP8["fp8"], "full": FP8["fp8"]}, ref=(), graphs=True,
+                    fm_attrs={"index_bucket": 8}, graph_caps={"cls": (32, 48)})
+    e = rel_errors(out["cls"], out["full"])
+    assert e.max() < 2e-3, e.max()
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_fast_model_fp8_vs_bf16_over_fp8_values(graphs: bool) -> None:
     # fused and torch stores write the same bits: the same logits; bf16 pools holding the fp8 values give them too

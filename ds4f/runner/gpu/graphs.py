@@ -1,8 +1,12 @@
 """⑤ runner GPU fast path, decode CUDA graphs: (slot, position, token) per sequence in, logits [n, vocab] out.
 
-One graph per batch bucket (captured largest first into one shared memory pool); every bucket reads the first
-`bucket` rows of one set of static metadata buffers, so a step is: fill buffers (H2D), replay, read logits.
+One graph per (batch bucket, context class) (captured largest first into one shared memory pool); every bucket reads
+the first `bucket` rows of one set of static metadata buffers, so a step is: fill buffers (H2D), replay, read logits.
 Padding rows point at the dummy slot / block of the FastCache, so they never touch live sequences.
+Context classes (DS4F_GRAPH_CTX, caps in tokens below the cache's max_ctx): a class's graphs are captured with
+StepMeta.max_len = cap, so the indexer scores and top-k / HCA attention see cap // ratio columns instead of
+max_ctx // ratio (glue.index_len, as eager steps); a step replays the smallest class whose cap holds every sequence's
+position + 1. At max_ctx = 1M a short-context step would otherwise pay the 262144-column indexer launch grids.
 
 Host path of a step (DecodeInputs): token ids, positions, slots, chunk starts / ends live in one packed [5, B] device
 buffer filled by ONE copy from a persistent pinned staging buffer; a block-table row is copied only when that row's
@@ -23,39 +27,61 @@ from ds4f.runner.gpu.fast_model import FastModel
 from ds4f.runner.gpu.pools import FastCache, StepMeta, slice_meta
 
 BUCKETS = (1, 2, 4, 8, 16)
+# context-class caps (tokens). 32768: CSA's ratio-4 rows are 8192 columns, one top-k launch (DS4F_TOPK_SMALL's lanes)
+def _caps(text: str) -> tuple[int, ...]:
+    try:
+        caps = tuple(int(c) for c in text.replace(",", " ").split())
+    except ValueError:
+        caps = (-1,)
+    if any(c < 0 for c in caps):
+        raise ValueError(f"DS4F_GRAPH_CTX={text!r}: give context caps in tokens, e.g. 32768 or 32768,262144 (0: none)")
+    return tuple(c for c in caps if c)
+
+
+CTX_CAPS = _caps(os.environ.get("DS4F_GRAPH_CTX", "32768"))
+Key = tuple[int, int | None]  # (bucket, context cap; None = max_ctx)
 TIMING = os.environ.get("DS4F_GRAPH_TIMING") == "1"  # CUDA events around each replay (benches: GPU vs host time)
 
 
 class DecodeGraphs:
-    def __init__(self, fm: FastModel, cache: FastCache, buckets: tuple[int, ...] = BUCKETS) -> None:
+    def __init__(self, fm: FastModel, cache: FastCache, buckets: tuple[int, ...] = BUCKETS,
+                 caps: tuple[int, ...] = CTX_CAPS) -> None:
         assert cache.device.type == "cuda", "CUDA graphs need a CUDA device"
         self.fm, self.cache = fm, cache
         self.buckets = tuple(sorted(buckets))
-        self.setup_buffers()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.out: dict[int, torch.Tensor] = {}
+        self.setup_buffers(caps)
+        self.graphs: dict[Key, torch.cuda.CUDAGraph] = {}
+        self.out: dict[Key, torch.Tensor] = {}
+        keys = [(b, c) for c in reversed(self.caps) for b in reversed(self.buckets)]  # largest first
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS handles; writes only hit dummy rows
-            for b in reversed(self.buckets):
-                meta = slice_meta(self.buf, b)
+            for k in keys:
+                meta = self.meta(k)
                 fm.logits(fm.forward(meta, cache), meta)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         pool = torch.cuda.graph_pool_handle()
-        for b in reversed(self.buckets):
-            meta = slice_meta(self.buf, b)
+        for k in keys:
+            meta = self.meta(k)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self.out[b] = fm.logits(fm.forward(meta, cache), meta)
-            self.graphs[b] = g
+                self.out[k] = fm.logits(fm.forward(meta, cache), meta)
+            self.graphs[k] = g
         torch.cuda.synchronize()
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def setup_buffers(self) -> None:
-        """The static metadata buffers every bucket's graph reads (before capture)."""
+    def setup_buffers(self, caps: tuple[int, ...] = CTX_CAPS) -> None:
+        """The static metadata buffers every graph reads (before capture) and the context classes: the caps below
+        max_ctx, ascending, then None (every column)."""
         self.inputs = DecodeInputs(self.cache, self.buckets[-1], self.fm.ratios)
         self.buf = self.inputs.meta
+        self.caps: tuple[int | None, ...] = (*sorted({c for c in caps if 0 < c < self.cache.max_ctx}), None)
+
+    def meta(self, key: Key) -> StepMeta:
+        """The StepMeta a key's graph runs: the bucket's rows of the static buffers, max_len = the class's cap."""
+        b, cap = key
+        return dataclasses.replace(slice_meta(self.buf, b), max_len=cap)
 
     def bucket(self, n: int) -> int:
         for b in self.buckets:
@@ -63,27 +89,32 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"{n} sequences exceed the largest bucket {self.buckets[-1]}")
 
-    def prepare(self, seqs: list[tuple[int, int, int]]) -> int:
-        """Fill the static buffers for one step of (slot, position, token id); returns the bucket to replay."""
+    def ctx_class(self, seqs: list[tuple[int, int, int]]) -> int | None:
+        """The smallest cap holding every sequence's position + 1 (a token at p sees (p + 1) // ratio entries)."""
+        need = max((p + 1 for _, p, _ in seqs), default=0)
+        return next(c for c in self.caps if c is None or need <= c)
+
+    def prepare(self, seqs: list[tuple[int, int, int]]) -> Key:
+        """Fill the static buffers for one step of (slot, position, token id); returns the graph's key to replay."""
         b = self.bucket(len(seqs))
         self.inputs.fill(seqs, b)
-        return b
+        return b, self.ctx_class(seqs)
 
     def step(self, seqs: list[tuple[int, int, int]], feed: Any = None) -> torch.Tensor:
         """One decode step -> logits [len(seqs), vocab] fp32 (a view of the graph's output; copy to keep). feed: called
         with the static input ids [bucket] after they are filled, before the replay (device-side token ids)."""
-        b = self.prepare(seqs)
+        k = self.prepare(seqs)
         if feed is not None:
             feed(self.inputs.meta.input_ids)
         if TIMING:
             ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             ev[0].record()
-            self.graphs[b].replay()
+            self.graphs[k].replay()
             ev[1].record()
             self.events.append(ev)
         else:
-            self.graphs[b].replay()
-        return self.out[b][: len(seqs)]
+            self.graphs[k].replay()
+        return self.out[k][: len(seqs)]
 
     def replay_ms(self) -> float | None:
         """Median GPU ms of the replays since the last call (DS4F_GRAPH_TIMING=1; None without), then forgets them."""
