@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import graph_of, run_meta, time_us  # noqa: E402
 from ds4f.kernels.fp8 import quantize_kv_rows, quantize_rows  # noqa: E402
-from ds4f.kernels.indexer import indexer_scores, quant_heads_fp8, topk_indices  # noqa: E402
+from ds4f.kernels.indexer import decode_hist_buffer, indexer_scores, quant_heads_fp8, topk_indices  # noqa: E402
 from ds4f.kernels.sparse_attn import sparse_attn  # noqa: E402
 from ds4f.runner.gpu.glue import topk_rows  # noqa: E402
 
@@ -79,12 +79,16 @@ def main() -> None:
     sink = torch.randn(H, device=dev, generator=g)
     live = torch.full((1,), KA, dtype=torch.int32, device=dev)
 
+    def chain() -> object:  # as FastModel._select: DS4F_INDEXER_HIST=1 hands the indexer's first digit to the top-k
+        buf = decode_hist_buffer(q8, L, K)
+        s = indexer_scores(q8, w, k8, slots, seq, vl, k_scale=ks, zero_rank=True, hist=buf)
+        return topk_rows(topk_indices(s, K, valid_len=vl, hist_buf=buf), bt, win, 0, epb)
+
     calls: dict[str, Callable[[], object]] = {
         "indexer": lambda: indexer_scores(q8, w, k8, slots, seq, vl, k_scale=ks, zero_rank=True),
         "topk": lambda: topk_indices(sc, K, valid_len=vl),
         "topk_rows": lambda: topk_rows(topk_indices(sc, K, valid_len=vl), bt, win, 0, epb),
-        "chain": lambda: topk_rows(topk_indices(indexer_scores(q8, w, k8, slots, seq, vl, k_scale=ks,
-                                                               zero_rank=True), K, valid_len=vl), bt, win, 0, epb),
+        "chain": chain,
         "hca_attn": lambda: sparse_attn(qa, nope, idx, sink, D**-0.5, exp, kv_rope=rope, live=live),
     }
     for name, fn in calls.items():

@@ -95,6 +95,12 @@ def test_indexer_and_topk_build(arch: int, vlen: bool) -> None:
                                     seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32", scale="fp32"),
               dict(DI=128, BLOCK_HI=64, BLOCK_L=128, N_INNER=4, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True,
                    PREFETCH=True), arch, 4, 1)
+        build(ix._indexer_fwd, dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",  # DS4F_INDEXER_HIST
+                                    k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32", slots_ptr="*i32",
+                                    seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32", hist_ptr="*i32",
+                                    scale="fp32"),
+              dict(DI=128, BLOCK_HI=64, BLOCK_L=128, N_INNER=4, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True,
+                   HIST=True), arch, 4, 3)
     t = dict(s_ptr="*fp32", vlen_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", out_ptr="*i32")
     for level in range(4):
         build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=1024, VLEN=vlen), arch)

@@ -207,6 +207,51 @@ def check_indexer_prefetch() -> None:
     print("indexer prefetch equal")
 
 
+def check_indexer_hist() -> None:
+    """DS4F_INDEXER_HIST: the decode indexer's first-digit histogram equals the one counted from the scores it
+    wrote (bf16 and e4m3 keys, strided and adjacent blocks, rows with valid lengths 0, short, past the small lanes,
+    == L), the same scores as without it, and topk_indices over its buffer (first digit pass and zeroing skipped)
+    picks the same top values as the plain radix path, with the small kernel on and off and both pick paths."""
+    from ds4f.kernels import indexer
+    from ds4f.kernels.fp8 import quantize_rows
+
+    g = torch.Generator().manual_seed(13)
+    t, hi, di, n, k = 5, 16, 32, 1100, 64
+    q = torch.randn(t, hi, di, generator=g).bfloat16()
+    w = torch.randn(t, hi, generator=g)
+    keys = torch.randn(n, di, generator=g).bfloat16()
+    k8, ks = quantize_rows(keys, di)
+    slots = torch.randperm(n, generator=g).int()[None]
+    seq = torch.zeros(t, dtype=torch.int32)
+    vl = torch.tensor([n, 130, 0, 700, 513], dtype=torch.int32)
+    q8, qs = indexer.quant_heads_fp8(q)
+    cases = [dict(q=q, w=w, k_pool=keys), dict(q=q8, w=w * qs, k_pool=k8, k_scale=ks.view(-1))]
+    for kw in cases:
+        for n_inner, strided in ((3, True), (4, False), (1, True)):
+            kwi = dict(slots=slots, seq_of=seq, valid_len=vl, block_l=32, n_inner=n_inner, zero_rank=True,
+                       strided=strided, **kw)
+            buf = torch.zeros(4 * t * 256 + 2 * t, dtype=torch.int32)
+            sc = indexer.indexer_scores(hist=buf, **kwi)
+            assert torch.equal(sc, indexer.indexer_scores(**kwi)), (kw["q"].dtype, n_inner, strided)
+            bits = sc.view(torch.int32).long() & 0xFFFFFFFF
+            key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+            fin = sc != float("-inf")
+            want = torch.stack([torch.bincount(key[r][fin[r]] >> 24, minlength=256) for r in range(t)])
+            assert torch.equal(buf[: t * 256].view(t, 256).long(), want), (kw["q"].dtype, n_inner, strided)
+            assert not buf[t * 256:].any()  # the other levels and the counters stay zero for the top-k
+            for small, cand in ((512, (512, 8192)), (0, (16, 64)), (512, (0, 0))):
+                b2 = buf.clone()
+                got = indexer.topk_indices(sc, k, block=256, backend="radix", valid_len=vl, programs=3, small=small,
+                                           cand=cand, hist_buf=b2)
+                _same_top(got, sc, k, vl)
+    print("indexer hist equal")
+
+
+def test_indexer_hist_interpreted() -> None:
+    out = run_interpreted("test_topk_small", "check_indexer_hist")
+    assert "indexer hist equal" in out, out
+
+
 def test_indexer_prefetch_interpreted() -> None:
     out = run_interpreted("test_topk_small", "check_indexer_prefetch")
     assert "indexer prefetch equal" in out, out

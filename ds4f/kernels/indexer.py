@@ -19,6 +19,7 @@ try:
 
     from ds4f.kernels.pdl import enter as pdl_enter
     from ds4f.kernels.topk_radix import _topk_hist, _topk_select  # noqa: F401 (re-exported: builds, benches)
+    from ds4f.kernels.topk_small import _sort_key
 except ImportError:  # CPU-only installs: the wrappers fall back to the references
     triton = None
 
@@ -46,6 +47,10 @@ DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (1
 # one token per program: 1 = the loop double-buffered in registers (_indexer_prefetch, num_stages 1); opt-in, not yet
 # timed on a GPU (bench/kernel_times_long.py with and without it is the A/B)
 INDEXER_PREFETCH = bool((env_knobs("DS4F_INDEXER_PREFETCH", 1, "1", minimum=0) or (0,))[0])
+# decode over rows past the small top-k's lanes: the indexer adds the radix top-k's first-digit histogram of the
+# scores it writes (indexer_scores hist=), so the top-k skips its first digit pass (a read of the whole row) and the
+# small kernel's zeroing (the buffer comes zeroed); opt-in until timed on a GPU
+INDEXER_HIST = bool((env_knobs("DS4F_INDEXER_HIST", 1, "1", minimum=0) or (0,))[0])
 TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,128", minimum=0) or (2048, 0)
 # rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off;
 # num_warps 0: small_warps (H200, bench/sweep_topk_small.py, one row, rows written: 2048 entries 8.2 us at 8 warps
@@ -117,11 +122,11 @@ if triton is not None:
 
     @triton.jit
     def _indexer_fwd(
-        q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr,
+        q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr, hist_ptr,
         HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
         KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr, STRIDED: tl.constexpr = True,
-        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, HIST: tl.constexpr = False,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); STRIDED: the blocks P = grid dim 1 blocks apart,
         # so a short valid length over a long L still spreads its blocks over programs (else adjacent blocks);
@@ -148,6 +153,7 @@ if triton is not None:
             _indexer_prefetch(q, w, k_ptr, ks_ptr, slots_ptr, out_ptr, t, seq, l0, step, vlen, L, s_kn, s_ss, s_ot,
                               offs_d, DI, BLOCK_L, N_INNER, KSCALE, QFP8, ZERO_RANK)
             return
+        acc = tl.zeros([256], tl.int32)  # HIST: the top 8 bits of the written scores' sort keys
         for j in range(N_INNER):
             offs_l = l0 + j * step + tl.arange(0, BLOCK_L)
             valid = offs_l < vlen
@@ -155,8 +161,13 @@ if triton is not None:
             keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
             sc = _index_sum(q, w, keys, KSCALE, QFP8)
             ksv = tl.load(ks_ptr + slot, mask=valid, other=0.0) if KSCALE else sc  # loaded after the dot (faster)
-            tl.store(out_ptr + t * s_ot + offs_l, _index_finish(sc, ksv, offs_l, vlen, KSCALE, ZERO_RANK),
-                     mask=offs_l < L)
+            sc = _index_finish(sc, ksv, offs_l, vlen, KSCALE, ZERO_RANK)
+            tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
+            if HIST:  # as topk_radix's first digit pass counts them: finite scores (-inf, past vlen, keys 0)
+                u = _sort_key(sc)
+                acc += tl.histogram((u >> 24).to(tl.int32), 256, mask=u != 0)
+        if HIST:
+            tl.atomic_add(hist_ptr + t * 256 + tl.arange(0, 256), acc, sem="relaxed")
 
 def indexer_scores(
     q: torch.Tensor,
@@ -176,6 +187,7 @@ def indexer_scores(
     keys_major: bool = False,
     zero_rank: bool = False,
     strided: bool = True,
+    hist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """scores [T, L] fp32 = scale * Σ_h w[t,h] ReLU(q[t,h]·k[slots[seq_of[t], l]]), -inf at l >= valid_len[t].
 
@@ -191,7 +203,9 @@ def indexer_scores(
     (every head's ReLU at 0) at column l becomes -(l + 1) * 1e-30, below 0 and above any negative score a bf16
     product gives, so among tied zeros the lower id ranks higher (what the reference's selection keeps).
     strided (one token per program): a program's n_inner key blocks lie a grid apart (else adjacent; the scores are
-    the same); decode calls take n_inner down to leave ~2 programs per SM at a short L."""
+    the same); decode calls take n_inner down to leave ~2 programs per SM at a short L. hist (decode calls of one
+    token per program, Triton only; from decode_hist_buffer): int32, zeroed; row t's first 256 entries get the
+    histogram of the top 8 bits of its finite scores' radix sort keys (topk_indices' hist_buf)."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -234,6 +248,9 @@ def indexer_scores(
             n_inner = min(n_inner, max(1, triton.cdiv(T * L, block_l * 2 * sm_count(q.device))))
         n_inner = n_inner or None
     token_block = token_block or 1
+    assert hist is None or (token_block == 1 and not keys_major and not INDEXER_PREFETCH and hist.dtype == torch.int32
+                            and hist.is_contiguous() and hist.numel() >= T * 256), \
+        "hist: int32, >= T * 256 entries, for the one-token-per-program kernel without DS4F_INDEXER_PREFETCH"
     if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
         n_inner = max(1, min(8, triton.cdiv(triton.cdiv(T, token_block) * L, block_l * 2 * sm_count(q.device))))
     if token_block > 1 or keys_major:
@@ -246,12 +263,27 @@ def indexer_scores(
         num_stages = 1
     _indexer_fwd[grid](
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
-        HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0), slots.stride(0), out.stride(0),
+        hist if hist is not None else out, HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0),
+        slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
         KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, STRIDED=strided,
-        num_warps=num_warps, num_stages=num_stages, PREFETCH=INDEXER_PREFETCH, **pdl.launch(q.device),
+        num_warps=num_warps, num_stages=num_stages, PREFETCH=INDEXER_PREFETCH, HIST=hist is not None,
+        **pdl.launch(q.device),
     )
     return out
+
+
+def decode_hist_buffer(q: torch.Tensor, n_cols: int, k: int) -> torch.Tensor | None:
+    """DS4F_INDEXER_HIST=1: a zeroed buffer for indexer_scores(hist=) + topk_indices(hist_buf=) where a decode call
+    of T = q.shape[0] tokens over n_cols columns takes the radix top-k (Triton, T <= RADIX_MAX_ROWS, n_cols past the
+    small lanes, k <= n_cols); else None (the caller runs both as before)."""
+    T = q.shape[0]
+    if not INDEXER_HIST or INDEXER_PREFETCH or not use_triton(q) or not 0 < T <= RADIX_MAX_ROWS or T >= TB_MIN_T:
+        return None
+    small = SMALL_KNOBS[0]
+    if not small or n_cols <= small or k > n_cols:
+        return None
+    return torch.zeros(4 * T * 256 + 2 * T, dtype=torch.int32, device=q.device)
 
 
 def _one_launch(scores: torch.Tensor, valid_len: torch.Tensor | None, out: torch.Tensor, k: int,
@@ -266,7 +298,8 @@ RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; eve
 
 def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto",
                  valid_len: torch.Tensor | None = None, programs: int | None = None,
-                 small: int | None = None, cand: tuple[int, int] | None = None) -> torch.Tensor:
+                 small: int | None = None, cand: tuple[int, int] | None = None,
+                 hist_buf: torch.Tensor | None = None) -> torch.Tensor:
     """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
     arbitrary subset is taken. backend "radix": a radix select (8 bits at a time of the order-preserving key), each
@@ -282,7 +315,9 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     launch is all. cand (default DS4F_TOPK_CAND): (lanes, cap) of the longer rows' candidate pick (two digit
     passes, a gather, one program per row; ds4f.kernels.topk_radix); lanes 0: four digit passes + a compaction (the
     former path), with which a row that fits one chunk gets the small kernel's ids in its order (the keys above the
-    k-th in ascending id, then the lowest ids equal to it, then -1)."""
+    k-th in ascending id, then the lowest ids equal to it, then -1). hist_buf (radix path): the passes' histograms
+    and counters [4 * T * 256 + 2 * T] int32, zeroed, the first digit's histogram filled by indexer_scores(hist=)
+    from these scores: the first digit pass and the zeroing are skipped."""
     assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert k > 0
     T, L = scores.shape
@@ -307,17 +342,24 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     lanes, cap = TOPK_CAND if cand is None else cand
     assert lanes & (lanes - 1) == 0 and lanes < 1 << 15 and (not lanes or cap >= lanes), \
         f"cand={(lanes, cap)}: lanes a power of two below 2^15 (or 0), cap >= lanes"
-    buf = (torch.empty if small else torch.zeros)(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
+    if hist_buf is not None:
+        assert hist_buf.dtype == torch.int32 and hist_buf.numel() == 4 * T * nb + 2 * T and hist_buf.is_contiguous()
+        buf = hist_buf
+    else:
+        buf = (torch.empty if small else torch.zeros)(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
     hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
     cbuf = torch.empty(T * 2 * cap, dtype=torch.int32, device=scores.device) if lanes else None
     if small:
-        launch_small(scores, valid_len, out, hist, cnt, k, small, T * nb, small_warps(small))
+        zero = hist_buf is None
+        launch_small(scores, valid_len, out, hist if zero else None, cnt if zero else None, k, small, T * nb,
+                     small_warps(small))
     if block is None:
         block, programs = TOPK_KNOBS[0], TOPK_KNOBS[1] or programs
     programs = programs or triton.cdiv(2 * sm_count(scores.device), T)
     n_chunks = max(1, min(triton.cdiv(L, block), programs))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
-    topk_radix.launch_passes(scores, valid_len, hist, cnt, out, k, block, chunk, small, cbuf, lanes, cap)
+    topk_radix.launch_passes(scores, valid_len, hist, cnt, out, k, block, chunk, small, cbuf, lanes, cap,
+                             first_level=int(hist_buf is not None))
     return out
 
 

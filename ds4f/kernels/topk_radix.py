@@ -234,17 +234,18 @@ if triton is not None:
 
 def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: torch.Tensor, cnt: torch.Tensor,
                   out: torch.Tensor, k: int, block: int, chunk: int, small: int, cand: torch.Tensor | None = None,
-                  lanes: int = 0, cap: int = 0) -> None:
+                  lanes: int = 0, cap: int = 0, first_level: int = 0) -> None:
     """The radix select of the rows past `small` valid entries into out [T, k] (hist [4 * T * 256] and cnt [2 * T]
-    zeroed). lanes > 0 (a power of two; cand [T * 2 * cap] int32, cap >= lanes): two digit passes, the gather,
-    one program per row (lanes: its register tile); lanes 0: the four digit passes, then the compaction."""
+    zeroed; first_level 1: the first digit's histogram already counted, by the indexer). lanes > 0 (a power of two;
+    cand [T * 2 * cap] int32, cap >= lanes): two digit passes, the gather, one program per row (lanes: its register
+    tile); lanes 0: the four digit passes, then the compaction."""
     T, L = scores.shape
     nb, n_chunks = 256, triton.cdiv(L, chunk)
     grid = (T, n_chunks)
     vl = valid_len if valid_len is not None else cnt
     common = dict(NB=nb, BLOCK=block, VLEN=valid_len is not None, SMALL=small, num_warps=4,
                   **pdl.launch(scores.device))
-    for level in range(2 if lanes else 4):
+    for level in range(first_level, 2 if lanes else 4):
         _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, **common)
     if not lanes:
         _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, **common)

@@ -162,6 +162,38 @@ def test_attn_q_norm_decode_matches(graphs: bool) -> None:
 
 
 @pytest.mark.parametrize("graphs", [False, True])
+def test_indexer_hist_decode_matches(graphs: bool) -> None:
+    # DS4F_INDEXER_HIST=1 through FastModel: with the small top-k's lanes cut to 16, the mid model's CSA decode rows
+    # (tens of entries, top-24) take the radix path, the indexer counting its first digit; the same logits up to
+    # the picks' order in the attention lists (the gather's atomics order them)
+    import importlib
+
+    from ds4f.kernels import indexer as ix
+
+    fm_mod = importlib.import_module("ds4f.runner.gpu.fast_model")
+    calls = []
+    real = fm_mod.decode_hist_buffer
+
+    def counted(*a: object) -> torch.Tensor | None:
+        calls.append(real(*a))  # type: ignore[arg-type]
+        return calls[-1]
+
+    outs = []
+    small = ix.SMALL_KNOBS
+    for on in (False, True):
+        ix.SMALL_KNOBS, ix.INDEXER_HIST, fm_mod.decode_hist_buffer = (16, 8), on, counted
+        try:
+            outs.append(run_steps(mid_config(tiny_config()), "cuda", prompt_lens=(150, 9, 97), first_chunk=40,
+                                  decode_steps=30, fast={"fp8": FP8["fp8"]}, ref=(), graphs=graphs)["fp8"])
+        finally:
+            ix.SMALL_KNOBS, ix.INDEXER_HIST, fm_mod.decode_hist_buffer = small, False, real
+    assert any(b is not None for b in calls), "no decode call took the indexer's histogram"
+    errs = rel_errors(outs[1], outs[0])
+    print(f"indexer hist vs the first digit pass: max {errs.max():.2e}")
+    assert errs.max() < 1e-2
+
+
+@pytest.mark.parametrize("graphs", [False, True])
 def test_fast_model_fp8_vs_reference_engine(graphs: bool) -> None:
     # eager with torch stores, graph-captured decode with the fused stores
     kind = FP8["fp8"] if graphs else FP8["fp8-torch"]

@@ -122,6 +122,60 @@ def test_indexer_strided_equal(fp8: bool) -> None:
     assert ((new[fin] - ref[fin]).norm() / ref[fin].norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_hist_topk_graph(fp8: bool) -> None:
+    # DS4F_INDEXER_HIST: the decode indexer counts the first radix digit (decode_hist_buffer), the top-k skips that
+    # pass; in a CUDA graph replayed at several depths over a 262,144-entry pool: the histogram as counted from the
+    # written scores, the scores bit-equal to the plain indexer's, the picks the k largest
+    from ds4f.kernels import indexer as ix
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    T, hi, d, L = 2, 64, 128, 262144
+    q = torch.randn(T, hi, d, device="cuda", generator=g).bfloat16()
+    w = torch.randn(T, hi, device="cuda", generator=g)
+    keys = torch.randn(L, d, device="cuda", generator=g).bfloat16()
+    ks = None
+    if fp8:
+        ks = keys.float().abs().amax(1).clamp(min=1e-6) / 448
+        keys = (keys.float() / ks[:, None]).to(torch.float8_e4m3fn)
+    slots = torch.randperm(L, device="cuda", generator=g).int()[None]
+    seq = torch.zeros(T, dtype=torch.int32, device="cuda")
+    vl = torch.zeros(T, dtype=torch.int32, device="cuda")
+    ix.INDEXER_HIST = True
+    try:
+        def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            buf = ix.decode_hist_buffer(q, L, K)
+            assert buf is not None
+            sc = indexer_scores(q, w, keys, slots, seq, vl, k_scale=ks, zero_rank=True, hist=buf)
+            h0 = buf[: T * 256].clone()
+            return sc, h0, topk_indices(sc, K, valid_len=vl, hist_buf=buf)
+
+        run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+    finally:
+        ix.INDEXER_HIST = False
+    for lens in ([L, 9000], [8193, L - 3], [40000, 100]):
+        vl.copy_(torch.tensor(lens, dtype=torch.int32))
+        for _ in range(2):
+            graph.replay()
+            torch.cuda.synchronize()
+            sc, h0, got = out
+            assert torch.equal(sc, indexer_scores(q, w, keys, slots, seq, vl, k_scale=ks, zero_rank=True)), lens
+            bits = sc.view(torch.int32).long() & 0xFFFFFFFF
+            key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+            fin = sc != float("-inf")
+            want = torch.stack([torch.bincount(key[r][fin[r]] >> 24, minlength=256) for r in range(T)])
+            assert torch.equal(h0.view(T, 256).long(), want), lens
+            for r in range(T):
+                if lens[r] > SMALL_KNOBS[0]:  # the rows the radix path picks (the others: the small kernel)
+                    ids = got[r][got[r] >= 0].long()
+                    assert ids.numel() == K and ids.unique().numel() == K, lens
+                    top = sc[r].topk(K).values.sort().values
+                    assert torch.equal(sc[r, ids].sort().values, top), (lens, r)
+
+
 @pytest.mark.parametrize("T", [1, 4, 16])
 @pytest.mark.parametrize("L", [2048, 8192])
 def test_topk_pool_rows_graph(T: int, L: int) -> None:

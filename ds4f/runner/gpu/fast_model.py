@@ -32,7 +32,7 @@ import torch
 
 from ds4f.kernels import fused_moe, gemv, topk_indices
 from ds4f.kernels.index_q import index_q, quant_heads_fp8
-from ds4f.kernels.indexer import topk_pool_rows
+from ds4f.kernels.indexer import decode_hist_buffer, topk_pool_rows
 from ds4f.kernels.mhc import decode_kernel, hc_step
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
 from ds4f.kernels.rope import norm_rope, norm_rope2, rope_
@@ -333,13 +333,15 @@ class FastModel:
             lo, hi = min(T, comm.rank * per), min(T, (comm.rank + 1) * per)
         vis = d.vis32[m][lo:hi]
         q, w = iq[lo:hi], iw[lo:hi]
-        sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis)
+        # DS4F_INDEXER_HIST=1: the indexer counts the top-k's first radix digit (None where that does not apply)
+        hist = None if sp else decode_hist_buffer(q, d.slots[m].shape[1], k)
+        sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis, **({} if hist is None else {"hist": hist}))
         rows = (d.bt_tok, d.win, cache.comp_base, cache.epb(m))
-        if not sp and self.topk_rows:
+        if not sp and self.topk_rows and hist is None:
             out = topk_pool_rows(sc, k, vis, *rows)
             if out is not None:
                 return out
-        sel = topk_indices(sc, k, valid_len=vis)  # [T, k] entry ids, -1 = none
+        sel = topk_indices(sc, k, valid_len=vis, hist_buf=hist)  # [T, k] entry ids, -1 = none
         if sp:
             part = torch.full((per, k), -1, dtype=sel.dtype, device=sel.device)
             part[: hi - lo] = sel

@@ -202,13 +202,14 @@ class FastCache:
         return prefix_attn(q, ent, seq, vis, win, parts, sink, scale)  # type: ignore[arg-type]
 
     def index_scores(self, layer: int, q: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, seq_of: torch.Tensor,
-                     valid_len: torch.Tensor) -> torch.Tensor:
+                     valid_len: torch.Tensor, hist: torch.Tensor | None = None) -> torch.Tensor:
         """indexer_scores over layer's index keys (arguments as ds4f.kernels.indexer_scores, zero_rank on: exact
         zeros tie-broken by id) -> [T, L] fp32."""
         keys = self.index[layer]
         if isinstance(keys, Fp8Keys):
-            return indexer_scores(q, w, keys.keys, slots, seq_of, valid_len, k_scale=keys.scale, zero_rank=True)
-        return indexer_scores(q, w, keys, slots, seq_of, valid_len, zero_rank=True)
+            return indexer_scores(q, w, keys.keys, slots, seq_of, valid_len, k_scale=keys.scale, zero_rank=True,
+                                  hist=hist)
+        return indexer_scores(q, w, keys, slots, seq_of, valid_len, zero_rank=True, hist=hist)
 
     def ring(self, layer: int) -> int:
         m = self.ratio[layer]
