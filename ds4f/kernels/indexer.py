@@ -44,8 +44,8 @@ except (ValueError, AssertionError):
 # bench/results/decode_long.jsonl): indexer over 262,144 entries 25.2 us at 128 x 4 x 4 warps x 3 stages vs 54.4 at
 # the former 64 x auto x 4 x 4; top-512 43.5 us in 2048-column tiles vs 51.2 in 1024
 DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (128, 4, 4, 3)
-# one token per program: 1 = the loop double-buffered in registers (_indexer_prefetch, num_stages 1); opt-in, not yet
-# timed on a GPU (bench/kernel_times_long.py with and without it is the A/B)
+# one token per program: 1 = the loop double-buffered in registers (_indexer_prefetch, num_stages 1); opt-in: slower
+# on the H200 (one token at 1M, bench/kernel_times_long.py: 29.2 us at 128,4,4,1 and 32.7 at 64,8,4,1 vs 21.5)
 INDEXER_PREFETCH = bool((env_knobs("DS4F_INDEXER_PREFETCH", 1, "1", minimum=0) or (0,))[0])
 # decode over rows past the small top-k's lanes: the indexer adds the radix top-k's first-digit histogram of the
 # scores it writes (indexer_scores hist=), so the top-k skips its first digit pass (a read of the whole row) and the
