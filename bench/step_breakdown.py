@@ -118,6 +118,28 @@ def busy_breakdown(kernels: list[Kernel]) -> dict[str, float]:
     return dict(out)
 
 
+AR_NAMES = ("allreduce", "all_reduce", "push_ar", "one_shot")  # the per-sublayer all-reduces (not the head's gather)
+
+
+def sublayers(kernels: list[Kernel]) -> dict[str, float]:
+    """-> {"attn", "moe", "all_reduce", "rest": us} over the step's span, cut at its all-reduces (TP: one after each
+    sublayer's partial sums): the stretches before them alternate attention (with the mHC step and, first, the
+    step's prologue before it) and MoE sublayers (with their mHC step); after the last one, `rest` (the last mHC
+    step, the head, its gather); `layers`: the all-reduce pairs. Empty without all-reduces (one GPU)."""
+    ks = sorted(kernels, key=lambda k: k.start)
+    ars = [k for k in ks if any(n in k.name.lower() for n in AR_NAMES)]
+    if not ars:
+        return {}
+    out: Counter[str] = Counter()
+    prev = ks[0].start
+    for i, a in enumerate(ars):
+        out["moe" if i % 2 else "attn"] += max(0.0, a.start - prev)
+        out["all_reduce"] += max(0.0, a.end - max(a.start, prev))
+        prev = max(prev, a.end)
+    out["rest"] += max(0.0, max(k.end for k in ks) - prev)
+    return {**out, "layers": len(ars) / 2}
+
+
 def timeline_ms(path: Path, first: str = "_step_meta") -> dict[str, float]:
     """A timeline file's last step (from the last kernel named `first`) -> {category: ms}, sorted by name:
     breakdown's main-stream walk, or busy_breakdown where fewer than half the step's kernels are on its first
@@ -138,6 +160,11 @@ def main() -> None:
     for c, ms in sorted(b.items(), key=lambda x: -x[1]):
         print(f"{c:20s} {ms:8.3f} ms {ms / total:6.1%}")
     print(json.dumps(b))
+    sub = sublayers(last_step(parse(Path(args.timeline).read_text()), args.first))
+    if sub:
+        n = sub.pop("layers")
+        print("by sublayer (cut at the all-reduces): " + ", ".join(
+            f"{k} {v / 1e3:.3f} ms" + (f" ({v / n:.1f} us per layer)" if k != "rest" else "") for k, v in sub.items()))
 
 
 if __name__ == "__main__":

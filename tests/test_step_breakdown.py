@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from step_breakdown import Kernel, breakdown, category, last_step, parse  # noqa: E402
+from step_breakdown import Kernel, breakdown, category, last_step, parse, sublayers  # noqa: E402
 
 
 def test_charges_along_the_main_stream() -> None:
@@ -83,3 +83,18 @@ def test_busy_breakdown_charges_the_earliest_running_kernel(tmp_path: Path) -> N
     f = tmp_path / "t.txt"  # fewer than half on the first kernel's stream: timeline_ms takes the sweep
     f.write_text("\n".join(f"{k.start:10.2f} {k.dur:8.2f} 0.00 {k.stream}  {k.name}" for k in ks) + "\n")
     assert timeline_ms(f) == pytest.approx({c: v / 1e3 for c, v in sorted(b.items())})
+
+
+def test_sublayers_cut_at_the_all_reduces() -> None:
+    ar = "void (anonymous namespace)::one_shot_all_reduce_kernel<c10::BFloat16, 16, 2>"
+    ks = [Kernel(0, 5, "s7", "_step_meta"), Kernel(5, 20, "s1", "_fp8_gemv"),  # layer 0 attention: 0 -> 25
+          Kernel(25, 5, "s1", ar),  # 25 -> 30
+          Kernel(30, 15, "s2", "_a8_up"), Kernel(28, 3, "s2", ar[:10] + "x"),  # not a collective by name
+          Kernel(44, 6, "s2", ar),  # starts under the up GEMV's end: MoE 30 -> 44, then 44 -> 50
+          Kernel(50, 10, "s3", "_attn_fwd"), Kernel(60, 4, "s3", ar), Kernel(64, 8, "s4", "_a8_down"),
+          Kernel(72, 3, "s4", ar), Kernel(75, 9, "s4", "ncclDevKernel_AllGather_RING_LL")]  # the head's gather
+    got = sublayers(ks)
+    assert got == pytest.approx({"attn": 25 + 10, "moe": 14 + 8, "all_reduce": 5 + 6 + 4 + 3, "rest": 9,
+                                 "layers": 2})
+    assert sum(v for k, v in got.items() if k != "layers") == pytest.approx(84)  # the step's span
+    assert sublayers([Kernel(0, 5, "s7", "_step_meta")]) == {}
