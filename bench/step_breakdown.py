@@ -8,13 +8,14 @@ starts a kernel early and it waits inside), to its end. A gap before a main-stre
 joins the side chains before attention and the next mHC step: that kernel is the likely holdup), and the rest to
 `launch` (nothing of the main stream running). Side-stream
 kernels that end while the main stream is busy cost nothing here: they were hidden. Timelines without a stream
-column are read as one stream. Usage: python3 bench/step_breakdown.py TIMELINE [--first _step_meta]
+column are read as one stream. Usage: python3 bench/step_breakdown.py TIMELINE [--first _step_meta] [--kinds flash]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,18 @@ def sublayers(kernels: list[Kernel]) -> dict[str, float]:
     return {**out, "layers": len(ars) / 2}
 
 
+def sublayers_by_kind(kernels: list[Kernel], kinds: list[str]) -> dict[tuple[str, str], list[float]]:
+    """-> {(attn | moe, layer kind): [us per layer]}: sublayers' stretches as in sublayers, layer i of kind kinds[i]."""
+    ks = sorted(kernels, key=lambda k: k.start)
+    out: dict[tuple[str, str], list[float]] = {}
+    prev = ks[0].start if ks else 0.0
+    for i, a in enumerate(k for k in ks if any(n in k.name.lower() for n in AR_NAMES)):
+        if i // 2 < len(kinds):
+            out.setdefault(("moe" if i % 2 else "attn", kinds[i // 2]), []).append(max(0.0, a.start - prev))
+        prev = max(prev, a.end)
+    return out
+
+
 def timeline_ms(path: Path, first: str = "_step_meta") -> dict[str, float]:
     """A timeline file's last step (from the last kernel named `first`) -> {category: ms}, sorted by name:
     breakdown's main-stream walk, or busy_breakdown where fewer than half the step's kernels are on its first
@@ -154,6 +167,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("timeline")
     ap.add_argument("--first", default="_step_meta", help="name prefix of a step's first kernel")
+    ap.add_argument("--kinds", choices=["flash"], help="also the sublayers by layer kind of this model's layers")
     args = ap.parse_args()
     b = timeline_ms(Path(args.timeline), args.first)
     total = sum(b.values())
@@ -165,6 +179,16 @@ def main() -> None:
         n = sub.pop("layers")
         print("by sublayer (cut at the all-reduces): " + ", ".join(
             f"{k} {v / 1e3:.3f} ms" + (f" ({v / n:.1f} us per layer)" if k != "rest" else "") for k, v in sub.items()))
+    if args.kinds:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from ds4f.model.args import ModelArgs, flash_config
+
+        a = ModelArgs.from_hf(flash_config())
+        kinds = [a.layer_type(i) for i in range(a.num_hidden_layers)]
+        by = sublayers_by_kind(last_step(parse(Path(args.timeline).read_text()), args.first), kinds)
+        for (part, kind), us in sorted(by.items()):
+            mean, total = sum(us) / len(us), sum(us) / 1e3
+            print(f"  {part:4s} {kind:30s} {len(us):3d} layers {mean:7.1f} us each, {total:.3f} ms")
 
 
 if __name__ == "__main__":

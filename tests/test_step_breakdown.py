@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from step_breakdown import Kernel, breakdown, category, last_step, parse, sublayers  # noqa: E402
+from step_breakdown import Kernel, breakdown, category, last_step, parse, sublayers, sublayers_by_kind  # noqa: E402
 
 
 def test_charges_along_the_main_stream() -> None:
@@ -98,3 +98,5 @@ def test_sublayers_cut_at_the_all_reduces() -> None:
                                  "layers": 2})
     assert sum(v for k, v in got.items() if k != "layers") == pytest.approx(84)  # the step's span
     assert sublayers([Kernel(0, 5, "s7", "_step_meta")]) == {}
+    by = sublayers_by_kind(ks, ["sliding", "csa"])
+    assert by == {("attn", "sliding"): [25], ("moe", "sliding"): [14], ("attn", "csa"): [10], ("moe", "csa"): [8]}
