@@ -335,10 +335,11 @@ case "${1:-}" in
       echo "== ${E:-default}"; env $E timeout 60 python3 bench/kernel_times_long.py --json "$OUT/k_${v//,/_}.jsonl" 2>&1 \
         | grep -E "^(indexer|chain) "; done ;;
   s15hist)  # 1 GPU: the GPU tests of DS4F_INDEXER_HIST and the context-class graphs, then the 1M decode chain kernel by
-    # kernel without and with DS4F_INDEXER_HIST=1 (the indexer counts the top-k's first digit)
+    # kernel under DS4F_INDEXER_HIST (the indexer counts the top-k's first digit) x DS4F_TOPK_SPARSE_ADD (digit passes
+    # add only nonzero bins)
     par_tests 200 tests/gpu/test_topk_small_gpu.py tests/gpu/test_fast_fp8_kv_gpu.py; test_summary | tee "$OUT/gpu_tests.log"
-    for v in 0 1; do echo "== DS4F_INDEXER_HIST=$v"; DS4F_INDEXER_HIST=$v timeout 70 python3 bench/kernel_times_long.py \
-      --json "$OUT/k_hist$v.jsonl" 2>&1 | grep -E "^(indexer|topk|chain) "; done ;;
+    for v in 00 01 10 11; do E="DS4F_INDEXER_HIST=${v:0:1} DS4F_TOPK_SPARSE_ADD=${v:1:1}"; echo "== $E"
+      env $E timeout 60 python3 bench/kernel_times_long.py --json "$OUT/k_$v.jsonl" 2>&1 | grep -E "^(topk|chain) "; done ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

@@ -247,6 +247,30 @@ def check_indexer_hist() -> None:
     print("indexer hist equal")
 
 
+def check_topk_sparse_add() -> None:
+    """DS4F_TOPK_SPARSE_ADD: digit passes that add only their nonzero bins give the same picks (four passes + the
+    compaction, and the candidate path), over ties, -0.0, -inf inside the valid range, short and empty rows."""
+    from ds4f.kernels import indexer, topk_radix
+
+    g = torch.Generator().manual_seed(17)
+    k, L = 64, 3000
+    vl = torch.tensor([3000, 2000, 1500, 700, 0, 65], dtype=torch.int32)
+    s = _scores(len(vl), L, vl, g)
+    topk_radix.SPARSE_ADD = True
+    try:
+        for cand in ((0, 0), (512, 8192), (16, 64)):
+            got = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=3, small=0, cand=cand)
+            _same_top(got, s, k, vl)
+    finally:
+        topk_radix.SPARSE_ADD = False
+    print("sparse add equal")
+
+
+def test_topk_sparse_add_interpreted() -> None:
+    out = run_interpreted("test_topk_small", "check_topk_sparse_add")
+    assert "sparse add equal" in out, out
+
+
 def test_indexer_hist_interpreted() -> None:
     out = run_interpreted("test_topk_small", "check_indexer_hist")
     assert "indexer hist equal" in out, out
@@ -310,5 +334,7 @@ def test_topk_small_builds(arch: int) -> None:
         k = build(ts._topk_small, t, c, arch, 8)
         assert k["shared"] <= 160 * 1024
     for level in range(4):
-        build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=2048, VLEN=True, SMALL=8192), arch)
+        for sparse in (False, True):  # DS4F_TOPK_SPARSE_ADD: the masked adds
+            build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=2048, VLEN=True, SMALL=8192, SPARSE=sparse),
+                  arch)
     build(ix._topk_select, t, dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192), arch)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ds4f.kernels import pdl
+from ds4f.kernels.knobs import env_knobs
 
 try:
     import triton
@@ -27,6 +28,11 @@ try:
     from ds4f.kernels.topk_small import _radix_step, _sort_key
 except ImportError:  # CPU-only installs: topk_indices runs its reference instead
     triton = None
+
+# DS4F_TOPK_SPARSE_ADD=1: a digit pass's program adds only its nonzero histogram bins (the scores of a row fall in a
+# few top-byte bins, so most of a program's 256 adds are zeros, each one more atomic on the row's 256 shared counters);
+# the same histograms; opt-in until timed on a GPU
+SPARSE_ADD = bool((env_knobs("DS4F_TOPK_SPARSE_ADD", 1, "1", minimum=0) or (0,))[0])
 
 if triton is not None:
 
@@ -64,7 +70,7 @@ if triton is not None:
 
     @triton.jit
     def _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL: tl.constexpr, NB: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, SPARSE: tl.constexpr = False):
         # chunk c of row t: digit LEVEL's histogram of the keys matching the k-th's prefix of the digits before
         prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
         acc = tl.zeros([NB], tl.int32)
@@ -77,7 +83,11 @@ if triton is not None:
                 sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
             digit = ((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32)
             acc += tl.histogram(digit, NB, mask=sel)
-        tl.atomic_add(hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB), acc, sem="relaxed")
+        dst = hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB)
+        if SPARSE:
+            tl.atomic_add(dst, acc, mask=acc != 0, sem="relaxed")
+        else:
+            tl.atomic_add(dst, acc, sem="relaxed")
 
     @triton.jit
     def _select_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, t, c, lim, s_st, k, chunk, s_lv, NB: tl.constexpr,
@@ -215,12 +225,12 @@ if triton is not None:
     @triton.jit
     def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
                    LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
-                   SMALL: tl.constexpr, PDL: tl.constexpr = False):
+                   SMALL: tl.constexpr, PDL: tl.constexpr = False, SPARSE: tl.constexpr = False):
         # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far
         pdl_enter(PDL)
         t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
         if go:  # (a data-dependent loop bound would not run under the interpreter)
-            _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL, NB, BLOCK)
+            _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL, NB, BLOCK, SPARSE)
 
     @triton.jit
     def _topk_select(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
@@ -246,7 +256,8 @@ def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: to
     common = dict(NB=nb, BLOCK=block, VLEN=valid_len is not None, SMALL=small, num_warps=4,
                   **pdl.launch(scores.device))
     for level in range(first_level, 2 if lanes else 4):
-        _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, **common)
+        _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, SPARSE=SPARSE_ADD,
+                         **common)
     if not lanes:
         _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, **common)
         return
