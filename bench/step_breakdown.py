@@ -122,34 +122,36 @@ def busy_breakdown(kernels: list[Kernel]) -> dict[str, float]:
 AR_NAMES = ("allreduce", "all_reduce", "push_ar", "one_shot")  # the per-sublayer all-reduces (not the head's gather)
 
 
+def _cut(kernels: list[Kernel]) -> tuple[list[tuple[float, float]], float]:
+    """The step cut at its all-reduces -> ([(us before the i-th all-reduce, its own us)], us after the last)."""
+    ks = sorted(kernels, key=lambda k: k.start)
+    cuts, prev = [], ks[0].start if ks else 0.0
+    for a in (k for k in ks if any(n in k.name.lower() for n in AR_NAMES)):
+        cuts.append((max(0.0, a.start - prev), max(0.0, a.end - max(a.start, prev))))
+        prev = max(prev, a.end)
+    return cuts, max(0.0, max((k.end for k in ks), default=prev) - prev)
+
+
 def sublayers(kernels: list[Kernel]) -> dict[str, float]:
     """-> {"attn", "moe", "all_reduce", "rest": us} over the step's span, cut at its all-reduces (TP: one after each
     sublayer's partial sums): the stretches before them alternate attention (with the mHC step and, first, the
     step's prologue before it) and MoE sublayers (with their mHC step); after the last one, `rest` (the last mHC
     step, the head, its gather); `layers`: the all-reduce pairs. Empty without all-reduces (one GPU)."""
-    ks = sorted(kernels, key=lambda k: k.start)
-    ars = [k for k in ks if any(n in k.name.lower() for n in AR_NAMES)]
-    if not ars:
+    cuts, rest = _cut(kernels)
+    if not cuts:
         return {}
     out: Counter[str] = Counter()
-    prev = ks[0].start
-    for i, a in enumerate(ars):
-        out["moe" if i % 2 else "attn"] += max(0.0, a.start - prev)
-        out["all_reduce"] += max(0.0, a.end - max(a.start, prev))
-        prev = max(prev, a.end)
-    out["rest"] += max(0.0, max(k.end for k in ks) - prev)
-    return {**out, "layers": len(ars) / 2}
+    for i, (before, ar) in enumerate(cuts):
+        out["moe" if i % 2 else "attn"] += before
+        out["all_reduce"] += ar
+    return {**out, "rest": rest, "layers": len(cuts) / 2}
 
 
 def sublayers_by_kind(kernels: list[Kernel], kinds: list[str]) -> dict[tuple[str, str], list[float]]:
     """-> {(attn | moe, layer kind): [us per layer]}: sublayers' stretches as in sublayers, layer i of kind kinds[i]."""
-    ks = sorted(kernels, key=lambda k: k.start)
     out: dict[tuple[str, str], list[float]] = {}
-    prev = ks[0].start if ks else 0.0
-    for i, a in enumerate(k for k in ks if any(n in k.name.lower() for n in AR_NAMES)):
-        if i // 2 < len(kinds):
-            out.setdefault(("moe" if i % 2 else "attn", kinds[i // 2]), []).append(max(0.0, a.start - prev))
-        prev = max(prev, a.end)
+    for i, (before, _) in enumerate(_cut(kernels)[0][: 2 * len(kinds)]):
+        out.setdefault(("moe" if i % 2 else "attn", kinds[i // 2]), []).append(before)
     return out
 
 

@@ -35,9 +35,9 @@ class Recorder(FastCache):
         self.cols: list[int] = []
 
     def index_scores(self, layer: int, q: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, seq_of: torch.Tensor,
-                     valid_len: torch.Tensor) -> torch.Tensor:
+                     valid_len: torch.Tensor, hist: torch.Tensor | None = None) -> torch.Tensor:
         self.cols.append(slots.shape[1])
-        return super().index_scores(layer, q, w, slots, seq_of, valid_len)
+        return super().index_scores(layer, q, w, slots, seq_of, valid_len, hist)
 
 
 @pytest.mark.parametrize(("bucket", "index_topk", "max_ctx"), [(256, 4, 2048), (8, 6, 512)])

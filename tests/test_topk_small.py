@@ -20,11 +20,16 @@ from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
 pytest.importorskip("triton")
 
 
+def sort_keys(s: torch.Tensor) -> torch.Tensor:
+    """fp32 scores -> their order-preserving uint32 radix keys (int64; -inf not special-cased)."""
+    bits = s.view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
 def ordered_ref(s: torch.Tensor, k: int, vlen: torch.Tensor | None) -> torch.Tensor:
     """scores [T, L] -> [T, k] int32 in the radix path's order, on the order-preserving key (so -0.0 < +0.0)."""
     T, L = s.shape
-    bits = s.view(torch.int32).long() & 0xFFFFFFFF
-    key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    key = sort_keys(s)
     valid = s != float("-inf")
     if vlen is not None:
         valid &= torch.arange(L)[None, :] < vlen.long()[:, None]
@@ -156,14 +161,8 @@ def check_pool_rows() -> None:
 def check_indexer_strided() -> None:
     from ds4f.kernels import indexer
 
-    g = torch.Generator().manual_seed(3)
-    t, hi, di, n = 4, 16, 32, 1100
-    q = torch.randn(t, hi, di, generator=g).bfloat16()
-    w = torch.randn(t, hi, generator=g)
-    keys = torch.randn(n, di, generator=g).bfloat16()
-    slots = torch.randperm(n, generator=g).int()[None]
-    seq = torch.zeros(t, dtype=torch.int32)
-    vl = torch.tensor([n, 130, 0, 64], dtype=torch.int32)
+    slots, seq, vl, (bf16, _) = _indexer_cases(3, [1100, 130, 0, 64])
+    q, w, keys, di = bf16["q"], bf16["w"], bf16["k_pool"], 32
     ref = indexer_scores_ref(q, w, keys, slots, seq, vl, di**-0.5)
     one = indexer.indexer_scores(q, w, keys, slots, seq, vl, block_l=32, n_inner=1, zero_rank=True)
     for n_inner in (3, 4):  # 1100 columns: the last program's later blocks fall past L
@@ -178,23 +177,31 @@ def check_indexer_strided() -> None:
     print("indexer strided equal")
 
 
-def check_indexer_prefetch() -> None:
-    """DS4F_INDEXER_PREFETCH's register double-buffered loop: the same scores, bit for bit, as the default loop (bf16
-    and e4m3 keys, strided and adjacent blocks, blocks past the valid length and past L)."""
-    from ds4f.kernels import indexer
+def _indexer_cases(seed: int, vl: list[int], n: int = 1100, hi: int = 16, di: int = 32) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
+    """Random indexer inputs, one sequence of n keys, a token per valid length -> (slots, seq, valid_len, the
+    keyword arguments of indexer_scores' q / w / keys for bf16 keys, then for e4m3 keys and queries)."""
     from ds4f.kernels.fp8 import quantize_rows
+    from ds4f.kernels.index_q import quant_heads_fp8
 
-    g = torch.Generator().manual_seed(9)
-    t, hi, di, n = 3, 16, 32, 1100
+    g = torch.Generator().manual_seed(seed)
+    t = len(vl)
     q = torch.randn(t, hi, di, generator=g).bfloat16()
     w = torch.randn(t, hi, generator=g)
     keys = torch.randn(n, di, generator=g).bfloat16()
     k8, ks = quantize_rows(keys, di)
     slots = torch.randperm(n, generator=g).int()[None]
-    seq = torch.zeros(t, dtype=torch.int32)
-    vl = torch.tensor([n, 130, 0], dtype=torch.int32)
-    q8, qs = indexer.quant_heads_fp8(q)
-    cases = [dict(q=q, w=w, k_pool=keys), dict(q=q8, w=w * qs, k_pool=k8, k_scale=ks.view(-1))]
+    q8, qs = quant_heads_fp8(q)
+    return slots, torch.zeros(t, dtype=torch.int32), torch.tensor(vl, dtype=torch.int32), [
+        dict(q=q, w=w, k_pool=keys), dict(q=q8, w=w * qs, k_pool=k8, k_scale=ks.view(-1))]
+
+
+def check_indexer_prefetch() -> None:
+    """DS4F_INDEXER_PREFETCH's register double-buffered loop: the same scores, bit for bit, as the default loop (bf16
+    and e4m3 keys, strided and adjacent blocks, blocks past the valid length and past L)."""
+    from ds4f.kernels import indexer
+
+    slots, seq, vl, cases = _indexer_cases(9, [1100, 130, 0])
     for kw in cases:
         for n_inner, strided in ((3, True), (4, False), (1, True)):
             runs = []
@@ -213,19 +220,9 @@ def check_indexer_hist() -> None:
     == L), the same scores as without it, and topk_indices over its buffer (first digit pass and zeroing skipped)
     picks the same top values as the plain radix path, with the small kernel on and off and both pick paths."""
     from ds4f.kernels import indexer
-    from ds4f.kernels.fp8 import quantize_rows
 
-    g = torch.Generator().manual_seed(13)
-    t, hi, di, n, k = 5, 16, 32, 1100, 64
-    q = torch.randn(t, hi, di, generator=g).bfloat16()
-    w = torch.randn(t, hi, generator=g)
-    keys = torch.randn(n, di, generator=g).bfloat16()
-    k8, ks = quantize_rows(keys, di)
-    slots = torch.randperm(n, generator=g).int()[None]
-    seq = torch.zeros(t, dtype=torch.int32)
-    vl = torch.tensor([n, 130, 0, 700, 513], dtype=torch.int32)
-    q8, qs = indexer.quant_heads_fp8(q)
-    cases = [dict(q=q, w=w, k_pool=keys), dict(q=q8, w=w * qs, k_pool=k8, k_scale=ks.view(-1))]
+    slots, seq, vl, cases = _indexer_cases(13, [1100, 130, 0, 700, 513])
+    t, k = len(vl), 64
     for kw in cases:
         for n_inner, strided in ((3, True), (4, False), (1, True)):
             kwi = dict(slots=slots, seq_of=seq, valid_len=vl, block_l=32, n_inner=n_inner, zero_rank=True,
@@ -233,8 +230,7 @@ def check_indexer_hist() -> None:
             buf = torch.zeros(4 * t * 256 + 2 * t, dtype=torch.int32)
             sc = indexer.indexer_scores(hist=buf, **kwi)
             assert torch.equal(sc, indexer.indexer_scores(**kwi)), (kw["q"].dtype, n_inner, strided)
-            bits = sc.view(torch.int32).long() & 0xFFFFFFFF
-            key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+            key = sort_keys(sc)
             fin = sc != float("-inf")
             want = torch.stack([torch.bincount(key[r][fin[r]] >> 24, minlength=256) for r in range(t)])
             assert torch.equal(buf[: t * 256].view(t, 256).long(), want), (kw["q"].dtype, n_inner, strided)
@@ -266,21 +262,6 @@ def check_topk_sparse_add() -> None:
     print("sparse add equal")
 
 
-def test_topk_sparse_add_interpreted() -> None:
-    out = run_interpreted("test_topk_small", "check_topk_sparse_add")
-    assert "sparse add equal" in out, out
-
-
-def test_indexer_hist_interpreted() -> None:
-    out = run_interpreted("test_topk_small", "check_indexer_hist")
-    assert "indexer hist equal" in out, out
-
-
-def test_indexer_prefetch_interpreted() -> None:
-    out = run_interpreted("test_topk_small", "check_indexer_prefetch")
-    assert "indexer prefetch equal" in out, out
-
-
 def test_ordered_ref_matches_topk_ref() -> None:
     g = torch.Generator().manual_seed(1)
     s = torch.randn(3, 200, generator=g)  # distinct scores: the same set as torch.topk
@@ -303,19 +284,13 @@ def test_topk_cand_knob_refused(bad: str) -> None:
     assert r.returncode != 0 and "DS4F_TOPK_CAND" in r.stderr, r.stderr[-500:]
 
 
-def test_topk_cand_interpreted() -> None:
-    out = run_interpreted("test_topk_small", "check_topk_cand")
-    assert "candidate top-k equal" in out, out
-
-
-def test_pool_rows_interpreted() -> None:
-    out = run_interpreted("test_topk_small", "check_pool_rows")
-    assert "pool rows equal" in out, out
-
-
-def test_indexer_strided_interpreted() -> None:
-    out = run_interpreted("test_topk_small", "check_indexer_strided")
-    assert "indexer strided equal" in out, out
+@pytest.mark.parametrize(("check", "says"), [
+    ("check_topk_cand", "candidate top-k equal"), ("check_pool_rows", "pool rows equal"),
+    ("check_indexer_strided", "indexer strided equal"), ("check_indexer_prefetch", "indexer prefetch equal"),
+    ("check_indexer_hist", "indexer hist equal"), ("check_topk_sparse_add", "sparse add equal")])
+def test_interpreted(check: str, says: str) -> None:
+    out = run_interpreted("test_topk_small", check)
+    assert says in out, out
 
 
 @pytest.mark.parametrize("arch", [80, 90, 121])

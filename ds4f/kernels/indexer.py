@@ -279,7 +279,7 @@ def decode_hist_buffer(q: torch.Tensor, n_cols: int, k: int) -> torch.Tensor | N
     of T = q.shape[0] tokens over n_cols columns takes the radix top-k (Triton, T <= RADIX_MAX_ROWS, n_cols past the
     small lanes, k <= n_cols); else None (the caller runs both as before)."""
     T = q.shape[0]
-    if not INDEXER_HIST or INDEXER_PREFETCH or not use_triton(q) or not 0 < T <= RADIX_MAX_ROWS or T >= TB_MIN_T:
+    if not INDEXER_HIST or INDEXER_PREFETCH or not use_triton(q) or not 0 < T <= RADIX_MAX_ROWS:
         return None
     small = SMALL_KNOBS[0]
     if not small or n_cols <= small or k > n_cols:

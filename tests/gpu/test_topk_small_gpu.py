@@ -23,11 +23,31 @@ K = 512
 VLENS = (0, 100, 512, 2048, 8192, 262144)
 
 
+def sort_keys(s: torch.Tensor) -> torch.Tensor:
+    """fp32 scores -> their order-preserving uint32 radix keys (int64; -inf not special-cased)."""
+    bits = s.view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+def indexer_inputs(seed: int, T: int, L: int, fp8: bool, hi: int = 64, d: int = 128) -> tuple[torch.Tensor, ...]:
+    """Random decode indexer inputs over one sequence's L keys -> q, w, keys (bf16, or e4m3 with per-row scales ks),
+    ks (None for bf16), slots [1, L], seq [T]."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(T, hi, d, device="cuda", generator=g).bfloat16()
+    w = torch.randn(T, hi, device="cuda", generator=g)
+    keys = torch.randn(L, d, device="cuda", generator=g).bfloat16()
+    ks = None
+    if fp8:
+        ks = keys.float().abs().amax(1).clamp(min=1e-6) / 448
+        keys = (keys.float() / ks[:, None]).to(torch.float8_e4m3fn)
+    slots = torch.randperm(L, device="cuda", generator=g).int()[None]
+    return q, w, keys, ks, slots, torch.zeros(T, dtype=torch.int32, device="cuda")
+
+
 def ordered_ref(s: torch.Tensor, k: int, vlen: torch.Tensor) -> torch.Tensor:
     """[T, L] -> [T, k] int32 in the radix path's order, on the order-preserving uint32 key."""
     T, L = s.shape
-    bits = s.view(torch.int32).long() & 0xFFFFFFFF
-    key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    key = sort_keys(s)
     ar = torch.arange(L, device=s.device)
     valid = (s != float("-inf")) & (ar[None, :] < vlen.long()[:, None])
     key = torch.where(valid, key, 0)
@@ -90,17 +110,8 @@ def test_topk_small_graph(T: int, L: int) -> None:
 def test_indexer_strided_equal(fp8: bool) -> None:
     from ds4f.kernels import indexer as ix
 
-    g = torch.Generator(device="cuda").manual_seed(5)
-    T, hi, d, L = 4, 64, 128, 262144
-    q = torch.randn(T, hi, d, device="cuda", generator=g).bfloat16()
-    w = torch.randn(T, hi, device="cuda", generator=g)
-    keys = torch.randn(L, d, device="cuda", generator=g).bfloat16()
-    ks = None
-    if fp8:
-        ks = keys.float().abs().amax(1).clamp(min=1e-6) / 448
-        keys = (keys.float() / ks[:, None]).to(torch.float8_e4m3fn)
-    slots = torch.randperm(L, device="cuda", generator=g).int()[None]
-    seq = torch.zeros(T, dtype=torch.int32, device="cuda")
+    T, d, L = 4, 128, 262144
+    q, w, keys, ks, slots, seq = indexer_inputs(5, T, L, fp8, d=d)
     for lens in ([2048, 2049, 100, 0], [L, L - 5, 8192, 1]):
         vl = torch.tensor(lens, dtype=torch.int32, device="cuda")
         for n_l in (L, 2048):  # a long pool at short depth; a pool the size of the depth
@@ -129,17 +140,8 @@ def test_indexer_hist_topk_graph(fp8: bool) -> None:
     # written scores, the scores bit-equal to the plain indexer's, the picks the k largest
     from ds4f.kernels import indexer as ix
 
-    g = torch.Generator(device="cuda").manual_seed(8)
-    T, hi, d, L = 2, 64, 128, 262144
-    q = torch.randn(T, hi, d, device="cuda", generator=g).bfloat16()
-    w = torch.randn(T, hi, device="cuda", generator=g)
-    keys = torch.randn(L, d, device="cuda", generator=g).bfloat16()
-    ks = None
-    if fp8:
-        ks = keys.float().abs().amax(1).clamp(min=1e-6) / 448
-        keys = (keys.float() / ks[:, None]).to(torch.float8_e4m3fn)
-    slots = torch.randperm(L, device="cuda", generator=g).int()[None]
-    seq = torch.zeros(T, dtype=torch.int32, device="cuda")
+    T, L = 2, 262144
+    q, w, keys, ks, slots, seq = indexer_inputs(8, T, L, fp8)
     vl = torch.zeros(T, dtype=torch.int32, device="cuda")
     ix.INDEXER_HIST = True
     try:
@@ -163,8 +165,7 @@ def test_indexer_hist_topk_graph(fp8: bool) -> None:
             torch.cuda.synchronize()
             sc, h0, got = out
             assert torch.equal(sc, indexer_scores(q, w, keys, slots, seq, vl, k_scale=ks, zero_rank=True)), lens
-            bits = sc.view(torch.int32).long() & 0xFFFFFFFF
-            key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+            key = sort_keys(sc)
             fin = sc != float("-inf")
             want = torch.stack([torch.bincount(key[r][fin[r]] >> 24, minlength=256) for r in range(T)])
             assert torch.equal(h0.view(T, 256).long(), want), lens

@@ -335,7 +335,7 @@ class FastModel:
         q, w = iq[lo:hi], iw[lo:hi]
         # DS4F_INDEXER_HIST=1: the indexer counts the top-k's first radix digit (None where that does not apply)
         hist = None if sp else decode_hist_buffer(q, d.slots[m].shape[1], k)
-        sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis, **({} if hist is None else {"hist": hist}))
+        sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis, hist)
         rows = (d.bt_tok, d.win, cache.comp_base, cache.epb(m))
         if not sp and self.topk_rows and hist is None:
             out = topk_pool_rows(sc, k, vis, *rows)

@@ -206,10 +206,9 @@ class FastCache:
         """indexer_scores over layer's index keys (arguments as ds4f.kernels.indexer_scores, zero_rank on: exact
         zeros tie-broken by id) -> [T, L] fp32."""
         keys = self.index[layer]
-        if isinstance(keys, Fp8Keys):
-            return indexer_scores(q, w, keys.keys, slots, seq_of, valid_len, k_scale=keys.scale, zero_rank=True,
-                                  hist=hist)
-        return indexer_scores(q, w, keys, slots, seq_of, valid_len, zero_rank=True, hist=hist)
+        fp8 = isinstance(keys, Fp8Keys)
+        return indexer_scores(q, w, keys.keys if fp8 else keys, slots, seq_of, valid_len,
+                              k_scale=keys.scale if fp8 else None, zero_rank=True, hist=hist)
 
     def ring(self, layer: int) -> int:
         m = self.ratio[layer]
