@@ -32,7 +32,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench/results/decode_long.jsonl"))
     ap.add_argument("--command", default=" ".join(sys.argv))
+    # the second attention timing's live keys: 192 = depth 64 under the full-length graphs; with the 32768-token
+    # context class (the default) those graphs serve contexts past 32768, >= 384 HCA rows
+    ap.add_argument("--short-live", type=int, default=192)
+    ap.add_argument("--parts", default="indexer,attn,topk", help="comma list of indexer, attn, topk")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     meta = run_meta(args.command)
     g = torch.Generator(device="cuda").manual_seed(0)
     dev = "cuda"
@@ -58,9 +63,10 @@ def main() -> None:
         return indexer_scores(q8, w, k8, slots, seq, vl, k_scale=ks, block_l=bl, n_inner=ni or None, num_warps=nw,
                               num_stages=ns, token_block=1, zero_rank=True)
 
-    ix = sweep("indexer", [(64, 0, 4, 4), (128, 0, 4, 3), (128, 4, 4, 3), (128, 2, 4, 3), (256, 2, 8, 3),
-                           (256, 1, 8, 3), (64, 4, 4, 4), (128, 8, 4, 3), (256, 4, 8, 2), (128, 1, 4, 3)],
-               run_ix, lambda a, b: (bool(torch.equal(a, b)), 0.0), rec("indexer"))
+    ix = None if "indexer" not in parts else sweep("indexer", [
+        (64, 0, 4, 4), (128, 0, 4, 3), (128, 4, 4, 3), (128, 2, 4, 3), (256, 2, 8, 3), (256, 1, 8, 3),
+        (64, 4, 4, 4), (128, 8, 4, 3), (256, 4, 8, 2), (128, 1, 4, 3)],
+        run_ix, lambda a, b: (bool(torch.equal(a, b)), 0.0), rec("indexer"))
 
     # HCA attention: 8192 entries + 128 window rows, 32 heads
     H, D, K = 32, 512, 8320
@@ -68,9 +74,9 @@ def main() -> None:
     idx = torch.randperm(16384, device=dev, generator=g)[:K].int()[None].contiguous()
     qa = torch.randn(1, H, D, device=dev, generator=g).bfloat16()
     sink = torch.randn(H, device=dev, generator=g)
-    full, short = (torch.full((1,), n, dtype=torch.int32, device=dev) for n in (K, 192))
+    full, short = (torch.full((1,), n, dtype=torch.int32, device=dev) for n in (K, args.short_live))
     idx_short = idx.clone()
-    idx_short[:, 192:] = -1
+    idx_short[:, args.short_live:] = -1
 
     def run_at(bh: int, bk: int, nw: int, ns: int, sp: int, cu: int = 0, live: torch.Tensor = full,
                ids: torch.Tensor = idx) -> torch.Tensor:
@@ -90,11 +96,14 @@ def main() -> None:
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         return err < 1e-2, err
 
-    # the first: the tiles before the one-round combine (16-head rounds of 4 splits, 64 splits)
-    at = sweep("attn", [(0, 0, 0, 0, 0, 4), (0, 0, 0, 0, 0, 0), (16, 32, 4, 2, 128, 0), (16, 32, 4, 2, 256, 0),
-                        (16, 64, 4, 2, 128, 0), (16, 32, 8, 2, 128, 0), (16, 16, 4, 2, 256, 0),
-                        (32, 32, 4, 2, 128, 0), (16, 32, 4, 2, 32, 0)],
-               run_at, close, rec("attn"), extra=short_us)
+    # (block_h, block_k, warps, stages, splits asked, combine unroll); the first: the defaults (16, 32, 4, 2, 52
+    # splits of 160 keys over 2 head blocks); splits asked n give ceil(ceil(8320 / n) / block_k) * block_k keys each
+    at = None if "attn" not in parts else sweep("attn", [
+        (0, 0, 0, 0, 0, 0), (16, 64, 4, 2, 128, 0), (16, 64, 4, 3, 128, 0), (16, 64, 8, 2, 128, 0),
+        (16, 64, 4, 1, 128, 0), (16, 128, 8, 2, 65, 0), (16, 64, 4, 2, 130, 0), (16, 32, 4, 2, 260, 0),
+        (16, 32, 4, 3, 52, 0), (32, 64, 8, 2, 130, 0), (32, 64, 8, 2, 65, 0), (32, 32, 8, 2, 130, 0),
+        (32, 32, 8, 2, 260, 0), (32, 128, 8, 2, 65, 0), (16, 64, 4, 2, 44, 0), (16, 128, 8, 2, 33, 0)],
+        run_at, close, rec("attn"), extra=short_us)
 
     # radix top-512 of 262,144 scores
     sc = torch.randn(1, L, device=dev, generator=g)
@@ -105,8 +114,9 @@ def main() -> None:
     def same_set(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
         return bool(torch.equal(a.sort(1).values, b.sort(1).values)), 0.0
 
-    tk = sweep("topk", [(1024, 0), (2048, 128), (4096, 64), (1024, 128), (2048, 64), (512, 264), (4096, 32),
-                        (8192, 32)], run_tk, same_set, rec("topk"))
+    tk = None if "topk" not in parts else sweep("topk", [
+        (1024, 0), (2048, 128), (4096, 64), (1024, 128), (2048, 64), (512, 264), (4096, 32), (8192, 32)],
+        run_tk, same_set, rec("topk"))
 
     picks = []
     if ix:
@@ -115,7 +125,7 @@ def main() -> None:
         if at[0]:
             picks.append("DS4F_ATTN_DECODE=" + ",".join(map(str, at[:4])))
         if at[4]:
-            picks.append(f"DS4F_ATTN_MAX_SPLITS={at[4]}")
+            picks.append(f"num_splits={at[4]}")
         picks.append(f"DS4F_ATTN_COMBINE_UNROLL={at[5]}")
     if tk:
         picks.append("DS4F_TOPK_DECODE=" + ",".join(map(str, (tk[0], tk[1]))))
