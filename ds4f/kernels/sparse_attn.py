@@ -43,6 +43,12 @@ if COMBINE_UNROLL < 0 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
     raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be 0 (auto) or a power of two (1 = one split "
                      "at a time)")
 COMBINE_MAX_UNROLL = 128
+# DS4F_ATTN_DQ16=1: fp8_ds_mla rows (with native e4m3 converts) dequantize to bf16 without an fp32 tile (the same
+# rows; half the registers of the widest tile); read at each launch (benches swap it)
+DQ16 = os.environ.get("DS4F_ATTN_DQ16", "0") == "1"
+# DS4F_ATTN_PREFETCH=1: decode calls over fp8_ds_mla rows run the key loop pipelined by hand (the next block's row
+# loads in flight during this block's math; sparse_attn_kernels._prefetch_loop); read at each launch
+PREFETCH = os.environ.get("DS4F_ATTN_PREFETCH", "0") == "1"
 COMBINE_TILE = 8192  # fp32 partials one combine program holds: UNROLL x BLOCK_H x BLOCK_DC (64 registers at 4 warps)
 
 
@@ -257,7 +263,7 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     # H200's 227 KB) gets the largest smaller one that loads: found once per shape by the launch failing before it
     # runs (Triton's OutOfResources), kept in _FITTED
     key = (q.device, T if T < PREFILL_MIN_T else -1, H, D, K, ng, nope, native_fp8, block_h, block_k, num_warps,
-           num_stages, num_splits, live is not None, inv_rope is not None, q_norm is not None)
+           num_stages, num_splits, live is not None, inv_rope is not None, q_norm is not None, DQ16, PREFETCH)
     cfg = _FITTED.get(key, (block_h, block_k, num_warps, num_stages))
     while True:
         try:
@@ -327,7 +333,9 @@ def _launch_tiles(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: to
         q_norm if q_norm is not None else 0.0,
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
         NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, HALF=half, DYN=dyn, FUSE=fuse,
-        SKIP=pol.skip and decode and live is None, QNR=q_norm is not None, num_warps=num_warps, num_stages=num_stages,
+        SKIP=pol.skip and decode and live is None, QNR=q_norm is not None, DQ16=DQ16 and native_fp8 and nope > 0,
+        PREFETCH=PREFETCH and decode and nope > 0,
+        num_warps=num_warps, num_stages=num_stages,
         **pdl.launch(q.device),
     )
     if split and not fuse:
