@@ -78,18 +78,16 @@ def main() -> None:
     idx_short = idx.clone()
     idx_short[:, args.short_live:] = -1
 
-    def run_at(bh: int, bk: int, nw: int, ns: int, sp: int, cu: int = 0, dq: int = 0, pf: int = 0,
-               live: torch.Tensor = full, ids: torch.Tensor = idx) -> torch.Tensor:
-        # cu: _attn_combine's splits per round (sparse_attn.COMBINE_UNROLL; 0 = all at once, the default); dq, pf:
-        # sparse_attn.DQ16 / PREFETCH (DS4F_ATTN_DQ16 / DS4F_ATTN_PREFETCH)
+    def run_at(bh: int, bk: int, nw: int, ns: int, sp: int, cu: int = 0, live: torch.Tensor = full,
+               ids: torch.Tensor = idx) -> torch.Tensor:
+        # cu: _attn_combine's splits per round (sparse_attn.COMBINE_UNROLL; 0 = all at once, the default)
         kw = {} if not bh else dict(block_h=bh, block_k=bk, num_warps=nw, num_stages=ns)
-        prev = sa.COMBINE_UNROLL, sa.DQ16, sa.PREFETCH
-        sa.COMBINE_UNROLL, sa.DQ16, sa.PREFETCH = cu, bool(dq), bool(pf)
+        prev, sa.COMBINE_UNROLL = sa.COMBINE_UNROLL, cu
         try:
             return sparse_attn(qa, nope, ids, sink, D**-0.5, exp, kv_rope=rope, live=live, num_splits=sp or None,
                                **kw)
         finally:
-            sa.COMBINE_UNROLL, sa.DQ16, sa.PREFETCH = prev
+            sa.COMBINE_UNROLL = prev
 
     def short_us(v: tuple) -> float:
         return time_us(lambda: run_at(*v, live=short, ids=idx_short), iters=30)  # type: ignore[misc]
@@ -98,16 +96,13 @@ def main() -> None:
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         return err < 1e-2, err
 
-    # (block_h, block_k, warps, stages, splits asked, combine unroll, DQ16, PREFETCH); the first: the defaults (16,
-    # 32, 4, 2, 52 splits of 160 keys over 2 head blocks); splits asked n give ceil(ceil(8320 / n) / block_k) *
-    # block_k keys each
+    # (block_h, block_k, warps, stages, splits asked, combine unroll); the first: the defaults (16, 32, 4, 2, 52
+    # splits of 160 keys over 2 head blocks); splits asked n give ceil(ceil(8320 / n) / block_k) * block_k keys each
     at = None if "attn" not in parts else sweep("attn", [
-        (0, 0, 0, 0, 0, 0, 0, 0), (16, 64, 8, 2, 128, 0, 0, 0), (16, 64, 8, 2, 128, 0, 1, 0),
-        (16, 64, 8, 2, 128, 0, 0, 1), (16, 64, 8, 2, 128, 0, 1, 1), (16, 32, 4, 2, 0, 0, 0, 1),
-        (16, 32, 4, 2, 0, 0, 1, 1), (16, 32, 8, 2, 0, 0, 0, 1), (16, 32, 8, 2, 0, 0, 1, 1),
-        (32, 32, 8, 2, 0, 0, 0, 1), (32, 32, 8, 2, 0, 0, 1, 1), (32, 64, 8, 2, 0, 0, 1, 1),
-        (16, 64, 8, 2, 65, 0, 1, 1), (16, 32, 8, 2, 65, 0, 1, 1), (16, 16, 4, 2, 0, 0, 1, 1),
-        (16, 64, 4, 2, 128, 0, 1, 1), (32, 64, 8, 2, 130, 0, 1, 1)],
+        (0, 0, 0, 0, 0, 0), (16, 64, 4, 2, 128, 0), (16, 64, 4, 3, 128, 0), (16, 64, 8, 2, 128, 0),
+        (16, 64, 4, 1, 128, 0), (16, 128, 8, 2, 65, 0), (16, 64, 4, 2, 130, 0), (16, 32, 4, 2, 260, 0),
+        (16, 32, 4, 3, 52, 0), (32, 64, 8, 2, 130, 0), (32, 64, 8, 2, 65, 0), (32, 32, 8, 2, 130, 0),
+        (32, 32, 8, 2, 260, 0), (32, 128, 8, 2, 65, 0), (16, 64, 4, 2, 44, 0), (16, 128, 8, 2, 33, 0)],
         run_at, close, rec("attn"), extra=short_us)
 
     # radix top-512 of 262,144 scores

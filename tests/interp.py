@@ -1,7 +1,6 @@
 """Run a test module's check function in a fresh process under TRITON_INTERPRET=1 (triton.jit picks the
-interpreter when a kernel is defined), with the fixes Triton 3.6's interpreter needs under numpy 2: a runtime
-loop bound (a 1-element array) as a Python int, and tl.dot and products of bf16 operands (held as uint16 bits)
-through fp32 (products rounded back to bf16, to nearest even)."""
+interpreter when a kernel is defined), with the two fixes Triton 3.6's interpreter needs under numpy 2: a runtime
+loop bound (a 1-element array) as a Python int, and tl.dot of bf16 operands (held as uint16 bits) through fp32."""
 
 from __future__ import annotations
 
@@ -20,15 +19,8 @@ def f32(x):
     if x.dtype.scalar != tl.bfloat16:
         return x
     return ti.TensorHandle(ti._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
-def bf16_mul(self, a, b):
-    if a.dtype.scalar != tl.bfloat16:
-        return orig_mul(self, a, b)
-    prod = torch.from_numpy(np.ascontiguousarray(f32(a).data * f32(b).data)).to(torch.bfloat16)  # RNE
-    return ti.TensorHandle(prod.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-orig_mul = ti.InterpreterBuilder.create_fmul
 ti._patch_lang_tensor = patch
 ti.InterpreterBuilder.create_dot = lambda self, a, b, d, *rest: orig_dot(self, f32(a), f32(b), d, *rest)
-ti.InterpreterBuilder.create_fmul = bf16_mul
 import sys
 sys.path.insert(0, sys.argv[1])
 """

@@ -263,11 +263,7 @@ def check_fused_stores(device: str) -> None:
 
 
 def check_interpreted() -> None:
-    import importlib
-
     from ds4f.kernels.sparse_attn import use_triton
-
-    sa = importlib.import_module("ds4f.kernels.sparse_attn")  # the module (the package re-exports the function)
 
     check_fused_stores("cpu")
 
@@ -282,30 +278,13 @@ def check_interpreted() -> None:
                 # bf16 output, and p rounded to bf16 before the PV product (as on the bf16 pool path)
                 torch.testing.assert_close(got, want, atol=1.5e-2, rtol=1e-2)
                 print(hd, native, splits, f"max |err| {(got - want).abs().max().item():.2e}")
-                # DS4F_ATTN_DQ16 (the rows dequantized in bf16: the same rows) and DS4F_ATTN_PREFETCH (the same
-                # blocks in the same order, loads issued ahead): bit for bit, also with a live bound, and both
-                sets = [(("DQ16", True),)] if native else []
-                for knobs in [*sets, (("PREFETCH", True),), (("PREFETCH", True), ("DQ16", native))]:
-                    for live in (None, torch.full((idx.shape[0],), idx.shape[1] - 3, dtype=torch.int32)):
-                        base = got if live is None else sparse_attn(
-                            q, nope, idx, sink, hd**-0.5, exp, kv_rope=rp, native_fp8=native, num_splits=splits,
-                            live=live).float()
-                        for name, v in knobs:
-                            setattr(sa, name, v)
-                        try:
-                            other = sparse_attn(q, nope, idx, sink, hd**-0.5, exp, kv_rope=rp, native_fp8=native,
-                                                num_splits=splits, live=live).float()
-                        finally:
-                            sa.DQ16 = sa.PREFETCH = False
-                        assert torch.equal(other, base), (hd, splits, knobs, live)
-                print("knobs equal")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_sparse_attn_split_rows_triton_interpreted() -> None:
     out = run_interpreted("test_fast_fp8_kv", "check_interpreted")
     print(out)
-    assert out.count("max |err|") == 8 and out.count("knobs equal") == 8 and "fused stores: bit-exact" in out
+    assert out.count("max |err|") == 8 and "fused stores: bit-exact" in out
 
 
 # ---- bytes ----

@@ -49,7 +49,9 @@ DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (1
 INDEXER_PREFETCH = bool((env_knobs("DS4F_INDEXER_PREFETCH", 1, "1", minimum=0) or (0,))[0])
 # decode over rows past the small top-k's lanes: the indexer adds the radix top-k's first-digit histogram of the
 # scores it writes (indexer_scores hist=), so the top-k skips its first digit pass (a read of the whole row) and the
-# small kernel's zeroing (the buffer comes zeroed); opt-in until timed on a GPU
+# small kernel's zeroing (the buffer comes zeroed); opt-in: H200, one token at 1M (bench/kernel_times_long.py,
+# session 15), the chain 49.9 vs 51.7 us alone, 49.2 vs 49.3 with DS4F_TOPK_SPARSE_ADD (now the default): the indexer
+# takes 2.5 us longer for the pass it saves
 INDEXER_HIST = bool((env_knobs("DS4F_INDEXER_HIST", 1, "1", minimum=0) or (0,))[0])
 TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,128", minimum=0) or (2048, 0)
 # rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off;

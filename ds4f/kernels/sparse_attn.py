@@ -30,11 +30,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _SM_COUNT: dict[int, int] = {}
 # key splits per (token, head block) when num_splits is not given; DS4F_ATTN_MAX_SPLITS=0 lifts the cap (A/B). H200,
-# one token, 32 heads, 8320 HCA keys at 1M: 51.6 us at 64 vs 62.9 at 32 (bench/results/decode_long.jsonl)
-MAX_SPLITS = int(os.environ.get("DS4F_ATTN_MAX_SPLITS", "64")) or 1 << 30
-# ... and at most SPLIT_PROGRAMS // head blocks, so one token keeps the 128 programs both measured points had: 32
-# heads (TP=2, 2 blocks of 16) x 64 splits above, 64 heads (one GPU, 4 blocks) x 32 splits (session 5 8-layer run)
-SPLIT_PROGRAMS = 128
+# one token, 32 heads, 8320 HCA keys at 1M (bench/results/decode_long.jsonl): 51.6 us at 64 vs 62.9 at 32 (session
+# 5's tiles); with the 64-key 8-warp tiles below, 128 asked (65 splits of 128 keys) 24.0 us vs 37.9 for 44 of 192
+# (4 warps; session 15)
+MAX_SPLITS = int(os.environ.get("DS4F_ATTN_MAX_SPLITS", "128")) or 1 << 30
+# ... and at most SPLIT_PROGRAMS // head blocks: 32 heads (TP=2, 2 blocks of 16) -> 128 (the 130 programs of the
+# measured point above); 64 heads (one GPU, 4 blocks) -> 64 (not timed since the 64-key tiles)
+SPLIT_PROGRAMS = 256
 # splits _attn_combine merges per iteration; 0 (default): all of them at once (up to COMBINE_MAX_UNROLL) in tiles of
 # fewer heads, so no chain of dependent partial loads: at 1M context an HCA layer's 64 splits in 16 rounds of 4 took
 # ~30 us per layer; a power of two: that many per round over 16-head tiles (the former shape, A/B)
@@ -43,12 +45,6 @@ if COMBINE_UNROLL < 0 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
     raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be 0 (auto) or a power of two (1 = one split "
                      "at a time)")
 COMBINE_MAX_UNROLL = 128
-# DS4F_ATTN_DQ16=1: fp8_ds_mla rows (with native e4m3 converts) dequantize to bf16 without an fp32 tile (the same
-# rows; half the registers of the widest tile); read at each launch (benches swap it)
-DQ16 = os.environ.get("DS4F_ATTN_DQ16", "0") == "1"
-# DS4F_ATTN_PREFETCH=1: decode calls over fp8_ds_mla rows run the key loop pipelined by hand (the next block's row
-# loads in flight during this block's math; sparse_attn_kernels._prefetch_loop); read at each launch
-PREFETCH = os.environ.get("DS4F_ATTN_PREFETCH", "0") == "1"
 COMBINE_TILE = 8192  # fp32 partials one combine program holds: UNROLL x BLOCK_H x BLOCK_DC (64 registers at 4 warps)
 
 
@@ -62,7 +58,12 @@ def combine_shape(num_splits: int, block_d: int) -> tuple[int, int, int]:
 # "block_h,block_k,num_warps,num_stages" for calls of < PREFILL_MIN_T tokens with >= LONG_K keys per token (the HCA
 # layers' lists at a long max_ctx; bench/sweep_decode_long.py) ...
 LONG_K = 2048
-DECODE_KNOBS = env_knobs("DS4F_ATTN_DECODE", 4, "16,32,4,2")
+# H200, session 15 (bench/sweep_decode_long.py --parts attn, 8320 keys, L2 flushed): 16,64,8,2 (65 splits) 24.0 us vs
+# 33.9 for the former 16,32,4,2 (52 splits of 160); with 384 live keys (a 32K-128K context under the full-length
+# graphs) 15.9 vs 14.2. Not faster: the key loop pipelined by hand (register-double-buffered gathers: 29-634 us,
+# spills) and rows dequantized in bf16 without the fp32 tile (25.3 us)
+DECODE_KNOBS = env_knobs("DS4F_ATTN_DECODE", 4, "16,64,8,2")
+LONG_FP8_KNOBS = DECODE_KNOBS or (16, 64, 8, 2)  # fp8 rows (the sweep's); bf16 rows keep the built-in tiles
 # ... and with fewer (window, CSA top-k and short-context HCA lists; bench/sweep_attn_decode.py, H200, 32 heads, one
 # token, 2026-11-29: 8 warps 11.6-12.8 us vs 17.0-17.6 for the former tiles at 128-192 keys; lists of >= MID_K keys
 # (CSA: window + top-512) 64-key blocks: 16.5-16.8 vs 17.7-18.3 us at 640)
@@ -243,7 +244,10 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     pol = POLICY if decode and fp8_rows else OLD_POLICY
     if PREFILL_KNOBS and not decode and block_k is None and num_warps is None:
         block_k, num_warps, num_stages = PREFILL_KNOBS
-    knobs = DECODE_KNOBS if K >= LONG_K else None if not fp8_rows else MID_KNOBS if K >= MID_K else SHORT_KNOBS
+    if K >= LONG_K:
+        knobs = LONG_FP8_KNOBS if fp8_rows else DECODE_KNOBS
+    else:
+        knobs = None if not fp8_rows else MID_KNOBS if K >= MID_K else SHORT_KNOBS
     if knobs and decode and block_h is None and block_k is None:
         block_h, block_k, num_warps, num_stages = knobs
     block_d = triton.next_power_of_2(D)
@@ -263,7 +267,7 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     # H200's 227 KB) gets the largest smaller one that loads: found once per shape by the launch failing before it
     # runs (Triton's OutOfResources), kept in _FITTED
     key = (q.device, T if T < PREFILL_MIN_T else -1, H, D, K, ng, nope, native_fp8, block_h, block_k, num_warps,
-           num_stages, num_splits, live is not None, inv_rope is not None, q_norm is not None, DQ16, PREFETCH)
+           num_stages, num_splits, live is not None, inv_rope is not None, q_norm is not None)
     cfg = _FITTED.get(key, (block_h, block_k, num_warps, num_stages))
     while True:
         try:
@@ -333,9 +337,7 @@ def _launch_tiles(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: to
         q_norm if q_norm is not None else 0.0,
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
         NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, HALF=half, DYN=dyn, FUSE=fuse,
-        SKIP=pol.skip and decode and live is None, QNR=q_norm is not None, DQ16=DQ16 and native_fp8 and nope > 0,
-        PREFETCH=PREFETCH and decode and nope > 0,
-        num_warps=num_warps, num_stages=num_stages,
+        SKIP=pol.skip and decode and live is None, QNR=q_norm is not None, num_warps=num_warps, num_stages=num_stages,
         **pdl.launch(q.device),
     )
     if split and not fuse:

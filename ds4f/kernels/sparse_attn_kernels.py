@@ -14,42 +14,17 @@ from ds4f.kernels.rope_tile import inv_rope_tile, norm_rope_tile
 
 
 @triton.jit
-def _kv_raw(kv_ptr, exp_ptr, rope_ptr, ridx, valid, offs_d, dmask, s_kvn, s_en, s_rn, BLOCK_D: tl.constexpr,
-            NOPE: tl.constexpr):
-    # the loads of fp8_ds_mla rows (NOPE > 0): e4m3 bits [BLOCK_K, BLOCK_D] uint8 (0 at columns >= NOPE), the
-    # exponent bytes [BLOCK_K, BLOCK_D // 64] (or [BLOCK_K] for one group), the bf16 rope columns [BLOCK_K, BLOCK_D]
-    # (0 at columns < NOPE)
-    nm = offs_d < NOPE
-    x = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & nm[None, :], other=0)
-    NGB: tl.constexpr = BLOCK_D // 64
-    if NGB == 1:
-        e = tl.load(exp_ptr + ridx * s_en, mask=valid, other=0)
+def _kv_row_tile(kv_ptr, exp_ptr, rope_ptr, ridx, valid, offs_d, dmask, s_kvn, s_en, s_rn,
+                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    # NOPE == 0: plain rows [BLOCK_K, BLOCK_D] as stored (bf16, or e4m3 that the caller scales). Else fp8_ds_mla
+    # rows -> bf16 (exact): columns < NOPE = e4m3 bits (uint8) * 2^(exp - 127), one exponent byte per 64 columns;
+    # columns >= NOPE from the bf16 rope rows
+    if NOPE == 0:
+        out = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
+                      other=0.0)
     else:
-        offs_g = tl.arange(0, NGB)
-        e = tl.load(exp_ptr + ridx[:, None] * s_en + offs_g[None, :],
-                    mask=valid[:, None] & (offs_g * 64 < NOPE)[None, :], other=0)
-    r = tl.load(rope_ptr + ridx[:, None] * s_rn + (offs_d - NOPE)[None, :],
-                mask=valid[:, None] & (~nm & dmask)[None, :], other=0.0)
-    return x, e, r
-
-
-@triton.jit
-def _kv_dequant(x, e, r, offs_d, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NOPE: tl.constexpr,
-                NATIVE_FP8: tl.constexpr, DQ16: tl.constexpr):
-    # _kv_raw's loads -> the rows [BLOCK_K, BLOCK_D] bf16 (exact): columns < NOPE = e4m3 * 2^(exp - 127), the rest
-    # the rope columns. DQ16 (with NATIVE_FP8): the tile never widens to fp32 (half the registers of the widest
-    # tile; the same values: a power-of-two scale is exact in bf16)
-    nm = offs_d < NOPE
-    NGB: tl.constexpr = BLOCK_D // 64
-    if DQ16 and NATIVE_FP8:
-        xb = x.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-        sc = tl.exp2(e.to(tl.float32) - 127.0).to(tl.bfloat16)
-        if NGB == 1:
-            xb = xb * sc[:, None]
-        else:
-            xb = xb * tl.reshape(tl.broadcast_to(sc[:, :, None], [BLOCK_K, NGB, 64]), [BLOCK_K, BLOCK_D])
-        out = tl.where(nm[None, :], xb, r)
-    else:
+        nm = offs_d < NOPE
+        x = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & nm[None, :], other=0)
         if NATIVE_FP8:  # sm_89+: hardware e4m3 convert
             xf = x.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             bias = 127.0
@@ -57,40 +32,31 @@ def _kv_dequant(x, e, r, offs_d, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, N
             h = x.to(tl.uint16)
             xf = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
             bias = 119.0
-        sc = tl.exp2(e.to(tl.float32) - bias)
+        NGB: tl.constexpr = BLOCK_D // 64
         if NGB == 1:
-            xf = xf * sc[:, None]
+            e = tl.load(exp_ptr + ridx * s_en, mask=valid, other=0)
+            xf = xf * tl.exp2(e.to(tl.float32) - bias)[:, None]
         else:
+            offs_g = tl.arange(0, NGB)
+            e = tl.load(exp_ptr + ridx[:, None] * s_en + offs_g[None, :],
+                        mask=valid[:, None] & (offs_g * 64 < NOPE)[None, :], other=0)
+            sc = tl.exp2(e.to(tl.float32) - bias)
             xf = xf * tl.reshape(tl.broadcast_to(sc[:, :, None], [BLOCK_K, NGB, 64]), [BLOCK_K, BLOCK_D])
+        r = tl.load(rope_ptr + ridx[:, None] * s_rn + (offs_d - NOPE)[None, :],
+                    mask=valid[:, None] & (~nm & dmask)[None, :], other=0.0)
         out = tl.where(nm[None, :], xf, r.to(tl.float32)).to(tl.bfloat16)
     return out
-
-
-@triton.jit
-def _kv_row_tile(kv_ptr, exp_ptr, rope_ptr, ridx, valid, offs_d, dmask, s_kvn, s_en, s_rn,
-                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr,
-                 DQ16: tl.constexpr = False):
-    # NOPE == 0: plain rows [BLOCK_K, BLOCK_D] as stored (bf16, or e4m3 that the caller scales). Else fp8_ds_mla
-    # rows -> bf16 (exact; _kv_raw, _kv_dequant)
-    if NOPE == 0:
-        out = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
-                      other=0.0)
-    else:
-        x, e, r = _kv_raw(kv_ptr, exp_ptr, rope_ptr, ridx, valid, offs_d, dmask, s_kvn, s_en, s_rn, BLOCK_D, NOPE)
-        out = _kv_dequant(x, e, r, offs_d, BLOCK_K, BLOCK_D, NOPE, NATIVE_FP8, DQ16)
-    return out
-
 
 @triton.jit
 def _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn, s_rn, qk_scale,
                BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, SCALE_BCAST: tl.constexpr,
-               NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, go, DQ16: tl.constexpr = False):
+               NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, go):
     # one key block (idx [BLOCK_K], -1 = none) into the online softmax's running (m, l, acc); go False (SKIP,
     # a block of -1 only): unchanged
     if go:
         valid = idx >= 0
         rows = _kv_row_tile(kv_ptr, kvs_ptr, rope_ptr, idx.to(tl.int64), valid, offs_d, dmask,
-                            s_kvn, s_kvsn, s_rn, BLOCK_K, BLOCK_D, NOPE, NATIVE_FP8, DQ16)
+                            s_kvn, s_kvsn, s_rn, BLOCK_K, BLOCK_D, NOPE, NATIVE_FP8)
         # fp8 rows dequantize exactly to bf16 (power-of-two scales); through fp32, which measured faster than
         # Triton 3.6's direct e4m3 -> bf16 / fp16 converts on H200
         if NG == 1:
@@ -111,49 +77,15 @@ def _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kv
                     rows = tl.reshape(rows.to(tl.float32), [BLOCK_K, NG, BLOCK_D // NG]) * sc[:, :, None]
                     rows = tl.reshape(rows, [BLOCK_K, BLOCK_D]).to(tl.bfloat16)
             s = tl.dot(q, tl.trans(rows)) * qk_scale  # [BLOCK_H, BLOCK_K]
-            sc = s  # unused (NG != 1)
-        m, l, acc = _online_step(s, rows, valid, sc, m, l, acc, NG == 1)
-    return m, l, acc
-
-
-@triton.jit
-def _online_step(s, rows, valid, sc, m, l, acc, ROW_SCALE: tl.constexpr):
-    # logits s [BLOCK_H, BLOCK_K] (log2 units) of the rows [BLOCK_K, BLOCK_D] into the running (m, l, acc);
-    # ROW_SCALE: p takes the rows' scales sc [BLOCK_K] before the PV product
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    if ROW_SCALE:
-        p = p * sc[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), rows)
-    return m_new, l, acc
-
-
-@triton.jit
-def _prefetch_loop(q, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, m, l, acc, t, k_lo, n_k, hi, s_it, offs_d, dmask, s_kvn,
-                   s_kvsn, s_rn, qk_scale, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NOPE: tl.constexpr,
-                   NATIVE_FP8: tl.constexpr, DQ16: tl.constexpr):
-    # PREFETCH (fp8_ds_mla rows): the key loop software-pipelined by hand. Block j + 1's row loads and block j + 2's
-    # ids are issued before block j's dequantization and products, so their latency overlaps that math (the
-    # loads are gathers, which Triton's pipeliner leaves synchronous: the tile is staged in shared memory for the
-    # two products either way). Keys [k_lo, hi) of token t; the same blocks in the same order as the plain loop.
-    offs_k = k_lo + tl.arange(0, BLOCK_K)
-    idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < hi, other=-1)
-    x, e, r = _kv_raw(kv_ptr, kvs_ptr, rope_ptr, idx.to(tl.int64), idx >= 0, offs_d, dmask, s_kvn, s_kvsn, s_rn,
-                      BLOCK_D, NOPE)
-    offs_n = offs_k + BLOCK_K
-    idx_n = tl.load(idx_ptr + t * s_it + offs_n, mask=offs_n < hi, other=-1)
-    for _k0 in range(0, n_k, BLOCK_K):
-        x_n, e_n, r_n = _kv_raw(kv_ptr, kvs_ptr, rope_ptr, idx_n.to(tl.int64), idx_n >= 0, offs_d, dmask, s_kvn,
-                                s_kvsn, s_rn, BLOCK_D, NOPE)
-        offs_nn = offs_n + BLOCK_K
-        idx_nn = tl.load(idx_ptr + t * s_it + offs_nn, mask=offs_nn < hi, other=-1)
-        rows = _kv_dequant(x, e, r, offs_d, BLOCK_K, BLOCK_D, NOPE, NATIVE_FP8, DQ16)
-        s = tl.dot(q, tl.trans(rows)) * qk_scale
-        m, l, acc = _online_step(s, rows, idx >= 0, s, m, l, acc, False)
-        idx, x, e, r, idx_n, offs_n = idx_n, x_n, e_n, r_n, idx_nn, offs_nn
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        if NG == 1:
+            p = p * sc[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), rows)
+        m = m_new
     return m, l, acc
 
 @triton.jit
@@ -165,7 +97,7 @@ def _attn_fwd(
     NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
     NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr, HALF: tl.constexpr,
     DYN: tl.constexpr = False, FUSE: tl.constexpr = 0, SKIP: tl.constexpr = False, PDL: tl.constexpr = False,
-    QNR: tl.constexpr = False, DQ16: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    QNR: tl.constexpr = False,
 ):
     # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA).
     # DYN (with LIVE): the S splits share token t's live keys, ceil(live / S) rounded up to BLOCK_K each (not
@@ -202,22 +134,16 @@ def _attn_fwd(
     m = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    if PREFETCH:  # (NOPE > 0) the plain loop's blocks with their loads issued ahead
-        m, l, acc = _prefetch_loop(q, kv_ptr, kvs_ptr, rope_ptr, idx_ptr, m, l, acc, t, k_lo, n_k,
-                                   tl.minimum(lim, k_lo + kps), s_it, offs_d, dmask, s_kvn, s_kvsn, s_rn, qk_scale,
-                                   BLOCK_D, BLOCK_K, NOPE, NATIVE_FP8, DQ16)
-    else:
-        for k0 in range(0, n_k, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
-            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
-            if SKIP:
-                m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
-                                       s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8,
-                                       tl.max(idx, 0) >= 0, DQ16)
-            else:
-                m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
-                                       s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8, True,
-                                       DQ16)
+    for k0 in range(0, n_k, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
+        offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+        idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
+        if SKIP:
+            m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
+                                   s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8,
+                                   tl.max(idx, 0) >= 0)
+        else:
+            m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
+                                   s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8, True)
     if SPLIT:
         S = tl.num_programs(2)
         if k_lo < lim:  # the combine reads the partials of the splits below the live bound only

@@ -68,31 +68,6 @@ def test_sparse_attn_split_rows(T: int, H: int, hd: int, rope: int, K: int, nati
         assert got[1].abs().max() == 0
 
 
-@pytest.mark.parametrize(("bh", "bk", "nw", "splits"), [(16, 32, 4, None), (16, 64, 8, 128), (32, 32, 8, None)])
-def test_attn_dq16_prefetch_bit_identical(bh: int, bk: int, nw: int, splits: int | None) -> None:
-    # DS4F_ATTN_DQ16 / DS4F_ATTN_PREFETCH at an HCA layer's 1M shape on one TP=2 rank (32 heads, 8,192 + 128 rows),
-    # full and short live counts: the same bits as the plain loop
-    import importlib
-
-    sa = importlib.import_module("ds4f.kernels.sparse_attn")
-    q, nope, exp, rp, idx, sink = _case(1, 32, 512, 64, 8320, 16384, seed=3)
-    for n_live in (8000, 384):
-        live = torch.full((1,), n_live, dtype=torch.int32, device="cuda")
-        ids = idx.clone()
-        ids[:, n_live:] = -1
-        run = partial(sparse_attn, q, nope, ids, sink, 512**-0.5, exp, kv_rope=rp, live=live, block_h=bh, block_k=bk,
-                      num_warps=nw, num_stages=2, num_splits=splits)
-        want = run()
-        for knobs in ({"DQ16": True}, {"PREFETCH": True}, {"DQ16": True, "PREFETCH": True}):
-            for k, v in knobs.items():
-                setattr(sa, k, v)
-            try:
-                got = run()
-            finally:
-                sa.DQ16 = sa.PREFETCH = False
-            assert torch.equal(got, want), (knobs, n_live)
-
-
 def test_sparse_attn_split_rows_in_cuda_graph() -> None:
     q, nope, exp, rp, idx, sink = _case(2, 64, 512, 64, 640, 2048, seed=7)
     want = sparse_attn(q, nope, idx, sink, 512**-0.5, exp, kv_rope=rp)
