@@ -108,8 +108,10 @@ class FastModel:
         # 1.548 vs 1.565 ms at one token, 2.198 vs 2.258 at four); DS4F_KV_FUSED=0: the three launches
         self.kv_fused = os.environ.get("DS4F_KV_FUSED", "1") == "1"
         # decode: q's per-head RMSNorm + RoPE in the attention kernel's prologue instead of a launch of its own
-        # (sparse_attn q_norm); opt-in until timed on a GPU
-        self.attn_q_norm = os.environ.get("DS4F_ATTN_Q_NORM", "0") == "1"
+        # (sparse_attn q_norm). Full model, TP=2, two H200s, session 15 (b376d8f, runs 4 and 5): replay 5.636 vs
+        # 5.691 ms at b1 (174.8 vs 173.2 tok/s), 8.154 vs 8.177 at b4, 6.558 vs 6.590 after 1M;
+        # DS4F_ATTN_Q_NORM=0: the separate launch
+        self.attn_q_norm = os.environ.get("DS4F_ATTN_Q_NORM", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
         # side streams at high priority: their latency-bound chains (in CSA layers the critical path) get SMs before
         # the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
