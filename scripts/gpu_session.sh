@@ -327,13 +327,6 @@ case "${1:-}" in
       A="--no-async-scheduling"; [ "$v" = async ] && A="--async-scheduling"
       SIM_TESTS="" SIM_ARGS="$A" SIM_LAYERS="${SIM_LAYERS:-43}" SIM_LIMIT=${SIM_S:-200} OUT="$OUT/$v" bash "$0" s10sim "$2"
       mv "$OUT/$v/full.jsonl" "$OUT/full_$v.jsonl" 2>/dev/null; done ;;
-  s14idx)  # 1 GPU: the top-k / indexer GPU tests, then the 1M decode calls kernel by kernel (bench/kernel_times_long.py)
-    # with the default indexer loop and with DS4F_INDEXER_PREFETCH=1 at several tiles (num_stages 1)
-    par_tests 150 tests/gpu/test_topk_small_gpu.py; test_summary | tee "$OUT/gpu_tests.log"
-    for v in "-" "128,4,4,1" "128,8,4,1" "64,8,4,1" "256,4,8,1"; do
-      E=""; [ "$v" != "-" ] && E="DS4F_INDEXER_PREFETCH=1 DS4F_INDEXER_DECODE=$v"
-      echo "== ${E:-default}"; env $E timeout 60 python3 bench/kernel_times_long.py --json "$OUT/k_${v//,/_}.jsonl" 2>&1 \
-        | grep -E "^(indexer|chain) "; done ;;
   s15hist)  # 1 GPU: the GPU tests of DS4F_INDEXER_HIST and the context-class graphs, then the 1M decode chain kernel by
     # kernel under DS4F_INDEXER_HIST (the indexer counts the top-k's first digit) x DS4F_TOPK_SPARSE_ADD (digit passes
     # add only nonzero bins)

@@ -90,11 +90,6 @@ def test_indexer_and_topk_build(arch: int, vlen: bool) -> None:
                                     k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32", slots_ptr="*i32",
                                     seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32", scale="fp32"),
               dict(DI=128, BLOCK_HI=64, BLOCK_L=64, N_INNER=8, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True), arch, 4, 4)
-        build(ix._indexer_fwd, dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",  # DS4F_INDEXER_PREFETCH
-                                    k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32", slots_ptr="*i32",
-                                    seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32", scale="fp32"),
-              dict(DI=128, BLOCK_HI=64, BLOCK_L=128, N_INNER=4, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True,
-                   PREFETCH=True), arch, 4, 1)
         build(ix._indexer_fwd, dict(q_ptr="*fp8e4nv" if qfp8 else "*bf16", w_ptr="*fp32",  # DS4F_INDEXER_HIST
                                     k_ptr="*fp8e4nv" if fp8 else "*bf16", ks_ptr="*fp32", slots_ptr="*i32",
                                     seq_ptr="*i32", vlen_ptr="*i32", out_ptr="*fp32", hist_ptr="*i32",

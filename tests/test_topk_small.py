@@ -196,24 +196,6 @@ def _indexer_cases(seed: int, vl: list[int], n: int = 1100, hi: int = 16, di: in
         dict(q=q, w=w, k_pool=keys), dict(q=q8, w=w * qs, k_pool=k8, k_scale=ks.view(-1))]
 
 
-def check_indexer_prefetch() -> None:
-    """DS4F_INDEXER_PREFETCH's register double-buffered loop: the same scores, bit for bit, as the default loop (bf16
-    and e4m3 keys, strided and adjacent blocks, blocks past the valid length and past L)."""
-    from ds4f.kernels import indexer
-
-    slots, seq, vl, cases = _indexer_cases(9, [1100, 130, 0])
-    for kw in cases:
-        for n_inner, strided in ((3, True), (4, False), (1, True)):
-            runs = []
-            for pre in (False, True):
-                indexer.INDEXER_PREFETCH = pre
-                runs.append(indexer.indexer_scores(slots=slots, seq_of=seq, valid_len=vl, block_l=32, n_inner=n_inner,
-                                                   zero_rank=True, strided=strided, **kw))
-            indexer.INDEXER_PREFETCH = False
-            assert torch.equal(runs[0], runs[1]), (kw["q"].dtype, n_inner, strided)
-    print("indexer prefetch equal")
-
-
 def check_indexer_hist() -> None:
     """DS4F_INDEXER_HIST: the decode indexer's first-digit histogram equals the one counted from the scores it
     wrote (bf16 and e4m3 keys, strided and adjacent blocks, rows with valid lengths 0, short, past the small lanes,
@@ -286,8 +268,8 @@ def test_topk_cand_knob_refused(bad: str) -> None:
 
 @pytest.mark.parametrize(("check", "says"), [
     ("check_topk_cand", "candidate top-k equal"), ("check_pool_rows", "pool rows equal"),
-    ("check_indexer_strided", "indexer strided equal"), ("check_indexer_prefetch", "indexer prefetch equal"),
-    ("check_indexer_hist", "indexer hist equal"), ("check_topk_sparse_add", "sparse add equal")])
+    ("check_indexer_strided", "indexer strided equal"), ("check_indexer_hist", "indexer hist equal"),
+    ("check_topk_sparse_add", "sparse add equal")])
 def test_interpreted(check: str, says: str) -> None:
     out = run_interpreted("test_topk_small", check)
     assert says in out, out

@@ -44,9 +44,6 @@ except (ValueError, AssertionError):
 # bench/results/decode_long.jsonl): indexer over 262,144 entries 25.2 us at 128 x 4 x 4 warps x 3 stages vs 54.4 at
 # the former 64 x auto x 4 x 4; top-512 43.5 us in 2048-column tiles vs 51.2 in 1024
 DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (128, 4, 4, 3)
-# one token per program: 1 = the loop double-buffered in registers (_indexer_prefetch, num_stages 1); opt-in: slower
-# on the H200 (one token at 1M, bench/kernel_times_long.py: 29.2 us at 128,4,4,1 and 32.7 at 64,8,4,1 vs 21.5)
-INDEXER_PREFETCH = bool((env_knobs("DS4F_INDEXER_PREFETCH", 1, "1", minimum=0) or (0,))[0])
 # decode over rows past the small top-k's lanes: the indexer adds the radix top-k's first-digit histogram of the
 # scores it writes (indexer_scores hist=), so the top-k skips its first digit pass (a read of the whole row) and the
 # small kernel's zeroing (the buffer comes zeroed); opt-in: H200, one token at 1M (bench/kernel_times_long.py,
@@ -92,43 +89,12 @@ if triton is not None:
         return tl.where(offs_l < vlen, sc, float("-inf"))
 
     @triton.jit
-    def _indexer_prefetch(q, w, k_ptr, ks_ptr, slots_ptr, out_ptr, t, seq, l0, step, vlen, L, s_kn, s_ss, s_ot,
-                          offs_d, DI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
-                          KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr):
-        # DS4F_INDEXER_PREFETCH (opt-in, num_stages 1): the loop double-buffered in registers. Block j + 1's keys and
-        # scales and block j + 2's slots are loaded before block j's dot, so their latency overlaps its math
-        # (Triton's own pipeline of this loop waits on every async copy at the top of each iteration, and the
-        # scale gather is a synchronous load after the dot). Same scores, bit for bit.
-        offs_b = tl.arange(0, BLOCK_L)
-        offs_l = l0 + offs_b
-        valid = offs_l < vlen
-        slot = tl.load(slots_ptr + seq * s_ss + offs_l, mask=valid, other=0).to(tl.int64)
-        keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        ksv = tl.zeros([BLOCK_L], tl.float32)
-        if KSCALE:
-            ksv = tl.load(ks_ptr + slot, mask=valid, other=0.0)
-        offs_n = offs_l + step
-        slot_n = tl.load(slots_ptr + seq * s_ss + offs_n, mask=offs_n < vlen, other=0).to(tl.int64)
-        for _j in range(N_INNER):
-            offs_n = offs_l + step
-            vn = offs_n < vlen
-            keys_n = tl.load(k_ptr + slot_n[:, None] * s_kn + offs_d[None, :], mask=vn[:, None], other=0.0)
-            ksv_n = ksv
-            if KSCALE:
-                ksv_n = tl.load(ks_ptr + slot_n, mask=vn, other=0.0)
-            offs_nn = offs_n + step
-            slot_nn = tl.load(slots_ptr + seq * s_ss + offs_nn, mask=offs_nn < vlen, other=0).to(tl.int64)
-            sc = _index_finish(_index_sum(q, w, keys, KSCALE, QFP8), ksv, offs_l, vlen, KSCALE, ZERO_RANK)
-            tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
-            offs_l, keys, ksv, slot_n = offs_n, keys_n, ksv_n, slot_nn
-
-    @triton.jit
     def _indexer_fwd(
         q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, seq_ptr, vlen_ptr, out_ptr, hist_ptr,
         HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
         KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr, STRIDED: tl.constexpr = True,
-        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, HIST: tl.constexpr = False,
+        PDL: tl.constexpr = False, HIST: tl.constexpr = False,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); STRIDED: the blocks P = grid dim 1 blocks apart,
         # so a short valid length over a long L still spreads its blocks over programs (else adjacent blocks);
@@ -151,10 +117,6 @@ if triton is not None:
             return
         q = tl.load(q_ptr + t * s_qt + offs_h[:, None] * s_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
         w = tl.load(w_ptr + t * s_wt + offs_h, mask=hmask, other=0.0) * scale
-        if PREFETCH:
-            _indexer_prefetch(q, w, k_ptr, ks_ptr, slots_ptr, out_ptr, t, seq, l0, step, vlen, L, s_kn, s_ss, s_ot,
-                              offs_d, DI, BLOCK_L, N_INNER, KSCALE, QFP8, ZERO_RANK)
-            return
         acc = tl.zeros([256], tl.int32)  # HIST: the top 8 bits of the written scores' sort keys
         for j in range(N_INNER):
             offs_l = l0 + j * step + tl.arange(0, BLOCK_L)
@@ -251,9 +213,9 @@ def indexer_scores(
             n_inner = min(n_inner, max(1, triton.cdiv(T * L, block_l * 2 * sm_count(q.device))))
         n_inner = n_inner or None
     token_block = token_block or 1
-    assert hist is None or (token_block == 1 and not keys_major and not INDEXER_PREFETCH and hist.dtype == torch.int32
+    assert hist is None or (token_block == 1 and not keys_major and hist.dtype == torch.int32
                             and hist.is_contiguous() and hist.numel() >= T * 256), \
-        "hist: int32, >= T * 256 entries, for the one-token-per-program kernel without DS4F_INDEXER_PREFETCH"
+        "hist: int32, >= T * 256 entries, for the one-token-per-program kernel"
     if n_inner is None:  # up to 8 blocks per program, fewer while that leaves under ~2 programs per SM
         n_inner = max(1, min(8, triton.cdiv(triton.cdiv(T, token_block) * L, block_l * 2 * sm_count(q.device))))
     if token_block > 1 or keys_major:
@@ -262,15 +224,13 @@ def indexer_scores(
         return launch(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, token_block, keys_major, block_l,
                       n_inner, num_warps, num_stages, zero_rank)
     grid = (T, triton.cdiv(L, block_l * n_inner))
-    if INDEXER_PREFETCH:
-        num_stages = 1
     _indexer_fwd[grid](
         q, w, k_pool, k_scale if k_scale is not None else w, slots, seq_of, valid_len, out,
         hist if hist is not None else out, HI, L, scale, q.stride(0), q.stride(1), w.stride(0), k_pool.stride(0),
         slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
         KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, STRIDED=strided,
-        num_warps=num_warps, num_stages=num_stages, PREFETCH=INDEXER_PREFETCH, HIST=hist is not None,
+        num_warps=num_warps, num_stages=num_stages, HIST=hist is not None,
         **pdl.launch(q.device),
     )
     return out
@@ -281,7 +241,7 @@ def decode_hist_buffer(q: torch.Tensor, n_cols: int, k: int) -> torch.Tensor | N
     of T = q.shape[0] tokens over n_cols columns takes the radix top-k (Triton, T <= RADIX_MAX_ROWS, n_cols past the
     small lanes, k <= n_cols); else None (the caller runs both as before)."""
     T = q.shape[0]
-    if not INDEXER_HIST or INDEXER_PREFETCH or not use_triton(q) or not 0 < T <= RADIX_MAX_ROWS:
+    if not INDEXER_HIST or not use_triton(q) or not 0 < T <= RADIX_MAX_ROWS:
         return None
     small = SMALL_KNOBS[0]
     if not small or n_cols <= small or k > n_cols:
