@@ -1,10 +1,12 @@
 """⑥ one decode token at 1M context, the three calls whose cost grows with depth, over tile choices: indexer
 scores over 262,144 CSA entries (e4m3 q and keys), sparse attention over an HCA layer's 8,192 entries + 128 window
-rows (32 heads: one TP=2 rank; also timed with 192 live keys, the depth-64 case the same graph runs), radix top-512
+rows (32 heads: one TP=2 rank; also timed with --short-live keys, default 192), radix top-512
 of 262,144 scores. Each variant is checked against the default's result; L2 flushed before each run (a decode step
 streams ~1 GB of weights between two such calls). Prints one line per variant, appends JSON records, and ends with
-`PICK DS4F_INDEXER_DECODE=.. DS4F_ATTN_DECODE=.. DS4F_ATTN_MAX_SPLITS=.. DS4F_TOPK_DECODE=..` (a knob is left out
-when no variant was >= 5 % faster and matching; attention must also not be slower at 192 live keys)."""
+`PICK DS4F_INDEXER_DECODE=.. DS4F_ATTN_DECODE=.. num_splits=.. DS4F_TOPK_DECODE=..` (a knob is left out when no
+variant was >= 5 % faster and matching; attention must also not be slower by > 2 % at the short live count;
+num_splits is the split count asked of sparse_attn, which DS4F_ATTN_MAX_SPLITS and sparse_attn.SPLIT_PROGRAMS cap).
+--parts picks the calls."""
 
 from __future__ import annotations
 
@@ -96,8 +98,9 @@ def main() -> None:
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         return err < 1e-2, err
 
-    # (block_h, block_k, warps, stages, splits asked, combine unroll); the first: the defaults (16, 32, 4, 2, 52
-    # splits of 160 keys over 2 head blocks); splits asked n give ceil(ceil(8320 / n) / block_k) * block_k keys each
+    # (block_h, block_k, warps, stages, splits asked, combine unroll); the first: the defaults (since session 15:
+    # 16, 64, 8, 2, 65 splits of 128 keys over 2 head blocks; session 15's sweep ran against the former 16, 32, 4, 2
+    # with 52 splits of 160); splits asked n give ceil(ceil(8320 / n) / block_k) * block_k keys each
     at = None if "attn" not in parts else sweep("attn", [
         (0, 0, 0, 0, 0, 0), (16, 64, 4, 2, 128, 0), (16, 64, 4, 3, 128, 0), (16, 64, 8, 2, 128, 0),
         (16, 64, 4, 1, 128, 0), (16, 128, 8, 2, 65, 0), (16, 64, 4, 2, 130, 0), (16, 32, 4, 2, 260, 0),
