@@ -308,17 +308,26 @@ def main() -> None:
         (Path(args.profile) / "profile_full_decode_b1.txt").write_text(
             f"rank 0, {steps + 2} forwards (1 prefill of {args.prompt_len} + decode), ms per forward by category: "
             f"{json.dumps(cats)}\n" + table)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # one decode step in launch order
-            engine.add_request(prompt(args.prompt_len), SamplingParams(max_tokens=4, ignore_eos=True))
-            for _ in range(3):
+        def decode_timeline(b: int) -> Path:  # a few decode steps of batch b in launch order (the graph replays)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(b):
+                    engine.add_request(prompt(args.prompt_len), SamplingParams(max_tokens=4, ignore_eos=True))
+                for _ in range(3):
+                    engine.step()
+                torch.cuda.synchronize()
+            while engine.has_unfinished_requests():
                 engine.step()
-            torch.cuda.synchronize()
-        while engine.has_unfinished_requests():
-            engine.step()
-        tl = Path(args.profile) / "full_decode_b1_timeline.txt"
-        write_timeline(prof, tl)
+            tl = Path(args.profile) / f"full_decode_b{b}_timeline.txt"
+            write_timeline(prof, tl)
+            return tl
+
+        tl = decode_timeline(1)
         emit(dict(decode_record(summ, 1, args.prompt_len), case="breakdown", kernel_ms_per_forward=cats,
                   critical_ms_by_category=timeline_ms(tl)))  # one graph replay's main-stream span
+        for b in batches:  # the larger batches' steps by category too (where batch b's step time goes)
+            if b > 1:
+                emit(dict(case="breakdown_timeline", batch=b, depth=args.prompt_len,
+                          critical_ms_by_category=timeline_ms(decode_timeline(b))))
     if args.ttft_tokens:
         n = args.ttft_tokens
         pc = Path(args.profile) / f"profile_full_prefill_{n}.txt" if args.profile else None
