@@ -59,9 +59,10 @@ def combine_shape(num_splits: int, block_d: int) -> tuple[int, int, int]:
 # layers' lists at a long max_ctx; bench/sweep_decode_long.py) ...
 LONG_K = 2048
 # H200, session 15 (bench/sweep_decode_long.py --parts attn, 8320 keys, L2 flushed): 16,64,8,2 (65 splits) 24.0 us vs
-# 33.9 for the former 16,32,4,2 (52 splits of 160); with 384 live keys (a 32K-128K context under the full-length
-# graphs) 15.9 vs 14.2. Not faster: the key loop pipelined by hand (register-double-buffered gathers: 29-634 us,
-# spills) and rows dequantized in bf16 without the fp32 tile (25.3 us)
+# 33.9 for the former 16,32,4,2 (52 splits of 160); with 384 live keys (a context just past the 32768-token graph
+# class: 256 compressed + 128 window rows) 15.9 vs 14.2. Not faster: the key loop pipelined by hand (register-double-
+# buffered gathers: 29-634 us, spills) and rows dequantized in bf16 without the fp32 tile (25.3 us). GB10 (99 KB of
+# shared memory) runs the tile _launch shrinks it to, 16,32,8,1 (not timed there)
 DECODE_KNOBS = env_knobs("DS4F_ATTN_DECODE", 4, "16,64,8,2")
 LONG_FP8_KNOBS = DECODE_KNOBS or (16, 64, 8, 2)  # fp8 rows (the sweep's); bf16 rows keep the built-in tiles
 # ... and with fewer (window, CSA top-k and short-context HCA lists; bench/sweep_attn_decode.py, H200, 32 heads, one
