@@ -57,3 +57,14 @@ def test_sim_rank_partials_sum_to_the_unsharded_sublayer() -> None:
     h = torch.randn(2, 3, 7)
     g = comm.all_gather_last(h, 12)  # shards of 7 columns, 12 real: the shape of the gathered vocab
     assert g.shape == (2, 3, 12) and torch.equal(g[..., :7], h) and comm.counts["all_gather"] == 1
+
+
+def test_moe_split_bytes_sum_to_the_sweeps_expert_bytes() -> None:
+    # bench/moe_kernel_split.py's per-kernel bytes (up: gate + up rows, down rows, each with its scales) add up to
+    # the bytes per expert that the MXFP4 sweeps time against (sweep_mxfp4_decode.rank_experts' count)
+    from moe_kernel_split import split_bytes
+
+    for inter in (1024, 2048):
+        parts = split_bytes(inter, 3.0)
+        assert parts["up"] == 2 * parts["down"]
+        assert sum(parts.values()) == 3.0 * (3 * inter * 4096 // 2 + 3 * inter * 4096 // 32)
