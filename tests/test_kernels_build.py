@@ -51,6 +51,28 @@ ATTN_MODES = [(False, False, False, 0, True, 0), (True, False, False, 0, False, 
               (True, True, True, 0, False, 0), (True, True, True, 4, False, 32)]
 
 
+def test_decode_attn_tiles_fit_h200_as_launched() -> None:
+    # the decode tiles sparse_attn picks for fp8 rows build within the H200's shared memory with the arguments
+    # specialized as a launch from the pools specializes them (16-byte aligned pointers and row strides), so no
+    # launch there fails and shrinks (a 64-key tile at 2 stages needs ~246 KB: the defaults say 1)
+    import importlib
+
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")
+    types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
+                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
+                 cnt_ptr="*i32", qk_scale="fp32", q_eps="fp32")
+    div = ("q_ptr", "kv_ptr", "kvs_ptr", "rope_ptr", "idx_ptr", "po_ptr", "pm_ptr", "o_ptr", "s_qt", "s_qh", "s_kvn",
+           "s_kvsn", "s_rn", "s_it", "s_ot", "s_oh")
+    for bh, bk, nw, ns in (sa.SHORT_KNOBS, sa.MID_KNOBS, sa.LONG_FP8_KNOBS):
+        build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=bh, BLOCK_K=bk, NG=0, SPLIT=True,
+                                        SCALE_BCAST=True, NOPE=448, NATIVE_FP8=True, LIVE=True, HALF=32, DYN=True,
+                                        FUSE=0, SKIP=False, QNR=True), 90, nw, ns, div16=div)  # asserts the fit
+    with pytest.raises(AssertionError):  # the same tile pipelined does not fit
+        build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=64, NG=0, SPLIT=True,
+                                        SCALE_BCAST=True, NOPE=448, NATIVE_FP8=True, LIVE=True, HALF=32, DYN=True,
+                                        FUSE=0, SKIP=False, QNR=True), 90, 8, 2, div16=div)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ATTN_MODES)
 def test_sparse_attn_builds(arch: int, mode: tuple[bool, bool, bool, int, bool, int]) -> None:

@@ -58,13 +58,14 @@ def combine_shape(num_splits: int, block_d: int) -> tuple[int, int, int]:
 # "block_h,block_k,num_warps,num_stages" for calls of < PREFILL_MIN_T tokens with >= LONG_K keys per token (the HCA
 # layers' lists at a long max_ctx; bench/sweep_decode_long.py) ...
 LONG_K = 2048
-# H200, session 15 (bench/sweep_decode_long.py --parts attn, 8320 keys, L2 flushed): 16,64,8,2 (65 splits) 24.0 us vs
+# H200, session 15 (bench/sweep_decode_long.py --parts attn, 8320 keys, L2 flushed): 16,64,8,1 (65 splits) 24.0 us vs
 # 33.9 for the former 16,32,4,2 (52 splits of 160); with 384 live keys (a context just past the 32768-token graph
-# class: 256 compressed + 128 window rows) 15.9 vs 14.2. Not faster: the key loop pipelined by hand (register-double-
-# buffered gathers: 29-634 us, spills) and rows dequantized in bf16 without the fp32 tile (25.3 us). GB10 (99 KB of
-# shared memory) runs the tile _launch shrinks it to, 16,32,8,1 (not timed there)
-DECODE_KNOBS = env_knobs("DS4F_ATTN_DECODE", 4, "16,64,8,2")
-LONG_FP8_KNOBS = DECODE_KNOBS or (16, 64, 8, 2)  # fp8 rows (the sweep's); bf16 rows keep the built-in tiles
+# class: 256 compressed + 128 window rows) 15.9 vs 14.2. (The sweep asked for 2 and 3 stages too: a 64-key tile
+# pipelined needs ~246 KB of shared memory, over the H200's 227, so the launch shrank every one of them to 1 stage:
+# the same times.) Not faster: the key loop pipelined by hand in registers (29-634 us, spills) and rows dequantized
+# in bf16 without the fp32 tile (25.3 us). GB10 (99 KB) runs the tile _launch shrinks it to, 16,32,8,1 (not timed)
+DECODE_KNOBS = env_knobs("DS4F_ATTN_DECODE", 4, "16,64,8,1")
+LONG_FP8_KNOBS = DECODE_KNOBS or (16, 64, 8, 1)  # fp8 rows (the sweep's); bf16 rows keep the built-in tiles
 # ... and with fewer (window, CSA top-k and short-context HCA lists; bench/sweep_attn_decode.py, H200, 32 heads, one
 # token, 2026-11-29: 8 warps 11.6-12.8 us vs 17.0-17.6 for the former tiles at 128-192 keys; lists of >= MID_K keys
 # (CSA: window + top-512) 64-key blocks: 16.5-16.8 vs 17.7-18.3 us at 640)
@@ -72,7 +73,9 @@ LONG_FP8_KNOBS = DECODE_KNOBS or (16, 64, 8, 2)  # fp8 rows (the sweep's); bf16 
 # overrides, e.g. DS4F_ATTN_SHORT=16,32,4,2 is the former choice)
 SHORT_KNOBS = env_knobs("DS4F_ATTN_SHORT", 4, "16,32,8,2") or (16, 32, 8, 2)
 MID_K = 512
-MID_KNOBS = env_knobs("DS4F_ATTN_MID", 4, "16,64,8,2") or (16, 64, 8, 2)
+# (one stage: the launch always shrank the swept 16,64,8,2 to it, see LONG_FP8_KNOBS; the same kernel, without the
+# failed first build)
+MID_KNOBS = env_knobs("DS4F_ATTN_MID", 4, "16,64,8,1") or (16, 64, 8, 1)
 
 
 @dataclass(frozen=True)
