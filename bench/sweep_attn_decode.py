@@ -56,10 +56,16 @@ def variants() -> dict[str, dict[str, Any]]:
         "w8fuse0": dict(pol=replace(new, fuse_max=0), tile=(16, 32, 8, 2)),
         "bk16": dict(pol=new, tile=(16, 16, 4, 2)),
         "bk64w8": dict(pol=new, tile=(16, 64, 8, 2)),
+        # DS4F_ATTN_ROPE_SPLIT (rs): the rope columns as a tile of their own, so these tiles pipeline
+        "rs": dict(pol=new, tile=None, rs=True),
+        "rs32p": dict(pol=new, tile=(16, 32, 8, 2), rs=True),
+        "rs32w4": dict(pol=new, tile=(16, 32, 4, 3), rs=True),
+        "rs64p": dict(pol=new, tile=(16, 64, 8, 2), rs=True),
+        "rs128p": dict(pol=new, tile=(16, 128, 8, 2), rs=True),
     }
 
 
-QUICK_VARIANTS = ("old", "new", "fuse0", "w8")
+QUICK_VARIANTS = ("old", "new", "fuse0", "w8", "rs32p", "rs64p")
 
 
 def cases(cap: str) -> list[tuple[str, int, int, int]]:
@@ -159,6 +165,7 @@ def main() -> None:
                     kw = {} if v["tile"] is None else dict(zip(("block_h", "block_k", "num_warps", "num_stages"),
                                                                v["tile"]))
                     sa.POLICY = v["pol"]
+                    sa.ROPE_SPLIT = v.get("rs", False)
 
                     def call(x: dict[str, Any], kw: dict[str, Any] = kw, sk: torch.Tensor = sink) -> torch.Tensor:
                         return sa.sparse_attn(x["q"], nope, x["idx"], sk, D**-0.5, exp, kv_rope=rope,
@@ -173,7 +180,7 @@ def main() -> None:
                         print(f"# {name} {kind} failed: {type(ex).__name__}: {str(ex)[:120]}", flush=True)
                         continue
                     finally:
-                        sa.POLICY = new_pol
+                        sa.POLICY, sa.ROPE_SPLIT = new_pol, False
                     if err > 1e-2:
                         print(f"# {name} {kind} H={H} T={T} depth={depth}: rel err {err:.1e} vs old", flush=True)
                         continue

@@ -80,16 +80,18 @@ def main() -> None:
     idx_short = idx.clone()
     idx_short[:, args.short_live:] = -1
 
-    def run_at(bh: int, bk: int, nw: int, ns: int, sp: int, cu: int = 0, live: torch.Tensor = full,
+    def run_at(bh: int, bk: int, nw: int, ns: int, sp: int, cu: int = 0, rs: int = 0, live: torch.Tensor = full,
                ids: torch.Tensor = idx) -> torch.Tensor:
-        # cu: _attn_combine's splits per round (sparse_attn.COMBINE_UNROLL; 0 = all at once, the default)
+        # cu: _attn_combine's splits per round (sparse_attn.COMBINE_UNROLL; 0 = all at once, the default); rs:
+        # sparse_attn.ROPE_SPLIT (DS4F_ATTN_ROPE_SPLIT)
         kw = {} if not bh else dict(block_h=bh, block_k=bk, num_warps=nw, num_stages=ns)
-        prev, sa.COMBINE_UNROLL = sa.COMBINE_UNROLL, cu
+        prev = sa.COMBINE_UNROLL, sa.ROPE_SPLIT
+        sa.COMBINE_UNROLL, sa.ROPE_SPLIT = cu, bool(rs)
         try:
             return sparse_attn(qa, nope, ids, sink, D**-0.5, exp, kv_rope=rope, live=live, num_splits=sp or None,
                                **kw)
         finally:
-            sa.COMBINE_UNROLL = prev
+            sa.COMBINE_UNROLL, sa.ROPE_SPLIT = prev
 
     def short_us(v: tuple) -> float:
         return time_us(lambda: run_at(*v, live=short, ids=idx_short), iters=30)  # type: ignore[misc]
@@ -98,14 +100,14 @@ def main() -> None:
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         return err < 1e-2, err
 
-    # (block_h, block_k, warps, stages, splits asked, combine unroll); the first: the defaults (since session 15:
-    # 16, 64, 8, 2, 65 splits of 128 keys over 2 head blocks; session 15's sweep ran against the former 16, 32, 4, 2
-    # with 52 splits of 160); splits asked n give ceil(ceil(8320 / n) / block_k) * block_k keys each
+    # (block_h, block_k, warps, stages, splits asked, combine unroll, ROPE_SPLIT); the first: the defaults (since
+    # session 15: 16, 64, 8, 1, 65 splits of 128 keys over 2 head blocks); splits asked n give ceil(ceil(8320 / n) /
+    # block_k) * block_k keys each. With ROPE_SPLIT the 64- and 128-key tiles pipeline (2-3 stages fit)
     at = None if "attn" not in parts else sweep("attn", [
-        (0, 0, 0, 0, 0, 0), (16, 64, 4, 2, 128, 0), (16, 64, 4, 3, 128, 0), (16, 64, 8, 2, 128, 0),
-        (16, 64, 4, 1, 128, 0), (16, 128, 8, 2, 65, 0), (16, 64, 4, 2, 130, 0), (16, 32, 4, 2, 260, 0),
-        (16, 32, 4, 3, 52, 0), (32, 64, 8, 2, 130, 0), (32, 64, 8, 2, 65, 0), (32, 32, 8, 2, 130, 0),
-        (32, 32, 8, 2, 260, 0), (32, 128, 8, 2, 65, 0), (16, 64, 4, 2, 44, 0), (16, 128, 8, 2, 33, 0)],
+        (0, 0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0, 1), (16, 64, 8, 2, 128, 0, 1), (16, 64, 8, 3, 128, 0, 1),
+        (16, 64, 4, 2, 128, 0, 1), (16, 128, 8, 2, 65, 0, 1), (16, 64, 8, 2, 65, 0, 1), (16, 32, 8, 2, 128, 0, 1),
+        (16, 32, 4, 3, 128, 0, 1), (16, 32, 8, 3, 260, 0, 1), (32, 64, 8, 2, 128, 0, 1), (32, 128, 8, 2, 65, 0, 1),
+        (16, 64, 8, 2, 256, 0, 1)],
         run_at, close, rec("attn"), extra=short_us)
 
     # radix top-512 of 262,144 scores
@@ -129,6 +131,8 @@ def main() -> None:
             picks.append("DS4F_ATTN_DECODE=" + ",".join(map(str, at[:4])))
         if at[4]:
             picks.append(f"num_splits={at[4]}")
+        if len(at) > 6 and at[6]:
+            picks.append("DS4F_ATTN_ROPE_SPLIT=1")
         picks.append(f"DS4F_ATTN_COMBINE_UNROLL={at[5]}")
     if tk:
         picks.append("DS4F_TOPK_DECODE=" + ",".join(map(str, (tk[0], tk[1]))))

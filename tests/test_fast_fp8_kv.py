@@ -263,7 +263,11 @@ def check_fused_stores(device: str) -> None:
 
 
 def check_interpreted() -> None:
+    import importlib
+
     from ds4f.kernels.sparse_attn import use_triton
+
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")  # the module (the package re-exports the function)
 
     check_fused_stores("cpu")
 
@@ -278,13 +282,27 @@ def check_interpreted() -> None:
                 # bf16 output, and p rounded to bf16 before the PV product (as on the bf16 pool path)
                 torch.testing.assert_close(got, want, atol=1.5e-2, rtol=1e-2)
                 print(hd, native, splits, f"max |err| {(got - want).abs().max().item():.2e}")
+                # DS4F_ATTN_ROPE_SPLIT: the rope columns as a tile of their own; the same products but for the
+                # logits' sum order (q . k over two dots), with and without a live bound
+                for live in (None, torch.full((idx.shape[0],), idx.shape[1] - 3, dtype=torch.int32)):
+                    base = got if live is None else sparse_attn(
+                        q, nope, idx, sink, hd**-0.5, exp, kv_rope=rp, native_fp8=native, num_splits=splits,
+                        live=live).float()
+                    sa.ROPE_SPLIT = True
+                    try:
+                        rs = sparse_attn(q, nope, idx, sink, hd**-0.5, exp, kv_rope=rp, native_fp8=native,
+                                         num_splits=splits, live=live).float()
+                    finally:
+                        sa.ROPE_SPLIT = False
+                    torch.testing.assert_close(rs, base, atol=2e-3, rtol=2e-3)
+                print("rope split close")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_sparse_attn_split_rows_triton_interpreted() -> None:
     out = run_interpreted("test_fast_fp8_kv", "check_interpreted")
     print(out)
-    assert out.count("max |err|") == 8 and "fused stores: bit-exact" in out
+    assert out.count("max |err|") == 8 and out.count("rope split close") == 8 and "fused stores: bit-exact" in out
 
 
 # ---- bytes ----

@@ -73,6 +73,29 @@ def test_decode_attn_tiles_fit_h200_as_launched() -> None:
                                         FUSE=0, SKIP=False, QNR=True), 90, 8, 2, div16=div)
 
 
+@pytest.mark.parametrize(("arch", "bk", "nw", "ns"), [(90, 64, 8, 2), (90, 128, 8, 2), (90, 32, 4, 3),
+                                                      (121, 64, 8, 2), (80, 32, 4, 2)])
+def test_sparse_attn_rope_split_pipelines(arch: int, bk: int, nw: int, ns: int) -> None:
+    # DS4F_ATTN_ROPE_SPLIT: with the rope columns a [keys, 64] tile of their own, the 64-key decode tile builds
+    # pipelined (cp.async stages) within the H200's and GB10's shared memory, where the masked full-width tile
+    # needs ~246 KB (test_decode_attn_tiles_fit_h200_as_launched); as the decode calls launch it (with live, so no
+    # SKIP branch around the loads; 16-byte aligned pointers and strides)
+    import importlib
+
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")
+    types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
+                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
+                 cnt_ptr="*i32", qk_scale="fp32", q_eps="fp32")
+    div = ("q_ptr", "kv_ptr", "kvs_ptr", "rope_ptr", "idx_ptr", "po_ptr", "pm_ptr", "o_ptr", "s_qt", "s_qh", "s_kvn",
+           "s_kvsn", "s_rn", "s_it", "s_ot", "s_oh")
+    for qnr in (False, True):
+        k = build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=bk, NG=0, SPLIT=True,
+                                            SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=True, HALF=32,
+                                            DYN=True, FUSE=0, SKIP=False, QNR=qnr, RSPLIT=True), arch, nw, ns,
+                  div16=div)
+        assert "cp.async" in k["ptx"], (arch, bk, qnr)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ATTN_MODES)
 def test_sparse_attn_builds(arch: int, mode: tuple[bool, bool, bool, int, bool, int]) -> None:

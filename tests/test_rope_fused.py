@@ -123,8 +123,11 @@ def check_sparse_attn_inv_rope() -> None:
 def check_sparse_attn_q_norm() -> None:
     """q_norm: the attention kernel's prologue RMS-norms and rotates the raw q, bit for bit what norm_rope(q) then
     the kernel give (pool formats, one / several key splits, live counts, masked heads)."""
+    import importlib
+
     from ds4f.kernels.rope import norm_rope
 
+    sa = importlib.import_module("ds4f.kernels.sparse_attn")  # the module (the package re-exports the function)
     t, h, d, k, n, rd = 3, 12, 64, 100, 150, 16  # 12 heads in 16-head blocks: masked rows in the prologue
     q, pool, idx, sink, cs = _attn_case(t, h, d, k, n, rd, 5)
     q = q * 3.0  # a raw projection (not unit RMS)
@@ -140,6 +143,16 @@ def check_sparse_attn_q_norm() -> None:
                 want = sparse_attn(qn, *args, num_splits=splits, block_k=16, live=lv, inv_rope=cs, **kw)
                 got = sparse_attn(q, *args, num_splits=splits, block_k=16, live=lv, inv_rope=cs, q_norm=1e-6, **kw)
                 assert torch.equal(got, want), (fp8, splits, lv is None)
+                if fp8:  # DS4F_ATTN_ROPE_SPLIT: q's rope columns taken from the normed, rotated prologue tile
+                    sa.ROPE_SPLIT = True
+                    try:
+                        want_rs = sparse_attn(qn, *args, num_splits=splits, block_k=16, live=lv, inv_rope=cs, **kw)
+                        got_rs = sparse_attn(q, *args, num_splits=splits, block_k=16, live=lv, inv_rope=cs,
+                                             q_norm=1e-6, **kw)
+                    finally:
+                        sa.ROPE_SPLIT = False
+                    assert torch.equal(got_rs, want_rs), (splits, lv is None)
+                    torch.testing.assert_close(got_rs.float(), want.float(), atol=4e-3, rtol=4e-3)
     print("attn q norm equal")
 
 

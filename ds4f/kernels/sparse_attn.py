@@ -45,6 +45,10 @@ if COMBINE_UNROLL < 0 or COMBINE_UNROLL & (COMBINE_UNROLL - 1):
     raise ValueError(f"DS4F_ATTN_COMBINE_UNROLL={COMBINE_UNROLL}: must be 0 (auto) or a power of two (1 = one split "
                      "at a time)")
 COMBINE_MAX_UNROLL = 128
+# DS4F_ATTN_ROPE_SPLIT=1: fp8_ds_mla rows' rope columns as a [keys, D - nope] tile of their own (a second pair of
+# products) instead of a [keys, BLOCK_D] tile masked to them: a pipelined stage of 64 keys then fits the H200's shared
+# memory (sparse_attn_kernels._key_block_rs); opt-in until timed; read at each launch (benches swap it)
+ROPE_SPLIT = os.environ.get("DS4F_ATTN_ROPE_SPLIT", "0") == "1"
 COMBINE_TILE = 8192  # fp32 partials one combine program holds: UNROLL x BLOCK_H x BLOCK_DC (64 registers at 4 warps)
 
 
@@ -271,7 +275,7 @@ def _launch(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: torch.Te
     # H200's 227 KB) gets the largest smaller one that loads: found once per shape by the launch failing before it
     # runs (Triton's OutOfResources), kept in _FITTED
     key = (q.device, T if T < PREFILL_MIN_T else -1, H, D, K, ng, nope, native_fp8, block_h, block_k, num_warps,
-           num_stages, num_splits, live is not None, inv_rope is not None, q_norm is not None)
+           num_stages, num_splits, live is not None, inv_rope is not None, q_norm is not None, ROPE_SPLIT)
     cfg = _FITTED.get(key, (block_h, block_k, num_warps, num_stages))
     while True:
         try:
@@ -341,7 +345,8 @@ def _launch_tiles(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: to
         q_norm if q_norm is not None else 0.0,
         D=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, NG=ng, SPLIT=split, SCALE_BCAST=scale_bcast,
         NOPE=nope, NATIVE_FP8=native_fp8, LIVE=live is not None, HALF=half, DYN=dyn, FUSE=fuse,
-        SKIP=pol.skip and decode and live is None, QNR=q_norm is not None, num_warps=num_warps, num_stages=num_stages,
+        SKIP=pol.skip and decode and live is None, QNR=q_norm is not None, RSPLIT=rope_split(D, nope, block_d),
+        num_warps=num_warps, num_stages=num_stages,
         **pdl.launch(q.device),
     )
     if split and not fuse:
@@ -352,6 +357,13 @@ def _launch_tiles(q: torch.Tensor, kv: torch.Tensor, kvs: torch.Tensor, rope: to
             DYN=dyn, BLOCK_K=block_k, num_warps=4, **pdl.launch(q.device),
         )
     return o
+
+
+def rope_split(D: int, nope: int, block_d: int) -> bool:
+    """DS4F_ATTN_ROPE_SPLIT applies: split rows whose rope width D - nope is a power of two dividing nope and the
+    tile's columns."""
+    rd = D - nope
+    return ROPE_SPLIT and nope > 0 and rd >= 16 and rd & (rd - 1) == 0 and nope % rd == 0 and block_d % rd == 0
 
 
 def attn_bytes(T: int, H: int, D: int, K: int, row_bytes: float) -> float:

@@ -14,38 +14,89 @@ from ds4f.kernels.rope_tile import inv_rope_tile, norm_rope_tile
 
 
 @triton.jit
+def _nope_f32(kv_ptr, exp_ptr, ridx, valid, offs_d, s_kvn, s_en, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+              NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    # fp8_ds_mla rows' e4m3 columns -> [BLOCK_K, BLOCK_D] fp32 (exact): e4m3 bits (uint8) * 2^(exp - 127), one
+    # exponent byte per 64 columns; 0 at columns >= NOPE
+    nm = offs_d < NOPE
+    x = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & nm[None, :], other=0)
+    if NATIVE_FP8:  # sm_89+: hardware e4m3 convert
+        xf = x.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        bias = 127.0
+    else:  # any arch: e4m3 bits -> fp16 bits (exponent bias 7 -> 15, so the value is 2^-8 of the e4m3 one)
+        h = x.to(tl.uint16)
+        xf = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
+        bias = 119.0
+    NGB: tl.constexpr = BLOCK_D // 64
+    if NGB == 1:
+        e = tl.load(exp_ptr + ridx * s_en, mask=valid, other=0)
+        xf = xf * tl.exp2(e.to(tl.float32) - bias)[:, None]
+    else:
+        offs_g = tl.arange(0, NGB)
+        e = tl.load(exp_ptr + ridx[:, None] * s_en + offs_g[None, :],
+                    mask=valid[:, None] & (offs_g * 64 < NOPE)[None, :], other=0)
+        sc = tl.exp2(e.to(tl.float32) - bias)
+        xf = xf * tl.reshape(tl.broadcast_to(sc[:, :, None], [BLOCK_K, NGB, 64]), [BLOCK_K, BLOCK_D])
+    return xf
+
+
+@triton.jit
 def _kv_row_tile(kv_ptr, exp_ptr, rope_ptr, ridx, valid, offs_d, dmask, s_kvn, s_en, s_rn,
                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr):
     # NOPE == 0: plain rows [BLOCK_K, BLOCK_D] as stored (bf16, or e4m3 that the caller scales). Else fp8_ds_mla
-    # rows -> bf16 (exact): columns < NOPE = e4m3 bits (uint8) * 2^(exp - 127), one exponent byte per 64 columns;
-    # columns >= NOPE from the bf16 rope rows
+    # rows -> bf16 (exact): columns < NOPE from _nope_f32, columns >= NOPE from the bf16 rope rows
     if NOPE == 0:
         out = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
                       other=0.0)
     else:
         nm = offs_d < NOPE
-        x = tl.load(kv_ptr + ridx[:, None] * s_kvn + offs_d[None, :], mask=valid[:, None] & nm[None, :], other=0)
-        if NATIVE_FP8:  # sm_89+: hardware e4m3 convert
-            xf = x.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            bias = 127.0
-        else:  # any arch: e4m3 bits -> fp16 bits (exponent bias 7 -> 15, so the value is 2^-8 of the e4m3 one)
-            h = x.to(tl.uint16)
-            xf = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
-            bias = 119.0
-        NGB: tl.constexpr = BLOCK_D // 64
-        if NGB == 1:
-            e = tl.load(exp_ptr + ridx * s_en, mask=valid, other=0)
-            xf = xf * tl.exp2(e.to(tl.float32) - bias)[:, None]
-        else:
-            offs_g = tl.arange(0, NGB)
-            e = tl.load(exp_ptr + ridx[:, None] * s_en + offs_g[None, :],
-                        mask=valid[:, None] & (offs_g * 64 < NOPE)[None, :], other=0)
-            sc = tl.exp2(e.to(tl.float32) - bias)
-            xf = xf * tl.reshape(tl.broadcast_to(sc[:, :, None], [BLOCK_K, NGB, 64]), [BLOCK_K, BLOCK_D])
+        xf = _nope_f32(kv_ptr, exp_ptr, ridx, valid, offs_d, s_kvn, s_en, BLOCK_K, BLOCK_D, NOPE, NATIVE_FP8)
         r = tl.load(rope_ptr + ridx[:, None] * s_rn + (offs_d - NOPE)[None, :],
                     mask=valid[:, None] & (~nm & dmask)[None, :], other=0.0)
         out = tl.where(nm[None, :], xf, r.to(tl.float32)).to(tl.bfloat16)
     return out
+
+
+@triton.jit
+def _col_group(x, g, BH: tl.constexpr, G: tl.constexpr, R: tl.constexpr):
+    # x [BH, G * R] -> its columns [g * R, (g + 1) * R) as [BH, R] (exact: one nonzero term per sum)
+    sel = (tl.arange(0, G) == g)[None, :, None]
+    return tl.sum(tl.where(sel, tl.reshape(x, [BH, G, R]), 0.0), axis=1).to(x.dtype)
+
+
+@triton.jit
+def _put_group(x, y, g, BH: tl.constexpr, G: tl.constexpr, R: tl.constexpr):
+    # x [BH, G * R] with columns [g * R, (g + 1) * R) replaced by y [BH, R]
+    sel = (tl.arange(0, G) == g)[None, :, None]
+    return tl.reshape(tl.where(sel, y[:, None, :], tl.reshape(x, [BH, G, R])), [BH, G * R])
+
+
+@triton.jit
+def _key_block_rs(q, q_r, kv_ptr, exp_ptr, rope_ptr, idx, m, l, acc, acc_r, offs_d, s_kvn, s_en, s_rn, qk_scale,
+                  BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr,
+                  NATIVE_FP8: tl.constexpr, go):
+    # RSPLIT (fp8_ds_mla rows): _key_block with the rope columns as a tile of their own, [BLOCK_K, RD] (RD = D -
+    # NOPE), against q's rope columns q_r [BLOCK_H, RD]: logits = q . nope^T + q_r . rope^T, acc += p . nope (0 at
+    # columns >= NOPE), acc_r += p . rope. The rope rows are loaded at their width, not as a [BLOCK_K, BLOCK_D] tile
+    # masked to RD columns, so a pipelined stage holds BLOCK_K * (NOPE-wide bytes + 2 RD) instead of 3 BLOCK_D
+    if go:
+        valid = idx >= 0
+        ridx = idx.to(tl.int64)
+        rows = _nope_f32(kv_ptr, exp_ptr, ridx, valid, offs_d, s_kvn, s_en, BLOCK_K, BLOCK_D, NOPE,
+                         NATIVE_FP8).to(tl.bfloat16)
+        r = tl.load(rope_ptr + ridx[:, None] * s_rn + tl.arange(0, RD)[None, :], mask=valid[:, None], other=0.0)
+        s = (tl.dot(q, tl.trans(rows)) + tl.dot(q_r, tl.trans(r))) * qk_scale  # [BLOCK_H, BLOCK_K]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        pb = p.to(tl.bfloat16)
+        acc = acc * alpha[:, None] + tl.dot(pb, rows)
+        acc_r = acc_r * alpha[:, None] + tl.dot(pb, r)
+        m = m_new
+    return m, l, acc, acc_r
+
 
 @triton.jit
 def _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn, s_rn, qk_scale,
@@ -97,7 +148,7 @@ def _attn_fwd(
     NG: tl.constexpr, SPLIT: tl.constexpr, SCALE_BCAST: tl.constexpr,
     NOPE: tl.constexpr, NATIVE_FP8: tl.constexpr, LIVE: tl.constexpr, HALF: tl.constexpr,
     DYN: tl.constexpr = False, FUSE: tl.constexpr = 0, SKIP: tl.constexpr = False, PDL: tl.constexpr = False,
-    QNR: tl.constexpr = False,
+    QNR: tl.constexpr = False, RSPLIT: tl.constexpr = False,
 ):
     # program = (token t, head block, key split); heads are the M dim so one KV tile feeds BLOCK_H heads (MQA).
     # DYN (with LIVE): the S splits share token t's live keys, ceil(live / S) rounded up to BLOCK_K each (not
@@ -105,6 +156,8 @@ def _attn_fwd(
     # FUSE (> 0, a power of two >= S): the last program of (t, head block) to arrive merges the partials (no
     # combine launch); cnt_ptr [T * head blocks] int32 arrival counts, zero between calls (re-armed here).
     # SKIP: a key block whose indices are all -1 skips its loads and math (sparse decode lists).
+    # RSPLIT (fp8_ds_mla rows; RD = D - NOPE a power of two dividing NOPE and BLOCK_D): the rope columns as a tile
+    # of their own (_key_block_rs), merged into acc after the loop.
     pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
     t = tl.program_id(0)
     hb = tl.program_id(1)
@@ -134,16 +187,34 @@ def _attn_fwd(
     m = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for k0 in range(0, n_k, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
-        offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
-        idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
-        if SKIP:
-            m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
-                                   s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8,
-                                   tl.max(idx, 0) >= 0)
-        else:
-            m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
-                                   s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8, True)
+    if RSPLIT:
+        RD: tl.constexpr = D - NOPE
+        G: tl.constexpr = BLOCK_D // RD
+        q_r = _col_group(q, NOPE // RD, BLOCK_H, G, RD)
+        acc_r = tl.zeros([BLOCK_H, RD], tl.float32)
+        for k0 in range(0, n_k, BLOCK_K):
+            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
+            if SKIP:
+                m, l, acc, acc_r = _key_block_rs(q, q_r, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, acc_r, offs_d,
+                                                 s_kvn, s_kvsn, s_rn, qk_scale, BLOCK_D, BLOCK_K, NOPE, RD,
+                                                 NATIVE_FP8, tl.max(idx, 0) >= 0)
+            else:
+                m, l, acc, acc_r = _key_block_rs(q, q_r, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, acc_r, offs_d,
+                                                 s_kvn, s_kvsn, s_rn, qk_scale, BLOCK_D, BLOCK_K, NOPE, RD,
+                                                 NATIVE_FP8, True)
+        acc = _put_group(acc, acc_r, NOPE // RD, BLOCK_H, G, RD)
+    else:
+        for k0 in range(0, n_k, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
+            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
+            if SKIP:
+                m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
+                                       s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8,
+                                       tl.max(idx, 0) >= 0)
+            else:
+                m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
+                                       s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8, True)
     if SPLIT:
         S = tl.num_programs(2)
         if k_lo < lim:  # the combine reads the partials of the splits below the live bound only

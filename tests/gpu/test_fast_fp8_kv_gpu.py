@@ -68,6 +68,31 @@ def test_sparse_attn_split_rows(T: int, H: int, hd: int, rope: int, K: int, nati
         assert got[1].abs().max() == 0
 
 
+@pytest.mark.parametrize(("T", "K", "tile"), [(1, 8320, (16, 64, 8, 2)), (1, 8320, (16, 128, 8, 2)),
+                                              (4, 640, (16, 64, 8, 2)), (1, 640, (16, 32, 8, 2))])
+def test_attn_rope_split_matches(T: int, K: int, tile: tuple[int, int, int, int]) -> None:
+    # DS4F_ATTN_ROPE_SPLIT at the decode shapes of one TP=2 rank (32 heads; an HCA list at 1M, a CSA window +
+    # top-512 list) with a live bound, at pipelined tiles that only it fits: against the reference over the
+    # dequantized rows, and close to the default path (only the logits' sum order differs)
+    import importlib
+
+    sa_mod = importlib.import_module("ds4f.kernels.sparse_attn")
+    q, nope, exp, rp, idx, sink = _case(T, 32, 512, 64, K, 16384, seed=K + T)
+    live = torch.full((T,), K - K // 5, dtype=torch.int32, device="cuda")
+    want = sparse_attn_ref(q, dequantize_kv_rows(nope, exp, rp), idx, sink, 512**-0.5).float()
+    base = sparse_attn(q, nope, idx, sink, 512**-0.5, exp, kv_rope=rp, live=live).float()
+    bh, bk, nw, ns = tile
+    sa_mod.ROPE_SPLIT = True
+    try:
+        got = sparse_attn(q, nope, idx, sink, 512**-0.5, exp, kv_rope=rp, live=live, block_h=bh, block_k=bk,
+                          num_warps=nw, num_stages=ns).float()
+    finally:
+        sa_mod.ROPE_SPLIT = False
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, base, atol=4e-3, rtol=4e-3)
+    assert not any(k[-1] for k in sa_mod._FITTED), "a ROPE_SPLIT tile had to shrink"  # (entries: shrunk launches)
+
+
 def test_sparse_attn_split_rows_in_cuda_graph() -> None:
     q, nope, exp, rp, idx, sink = _case(2, 64, 512, 64, 640, 2048, seed=7)
     want = sparse_attn(q, nope, idx, sink, 512**-0.5, exp, kv_rope=rp)
