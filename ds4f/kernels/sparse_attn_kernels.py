@@ -86,15 +86,10 @@ def _key_block_rs(q, q_r, kv_ptr, exp_ptr, rope_ptr, idx, m, l, acc, acc_r, offs
                          NATIVE_FP8).to(tl.bfloat16)
         r = tl.load(rope_ptr + ridx[:, None] * s_rn + tl.arange(0, RD)[None, :], mask=valid[:, None], other=0.0)
         s = (tl.dot(q, tl.trans(rows)) + tl.dot(q_r, tl.trans(r))) * qk_scale  # [BLOCK_H, BLOCK_K]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        m, l, alpha, p = _softmax_step(s, valid, m, l)
         pb = p.to(tl.bfloat16)
         acc = acc * alpha[:, None] + tl.dot(pb, rows)
         acc_r = acc_r * alpha[:, None] + tl.dot(pb, r)
-        m = m_new
     return m, l, acc, acc_r
 
 
@@ -128,16 +123,22 @@ def _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kv
                     rows = tl.reshape(rows.to(tl.float32), [BLOCK_K, NG, BLOCK_D // NG]) * sc[:, :, None]
                     rows = tl.reshape(rows, [BLOCK_K, BLOCK_D]).to(tl.bfloat16)
             s = tl.dot(q, tl.trans(rows)) * qk_scale  # [BLOCK_H, BLOCK_K]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        m, l, alpha, p = _softmax_step(s, valid, m, l)
         if NG == 1:
             p = p * sc[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), rows)
-        m = m_new
     return m, l, acc
+
+
+@triton.jit
+def _softmax_step(s, valid, m, l):
+    # logits s [BLOCK_H, BLOCK_K] (log2 units; keys not valid masked here) into the running max m and denominator
+    # l -> (m, l, alpha = the factor the accumulators take, p = the block's unnormalized weights)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, l * alpha + tl.sum(p, 1), alpha, p
 
 @triton.jit
 def _attn_fwd(
@@ -192,29 +193,21 @@ def _attn_fwd(
         G: tl.constexpr = BLOCK_D // RD
         q_r = _col_group(q, NOPE // RD, BLOCK_H, G, RD)
         acc_r = tl.zeros([BLOCK_H, RD], tl.float32)
-        for k0 in range(0, n_k, BLOCK_K):
-            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
-            if SKIP:
-                m, l, acc, acc_r = _key_block_rs(q, q_r, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, acc_r, offs_d,
-                                                 s_kvn, s_kvsn, s_rn, qk_scale, BLOCK_D, BLOCK_K, NOPE, RD,
-                                                 NATIVE_FP8, tl.max(idx, 0) >= 0)
-            else:
-                m, l, acc, acc_r = _key_block_rs(q, q_r, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, acc_r, offs_d,
-                                                 s_kvn, s_kvsn, s_rn, qk_scale, BLOCK_D, BLOCK_K, NOPE, RD,
-                                                 NATIVE_FP8, True)
+    for k0 in range(0, n_k, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
+        offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+        idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
+        if SKIP:
+            go = tl.max(idx, 0) >= 0
+        else:
+            go = True
+        if RSPLIT:
+            m, l, acc, acc_r = _key_block_rs(q, q_r, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, acc_r, offs_d, s_kvn,
+                                             s_kvsn, s_rn, qk_scale, BLOCK_D, BLOCK_K, NOPE, RD, NATIVE_FP8, go)
+        else:
+            m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
+                                   s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8, go)
+    if RSPLIT:
         acc = _put_group(acc, acc_r, NOPE // RD, BLOCK_H, G, RD)
-    else:
-        for k0 in range(0, n_k, BLOCK_K):  # from 0: Triton 3.6's interpreter rejects a tensor start
-            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(idx_ptr + t * s_it + offs_k, mask=offs_k < lim, other=-1)
-            if SKIP:
-                m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
-                                       s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8,
-                                       tl.max(idx, 0) >= 0)
-            else:
-                m, l, acc = _key_block(q, kv_ptr, kvs_ptr, rope_ptr, idx, m, l, acc, offs_d, dmask, s_kvn, s_kvsn,
-                                       s_rn, qk_scale, BLOCK_D, BLOCK_K, NG, SCALE_BCAST, NOPE, NATIVE_FP8, True)
     if SPLIT:
         S = tl.num_programs(2)
         if k_lo < lim:  # the combine reads the partials of the splits below the live bound only
