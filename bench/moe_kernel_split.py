@@ -1,7 +1,7 @@
 """⑥ kernels, where an MXFP4 MoE decode call's time goes, kernel by kernel: the routed experts of one V4-Flash layer
 (D=4096, 256 experts, top-6) at the TP=2 / TP=1 per-rank widths, T = 1 and 4 tokens, through fused_moe_mxfp4's
-default decode path (the one the model runs). Per kernel: its GPU µs per call (torch.profiler over the replays of a
-CUDA graph of CALLS calls with distinct random picks, as bench/sweep_mxfp4_decode.py times them, so the L2 never
+default decode path (the one the model runs). Per kernel: its GPU µs per call (bench/kernel_times_long.kernel_us over
+a CUDA graph of CALLS calls with distinct random picks, as bench/sweep_mxfp4_decode.py times them, so the L2 never
 holds a pick's bytes), the bytes it must read (up: gate + up rows of each distinct pick, down: its down rows, with
 their UE8M0 scales) and that over the copy ceiling measured in the same run. PDL is off unless DS4F_PDL=1 is set,
 so a kernel's time is its own and not its wait on the one before.
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import graph_of, measure_ceilings, run_meta  # noqa: E402
+from bench.common import measure_ceilings, run_meta  # noqa: E402
+from bench.kernel_times_long import kernel_us  # noqa: E402
 from bench.sweep_mxfp4_decode import CALLS, LIMIT, D, case_inputs, rank_experts  # noqa: E402
 from ds4f.kernels import pdl  # noqa: E402
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4  # noqa: E402
@@ -38,10 +38,10 @@ def split_bytes(inter: int, distinct: float) -> dict[str, float]:
     return {"up": distinct * 2 * inter * D * per_value, "down": distinct * D * inter * per_value}
 
 
-def calls_graph(w: tuple[torch.Tensor, ...], xs: list[torch.Tensor], ids: list[torch.Tensor],
-                wts: list[torch.Tensor]) -> Callable[[], object]:
-    """The CALLS calls (each its own picks) captured in one CUDA graph -> its replay."""
-    return graph_of(lambda: [fused_moe_mxfp4(xs[i], *w, ids[i], wts[i], LIMIT) for i in range(CALLS)])
+def calls(w: tuple[torch.Tensor, ...], xs: list[torch.Tensor], ids: list[torch.Tensor],
+          wts: list[torch.Tensor]) -> Callable[[], object]:
+    """The CALLS calls, each with its own picks (one graph of them is what kernel_us replays)."""
+    return lambda: [fused_moe_mxfp4(xs[i], *w, ids[i], wts[i], LIMIT) for i in range(CALLS)]
 
 
 def kind(name: str) -> str:
@@ -55,8 +55,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    from torch.profiler import ProfilerActivity, profile
-
     pdl.ENABLED = os.environ.get("DS4F_PDL", "0") == "1"  # read at each launch
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta("python3 bench/moe_kernel_split.py " + " ".join(sys.argv[1:]))
@@ -67,17 +65,8 @@ def main() -> None:
         for T in (int(v) for v in args.tokens.split(",")):
             xs, ids, wts, nbytes = case_inputs(tp, T, per_expert)
             distinct = nbytes / per_expert
-            replay = calls_graph(w, xs, ids, wts)
-            replay()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.reps):
-                    replay()
-                torch.cuda.synchronize()
-            us: dict[str, float] = defaultdict(float)
-            for e in prof.events():
-                if e.device_type.name == "CUDA":
-                    us[e.name[:60]] += e.device_time / (args.reps * CALLS)
+            per_graph = kernel_us(calls(w, xs, ids, wts), args.reps)  # an L2 flush between replays: harmless here
+            us = {name: t / CALLS for name, t in per_graph.items()}
             want = split_bytes(inter, distinct)
             print(f"== TP={tp} I={inter} T={T}: {distinct:.1f} distinct experts, {nbytes / 1e6:.1f} MB per call",
                   flush=True)

@@ -49,6 +49,20 @@ ARCHS = [80, 90, 121]  # Ampere, Hopper, and the DGX Spark's GB10 (99 KB of shar
 # (live, split, DYN, FUSE, SKIP, HALF): the decode policies' kernels (sparse_attn.DecodePolicy)
 ATTN_MODES = [(False, False, False, 0, True, 0), (True, False, False, 0, False, 32), (False, True, False, 8, True, 32),
               (True, True, True, 0, False, 0), (True, True, True, 4, False, 32)]
+# _attn_fwd's pointer / float argument types (the rest default to i32), and the arguments a launch from the pools
+# specializes as multiples of 16 (aligned pointers, row strides): what decides whether its loads pipeline
+ATTN_TYPES = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
+                  o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
+                  cnt_ptr="*i32", qk_scale="fp32", q_eps="fp32")
+ATTN_DIV16 = ("q_ptr", "kv_ptr", "kvs_ptr", "rope_ptr", "idx_ptr", "po_ptr", "pm_ptr", "o_ptr", "s_qt", "s_qh", "s_kvn",
+              "s_kvsn", "s_rn", "s_it", "s_ot", "s_oh")
+
+
+def decode_consts(bh: int, bk: int, **kw: Any) -> dict[str, Any]:
+    """_attn_fwd's constexprs as a decode call over one TP=2 rank's fp8 rows launches it (split keys, live bound,
+    DYN splits, q normed in the prologue, inverse-RoPE epilogue), with kw on top."""
+    return dict(D=512, BLOCK_D=512, BLOCK_H=bh, BLOCK_K=bk, NG=0, SPLIT=True, SCALE_BCAST=True, NOPE=448,
+                NATIVE_FP8=True, LIVE=True, HALF=32, DYN=True, FUSE=0, SKIP=False, QNR=True) | kw
 
 
 def test_decode_attn_tiles_fit_h200_as_launched() -> None:
@@ -58,19 +72,10 @@ def test_decode_attn_tiles_fit_h200_as_launched() -> None:
     import importlib
 
     sa = importlib.import_module("ds4f.kernels.sparse_attn")
-    types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
-                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
-                 cnt_ptr="*i32", qk_scale="fp32", q_eps="fp32")
-    div = ("q_ptr", "kv_ptr", "kvs_ptr", "rope_ptr", "idx_ptr", "po_ptr", "pm_ptr", "o_ptr", "s_qt", "s_qh", "s_kvn",
-           "s_kvsn", "s_rn", "s_it", "s_ot", "s_oh")
     for bh, bk, nw, ns in (sa.SHORT_KNOBS, sa.MID_KNOBS, sa.LONG_FP8_KNOBS):
-        build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=bh, BLOCK_K=bk, NG=0, SPLIT=True,
-                                        SCALE_BCAST=True, NOPE=448, NATIVE_FP8=True, LIVE=True, HALF=32, DYN=True,
-                                        FUSE=0, SKIP=False, QNR=True), 90, nw, ns, div16=div)  # asserts the fit
+        build(sa._attn_fwd, ATTN_TYPES, decode_consts(bh, bk), 90, nw, ns, div16=ATTN_DIV16)  # asserts the fit
     with pytest.raises(AssertionError):  # the same tile pipelined does not fit
-        build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=64, NG=0, SPLIT=True,
-                                        SCALE_BCAST=True, NOPE=448, NATIVE_FP8=True, LIVE=True, HALF=32, DYN=True,
-                                        FUSE=0, SKIP=False, QNR=True), 90, 8, 2, div16=div)
+        build(sa._attn_fwd, ATTN_TYPES, decode_consts(16, 64), 90, 8, 2, div16=ATTN_DIV16)
 
 
 @pytest.mark.parametrize(("arch", "bk", "nw", "ns"), [(90, 64, 8, 2), (90, 128, 8, 2), (90, 32, 4, 3),
@@ -83,16 +88,9 @@ def test_sparse_attn_rope_split_pipelines(arch: int, bk: int, nw: int, ns: int) 
     import importlib
 
     sa = importlib.import_module("ds4f.kernels.sparse_attn")
-    types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
-                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
-                 cnt_ptr="*i32", qk_scale="fp32", q_eps="fp32")
-    div = ("q_ptr", "kv_ptr", "kvs_ptr", "rope_ptr", "idx_ptr", "po_ptr", "pm_ptr", "o_ptr", "s_qt", "s_qh", "s_kvn",
-           "s_kvsn", "s_rn", "s_it", "s_ot", "s_oh")
     for qnr in (False, True):
-        k = build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=bk, NG=0, SPLIT=True,
-                                            SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=True, HALF=32,
-                                            DYN=True, FUSE=0, SKIP=False, QNR=qnr, RSPLIT=True), arch, nw, ns,
-                  div16=div)
+        k = build(sa._attn_fwd, ATTN_TYPES, decode_consts(16, bk, NATIVE_FP8=arch >= 89, QNR=qnr, RSPLIT=True), arch,
+                  nw, ns, div16=ATTN_DIV16)
         assert "cp.async" in k["ptx"], (arch, bk, qnr)
 
 
@@ -103,10 +101,7 @@ def test_sparse_attn_builds(arch: int, mode: tuple[bool, bool, bool, int, bool, 
 
     sa = importlib.import_module("ds4f.kernels.sparse_attn")
     live, split, dyn, fuse, skip, half = mode
-    types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
-                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
-                 cnt_ptr="*i32", qk_scale="fp32", q_eps="fp32")
-    k = build(sa._attn_fwd, types, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=32, NG=0, SPLIT=split,
+    k = build(sa._attn_fwd, ATTN_TYPES, dict(D=512, BLOCK_D=512, BLOCK_H=16, BLOCK_K=32, NG=0, SPLIT=split,
                                         SCALE_BCAST=True, NOPE=448, NATIVE_FP8=arch >= 89, LIVE=live, HALF=half,
                                         DYN=dyn, FUSE=fuse, SKIP=skip, QNR=bool(half)),  # q_norm: with inv_rope
               arch, 4, 2)
@@ -262,9 +257,6 @@ def test_attn_tiles_shrink_to_fit_gb10() -> None:
     import importlib
 
     sa = importlib.import_module("ds4f.kernels.sparse_attn")
-    types = dict(q_ptr="*bf16", kv_ptr="*u8", kvs_ptr="*u8", rope_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32",
-                 o_ptr="*bf16", po_ptr="*fp32", pm_ptr="*fp32", live_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
-                 cnt_ptr="*i32", qk_scale="fp32")
     cases = [(sa.MID_KNOBS, 448), (sa.LONG_FP8_KNOBS, 448), (sa.SHORT_KNOBS, 448),
              ((64, 32, 4, 1), 448), ((64, 64, 8, 2), 0)]  # CSA / long HCA / window decode on fp8 rows, a 64-head
     # prefill chunk, bf16 rows
@@ -274,7 +266,7 @@ def test_attn_tiles_shrink_to_fit_gb10() -> None:
         while True:
             bh, bk, nw, ns = cfg
             try:
-                build(sa._attn_fwd, dict(types, kv_ptr="*u8" if nope else "*bf16"),
+                build(sa._attn_fwd, dict(ATTN_TYPES, kv_ptr="*u8" if nope else "*bf16"),
                       dict(D=512, BLOCK_D=512, BLOCK_H=bh, BLOCK_K=bk, NG=0, SPLIT=True, SCALE_BCAST=True, NOPE=nope,
                            NATIVE_FP8=True, LIVE=True, HALF=32, DYN=True, FUSE=0, SKIP=False), 121, nw, ns)
                 break
