@@ -347,6 +347,22 @@ case "${1:-}" in
       2>&1 | grep -E "^(attn|PICK)"
     timeout 200 python3 bench/sweep_attn_decode.py --quick --variants w8,bk64w8,rs,rs32p,rs32w4,rs64p,rs128p \
       --out "$OUT/attn_decode.jsonl" 2>&1 | grep -vE "^# diag" | tail -n 40 ;;
+  s16a)  # 1 GPU: the weight-streaming decode kernels (MXFP4 MoE T=1/4, the FP8 GEMVs) under Nsight Compute and
+    # cold vs hot L2 (bench/ncu_decode.py), the MoE call kernel by kernel (bench/moe_kernel_split.py), then the GPU
+    # tests session 15's caps cut
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy"
+    S="$S --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis"
+    timeout 200 "$NCU" --profile-from-start off --clock-control none $S \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      python3 bench/ncu_decode.py --ncu > "$OUT/ncu_decode.txt" 2>&1; echo "ncu rc=$? $(wc -l < "$OUT/ncu_decode.txt") lines"
+    grep -E "^  [_a-z]|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Warp Cycles Per Issued|Block Limit" \
+      "$OUT/ncu_decode.txt" | head -n 160
+    timeout 90 python3 bench/ncu_decode.py --out "$OUT/ncu_time.jsonl" 2>&1 | grep -vE "Warning|warn"
+    timeout 100 python3 bench/moe_kernel_split.py --tp 2 --tokens 1,4 --json "$OUT/moe_split.jsonl" 2>&1 | grep -vE "Warning|warn"
+    mkdir -p /tmp/gpulogs; DS4F_COMPILE=0 timeout $((590 - SECONDS)) python3 -m pytest -q -rs --tb=short \
+      -p no:cacheprovider tests/gpu/test_fast_fp8_kv_gpu.py -k "rope_split or hist or reference_engine or mid_odd" \
+      > /tmp/gpulogs/test_fast_fp8_kv_gpu.log 2>&1; test_summary | tee "$OUT/gpu_tests.log" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
