@@ -6,7 +6,10 @@ its own oracle (a8: fused_moe_mxfp4_a8_ref; bf16: fused_moe_mxfp4_ref) and again
 Timed as bench/sweep_mxfp4_decode.py does (a CUDA graph of CALLS calls with distinct random picks, ~1.2 GB of
 experts at TP=2, so the L2 never holds a pick's bytes). Ends with `PICK_A8 TP= T= DS4F_MXFP4_DEC=...` per case.
 
-    PYTHONPATH=$PWD python3 bench/sweep_mxfp4_a8.py [--tp 2] [--tokens 1,4] [--out FILE.jsonl]
+--xb 0,1: every a8 tile without and with the up kernel's B operands built once per call (_a8_expand,
+DS4F_MXFP4_A8_XB) instead of per program; --tiles N: only the first N of TILES (after the table's).
+
+    PYTHONPATH=$PWD python3 bench/sweep_mxfp4_a8.py [--tp 2] [--tokens 1,4] [--xb 0,1] [--out FILE.jsonl]
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import measure_ceilings, run_meta, time_graph  # noqa: E402
 from bench.sweep_mxfp4_decode import CALLS, LIMIT, D, case_inputs, rank_experts  # noqa: E402
+from ds4f.kernels import moe_mxfp4_a8 as a8  # noqa: E402
 from ds4f.kernels import moe_mxfp4_decode as md  # noqa: E402
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4, fused_moe_mxfp4_ref  # noqa: E402
 from ds4f.kernels.moe_mxfp4_a8 import fused_moe_mxfp4_a8_ref  # noqa: E402
 
 # (up, down) tiles (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages); BLOCK_K in {128, 256, 512}
-TILES = [((64, 256, 4, 4, 4), (64, 256, 4, 4, 4)), ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),
+TILES = [((64, 256, 4, 4, 4), (64, 256, 4, 4, 4)), ((64, 512, 4, 4, 2), (64, 512, 1, 4, 3)),
+         ((64, 512, 1, 4, 3), (64, 512, 1, 4, 3)), ((64, 256, 2, 4, 3), (64, 512, 1, 4, 3)),
+         ((64, 256, 4, 4, 3), (64, 512, 1, 4, 3)), ((64, 256, 1, 4, 4), (64, 256, 1, 4, 4)),
          ((64, 256, 2, 4, 4), (64, 256, 2, 4, 4)), ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),
          ((64, 512, 4, 4, 3), (64, 512, 2, 4, 3)), ((128, 256, 2, 8, 4), (128, 256, 1, 8, 4)),
          ((128, 256, 4, 8, 4), (64, 256, 2, 4, 4)), ((32, 256, 4, 4, 4), (32, 256, 2, 4, 4)),
@@ -40,6 +46,8 @@ def main() -> None:
     ap.add_argument("--tp", default="2")
     ap.add_argument("--tokens", default="1,4")
     ap.add_argument("--out", default="", help="append JSON records (case mxfp4_a8_sweep) to this file")
+    ap.add_argument("--xb", default="0")
+    ap.add_argument("--tiles", type=int, default=len(TILES))
     args = ap.parse_args()
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta("python3 bench/sweep_mxfp4_a8.py " + " ".join(sys.argv[1:]))
@@ -48,14 +56,15 @@ def main() -> None:
     for tp in (int(v) for v in args.tp.split(",")):
         inter, w, per_expert = rank_experts(tp)
         for T in (int(v) for v in args.tokens.split(",")):
-            picks.append(sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out))
+            picks.append(sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out,
+                                    [int(v) for v in args.xb.split(",")], TILES[:args.tiles]))
         del w
         torch.cuda.empty_cache()
     print("\n".join(picks), flush=True)
 
 
 def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_expert: int, copy_gbps: float,
-               meta: dict, out_path: str) -> str:
+               meta: dict, out_path: str, xbs: list[int], tiles: list) -> str:
     xs, ids, wts, nbytes = case_inputs(tp, T, per_expert)
     ref16 = fused_moe_mxfp4_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
     ref8 = fused_moe_mxfp4_a8_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
@@ -63,7 +72,9 @@ def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_exp
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.double() - b).norm() / b.norm()).item()
 
-    def report(name: str, cfg: dict) -> float:
+    def report(name: str, cfg: dict, xb: int = 0) -> float:
+        a8.XB = bool(xb)
+        name += " XB=1" if xb else ""
         try:
             out = fused_moe_mxfp4(xs[0], *w, ids[0], wts[0], LIMIT, config=cfg)
             us = time_graph(lambda i: fused_moe_mxfp4(xs[i], *w, ids[i], wts[i], LIMIT, config=cfg), CALLS, CALLS, 5)
@@ -88,13 +99,17 @@ def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_exp
     up0, dn0 = md.pick(D, inter, T)  # type: ignore[misc]
     base = report(f"bf16 table up={up0} down={dn0} SUB={int(md.sub_default(xs[0].device))}",
                   dict(DEC=(*up0, *dn0), A8=0))
-    best = (report(f"a8 up={up0} down={dn0}", dict(DEC=(*up0, *dn0), A8=1)), up0, dn0)
-    for up, dn in TILES:
+    up0, dn0 = a8.pick(D, inter, T, (up0, dn0))
+    best = min((report(f"a8 up={up0} down={dn0}", dict(DEC=(*up0, *dn0), A8=1), xb), xb, up0, dn0) for xb in xbs)
+    for up, dn in tiles:
         if (up, dn) != (up0, dn0) and md.fits((up, dn), D, inter):
-            best = min(best, (report(f"a8 up={up} down={dn}", dict(DEC=(*up, *dn), A8=1)), up, dn))
-    us, up, dn = best
+            for xb in xbs:
+                best = min(best, (report(f"a8 up={up} down={dn}", dict(DEC=(*up, *dn), A8=1), xb), xb, up, dn))
+    us, xb, up, dn = best
+    a8.XB = False
     print(f"  best a8 {us:.2f} us vs bf16 table {base:.2f} us: x{base / us:.2f}", flush=True)
-    return (f"PICK_A8 TP={tp} T={T} DS4F_MXFP4_DEC={','.join(str(v) for v in (*up, *dn))} ({us:.2f} us vs bf16 "
+    return (f"PICK_A8 TP={tp} T={T} DS4F_MXFP4_A8_XB={xb} DS4F_MXFP4_DEC={','.join(str(v) for v in (*up, *dn))} "
+            f"({us:.2f} us vs bf16 "
             f"{base:.2f} us)")
 
 

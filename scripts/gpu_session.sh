@@ -363,6 +363,17 @@ case "${1:-}" in
     mkdir -p /tmp/gpulogs; DS4F_COMPILE=0 timeout $((590 - SECONDS)) python3 -m pytest -q -rs --tb=short \
       -p no:cacheprovider tests/gpu/test_fast_fp8_kv_gpu.py -k "rope_split or hist or reference_engine or mid_odd" \
       > /tmp/gpulogs/test_fast_fp8_kv_gpu.log 2>&1; test_summary | tee "$OUT/gpu_tests.log" ;;
+  s16b)  # 1 GPU: the GPU tests of the up kernel reading x's operands built once per call (DS4F_MXFP4_A8_XB), the a8
+    # sweep without / with it (the first A8_TILES tiles), then the TP=2 rank step (SIM_LAYERS, b1 / b4) under each
+    # env of S10_AB (default: none vs DS4F_MXFP4_A8_XB=1)
+    mkdir -p /tmp/gpulogs; DS4F_COMPILE=0 timeout 150 python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_moe_mxfp4_a8_gpu.py -k "xb or graph" > /tmp/gpulogs/test_moe_mxfp4_a8_gpu.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"
+    timeout "${A8_SWEEP_S:-150}" python3 bench/sweep_mxfp4_a8.py --tp 2 --tokens 1,4 --xb 0,1 \
+      --tiles "${A8_TILES:-5}" --out "$OUT/moe_mxfp4.jsonl" > "$OUT/sweep_a8.log" 2>&1
+    grep -E "^(==|  |PICK)|Error" "$OUT/sweep_a8.log" | tail -n 40
+    SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--;DS4F_MXFP4_A8_XB=1}" SIM_S="${SIM_S:-110}" \
+      bash "$0" s10ab "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

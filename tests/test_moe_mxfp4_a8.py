@@ -85,11 +85,43 @@ def check_interpreted() -> None:
     print("ok")
 
 
+def check_xb_interpreted() -> None:
+    """XB (x's B operands built once per token by _a8_expand, read by every up program): bit for bit the
+    per-program build, at 128 / 256 / 512-column steps with K splits, T = 1 and 3 (repeated experts)."""
+    from ds4f.kernels import moe_mxfp4 as mm
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    for D, I, T, tiles in [(256, 256, 3, (32, 128, 2, 4, 1, 16, 128, 2, 4, 1)),
+                           (1024, 128, 1, (16, 512, 2, 4, 1, 32, 128, 1, 4, 1)),
+                           (512, 256, 3, (64, 256, 1, 4, 1, 64, 256, 1, 4, 1))]:
+        x, w13q, w13s, w2q, w2s, ids, wts = _case(5, D, I, T, 2, seed=D + I + T)
+        ids[-1, 1] = ids[-1, 0]
+        outs = []
+        for xb in (False, True):
+            a8.XB = xb
+            act: list[torch.Tensor] = []
+            out = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, A8=1))
+            x2 = x.clone()
+            a8.moe_decode_a8(x2, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None,
+                             (tuple(tiles[:5]), tuple(tiles[5:])), act_out=act)
+            outs.append((out, act[0]))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), tiles
+    a8.XB = False
+    print("ok")
+
+
 def test_kernels_in_the_interpreter_match_the_oracle():
     pytest.importorskip("triton")
     from tests.interp import run_interpreted
 
     assert run_interpreted("test_moe_mxfp4_a8", "check_interpreted").strip().endswith("ok")
+
+
+def test_xb_operands_match_the_per_program_build():
+    pytest.importorskip("triton")
+    from tests.interp import run_interpreted
+
+    assert run_interpreted("test_moe_mxfp4_a8", "check_xb_interpreted").strip().endswith("ok")
 
 
 def test_default_env_and_tables(monkeypatch):
@@ -138,3 +170,28 @@ def test_kernels_build_offline(arch, which):
     k = build(a8._a8_down, _PTRS, dict(DM=4096, I=1024, TOPK=6, BLOCK_N=down[0], BLOCK_K=down[1], SPLIT=down[2],
                                        HAS_SH=1, F32=0), arch, down[3], down[4], div16=div)
     assert "e4m3" in k["ptx"] and "atom" in k["ptx"]  # the pick sum's arrival counter
+
+
+@pytest.mark.parametrize("arch", [90, 121])
+def test_xb_kernels_build_offline(arch):
+    """The up kernel reading _a8_expand's operands: both K-contiguous B tiles stream through cp.async with the
+    weights (no per-iteration quantization left: no max reduction over x in the loop), and _a8_expand itself."""
+    pytest.importorskip("triton")
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+    from tests.test_kernels_build import build
+
+    up = a8.CONFIGS[(4096, 1024, 1)][0]
+    types = dict(_PTRS, xb_ptr="*fp8e4nv", xs_ptr="*fp32")
+    div = tuple(n for n in a8._a8_up.arg_names if n in types and n != "limit" or n.startswith("s_"))
+    consts = dict(I=1024, DM=4096, TOPK=6, BLOCK_N=up[0], BLOCK_K=up[1], SPLIT=up[2], F32=0)
+    base = build(a8._a8_up, _PTRS, consts, arch, up[3], up[4], div16=tuple(d for d in div if d in _PTRS
+                                                                            or d.startswith("s_")))
+    k = build(a8._a8_up, types, dict(consts, XB=1), arch, up[3], up[4], div16=div)
+    assert k["ptx"].count("cp.async.cg") > base["ptx"].count("cp.async.cg")  # the operands join the pipeline
+    # no quantization of x in the loop (its max reductions and the operand stores to shared memory): only the
+    # finish's SwiGLU clamp is left
+    assert base["ptx"].count("max.f32") > 8 and k["ptx"].count("max.f32") <= 2 and "0x1C1C1C1C" in k["ptx"]
+    assert k["ptx"].count("st.shared") < base["ptx"].count("st.shared") // 4
+    k = build(a8._a8_expand, dict(x_ptr="*bf16", xb_ptr="*fp8e4nv", xs_ptr="*fp32"), dict(DM=4096, BLOCK_K=up[1],
+              F32=0), arch, 4, 1, div16=("x_ptr", "xb_ptr", "xs_ptr", "s_xt"))
+    assert "e4m3" in k["ptx"]

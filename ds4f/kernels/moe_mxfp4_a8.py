@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ds4f.kernels import pdl
 from ds4f.kernels.moe_mxfp4_decode import bucket, moe_decode
 
 try:
@@ -71,6 +72,8 @@ CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
     (4096, 1024, 4): ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),  # 71.08 vs 74.75
 }
 _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
+# the up kernels read x's B operands from one _a8_expand launch per call instead of building them per program
+XB = os.environ.get("DS4F_MXFP4_A8_XB", "0") == "1"
 
 
 def a8_default(device: torch.device, D: int, I: int, T: int) -> bool:
@@ -114,20 +117,51 @@ if triton is not None:
         return tl.inline_asm_elementwise(_HI_C, "=r,r", [q], dtype=tl.float8e4nv, is_pure=True, pack=4)
 
     @triton.jit
-    def _xq(xp, KB: tl.constexpr, F32: tl.constexpr):
-        # x's BLOCK_K = 2 * KB values at xp -> (B_even, B_odd) [KB, 16] (e4m3; F32: fp32): B_r[b, j] = x[2b + r] / s
-        # if column 2b + r's scale group (b // 16) is j, else 0; and xs [16] fp32: group j's x scale s (its
-        # 128-column block's, j // 4)
+    def _xq_t(xp, KB: tl.constexpr, F32: tl.constexpr):
+        # x's BLOCK_K = 2 * KB values at xp -> (B_even^T, B_odd^T) [16, KB] (e4m3; F32: fp32): B_r[b, j] =
+        # x[2b + r] / s if column 2b + r's scale group (b // 16) is j, else 0; and xs [16] fp32: group j's x scale s
+        # (its 128-column block's, j // 4)
         NB: tl.constexpr = 2 * KB // 128
         q, s = quant_rows(tl.reshape(tl.load(xp + tl.arange(0, 2 * KB)).to(tl.float32), [NB, 128]), F32)
         qe, qo = tl.split(tl.reshape(q, [KB, 2]))
         sel = tl.arange(0, 16)[:, None] == (tl.arange(0, KB) // 16)[None, :]
         xs = tl.sum(tl.where((tl.arange(0, 16) // 4)[:, None] == tl.arange(0, NB)[None, :], s[None, :], 0.0), 1)
         if F32:
-            return tl.trans(tl.where(sel, qe[None, :], 0.0)), tl.trans(tl.where(sel, qo[None, :], 0.0)), xs
-        # built as B^T [16, KB] (K contiguous, the fp8 MMA's B layout), fed transposed
-        return (tl.trans(tl.where(sel, qe[None, :], 0.0).to(tl.float8e4nv)),
-                tl.trans(tl.where(sel, qo[None, :], 0.0).to(tl.float8e4nv)), xs)
+            return tl.where(sel, qe[None, :], 0.0), tl.where(sel, qo[None, :], 0.0), xs
+        # K contiguous: the fp8 MMA's B layout, fed transposed
+        return tl.where(sel, qe[None, :], 0.0).to(tl.float8e4nv), tl.where(sel, qo[None, :], 0.0).to(tl.float8e4nv), xs
+
+    @triton.jit
+    def _xq(xp, KB: tl.constexpr, F32: tl.constexpr):
+        # _xq_t's operands as B [KB, 16]
+        be, bo, xs = _xq_t(xp, KB, F32)
+        return tl.trans(be), tl.trans(bo), xs
+
+    @triton.jit
+    def _xb_load(xb_ptr, xs_ptr, blk, KB: tl.constexpr):
+        # _xq's (B_even, B_odd, xs) of K block blk (token-major block index) from _a8_expand's buffers
+        off = tl.arange(0, 16)[:, None] * KB + tl.arange(0, KB)[None, :]
+        p = xb_ptr + blk.to(tl.int64) * (32 * KB)
+        return tl.trans(tl.load(p + off)), tl.trans(tl.load(p + 16 * KB + off)), tl.load(xs_ptr + blk * 16
+                                                                                          + tl.arange(0, 16))
+
+    @triton.jit
+    def _a8_expand(x_ptr, xb_ptr, xs_ptr, s_xt, DM: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr,
+                   PDL: tl.constexpr = False):
+        # program (token t, K block kb): _xq_t of x[t, kb * BLOCK_K:][:BLOCK_K] -> xb [T, DM / BLOCK_K, 2, 16,
+        # BLOCK_K / 2] (e4m3; F32: fp32) and xs [T, DM / BLOCK_K, 16] fp32: the up kernels' B operands, built once
+        # per token instead of once per (pick, row tile, K slice) program
+        pdl_enter(PDL)
+        t = tl.program_id(0)
+        kb = tl.program_id(1)
+        KB: tl.constexpr = BLOCK_K // 2
+        be, bo, xs = _xq_t(x_ptr + t.to(tl.int64) * s_xt + kb * BLOCK_K, KB, F32)
+        blk = t * (DM // BLOCK_K) + kb
+        off = tl.arange(0, 16)[:, None] * KB + tl.arange(0, KB)[None, :]
+        p = xb_ptr + blk.to(tl.int64) * (32 * KB)
+        tl.store(p + off, be)
+        tl.store(p + 16 * KB + off, bo)
+        tl.store(xs_ptr + blk * 16 + tl.arange(0, 16), xs)
 
     @triton.jit
     def _gdot8(q, be, bo, F32: tl.constexpr):
@@ -139,7 +173,8 @@ if triton is not None:
     def _a8_up(
         x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
         I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False,
+        SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False, XB: tl.constexpr = False,
+        xb_ptr=None, xs_ptr=None,
     ):
         # moe_mxfp4_decode._dec_up's program (pick m, BLOCK_N gate rows + the same up rows, K slice pid_s) over
         # bytes: I % BLOCK_N == 0, DM % (SPLIT * BLOCK_K) == 0, BLOCK_K in {128, 256, 512}
@@ -167,7 +202,10 @@ if triton is not None:
             fu = fu_n
             fg_n = _scales(sg + (kb + 1) * NG, NG, kb + 1 < NS, False)  # a step ahead (see _dec_up)
             fu_n = _scales(sg + I * s_sn + (kb + 1) * NG, NG, kb + 1 < NS, False)
-            be, bo, xs = _xq(xp + kb * BLOCK_K, KB, F32)
+            if XB:  # _a8_expand's operands of this K block
+                be, bo, xs = _xb_load(xb_ptr, xs_ptr, (pid_m // TOPK) * (DM // BLOCK_K) + k0 // BLOCK_K + kb, KB)
+            else:
+                be, bo, xs = _xq(xp + kb * BLOCK_K, KB, F32)
             wg = tl.load(qg + kb * KB)
             wu = tl.load(qg + I * s_qn + kb * KB)
             acc_g += _gdot8(wg, be, bo, F32) * (fg * xs[None, :])
@@ -211,6 +249,22 @@ if triton is not None:
             acc += _gdot8(wd, be, bo, F32) * (fd * xs[None, :])
         _down_finish(tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m)), sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot,
                      t, pid_tn, pid_js, rn, DM, TOPK, SPLIT, HAS_SH, F32)
+
+
+def expand_x(x: torch.Tensor, block_k: int, force: bool | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The up launch's B operands of x [T, D] built once per token (_a8_expand) when XB is on (DS4F_MXFP4_A8_XB=1, or
+    force): -> (xb [T, D / block_k, 2, 16, block_k / 2] e4m3 (fp32 in the interpreter), xs [T, D / block_k, 16]
+    fp32), else None (each up program quantizes its x slice itself)."""
+    if not (XB if force is None else force):
+        return None
+    T, D = x.shape
+    nkb, f32 = D // block_k, _INTERPRET or x.device.type != "cuda"
+    xb = torch.empty(T, nkb, 2, 16, block_k // 2, dtype=torch.float32 if f32 else torch.float8_e4m3fn,
+                     device=x.device)
+    xs = torch.empty(T, nkb, 16, dtype=torch.float32, device=x.device)
+    _a8_expand[(T, nkb)](x, xb, xs, x.stride(0), DM=D, BLOCK_K=block_k, F32=int(f32), **pdl.launch(x.device))
+    return xb, xs
 
 
 def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],

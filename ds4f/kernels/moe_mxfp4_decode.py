@@ -362,11 +362,16 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     shared_ready: the stream computing shared_out, joined before down reads it; act_out: a list that receives the
     activation rows a [T*k, I] bf16. -> [T, D] bf16."""
     (q13, s13), (q2, s2) = w13, w2
+    xb = None
     if a8:
         from ds4f.kernels.moe_mxfp4_a8 import _a8_down as down
         from ds4f.kernels.moe_mxfp4_a8 import _a8_up as up
+        from ds4f.kernels.moe_mxfp4_a8 import expand_x
 
         name, per, flags = "mxfp4_a8", 2, {}  # bytes: 2 columns each
+        xb = expand_x(x, cfgs[0][1])
+        if xb is not None:
+            flags = dict(XB=True, xb_ptr=xb[0], xs_ptr=xb[1])
     else:
         up, down = _dec_up, _dec_down
         q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word

@@ -112,6 +112,38 @@ def test_a8_kernels_match_their_reference(E, D, I, T, k, tiles):
     assert all(int(b.abs().sum()) == 0 for n in ("mxfp4_a8_up", "mxfp4_a8_down") for b in arrival.buffers(n))
 
 
+@pytest.mark.parametrize("T", [1, 4])
+def test_xb_operands_match_the_per_program_build(monkeypatch, T):
+    """DS4F_MXFP4_A8_XB: x's B operands built once per call (_a8_expand) give the up launch the same operand bytes
+    as each program's own build, so the same MMAs: the activations and outputs bit for bit, also in a graph."""
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(32, 4096, 1024, T, 6, seed=40 + T)
+    outs = []
+    for xb in (False, True):
+        monkeypatch.setattr(a8, "XB", xb)
+        for cfgs in (a8.CONFIGS[(4096, 1024, a8.bucket(T))], ((64, 256, 4, 4, 4), (64, 256, 4, 4, 4))):
+            acts: list[torch.Tensor] = []
+            out = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, cfgs, act_out=acts)
+            outs.append((xb, cfgs, acts[0], out))
+    n = len(outs) // 2
+    for (_, c0, a0, o0), (_, c1, a1, o1) in zip(outs[:n], outs[n:], strict=True):
+        assert c0 == c1 and torch.equal(a0, a1) and torch.equal(o0, o1), c0
+    monkeypatch.setattr(a8, "XB", True)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, outs[0][1])
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        got = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, outs[0][1])
+    for _ in range(2):
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, outs[0][3])
+
+
 def test_a8_graph_replay_matches_eager():
     from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
 
