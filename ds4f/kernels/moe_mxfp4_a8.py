@@ -68,8 +68,8 @@ def supported(device: torch.device) -> bool:
 # (bench/results/moe_mxfp4.jsonl, case mxfp4_a8_sweep), us per layer for 6 picks, this form at these tiles vs the
 # bf16-activation kernels at their table tiles (SUB decode): shapes not listed take moe_mxfp4_decode's tiles
 CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
-    (4096, 1024, 1): ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),  # TP=2: 25.30 vs 27.18
-    (4096, 1024, 4): ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),  # 71.08 vs 74.75
+    (4096, 1024, 1): ((64, 256, 4, 4, 3), (64, 512, 1, 4, 3)),  # TP=2: 23.87 vs 26.79 (session 16)
+    (4096, 1024, 4): ((64, 256, 2, 4, 3), (64, 512, 1, 4, 3)),  # 69.34 vs 74.76 (session 16)
 }
 _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
 # the up kernels read x's B operands from one _a8_expand launch per call instead of building them per program

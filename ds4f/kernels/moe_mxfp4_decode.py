@@ -370,8 +370,6 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
 
         name, per, flags = "mxfp4_a8", 2, {}  # bytes: 2 columns each
         xb = expand_x(x, cfgs[0][1])
-        if xb is not None:
-            flags = dict(XB=True, xb_ptr=xb[0], xs_ptr=xb[1])
     else:
         up, down = _dec_up, _dec_down
         q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
@@ -394,7 +392,8 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     up[(M, nt_u, sp_u)](
         x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
         s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
-        num_warps=nw_u, num_stages=ns_u, **flags, **pdl.launch(dev))
+        num_warps=nw_u, num_stages=ns_u, **flags, **({} if xb is None else dict(XB=True, xb_ptr=xb[0], xs_ptr=xb[1])),
+        **pdl.launch(dev))
     if act_out is not None:
         act_out.append(a)
     out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
