@@ -374,6 +374,17 @@ case "${1:-}" in
     grep -E "^(==|  |PICK)|Error" "$OUT/sweep_a8.log" | tail -n 40
     SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--;DS4F_MXFP4_A8_XB=1}" SIM_S="${SIM_S:-110}" \
       bash "$0" s10ab "$2" ;;
+  s16full)  # 2 GPUs: the all-reduce paths' exactness and microseconds (tests/gpu/test_symm_allreduce.py, PICK lines),
+    # then s11full (the full model, TP=2, b1 / b4, the 1M prompt, decode after it) with the push all-reduce when it
+    # won at both T = 1 and 4 in a graph (its tile from T = 1), else torch's one-shot kernel
+    timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_symm_allreduce.py > "$OUT/symm.log" 2>&1
+    grep -E "in a CUDA graph|PICK|passed|failed" "$OUT/symm.log" | grep -E "rank 0|passed|failed"
+    P1=$(grep -o "rank 0 PICK T=1 push [0-9]*,[0-9]*" "$OUT/symm.log" | grep -o "[0-9]*,[0-9]*$")
+    P4=$(grep -c "rank 0 PICK T=4 push" "$OUT/symm.log")
+    if [ -n "$P1" ] && [ "$P4" = 1 ] && grep -q " passed" "$OUT/symm.log"; then
+      PUSH="DS4F_SYMM_PUSH=1 DS4F_SYMM_PUSH_TILE=$P1"; else PUSH=""; fi
+    echo "# all-reduce for the full run: ${PUSH:-torch one-shot} (${SECONDS}s in)"
+    FULL_ENV="${FULL_ENV:-} $PUSH" S11_LIMIT=$((595 - SECONDS)) bash "$0" s11full "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

@@ -72,8 +72,15 @@ CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
     (4096, 1024, 4): ((64, 256, 2, 4, 3), (64, 512, 1, 4, 3)),  # 69.34 vs 74.76 (session 16)
 }
 _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
-# the up kernels read x's B operands from one _a8_expand launch per call instead of building them per program
-XB = os.environ.get("DS4F_MXFP4_A8_XB", "0") == "1"
+# XB: the up kernel reads x's B operands from one _a8_expand launch per call instead of every (pick, row tile, K
+# slice) program quantizing its x slice and storing the operands to shared memory each step (ncu, H200, T=1:
+# 1.46 warps per scheduler, 4.9 cycles per issued instruction, a third of the stalls on barriers and shared-memory
+# round trips; 1030 -> 747 SASS instructions per step). Same operand bytes, so the same MMAs: bit for bit the
+# per-program build (tests/gpu/test_moe_mxfp4_a8_gpu.py). H200, session 16 (bench/results/moe_mxfp4.jsonl): 22.62
+# vs 23.82 us per layer at one token, 66.17 vs 69.36 at four (expand launch included); in the 12-layer TP=2 rank
+# step (bench/results/full.jsonl) replay 1.469 vs 1.529 ms at one token, 2.065 vs 2.151 at four.
+# DS4F_MXFP4_A8_XB=0 reverts.
+XB = os.environ.get("DS4F_MXFP4_A8_XB", "1") == "1"
 
 
 def a8_default(device: torch.device, D: int, I: int, T: int) -> bool:
