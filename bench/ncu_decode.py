@@ -11,7 +11,9 @@ L2 per graph cycle) and "hot" (one copy: its bytes stay in the L2 between calls,
 off, so a call's time is its own: hot well under cold means HBM (or the way the kernel asks for it) bounds it,
 hot about cold means the kernel's own latency does. One JSON record per case to --out.
 
-    PYTHONPATH=$PWD python3 bench/ncu_decode.py [--time] [--ncu] [--out FILE]
+--xpre: the GEMVs only, each without and with fp8_gemv.XPRE (x quantized once per program before its K loop).
+
+    PYTHONPATH=$PWD python3 bench/ncu_decode.py [--ncu] [--xpre] [--out FILE]
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
     ap.add_argument("--out", default="")
+    ap.add_argument("--xpre", action="store_true", help="time every GEMV without and with fp8_gemv.XPRE")
     args = ap.parse_args()
     pdl.ENABLED = False  # each kernel's own time (PDL would start it early, waiting on the one before)
     _, w, per_expert = rank_experts(2)
@@ -90,11 +93,17 @@ def main() -> None:
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta("python3 bench/ncu_decode.py " + " ".join(sys.argv[1:]))
     print(f"device {meta['gpu']} copy {copy_gbps:.0f} GB/s, PDL off", flush=True)
-    for name, (fn, nbytes, copies) in cases.items():
+    runs = [(n, c, None) for n, c in cases.items()]
+    if args.xpre:
+        runs = [(n, c, x) for n, c in cases.items() if n in GEMVS for x in (False, True)]
+    for name, (fn, nbytes, copies), xpre in runs:
+        if xpre is not None:
+            fp8_gemv.XPRE = xpre
+            name = f"{name} XPRE={int(xpre)}"
         cold = time_graph(fn, copies, max(CALLS, copies))
         hot = time_graph(lambda i, fn=fn: fn(0), 1, CALLS) if nbytes < 0.8 * L2_BYTES else None
         frac = nbytes / (cold * 1e-6) / (copy_gbps * 1e9)
-        print(f"{name:10s} {nbytes / 2**20:7.1f} MB  cold {cold:7.2f} us ({frac:.2f} of copy)  hot "
+        print(f"{name:17s} {nbytes / 2**20:7.1f} MB  cold {cold:7.2f} us ({frac:.2f} of copy)  hot "
               + (f"{hot:7.2f} us" if hot else "   -"), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -7,13 +7,15 @@ sums every rank's slot in one kernel. One launch and one barrier instead of NCCL
 reverts): tests/gpu/test_symm_allreduce.py on 2 H200s gave NCCL's sums exactly, eagerly and from a CUDA graph, at
 ~30 us per eager call against NCCL's ~35. CUDA-graph capturable like the NCCL path.
 
-DS4F_SYMM_PUSH=1 (opt-in until its 2-GPU test has run): the push kernel of ds4f/kernels/push_allreduce.py instead of
-torch's: every rank stores its x straight into the peers' receive slots and raises a flag there, waits for the peers'
-flags in its own memory and sums locally (one launch, one NVLink crossing, no barrier round trip). Tile
-DS4F_SYMM_PUSH_TILE="block,warps" (default 2048,4); messages over DS4F_SYMM_PUSH_MAX_NUMEL elements (default: all that
-fit) stay on torch's kernel; a rank gives up waiting after DS4F_SYMM_PUSH_TIMEOUT_S (60) seconds and traps. The first
-push call of an instance meets every rank on the host store, so a rank still loading its weights keeps its peer
-waiting on the host, not spinning on the GPU.
+The push kernel of ds4f/kernels/push_allreduce.py is the default (DS4F_SYMM_PUSH=0: torch's copy-in kernel): every
+rank stores its x straight into the peers' receive slots and raises a flag there, waits for the peers' flags in its
+own memory and sums locally (one launch, one NVLink crossing, no barrier round trip). 2 H200s (session 16,
+tests/gpu/test_symm_allreduce.py, a CUDA graph of 32 calls): 3.8 vs 6.8 us per call at T = 1, 4.0 vs 7.0 at T = 4,
+NCCL's sums exactly; in the full model's TP=2 decode step (bench/results/full.jsonl) the 86 all-reduces went from
+0.62 to 0.33 ms. Tile DS4F_SYMM_PUSH_TILE="block,warps" (default 1024,4: the graph timing's pick at T = 1 and 4);
+messages over DS4F_SYMM_PUSH_MAX_NUMEL elements (default: all that fit) stay on torch's kernel; a rank gives up
+waiting after DS4F_SYMM_PUSH_TIMEOUT_S (60) seconds and traps. The first push call of an instance meets every rank on
+the host store, so a rank still loading its weights keeps its peer waiting on the host, not spinning on the GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 MAX_BYTES = 512 << 10  # 64 tokens x 4096 x bf16: the largest decode graph bucket's message
 # the copy-in one-shot kernel (torch >= 2.7); DS4F_SYMM_COPY_IN=0: a separate copy, then one_shot_all_reduce_out
 COPY_IN = os.environ.get("DS4F_SYMM_COPY_IN", "1") == "1"
-PUSH_TILE = (2048, 4)  # elements per program, warps (DS4F_SYMM_PUSH_TILE)
+PUSH_TILE = (1024, 4)  # elements per program, warps (DS4F_SYMM_PUSH_TILE)
 
 
 def wanted() -> bool:
@@ -63,7 +65,7 @@ class SymmAllReduce:
         symm_mem.rendezvous(self.buf, self.name)
         self.store, self.rank, self._armed = store, rank, False
         self.push = None
-        if os.environ.get("DS4F_SYMM_PUSH", "0") == "1" if push is None else push:
+        if os.environ.get("DS4F_SYMM_PUSH", "1") == "1" if push is None else push:
             self.push = self._make_push(device, push_tile, push_timeout_s)
 
     def _make_push(self, device: torch.device, tile: tuple[int, int] | None, timeout_s: float | None) -> Any:
@@ -74,7 +76,7 @@ class SymmAllReduce:
         from ds4f.kernels.knobs import env_knobs
         from ds4f.kernels.push_allreduce import PushAllReduce, region_numel
 
-        block, warps = tile or env_knobs("DS4F_SYMM_PUSH_TILE", 2, "2048,4") or PUSH_TILE
+        block, warps = tile or env_knobs("DS4F_SYMM_PUSH_TILE", 2, "1024,4") or PUSH_TILE
         self.push_max = (env_knobs("DS4F_SYMM_PUSH_MAX_NUMEL", 1, "16384") or (self.cap,))[0]
         if timeout_s is None:
             timeout_s = float(os.environ.get("DS4F_SYMM_PUSH_TIMEOUT_S", "60"))
