@@ -11,9 +11,11 @@ L2 per graph cycle) and "hot" (one copy: its bytes stay in the L2 between calls,
 off, so a call's time is its own: hot well under cold means HBM (or the way the kernel asks for it) bounds it,
 hot about cold means the kernel's own latency does. One JSON record per case to --out.
 
---xpre: the GEMVs only, each without and with fp8_gemv.XPRE (x quantized once per program before its K loop).
+Session 16 timed the GEMVs here also with x quantized once per program before the K loop into scratch rows that the
+loop streamed with the weights (bench/results/decode_kernels.jsonl, revision d4914da): slower at every shape (wq_b
+9.62 vs 8.23 us cold), as the weight stream then starts only after that serial pass; the code was dropped.
 
-    PYTHONPATH=$PWD python3 bench/ncu_decode.py [--ncu] [--xpre] [--out FILE]
+    PYTHONPATH=$PWD python3 bench/ncu_decode.py [--ncu] [--out FILE]
 """
 
 from __future__ import annotations
@@ -71,7 +73,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
     ap.add_argument("--out", default="")
-    ap.add_argument("--xpre", action="store_true", help="time every GEMV without and with fp8_gemv.XPRE")
     args = ap.parse_args()
     pdl.ENABLED = False  # each kernel's own time (PDL would start it early, waiting on the one before)
     _, w, per_expert = rank_experts(2)
@@ -93,13 +94,7 @@ def main() -> None:
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta("python3 bench/ncu_decode.py " + " ".join(sys.argv[1:]))
     print(f"device {meta['gpu']} copy {copy_gbps:.0f} GB/s, PDL off", flush=True)
-    runs = [(n, c, None) for n, c in cases.items()]
-    if args.xpre:
-        runs = [(n, c, x) for n, c in cases.items() if n in GEMVS for x in (False, True)]
-    for name, (fn, nbytes, copies), xpre in runs:
-        if xpre is not None:
-            fp8_gemv.XPRE = xpre
-            name = f"{name} XPRE={int(xpre)}"
+    for name, (fn, nbytes, copies) in cases.items():
         cold = time_graph(fn, copies, max(CALLS, copies))
         hot = time_graph(lambda i, fn=fn: fn(0), 1, CALLS) if nbytes < 0.8 * L2_BYTES else None
         frac = nbytes / (cold * 1e-6) / (copy_gbps * 1e9)

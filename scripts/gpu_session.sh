@@ -385,15 +385,6 @@ case "${1:-}" in
       PUSH="DS4F_SYMM_PUSH=1 DS4F_SYMM_PUSH_TILE=$P1"; else PUSH=""; fi
     echo "# all-reduce for the full run: ${PUSH:-torch one-shot} (${SECONDS}s in)"
     FULL_ENV="${FULL_ENV:-} $PUSH" S11_LIMIT=$((595 - SECONDS)) bash "$0" s11full "$2" ;;
-  s16c)  # 1 GPU: the GPU test of the FP8 GEMV's x quantized once per program (DS4F_FP8_GEMV_XPRE), the TP=2 rank
-    # step (SIM_LAYERS, b1 / b4) without / with it, then each GEMV alone without / with it (cold, PDL off)
-    mkdir -p /tmp/gpulogs; DS4F_COMPILE=0 timeout 100 python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
-      tests/gpu/test_fp8_gemm_gpu.py -k "xpre" > /tmp/gpulogs/test_fp8_gemm_gpu.log 2>&1
-    test_summary | tee "$OUT/gpu_tests.log"
-    SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--;DS4F_FP8_GEMV_XPRE=1}" SIM_S="${SIM_S:-115}" \
-      bash "$0" s10ab "$2"
-    timeout "${XPRE_TIME_S:-50}" python3 bench/ncu_decode.py --xpre --out "$OUT/ncu_time.jsonl" 2>&1 \
-      | grep -vE "Warning|warn" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

@@ -152,44 +152,6 @@ def check_gemv_a8() -> None:
     print("ok")
 
 
-def check_gemv_xpre() -> None:
-    """XPRE (x quantized once per program into its scratch rows, read back in the K loop): bit for bit the per-step
-    quantization, with K splits, ragged K, groups, T = 1 / 3 / 16 and the norm."""
-    from ds4f.kernels import fp8_gemv
-    from ds4f.kernels.fp8_gemm import _scale_arg
-    from ds4f.model.quant import quant_fp8_block
-
-    g = torch.Generator().manual_seed(2)
-
-    def run(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, groups: int, cfg: tuple, **kw: object) -> torch.Tensor:
-        ws, e8m0 = _scale_arg(s)
-        out = torch.empty(x.shape[0], groups, q.shape[0] // groups, dtype=torch.float32)
-        fp8_gemv.launch(x, q, ws, e8m0, out, groups, True, cfg, a8=True, **kw)
-        return out
-
-    keep = fp8_gemv.XPRE
-    for t, n, k, groups, cfg, norm in [(1, 160, 256, 1, (32, 128, 1, 4, 2), False),
-                                       (3, 200, 384, 1, (64, 128, 3, 4, 2), False),
-                                       (16, 96, 300, 1, (32, 128, 2, 4, 2), False),
-                                       (2, 256, 256, 2, (64, 256, 1, 4, 2), False),
-                                       (3, 160, 256, 1, (32, 128, 1, 4, 2), True)]:
-        q, s = quant_fp8_block(torch.randn(n, k, generator=g) * 0.05, "ue8m0")
-        x = (torch.randn(t, groups, k, generator=g) * torch.logspace(-3, 3, k)).bfloat16()
-        kw = dict(norm=(1 + torch.randn(k, generator=g) / 4, 1e-6)) if norm else {}
-        outs = []
-        for xpre in (False, True):
-            fp8_gemv.XPRE = xpre
-            outs.append(run(x, q, s, groups, cfg, **kw))
-        assert torch.equal(outs[0], outs[1]), (t, n, k, groups, cfg, norm)
-    fp8_gemv.XPRE = keep
-    print("ok")
-
-
-def test_fp8_gemv_xpre_matches_the_per_step_quantization() -> None:
-    pytest.importorskip("triton")
-    assert run_interpreted("test_fp8_gemv_interp", "check_gemv_xpre").strip().endswith("ok")
-
-
 def test_fp8_gemv_a8_under_the_interpreter() -> None:
     pytest.importorskip("triton")
     assert run_interpreted("test_fp8_gemv_interp", "check_gemv_a8").strip().endswith("ok")

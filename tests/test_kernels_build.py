@@ -191,26 +191,6 @@ def test_fp8_gemv_a8_builds(cfg: tuple[int, int, int, int, int]) -> None:
         assert "e4m3" in k["ptx"] and "cp.async" in k["ptx"] and "fma.rn.bf16x2" not in k["ptx"]
 
 
-@pytest.mark.parametrize("arch", [90, 121])
-def test_fp8_gemv_xpre_builds(arch: int) -> None:
-    # XPRE: the quantization leaves the K loop (its max reductions, shuffles and operand stores run once, in the
-    # prologue); the scratch rows stream through cp.async with the weight tiles; fits GB10's shared memory
-    from ds4f.kernels import fp8_gemv as fg
-
-    bn, bk, split, nw, ns = fg.fit((128, 128, 1, 4, 4), SMEM[arch])
-    div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "NT", "K", "GN", "s_xt", "s_xg", "s_ot",
-           "k_per", "xq_ptr", "xs_ptr")
-    types = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32",
-                 g_ptr="*bf16", eps="fp32", xq_ptr="*fp8e4nv", xs_ptr="*fp32")
-    for norm in (False, True):
-        ks = [build(fg._fp8_gemv, types, dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=fg.BLOCK_T, SPLIT_K=False,
-                                              EVEN_K=True, NATIVE=True, SCALE_E8M0=True, DOT_F32=False, ITERS=0,
-                                              BITS=False, NORM=norm, A8=True, XPRE=xpre), arch, nw, ns, div16=div)
-              for xpre in (False, True)]
-        assert "cp.async.cg" in ks[1]["ptx"] and "cp.async.cg" in ks[0]["ptx"], norm
-        assert ks[1]["ptx"].count("shfl") < ks[0]["ptx"].count("shfl"), norm  # the x reductions once, not per step
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_sum_builds(arch: int) -> None:
     from ds4f.kernels import moe_kernels as mk

@@ -92,11 +92,6 @@ WIDEN_BITS = os.environ.get("DS4F_FP8_GEMV_WIDEN", "bits") != "cvt"  # "cvt": Tr
 # the MMA as loaded (sm_89+; below, the widening path). Default "table": the shapes CONFIGS_A8 lists; "1": every
 # shape; "0": none
 A8 = os.environ.get("DS4F_FP8_GEMV_A8", "table")
-# XPRE (a8 form): each program quantizes its whole x slice once before its K loop, into its own scratch rows that the
-# loop then streams through the pipeline with the weight tiles, instead of loading, reducing, quantizing and staging
-# x through shared memory at every 128-column step (ncu, H200: the a8 GEMVs at 1 warp per scheduler spend most
-# cycles on that chain's long-scoreboard and barrier stalls). DS4F_FP8_GEMV_XPRE=1 turns it on
-XPRE = os.environ.get("DS4F_FP8_GEMV_XPRE", "0") == "1"
 
 if triton is not None:
     _ASM = tl.constexpr(E4M3_BF16_ASM)
@@ -130,58 +125,19 @@ if triton is not None:
     @triton.jit
     def _block(acc, ss, w_p, x_p, g_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
                SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr,
-               A8: tl.constexpr, xq_p=None, xs_p=None, XPRE: tl.constexpr = False):
+               A8: tl.constexpr):
         # (acc [BLOCK_N, 16], ss [16]) += the 128-column scale block starting c columns into the program's K slice
         # (of k_len); NORM: x times the norm weight g, ss += the rows' squares (see _fp8_gemv)
         return _wblock(acc, ss, _wload(w_p, c, k_len, EVEN_K), x_p, g_p, s_p, c, k_len, tmask, EVEN_K, NATIVE,
-                       SCALE_E8M0, DOT_F32, BITS, NORM, A8, xq_p, xs_p, XPRE)
-
-    @triton.jit
-    def _xpre(x_p, g_p, xq_p, xs_p, k_len, tmask, EVEN_K: tl.constexpr, NORM: tl.constexpr, DOT_F32: tl.constexpr):
-        # XPRE: the program's x slice quantized once, before its K loop (_wblock's A8 math per 128-column block, in
-        # the same order) into its scratch rows xq_p (e4m3; DOT_F32: fp32) and scales xs_p; -> ss (NORM's squares)
-        ss = tl.zeros([tmask.shape[0]], tl.float32)
-        c = 0
-        while c < k_len:  # a while loop: the interpreter cannot range over a runtime bound
-            km = (c + tl.arange(0, 128)) < k_len
-            if EVEN_K:
-                xv = tl.load(x_p + c, mask=tmask, other=0.0)
-            else:
-                xv = tl.load(x_p + c, mask=tmask & km[None, :], other=0.0)
-            if NORM:
-                xf = xv.to(tl.float32)
-                ss += tl.sum(xf * xf, 1)
-                xv = tl.load(g_p + c, mask=km, other=0.0).to(tl.float32)[None, :] * xf
-            q, xs = quant_rows(xv.to(tl.float32), DOT_F32)
-            tl.store(xq_p + c, q.to(xq_p.dtype.element_ty), mask=tmask)
-            tl.store(xs_p + c // 128, xs)
-            c += 128
-        tl.debug_barrier()  # the K loop's loads of these rows come after every thread's stores
-        return ss
+                       SCALE_E8M0, DOT_F32, BITS, NORM, A8)
 
     @triton.jit
     def _wblock(acc, ss, wq, x_p, g_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
                 SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr,
-                A8: tl.constexpr, xq_p=None, xs_p=None, XPRE: tl.constexpr = False):
+                A8: tl.constexpr):
         # _block with the weight bytes wq already loaded. A8 (NATIVE only): x quantized per token to e4m3 with a
-        # pow2 scale (quant_rows) and the e4m3 x e4m3 dot: W goes to the MMA as loaded, no widening. XPRE (with
-        # A8): x's quantized rows and scales from _xpre's scratch (streamed through the pipeline with W)
+        # pow2 scale (quant_rows) and the e4m3 x e4m3 dot: W goes to the MMA as loaded, no widening
         km = (c + tl.arange(0, 128)) < k_len
-        if XPRE:
-            if EVEN_K:
-                s = tl.load(s_p + c // 128)
-                q = tl.load(xq_p + c, mask=tmask, other=0.0)
-            else:
-                s = tl.load(s_p + c // 128, mask=c < k_len, other=0)
-                q = tl.load(xq_p + c, mask=tmask & km[None, :], other=0.0)
-            xs = tl.load(xs_p + c // 128)
-            if SCALE_E8M0:
-                s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            if DOT_F32:
-                d = tl.dot(wq.to(tl.float32), tl.trans(q.to(tl.float32)))
-            else:
-                d = tl.dot(wq, tl.trans(q))
-            return acc + d * (s * xs[None, :]), ss
         if EVEN_K:
             xv = tl.load(x_p + c, mask=tmask, other=0.0)
             s = tl.load(s_p + c // 128)
@@ -223,7 +179,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr, NATIVE: tl.constexpr, SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr,
         ITERS: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr = False, PDL: tl.constexpr = False,
-        A8: tl.constexpr = False, XPRE: tl.constexpr = False, xq_ptr=None, xs_ptr=None,
+        A8: tl.constexpr = False,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W [NT, K] (inside group n0 // GN and inside one 128-row
         # scale block) over columns [k_lo, k_lo + k_per); k_per a multiple of BLOCK_K, itself a multiple of 128.
@@ -247,37 +203,25 @@ if triton is not None:
         ss = tl.zeros([BLOCK_T], tl.float32)
         kl = k_hi - k_lo
         i0 = 0
-        # XPRE: program (pid_n, pid_s)'s scratch, [BLOCK_T, k_per] quantized x rows and [BLOCK_T, k_per / 128] scales
-        if XPRE:
-            pid = (pid_n * tl.num_programs(1) + pid_s).to(tl.int64)
-            xq_p = xq_ptr + pid * (BLOCK_T * k_per) + rt[:, None] * k_per + rk[None, :]
-            xs_p = xs_ptr + pid * (BLOCK_T * (k_per // 128)) + rt * (k_per // 128)
-        else:
-            xq_p = x_p
-            xs_p = s_p
         if PDL:  # (ds4f.kernels.pdl) the first weight block is read while the kernel before drains; x after the wait
             wq = _wload(w_p, 0, kl, EVEN_K)
             pdl_enter(PDL)
-            if XPRE:
-                ss = _xpre(x_p, g_p, xq_p, xs_p, kl, tmask, EVEN_K, NORM, DOT_F32)
             acc, ss = _wblock(acc, ss, wq, x_p, g_p, s_p, 0, kl, tmask, EVEN_K, NATIVE, SCALE_E8M0, DOT_F32, BITS,
-                              NORM, A8, xq_p, xs_p, XPRE)
+                              NORM, A8)
             for j in tl.static_range(1, BLOCK_K // 128):
                 acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, j * 128, kl, tmask, EVEN_K, NATIVE, SCALE_E8M0,
-                                 DOT_F32, BITS, NORM, A8, xq_p, xs_p, XPRE)
+                                 DOT_F32, BITS, NORM, A8)
             i0 = 1
-        elif XPRE:
-            ss = _xpre(x_p, g_p, xq_p, xs_p, kl, tmask, EVEN_K, NORM, DOT_F32)
         if ITERS > 0:  # the interpreter (numpy 2) takes no runtime loop bound: the caller passes the count
             for i in range(0, ITERS):
                 for j in tl.static_range(BLOCK_K // 128):  # one 128-column scale block per dot
                     acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, i * BLOCK_K + j * 128, kl, tmask, EVEN_K, NATIVE,
-                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8, xq_p, xs_p, XPRE)
+                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8)
         else:
             for i in range(i0, tl.cdiv(kl, BLOCK_K)):
                 for j in tl.static_range(BLOCK_K // 128):
                     acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, i * BLOCK_K + j * 128, kl, tmask, EVEN_K, NATIVE,
-                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8, xq_p, xs_p, XPRE)
+                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8)
         if NORM:
             acc = acc * tl.rsqrt(ss / K + eps)[None, :]
         omask = (rn[:, None] < NT) & (rt[None, :] < T)
@@ -426,19 +370,13 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
     else:
         part = lock = out  # unused
     interp = not x.is_cuda  # every split runs `per` steps: the last one's extra steps masked unless K is even
-    xq = xs = None
-    if a8 and XPRE:  # each program's quantized x rows + scales (written and read by that program only)
-        n = tiles * split * BLOCK_T * per * bk
-        xq = torch.empty(n, dtype=torch.float32 if interp else torch.float8_e4m3fn, device=x.device)
-        xs = torch.empty(n // 128, dtype=torch.float32, device=x.device)
     _fp8_gemv[(tiles, split)](
         x, w if native else w.view(torch.uint8), ws, out, part, lock, x if norm is None else norm[0], t, nt, k,
         nt // groups, x.stride(0), x.stride(1), ws.stride(0), out.stride(0), per * bk,
         0.0 if norm is None else float(norm[1]), BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T, SPLIT_K=split > 1,
         EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0, DOT_F32=interp,
         ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits), NORM=norm is not None,
-        A8=a8, num_warps=nw, num_stages=ns, **pdl.launch(x.device),
-        **({} if xq is None else dict(XPRE=True, xq_ptr=xq, xs_ptr=xs)))
+        A8=a8, num_warps=nw, num_stages=ns, **pdl.launch(x.device))
 
 
 def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor, ws: torch.Tensor, e8m0: bool,

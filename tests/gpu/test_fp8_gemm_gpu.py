@@ -141,44 +141,6 @@ def test_gemv_a8_matches_its_reference_at_v4_shapes(name: str) -> None:
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
 
 
-@pytest.mark.skipif(not fp8_native(torch.device("cuda")) if torch.cuda.is_available() else True,
-                    reason="the a8 form needs e4m3 (sm_89+)")
-@pytest.mark.parametrize("name", [n for n in fp8_gemv.CONFIGS if n in fp8_gemv.CONFIGS_A8])
-def test_gemv_xpre_equals_the_per_step_quantization(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    # DS4F_FP8_GEMV_XPRE: x quantized once per program into its scratch rows gives the K loop the same operands, so
-    # the same MMAs: bit for bit the per-step form, eagerly and replayed in a graph (the norm form too)
-    from ds4f.kernels.fp8_gemm import _scale_arg
-
-    (nt, k, groups), _ = fp8_gemv.CONFIGS[name]
-    cfg = fp8_gemv.CONFIGS_A8[name]
-    for t in (1, 4, 16):
-        x, q, s = _case(t * groups, nt, k, "ue8m0", seed=nt + k + t)
-        x = x.view(t, groups, k)
-        ws, e8m0 = _scale_arg(s)
-        gw = 1 + torch.randn(k, device="cuda") / 4
-        outs = []
-        for xpre in (False, True):
-            monkeypatch.setattr(fp8_gemv, "XPRE", xpre)
-            out = torch.empty(t, groups, nt // groups, dtype=torch.bfloat16, device="cuda")
-            fp8_gemv.launch(x, q, ws, e8m0, out, groups, True, cfg, a8=True)
-            outs.append(out)
-            if groups == 1:
-                outn = torch.empty(t, 1, nt, dtype=torch.bfloat16, device="cuda")
-                fp8_gemv.launch(x, q, ws, e8m0, outn, 1, True, cfg, norm=(gw, 1e-6), a8=True)
-                outs.append(outn)
-        n = len(outs) // 2
-        assert all(torch.equal(a, b) for a, b in zip(outs[:n], outs[n:], strict=True)), (name, t)
-        graph = torch.cuda.CUDAGraph()
-        out = torch.empty_like(outs[0])
-        with torch.cuda.graph(graph):
-            fp8_gemv.launch(x, q, ws, e8m0, out, groups, True, cfg, a8=True)
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, outs[0]), (name, t, "graph")
-    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
-
-
 @pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("bits", [True, False])
 def test_gemv_widens_every_e4m3_byte_exactly(native: bool, bits: bool) -> None:
