@@ -191,6 +191,24 @@ def test_fp8_gemv_a8_builds(cfg: tuple[int, int, int, int, int]) -> None:
         assert "e4m3" in k["ptx"] and "cp.async" in k["ptx"] and "fma.rn.bf16x2" not in k["ptx"]
 
 
+@pytest.mark.parametrize("arch", [90, 121])
+def test_fp8_gemv_act_builds(arch: int) -> None:
+    # ACT (the shared expert's SwiGLU inside its w2 GEMV): the gate and up halves both stream through cp.async, the
+    # a8 MMA as without it, within GB10's shared memory after fit
+    from ds4f.kernels import fp8_gemv as fg
+
+    bn, bk, split, nw, ns = fg.fit(fg.CONFIGS_A8["W2_TP2"], SMEM[arch])
+    div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "NT", "K", "GN", "s_xt", "s_xg", "s_ot",
+           "k_per", "up_off")
+    types = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32",
+                 g_ptr="*bf16", eps="fp32", limit="fp32")
+    ks = [build(fg._fp8_gemv, types, dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=fg.BLOCK_T, SPLIT_K=split > 1, EVEN_K=True,
+                                          NATIVE=True, SCALE_E8M0=True, DOT_F32=False, ITERS=0, BITS=False,
+                                          A8=True, ACT=act), arch, nw, ns, div16=div) for act in (False, True)]
+    assert ks[1]["ptx"].count("cp.async.cg") > ks[0]["ptx"].count("cp.async.cg")  # the up half joins the pipeline
+    assert "ex2.approx" in ks[1]["ptx"] and "e4m3" in ks[1]["ptx"]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_sum_builds(arch: int) -> None:
     from ds4f.kernels import moe_kernels as mk

@@ -37,6 +37,7 @@ try:
     import triton
     import triton.language as tl
 
+    from ds4f.kernels.moe_mxfp4 import _act_bf16
     from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: fp8_gemm falls back to the reference before reaching this file
     triton = None
@@ -125,16 +126,17 @@ if triton is not None:
     @triton.jit
     def _block(acc, ss, w_p, x_p, g_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
                SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr,
-               A8: tl.constexpr):
+               A8: tl.constexpr, ACT: tl.constexpr, up_off, limit):
         # (acc [BLOCK_N, 16], ss [16]) += the 128-column scale block starting c columns into the program's K slice
-        # (of k_len); NORM: x times the norm weight g, ss += the rows' squares (see _fp8_gemv)
+        # (of k_len); NORM: x times the norm weight g, ss += the rows' squares; ACT: x = SwiGLU of the gate at x_p
+        # and the up half up_off elements further (see _fp8_gemv)
         return _wblock(acc, ss, _wload(w_p, c, k_len, EVEN_K), x_p, g_p, s_p, c, k_len, tmask, EVEN_K, NATIVE,
-                       SCALE_E8M0, DOT_F32, BITS, NORM, A8)
+                       SCALE_E8M0, DOT_F32, BITS, NORM, A8, ACT, up_off, limit)
 
     @triton.jit
     def _wblock(acc, ss, wq, x_p, g_p, s_p, c, k_len, tmask, EVEN_K: tl.constexpr, NATIVE: tl.constexpr,
                 SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr,
-                A8: tl.constexpr):
+                A8: tl.constexpr, ACT: tl.constexpr, up_off, limit):
         # _block with the weight bytes wq already loaded. A8 (NATIVE only): x quantized per token to e4m3 with a
         # pow2 scale (quant_rows) and the e4m3 x e4m3 dot: W goes to the MMA as loaded, no widening
         km = (c + tl.arange(0, 128)) < k_len
@@ -144,6 +146,9 @@ if triton is not None:
         else:
             xv = tl.load(x_p + c, mask=tmask & km[None, :], other=0.0)
             s = tl.load(s_p + c // 128, mask=c < k_len, other=0)
+        if ACT:  # the routed experts' SwiGLU and bf16 rounding (moe_mxfp4._act_bf16); rows past T give 0
+            uv = tl.load(x_p + up_off + c, mask=tmask & km[None, :], other=0.0)
+            xv = _act_bf16(xv.to(tl.float32), uv.to(tl.float32), limit, DOT_F32)
         if NORM:
             xf = xv.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
@@ -179,7 +184,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr, NATIVE: tl.constexpr, SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr,
         ITERS: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr = False, PDL: tl.constexpr = False,
-        A8: tl.constexpr = False,
+        A8: tl.constexpr = False, ACT: tl.constexpr = False, up_off=0, limit=0.0,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) of W [NT, K] (inside group n0 // GN and inside one 128-row
         # scale block) over columns [k_lo, k_lo + k_per); k_per a multiple of BLOCK_K, itself a multiple of 128.
@@ -207,21 +212,21 @@ if triton is not None:
             wq = _wload(w_p, 0, kl, EVEN_K)
             pdl_enter(PDL)
             acc, ss = _wblock(acc, ss, wq, x_p, g_p, s_p, 0, kl, tmask, EVEN_K, NATIVE, SCALE_E8M0, DOT_F32, BITS,
-                              NORM, A8)
+                              NORM, A8, ACT, up_off, limit)
             for j in tl.static_range(1, BLOCK_K // 128):
                 acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, j * 128, kl, tmask, EVEN_K, NATIVE, SCALE_E8M0,
-                                 DOT_F32, BITS, NORM, A8)
+                                 DOT_F32, BITS, NORM, A8, ACT, up_off, limit)
             i0 = 1
         if ITERS > 0:  # the interpreter (numpy 2) takes no runtime loop bound: the caller passes the count
             for i in range(0, ITERS):
                 for j in tl.static_range(BLOCK_K // 128):  # one 128-column scale block per dot
                     acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, i * BLOCK_K + j * 128, kl, tmask, EVEN_K, NATIVE,
-                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8)
+                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8, ACT, up_off, limit)
         else:
             for i in range(i0, tl.cdiv(kl, BLOCK_K)):
                 for j in tl.static_range(BLOCK_K // 128):
                     acc, ss = _block(acc, ss, w_p, x_p, g_p, s_p, i * BLOCK_K + j * 128, kl, tmask, EVEN_K, NATIVE,
-                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8)
+                                     SCALE_E8M0, DOT_F32, BITS, NORM, A8, ACT, up_off, limit)
         if NORM:
             acc = acc * tl.rsqrt(ss / K + eps)[None, :]
         omask = (rn[:, None] < NT) & (rt[None, :] < T)
@@ -345,13 +350,15 @@ def fit(cfg: Cfg, smem: int) -> Cfg:
 
 def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
            native: bool, cfg: Cfg, bits: bool | None = None, norm: tuple[torch.Tensor, float] | None = None,
-           a8: bool | None = None) -> None:
+           a8: bool | None = None, act: float | None = None) -> None:
     """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group, W = w [G*N, K] e4m3 (uint8 bytes
     when not native) with block scales ws [ceil(G*N/128), ceil(K/128)] fp32 or UE8M0 bytes (e8m0). T <= MAX_T.
     bits: widen e4m3 by integer ops (default WIDEN_BITS on CUDA; the interpreter always converts).
     norm = (g [K], eps), one group: out = RMSNorm_g(x) @ W^T (model.layers.RMSNorm on x's rows; no K split).
     a8 (default use_a8; native only): x quantized per token per 128 columns, e4m3 x e4m3 dot (fp8_linear_a8_ref's
-    math; with norm, the quantized rows are g * x, the 1 / rms applied after the dot)."""
+    math; with norm, the quantized rows are g * x, the 1 / rms applied after the dot). act = limit (one group):
+    x's rows are the gate halves of rows [gate | up] whose up half sits K elements further (x a [T, 1, K] view of
+    h [T, 2K]), and the GEMV's input is their SwiGLU (clamp at limit) rounded to bf16, as glue.swiglu_act."""
     a8 = (use_a8(w.shape[0], w.shape[1], groups) if a8 is None else a8) and native
     t, (nt, k) = x.shape[0], w.shape
     bn, bk, split, nw, ns = fit(cfg, smem_of(x.device))
@@ -376,7 +383,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
         0.0 if norm is None else float(norm[1]), BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T, SPLIT_K=split > 1,
         EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0, DOT_F32=interp,
         ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits), NORM=norm is not None,
-        A8=a8, num_warps=nw, num_stages=ns, **pdl.launch(x.device))
+        A8=a8, ACT=act is not None, up_off=k, limit=0.0 if act is None else float(act), num_warps=nw,
+        num_stages=ns, **pdl.launch(x.device))
 
 
 def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor, ws: torch.Tensor, e8m0: bool,
@@ -388,6 +396,18 @@ def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor, w
     out = torch.empty(x.shape[0], 1, nt, dtype=torch.bfloat16, device=x.device)
     launch(x.view(x.shape[0], 1, k), w, ws, e8m0, out, 1, native, c, norm=(g, eps))
     return out.view(x.shape[0], nt)
+
+
+def linear_act(h: torch.Tensor, limit: float, w: torch.Tensor, ws: torch.Tensor, e8m0: bool,
+               native: bool) -> torch.Tensor:
+    """swiglu_clamp(h [T, 2K] = [gate | up], limit) rounded to bf16, @ W^T -> [T, N] bf16 in one launch (W = w [N, K]
+    e4m3 with block scales ws; T <= MAX_T): the shared expert's SwiGLU inside its w2 GEMV. The table's config."""
+    nt, k = w.shape
+    assert h.shape[1] == 2 * k and h.stride(1) == 1, "h: [T, 2K] rows [gate | up]"
+    c = pick(nt, k, 1, h.device) or generic_config(nt, k, 1, sm_count(h.device))
+    out = torch.empty(h.shape[0], 1, nt, dtype=torch.bfloat16, device=h.device)
+    launch(h[:, None, :k], w, ws, e8m0, out, 1, native, c, act=limit)
+    return out.view(h.shape[0], nt)
 
 
 def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,

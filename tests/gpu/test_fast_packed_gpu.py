@@ -61,13 +61,16 @@ def test_packed_ops_match_dequantized_gpu(tmp_path: Path, name: str) -> None:
     check_ops(CONFIGS[name](), tmp_path / name, "cuda")  # T = 7: weight-only fp8, MXFP4 per-pick kernels
 
 
-@pytest.mark.parametrize("gemv", [False, True])
-def test_shared_expert_on_packed_fp8_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gemv: bool) -> None:
-    # DS4F_SHARED_FP8=1 (and DS4F_FP8_GEMV=1 for its decode GEMMs): the shared expert on its packed e4m3 tensors
+@pytest.mark.parametrize("gemv,act", [(False, False), (True, False), (True, True)])
+def test_shared_expert_on_packed_fp8_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gemv: bool,
+                                         act: bool) -> None:
+    # DS4F_SHARED_FP8=1 (and DS4F_FP8_GEMV=1 for its decode GEMMs): the shared expert on its packed e4m3 tensors;
+    # act: its SwiGLU inside the w2 GEMV (DS4F_SHARED_ACT_FUSED=1)
     from ds4f.kernels import fp8_gemv
     from ds4f.runner.gpu import packed
 
     monkeypatch.setattr(packed, "SHARED_FP8", True)
+    monkeypatch.setattr(packed, "SHARED_ACT_FUSED", act)
     monkeypatch.setattr(fp8_gemv, "USE_GEMV", gemv)
     monkeypatch.setattr(fp8_gemm, "W8_MAX_M", 1 << 30)
     want, got, fm = run_pair(all_hash(CONFIGS["aligned"]()), tmp_path / "sh", "cuda", prompt_lens=(37, 5, 21),

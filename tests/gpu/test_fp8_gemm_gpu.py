@@ -141,6 +141,33 @@ def test_gemv_a8_matches_its_reference_at_v4_shapes(name: str) -> None:
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))
 
 
+@pytest.mark.parametrize("name", ["W2_TP2", "W2_TP1"])
+def test_linear_act_matches_the_gemv_on_the_activation(name: str) -> None:
+    # the shared expert's SwiGLU inside its w2 GEMV (packed.SHARED_ACT_FUSED) against the same GEMV on
+    # glue.swiglu_act(h): equal but for the activation's bf16 rounding where silu's fp32 forms differ in the last
+    # bit; in a CUDA graph too
+    from ds4f.kernels.fp8_gemm import _scale_arg
+    from ds4f.runner.gpu.glue import swiglu_act
+
+    (nt, k, _), _ = fp8_gemv.CONFIGS[name]
+    native = fp8_native(torch.device("cuda"))
+    for t in (1, 4, 16):
+        h, q, s = _case(t, nt, 2 * k, "ue8m0", seed=nt + k + t)
+        h = h * 6  # some gates and ups past the clamp
+        q = q[:, :k].contiguous()
+        s = s[:, : -(-k // 128)].contiguous()
+        ws, e8m0 = _scale_arg(s)
+        got = fp8_gemv.linear_act(h, 10.0, q, ws, e8m0, native)
+        want = fp8_linear(swiglu_act(h, 10.0), q, s)
+        assert _rel(got, want) < 2e-3 and (got == want).float().mean() > 0.9, (name, t, _rel(got, want))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fp8_gemv.linear_act(h, 10.0, q, ws, e8m0, native)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, got), (name, t)
+
+
 @pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("bits", [True, False])
 def test_gemv_widens_every_e4m3_byte_exactly(native: bool, bits: bool) -> None:

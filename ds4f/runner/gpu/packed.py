@@ -38,14 +38,23 @@ from ds4f.runner.gpu import glue
 # an FP8 shared expert runs on its packed weights (fp8_linear) instead of a bf16 copy through fused_moe (~1 GiB per
 # rank at TP=2); GPU-tested (test_shared_expert_on_packed_fp8_gpu); DS4F_SHARED_FP8=0 keeps the bf16 copy
 SHARED_FP8 = os.environ.get("DS4F_SHARED_FP8", "1") == "1"
+# decode: the shared expert's SwiGLU inside its w2 GEMV (fp8_gemv.linear_act) instead of a launch between its GEMVs:
+# the chain on the side stream, which the routed down kernel waits for, one kernel shorter. Opt-in
+# (DS4F_SHARED_ACT_FUSED=1) until a GPU run has timed it
+SHARED_ACT_FUSED = os.environ.get("DS4F_SHARED_ACT_FUSED", "0") == "1"
 
 
 def shared_fp8_out(shared: tuple[InProj, Linear], x: torch.Tensor, limit: float) -> torch.Tensor:
     """The shared expert on packed FP8: x [T, D] -> w2(swiglu_clamp([w1; w3] x)) [T, D] bf16 (the activation
     rounded to x's dtype between the GEMMs, as fused_moe stores it)."""
     w13, w2 = shared
-    a = glue.swiglu_act(w13(x), limit)
-    return linear(w2, a)
+    h = w13(x)
+    if (SHARED_ACT_FUSED and is_packed(w2) and w2.fmt == "fp8" and h.is_cuda and fp8_gemv.USE_GEMV
+            and h.shape[0] <= fp8_gemv.MAX_T and h.stride(-1) == 1):
+        w, s = _pk(w2)
+        ws, e8m0 = _scale_arg(s)
+        return fp8_gemv.linear_act(h, limit, w.contiguous(), ws, e8m0, fp8_native(h.device))
+    return linear(w2, glue.swiglu_act(h, limit))
 
 
 def is_packed(lin: Linear) -> bool:
