@@ -387,13 +387,15 @@ case "${1:-}" in
     FULL_ENV="${FULL_ENV:-} $PUSH" S11_LIMIT=$((595 - SECONDS)) bash "$0" s11full "$2" ;;
   s17)  # 1 GPU: the GPU tests of the shared expert's SwiGLU inside its w2 GEMV (DS4F_SHARED_ACT_FUSED), then the TP=2
     # rank step (SIM_LAYERS, b1 / b4) without / with it (the first variant also compiles: SIM_S >= 130 on a cold
-    # machine)
+    # machine), then the TMA-descriptor GEMV probe (bench/probe_ws_gemv.py)
     mkdir -p /tmp/gpulogs
     DS4F_COMPILE=0 timeout 150 python3 -m pytest -q -rs --tb=short -p no:cacheprovider tests/gpu/test_fp8_gemm_gpu.py \
       tests/gpu/test_fast_packed_gpu.py -k "linear_act or shared_expert" > /tmp/gpulogs/s17.log 2>&1
     test_summary | tee "$OUT/gpu_tests.log"
     SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--;DS4F_SHARED_ACT_FUSED=1}" SIM_S="${SIM_S:-140}" \
-      bash "$0" s10ab "$2" ;;
+      bash "$0" s10ab "$2"
+    timeout "${PROBE_S:-60}" python3 bench/probe_ws_gemv.py --out "$OUT/probe_ws_gemv.jsonl" 2>&1 \
+      | grep -E "^(device|WQ|WO|IN_)|FAILED" | tail -n 30 ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
