@@ -385,15 +385,17 @@ case "${1:-}" in
       PUSH="DS4F_SYMM_PUSH=1 DS4F_SYMM_PUSH_TILE=$P1"; else PUSH=""; fi
     echo "# all-reduce for the full run: ${PUSH:-torch one-shot} (${SECONDS}s in)"
     FULL_ENV="${FULL_ENV:-} $PUSH" S11_LIMIT=$((595 - SECONDS)) bash "$0" s11full "$2" ;;
-  s17)  # 1 GPU: the GPU tests of the shared expert's SwiGLU inside its w2 GEMV (DS4F_SHARED_ACT_FUSED), then the TP=2
-    # rank step (SIM_LAYERS, b1 / b4) without / with it (the first variant also compiles: SIM_S >= 130 on a cold
-    # machine), then the TMA-descriptor GEMV probe (bench/probe_ws_gemv.py)
+  s17)  # 1 GPU: the GPU tests of the shared expert's SwiGLU inside its w2 GEMV (DS4F_SHARED_ACT_FUSED) and of the
+    # down kernel's operands built once (DS4F_MXFP4_A8_XB_DOWN), then the TP=2 rank step (SIM_LAYERS, b1 / b4) with
+    # neither / each (the first variant also compiles: SIM_S >= 130 on a cold machine), then the TMA-descriptor GEMV
+    # probe (bench/probe_ws_gemv.py)
     mkdir -p /tmp/gpulogs
     DS4F_COMPILE=0 timeout 150 python3 -m pytest -q -rs --tb=short -p no:cacheprovider tests/gpu/test_fp8_gemm_gpu.py \
-      tests/gpu/test_fast_packed_gpu.py -k "linear_act or shared_expert" > /tmp/gpulogs/s17.log 2>&1
+      tests/gpu/test_fast_packed_gpu.py tests/gpu/test_moe_mxfp4_a8_gpu.py -k "linear_act or shared_expert or xb" \
+      > /tmp/gpulogs/s17.log 2>&1
     test_summary | tee "$OUT/gpu_tests.log"
-    SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" S10_AB="${S10_AB:--;DS4F_SHARED_ACT_FUSED=1}" SIM_S="${SIM_S:-140}" \
-      bash "$0" s10ab "$2"
+    SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" SIM_S="${SIM_S:-140}" \
+      S10_AB="${S10_AB:--;DS4F_SHARED_ACT_FUSED=1;DS4F_MXFP4_A8_XB_DOWN=4}" bash "$0" s10ab "$2"
     timeout "${PROBE_S:-60}" python3 bench/probe_ws_gemv.py --out "$OUT/probe_ws_gemv.jsonl" 2>&1 \
       | grep -E "^(device|WQ|WO|IN_)|FAILED" | tail -n 30 ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with

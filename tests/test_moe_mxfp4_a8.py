@@ -86,12 +86,13 @@ def check_interpreted() -> None:
 
 
 def check_xb_interpreted() -> None:
-    """XB (x's B operands built once per token by _a8_expand, read by every up program): bit for bit the
-    per-program build, at 128 / 256 / 512-column steps with K splits, T = 1 and 3 (repeated experts)."""
+    """XB (x's B operands built once per token by _a8_expand, read by every up program) and XB_DOWN (the same for
+    the activation rows the down kernel reads): bit for bit the per-program build, at 128 / 256 / 512-column steps
+    with K splits, T = 1 and 3 (repeated experts)."""
     from ds4f.kernels import moe_mxfp4 as mm
     from ds4f.kernels import moe_mxfp4_a8 as a8
 
-    keep = a8.XB
+    keep = a8.XB, a8.XB_DOWN
     for D, I, T, tiles in [(256, 256, 3, (32, 128, 2, 4, 1, 16, 128, 2, 4, 1)),
                            (1024, 128, 1, (16, 512, 2, 4, 1, 32, 128, 1, 4, 1)),
                            (512, 256, 3, (64, 256, 1, 4, 1, 64, 256, 1, 4, 1))]:
@@ -100,6 +101,7 @@ def check_xb_interpreted() -> None:
         outs = []
         for xb in (False, True):
             a8.XB = xb
+            a8.XB_DOWN = (1, 4) if xb else ()
             act: list[torch.Tensor] = []
             out = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, A8=1))
             x2 = x.clone()
@@ -107,7 +109,7 @@ def check_xb_interpreted() -> None:
                              (tuple(tiles[:5]), tuple(tiles[5:])), act_out=act)
             outs.append((out, act[0]))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), tiles
-    a8.XB = keep
+    a8.XB, a8.XB_DOWN = keep
     print("ok")
 
 
@@ -193,6 +195,13 @@ def test_xb_kernels_build_offline(arch):
     # finish's SwiGLU clamp is left
     assert base["ptx"].count("max.f32") > 8 and k["ptx"].count("max.f32") <= 2 and "0x1C1C1C1C" in k["ptx"]
     assert k["ptx"].count("st.shared") < base["ptx"].count("st.shared") // 4
+    down = a8.CONFIGS[(4096, 1024, 4)][1]
+    div = tuple(n for n in a8._a8_down.arg_names if n in types and n != "limit" or n.startswith("s_"))
+    consts = dict(DM=4096, I=1024, TOPK=6, BLOCK_N=down[0], BLOCK_K=down[1], SPLIT=down[2], HAS_SH=1, F32=0)
+    base = build(a8._a8_down, _PTRS, consts, arch, down[3], down[4], div16=tuple(d for d in div if d in _PTRS
+                                                                                or d.startswith("s_")))
+    k = build(a8._a8_down, types, dict(consts, XB=1), arch, down[3], down[4], div16=div)
+    assert base["ptx"].count("max.f32") > 8 and k["ptx"].count("max.f32") <= 2, "XB_DOWN: no quantization left"
     k = build(a8._a8_expand, dict(x_ptr="*bf16", xb_ptr="*fp8e4nv", xs_ptr="*fp32"), dict(DM=4096, BLOCK_K=up[1],
               F32=0), arch, 4, 1, div16=("x_ptr", "xb_ptr", "xs_ptr", "s_xt"))
     assert "e4m3" in k["ptx"]

@@ -81,6 +81,10 @@ _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
 # step (bench/results/full.jsonl) replay 1.469 vs 1.529 ms at one token, 2.065 vs 2.151 at four.
 # DS4F_MXFP4_A8_XB=0 reverts.
 XB = os.environ.get("DS4F_MXFP4_A8_XB", "1") == "1"
+# XB_DOWN: the same for the down kernel's operands of the activation rows a [T*k, I], by one more _a8_expand launch
+# between up and down (in the chain: worth it only where the per-program build costs more than a launch); token
+# buckets it runs at, DS4F_MXFP4_A8_XB_DOWN="4" (T >= 2), "1,4" (all), "" (none: the default until a GPU run times it)
+XB_DOWN = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_XB_DOWN", "").split(",") if v)
 
 
 def a8_default(device: torch.device, D: int, I: int, T: int) -> bool:
@@ -225,10 +229,11 @@ if triton is not None:
         a_ptr, q_ptr, s_ptr, ids_ptr, tw_ptr, sh_ptr, out_ptr, part_ptr, lock_ptr, s_at, s_qe, s_qn, s_se, s_sn,
         s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, XB: tl.constexpr = False, xb_ptr=None, xs_ptr=None,
     ):
         # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick j, K slice)) over bytes, a's
-        # slice quantized per 128 columns: DM % BLOCK_N == 0, I % (SPLIT * BLOCK_K) == 0
+        # slice quantized per 128 columns: DM % BLOCK_N == 0, I % (SPLIT * BLOCK_K) == 0; XB: a's operands from
+        # _a8_expand over the activation rows (XB_DOWN)
         pdl_enter(PDL)
         pid_tn = tl.program_id(0)
         pid_js = tl.program_id(1)
@@ -251,7 +256,10 @@ if triton is not None:
         for kb in range(0, NS):
             fd = fd_n
             fd_n = _scales(sd + (kb + 1) * NG, NG, kb + 1 < NS, False)
-            be, bo, xs = _xq(ap + kb * BLOCK_K, KB, F32)
+            if XB:
+                be, bo, xs = _xb_load(xb_ptr, xs_ptr, m * (I // BLOCK_K) + k0 // BLOCK_K + kb, KB)
+            else:
+                be, bo, xs = _xq(ap + kb * BLOCK_K, KB, F32)
             wd = tl.load(qd + kb * KB)
             acc += _gdot8(wd, be, bo, F32) * (fd * xs[None, :])
         _down_finish(tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m)), sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot,

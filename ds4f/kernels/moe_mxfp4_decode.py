@@ -362,11 +362,11 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     shared_ready: the stream computing shared_out, joined before down reads it; act_out: a list that receives the
     activation rows a [T*k, I] bf16. -> [T, D] bf16."""
     (q13, s13), (q2, s2) = w13, w2
-    xb = None
+    xb = xb_down = None
     if a8:
+        from ds4f.kernels.moe_mxfp4_a8 import XB_DOWN, expand_x
         from ds4f.kernels.moe_mxfp4_a8 import _a8_down as down
         from ds4f.kernels.moe_mxfp4_a8 import _a8_up as up
-        from ds4f.kernels.moe_mxfp4_a8 import expand_x
 
         name, per, flags = "mxfp4_a8", 2, {}  # bytes: 2 columns each
         xb = expand_x(x, cfgs[0][1])
@@ -396,6 +396,8 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
         **pdl.launch(dev))
     if act_out is not None:
         act_out.append(a)
+    if a8 and bucket(T) in XB_DOWN:
+        xb_down = expand_x(a, bk_d, force=True)
     out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
     nt_d = D // bn_d
     part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)
@@ -406,5 +408,6 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     down[(T * nt_d, k * sp_d)](
         a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
         s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
-        HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **flags, **pdl.launch(dev))
+        HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **flags, **pdl.launch(dev),
+        **({} if xb_down is None else dict(XB=True, xb_ptr=xb_down[0], xs_ptr=xb_down[1])))
     return out

@@ -114,14 +114,16 @@ def test_a8_kernels_match_their_reference(E, D, I, T, k, tiles):
 
 @pytest.mark.parametrize("T", [1, 4])
 def test_xb_operands_match_the_per_program_build(monkeypatch, T):
-    """DS4F_MXFP4_A8_XB: x's B operands built once per call (_a8_expand) give the up launch the same operand bytes
-    as each program's own build, so the same MMAs: the activations and outputs bit for bit, also in a graph."""
+    """DS4F_MXFP4_A8_XB (and _XB_DOWN): x's (the activation rows') B operands built once per call (_a8_expand) give
+    the up (down) launch the same operand bytes as each program's own build, so the same MMAs: the activations and
+    outputs bit for bit, also in a graph."""
     from ds4f.kernels import moe_mxfp4_a8 as a8
 
     x, w13q, w13s, w2q, w2s, ids, wts = _case(32, 4096, 1024, T, 6, seed=40 + T)
     outs = []
     for xb in (False, True):
         monkeypatch.setattr(a8, "XB", xb)
+        monkeypatch.setattr(a8, "XB_DOWN", (1, 4) if xb else ())
         for cfgs in (a8.CONFIGS[(4096, 1024, a8.bucket(T))], ((64, 256, 4, 4, 4), (64, 256, 4, 4, 4))):
             acts: list[torch.Tensor] = []
             out = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, cfgs, act_out=acts)
