@@ -391,10 +391,17 @@ def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor, w
                 native: bool) -> torch.Tensor:
     """RMSNorm_g(x [T, K]) @ W^T -> [T, N] bf16 in one launch (W = w [N, K] e4m3 with block scales ws; T <= MAX_T):
     the decode step's q_norm inside wq_b's GEMV. The table's config (generic_config where it has none)."""
+    return _one_group(x.view(x.shape[0], 1, -1), w, ws, e8m0, native, norm=(g, eps))
+
+
+def _one_group(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, native: bool,
+               **kw: object) -> torch.Tensor:
+    """launch(x [T, 1, K], ..., **kw) for one group at the table's config (generic_config where it has none) ->
+    [T, N] bf16."""
     nt, k = w.shape
     c = pick(nt, k, 1, x.device) or generic_config(nt, k, 1, sm_count(x.device))
     out = torch.empty(x.shape[0], 1, nt, dtype=torch.bfloat16, device=x.device)
-    launch(x.view(x.shape[0], 1, k), w, ws, e8m0, out, 1, native, c, norm=(g, eps))
+    launch(x, w, ws, e8m0, out, 1, native, c, **kw)  # type: ignore[arg-type]
     return out.view(x.shape[0], nt)
 
 
@@ -402,12 +409,9 @@ def linear_act(h: torch.Tensor, limit: float, w: torch.Tensor, ws: torch.Tensor,
                native: bool) -> torch.Tensor:
     """swiglu_clamp(h [T, 2K] = [gate | up], limit) rounded to bf16, @ W^T -> [T, N] bf16 in one launch (W = w [N, K]
     e4m3 with block scales ws; T <= MAX_T): the shared expert's SwiGLU inside its w2 GEMV. The table's config."""
-    nt, k = w.shape
+    k = w.shape[1]
     assert h.shape[1] == 2 * k and h.stride(1) == 1, "h: [T, 2K] rows [gate | up]"
-    c = pick(nt, k, 1, h.device) or generic_config(nt, k, 1, sm_count(h.device))
-    out = torch.empty(h.shape[0], 1, nt, dtype=torch.bfloat16, device=h.device)
-    launch(h[:, None, :k], w, ws, e8m0, out, 1, native, c, act=limit)
-    return out.view(h.shape[0], nt)
+    return _one_group(h[:, None, :k], w, ws, e8m0, native, act=limit)
 
 
 def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,

@@ -149,12 +149,17 @@ if triton is not None:
         return tl.trans(be), tl.trans(bo), xs
 
     @triton.jit
+    def _xb_at(xb_ptr, xs_ptr, blk, KB: tl.constexpr):
+        # K block blk (row-major block index) of _a8_expand's buffers -> pointers of its B_even^T, B_odd^T [16, KB]
+        # and of its scales [16]
+        p = xb_ptr + blk.to(tl.int64) * (32 * KB) + tl.arange(0, 16)[:, None] * KB + tl.arange(0, KB)[None, :]
+        return p, p + 16 * KB, xs_ptr + blk * 16 + tl.arange(0, 16)
+
+    @triton.jit
     def _xb_load(xb_ptr, xs_ptr, blk, KB: tl.constexpr):
-        # _xq's (B_even, B_odd, xs) of K block blk (token-major block index) from _a8_expand's buffers
-        off = tl.arange(0, 16)[:, None] * KB + tl.arange(0, KB)[None, :]
-        p = xb_ptr + blk.to(tl.int64) * (32 * KB)
-        return tl.trans(tl.load(p + off)), tl.trans(tl.load(p + 16 * KB + off)), tl.load(xs_ptr + blk * 16
-                                                                                          + tl.arange(0, 16))
+        # _xq's (B_even, B_odd, xs) of K block blk from _a8_expand's buffers
+        pe, po, ps = _xb_at(xb_ptr, xs_ptr, blk, KB)
+        return tl.trans(tl.load(pe)), tl.trans(tl.load(po)), tl.load(ps)
 
     @triton.jit
     def _a8_expand(x_ptr, xb_ptr, xs_ptr, s_xt, DM: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr,
@@ -167,12 +172,10 @@ if triton is not None:
         kb = tl.program_id(1)
         KB: tl.constexpr = BLOCK_K // 2
         be, bo, xs = _xq_t(x_ptr + t.to(tl.int64) * s_xt + kb * BLOCK_K, KB, F32)
-        blk = t * (DM // BLOCK_K) + kb
-        off = tl.arange(0, 16)[:, None] * KB + tl.arange(0, KB)[None, :]
-        p = xb_ptr + blk.to(tl.int64) * (32 * KB)
-        tl.store(p + off, be)
-        tl.store(p + 16 * KB + off, bo)
-        tl.store(xs_ptr + blk * 16 + tl.arange(0, 16), xs)
+        pe, po, ps = _xb_at(xb_ptr, xs_ptr, t * (DM // BLOCK_K) + kb, KB)
+        tl.store(pe, be)
+        tl.store(po, bo)
+        tl.store(ps, xs)
 
     @triton.jit
     def _gdot8(q, be, bo, F32: tl.constexpr):
@@ -266,13 +269,10 @@ if triton is not None:
                      t, pid_tn, pid_js, rn, DM, TOPK, SPLIT, HAS_SH, F32)
 
 
-def expand_x(x: torch.Tensor, block_k: int, force: bool | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The up launch's B operands of x [T, D] built once per token (_a8_expand) when XB is on (DS4F_MXFP4_A8_XB=1, or
-    force): -> (xb [T, D / block_k, 2, 16, block_k / 2] e4m3 (fp32 in the interpreter), xs [T, D / block_k, 16]
-    fp32), else None (each up program quantizes its x slice itself)."""
-    if not (XB if force is None else force):
-        return None
+def expand_x(x: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MMA B operands of x's rows [T, D] built once per row (_a8_expand; the up kernel's of x with XB, the down
+    kernel's of the activation rows with XB_DOWN): -> (xb [T, D / block_k, 2, 16, block_k / 2] e4m3 (fp32 in the
+    interpreter), xs [T, D / block_k, 16] fp32)."""
     T, D = x.shape
     nkb, f32 = D // block_k, _INTERPRET or x.device.type != "cuda"
     xb = torch.empty(T, nkb, 2, 16, block_k // 2, dtype=torch.float32 if f32 else torch.float8_e4m3fn,

@@ -364,12 +364,12 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     (q13, s13), (q2, s2) = w13, w2
     xb = xb_down = None
     if a8:
-        from ds4f.kernels.moe_mxfp4_a8 import XB_DOWN, expand_x
+        from ds4f.kernels.moe_mxfp4_a8 import XB, XB_DOWN, expand_x
         from ds4f.kernels.moe_mxfp4_a8 import _a8_down as down
         from ds4f.kernels.moe_mxfp4_a8 import _a8_up as up
 
         name, per, flags = "mxfp4_a8", 2, {}  # bytes: 2 columns each
-        xb = expand_x(x, cfgs[0][1])
+        xb = expand_x(x, cfgs[0][1]) if XB else None
     else:
         up, down = _dec_up, _dec_down
         q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
@@ -397,7 +397,7 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     if act_out is not None:
         act_out.append(a)
     if a8 and bucket(T) in XB_DOWN:
-        xb_down = expand_x(a, bk_d, force=True)
+        xb_down = expand_x(a, bk_d)
     out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
     nt_d = D // bn_d
     part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)

@@ -49,12 +49,22 @@ def shared_fp8_out(shared: tuple[InProj, Linear], x: torch.Tensor, limit: float)
     rounded to x's dtype between the GEMMs, as fused_moe stores it)."""
     w13, w2 = shared
     h = w13(x)
-    if (SHARED_ACT_FUSED and is_packed(w2) and w2.fmt == "fp8" and h.is_cuda and fp8_gemv.USE_GEMV
-            and h.shape[0] <= fp8_gemv.MAX_T and h.stride(-1) == 1):
-        w, s = _pk(w2)
-        ws, e8m0 = _scale_arg(s)
-        return fp8_gemv.linear_act(h, limit, w.contiguous(), ws, e8m0, fp8_native(h.device))
+    if SHARED_ACT_FUSED and is_packed(w2) and _fp8_gemv_takes(w2, h):
+        return fp8_gemv.linear_act(h, limit, *_gemv_args(w2, h))
     return linear(w2, glue.swiglu_act(h, limit))
+
+
+def _fp8_gemv_takes(lin: Linear, x: torch.Tensor) -> bool:
+    """Whether fp8_gemv's one-launch entries (linear_norm, linear_act) run lin (packed) on x: FP8, CUDA, T <= its
+    MAX_T, unit inner stride."""
+    return lin.fmt == "fp8" and x.is_cuda and fp8_gemv.USE_GEMV and x.shape[0] <= fp8_gemv.MAX_T and x.stride(-1) == 1
+
+
+def _gemv_args(lin: Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    """(w, scales, e8m0, native) of a packed FP8 lin as fp8_gemv's entries take them."""
+    w, s = _pk(lin)
+    ws, e8m0 = _scale_arg(s)
+    return w.contiguous(), ws, e8m0, fp8_native(x.device)
 
 
 def is_packed(lin: Linear) -> bool:
@@ -86,10 +96,8 @@ def linear_norm(lin: Linear, x: torch.Tensor, g: torch.Tensor, eps: float) -> to
     CUDA, T <= its MAX_T); elsewhere the reference norm, then linear."""
     if not is_packed(lin):
         return gemv.linear_norm(x.to(lin.weight.dtype), g, eps, lin.weight)
-    if lin.fmt == "fp8" and x.is_cuda and fp8_gemv.USE_GEMV and x.shape[0] <= fp8_gemv.MAX_T and x.stride(-1) == 1:
-        w, s = _pk(lin)
-        ws, e8m0 = _scale_arg(s)
-        return fp8_gemv.linear_norm(x, g, eps, w.contiguous(), ws, e8m0, fp8_native(x.device))
+    if _fp8_gemv_takes(lin, x):
+        return fp8_gemv.linear_norm(x, g, eps, *_gemv_args(lin, x))
     return linear(lin, gemv.rms_norm_ref(x, g, eps))
 
 
