@@ -7,7 +7,9 @@ Timed as bench/sweep_mxfp4_decode.py does (a CUDA graph of CALLS calls with dist
 experts at TP=2, so the L2 never holds a pick's bytes). Ends with `PICK_A8 TP= T= DS4F_MXFP4_DEC=...` per case.
 
 --xb 0,1: every a8 tile without and with the up kernel's B operands built once per call (_a8_expand,
-DS4F_MXFP4_A8_XB) instead of per program; --tiles N: only the first N of TILES (after the table's).
+DS4F_MXFP4_A8_XB) instead of per program; --tiles N: only the first N of TILES (after the table's). --ppp 1,2,3,6:
+instead, the table's up tile (XB) with each down tile of DOWN_TILES at each number of picks per down program
+(DS4F_MXFP4_A8_DOWN_PICKS).
 
     PYTHONPATH=$PWD python3 bench/sweep_mxfp4_a8.py [--tp 2] [--tokens 1,4] [--xb 0,1] [--out FILE.jsonl]
 """
@@ -40,6 +42,8 @@ TILES = [((64, 256, 4, 4, 4), (64, 256, 4, 4, 4)), ((64, 512, 4, 4, 2), (64, 512
          ((128, 256, 4, 8, 4), (64, 256, 2, 4, 4)), ((32, 256, 4, 4, 4), (32, 256, 2, 4, 4)),
          ((64, 128, 8, 4, 6), (64, 128, 4, 4, 6)), ((128, 512, 2, 8, 3), (128, 512, 1, 8, 3))]
 
+DOWN_TILES = [(64, 512, 1, 4, 4), (32, 512, 1, 4, 3), (128, 512, 1, 8, 3)]  # --ppp: beside the table's
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -48,6 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default="", help="append JSON records (case mxfp4_a8_sweep) to this file")
     ap.add_argument("--xb", default="0")
     ap.add_argument("--tiles", type=int, default=len(TILES))
+    ap.add_argument("--ppp", default="")
     args = ap.parse_args()
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta("python3 bench/sweep_mxfp4_a8.py " + " ".join(sys.argv[1:]))
@@ -57,14 +62,15 @@ def main() -> None:
         inter, w, per_expert = rank_experts(tp)
         for T in (int(v) for v in args.tokens.split(",")):
             picks.append(sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out,
-                                    [int(v) for v in args.xb.split(",")], TILES[:args.tiles]))
+                                    [int(v) for v in args.xb.split(",")], TILES[:args.tiles],
+                                    [int(v) for v in args.ppp.split(",") if v]))
         del w
         torch.cuda.empty_cache()
     print("\n".join(picks), flush=True)
 
 
 def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_expert: int, copy_gbps: float,
-               meta: dict, out_path: str, xbs: list[int], tiles: list) -> str:
+               meta: dict, out_path: str, xbs: list[int], tiles: list, ppps: list[int]) -> str:
     xs, ids, wts, nbytes = case_inputs(tp, T, per_expert)
     ref16 = fused_moe_mxfp4_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
     ref8 = fused_moe_mxfp4_a8_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
@@ -100,6 +106,18 @@ def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_exp
     base = report(f"bf16 table up={up0} down={dn0} SUB={int(md.sub_default(xs[0].device))}",
                   dict(DEC=(*up0, *dn0), A8=0))
     up0, dn0 = a8.pick(D, inter, T, (up0, dn0))
+    if ppps:  # picks per down program (DS4F_MXFP4_A8_DOWN_PICKS) with the table's up tile and XB
+        best = (float("inf"), 1, dn0)
+        for dn in [dn0] + [d for d in DOWN_TILES if d != dn0 and md.fits((up0, d), D, inter)]:
+            for ppp in ppps:
+                a8.DOWN_PICKS = {md.bucket(T): ppp}
+                best = min(best, (report(f"a8 up={up0} down={dn} PPP={ppp}", dict(DEC=(*up0, *dn), A8=1), 1), ppp,
+                                  dn))
+            if dn == dn0:
+                table = best
+        a8.DOWN_PICKS = {}
+        return (f"PICK_PPP TP={tp} T={T} table_down_ppp={T}:{table[1]} ({table[0]:.2f} us) best down={best[2]} "
+                f"ppp={best[1]} ({best[0]:.2f} us)")
     best = min((report(f"a8 up={up0} down={dn0}", dict(DEC=(*up0, *dn0), A8=1), xb), xb, up0, dn0) for xb in xbs)
     for up, dn in tiles:
         if (up, dn) != (up0, dn0) and md.fits((up, dn), D, inter):

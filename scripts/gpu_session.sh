@@ -398,6 +398,20 @@ case "${1:-}" in
       S10_AB="${S10_AB:--;DS4F_SHARED_ACT_FUSED=1;DS4F_MXFP4_A8_XB_DOWN=4}" bash "$0" s10ab "$2"
     timeout "${PROBE_S:-60}" python3 bench/probe_ws_gemv.py --out "$OUT/probe_ws_gemv.jsonl" 2>&1 \
       | grep -E "^(device|WQ|WO|IN_)|FAILED" | tail -n 30 ;;
+  s17b)  # 1 GPU: the GPU tests of the down kernel with several picks per program (DS4F_MXFP4_A8_DOWN_PICKS) and of
+    # session 17's new defaults (XB_DOWN at T >= 2, the shared expert's SwiGLU in its w2 GEMV), the sweep of picks per
+    # down program (TP=2 widths, T = 1 / 4), then the TP=2 rank step (SIM_LAYERS) with the defaults and with the
+    # sweep's picks for the table's down tile (a cold first variant needs SIM_S >= 160)
+    mkdir -p /tmp/gpulogs
+    DS4F_COMPILE=0 timeout 150 python3 -m pytest -q -rs --tb=short -p no:cacheprovider tests/gpu/test_moe_mxfp4_a8_gpu.py \
+      -k "down_picks" > /tmp/gpulogs/s17b.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"
+    timeout "${PPP_S:-170}" python3 bench/sweep_mxfp4_a8.py --tp 2 --tokens 1,4 --ppp 1,2,3,6 \
+      --out "$OUT/moe_mxfp4.jsonl" > "$OUT/sweep_ppp.log" 2>&1; grep -E "^(==|  |PICK)|Error" "$OUT/sweep_ppp.log" | tail -n 40
+    P=$(grep -o "table_down_ppp=[0-9]*:[0-9]*" "$OUT/sweep_ppp.log" | cut -d= -f2 | paste -sd, -)
+    echo "# DS4F_MXFP4_A8_DOWN_PICKS=$P"
+    SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" SIM_S="${SIM_S:-160}" \
+      S10_AB="-;DS4F_MXFP4_A8_DOWN_PICKS=${P:-4:6}" bash "$0" s10ab "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

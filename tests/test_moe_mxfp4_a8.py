@@ -113,6 +113,42 @@ def check_xb_interpreted() -> None:
     print("ok")
 
 
+def check_down_picks_interpreted() -> None:
+    """DOWN_PICKS: PPP picks per down program (one loop over (pick, K block) steps) against one pick per program:
+    bit for bit at PPP = k (the picks summed in the same order, no arrival sums), within the bf16 rounding of the
+    pick sum's grouping below it; with and without XB_DOWN and the shared expert, repeated experts, K splits;
+    the arrival counters re-armed."""
+    from ds4f.kernels import arrival
+    from ds4f.kernels import moe_mxfp4 as mm
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    keep = a8.DOWN_PICKS, a8.XB_DOWN
+    for D, I, T, k, tiles in [(256, 256, 3, 6, (32, 128, 2, 4, 1, 16, 128, 2, 4, 1)),
+                              (512, 256, 2, 6, (64, 256, 1, 4, 1, 64, 128, 1, 4, 1)),
+                              (256, 512, 1, 2, (64, 256, 1, 4, 1, 32, 512, 1, 4, 1))]:
+        x, w13q, w13s, w2q, w2s, ids, wts = _case(8, D, I, T, k, seed=D + I + T + k)
+        ids[-1, 1] = ids[-1, 0]
+        sh = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
+        ref = fused_moe_mxfp4_a8_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
+        for xbd in ((), (1, 4)) if k == 2 else ((1, 4),):
+            a8.XB_DOWN = xbd
+            outs = {}
+            for ppp in sorted({1, 3, k} & {p for p in range(1, k + 1) if k % p == 0}):
+                a8.DOWN_PICKS = {1: ppp, 4: ppp}
+                assert a8.down_picks(T, k) == ppp
+                cfg = dict(DEC=tiles, A8=1)
+                outs[ppp] = (mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=cfg),
+                             mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=cfg, shared_out=sh))
+            for ppp, (o, o_sh) in outs.items():
+                if ppp in (1, k):
+                    assert torch.equal(o, outs[1][0]) and torch.equal(o_sh, outs[1][1]), (tiles, ppp)
+                assert _rel(o, outs[1][0]) < 1e-2 * 2**-7 and _rel(o, ref) < 1e-3, (tiles, ppp)
+    a8.DOWN_PICKS, a8.XB_DOWN = keep
+    assert a8.down_picks(1, 5) == 1  # a bucket's PPP that does not divide k: one pick per program
+    assert all(int(b.abs().sum()) == 0 for n in ("mxfp4_a8_up", "mxfp4_a8_down") for b in arrival.buffers(n))
+    print("ok")
+
+
 def test_kernels_in_the_interpreter_match_the_oracle():
     pytest.importorskip("triton")
     from tests.interp import run_interpreted
@@ -125,6 +161,30 @@ def test_xb_operands_match_the_per_program_build():
     from tests.interp import run_interpreted
 
     assert run_interpreted("test_moe_mxfp4_a8", "check_xb_interpreted").strip().endswith("ok")
+
+
+def test_down_picks_match_one_pick_per_program():
+    pytest.importorskip("triton")
+    from tests.interp import run_interpreted
+
+    assert run_interpreted("test_moe_mxfp4_a8", "check_down_picks_interpreted").strip().endswith("ok")
+
+
+@pytest.mark.parametrize("arch", [90, 121])
+def test_down_picks_kernels_build_offline(arch):
+    """The down kernel with 6 picks per program (no arrival sum: no atomic) and with 3 (two groups' arrival sum):
+    the weight tiles stream through cp.async across the picks' steps."""
+    pytest.importorskip("triton")
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+    from tests.test_kernels_build import build
+
+    types = dict(_PTRS, xb_ptr="*fp8e4nv", xs_ptr="*fp32")
+    down = a8.CONFIGS[(4096, 1024, 4)][1]
+    div = tuple(n for n in a8._a8_down.arg_names if n in types and n != "limit" or n.startswith("s_"))
+    consts = dict(DM=4096, I=1024, TOPK=6, BLOCK_N=down[0], BLOCK_K=down[1], SPLIT=down[2], HAS_SH=1, F32=0, XB=1)
+    for ppp in (6, 3):
+        k = build(a8._a8_down, types, dict(consts, PPP=ppp), arch, down[3], down[4], div16=div)
+        assert ("atom" in k["ptx"]) == (ppp < 6) and "cp.async.cg" in k["ptx"] and "e4m3" in k["ptx"], ppp
 
 
 def test_default_env_and_tables(monkeypatch):

@@ -83,8 +83,21 @@ _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
 XB = os.environ.get("DS4F_MXFP4_A8_XB", "1") == "1"
 # XB_DOWN: the same for the down kernel's operands of the activation rows a [T*k, I], by one more _a8_expand launch
 # between up and down (in the chain: worth it only where the per-program build costs more than a launch); token
-# buckets it runs at, DS4F_MXFP4_A8_XB_DOWN="4" (T >= 2), "1,4" (all), "" (none: the default until a GPU run times it)
-XB_DOWN = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_XB_DOWN", "").split(",") if v)
+# buckets it runs at, DS4F_MXFP4_A8_XB_DOWN="4" (T >= 2: the default), "1,4" (all), "" (none). 12-layer TP=2 rank
+# step on an H200 (session 17): replay 2.038 vs 2.065 ms at four tokens, 1.462 vs 1.469 at one (where it is off)
+XB_DOWN = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_XB_DOWN", "4").split(",") if v)
+# DOWN_PICKS: token bucket -> picks per down program (PPP): with 1, each (token, row tile) has k programs of one pick
+# and two K steps each (V4-Flash at TP=2: I = 1024, BLOCK_K = 512), whose id -> weight-address -> load chain and
+# arrival sums are paid once per 32 KB; with PPP picks one program streams PPP * 32 KB in one pipelined loop.
+# DS4F_MXFP4_A8_DOWN_PICKS="1:2,4:6" sets it ("" : 1 everywhere)
+DOWN_PICKS = {int(b): int(v) for b, v in (kv.split(":") for kv in
+              os.environ.get("DS4F_MXFP4_A8_DOWN_PICKS", "").split(",") if kv)}
+
+
+def down_picks(T: int, k: int) -> int:
+    """Picks per down program at T tokens with top-k: DOWN_PICKS for T's bucket where it divides k, else 1."""
+    v = DOWN_PICKS.get(bucket(T), 1)
+    return v if v >= 1 and k % v == 0 else 1
 
 
 def a8_default(device: torch.device, D: int, I: int, T: int) -> bool:
@@ -232,11 +245,14 @@ if triton is not None:
         a_ptr, q_ptr, s_ptr, ids_ptr, tw_ptr, sh_ptr, out_ptr, part_ptr, lock_ptr, s_at, s_qe, s_qn, s_se, s_sn,
         s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr,
-        PDL: tl.constexpr = False, XB: tl.constexpr = False, xb_ptr=None, xs_ptr=None,
+        PDL: tl.constexpr = False, XB: tl.constexpr = False, xb_ptr=None, xs_ptr=None, PPP: tl.constexpr = 1,
     ):
-        # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick j, K slice)) over bytes, a's
-        # slice quantized per 128 columns: DM % BLOCK_N == 0, I % (SPLIT * BLOCK_K) == 0; XB: a's operands from
-        # _a8_expand over the activation rows (XB_DOWN)
+        # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick group g, K slice)) over bytes,
+        # a's slice quantized per 128 columns: DM % BLOCK_N == 0, I % (SPLIT * BLOCK_K) == 0, TOPK % PPP == 0;
+        # XB: a's operands from _a8_expand over the activation rows (XB_DOWN). PPP picks per program (DOWN_PICKS): one
+        # loop over (pick, K block) steps, so the weight loads of the next pick are in flight while this one's
+        # finish; pick j's partial is summed into y in pick order; the arrival sums add the TOPK / PPP groups' y
+        # (none: PPP = TOPK, SPLIT = 1, the program stores out itself)
         pdl_enter(PDL)
         pid_tn = tl.program_id(0)
         pid_js = tl.program_id(1)
@@ -245,28 +261,39 @@ if triton is not None:
         K_PER: tl.constexpr = I // SPLIT
         t = pid_tn // NT
         rn = (pid_tn % NT) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = t * TOPK + pid_js // SPLIT
+        m0 = t * TOPK + (pid_js // SPLIT) * PPP
         k0 = (pid_js % SPLIT) * K_PER
-        e = tl.load(ids_ptr + m).to(tl.int64)
         r64 = rn.to(tl.int64)[:, None]
-        qd = q_ptr + e * s_qe + r64 * s_qn + k0 // 2 + tl.arange(0, KB)[None, :]
-        sd = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
-        ap = a_ptr + m.to(tl.int64) * s_at + k0
-        acc = tl.zeros([BLOCK_N, 16], tl.float32)
         NS: tl.constexpr = K_PER // BLOCK_K
         NG: tl.constexpr = BLOCK_K // 32
-        fd_n = _scales(sd, NG, True, False)
-        for kb in range(0, NS):
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        y = tl.zeros([BLOCK_N], tl.float32)
+        e_n = tl.load(ids_ptr + m0).to(tl.int64)
+        fd_n = _scales(s_ptr + e_n * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :], NG, True, False)
+        for i in range(0, PPP * NS):
+            m = m0 + i // NS
+            kb = i % NS
+            e = e_n
             fd = fd_n
-            fd_n = _scales(sd + (kb + 1) * NG, NG, kb + 1 < NS, False)
+            # the next step's scales a step ahead (see _dec_up); its pick's id with them
+            live = i + 1 < PPP * NS
+            e_n = tl.load(ids_ptr + m0 + (i + 1) // NS, mask=live, other=0).to(tl.int64)
+            fd_n = _scales(s_ptr + e_n * s_se + r64 * s_sn + k0 // 32 + ((i + 1) % NS) * NG + tl.arange(0, 16)[None, :],
+                           NG, live, False)
             if XB:
                 be, bo, xs = _xb_load(xb_ptr, xs_ptr, m * (I // BLOCK_K) + k0 // BLOCK_K + kb, KB)
             else:
-                be, bo, xs = _xq(ap + kb * BLOCK_K, KB, F32)
-            wd = tl.load(qd + kb * KB)
+                be, bo, xs = _xq(a_ptr + m.to(tl.int64) * s_at + k0 + kb * BLOCK_K, KB, F32)
+            wd = tl.load(q_ptr + e * s_qe + r64 * s_qn + k0 // 2 + kb * KB + tl.arange(0, KB)[None, :])
             acc += _gdot8(wd, be, bo, F32) * (fd * xs[None, :])
-        _down_finish(tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m)), sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot,
-                     t, pid_tn, pid_js, rn, DM, TOPK, SPLIT, HAS_SH, F32)
+            if PPP > 1:  # pick m's last step: its weighted partial into y, acc restarts
+                done = kb == NS - 1
+                y += tl.where(done, tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m)), 0.0)
+                acc = tl.where(done, 0.0, acc)
+        if PPP == 1:
+            y = tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m0))
+        _down_finish(y, sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot, t, pid_tn, pid_js, rn, DM, TOPK // PPP,
+                     SPLIT, HAS_SH, F32)
 
 
 def expand_x(x: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -201,18 +201,23 @@ if triton is not None:
         # a weighted pick partial y [BLOCK_N] fp32 of (token t, tile, (pick, K slice) pid_js) -> partials [T, k * SPLIT,
         # DM] fp32; the last of the tile's k * SPLIT programs to arrive sums them in order, adds the shared expert's
         # output and stores out[t, rn] (bf16)
-        pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
-        tl.store(pp + pid_js * DM, y)
-        tl.debug_barrier()
-        cnt = tl.atomic_add(lock_ptr + pid_tn, 1, sem="acq_rel", scope="gpu")
-        if cnt == TOPK * SPLIT - 1:
-            tot = tl.zeros(y.shape, tl.float32)
-            for js in range(0, TOPK * SPLIT):
-                tot += tl.load(pp + js * DM, cache_modifier=".cg")
+        if TOPK * SPLIT == 1:  # one program per tile (moe_mxfp4_a8's PPP = k): nothing to wait for
             if HAS_SH:
-                tot += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
-            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(tot, F32))
-            tl.store(lock_ptr + pid_tn, 0)
+                y += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
+            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(y, F32))
+        else:
+            pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
+            tl.store(pp + pid_js * DM, y)
+            tl.debug_barrier()
+            cnt = tl.atomic_add(lock_ptr + pid_tn, 1, sem="acq_rel", scope="gpu")
+            if cnt == TOPK * SPLIT - 1:
+                tot = tl.zeros(y.shape, tl.float32)
+                for js in range(0, TOPK * SPLIT):
+                    tot += tl.load(pp + js * DM, cache_modifier=".cg")
+                if HAS_SH:
+                    tot += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
+                tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(tot, F32))
+                tl.store(lock_ptr + pid_tn, 0)
 
     @triton.jit
     def _dec_up(
@@ -364,16 +369,17 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     (q13, s13), (q2, s2) = w13, w2
     xb = xb_down = None
     if a8:
-        from ds4f.kernels.moe_mxfp4_a8 import XB, XB_DOWN, expand_x
+        from ds4f.kernels.moe_mxfp4_a8 import XB, XB_DOWN, down_picks, expand_x
         from ds4f.kernels.moe_mxfp4_a8 import _a8_down as down
         from ds4f.kernels.moe_mxfp4_a8 import _a8_up as up
 
         name, per, flags = "mxfp4_a8", 2, {}  # bytes: 2 columns each
+        ppp = down_picks(x.shape[0], ids.shape[1])
         xb = expand_x(x, cfgs[0][1]) if XB else None
     else:
         up, down = _dec_up, _dec_down
         q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
-        name, per, flags = "mxfp4_dec", 4, dict(ASM=int(asm), SUB=int(sub))
+        name, per, flags, ppp = "mxfp4_dec", 4, dict(ASM=int(asm), SUB=int(sub)), 1
     T, D = x.shape
     k = ids.shape[1]
     I = q2.shape[2] * per
@@ -405,9 +411,10 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     if shared_ready is not None:
         torch.cuda.current_stream().wait_stream(shared_ready)
     sh = shared_out.contiguous() if shared_out is not None else out
-    down[(T * nt_d, k * sp_d)](
+    down[(T * nt_d, k // ppp * sp_d)](
         a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
         s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
         HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **flags, **pdl.launch(dev),
-        **({} if xb_down is None else dict(XB=True, xb_ptr=xb_down[0], xs_ptr=xb_down[1])))
+        **({} if xb_down is None else dict(XB=True, xb_ptr=xb_down[0], xs_ptr=xb_down[1])),
+        **({} if ppp == 1 else dict(PPP=ppp)))
     return out

@@ -146,6 +146,41 @@ def test_xb_operands_match_the_per_program_build(monkeypatch, T):
     assert torch.equal(got, outs[0][3])
 
 
+@pytest.mark.parametrize("T", [1, 4])
+def test_down_picks_match_one_pick_per_program(monkeypatch, T):
+    """DS4F_MXFP4_A8_DOWN_PICKS: the down launch with 2 / 3 / 6 picks per program against one pick per program at
+    the V4-Flash TP=2 shapes, with the shared expert's output: bit for bit at 6 (same pick order, no arrival
+    sums), within the bf16 rounding of the pick sum's grouping at 2 and 3; in a graph too; counters re-armed."""
+    from ds4f.kernels import arrival
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(32, 4096, 1024, T, 6, seed=50 + T)
+    ids[-1, 1] = ids[-1, 0]
+    sh = (torch.randn(T, 4096, device="cuda") * 0.1).bfloat16()
+    cfgs = a8.CONFIGS[(4096, 1024, a8.bucket(T))]
+    outs = {}
+    for ppp in (1, 2, 3, 6):
+        monkeypatch.setattr(a8, "DOWN_PICKS", {a8.bucket(T): ppp})
+        outs[ppp] = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, sh, cfgs)
+    assert torch.equal(outs[6], outs[1])
+    for ppp in (2, 3):
+        d = (outs[ppp].float() - outs[1].float()).abs()
+        assert (d <= outs[1].float().abs() * 2**-7 + 1e-5).all(), ppp
+    g = torch.cuda.CUDAGraph()
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, sh, cfgs)
+    torch.cuda.current_stream().wait_stream(st)
+    with torch.cuda.graph(g):
+        got = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, sh, cfgs)
+    for _ in range(2):
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, outs[6])
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("mxfp4_a8_down"))
+
+
 def test_a8_graph_replay_matches_eager():
     from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
 
