@@ -89,9 +89,12 @@ XB_DOWN = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_XB_DOWN", "4").spl
 # DOWN_PICKS: token bucket -> picks per down program (PPP): with 1, each (token, row tile) has k programs of one pick
 # and two K steps each (V4-Flash at TP=2: I = 1024, BLOCK_K = 512), whose id -> weight-address -> load chain and
 # arrival sums are paid once per 32 KB; with PPP picks one program streams PPP * 32 KB in one pipelined loop.
-# DS4F_MXFP4_A8_DOWN_PICKS="1:2,4:6" sets it ("" : 1 everywhere)
+# H200, session 17 (bench/sweep_mxfp4_a8.py --ppp, bench/results/moe_mxfp4.jsonl), us per layer at the table tiles,
+# PPP = 1 / 2 / 3 / 6: T=4 64.5 / 60.7 / 64.0 / 61.0; T=1 22.4 / 27.8 / 32.0 / 46.4 (64 row tiles: too few programs);
+# 12-layer TP=2 rank step with 4:2 (bench/results/full.jsonl): replay 1.984 ms at four tokens (2.038 with XB_DOWN
+# alone, session 17's first call). DS4F_MXFP4_A8_DOWN_PICKS="4:2" is the default ("1:1,4:6" etc.; "" : 1 everywhere)
 DOWN_PICKS = {int(b): int(v) for b, v in (kv.split(":") for kv in
-              os.environ.get("DS4F_MXFP4_A8_DOWN_PICKS", "").split(",") if kv)}
+              os.environ.get("DS4F_MXFP4_A8_DOWN_PICKS", "4:2").split(",") if kv)}
 
 
 def down_picks(T: int, k: int) -> int:
