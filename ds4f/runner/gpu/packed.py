@@ -39,10 +39,12 @@ from ds4f.runner.gpu import glue
 # rank at TP=2); GPU-tested (test_shared_expert_on_packed_fp8_gpu); DS4F_SHARED_FP8=0 keeps the bf16 copy
 SHARED_FP8 = os.environ.get("DS4F_SHARED_FP8", "1") == "1"
 # decode: the shared expert's SwiGLU inside its w2 GEMV (fp8_gemv.linear_act) instead of a launch between its GEMVs:
-# the chain on the side stream, which the routed down kernel waits for, one kernel shorter. 12-layer TP=2 rank step
-# on an H200 (session 17, bench/results/full.jsonl): replay 1.471 / 2.039 ms at one / four tokens against 1.469 /
-# 2.065 without. DS4F_SHARED_ACT_FUSED=0 reverts
-SHARED_ACT_FUSED = os.environ.get("DS4F_SHARED_ACT_FUSED", "1") == "1"
+# the chain on the side stream, which the routed down kernel waits for, one kernel shorter. Opt-in
+# (DS4F_SHARED_ACT_FUSED=1): in the 12-layer TP=2 rank step on an H200 (session 17, bench/results/full.jsonl) replay
+# 1.471 / 2.039 ms at one / four tokens against 1.469 / 2.065 without, but in the full TP=2 run (session 17) the
+# fused w2 GEMV, launched with PDL right behind the w13 GEMV, holds SM slots while it waits, and the routed up
+# kernel beside it took 19.7 vs 14.3 us at one token, 42.8 vs 38.4 at four (MoE sublayer 43.1 vs 39.9 us at one)
+SHARED_ACT_FUSED = os.environ.get("DS4F_SHARED_ACT_FUSED", "0") == "1"
 
 
 def shared_fp8_out(shared: tuple[InProj, Linear], x: torch.Tensor, limit: float) -> torch.Tensor:
