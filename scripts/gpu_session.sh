@@ -412,6 +412,14 @@ case "${1:-}" in
     echo "# DS4F_MXFP4_A8_DOWN_PICKS=$P"
     SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" SIM_S="${SIM_S:-160}" \
       S10_AB="-;DS4F_MXFP4_A8_DOWN_PICKS=${P:-4:6}" bash "$0" s10ab "$2" ;;
+  s18ab)  # 2 GPUs: s11full's decode b1 / b4 at depth 64 (max-model-len 1M, no 1M prompt) under each env of S18_AB
+    # (';'-separated, "-" = none; each S18_S seconds, the first also compiles: ~170 s of startup on a cold machine).
+    # The full TP=2 run, not the 12-layer rank step: side-stream effects (a PDL kernel waiting on SM slots beside the
+    # main stream's) showed only there in session 17
+    IFS=';' read -ra V <<< "${S18_AB:--;DS4F_SHARED_ACT_FUSED=1}"
+    n=0; for v in "${V[@]}"; do n=$((n + 1)); [ "$v" = "-" ] && v=""; mkdir -p "$OUT/v$n"
+      FULL_ENV="$v" FULL_TTFT=0 S11_LIMIT=${S18_S:-280} OUT="$OUT/v$n" bash "$0" s11full "$2"
+      mv "$OUT/v$n/full.jsonl" "$OUT/full_v$n.jsonl" 2>/dev/null; done ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

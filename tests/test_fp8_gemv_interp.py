@@ -224,3 +224,26 @@ def test_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=f"DS4F_FP8_GEMV_{name}"):
         fp8_gemv.pick(nt, k, groups, cpu)
     fp8_gemv._env_config.cache_clear()
+
+
+def test_linear_act_launches_without_pdl(monkeypatch) -> None:
+    """linear_act runs on the shared expert's side stream: a plain launch even where PDL is on (launched early its
+    programs would hold SM slots beside the routed up kernel), while the other entries keep PDL."""
+    pytest.importorskip("triton")
+    from ds4f.kernels import fp8_gemv, pdl
+    from ds4f.kernels.fp8_gemm import _scale_arg
+    from ds4f.model.quant import quant_fp8_block
+
+    seen: list[dict] = []
+
+    class Grid:
+        def __getitem__(self, grid: tuple) -> object:
+            return lambda *a, **kw: seen.append(kw)
+
+    monkeypatch.setattr(fp8_gemv, "_fp8_gemv", Grid())
+    monkeypatch.setattr(pdl, "launch", lambda dev: {"PDL": True, "launch_pdl": True})
+    q, s = quant_fp8_block(torch.randn(256, 128) * 0.05, "ue8m0")
+    ws, e8m0 = _scale_arg(s)
+    fp8_gemv.linear_act(torch.randn(1, 256).bfloat16(), 10.0, q, ws, e8m0, True)
+    fp8_gemv.linear_norm(torch.randn(1, 128).bfloat16(), torch.ones(128), 1e-6, q, ws, e8m0, True)
+    assert [(kw["PDL"], kw["launch_pdl"], kw["ACT"]) for kw in seen] == [(False, False, True), (True, True, False)]

@@ -350,7 +350,7 @@ def fit(cfg: Cfg, smem: int) -> Cfg:
 
 def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
            native: bool, cfg: Cfg, bits: bool | None = None, norm: tuple[torch.Tensor, float] | None = None,
-           a8: bool | None = None, act: float | None = None) -> None:
+           a8: bool | None = None, act: float | None = None, pdl_on: bool = True) -> None:
     """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group, W = w [G*N, K] e4m3 (uint8 bytes
     when not native) with block scales ws [ceil(G*N/128), ceil(K/128)] fp32 or UE8M0 bytes (e8m0). T <= MAX_T.
     bits: widen e4m3 by integer ops (default WIDEN_BITS on CUDA; the interpreter always converts).
@@ -358,7 +358,9 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
     a8 (default use_a8; native only): x quantized per token per 128 columns, e4m3 x e4m3 dot (fp8_linear_a8_ref's
     math; with norm, the quantized rows are g * x, the 1 / rms applied after the dot). act = limit (one group):
     x's rows are the gate halves of rows [gate | up] whose up half sits K elements further (x a [T, 1, K] view of
-    h [T, 2K]), and the GEMV's input is their SwiGLU (clamp at limit) rounded to bf16, as glue.swiglu_act."""
+    h [T, 2K]), and the GEMV's input is their SwiGLU (clamp at limit) rounded to bf16, as glue.swiglu_act.
+    pdl_on=False: a plain launch even where PDL is on (a kernel on a side stream: launched early it would hold SM
+    slots while it waits, beside the main stream's kernels)."""
     a8 = (use_a8(w.shape[0], w.shape[1], groups) if a8 is None else a8) and native
     t, (nt, k) = x.shape[0], w.shape
     bn, bk, split, nw, ns = fit(cfg, smem_of(x.device))
@@ -384,7 +386,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
         EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0, DOT_F32=interp,
         ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits), NORM=norm is not None,
         A8=a8, ACT=act is not None, up_off=k, limit=0.0 if act is None else float(act), num_warps=nw,
-        num_stages=ns, **pdl.launch(x.device))
+        num_stages=ns, **(pdl.launch(x.device) if pdl_on else dict(PDL=False, launch_pdl=False)))
 
 
 def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor, ws: torch.Tensor, e8m0: bool,
@@ -408,10 +410,13 @@ def _one_group(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, n
 def linear_act(h: torch.Tensor, limit: float, w: torch.Tensor, ws: torch.Tensor, e8m0: bool,
                native: bool) -> torch.Tensor:
     """swiglu_clamp(h [T, 2K] = [gate | up], limit) rounded to bf16, @ W^T -> [T, N] bf16 in one launch (W = w [N, K]
-    e4m3 with block scales ws; T <= MAX_T): the shared expert's SwiGLU inside its w2 GEMV. The table's config."""
+    e4m3 with block scales ws; T <= MAX_T): the shared expert's SwiGLU inside its w2 GEMV. The table's config; a
+    plain launch (no PDL): it runs on the shared expert's side stream right behind its w13 GEMV, and launched early
+    its programs would wait there holding SM slots the routed up kernel beside it needs (session 17: up ~5 us
+    slower per layer in the full TP=2 run)."""
     k = w.shape[1]
     assert h.shape[1] == 2 * k and h.stride(1) == 1, "h: [T, 2K] rows [gate | up]"
-    return _one_group(h[:, None, :k], w, ws, e8m0, native, act=limit)
+    return _one_group(h[:, None, :k], w, ws, e8m0, native, act=limit, pdl_on=False)
 
 
 def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,

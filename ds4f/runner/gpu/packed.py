@@ -43,7 +43,8 @@ SHARED_FP8 = os.environ.get("DS4F_SHARED_FP8", "1") == "1"
 # (DS4F_SHARED_ACT_FUSED=1): in the 12-layer TP=2 rank step on an H200 (session 17, bench/results/full.jsonl) replay
 # 1.471 / 2.039 ms at one / four tokens against 1.469 / 2.065 without, but in the full TP=2 run (session 17) the
 # fused w2 GEMV, launched with PDL right behind the w13 GEMV, holds SM slots while it waits, and the routed up
-# kernel beside it took 19.7 vs 14.3 us at one token, 42.8 vs 38.4 at four (MoE sublayer 43.1 vs 39.9 us at one)
+# kernel beside it took 19.7 vs 14.3 us at one token, 42.8 vs 38.4 at four (MoE sublayer 43.1 vs 39.9 us at one);
+# linear_act now launches without PDL (not yet timed)
 SHARED_ACT_FUSED = os.environ.get("DS4F_SHARED_ACT_FUSED", "0") == "1"
 
 
