@@ -1,0 +1,140 @@
+"""FP8 decode GEMV on the CUDA cores (ds4f/kernels/fp8_gemv_cc.py) against today's default (fp8_gemv's a8 MMA kernel
+at its table tiles) at the per-rank decode shapes of V4-Flash (bench/sweep_fp8_gemv.v4_shapes), T = 1 and 4, UE8M0
+scales. Each variant is timed as bench/sweep_fp8_gemv.py does (a CUDA graph cycling through >= --mb MB of weight
+copies, so the L2 never holds one), checked against its oracle (fp8_linear_ref for this form, fp8_linear_a8_ref for
+the a8 kernel), recorded (--out, case fp8_gemv_cc) and summed up as `PICK_CC <NAME> T=<t> bn,split,nw` with the
+time against the a8 kernel's. Usage:
+PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv_cc.py [--shapes WO_B_TP2,...] [--tokens 1,4] [--out FILE.jsonl]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import measure_ceilings, run_meta, time_graph
+from bench.sweep_fp8_gemv import rel, v4_shapes
+from ds4f.kernels import fp8_gemv, fp8_gemv_cc
+from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_a8_ref, fp8_linear_ref
+
+TP2 = "IN_PROJ,IDX_WQ_B,WQ_B_TP2,WO_A_TP2,WO_B_TP2,W13_TP2,W2_TP2"
+
+
+def tiles(nt: int, k: int, groups: int, sms: int) -> list[fp8_gemv_cc.Cfg]:
+    """(BLOCK_N, warps) pairs x K splits toward 2 and 4 programs per SM (valid, distinct)."""
+    out: list[fp8_gemv_cc.Cfg] = []
+    blocks = k // 128
+    for bn, nw in ((8, 4), (16, 4), (32, 4), (32, 8), (64, 4)):
+        for per_sm in (2, 4):
+            split = 1
+            while split * 2 <= blocks and blocks % (split * 2) == 0 and nt // bn * split * 2 <= per_sm * sms:
+                split *= 2
+            c = (bn, split, nw)
+            if c not in out and fp8_gemv_cc.valid(c, nt, k, groups):
+                out.append(c)
+    return out
+
+
+def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dict) -> str:
+    """Time the table kernel and this form's tiles for one shape at t tokens; print, record -> the PICK_CC line."""
+    nt, k, groups = shape
+    ws, ss, sc = w
+    rows = nt // groups
+    wbytes = nt * k + (-(-nt // 128)) * (k // 128)
+    copies, copy_gbps = len(ws), ctx["copy"]
+    calls = copies * max(1, math.ceil(32 / copies))
+    x = torch.randn(t, groups, k, device="cuda").bfloat16()
+
+    def ref(fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        r = -(-rows // 128)
+        return torch.stack([fn(x[:, i], ws[0][rows * i:rows * (i + 1)], ss[0][r * i:r * (i + 1)], torch.float32)
+                            for i in range(groups)], 1)
+
+    def table(i: int) -> torch.Tensor:
+        out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
+        fp8_gemv.launch(x, ws[i], sc[i][0], sc[i][1], out, groups, True, fp8_gemv.pick(nt, k, groups, x.device))
+        return out
+
+    def cc(i: int, cfg: fp8_gemv_cc.Cfg) -> torch.Tensor:
+        out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
+        fp8_gemv_cc.launch_cc(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg)
+        return out
+
+    def record(variant: str, cfg: object, us: float, err: float) -> None:
+        gbps = wbytes / us / 1e3
+        print(f"  T={t} {variant:28s} {us:8.2f} us {gbps / copy_gbps:5.2f} of copy err={err:.1e}", flush=True)
+        if ctx["out"]:
+            with open(ctx["out"], "a") as f:
+                f.write(json.dumps(dict(case="fp8_gemv_cc", shape=name, n=nt, k=k, groups=groups, t=t,
+                                        variant=variant, cfg=cfg, us=round(us, 3), gbps=round(gbps, 1),
+                                        frac_copy=round(gbps / copy_gbps, 4), rel_err=err,
+                                        copy_gbps=round(copy_gbps, 1), **ctx["meta"])) + "\n")
+
+    want_cc = ref(fp8_linear_ref)
+    a8 = fp8_gemv.use_a8(nt, k, groups)
+    base = time_graph(table, copies, calls)
+    record(f"table {'a8' if a8 else 'widen'} {fp8_gemv.pick(nt, k, groups, x.device)}", None, base,
+           rel(table(0), ref(fp8_linear_a8_ref) if a8 else want_cc))
+    best: tuple[float, fp8_gemv_cc.Cfg | None] = (math.inf, None)
+    for cfg in tiles(nt, k, groups, ctx["sms"]):
+        if time.time() > ctx["deadline"]:
+            print("  budget spent", flush=True)
+            break
+        try:
+            err = rel(cc(0, cfg), want_cc)
+            us = time_graph(lambda i, c=cfg: cc(i, c), copies, calls)
+        except Exception as ex:  # a tile the compiler or the device rejects
+            print(f"  T={t} cc {cfg} FAILED {type(ex).__name__}: {str(ex)[:100]}", flush=True)
+            continue
+        record(f"cc {cfg}", list(cfg), us, err)
+        if err < 1e-2:
+            best = min(best, (us, cfg))
+    line = f"PICK_CC {name} T={t} {','.join(map(str, best[1])) if best[1] else 'none'}  # {best[0]:.2f} us"
+    print(line + f" vs table {base:.2f} us", flush=True)
+    return line + f" vs table {base:.2f} us"
+
+
+def weights(shape: tuple[int, int, int], mb: int) -> list:
+    """Weight copies (>= mb MB in all) of one shape: (e4m3 [N, K], UE8M0 scales, their kernel arguments)."""
+    nt, k, _ = shape
+    copies = max(2, math.ceil(mb * 2**20 / (nt * k)))
+    ws = [(torch.randn(nt, k, device="cuda") * 100).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(copies)]
+    ss = [torch.randint(118, 124, (-(-nt // 128), k // 128), device="cuda", dtype=torch.uint8)
+          .view(torch.float8_e8m0fnu) for _ in range(copies)]
+    return [ws, ss, [_scale_arg(s) for s in ss]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=TP2)
+    ap.add_argument("--tokens", default="1,4")
+    ap.add_argument("--mb", type=int, default=96)
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds after which no new variant starts")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    shapes = v4_shapes()
+    copy_gbps, _ = measure_ceilings(5)
+    ctx = dict(copy=copy_gbps, out=args.out, deadline=time.time() + args.budget,
+               sms=torch.cuda.get_device_properties(0).multi_processor_count,
+               meta=run_meta("python3 bench/sweep_fp8_gemv_cc.py " + " ".join(sys.argv[1:])))
+    print(f"device {ctx['meta']['gpu']} SMs {ctx['sms']} copy {copy_gbps:.0f} GB/s", flush=True)
+    picks = []
+    for name in args.shapes.split(","):
+        w = weights(shapes[name], args.mb)
+        print(f"== {name} {shapes[name]}", flush=True)
+        picks += [sweep_case(name, shapes[name], int(t), w, ctx) for t in args.tokens.split(",")]
+        del w
+        torch.cuda.empty_cache()
+    print("\n".join(picks), flush=True)
+
+
+if __name__ == "__main__":
+    main()

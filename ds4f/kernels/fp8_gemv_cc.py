@@ -1,0 +1,217 @@
+"""⑥ kernels, block-FP8 decode GEMV on the CUDA cores for 1-4 tokens: fp8_gemv.launch's contract (x [T, G, K] bf16,
+W [G*N, K] e4m3 with one scale per 128x128 block, out [T, G, N]) without tensor cores, shared memory or barriers.
+
+Why a second form: in fp8_gemv's swap-AB kernel every 128-column step of a program stages its tiles through shared
+memory for the MMA (cp.async, barriers, ldmatrix), and Nsight Compute on the H200 (session 16) found it latency-bound:
+one or two warps per scheduler, issuing once every 5-13 cycles on barrier and long-scoreboard stalls, 0.4-0.5 of
+the copy ceiling. A load-and-dot probe over the same grid streams at 0.85 (session 17, bench/probe_layout.py). At
+T <= 4 the MMA's 16 columns are mostly padding anyway. Here each thread loads 16 weight bytes per 128-column block
+straight into registers (the next block's while this one is consumed: a register double buffer), widens them by
+integer ops (fp8_gemv.E4M3_BF16_ASM: e4m3 -> bf16 exactly, then bf16 -> fp32), and does T fp32 FMAs per weight; the
+128-column sums reduce inside groups of 8 lanes (shuffles) and take the block's scale. ~3 + T instructions per
+weight byte: below the HBM time at T <= 4 on an H200 (and far below on a DGX Spark's 273 GB/s).
+
+Same math as fp8_gemm.fp8_linear_ref (x in bf16, W dequantized, fp32 sums) up to the order of the sums: the w8
+form, not the a8 one (x is not quantized). Program = (BLOCK_N rows inside one 128-row scale block, K slice); a K
+split's fp32 partials are summed in split order by the tile's last program to arrive (arrival counters, re-armed:
+CUDA-graph safe), as in fp8_gemv. PDL (ds4f.kernels.pdl): the first weight block is loaded before the wait.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ds4f.kernels import arrival, pdl
+from ds4f.kernels.knobs import env_knobs
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ds4f.kernels.fp8_gemv import E4M3_BF16_ASM
+    from ds4f.kernels.pdl import enter as pdl_enter
+except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
+    triton = None
+
+MAX_T = 4  # tokens per call: above, the MMA forms win (each weight byte costs ~T FMAs here)
+Cfg = tuple[int, int, int]  # BLOCK_N, SPLIT, num_warps
+# DS4F_FP8_GEMV_CC: "0" off (the default until a GPU sweep times it: bench/sweep_fp8_gemv_cc.py), "1" every plain
+# FP8 GEMV with T <= MAX_T takes this form with generic tiles; "bn,split,nw" those tiles for every shape
+_ENV = os.environ.get("DS4F_FP8_GEMV_CC", "0")
+ENABLED = _ENV not in ("", "0")
+_TILES = env_knobs("DS4F_FP8_GEMV_CC", 3, "64,2,4") if _ENV not in ("", "0", "1") else None
+
+if triton is not None:
+    _ASM_C = tl.constexpr(E4M3_BF16_ASM)
+
+    @triton.jit
+    def _f32(v, HIGH: tl.constexpr):
+        # the bf16 in the low (HIGH: high) half of int32 words v -> fp32
+        if HIGH:
+            return (v & -65536).to(tl.float32, bitcast=True)
+        return (v << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _widen(w, F32: tl.constexpr):
+        # int32 words of 4 e4m3 bytes [BN, 32] -> their values (exact) as 4 fp32 tensors (byte 0 = column 4j first):
+        # integer ops to bf16 pairs, then bf16 -> fp32 (F32, the interpreter: casts of the bytes)
+        if F32:
+            return (((w >> 0) & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                    ((w >> 8) & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                    ((w >> 16) & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32),
+                    ((w >> 24) & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32))
+        p01, p23 = tl.inline_asm_elementwise(_ASM_C, "=r,=r,r", [w], dtype=(tl.int32, tl.int32), is_pure=True,
+                                             pack=1)
+        return _f32(p01, False), _f32(p01, True), _f32(p23, False), _f32(p23, True)
+
+    @triton.jit
+    def _tok(acc, w0, w1, w2, w3, x_p, t, T, s, BN: tl.constexpr):
+        # acc [BN, 32] += s * the 4-column partials of the weight words (w0..w3: columns 4j..4j+3) against x row t,
+        # read as int64 words of 4 bf16 in a [BN, 32] tile of row stride 0: the same register layout as the weight
+        # words as loaded (a [1, 32] load would spread over all threads, and the weights would cross shared memory
+        # to meet it); each thread's copies come from L1. Row t past T: x = 0
+        xw = tl.load(x_p + tl.zeros([BN, 1], tl.int32) + tl.arange(0, 32)[None, :], mask=t < T, other=0)
+        lo = xw.to(tl.int32)
+        hi = (xw >> 32).to(tl.int32)
+        p = w0 * _f32(lo, False) + w1 * _f32(lo, True) + w2 * _f32(hi, False) + w3 * _f32(hi, True)
+        return acc + p * s
+
+    @triton.jit
+    def _store(acc, o_p, part_p, t, T, nmask, SPLIT_K: tl.constexpr):
+        # row t of the output (or of the split's partials) from acc [BN, 32]: its 128-column sums
+        y = tl.sum(acc, 1)
+        if SPLIT_K:
+            tl.store(part_p, y, mask=t < T)
+        else:
+            tl.store(o_p, y.to(o_p.dtype.element_ty), mask=nmask & (t < T))
+
+    @triton.jit(do_not_specialize=["T"])
+    def _gemv_cc(
+        x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per,
+        BLOCK_N: tl.constexpr, TP: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_E8M0: tl.constexpr,
+        F32: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) (one group, one 128-row scale block) over the 128-column
+        # blocks [k_lo, k_lo + k_per) (k_per a multiple of 128, K too); TP (1, 2, 4) >= T tokens, one fp32
+        # accumulator [BLOCK_N, 32] each (a lane's 4-column partials, scaled per block; summed once at the end)
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n0 = pid_n * BLOCK_N
+        rn = n0 + tl.arange(0, BLOCK_N)
+        k_lo = pid_s * k_per
+        # w as int32 words [NT, K / 4], x as int64 words [T, G, K / 4] (strides in words); 8 bytes of weights per
+        # thread per load: the x words' 16-byte loads then take the same layout (2 words per thread, 16 lanes on K)
+        w_p = w_ptr + tl.minimum(rn, NT - 1).to(tl.int64)[:, None] * (K // 4) \
+            + tl.max_contiguous(k_lo // 4 + tl.arange(0, 32), 2)[None, :]
+        x_p = x_ptr + (n0 // GN) * s_xg + k_lo // 4
+        s_p = ws_ptr + (n0 // 128) * s_wsn + k_lo // 128
+        a0 = tl.zeros([BLOCK_N, 32], tl.float32)
+        a1 = tl.zeros([BLOCK_N, 32], tl.float32)
+        a2 = tl.zeros([BLOCK_N, 32], tl.float32)
+        a3 = tl.zeros([BLOCK_N, 32], tl.float32)
+        steps = k_per // 128
+        wq = tl.load(w_p)  # before the wait: weights and their scales only (ds4f.kernels.pdl)
+        sq = tl.load(s_p)
+        pdl_enter(PDL)
+        for i in range(0, steps):
+            # the next block's weights and scale, in flight while this one is consumed
+            wn = tl.load(w_p + (i + 1) * 32, mask=i + 1 < steps, other=0)
+            sn = tl.load(s_p + i + 1, mask=i + 1 < steps, other=0)
+            s = sq
+            if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits
+                s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            w0, w1, w2, w3 = _widen(wq, F32)
+            xi = x_p + i * 32
+            a0 = _tok(a0, w0, w1, w2, w3, xi, 0, T, s, BLOCK_N)
+            if TP > 1:
+                a1 = _tok(a1, w0, w1, w2, w3, xi + s_xt, 1, T, s, BLOCK_N)
+            if TP > 2:
+                a2 = _tok(a2, w0, w1, w2, w3, xi + 2 * s_xt, 2, T, s, BLOCK_N)
+                a3 = _tok(a3, w0, w1, w2, w3, xi + 3 * s_xt, 3, T, s, BLOCK_N)
+            wq = wn
+            sq = sn
+        nmask = rn < NT
+        nr = tl.num_programs(0) * BLOCK_N
+        pp = part_ptr + pid_s * T * nr + rn  # partials [n_split, T, tiles * BLOCK_N] fp32
+        o_p = out_ptr + rn
+        _store(a0, o_p, pp, 0, T, nmask, SPLIT_K)
+        if TP > 1:
+            _store(a1, o_p + s_ot, pp + nr, 1, T, nmask, SPLIT_K)
+        if TP > 2:
+            _store(a2, o_p + 2 * s_ot, pp + 2 * nr, 2, T, nmask, SPLIT_K)
+            _store(a3, o_p + 3 * s_ot, pp + 3 * nr, 3, T, nmask, SPLIT_K)
+        if SPLIT_K:  # the last arrival sums the partials in split order
+            n_split = tl.num_programs(1)
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            cnt = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if cnt == n_split - 1:
+                for t in range(0, T):
+                    tot = tl.zeros([BLOCK_N], tl.float32)
+                    sp = 0
+                    while sp < n_split:
+                        tot += tl.load(part_ptr + (sp * T + t) * nr + rn, cache_modifier=".cg")
+                        sp += 1
+                    tl.store(o_p + t * s_ot, tot.to(out_ptr.dtype.element_ty), mask=nmask)
+                tl.store(lock_ptr + pid_n, 0)
+
+
+def valid(cfg: Cfg, nt: int, k: int, groups: int) -> bool:
+    """BLOCK_N a power of two dividing 128 and each group's rows; K in whole 128-column blocks that the split
+    divides evenly."""
+    bn, split, nw = cfg
+    return (8 <= bn <= 128 and 128 % bn == 0 and (nt // groups) % bn == 0 and k % 128 == 0 and split >= 1
+            and (k // 128) % split == 0 and nw in (1, 2, 4, 8))
+
+
+def generic_config(nt: int, k: int, groups: int, sms: int) -> Cfg:
+    """64-row tiles (32 where a group has fewer rows), a K split toward ~4 programs per SM."""
+    bn = 64
+    while bn > 8 and (nt // groups) % bn:
+        bn //= 2
+    tiles, blocks = nt // bn, k // 128
+    split = 1
+    while split * 2 <= blocks and blocks % (split * 2) == 0 and tiles * split * 2 <= 4 * sms:
+        split *= 2
+    return bn, split, 4
+
+
+def config(nt: int, k: int, groups: int, sms: int) -> Cfg:
+    """DS4F_FP8_GEMV_CC's tiles where they are valid for the shape, else generic_config."""
+    if _TILES is not None and valid(_TILES, nt, k, groups):  # type: ignore[arg-type]
+        return _TILES  # type: ignore[return-value]
+    return generic_config(nt, k, groups, sms)
+
+
+def takes(t: int, nt: int, k: int, groups: int) -> bool:
+    """Whether launch_cc runs this call when enabled: T <= MAX_T, K in 128-column blocks, 8+-row groups."""
+    return ENABLED and 1 <= t <= MAX_T and k % 128 == 0 and (nt // groups) % 8 == 0
+
+
+def x_ok(x: torch.Tensor) -> bool:
+    """x [T, G, K] readable as int64 words of 4 bf16: unit inner stride, 8-byte aligned rows."""
+    return (x.dtype == torch.bfloat16 and x.stride(-1) == 1 and x.stride(0) % 4 == 0 and x.stride(1) % 4 == 0
+            and x.data_ptr() % 8 == 0)
+
+
+def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
+              cfg: Cfg) -> None:
+    """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group; W = w [G*N, K] e4m3 (native
+    dtype or its bytes), ws [ceil(G*N/128), K/128] fp32 or UE8M0 bytes (e8m0); T <= MAX_T; cfg valid()."""
+    t, (nt, k) = x.shape[0], w.shape
+    if t > MAX_T or not valid(cfg, nt, k, groups) or not x_ok(x):
+        raise ValueError(f"fp8 CUDA-core GEMV config {cfg} invalid for [{nt}, {k}] in {groups} groups at T={t}")
+    bn, split, nw = cfg
+    tiles = nt // bn
+    if split > 1:
+        part = torch.empty(split * t * tiles * bn, dtype=torch.float32, device=x.device)
+        lock = arrival.counters(x.device, tiles, ("fp8_gemv_cc", nt, k, bn, split))
+    else:
+        part = lock = out  # unused
+    tp = 1 if t == 1 else 2 if t == 2 else 4
+    _gemv_cc[(tiles, split)](
+        x.view(torch.int64), w.view(torch.uint8).view(torch.int32), ws, out, part, lock, t, nt, k, nt // groups,
+        x.stride(0) // 4, x.stride(1) // 4, ws.stride(0), out.stride(0),
+        k // split, BLOCK_N=bn, TP=tp, SPLIT_K=split > 1, SCALE_E8M0=e8m0, F32=not x.is_cuda, num_warps=nw,
+        num_stages=1, **pdl.launch(x.device))

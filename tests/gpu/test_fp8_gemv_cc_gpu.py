@@ -1,0 +1,77 @@
+"""⑥ kernels, the CUDA-core FP8 decode GEMV (ds4f/kernels/fp8_gemv_cc.py) on CUDA: against fp8_linear_ref at the
+per-rank V4-Flash TP=2 shapes (grouped wo_a included), T = 1-4, K splits with re-armed counters, CUDA-graph replay,
+and fp8_linear's dispatch to it when enabled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv_cc
+from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton"),
+]
+
+OUT_TOL = 5e-3  # bf16 output rounding (2^-9) and fp32 summation order only
+# (G*N, K, G) per rank at TP=2: IN_PROJ, IDX_WQ_B, WQ_B, WO_A (4 groups), WO_B, W13, W2
+SHAPES = [(1536, 4096, 1), (8192, 1024, 1), (16384, 1024, 1), (4096, 4096, 4), (4096, 4096, 1), (2048, 4096, 1),
+          (4096, 1024, 1)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def _weights(nt: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = (torch.randn(nt, k, device="cuda") * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.randint(118, 124, (nt // 128, k // 128), device="cuda", dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    return w, s
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cc_matches_the_reference(shape):
+    nt, k, groups = shape
+    rows = nt // groups
+    w, s = _weights(nt, k)
+    ws, e8m0 = _scale_arg(s)
+    for t in (1, 2, 3, 4):
+        x = torch.randn(t, groups, k, device="cuda").bfloat16()
+        want = torch.stack([fp8_linear_ref(x[:, i], w[rows * i:rows * (i + 1)],
+                                           s[rows // 128 * i:rows // 128 * (i + 1)], torch.float32)
+                            for i in range(groups)], 1)
+        for cfg in {fp8_gemv_cc.generic_config(nt, k, groups, 132), (8, 1, 4), (32, 2, 8)}:
+            if not fp8_gemv_cc.valid(cfg, nt, k, groups):
+                continue
+            for _ in range(2):  # the split counters re-armed
+                out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
+                fp8_gemv_cc.launch_cc(x, w, ws, e8m0, out, groups, cfg)
+                assert _rel(out, want) < OUT_TOL, (shape, t, cfg, _rel(out, want))
+    torch.cuda.synchronize()
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_cc"))
+
+
+def test_cc_graph_replay_and_dispatch(monkeypatch):
+    nt, k = 4096, 4096
+    w, s = _weights(nt, k)
+    x = torch.randn(4, k, device="cuda").bfloat16()
+    monkeypatch.setattr(fp8_gemv_cc, "ENABLED", True)
+    calls: list[int] = []
+    real = fp8_gemv_cc.launch_cc
+    monkeypatch.setattr(fp8_gemv_cc, "launch_cc", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    eager = fp8_linear(x, w, s, opts=Opts(gemv=True))
+    assert calls == [1] and _rel(eager, fp8_linear_ref(x, w, s, torch.float32)) < OUT_TOL
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        fp8_linear(x, w, s)
+    torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = fp8_linear(x, w, s)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, eager)

@@ -1,0 +1,110 @@
+"""⑥ kernels, the CUDA-core FP8 decode GEMV (ds4f/kernels/fp8_gemv_cc.py): under TRITON_INTERPRET=1 against
+fp8_gemm.fp8_linear_ref (fp32 and UE8M0 scales, T = 1..4, K splits with re-armed counters, grouped rows, rows past
+a 64-row tile of a short N), its config rules on CPU, and offline sm_80 / sm_90 / sm_121 builds: no shared-memory
+staging, no barrier in the loop, 16-byte weight loads, the integer widening."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from interp import run_interpreted
+
+TOL = 1e-5  # fp32 outputs: summation order only
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def check_cc() -> None:
+    from ds4f.kernels import arrival, fp8_gemv_cc
+    from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_ref
+    from ds4f.model.quant import quant_fp8_block
+
+    g = torch.Generator().manual_seed(0)
+
+    def weights(n: int, k: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.randn(n, k, generator=g) * 0.05 * torch.logspace(-2, 2, n)[:, None]  # scales differ per block
+        return quant_fp8_block(w, fmt)
+
+    # (T, N, K, scale fmt, (BLOCK_N, SPLIT, warps))
+    for t, n, k, fmt, cfg in [(1, 256, 256, "ue8m0", (64, 1, 4)), (3, 128, 512, "float32", (32, 2, 4)),
+                              (4, 256, 384, "ue8m0", (16, 3, 2)), (2, 192, 512, "float32", (64, 4, 4))]:
+        q, s = weights(n, k, fmt)
+        ws, e8m0 = _scale_arg(s)
+        x = (torch.randn(t, k, generator=g) * 3).bfloat16()
+        ref = fp8_linear_ref(x, q, s, torch.float32)
+        for _ in range(2):  # the second call finds the split counters re-armed
+            out = torch.empty(t, 1, n, dtype=torch.float32)
+            fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out, 1, cfg)
+            assert _rel(out[:, 0], ref) < TOL, (t, n, k, fmt, cfg, _rel(out[:, 0], ref))
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_cc"))
+
+    # grouped: x [T, G, K] (a strided view, as wo_a's caller passes), W [G*N, K]; group i's rows read x[:, i]
+    for t, cfg in [(3, (32, 2, 4)), (1, (64, 1, 4))]:
+        q, s = weights(3 * 128, 256, "ue8m0")
+        ws, e8m0 = _scale_arg(s)
+        xs = torch.randn(t, 3, 2 * 256, generator=g).bfloat16()[:, :, 128:384]
+        want = torch.stack([fp8_linear_ref(xs[:, i], q[128 * i:128 * (i + 1)], s[i:i + 1], torch.float32)
+                            for i in range(3)], 1)
+        out = torch.empty(t, 3, 128, dtype=torch.float32)
+        fp8_gemv_cc.launch_cc(xs, q, ws, e8m0, out, 3, cfg)
+        assert _rel(out, want) < TOL, (t, cfg, _rel(out, want))
+
+    # fp8_linear's decode GEMV entry takes this form when enabled (DS4F_FP8_GEMV_CC), generic tiles
+    from ds4f.kernels.fp8_gemm import Opts, fp8_linear
+
+    calls: list[int] = []
+    real = fp8_gemv_cc.launch_cc
+    fp8_gemv_cc.launch_cc = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    fp8_gemv_cc.ENABLED = True
+    q, s = weights(256, 512, "ue8m0")
+    x = (torch.randn(3, 512, generator=g) * 3).bfloat16()
+    got = fp8_linear(x, q, s, out_dtype=torch.float32, opts=Opts(gemv=True))
+    assert calls == [1] and _rel(got, fp8_linear_ref(x, q, s, torch.float32)) < TOL
+    fp8_gemv_cc.ENABLED = False
+    fp8_linear(x, q, s, out_dtype=torch.float32, opts=Opts(gemv=True))
+    assert calls == [1]
+    print("ok")
+
+
+def test_cc_under_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    assert run_interpreted("test_fp8_gemv_cc", "check_cc").strip().endswith("ok")
+
+
+def test_cc_config_rules() -> None:
+    from ds4f.kernels import fp8_gemv_cc as cc
+
+    assert cc.valid((64, 2, 4), 4096, 4096, 1) and not cc.valid((64, 3, 4), 4096, 4096, 1)  # 32 blocks / 3
+    assert not cc.valid((64, 1, 4), 4096, 4000, 1) and not cc.valid((256, 1, 4), 4096, 4096, 1)
+    assert not cc.valid((64, 1, 4), 4 * 48, 4096, 4)  # 48-row groups: 64-row tiles would straddle them
+    for nt, k, groups in [(1536, 4096, 1), (16384, 1024, 1), (4096, 4096, 4), (4096, 1024, 1), (2048, 4096, 1)]:
+        c = cc.generic_config(nt, k, groups, 132)
+        assert cc.valid(c, nt, k, groups), (nt, k, groups, c)
+        assert nt // c[0] * c[1] <= 4 * 132 or c[1] == 1, c
+    with pytest.raises(ValueError, match="invalid"):
+        cc.launch_cc(torch.zeros(5, 1, 256).bfloat16(), torch.zeros(64, 256), torch.zeros(1, 2), False,
+                     torch.zeros(5, 1, 64), 1, (64, 1, 4))
+
+
+@pytest.mark.parametrize("arch", [80, 90, 121])
+def test_cc_builds_offline(arch) -> None:
+    """The loop keeps the weights in registers: no shared-memory staging (only a few bytes for the split's
+    reduction, if any), no CTA barrier before the arrival, 16-byte global loads, the integer e4m3 widening."""
+    pytest.importorskip("triton")
+    from ds4f.kernels import fp8_gemv_cc as cc
+    from tests.test_kernels_build import build
+
+    types = dict(x_ptr="*i64", w_ptr="*i32", ws_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32")
+    div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "K", "GN", "s_xt", "s_xg", "s_wsn", "s_ot",
+           "k_per", "NT")
+    for tp, split in ((1, False), (4, True)):
+        k = build(cc._gemv_cc, types, dict(BLOCK_N=64, TP=tp, SPLIT_K=split, SCALE_E8M0=True, F32=False), arch, 4,
+                  1, div16=div)
+        ptx = k["ptx"]
+        assert k["shared"] <= 1024, k["shared"]  # the output rows' layout change only
+        # two CTA barriers per output row's layout change (after the loop), one before the split's arrival
+        assert ptx.count("bar.sync") <= 2 * tp + int(split) and "cp.async" not in ptx, ptx.count("bar.sync")
+        assert "ld.global.v2.b32" in ptx and "ld.global.v2.b64" in ptx  # 8 weight bytes, 8 x values per load
+        assert "fma.rn.bf16x2" in ptx and "0x87f087f0" in ptx.lower(), arch
