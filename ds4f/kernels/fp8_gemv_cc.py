@@ -5,11 +5,14 @@ Why a second form: in fp8_gemv's swap-AB kernel every 128-column step of a progr
 memory for the MMA (cp.async, barriers, ldmatrix), and Nsight Compute on the H200 (session 16) found it latency-bound:
 one or two warps per scheduler, issuing once every 5-13 cycles on barrier and long-scoreboard stalls, 0.4-0.5 of
 the copy ceiling. A load-and-dot probe over the same grid streams at 0.85 (session 17, bench/probe_layout.py). At
-T <= 4 the MMA's 16 columns are mostly padding anyway. Here each thread loads 16 weight bytes per 128-column block
-straight into registers (the next block's while this one is consumed: a register double buffer), widens them by
-integer ops (fp8_gemv.E4M3_BF16_ASM: e4m3 -> bf16 exactly, then bf16 -> fp32), and does T fp32 FMAs per weight; the
-128-column sums reduce inside groups of 8 lanes (shuffles) and take the block's scale. ~3 + T instructions per
-weight byte: below the HBM time at T <= 4 on an H200 (and far below on a DGX Spark's 273 GB/s).
+T <= 4 the MMA's 16 columns are mostly padding anyway. Here the weights are read as int32 words (4 e4m3 bytes),
+8 bytes per thread per row of a 128-column block, straight into registers (the next block's while this one is
+consumed: a register double buffer); x is read as int64 words (4 bf16) in the same register layout (a [BN, 32] tile
+of row stride 0, so no tile crosses shared memory); the bytes widen by integer ops (fp8_gemv.E4M3_BF16_ASM: e4m3 ->
+bf16 exactly, then bf16 -> fp32 by a shift), each lane keeps fp32 partials of its 4 columns per token, scaled by
+the block's scale each step, and the lanes' sums are reduced once at the end. ~6-7 SASS instructions per weight byte
+at T = 1, ~11 at T = 4 on sm_90 (offline build): by issue rate alone ~0.9x an H200's HBM time at T = 1 and ~1.5x at
+T = 4 (a GPU sweep decides per T: DS4F_FP8_GEMV_CC_MAX_T); far below the HBM time of a DGX Spark (273 GB/s).
 
 Same math as fp8_gemm.fp8_linear_ref (x in bf16, W dequantized, fp32 sums) up to the order of the sums: the w8
 form, not the a8 one (x is not quantized). Program = (BLOCK_N rows inside one 128-row scale block, K slice); a K
@@ -35,7 +38,9 @@ try:
 except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
     triton = None
 
-MAX_T = 4  # tokens per call: above, the MMA forms win (each weight byte costs ~T FMAs here)
+# tokens per call (at most 4: the kernel's accumulators); above, the MMA forms win (each weight byte costs ~T FMAs
+# here). DS4F_FP8_GEMV_CC_MAX_T=1 keeps batch 4 on the MMA kernel
+MAX_T = min(4, max(1, int(os.environ.get("DS4F_FP8_GEMV_CC_MAX_T", "4") or 4)))
 Cfg = tuple[int, int, int]  # BLOCK_N, SPLIT, num_warps
 # DS4F_FP8_GEMV_CC: "0" off (the default until a GPU sweep times it: bench/sweep_fp8_gemv_cc.py), "1" every plain
 # FP8 GEMV with T <= MAX_T takes this form with generic tiles; "bn,split,nw" those tiles for every shape
@@ -198,9 +203,9 @@ def x_ok(x: torch.Tensor) -> bool:
 def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
               cfg: Cfg) -> None:
     """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group; W = w [G*N, K] e4m3 (native
-    dtype or its bytes), ws [ceil(G*N/128), K/128] fp32 or UE8M0 bytes (e8m0); T <= MAX_T; cfg valid()."""
+    dtype or its bytes), ws [ceil(G*N/128), K/128] fp32 or UE8M0 bytes (e8m0); T <= 4; cfg valid()."""
     t, (nt, k) = x.shape[0], w.shape
-    if t > MAX_T or not valid(cfg, nt, k, groups) or not x_ok(x):
+    if t > 4 or not valid(cfg, nt, k, groups) or not x_ok(x):
         raise ValueError(f"fp8 CUDA-core GEMV config {cfg} invalid for [{nt}, {k}] in {groups} groups at T={t}")
     bn, split, nw = cfg
     tiles = nt // bn
