@@ -421,16 +421,15 @@ case "${1:-}" in
       FULL_ENV="$v" FULL_TTFT=0 S11_LIMIT=${S18_S:-280} OUT="$OUT/v$n" bash "$0" s11full "$2"
       mv "$OUT/v$n/full.jsonl" "$OUT/full_v$n.jsonl" 2>/dev/null; done ;;
   s18)  # 1 GPU: the CUDA-core FP8 decode GEMV (ds4f/kernels/fp8_gemv_cc.py): its GPU tests, its sweep against the a8
-    # MMA kernel at its table tiles (TP=2 shapes, T = 1 / 4), then the 12-layer TP=2 rank step without / with
-    # DS4F_FP8_GEMV_CC (CC_TILES="bn,split,nw" for every shape, default 1: generic tiles); ~570 s on a cold machine
+    # MMA kernel at its table tiles (TP=2 shapes, T = 1 / 4), then bench/probe_layout.py (with the MoE up reads over
+    # scattered experts); ~330 s. Then s18ab on two GPUs: the full TP=2 step without / with DS4F_FP8_GEMV_CC
     mkdir -p /tmp/gpulogs
     DS4F_COMPILE=0 timeout 90 python3 -m pytest -q -rs --tb=short -p no:cacheprovider tests/gpu/test_fp8_gemv_cc_gpu.py \
       > /tmp/gpulogs/s18.log 2>&1
     test_summary | tee "$OUT/gpu_tests.log"
-    timeout "${CC_S:-130}" python3 bench/sweep_fp8_gemv_cc.py --budget 100 --out "$OUT/fp8_gemv_cc.jsonl" 2>&1 \
-      | grep -E "^(==|  |PICK)|Error" | tail -n 80
-    SIM_TESTS=" " SIM_LAYERS="${SIM_LAYERS:-12}" SIM_S="${SIM_S:-175}" \
-      S10_AB="-;DS4F_FP8_GEMV_CC=${CC_TILES:-1}" bash "$0" s10ab "$2" ;;
+    timeout "${CC_S:-170}" python3 bench/sweep_fp8_gemv_cc.py --budget 140 --out "$OUT/fp8_gemv_cc.jsonl" 2>&1 \
+      | grep -E "^(==|  |PICK)|Error" | tail -n 90
+    timeout 60 python3 bench/probe_layout.py --out "$OUT/layout.jsonl" 2>&1 | tail -n 30 ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
