@@ -170,6 +170,14 @@ def test_down_picks_match_one_pick_per_program():
     assert run_interpreted("test_moe_mxfp4_a8", "check_down_picks_interpreted").strip().endswith("ok")
 
 
+def test_down_picks_env_parsing():
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    assert a8._down_picks_env("1:1,4:6") == {1: 1, 4: 6} and a8._down_picks_env("") == {}
+    with pytest.raises(ValueError, match="DS4F_MXFP4_A8_DOWN_PICKS='4-2'"):
+        a8._down_picks_env("4-2")
+
+
 @pytest.mark.parametrize("arch", [90, 121])
 def test_down_picks_kernels_build_offline(arch):
     """The down kernel with 6 picks per program (no arrival sum: no atomic) and with 3 (two groups' arrival sum):

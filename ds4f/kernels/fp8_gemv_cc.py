@@ -40,7 +40,7 @@ except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
 
 # tokens per call (at most 4: the kernel's accumulators); above, the MMA forms win (each weight byte costs ~T FMAs
 # here). DS4F_FP8_GEMV_CC_MAX_T=1 keeps batch 4 on the MMA kernel
-MAX_T = min(4, max(1, int(os.environ.get("DS4F_FP8_GEMV_CC_MAX_T", "4") or 4)))
+MAX_T = min(4, (env_knobs("DS4F_FP8_GEMV_CC_MAX_T", 1, "4", minimum=1) or (4,))[0])
 Cfg = tuple[int, int, int]  # BLOCK_N, SPLIT, num_warps
 # DS4F_FP8_GEMV_CC: "0" off (the default until a GPU sweep times it: bench/sweep_fp8_gemv_cc.py), "1" every plain
 # FP8 GEMV with T <= MAX_T takes this form with generic tiles; "bn,split,nw" those tiles for every shape

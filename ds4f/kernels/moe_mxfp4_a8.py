@@ -93,8 +93,14 @@ XB_DOWN = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_XB_DOWN", "4").spl
 # PPP = 1 / 2 / 3 / 6: T=4 64.5 / 60.7 / 64.0 / 61.0; T=1 22.4 / 27.8 / 32.0 / 46.4 (64 row tiles: too few programs);
 # 12-layer TP=2 rank step with 4:2 (bench/results/full.jsonl): replay 1.984 ms at four tokens (2.038 with XB_DOWN
 # alone, session 17's first call). DS4F_MXFP4_A8_DOWN_PICKS="4:2" is the default ("1:1,4:6" etc.; "" : 1 everywhere)
-DOWN_PICKS = {int(b): int(v) for b, v in (kv.split(":") for kv in
-              os.environ.get("DS4F_MXFP4_A8_DOWN_PICKS", "4:2").split(",") if kv)}
+def _down_picks_env(v: str) -> dict[int, int]:
+    try:
+        return {int(b): int(p) for b, p in (kv.split(":") for kv in v.split(",") if kv)}
+    except ValueError:
+        raise ValueError(f"DS4F_MXFP4_A8_DOWN_PICKS={v!r}: expected bucket:picks pairs such as '1:1,4:2'") from None
+
+
+DOWN_PICKS = _down_picks_env(os.environ.get("DS4F_MXFP4_A8_DOWN_PICKS", "4:2"))
 
 
 def down_picks(T: int, k: int) -> int:
