@@ -3,7 +3,7 @@ at its table tiles) at the per-rank decode shapes of V4-Flash (bench/sweep_fp8_g
 scales. Each variant is timed as bench/sweep_fp8_gemv.py does (a CUDA graph cycling through >= --mb MB of weight
 copies, so the L2 never holds one), checked against its oracle (fp8_linear_ref for this form, fp8_linear_a8_ref for
 the a8 kernel), recorded (--out, case fp8_gemv_cc) and summed up as `PICK_CC <NAME> T=<t> bn,split,nw` with the
-time against the a8 kernel's. Usage:
+time against the a8 kernel's and the ACC16 form's (bf16x2 products) at the same tile. Usage:
 PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv_cc.py [--shapes WO_B_TP2,...] [--tokens 1,4] [--out FILE.jsonl]"""
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
         fp8_gemv.launch(x, ws[i], sc[i][0], sc[i][1], out, groups, True, fp8_gemv.pick(nt, k, groups, x.device))
         return out
 
-    def cc(i: int, cfg: fp8_gemv_cc.Cfg) -> torch.Tensor:
+    def cc(i: int, cfg: fp8_gemv_cc.Cfg, acc16: bool = False) -> torch.Tensor:
         out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
-        fp8_gemv_cc.launch_cc(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg)
+        fp8_gemv_cc.launch_cc(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg, acc16=acc16)
         return out
 
     def record(variant: str, cfg: object, us: float, err: float) -> None:
@@ -98,6 +98,11 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
         if err < 1e-2:
             best = min(best, (us, cfg))
     line = f"PICK_CC {name} T={t} {','.join(map(str, best[1])) if best[1] else 'none'}  # {best[0]:.2f} us"
+    if best[1] is not None:  # the bf16x2 products (DS4F_FP8_GEMV_CC_ACC16) at the best tile
+        c16 = best[1]
+        us16 = time_graph(lambda i: cc(i, c16, True), copies, calls)
+        record(f"cc acc16 {c16}", list(c16), us16, rel(cc(0, c16, True), want_cc))
+        line += f", acc16 {us16:.2f} us"
     print(line + f" vs table {base:.2f} us", flush=True)
     return line + f" vs table {base:.2f} us"
 

@@ -40,6 +40,19 @@ def check_cc() -> None:
             assert _rel(out[:, 0], ref) < TOL, (t, n, k, fmt, cfg, _rel(out[:, 0], ref))
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_cc"))
 
+    # ACC16: the products and pairwise sums rounded to bf16 (the interpreter runs the roundings written out): within
+    # a few bf16 steps of the fp32 reference, and not equal to the fp32 form (the roundings are there)
+    for t, n, k, cfg in [(1, 256, 256, (64, 1, 4)), (4, 128, 512, (32, 2, 4))]:
+        q, s = weights(n, k, "ue8m0")
+        ws, e8m0 = _scale_arg(s)
+        x = (torch.randn(t, k, generator=g) * 3).bfloat16()
+        ref = fp8_linear_ref(x, q, s, torch.float32)
+        out16, out32 = (torch.empty(t, 1, n, dtype=torch.float32) for _ in range(2))
+        fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out16, 1, cfg, acc16=True)
+        fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out32, 1, cfg, acc16=False)
+        assert 1e-5 < _rel(out16[:, 0], ref) < 1e-2, (t, cfg, _rel(out16[:, 0], ref))
+        assert _rel(out32[:, 0], ref) < TOL
+
     # grouped: x [T, G, K] (a strided view, as wo_a's caller passes), W [G*N, K]; group i's rows read x[:, i]
     for t, cfg in [(3, (32, 2, 4)), (1, (64, 1, 4))]:
         q, s = weights(3 * 128, 256, "ue8m0")
@@ -100,8 +113,8 @@ def test_cc_builds_offline(arch) -> None:
     div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "K", "GN", "s_xt", "s_xg", "s_wsn", "s_ot",
            "k_per", "NT")
     for tp, split in ((1, False), (4, True)):
-        k = build(cc._gemv_cc, types, dict(BLOCK_N=64, TP=tp, SPLIT_K=split, SCALE_E8M0=True, F32=False), arch, 4,
-                  1, div16=div)
+        k = build(cc._gemv_cc, types, dict(BLOCK_N=64, TP=tp, SPLIT_K=split, SCALE_E8M0=True, F32=False,
+                                           ACC16=tp > 1), arch, 4, 1, div16=div)
         ptx = k["ptx"]
         assert k["shared"] <= 1024, k["shared"]  # the output rows' layout change only
         # two CTA barriers per output row's layout change (after the loop), one before the split's arrival
