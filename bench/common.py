@@ -30,6 +30,13 @@ def graph_of(fn: Callable[[], object]) -> Callable[[], object]:
     return g.replay
 
 
+def graph_out(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Callable[[], object]]:
+    """graph_of(fn) -> (the output tensor of the captured call, the replay)."""
+    outs: list[torch.Tensor] = []
+    replay = graph_of(lambda: outs.append(fn()))
+    return outs[-1], replay
+
+
 def time_graph(fn: Callable[[int], object], copies: int, calls: int, reps: int = 10) -> float:
     """us per call of fn(i % copies) captured `calls` times in one CUDA graph (its first run on a side stream
     compiles and allocates lazily made state outside the capture), over `reps` replays after one."""

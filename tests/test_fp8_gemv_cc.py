@@ -1,19 +1,15 @@
 """⑥ kernels, the CUDA-core FP8 decode GEMV (ds4f/kernels/fp8_gemv_cc.py): under TRITON_INTERPRET=1 against
-fp8_gemm.fp8_linear_ref (fp32 and UE8M0 scales, T = 1..4, K splits with re-armed counters, grouped rows, rows past
-a 64-row tile of a short N), its config rules on CPU, and offline sm_80 / sm_90 / sm_121 builds: no shared-memory
-staging, no barrier in the loop, 16-byte weight loads, the integer widening."""
+fp8_gemm.fp8_linear_ref (fp32 and UE8M0 scales, T = 1..4, K splits with re-armed counters, grouped rows, the ACC16
+form's bf16 roundings, fp8_linear's dispatch), its config rules on CPU, and offline sm_80 / sm_90 / sm_121 builds:
+no shared-memory staging or cp.async, barriers only after the loop, 8-byte weight and 16-byte x loads, the integer
+widening."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from interp import run_interpreted
-
-TOL = 1e-5  # fp32 outputs: summation order only
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+from test_fp8_gemv_interp import TOL, _rel  # fp32 outputs: summation order only
 
 
 def check_cc() -> None:

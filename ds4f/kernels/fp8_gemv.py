@@ -427,7 +427,7 @@ def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out:
     nt, k = w.shape
     from ds4f.kernels import fp8_gemv_cc as cc  # the CUDA-core form (opt-in: DS4F_FP8_GEMV_CC)
 
-    if split is None and a8 is None and cc.takes(x.shape[0], nt, k, groups) and cc.x_ok(x):
+    if split is None and a8 is None and cc.takes(x, nt, k, groups):
         cc.launch_cc(x, w, ws, e8m0, out, groups, cc.config(nt, k, groups, sm_count(x.device)))
         return True
     c = pick(nt, k, groups, x.device)

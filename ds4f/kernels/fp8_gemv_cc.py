@@ -34,6 +34,7 @@ try:
     import triton.language as tl
 
     from ds4f.kernels.fp8_gemv import E4M3_BF16_ASM
+    from ds4f.kernels.moe_mxfp4_decode import _round_bf16 as _rne16  # RNE by hand in the interpreter
     from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
     triton = None
@@ -99,12 +100,6 @@ if triton is not None:
         return acc + p * s
 
     @triton.jit
-    def _rne16(v):
-        # fp32 -> the nearest bf16 (ties to even), as fp32: the interpreter's cast truncates
-        b = v.to(tl.int32, bitcast=True)
-        return ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _pairs(wq, F32: tl.constexpr):
         # ACC16: the weight words [BN, 32] -> their bf16 pairs (columns 4j, 4j + 1), (4j + 2, 4j + 3) as int32
         # (the interpreter: the words twice; _tok16 widens them itself)
@@ -122,9 +117,9 @@ if triton is not None:
         hi = (xw >> 32).to(tl.int32)
         if F32:
             w0, w1, w2, w3 = _widen(p01, F32)
-            h0 = _rne16(w2 * _f32(hi, False) + _rne16(w0 * _f32(lo, False)))
-            h1 = _rne16(w3 * _f32(hi, True) + _rne16(w1 * _f32(lo, True)))
-            return acc + (h0 + h1) * s
+            h0 = _rne16(w2 * _f32(hi, False) + _rne16(w0 * _f32(lo, False), True).to(tl.float32), True)
+            h1 = _rne16(w3 * _f32(hi, True) + _rne16(w1 * _f32(lo, True), True).to(tl.float32), True)
+            return acc + (h0.to(tl.float32) + h1.to(tl.float32)) * s
         h = tl.inline_asm_elementwise(_FMA2_C, "=r,r,r,r,r", [p01, lo, p23, hi], dtype=tl.int32, is_pure=True,
                                       pack=1)
         return acc + (_f32(h, False) + _f32(h, True)) * s
@@ -244,9 +239,10 @@ def config(nt: int, k: int, groups: int, sms: int) -> Cfg:
     return generic_config(nt, k, groups, sms)
 
 
-def takes(t: int, nt: int, k: int, groups: int) -> bool:
-    """Whether launch_cc runs this call when enabled: T <= MAX_T, K in 128-column blocks, 8+-row groups."""
-    return ENABLED and 1 <= t <= MAX_T and k % 128 == 0 and (nt // groups) % 8 == 0
+def takes(x: torch.Tensor, nt: int, k: int, groups: int) -> bool:
+    """Whether launch_cc runs x [T, G, K] @ W [nt, k]^T when enabled: T <= MAX_T, K in 128-column blocks, 8+-row
+    groups, x_ok."""
+    return ENABLED and 1 <= x.shape[0] <= MAX_T and k % 128 == 0 and (nt // groups) % 8 == 0 and x_ok(x)
 
 
 def x_ok(x: torch.Tensor) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.common import graph_out
 from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv_cc
 from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_ref
 
@@ -80,15 +81,8 @@ def test_cc_graph_replay_and_dispatch(monkeypatch):
     monkeypatch.setattr(fp8_gemv_cc, "launch_cc", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     eager = fp8_linear(x, w, s, opts=Opts(gemv=True))
     assert calls == [1] and _rel(eager, fp8_linear_ref(x, w, s, torch.float32)) < OUT_TOL
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        fp8_linear(x, w, s)
-    torch.cuda.current_stream().wait_stream(st)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        got = fp8_linear(x, w, s)
+    got, replay = graph_out(lambda: fp8_linear(x, w, s))
     for _ in range(3):
-        g.replay()
+        replay()
     torch.cuda.synchronize()
     assert torch.equal(got, eager)

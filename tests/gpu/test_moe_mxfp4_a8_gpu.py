@@ -9,6 +9,7 @@ import torch
 from test_moe_mxfp4_gpu import _case as _case_any
 from test_moe_mxfp4_gpu import _rel
 
+from bench.common import graph_out
 from ds4f.kernels import HAS_TRITON
 from ds4f.model.quant import dequant_mxfp4
 
@@ -132,16 +133,9 @@ def test_xb_operands_match_the_per_program_build(monkeypatch, T):
     for (_, c0, a0, o0), (_, c1, a1, o1) in zip(outs[:n], outs[n:], strict=True):
         assert c0 == c1 and torch.equal(a0, a1) and torch.equal(o0, o1), c0
     monkeypatch.setattr(a8, "XB", True)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, outs[0][1])
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        got = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, outs[0][1])
+    got, replay = graph_out(lambda: a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, outs[0][1]))
     for _ in range(2):
-        g.replay()
+        replay()
     torch.cuda.synchronize()
     assert torch.equal(got, outs[0][3])
 
@@ -166,16 +160,9 @@ def test_down_picks_match_one_pick_per_program(monkeypatch, T):
     for ppp in (2, 3):
         d = (outs[ppp].float() - outs[1].float()).abs()
         assert (d <= outs[1].float().abs() * 2**-7 + 1e-5).all(), ppp
-    g = torch.cuda.CUDAGraph()
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, sh, cfgs)
-    torch.cuda.current_stream().wait_stream(st)
-    with torch.cuda.graph(g):
-        got = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, sh, cfgs)
+    got, replay = graph_out(lambda: a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, sh, cfgs))
     for _ in range(2):
-        g.replay()
+        replay()
     torch.cuda.synchronize()
     assert torch.equal(got, outs[6])
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("mxfp4_a8_down"))
