@@ -3,8 +3,10 @@ at its table tiles) at the per-rank decode shapes of V4-Flash (bench/sweep_fp8_g
 scales. Each variant is timed as bench/sweep_fp8_gemv.py does (a CUDA graph cycling through >= --mb MB of weight
 copies, so the L2 never holds one), checked against its oracle (fp8_linear_ref for this form, fp8_linear_a8_ref for
 the a8 kernel), recorded (--out, case fp8_gemv_cc) and summed up as `PICK_CC <NAME> T=<t> bn,split,nw` with the
-time against the a8 kernel's and the ACC16 form's (bf16x2 products) at the same tile. Usage:
-PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv_cc.py [--shapes WO_B_TP2,...] [--tokens 1,4] [--out FILE.jsonl]"""
+time against the a8 kernel's and the ACC16 form's (bf16x2 products) at the same tile; the PICK tiles are
+"bn,split,nw,depth" (fp8_gemv_cc.CONFIGS_CC's form). Usage:
+PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv_cc.py [--shapes WO_B_TP2,...] [--tokens 1,4] [--depths 1,2]
+[--out FILE.jsonl]"""
 
 from __future__ import annotations
 
@@ -63,9 +65,9 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
         fp8_gemv.launch(x, ws[i], sc[i][0], sc[i][1], out, groups, True, fp8_gemv.pick(nt, k, groups, x.device))
         return out
 
-    def cc(i: int, cfg: fp8_gemv_cc.Cfg, acc16: bool = False) -> torch.Tensor:
+    def cc(i: int, cfg: fp8_gemv_cc.Cfg, acc16: bool = False, depth: int = 1) -> torch.Tensor:
         out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
-        fp8_gemv_cc.launch_cc(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg, acc16=acc16)
+        fp8_gemv_cc.launch_cc(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg, acc16=acc16, depth=depth)
         return out
 
     def record(variant: str, cfg: object, us: float, err: float) -> None:
@@ -83,25 +85,26 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
     base = time_graph(table, copies, calls)
     record(f"table {'a8' if a8 else 'widen'} {fp8_gemv.pick(nt, k, groups, x.device)}", None, base,
            rel(table(0), ref(fp8_linear_a8_ref) if a8 else want_cc))
-    best: tuple[float, fp8_gemv_cc.Cfg | None] = (math.inf, None)
-    for cfg in tiles(nt, k, groups, ctx["sms"]):
-        if time.time() > ctx["deadline"]:
-            print("  budget spent", flush=True)
-            break
-        try:
-            err = rel(cc(0, cfg), want_cc)
-            us = time_graph(lambda i, c=cfg: cc(i, c), copies, calls)
-        except Exception as ex:  # a tile the compiler or the device rejects
-            print(f"  T={t} cc {cfg} FAILED {type(ex).__name__}: {str(ex)[:100]}", flush=True)
-            continue
-        record(f"cc {cfg}", list(cfg), us, err)
-        if err < 1e-2:
-            best = min(best, (us, cfg))
+    best: tuple[float, tuple[int, ...] | None] = (math.inf, None)
+    for depth in ctx["depths"]:
+        for cfg in tiles(nt, k, groups, ctx["sms"]):
+            if time.time() > ctx["deadline"]:
+                print("  budget spent", flush=True)
+                break
+            try:
+                err = rel(cc(0, cfg, depth=depth), want_cc)
+                us = time_graph(lambda i, c=cfg, d=depth: cc(i, c, depth=d), copies, calls)
+            except Exception as ex:  # a tile the compiler or the device rejects
+                print(f"  T={t} cc {cfg} d{depth} FAILED {type(ex).__name__}: {str(ex)[:100]}", flush=True)
+                continue
+            record(f"cc {cfg} d{depth}", [*cfg, depth], us, err)
+            if err < 1e-2:
+                best = min(best, (us, (*cfg, depth)))
     line = f"PICK_CC {name} T={t} {','.join(map(str, best[1])) if best[1] else 'none'}  # {best[0]:.2f} us"
-    if best[1] is not None:  # the bf16x2 products (DS4F_FP8_GEMV_CC_ACC16) at the best tile
-        c16 = best[1]
-        us16 = time_graph(lambda i: cc(i, c16, True), copies, calls)
-        record(f"cc acc16 {c16}", list(c16), us16, rel(cc(0, c16, True), want_cc))
+    if best[1] is not None:  # the bf16x2 products (DS4F_FP8_GEMV_CC_ACC16) at the best tile and depth
+        c16, d16 = best[1][:3], best[1][3]
+        us16 = time_graph(lambda i: cc(i, c16, True, d16), copies, calls)  # type: ignore[arg-type]
+        record(f"cc acc16 {c16} d{d16}", list(best[1]), us16, rel(cc(0, c16, True, d16), want_cc))  # type: ignore[arg-type]
         line += f", acc16 {us16:.2f} us"
     print(line + f" vs table {base:.2f} us", flush=True)
     return line + f" vs table {base:.2f} us"
@@ -121,13 +124,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=TP2)
     ap.add_argument("--tokens", default="1,4")
+    ap.add_argument("--depths", default="1,2", help="weight blocks in flight per program (the kernel's DEPTH)")
     ap.add_argument("--mb", type=int, default=96)
     ap.add_argument("--budget", type=float, default=150.0, help="seconds after which no new variant starts")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     shapes = v4_shapes()
     copy_gbps, _ = measure_ceilings(5)
-    ctx = dict(copy=copy_gbps, out=args.out, deadline=time.time() + args.budget,
+    ctx = dict(copy=copy_gbps, out=args.out, depths=[int(d) for d in args.depths.split(",")],
+               deadline=time.time() + args.budget,
                sms=torch.cuda.get_device_properties(0).multi_processor_count,
                meta=run_meta("python3 bench/sweep_fp8_gemv_cc.py " + " ".join(sys.argv[1:])))
     print(f"device {ctx['meta']['gpu']} SMs {ctx['sms']} copy {copy_gbps:.0f} GB/s", flush=True)

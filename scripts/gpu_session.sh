@@ -430,6 +430,15 @@ case "${1:-}" in
     timeout "${CC_S:-170}" python3 bench/sweep_fp8_gemv_cc.py --budget 140 --out "$OUT/fp8_gemv_cc.jsonl" 2>&1 \
       | grep -E "^(==|  |PICK)|Error" | tail -n 90
     timeout 60 python3 bench/probe_layout.py --out "$OUT/layout.jsonl" 2>&1 | tail -n 30 ;;
+  s18b)  # 1 GPU: the CUDA-core GEMV's GPU tests (with DEPTH 2) and those of the FP8 GEMM / GEMV entries it now
+    # serves by default at T = 1, then its sweep at T = 1 with 1 and 2 weight blocks in flight, TP=2 and TP=1 shapes
+    mkdir -p /tmp/gpulogs
+    DS4F_COMPILE=0 timeout 150 python3 -m pytest -q -rs --tb=short -p no:cacheprovider tests/gpu/test_fp8_gemv_cc_gpu.py \
+      tests/gpu/test_gemv_gpu.py tests/gpu/test_fp8_gemm_gpu.py > /tmp/gpulogs/s18b.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"
+    timeout "${CC_S:-200}" python3 bench/sweep_fp8_gemv_cc.py --budget 170 --tokens 1 --depths 1,2 \
+      --shapes "IN_PROJ,IDX_WQ_B,WQ_B_TP2,WO_A_TP2,WO_B_TP2,W13_TP2,W2_TP2,WQ_B_TP1,WO_A_TP1,WO_B_TP1,W2_TP1" \
+      --out "$OUT/fp8_gemv_cc.jsonl" 2>&1 | grep -E "^(==|  |PICK)|Error" | tail -n 150 ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

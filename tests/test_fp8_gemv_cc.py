@@ -23,17 +23,19 @@ def check_cc() -> None:
         w = torch.randn(n, k, generator=g) * 0.05 * torch.logspace(-2, 2, n)[:, None]  # scales differ per block
         return quant_fp8_block(w, fmt)
 
-    # (T, N, K, scale fmt, (BLOCK_N, SPLIT, warps))
-    for t, n, k, fmt, cfg in [(1, 256, 256, "ue8m0", (64, 1, 4)), (3, 128, 512, "float32", (32, 2, 4)),
-                              (4, 256, 384, "ue8m0", (16, 3, 2)), (2, 192, 512, "float32", (64, 4, 4))]:
+    # (T, N, K, scale fmt, (BLOCK_N, SPLIT, warps), DEPTH: blocks in flight; 2 with 1- and 2-block K slices too)
+    for t, n, k, fmt, cfg, depth in [(1, 256, 256, "ue8m0", (64, 1, 4), 1), (3, 128, 512, "float32", (32, 2, 4), 1),
+                                     (4, 256, 384, "ue8m0", (16, 3, 2), 1), (2, 192, 512, "float32", (64, 4, 4), 1),
+                                     (1, 128, 640, "ue8m0", (32, 1, 4), 2), (2, 128, 512, "float32", (32, 2, 4), 2),
+                                     (1, 128, 512, "ue8m0", (64, 4, 4), 2)]:
         q, s = weights(n, k, fmt)
         ws, e8m0 = _scale_arg(s)
         x = (torch.randn(t, k, generator=g) * 3).bfloat16()
         ref = fp8_linear_ref(x, q, s, torch.float32)
         for _ in range(2):  # the second call finds the split counters re-armed
             out = torch.empty(t, 1, n, dtype=torch.float32)
-            fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out, 1, cfg)
-            assert _rel(out[:, 0], ref) < TOL, (t, n, k, fmt, cfg, _rel(out[:, 0], ref))
+            fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out, 1, cfg, depth=depth)
+            assert _rel(out[:, 0], ref) < TOL, (t, n, k, fmt, cfg, depth, _rel(out[:, 0], ref))
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_cc"))
 
     # ACC16: the products and pairwise sums rounded to bf16 (the interpreter runs the roundings written out): within
@@ -60,13 +62,14 @@ def check_cc() -> None:
         fp8_gemv_cc.launch_cc(xs, q, ws, e8m0, out, 3, cfg)
         assert _rel(out, want) < TOL, (t, cfg, _rel(out, want))
 
-    # fp8_linear's decode GEMV entry takes this form when enabled (DS4F_FP8_GEMV_CC), generic tiles
+    # fp8_linear's decode GEMV entry takes this form for every shape with DS4F_FP8_GEMV_CC=1 (generic tiles, T up
+    # to DS4F_FP8_GEMV_CC_MAX_T), and not when off
     from ds4f.kernels.fp8_gemm import Opts, fp8_linear
 
     calls: list[int] = []
     real = fp8_gemv_cc.launch_cc
     fp8_gemv_cc.launch_cc = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    fp8_gemv_cc.ENABLED = True
+    fp8_gemv_cc.ENABLED, fp8_gemv_cc.ALL_SHAPES, fp8_gemv_cc.MAX_T = True, True, 4
     q, s = weights(256, 512, "ue8m0")
     x = (torch.randn(3, 512, generator=g) * 3).bfloat16()
     got = fp8_linear(x, q, s, out_dtype=torch.float32, opts=Opts(gemv=True))
@@ -92,6 +95,20 @@ def test_cc_config_rules() -> None:
         c = cc.generic_config(nt, k, groups, 132)
         assert cc.valid(c, nt, k, groups), (nt, k, groups, c)
         assert nt // c[0] * c[1] <= 4 * 132 or c[1] == 1, c
+    # the default ("table"): CONFIGS_CC's shapes at T = 1 (their tiles and depth), others on the MMA kernel
+    from ds4f.kernels.fp8_gemv import CONFIGS
+
+    assert cc.ENABLED and not cc.ALL_SHAPES and cc.MAX_T == 1
+    x1, x2 = torch.zeros(1, 1, 4096).bfloat16(), torch.zeros(2, 1, 4096).bfloat16()
+    for name, (shape, _) in CONFIGS.items():
+        nt, k, groups = shape
+        x = torch.zeros(1, groups, k).bfloat16()
+        assert cc.takes(x, nt, k, groups) == (name in cc.CONFIGS_CC), name
+        if name in cc.CONFIGS_CC:
+            assert cc.config(nt, k, groups, 132) == (cc.CONFIGS_CC[name][:3], cc.CONFIGS_CC[name][3])
+            assert cc.valid(cc.CONFIGS_CC[name][:3], nt, k, groups), name
+    assert cc.takes(x1, 2048, 4096, 1) and not cc.takes(x2, 2048, 4096, 1)  # W13_TP2 at T = 1, not 2
+    assert not cc.takes(x1, 1024, 4096, 1)  # a shape the table lacks
     with pytest.raises(ValueError, match="invalid"):
         cc.launch_cc(torch.zeros(5, 1, 256).bfloat16(), torch.zeros(64, 256), torch.zeros(1, 2), False,
                      torch.zeros(5, 1, 64), 1, (64, 1, 4))
@@ -108,9 +125,9 @@ def test_cc_builds_offline(arch) -> None:
     types = dict(x_ptr="*i64", w_ptr="*i32", ws_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32")
     div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "K", "GN", "s_xt", "s_xg", "s_wsn", "s_ot",
            "k_per", "NT")
-    for tp, split in ((1, False), (4, True)):
+    for tp, split, depth in ((1, False, 1), (4, True, 1), (1, True, 2)):
         k = build(cc._gemv_cc, types, dict(BLOCK_N=64, TP=tp, SPLIT_K=split, SCALE_E8M0=True, F32=False,
-                                           ACC16=tp > 1), arch, 4, 1, div16=div)
+                                           ACC16=tp > 1, DEPTH=depth), arch, 4, 1, div16=div)
         ptx = k["ptx"]
         assert k["shared"] <= 1024, k["shared"]  # the output rows' layout change only
         # two CTA barriers per output row's layout change (after the loop), one before the split's arrival

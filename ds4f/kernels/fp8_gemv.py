@@ -425,10 +425,11 @@ def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out:
     its SPLIT; a8 as launch's). -> False (nothing launched) when the table or env gives this shape to the w8 tiles,
     unless force (then generic_config runs it)."""
     nt, k = w.shape
-    from ds4f.kernels import fp8_gemv_cc as cc  # the CUDA-core form (opt-in: DS4F_FP8_GEMV_CC)
+    from ds4f.kernels import fp8_gemv_cc as cc  # the CUDA-core form (its table's shapes at T = 1: DS4F_FP8_GEMV_CC)
 
     if split is None and a8 is None and cc.takes(x, nt, k, groups):
-        cc.launch_cc(x, w, ws, e8m0, out, groups, cc.config(nt, k, groups, sm_count(x.device)))
+        cfg, depth = cc.config(nt, k, groups, sm_count(x.device))
+        cc.launch_cc(x, w, ws, e8m0, out, groups, cfg, depth=depth)
         return True
     c = pick(nt, k, groups, x.device)
     if c is None:

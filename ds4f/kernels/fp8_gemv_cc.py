@@ -40,14 +40,29 @@ except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
     triton = None
 
 # tokens per call (at most 4: the kernel's accumulators); above, the MMA forms win (each weight byte costs ~T FMAs
-# here). DS4F_FP8_GEMV_CC_MAX_T=1 keeps batch 4 on the MMA kernel
-MAX_T = min(4, (env_knobs("DS4F_FP8_GEMV_CC_MAX_T", 1, "4", minimum=1) or (4,))[0])
+# here: session 18's sweep had this form 1.3-1.6x the a8 MMA kernel's time at T = 4, 0.75-0.95x at T = 1)
+MAX_T = min(4, (env_knobs("DS4F_FP8_GEMV_CC_MAX_T", 1, "1") or (1,))[0])
 Cfg = tuple[int, int, int]  # BLOCK_N, SPLIT, num_warps
-# DS4F_FP8_GEMV_CC: "0" off (the default until a GPU sweep times it: bench/sweep_fp8_gemv_cc.py), "1" every plain
-# FP8 GEMV with T <= MAX_T takes this form with generic tiles; "bn,split,nw" those tiles for every shape
-_ENV = os.environ.get("DS4F_FP8_GEMV_CC", "0")
-ENABLED = _ENV not in ("", "0")
-_TILES = env_knobs("DS4F_FP8_GEMV_CC", 3, "64,2,4") if _ENV not in ("", "0", "1") else None
+# name (fp8_gemv.CONFIGS: the shape) -> (BLOCK_N, SPLIT, num_warps, DEPTH): the shapes that take this form by default
+# at T <= MAX_T, from bench/sweep_fp8_gemv_cc.py on an H200 (session 18; time vs the a8 kernel's at its table tiles).
+# Shapes not listed (WQ_B_TP2: 7.72 vs 7.09 us) stay on fp8_gemv's MMA kernel
+CONFIGS_CC: dict[str, tuple[int, int, int, int]] = {
+    "IN_PROJ": (32, 8, 8, 1),  # 4.89 vs 6.45 us
+    "IDX_WQ_B": (32, 2, 4, 1),  # 5.09 vs 5.44
+    "WO_A_TP2": (32, 4, 4, 1),  # 7.85 vs 8.96
+    "WO_B_TP2": (32, 4, 4, 1),  # 7.86 vs 8.95
+    "W13_TP2": (32, 8, 4, 1),  # 5.32 vs 6.72
+    "W2_TP2": (64, 4, 4, 1),  # 3.79 vs 4.58
+}
+# DS4F_FP8_GEMV_CC: "table" (the default) the shapes of CONFIGS_CC; "0" off; "1" every plain FP8 GEMV with
+# T <= MAX_T (CONFIGS_CC's tiles where listed, else generic_config); "bn,split,nw" those tiles for every shape
+_ENV = os.environ.get("DS4F_FP8_GEMV_CC", "table") or "table"
+ENABLED = _ENV != "0"
+ALL_SHAPES = _ENV not in ("0", "table")
+_TILES = env_knobs("DS4F_FP8_GEMV_CC", 3, "64,2,4") if _ENV not in ("0", "1", "table") else None
+# DS4F_FP8_GEMV_CC_DEPTH: 128-column weight blocks in flight per program (1: a register double buffer; 2: two
+# ahead) where the table does not say
+DEPTH = min(2, (env_knobs("DS4F_FP8_GEMV_CC_DEPTH", 1, "2", minimum=1) or (1,))[0])
 # ACC16 (DS4F_FP8_GEMV_CC_ACC16=1): each word's 4 products and their pairwise sums in bf16x2 FMAs (2 per word per
 # token), then fp32: ~15-25 % fewer instructions (sm_90 SASS: 4.7 vs 5.6 per weight byte at T = 1, BLOCK_N 64;
 # 10.4 vs 11.3 at T = 4) for bf16 rounding of the products (relative 2^-9 each: ~0.3 % on outputs, against the a8
@@ -137,7 +152,7 @@ if triton is not None:
     def _gemv_cc(
         x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per,
         BLOCK_N: tl.constexpr, TP: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_E8M0: tl.constexpr,
-        F32: tl.constexpr, PDL: tl.constexpr = False, ACC16: tl.constexpr = False,
+        F32: tl.constexpr, PDL: tl.constexpr = False, ACC16: tl.constexpr = False, DEPTH: tl.constexpr = 1,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) (one group, one 128-row scale block) over the 128-column
         # blocks [k_lo, k_lo + k_per) (k_per a multiple of 128, K too); TP (1, 2, 4) >= T tokens, one fp32
@@ -160,11 +175,16 @@ if triton is not None:
         steps = k_per // 128
         wq = tl.load(w_p)  # before the wait: weights and their scales only (ds4f.kernels.pdl)
         sq = tl.load(s_p)
+        wq2 = wq
+        sq2 = sq
+        if DEPTH > 1:  # a second block in flight
+            wq2 = tl.load(w_p + 32, mask=steps > 1, other=0)
+            sq2 = tl.load(s_p + 1, mask=steps > 1, other=0)
         pdl_enter(PDL)
         for i in range(0, steps):
-            # the next block's weights and scale, in flight while this one is consumed
-            wn = tl.load(w_p + (i + 1) * 32, mask=i + 1 < steps, other=0)
-            sn = tl.load(s_p + i + 1, mask=i + 1 < steps, other=0)
+            # block i + DEPTH's weights and scale, in flight while this one is consumed
+            wn = tl.load(w_p + (i + DEPTH) * 32, mask=i + DEPTH < steps, other=0)
+            sn = tl.load(s_p + i + DEPTH, mask=i + DEPTH < steps, other=0)
             s = sq
             if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits
                 s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
@@ -185,8 +205,14 @@ if triton is not None:
                 if TP > 2:
                     a2 = _tok(a2, w0, w1, w2, w3, xi + 2 * s_xt, 2, T, s, BLOCK_N)
                     a3 = _tok(a3, w0, w1, w2, w3, xi + 3 * s_xt, 3, T, s, BLOCK_N)
-            wq = wn
-            sq = sn
+            if DEPTH > 1:
+                wq = wq2
+                sq = sq2
+                wq2 = wn
+                sq2 = sn
+            else:
+                wq = wn
+                sq = sn
         nmask = rn < NT
         nr = tl.num_programs(0) * BLOCK_N
         pp = part_ptr + pid_s * T * nr + rn  # partials [n_split, T, tiles * BLOCK_N] fp32
@@ -232,17 +258,31 @@ def generic_config(nt: int, k: int, groups: int, sms: int) -> Cfg:
     return bn, split, 4
 
 
-def config(nt: int, k: int, groups: int, sms: int) -> Cfg:
-    """DS4F_FP8_GEMV_CC's tiles where they are valid for the shape, else generic_config."""
+def table_entry(nt: int, k: int, groups: int) -> tuple[int, int, int, int] | None:
+    """CONFIGS_CC's entry for the shape W [nt, k] in G groups, if listed."""
+    from ds4f.kernels.fp8_gemv import CONFIGS
+
+    for name, entry in CONFIGS_CC.items():
+        if CONFIGS[name][0] == (nt, k, groups):
+            return entry
+    return None
+
+
+def config(nt: int, k: int, groups: int, sms: int) -> tuple[Cfg, int]:
+    """(tiles, DEPTH) for the shape: DS4F_FP8_GEMV_CC's tiles where valid, then CONFIGS_CC, then generic_config."""
     if _TILES is not None and valid(_TILES, nt, k, groups):  # type: ignore[arg-type]
-        return _TILES  # type: ignore[return-value]
-    return generic_config(nt, k, groups, sms)
+        return _TILES, DEPTH  # type: ignore[return-value]
+    e = table_entry(nt, k, groups)
+    if e is not None and valid(e[:3], nt, k, groups):
+        return e[:3], e[3]
+    return generic_config(nt, k, groups, sms), DEPTH
 
 
 def takes(x: torch.Tensor, nt: int, k: int, groups: int) -> bool:
-    """Whether launch_cc runs x [T, G, K] @ W [nt, k]^T when enabled: T <= MAX_T, K in 128-column blocks, 8+-row
-    groups, x_ok."""
-    return ENABLED and 1 <= x.shape[0] <= MAX_T and k % 128 == 0 and (nt // groups) % 8 == 0 and x_ok(x)
+    """Whether launch_cc runs x [T, G, K] @ W [nt, k]^T: enabled, the shape in CONFIGS_CC (or every shape:
+    DS4F_FP8_GEMV_CC=1 / tiles), T <= MAX_T, K in 128-column blocks, 8+-row groups, x_ok."""
+    return (ENABLED and 1 <= x.shape[0] <= MAX_T and k % 128 == 0 and (nt // groups) % 8 == 0
+            and (ALL_SHAPES or table_entry(nt, k, groups) is not None) and x_ok(x))
 
 
 def x_ok(x: torch.Tensor) -> bool:
@@ -252,11 +292,11 @@ def x_ok(x: torch.Tensor) -> bool:
 
 
 def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
-              cfg: Cfg, acc16: bool | None = None, emulate: bool = False) -> None:
+              cfg: Cfg, acc16: bool | None = None, emulate: bool = False, depth: int | None = None) -> None:
     """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group; W = w [G*N, K] e4m3 (native
     dtype or its bytes), ws [ceil(G*N/128), K/128] fp32 or UE8M0 bytes (e8m0); T <= 4; cfg valid(). acc16: the
-    bf16x2 products (default ACC16); emulate: the interpreter's branch (casts, ACC16's roundings by hand) on CUDA too,
-    for tests."""
+    bf16x2 products (default ACC16); depth: weight blocks in flight (default DEPTH); emulate: the interpreter's
+    branch (casts, ACC16's roundings by hand) on CUDA too, for tests."""
     t, (nt, k) = x.shape[0], w.shape
     if t > 4 or not valid(cfg, nt, k, groups) or not x_ok(x):
         raise ValueError(f"fp8 CUDA-core GEMV config {cfg} invalid for [{nt}, {k}] in {groups} groups at T={t}")
@@ -272,4 +312,5 @@ def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, ou
         x.view(torch.int64), w.view(torch.uint8).view(torch.int32), ws, out, part, lock, t, nt, k, nt // groups,
         x.stride(0) // 4, x.stride(1) // 4, ws.stride(0), out.stride(0),
         k // split, BLOCK_N=bn, TP=tp, SPLIT_K=split > 1, SCALE_E8M0=e8m0, F32=emulate or not x.is_cuda,
-        ACC16=ACC16 if acc16 is None else acc16, num_warps=nw, num_stages=1, **pdl.launch(x.device))
+        ACC16=ACC16 if acc16 is None else acc16, DEPTH=DEPTH if depth is None else depth, num_warps=nw,
+        num_stages=1, **pdl.launch(x.device))

@@ -43,13 +43,14 @@ def test_cc_matches_the_reference(shape):
         want = torch.stack([fp8_linear_ref(x[:, i], w[rows * i:rows * (i + 1)],
                                            s[rows // 128 * i:rows // 128 * (i + 1)], torch.float32)
                             for i in range(groups)], 1)
-        for cfg in {fp8_gemv_cc.generic_config(nt, k, groups, 132), (8, 1, 4), (32, 2, 8)}:
+        for cfg, depth in {(fp8_gemv_cc.generic_config(nt, k, groups, 132), 1), ((8, 1, 4), 1), ((32, 2, 8), 1),
+                           ((32, 4, 4), 2), ((64, 1, 4), 2)}:
             if not fp8_gemv_cc.valid(cfg, nt, k, groups):
                 continue
             for _ in range(2):  # the split counters re-armed
                 out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
-                fp8_gemv_cc.launch_cc(x, w, ws, e8m0, out, groups, cfg)
-                assert _rel(out, want) < OUT_TOL, (shape, t, cfg, _rel(out, want))
+                fp8_gemv_cc.launch_cc(x, w, ws, e8m0, out, groups, cfg, depth=depth)
+                assert _rel(out, want) < OUT_TOL, (shape, t, cfg, depth, _rel(out, want))
     torch.cuda.synchronize()
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_cc"))
 
@@ -76,6 +77,7 @@ def test_cc_graph_replay_and_dispatch(monkeypatch):
     w, s = _weights(nt, k)
     x = torch.randn(4, k, device="cuda").bfloat16()
     monkeypatch.setattr(fp8_gemv_cc, "ENABLED", True)
+    monkeypatch.setattr(fp8_gemv_cc, "MAX_T", 4)
     calls: list[int] = []
     real = fp8_gemv_cc.launch_cc
     monkeypatch.setattr(fp8_gemv_cc, "launch_cc", lambda *a, **kw: calls.append(1) or real(*a, **kw))
