@@ -439,6 +439,21 @@ case "${1:-}" in
     timeout "${CC_S:-200}" python3 bench/sweep_fp8_gemv_cc.py --budget 170 --tokens 1 --depths 1,2 \
       --shapes "IN_PROJ,IDX_WQ_B,WQ_B_TP2,WO_A_TP2,WO_B_TP2,W13_TP2,W2_TP2,WQ_B_TP1,WO_A_TP1,WO_B_TP1,W2_TP1" \
       --out "$OUT/fp8_gemv_cc.jsonl" 2>&1 | grep -E "^(==|  |PICK)|Error" | tail -n 150 ;;
+  s18c)  # 2 GPUs: every GPU test (as s7val: 2-GPU files on both, the rest split over GPU 0 / 1; T_CAP s each), then
+    # s11full's decode b1 / b4 at depth 64 (no 1M prompt) under FULL_ENV (default DS4F_FP8_GEMV_CC=0: the baseline
+    # beside the run of record with the CUDA-core GEMV on), S18_S seconds
+    mkdir -p /tmp/gpulogs; i=0
+    for f in tests/test_tp_gpu.py tests/gpu/test_*.py; do
+      n=$(basename "$f" .py)
+      case "$n" in test_tp_gpu|test_tp_fast_gpu|test_symm_allreduce) dev=0,1 ;; *) dev=$((i % 2)); i=$((i + 1)) ;; esac
+      CUDA_VISIBLE_DEVICES=$dev DS4F_COMPILE=0 timeout "${T_CAP:-200}" python3 -m pytest -q -rs --tb=short \
+        -p no:cacheprovider "$f" > "/tmp/gpulogs/$n.log" 2>&1 &
+    done
+    wait
+    test_summary > "$OUT/gpu_tests.log"; tar czf "$OUT/gpu_logs.tgz" -C /tmp gpulogs
+    grep -B1 -E "failed|rror" "$OUT/gpu_tests.log" | head -n 60; grep -c passed "$OUT/gpu_tests.log"
+    echo "# baseline (${SECONDS}s in)"
+    FULL_ENV="${FULL_ENV:-DS4F_FP8_GEMV_CC=0}" FULL_TTFT=0 S11_LIMIT=${S18_S:-300} bash "$0" s11full "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

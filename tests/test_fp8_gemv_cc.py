@@ -34,7 +34,7 @@ def check_cc() -> None:
         ref = fp8_linear_ref(x, q, s, torch.float32)
         for _ in range(2):  # the second call finds the split counters re-armed
             out = torch.empty(t, 1, n, dtype=torch.float32)
-            fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out, 1, cfg, depth=depth)
+            fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out, 1, cfg, acc16=False, depth=depth)
             assert _rel(out[:, 0], ref) < TOL, (t, n, k, fmt, cfg, depth, _rel(out[:, 0], ref))
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_cc"))
 
@@ -59,7 +59,7 @@ def check_cc() -> None:
         want = torch.stack([fp8_linear_ref(xs[:, i], q[128 * i:128 * (i + 1)], s[i:i + 1], torch.float32)
                             for i in range(3)], 1)
         out = torch.empty(t, 3, 128, dtype=torch.float32)
-        fp8_gemv_cc.launch_cc(xs, q, ws, e8m0, out, 3, cfg)
+        fp8_gemv_cc.launch_cc(xs, q, ws, e8m0, out, 3, cfg, acc16=False)
         assert _rel(out, want) < TOL, (t, cfg, _rel(out, want))
 
     # fp8_linear's decode GEMV entry takes this form for every shape with DS4F_FP8_GEMV_CC=1 (generic tiles, T up
@@ -69,7 +69,7 @@ def check_cc() -> None:
     calls: list[int] = []
     real = fp8_gemv_cc.launch_cc
     fp8_gemv_cc.launch_cc = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    fp8_gemv_cc.ENABLED, fp8_gemv_cc.ALL_SHAPES, fp8_gemv_cc.MAX_T = True, True, 4
+    fp8_gemv_cc.ENABLED, fp8_gemv_cc.ALL_SHAPES, fp8_gemv_cc.MAX_T, fp8_gemv_cc.ACC16 = True, True, 4, False
     q, s = weights(256, 512, "ue8m0")
     x = (torch.randn(3, 512, generator=g) * 3).bfloat16()
     got = fp8_linear(x, q, s, out_dtype=torch.float32, opts=Opts(gemv=True))
@@ -98,7 +98,7 @@ def test_cc_config_rules() -> None:
     # the default ("table"): CONFIGS_CC's shapes at T = 1 (their tiles and depth), others on the MMA kernel
     from ds4f.kernels.fp8_gemv import CONFIGS
 
-    assert cc.ENABLED and not cc.ALL_SHAPES and cc.MAX_T == 1
+    assert cc.ENABLED and not cc.ALL_SHAPES and cc.MAX_T == 1 and cc.ACC16
     x1, x2 = torch.zeros(1, 1, 4096).bfloat16(), torch.zeros(2, 1, 4096).bfloat16()
     for name, (shape, _) in CONFIGS.items():
         nt, k, groups = shape

@@ -44,15 +44,20 @@ except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
 MAX_T = min(4, (env_knobs("DS4F_FP8_GEMV_CC_MAX_T", 1, "1") or (1,))[0])
 Cfg = tuple[int, int, int]  # BLOCK_N, SPLIT, num_warps
 # name (fp8_gemv.CONFIGS: the shape) -> (BLOCK_N, SPLIT, num_warps, DEPTH): the shapes that take this form by default
-# at T <= MAX_T, from bench/sweep_fp8_gemv_cc.py on an H200 (session 18; time vs the a8 kernel's at its table tiles).
-# Shapes not listed (WQ_B_TP2: 7.72 vs 7.09 us) stay on fp8_gemv's MMA kernel
+# at T <= MAX_T: all of them, from bench/sweep_fp8_gemv_cc.py on an H200 (session 18, T = 1, fp32 products; time
+# vs fp8_gemv's table kernel: a8 for the TP=2 shapes, widening for TP=1). W13_TP1 is WO_B_TP2's shape
 CONFIGS_CC: dict[str, tuple[int, int, int, int]] = {
-    "IN_PROJ": (32, 8, 8, 1),  # 4.89 vs 6.45 us
-    "IDX_WQ_B": (32, 2, 4, 1),  # 5.09 vs 5.44
-    "WO_A_TP2": (32, 4, 4, 1),  # 7.85 vs 8.96
-    "WO_B_TP2": (32, 4, 4, 1),  # 7.86 vs 8.95
-    "W13_TP2": (32, 8, 4, 1),  # 5.32 vs 6.72
-    "W2_TP2": (64, 4, 4, 1),  # 3.79 vs 4.58
+    "IN_PROJ": (32, 8, 8, 1),  # 4.89 vs 6.41 us
+    "IDX_WQ_B": (64, 4, 4, 2),  # 5.07 vs 5.43
+    "WQ_B_TP2": (64, 2, 4, 2),  # 6.87 vs 7.02
+    "WO_A_TP2": (64, 8, 4, 2),  # 7.36 vs 8.94
+    "WO_B_TP2": (64, 8, 4, 2),  # 7.37 vs 8.94
+    "W13_TP2": (32, 8, 4, 1),  # 5.32 vs 6.70
+    "W2_TP2": (32, 2, 8, 2),  # 3.65 vs 4.50
+    "WQ_B_TP1": (64, 1, 4, 2),  # 9.86 vs 12.80
+    "WO_A_TP1": (64, 4, 4, 2),  # 10.86 vs 17.60
+    "WO_B_TP1": (64, 8, 4, 2),  # 11.31 vs 21.33
+    "W2_TP1": (32, 4, 4, 1),  # 5.05 vs 6.72
 }
 # DS4F_FP8_GEMV_CC: "table" (the default) the shapes of CONFIGS_CC; "0" off; "1" every plain FP8 GEMV with
 # T <= MAX_T (CONFIGS_CC's tiles where listed, else generic_config); "bn,split,nw" those tiles for every shape
@@ -63,11 +68,12 @@ _TILES = env_knobs("DS4F_FP8_GEMV_CC", 3, "64,2,4") if _ENV not in ("0", "1", "t
 # DS4F_FP8_GEMV_CC_DEPTH: 128-column weight blocks in flight per program (1: a register double buffer; 2: two
 # ahead) where the table does not say
 DEPTH = min(2, (env_knobs("DS4F_FP8_GEMV_CC_DEPTH", 1, "2", minimum=1) or (1,))[0])
-# ACC16 (DS4F_FP8_GEMV_CC_ACC16=1): each word's 4 products and their pairwise sums in bf16x2 FMAs (2 per word per
-# token), then fp32: ~15-25 % fewer instructions (sm_90 SASS: 4.7 vs 5.6 per weight byte at T = 1, BLOCK_N 64;
-# 10.4 vs 11.3 at T = 4) for bf16 rounding of the products (relative 2^-9 each: ~0.3 % on outputs, against the a8
-# form's e4m3 activations). Off until a GPU sweep shows it matters
-ACC16 = os.environ.get("DS4F_FP8_GEMV_CC_ACC16", "0") == "1"
+# ACC16 (DS4F_FP8_GEMV_CC_ACC16, on by default; "0" fp32 products): each word's 4 products and their pairwise sums
+# in bf16x2 FMAs (2 per word per token), then fp32: ~15-25 % fewer instructions (sm_90 SASS: 4.7 vs 5.6 per weight
+# byte at T = 1) for bf16 rounding of the products (relative 2^-9 each). Session 18's sweep: 2-6 % faster at every
+# T = 1 shape, relative error 2.5-2.7e-3 against the exact reference (bf16 outputs) vs 1.6e-3 with fp32 products,
+# and vs ~2.6e-2 for the a8 MMA form it replaces (x quantized to e4m3)
+ACC16 = os.environ.get("DS4F_FP8_GEMV_CC_ACC16", "1") != "0"
 
 # ACC16's products: $0 = fma.bf16x2($3, $4, fma.bf16x2($1, $2, -0)) on packed bf16 pairs (a temporary, so $0 may
 # share a register with an input)

@@ -74,28 +74,32 @@ def _grouped_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, ref: Any = f
 @pytest.mark.parametrize("name", list(fp8_gemv.CONFIGS))
 def test_gemv_matches_reference_at_v4_shapes(name: str) -> None:
     # the swap-AB decode GEMV (forced, whatever the table says) at the per-rank V4-Flash shapes, T = 1 / 4 / 16,
-    # UE8M0 and fp32 scales; the default dispatch gives the same bits when the table picks the GEMV
+    # UE8M0 and fp32 scales; the default dispatch gives the same bits when the table picks the GEMV, and matches
+    # the unquantized-x reference where it takes the CUDA-core form (fp8_gemv_cc.CONFIGS_CC at T = 1)
+    from ds4f.kernels import fp8_gemv_cc
+
     (nt, k, groups), cfg = fp8_gemv.CONFIGS[name]
     for t, fmt in ((1, "ue8m0"), (4, "float32"), (16, "ue8m0"), (1, "float32")):
         x, q, s = _case(t * groups, nt, k, fmt, seed=nt + k + t)
-        a8 = fp8_gemv.use_a8(nt, k, groups) and fp8_gemv.USE_GEMV
+        cc = fp8_gemv.USE_GEMV and fp8_gemv_cc.takes(x.view(t, groups, k), nt, k, groups)
+        a8 = fp8_gemv.use_a8(nt, k, groups) and fp8_gemv.USE_GEMV and not cc
         if groups > 1:
             x = x.view(t, groups, k)
             ref = _grouped_ref(x, q, s)
             out = fp8_grouped_linear(x, q, s, opts=Opts("w8", gemv=True, a8=False))
             default = fp8_grouped_linear(x, q, s)
-            forced = fp8_grouped_linear(x, q, s, opts=Opts("w8", gemv=True, a8=a8))
+            forced = fp8_grouped_linear(x, q, s, opts=Opts("w8", gemv=True, a8=fp8_gemv.use_a8(nt, k, groups)))
             ref_default = _grouped_ref(x, q, s, fp8_linear_a8_ref if a8 else fp8_linear_ref)
         else:
             ref = fp8_linear_ref(x, q, s, torch.float32)
             out = fp8_linear(x, q, s, opts=Opts("w8", gemv=True, a8=False))
             default = fp8_linear(x, q, s)
-            forced = fp8_linear(x, q, s, opts=Opts("w8", gemv=True, a8=a8))
+            forced = fp8_linear(x, q, s, opts=Opts("w8", gemv=True, a8=fp8_gemv.use_a8(nt, k, groups)))
             ref_default = (fp8_linear_a8_ref if a8 else fp8_linear_ref)(x, q, s, torch.float32)
         assert out.dtype == torch.bfloat16 and out.shape == ref.shape
         assert _rel(out, ref) < OUT_TOL, (name, t, fmt, _rel(out, ref))  # the widening form
         assert _rel(default, ref_default) < OUT_TOL, (name, t, fmt, "default", a8, _rel(default, ref_default))
-        if cfg is not None and fp8_gemv.USE_GEMV:
+        if cfg is not None and fp8_gemv.USE_GEMV and not cc:
             assert torch.equal(default, forced), (name, t, fmt)
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv"))  # every split counter re-armed
 
@@ -158,7 +162,8 @@ def test_linear_act_matches_the_gemv_on_the_activation(name: str) -> None:
         s = s[:, : -(-k // 128)].contiguous()
         ws, e8m0 = _scale_arg(s)
         got = fp8_gemv.linear_act(h, 10.0, q, ws, e8m0, native)
-        want = fp8_linear(swiglu_act(h, 10.0), q, s)
+        # the same GEMV form (a8 where the table has it; not the CUDA-core form T = 1 takes by default)
+        want = fp8_linear(swiglu_act(h, 10.0), q, s, opts=Opts(gemv=True, a8=fp8_gemv.use_a8(nt, k, 1)))
         assert _rel(got, want) < 2e-3 and (got == want).float().mean() > 0.9, (name, t, _rel(got, want))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
