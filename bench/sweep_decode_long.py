@@ -123,7 +123,8 @@ def main() -> None:
         return bool(torch.equal(a.sort(1).values, b.sort(1).values)), 0.0
 
     tk = None if "topk" not in parts else sweep("topk", [
-        (1024, 0), (2048, 128), (4096, 64), (1024, 128), (2048, 64), (512, 264), (4096, 32), (8192, 32)],
+        (2048, 0), (1024, 0), (2048, 128), (4096, 64), (1024, 128), (2048, 64), (512, 264), (4096, 32), (8192, 32),
+        (512, 0), (256, 0), (512, 132), (512, 528), (256, 528)],  # the first: DS4F_TOPK_DECODE's default
         run_tk, same_set, rec("topk"))
 
     picks = []

@@ -455,7 +455,7 @@ case "${1:-}" in
     echo "# baseline (${SECONDS}s in)"
     FULL_ENV="${FULL_ENV:-DS4F_FP8_GEMV_CC=0}" FULL_TTFT=0 S11_LIMIT=${S18_S:-300} bash "$0" s11full "$2" ;;
   s18ix)  # 1 GPU: the decode indexer's tiles at 1M (one token, 262,144 entries) and the radix top-k's, standalone
-    timeout 200 python3 bench/sweep_decode_long.py --parts indexer,topk --out "$OUT/decode_long.jsonl" 2>&1 \
+    timeout 200 python3 bench/sweep_decode_long.py --parts "${IX_PARTS:-indexer,topk}" --out "$OUT/decode_long.jsonl" 2>&1 \
       | grep -E "^(indexer|topk|PICK)|Error" | tail -n 60 ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
