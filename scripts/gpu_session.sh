@@ -457,6 +457,10 @@ case "${1:-}" in
   s18ix)  # 1 GPU: the decode indexer's tiles at 1M (one token, 262,144 entries) and the radix top-k's, standalone
     timeout 200 python3 bench/sweep_decode_long.py --parts "${IX_PARTS:-indexer,topk}" --out "$OUT/decode_long.jsonl" 2>&1 \
       | grep -E "^(indexer|topk|PICK)|Error" | tail -n 60 ;;
+  s18d)  # 2 GPUs: the top-k / indexer GPU tests (the decode top-k's new default tiles), then s11full (the 1M run)
+    par_tests 120 tests/gpu/test_topk_small_gpu.py tests/gpu/test_indexer_tb_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"
+    S11_LIMIT=$((${S18_S:-560} - SECONDS)) bash "$0" s11full "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
