@@ -43,7 +43,8 @@ except (ValueError, AssertionError):
 # "block,programs per row" (programs 0 = ~2 per SM). H200, one token at 1M context (bench/sweep_decode_long.py,
 # bench/results/decode_long.jsonl): indexer over 262,144 entries 25.2 us at 128 x 4 x 4 warps x 3 stages vs 54.4 at
 # the former 64 x auto x 4 x 4 (session 18: still the best of 22 tiles, 24.8 us). Top-512 with the candidate pick
-# (session 18): 26.0 us in 512-column tiles vs 32.4 in 2048 (27.2 in 1024, 30.4 in 256), ~2 programs per SM each
+# (session 18): alone 26.0 us in 512-column tiles vs 32.4 in 2048, ~2 programs per SM each; in the full TP=2 decode
+# step after a 1M prompt no gain (5.94 vs 5.91 ms per step, two runs), so 2048 stays
 DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (128, 4, 4, 3)
 # decode over rows past the small top-k's lanes: the indexer adds the radix top-k's first-digit histogram of the
 # scores it writes (indexer_scores hist=), so the top-k skips its first digit pass (a read of the whole row) and the
@@ -51,7 +52,7 @@ DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (1
 # session 15), the chain 49.9 vs 51.7 us alone, 49.2 vs 49.3 with DS4F_TOPK_SPARSE_ADD (now the default): the indexer
 # takes 2.5 us longer for the pass it saves
 INDEXER_HIST = bool((env_knobs("DS4F_INDEXER_HIST", 1, "1", minimum=0) or (0,))[0])
-TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "512,0", minimum=0) or (512, 0)
+TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,0", minimum=0) or (2048, 0)
 # rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off;
 # num_warps 0: small_warps (H200, bench/sweep_topk_small.py, one row, rows written: 2048 entries 8.2 us at 8 warps
 # vs 8.6 at 16, 8192 entries 21.4 us at 16 vs 30.4 at 8 and 27.8 at 32; 2026-11-29)
@@ -272,7 +273,7 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     "auto" takes radix for T <= RADIX_MAX_ROWS. backend "torch": torch.topk. valid_len [T] int32 (optional): row t's
     columns at or past valid_len[t] are -inf (as indexer_scores writes them) and the radix passes skip them, so
     decode at a short context over a long max_ctx costs what the context costs. block / programs (per row): the
-    radix passes' tile and grid (default DS4F_TOPK_DECODE, else 512 and ~2 programs per SM). small (a power of
+    radix passes' tile and grid (default DS4F_TOPK_DECODE, else 2048 and ~2 programs per SM). small (a power of
     two, 0 = off; default DS4F_TOPK_SMALL's lanes): rows of at most that many valid entries (decided on the
     device) are selected by one program each (ds4f.kernels.topk_small), which also writes the -1 padding and
     zeroes the passes' histograms, so the passes skip those rows and no fill kernel runs; at L <= small that one
