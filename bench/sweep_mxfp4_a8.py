@@ -9,7 +9,8 @@ experts at TP=2, so the L2 never holds a pick's bytes). Ends with `PICK_A8 TP= T
 --xb 0,1: every a8 tile without and with the up kernel's B operands built once per call (_a8_expand,
 DS4F_MXFP4_A8_XB) instead of per program; --tiles N: only the first N of TILES (after the table's). --ppp 1,2,3,6:
 instead, the table's up tile (XB) with each down tile of DOWN_TILES at each number of picks per down program
-(DS4F_MXFP4_A8_DOWN_PICKS).
+(DS4F_MXFP4_A8_DOWN_PICKS). --cc: instead, the CUDA-core form (moe_mxfp4_cc) at CC_TILES against the a8 kernels
+at their table tiles (`PICK_CC TP= T=` lines; its error against the bf16 oracle).
 
     PYTHONPATH=$PWD python3 bench/sweep_mxfp4_a8.py [--tp 2] [--tokens 1,4] [--xb 0,1] [--out FILE.jsonl]
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import measure_ceilings, run_meta, time_graph  # noqa: E402
 from bench.sweep_mxfp4_decode import CALLS, LIMIT, D, case_inputs, rank_experts  # noqa: E402
 from ds4f.kernels import moe_mxfp4_a8 as a8  # noqa: E402
+from ds4f.kernels import moe_mxfp4_cc as mcc  # noqa: E402
 from ds4f.kernels import moe_mxfp4_decode as md  # noqa: E402
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4, fused_moe_mxfp4_ref  # noqa: E402
 from ds4f.kernels.moe_mxfp4_a8 import fused_moe_mxfp4_a8_ref  # noqa: E402
@@ -43,6 +45,12 @@ TILES = [((64, 256, 4, 4, 4), (64, 256, 4, 4, 4)), ((64, 512, 4, 4, 2), (64, 512
          ((64, 128, 8, 4, 6), (64, 128, 4, 4, 6)), ((128, 512, 2, 8, 3), (128, 512, 1, 8, 3))]
 
 DOWN_TILES = [(64, 512, 1, 4, 4), (32, 512, 1, 4, 3), (128, 512, 1, 8, 3)]  # --ppp: beside the table's
+# --cc: the CUDA-core form's (up, down) tiles (BLOCK_N, 256, SPLIT, num_warps, DEPTH), the table's first
+CC_TILES = [((32, 256, 4, 4, 2), (32, 256, 2, 4, 2)), ((32, 256, 8, 4, 2), (32, 256, 1, 4, 2)),
+            ((16, 256, 4, 4, 2), (16, 256, 2, 4, 2)), ((64, 256, 4, 4, 2), (64, 256, 1, 4, 2)),
+            ((32, 256, 2, 4, 2), (32, 256, 4, 4, 1)), ((32, 256, 4, 4, 1), (32, 256, 2, 4, 1)),
+            ((64, 256, 8, 8, 2), (64, 256, 2, 8, 2)), ((16, 256, 8, 2, 2), (16, 256, 4, 2, 1)),
+            ((32, 256, 16, 4, 1), (32, 256, 4, 4, 1))]
 
 
 def main() -> None:
@@ -53,6 +61,7 @@ def main() -> None:
     ap.add_argument("--xb", default="0")
     ap.add_argument("--tiles", type=int, default=len(TILES))
     ap.add_argument("--ppp", default="")
+    ap.add_argument("--cc", action="store_true", help="the CUDA-core form (moe_mxfp4_cc) at CC_TILES vs the a8 table")
     args = ap.parse_args()
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta("python3 bench/sweep_mxfp4_a8.py " + " ".join(sys.argv[1:]))
@@ -63,14 +72,14 @@ def main() -> None:
         for T in (int(v) for v in args.tokens.split(",")):
             picks.append(sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out,
                                     [int(v) for v in args.xb.split(",")], TILES[:args.tiles],
-                                    [int(v) for v in args.ppp.split(",") if v]))
+                                    [int(v) for v in args.ppp.split(",") if v], args.cc))
         del w
         torch.cuda.empty_cache()
     print("\n".join(picks), flush=True)
 
 
 def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_expert: int, copy_gbps: float,
-               meta: dict, out_path: str, xbs: list[int], tiles: list, ppps: list[int]) -> str:
+               meta: dict, out_path: str, xbs: list[int], tiles: list, ppps: list[int], cc: bool = False) -> str:
     xs, ids, wts, nbytes = case_inputs(tp, T, per_expert)
     ref16 = fused_moe_mxfp4_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
     ref8 = fused_moe_mxfp4_a8_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
@@ -106,6 +115,12 @@ def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_exp
     base = report(f"bf16 table up={up0} down={dn0} SUB={int(md.sub_default(xs[0].device))}",
                   dict(DEC=(*up0, *dn0), A8=0))
     up0, dn0 = a8.pick(D, inter, T, (up0, dn0))
+    if cc:  # the CUDA-core form against the a8 kernels at their table tiles (XB as the defaults)
+        a8_us = report(f"a8 up={up0} down={dn0}", dict(DEC=(*up0, *dn0), A8=1), int(a8.XB))
+        best_cc = min((report(f"cc up={u} down={d}", dict(DEC=(*u, *d), CC=1)), u, d) for u, d in CC_TILES
+                      if mcc.fits((u, d), D, inter))
+        return (f"PICK_CC TP={tp} T={T} up={best_cc[1]} down={best_cc[2]} ({best_cc[0]:.2f} us vs a8 table "
+                f"{a8_us:.2f} us)")
     if ppps:  # picks per down program (DS4F_MXFP4_A8_DOWN_PICKS) with the table's up tile and XB
         best = (float("inf"), 1, dn0)
         for dn in [dn0] + [d for d in DOWN_TILES if d != dn0 and md.fits((up0, d), D, inter)]:

@@ -359,16 +359,27 @@ def tiles_for(config: dict | None, native: bool, T: int, k: int, D: int, I: int)
 def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
                cfgs: tuple[Cfg, Cfg], asm: bool, sub: bool = False, shared_ready: Any = None, a8: bool = False,
-               act_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+               act_out: list[torch.Tensor] | None = None, cc: bool = False) -> torch.Tensor:
     """The two launches. x [T, D] bf16; w13 = (bytes [E, 2I, D/2], UE8M0 [E, 2I, D/32]) and w2 = ([E, D, I/2],
     [E, D, I/32]) uint8, contiguous (moe_mxfp4 checked them; the bf16 form reads the bytes as int16 words); ids
     [T, k] int32, weights [T, k] fp32; shared_out [T, D] or None; cfgs from pick() that fits() the shape; asm: the PTX
     decode (CUDA), sub: its SUB form; a8: moe_mxfp4_a8's kernels instead (FP8 activations; asm / sub unused);
     shared_ready: the stream computing shared_out, joined before down reads it; act_out: a list that receives the
-    activation rows a [T*k, I] bf16. -> [T, D] bf16."""
+    activation rows a [T*k, I] bf16; cc: moe_mxfp4_cc's CUDA-core kernels (cfgs its fits(): num_stages = DEPTH).
+    -> [T, D] bf16."""
     (q13, s13), (q2, s2) = w13, w2
     xb = xb_down = None
-    if a8:
+    fu: dict[str, int] = {}
+    fd: dict[str, int] = {}
+    (bn_u, bk_u, sp_u, nw_u, ns_u), (bn_d, bk_d, sp_d, nw_d, ns_d) = cfgs
+    if cc:
+        from ds4f.kernels.moe_mxfp4_cc import _cc_down as down
+        from ds4f.kernels.moe_mxfp4_cc import _cc_up as up
+
+        q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
+        name, per, flags, ppp = "mxfp4_cc", 4, {}, 1
+        fu, fd, ns_u, ns_d = dict(DEPTH=ns_u), dict(DEPTH=ns_d), 1, 1
+    elif a8:
         from ds4f.kernels.moe_mxfp4_a8 import XB, XB_DOWN, down_picks, expand_x
         from ds4f.kernels.moe_mxfp4_a8 import _a8_down as down
         from ds4f.kernels.moe_mxfp4_a8 import _a8_up as up
@@ -384,7 +395,6 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     k = ids.shape[1]
     I = q2.shape[2] * per
     M = T * k
-    (bn_u, bk_u, sp_u, nw_u, ns_u), (bn_d, bk_d, sp_d, nw_d, ns_d) = cfgs
     dev = x.device
     flat = ids.contiguous().view(-1)
     tw = weights.contiguous().view(-1)
@@ -398,8 +408,8 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     up[(M, nt_u, sp_u)](
         x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
         s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
-        num_warps=nw_u, num_stages=ns_u, **flags, **({} if xb is None else dict(XB=True, xb_ptr=xb[0], xs_ptr=xb[1])),
-        **pdl.launch(dev))
+        num_warps=nw_u, num_stages=ns_u, **flags, **fu,
+        **({} if xb is None else dict(XB=True, xb_ptr=xb[0], xs_ptr=xb[1])), **pdl.launch(dev))
     if act_out is not None:
         act_out.append(a)
     if a8 and bucket(T) in XB_DOWN:
@@ -414,7 +424,7 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     down[(T * nt_d, k // ppp * sp_d)](
         a, q2, s2, flat, tw, sh, out, part_d, lock_d, a.stride(0), q2.stride(0), q2.stride(1), s2.stride(0),
         s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
-        HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **flags, **pdl.launch(dev),
+        HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **flags, **fd, **pdl.launch(dev),
         **({} if xb_down is None else dict(XB=True, xb_ptr=xb_down[0], xs_ptr=xb_down[1])),
         **({} if ppp == 1 else dict(PPP=ppp)))
     return out

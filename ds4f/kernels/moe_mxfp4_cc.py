@@ -1,0 +1,260 @@
+"""⑥ kernels, MXFP4 routed MoE at decode sizes on the CUDA cores: moe_mxfp4_decode's two launches, grid, arrival
+sums and fused pick sum (its _up_finish / _down_finish), with fp8_gemv_cc's streaming in place of tensor-core dots.
+
+Why: the decode MoE kernels (moe_mxfp4_a8's e4m3 MMAs) run at ~0.43 (one token) to ~0.57 (four tokens) of the copy
+ceiling in the TP=2 step (session 18), the MoE sublayer being ~80 us per layer at four tokens; each pick is one
+token's row, so the MMA's 16 columns are padding, and its tiles go through shared memory with barriers each step.
+fp8_gemv_cc's form (weights as int32 words straight into registers, one or two 256-column blocks in flight, no shared
+memory or barriers in the loop) ran the FP8 GEMVs of one token at 0.51-0.92x the MMA kernel's time.
+
+Lane j of a [BN, 64] tile holds 16-bit weight word j of a 256-column block (4 nibbles: columns c = 4j..4j+3) and x's
+int64 word j (the same 4 columns in bf16; a tile of row stride 0, each thread's copies from L1): two of each per
+thread, so weights (4-byte loads, a row's 128 bytes per warp instruction) and x share one register layout and nothing
+crosses shared memory. One PTX routine per word (WORD_ASM): nibbles (0, 1) and (2, 3) into the two 16-bit lanes of a
+register, each decoded to an exact bf16 (moe_mxfp4_decode's _NIB decode), fma.rn.bf16x2 of the pairs against x's
+(products rounded to bf16, then one bf16 sum per lane, as fp8_gemv_cc's ACC16), the lanes added in fp32 and
+multiplied by the word's 32-column UE8M0 scale, loaded in the routine (see WORD_ASM); an fp32 accumulator [BN, 64]
+per row and lane, summed over lanes once at the end. Offline sm_90 SASS (BLOCK_N 32, 4 warps, up): ~880
+instructions per thread per step for 64 weight bytes (~14 per byte: at ~34 T thread-instructions/s an issue bound
+near 2.4 TB/s alone; the GPU sweep decides). Against fused_moe_mxfp4_ref (x in bf16, fp32 math) the bf16 products
+cost ~2^-9 each (relative error ~3e-3 of the outputs; the a8 MMA form quantizes x and the activation to e4m3);
+cc_ref writes the same roundings out in torch, and the interpreter runs them (F32) for the CPU tests.
+
+Tiles: moe_mxfp4_decode's Cfg with BLOCK_K = 256 (64 words per row per step) and num_stages read as DEPTH (1 or
+2 blocks in flight); fused_moe_mxfp4 takes this form with config CC=1 (DEC the tiles) or, without a config,
+DS4F_MXFP4_CC=1 (opt-in until a GPU sweep times it: bench/sweep_mxfp4_a8.py --cc) at CONFIGS' tiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _round_bf16, _up_finish
+    from ds4f.kernels.pdl import enter as pdl_enter
+except ImportError:  # CPU-only installs: moe_mxfp4 never calls in here without triton
+    triton = None
+
+Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K (256), SPLIT, num_warps, DEPTH
+BLOCK_K = 256
+# (D, I, token bucket) -> (up, down) tiles; untimed first guesses (fp8_gemv_cc's best TP=2 tiles were 32-64 rows,
+# 4-8 K slices, two blocks in flight): bench/sweep_mxfp4_a8.py --cc times them and others
+CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
+    (4096, 1024, 1): ((32, 256, 4, 4, 2), (32, 256, 2, 4, 2)),
+    (4096, 1024, 4): ((32, 256, 4, 4, 2), (32, 256, 2, 4, 2)),
+}
+ENABLED = os.environ.get("DS4F_MXFP4_CC", "0") == "1"
+
+# $1: a 16-bit weight word (4 nibbles: columns c..c+3) in the low half; $2, $3: x[c..c+1], x[c+2..c+3] (bf16 pairs);
+# $4: the address of the word's UE8M0 scale -> $0: the fp32 bits of 2^(s-127) Σ_u w[c+u] x[c+u]: nibbles 0 / 1 (then
+# 2 / 3) into the two 16-bit lanes, each an exact bf16 (moe_mxfp4_decode's _NIB decode: mask, multiply, mask, times
+# 2^126), fma.rn.bf16x2 of the pairs (the products rounded to bf16) into one bf16 sum per lane (columns c, c+2 and
+# c+1, c+3), the two lanes added in fp32, times the scale. The scale byte is loaded here: a tl.load of the [BN, 64]
+# scale tile (8 lanes share a byte, so no two-element vectors) took a register layout of its own, and the words'
+# partial sums crossed shared memory every step to meet it
+_DEC = ("and.b32 t, {a}, {ma};\nand.b32 u, {b}, {mb};\nor.b32 t, t, u;\nmul.lo.u32 t, t, 0x1040;\n"
+        "and.b32 t, t, 0x81C081C0;\nfma.rn.bf16x2 w, t, big, nz;\n")
+WORD_ASM = ("{\n.reg .b32 t, u, w, v, h, big, nz;\n.reg .f32 f0, f1;\nmov.b32 big, 0x7E807E80;\n"
+            "mov.b32 nz, 0x80008000;\n"
+            "shl.b32 v, $1, 12;\n" + _DEC.format(a="$1", ma="0x0000000F", b="v", mb="0x000F0000")
+            + "fma.rn.bf16x2 h, w, $2, nz;\n"
+            "shr.b32 u, $1, 8;\nshl.b32 v, $1, 4;\n" + _DEC.format(a="u", ma="0x0000000F", b="v", mb="0x000F0000")
+            + "fma.rn.bf16x2 h, w, $3, h;\n"
+            "shl.b32 t, h, 16;\nmov.b32 f0, t;\nand.b32 t, h, 0xFFFF0000;\nmov.b32 f1, t;\n"
+            "add.f32 f0, f0, f1;\nld.global.nc.u8 u, [$4];\nshl.b32 u, u, 23;\nmov.b32 f1, u;\n"
+            "mul.f32 f0, f0, f1;\nmov.b32 $0, f0;\n}")
+
+
+def cc_default(device: torch.device, D: int, I: int, T: int) -> bool:
+    """This form for fused_moe_mxfp4's decode calls without a config: DS4F_MXFP4_CC=1 and a CONFIGS shape, CUDA."""
+    from ds4f.kernels.moe_mxfp4_decode import bucket
+
+    return ENABLED and device.type == "cuda" and (D, I, bucket(T)) in CONFIGS
+
+
+def pick(D: int, I: int, T: int) -> tuple[Cfg, Cfg] | None:
+    from ds4f.kernels.moe_mxfp4_decode import bucket
+
+    return CONFIGS.get((D, I, bucket(T)))
+
+
+def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
+    """BLOCK_K 256, BLOCK_N a power of two in [8, 128] dividing I (up) / D (down), whole blocks per K slice,
+    DEPTH 1 or 2."""
+    (bn_u, bk_u, sp_u, nw_u, d_u), (bn_d, bk_d, sp_d, nw_d, d_d) = cfgs
+    ok_bn = all(8 <= b <= 128 and b & (b - 1) == 0 for b in (bn_u, bn_d))
+    return (ok_bn and bk_u == bk_d == BLOCK_K and I % bn_u == 0 and D % bn_d == 0 and sp_u >= 1 and sp_d >= 1
+            and D % (sp_u * BLOCK_K) == 0 and I % (sp_d * BLOCK_K) == 0 and d_u in (1, 2) and d_d in (1, 2)
+            and nw_u in (1, 2, 4, 8) and nw_d in (1, 2, 4, 8))
+
+
+def cc_ref(x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
+           ids: torch.Tensor, weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
+    """This form's arithmetic written out in torch (no shared expert): per 4-column word, the products of columns
+    (0, 2) and (1, 3) each rounded to bf16 and their sums too, the two sums added in fp32, times the group's scale;
+    words summed in fp32 (in another order than the kernels': last-bit differences only); the activation as the
+    reference rounds it. -> [T, D] bf16."""
+    from ds4f.kernels.ref import swiglu_clamp
+    from ds4f.model.quant import dequant_mxfp4
+
+    def bf(v: torch.Tensor) -> torch.Tensor:
+        return v.bfloat16().float()
+
+    def rows(xr: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        # xr [K] (bf16 values), q [N, K/2] bytes, s [N, K/32] -> [N] fp32
+        w = dequant_mxfp4(q, torch.full_like(s, 127), torch.float32)  # the nibbles' values, unscaled
+        p = (w * xr.float()[None, :]).view(w.shape[0], -1, 4)  # [N, 4-column words, column in word]
+        part = bf(bf(p[..., 0]) + p[..., 2]) + bf(bf(p[..., 1]) + p[..., 3])  # the two lanes' chains, fp32 sum
+        scale = torch.exp2(s.float() - 127).repeat_interleave(8, 1)  # a 32-column group = 8 words
+        return (part * scale).sum(1)
+
+    T, k = ids.shape
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            h = rows(x[t], w13_q[e], w13_scale[e].view(torch.uint8))  # [2I]: gate rows, then up rows
+            act = swiglu_clamp(h[None], swiglu_limit).to(x.dtype)[0]
+            out[t] += float(weights[t, j]) * rows(act, w2_q[e], w2_scale[e].view(torch.uint8))
+    return out.to(x.dtype)
+
+
+if triton is not None:
+    _WORD_C = tl.constexpr(WORD_ASM)
+
+    @triton.jit
+    def _lane_f32(v, LANE: tl.constexpr):
+        # bf16 LANE (0..3) of int64 words v -> fp32
+        return (((v >> (16 * LANE)) & 65535).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _nib_f32(w, U: tl.constexpr):
+        # nibble U (0..3: column c + U) of the words w (int32) -> its e2m1 value, fp32
+        c = (w >> (4 * U)) & 15
+        m = c & 7
+        v = tl.where(m >= 2, (2 + (m & 1)).to(tl.float32) * (1 << (m >> 1)).to(tl.float32) * 0.25,
+                     m.to(tl.float32) * 0.5)
+        return tl.where(c >= 8, -v, v)
+
+    @triton.jit
+    def _word(acc, wq, xw, sp, F32: tl.constexpr):
+        # acc [BN, 64] += 2^(s-127) * Σ_u w[c+u] x[c+u] over lane j's 16-bit word (columns c = 4j..4j+3 of this
+        # block): wq [BN, 64] int16, xw [BN, 64] int64 = x[c..c+3] (bf16), sp [BN, 64] = its group scale's address
+        if F32:  # WORD_ASM's roundings written out (the interpreter)
+            w = wq.to(tl.int32)
+            h0 = _round_bf16(_nib_f32(w, 2) * _lane_f32(xw, 2)
+                             + _round_bf16(_nib_f32(w, 0) * _lane_f32(xw, 0), True).to(tl.float32), True)
+            h1 = _round_bf16(_nib_f32(w, 3) * _lane_f32(xw, 3)
+                             + _round_bf16(_nib_f32(w, 1) * _lane_f32(xw, 1), True).to(tl.float32), True)
+            return acc + (h0.to(tl.float32) + h1.to(tl.float32)) * _scale(sp)
+        part = tl.inline_asm_elementwise(
+            _WORD_C, "=r,r,r,r,l", [wq.to(tl.int32), xw.to(tl.int32), (xw >> 32).to(tl.int32), sp.to(tl.int64)],
+            dtype=tl.int32, is_pure=True, pack=1)
+        return acc + part.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _scale(sp):
+        # UE8M0 bytes at sp [BN, 64] (a lane's group's; 8 lanes share one) -> 2^(s-127) fp32
+        return (tl.load(sp).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _stream(acc0, acc1, q0, q1, s0, s1, xp, steps, BN: tl.constexpr, TWO: tl.constexpr, F32: tl.constexpr,
+                DEPTH: tl.constexpr):
+        # steps 256-column blocks of one or two (TWO) weight row sets (int16 word pointers q0 / q1 and scale
+        # pointers s0 / s1 [BN, 64] at the first block) against x (int64 word pointers xp [1, 64] at the first
+        # block) -> the accumulators. Weights 2 words (4 bytes) per thread and row, x 2 int64 words (16 bytes): one
+        # register layout, nothing crosses shared memory; DEPTH blocks of weights in flight
+        zero = tl.zeros([BN, 1], tl.int32)
+        w0 = tl.load(q0)
+        w1 = w0
+        if TWO:
+            w1 = tl.load(q1)
+        v0 = w0
+        v1 = w1
+        if DEPTH > 1:
+            v0 = tl.load(q0 + 64, mask=steps > 1, other=0)
+            if TWO:
+                v1 = tl.load(q1 + 64, mask=steps > 1, other=0)
+        for i in range(0, steps):
+            n0 = tl.load(q0 + (i + DEPTH) * 64, mask=i + DEPTH < steps, other=0)
+            n1 = n0
+            if TWO:
+                n1 = tl.load(q1 + (i + DEPTH) * 64, mask=i + DEPTH < steps, other=0)
+            xw = tl.load(xp + i * 64 + zero)  # [BN, 64] of row stride 0: each thread's copies come from L1
+            acc0 = _word(acc0, w0, xw, s0 + i * 8, F32)
+            if TWO:
+                acc1 = _word(acc1, w1, xw, s1 + i * 8, F32)
+            if DEPTH > 1:
+                w0 = v0
+                v0 = n0
+                if TWO:
+                    w1 = v1
+                    v1 = n1
+            else:
+                w0 = n0
+                w1 = n1
+        return acc0, acc1
+
+    @triton.jit
+    def _cc_up(
+        x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
+        I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False, DEPTH: tl.constexpr = 1,
+    ):
+        # moe_mxfp4_decode._dec_up's program (pick m, BLOCK_N gate rows + the same up rows, K slice pid_s) over 16-bit
+        # words (q_ptr [E, 2I, DM / 4], strides in words); x bf16 [T, DM] read as int64 words
+        pdl_enter(PDL)  # ds4f.kernels.pdl: the ids (and so every weight address) come from the router
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        K_PER: tl.constexpr = DM // SPLIT
+        e = tl.load(ids_ptr + pid_m).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        r64 = rn.to(tl.int64)[:, None]
+        k0 = pid_s * K_PER
+        lanes = tl.arange(0, 64)[None, :]
+        qg = q_ptr + e * s_qe + r64 * s_qn + k0 // 4 + tl.max_contiguous(lanes, [1, 2])  # 4-byte weight loads
+        sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + lanes // 8
+        xw = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        xp = xw + (pid_m // TOPK).to(tl.int64) * (s_xt // 4) + k0 // 4 + lanes
+        acc_g = tl.zeros([BLOCK_N, 64], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, 64], tl.float32)
+        acc_g, acc_u = _stream(acc_g, acc_u, qg, qg + I * s_qn, sg, sg + I * s_sn, xp, K_PER // BLOCK_K, BLOCK_N,
+                               True, F32, DEPTH)
+        _up_finish(tl.sum(acc_g, 1), tl.sum(acc_u, 1), a_ptr, part_ptr, lock_ptr, limit, s_at, pid_m, pid_n, pid_s,
+                   rn, I, SPLIT, F32)
+
+    @triton.jit
+    def _cc_down(
+        a_ptr, q_ptr, s_ptr, ids_ptr, tw_ptr, sh_ptr, out_ptr, part_ptr, lock_ptr, s_at, s_qe, s_qn, s_se, s_sn,
+        s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr,
+        PDL: tl.constexpr = False, DEPTH: tl.constexpr = 1,
+    ):
+        # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick j, K slice)) over 16-bit words
+        # (q_ptr [E, DM, I / 4]); the activation rows a [T*k, I] bf16 read as int64 words
+        pdl_enter(PDL)
+        pid_tn = tl.program_id(0)
+        pid_js = tl.program_id(1)
+        NT: tl.constexpr = DM // BLOCK_N
+        K_PER: tl.constexpr = I // SPLIT
+        t = pid_tn // NT
+        rn = (pid_tn % NT) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = t * TOPK + pid_js // SPLIT
+        k0 = (pid_js % SPLIT) * K_PER
+        e = tl.load(ids_ptr + m).to(tl.int64)
+        r64 = rn.to(tl.int64)[:, None]
+        lanes = tl.arange(0, 64)[None, :]
+        qd = q_ptr + e * s_qe + r64 * s_qn + k0 // 4 + tl.max_contiguous(lanes, [1, 2])
+        sd = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + lanes // 8
+        aw = a_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        ap = aw + m.to(tl.int64) * (s_at // 4) + k0 // 4 + lanes
+        acc = tl.zeros([BLOCK_N, 64], tl.float32)
+        acc, _ = _stream(acc, acc, qd, qd, sd, sd, ap, K_PER // BLOCK_K, BLOCK_N, False, F32, DEPTH)
+        _down_finish(tl.sum(acc, 1) * tl.load(tw_ptr + m), sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot, t,
+                     pid_tn, pid_js, rn, DM, TOPK, SPLIT, HAS_SH, F32)
