@@ -79,7 +79,7 @@ def test_cc_builds_offline(arch) -> None:
     from ds4f.kernels import moe_mxfp4_cc as mcc
     from tests.test_kernels_build import build
 
-    types = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*u8", ids_ptr="*i32", a_ptr="*bf16", part_ptr="*fp32",
+    types = dict(x_ptr="*bf16", q_ptr="*i16", s_ptr="*u8", ids_ptr="*i32", a_ptr="*bf16", part_ptr="*fp32",
                  lock_ptr="*i32", limit="fp32", tw_ptr="*fp32", sh_ptr="*bf16", out_ptr="*bf16")
     div = ("x_ptr", "q_ptr", "s_ptr", "a_ptr", "part_ptr", "s_xt", "s_qe", "s_qn", "s_se", "s_sn", "s_at", "out_ptr",
            "sh_ptr", "s_sht", "s_ot")

@@ -8,17 +8,19 @@ fp8_gemv_cc's form (weights as int32 words straight into registers, one or two 2
 memory or barriers in the loop) ran the FP8 GEMVs of one token at 0.51-0.92x the MMA kernel's time.
 
 Lane j of a [BN, 64] tile holds 16-bit weight word j of a 256-column block (4 nibbles: columns c = 4j..4j+3) and x's
-int64 word j (the same 4 columns in bf16; a tile of row stride 0, each thread's copies from L1): two of each per
-thread, so weights (4-byte loads, a row's 128 bytes per warp instruction) and x share one register layout and nothing
-crosses shared memory. One PTX routine per word (WORD_ASM): nibbles (0, 1) and (2, 3) into the two 16-bit lanes of a
-register, each decoded to an exact bf16 (moe_mxfp4_decode's _NIB decode), fma.rn.bf16x2 of the pairs against x's
-(products rounded to bf16, then one bf16 sum per lane, as fp8_gemv_cc's ACC16), the lanes added in fp32 and
-multiplied by the word's 32-column UE8M0 scale, loaded in the routine (see WORD_ASM); an fp32 accumulator [BN, 64]
-per row and lane, summed over lanes once at the end. Offline sm_90 SASS (BLOCK_N 32, 4 warps, up): ~880
-instructions per thread per step for 64 weight bytes (~14 per byte: at ~34 T thread-instructions/s an issue bound
-near 2.4 TB/s alone; the GPU sweep decides). Against fused_moe_mxfp4_ref (x in bf16, fp32 math) the bf16 products
-cost ~2^-9 each (relative error ~3e-3 of the outputs; the a8 MMA form quantizes x and the activation to e4m3);
-cc_ref writes the same roundings out in torch, and the interpreter runs them (F32) for the CPU tests.
+int64 word j (the same 4 columns in bf16; a tile of row stride 0, loaded once per thread for all its rows): two of
+each per thread, so weights (4-byte loads, a row's 128 bytes per warp instruction) and x share one register layout
+and nothing crosses shared memory in the loop. Two PTX routines per pair of lanes (X_ASM on x alone, so a thread's
+rows share it; WORD_ASM on the weights): nibble r of both words into a bf16 pair of value * 2^-126 against x * 2^100
+(moe_mxfp4_decode's SUB scaling), two chains of fma.rn.bf16x2 per word (columns c, c+1 and c+2, c+3: products
+rounded to bf16, then one bf16 sum, as fp8_gemv_cc's ACC16), the chains added in fp32 and multiplied by the word's
+32-column UE8M0 scale (loaded in the routine) times 2^26; an fp32 accumulator [BN, 64] per row and lane, summed
+over lanes once at the end. Offline sm_90 SASS, loop instructions per weight byte: 8.0-8.4 at the 128-register tiles
+(up with 8 warps or 8 K slices, down 32 rows), 9.6-10.4 elsewhere; 64-row up tiles spill at 4 warps (see
+bench/sweep_mxfp4_a8.py's CC_TILES). Scales must be <= 228 and |x| < 2^27 (the SUB scaling). Against
+fused_moe_mxfp4_ref (x in bf16, fp32 math) the bf16 products cost ~2^-9 each (relative error ~3e-3 of the outputs;
+the a8 MMA form quantizes x and the activation to e4m3); cc_ref writes the same roundings out in torch, and the
+interpreter runs them (F32) for the CPU tests.
 
 Tiles: moe_mxfp4_decode's Cfg with BLOCK_K = 256 (64 words per row per step) and num_stages read as DEPTH (1 or
 2 blocks in flight); fused_moe_mxfp4 takes this form with config CC=1 (DEC the tiles) or, without a config,
@@ -50,24 +52,39 @@ CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
 }
 ENABLED = os.environ.get("DS4F_MXFP4_CC", "0") == "1"
 
-# $1: a 16-bit weight word (4 nibbles: columns c..c+3) in the low half; $2, $3: x[c..c+1], x[c+2..c+3] (bf16 pairs);
-# $4: the address of the word's UE8M0 scale -> $0: the fp32 bits of 2^(s-127) Σ_u w[c+u] x[c+u]: nibbles 0 / 1 (then
-# 2 / 3) into the two 16-bit lanes, each an exact bf16 (moe_mxfp4_decode's _NIB decode: mask, multiply, mask, times
-# 2^126), fma.rn.bf16x2 of the pairs (the products rounded to bf16) into one bf16 sum per lane (columns c, c+2 and
-# c+1, c+3), the two lanes added in fp32, times the scale. The scale byte is loaded here: a tl.load of the [BN, 64]
-# scale tile (8 lanes share a byte, so no two-element vectors) took a register layout of its own, and the words'
-# partial sums crossed shared memory every step to meet it
-_DEC = ("and.b32 t, {a}, {ma};\nand.b32 u, {b}, {mb};\nor.b32 t, t, u;\nmul.lo.u32 t, t, 0x1040;\n"
-        "and.b32 t, t, 0x81C081C0;\nfma.rn.bf16x2 w, t, big, nz;\n")
-WORD_ASM = ("{\n.reg .b32 t, u, w, v, h, big, nz;\n.reg .f32 f0, f1;\nmov.b32 big, 0x7E807E80;\n"
-            "mov.b32 nz, 0x80008000;\n"
-            "shl.b32 v, $1, 12;\n" + _DEC.format(a="$1", ma="0x0000000F", b="v", mb="0x000F0000")
-            + "fma.rn.bf16x2 h, w, $2, nz;\n"
-            "shr.b32 u, $1, 8;\nshl.b32 v, $1, 4;\n" + _DEC.format(a="u", ma="0x0000000F", b="v", mb="0x000F0000")
-            + "fma.rn.bf16x2 h, w, $3, h;\n"
-            "shl.b32 t, h, 16;\nmov.b32 f0, t;\nand.b32 t, h, 0xFFFF0000;\nmov.b32 f1, t;\n"
-            "add.f32 f0, f0, f1;\nld.global.nc.u8 u, [$4];\nshl.b32 u, u, 23;\nmov.b32 f1, u;\n"
-            "mul.f32 f0, f0, f1;\nmov.b32 $0, f0;\n}")
+# x's side, two lanes per call (pack=2: $4, $5 = x[c..c+1] of lanes e0, e1; $6, $7 = x[c+2..c+3]) -> the bf16 pairs
+# the word routine multiplies, times 2^100 (exact for |x| < 2^27): $0 = (x_e0[c], x_e1[c]), $1 = (.., [c+1]),
+# $2 = (.., [c+2]), $3 = (.., [c+3]). Apart from the weights' routine so that it depends on x alone: a thread's rows
+# share x, and the compiler computes it once for all of them
+X_ASM = ("{\n.reg .b32 t, big, nz;\nmov.b32 big, 0x71807180;\nmov.b32 nz, 0x80008000;\n"
+         "prmt.b32 t, $4, $5, 0x5410;\nfma.rn.bf16x2 $0, t, big, nz;\nprmt.b32 t, $4, $5, 0x7632;\n"
+         "fma.rn.bf16x2 $1, t, big, nz;\nprmt.b32 t, $6, $7, 0x5410;\nfma.rn.bf16x2 $2, t, big, nz;\n"
+         "prmt.b32 t, $6, $7, 0x7632;\nfma.rn.bf16x2 $3, t, big, nz;\n}")
+# The weights' side, two 16-bit words per call (pack=2: e0 in the low half of $2, e1 in the high half; $3..$6 X_ASM's
+# pairs; $7, $8: the addresses of e0's, e1's UE8M0 scales) -> $0, $1: the fp32 bits of 2^(s-127) Σ_u w[c+u] x[c+u]
+# for e0, e1. Nibble r of both halves at once into a bf16 pair of value * 2^-126 (moe_mxfp4_decode's SUB decode: mask,
+# multiply, mask; code 1 a bf16 subnormal), against x * 2^100: products value * x * 2^-26, normal for |value * x| >
+# 2^-100; two chains of fma.rn.bf16x2 (columns c, c+1 and c+2, c+3: products rounded to bf16, then one bf16 sum),
+# the chains added in fp32 per word and multiplied by 2^(s-101) (scales <= 228). The scale bytes are loaded here: a
+# tl.load of the [BN, 64] scale tile (8 lanes share a byte, so no two-element vectors) took a register layout of its
+# own, and the words' sums crossed shared memory every step to meet it
+_DEC = "{shift}and.b32 t, {src}, {mask};\nmul.lo.u32 t, t, {mul};\nand.b32 w, t, 0x81C081C0;\n"
+
+
+def _dec(r: int) -> str:
+    return _DEC.format(shift="shr.b32 t, $2, 8;\n" if r >= 2 else "", src="t" if r >= 2 else "$2",
+                       mask=("0x000F000F", "0x00F000F0")[r % 2], mul=("0x1040", "0x104")[r % 2])
+
+
+WORD_ASM = ("{\n.reg .b32 t, w, ha, hb, nz;\n.reg .f32 f0, f1, f2;\nmov.b32 nz, 0x80008000;\n"
+            + _dec(0) + "fma.rn.bf16x2 ha, w, $3, nz;\n" + _dec(1) + "fma.rn.bf16x2 ha, w, $4, ha;\n"
+            + _dec(2) + "fma.rn.bf16x2 hb, w, $5, nz;\n" + _dec(3) + "fma.rn.bf16x2 hb, w, $6, hb;\n"
+            "shl.b32 t, ha, 16;\nmov.b32 f0, t;\nshl.b32 t, hb, 16;\nmov.b32 f1, t;\nadd.f32 f0, f0, f1;\n"
+            "ld.global.nc.u8 t, [$7];\nshl.b32 t, t, 23;\nadd.u32 t, t, 0x0D000000;\nmov.b32 f2, t;\n"
+            "mul.f32 f0, f0, f2;\nmov.b32 $0, f0;\n"
+            "and.b32 t, ha, 0xFFFF0000;\nmov.b32 f0, t;\nand.b32 t, hb, 0xFFFF0000;\nmov.b32 f1, t;\n"
+            "add.f32 f0, f0, f1;\nld.global.nc.u8 t, [$8];\nshl.b32 t, t, 23;\nadd.u32 t, t, 0x0D000000;\n"
+            "mov.b32 f2, t;\nmul.f32 f0, f0, f2;\nmov.b32 $1, f0;\n}")
 
 
 def cc_default(device: torch.device, D: int, I: int, T: int) -> bool:
@@ -96,7 +113,7 @@ def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
 def cc_ref(x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
            ids: torch.Tensor, weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
     """This form's arithmetic written out in torch (no shared expert): per 4-column word, the products of columns
-    (0, 2) and (1, 3) each rounded to bf16 and their sums too, the two sums added in fp32, times the group's scale;
+    (0, 1) and (2, 3) each rounded to bf16 and their sums too, the two sums added in fp32, times the group's scale;
     words summed in fp32 (in another order than the kernels': last-bit differences only); the activation as the
     reference rounds it. -> [T, D] bf16."""
     from ds4f.kernels.ref import swiglu_clamp
@@ -109,7 +126,7 @@ def cc_ref(x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: 
         # xr [K] (bf16 values), q [N, K/2] bytes, s [N, K/32] -> [N] fp32
         w = dequant_mxfp4(q, torch.full_like(s, 127), torch.float32)  # the nibbles' values, unscaled
         p = (w * xr.float()[None, :]).view(w.shape[0], -1, 4)  # [N, 4-column words, column in word]
-        part = bf(bf(p[..., 0]) + p[..., 2]) + bf(bf(p[..., 1]) + p[..., 3])  # the two lanes' chains, fp32 sum
+        part = bf(bf(p[..., 0]) + p[..., 1]) + bf(bf(p[..., 2]) + p[..., 3])  # the word's two chains, fp32 sum
         scale = torch.exp2(s.float() - 127).repeat_interleave(8, 1)  # a 32-column group = 8 words
         return (part * scale).sum(1)
 
@@ -126,6 +143,7 @@ def cc_ref(x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: 
 
 if triton is not None:
     _WORD_C = tl.constexpr(WORD_ASM)
+    _X_C = tl.constexpr(X_ASM)
 
     @triton.jit
     def _lane_f32(v, LANE: tl.constexpr):
@@ -147,14 +165,15 @@ if triton is not None:
         # block): wq [BN, 64] int16, xw [BN, 64] int64 = x[c..c+3] (bf16), sp [BN, 64] = its group scale's address
         if F32:  # WORD_ASM's roundings written out (the interpreter)
             w = wq.to(tl.int32)
-            h0 = _round_bf16(_nib_f32(w, 2) * _lane_f32(xw, 2)
+            ha = _round_bf16(_nib_f32(w, 1) * _lane_f32(xw, 1)
                              + _round_bf16(_nib_f32(w, 0) * _lane_f32(xw, 0), True).to(tl.float32), True)
-            h1 = _round_bf16(_nib_f32(w, 3) * _lane_f32(xw, 3)
-                             + _round_bf16(_nib_f32(w, 1) * _lane_f32(xw, 1), True).to(tl.float32), True)
-            return acc + (h0.to(tl.float32) + h1.to(tl.float32)) * _scale(sp)
-        part = tl.inline_asm_elementwise(
-            _WORD_C, "=r,r,r,r,l", [wq.to(tl.int32), xw.to(tl.int32), (xw >> 32).to(tl.int32), sp.to(tl.int64)],
-            dtype=tl.int32, is_pure=True, pack=1)
+            hb = _round_bf16(_nib_f32(w, 3) * _lane_f32(xw, 3)
+                             + _round_bf16(_nib_f32(w, 2) * _lane_f32(xw, 2), True).to(tl.float32), True)
+            return acc + (ha.to(tl.float32) + hb.to(tl.float32)) * _scale(sp)
+        xa, xb = tl.inline_asm_elementwise(_X_C, "=r,=r,=r,=r,r,r,r,r", [xw.to(tl.int32), (xw >> 32).to(tl.int32)],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=2)
+        part = tl.inline_asm_elementwise(_WORD_C, "=r,=r,r,r,r,r,r,l,l", [wq, xa, xb, sp.to(tl.int64)],
+                                         dtype=tl.int32, is_pure=True, pack=2)
         return acc + part.to(tl.float32, bitcast=True)
 
     @triton.jit
