@@ -46,7 +46,7 @@ TILES = [((64, 256, 4, 4, 4), (64, 256, 4, 4, 4)), ((64, 512, 4, 4, 2), (64, 512
 
 DOWN_TILES = [(64, 512, 1, 4, 4), (32, 512, 1, 4, 3), (128, 512, 1, 8, 3)]  # --ppp: beside the table's
 # --cc: the CUDA-core form's (up, down) tiles (BLOCK_N, 256, SPLIT, num_warps, DEPTH), the table's first; offline
-# sm_90 builds: no spills (64-row up tiles need 8 warps), 8-10 loop instructions per weight byte
+# sm_90 builds: no spills (64-row up tiles need 8 warps), 9.6-10.7 loop instructions per weight byte
 CC_TILES = [((32, 256, 8, 4, 2), (32, 256, 2, 4, 2)), ((32, 256, 4, 4, 2), (32, 256, 1, 4, 2)),
             ((16, 256, 4, 4, 2), (16, 256, 2, 4, 2)), ((64, 256, 4, 8, 2), (64, 256, 1, 4, 2)),
             ((32, 256, 2, 4, 2), (32, 256, 4, 4, 1)), ((32, 256, 4, 4, 1), (32, 256, 2, 4, 1)),

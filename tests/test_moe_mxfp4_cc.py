@@ -86,9 +86,12 @@ def test_cc_builds_offline(arch) -> None:
     for fn, consts in ((mcc._cc_up, dict(I=1024, DM=4096, TOPK=6, BLOCK_N=32, BLOCK_K=256, SPLIT=4, F32=False,
                                          DEPTH=2)),
                        (mcc._cc_down, dict(DM=4096, I=1024, TOPK=6, BLOCK_N=32, BLOCK_K=256, SPLIT=2, HAS_SH=True,
-                                           F32=False, DEPTH=1))):
+                                           F32=False, DEPTH=1, SUB=False))):
         k = build(fn, types, consts, arch, 4, 1, div16=tuple(d for d in div if d in fn.arg_names))
         ptx = k["ptx"]
         assert k["shared"] <= 1024, k["shared"]
         assert "cp.async" not in ptx and "fma.rn.bf16x2" in ptx and "ld.global.nc.u8" in ptx, fn
         assert "ld.global.v2.b64" in ptx, fn  # two of x's int64 words per thread and row
+        # SUB: x times 2^100 (bf16 0x7180), no decode multiply by 2^126; else the multiply and x as it is
+        sub = consts.get("SUB", True)
+        assert ("0x71807180" in ptx.lower() or "1904242048" in ptx) == sub, (fn, sub)

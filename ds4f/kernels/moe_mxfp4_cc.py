@@ -10,14 +10,16 @@ memory or barriers in the loop) ran the FP8 GEMVs of one token at 0.51-0.92x the
 Lane j of a [BN, 64] tile holds 16-bit weight word j of a 256-column block (4 nibbles: columns c = 4j..4j+3) and x's
 int64 word j (the same 4 columns in bf16; a tile of row stride 0, loaded once per thread for all its rows): two of
 each per thread, so weights (4-byte loads, a row's 128 bytes per warp instruction) and x share one register layout
-and nothing crosses shared memory in the loop. Two PTX routines per pair of lanes (X_ASM on x alone, so a thread's
-rows share it; WORD_ASM on the weights): nibble r of both words into a bf16 pair of value * 2^-126 against x * 2^100
-(moe_mxfp4_decode's SUB scaling), two chains of fma.rn.bf16x2 per word (columns c, c+1 and c+2, c+3: products
-rounded to bf16, then one bf16 sum, as fp8_gemv_cc's ACC16), the chains added in fp32 and multiplied by the word's
-32-column UE8M0 scale (loaded in the routine) times 2^26; an fp32 accumulator [BN, 64] per row and lane, summed
-over lanes once at the end. Offline sm_90 SASS, loop instructions per weight byte: 8.0-8.4 at the 128-register tiles
-(up with 8 warps or 8 K slices, down 32 rows), 9.6-10.4 elsewhere; 64-row up tiles spill at 4 warps (see
-bench/sweep_mxfp4_a8.py's CC_TILES). Scales must be <= 228 and |x| < 2^27 (the SUB scaling). Against
+and nothing crosses shared memory in the loop. Two PTX routines per pair of lanes (x_asm on x alone, so a thread's
+rows share it; word_asm on the weights): nibble r of both words into a bf16 pair of value * 2^-126 against
+x * 2^100 (moe_mxfp4_decode's SUB scaling; DS4F_MXFP4_CC_SUB=0: the exact values against x), two chains of
+fma.rn.bf16x2 per word (columns c, c+1 and c+2, c+3: products rounded to bf16, then one bf16 sum, as fp8_gemv_cc's
+ACC16), the chains added in fp32 and multiplied by the word's 32-column UE8M0 scale (loaded in the routine); an fp32
+accumulator [BN, 64] per row and lane, summed over lanes once at the end. Offline sm_90 SASS of the main loop (K
+slices of 16 blocks): 9.6-10.7 instructions per weight byte at every tile (an issue bound near 3.3 TB/s, ~0.78 of
+the H200's copy); up tiles of 32 rows take 177 (DEPTH 1) to 226 (DEPTH 2) registers at 4 warps, ~100 at 8, and spill
+with 64 rows at 4 warps or 32 at 2 (see bench/sweep_mxfp4_a8.py's CC_TILES). Scales must be <= 228 and |x| < 2^27
+(the SUB scaling). Against
 fused_moe_mxfp4_ref (x in bf16, fp32 math) the bf16 products cost ~2^-9 each (relative error ~3e-3 of the outputs;
 the a8 MMA form quantizes x and the activation to e4m3); cc_ref writes the same roundings out in torch, and the
 interpreter runs them (F32) for the CPU tests.
@@ -45,47 +47,63 @@ except ImportError:  # CPU-only installs: moe_mxfp4 never calls in here without 
 Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K (256), SPLIT, num_warps, DEPTH
 BLOCK_K = 256
 # (D, I, token bucket) -> (up, down) tiles; untimed first guesses (fp8_gemv_cc's best TP=2 tiles were 32-64 rows,
-# 4-8 K slices, two blocks in flight; offline sm_90 builds of these: 128 / 72 registers, no spills, 8.1 / 8.3 loop
-# instructions per weight byte): bench/sweep_mxfp4_a8.py --cc times them and others
+# 4-8 K slices, two blocks in flight; offline sm_90 builds of these: 128 / 72 registers, no spills):
+# bench/sweep_mxfp4_a8.py --cc times them and others
 CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
     (4096, 1024, 1): ((32, 256, 8, 4, 2), (32, 256, 2, 4, 2)),
     (4096, 1024, 4): ((32, 256, 8, 4, 2), (32, 256, 2, 4, 2)),
 }
 ENABLED = os.environ.get("DS4F_MXFP4_CC", "0") == "1"
 
-# x's side, two lanes per call (pack=2: $4, $5 = x[c..c+1] of lanes e0, e1; $6, $7 = x[c+2..c+3]) -> the bf16 pairs
-# the word routine multiplies, times 2^100 (exact for |x| < 2^27): $0 = (x_e0[c], x_e1[c]), $1 = (.., [c+1]),
-# $2 = (.., [c+2]), $3 = (.., [c+3]). Apart from the weights' routine so that it depends on x alone: a thread's rows
-# share x, and the compiler computes it once for all of them
-X_ASM = ("{\n.reg .b32 t, big, nz;\nmov.b32 big, 0x71807180;\nmov.b32 nz, 0x80008000;\n"
-         "prmt.b32 t, $4, $5, 0x5410;\nfma.rn.bf16x2 $0, t, big, nz;\nprmt.b32 t, $4, $5, 0x7632;\n"
-         "fma.rn.bf16x2 $1, t, big, nz;\nprmt.b32 t, $6, $7, 0x5410;\nfma.rn.bf16x2 $2, t, big, nz;\n"
-         "prmt.b32 t, $6, $7, 0x7632;\nfma.rn.bf16x2 $3, t, big, nz;\n}")
-# The weights' side, two 16-bit words per call (pack=2: e0 in the low half of $2, e1 in the high half; $3..$6 X_ASM's
-# pairs; $7, $8: the addresses of e0's, e1's UE8M0 scales) -> $0, $1: the fp32 bits of 2^(s-127) Σ_u w[c+u] x[c+u]
-# for e0, e1. Nibble r of both halves at once into a bf16 pair of value * 2^-126 (moe_mxfp4_decode's SUB decode: mask,
-# multiply, mask; code 1 a bf16 subnormal), against x * 2^100: products value * x * 2^-26, normal for |value * x| >
-# 2^-100; two chains of fma.rn.bf16x2 (columns c, c+1 and c+2, c+3: products rounded to bf16, then one bf16 sum),
-# the chains added in fp32 per word and multiplied by 2^(s-101) (scales <= 228). The scale bytes are loaded here: a
-# tl.load of the [BN, 64] scale tile (8 lanes share a byte, so no two-element vectors) took a register layout of its
-# own, and the words' sums crossed shared memory every step to meet it
-_DEC = "{shift}and.b32 t, {src}, {mask};\nmul.lo.u32 t, t, {mul};\nand.b32 w, t, 0x81C081C0;\n"
+# SUB (DS4F_MXFP4_CC_SUB, default 1): the weights decoded as value * 2^-126 against x * 2^100 (no decode multiply;
+# the e2m1 code 1 is then a bf16 subnormal, so exact only if the bf16x2 FMAs take subnormal inputs: the GPU tests
+# check both forms); 0: the exact bf16 values (a multiply by 2^126 per pair) against x as it is
+SUB = os.environ.get("DS4F_MXFP4_CC_SUB", "1") != "0"
 
 
-def _dec(r: int) -> str:
-    return _DEC.format(shift="shr.b32 t, $2, 8;\n" if r >= 2 else "", src="t" if r >= 2 else "$2",
-                       mask=("0x000F000F", "0x00F000F0")[r % 2], mul=("0x1040", "0x104")[r % 2])
+def x_asm(sub: bool) -> str:
+    """x's side, two lanes per call (pack=2: $4, $5 = x[c..c+1] of lanes e0, e1; $6, $7 = x[c+2..c+3]) -> the bf16
+    pairs the word routine multiplies (sub: times 2^100, exact for |x| < 2^27): $0 = (x_e0[c], x_e1[c]), $1 = (..,
+    [c+1]), $2 = (.., [c+2]), $3 = (.., [c+3]). Apart from the weights' routine so that it depends on x alone: a
+    thread's rows share x, and the compiler computes it once for all of them."""
+    out = "{\n.reg .b32 t, big, nz;\n" + ("mov.b32 big, 0x71807180;\nmov.b32 nz, 0x80008000;\n" if sub else "")
+    for i, (a, b, sel) in enumerate((("$4", "$5", "0x5410"), ("$4", "$5", "0x7632"), ("$6", "$7", "0x5410"),
+                                     ("$6", "$7", "0x7632"))):
+        out += (f"prmt.b32 t, {a}, {b}, {sel};\nfma.rn.bf16x2 ${i}, t, big, nz;\n" if sub
+                else f"prmt.b32 ${i}, {a}, {b}, {sel};\n")
+    return out + "}"
 
 
-WORD_ASM = ("{\n.reg .b32 t, w, ha, hb, nz;\n.reg .f32 f0, f1, f2;\nmov.b32 nz, 0x80008000;\n"
-            + _dec(0) + "fma.rn.bf16x2 ha, w, $3, nz;\n" + _dec(1) + "fma.rn.bf16x2 ha, w, $4, ha;\n"
-            + _dec(2) + "fma.rn.bf16x2 hb, w, $5, nz;\n" + _dec(3) + "fma.rn.bf16x2 hb, w, $6, hb;\n"
-            "shl.b32 t, ha, 16;\nmov.b32 f0, t;\nshl.b32 t, hb, 16;\nmov.b32 f1, t;\nadd.f32 f0, f0, f1;\n"
-            "ld.global.nc.u8 t, [$7];\nshl.b32 t, t, 23;\nadd.u32 t, t, 0x0D000000;\nmov.b32 f2, t;\n"
-            "mul.f32 f0, f0, f2;\nmov.b32 $0, f0;\n"
-            "and.b32 t, ha, 0xFFFF0000;\nmov.b32 f0, t;\nand.b32 t, hb, 0xFFFF0000;\nmov.b32 f1, t;\n"
-            "add.f32 f0, f0, f1;\nld.global.nc.u8 t, [$8];\nshl.b32 t, t, 23;\nadd.u32 t, t, 0x0D000000;\n"
-            "mov.b32 f2, t;\nmul.f32 f0, f0, f2;\nmov.b32 $1, f0;\n}")
+def word_asm(sub: bool) -> str:
+    """The weights' side, two 16-bit words per call (pack=2: e0 in the low half of $2, e1 in the high half; $3..$6
+    x_asm's pairs; $7, $8: the addresses of e0's, e1's UE8M0 scales) -> $0, $1: the fp32 bits of 2^(s-127) Σ_u
+    w[c+u] x[c+u] for e0, e1. Nibble r of both halves at once into a bf16 pair (moe_mxfp4_decode's _NIB decode: mask,
+    multiply, mask; sub: left as value * 2^-126 against x * 2^100, products value * x * 2^-26, normal for
+    |value * x| > 2^-100; else times 2^126), two chains of fma.rn.bf16x2 (columns c, c+1 and c+2, c+3: products
+    rounded to bf16, then one bf16 sum), the chains added in fp32 per word and multiplied by 2^(s-127) (sub: 2^(s-101),
+    scales <= 228). The scale bytes are loaded here: a tl.load of the [BN, 64] scale tile (8 lanes share a byte, so
+    no two-element vectors) took a register layout of its own, and the words' sums crossed shared memory every step
+    to meet it."""
+    def dec(r: int) -> str:
+        src = "$2"
+        out = ""
+        if r >= 2:
+            out, src = "shr.b32 t, $2, 8;\n", "t"
+        out += (f"and.b32 t, {src}, {('0x000F000F', '0x00F000F0')[r % 2]};\n"
+                f"mul.lo.u32 t, t, {('0x1040', '0x104')[r % 2]};\nand.b32 w, t, 0x81C081C0;\n")
+        return out + ("" if sub else "fma.rn.bf16x2 w, w, big, nz;\n")
+
+    def lane(half: str, out: str, addr: str) -> str:
+        get = "shl.b32 t, {h}, 16;\n" if half == "lo" else "and.b32 t, {h}, 0xFFFF0000;\n"
+        return (get.format(h="ha") + "mov.b32 f0, t;\n" + get.format(h="hb") + "mov.b32 f1, t;\nadd.f32 f0, f0, f1;\n"
+                f"ld.global.nc.u8 t, [{addr}];\nshl.b32 t, t, 23;\n" + ("add.u32 t, t, 0x0D000000;\n" if sub else "")
+                + f"mov.b32 f2, t;\nmul.f32 f0, f0, f2;\nmov.b32 {out}, f0;\n")
+
+    return ("{\n.reg .b32 t, w, ha, hb, big, nz;\n.reg .f32 f0, f1, f2;\nmov.b32 nz, 0x80008000;\n"
+            "mov.b32 big, 0x7E807E80;\n"
+            + dec(0) + "fma.rn.bf16x2 ha, w, $3, nz;\n" + dec(1) + "fma.rn.bf16x2 ha, w, $4, ha;\n"
+            + dec(2) + "fma.rn.bf16x2 hb, w, $5, nz;\n" + dec(3) + "fma.rn.bf16x2 hb, w, $6, hb;\n"
+            + lane("lo", "$0", "$7") + lane("hi", "$1", "$8") + "}")
 
 
 def cc_default(device: torch.device, D: int, I: int, T: int) -> bool:
@@ -143,8 +161,8 @@ def cc_ref(x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: 
 
 
 if triton is not None:
-    _WORD_C = tl.constexpr(WORD_ASM)
-    _X_C = tl.constexpr(X_ASM)
+    _WORD_S, _WORD_N = tl.constexpr(word_asm(True)), tl.constexpr(word_asm(False))
+    _X_S, _X_N = tl.constexpr(x_asm(True)), tl.constexpr(x_asm(False))
 
     @triton.jit
     def _lane_f32(v, LANE: tl.constexpr):
@@ -161,20 +179,29 @@ if triton is not None:
         return tl.where(c >= 8, -v, v)
 
     @triton.jit
-    def _word(acc, wq, xw, sp, F32: tl.constexpr):
+    def _word(acc, wq, xw, sp, F32: tl.constexpr, SUB: tl.constexpr):
         # acc [BN, 64] += 2^(s-127) * Σ_u w[c+u] x[c+u] over lane j's 16-bit word (columns c = 4j..4j+3 of this
         # block): wq [BN, 64] int16, xw [BN, 64] int64 = x[c..c+3] (bf16), sp [BN, 64] = its group scale's address
-        if F32:  # WORD_ASM's roundings written out (the interpreter)
+        if F32:  # word_asm's roundings written out (the interpreter)
             w = wq.to(tl.int32)
             ha = _round_bf16(_nib_f32(w, 1) * _lane_f32(xw, 1)
                              + _round_bf16(_nib_f32(w, 0) * _lane_f32(xw, 0), True).to(tl.float32), True)
             hb = _round_bf16(_nib_f32(w, 3) * _lane_f32(xw, 3)
                              + _round_bf16(_nib_f32(w, 2) * _lane_f32(xw, 2), True).to(tl.float32), True)
             return acc + (ha.to(tl.float32) + hb.to(tl.float32)) * _scale(sp)
-        xa, xb = tl.inline_asm_elementwise(_X_C, "=r,=r,=r,=r,r,r,r,r", [xw.to(tl.int32), (xw >> 32).to(tl.int32)],
-                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=2)
-        part = tl.inline_asm_elementwise(_WORD_C, "=r,=r,r,r,r,r,r,l,l", [wq, xa, xb, sp.to(tl.int64)],
-                                         dtype=tl.int32, is_pure=True, pack=2)
+        xlo = xw.to(tl.int32)
+        xhi = (xw >> 32).to(tl.int32)
+        sa = sp.to(tl.int64)
+        if SUB:
+            xa, xb = tl.inline_asm_elementwise(_X_S, "=r,=r,=r,=r,r,r,r,r", [xlo, xhi], dtype=(tl.int32, tl.int32),
+                                               is_pure=True, pack=2)
+            part = tl.inline_asm_elementwise(_WORD_S, "=r,=r,r,r,r,r,r,l,l", [wq, xa, xb, sa], dtype=tl.int32,
+                                             is_pure=True, pack=2)
+        else:
+            xa, xb = tl.inline_asm_elementwise(_X_N, "=r,=r,=r,=r,r,r,r,r", [xlo, xhi], dtype=(tl.int32, tl.int32),
+                                               is_pure=True, pack=2)
+            part = tl.inline_asm_elementwise(_WORD_N, "=r,=r,r,r,r,r,r,l,l", [wq, xa, xb, sa], dtype=tl.int32,
+                                             is_pure=True, pack=2)
         return acc + part.to(tl.float32, bitcast=True)
 
     @triton.jit
@@ -184,7 +211,7 @@ if triton is not None:
 
     @triton.jit
     def _stream(acc0, acc1, q0, q1, s0, s1, xp, steps, BN: tl.constexpr, TWO: tl.constexpr, F32: tl.constexpr,
-                DEPTH: tl.constexpr):
+                DEPTH: tl.constexpr, SUB: tl.constexpr):
         # steps 256-column blocks of one or two (TWO) weight row sets (int16 word pointers q0 / q1 and scale
         # pointers s0 / s1 [BN, 64] at the first block) against x (int64 word pointers xp [1, 64] at the first
         # block) -> the accumulators. Weights 2 words (4 bytes) per thread and row, x 2 int64 words (16 bytes): one
@@ -206,9 +233,9 @@ if triton is not None:
             if TWO:
                 n1 = tl.load(q1 + (i + DEPTH) * 64, mask=i + DEPTH < steps, other=0)
             xw = tl.load(xp + i * 64 + zero)  # [BN, 64] of row stride 0: each thread's copies come from L1
-            acc0 = _word(acc0, w0, xw, s0 + i * 8, F32)
+            acc0 = _word(acc0, w0, xw, s0 + i * 8, F32, SUB)
             if TWO:
-                acc1 = _word(acc1, w1, xw, s1 + i * 8, F32)
+                acc1 = _word(acc1, w1, xw, s1 + i * 8, F32, SUB)
             if DEPTH > 1:
                 w0 = v0
                 v0 = n0
@@ -225,6 +252,7 @@ if triton is not None:
         x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
         I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False, DEPTH: tl.constexpr = 1,
+        SUB: tl.constexpr = True,
     ):
         # moe_mxfp4_decode._dec_up's program (pick m, BLOCK_N gate rows + the same up rows, K slice pid_s) over 16-bit
         # words (q_ptr [E, 2I, DM / 4], strides in words); x bf16 [T, DM] read as int64 words
@@ -245,7 +273,7 @@ if triton is not None:
         acc_g = tl.zeros([BLOCK_N, 64], tl.float32)
         acc_u = tl.zeros([BLOCK_N, 64], tl.float32)
         acc_g, acc_u = _stream(acc_g, acc_u, qg, qg + I * s_qn, sg, sg + I * s_sn, xp, K_PER // BLOCK_K, BLOCK_N,
-                               True, F32, DEPTH)
+                               True, F32, DEPTH, SUB)
         _up_finish(tl.sum(acc_g, 1), tl.sum(acc_u, 1), a_ptr, part_ptr, lock_ptr, limit, s_at, pid_m, pid_n, pid_s,
                    rn, I, SPLIT, F32)
 
@@ -254,7 +282,7 @@ if triton is not None:
         a_ptr, q_ptr, s_ptr, ids_ptr, tw_ptr, sh_ptr, out_ptr, part_ptr, lock_ptr, s_at, s_qe, s_qn, s_se, s_sn,
         s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr,
-        PDL: tl.constexpr = False, DEPTH: tl.constexpr = 1,
+        PDL: tl.constexpr = False, DEPTH: tl.constexpr = 1, SUB: tl.constexpr = True,
     ):
         # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick j, K slice)) over 16-bit words
         # (q_ptr [E, DM, I / 4]); the activation rows a [T*k, I] bf16 read as int64 words
@@ -275,6 +303,6 @@ if triton is not None:
         aw = a_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         ap = aw + m.to(tl.int64) * (s_at // 4) + k0 // 4 + lanes
         acc = tl.zeros([BLOCK_N, 64], tl.float32)
-        acc, _ = _stream(acc, acc, qd, qd, sd, sd, ap, K_PER // BLOCK_K, BLOCK_N, False, F32, DEPTH)
+        acc, _ = _stream(acc, acc, qd, qd, sd, sd, ap, K_PER // BLOCK_K, BLOCK_N, False, F32, DEPTH, SUB)
         _down_finish(tl.sum(acc, 1) * tl.load(tw_ptr + m), sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot, t,
                      pid_tn, pid_js, rn, DM, TOPK, SPLIT, HAS_SH, F32)

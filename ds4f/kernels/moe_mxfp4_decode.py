@@ -373,12 +373,13 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     fd: dict[str, int] = {}
     (bn_u, bk_u, sp_u, nw_u, ns_u), (bn_d, bk_d, sp_d, nw_d, ns_d) = cfgs
     if cc:
+        from ds4f.kernels import moe_mxfp4_cc as mcc
         from ds4f.kernels.moe_mxfp4_cc import _cc_down as down
         from ds4f.kernels.moe_mxfp4_cc import _cc_up as up
 
         q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
         name, per, flags, ppp = "mxfp4_cc", 4, {}, 1
-        fu, fd, ns_u, ns_d = dict(DEPTH=ns_u), dict(DEPTH=ns_d), 1, 1
+        fu, fd, ns_u, ns_d = dict(DEPTH=ns_u, SUB=mcc.SUB), dict(DEPTH=ns_d, SUB=mcc.SUB), 1, 1
     elif a8:
         from ds4f.kernels.moe_mxfp4_a8 import XB, XB_DOWN, down_picks, expand_x
         from ds4f.kernels.moe_mxfp4_a8 import _a8_down as down

@@ -24,8 +24,11 @@ TILES = [(*mcc.CONFIGS[(4096, 1024, 1)][0], *mcc.CONFIGS[(4096, 1024, 1)][1]),
          (16, 256, 8, 4, 1, 64, 256, 1, 4, 2), (64, 256, 2, 8, 2, 16, 256, 4, 2, 1)]
 
 
+@pytest.mark.parametrize("sub", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cc_matches_its_written_out_math(shape):
+def test_cc_matches_its_written_out_math(shape, sub, monkeypatch):
+    # sub: the weights as value * 2^-126 against x * 2^100 (the bf16x2 FMAs must take the subnormal code 1 exactly)
+    monkeypatch.setattr(mcc, "SUB", sub)
     E, D, I, T, k = shape
     x, w13q, w13s, w2q, w2s, ids, wts = _case(E, D, I, T, k, seed=D + T)
     ids[-1, 1] = ids[-1, 0]  # a repeated expert inside one token's picks
