@@ -65,9 +65,9 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
         fp8_gemv.launch(x, ws[i], sc[i][0], sc[i][1], out, groups, True, fp8_gemv.pick(nt, k, groups, x.device))
         return out
 
-    def cc(i: int, cfg: fp8_gemv_cc.Cfg, acc16: bool = False, depth: int = 1) -> torch.Tensor:
+    def cc(i: int, cfg: fp8_gemv_cc.Cfg, acc16: bool = False, depth: int = 1, a8: bool = False) -> torch.Tensor:
         out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
-        fp8_gemv_cc.launch_cc(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg, acc16=acc16, depth=depth)
+        fp8_gemv_cc.launch_cc(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg, acc16=acc16, depth=depth, a8=a8)
         return out
 
     def record(variant: str, cfg: object, us: float, err: float) -> None:
@@ -106,6 +106,12 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
         us16 = time_graph(lambda i: cc(i, c16, True, d16), copies, calls)  # type: ignore[arg-type]
         record(f"cc acc16 {c16} d{d16}", list(best[1]), us16, rel(cc(0, c16, True, d16), want_cc))  # type: ignore[arg-type]
         line += f", acc16 {us16:.2f} us"
+        # A8 (x quantized in the kernel, the reference's activation path) with bf16x2 products at that tile, against
+        # the a8 oracle
+        us8 = time_graph(lambda i: cc(i, c16, True, d16, True), copies, calls)  # type: ignore[arg-type]
+        record(f"cc a8 acc16 {c16} d{d16}", list(best[1]), us8,
+               rel(cc(0, c16, True, d16, True), ref(fp8_linear_a8_ref)))  # type: ignore[arg-type]
+        line += f", a8 {us8:.2f} us"
     print(line + f" vs table {base:.2f} us", flush=True)
     return line + f" vs table {base:.2f} us"
 

@@ -14,7 +14,7 @@ from test_fp8_gemv_interp import TOL, _rel  # fp32 outputs: summation order only
 
 def check_cc() -> None:
     from ds4f.kernels import arrival, fp8_gemv_cc
-    from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_ref
+    from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_a8_ref, fp8_linear_ref
     from ds4f.model.quant import quant_fp8_block
 
     g = torch.Generator().manual_seed(0)
@@ -50,6 +50,21 @@ def check_cc() -> None:
         fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out32, 1, cfg, acc16=False)
         assert 1e-5 < _rel(out16[:, 0], ref) < 1e-2, (t, cfg, _rel(out16[:, 0], ref))
         assert _rel(out32[:, 0], ref) < TOL
+
+    # A8: x quantized per 128 columns as the reference does: fp8_linear_a8_ref's math (fp32 products: up to the
+    # summation order; ACC16: the e4m3 products are exact in bf16, the pairs' sums round), and not the w8 form's;
+    # blocks of very different magnitude, a K split, and a row past T
+    for t, n, k, cfg, depth in [(1, 256, 512, (64, 2, 4), 2), (3, 128, 384, (32, 1, 4), 1)]:
+        q, s = weights(n, k, "ue8m0")
+        ws, e8m0 = _scale_arg(s)
+        x = (torch.randn(t, k, generator=g) * torch.logspace(-3, 3, k // 128).repeat_interleave(128)).bfloat16()
+        want = fp8_linear_a8_ref(x, q, s, torch.float32)
+        out, out16 = (torch.empty(t, 1, n, dtype=torch.float32) for _ in range(2))
+        fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out, 1, cfg, acc16=False, depth=depth, a8=True)
+        fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out16, 1, cfg, acc16=True, depth=depth, a8=True)
+        assert _rel(out[:, 0], want) < TOL, (t, cfg, _rel(out[:, 0], want))
+        assert _rel(out16[:, 0], want) < 1e-2, (t, cfg, _rel(out16[:, 0], want))
+        assert _rel(out[:, 0], fp8_linear_ref(x, q, s, torch.float32)) > 10 * TOL  # the quantization is there
 
     # grouped: x [T, G, K] (a strided view, as wo_a's caller passes), W [G*N, K]; group i's rows read x[:, i]
     for t, cfg in [(3, (32, 2, 4)), (1, (64, 1, 4))]:
@@ -125,9 +140,9 @@ def test_cc_builds_offline(arch) -> None:
     types = dict(x_ptr="*i64", w_ptr="*i32", ws_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32")
     div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "K", "GN", "s_xt", "s_xg", "s_wsn", "s_ot",
            "k_per", "NT")
-    for tp, split, depth in ((1, False, 1), (4, True, 1), (1, True, 2)):
+    for tp, split, depth, a8 in ((1, False, 1, False), (4, True, 1, False), (1, True, 2, True), (4, False, 1, True)):
         k = build(cc._gemv_cc, types, dict(BLOCK_N=64, TP=tp, SPLIT_K=split, SCALE_E8M0=True, F32=False,
-                                           ACC16=tp > 1, DEPTH=depth), arch, 4, 1, div16=div)
+                                           ACC16=tp > 1, DEPTH=depth, A8=a8), arch, 4, 1, div16=div)
         ptx = k["ptx"]
         assert k["shared"] <= 1024, k["shared"]  # the output rows' layout change only
         # two CTA barriers per output row's layout change (after the loop), one before the split's arrival

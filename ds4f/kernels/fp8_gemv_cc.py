@@ -74,6 +74,14 @@ DEPTH = min(2, (env_knobs("DS4F_FP8_GEMV_CC_DEPTH", 1, "2", minimum=1) or (1,))[
 # T = 1 shape, relative error 2.5-2.7e-3 against the exact reference (bf16 outputs) vs 1.6e-3 with fp32 products,
 # and vs ~2.6e-2 for the a8 MMA form it replaces (x quantized to e4m3)
 ACC16 = os.environ.get("DS4F_FP8_GEMV_CC_ACC16", "1") != "0"
+# A8 (DS4F_FP8_GEMV_CC_A8=1; off until a GPU sweep times it): x quantized per token per 128 columns to e4m3 with a
+# power-of-two scale inside the kernel, as the reference quantizes the input of every FP8 GEMM (v4-architecture.md
+# 4.2) and as this prefill's a8w8 GEMM and the MMA decode GEMV do: the same numbers at every batch size and in prefill
+# (without it, one-token decode computes with x in bf16: closer to the exact product, 2.6e-3 vs ~2.6e-2, but not the
+# reference's rounding). x-side work only, shared by a thread's rows (the block max by a warp butterfly,
+# WARP_MAX_ASM): offline sm_90 SASS 6.5 vs 4.7 loop instructions per weight byte with bf16x2 products at 64-row
+# tiles, 9.2 vs 5.4 at 32
+A8 = os.environ.get("DS4F_FP8_GEMV_CC_A8", "0") == "1"
 
 # ACC16's products: $0 = fma.bf16x2($3, $4, fma.bf16x2($1, $2, -0)) on packed bf16 pairs (a temporary, so $0 may
 # share a register with an input)
@@ -84,8 +92,19 @@ fma.rn.bf16x2 t, $1, $2, z;
 fma.rn.bf16x2 $0, $3, $4, t;
 }"""
 
+# A8's block amax: a thread's two elements ($2, $3: lanes 2i, 2i+1 of a row, as the [BN, 32] x tile holds them) and
+# a butterfly over the warp's 32 threads -> the max of the 128 columns in both outputs. Every row of the x tile is the
+# same row of x (row stride 0) and a warp holds all 32 lanes of its rows, so mixing rows changes nothing; a pure
+# routine of identical inputs, so it runs once for all of a thread's rows (tl.max over the lanes would reduce each
+# row apart)
+WARP_MAX_ASM = ("{\n.reg .f32 a, b;\nmax.f32 a, $2, $3;\n"
+                + "".join(f"shfl.sync.bfly.b32 b, a, {m}, 0x1f, 0xffffffff;\nmax.f32 a, a, b;\n"
+                          for m in (1, 2, 4, 8, 16))
+                + "mov.b32 $0, a;\nmov.b32 $1, a;\n}")
+
 if triton is not None:
     _ASM_C = tl.constexpr(E4M3_BF16_ASM)
+    _WMAX_C = tl.constexpr(WARP_MAX_ASM)
     _FMA2_C = tl.constexpr(FMA2_ASM)
 
     @triton.jit
@@ -109,16 +128,57 @@ if triton is not None:
         return _f32(p01, False), _f32(p01, True), _f32(p23, False), _f32(p23, True)
 
     @triton.jit
-    def _tok(acc, w0, w1, w2, w3, x_p, t, T, s, BN: tl.constexpr):
-        # acc [BN, 32] += s * the 4-column partials of the weight words (w0..w3: columns 4j..4j+3) against x row t,
-        # read as int64 words of 4 bf16 in a [BN, 32] tile of row stride 0: the same register layout as the weight
-        # words as loaded (a [1, 32] load would spread over all threads, and the weights would cross shared memory
-        # to meet it); each thread's copies come from L1. Row t past T: x = 0
+    def _q8(v):
+        # fp32 values already scaled into +-448 -> the nearest e4m3 value (RTNE by an fp32 add, as
+        # fp8_gemv.quant_rows' SW_ROUND; the same bits on the GPU and in the interpreter)
+        e8 = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # grid step 2^(e8-3)
+        c = (((e8 + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^(e8+20)
+        return (v + c) - c
+
+    @triton.jit
+    def _bits16(v):
+        # fp32 values exact in bf16 -> their bf16 bits in the low half of int32
+        return (v.to(tl.int32, bitcast=True) >> 16) & 65535
+
+    @triton.jit
+    def _xwords(x_p, t, T, BN: tl.constexpr, A8: tl.constexpr, F32: tl.constexpr):
+        # row t of x at x_p, this 128-column block as int64 words of 4 bf16 in a [BN, 32] tile of row stride 0 (the
+        # register layout of the weight words as loaded: a [1, 32] load would spread over all threads, and the
+        # weights would cross shared memory to meet it; each thread's copies come from L1; row t past T: x = 0) ->
+        # (lo, hi) [BN, 32] int32 (bf16 pairs of columns 4j, 4j+1 and 4j+2, 4j+3) and the block's x scale. A8: x
+        # quantized as fp8_gemm.quant_act_ref does (the reference's activation path: amax of the 128 columns, a
+        # power-of-two scale, e4m3 values RTNE), the e4m3 values as bf16 (exact) and the scale [BN, 32]; else ones.
+        # Depends on x alone: a thread's rows share it, and the compiler computes it once for all of them
         xw = tl.load(x_p + tl.zeros([BN, 1], tl.int32) + tl.arange(0, 32)[None, :], mask=t < T, other=0)
         lo = xw.to(tl.int32)
         hi = (xw >> 32).to(tl.int32)
+        sx = tl.full([BN, 32], 1.0, tl.float32)
+        if A8:
+            x0, x1, x2, x3 = _f32(lo, False), _f32(lo, True), _f32(hi, False), _f32(hi, True)
+            ax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
+            if F32:
+                amax = tl.max(ax, 1)[:, None] + tl.zeros([BN, 32], tl.float32)
+            else:  # the block's max by a warp butterfly (WARP_MAX_ASM): the same value in every row, computed once
+                amax = tl.inline_asm_elementwise(_WMAX_C, "=r,=r,r,r", [ax], dtype=tl.float32, is_pure=True, pack=2)
+            bits = tl.maximum(amax, 1e-4).to(tl.int32, bitcast=True)
+            e = ((bits >> 23) & 0xFF) - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # quant_rows' rule
+            inv = ((254 - e) << 23).to(tl.float32, bitcast=True)
+            q0 = _q8(tl.minimum(tl.maximum(x0 * inv, -448.0), 448.0))
+            q1 = _q8(tl.minimum(tl.maximum(x1 * inv, -448.0), 448.0))
+            q2 = _q8(tl.minimum(tl.maximum(x2 * inv, -448.0), 448.0))
+            q3 = _q8(tl.minimum(tl.maximum(x3 * inv, -448.0), 448.0))
+            lo = _bits16(q0) | (_bits16(q1) << 16)
+            hi = _bits16(q2) | (_bits16(q3) << 16)
+            sx = (e << 23).to(tl.float32, bitcast=True)
+        return lo, hi, sx
+
+    @triton.jit
+    def _tok(acc, w0, w1, w2, w3, x_p, t, T, s, BN: tl.constexpr, A8: tl.constexpr, F32: tl.constexpr):
+        # acc [BN, 32] += s * the 4-column partials of the weight words (w0..w3: columns 4j..4j+3) against x row t
+        # (_xwords: A8 its e4m3 values, times their scale)
+        lo, hi, sx = _xwords(x_p, t, T, BN, A8, F32)
         p = w0 * _f32(lo, False) + w1 * _f32(lo, True) + w2 * _f32(hi, False) + w3 * _f32(hi, True)
-        return acc + p * s
+        return acc + p * (s * sx)
 
     @triton.jit
     def _pairs(wq, F32: tl.constexpr):
@@ -129,21 +189,20 @@ if triton is not None:
         return tl.inline_asm_elementwise(_ASM_C, "=r,=r,r", [wq], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
-    def _tok16(acc, p01, p23, x_p, t, T, s, BN: tl.constexpr, F32: tl.constexpr):
+    def _tok16(acc, p01, p23, x_p, t, T, s, BN: tl.constexpr, F32: tl.constexpr, A8: tl.constexpr):
         # ACC16: _tok with the products and the pairs' sums in bf16x2 (two fma.rn.bf16x2 per word: columns 4j + 2
         # onto 4j, 4j + 3 onto 4j + 1), then the two halves in fp32: no fp32 widening of W, no unpacking of x beyond
-        # its words (the F32 branch emulates the roundings for the interpreter)
-        xw = tl.load(x_p + tl.zeros([BN, 1], tl.int32) + tl.arange(0, 32)[None, :], mask=t < T, other=0)
-        lo = xw.to(tl.int32)
-        hi = (xw >> 32).to(tl.int32)
+        # its words (the F32 branch emulates the roundings for the interpreter). A8: e4m3 x e4m3 products are exact
+        # in bf16, so only the pairs' sums round
+        lo, hi, sx = _xwords(x_p, t, T, BN, A8, F32)
         if F32:
             w0, w1, w2, w3 = _widen(p01, F32)
             h0 = _rne16(w2 * _f32(hi, False) + _rne16(w0 * _f32(lo, False), True).to(tl.float32), True)
             h1 = _rne16(w3 * _f32(hi, True) + _rne16(w1 * _f32(lo, True), True).to(tl.float32), True)
-            return acc + (h0.to(tl.float32) + h1.to(tl.float32)) * s
+            return acc + (h0.to(tl.float32) + h1.to(tl.float32)) * (s * sx)
         h = tl.inline_asm_elementwise(_FMA2_C, "=r,r,r,r,r", [p01, lo, p23, hi], dtype=tl.int32, is_pure=True,
                                       pack=1)
-        return acc + (_f32(h, False) + _f32(h, True)) * s
+        return acc + (_f32(h, False) + _f32(h, True)) * (s * sx)
 
     @triton.jit
     def _store(acc, o_p, part_p, t, T, nmask, SPLIT_K: tl.constexpr):
@@ -159,6 +218,7 @@ if triton is not None:
         x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per,
         BLOCK_N: tl.constexpr, TP: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_E8M0: tl.constexpr,
         F32: tl.constexpr, PDL: tl.constexpr = False, ACC16: tl.constexpr = False, DEPTH: tl.constexpr = 1,
+        A8: tl.constexpr = False,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) (one group, one 128-row scale block) over the 128-column
         # blocks [k_lo, k_lo + k_per) (k_per a multiple of 128, K too); TP (1, 2, 4) >= T tokens, one fp32
@@ -197,20 +257,20 @@ if triton is not None:
             xi = x_p + i * 32
             if ACC16:
                 p01, p23 = _pairs(wq, F32)
-                a0 = _tok16(a0, p01, p23, xi, 0, T, s, BLOCK_N, F32)
+                a0 = _tok16(a0, p01, p23, xi, 0, T, s, BLOCK_N, F32, A8)
                 if TP > 1:
-                    a1 = _tok16(a1, p01, p23, xi + s_xt, 1, T, s, BLOCK_N, F32)
+                    a1 = _tok16(a1, p01, p23, xi + s_xt, 1, T, s, BLOCK_N, F32, A8)
                 if TP > 2:
-                    a2 = _tok16(a2, p01, p23, xi + 2 * s_xt, 2, T, s, BLOCK_N, F32)
-                    a3 = _tok16(a3, p01, p23, xi + 3 * s_xt, 3, T, s, BLOCK_N, F32)
+                    a2 = _tok16(a2, p01, p23, xi + 2 * s_xt, 2, T, s, BLOCK_N, F32, A8)
+                    a3 = _tok16(a3, p01, p23, xi + 3 * s_xt, 3, T, s, BLOCK_N, F32, A8)
             else:
                 w0, w1, w2, w3 = _widen(wq, F32)
-                a0 = _tok(a0, w0, w1, w2, w3, xi, 0, T, s, BLOCK_N)
+                a0 = _tok(a0, w0, w1, w2, w3, xi, 0, T, s, BLOCK_N, A8, F32)
                 if TP > 1:
-                    a1 = _tok(a1, w0, w1, w2, w3, xi + s_xt, 1, T, s, BLOCK_N)
+                    a1 = _tok(a1, w0, w1, w2, w3, xi + s_xt, 1, T, s, BLOCK_N, A8, F32)
                 if TP > 2:
-                    a2 = _tok(a2, w0, w1, w2, w3, xi + 2 * s_xt, 2, T, s, BLOCK_N)
-                    a3 = _tok(a3, w0, w1, w2, w3, xi + 3 * s_xt, 3, T, s, BLOCK_N)
+                    a2 = _tok(a2, w0, w1, w2, w3, xi + 2 * s_xt, 2, T, s, BLOCK_N, A8, F32)
+                    a3 = _tok(a3, w0, w1, w2, w3, xi + 3 * s_xt, 3, T, s, BLOCK_N, A8, F32)
             if DEPTH > 1:
                 wq = wq2
                 sq = sq2
@@ -298,10 +358,12 @@ def x_ok(x: torch.Tensor) -> bool:
 
 
 def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
-              cfg: Cfg, acc16: bool | None = None, emulate: bool = False, depth: int | None = None) -> None:
+              cfg: Cfg, acc16: bool | None = None, emulate: bool = False, depth: int | None = None,
+              a8: bool | None = None) -> None:
     """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group; W = w [G*N, K] e4m3 (native
     dtype or its bytes), ws [ceil(G*N/128), K/128] fp32 or UE8M0 bytes (e8m0); T <= 4; cfg valid(). acc16: the
-    bf16x2 products (default ACC16); depth: weight blocks in flight (default DEPTH); emulate: the interpreter's
+    bf16x2 products (default ACC16); depth: weight blocks in flight (default DEPTH); a8: x quantized per 128 columns
+    to e4m3 first, the reference's activation path (fp8_linear_a8_ref's math; default A8); emulate: the interpreter's
     branch (casts, ACC16's roundings by hand) on CUDA too, for tests."""
     t, (nt, k) = x.shape[0], w.shape
     if t > 4 or not valid(cfg, nt, k, groups) or not x_ok(x):
@@ -318,5 +380,6 @@ def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, ou
         x.view(torch.int64), w.view(torch.uint8).view(torch.int32), ws, out, part, lock, t, nt, k, nt // groups,
         x.stride(0) // 4, x.stride(1) // 4, ws.stride(0), out.stride(0),
         k // split, BLOCK_N=bn, TP=tp, SPLIT_K=split > 1, SCALE_E8M0=e8m0, F32=emulate or not x.is_cuda,
-        ACC16=ACC16 if acc16 is None else acc16, DEPTH=DEPTH if depth is None else depth, num_warps=nw,
+        ACC16=ACC16 if acc16 is None else acc16, DEPTH=DEPTH if depth is None else depth,
+        A8=A8 if a8 is None else a8, num_warps=nw,
         num_stages=1, **pdl.launch(x.device))

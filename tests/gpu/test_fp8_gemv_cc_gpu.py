@@ -9,7 +9,7 @@ import torch
 
 from bench.common import graph_out
 from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv_cc
-from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_ref
+from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_a8_ref, fp8_linear_ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,6 +51,16 @@ def test_cc_matches_the_reference(shape):
                 out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
                 fp8_gemv_cc.launch_cc(x, w, ws, e8m0, out, groups, cfg, depth=depth)
                 assert _rel(out, want) < OUT_TOL, (shape, t, cfg, depth, _rel(out, want))
+        # A8 (x quantized per 128 columns in the kernel, the block max by a warp butterfly): the a8 reference's math,
+        # fp32 products (summation order only) and bf16x2 ones (exact e4m3 products, the pairs' sums rounded)
+        want8 = torch.stack([fp8_linear_a8_ref(x[:, i], w[rows * i:rows * (i + 1)],
+                                               s[rows // 128 * i:rows // 128 * (i + 1)], torch.float32)
+                             for i in range(groups)], 1)
+        for cfg, depth, acc16 in (((64, 1, 4), 2, False), ((32, 2, 8), 1, True), ((8, 1, 4), 1, False)):
+            if fp8_gemv_cc.valid(cfg, nt, k, groups):
+                out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
+                fp8_gemv_cc.launch_cc(x, w, ws, e8m0, out, groups, cfg, depth=depth, acc16=acc16, a8=True)
+                assert _rel(out, want8) < OUT_TOL, (shape, t, cfg, "a8", acc16, _rel(out, want8))
     torch.cuda.synchronize()
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_cc"))
 
