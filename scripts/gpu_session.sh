@@ -467,14 +467,17 @@ case "${1:-}" in
     par_tests 120 tests/gpu/test_topk_small_gpu.py tests/gpu/test_indexer_tb_gpu.py
     test_summary | tee "$OUT/gpu_tests.log"
     S11_LIMIT=$((${S18_S:-560} - SECONDS)) bash "$0" s11full "$2" ;;
-  s18e)  # 1 GPU: the CUDA-core MXFP4 decode (ds4f/kernels/moe_mxfp4_cc.py): its GPU tests, then its sweep against
-    # the a8 kernels at their table tiles (TP=2, T = 1 / 4); ~100 s
+  s18e)  # 1 GPU: the CUDA-core MXFP4 decode (ds4f/kernels/moe_mxfp4_cc.py) and the FP8 one-token GEMV's A8 form:
+    # their GPU tests, the MoE sweep against the a8 kernels at their table tiles (TP=2, T = 1 / 4), then the FP8
+    # CUDA-core sweep at T = 1 (TP=2 shapes; each PICK line ends with the A8 form's time); ~250 s
     mkdir -p /tmp/gpulogs
-    DS4F_COMPILE=0 timeout 70 python3 -m pytest -q -rs --tb=short -p no:cacheprovider tests/gpu/test_moe_mxfp4_cc_gpu.py \
-      > /tmp/gpulogs/s18e.log 2>&1
+    DS4F_COMPILE=0 timeout 120 python3 -m pytest -q -rs --tb=short -p no:cacheprovider tests/gpu/test_moe_mxfp4_cc_gpu.py \
+      tests/gpu/test_fp8_gemv_cc_gpu.py > /tmp/gpulogs/s18e.log 2>&1
     test_summary | tee "$OUT/gpu_tests.log"
     timeout "${CC_S:-90}" python3 bench/sweep_mxfp4_a8.py --cc --tp 2 --tokens 1,4 --out "$OUT/moe_mxfp4.jsonl" 2>&1 \
-      | grep -E "^(==|  |PICK)|Error" | tail -n 40 ;;
+      | grep -E "^(==|  |PICK)|Error" | tail -n 40
+    timeout 100 python3 bench/sweep_fp8_gemv_cc.py --budget 80 --tokens 1 --depths 1,2 --out "$OUT/fp8_gemv_cc.jsonl" \
+      2>&1 | grep -E "^PICK|Error" | tail -n 20 ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
