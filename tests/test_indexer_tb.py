@@ -57,6 +57,7 @@ def test_indexer_token_blocks_interpreted() -> None:
     ({"DS4F_ATTN_PREFILL": "64,8"}, "ds4f.kernels.sparse_attn", "DS4F_ATTN_PREFILL"),
     ({"DS4F_ATTN_DECODE": "32,64,4"}, "ds4f.kernels.sparse_attn", "DS4F_ATTN_DECODE"),
     ({"DS4F_INDEXER_DECODE": "128,4,4"}, "ds4f.kernels.indexer", "DS4F_INDEXER_DECODE"),
+    ({"DS4F_INDEXER_DECODE": "64,8,2,4"}, "ds4f.kernels.indexer", "DS4F_INDEXER_DECODE"),  # 2 warps: wrong scores
     ({"DS4F_TOPK_DECODE": "a,b"}, "ds4f.kernels.indexer", "DS4F_TOPK_DECODE"),
 ])
 def test_bad_kernel_env_names_the_variable(env: dict[str, str], module: str, name: str) -> None:

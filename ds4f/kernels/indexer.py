@@ -46,6 +46,9 @@ except (ValueError, AssertionError):
 # (session 18): alone 26.0 us in 512-column tiles vs 32.4 in 2048, ~2 programs per SM each; in the full TP=2 decode
 # step after a 1M prompt no gain (5.94 vs 5.91 ms per step, two runs), so 2048 stays
 DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (128, 4, 4, 3)
+if DECODE_KNOBS[2] < 4:  # session 18's sweep: 64 x 8 x 2 warps x 4 stages gave scores unlike every other tile's
+    raise ValueError(f"DS4F_INDEXER_DECODE={','.join(map(str, DECODE_KNOBS))}: num_warps (the third value) must be "
+                     ">= 4 (2-warp tiles gave wrong scores on an H200); e.g. '128,4,4,3'")
 # decode over rows past the small top-k's lanes: the indexer adds the radix top-k's first-digit histogram of the
 # scores it writes (indexer_scores hist=), so the top-k skips its first digit pass (a read of the whole row) and the
 # small kernel's zeroing (the buffer comes zeroed); opt-in: H200, one token at 1M (bench/kernel_times_long.py,
