@@ -23,6 +23,7 @@ CUDA-graph safe), as in fp8_gemv. PDL (ds4f.kernels.pdl): the first weight block
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import torch
 
@@ -324,8 +325,10 @@ def generic_config(nt: int, k: int, groups: int, sms: int) -> Cfg:
     return bn, split, 4
 
 
+@cache
 def table_entry(nt: int, k: int, groups: int) -> tuple[int, int, int, int] | None:
-    """CONFIGS_CC's entry for the shape W [nt, k] in G groups, if listed."""
+    """CONFIGS_CC's entry for the shape W [nt, k] in G groups, if listed (once per shape: takes() runs on every
+    eager decode GEMV call)."""
     from ds4f.kernels.fp8_gemv import CONFIGS
 
     for name, entry in CONFIGS_CC.items():

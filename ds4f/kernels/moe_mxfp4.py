@@ -343,7 +343,7 @@ def fused_moe_mxfp4(
         cc_tiles = dec if config is not None else mcc.pick(DM, I, T)
         if use_cc and cc_tiles is not None and mcc.fits(cc_tiles, DM, I):
             return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, cc_tiles,
-                                 False, shared_ready=shared_ready, cc=True)
+                                 False, shared_ready=shared_ready, form="cc")
 
         # FP8 activations, e4m3 MMA: a config's DEC tiles are the bf16 kernels' unless it also says A8
         use_a8 = bool(c.get("A8", 0)) if config is not None else a8.a8_default(x.device, DM, I, T)

@@ -130,7 +130,7 @@ def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
 
 if triton is not None:
     from ds4f.kernels.fp8_gemv import quant_rows
-    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _scales, _up_finish
+    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _scales, _up_finish, _up_program
 
     _LO_C = tl.constexpr(_LO)
     _HI_C = tl.constexpr(_HI)
@@ -215,15 +215,9 @@ if triton is not None:
         # moe_mxfp4_decode._dec_up's program (pick m, BLOCK_N gate rows + the same up rows, K slice pid_s) over
         # bytes: I % BLOCK_N == 0, DM % (SPLIT * BLOCK_K) == 0, BLOCK_K in {128, 256, 512}
         pdl_enter(PDL)
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
+        pid_m, pid_n, pid_s, e, rn, r64, k0 = _up_program(ids_ptr, DM, BLOCK_N, SPLIT)
         KB: tl.constexpr = BLOCK_K // 2
         K_PER: tl.constexpr = DM // SPLIT
-        e = tl.load(ids_ptr + pid_m).to(tl.int64)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        r64 = rn.to(tl.int64)[:, None]
-        k0 = pid_s * K_PER
         qg = q_ptr + e * s_qe + r64 * s_qn + k0 // 2 + tl.arange(0, KB)[None, :]
         sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
         xp = x_ptr + (pid_m // TOPK).to(tl.int64) * s_xt + k0
@@ -325,7 +319,7 @@ def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: t
     """moe_mxfp4_decode.moe_decode with these kernels (no asm / sub: the e4m3 placement has one form); cfgs must
     also pass fits() here; act_out: a list that receives the activation rows a [T*k, I] bf16 (tests check the two
     launches apart). -> [T, D] bf16."""
-    return moe_decode(x, w13, w2, ids, weights, limit, shared_out, cfgs, False, shared_ready=shared_ready, a8=True,
+    return moe_decode(x, w13, w2, ids, weights, limit, shared_out, cfgs, False, shared_ready=shared_ready, form="a8",
                       act_out=act_out)
 
 

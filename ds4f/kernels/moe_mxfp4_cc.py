@@ -35,11 +35,13 @@ import os
 
 import torch
 
+from ds4f.kernels.moe_mxfp4_decode import bucket
+
 try:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _round_bf16, _up_finish
+    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _down_program, _round_bf16, _up_finish, _up_program
     from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: moe_mxfp4 never calls in here without triton
     triton = None
@@ -108,14 +110,11 @@ def word_asm(sub: bool) -> str:
 
 def cc_default(device: torch.device, D: int, I: int, T: int) -> bool:
     """This form for fused_moe_mxfp4's decode calls without a config: DS4F_MXFP4_CC=1 and a CONFIGS shape, CUDA."""
-    from ds4f.kernels.moe_mxfp4_decode import bucket
-
     return ENABLED and device.type == "cuda" and (D, I, bucket(T)) in CONFIGS
 
 
 def pick(D: int, I: int, T: int) -> tuple[Cfg, Cfg] | None:
-    from ds4f.kernels.moe_mxfp4_decode import bucket
-
+    """CONFIGS' tiles for (D, I, T's bucket), if listed."""
     return CONFIGS.get((D, I, bucket(T)))
 
 
@@ -257,14 +256,8 @@ if triton is not None:
         # moe_mxfp4_decode._dec_up's program (pick m, BLOCK_N gate rows + the same up rows, K slice pid_s) over 16-bit
         # words (q_ptr [E, 2I, DM / 4], strides in words); x bf16 [T, DM] read as int64 words
         pdl_enter(PDL)  # ds4f.kernels.pdl: the ids (and so every weight address) come from the router
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
+        pid_m, pid_n, pid_s, e, rn, r64, k0 = _up_program(ids_ptr, DM, BLOCK_N, SPLIT)
         K_PER: tl.constexpr = DM // SPLIT
-        e = tl.load(ids_ptr + pid_m).to(tl.int64)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        r64 = rn.to(tl.int64)[:, None]
-        k0 = pid_s * K_PER
         lanes = tl.arange(0, 64)[None, :]
         qg = q_ptr + e * s_qe + r64 * s_qn + k0 // 4 + tl.max_contiguous(lanes, [1, 2])  # 4-byte weight loads
         sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + lanes // 8
@@ -287,16 +280,8 @@ if triton is not None:
         # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick j, K slice)) over 16-bit words
         # (q_ptr [E, DM, I / 4]); the activation rows a [T*k, I] bf16 read as int64 words
         pdl_enter(PDL)
-        pid_tn = tl.program_id(0)
-        pid_js = tl.program_id(1)
-        NT: tl.constexpr = DM // BLOCK_N
+        pid_tn, pid_js, t, rn, m, k0, e, r64 = _down_program(ids_ptr, DM, I, TOPK, BLOCK_N, SPLIT)
         K_PER: tl.constexpr = I // SPLIT
-        t = pid_tn // NT
-        rn = (pid_tn % NT) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = t * TOPK + pid_js // SPLIT
-        k0 = (pid_js % SPLIT) * K_PER
-        e = tl.load(ids_ptr + m).to(tl.int64)
-        r64 = rn.to(tl.int64)[:, None]
         lanes = tl.arange(0, 64)[None, :]
         qd = q_ptr + e * s_qe + r64 * s_qn + k0 // 4 + tl.max_contiguous(lanes, [1, 2])
         sd = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + lanes // 8

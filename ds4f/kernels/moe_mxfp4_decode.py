@@ -220,6 +220,32 @@ if triton is not None:
                 tl.store(lock_ptr + pid_tn, 0)
 
     @triton.jit
+    def _up_program(ids_ptr, DM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        # the up kernels' program (pick m, row tile n of BLOCK_N gate rows, K slice s) -> (m, n, s, m's expert e
+        # (int64), the rows rn, rn as an int64 column r64, the slice's first column k0); after pdl_enter (the ids
+        # come from the router)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return (pid_m, pid_n, pid_s, tl.load(ids_ptr + pid_m).to(tl.int64), rn, rn.to(tl.int64)[:, None],
+                pid_s * (DM // SPLIT))
+
+    @triton.jit
+    def _down_program(ids_ptr, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT: tl.constexpr):
+        # the down kernels' program ((token t, BLOCK_N rows of D), (pick j, K slice)) with one pick per program ->
+        # (tile id, (pick, slice) id, t, the rows rn, the pick m, the slice's first column k0, m's expert e (int64),
+        # rn as an int64 column r64); after pdl_enter
+        pid_tn = tl.program_id(0)
+        pid_js = tl.program_id(1)
+        t = pid_tn // (DM // BLOCK_N)
+        rn = (pid_tn % (DM // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = t * TOPK + pid_js // SPLIT
+        return (pid_tn, pid_js, t, rn, m, (pid_js % SPLIT) * (I // SPLIT), tl.load(ids_ptr + m).to(tl.int64),
+                rn.to(tl.int64)[:, None])
+
+    @triton.jit
     def _dec_up(
         x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
         I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -228,15 +254,9 @@ if triton is not None:
         # program (pick m, gate rows [n0, n0 + BLOCK_N) and the same up rows, K slice pid_s); I % BLOCK_N == 0,
         # DM % (SPLIT * BLOCK_K) == 0, BLOCK_K <= 512
         pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
+        pid_m, pid_n, pid_s, e, rn, r64, k0 = _up_program(ids_ptr, DM, BLOCK_N, SPLIT)
         KW: tl.constexpr = BLOCK_K // 4
         K_PER: tl.constexpr = DM // SPLIT
-        e = tl.load(ids_ptr + pid_m).to(tl.int64)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        r64 = rn.to(tl.int64)[:, None]
-        k0 = pid_s * K_PER
         qg = q_ptr + e * s_qe + r64 * s_qn + k0 // 4 + tl.arange(0, KW)[None, :]
         sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
         xp = x_ptr + (pid_m // TOPK).to(tl.int64) * s_xt + k0
@@ -270,17 +290,9 @@ if triton is not None:
         # program ((token t, rows [n0, n0 + BLOCK_N) of D), (pick j, K slice)); DM % BLOCK_N == 0,
         # I % (SPLIT * BLOCK_K) == 0
         pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
-        pid_tn = tl.program_id(0)
-        pid_js = tl.program_id(1)
-        NT: tl.constexpr = DM // BLOCK_N
+        pid_tn, pid_js, t, rn, m, k0, e, r64 = _down_program(ids_ptr, DM, I, TOPK, BLOCK_N, SPLIT)
         KW: tl.constexpr = BLOCK_K // 4
         K_PER: tl.constexpr = I // SPLIT
-        t = pid_tn // NT
-        rn = (pid_tn % NT) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = t * TOPK + pid_js // SPLIT
-        k0 = (pid_js % SPLIT) * K_PER
-        e = tl.load(ids_ptr + m).to(tl.int64)
-        r64 = rn.to(tl.int64)[:, None]
         qd = q_ptr + e * s_qe + r64 * s_qn + k0 // 4 + tl.arange(0, KW)[None, :]
         sd = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
         ap = a_ptr + m.to(tl.int64) * s_at + k0
@@ -358,21 +370,22 @@ def tiles_for(config: dict | None, native: bool, T: int, k: int, D: int, I: int)
 
 def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
-               cfgs: tuple[Cfg, Cfg], asm: bool, sub: bool = False, shared_ready: Any = None, a8: bool = False,
-               act_out: list[torch.Tensor] | None = None, cc: bool = False) -> torch.Tensor:
+               cfgs: tuple[Cfg, Cfg], asm: bool, sub: bool = False, shared_ready: Any = None, form: str = "dec",
+               act_out: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The two launches. x [T, D] bf16; w13 = (bytes [E, 2I, D/2], UE8M0 [E, 2I, D/32]) and w2 = ([E, D, I/2],
     [E, D, I/32]) uint8, contiguous (moe_mxfp4 checked them; the bf16 form reads the bytes as int16 words); ids
     [T, k] int32, weights [T, k] fp32; shared_out [T, D] or None; cfgs from pick() that fits() the shape; asm: the PTX
-    decode (CUDA), sub: its SUB form; a8: moe_mxfp4_a8's kernels instead (FP8 activations; asm / sub unused);
+    decode (CUDA), sub: its SUB form; form: "dec" these kernels, "a8" moe_mxfp4_a8's (FP8 activations; asm / sub
+    unused), "cc" moe_mxfp4_cc's CUDA-core kernels (cfgs its fits(): num_stages = DEPTH);
     shared_ready: the stream computing shared_out, joined before down reads it; act_out: a list that receives the
-    activation rows a [T*k, I] bf16; cc: moe_mxfp4_cc's CUDA-core kernels (cfgs its fits(): num_stages = DEPTH).
-    -> [T, D] bf16."""
+    activation rows a [T*k, I] bf16. -> [T, D] bf16."""
     (q13, s13), (q2, s2) = w13, w2
     xb = xb_down = None
     fu: dict[str, int] = {}
     fd: dict[str, int] = {}
     (bn_u, bk_u, sp_u, nw_u, ns_u), (bn_d, bk_d, sp_d, nw_d, ns_d) = cfgs
-    if cc:
+    assert form in ("dec", "a8", "cc"), form
+    if form == "cc":
         from ds4f.kernels import moe_mxfp4_cc as mcc
         from ds4f.kernels.moe_mxfp4_cc import _cc_down as down
         from ds4f.kernels.moe_mxfp4_cc import _cc_up as up
@@ -380,7 +393,7 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
         q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
         name, per, flags, ppp = "mxfp4_cc", 4, {}, 1
         fu, fd, ns_u, ns_d = dict(DEPTH=ns_u, SUB=mcc.SUB), dict(DEPTH=ns_d, SUB=mcc.SUB), 1, 1
-    elif a8:
+    elif form == "a8":
         from ds4f.kernels.moe_mxfp4_a8 import XB, XB_DOWN, down_picks, expand_x
         from ds4f.kernels.moe_mxfp4_a8 import _a8_down as down
         from ds4f.kernels.moe_mxfp4_a8 import _a8_up as up
@@ -413,7 +426,7 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
         **({} if xb is None else dict(XB=True, xb_ptr=xb[0], xs_ptr=xb[1])), **pdl.launch(dev))
     if act_out is not None:
         act_out.append(a)
-    if a8 and bucket(T) in XB_DOWN:
+    if form == "a8" and bucket(T) in XB_DOWN:
         xb_down = expand_x(a, bk_d)
     out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
     nt_d = D // bn_d

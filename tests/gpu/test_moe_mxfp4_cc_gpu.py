@@ -51,11 +51,11 @@ def test_cc_graph_replay_and_dispatch(monkeypatch):
     E, D, I, T, k = SHAPES[1]
     x, w13q, w13s, w2q, w2s, ids, wts = _case(E, D, I, T, k, seed=5)
     monkeypatch.setattr(mcc, "ENABLED", True)
-    forms: list[bool] = []
+    forms: list[str] = []
     real = md.moe_decode
-    monkeypatch.setattr(md, "moe_decode", lambda *a, **kw: forms.append(kw.get("cc", False)) or real(*a, **kw))
+    monkeypatch.setattr(md, "moe_decode", lambda *a, **kw: forms.append(kw.get("form", "dec")) or real(*a, **kw))
     eager = fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
-    assert forms == [True] and _rel(eager, mcc.cc_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)) < 2e-3
+    assert forms == ["cc"] and _rel(eager, mcc.cc_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)) < 2e-3
     got, replay = graph_out(lambda: fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0))
     for _ in range(3):
         replay()
