@@ -478,6 +478,15 @@ case "${1:-}" in
       | grep -E "^(==|  |PICK)|Error" | tail -n 40
     timeout 100 python3 bench/sweep_fp8_gemv_cc.py --budget 80 --tokens 1 --depths 1,2 --out "$OUT/fp8_gemv_cc.jsonl" \
       2>&1 | grep -E "^PICK|Error" | tail -n 20 ;;
+  s19a)  # 2 GPUs: the GPU tests of the decode streams' change (DS4F_DENSE_SIDE: the bf16 input run and the
+    # compressors on a third side stream) over GPU 0 / 1 (T_CAP s), then s18ab (S18_AB, S18_S s each)
+    mkdir -p /tmp/gpulogs
+    CUDA_VISIBLE_DEVICES=0 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fast_packed_gpu.py > /tmp/gpulogs/fast_packed.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_fast_model.py > /tmp/gpulogs/fast_fp8_kv.log 2>&1 &
+    wait; test_summary | tee "$OUT/gpu_tests.log"
+    bash "$0" s18ab "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

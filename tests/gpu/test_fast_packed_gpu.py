@@ -12,6 +12,7 @@ import torch
 
 from ds4f.kernels import HAS_TRITON, fp8_gemm
 from ds4f.model.args import tiny_config
+from ds4f.runner.gpu import packed
 from ds4f.runner.gpu.check import mid_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,3 +79,19 @@ def test_shared_expert_on_packed_fp8_gpu(tmp_path: Path, monkeypatch: pytest.Mon
     assert all(mx is not None and mx.shared_fp8 is not None for mx in fm.mx)
     err = rel_errors(got, want)
     assert err.max() < TOL_W8, err.tolist()
+
+
+@pytest.mark.parametrize("name", ["aligned", "mid"])
+def test_dense_side_stream_decode_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   name: str) -> None:
+    # DS4F_DENSE_SIDE: the bf16 input run + the compressors on a third side stream (the same kernels on the same
+    # inputs, ordered by events instead of one stream per chain) -> the packed model's logits bit for bit
+    got = {}
+    for v in ("0", "1"):
+        monkeypatch.setenv("DS4F_DENSE_SIDE", v)
+        _, got[v], fm = run_pair(all_hash(CONFIGS[name]()), tmp_path / f"{name}{v}", "cuda", prompt_lens=(37, 5, 21),
+                                 decode_steps=12, graphs=True)
+        assert fm.dense_side == (v == "1")
+        assert any(isinstance(w, packed.InProj) and w.mixed() for w in fm.w_in), "no mixed input run to move"
+    for a, b in zip(got["0"], got["1"]):
+        assert torch.equal(a, b)

@@ -8,10 +8,11 @@ as expert E (bf16) or fused_moe_mxfp4 on the packed experts. Between sublayers o
 norm + RoPE in one kernel each; a decode step's router in one kernel (ds4f.kernels.router) and its per-step index
 tensors + embedding in one (glue.derive -> ds4f.kernels.step_meta).
 Decode steps (<= 16 tokens, CUDA) run each layer's kv / compressor chain and its indexer chain on two side streams
-beside the q projection (q_norm inside its GEMV: packed.linear_norm), the packed FP8 shared expert on one beside the
-router and routed up GEMM, and each mHC step's Sinkhorn on a third (joined before the next mHC step reads comb), all
-at high priority; bf16 projections of <= 16 tokens go through the Triton GEMV (ds4f.kernels.gemv), FP8 ones through
-fp8_gemm's decode GEMV.
+beside the q projection (q_norm inside its GEMV: packed.linear_norm), a packed checkpoint's bf16 input run (the
+compressors' wkv / wgate, weights_proj) and the index compressor on a third beside the FP8 wq_a | wkv run, the packed
+FP8 shared expert on the first beside the router and routed up GEMM, and each mHC step's Sinkhorn on a fourth (joined
+before the next mHC step reads comb), all at high priority; bf16 projections of <= 16 tokens go through the Triton
+GEMV (ds4f.kernels.gemv), FP8 ones through fp8_gemm's decode GEMV.
 An eager step (StepMeta.max_len known on the host) scores only the first glue.index_len index entries of each CSA
 layer: at 1M context a chunk early in the prompt sees a few thousand of 262144; decode graphs keep every column.
 
@@ -39,31 +40,14 @@ from ds4f.kernels.rope import norm_rope, norm_rope2, rope_
 from ds4f.kernels.router import MAX_TOKENS as ROUTER_MAX_TOKENS
 from ds4f.kernels.router import route
 from ds4f.kernels.sparse_attn import use_triton
-from ds4f.model.args import CSA, SWA
+from ds4f.model.args import SWA
 from ds4f.model.compressor import Compressor
 from ds4f.model.deepseek_v4 import Block, Transformer
 from ds4f.model.layers import Rope
 from ds4f.runner.gpu import glue, packed
+from ds4f.runner.gpu.derived import Derived as _Derived
+from ds4f.runner.gpu.derived import derive_step
 from ds4f.runner.gpu.pools import FastCache, Fp8Keys, StepMeta
-
-
-class _Derived:
-    """Per-forward index tensors shared by all layers (computed on the device from StepMeta)."""
-
-    win: torch.Tensor  # [T, W] int32 window rows (scratch or ring, -1 = none)
-    bt_tok: torch.Tensor  # [T, max_blocks] int64 block table row of each token's sequence
-    cs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # rope table -> cos, sin [T, rope/2] at the tokens' positions
-    attn_idx: dict[int, torch.Tensor]  # HCA ratio -> [T, W + L] int32; CSA with L <= topk likewise (eager steps: L
-    # cut to the entries the step can see, as for slots)
-    live: dict[int, torch.Tensor]  # ratio of attn_idx -> [T] int32 W + visible entries: attn_idx[t, live[t]:] = -1
-    pvis: dict[int, torch.Tensor]  # ratio of attn_idx -> [T] int32 visible entries (prefix_attn steps only)
-    slots: dict[int, torch.Tensor]  # CSA ratio -> [B, L] int32 index-pool rows per sequence (a view of the first
-    # L = glue.index_len(meta.max_len, ...) columns: eager steps score only the entries they can see)
-    vis32: dict[int, torch.Tensor]  # CSA ratio -> [T] int32 visible entries (t+1)//ratio, clipped to L
-    seq32: torch.Tensor  # [T] int32 tok_seq
-    ring_rows: dict[int, torch.Tensor]  # ring size R -> [T] int64 carry-ring row each token writes
-    win_write: torch.Tensor  # [T] int64 window-ring row each token writes (dummy slot unless in its last W)
-    x: torch.Tensor  # [T, hc, D] the tokens' embedding rows in every stream (the first hc step's input)
 
 
 class FastModel:
@@ -112,6 +96,9 @@ class FastModel:
         # 5.691 ms at b1 (174.8 vs 173.2 tok/s), 8.154 vs 8.177 at b4, 6.558 vs 6.590 after 1M;
         # DS4F_ATTN_Q_NORM=0: the separate launch
         self.attn_q_norm = os.environ.get("DS4F_ATTN_Q_NORM", "1") == "1"
+        # decode over packed inputs: the dense (bf16) input run and the compressors after it on a third side stream
+        # (see _attn); DS4F_DENSE_SIDE=0: that run on main after the FP8 one, the compressors in the kv / index chains
+        self.dense_side = os.environ.get("DS4F_DENSE_SIDE", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
         # side streams at high priority: their latency-bound chains (in CSA layers the critical path) get SMs before
         # the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
@@ -134,39 +121,9 @@ class FastModel:
             self.w_in.append(w_in)
             self.w_in_split.append(sizes)
 
-    # ---- per-step index tensors ----
     def _derive(self, meta: StepMeta, cache: FastCache) -> _Derived:
-        d, a = _Derived(), self.args
-        rings = tuple(sorted({r for m in self.ratios for r in (m, 2 * m)}))
-        ents = []
-        for m in self.ratios:
-            n_ent = cache.max_entries(m)
-            is_csa = any(a.compress_ratio(i) == m and a.layer_type(i) == CSA for i in range(a.num_hidden_layers))
-            ents.append((m, n_ent, cache.epb(m), not is_csa or n_ent <= a.index_topk))
-        names = list(self.tables)
-        flat = tuple(t for k in names for t in self.tables[k])
-        d.win, d.win_write, ring_rows, d.bt_tok, cs, per, d.seq32, d.x = glue.derive(
-            meta.positions, meta.tok_slot, meta.chunk_start, meta.chunk_end, meta.tok_seq, meta.block_table, flat,
-            cache.scratch, cache.dummy_slot, cache.comp_base, self.W, rings, tuple(ents),
-            (meta.input_ids, self.model.embed.weight, self.hc))
-        d.ring_rows = dict(zip(rings, ring_rows))
-        d.cs = {k: (cs[2 * n], cs[2 * n + 1]) for n, k in enumerate(names)}
-        d.attn_idx, d.slots, d.vis32, d.live, d.pvis = {}, {}, {}, {}, {}
-        prefix = self.prefix_attn and meta.max_len is not None and meta.positions.shape[0] >= self.prefix_min_t
-        for (m, n_ent, _, direct), v in zip(ents, per):
-            if direct:
-                rows, live = v
-                d.attn_idx[m] = rows[:, : self.W + glue.index_len(meta.max_len, m, n_ent, 0, self.index_bucket)]
-                if prefix:
-                    n = d.attn_idx[m].shape[1] - self.W
-                    d.pvis[m] = ((meta.positions + 1) // m).clamp(max=n).to(torch.int32)
-                if self.attn_live:  # the kernel skips the key splits past W + the visible entries
-                    d.live[m] = live
-            else:  # vis32 <= max_len // m <= the columns kept
-                slots, d.vis32[m] = v
-                d.slots[m] = slots[:, : glue.index_len(meta.max_len, m, slots.shape[1], a.index_topk,
-                                                       self.index_bucket)]
-        return d
+        return derive_step(self, meta, cache)
+
 
     # ---- forward ----
     @torch.no_grad()
@@ -222,21 +179,26 @@ class FastModel:
 
     def _attn(self, i: int, blk: Block, xn: torch.Tensor, meta: StepMeta, cache: FastCache,
               d: _Derived) -> torch.Tensor:
-        att, a = blk.attn, self.args
+        att, a, ix = blk.attn, self.args, blk.attn.indexer
         T, H, hd = xn.shape[0], att.n_heads, att.head_dim
         cos, sin = d.cs["main" if att.kind == SWA else "compress"]
         w_in = self.w_in[i]
-        y = packed.Cols([gemv.linear(xn, w_in)]) if isinstance(w_in, torch.Tensor) else w_in.cols(xn)
+        sides = self._side_streams(T)
+        # decode over packed inputs: the bf16 compressor / weights_proj run on a stream of its own beside the FP8
+        # wq_a | wkv run (the compressors' chains start from it; the q paths from the FP8 run)
+        dense = (sides[2] if sides is not None and self.dense_side and isinstance(w_in, packed.InProj)
+                 and w_in.mixed() else None)
+        y = packed.Cols([gemv.linear(xn, w_in)]) if isinstance(w_in, torch.Tensor) else w_in.cols(xn, dense)
         parts = y.split(self.w_in_split[i])
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy
-        sides = self._side_streams(T)
-        fused_q = sides is not None and self.q_norm_gemv
-        qr = None if fused_q else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
+        n2 = 2 * att.compressor.wkv.out_features if att.kind != SWA else 0
+        qr = None if sides is not None and self.q_norm_gemv else glue.rms_w(parts[0], att.q_norm.weight,
+                                                                              a.rms_norm_eps)
         pool = cache.kv[i]
+        select = ix is not None and att.ratio not in d.attn_idx  # CSA beyond top-k entries: scores + top-k
 
-        def kv_path(kv: torch.Tensor | None = None) -> torch.Tensor | None:
-            """K=V row (normed + roped unless given) to the scratch rows, the attention compressor's entries -> kv
-            (None: written by the fused launch, decode only)."""
+        def kv_store(kv: torch.Tensor | None = None) -> torch.Tensor | None:
+            """K=V row (normed + roped unless given) to the scratch rows -> kv (None: the fused launch, decode)."""
             fused = kv is None and meta.one_per_seq and self.kv_fused and cache.put_kv_fused(
                 i, parts[1], att.kv_norm.weight, cos, sin, att.eps, d.win_write)  # norm, RoPE, both stores
             if not fused:
@@ -245,24 +207,25 @@ class FastModel:
                 cache.put_scratch(i, kv)
                 if meta.one_per_seq:  # the window-ring row of position p held p - W, which no window reads now
                     cache.put(pool, d.win_write, kv)
-            if att.kind != SWA:
-                n2 = 2 * att.compressor.wkv.out_features
-                self._compress(att.compressor, y.cols(o2, o2 + n2), meta, cache, d, cache.state[i, "attn"],
-                               cache.ring(i), pool, cache.comp_base, att.ratio)
             return kv
 
-        def index_path() -> torch.Tensor:
-            """The indexer's compressor entries, scores + top-k -> attention rows idx [T, K] (window + entries)."""
-            m, ix = att.ratio, att.indexer
-            n2, n4 = 2 * att.compressor.wkv.out_features, 2 * ix.compressor.wkv.out_features
+        def attn_compress() -> None:
+            if att.kind != SWA:
+                self._compress(att.compressor, y.cols(o2, o2 + n2), meta, cache, d, cache.state[i, "attn"],
+                               cache.ring(i), pool, cache.comp_base, att.ratio)
+
+        def index_compress() -> None:
+            n4 = 2 * ix.compressor.wkv.out_features
             self._compress(ix.compressor, y.cols(o2 + n2, o2 + n2 + n4), meta, cache, d, cache.state[i, "index"],
-                           cache.ring(i), cache.index[i], 0, m)
-            if m in d.attn_idx:
-                return d.attn_idx[m]
-            # CSA beyond top-k entries: indexer scores + top-k, entry ids -> pool rows
+                           cache.ring(i), cache.index[i], 0, att.ratio)
+
+        def index_q_raw() -> torch.Tensor:
             # the q norm as its own launch (fused into this GEMV as into wq_b's: +17 us per CSA layer at 8K)
             qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
-            iq = packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim)
+            return packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim)
+
+        def index_select(iq: torch.Tensor) -> torch.Tensor:
+            """Indexer q (RoPE, head weights) over this step's keys -> attention rows idx [T, K]."""
             fp8 = self.index_fp8 and isinstance(cache.index[i], Fp8Keys)  # e4m3 q over e4m3 keys: the fp8 MMA
             if self.index_q:  # RoPE, the head weights' scale and the e4m3 rows in one launch
                 iq, iw = index_q(iq, parts[6], cos, sin, ix.n_heads**-0.5, fp8)
@@ -271,32 +234,53 @@ class FastModel:
                 if fp8:
                     iq, qs = quant_heads_fp8(iq)
                     iw = iw * qs
-            return self._select(i, m, iq, iw, d, cache)
+            return self._select(i, att.ratio, iq, iw, d, cache)
 
-        chains = [kv_path] + ([index_path] if att.indexer is not None else [])
         fold = False  # DS4F_ATTN_Q_NORM: q raw, normed and rotated by the attention kernel
+        idx: torch.Tensor | None = None
         if sides is None:  # q's per-head RMSNorm + RoPE and kv's weighted one in one launch
             assert qr is not None
             q, kv0 = norm_rope2(packed.linear(att.wq_b, qr).view(T, H, hd), parts[1], att.kv_norm.weight, cos, sin,
                                 att.eps)
-            outs = [kv_path(kv0)] + [f() for f in chains[1:]]
-        else:  # decode: the latency-bound kv / compressor and indexer chains each on a stream of their own beside
-            # the bandwidth-bound wq_b GEMM. Memory: a side stream's tensors are read on main only after the join
-            # below, and its next allocations come after the next fork (which follows this layer's attention).
+            kv = kv_store(kv0)
+            attn_compress()
+            if ix is not None:
+                index_compress()
+                idx = index_select(index_q_raw()) if select else None
+        else:  # decode: the latency-bound chains on streams of their own beside the bandwidth-bound wq_b GEMM:
+            # kv: stores, then (after the dense run) the attention compressor; indexer: its q GEMM, then (after the
+            # index compressor's entries, on the dense stream or its own) scores + top-k. Memory: a side stream's
+            # tensors are read on main only after the joins below, and its next allocations come after the next
+            # fork (which follows this layer's attention).
             main = torch.cuda.current_stream()
-            outs = []
-            for f, st in zip(chains, sides):
-                st.wait_stream(main)
-                with torch.cuda.stream(st):
-                    outs.append(f())
+            s_kv, s_ix = sides[0], sides[1]
+            s_kv.wait_stream(main)
+            with torch.cuda.stream(s_kv):
+                kv = kv_store()
+                if dense is not None:
+                    s_kv.wait_stream(dense)  # the dense GEMV only: enqueued before the index compressor below
+                attn_compress()
+            if ix is not None:
+                if dense is not None:
+                    with torch.cuda.stream(dense):
+                        index_compress()
+                s_ix.wait_stream(main)
+                with torch.cuda.stream(s_ix):
+                    if dense is None:
+                        index_compress()
+                    if select:
+                        iq = index_q_raw()
+                        if dense is not None:
+                            s_ix.wait_stream(dense)  # the index compressor's entries (and weights_proj's columns)
+                        idx = index_select(iq)
             qb = (packed.linear_norm(att.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps) if qr is None
                   else packed.linear(att.wq_b, qr)).view(T, H, hd)
             fold = self.attn_q_norm and not (att.kind != SWA and att.ratio in d.pvis)  # the attend() below
             q = qb if fold else norm_rope(qb, None, cos, sin, att.eps)
-            for st in sides[: len(chains)]:
+            for st in [s_kv] + ([s_ix] if ix is not None else []) + ([dense] if dense is not None else []):
                 main.wait_stream(st)
-        kv = outs[0]
-        idx = outs[1] if len(outs) > 1 else d.win if att.kind == SWA else d.attn_idx[att.ratio]
+        if idx is None:
+            idx = d.win if att.kind == SWA else d.attn_idx[att.ratio]
         if att.kind != SWA and att.ratio in d.pvis:
             o = rope_(cache.attend_prefix(i, q, d.win, meta.block_table, d.seq32, d.pvis[att.ratio],
                                           d.attn_idx[att.ratio].shape[1] - self.W, att.attn_sink, hd**-0.5),
@@ -311,12 +295,13 @@ class FastModel:
         return packed.linear(att.wo_b, o)
 
     def _side_streams(self, T: int) -> list[torch.cuda.Stream] | None:
-        """The two streams the kv / compressor chain and the indexer chain of a decode step (T <= overlap_max_t
-        tokens, CUDA) run on beside the q projection; None: one stream (prefill chunks, CPU, DS4F_OVERLAP=0)."""
+        """The streams the kv / compressor chain, the indexer chain and the dense input run of a decode step (T <=
+        overlap_max_t tokens, CUDA) run on beside the q projection; None: one stream (prefill chunks, CPU,
+        DS4F_OVERLAP=0)."""
         if not (self.overlap and self.device.type == "cuda" and 0 < T <= self.overlap_max_t):
             return None
         if not self._sides:
-            self._sides = [torch.cuda.Stream(device=self.device, priority=self.side_priority) for _ in range(2)]
+            self._sides = [torch.cuda.Stream(device=self.device, priority=self.side_priority) for _ in range(3)]
         return self._sides
 
     def _select(self, i: int, m: int, iq: torch.Tensor, iw: torch.Tensor, d: _Derived, cache: FastCache

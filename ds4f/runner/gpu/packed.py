@@ -177,14 +177,29 @@ class InProj:
         ys = self.run_outputs(x)
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
-    def run_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def run_outputs(self, x: torch.Tensor, dense: torch.cuda.Stream | None = None) -> list[torch.Tensor]:
         """x [T, K] -> one [T, n_run] output per run (dense runs through the decode GEMV, which falls back to
-        F.linear off its conditions)."""
-        return [gemv.linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype) for r in self.runs]
+        F.linear off its conditions). dense: the dense (bf16) runs go on that stream (forked from the current one,
+        enqueued first so they run beside the FP8 runs; the caller orders its readers after them)."""
+        ys: list[torch.Tensor | None] = [None] * len(self.runs)
+        if dense is not None:
+            dense.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(dense):
+                for j, r in enumerate(self.runs):
+                    if r.s is None:
+                        ys[j] = gemv.linear(x, r.w)
+        for j, r in enumerate(self.runs):
+            if ys[j] is None:
+                ys[j] = gemv.linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype)
+        return [y for y in ys if y is not None]
 
-    def cols(self, x: torch.Tensor) -> Cols:
+    def mixed(self) -> bool:
+        """Both dense and FP8 runs (the packed checkpoint's attention inputs: wq_a | wkv FP8, compressors bf16)."""
+        return len({r.s is None for r in self.runs}) == 2
+
+    def cols(self, x: torch.Tensor, dense: torch.cuda.Stream | None = None) -> Cols:
         """x [T, K] -> the stacked output's columns as views of the runs' outputs (no concatenation)."""
-        return Cols(self.run_outputs(x))
+        return Cols(self.run_outputs(x, dense))
 
 
 class Cols:
