@@ -487,6 +487,15 @@ case "${1:-}" in
       tests/gpu/test_fast_fp8_kv_gpu.py tests/gpu/test_fast_model.py > /tmp/gpulogs/fast_fp8_kv.log 2>&1 &
     wait; test_summary | tee "$OUT/gpu_tests.log"
     bash "$0" s18ab "$2" ;;
+  s19b)  # 2 GPUs: the new DS4F_DENSE_SIDE test and the graph-decode packed tests on GPU 0, the fast-model GPU tests on
+    # GPU 1 (T_CAP s), then s11full's decode b1 / b4 at depth 64 under FULL_ENV (S18_S s)
+    mkdir -p /tmp/gpulogs
+    CUDA_VISIBLE_DEVICES=0 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fast_packed_gpu.py -k "dense_side or (dequantized_w8 and True)" > /tmp/gpulogs/fast_packed.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fast_model.py tests/gpu/test_tp_fast_gpu.py > /tmp/gpulogs/fast_model.log 2>&1 &
+    wait; test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
+    FULL_TTFT=0 S11_LIMIT=${S18_S:-220} bash "$0" s11full "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
