@@ -66,6 +66,25 @@ def check_cc() -> None:
         assert _rel(out16[:, 0], want) < 1e-2, (t, cfg, _rel(out16[:, 0], want))
         assert _rel(out[:, 0], fp8_linear_ref(x, q, s, torch.float32)) > 10 * TOL  # the quantization is there
 
+    # NORM: RMSNorm_g(x) inside the kernel (1 / rms of the whole row in every program, K splits kept), x rounded to
+    # bf16 after the norm as the separate launch (model.layers.RMSNorm) does; rows past T in the 4-token form
+    from ds4f.model.layers import rms_normalize
+
+    for t, n, k, cfg, depth, acc16 in [(1, 256, 512, (64, 2, 4), 2, False), (3, 128, 384, (32, 3, 4), 1, False),
+                                       (1, 128, 512, (32, 4, 4), 1, True)]:
+        q, s = weights(n, k, "ue8m0")
+        ws, e8m0 = _scale_arg(s)
+        x = (torch.randn(t, k, generator=g) * 3).bfloat16()
+        gw = torch.rand(k, generator=g) * 2
+        xn = (gw * rms_normalize(x.float(), 1e-6)).bfloat16()
+        want = fp8_linear_ref(xn, q, s, torch.float32)
+        out = torch.empty(t, 1, n, dtype=torch.float32)
+        fp8_gemv_cc.launch_cc(x.view(t, 1, k), q, ws, e8m0, out, 1, cfg, acc16=acc16, depth=depth, norm=(gw, 1e-6))
+        assert _rel(out[:, 0], want) < (1e-2 if acc16 else 1e-4), (t, cfg, _rel(out[:, 0], want))
+        assert _rel(out[:, 0], fp8_linear_ref(x, q, s, torch.float32)) > 1e-2  # the norm is there
+    with pytest.raises(ValueError, match="one group"):
+        fp8_gemv_cc.launch_cc(x.view(1, 1, k), q, ws, e8m0, out, 1, (32, 1, 4), norm=(gw[:128], 1e-6))
+
     # grouped: x [T, G, K] (a strided view, as wo_a's caller passes), W [G*N, K]; group i's rows read x[:, i]
     for t, cfg in [(3, (32, 2, 4)), (1, (64, 1, 4))]:
         q, s = weights(3 * 128, 256, "ue8m0")
@@ -89,9 +108,19 @@ def check_cc() -> None:
     x = (torch.randn(3, 512, generator=g) * 3).bfloat16()
     got = fp8_linear(x, q, s, out_dtype=torch.float32, opts=Opts(gemv=True))
     assert calls == [1] and _rel(got, fp8_linear_ref(x, q, s, torch.float32)) < TOL
+    # fp8_gemv.linear_norm (the decode q_norm + wq_b) takes this form with its norm where it takes the shape
+    from ds4f.kernels import fp8_gemv
+
+    gw = torch.rand(512, generator=g) * 2
+    ws, e8m0 = _scale_arg(s)
+    x1 = x[:1].contiguous()
+    got = fp8_gemv.linear_norm(x1, gw, 1e-6, q, ws, e8m0, False)
+    assert calls == [1, 1] and got.dtype == torch.bfloat16
+    want = fp8_linear_ref((gw * rms_normalize(x1.float(), 1e-6)).bfloat16(), q, s, torch.float32)
+    assert _rel(got.float(), want) < 1e-2, _rel(got.float(), want)
     fp8_gemv_cc.ENABLED = False
     fp8_linear(x, q, s, out_dtype=torch.float32, opts=Opts(gemv=True))
-    assert calls == [1]
+    assert calls == [1, 1]
     print("ok")
 
 
@@ -140,9 +169,13 @@ def test_cc_builds_offline(arch) -> None:
     types = dict(x_ptr="*i64", w_ptr="*i32", ws_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32")
     div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "K", "GN", "s_xt", "s_xg", "s_wsn", "s_ot",
            "k_per", "NT")
-    for tp, split, depth, a8 in ((1, False, 1, False), (4, True, 1, False), (1, True, 2, True), (4, False, 1, True)):
+    types.update(g_ptr="*i64", eps="fp32")
+    for tp, split, depth, a8, norm in ((1, False, 1, False, False), (4, True, 1, False, False),
+                                       (1, True, 2, True, False), (4, False, 1, True, False),
+                                       (1, True, 2, False, True)):
         k = build(cc._gemv_cc, types, dict(BLOCK_N=64, TP=tp, SPLIT_K=split, SCALE_E8M0=True, F32=False,
-                                           ACC16=tp > 1, DEPTH=depth, A8=a8), arch, 4, 1, div16=div)
+                                           ACC16=tp > 1 or norm, DEPTH=depth, A8=a8, NORM=norm), arch, 4, 1,
+                  div16=div)
         ptx = k["ptx"]
         assert k["shared"] <= 1024, k["shared"]  # the output rows' layout change only
         # two CTA barriers per output row's layout change (after the loop), one before the split's arrival

@@ -392,7 +392,17 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
 def linear_norm(x: torch.Tensor, g: torch.Tensor, eps: float, w: torch.Tensor, ws: torch.Tensor, e8m0: bool,
                 native: bool) -> torch.Tensor:
     """RMSNorm_g(x [T, K]) @ W^T -> [T, N] bf16 in one launch (W = w [N, K] e4m3 with block scales ws; T <= MAX_T):
-    the decode step's q_norm inside wq_b's GEMV. The table's config (generic_config where it has none)."""
+    the decode step's q_norm inside wq_b's GEMV. The CUDA-core kernel where it takes the shape
+    (fp8_gemv_cc.norm_takes: its tiles, the norm in its prologue), else this kernel at the table's config
+    (generic_config where it has none)."""
+    from ds4f.kernels import fp8_gemv_cc as cc
+
+    nt, k = w.shape
+    if cc.norm_takes(x, nt, k):
+        cfg, depth = cc.config(nt, k, 1, sm_count(x.device))
+        out = torch.empty(x.shape[0], 1, nt, dtype=torch.bfloat16, device=x.device)
+        cc.launch_cc(x.view(x.shape[0], 1, -1), w, ws, e8m0, out, 1, cfg, depth=depth, norm=(g, eps))
+        return out.view(x.shape[0], nt)
     return _one_group(x.view(x.shape[0], 1, -1), w, ws, e8m0, native, norm=(g, eps))
 
 

@@ -23,6 +23,7 @@ CUDA-graph safe), as in fp8_gemv. PDL (ds4f.kernels.pdl): the first weight block
 from __future__ import annotations
 
 import os
+import weakref
 from functools import cache
 
 import torch
@@ -83,6 +84,11 @@ ACC16 = os.environ.get("DS4F_FP8_GEMV_CC_ACC16", "1") != "0"
 # WARP_MAX_ASM): offline sm_90 SASS 6.5 vs 4.7 loop instructions per weight byte with bf16x2 products at 64-row
 # tiles, 9.2 vs 5.4 at 32
 A8 = os.environ.get("DS4F_FP8_GEMV_CC_A8", "0") == "1"
+# NORM (DS4F_FP8_GEMV_CC_NORM, on by default; "0" off): fp8_gemv.linear_norm (the decode q_norm + wq_b, and the
+# indexer's wq_b on the same normed q) through this kernel where it takes the shape, the RMSNorm inside it (each
+# program computes the row's 1 / rms from the whole row first, then normalizes the x words it reads) instead of
+# the MMA kernel's norm (no K split there) or a norm launch before the GEMV
+NORM = os.environ.get("DS4F_FP8_GEMV_CC_NORM", "1") != "0"
 
 # ACC16's products: $0 = fma.bf16x2($3, $4, fma.bf16x2($1, $2, -0)) on packed bf16 pairs (a temporary, so $0 may
 # share a register with an input)
@@ -142,7 +148,34 @@ if triton is not None:
         return (v.to(tl.int32, bitcast=True) >> 16) & 65535
 
     @triton.jit
-    def _xwords(x_p, t, T, BN: tl.constexpr, A8: tl.constexpr, F32: tl.constexpr):
+    def _normed(lo, hi, g_p, r, K4, BN: tl.constexpr, F32: tl.constexpr):
+        # NORM: x's bf16 words -> those of bf16(g * (x * r)) (model.layers.RMSNorm's math, r = 1 / rms of the row);
+        # g_p: this 128-column block of norm_weight(g) ([2, K/4] int64: lane j's fp32 pairs (4j, 4j+1) in row 0,
+        # (4j+2, 4j+3) in row 1), loaded as the x words are (row stride 0: the same register layout, no shuffle)
+        gp = g_p + tl.zeros([BN, 1], tl.int32) + tl.arange(0, 32)[None, :]
+        ga = tl.load(gp)
+        gb = tl.load(gp + K4)
+        n0 = _rne16(ga.to(tl.int32).to(tl.float32, bitcast=True) * (_f32(lo, False) * r), F32).to(tl.float32)
+        n1 = _rne16((ga >> 32).to(tl.int32).to(tl.float32, bitcast=True) * (_f32(lo, True) * r), F32).to(tl.float32)
+        n2 = _rne16(gb.to(tl.int32).to(tl.float32, bitcast=True) * (_f32(hi, False) * r), F32).to(tl.float32)
+        n3 = _rne16((gb >> 32).to(tl.int32).to(tl.float32, bitcast=True) * (_f32(hi, True) * r), F32).to(tl.float32)
+        return _bits16(n0) | (_bits16(n1) << 16), _bits16(n2) | (_bits16(n3) << 16)
+
+    @triton.jit
+    def _inv_rms(x_p, t, T, K, eps):
+        # 1 / rms of x row t (K columns as int64 words of 4 bf16 at x_p; 0 past T): the NORM prologue, fp32 sums
+        ss = tl.zeros([32], tl.float32)
+        for kb in range(0, K // 128):
+            xw = tl.load(x_p + kb * 32 + tl.arange(0, 32), mask=t < T, other=0)
+            lo = xw.to(tl.int32)
+            hi = (xw >> 32).to(tl.int32)
+            a, b, c, d = _f32(lo, False), _f32(lo, True), _f32(hi, False), _f32(hi, True)
+            ss += (a * a + b * b) + (c * c + d * d)
+        return tl.rsqrt(tl.sum(ss, 0) / K + eps)
+
+    @triton.jit
+    def _xwords(x_p, t, T, BN: tl.constexpr, A8: tl.constexpr, F32: tl.constexpr, g_p=None, r=None, K4=0,
+                NORM: tl.constexpr = False):
         # row t of x at x_p, this 128-column block as int64 words of 4 bf16 in a [BN, 32] tile of row stride 0 (the
         # register layout of the weight words as loaded: a [1, 32] load would spread over all threads, and the
         # weights would cross shared memory to meet it; each thread's copies come from L1; row t past T: x = 0) ->
@@ -153,6 +186,8 @@ if triton is not None:
         xw = tl.load(x_p + tl.zeros([BN, 1], tl.int32) + tl.arange(0, 32)[None, :], mask=t < T, other=0)
         lo = xw.to(tl.int32)
         hi = (xw >> 32).to(tl.int32)
+        if NORM:
+            lo, hi = _normed(lo, hi, g_p, r, K4, BN, F32)
         sx = tl.full([BN, 32], 1.0, tl.float32)
         if A8:
             x0, x1, x2, x3 = _f32(lo, False), _f32(lo, True), _f32(hi, False), _f32(hi, True)
@@ -174,10 +209,11 @@ if triton is not None:
         return lo, hi, sx
 
     @triton.jit
-    def _tok(acc, w0, w1, w2, w3, x_p, t, T, s, BN: tl.constexpr, A8: tl.constexpr, F32: tl.constexpr):
+    def _tok(acc, w0, w1, w2, w3, x_p, t, T, s, BN: tl.constexpr, A8: tl.constexpr, F32: tl.constexpr, g_p, r, K4,
+             NORM: tl.constexpr):
         # acc [BN, 32] += s * the 4-column partials of the weight words (w0..w3: columns 4j..4j+3) against x row t
-        # (_xwords: A8 its e4m3 values, times their scale)
-        lo, hi, sx = _xwords(x_p, t, T, BN, A8, F32)
+        # (_xwords: A8 its e4m3 values, times their scale; NORM: normed by r and g first)
+        lo, hi, sx = _xwords(x_p, t, T, BN, A8, F32, g_p, r, K4, NORM)
         p = w0 * _f32(lo, False) + w1 * _f32(lo, True) + w2 * _f32(hi, False) + w3 * _f32(hi, True)
         return acc + p * (s * sx)
 
@@ -190,12 +226,13 @@ if triton is not None:
         return tl.inline_asm_elementwise(_ASM_C, "=r,=r,r", [wq], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
-    def _tok16(acc, p01, p23, x_p, t, T, s, BN: tl.constexpr, F32: tl.constexpr, A8: tl.constexpr):
+    def _tok16(acc, p01, p23, x_p, t, T, s, BN: tl.constexpr, F32: tl.constexpr, A8: tl.constexpr, g_p, r, K4,
+               NORM: tl.constexpr):
         # ACC16: _tok with the products and the pairs' sums in bf16x2 (two fma.rn.bf16x2 per word: columns 4j + 2
         # onto 4j, 4j + 3 onto 4j + 1), then the two halves in fp32: no fp32 widening of W, no unpacking of x beyond
         # its words (the F32 branch emulates the roundings for the interpreter). A8: e4m3 x e4m3 products are exact
         # in bf16, so only the pairs' sums round
-        lo, hi, sx = _xwords(x_p, t, T, BN, A8, F32)
+        lo, hi, sx = _xwords(x_p, t, T, BN, A8, F32, g_p, r, K4, NORM)
         if F32:
             w0, w1, w2, w3 = _widen(p01, F32)
             h0 = _rne16(w2 * _f32(hi, False) + _rne16(w0 * _f32(lo, False), True).to(tl.float32), True)
@@ -219,7 +256,7 @@ if triton is not None:
         x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per,
         BLOCK_N: tl.constexpr, TP: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_E8M0: tl.constexpr,
         F32: tl.constexpr, PDL: tl.constexpr = False, ACC16: tl.constexpr = False, DEPTH: tl.constexpr = 1,
-        A8: tl.constexpr = False,
+        A8: tl.constexpr = False, g_ptr=None, eps=0.0, NORM: tl.constexpr = False,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) (one group, one 128-row scale block) over the 128-column
         # blocks [k_lo, k_lo + k_per) (k_per a multiple of 128, K too); TP (1, 2, 4) >= T tokens, one fp32
@@ -248,6 +285,22 @@ if triton is not None:
             wq2 = tl.load(w_p + 32, mask=steps > 1, other=0)
             sq2 = tl.load(s_p + 1, mask=steps > 1, other=0)
         pdl_enter(PDL)
+        # NORM (one group): x = RMSNorm_g(x) per token, 1 / rms from the whole row first (every program reads it:
+        # K bf16 per token from L2), the product and bf16 rounding per element as x is read
+        x_row = x_ptr + (n0 // GN) * s_xg
+        r0 = eps
+        r1 = eps
+        r2 = eps
+        r3 = eps
+        g_p = x_ptr
+        if NORM:
+            g_p = g_ptr + k_lo // 4
+            r0 = _inv_rms(x_row, 0, T, K, eps)
+            if TP > 1:
+                r1 = _inv_rms(x_row + s_xt, 1, T, K, eps)
+            if TP > 2:
+                r2 = _inv_rms(x_row + 2 * s_xt, 2, T, K, eps)
+                r3 = _inv_rms(x_row + 3 * s_xt, 3, T, K, eps)
         for i in range(0, steps):
             # block i + DEPTH's weights and scale, in flight while this one is consumed
             wn = tl.load(w_p + (i + DEPTH) * 32, mask=i + DEPTH < steps, other=0)
@@ -256,22 +309,23 @@ if triton is not None:
             if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits
                 s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
             xi = x_p + i * 32
+            gi = g_p + i * 32
             if ACC16:
                 p01, p23 = _pairs(wq, F32)
-                a0 = _tok16(a0, p01, p23, xi, 0, T, s, BLOCK_N, F32, A8)
+                a0 = _tok16(a0, p01, p23, xi, 0, T, s, BLOCK_N, F32, A8, gi, r0, K // 4, NORM)
                 if TP > 1:
-                    a1 = _tok16(a1, p01, p23, xi + s_xt, 1, T, s, BLOCK_N, F32, A8)
+                    a1 = _tok16(a1, p01, p23, xi + s_xt, 1, T, s, BLOCK_N, F32, A8, gi, r1, K // 4, NORM)
                 if TP > 2:
-                    a2 = _tok16(a2, p01, p23, xi + 2 * s_xt, 2, T, s, BLOCK_N, F32, A8)
-                    a3 = _tok16(a3, p01, p23, xi + 3 * s_xt, 3, T, s, BLOCK_N, F32, A8)
+                    a2 = _tok16(a2, p01, p23, xi + 2 * s_xt, 2, T, s, BLOCK_N, F32, A8, gi, r2, K // 4, NORM)
+                    a3 = _tok16(a3, p01, p23, xi + 3 * s_xt, 3, T, s, BLOCK_N, F32, A8, gi, r3, K // 4, NORM)
             else:
                 w0, w1, w2, w3 = _widen(wq, F32)
-                a0 = _tok(a0, w0, w1, w2, w3, xi, 0, T, s, BLOCK_N, A8, F32)
+                a0 = _tok(a0, w0, w1, w2, w3, xi, 0, T, s, BLOCK_N, A8, F32, gi, r0, K // 4, NORM)
                 if TP > 1:
-                    a1 = _tok(a1, w0, w1, w2, w3, xi + s_xt, 1, T, s, BLOCK_N, A8, F32)
+                    a1 = _tok(a1, w0, w1, w2, w3, xi + s_xt, 1, T, s, BLOCK_N, A8, F32, gi, r1, K // 4, NORM)
                 if TP > 2:
-                    a2 = _tok(a2, w0, w1, w2, w3, xi + 2 * s_xt, 2, T, s, BLOCK_N, A8, F32)
-                    a3 = _tok(a3, w0, w1, w2, w3, xi + 3 * s_xt, 3, T, s, BLOCK_N, A8, F32)
+                    a2 = _tok(a2, w0, w1, w2, w3, xi + 2 * s_xt, 2, T, s, BLOCK_N, A8, F32, gi, r2, K // 4, NORM)
+                    a3 = _tok(a3, w0, w1, w2, w3, xi + 3 * s_xt, 3, T, s, BLOCK_N, A8, F32, gi, r3, K // 4, NORM)
             if DEPTH > 1:
                 wq = wq2
                 sq = sq2
@@ -354,6 +408,30 @@ def takes(x: torch.Tensor, nt: int, k: int, groups: int) -> bool:
             and (ALL_SHAPES or table_entry(nt, k, groups) is not None) and x_ok(x))
 
 
+_NORM_W: dict[tuple[int, int, str], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def norm_weight(g: torch.Tensor) -> torch.Tensor:
+    """The NORM kernel's form of a norm weight g [K] (fp32 values, K % 4 == 0): [2, K/4] int64, row 0 the fp32
+    pairs (g[4j], g[4j+1]), row 1 (g[4j+2], g[4j+3]). Cached per weight tensor (norm weights are parameters: made
+    once, at the first call, which a decode graph's warm-up makes outside the capture); a capture that misses
+    builds it inside the graph and does not cache it."""
+    key = (g.data_ptr(), g.numel(), str(g.device))
+    hit = _NORM_W.get(key)
+    if hit is not None and hit[0]() is g:
+        return hit[1]
+    w = g.detach().float().contiguous().view(torch.int64)
+    packed = torch.stack([w[0::2], w[1::2]]).contiguous()
+    if not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _NORM_W[key] = (weakref.ref(g), packed)
+    return packed
+
+
+def norm_takes(x: torch.Tensor, nt: int, k: int) -> bool:
+    """Whether linear_norm's RMSNorm(x [T, K]) @ W [nt, k]^T runs here (NORM on, and takes() for one group)."""
+    return NORM and x.dim() == 2 and takes(x.view(x.shape[0], 1, -1), nt, k, 1)
+
+
 def x_ok(x: torch.Tensor) -> bool:
     """x [T, G, K] readable as int64 words of 4 bf16: unit inner stride, 8-byte aligned rows."""
     return (x.dtype == torch.bfloat16 and x.stride(-1) == 1 and x.stride(0) % 4 == 0 and x.stride(1) % 4 == 0
@@ -362,15 +440,23 @@ def x_ok(x: torch.Tensor) -> bool:
 
 def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
               cfg: Cfg, acc16: bool | None = None, emulate: bool = False, depth: int | None = None,
-              a8: bool | None = None) -> None:
+              a8: bool | None = None, norm: tuple[torch.Tensor, float] | None = None) -> None:
     """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group; W = w [G*N, K] e4m3 (native
     dtype or its bytes), ws [ceil(G*N/128), K/128] fp32 or UE8M0 bytes (e8m0); T <= 4; cfg valid(). acc16: the
     bf16x2 products (default ACC16); depth: weight blocks in flight (default DEPTH); a8: x quantized per 128 columns
     to e4m3 first, the reference's activation path (fp8_linear_a8_ref's math; default A8); emulate: the interpreter's
-    branch (casts, ACC16's roundings by hand) on CUDA too, for tests."""
+    branch (casts, ACC16's roundings by hand) on CUDA too, for tests. norm = (g [K] fp32, eps), one group: x
+    RMSNorm_g-ed inside the kernel first (fp8_gemv.linear_norm's contract; x rounded to bf16 after the norm, as the
+    separate norm launch does)."""
     t, (nt, k) = x.shape[0], w.shape
     if t > 4 or not valid(cfg, nt, k, groups) or not x_ok(x):
         raise ValueError(f"fp8 CUDA-core GEMV config {cfg} invalid for [{nt}, {k}] in {groups} groups at T={t}")
+    g = None
+    if norm is not None:
+        if groups != 1 or norm[0].numel() != k:
+            raise ValueError(f"fp8 CUDA-core GEMV norm: one group and a [{k}] weight (got {groups}, "
+                             f"{norm[0].numel()})")
+        g = norm_weight(norm[0])
     bn, split, nw = cfg
     tiles = nt // bn
     if split > 1:
@@ -384,5 +470,5 @@ def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, ou
         x.stride(0) // 4, x.stride(1) // 4, ws.stride(0), out.stride(0),
         k // split, BLOCK_N=bn, TP=tp, SPLIT_K=split > 1, SCALE_E8M0=e8m0, F32=emulate or not x.is_cuda,
         ACC16=ACC16 if acc16 is None else acc16, DEPTH=DEPTH if depth is None else depth,
-        A8=A8 if a8 is None else a8, num_warps=nw,
-        num_stages=1, **pdl.launch(x.device))
+        A8=A8 if a8 is None else a8, g_ptr=g, eps=0.0 if norm is None else float(norm[1]), NORM=norm is not None,
+        num_warps=nw, num_stages=1, **pdl.launch(x.device))

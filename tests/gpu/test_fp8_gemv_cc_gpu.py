@@ -98,3 +98,35 @@ def test_cc_graph_replay_and_dispatch(monkeypatch):
         replay()
     torch.cuda.synchronize()
     assert torch.equal(got, eager)
+
+
+@pytest.mark.parametrize("shape", [(8192, 1024, 1), (16384, 1024, 1)])
+def test_cc_norm_matches_the_reference(shape):
+    # NORM (the decode q_norm inside wq_b's / the indexer wq_b's GEMV): RMSNorm_g(x) rounded to bf16, then the GEMV
+    # (model.layers.RMSNorm + fp8_linear_ref), at T = 1..4, the table's tiles and others, eagerly and from a graph;
+    # fp8_gemv.linear_norm takes this form at T = 1
+    from ds4f.kernels import fp8_gemv
+    from ds4f.model.layers import rms_normalize
+
+    nt, k, _ = shape
+    w, s = _weights(nt, k)
+    ws, e8m0 = _scale_arg(s)
+    g = torch.rand(k, device="cuda") * 2
+    for t in (1, 2, 4):
+        x = (torch.randn(t, k, device="cuda") * 4).bfloat16()
+        want = fp8_linear_ref((g * rms_normalize(x.float(), 1e-6)).bfloat16(), w, s, torch.float32)
+        for cfg, depth in (fp8_gemv_cc.config(nt, k, 1, 132), ((32, 2, 8), 1), ((64, 1, 4), 2)):
+            for acc16 in (False, True):
+                out = torch.empty(t, 1, nt, dtype=torch.bfloat16, device="cuda")
+                fp8_gemv_cc.launch_cc(x.view(t, 1, k), w, ws, e8m0, out, 1, cfg, depth=depth, acc16=acc16,
+                                      norm=(g, 1e-6))
+                assert _rel(out[:, 0], want) < OUT_TOL, (shape, t, cfg, depth, acc16, _rel(out[:, 0], want))
+    x = (torch.randn(1, k, device="cuda") * 4).bfloat16()
+    want = fp8_linear_ref((g * rms_normalize(x.float(), 1e-6)).bfloat16(), w, s, torch.float32)
+    assert fp8_gemv_cc.norm_takes(x, nt, k)
+    got = fp8_gemv.linear_norm(x, g, 1e-6, w, ws, e8m0, True)
+    assert _rel(got, want) < OUT_TOL
+    got_g, replay = graph_out(lambda: fp8_gemv.linear_norm(x, g, 1e-6, w, ws, e8m0, True))
+    replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got_g, got)

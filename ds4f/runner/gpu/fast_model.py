@@ -220,9 +220,14 @@ class FastModel:
                            cache.ring(i), cache.index[i], 0, att.ratio)
 
         def index_q_raw() -> torch.Tensor:
-            # the q norm as its own launch (fused into this GEMV as into wq_b's: +17 us per CSA layer at 8K)
-            qi = qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight, a.rms_norm_eps)
-            return packed.linear(ix.wq_b, qi).view(T, ix.n_heads, ix.head_dim)
+            # the q norm inside the CUDA-core GEMV where it takes the shape (one launch, its K split kept), else
+            # its own launch (fused into the MMA GEMV, which then runs unsplit: +17 us per CSA layer at 8K)
+            if qr is None and packed.norm_in_gemv(ix.wq_b, parts[0]):
+                qi = packed.linear_norm(ix.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps)
+            else:
+                qi = packed.linear(ix.wq_b, qr if qr is not None else glue.rms_w(parts[0], att.q_norm.weight,
+                                                                                 a.rms_norm_eps))
+            return qi.view(T, ix.n_heads, ix.head_dim)
 
         def index_select(iq: torch.Tensor) -> torch.Tensor:
             """Indexer q (RoPE, head weights) over this step's keys -> attention rows idx [T, K]."""

@@ -105,6 +105,13 @@ def linear_norm(lin: Linear, x: torch.Tensor, g: torch.Tensor, eps: float) -> to
     return linear(lin, gemv.rms_norm_ref(x, g, eps))
 
 
+def norm_in_gemv(lin: Linear, x: torch.Tensor) -> bool:
+    """Whether linear_norm(lin, x, ...) runs the norm inside the CUDA-core FP8 GEMV (one launch, split K kept)."""
+    from ds4f.kernels import fp8_gemv_cc
+
+    return is_packed(lin) and _fp8_gemv_takes(lin, x) and fp8_gemv_cc.norm_takes(x, *_pk(lin)[0].shape)
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
