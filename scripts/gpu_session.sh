@@ -496,6 +496,18 @@ case "${1:-}" in
       tests/gpu/test_fast_model.py tests/gpu/test_tp_fast_gpu.py > /tmp/gpulogs/fast_model.log 2>&1 &
     wait; test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
     FULL_TTFT=0 S11_LIMIT=${S18_S:-220} bash "$0" s11full "$2" ;;
+  s19c)  # 1 GPU: the GPU tests of the CUDA-core GEMV's NORM (and the graph-decode packed tests), then rank 0 of the
+    # TP=2 step alone (s10sim, SIM_LAYERS layers) under each env of S10_AB (';'-separated, "-" = none; SIM_S s each)
+    mkdir -p /tmp/gpulogs
+    DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fp8_gemv_cc_gpu.py > /tmp/gpulogs/fp8_gemv_cc.log 2>&1 &
+    DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fast_packed_gpu.py -k "dense_side or (dequantized_w8 and True)" > /tmp/gpulogs/fast_packed.log 2>&1 &
+    wait; test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
+    IFS=';' read -ra V <<< "${S10_AB:--}"
+    n=0; for v in "${V[@]}"; do n=$((n + 1)); [ "$v" = "-" ] && v=""
+      SIM_TESTS="" SIM_ENV="$v" SIM_LIMIT=${SIM_S:-200} OUT="$OUT/v$n" bash "$0" s10sim "$2"
+      mv "$OUT/v$n/full.jsonl" "$OUT/full_v$n.jsonl" 2>/dev/null; done ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
