@@ -111,6 +111,7 @@ def check_cc() -> None:
     # fp8_gemv.linear_norm (the decode q_norm + wq_b) takes this form with its norm where it takes the shape
     from ds4f.kernels import fp8_gemv
 
+    fp8_gemv_cc.NORM = True  # DS4F_FP8_GEMV_CC_NORM=1 (off by default: measured slower)
     gw = torch.rand(512, generator=g) * 2
     ws, e8m0 = _scale_arg(s)
     x1 = x[:1].contiguous()

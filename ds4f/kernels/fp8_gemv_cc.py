@@ -84,11 +84,14 @@ ACC16 = os.environ.get("DS4F_FP8_GEMV_CC_ACC16", "1") != "0"
 # WARP_MAX_ASM): offline sm_90 SASS 6.5 vs 4.7 loop instructions per weight byte with bf16x2 products at 64-row
 # tiles, 9.2 vs 5.4 at 32
 A8 = os.environ.get("DS4F_FP8_GEMV_CC_A8", "0") == "1"
-# NORM (DS4F_FP8_GEMV_CC_NORM, on by default; "0" off): fp8_gemv.linear_norm (the decode q_norm + wq_b, and the
+# NORM (DS4F_FP8_GEMV_CC_NORM=1; off by default): fp8_gemv.linear_norm (the decode q_norm + wq_b, and the
 # indexer's wq_b on the same normed q) through this kernel where it takes the shape, the RMSNorm inside it (each
 # program computes the row's 1 / rms from the whole row first, then normalizes the x words it reads) instead of
-# the MMA kernel's norm (no K split there) or a norm launch before the GEMV
-NORM = os.environ.get("DS4F_FP8_GEMV_CC_NORM", "1") != "0"
+# the MMA kernel's norm (no K split there) or a norm launch before the GEMV. Measured slower: H200, rank 0 of the
+# TP=2 step alone, 12 layers (session 19, `bash scripts/gpu_session.sh s19c c336697`), replay 1.328 vs 1.300 ms at
+# one token; in its timeline wq_b with the norm ~11.6 us vs ~7 for the plain kernel (the prologue's row read and
+# reduction sit before every program's weight loop)
+NORM = os.environ.get("DS4F_FP8_GEMV_CC_NORM", "0") == "1"
 
 # ACC16's products: $0 = fma.bf16x2($3, $4, fma.bf16x2($1, $2, -0)) on packed bf16 pairs (a temporary, so $0 may
 # share a register with an input)

@@ -101,7 +101,7 @@ def test_cc_graph_replay_and_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(8192, 1024, 1), (16384, 1024, 1)])
-def test_cc_norm_matches_the_reference(shape):
+def test_cc_norm_matches_the_reference(shape, monkeypatch):
     # NORM (the decode q_norm inside wq_b's / the indexer wq_b's GEMV): RMSNorm_g(x) rounded to bf16, then the GEMV
     # (model.layers.RMSNorm + fp8_linear_ref), at T = 1..4, the table's tiles and others, eagerly and from a graph;
     # fp8_gemv.linear_norm takes this form at T = 1
@@ -123,6 +123,7 @@ def test_cc_norm_matches_the_reference(shape):
                 assert _rel(out[:, 0], want) < OUT_TOL, (shape, t, cfg, depth, acc16, _rel(out[:, 0], want))
     x = (torch.randn(1, k, device="cuda") * 4).bfloat16()
     want = fp8_linear_ref((g * rms_normalize(x.float(), 1e-6)).bfloat16(), w, s, torch.float32)
+    monkeypatch.setattr(fp8_gemv_cc, "NORM", True)  # DS4F_FP8_GEMV_CC_NORM=1 (off by default)
     assert fp8_gemv_cc.norm_takes(x, nt, k)
     got = fp8_gemv.linear_norm(x, g, 1e-6, w, ws, e8m0, True)
     assert _rel(got, want) < OUT_TOL

@@ -220,8 +220,8 @@ class FastModel:
                            cache.ring(i), cache.index[i], 0, att.ratio)
 
         def index_q_raw() -> torch.Tensor:
-            # the q norm inside the CUDA-core GEMV where it takes the shape (one launch, its K split kept), else
-            # its own launch (fused into the MMA GEMV, which then runs unsplit: +17 us per CSA layer at 8K)
+            # the q norm inside the CUDA-core GEMV with DS4F_FP8_GEMV_CC_NORM=1 (measured slower, off), else its
+            # own launch (fused into the MMA GEMV, which then runs unsplit: +17 us per CSA layer at 8K)
             if qr is None and packed.norm_in_gemv(ix.wq_b, parts[0]):
                 qi = packed.linear_norm(ix.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps)
             else:
