@@ -508,6 +508,9 @@ case "${1:-}" in
     n=0; for v in "${V[@]}"; do n=$((n + 1)); [ "$v" = "-" ] && v=""
       SIM_TESTS="" SIM_ENV="$v" SIM_LIMIT=${SIM_S:-200} OUT="$OUT/v$n" bash "$0" s10sim "$2"
       mv "$OUT/v$n/full.jsonl" "$OUT/full_v$n.jsonl" 2>/dev/null; done ;;
+  s19p)  # 1 GPU: the register-fed MMA probe (bench/probe_mma_regs.py): its exactness at T = 1..8, then GB/s against
+    # a copy at 256 MB and the TP=2 decode shapes, T = 1 / 4 (~60 s)
+    timeout "${P_S:-200}" python3 bench/probe_mma_regs.py --out "$OUT/mma_regs.jsonl" 2>&1 | tail -n 80 ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
