@@ -18,10 +18,14 @@ a1, 16 + 4t.. of a2 / a3, and of b0 / b1), bytes 8-15 a second. Accumulators per
 weight block's and the token's scale (the a8 form: fp8_linear_a8_ref's math on pre-quantized x), summed in fp32.
 Lane l's results: rows g and g + 8, tokens 2t and 2t + 1.
 
-Offline sm_90 SASS (session 19; not yet run on a GPU): ~1.7-1.8 loop instructions per weight byte per thread at
-any T <= 8 (half of them the F2FP e4m3 -> f16 unpacks Hopper needs; sm_89 / sm_121 take e4m3 natively), against
-4.7-6.5 for the CUDA-core GEMV at T = 1 and ~11 at T = 4. CPU-checked: the data movement emulated against the
-product (tests/test_probe_mma_regs.py).
+The BF16 form (x bf16 as is: the w8 math of today's one-token CUDA-core default, no x quantization, so one token
+and several compute alike) widens each weight word to two bf16 pairs in registers (fp8_gemv.E4M3_BF16_ASM's ops)
+and issues four m16n8k16 per 64 columns; it runs on any sm_80+.
+
+Offline sm_90 SASS (session 19; not yet run on a GPU), loop instructions per weight byte per thread at any T <= 8:
+e4m3 form ~1.7 (half of them the F2FP e4m3 -> f16 unpacks Hopper needs; sm_89 / sm_121 take e4m3 natively), BF16
+form ~2.6 (the widening: prmt, shift, and, bf16x2 multiply per byte pair); the CUDA-core GEMV: 4.7-6.5 at T = 1, ~11
+at T = 4. CPU-checked: the data movement of both forms emulated against the product (tests/test_probe_mma_regs.py).
 
 1. Exactness: random e4m3 weights with fp32 block scales and e4m3 x with per-128 scales against the dequantized
    fp32 product (equal up to summation order), T = 1, 4, 8.
@@ -56,6 +60,34 @@ mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {$0,$1,$2,$3}, {$6,$10,$7,$1
 }""")
 
 
+def _widen_words(src: str, dst: str) -> str:
+    # e4m3 word src -> bf16 pairs dst0 (bytes 0, 1) and dst1 (bytes 2, 3), exactly (fp8_gemv.E4M3_BF16_ASM's ops)
+    return (f"prmt.b32 t0, {src}, 0, 0x9180;\nprmt.b32 t1, {src}, 0, 0xB3A2;\nshl.b32 t0, t0, 4;\nshl.b32 t1, t1, 4;\n"
+            f"and.b32 t0, t0, 0x87F087F0;\nand.b32 t1, t1, 0x87F087F0;\nfma.rn.bf16x2 {dst}0, t0, k, z;\n"
+            f"fma.rn.bf16x2 {dst}1, t1, k, z;\n")
+
+
+# D (4 fp32) = four m16n8k16 bf16 MMAs over 64 k-slots + C: rows g / g + 8 as $4-$7 / $8-$11 (16 e4m3 bytes each,
+# widened to bf16 here), x's 16 bf16 of row g as $12-$15 / $16-$19, C as $20-$23. MMA i: the pairs (4i, 4i + 1) of
+# both rows and of x at slots 2t, 2t + 1, the pairs (4i + 2, 4i + 3) at slots 8 + 2t, 9 + 2t
+_BF = ".reg .b32 k, z, t0, t1;\n.reg .b32 " + ", ".join(f"g{i}{j}, h{i}{j}" for i in range(4) for j in range(2)) + ";\n"
+_BF += ".reg .f32 d<4>;\nmov.b32 k, 0x7B807B80;\nmov.b32 z, 0x80008000;\n"
+_BF += "".join(_widen_words(f"${4 + i}", f"g{i}") + _widen_words(f"${8 + i}", f"h{i}") for i in range(4))
+for _i in range(4):
+    _x = 12 + 4 * (_i // 2) + 2 * (_i % 2)
+    _c = "$20, $21, $22, $23" if _i == 0 else "d0, d1, d2, d3"
+    _d = "$0, $1, $2, $3" if _i == 3 else "d0, d1, d2, d3"
+    _BF += (f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{_d}}}, {{g{_i}0, h{_i}0, g{_i}1, h{_i}1}}, "
+            f"{{${_x}, ${_x + 1}}}, {{{_c}}};\n")
+MMA4_BF16 = tl.constexpr("{\n" + _BF + "}")
+
+
+@triton.jit
+def _mma4_bf16(ag, ah, x0, x1, c):
+    return tl.inline_asm_elementwise(MMA4_BF16, "=f,=f,=f,=f," + "r," * 16 + "f,f,f,f", [ag, ah, x0, x1, c],
+                                     dtype=tl.float32, is_pure=True, pack=4)
+
+
 @triton.jit
 def _mma2(ag, ah, b, c):
     return tl.inline_asm_elementwise(MMA2, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,r,r,r,r,f,f,f,f", [ag, ah, b, c],
@@ -63,9 +95,12 @@ def _mma2(ag, ah, b, c):
 
 
 @triton.jit
-def _gemv_mma_regs(w_ptr, ws_ptr, x_ptr, xs_ptr, o_ptr, T, N, K, NW: tl.constexpr, TILES: tl.constexpr):
+def _gemv_mma_regs(w_ptr, ws_ptr, x_ptr, xs_ptr, o_ptr, T, N, K, NW: tl.constexpr, TILES: tl.constexpr,
+                   BF16: tl.constexpr = False):
     # w: [N, K] e4m3 as int32 words [N, K / 4]; ws: [N / 128, K / 128] fp32; x: [T, K] e4m3 as words; xs: [T, K / 128]
-    # fp32; o: [T, N] fp32. Program p: warps w < NW, tiles p * NW * TILES + w * TILES + i (16 rows each), all of K
+    # fp32; o: [T, N] fp32. Program p: warps w < NW, tiles p * NW * TILES + w * TILES + i (16 rows each), all of K.
+    # BF16: x [T, K] bf16 as words [T, K / 2] read as is (the w8 form: no x scale, xs unused), weights widened to
+    # bf16 in registers, four m16n8k16 MMAs per 64 columns
     r = tl.arange(0, 32 * NW)
     c = tl.arange(0, 4)
     lane = r % 32
@@ -85,12 +120,23 @@ def _gemv_mma_regs(w_ptr, ws_ptr, x_ptr, xs_ptr, o_ptr, T, N, K, NW: tl.constexp
         blk1 = tl.zeros([32 * NW, 4], tl.float32)
         for h in tl.static_range(2):
             k0w = kb * 32 + h * 16
-            b = tl.load(x_row + k0w, mask=xm, other=0)
             w0 = w_ptr + (tile[:, None] * 16 + g[:, None]).to(tl.int64) * kw + k0w + col
-            blk0 = _mma2(tl.load(w0), tl.load(w0 + 8 * kw), b, blk0)
-            if TILES > 1:
-                blk1 = _mma2(tl.load(w0 + 16 * kw), tl.load(w0 + 24 * kw), b, blk1)
-        sx = tl.load(xs_ptr + tok * (K // 128) + kb, mask=tok < T, other=0.0)
+            if BF16:  # x's 16 bf16 at 16t: words 8t .. 8t + 7 of row g (K / 2 words per row)
+                xb = x_ptr + g[:, None] * (K // 2) + 2 * k0w + 8 * t[:, None] + c[None, :]
+                x0 = tl.load(xb, mask=xm, other=0)
+                x1 = tl.load(xb + 4, mask=xm, other=0)
+                blk0 = _mma4_bf16(tl.load(w0), tl.load(w0 + 8 * kw), x0, x1, blk0)
+                if TILES > 1:
+                    blk1 = _mma4_bf16(tl.load(w0 + 16 * kw), tl.load(w0 + 24 * kw), x0, x1, blk1)
+            else:
+                b = tl.load(x_row + k0w, mask=xm, other=0)
+                blk0 = _mma2(tl.load(w0), tl.load(w0 + 8 * kw), b, blk0)
+                if TILES > 1:
+                    blk1 = _mma2(tl.load(w0 + 16 * kw), tl.load(w0 + 24 * kw), b, blk1)
+        if BF16:
+            sx = tl.where(tok < T, 1.0, 0.0)
+        else:
+            sx = tl.load(xs_ptr + tok * (K // 128) + kb, mask=tok < T, other=0.0)
         acc0 += blk0 * (tl.load(ws_ptr + (tile[:, None] * 16 // 128) * (K // 128) + kb) * sx)
         if TILES > 1:
             acc1 += blk1 * (tl.load(ws_ptr + ((tile[:, None] + 1) * 16 // 128) * (K // 128) + kb) * sx)
@@ -99,9 +145,12 @@ def _gemv_mma_regs(w_ptr, ws_ptr, x_ptr, xs_ptr, o_ptr, T, N, K, NW: tl.constexp
         tl.store(o_ptr + tok * N + orow + 16, acc1, mask=tok < T)
 
 
-def emulate(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """The kernel's data movement in torch (per 16-row tile and 64-column step: each lane's words, the two MMAs'
-    operands rebuilt by the PTX ISA's m16n8k32 fragment layout, the block scales) -> out [T, N] fp32."""
+def emulate(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor, xs: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's data movement in torch (per 16-row tile and 64-column step: each lane's words, the MMAs' operands
+    rebuilt by the PTX ISA's fragment layouts, the block scales) -> out [T, N] fp32. xs None: the BF16 form (x
+    bf16, four m16n8k16 per step)."""
+    if xs is None:
+        return _emulate_bf16(w, ws, x)
     n, k = w.shape
     tt = x.shape[0]
     wb, xb = w.view(torch.uint8), torch.zeros(8, k, dtype=torch.uint8)
@@ -133,18 +182,48 @@ def emulate(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor, xs: torch.Tensor
     return out[:tt]
 
 
-def reference(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """Dequantize-then-matmul: W * its 128 x 128 block scales, x * its per-128 scales, fp32."""
+def _emulate_bf16(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    n, k = w.shape
+    tt = x.shape[0]
+    wf, xf = w.float(), torch.zeros(8, k)
+    xf[:tt] = x.float()
+    out = torch.zeros(8, n)
+    for tile in range(n // 16):
+        acc = torch.zeros(16, 8)
+        for kb in range(k // 128):
+            blk = torch.zeros(16, 8)
+            for h in range(2):
+                for i in range(4):  # m16n8k16 i: pairs (4i, 4i+1) at slots 2t, 2t+1; (4i+2, 4i+3) at 8+2t, 9+2t
+                    a, bt = torch.zeros(16, 16), torch.zeros(16, 8)
+                    for ln in range(32):
+                        gg, t4 = ln // 4, ln % 4
+                        s0 = kb * 128 + h * 64 + 16 * t4 + 4 * i
+                        for row, src in ((gg, 16 * tile + gg), (gg + 8, 16 * tile + gg + 8)):
+                            a[row, 2 * t4:2 * t4 + 2] = wf[src, s0:s0 + 2]  # a0 / a1
+                            a[row, 8 + 2 * t4:10 + 2 * t4] = wf[src, s0 + 2:s0 + 4]  # a2 / a3
+                        bt[2 * t4:2 * t4 + 2, gg] = xf[gg, s0:s0 + 2]  # b0
+                        bt[8 + 2 * t4:10 + 2 * t4, gg] = xf[gg, s0 + 2:s0 + 4]  # b1
+                    blk += a @ bt
+            acc += blk * ws[16 * tile // 128, kb]
+        out[:, 16 * tile:16 * tile + 16] = acc.t()
+    return out[:tt]
+
+
+def reference(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor, xs: torch.Tensor | None) -> torch.Tensor:
+    """Dequantize-then-matmul: W * its 128 x 128 block scales, x * its per-128 scales (None: x as is), fp32."""
     wf = w.float() * ws.repeat_interleave(128, 0).repeat_interleave(128, 1)[: w.shape[0], : w.shape[1]]
-    xf = x.float() * xs.repeat_interleave(128, 1)[:, : x.shape[1]]
+    xf = x.float() if xs is None else x.float() * xs.repeat_interleave(128, 1)[:, : x.shape[1]]
     return xf @ wf.t()
 
 
-def run(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor, xs: torch.Tensor, nw: int, tiles: int) -> torch.Tensor:
+def run(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor, xs: torch.Tensor | None, nw: int,
+        tiles: int) -> torch.Tensor:
+    """xs None: x bf16, the BF16 form."""
     n, k = w.shape
     out = torch.empty(x.shape[0], n, dtype=torch.float32, device=w.device)
-    _gemv_mma_regs[(n // (16 * nw * tiles),)](w.view(torch.int32), ws, x.view(torch.int32), xs, out, x.shape[0], n, k,
-                                             NW=nw, TILES=tiles, num_warps=nw)
+    _gemv_mma_regs[(n // (16 * nw * tiles),)](w.view(torch.int32), ws, x.view(torch.int32), ws if xs is None else xs,
+                                             out, x.shape[0], n, k, NW=nw, TILES=tiles, BF16=xs is None,
+                                             num_warps=nw)
     return out
 
 
@@ -166,27 +245,32 @@ def main() -> None:
     # 1. exactness (fp32 sums of exact products, block-scaled: summation order only)
     for n, k, tt, nw, tiles in ((256, 512, 1, 4, 1), (512, 1024, 4, 4, 2), (256, 384, 8, 8, 1), (1024, 256, 3, 2, 2)):
         w, ws, x, xs = e4m3(n, k), scales(n // 128, k // 128), e4m3(tt, k), scales(tt, k // 128)
-        got, want = run(w, ws, x, xs, nw, tiles), reference(w, ws, x, xs)
-        err = ((got - want).norm() / want.norm()).item()
-        print(f"exact [{n}, {k}] T={tt} nw={nw} tiles={tiles}: rel err {err:.2e} {'OK' if err < 1e-5 else 'WRONG'}")
-        recs.append(dict(case="mma_regs_exact", N=n, K=k, T=tt, nw=nw, tiles=tiles, rel_err=err, ok=err < 1e-5))
+        xb = torch.randn(tt, k, device=dev, generator=g).bfloat16()
+        for form, xx, ss in (("e4m3", x, xs), ("bf16", xb, None)):
+            got, want = run(w, ws, xx, ss, nw, tiles), reference(w, ws, xx, ss)
+            err = ((got - want).norm() / want.norm()).item()
+            print(f"exact {form} [{n}, {k}] T={tt} nw={nw} tiles={tiles}: rel err {err:.2e} "
+                  f"{'OK' if err < 1e-5 else 'WRONG'}")
+            recs.append(dict(case="mma_regs_exact", form=form, N=n, K=k, T=tt, nw=nw, tiles=tiles, rel_err=err,
+                             ok=err < 1e-5))
     # 2. streaming: 256 MB, then the TP=2 decode shapes (fp8_gemv.CONFIGS' names; wo_a's groups as one matrix)
     copy_gbps, _ = measure_ceilings(iters=10)
     shapes = {"256MB": (65536, 4096), "IN_PROJ": (1536, 4096), "IDX_WQ_B": (8192, 1024), "WQ_B_TP2": (16384, 1024),
               "WO_A_TP2": (4096, 4096), "WO_B_TP2": (4096, 4096), "W13_TP2": (2048, 4096), "W2_TP2": (4096, 1024)}
     for name, (n, k) in shapes.items():
         w, ws = e4m3(n, k), scales(n // 128, k // 128)
-        for tt in (1, 4):
-            x, xs = e4m3(tt, k), scales(tt, k // 128)
+        for tt, form in ((1, "e4m3"), (4, "e4m3"), (1, "bf16"), (4, "bf16")):
+            x = e4m3(tt, k) if form == "e4m3" else torch.randn(tt, k, device=dev, generator=g).bfloat16()
+            xs = scales(tt, k // 128) if form == "e4m3" else None
             for nw, tiles in ((4, 1), (4, 2), (8, 1), (2, 2), (1, 2)):
                 if n % (16 * nw * tiles):
                     continue
                 us = time_us(lambda w=w, ws=ws, x=x, xs=xs, nw=nw, tiles=tiles: run(w, ws, x, xs, nw, tiles),
                              iters=30)
                 gbps = n * k / us / 1e3
-                print(f"stream {name} [{n}, {k}] T={tt} nw={nw} tiles={tiles}: {us:.2f} us, {gbps:.0f} GB/s, "
+                print(f"stream {form} {name} [{n}, {k}] T={tt} nw={nw} tiles={tiles}: {us:.2f} us, {gbps:.0f} GB/s, "
                       f"{gbps / copy_gbps:.2f} copy")
-                recs.append(dict(case="mma_regs_stream", shape=name, N=n, K=k, T=tt, nw=nw, tiles=tiles,
+                recs.append(dict(case="mma_regs_stream", form=form, shape=name, N=n, K=k, T=tt, nw=nw, tiles=tiles,
                                  time_us=round(us, 2), gbps=round(gbps, 1), frac_copy=round(gbps / copy_gbps, 3),
                                  copy_gbps=round(copy_gbps, 1)))
     if args.out:
