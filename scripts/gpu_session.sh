@@ -511,6 +511,16 @@ case "${1:-}" in
   s19p)  # 1 GPU: the register-fed MMA probe (bench/probe_mma_regs.py): its exactness at T = 1..8, then GB/s against
     # a copy at 256 MB and the TP=2 decode shapes, T = 1 / 4 (~60 s)
     timeout "${P_S:-200}" python3 bench/probe_mma_regs.py --out "$OUT/mma_regs.jsonl" 2>&1 | tail -n 80 ;;
+  s19m)  # 1 GPU: the register-fed MMA GEMV (ds4f/kernels/fp8_gemv_mma.py, opt-in): its GPU tests (the PTX MMAs
+    # against the reference and their emulation), the probe (bench/probe_mma_regs.py), then its sweep against
+    # today's default per T at the TP=2 shapes (PICK_MMA lines); ~300 s
+    mkdir -p /tmp/gpulogs
+    DS4F_COMPILE=0 timeout "${T_CAP:-120}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fp8_gemv_mma_gpu.py > /tmp/gpulogs/fp8_gemv_mma.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 40 /tmp/gpulogs/fp8_gemv_mma.log > "$OUT/gpu_tails.log"
+    timeout "${P_S:-100}" python3 bench/probe_mma_regs.py --out "$OUT/mma_regs.jsonl" 2>&1 | grep -E "exact|256MB|Error"
+    timeout "${M_S:-170}" python3 bench/sweep_fp8_gemv_mma.py --budget "${M_B:-140}" --tokens "${M_T:-1,4}" \
+      --out "$OUT/fp8_gemv_mma.jsonl" 2>&1 | grep -E "^(==|PICK)|Error" | tail -n 40 ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
