@@ -26,7 +26,8 @@ interpreter runs them (F32) for the CPU tests.
 
 Tiles: moe_mxfp4_decode's Cfg with BLOCK_K = 256 (64 words per row per step) and num_stages read as DEPTH (1 or
 2 blocks in flight); fused_moe_mxfp4 takes this form with config CC=1 (DEC the tiles) or, without a config,
-DS4F_MXFP4_CC=1 (opt-in until a GPU sweep times it: bench/sweep_mxfp4_a8.py --cc) at CONFIGS' tiles.
+DS4F_MXFP4_CC=1 (opt-in) at CONFIGS' tiles. Timed (H200, session 19, bench/sweep_mxfp4_a8.py --cc --tp 2,
+bench/results/moe_mxfp4.jsonl): best 27.3 us vs 22.4 for the a8 kernels at one token, 93.6 vs 60.9 at four: it loses.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ except ImportError:  # CPU-only installs: moe_mxfp4 never calls in here without 
 
 Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K (256), SPLIT, num_warps, DEPTH
 BLOCK_K = 256
-# (D, I, token bucket) -> (up, down) tiles; untimed first guesses (fp8_gemv_cc's best TP=2 tiles were 32-64 rows,
-# 4-8 K slices, two blocks in flight; offline sm_90 builds of these: 128 / 72 registers, no spills):
-# bench/sweep_mxfp4_a8.py --cc times them and others
+# (D, I, token bucket) -> (up, down) tiles: first guesses (fp8_gemv_cc's best TP=2 tiles were 32-64 rows, 4-8 K
+# slices, two blocks in flight; offline sm_90 builds of these: 128 / 72 registers, no spills); session 19's sweep
+# (bench/sweep_mxfp4_a8.py --cc) had 29.3 / 100.5 us for them at T = 1 / 4, its best 27.3 / 93.6 at
+# up (32, 256, 16, 4, 1), down (32, 256, 4, 4, 1)
 CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
     (4096, 1024, 1): ((32, 256, 8, 4, 2), (32, 256, 2, 4, 2)),
     (4096, 1024, 4): ((32, 256, 8, 4, 2), (32, 256, 2, 4, 2)),
