@@ -51,7 +51,7 @@ Cfg = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K (256), SPLIT, num_warps
 BLOCK_K = 256
 # (D, I, token bucket) -> (up, down) tiles: first guesses (fp8_gemv_cc's best TP=2 tiles were 32-64 rows, 4-8 K
 # slices, two blocks in flight; offline sm_90 builds of these: 128 / 72 registers, no spills); session 19's sweep
-# (bench/sweep_mxfp4_a8.py --cc) had 29.3 / 100.5 us for them at T = 1 / 4, its best 27.3 / 93.6 at
+# (bench/sweep_mxfp4_a8.py --cc) had 31.3 / 101.8 us for them at T = 1 / 4, its best 27.3 / 93.6 at
 # up (32, 256, 16, 4, 1), down (32, 256, 4, 4, 1)
 CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
     (4096, 1024, 1): ((32, 256, 8, 4, 2), (32, 256, 2, 4, 2)),
