@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import measure_ceilings, run_meta, time_us  # noqa: E402
+from ds4f.kernels.fp8_gemv_mma import mma4_asm  # noqa: E402
 
 # D (4 fp32) = two m16n8k32 MMAs over 64 k-slots + C: rows g / g + 8 as $4-$7 / $8-$11 (16 e4m3 bytes each), x's
 # 16 bytes as $12-$15, C as $16-$19
@@ -60,26 +61,10 @@ mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {$0,$1,$2,$3}, {$6,$10,$7,$1
 }""")
 
 
-def _widen_words(src: str, dst: str) -> str:
-    # e4m3 word src -> bf16 pairs dst0 (bytes 0, 1) and dst1 (bytes 2, 3), exactly (fp8_gemv.E4M3_BF16_ASM's ops)
-    return (f"prmt.b32 t0, {src}, 0, 0x9180;\nprmt.b32 t1, {src}, 0, 0xB3A2;\nshl.b32 t0, t0, 4;\nshl.b32 t1, t1, 4;\n"
-            f"and.b32 t0, t0, 0x87F087F0;\nand.b32 t1, t1, 0x87F087F0;\nfma.rn.bf16x2 {dst}0, t0, k, z;\n"
-            f"fma.rn.bf16x2 {dst}1, t1, k, z;\n")
-
-
-# D (4 fp32) = four m16n8k16 bf16 MMAs over 64 k-slots + C: rows g / g + 8 as $4-$7 / $8-$11 (16 e4m3 bytes each,
-# widened to bf16 here), x's 16 bf16 of row g as $12-$15 / $16-$19, C as $20-$23. MMA i: the pairs (4i, 4i + 1) of
-# both rows and of x at slots 2t, 2t + 1, the pairs (4i + 2, 4i + 3) at slots 8 + 2t, 9 + 2t
-_BF = ".reg .b32 k, z, t0, t1;\n.reg .b32 " + ", ".join(f"g{i}{j}, h{i}{j}" for i in range(4) for j in range(2)) + ";\n"
-_BF += ".reg .f32 d<4>;\nmov.b32 k, 0x7B807B80;\nmov.b32 z, 0x80008000;\n"
-_BF += "".join(_widen_words(f"${4 + i}", f"g{i}") + _widen_words(f"${8 + i}", f"h{i}") for i in range(4))
-for _i in range(4):
-    _x = 12 + 4 * (_i // 2) + 2 * (_i % 2)
-    _c = "$20, $21, $22, $23" if _i == 0 else "d0, d1, d2, d3"
-    _d = "$0, $1, $2, $3" if _i == 3 else "d0, d1, d2, d3"
-    _BF += (f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{_d}}}, {{g{_i}0, h{_i}0, g{_i}1, h{_i}1}}, "
-            f"{{${_x}, ${_x + 1}}}, {{{_c}}};\n")
-MMA4_BF16 = tl.constexpr("{\n" + _BF + "}")
+# D (4 fp32) = four m16n8k16 bf16 MMAs over 64 k-slots + C, the weights widened to bf16 in the asm: the
+# register-fed GEMV's instructions (fp8_gemv_mma.mma4_asm; operands $4-$7 / $8-$11 rows g / g + 8, $12-$19 x's 16
+# bf16, $20-$23 C)
+MMA4_BF16 = tl.constexpr(mma4_asm())
 
 
 @triton.jit
@@ -146,65 +131,36 @@ def _gemv_mma_regs(w_ptr, ws_ptr, x_ptr, xs_ptr, o_ptr, T, N, K, NW: tl.constexp
 
 
 def emulate(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor, xs: torch.Tensor | None) -> torch.Tensor:
-    """The kernel's data movement in torch (per 16-row tile and 64-column step: each lane's words, the MMAs' operands
-    rebuilt by the PTX ISA's fragment layouts, the block scales) -> out [T, N] fp32. xs None: the BF16 form (x
-    bf16, four m16n8k16 per step)."""
-    if xs is None:
-        return _emulate_bf16(w, ws, x)
+    """The kernel's data movement in torch (per 16-row tile and 64-column step: each lane's values, the MMAs'
+    operands rebuilt by the PTX ISA's fragment layouts, the block scales) -> out [T, N] fp32. xs given: the e4m3
+    form (two m16n8k32 per step: 4 values per register, a2 / a3 / b1 at k-slot 16); None: the BF16 form (x as is,
+    four m16n8k16: 2 values per register, the second registers at slot 8). MMA i of a step takes a lane's values
+    from column 16t + 2 vpr i: the first vpr at slots vpr t.., the next vpr at half + vpr t.."""
     n, k = w.shape
     tt = x.shape[0]
-    wb, xb = w.view(torch.uint8), torch.zeros(8, k, dtype=torch.uint8)
-    xb[:tt] = x.view(torch.uint8)
-    f8 = torch.float8_e4m3fn
-    out = torch.zeros(8, n)
-    for tile in range(n // 16):
-        acc = torch.zeros(16, 8)
-        for kb in range(k // 128):
-            blk = torch.zeros(16, 8)
-            for h in range(2):
-                k0 = kb * 128 + h * 64
-                for half in range(2):  # the asm's first / second MMA: bytes 0-7 / 8-15 of each lane's 16
-                    a, bt = torch.zeros(16, 32), torch.zeros(32, 8)
-                    for ln in range(32):
-                        gg, t4 = ln // 4, ln % 4
-                        s = k0 + 16 * t4 + 8 * half
-                        rg = wb[16 * tile + gg, s:s + 8].view(f8).float()
-                        rh = wb[16 * tile + gg + 8, s:s + 8].view(f8).float()
-                        xv = xb[gg, s:s + 8].view(f8).float()
-                        a[gg, 4 * t4:4 * t4 + 4], a[gg + 8, 4 * t4:4 * t4 + 4] = rg[:4], rh[:4]  # a0, a1
-                        a[gg, 16 + 4 * t4:20 + 4 * t4], a[gg + 8, 16 + 4 * t4:20 + 4 * t4] = rg[4:], rh[4:]  # a2, a3
-                        bt[4 * t4:4 * t4 + 4, gg], bt[16 + 4 * t4:20 + 4 * t4, gg] = xv[:4], xv[4:]  # b0, b1
-                    blk += a @ bt
-            sx = torch.zeros(8)
-            sx[:tt] = xs[:, kb]
-            acc += blk * ws[16 * tile // 128, kb] * sx[None, :]
-        out[:, 16 * tile:16 * tile + 16] = acc.t()
-    return out[:tt]
-
-
-def _emulate_bf16(w: torch.Tensor, ws: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    n, k = w.shape
-    tt = x.shape[0]
-    wf, xf = w.float(), torch.zeros(8, k)
+    vpr, mmas = (4, 2) if xs is not None else (2, 4)
+    half, slots = 4 * vpr, 8 * vpr
+    wf, xf, sx = w.float(), torch.zeros(8, k), torch.zeros(8, k // 128)
     xf[:tt] = x.float()
+    sx[:tt] = xs if xs is not None else 1.0
     out = torch.zeros(8, n)
     for tile in range(n // 16):
         acc = torch.zeros(16, 8)
         for kb in range(k // 128):
             blk = torch.zeros(16, 8)
             for h in range(2):
-                for i in range(4):  # m16n8k16 i: pairs (4i, 4i+1) at slots 2t, 2t+1; (4i+2, 4i+3) at 8+2t, 9+2t
-                    a, bt = torch.zeros(16, 16), torch.zeros(16, 8)
+                for i in range(mmas):
+                    a, bt = torch.zeros(16, slots), torch.zeros(slots, 8)
                     for ln in range(32):
                         gg, t4 = ln // 4, ln % 4
-                        s0 = kb * 128 + h * 64 + 16 * t4 + 4 * i
-                        for row, src in ((gg, 16 * tile + gg), (gg + 8, 16 * tile + gg + 8)):
-                            a[row, 2 * t4:2 * t4 + 2] = wf[src, s0:s0 + 2]  # a0 / a1
-                            a[row, 8 + 2 * t4:10 + 2 * t4] = wf[src, s0 + 2:s0 + 4]  # a2 / a3
-                        bt[2 * t4:2 * t4 + 2, gg] = xf[gg, s0:s0 + 2]  # b0
-                        bt[8 + 2 * t4:10 + 2 * t4, gg] = xf[gg, s0 + 2:s0 + 4]  # b1
+                        c0 = kb * 128 + h * 64 + 16 * t4 + 2 * vpr * i
+                        lo, hi = slice(vpr * t4, vpr * t4 + vpr), slice(half + vpr * t4, half + vpr * t4 + vpr)
+                        for row in (gg, gg + 8):  # a0 / a1, then a2 / a3
+                            a[row, lo] = wf[16 * tile + row, c0:c0 + vpr]
+                            a[row, hi] = wf[16 * tile + row, c0 + vpr:c0 + 2 * vpr]
+                        bt[lo, gg], bt[hi, gg] = xf[gg, c0:c0 + vpr], xf[gg, c0 + vpr:c0 + 2 * vpr]  # b0, b1
                     blk += a @ bt
-            acc += blk * ws[16 * tile // 128, kb]
+            acc += blk * ws[16 * tile // 128, kb] * sx[None, :, kb]
         out[:, 16 * tile:16 * tile + 16] = acc.t()
     return out[:tt]
 

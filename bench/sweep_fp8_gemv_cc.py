@@ -135,18 +135,25 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=150.0, help="seconds after which no new variant starts")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    drive(args, sweep_case, "bench/sweep_fp8_gemv_cc.py", depths=[int(d) for d in args.depths.split(",")])
+
+
+def drive(args: argparse.Namespace, case: Callable[[str, tuple[int, int, int], int, list, dict], str], script: str,
+          **extra: object) -> None:
+    """A GEMV sweep's main loop: the copy ceiling, then case(name, shape, t, weights, ctx) per shape of --shapes and
+    token count of --tokens (ctx: copy GB/s, --out, the --budget deadline, SMs, run metadata, extra), its PICK lines
+    printed again at the end."""
     shapes = v4_shapes()
     copy_gbps, _ = measure_ceilings(5)
-    ctx = dict(copy=copy_gbps, out=args.out, depths=[int(d) for d in args.depths.split(",")],
-               deadline=time.time() + args.budget,
+    ctx = dict(copy=copy_gbps, out=args.out, deadline=time.time() + args.budget,
                sms=torch.cuda.get_device_properties(0).multi_processor_count,
-               meta=run_meta("python3 bench/sweep_fp8_gemv_cc.py " + " ".join(sys.argv[1:])))
+               meta=run_meta(f"python3 {script} " + " ".join(sys.argv[1:])), **extra)
     print(f"device {ctx['meta']['gpu']} SMs {ctx['sms']} copy {copy_gbps:.0f} GB/s", flush=True)
     picks = []
     for name in args.shapes.split(","):
         w = weights(shapes[name], args.mb)
         print(f"== {name} {shapes[name]}", flush=True)
-        picks += [sweep_case(name, shapes[name], int(t), w, ctx) for t in args.tokens.split(",")]
+        picks += [case(name, shapes[name], int(t), w, ctx) for t in args.tokens.split(",")]
         del w
         torch.cuda.empty_cache()
     print("\n".join(picks), flush=True)

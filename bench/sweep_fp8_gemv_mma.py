@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure_ceilings, run_meta, time_graph
-from bench.sweep_fp8_gemv import rel, v4_shapes
-from bench.sweep_fp8_gemv_cc import TP2, weights
+from bench.common import time_graph
+from bench.sweep_fp8_gemv import rel
+from bench.sweep_fp8_gemv_cc import TP2, drive
 from ds4f.kernels import fp8_gemv, fp8_gemv_mma
 from ds4f.kernels.fp8_gemm import fp8_linear_ref
 
@@ -102,20 +102,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=150.0, help="seconds after which no new variant starts")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    shapes = v4_shapes()
-    copy_gbps, _ = measure_ceilings(5)
-    ctx = dict(copy=copy_gbps, out=args.out, deadline=time.time() + args.budget,
-               sms=torch.cuda.get_device_properties(0).multi_processor_count,
-               meta=run_meta("python3 bench/sweep_fp8_gemv_mma.py " + " ".join(sys.argv[1:])))
-    print(f"device {ctx['meta']['gpu']} SMs {ctx['sms']} copy {copy_gbps:.0f} GB/s", flush=True)
-    picks = []
-    for name in args.shapes.split(","):
-        w = weights(shapes[name], args.mb)
-        print(f"== {name} {shapes[name]}", flush=True)
-        picks += [sweep_case(name, shapes[name], int(t), w, ctx) for t in args.tokens.split(",")]
-        del w
-        torch.cuda.empty_cache()
-    print("\n".join(picks), flush=True)
+    drive(args, sweep_case, "bench/sweep_fp8_gemv_mma.py")
 
 
 if __name__ == "__main__":

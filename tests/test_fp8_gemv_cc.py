@@ -6,22 +6,54 @@ widening."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from interp import run_interpreted
 from test_fp8_gemv_interp import TOL, _rel  # fp32 outputs: summation order only
 
 
+def fp8_weights(g: torch.Generator, n: int, k: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantized e4m3 weights [n, k] whose 128-row blocks differ in scale by orders of magnitude."""
+    from ds4f.model.quant import quant_fp8_block
+
+    w = torch.randn(n, k, generator=g) * 0.05 * torch.logspace(-2, 2, n)[:, None]
+    return quant_fp8_block(w, fmt)
+
+
+def check_grouped(g: torch.Generator, launch: Callable[..., None], cfgs: list[tuple[int, tuple[int, ...]]]) -> None:
+    """launch(x, w, ws, e8m0, out, groups, cfg) on x [T, 3, K] (a strided view, as wo_a's caller passes) and W [3 *
+    128, K]: group i's rows read x[:, i] (fp8_linear_ref per group, fp32 outputs)."""
+    from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_ref
+
+    for t, cfg in cfgs:
+        q, s = fp8_weights(g, 3 * 128, 256, "ue8m0")
+        ws, e8m0 = _scale_arg(s)
+        xs = torch.randn(t, 3, 2 * 256, generator=g).bfloat16()[:, :, 128:384]
+        want = torch.stack([fp8_linear_ref(xs[:, i], q[128 * i:128 * (i + 1)], s[i:i + 1], torch.float32)
+                            for i in range(3)], 1)
+        out = torch.empty(t, 3, 128, dtype=torch.float32)
+        launch(xs, q, ws, e8m0, out, 3, cfg)
+        assert _rel(out, want) < TOL, (t, cfg, _rel(out, want))
+
+
+def spy(module: object, name: str) -> list[int]:
+    """Wrap module.name so each call appends 1 to the returned list (and still runs)."""
+    calls: list[int] = []
+    real = getattr(module, name)
+    setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 def check_cc() -> None:
     from ds4f.kernels import arrival, fp8_gemv_cc
     from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_a8_ref, fp8_linear_ref
-    from ds4f.model.quant import quant_fp8_block
 
     g = torch.Generator().manual_seed(0)
 
     def weights(n: int, k: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.randn(n, k, generator=g) * 0.05 * torch.logspace(-2, 2, n)[:, None]  # scales differ per block
-        return quant_fp8_block(w, fmt)
+        return fp8_weights(g, n, k, fmt)
 
     # (T, N, K, scale fmt, (BLOCK_N, SPLIT, warps), DEPTH: blocks in flight; 2 with 1- and 2-block K slices too)
     for t, n, k, fmt, cfg, depth in [(1, 256, 256, "ue8m0", (64, 1, 4), 1), (3, 128, 512, "float32", (32, 2, 4), 1),
@@ -86,23 +118,13 @@ def check_cc() -> None:
         fp8_gemv_cc.launch_cc(x.view(1, 1, k), q, ws, e8m0, out, 1, (32, 1, 4), norm=(gw[:128], 1e-6))
 
     # grouped: x [T, G, K] (a strided view, as wo_a's caller passes), W [G*N, K]; group i's rows read x[:, i]
-    for t, cfg in [(3, (32, 2, 4)), (1, (64, 1, 4))]:
-        q, s = weights(3 * 128, 256, "ue8m0")
-        ws, e8m0 = _scale_arg(s)
-        xs = torch.randn(t, 3, 2 * 256, generator=g).bfloat16()[:, :, 128:384]
-        want = torch.stack([fp8_linear_ref(xs[:, i], q[128 * i:128 * (i + 1)], s[i:i + 1], torch.float32)
-                            for i in range(3)], 1)
-        out = torch.empty(t, 3, 128, dtype=torch.float32)
-        fp8_gemv_cc.launch_cc(xs, q, ws, e8m0, out, 3, cfg, acc16=False)
-        assert _rel(out, want) < TOL, (t, cfg, _rel(out, want))
+    check_grouped(g, lambda *a: fp8_gemv_cc.launch_cc(*a, acc16=False), [(3, (32, 2, 4)), (1, (64, 1, 4))])
 
     # fp8_linear's decode GEMV entry takes this form for every shape with DS4F_FP8_GEMV_CC=1 (generic tiles, T up
     # to DS4F_FP8_GEMV_CC_MAX_T), and not when off
     from ds4f.kernels.fp8_gemm import Opts, fp8_linear
 
-    calls: list[int] = []
-    real = fp8_gemv_cc.launch_cc
-    fp8_gemv_cc.launch_cc = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    calls = spy(fp8_gemv_cc, "launch_cc")
     fp8_gemv_cc.ENABLED, fp8_gemv_cc.ALL_SHAPES, fp8_gemv_cc.MAX_T, fp8_gemv_cc.ACC16 = True, True, 4, False
     q, s = weights(256, 512, "ue8m0")
     x = (torch.randn(3, 512, generator=g) * 3).bfloat16()

@@ -9,19 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 from interp import run_interpreted
+from test_fp8_gemv_cc import check_grouped, fp8_weights, spy  # the CUDA-core GEMV's shared checks
 from test_fp8_gemv_interp import TOL, _rel  # fp32 outputs: summation order only
 
 
 def check_mma() -> None:
     from ds4f.kernels import arrival, fp8_gemv_mma
     from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_ref
-    from ds4f.model.quant import quant_fp8_block
 
     g = torch.Generator().manual_seed(0)
 
     def weights(n: int, k: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.randn(n, k, generator=g) * 0.05 * torch.logspace(-2, 2, n)[:, None]  # scales differ per block
-        return quant_fp8_block(w, fmt)
+        return fp8_weights(g, n, k, fmt)
 
     # (T, N, K, scale fmt, (warps, tiles, split))
     for t, n, k, fmt, cfg in [(1, 128, 256, "ue8m0", (4, 2, 1)), (3, 128, 512, "float32", (2, 1, 2)),
@@ -38,22 +37,12 @@ def check_mma() -> None:
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_mma"))
 
     # grouped: x [T, G, K] (a strided view, as wo_a's caller passes), W [G*N, K]; group i's rows read x[:, i]
-    for t, cfg in [(3, (2, 1, 2)), (1, (4, 2, 1))]:
-        q, s = weights(3 * 128, 256, "ue8m0")
-        ws, e8m0 = _scale_arg(s)
-        xs = torch.randn(t, 3, 2 * 256, generator=g).bfloat16()[:, :, 128:384]
-        want = torch.stack([fp8_linear_ref(xs[:, i], q[128 * i:128 * (i + 1)], s[i:i + 1], torch.float32)
-                            for i in range(3)], 1)
-        out = torch.empty(t, 3, 128, dtype=torch.float32)
-        fp8_gemv_mma.launch_mma(xs, q, ws, e8m0, out, 3, cfg)
-        assert _rel(out, want) < TOL, (t, cfg, _rel(out, want))
+    check_grouped(g, fp8_gemv_mma.launch_mma, [(3, (2, 1, 2)), (1, (4, 2, 1))])
 
     # fp8_linear's decode GEMV entry takes this form with DS4F_FP8_GEMV_MMA=1 (T <= MAX_T), not when off
     from ds4f.kernels.fp8_gemm import Opts, fp8_linear
 
-    calls: list[int] = []
-    real = fp8_gemv_mma.launch_mma
-    fp8_gemv_mma.launch_mma = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    calls = spy(fp8_gemv_mma, "launch_mma")
     fp8_gemv_mma.ENABLED = True
     q, s = weights(256, 512, "ue8m0")
     x = (torch.randn(6, 512, generator=g) * 3).bfloat16()

@@ -28,11 +28,13 @@ lane registers (tl.dot over the rebuilt 16 x 64 and 64 x 8 tiles): everything bu
 from __future__ import annotations
 
 import os
+import re
 from functools import cache
 
 import torch
 
 from ds4f.kernels import arrival, pdl
+from ds4f.kernels.fp8_gemv import E4M3_BF16_ASM
 from ds4f.kernels.knobs import env_knobs
 
 try:
@@ -50,10 +52,11 @@ _TILES_ENV = env_knobs("DS4F_FP8_GEMV_MMA_TILES", 3, "4,2,1")  # "nw,tiles,split
 
 
 def _widen(src: str, dst: str) -> str:
-    # e4m3 word src -> bf16 pairs {dst}0 (bytes 0, 1) and {dst}1 (bytes 2, 3), exactly (fp8_gemv.E4M3_BF16_ASM)
-    return (f"prmt.b32 t0, {src}, 0, 0x9180;\nprmt.b32 t1, {src}, 0, 0xB3A2;\nshl.b32 t0, t0, 4;\nshl.b32 t1, t1, 4;\n"
-            f"and.b32 t0, t0, 0x87F087F0;\nand.b32 t1, t1, 0x87F087F0;\nfma.rn.bf16x2 {dst}0, t0, k, z;\n"
-            f"fma.rn.bf16x2 {dst}1, t1, k, z;\n")
+    # e4m3 word src -> bf16 pairs {dst}0 (bytes 0, 1) and {dst}1 (bytes 2, 3), exactly: fp8_gemv.E4M3_BF16_ASM's
+    # instructions on these registers (its t0, t1, k, z declared and k, z set once by mma4_asm)
+    names = {"$2": src, "$0": f"{dst}0", "$1": f"{dst}1"}
+    ops = [ln for ln in E4M3_BF16_ASM.splitlines() if ln.startswith(("prmt", "shl", "and", "fma"))]
+    return "".join(re.sub(r"\$[012](?!\d)", lambda m: names[m.group()], ln) + "\n" for ln in ops)
 
 
 def mma4_asm() -> str:
@@ -261,10 +264,9 @@ def x_ok(x: torch.Tensor) -> bool:
 
 
 def takes(x: torch.Tensor, nt: int, k: int, groups: int) -> bool:
-    """Whether launch_mma runs x [T, G, K] @ W [nt, k]^T by default: DS4F_FP8_GEMV_MMA=1, T <= MAX_T, a valid
-    generic tile, x_ok."""
-    return (ENABLED and 1 <= x.shape[0] <= MAX_T and k % 128 == 0 and valid(generic_config(nt, k, groups, 1 << 20),
-                                                                          nt, k, groups) and x_ok(x))
+    """Whether launch_mma runs x [T, G, K] @ W [nt, k]^T by default: DS4F_FP8_GEMV_MMA=1, T <= MAX_T, some valid
+    tile (the smallest, 16 rows per program, is valid whenever any is), x_ok."""
+    return ENABLED and 1 <= x.shape[0] <= MAX_T and valid((1, 1, 1), nt, k, groups) and x_ok(x)
 
 
 def launch_mma(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,

@@ -92,6 +92,6 @@ def test_dense_side_stream_decode_is_bit_identical(tmp_path: Path, monkeypatch: 
         _, got[v], fm = run_pair(all_hash(CONFIGS[name]()), tmp_path / f"{name}{v}", "cuda", prompt_lens=(37, 5, 21),
                                  decode_steps=12, graphs=True)
         assert fm.dense_side == (v == "1")
-        assert any(isinstance(w, packed.InProj) and w.mixed() for w in fm.w_in), "no mixed input run to move"
+        assert any(isinstance(w, packed.InProj) and w.mixed for w in fm.w_in), "no mixed input run to move"
     for a, b in zip(got["0"], got["1"]):
         assert torch.equal(a, b)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# the CUDA-core GEMV's GPU test: the same TP=2 shapes, weights and bound (bf16 outputs, fp32 sums)
+from test_fp8_gemv_cc_gpu import OUT_TOL, SHAPES, _rel, _weights
+
 from bench.common import graph_out
 from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv_mma
 from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_ref
@@ -16,21 +19,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton"),
 ]
-
-OUT_TOL = 5e-3  # bf16 output rounding (2^-9) and fp32 summation order only
-# (G*N, K, G) per rank at TP=2: IN_PROJ, IDX_WQ_B, WQ_B, WO_A (4 groups), WO_B, W13, W2
-SHAPES = [(1536, 4096, 1), (8192, 1024, 1), (16384, 1024, 1), (4096, 4096, 4), (4096, 4096, 1), (2048, 4096, 1),
-          (4096, 1024, 1)]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
-
-
-def _weights(nt: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    w = (torch.randn(nt, k, device="cuda") * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    s = torch.randint(118, 124, (nt // 128, k // 128), device="cuda", dtype=torch.uint8).view(torch.float8_e8m0fnu)
-    return w, s
 
 
 @pytest.mark.parametrize("shape", SHAPES)

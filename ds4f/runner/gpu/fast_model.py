@@ -187,7 +187,7 @@ class FastModel:
         # decode over packed inputs: the bf16 compressor / weights_proj run on a stream of its own beside the FP8
         # wq_a | wkv run (the compressors' chains start from it; the q paths from the FP8 run)
         dense = (sides[2] if sides is not None and self.dense_side and isinstance(w_in, packed.InProj)
-                 and w_in.mixed() else None)
+                 and w_in.mixed else None)
         y = packed.Cols([gemv.linear(xn, w_in)]) if isinstance(w_in, torch.Tensor) else w_in.cols(xn, dense)
         parts = y.split(self.w_in_split[i])
         o2 = sum(self.w_in_split[i][:2])  # [wkv | wgate] of a compressor are adjacent columns: slice, no copy

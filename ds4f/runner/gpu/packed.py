@@ -109,7 +109,8 @@ def norm_in_gemv(lin: Linear, x: torch.Tensor) -> bool:
     """Whether linear_norm(lin, x, ...) runs the norm inside the CUDA-core FP8 GEMV (one launch, split K kept)."""
     from ds4f.kernels import fp8_gemv_cc
 
-    return is_packed(lin) and _fp8_gemv_takes(lin, x) and fp8_gemv_cc.norm_takes(x, *_pk(lin)[0].shape)
+    return (fp8_gemv_cc.NORM and is_packed(lin) and _fp8_gemv_takes(lin, x)
+            and fp8_gemv_cc.norm_takes(x, *_pk(lin)[0].shape))
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -156,6 +157,8 @@ class InProj:
         with torch.no_grad():
             for kind, g in groups:
                 self.runs.append(self._dense(g) if kind == "dense" else self._fp8(g))
+        # both dense and FP8 runs (the packed checkpoint's attention inputs: wq_a | wkv FP8, compressors bf16)
+        self.mixed = len({r.s is None for r in self.runs}) == 2
 
     @staticmethod
     def _stackable(lin: Linear) -> bool:
@@ -199,10 +202,6 @@ class InProj:
             if ys[j] is None:
                 ys[j] = gemv.linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype)
         return [y for y in ys if y is not None]
-
-    def mixed(self) -> bool:
-        """Both dense and FP8 runs (the packed checkpoint's attention inputs: wq_a | wkv FP8, compressors bf16)."""
-        return len({r.s is None for r in self.runs}) == 2
 
     def cols(self, x: torch.Tensor, dense: torch.cuda.Stream | None = None) -> Cols:
         """x [T, K] -> the stacked output's columns as views of the runs' outputs (no concatenation)."""
