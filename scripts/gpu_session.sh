@@ -521,6 +521,15 @@ case "${1:-}" in
     timeout "${P_S:-100}" python3 bench/probe_mma_regs.py --out "$OUT/mma_regs.jsonl" 2>&1 | grep -E "exact|256MB|Error"
     timeout "${M_S:-170}" python3 bench/sweep_fp8_gemv_mma.py --budget "${M_B:-140}" --tokens "${M_T:-1,4}" \
       --out "$OUT/fp8_gemv_mma.jsonl" 2>&1 | grep -E "^(==|PICK)|Error" | tail -n 40 ;;
+  s20i)  # 1 GPU: the keys-major decode indexer (ds4f/kernels/indexer_dk.py, opt-in): its GPU tests, then its sweep
+    # against today's heads-major kernel at 1M (bench/sweep_indexer_dk.py, T=1 then T=4: PICK lines); ~250 s
+    mkdir -p /tmp/gpulogs
+    DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_indexer_dk_gpu.py > /tmp/gpulogs/indexer_dk.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 40 /tmp/gpulogs/indexer_dk.log > "$OUT/gpu_tails.log"
+    for t in ${I_T:-1 4}; do
+      timeout "${I_S:-120}" python3 bench/sweep_indexer_dk.py --tokens "$t" --out "$OUT/indexer_dk.jsonl" 2>&1 \
+        | grep -E "^(km|chain|PICK)|Error"; done ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

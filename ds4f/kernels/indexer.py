@@ -54,6 +54,9 @@ if DECODE_KNOBS[2] < 4:  # session 18's sweep: 64 x 8 x 2 warps x 4 stages gave 
 # small kernel's zeroing (the buffer comes zeroed); opt-in: H200, one token at 1M (bench/kernel_times_long.py,
 # session 15), the chain 49.9 vs 51.7 us alone, 49.2 vs 49.3 with DS4F_TOPK_SPARSE_ADD (now the default): the indexer
 # takes 2.5 us longer for the pass it saves
+# decode calls (< TB_MIN_T tokens) through the keys-major kernel (ds4f.kernels.indexer_dk):
+# "block_l,n_inner,num_warps,num_stages" (n_inner 0 = auto as DS4F_INDEXER_DECODE's); unset: _indexer_fwd
+DECODE_KM = env_knobs("DS4F_INDEXER_DECODE_KM", 4, "128,4,4,3", minimum=0)
 INDEXER_HIST = bool((env_knobs("DS4F_INDEXER_HIST", 1, "1", minimum=0) or (0,))[0])
 TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,0", minimum=0) or (2048, 0)
 # rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off;
@@ -158,6 +161,7 @@ def indexer_scores(
     zero_rank: bool = False,
     strided: bool = True,
     hist: torch.Tensor | None = None,
+    decode_km: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """scores [T, L] fp32 = scale * Σ_h w[t,h] ReLU(q[t,h]·k[slots[seq_of[t], l]]), -inf at l >= valid_len[t].
 
@@ -175,7 +179,9 @@ def indexer_scores(
     strided (one token per program): a program's n_inner key blocks lie a grid apart (else adjacent; the scores are
     the same); decode calls take n_inner down to leave ~2 programs per SM at a short L. hist (decode calls of one
     token per program, Triton only; from decode_hist_buffer): int32, zeroed; row t's first 256 entries get the
-    histogram of the top 8 bits of its finite scores' radix sort keys (topk_indices' hist_buf)."""
+    histogram of the top 8 bits of its finite scores' radix sort keys (topk_indices' hist_buf). decode_km
+    (block_l, n_inner, num_warps, num_stages; default DS4F_INDEXER_DECODE_KM, () = off): calls of < TB_MIN_T tokens
+    without a token_block take the keys-major decode kernel (ds4f.kernels.indexer_dk) with that tile."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -212,6 +218,15 @@ def indexer_scores(
             block_l, num_warps = TB_KNOBS[1], TB_KNOBS[2]
         if len(TB_KNOBS) == 4:
             num_stages = TB_KNOBS[3]
+    km = DECODE_KM if decode_km is None else decode_km
+    if km and token_block is None and T < TB_MIN_T and n_inner is None:
+        block_l, n_inner, num_warps, num_stages = km
+        few = max(1, triton.cdiv(T * L, block_l * 2 * sm_count(q.device)))  # ~2 programs per SM at a short L
+        n_inner = min(n_inner or 8, few)
+        from ds4f.kernels.indexer_dk import launch as launch_dk
+
+        return launch_dk(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, block_l, n_inner, num_warps,
+                         num_stages, zero_rank, strided, hist)
     if token_block is None and T < TB_MIN_T and n_inner is None:
         block_l, n_inner, num_warps, num_stages = DECODE_KNOBS
         if n_inner:  # a short L (static): fewer blocks per program while that leaves under ~2 programs per SM
