@@ -55,9 +55,17 @@ if DECODE_KNOBS[2] < 4:  # session 18's sweep: 64 x 8 x 2 warps x 4 stages gave 
 # session 15), the chain 49.9 vs 51.7 us alone, 49.2 vs 49.3 with DS4F_TOPK_SPARSE_ADD (now the default): the indexer
 # takes 2.5 us longer for the pass it saves
 # decode calls (< TB_MIN_T tokens) through the keys-major kernel (ds4f.kernels.indexer_dk):
-# "block_l,n_inner,num_warps,num_stages" (n_inner 0 = auto as DS4F_INDEXER_DECODE's); unset: _indexer_fwd
-DECODE_KM = env_knobs("DS4F_INDEXER_DECODE_KM", 4, "128,4,4,3", minimum=0)
-INDEXER_HIST = bool((env_knobs("DS4F_INDEXER_HIST", 1, "1", minimum=0) or (0,))[0])
+# "block_l,n_inner,num_warps,num_stages" (n_inner 0 = auto, capped as DS4F_INDEXER_DECODE's; block_l 0: the
+# heads-major _indexer_fwd with DS4F_INDEXER_DECODE's tile). H200, 262,144 entries, 16 calls back to back over 4 key
+# pools (bench/sweep_indexer_dk.py, session 20): one token 13.3 us at 128 x 4 x 4 warps x 3 stages vs 18.8
+# heads-major (0.64 vs 0.45 of copy); four tokens 34.7 vs 59.2 (32.5 at n_inner 8)
+DECODE_KM = env_knobs("DS4F_INDEXER_DECODE_KM", 4, "128,4,4,3", minimum=0) or (128, 4, 4, 3)
+# DS4F_INDEXER_HIST=N: decode calls of at most N tokens (and <= RADIX_MAX_ROWS) over rows past the small top-k's
+# lanes: the indexer adds the radix top-k's first-digit histogram of the scores it writes (indexer_scores hist=), so
+# the top-k skips its first digit pass (a read of the whole row) and the small kernel's zeroing (the buffer comes
+# zeroed); 0: off. H200, 262,144 entries, scores + top-512 back to back (session 20): one token, keys-major, 33.6
+# vs 34.8 us (heads-major: 40.3 either way); four tokens 72.4 vs 68.7 (slower), so the default is one token
+INDEXER_HIST = (env_knobs("DS4F_INDEXER_HIST", 1, "1", minimum=0) or (1,))[0]
 TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,0", minimum=0) or (2048, 0)
 # rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off;
 # num_warps 0: small_warps (H200, bench/sweep_topk_small.py, one row, rows written: 2048 entries 8.2 us at 8 warps
@@ -180,8 +188,8 @@ def indexer_scores(
     the same); decode calls take n_inner down to leave ~2 programs per SM at a short L. hist (decode calls of one
     token per program, Triton only; from decode_hist_buffer): int32, zeroed; row t's first 256 entries get the
     histogram of the top 8 bits of its finite scores' radix sort keys (topk_indices' hist_buf). decode_km
-    (block_l, n_inner, num_warps, num_stages; default DS4F_INDEXER_DECODE_KM, () = off): calls of < TB_MIN_T tokens
-    without a token_block take the keys-major decode kernel (ds4f.kernels.indexer_dk) with that tile."""
+    (block_l, n_inner, num_warps, num_stages; default DS4F_INDEXER_DECODE_KM; () or block_l 0: off): calls of
+    < TB_MIN_T tokens without a token_block or n_inner take the keys-major decode kernel (ds4f.kernels.indexer_dk)."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -219,7 +227,7 @@ def indexer_scores(
         if len(TB_KNOBS) == 4:
             num_stages = TB_KNOBS[3]
     km = DECODE_KM if decode_km is None else decode_km
-    if km and token_block is None and T < TB_MIN_T and n_inner is None:
+    if km and km[0] and token_block is None and T < TB_MIN_T and n_inner is None:
         block_l, n_inner, num_warps, num_stages = km
         few = max(1, triton.cdiv(T * L, block_l * 2 * sm_count(q.device)))  # ~2 programs per SM at a short L
         n_inner = min(n_inner or 8, few)
@@ -257,11 +265,11 @@ def indexer_scores(
 
 
 def decode_hist_buffer(q: torch.Tensor, n_cols: int, k: int) -> torch.Tensor | None:
-    """DS4F_INDEXER_HIST=1: a zeroed buffer for indexer_scores(hist=) + topk_indices(hist_buf=) where a decode call
-    of T = q.shape[0] tokens over n_cols columns takes the radix top-k (Triton, T <= RADIX_MAX_ROWS, n_cols past the
-    small lanes, k <= n_cols); else None (the caller runs both as before)."""
+    """DS4F_INDEXER_HIST: a zeroed buffer for indexer_scores(hist=) + topk_indices(hist_buf=) where a decode call
+    of T = q.shape[0] tokens (0 < T <= DS4F_INDEXER_HIST, T <= RADIX_MAX_ROWS) over n_cols columns takes the radix
+    top-k (Triton, n_cols past the small lanes, k <= n_cols); else None (the caller runs both as before)."""
     T = q.shape[0]
-    if not INDEXER_HIST or not use_triton(q) or not 0 < T <= RADIX_MAX_ROWS:
+    if not use_triton(q) or not 0 < T <= min(INDEXER_HIST, RADIX_MAX_ROWS):
         return None
     small = SMALL_KNOBS[0]
     if not small or n_cols <= small or k > n_cols:

@@ -188,9 +188,9 @@ def test_attn_q_norm_decode_matches(graphs: bool) -> None:
 
 @pytest.mark.parametrize("graphs", [False, True])
 def test_indexer_hist_decode_matches(graphs: bool) -> None:
-    # DS4F_INDEXER_HIST=1 through FastModel: with the small top-k's lanes cut to 16, the mid model's CSA decode rows
-    # (tens of entries, top-24) take the radix path, the indexer counting its first digit; the same logits up to
-    # the picks' order in the attention lists (the gather's atomics order them)
+    # DS4F_INDEXER_HIST through FastModel (every decode call): with the small top-k's lanes cut to 16, the mid
+    # model's CSA decode rows (tens of entries, top-24) take the radix path, the indexer counting its first digit;
+    # the same logits up to the picks' order in the attention lists (the gather's atomics order them)
     import importlib
 
     from ds4f.kernels import indexer as ix
@@ -204,14 +204,14 @@ def test_indexer_hist_decode_matches(graphs: bool) -> None:
         return calls[-1]
 
     outs = []
-    small = ix.SMALL_KNOBS
-    for on in (False, True):
+    small, hist = ix.SMALL_KNOBS, ix.INDEXER_HIST
+    for on in (0, ix.RADIX_MAX_ROWS):
         ix.SMALL_KNOBS, ix.INDEXER_HIST, fm_mod.decode_hist_buffer = (16, 8), on, counted
         try:
             outs.append(run_steps(mid_config(tiny_config()), "cuda", prompt_lens=(150, 9, 97), first_chunk=40,
                                   decode_steps=30, fast={"fp8": FP8["fp8"]}, ref=(), graphs=graphs)["fp8"])
         finally:
-            ix.SMALL_KNOBS, ix.INDEXER_HIST, fm_mod.decode_hist_buffer = small, False, real
+            ix.SMALL_KNOBS, ix.INDEXER_HIST, fm_mod.decode_hist_buffer = small, hist, real
     assert any(b is not None for b in calls), "no decode call took the indexer's histogram"
     errs = rel_errors(outs[1], outs[0])
     print(f"indexer hist vs the first digit pass: max {errs.max():.2e}")

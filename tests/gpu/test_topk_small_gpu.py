@@ -135,7 +135,7 @@ def test_indexer_hist_topk_graph(fp8: bool) -> None:
     T, L = 2, 262144
     q, w, keys, ks, slots, seq = indexer_inputs(8, T, L, fp8)
     vl = torch.zeros(T, dtype=torch.int32, device="cuda")
-    ix.INDEXER_HIST = True
+    was, ix.INDEXER_HIST = ix.INDEXER_HIST, T
     try:
         def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             buf = ix.decode_hist_buffer(q, L, K)
@@ -149,7 +149,7 @@ def test_indexer_hist_topk_graph(fp8: bool) -> None:
         with torch.cuda.graph(graph):
             out = run()
     finally:
-        ix.INDEXER_HIST = False
+        ix.INDEXER_HIST = was
     for lens in ([L, 9000], [8193, L - 3], [40000, 100]):
         vl.copy_(torch.tensor(lens, dtype=torch.int32))
         for _ in range(2):

@@ -325,7 +325,8 @@ class FastModel:
             lo, hi = min(T, comm.rank * per), min(T, (comm.rank + 1) * per)
         vis = d.vis32[m][lo:hi]
         q, w = iq[lo:hi], iw[lo:hi]
-        # DS4F_INDEXER_HIST=1: the indexer counts the top-k's first radix digit (None where that does not apply)
+        # DS4F_INDEXER_HIST (one-token calls by default): the indexer counts the top-k's first radix digit (None where
+        # that does not apply)
         hist = None if sp else decode_hist_buffer(q, d.slots[m].shape[1], k)
         sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis, hist)
         rows = (d.bt_tok, d.win, cache.comp_base, cache.epb(m))
