@@ -3,7 +3,8 @@ once and replayed (twice per valid length) while valid_len changes on the device
 depth: T in 1, 4, 16; L = 2048 and 262,144 (max_model_len 1M at ratio 4); valid_len 0 .. L. Against an ordered
 torch oracle (keys above the k-th in ascending id, then the lowest tied ids, then -1) for rows of <= small entries
 and rows in one radix chunk, torch.topk's values otherwise, and the former path (no small kernel, fill kernels).
-Also the decode indexer (programs striding over key blocks) bit-equal to the adjacent-block tiling it replaces."""
+Also the decode indexers (heads-major and keys-major, programs striding over key blocks) bit-equal to their
+adjacent-block tilings."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from ds4f.kernels import HAS_TRITON, indexer_scores, topk_indices
-from ds4f.kernels.indexer import SMALL_KNOBS, TOPK_KNOBS
+from ds4f.kernels.indexer import DECODE_KM, SMALL_KNOBS, TOPK_KNOBS
 from ds4f.kernels.ref import indexer_scores_ref, topk_indices_ref
 
 pytestmark = [
@@ -114,15 +115,23 @@ def test_indexer_strided_equal(fp8: bool) -> None:
         vl = torch.tensor(lens, dtype=torch.int32, device="cuda")
         for n_l in (L, 2048):  # a long pool at short depth; a pool the size of the depth
             sl, v = slots[:, :n_l].contiguous(), vl.clamp(max=n_l)
-            new = indexer_scores(q, w, keys, sl, seq, v, k_scale=ks, zero_rank=True)
-            old = indexer_scores(q, w, keys, sl, seq, v, k_scale=ks, zero_rank=True, block_l=128, n_inner=4,
-                                 num_warps=4, num_stages=3, strided=False)
-            assert torch.equal(new, old), (lens, n_l)
-    new = indexer_scores(q, w, keys, slots, seq, vl, k_scale=ks)
+            # the heads-major decode kernel (decode_km=()) and the keys-major one (the default), each strided
+            # against its adjacent-block tiling
+            for km in ((), DECODE_KM):
+                kw = dict(k_scale=ks, zero_rank=True, decode_km=km)
+                new = indexer_scores(q, w, keys, sl, seq, v, **kw)
+                if km:
+                    old = indexer_scores(q, w, keys, sl, seq, v, **kw, strided=False)
+                else:
+                    old = indexer_scores(q, w, keys, sl, seq, v, **kw, block_l=128, n_inner=4, num_warps=4,
+                                         num_stages=3, strided=False)
+                assert torch.equal(new, old), (lens, n_l, km)
     ref = indexer_scores_ref(q, w, keys, slots, seq, vl, d**-0.5, None if ks is None else ks[:, None])
     fin = torch.isfinite(ref)
-    assert torch.equal(fin, torch.isfinite(new))
-    assert ((new[fin] - ref[fin]).norm() / ref[fin].norm()).item() < 1e-4
+    for km in ((), DECODE_KM):
+        new = indexer_scores(q, w, keys, slots, seq, vl, k_scale=ks, decode_km=km)
+        assert torch.equal(fin, torch.isfinite(new))
+        assert ((new[fin] - ref[fin]).norm() / ref[fin].norm()).item() < 1e-4, km
 
 
 @pytest.mark.parametrize("fp8", [False, True])
