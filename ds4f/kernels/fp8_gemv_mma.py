@@ -1,6 +1,8 @@
 """⑥ kernels, block-FP8 decode GEMV on the tensor cores fed straight from registers, 1-8 tokens: fp8_gemv.launch's
 w8 contract (x [T, G, K] bf16, W [G*N, K] e4m3 with one scale per 128x128 block, out [T, G, N]) with no shared
-memory, no barrier and no ldmatrix in the loop (opt-in, DS4F_FP8_GEMV_MMA=1, until a GPU times it).
+memory, no barrier and no ldmatrix in the loop. Opt-in (DS4F_FP8_GEMV_MMA=1): timed on an H200 in session 20
+(bench/sweep_fp8_gemv_mma.py, bench/results/fp8_gemv.jsonl) it is slower than the default at every TP=2 decode shape
+at four tokens (w1|w3 8.00 vs 6.79 us) and at best ties at one.
 
 Why: the MMA decode GEMV stages every tile through shared memory and runs latency-bound (0.4-0.6 of copy); the
 CUDA-core GEMV skips the staging but pays 4.7-6.5 SASS instructions per weight byte at one token and ~11 at four
