@@ -530,10 +530,10 @@ case "${1:-}" in
     for t in ${I_T:-1 4}; do
       timeout "${I_S:-120}" python3 bench/sweep_indexer_dk.py --tokens "$t" --out "$OUT/indexer_dk.jsonl" 2>&1 \
         | grep -E "^(km|chain|PICK)|Error"; done ;;
-  s20full)  # 2 GPUs: the GPU tests of the keys-major decode indexer and the fused first digit (capped at T_CAP), then
-    # s11full (the run of record) in what is left of S11_LIMIT
-    par_tests "${T_CAP:-150}" tests/gpu/test_indexer_dk_gpu.py tests/gpu/test_topk_small_gpu.py \
-      tests/gpu/test_fast_fp8_kv_gpu.py
+  s20full)  # 2 GPUs: GPU tests (S20_TESTS, default those of the keys-major decode indexer and the fused first digit;
+    # capped at T_CAP), then s11full (the run of record) in what is left of S11_LIMIT
+    par_tests "${T_CAP:-150}" ${S20_TESTS:-tests/gpu/test_indexer_dk_gpu.py tests/gpu/test_topk_small_gpu.py \
+      tests/gpu/test_fast_fp8_kv_gpu.py}
     test_summary | tee "$OUT/gpu_tests.log"
     S11_LIMIT=$((${S11_LIMIT:-590} - SECONDS)) bash "$0" s11full "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with

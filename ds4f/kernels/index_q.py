@@ -53,13 +53,19 @@ def index_q_ref(q: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.
 if triton is not None:
 
     @triton.jit
-    def _index_q(q_ptr, w_ptr, q8_ptr, wo_ptr, cos_ptr, sin_ptr, N, H, s_qt, s_qh, s_wt, s_8t, s_8h, s_cs, w_scale,
+    def _index_q(q_ptr, w_ptr, q8_ptr, wo_ptr, cos_ptr, sin_ptr, z_ptr, N, H, s_qt, s_qh, s_wt, s_8t, s_8h, s_cs,
+                 w_scale, z_per, ZN,
                  HD: tl.constexpr, HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
-                 FP8: tl.constexpr, PDL: tl.constexpr = False):
+                 FP8: tl.constexpr, ZERO: tl.constexpr = False, PDL: tl.constexpr = False):
         # program = token t, its H (= BLOCK_H) heads: rope_'s row code in place, then the head weights and (FP8) the
-        # per-head e4m3 rows from the rotated q (re-read after a CTA barrier: other threads wrote them)
-        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
+        # per-head e4m3 rows from the rotated q (re-read after a CTA barrier: other threads wrote them). ZERO:
+        # program t also zeroes z[t * z_per, (t + 1) * z_per) (clipped to ZN), the indexer's histogram buffer
+        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output (and any store)
         t = tl.program_id(0).to(tl.int64)
+        if ZERO:
+            for z0 in range(t * z_per, tl.minimum((t + 1) * z_per, ZN), 1024):
+                offs_z = z0 + tl.arange(0, 1024)
+                tl.store(z_ptr + offs_z, tl.zeros([1024], tl.int32), mask=offs_z < tl.minimum((t + 1) * z_per, ZN))
         _norm_rope_rows(q_ptr, q_ptr, cos_ptr, cos_ptr, sin_ptr, t, N, H, s_qt, s_qh, s_qt, s_qh, s_cs, 0.0, 1.0,
                         HD, HALF, BLOCK_P, BLOCK_H, False, False)
         offs_h = tl.arange(0, BLOCK_H)
@@ -80,18 +86,25 @@ if triton is not None:
 
 
 def index_q(q: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_scale: float,
-            fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            fp8: bool, zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, H, d] (last dim dense; rotated in place), w [T, H] (unit column stride), cos / sin [T, rd/2] fp32 ->
-    (q, or its e4m3 rows with fp8; w_out [T, H] fp32), equal to index_q_ref's."""
+    (q, or its e4m3 rows with fp8; w_out [T, H] fp32), equal to index_q_ref's. zero (int32, contiguous; the
+    indexer's histogram buffer of indexer.decode_hist_buffer(zeroed=False)): zeroed by the same launch, which saves
+    the fill kernel between it and the indexer (and keeps their PDL edge)."""
     t, h, hd = q.shape
     assert w.shape == (t, h) and q.stride(2) == 1 and w.stride(1) == 1, (q.shape, q.stride(), w.shape, w.stride())
+    assert zero is None or (zero.dtype == torch.int32 and zero.is_contiguous())
     if not use_triton(q) or t == 0 or h & (h - 1) or hd & (hd - 1) or q.stride(0) < h * hd:
+        if zero is not None:
+            zero.zero_()
         return index_q_ref(q, w, cos, sin, w_scale, fp8)
     assert cos.shape == sin.shape == (t, cos.shape[1]) and cos.stride() == sin.stride() and cos.stride(1) == 1
     half = cos.shape[1]
     wo = torch.empty(t, h, dtype=torch.float32, device=q.device)
     q8 = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device) if fp8 else q
-    _index_q[(t,)](q, w, q8, wo, cos, sin, t * h, h, q.stride(0), q.stride(1), w.stride(0), q8.stride(0),
-                   q8.stride(1), cos.stride(0), float(w_scale), HD=hd, HALF=half,
-                   BLOCK_P=triton.next_power_of_2(half), BLOCK_H=h, FP8=fp8, num_warps=4, **pdl.launch(q.device))
+    zn = 0 if zero is None else zero.numel()
+    _index_q[(t,)](q, w, q8, wo, cos, sin, zero if zero is not None else wo, t * h, h, q.stride(0), q.stride(1),
+                   w.stride(0), q8.stride(0), q8.stride(1), cos.stride(0), float(w_scale), -(-zn // t), zn, HD=hd,
+                   HALF=half, BLOCK_P=triton.next_power_of_2(half), BLOCK_H=h, FP8=fp8, ZERO=zero is not None,
+                   num_warps=4, **pdl.launch(q.device))
     return q8, wo

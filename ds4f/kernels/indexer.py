@@ -264,17 +264,18 @@ def indexer_scores(
     return out
 
 
-def decode_hist_buffer(q: torch.Tensor, n_cols: int, k: int) -> torch.Tensor | None:
+def decode_hist_buffer(q: torch.Tensor, n_cols: int, k: int, zeroed: bool = True) -> torch.Tensor | None:
     """DS4F_INDEXER_HIST: a zeroed buffer for indexer_scores(hist=) + topk_indices(hist_buf=) where a decode call
     of T = q.shape[0] tokens (0 < T <= DS4F_INDEXER_HIST, T <= RADIX_MAX_ROWS) over n_cols columns takes the radix
-    top-k (Triton, n_cols past the small lanes, k <= n_cols); else None (the caller runs both as before)."""
+    top-k (Triton, n_cols past the small lanes, k <= n_cols); else None (the caller runs both as before).
+    zeroed=False: uninitialized, for index_q(zero=) to clear in its launch."""
     T = q.shape[0]
     if not use_triton(q) or not 0 < T <= min(INDEXER_HIST, RADIX_MAX_ROWS):
         return None
     small = SMALL_KNOBS[0]
     if not small or n_cols <= small or k > n_cols:
         return None
-    return torch.zeros(4 * T * 256 + 2 * T, dtype=torch.int32, device=q.device)
+    return (torch.zeros if zeroed else torch.empty)(4 * T * 256 + 2 * T, dtype=torch.int32, device=q.device)
 
 
 def _one_launch(scores: torch.Tensor, valid_len: torch.Tensor | None, out: torch.Tensor, k: int,

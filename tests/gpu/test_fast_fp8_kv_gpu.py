@@ -199,8 +199,8 @@ def test_indexer_hist_decode_matches(graphs: bool) -> None:
     calls = []
     real = fm_mod.decode_hist_buffer
 
-    def counted(*a: object) -> torch.Tensor | None:
-        calls.append(real(*a))  # type: ignore[arg-type]
+    def counted(*a: object, **kw: object) -> torch.Tensor | None:
+        calls.append(real(*a, **kw))  # type: ignore[arg-type]
         return calls[-1]
 
     outs = []

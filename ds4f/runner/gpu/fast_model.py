@@ -232,14 +232,18 @@ class FastModel:
         def index_select(iq: torch.Tensor) -> torch.Tensor:
             """Indexer q (RoPE, head weights) over this step's keys -> attention rows idx [T, K]."""
             fp8 = self.index_fp8 and isinstance(cache.index[i], Fp8Keys)  # e4m3 q over e4m3 keys: the fp8 MMA
+            # DS4F_INDEXER_HIST (one-token calls by default): the indexer counts the top-k's first radix digit into
+            # this buffer (None where that does not apply), which index_q's launch zeroes
+            hist = None if self._sp(T) else decode_hist_buffer(iq, d.slots[att.ratio].shape[1], a.index_topk,
+                                                                zeroed=not self.index_q)
             if self.index_q:  # RoPE, the head weights' scale and the e4m3 rows in one launch
-                iq, iw = index_q(iq, parts[6], cos, sin, ix.n_heads**-0.5, fp8)
+                iq, iw = index_q(iq, parts[6], cos, sin, ix.n_heads**-0.5, fp8, zero=hist)
             else:
                 iq, iw = rope_(iq, cos, sin), glue.scale_f32(parts[6], ix.n_heads**-0.5)
                 if fp8:
                     iq, qs = quant_heads_fp8(iq)
                     iw = iw * qs
-            return self._select(i, att.ratio, iq, iw, d, cache)
+            return self._select(i, att.ratio, iq, iw, d, cache, hist)
 
         fold = False  # DS4F_ATTN_Q_NORM: q raw, normed and rotated by the attention kernel
         idx: torch.Tensor | None = None
@@ -309,8 +313,13 @@ class FastModel:
             self._sides = [torch.cuda.Stream(device=self.device, priority=self.side_priority) for _ in range(3)]
         return self._sides
 
-    def _select(self, i: int, m: int, iq: torch.Tensor, iw: torch.Tensor, d: _Derived, cache: FastCache
-                ) -> torch.Tensor:
+    def _sp(self, T: int) -> bool:
+        """Whether a call of T tokens splits the indexer by tokens across TP ranks (DS4F_SP_INDEXER)."""
+        comm = getattr(self.model, "tp_comm", None)
+        return self.sp_indexer and comm is not None and comm.world > 1 and self.sp_index_min_t <= T
+
+    def _select(self, i: int, m: int, iq: torch.Tensor, iw: torch.Tensor, d: _Derived, cache: FastCache,
+                hist: torch.Tensor | None) -> torch.Tensor:
         """Indexer scores + top-k -> attention rows [T, W + k] (window rows, then the picks' pool rows). Under TP
         with DS4F_SP_INDEXER=1 and a chunk of at least sp_index_min_t tokens, each rank scores and ranks its own 1/N
         of the tokens (the keys are on every rank) and one all-gather of the [T/N, k] picks gives every rank the
@@ -319,15 +328,12 @@ class FastModel:
         T, k = iq.shape[0], self.args.index_topk
         comm = getattr(self.model, "tp_comm", None)
         lo, hi = 0, T
-        sp = self.sp_indexer and comm is not None and comm.world > 1 and self.sp_index_min_t <= T
+        sp = self._sp(T)
         if sp:
             per = -(-T // comm.world)
             lo, hi = min(T, comm.rank * per), min(T, (comm.rank + 1) * per)
         vis = d.vis32[m][lo:hi]
         q, w = iq[lo:hi], iw[lo:hi]
-        # DS4F_INDEXER_HIST (one-token calls by default): the indexer counts the top-k's first radix digit (None where
-        # that does not apply)
-        hist = None if sp else decode_hist_buffer(q, d.slots[m].shape[1], k)
         sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis, hist)
         rows = (d.bt_tok, d.win, cache.comp_base, cache.epb(m))
         if not sp and self.topk_rows and hist is None:
