@@ -1,5 +1,5 @@
-"""⑥ the decode indexer at 1M context: today's heads-major kernel (indexer_scores' _indexer_fwd, DS4F_INDEXER_DECODE)
-against the keys-major decode kernel (ds4f/kernels/indexer_dk.py, DS4F_INDEXER_DECODE_KM) over a few tiles, then the
+"""⑥ the decode indexer at 1M context: the heads-major form of indexer_scores' _indexer_fwd (DS4F_INDEXER_DECODE)
+against its keys-major form (indexer._indexer_fwd KEYS_MAJOR, DS4F_INDEXER_DECODE_KM) over a few tiles, then the
 CSA layer's decode chain (scores + top-512, with and without DS4F_INDEXER_HIST's fused first digit) with the pick.
 
 Inputs as bench/kernel_times_long.py's: T tokens over 262,144 e4m3 index keys with row scales in 64-entry pages of
@@ -9,7 +9,7 @@ separate key pools, so no call finds its keys in L2: what a decode step's 21 CSA
 against the heads-major kernel's (rel err < 1e-5, the same -inf). Prints one line per variant and
 `PICK DS4F_INDEXER_DECODE_KM=<block_l,n_inner,num_warps,num_stages>` (empty: none >= 3 % faster back to back).
 
-    PYTHONPATH=$PWD python3 bench/sweep_indexer_dk.py [--tokens 1] [--out bench/results/indexer_dk.jsonl]
+    PYTHONPATH=$PWD python3 bench/sweep_indexer_dk.py [--tokens 1] [--out bench/results/decode_long.jsonl]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=262144)
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--calls", type=int, default=16)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/indexer_dk.jsonl"))
+    ap.add_argument("--out", default=str(ROOT / "bench/results/decode_long.jsonl"))
     args = ap.parse_args()
     meta = run_meta(" ".join(["bench/sweep_indexer_dk.py", *sys.argv[1:]]))
     copy_gbps, _ = measure_ceilings(iters=5)

@@ -521,7 +521,7 @@ case "${1:-}" in
     timeout "${P_S:-100}" python3 bench/probe_mma_regs.py --out "$OUT/mma_regs.jsonl" 2>&1 | grep -E "exact|256MB|Error"
     timeout "${M_S:-170}" python3 bench/sweep_fp8_gemv_mma.py --budget "${M_B:-140}" --tokens "${M_T:-1,4}" \
       --out "$OUT/fp8_gemv_mma.jsonl" 2>&1 | grep -E "^(==|PICK)|Error" | tail -n 40 ;;
-  s20i)  # 1 GPU: the keys-major decode indexer (ds4f/kernels/indexer_dk.py, opt-in): its GPU tests, then its sweep
+  s20i)  # 1 GPU: the keys-major decode indexer (indexer._indexer_fwd KEYS_MAJOR): its GPU tests, then its sweep
     # against today's heads-major kernel at 1M (bench/sweep_indexer_dk.py, T=1 then T=4: PICK lines); ~250 s
     mkdir -p /tmp/gpulogs
     DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \

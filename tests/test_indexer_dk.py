@@ -1,8 +1,8 @@
-"""⑥ the keys-major decode indexer (ds4f/kernels/indexer_dk.py, DS4F_INDEXER_DECODE_KM) under the Triton interpreter
-against indexer_scores_ref and against the heads-major kernel it can replace (a second code path): bf16 keys, e4m3
-keys and queries, strided and adjacent blocks, valid lengths 0 / short / past a program's blocks / == L, zero_rank's
-exact-zero ties, and the first-digit histogram (DS4F_INDEXER_HIST) equal to the one counted from its scores; the
-kernel compiles for sm_80 / sm_90 / sm_121 without a GPU."""
+"""⑥ the keys-major decode indexer (indexer._indexer_fwd KEYS_MAJOR, DS4F_INDEXER_DECODE_KM) under the Triton
+interpreter against indexer_scores_ref and against the heads-major form it replaces (a second code path): bf16 keys,
+e4m3 keys and queries, strided and adjacent blocks, valid lengths 0 / short / past a program's blocks / == L,
+zero_rank's exact-zero ties, and the first-digit histogram (DS4F_INDEXER_HIST) equal to the one counted from its
+scores; the kernel compiles for sm_80 / sm_90 / sm_121 without a GPU."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_indexer_dk_builds(arch: int) -> None:
     pytest.importorskip("triton")
     from test_kernels_build import build
 
-    from ds4f.kernels import indexer_dk
+    from ds4f.kernels import indexer
 
     fp8 = arch >= 89
     for qfp8 in (False, True) if fp8 else (False,):  # e4m3 queries: the fp8 MMA (sm_89+)
@@ -65,8 +65,8 @@ def test_indexer_dk_builds(arch: int) -> None:
                  hist_ptr="*i32", scale="fp32")
         for hist in (False, True):
             c = dict(DI=128, BLOCK_HI=64, BLOCK_L=128, N_INNER=4, KSCALE=fp8, QFP8=qfp8, ZERO_RANK=True,
-                     STRIDED=True, HIST=hist)
-            build(indexer_dk._indexer_dk_fwd, t, c, arch, 4, 3)
+                     STRIDED=True, HIST=hist, KEYS_MAJOR=True)
+            build(indexer._indexer_fwd, t, c, arch, 4, 3)
 
 
 def test_bad_km_knob_names_the_variable() -> None:

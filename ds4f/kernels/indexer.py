@@ -54,7 +54,7 @@ if DECODE_KNOBS[2] < 4:  # session 18's sweep: 64 x 8 x 2 warps x 4 stages gave 
 # small kernel's zeroing (the buffer comes zeroed); opt-in: H200, one token at 1M (bench/kernel_times_long.py,
 # session 15), the chain 49.9 vs 51.7 us alone, 49.2 vs 49.3 with DS4F_TOPK_SPARSE_ADD (now the default): the indexer
 # takes 2.5 us longer for the pass it saves
-# decode calls (< TB_MIN_T tokens) through the keys-major kernel (ds4f.kernels.indexer_dk):
+# decode calls (< TB_MIN_T tokens) through _indexer_fwd's keys-major form (_index_sum KEYS_MAJOR):
 # "block_l,n_inner,num_warps,num_stages" (n_inner 0 = auto, capped as DS4F_INDEXER_DECODE's; block_l 0: the
 # heads-major _indexer_fwd with DS4F_INDEXER_DECODE's tile). H200, 262,144 entries, 16 calls back to back over 4 key
 # pools (bench/sweep_indexer_dk.py, session 20): one token 13.3 us at 128 x 4 x 4 warps x 3 stages vs 18.8
@@ -86,14 +86,18 @@ def small_warps(lanes: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _index_sum(q, w, keys, KSCALE: tl.constexpr, QFP8: tl.constexpr):
-        # one block's head-weighted ReLU sum [BLOCK_L] before its row scales
-        if QFP8:  # e4m3 q (its per-head scale folded into w) x e4m3 keys: the fp8 MMA, fp32 accumulation
-            s = tl.dot(q, tl.trans(keys))
-        else:
+    def _index_sum(q, w, keys, KSCALE: tl.constexpr, QFP8: tl.constexpr, KEYS_MAJOR: tl.constexpr = False):
+        # one block's head-weighted ReLU sum [BLOCK_L] before its row scales. Heads-major: q [Hi, d] is the MMA's M,
+        # the head sum runs across the accumulator's rows (across warps, through shared memory); KEYS_MAJOR: the key
+        # tile is M and q^T the N, so the head sum runs within a thread's columns and a few lanes
+        if not QFP8:  # (QFP8: e4m3 q, its per-head scale folded into w, x e4m3 keys: the fp8 MMA, fp32 sums)
             if KSCALE:  # e4m3 -> bf16 is exact; through fp32, which measured faster than the direct convert
                 keys = keys.to(tl.float32)
-            s = tl.dot(q, tl.trans(keys.to(tl.bfloat16)))  # [Hi, BLOCK_L]
+            keys = keys.to(tl.bfloat16)
+        if KEYS_MAJOR:
+            s = tl.dot(keys, tl.trans(q))  # [BLOCK_L, Hi]
+            return tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)
+        s = tl.dot(q, tl.trans(keys))  # [Hi, BLOCK_L]
         return tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
 
     @triton.jit
@@ -110,7 +114,7 @@ if triton is not None:
         HI, L, scale, s_qt, s_qh, s_wt, s_kn, s_ss, s_ot,
         DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr, N_INNER: tl.constexpr,
         KSCALE: tl.constexpr, QFP8: tl.constexpr, ZERO_RANK: tl.constexpr, STRIDED: tl.constexpr = True,
-        PDL: tl.constexpr = False, HIST: tl.constexpr = False,
+        PDL: tl.constexpr = False, HIST: tl.constexpr = False, KEYS_MAJOR: tl.constexpr = False,
     ):
         # program = (token t, N_INNER blocks of BLOCK_L candidates); STRIDED: the blocks P = grid dim 1 blocks apart,
         # so a short valid length over a long L still spreads its blocks over programs (else adjacent blocks);
@@ -139,7 +143,7 @@ if triton is not None:
             valid = offs_l < vlen
             slot = tl.load(slots_ptr + seq * s_ss + offs_l, mask=valid, other=0).to(tl.int64)
             keys = tl.load(k_ptr + slot[:, None] * s_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            sc = _index_sum(q, w, keys, KSCALE, QFP8)
+            sc = _index_sum(q, w, keys, KSCALE, QFP8, KEYS_MAJOR)
             ksv = tl.load(ks_ptr + slot, mask=valid, other=0.0) if KSCALE else sc  # loaded after the dot (faster)
             sc = _index_finish(sc, ksv, offs_l, vlen, KSCALE, ZERO_RANK)
             tl.store(out_ptr + t * s_ot + offs_l, sc, mask=offs_l < L)
@@ -189,7 +193,7 @@ def indexer_scores(
     token per program, Triton only; from decode_hist_buffer): int32, zeroed; row t's first 256 entries get the
     histogram of the top 8 bits of its finite scores' radix sort keys (topk_indices' hist_buf). decode_km
     (block_l, n_inner, num_warps, num_stages; default DS4F_INDEXER_DECODE_KM; () or block_l 0: off): calls of
-    < TB_MIN_T tokens without a token_block or n_inner take the keys-major decode kernel (ds4f.kernels.indexer_dk)."""
+    < TB_MIN_T tokens without a token_block or n_inner take _indexer_fwd's keys-major form (KEYS_MAJOR) at that tile."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q must be [T, Hi, d] with its last dim dense"
     assert q.dtype == torch.bfloat16 or (q.dtype == torch.float8_e4m3fn and k_pool.dtype == torch.float8_e4m3fn), \
         "q must be bf16, or e4m3 over e4m3 keys"
@@ -227,16 +231,9 @@ def indexer_scores(
         if len(TB_KNOBS) == 4:
             num_stages = TB_KNOBS[3]
     km = DECODE_KM if decode_km is None else decode_km
-    if km and km[0] and token_block is None and T < TB_MIN_T and n_inner is None:
-        block_l, n_inner, num_warps, num_stages = km
-        few = max(1, triton.cdiv(T * L, block_l * 2 * sm_count(q.device)))  # ~2 programs per SM at a short L
-        n_inner = min(n_inner or 8, few)
-        from ds4f.kernels.indexer_dk import launch as launch_dk
-
-        return launch_dk(q, w, k_pool, k_scale, slots, seq_of, valid_len, scale, out, block_l, n_inner, num_warps,
-                         num_stages, zero_rank, strided, hist)
+    dec_km = bool(km and km[0]) and token_block is None and T < TB_MIN_T and n_inner is None
     if token_block is None and T < TB_MIN_T and n_inner is None:
-        block_l, n_inner, num_warps, num_stages = DECODE_KNOBS
+        block_l, n_inner, num_warps, num_stages = km if dec_km else DECODE_KNOBS
         if n_inner:  # a short L (static): fewer blocks per program while that leaves under ~2 programs per SM
             n_inner = min(n_inner, max(1, triton.cdiv(T * L, block_l * 2 * sm_count(q.device))))
         n_inner = n_inner or None
@@ -258,7 +255,7 @@ def indexer_scores(
         slots.stride(0), out.stride(0),
         DI=DI, BLOCK_HI=max(16, triton.next_power_of_2(HI)), BLOCK_L=block_l, N_INNER=n_inner,
         KSCALE=k_scale is not None, QFP8=q.dtype == torch.float8_e4m3fn, ZERO_RANK=zero_rank, STRIDED=strided,
-        num_warps=num_warps, num_stages=num_stages, HIST=hist is not None,
+        num_warps=num_warps, num_stages=num_stages, HIST=hist is not None, KEYS_MAJOR=dec_km,
         **pdl.launch(q.device),
     )
     return out

@@ -1,4 +1,4 @@
-"""The keys-major decode indexer (ds4f/kernels/indexer_dk.py, DS4F_INDEXER_DECODE_KM) on CUDA: T = 4 tokens over a
+"""The keys-major decode indexer (indexer._indexer_fwd KEYS_MAJOR, DS4F_INDEXER_DECODE_KM) on CUDA: T = 4 tokens over a
 262,144-entry pool (one CSA layer at 1M), bf16 and e4m3 keys, bf16 and e4m3 queries, valid lengths from 0 to L,
 against indexer_scores_ref and the heads-major kernel (the same -inf, the values within fp32 summation order), and
 in a replayed CUDA graph with the fused first-digit histogram equal to the one counted from the scores it wrote."""
