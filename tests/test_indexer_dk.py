@@ -45,6 +45,44 @@ def check_indexer_dk() -> None:
             print("keys-major decode", kw["q"].dtype, block_l, n_inner, strided, "matches")
 
 
+def check_hist_chain_via_index_q() -> None:
+    """FastModel's decode chain with DS4F_INDEXER_HIST: a dirty histogram buffer zeroed by index_q's launch, counted
+    by the indexer, consumed by the radix top-k (small lanes cut to 16 so the rows take it) -> the same picks as
+    index_q + indexer + top-k without the buffer."""
+    from ds4f.kernels import indexer
+    from ds4f.kernels.fp8 import quantize_rows
+    from ds4f.kernels.index_q import index_q
+
+    g = torch.Generator().manual_seed(31)
+    t, hi, di, n, k = 3, 16, 32, 300, 24
+    q = torch.randn(t, hi, di, generator=g).bfloat16()
+    w = torch.randn(t, hi, generator=g).bfloat16()
+    ang = torch.rand(t, 8, generator=g) * 6.3
+    k8, ks = quantize_rows(torch.randn(n, di, generator=g).bfloat16(), di)
+    slots = torch.randperm(n, generator=g).int()[None]
+    seq = torch.zeros(t, dtype=torch.int32)
+    vl = torch.tensor([300, 10, 150], dtype=torch.int32)
+    indexer.SMALL_KNOBS, indexer.INDEXER_HIST = (16, 8), t
+    buf = indexer.decode_hist_buffer(q, n, k, zeroed=False)
+    assert buf is not None
+    buf.fill_(7)
+    picks = []
+    for hist in (buf, None):
+        iq, iw = index_q(q.clone(), w, ang.cos(), ang.sin(), hi**-0.5, True, zero=hist)
+        if hist is not None:
+            assert not hist.any()
+        sc = indexer.indexer_scores(iq, iw, k8, slots, seq, vl, k_scale=ks.view(-1), zero_rank=True, hist=hist)
+        picks.append(indexer.topk_indices(sc, k, valid_len=vl, hist_buf=hist))
+    for a, b in zip(*picks, strict=True):
+        assert set(a.tolist()) == set(b.tolist())
+    print("hist chain via index_q equal")
+
+
+def test_hist_chain_via_index_q_interpreted() -> None:
+    pytest.importorskip("triton")
+    assert "hist chain via index_q equal" in run_interpreted("test_indexer_dk", "check_hist_chain_via_index_q")
+
+
 def test_indexer_dk_interpreted() -> None:
     pytest.importorskip("triton")
     out = run_interpreted("test_indexer_dk", "check_indexer_dk")
