@@ -36,6 +36,7 @@ from ds4f.kernels.fp8_gemm import (  # noqa: E402,RUF100
     fp8_linear,
     fp8_linear_a8_ref,
     fp8_linear_ref,
+    grouped_ref,
 )
 from ds4f.model.args import flash_config  # noqa: E402,RUF100
 
@@ -103,9 +104,7 @@ def sweep_shape(name: str, shape: tuple[int, int, int], tokens: list[int], sms: 
     xs = {t: torch.randn(t, groups, k, device="cuda").bfloat16() for t in tokens}
     rows = nt // groups
     def reference(ref: Callable[..., torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {t: torch.stack([ref(xs[t][:, i], ws[0][rows * i:rows * (i + 1)],
-                                    ss[0][-(-rows // 128) * i:-(-rows // 128) * (i + 1)], torch.float32)
-                                for i in range(groups)], 1) for t in tokens}
+        return {t: grouped_ref(xs[t], ws[0], ss[0], ref) for t in tokens}
 
     exact = reference(fp8_linear_ref)  # the w8 kernel and the widening form
     want = reference(fp8_linear_a8_ref) if ctx["a8"] else exact

@@ -25,21 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import measure_ceilings, run_meta, time_graph
 from bench.sweep_fp8_gemv import rel, v4_shapes
 from ds4f.kernels import fp8_gemv, fp8_gemv_cc
-from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_a8_ref, fp8_linear_ref
+from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_a8_ref, fp8_linear_ref, grouped_ref
 
 TP2 = "IN_PROJ,IDX_WQ_B,WQ_B_TP2,WO_A_TP2,WO_B_TP2,W13_TP2,W2_TP2"
+
+
+def split_toward(programs: int, k: int, per_sm: int, sms: int) -> int:
+    """The largest power-of-two K split (dividing the k // 128 column blocks) that keeps `programs` per split at
+    most per_sm programs per SM."""
+    split, blocks = 1, k // 128
+    while blocks % (split * 2) == 0 and programs * split * 2 <= per_sm * sms:
+        split *= 2
+    return split
 
 
 def tiles(nt: int, k: int, groups: int, sms: int) -> list[fp8_gemv_cc.Cfg]:
     """(BLOCK_N, warps) pairs x K splits toward 2 and 4 programs per SM (valid, distinct)."""
     out: list[fp8_gemv_cc.Cfg] = []
-    blocks = k // 128
     for bn, nw in ((8, 4), (16, 4), (32, 4), (32, 8), (64, 4)):
         for per_sm in (2, 4):
-            split = 1
-            while split * 2 <= blocks and blocks % (split * 2) == 0 and nt // bn * split * 2 <= per_sm * sms:
-                split *= 2
-            c = (bn, split, nw)
+            c = (bn, split_toward(nt // bn, k, per_sm, sms), nw)
             if c not in out and fp8_gemv_cc.valid(c, nt, k, groups):
                 out.append(c)
     return out
@@ -50,15 +55,12 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
     nt, k, groups = shape
     ws, ss, sc = w
     rows = nt // groups
-    wbytes = nt * k + (-(-nt // 128)) * (k // 128)
-    copies, copy_gbps = len(ws), ctx["copy"]
+    copies = len(ws)
     calls = copies * max(1, math.ceil(32 / copies))
     x = torch.randn(t, groups, k, device="cuda").bfloat16()
 
     def ref(fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-        r = -(-rows // 128)
-        return torch.stack([fn(x[:, i], ws[0][rows * i:rows * (i + 1)], ss[0][r * i:r * (i + 1)], torch.float32)
-                            for i in range(groups)], 1)
+        return grouped_ref(x, ws[0], ss[0], fn)
 
     def table(i: int) -> torch.Tensor:
         out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
@@ -70,15 +72,7 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
         fp8_gemv_cc.launch_cc(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg, acc16=acc16, depth=depth, a8=a8)
         return out
 
-    def record(variant: str, cfg: object, us: float, err: float) -> None:
-        gbps = wbytes / us / 1e3
-        print(f"  T={t} {variant:28s} {us:8.2f} us {gbps / copy_gbps:5.2f} of copy err={err:.1e}", flush=True)
-        if ctx["out"]:
-            with open(ctx["out"], "a") as f:
-                f.write(json.dumps(dict(case="fp8_gemv_cc", shape=name, n=nt, k=k, groups=groups, t=t,
-                                        variant=variant, cfg=cfg, us=round(us, 3), gbps=round(gbps, 1),
-                                        frac_copy=round(gbps / copy_gbps, 4), rel_err=err,
-                                        copy_gbps=round(copy_gbps, 1), **ctx["meta"])) + "\n")
+    record = recorder("fp8_gemv_cc", name, shape, t, ctx)
 
     want_cc = ref(fp8_linear_ref)
     a8 = fp8_gemv.use_a8(nt, k, groups)
@@ -136,6 +130,26 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     drive(args, sweep_case, "bench/sweep_fp8_gemv_cc.py", depths=[int(d) for d in args.depths.split(",")])
+
+
+def recorder(case: str, name: str, shape: tuple[int, int, int], t: int, ctx: dict
+             ) -> Callable[[str, object, float, float], None]:
+    """A sweep case's record(variant, cfg, us, err): one printed line (fraction of ctx's copy GB/s over the weight
+    bytes) and one JSON record appended to ctx["out"]."""
+    nt, k, groups = shape
+    wbytes = nt * k + (-(-nt // 128)) * (k // 128)
+
+    def record(variant: str, cfg: object, us: float, err: float) -> None:
+        gbps = wbytes / us / 1e3
+        print(f"  T={t} {variant:28s} {us:8.2f} us {gbps / ctx['copy']:5.2f} of copy err={err:.1e}", flush=True)
+        if ctx["out"]:
+            with open(ctx["out"], "a") as f:
+                f.write(json.dumps(dict(case=case, shape=name, n=nt, k=k, groups=groups, t=t, variant=variant,
+                                        cfg=cfg, us=round(us, 3), gbps=round(gbps, 1),
+                                        frac_copy=round(gbps / ctx["copy"], 4), rel_err=err,
+                                        copy_gbps=round(ctx["copy"], 1), **ctx["meta"])) + "\n")
+
+    return record
 
 
 def drive(args: argparse.Namespace, case: Callable[[str, tuple[int, int, int], int, list, dict], str], script: str,

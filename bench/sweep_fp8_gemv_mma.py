@@ -9,7 +9,6 @@ PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv_mma.py [--shapes WO_B_TP2,...] [--t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -21,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import time_graph
 from bench.sweep_fp8_gemv import rel
-from bench.sweep_fp8_gemv_cc import TP2, drive
+from bench.sweep_fp8_gemv_cc import TP2, drive, recorder, split_toward
 from ds4f.kernels import fp8_gemv, fp8_gemv_mma
-from ds4f.kernels.fp8_gemm import fp8_linear_ref
+from ds4f.kernels.fp8_gemm import grouped_ref
 
 
 def tiles(nt: int, k: int, groups: int, sms: int) -> list[fp8_gemv_mma.Cfg]:
@@ -31,10 +30,7 @@ def tiles(nt: int, k: int, groups: int, sms: int) -> list[fp8_gemv_mma.Cfg]:
     out: list[fp8_gemv_mma.Cfg] = []
     for nw, tl_ in ((4, 2), (4, 1), (2, 2), (8, 1), (2, 1), (1, 2)):
         for per_sm in (1, 2, 4):
-            split = 1
-            while (k // 128) % (split * 2) == 0 and nt // (16 * nw * tl_) * split * 2 <= per_sm * sms:
-                split *= 2
-            c = (nw, tl_, split)
+            c = (nw, tl_, split_toward(nt // (16 * nw * tl_), k, per_sm, sms))
             if c not in out and fp8_gemv_mma.valid(c, nt, k, groups):
                 out.append(c)
     return out
@@ -44,12 +40,9 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
     nt, k, groups = shape
     ws, ss, sc = w
     rows = nt // groups
-    wbytes = nt * k + (-(-nt // 128)) * (k // 128)
     copies, calls = len(ws), len(ws) * max(1, math.ceil(32 / len(ws)))
     x = torch.randn(t, groups, k, device="cuda").bfloat16()
-    r = -(-rows // 128)
-    want = torch.stack([fp8_linear_ref(x[:, i], ws[0][rows * i:rows * (i + 1)], ss[0][r * i:r * (i + 1)],
-                                       torch.float32) for i in range(groups)], 1)
+    want = grouped_ref(x, ws[0], ss[0])
 
     def default(i: int) -> torch.Tensor:  # today's dispatch for this T (the register form off)
         out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
@@ -61,15 +54,7 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
         fp8_gemv_mma.launch_mma(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg)
         return out
 
-    def record(variant: str, cfg: object, us: float, err: float) -> None:
-        gbps = wbytes / us / 1e3
-        print(f"  T={t} {variant:28s} {us:8.2f} us {gbps / ctx['copy']:5.2f} of copy err={err:.1e}", flush=True)
-        if ctx["out"]:
-            with open(ctx["out"], "a") as f:
-                f.write(json.dumps(dict(case="fp8_gemv_mma", shape=name, n=nt, k=k, groups=groups, t=t,
-                                        variant=variant, cfg=cfg, us=round(us, 3), gbps=round(gbps, 1),
-                                        frac_copy=round(gbps / ctx["copy"], 4), rel_err=err,
-                                        copy_gbps=round(ctx["copy"], 1), **ctx["meta"])) + "\n")
+    record = recorder("fp8_gemv_mma", name, shape, t, ctx)
 
     fp8_gemv_mma.ENABLED = False
     base = time_graph(default, copies, calls)

@@ -18,6 +18,7 @@ from ds4f.kernels.fp8_gemm import (
     fp8_linear,
     fp8_linear_a8_ref,
     fp8_linear_ref,
+    grouped_ref,
     quant_act_ref,
 )
 from ds4f.model.linear import Linear
@@ -93,6 +94,16 @@ def test_a8_ref_error_is_what_per_128_activation_quant_implies() -> None:
     for pow2 in (True, False):
         err = _rel(fp8_linear_a8_ref(x, q, s, torch.float32, pow2=pow2), base)
         assert 5e-3 < err < 3.5e-2, (pow2, err)
+
+
+def test_grouped_ref_is_each_groups_slice_of_the_whole_product() -> None:
+    # x [T, G, K] against G row groups of W: group i's output = x[:, i] @ all of W, sliced to group i's rows
+    _, q, s = _weights(4 * 256, 512, "ue8m0", 3)
+    x = torch.randn(3, 4, 512, generator=torch.Generator().manual_seed(4))
+    for ref in (fp8_linear_ref, fp8_linear_a8_ref):
+        got = grouped_ref(x, q, s, ref)
+        want = torch.stack([ref(x[:, i], q, s, torch.float32)[:, 256 * i:256 * (i + 1)] for i in range(4)], 1)
+        assert got.shape == (3, 4, 256) and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_cpu_path_is_the_reference() -> None:

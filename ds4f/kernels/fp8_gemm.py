@@ -14,6 +14,7 @@ The pure-torch references (`fp8_linear_ref`, `quant_act_ref`, `fp8_linear_a8_ref
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,17 @@ def fp8_linear_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     """x [..., K] @ dequant(w [N, K], w_scale)^T in fp32 -> [..., N] out_dtype (scheme w8's exact math)."""
     wf = dequant_fp8_block(w, w_scale, torch.float32)
     return (x.float() @ wf.t()).to(out_dtype)
+
+
+def grouped_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                ref: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """x [T, G, K] against G stacked row groups of w [G * N, K] (w_scale's row blocks split alike) -> [T, G, N]
+    fp32: ref (default fp8_linear_ref; fp8_linear_a8_ref for the a8 scheme) per group."""
+    ref = ref or fp8_linear_ref
+    g = x.shape[1]
+    rows, r = w.shape[0] // g, -(-w.shape[0] // g // 128)
+    return torch.stack([ref(x[:, i], w[rows * i:rows * (i + 1)], w_scale[r * i:r * (i + 1)], torch.float32)
+                        for i in range(g)], 1)
 
 
 def quant_act_ref(x: torch.Tensor, pow2: bool = True, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,11 +49,6 @@ DECODE_KNOBS = env_knobs("DS4F_INDEXER_DECODE", 4, "128,4,4,3", minimum=0) or (1
 if DECODE_KNOBS[2] < 4:  # session 18's sweep: 64 x 8 x 2 warps x 4 stages gave scores unlike every other tile's
     raise ValueError(f"DS4F_INDEXER_DECODE={','.join(map(str, DECODE_KNOBS))}: num_warps (the third value) must be "
                      ">= 4 (2-warp tiles gave wrong scores on an H200); e.g. '128,4,4,3'")
-# decode over rows past the small top-k's lanes: the indexer adds the radix top-k's first-digit histogram of the
-# scores it writes (indexer_scores hist=), so the top-k skips its first digit pass (a read of the whole row) and the
-# small kernel's zeroing (the buffer comes zeroed); opt-in: H200, one token at 1M (bench/kernel_times_long.py,
-# session 15), the chain 49.9 vs 51.7 us alone, 49.2 vs 49.3 with DS4F_TOPK_SPARSE_ADD (now the default): the indexer
-# takes 2.5 us longer for the pass it saves
 # decode calls (< TB_MIN_T tokens) through _indexer_fwd's keys-major form (_index_sum KEYS_MAJOR):
 # "block_l,n_inner,num_warps,num_stages" (n_inner 0 = auto, capped as DS4F_INDEXER_DECODE's; block_l 0: the
 # heads-major _indexer_fwd with DS4F_INDEXER_DECODE's tile). H200, 262,144 entries, 16 calls back to back over 4 key
@@ -63,8 +58,9 @@ DECODE_KM = env_knobs("DS4F_INDEXER_DECODE_KM", 4, "128,4,4,3", minimum=0) or (1
 # DS4F_INDEXER_HIST=N: decode calls of at most N tokens (and <= RADIX_MAX_ROWS) over rows past the small top-k's
 # lanes: the indexer adds the radix top-k's first-digit histogram of the scores it writes (indexer_scores hist=), so
 # the top-k skips its first digit pass (a read of the whole row) and the small kernel's zeroing (the buffer comes
-# zeroed); 0: off. H200, 262,144 entries, scores + top-512 back to back (session 20): one token, keys-major, 33.6
-# vs 34.8 us (heads-major: 40.3 either way); four tokens 72.4 vs 68.7 (slower), so the default is one token
+# zeroed, by index_q's launch in FastModel); 0: off. H200, 262,144 entries, scores + top-512 back to back (session
+# 20): one token, keys-major, 33.6 vs 34.8 us (heads-major: 40.3 either way, as session 15's 49.2 vs 49.3 with the
+# former kernels); four tokens 72.4 vs 68.7 (slower), so the default is one token
 INDEXER_HIST = (env_knobs("DS4F_INDEXER_HIST", 1, "1", minimum=0) or (1,))[0]
 TOPK_KNOBS = env_knobs("DS4F_TOPK_DECODE", 2, "2048,0", minimum=0) or (2048, 0)
 # rows of <= "lanes" valid entries: one program each (ds4f.kernels.topk_small), "lanes,num_warps"; lanes 0: off;

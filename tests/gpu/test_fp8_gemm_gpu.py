@@ -5,8 +5,6 @@ replay and the opt-in Linear hook."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -20,6 +18,7 @@ from ds4f.kernels.fp8_gemm import (
     fp8_linear_a8_ref,
     fp8_linear_ref,
     fp8_native,
+    grouped_ref,
     quant_act,
     quant_act_ref,
 )
@@ -64,13 +63,6 @@ def test_w8_matches_reference(shape: tuple[int, int, int], fmt: str, native: boo
         assert _rel(out, ref) < OUT_TOL, (shape, fmt, native, serial, _rel(out, ref))
 
 
-def _grouped_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, ref: Any = fp8_linear_ref) -> torch.Tensor:
-    """x [T, G, K] with W [G*N, K] -> [T, G, N] fp32, group by group through ref (fp8_linear_ref)."""
-    g, rows = x.shape[1], q.shape[0] // x.shape[1]
-    return torch.stack([ref(x[:, i], q[rows * i:rows * (i + 1)], s[rows // 128 * i:rows // 128 * (i + 1)],
-                            torch.float32) for i in range(g)], 1)
-
-
 @pytest.mark.parametrize("name", list(fp8_gemv.CONFIGS))
 def test_gemv_matches_reference_at_v4_shapes(name: str) -> None:
     # the swap-AB decode GEMV (forced, whatever the table says) at the per-rank V4-Flash shapes, T = 1 / 4 / 16,
@@ -85,11 +77,11 @@ def test_gemv_matches_reference_at_v4_shapes(name: str) -> None:
         a8 = fp8_gemv.use_a8(nt, k, groups) and fp8_gemv.USE_GEMV and not cc
         if groups > 1:
             x = x.view(t, groups, k)
-            ref = _grouped_ref(x, q, s)
+            ref = grouped_ref(x, q, s)
             out = fp8_grouped_linear(x, q, s, opts=Opts("w8", gemv=True, a8=False))
             default = fp8_grouped_linear(x, q, s)
             forced = fp8_grouped_linear(x, q, s, opts=Opts("w8", gemv=True, a8=fp8_gemv.use_a8(nt, k, groups)))
-            ref_default = _grouped_ref(x, q, s, fp8_linear_a8_ref if a8 else fp8_linear_ref)
+            ref_default = grouped_ref(x, q, s, fp8_linear_a8_ref if a8 else fp8_linear_ref)
         else:
             ref = fp8_linear_ref(x, q, s, torch.float32)
             out = fp8_linear(x, q, s, opts=Opts("w8", gemv=True, a8=False))
@@ -121,9 +113,7 @@ def test_gemv_a8_matches_its_reference_at_v4_shapes(name: str) -> None:
         x, q, s = _case(t * groups, nt, k, fmt, seed=nt + k + t)
         x = x.view(t, groups, k)
         ws, e8m0 = _scale_arg(s)
-        ref = torch.stack([fp8_linear_a8_ref(x[:, i], q[rows * i:rows * (i + 1)],
-                                             s[-(-rows // 128) * i:-(-rows // 128) * (i + 1)], torch.float32)
-                           for i in range(groups)], 1)
+        ref = grouped_ref(x, q, s, fp8_linear_a8_ref)
         out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
         fp8_gemv.launch(x, q, ws, e8m0, out, groups, True, cfg, a8=True)
         assert _rel(out, ref) < OUT_TOL, (name, t, fmt, _rel(out, ref))
@@ -205,7 +195,7 @@ def test_gemv_odd_cases(shape: tuple[int, int, int, int], fmt: str, native: bool
     opts = Opts("w8", split=split, native=native, gemv=True, a8=False)  # the widening form
     if groups > 1:
         x = x.view(t, groups, k)
-        ref, outs = _grouped_ref(x, q, s), [fp8_grouped_linear(x, q, s, opts=opts) for _ in range(3)]
+        ref, outs = grouped_ref(x, q, s), [fp8_grouped_linear(x, q, s, opts=opts) for _ in range(3)]
     else:
         ref, outs = fp8_linear_ref(x, q, s, torch.float32), [fp8_linear(x, q, s, opts=opts) for _ in range(3)]
     assert _rel(outs[0], ref) < OUT_TOL, (shape, fmt, native, split, _rel(outs[0], ref))

@@ -9,7 +9,7 @@ import torch
 
 from bench.common import graph_out
 from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv_cc
-from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_a8_ref, fp8_linear_ref
+from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_a8_ref, fp8_linear_ref, grouped_ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,9 +40,7 @@ def test_cc_matches_the_reference(shape):
     ws, e8m0 = _scale_arg(s)
     for t in (1, 2, 3, 4):
         x = torch.randn(t, groups, k, device="cuda").bfloat16()
-        want = torch.stack([fp8_linear_ref(x[:, i], w[rows * i:rows * (i + 1)],
-                                           s[rows // 128 * i:rows // 128 * (i + 1)], torch.float32)
-                            for i in range(groups)], 1)
+        want = grouped_ref(x, w, s)
         for cfg, depth in {(fp8_gemv_cc.generic_config(nt, k, groups, 132), 1), ((8, 1, 4), 1), ((32, 2, 8), 1),
                            ((32, 4, 4), 2), ((64, 1, 4), 2)}:
             if not fp8_gemv_cc.valid(cfg, nt, k, groups):
@@ -53,9 +51,7 @@ def test_cc_matches_the_reference(shape):
                 assert _rel(out, want) < OUT_TOL, (shape, t, cfg, depth, _rel(out, want))
         # A8 (x quantized per 128 columns in the kernel, the block max by a warp butterfly): the a8 reference's math,
         # fp32 products (summation order only) and bf16x2 ones (exact e4m3 products, the pairs' sums rounded)
-        want8 = torch.stack([fp8_linear_a8_ref(x[:, i], w[rows * i:rows * (i + 1)],
-                                               s[rows // 128 * i:rows // 128 * (i + 1)], torch.float32)
-                             for i in range(groups)], 1)
+        want8 = grouped_ref(x, w, s, fp8_linear_a8_ref)
         for cfg, depth, acc16 in (((64, 1, 4), 2, False), ((32, 2, 8), 1, True), ((8, 1, 4), 1, False)):
             if fp8_gemv_cc.valid(cfg, nt, k, groups):
                 out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")

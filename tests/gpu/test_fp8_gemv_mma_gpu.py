@@ -13,7 +13,7 @@ from test_fp8_gemv_cc_gpu import OUT_TOL, SHAPES, _rel, _weights
 
 from bench.common import graph_out
 from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv_mma
-from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_ref
+from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_ref, grouped_ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,9 +29,7 @@ def test_mma_matches_the_reference(shape):
     ws, e8m0 = _scale_arg(s)
     for t in (1, 2, 4, 5, 8):
         x = torch.randn(t, groups, k, device="cuda").bfloat16()
-        want = torch.stack([fp8_linear_ref(x[:, i], w[rows * i:rows * (i + 1)],
-                                           s[rows // 128 * i:rows // 128 * (i + 1)], torch.float32)
-                            for i in range(groups)], 1)
+        want = grouped_ref(x, w, s)
         for cfg in {fp8_gemv_mma.generic_config(nt, k, groups, 132), (4, 2, 1), (2, 1, 4), (8, 1, 2), (1, 2, 1)}:
             if not fp8_gemv_mma.valid(cfg, nt, k, groups):
                 continue
