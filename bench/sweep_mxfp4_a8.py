@@ -9,7 +9,9 @@ experts at TP=2, so the L2 never holds a pick's bytes). Ends with `PICK_A8 TP= T
 --xb 0,1: every a8 tile without and with the up kernel's B operands built once per call (_a8_expand,
 DS4F_MXFP4_A8_XB) instead of per program; --tiles N: only the first N of TILES (after the table's). --ppp 1,2,3,6:
 instead, the table's up tile (XB) with each down tile of DOWN_TILES at each number of picks per down program
-(DS4F_MXFP4_A8_DOWN_PICKS). --cc: instead, the CUDA-core form (moe_mxfp4_cc) at CC_TILES against the a8 kernels
+(DS4F_MXFP4_A8_DOWN_PICKS). --half: instead, each up tile of HALF_TILES (the table's first) with the table's down
+tile, XB on, the two-half up program against one half per program (DS4F_MXFP4_A8_HALF; `PICK_HALF` lines).
+--cc: instead, the CUDA-core form (moe_mxfp4_cc) at CC_TILES against the a8 kernels
 at their table tiles (`PICK_CC TP= T=` lines; its error against the bf16 oracle).
 
     PYTHONPATH=$PWD python3 bench/sweep_mxfp4_a8.py [--tp 2] [--tokens 1,4] [--xb 0,1] [--out FILE.jsonl]
@@ -44,6 +46,8 @@ TILES = [((64, 256, 4, 4, 4), (64, 256, 4, 4, 4)), ((64, 512, 4, 4, 2), (64, 512
          ((128, 256, 4, 8, 4), (64, 256, 2, 4, 4)), ((32, 256, 4, 4, 4), (32, 256, 2, 4, 4)),
          ((64, 128, 8, 4, 6), (64, 128, 4, 4, 6)), ((128, 512, 2, 8, 3), (128, 512, 1, 8, 3))]
 
+HALF_TILES = [(64, 256, 4, 4, 3), (64, 256, 2, 4, 4), (64, 256, 4, 4, 4), (64, 256, 1, 4, 4), (64, 512, 2, 4, 3),
+              (128, 256, 2, 8, 3), (64, 128, 8, 4, 6)]
 DOWN_TILES = [(64, 512, 1, 4, 4), (32, 512, 1, 4, 3), (128, 512, 1, 8, 3)]  # --ppp: beside the table's
 XB_DEFAULT = a8.XB  # report() sets a8.XB per variant
 # --cc: the CUDA-core form's (up, down) tiles (BLOCK_N, 256, SPLIT, num_warps, DEPTH), the table's first; offline
@@ -63,6 +67,7 @@ def main() -> None:
     ap.add_argument("--xb", default="0")
     ap.add_argument("--tiles", type=int, default=len(TILES))
     ap.add_argument("--ppp", default="")
+    ap.add_argument("--half", action="store_true", help="one weight half per up program (DS4F_MXFP4_A8_HALF)")
     ap.add_argument("--cc", action="store_true", help="the CUDA-core form (moe_mxfp4_cc) at CC_TILES vs the a8 table")
     args = ap.parse_args()
     copy_gbps, _ = measure_ceilings(iters=10)
@@ -74,14 +79,15 @@ def main() -> None:
         for T in (int(v) for v in args.tokens.split(",")):
             picks.append(sweep_case(tp, inter, T, w, per_expert, copy_gbps, meta, args.out,
                                     [int(v) for v in args.xb.split(",")], TILES[:args.tiles],
-                                    [int(v) for v in args.ppp.split(",") if v], args.cc))
+                                    [int(v) for v in args.ppp.split(",") if v], args.cc, args.half))
         del w
         torch.cuda.empty_cache()
     print("\n".join(picks), flush=True)
 
 
 def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_expert: int, copy_gbps: float,
-               meta: dict, out_path: str, xbs: list[int], tiles: list, ppps: list[int], cc: bool = False) -> str:
+               meta: dict, out_path: str, xbs: list[int], tiles: list, ppps: list[int], cc: bool = False,
+               half: bool = False) -> str:
     xs, ids, wts, nbytes = case_inputs(tp, T, per_expert)
     ref16 = fused_moe_mxfp4_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
     ref8 = fused_moe_mxfp4_a8_ref(xs[0], *w, ids[0], wts[0], LIMIT).double()
@@ -125,6 +131,17 @@ def sweep_case(tp: int, inter: int, T: int, w: tuple[torch.Tensor, ...], per_exp
                       if mcc.fits((u, d), D, inter))
         return (f"PICK_CC TP={tp} T={T} up={best_cc[1]} down={best_cc[2]} ({best_cc[0]:.2f} us vs a8 table "
                 f"{a8_us:.2f} us)")
+    if half:  # one weight half per up program against two, XB on, the table's down tile
+        res = {}
+        for up in [up0] + [u for u in HALF_TILES if u != up0 and md.fits((u, dn0), D, inter)]:
+            for h in (0, 1):
+                a8.HALF = (md.bucket(T),) if h else ()
+                res[(up, h)] = report(f"a8 up={up} down={dn0} HALF={h}", dict(DEC=(*up, *dn0), A8=1), 1)
+        a8.HALF = ()
+        up, h = min(res, key=lambda k: res[k])
+        us = res[(up, h)]
+        return (f"PICK_HALF TP={tp} T={T} up={up} HALF={h} ({us:.2f} us; table two-half {res[(up0, 0)]:.2f}, "
+                f"table HALF {res[(up0, 1)]:.2f})")
     if ppps:  # picks per down program (DS4F_MXFP4_A8_DOWN_PICKS) with the table's up tile and XB
         best = (float("inf"), 1, dn0)
         for dn in [dn0] + [d for d in DOWN_TILES if d != dn0 and md.fits((up0, d), D, inter)]:

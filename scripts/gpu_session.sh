@@ -536,6 +536,18 @@ case "${1:-}" in
       tests/gpu/test_fast_fp8_kv_gpu.py}
     test_summary | tee "$OUT/gpu_tests.log"
     S11_LIMIT=$((${S11_LIMIT:-590} - SECONDS)) bash "$0" s11full "$2" ;;
+  s21h)  # 1 GPU: the MXFP4 up kernel with one weight half per program (DS4F_MXFP4_A8_HALF): its GPU tests, then
+    # bench/sweep_mxfp4_a8.py --half at T = 1 / 4 (PICK_HALF lines); then S21_TESTS one file at a time (T_CAP each)
+    mkdir -p /tmp/gpulogs
+    DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_moe_mxfp4_a8_gpu.py > /tmp/gpulogs/moe_a8.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"
+    timeout "${H_S:-220}" python3 bench/sweep_mxfp4_a8.py --half --tokens "${H_T:-4,1}" --out "$OUT/moe_mxfp4.jsonl" \
+      2>&1 | grep -E "^(==|  |PICK)|Error" | tee "$OUT/sweep_half.log"
+    for f in ${S21_TESTS:-}; do
+      DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider "$f" \
+        > "/tmp/gpulogs/$(basename "$f" .py).log" 2>&1; done
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

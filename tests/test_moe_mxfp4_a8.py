@@ -113,6 +113,35 @@ def check_xb_interpreted() -> None:
     print("ok")
 
 
+def check_half_interpreted() -> None:
+    """HALF (the up kernel's gate and up rows in separate programs, met by arrival): the activation rows and the
+    output bit for bit the two-half program's with XB (same operands, same dots, the partials summed in slice
+    order), at 1 / 2-way K splits, T = 1 and 3 with a repeated expert; the counters re-armed."""
+    from ds4f.kernels import arrival
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    keep = a8.XB, a8.HALF
+    a8.XB = True
+    for D, I, T, tiles in [(256, 256, 3, (32, 128, 2, 4, 1, 16, 128, 2, 4, 1)),
+                           (512, 128, 1, (16, 256, 1, 4, 1, 32, 128, 1, 4, 1)),
+                           (512, 256, 3, (64, 256, 1, 4, 1, 64, 256, 1, 4, 1))]:
+        x, w13q, w13s, w2q, w2s, ids, wts = _case(5, D, I, T, 2, seed=D + I + T + 7)
+        ids[-1, 1] = ids[-1, 0]
+        outs = []
+        for half in ((), (1, 4)):
+            a8.HALF = half
+            act: list[torch.Tensor] = []
+            out = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None,
+                                   (tuple(tiles[:5]), tuple(tiles[5:])), act_out=act)
+            outs.append((out, act[0]))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), tiles
+        ref = fused_moe_mxfp4_a8_ref(x, w13q, w13s, w2q, w2s, ids, wts, 10.0)
+        assert _rel(outs[1][0], ref) < 1e-3, tiles
+    a8.XB, a8.HALF = keep
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("mxfp4_a8_up"))
+    print("ok")
+
+
 def check_down_picks_interpreted() -> None:
     """DOWN_PICKS: PPP picks per down program (one loop over (pick, K block) steps) against one pick per program:
     bit for bit at PPP = k (the picks summed in the same order, no arrival sums), within the bf16 rounding of the
@@ -161,6 +190,31 @@ def test_xb_operands_match_the_per_program_build():
     from tests.interp import run_interpreted
 
     assert run_interpreted("test_moe_mxfp4_a8", "check_xb_interpreted").strip().endswith("ok")
+
+
+def test_half_programs_match_the_two_half_program():
+    pytest.importorskip("triton")
+    from tests.interp import run_interpreted
+
+    assert run_interpreted("test_moe_mxfp4_a8", "check_half_interpreted").strip().endswith("ok")
+
+
+@pytest.mark.parametrize("arch", [90, 121])
+def test_half_kernel_builds_offline(arch):
+    """HALF at the four-token table tile: one weight tile per step through cp.async, the e4m3 MMA, the arrival
+    counter; fewer registers than the two-half program (sm_90: the cap that held it to 2 blocks per SM)."""
+    pytest.importorskip("triton")
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+    from tests.test_kernels_build import build
+
+    up = a8.CONFIGS[(4096, 1024, 4)][0]
+    types = dict(_PTRS, xb_ptr="*fp8e4nv", xs_ptr="*fp32")
+    div = tuple(n for n in a8._a8_up.arg_names if n in types and n != "limit" or n.startswith("s_"))
+    consts = dict(I=1024, DM=4096, TOPK=6, BLOCK_N=up[0], BLOCK_K=up[1], SPLIT=up[2], F32=0, XB=1)
+    two = build(a8._a8_up, types, consts, arch, up[3], up[4], div16=div)
+    one = build(a8._a8_up, types, dict(consts, HALF=1), arch, up[3], up[4], div16=div)
+    assert "atom" in one["ptx"] and "e4m3" in one["ptx"] and "cp.async" in one["ptx"]
+    print("regs", arch, two.get("n_regs"), one.get("n_regs"), "smem", two.get("shared"), one.get("shared"))
 
 
 def test_down_picks_match_one_pick_per_program():

@@ -86,6 +86,9 @@ XB = os.environ.get("DS4F_MXFP4_A8_XB", "1") == "1"
 # buckets it runs at, DS4F_MXFP4_A8_XB_DOWN="4" (T >= 2: the default), "1,4" (all), "" (none). 12-layer TP=2 rank
 # step on an H200 (session 17): replay 2.038 vs 2.065 ms at four tokens, 1.462 vs 1.469 at one (where it is off)
 XB_DOWN = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_XB_DOWN", "4").split(",") if v)
+# HALF: token buckets whose up kernel runs one weight half (gate or up rows) per program (_a8_up_half; needs XB):
+# DS4F_MXFP4_A8_HALF="4" etc., "" none (the default until measured)
+HALF = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_HALF", "").split(",") if v)
 # DOWN_PICKS: token bucket -> picks per down program (PPP): with 1, each (token, row tile) has k programs of one pick
 # and two K steps each (V4-Flash at TP=2: I = 1024, BLOCK_K = 512), whose id -> weight-address -> load chain and
 # arrival sums are paid once per 32 KB; with PPP picks one program streams PPP * 32 KB in one pipelined loop.
@@ -130,6 +133,7 @@ def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
 
 if triton is not None:
     from ds4f.kernels.fp8_gemv import quant_rows
+    from ds4f.kernels.moe_mxfp4 import _act_bf16
     from ds4f.kernels.moe_mxfp4_decode import _down_finish, _scales, _up_finish, _up_program
 
     _LO_C = tl.constexpr(_LO)
@@ -206,15 +210,63 @@ if triton is not None:
         return tl.dot(_half(q, 1, F32), bo, acc)
 
     @triton.jit
+    def _a8_up_half(q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_qe, s_qn, s_se, s_sn, s_at,
+                    I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr, xb_ptr, xs_ptr):
+        # _a8_up's HALF program (pick m, row tile n, (slice s, half h)): one weight tile, one scale set and one
+        # accumulator per step instead of two (the per-thread registers and shared-memory stages that capped the
+        # two-half program at 2 blocks per SM); x's operands from _a8_expand (XB). Both halves' partials go to
+        # [M, SPLIT, 2, I] and the tile's last of its 2 * SPLIT programs to arrive sums them in slice order and stores
+        # the SwiGLU row, as _up_finish does for a K split
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        s = tl.program_id(2) // 2
+        h = tl.program_id(2) % 2
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        e = tl.load(ids_ptr + pid_m).to(tl.int64)
+        r64 = (rn + h * I).to(tl.int64)[:, None]
+        KB: tl.constexpr = BLOCK_K // 2
+        K_PER: tl.constexpr = DM // SPLIT
+        NS: tl.constexpr = K_PER // BLOCK_K
+        NG: tl.constexpr = BLOCK_K // 32
+        k0 = s * K_PER
+        qg = q_ptr + e * s_qe + r64 * s_qn + k0 // 2 + tl.arange(0, KB)[None, :]
+        sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        f_n = _scales(sg, NG, True, False)
+        for kb in range(0, NS):
+            f = f_n
+            f_n = _scales(sg + (kb + 1) * NG, NG, kb + 1 < NS, False)
+            be, bo, xs = _xb_load(xb_ptr, xs_ptr, (pid_m // TOPK) * (DM // BLOCK_K) + k0 // BLOCK_K + kb, KB)
+            acc += _gdot8(tl.load(qg + kb * KB), be, bo, F32) * (f * xs[None, :])
+        pp = part_ptr + pid_m.to(tl.int64) * (SPLIT * 2 * I) + rn
+        tl.store(pp + s * (2 * I) + h * I, tl.sum(acc, 1) * 64.0)
+        tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
+        lk = lock_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(lk, 1, sem="acq_rel", scope="gpu") == 2 * SPLIT - 1:
+            g = tl.zeros([BLOCK_N], tl.float32)
+            u = tl.zeros([BLOCK_N], tl.float32)
+            for j in range(0, SPLIT):  # fixed order: the sum does not depend on arrival order
+                g += tl.load(pp + j * (2 * I), cache_modifier=".cg")
+                u += tl.load(pp + j * (2 * I) + I, cache_modifier=".cg")
+            tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+            tl.store(lk, 0)  # re-armed for the next call
+
+    @triton.jit
     def _a8_up(
         x_ptr, q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_xt, s_qe, s_qn, s_se, s_sn, s_at,
         I: tl.constexpr, DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr = False, XB: tl.constexpr = False,
-        xb_ptr=None, xs_ptr=None,
+        xb_ptr=None, xs_ptr=None, HALF: tl.constexpr = False,
     ):
         # moe_mxfp4_decode._dec_up's program (pick m, BLOCK_N gate rows + the same up rows, K slice pid_s) over
-        # bytes: I % BLOCK_N == 0, DM % (SPLIT * BLOCK_K) == 0, BLOCK_K in {128, 256, 512}
+        # bytes: I % BLOCK_N == 0, DM % (SPLIT * BLOCK_K) == 0, BLOCK_K in {128, 256, 512}. HALF: the grid's third
+        # axis is 2 * SPLIT, program (s, h) streams only the gate (h = 0) or the up (h = 1) rows of slice s
         pdl_enter(PDL)
+        if HALF:
+            _a8_up_half(q_ptr, s_ptr, ids_ptr, a_ptr, part_ptr, lock_ptr, limit, s_qe, s_qn, s_se, s_sn, s_at, I,
+                        DM, TOPK, BLOCK_N, BLOCK_K, SPLIT, F32, xb_ptr, xs_ptr)
+            return
         pid_m, pid_n, pid_s, e, rn, r64, k0 = _up_program(ids_ptr, DM, BLOCK_N, SPLIT)
         KB: tl.constexpr = BLOCK_K // 2
         K_PER: tl.constexpr = DM // SPLIT

@@ -394,13 +394,14 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
         name, per, flags, ppp = "mxfp4_cc", 4, {}, 1
         fu, fd, ns_u, ns_d = dict(DEPTH=ns_u, SUB=mcc.SUB), dict(DEPTH=ns_d, SUB=mcc.SUB), 1, 1
     elif form == "a8":
-        from ds4f.kernels.moe_mxfp4_a8 import XB, XB_DOWN, down_picks, expand_x
+        from ds4f.kernels import moe_mxfp4_a8 as a8
         from ds4f.kernels.moe_mxfp4_a8 import _a8_down as down
         from ds4f.kernels.moe_mxfp4_a8 import _a8_up as up
 
-        name, per, flags = "mxfp4_a8", 2, {}  # bytes: 2 columns each
-        ppp = down_picks(x.shape[0], ids.shape[1])
-        xb = expand_x(x, cfgs[0][1]) if XB else None
+        half = bucket(x.shape[0]) in a8.HALF
+        name, per, flags = "mxfp4_a8", 2, dict(HALF=True) if half else {}  # bytes: 2 columns each
+        ppp = a8.down_picks(x.shape[0], ids.shape[1])
+        xb = a8.expand_x(x, cfgs[0][1]) if a8.XB or half else None
     else:
         up, down = _dec_up, _dec_down
         q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word
@@ -415,19 +416,20 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     f32 = int(_INTERPRET)
     a = torch.empty(M, I, dtype=torch.bfloat16, device=dev)
     nt_u = I // bn_u
-    part_u = torch.empty(M * sp_u * 2 * I if sp_u > 1 else 1, dtype=torch.float32, device=dev)
+    arrive = sp_u > 1 or "HALF" in flags  # HALF: the gate and up halves of a tile meet by arrival too
+    part_u = torch.empty(M * sp_u * 2 * I if arrive else 1, dtype=torch.float32, device=dev)
     # counters sized for MAX_PICKS whatever T is: one buffer per key for every batch size, so a graph captured at
     # one T never holds a buffer that a later, larger T replaced
-    lock_u = arrival.counters(dev, MAX_PICKS * nt_u, (f"{name}_up", I, bn_u)) if sp_u > 1 else part_u
-    up[(M, nt_u, sp_u)](
+    lock_u = arrival.counters(dev, MAX_PICKS * nt_u, (f"{name}_up", I, bn_u)) if arrive else part_u
+    up[(M, nt_u, sp_u * (2 if "HALF" in flags else 1))](
         x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
         s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
         num_warps=nw_u, num_stages=ns_u, **flags, **fu,
         **({} if xb is None else dict(XB=True, xb_ptr=xb[0], xs_ptr=xb[1])), **pdl.launch(dev))
     if act_out is not None:
         act_out.append(a)
-    if form == "a8" and bucket(T) in XB_DOWN:
-        xb_down = expand_x(a, bk_d)
+    if form == "a8" and bucket(T) in a8.XB_DOWN:
+        xb_down = a8.expand_x(a, bk_d)
     out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
     nt_d = D // bn_d
     part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)

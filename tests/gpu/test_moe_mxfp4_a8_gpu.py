@@ -141,6 +141,33 @@ def test_xb_operands_match_the_per_program_build(monkeypatch, T):
 
 
 @pytest.mark.parametrize("T", [1, 4])
+def test_half_programs_match_the_two_half_program(monkeypatch, T):
+    """DS4F_MXFP4_A8_HALF: the up kernel's gate and up rows in separate programs (same operands, same dots, the
+    partials summed in slice order) give the two-half program's activations and outputs bit for bit at the table's
+    tiles and at a 4-way K split, with a repeated expert; in a graph too; counters re-armed."""
+    from ds4f.kernels import arrival
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(32, 4096, 1024, T, 6, seed=60 + T)
+    ids[-1, 1] = ids[-1, 0]
+    monkeypatch.setattr(a8, "XB", True)
+    for cfgs in (a8.CONFIGS[(4096, 1024, a8.bucket(T))], ((64, 256, 4, 4, 4), (64, 512, 1, 4, 3))):
+        res = []
+        for half in ((), (1, 4)):
+            monkeypatch.setattr(a8, "HALF", half)
+            acts: list[torch.Tensor] = []
+            res.append((a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, cfgs, act_out=acts),
+                        acts[0]))
+        assert torch.equal(res[0][1], res[1][1]) and torch.equal(res[0][0], res[1][0]), cfgs
+        got, replay = graph_out(lambda c=cfgs: a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, c))
+        for _ in range(2):
+            replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, res[1][0])
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("mxfp4_a8_up"))
+
+
+@pytest.mark.parametrize("T", [1, 4])
 def test_down_picks_match_one_pick_per_program(monkeypatch, T):
     """DS4F_MXFP4_A8_DOWN_PICKS: the down launch with 2 / 3 / 6 picks per program against one pick per program at
     the V4-Flash TP=2 shapes, with the shared expert's output: bit for bit at 6 (same pick order, no arrival
