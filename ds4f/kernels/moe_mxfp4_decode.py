@@ -399,7 +399,8 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
         from ds4f.kernels.moe_mxfp4_a8 import _a8_up as up
 
         half = bucket(x.shape[0]) in a8.HALF
-        name, per, flags = "mxfp4_a8", 2, dict(HALF=True) if half else {}  # bytes: 2 columns each
+        name, per, flags = "mxfp4_a8", 2, {}  # bytes: 2 columns each
+        fu = dict(HALF=True) if half else {}  # the up launch's only
         ppp = a8.down_picks(x.shape[0], ids.shape[1])
         xb = a8.expand_x(x, cfgs[0][1]) if a8.XB or half else None
     else:
@@ -416,12 +417,12 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     f32 = int(_INTERPRET)
     a = torch.empty(M, I, dtype=torch.bfloat16, device=dev)
     nt_u = I // bn_u
-    arrive = sp_u > 1 or "HALF" in flags  # HALF: the gate and up halves of a tile meet by arrival too
+    arrive = sp_u > 1 or "HALF" in fu  # HALF: the gate and up halves of a tile meet by arrival too
     part_u = torch.empty(M * sp_u * 2 * I if arrive else 1, dtype=torch.float32, device=dev)
     # counters sized for MAX_PICKS whatever T is: one buffer per key for every batch size, so a graph captured at
     # one T never holds a buffer that a later, larger T replaced
     lock_u = arrival.counters(dev, MAX_PICKS * nt_u, (f"{name}_up", I, bn_u)) if arrive else part_u
-    up[(M, nt_u, sp_u * (2 if "HALF" in flags else 1))](
+    up[(M, nt_u, sp_u * (2 if "HALF" in fu else 1))](
         x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
         s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
         num_warps=nw_u, num_stages=ns_u, **flags, **fu,
