@@ -69,8 +69,10 @@ def supported(device: torch.device) -> bool:
 # bf16-activation kernels at their table tiles (SUB decode): shapes not listed take moe_mxfp4_decode's tiles
 CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
     (4096, 1024, 1): ((64, 256, 4, 4, 3), (64, 512, 1, 4, 3)),  # TP=2: 23.87 vs 26.79 (session 16)
-    (4096, 1024, 4): ((64, 256, 2, 4, 3), (64, 512, 1, 4, 3)),  # 69.34 vs 74.76 (session 16)
+    (4096, 1024, 4): ((64, 256, 1, 4, 4), (64, 512, 1, 4, 3)),  # 58.63 vs 74.66 (session 21; XB, DOWN_PICKS 2)
 }
+# session 21 (bench/sweep_mxfp4_a8.py --half, XB on): at four tokens the up tile (64, 256, 1, 4, 4) 58.63 us per layer
+# against session 16's (64, 256, 2, 4, 3) 61.22 in the same run (two calls, within 0.1 us of each other)
 _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
 # XB: the up kernel reads x's B operands from one _a8_expand launch per call instead of every (pick, row tile, K
 # slice) program quantizing its x slice and storing the operands to shared memory each step (ncu, H200, T=1:
