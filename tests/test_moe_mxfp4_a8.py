@@ -92,7 +92,8 @@ def check_xb_interpreted() -> None:
     from ds4f.kernels import moe_mxfp4 as mm
     from ds4f.kernels import moe_mxfp4_a8 as a8
 
-    keep = a8.XB, a8.XB_DOWN
+    keep = a8.XB, a8.XB_DOWN, a8.HALF
+    a8.HALF = ()  # HALF builds x's operands whatever XB says
     for D, I, T, tiles in [(256, 256, 3, (32, 128, 2, 4, 1, 16, 128, 2, 4, 1)),
                            (1024, 128, 1, (16, 512, 2, 4, 1, 32, 128, 1, 4, 1)),
                            (512, 256, 3, (64, 256, 1, 4, 1, 64, 256, 1, 4, 1))]:
@@ -109,7 +110,7 @@ def check_xb_interpreted() -> None:
                              (tuple(tiles[:5]), tuple(tiles[5:])), act_out=act)
             outs.append((out, act[0]))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), tiles
-    a8.XB, a8.XB_DOWN = keep
+    a8.XB, a8.XB_DOWN, a8.HALF = keep
     print("ok")
 
 

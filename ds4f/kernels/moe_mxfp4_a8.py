@@ -68,11 +68,14 @@ def supported(device: torch.device) -> bool:
 # (bench/results/moe_mxfp4.jsonl, case mxfp4_a8_sweep), us per layer for 6 picks, this form at these tiles vs the
 # bf16-activation kernels at their table tiles (SUB decode): shapes not listed take moe_mxfp4_decode's tiles
 CONFIGS: dict[tuple[int, int, int], tuple[Cfg, Cfg]] = {
-    (4096, 1024, 1): ((64, 256, 4, 4, 3), (64, 512, 1, 4, 3)),  # TP=2: 23.87 vs 26.79 (session 16)
+    (4096, 1024, 1): ((64, 512, 2, 4, 3), (64, 512, 1, 4, 3)),  # TP=2, with HALF: 21.82 vs 26.57 (session 21)
     (4096, 1024, 4): ((64, 256, 1, 4, 4), (64, 512, 1, 4, 3)),  # 58.63 vs 74.66 (session 21; XB, DOWN_PICKS 2)
 }
 # session 21 (bench/sweep_mxfp4_a8.py --half, XB on): at four tokens the up tile (64, 256, 1, 4, 4) 58.63 us per layer
-# against session 16's (64, 256, 2, 4, 3) 61.22 in the same run (two calls, within 0.1 us of each other)
+# against session 16's (64, 256, 2, 4, 3) 61.22 in the same run (two calls, within 0.1 us of each other); at one
+# token (64, 512, 2, 4, 3) with HALF 21.82 against session 16's (64, 256, 4, 4, 3) 22.58. Full model, TP=2 on two
+# H200s (bench/results/full.jsonl, session 21 call 4): batch-4 replay 6.950 ms (7.153 in session 20's run of record),
+# batch-1 replay 4.801 with the one-token pair against 4.823 without it in the same call
 _A8_ENV = os.environ.get("DS4F_MXFP4_DEC_A8", "")
 # XB: the up kernel reads x's B operands from one _a8_expand launch per call instead of every (pick, row tile, K
 # slice) program quantizing its x slice and storing the operands to shared memory each step (ncu, H200, T=1:
@@ -88,9 +91,11 @@ XB = os.environ.get("DS4F_MXFP4_A8_XB", "1") == "1"
 # buckets it runs at, DS4F_MXFP4_A8_XB_DOWN="4" (T >= 2: the default), "1,4" (all), "" (none). 12-layer TP=2 rank
 # step on an H200 (session 17): replay 2.038 vs 2.065 ms at four tokens, 1.462 vs 1.469 at one (where it is off)
 XB_DOWN = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_XB_DOWN", "4").split(",") if v)
-# HALF: token buckets whose up kernel runs one weight half (gate or up rows) per program (_a8_up_half; needs XB):
-# DS4F_MXFP4_A8_HALF="4" etc., "" none (the default until measured)
-HALF = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_HALF", "").split(",") if v)
+# HALF: token buckets whose up kernel runs one weight half (gate or up rows) per program (_a8_up_half: 88 instead of
+# 122 registers, 31 instead of 47 KB of shared memory at the four-token tile on sm_90; x's operands from _a8_expand
+# whatever XB says). DS4F_MXFP4_A8_HALF="1" (the default: one token, with CONFIGS' one-token tile), "1,4", "" none.
+# Isolated (session 21) it helps some tiles and not others (four tokens: 62.00 vs 61.22 us at session 16's tile)
+HALF = tuple(int(v) for v in os.environ.get("DS4F_MXFP4_A8_HALF", "1").split(",") if v)
 # DOWN_PICKS: token bucket -> picks per down program (PPP): with 1, each (token, row tile) has k programs of one pick
 # and two K steps each (V4-Flash at TP=2: I = 1024, BLOCK_K = 512), whose id -> weight-address -> load chain and
 # arrival sums are paid once per 32 KB; with PPP picks one program streams PPP * 32 KB in one pipelined loop.
