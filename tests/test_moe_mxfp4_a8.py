@@ -143,6 +143,37 @@ def check_half_interpreted() -> None:
     print("ok")
 
 
+def check_out_f32_interpreted() -> None:
+    """out_f32 / defer_shared: the down kernel's fp32 pick sum plus the shared expert's output, rounded once to bf16
+    (what Comm.all_reduce_add computes), gives the bits of the down kernel that adds it itself, at one pick per program
+    (arrival sums) and at k picks per program (no arrival); fused_moe_mxfp4 returns fp32 only on the FP8-activation
+    decode path and bf16 with the term added elsewhere."""
+    from ds4f.kernels import moe_mxfp4 as mm
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    keep = a8.DOWN_PICKS
+    D, I, T, k = 256, 256, 3, 2
+    tiles = (32, 128, 2, 4, 1, 16, 128, 2, 4, 1)
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(5, D, I, T, k, seed=91)
+    ids[-1, 1] = ids[-1, 0]
+    sh = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+    cfgs = (tuple(tiles[:5]), tuple(tiles[5:]))
+    for ppp in (1, k):
+        a8.DOWN_PICKS = {1: ppp, 4: ppp}
+        fused = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, sh, cfgs)
+        y32 = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, cfgs, out_f32=True)
+        assert y32.dtype == torch.float32 and torch.equal((y32 + sh.float()).bfloat16(), fused), ppp
+    a8.DOWN_PICKS = keep
+    y = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, A8=1), shared_out=sh,
+                           defer_shared=True)
+    assert y.dtype == torch.float32
+    y16 = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, A8=0), shared_out=sh,
+                             defer_shared=True)  # the bf16-activation kernels: the term added there
+    ref = mm.fused_moe_mxfp4(x, w13q, w13s, w2q, w2s, ids, wts, 10.0, config=dict(DEC=tiles, A8=0), shared_out=sh)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, ref)
+    print("ok")
+
+
 def check_down_picks_interpreted() -> None:
     """DOWN_PICKS: PPP picks per down program (one loop over (pick, K block) steps) against one pick per program:
     bit for bit at PPP = k (the picks summed in the same order, no arrival sums), within the bf16 rounding of the
@@ -216,6 +247,13 @@ def test_half_kernel_builds_offline(arch):
     one = build(a8._a8_up, types, dict(consts, HALF=1), arch, up[3], up[4], div16=div)
     assert "atom" in one["ptx"] and "e4m3" in one["ptx"] and "cp.async" in one["ptx"]
     print("regs", arch, two.get("n_regs"), one.get("n_regs"), "smem", two.get("shared"), one.get("shared"))
+
+
+def test_out_f32_plus_the_shared_term_matches_the_fused_add():
+    pytest.importorskip("triton")
+    from tests.interp import run_interpreted
+
+    assert run_interpreted("test_moe_mxfp4_a8", "check_out_f32_interpreted").strip().endswith("ok")
 
 
 def test_down_picks_match_one_pick_per_program():

@@ -22,7 +22,7 @@ def test_ref_two_ranks_is_one_bf16_add() -> None:
     assert torch.equal(push_all_reduce_ref([b, a]), a + b)
 
 
-def _build(world: int, arch: int, block: int, warps: int) -> str:
+def _build(world: int, arch: int, block: int, warps: int, add: bool = False) -> str:
     pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -30,10 +30,12 @@ def _build(world: int, arch: int, block: int, warps: int) -> str:
     from ds4f.kernels import push_allreduce as pa
 
     fn = pa._push_ar
-    types = dict(x_ptr="*bf16", out_ptr="*bf16", addr_ptr="*i64", epoch_ptr="*i32", err_ptr="*i32", n="i32",
-                 rank="i32", timeout="i64")
+    types = dict(x_ptr="*fp32" if add else "*bf16", out_ptr="*bf16", addr_ptr="*i64", epoch_ptr="*i32",
+                 err_ptr="*i32", n="i32", rank="i32", timeout="i64", extra_ptr="*bf16")
     cap = 262144
-    consts = dict(W=world, CAP=cap, MAXB=cap // block, BLOCK=block, TIMER=True, TRAP=True, SW_ROUND=False)
+    consts = dict(W=world, CAP=cap, MAXB=cap // block, BLOCK=block, TIMER=True, TRAP=True, SW_ROUND=False, ADD=add)
+    if not add:
+        consts["extra_ptr"] = None
     sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("x_ptr", "out_ptr", "addr_ptr", "n")}
     try:
@@ -58,9 +60,21 @@ def test_push_kernel_builds(arch: int, world: int, block: int, warps: int) -> No
     assert ptx.count("bar.sync") >= 2  # the pushes before the flag, the wait before the reads
 
 
+@pytest.mark.parametrize("arch", [90, 121])
+def test_push_kernel_builds_with_the_added_term(arch: int) -> None:
+    """ADD: x read as fp32 with the bf16 term beside it, rounded to bf16 before the pushes; pushes and flags as in the
+    plain form."""
+    ptx, plain = _build(2, arch, 1024, 4, add=True), _build(2, arch, 1024, 4)
+    assert "st.global.v4.b32" in ptx and ptx.count("atom.global.sys.release.exch.b32") == 1
+    # the term's loads and its rounding on top of the plain form's
+    assert ptx.count("ld.global") > plain.count("ld.global")
+    assert ptx.count("cvt.rn.bf16") > plain.count("cvt.rn.bf16")
+
+
 def check_ranks() -> None:
     """Fork W ranks (2, then 3) over one shared anonymous mapping; each runs the same call sequence and checks its
-    output against the oracle; then a lone rank times out."""
+    output against the oracle (every other call the ADD form: fp32 x plus a bf16 term, one rounding, interleaved
+    with plain calls on the same programs' epochs); then a lone rank times out."""
     import mmap
     import os
     import random
@@ -90,11 +104,18 @@ def check_ranks() -> None:
             rng = random.Random(rank)
             counts = torch.zeros(cap // block, dtype=torch.int32)
             for i, n in enumerate(sizes):
-                xs = [((torch.randn(n, generator=torch.Generator().manual_seed(1000 * i + q))) * (q + 1)).bfloat16()
+                x32 = [torch.randn(n, generator=torch.Generator().manual_seed(1000 * i + q)) * (q + 1)
+                       for q in range(world)]
+                ex = [torch.randn(n, generator=torch.Generator().manual_seed(7 + 1000 * i + q)).bfloat16()
                       for q in range(world)]
                 time.sleep(rng.random() * 0.05)  # skew: the ranks enter each call at different times
-                got = ar(xs[rank].clone())
-                assert torch.equal(got, pa.push_all_reduce_ref(xs)), (world, rank, i, n)
+                if i % 2:  # ADD: fp32 x plus a bf16 term, rounded once, then summed over the ranks
+                    got = ar(x32[rank].clone(), ex[rank].clone())
+                    want = pa.push_all_reduce_ref([(a + b.float()).bfloat16() for a, b in zip(x32, ex)])
+                else:
+                    got = ar(x32[rank].bfloat16())
+                    want = pa.push_all_reduce_ref([a.bfloat16() for a in x32])
+                assert got.dtype == torch.bfloat16 and torch.equal(got, want), (world, rank, i, n)
                 counts[: (n + block - 1) // block] += 1
             assert torch.equal(ar.epoch, counts), (ar.epoch, counts)  # each program counts its own calls
             assert ar.error() == 0

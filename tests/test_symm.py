@@ -74,3 +74,30 @@ def test_comm_routes_small_messages() -> None:
     assert torch.equal(c.all_reduce(torch.ones(8)), torch.full((8,), 2.0))
     c.all_reduce(torch.ones(9))
     assert ar.calls == 1 and pg.n == 1 and c.counts["all_reduce"] == 2
+
+
+def test_comm_all_reduce_add_routes_the_term() -> None:
+    """all_reduce_add (x fp32, extra bf16): the fast path's own add when it has one and the message fits, else
+    bf16(x + extra) rounded once and the plain all-reduce; one rank: just the rounded sum. Counted as all-reduces."""
+
+    class AddAR(FakeAR):
+        def __init__(self) -> None:
+            super().__init__()
+            self.adds = 0
+
+        def all_reduce_add(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+            self.adds += 1
+            return (x + extra.float()).bfloat16() * 2
+
+    x = torch.tensor([1.0, 2 ** -9, -3.0, 0.5, 0.0, 7.0, 1e-3, -1.0]) + 2 ** -12
+    ex = torch.linspace(-1, 1, 8).bfloat16()
+    want = (x + ex.float()).bfloat16()
+    ar = AddAR()
+    c = Comm(0, 2, object(), ar)
+    got = c.all_reduce_add(x, ex)
+    assert ar.adds == 1 and ar.calls == 0 and got.dtype == torch.bfloat16 and torch.equal(got, want * 2)
+    ar2 = FakeAR()  # a fast path without the add: the term added here, then its plain all-reduce
+    c2 = Comm(0, 2, object(), ar2)
+    assert torch.equal(c2.all_reduce_add(x, ex), want * 2) and ar2.calls == 1
+    assert torch.equal(Comm(0, 1).all_reduce_add(x, ex), want)  # one rank: nothing to reduce
+    assert c.counts["all_reduce"] == 1 and c2.counts["all_reduce"] == 1

@@ -48,6 +48,20 @@ class Comm:
             self._close("all_reduce", t0, x)
         return x
 
+    def all_reduce_add(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """The sum over the group of bf16(x + extra) (x fp32, extra bf16 of x's shape: each rank's term rounded once),
+        the add inside the all-reduce's launch where the push kernel takes the message; bf16 out."""
+        add = getattr(self.fast_ar, "all_reduce_add", None)
+        if self.world > 1 and add is not None and self.fast_ar.fits(extra):
+            self.counts["all_reduce"] += 1
+            self.nbytes["all_reduce"] += extra.numel() * extra.element_size()
+            t0 = self._mark(extra) if self._spans is not None else None
+            y = add(x, extra)
+            if t0 is not None:
+                self._close("all_reduce", t0, y)
+            return y
+        return self.all_reduce((x + extra.float()).to(torch.bfloat16))
+
     def all_gather_last(self, x: torch.Tensor, full: int) -> torch.Tensor:
         """x [..., n] (this rank's slice of a last dim split into equal, zero-padded shards) -> [..., full]."""
         self.counts["all_gather"] += 1

@@ -125,6 +125,16 @@ class SymmAllReduce:
         return x
 
 
+    def all_reduce_add(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """x fp32 and extra bf16 (x's shape, fits as bf16) -> the sum over the ranks of bf16(x + extra): the push
+        kernel adds the term in its launch; otherwise one add, then all_reduce."""
+        if self.push is not None and x.numel() <= self.push_max:
+            if not self._armed:
+                self._arm()
+            return self.push(x.contiguous(), extra)
+        return self.all_reduce((x + extra.float()).to(torch.bfloat16))
+
+
 def try_symm(ctrl: Any, store: Any, rank: int, world: int, device: torch.device, single_node: bool,
              agree: Any, backend: Any = None) -> SymmAllReduce | None:
     """A SymmAllReduce unless DS4F_ALLREDUCE=nccl: CUDA, one node, and every rank built one (agreed over the control

@@ -295,6 +295,7 @@ def fused_moe_mxfp4(
     config: dict[str, Any] | None = None,
     shared_out: torch.Tensor | None = None,
     shared_ready: Any = None,
+    defer_shared: bool = False,
 ) -> torch.Tensor:
     """out [T, D] bf16 = Σ_j weights[t,j] · (swiglu_clamp(x[t] @ W13[e]ᵀ) @ W2[e]ᵀ) (+ shared expert), e = ids[t,j].
 
@@ -308,7 +309,10 @@ def fused_moe_mxfp4(
     a config, decode-sized CUDA calls take moe_mxfp4_decode's table (DS4F_MXFP4_DEC=0: the GEMV below).
     shared_out [T, D] bf16: a shared expert's output the caller computed, added as `shared`'s would be (pass one of
     the two); shared_ready: the CUDA stream computing it, joined right before the first launch that reads it (the
-    decode path's down kernel), so the routed up GEMM overlaps it."""
+    decode path's down kernel), so the routed up GEMM overlaps it. defer_shared (with shared_out): where the FP8-
+    activation decode kernels run, the pick sum comes back in fp32 without shared_out and shared_ready is not joined:
+    the caller adds shared_out and rounds once (Comm.all_reduce_add, after joining shared_ready), so the down kernel
+    does not wait for the shared expert; other paths add it as usual and return bf16 (the dtype tells which)."""
     assert shared is None or shared_out is None, "pass the shared expert's weights or its output, not both"
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(-1) == 1, "x must be [T, D] bf16"
     T, DM = x.shape
@@ -350,6 +354,9 @@ def fused_moe_mxfp4(
         if use_a8 and "DEC" not in c and md._env() == "table":  # its own table unless tiles are forced
             dec = a8.pick(DM, I, T, dec)
         if use_a8 and a8.fits(dec, DM, I):
+            if defer_shared and shared_out is not None:
+                return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, None, dec,
+                                        out_f32=True)
             return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
                                     shared_ready)
         return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,

@@ -308,6 +308,7 @@ if triton is not None:
         s_sht, s_ot, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr,
         PDL: tl.constexpr = False, XB: tl.constexpr = False, xb_ptr=None, xs_ptr=None, PPP: tl.constexpr = 1,
+        OUT_F32: tl.constexpr = False,
     ):
         # moe_mxfp4_decode._dec_down's program ((token t, BLOCK_N rows of D), (pick group g, K slice)) over bytes,
         # a's slice quantized per 128 columns: DM % BLOCK_N == 0, I % (SPLIT * BLOCK_K) == 0, TOPK % PPP == 0;
@@ -355,7 +356,7 @@ if triton is not None:
         if PPP == 1:
             y = tl.sum(acc, 1) * (64.0 * tl.load(tw_ptr + m0))
         _down_finish(y, sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot, t, pid_tn, pid_js, rn, DM, TOPK // PPP,
-                     SPLIT, HAS_SH, F32)
+                     SPLIT, HAS_SH, F32, OUT_F32)
 
 
 def expand_x(x: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,12 +375,12 @@ def expand_x(x: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]
 def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                   ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
                   cfgs: tuple[Cfg, Cfg], shared_ready: Any = None,
-                  act_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+                  act_out: list[torch.Tensor] | None = None, out_f32: bool = False) -> torch.Tensor:
     """moe_mxfp4_decode.moe_decode with these kernels (no asm / sub: the e4m3 placement has one form); cfgs must
     also pass fits() here; act_out: a list that receives the activation rows a [T*k, I] bf16 (tests check the two
-    launches apart). -> [T, D] bf16."""
+    launches apart); out_f32: the pick sum in fp32 (shared_out None: the caller adds it). -> [T, D] bf16 (fp32)."""
     return moe_decode(x, w13, w2, ids, weights, limit, shared_out, cfgs, False, shared_ready=shared_ready, form="a8",
-                      act_out=act_out)
+                      act_out=act_out, out_f32=out_f32)
 
 
 def fused_moe_mxfp4_a8_ref(x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: torch.Tensor,

@@ -196,15 +196,24 @@ if triton is not None:
             tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
 
     @triton.jit
+    def _out_val(v, F32: tl.constexpr, OUT_F32: tl.constexpr):
+        # the value down stores: fp32 as summed (OUT_F32: the caller adds the shared expert's output and rounds), else
+        # rounded to bf16
+        if OUT_F32:
+            return v
+        return _round_bf16(v, F32)
+
+    @triton.jit
     def _down_finish(y, sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot, t, pid_tn, pid_js, rn, DM: tl.constexpr,
-                     TOPK: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr):
+                     TOPK: tl.constexpr, SPLIT: tl.constexpr, HAS_SH: tl.constexpr, F32: tl.constexpr,
+                     OUT_F32: tl.constexpr = False):
         # a weighted pick partial y [BLOCK_N] fp32 of (token t, tile, (pick, K slice) pid_js) -> partials [T, k * SPLIT,
         # DM] fp32; the last of the tile's k * SPLIT programs to arrive sums them in order, adds the shared expert's
-        # output and stores out[t, rn] (bf16)
+        # output and stores out[t, rn] (bf16; OUT_F32: the fp32 sum, out fp32)
         if TOPK * SPLIT == 1:  # one program per tile (moe_mxfp4_a8's PPP = k): nothing to wait for
             if HAS_SH:
                 y += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
-            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(y, F32))
+            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _out_val(y, F32, OUT_F32))
         else:
             pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
             tl.store(pp + pid_js * DM, y)
@@ -216,7 +225,7 @@ if triton is not None:
                     tot += tl.load(pp + js * DM, cache_modifier=".cg")
                 if HAS_SH:
                     tot += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
-                tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _round_bf16(tot, F32))
+                tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _out_val(tot, F32, OUT_F32))
                 tl.store(lock_ptr + pid_tn, 0)
 
     @triton.jit
@@ -371,14 +380,14 @@ def tiles_for(config: dict | None, native: bool, T: int, k: int, D: int, I: int)
 def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
                cfgs: tuple[Cfg, Cfg], asm: bool, sub: bool = False, shared_ready: Any = None, form: str = "dec",
-               act_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+               act_out: list[torch.Tensor] | None = None, out_f32: bool = False) -> torch.Tensor:
     """The two launches. x [T, D] bf16; w13 = (bytes [E, 2I, D/2], UE8M0 [E, 2I, D/32]) and w2 = ([E, D, I/2],
     [E, D, I/32]) uint8, contiguous (moe_mxfp4 checked them; the bf16 form reads the bytes as int16 words); ids
     [T, k] int32, weights [T, k] fp32; shared_out [T, D] or None; cfgs from pick() that fits() the shape; asm: the PTX
     decode (CUDA), sub: its SUB form; form: "dec" these kernels, "a8" moe_mxfp4_a8's (FP8 activations; asm / sub
     unused), "cc" moe_mxfp4_cc's CUDA-core kernels (cfgs its fits(): num_stages = DEPTH);
     shared_ready: the stream computing shared_out, joined before down reads it; act_out: a list that receives the
-    activation rows a [T*k, I] bf16. -> [T, D] bf16."""
+    activation rows a [T*k, I] bf16; out_f32 (form "a8"): the pick sum in fp32, out [T, D] fp32. -> [T, D] bf16."""
     (q13, s13), (q2, s2) = w13, w2
     xb = xb_down = None
     fu: dict[str, int] = {}
@@ -431,7 +440,8 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
         act_out.append(a)
     if form == "a8" and bucket(T) in a8.XB_DOWN:
         xb_down = a8.expand_x(a, bk_d)
-    out = torch.empty(T, D, dtype=torch.bfloat16, device=dev)
+    assert not out_f32 or form == "a8", "out_f32: the a8 down kernel only"
+    out = torch.empty(T, D, dtype=torch.float32 if out_f32 else torch.bfloat16, device=dev)
     nt_d = D // bn_d
     part_d = torch.empty(T * k * sp_d * D, dtype=torch.float32, device=dev)
     lock_d = arrival.counters(dev, MAX_PICKS * nt_d, (f"{name}_down", D, bn_d))
@@ -443,5 +453,5 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
         s2.stride(1), sh.stride(0), out.stride(0), DM=D, I=I, TOPK=k, BLOCK_N=bn_d, BLOCK_K=bk_d, SPLIT=sp_d,
         HAS_SH=shared_out is not None, F32=f32, num_warps=nw_d, num_stages=ns_d, **flags, **fd, **pdl.launch(dev),
         **({} if xb_down is None else dict(XB=True, xb_ptr=xb_down[0], xs_ptr=xb_down[1])),
-        **({} if ppp == 1 else dict(PPP=ppp)))
+        **({} if ppp == 1 else dict(PPP=ppp)), **({} if not out_f32 else dict(OUT_F32=True)))
     return out

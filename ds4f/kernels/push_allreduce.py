@@ -73,9 +73,21 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
+    def _rne_bf16(acc, SW_ROUND: tl.constexpr):
+        # fp32 -> bf16, round to nearest even (the interpreter's cast truncates: round on the bits first)
+        if SW_ROUND:
+            u = acc.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            acc = u.to(tl.float32, bitcast=True)
+        return acc.to(tl.bfloat16)
+
+    @triton.jit
     def _push_ar(x_ptr, out_ptr, addr_ptr, epoch_ptr, err_ptr, n, rank, timeout,
                  W: tl.constexpr, CAP: tl.constexpr, MAXB: tl.constexpr, BLOCK: tl.constexpr, TIMER: tl.constexpr,
-                 TRAP: tl.constexpr, SW_ROUND: tl.constexpr):
+                 TRAP: tl.constexpr, SW_ROUND: tl.constexpr, ADD: tl.constexpr = False, extra_ptr=None):
+        # ADD: x is fp32 and this rank's term is bf16(x + extra) (extra bf16), rounded once as an fp32 sum stored to
+        # bf16 would be: the MoE's routed pick sum and its shared expert's output, added here instead of in the
+        # down kernel (PushAllReduce.__call__)
         pid = tl.program_id(0)
         e = tl.load(epoch_ptr + pid) + 1
         par = e & 1
@@ -83,6 +95,8 @@ if triton is not None:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if ADD:
+            x = _rne_bf16(x + tl.load(extra_ptr + offs, mask=mask, other=0.0).to(tl.float32), SW_ROUND)
         flag_off = 2 * W * CAP * 2  # bytes: the flag words follow the data
         # 1. push this chunk into every peer's slot [par, rank]
         for i in tl.static_range(1, W):
@@ -127,12 +141,13 @@ if triton is not None:
             else:
                 ptrs = tl.max_contiguous(tl.multiple_of(src + q * CAP + offs, 16), BLOCK)
                 acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        if SW_ROUND:  # the interpreter's fp32 -> bf16 cast truncates: round to nearest even on the bits first
-            u = acc.to(tl.uint32, bitcast=True)
-            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-            acc = u.to(tl.float32, bitcast=True)
-        tl.store(out_ptr + offs, acc.to(tl.bfloat16), mask=mask)
+        tl.store(out_ptr + offs, _rne_bf16(acc, SW_ROUND), mask=mask)
         tl.store(epoch_ptr + pid, e)
+
+
+def _extra(extra: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    assert extra.dtype == torch.bfloat16 and extra.shape == x.shape, (extra.dtype, extra.shape, x.shape)
+    return extra.contiguous()
 
 
 def _interpreting() -> bool:
@@ -177,13 +192,17 @@ class PushAllReduce:
             _push_ar.warmup(*self._args(x, torch.empty_like(x)), grid=(triton.cdiv(x.numel(), self.block),),
                             **self._consts())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (contiguous bf16, numel <= cap; every rank calls with the same numel, in the same order) -> the sum."""
-        assert x.is_contiguous() and self.fits(x)
-        out = torch.empty_like(x)
+    def __call__(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """x (contiguous bf16, numel <= cap; every rank calls with the same numel, in the same order) -> the sum.
+        extra (bf16, x's shape): x is fp32 instead and this rank's term is bf16(x + extra), one rounding (what a
+        kernel that added extra to its fp32 x before storing bf16 would have passed in)."""
+        assert x.is_contiguous() and x.numel() <= self.cap
+        assert x.dtype == (torch.bfloat16 if extra is None else torch.float32), x.dtype
         n = x.numel()
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
         if n:
-            _push_ar[(triton.cdiv(n, self.block),)](*self._args(x, out), **self._consts())
+            kw = {} if extra is None else dict(ADD=True, extra_ptr=_extra(extra, x))
+            _push_ar[(triton.cdiv(n, self.block),)](*self._args(x, out), **self._consts(), **kw)
         return out
 
     def error(self) -> int:

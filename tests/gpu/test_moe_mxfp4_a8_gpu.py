@@ -169,6 +169,28 @@ def test_half_programs_match_the_two_half_program(monkeypatch, T):
 
 
 @pytest.mark.parametrize("T", [1, 4])
+def test_out_f32_plus_the_shared_term_matches_the_fused_add(T):
+    """out_f32 (DS4F_SHARED_AT_AR: the shared expert's output added at the all-reduce): the down kernel's fp32 pick
+    sum plus the shared term, rounded once, equals the down kernel that adds the term itself, bit for bit, at the
+    V4-Flash TP=2 shapes with today's tiles and pick grouping; in a graph too."""
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+
+    x, w13q, w13s, w2q, w2s, ids, wts = _case(32, 4096, 1024, T, 6, seed=70 + T)
+    ids[-1, 1] = ids[-1, 0]
+    sh = (torch.randn(T, 4096, device="cuda") * 0.1).bfloat16()
+    cfgs = a8.CONFIGS[(4096, 1024, a8.bucket(T))]
+    fused = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, sh, cfgs)
+    y32 = a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, cfgs, out_f32=True)
+    assert y32.dtype == torch.float32 and torch.equal((y32 + sh.float()).bfloat16(), fused)
+    got, replay = graph_out(lambda: a8.moe_decode_a8(x, (w13q, w13s), (w2q, w2s), ids, wts, 10.0, None, cfgs,
+                                                     out_f32=True))
+    for _ in range(2):
+        replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, y32)
+
+
+@pytest.mark.parametrize("T", [1, 4])
 def test_down_picks_match_one_pick_per_program(monkeypatch, T):
     """DS4F_MXFP4_A8_DOWN_PICKS: the down launch with 2 / 3 / 6 picks per program against one pick per program at
     the V4-Flash TP=2 shapes, with the shared expert's output: bit for bit at 6 (same pick order, no arrival

@@ -99,6 +99,11 @@ class FastModel:
         # decode over packed inputs: the dense (bf16) input run and the compressors after it on a third side stream
         # (see _attn); DS4F_DENSE_SIDE=0: that run on main after the FP8 one, the compressors in the kv / index chains
         self.dense_side = os.environ.get("DS4F_DENSE_SIDE", "1") == "1"
+        # TP: the shared expert's output added inside the MoE sublayer's all-reduce (Comm.all_reduce_add) instead of
+        # in the routed down kernel, which then need not wait for the shared expert's side chain (session 21's TP=2
+        # timelines: it ends ~2.7 us after the routed up kernel at batch 1, every layer). Same bits. DS4F_SHARED_AT_AR
+        # =1; off until timed on two GPUs
+        self.shared_at_ar = os.environ.get("DS4F_SHARED_AT_AR", "0") == "1"
         self._sides: list[torch.cuda.Stream] = []
         # side streams at high priority: their latency-bound chains (in CSA layers the critical path) get SMs before
         # the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
@@ -140,8 +145,13 @@ class FastModel:
             if comm is not None:
                 y = comm.all_reduce(y)
             x, xn, post, comb = self._hc(y, x, post, comb, blk, "ffn")
-            y = self._moe(i, blk, xn, meta.input_ids)
-            if comm is not None:
+            y = self._moe(i, blk, xn, meta.input_ids, comm is not None and self.shared_at_ar)
+            if isinstance(y, tuple):  # the routed pick sum (fp32) and the shared expert's output, added in the AR
+                y32, sh, ready = y
+                if ready is not None:
+                    torch.cuda.current_stream().wait_stream(ready)
+                y = comm.all_reduce_add(y32, sh)
+            elif comm is not None:
                 y = comm.all_reduce(y)
             x, xn, post, comb = self._hc(y, x, post, comb, layers[i + 1] if i + 1 < len(layers) else None, "attn")
         return x
@@ -366,9 +376,12 @@ class FastModel:
         if rows is not None:
             ring.index_copy_(0, d.ring_rows[R], rows)
 
-    def _moe(self, i: int, blk: Block, xn: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _moe(self, i: int, blk: Block, xn: torch.Tensor, ids: torch.Tensor,
+             defer: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.cuda.Stream | None]:
         """Router (fp32 scores, hash or biased top-k) -> one fused_moe over the picks + the shared expert (id E), or
-        fused_moe_mxfp4 on the packed experts (shared expert passed beside them)."""
+        fused_moe_mxfp4 on the packed experts (shared expert passed beside them). defer (TP, DS4F_SHARED_AT_AR=1):
+        where the MXFP4 decode kernels take it, (routed pick sum fp32, shared expert's output, its stream) for the
+        all-reduce to add, so the routed down kernel does not wait for the shared expert's side chain."""
         ffn, gate, mx = blk.ffn, blk.ffn.gate, self.mx[i]
         shared = self.E if ffn.shared_experts is not None and mx is None else -1
         lim = self.args.swiglu_limit if self.args.swiglu_limit > 0 else float("inf")
@@ -388,8 +401,9 @@ class FastModel:
             eid, w = glue.route(xn, self.gate_w32[i], bias, hashed, gate.topk, gate.hash, gate.norm_topk,
                                 gate.scaling, shared)
         if mx is not None:  # shared_ready: joined before the first kernel that reads sh
-            return fused_moe_mxfp4(xn, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, eid, w, lim, mx.shared, shared_out=sh,
-                                   shared_ready=ready)
+            y = fused_moe_mxfp4(xn, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, eid, w, lim, mx.shared, shared_out=sh,
+                                shared_ready=ready, defer_shared=defer)
+            return (y, sh, ready) if y.dtype == torch.float32 and sh is not None else y
         w13, w2 = self.w13[i], self.w2[i]
         assert w13 is not None and w2 is not None
         return fused_moe(xn, w13, w2, eid, w, lim)
