@@ -288,6 +288,25 @@ def test_down_picks_kernels_build_offline(arch):
         assert ("atom" in k["ptx"]) == (ppp < 6) and "cp.async.cg" in k["ptx"] and "e4m3" in k["ptx"], ppp
 
 
+@pytest.mark.parametrize("arch", [90, 121])
+def test_out_f32_down_kernel_builds_offline(arch):
+    """OUT_F32 (the shared expert's output added at the all-reduce): the down kernel compiles at the four-token table
+    tile with 2 and 6 picks per program and stores its fp32 sum as is (no bf16 conversion left), the bf16 form still
+    rounds."""
+    pytest.importorskip("triton")
+    from ds4f.kernels import moe_mxfp4_a8 as a8
+    from tests.test_kernels_build import build
+
+    types = dict(_PTRS, xb_ptr="*fp8e4nv", xs_ptr="*fp32")
+    down = a8.CONFIGS[(4096, 1024, 4)][1]
+    div = tuple(n for n in a8._a8_down.arg_names if n in types and n != "limit" or n.startswith("s_"))
+    consts = dict(DM=4096, I=1024, TOPK=6, BLOCK_N=down[0], BLOCK_K=down[1], SPLIT=down[2], HAS_SH=0, F32=0, XB=1)
+    for ppp, f32 in ((2, 1), (6, 1), (2, 0)):
+        k = build(a8._a8_down, dict(types, out_ptr="*fp32" if f32 else "*bf16"), dict(consts, PPP=ppp, OUT_F32=f32),
+                  arch, down[3], down[4], div16=div)
+        assert ("cvt.rn.bf16.f32" in k["ptx"]) == (not f32), (ppp, f32)
+
+
 def test_default_env_and_tables(monkeypatch):
     from ds4f.kernels import moe_mxfp4_a8 as a8
 

@@ -196,12 +196,13 @@ if triton is not None:
             tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
 
     @triton.jit
-    def _out_val(v, F32: tl.constexpr, OUT_F32: tl.constexpr):
-        # the value down stores: fp32 as summed (OUT_F32: the caller adds the shared expert's output and rounds), else
+    def _store_out(p, v, F32: tl.constexpr, OUT_F32: tl.constexpr):
+        # down's output row: fp32 as summed (OUT_F32: the caller adds the shared expert's output and rounds), else
         # rounded to bf16
         if OUT_F32:
-            return v
-        return _round_bf16(v, F32)
+            tl.store(p, v)
+        else:
+            tl.store(p, _round_bf16(v, F32))
 
     @triton.jit
     def _down_finish(y, sh_ptr, out_ptr, part_ptr, lock_ptr, s_sht, s_ot, t, pid_tn, pid_js, rn, DM: tl.constexpr,
@@ -213,7 +214,7 @@ if triton is not None:
         if TOPK * SPLIT == 1:  # one program per tile (moe_mxfp4_a8's PPP = k): nothing to wait for
             if HAS_SH:
                 y += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
-            tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _out_val(y, F32, OUT_F32))
+            _store_out(out_ptr + t.to(tl.int64) * s_ot + rn, y, F32, OUT_F32)
         else:
             pp = part_ptr + t.to(tl.int64) * (TOPK * SPLIT * DM) + rn
             tl.store(pp + pid_js * DM, y)
@@ -225,7 +226,7 @@ if triton is not None:
                     tot += tl.load(pp + js * DM, cache_modifier=".cg")
                 if HAS_SH:
                     tot += tl.load(sh_ptr + t.to(tl.int64) * s_sht + rn).to(tl.float32)
-                tl.store(out_ptr + t.to(tl.int64) * s_ot + rn, _out_val(tot, F32, OUT_F32))
+                _store_out(out_ptr + t.to(tl.int64) * s_ot + rn, tot, F32, OUT_F32)
                 tl.store(lock_ptr + pid_tn, 0)
 
     @triton.jit

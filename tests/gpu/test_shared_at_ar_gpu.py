@@ -1,8 +1,8 @@
 """DS4F_SHARED_AT_AR on one GPU: rank 0 of a TP=2 group run alone (bench/bench_full.py's --tp-sim wiring: its weight
-shards and kernels, a Comm whose wire does nothing), V4-Flash widths in the checkpoint's formats (2 layers, 16
-experts, dummy weights), through the engine with CUDA-graph decode. With the shared expert's output added at the
-MoE sublayer's all-reduce instead of in the routed down kernel, greedy tokens and their logprobs are the same bits,
-and the deferred add ran in every decode step's MoE sublayers."""
+shards and kernels, a Comm whose wire does nothing), V4-Flash widths in the checkpoint's formats (4 layers: SWA, SWA,
+CSA, HCA, the first three hash-routed; 16 experts, dummy weights), through the engine with CUDA-graph decode. With
+the shared expert's output added at the MoE sublayer's all-reduce instead of in the routed down kernel, greedy tokens
+and their logprobs are the same bits, and the deferred add ran."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _run(monkeypatch: pytest.MonkeyPatch, on: bool) -> tuple[list, int]:
     adds = []
     real = Comm.all_reduce_add
     monkeypatch.setattr(Comm, "all_reduce_add", lambda self, x, e: adds.append(x.shape[0]) or real(self, x, e))
-    cfg = EngineConfig.from_kwargs(model=model_dir(2, 16), load_format="dummy", runner="fast", kv_cache_dtype="fp8",
+    cfg = EngineConfig.from_kwargs(model=model_dir(4, 16), load_format="dummy", runner="fast", kv_cache_dtype="fp8",
                                    dtype="bfloat16", max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.3)
     sim = load_model(cfg.model, dtype=torch.bfloat16, device="cuda", load_format="dummy", tp_rank=0, tp_world=2,
                      comm=SimComm(2), keep_dequantized=False)
