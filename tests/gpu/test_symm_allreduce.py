@@ -1,8 +1,8 @@
 """⑦ one-shot symmetric-memory all-reduce on 2 GPUs (DS4F_ALLREDUCE=symm): torch's kernels (copy-in and copy +
 reduce) and the push kernel (DS4F_SYMM_PUSH=1, three tiles) give NCCL's sums exactly for T = 1 / 4 / 64 rows of 4096,
-eagerly, from a CUDA graph of 8 chained calls replayed on new data while the ranks take turns to lag, and 50 replays
-in a row; prints every path's microseconds per call (in a graph and eager, NCCL eager beside) and the fastest path
-per T (PICK lines)."""
+eagerly (all_reduce_add too: an fp32 x plus a bf16 term, each rank's sum rounded once), from a CUDA graph of 8
+chained calls replayed on new data while the ranks take turns to lag, and 50 replays in a row; prints every path's
+microseconds per call (in a graph and eager, NCCL eager beside) and the fastest path per T (PICK lines)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ for name, a, mode in paths:
         x = torch.randn(t, 4096, device="cuda", generator=g).bfloat16()
         got = a.all_reduce(x.clone())
         assert torch.equal(got, nccl(x)), (name, t, (got.float() - nccl(x).float()).abs().max().item())
+        # all_reduce_add (DS4F_SHARED_AT_AR): fp32 x plus a bf16 term, each rank's sum rounded once, then reduced
+        x32 = torch.randn(t, 4096, device="cuda", generator=g) * 4
+        ex = torch.randn(t, 4096, device="cuda", generator=g).bfloat16()
+        assert torch.equal(a.all_reduce_add(x32, ex), nccl((x32 + ex.float()).bfloat16())), (name, t, "add")
         # one graph: K chained calls z <- all_reduce(z + c_k), the ranks taking turns to lag (a GPU sleep before
         # some calls on one rank only), replayed on new data; NCCL's eager chain is the oracle
         base, cs = torch.zeros_like(x), torch.zeros(K, t, 4096, device="cuda", dtype=torch.bfloat16)
