@@ -39,6 +39,9 @@ def check_route_fused() -> None:
                     for norm in (True, False):
                         got = [r.route_fused(x, w, b, h, ids, k, norm, 1.5, sh, elems=elems, hash_rows=rows)
                                for _ in range(2)]
+                        r.PREWAIT = True  # the gate tile read before the PDL wait: the same program otherwise
+                        got.append(r.route_fused(x, w, b, h, ids, k, norm, 1.5, sh, elems=elems, hash_rows=rows))
+                        r.PREWAIT = False
                         assert int(cnt[0]) == 0, "the last program leaves the counter at 0"
                         assert all(torch.equal(g[0], got[0][0]) and torch.equal(g[1], got[0][1]) for g in got)
                         gi, gw = got[0]
@@ -92,3 +95,22 @@ def test_route_fused_builds(arch: int, hsh: bool, rows: bool, bt: int, be: int, 
     k = build(r._router_fused, types, dict(K=6, KO=7, BLOCK_K=8, BLOCK_T=bt, BLOCK_E=be, BLOCK_EA=256, CHUNK=chunk,
                                            NDS=nds, HASH=hsh, ROWS=rows, NORM=True), arch)
     assert "atom.global.gpu.acq_rel.add" in k["ptx"] and "ld.global.cg" in k["ptx"]
+
+
+@pytest.mark.parametrize("arch", [90, 121])
+def test_route_fused_prewait_reads_the_gate_first(arch: int) -> None:
+    """PRE (DS4F_ROUTER_PREWAIT): the T = 1 all-scores launch's gate tile loads sit before griddepcontrol.wait, the
+    token ids' after it; without PRE the wait comes first."""
+    from test_kernels_build import build
+
+    from ds4f.kernels import router as r
+
+    types = dict(x_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32", cnt_ptr="*i32", bias_ptr="*fp32",
+                 hash_ptr="*i32", tok_ptr="*i32", ids_ptr="*i32", wo_ptr="*fp32", scaling="fp32")
+    consts = dict(K=6, KO=7, BLOCK_K=8, BLOCK_T=1, BLOCK_E=32, BLOCK_EA=256, CHUNK=256, NDS=16, HASH=False,
+                  ROWS=False, NORM=True, PDL=True)
+    for pre in (True, False):
+        ptx = build(r._router_fused, types, dict(consts, PRE=pre), arch)["ptx"]
+        wait = ptx.index("griddepcontrol.wait")
+        first_load = ptx.index("ld.global")
+        assert (first_load < wait) == pre, pre

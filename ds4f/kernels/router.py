@@ -13,6 +13,8 @@ one program per token for the pick). Many tokens: the torch reference (one GEMM)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,9 @@ MAX_TOKENS = 16  # above this the scores go through one GEMM
 # program (16 KB of bf16), warps, channel chunks at T = 1 (fused_config)
 FUSED_MAX_T = (env_knobs("DS4F_ROUTER_FUSED_MAX_T", 1, "16", minimum=0) or (MAX_TOKENS,))[0]
 TILE = env_knobs("DS4F_ROUTER_TILE", 3, "8192,4,16") or (8192, 4, 16)
+# DS4F_ROUTER_PREWAIT=1: the all-scores launch reads its gate weight tile before the PDL wait (_router_fused PRE);
+# off until timed (built in session 21)
+PREWAIT = os.environ.get("DS4F_ROUTER_PREWAIT", "0") == "1"
 HASH_CHUNK = 256  # channels per hash-layer program: the K hashed rows x 256 (16 programs per token at D = 4096)
 
 
@@ -131,24 +136,34 @@ if triton is not None:
                       scaling, shared_id, K: tl.constexpr, KO: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EA: tl.constexpr, CHUNK: tl.constexpr,
                       NDS: tl.constexpr, HASH: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
-                      PDL: tl.constexpr = False):
+                      PDL: tl.constexpr = False, PRE: tl.constexpr = False):
         # all scores (learned, or hash with ROWS off): program (expert block, channel chunk) -> partial logits
         # part [NDS, T, E] for every token; ROWS (hash only): program (token, channel chunk) -> part [NDS, T, BLOCK_K]
         # of the token's hashed rows. The last program to arrive sums the partials and picks for all tokens.
-        pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
+        # PRE (all scores): the gate weight tile and the bias are read before the PDL wait (constants: their HBM
+        # latency overlaps the kernel before, ds4f.kernels.pdl); else everything after it
+        if not PRE:
+            pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         d = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
         dm = d < D
         kk = tl.arange(0, BLOCK_K)
         t = tl.arange(0, BLOCK_T)
         tm = t < T
         ea = tl.arange(0, BLOCK_EA)
-        # the last program's inputs that no program writes: loaded by all, before the wait
+        if not HASH:
+            bias = tl.load(bias_ptr + ea, mask=ea < E, other=0.0)
+        if not ROWS:
+            e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+            em = e < E
+            wt = tl.load(w_ptr + e[:, None].to(tl.int64) * D + d[None, :], mask=em[:, None] & dm[None, :],
+                         other=0.0).to(tl.float32)
+        if PRE:
+            pdl_enter(PDL)
+        # the last program's inputs: loaded by all (the token ids are an earlier kernel's output: after the wait)
         if HASH:
             tk = tl.load(tok_ptr + t, mask=tm, other=0).to(tl.int64)
             hid = tl.load(hash_ptr + tk[:, None] * K + kk[None, :], mask=tm[:, None] & (kk < K)[None, :],
                           other=0).to(tl.int32)
-        else:
-            bias = tl.load(bias_ptr + ea, mask=ea < E, other=0.0)
         if ROWS:
             t0 = tl.program_id(0)
             tok = tl.load(tok_ptr + t0).to(tl.int64)
@@ -158,10 +173,6 @@ if triton is not None:
             x = tl.load(x_ptr + t0.to(tl.int64) * s_xt + d, mask=dm, other=0.0).to(tl.float32)
             tl.store(part_ptr + (tl.program_id(1) * T + t0) * BLOCK_K + kk, tl.sum(rows * x[None, :], 1))
         else:
-            e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-            em = e < E
-            wt = tl.load(w_ptr + e[:, None].to(tl.int64) * D + d[None, :], mask=em[:, None] & dm[None, :],
-                         other=0.0).to(tl.float32)
             for i in tl.static_range(BLOCK_T):  # the weight tile stays in registers across the tokens
                 x = tl.load(x_ptr + i * s_xt + d, mask=dm & (i < T), other=0.0).to(tl.float32)
                 tl.store(part_ptr + (tl.program_id(1) * T + i) * E + e, tl.sum(wt * x[None, :], 1),
@@ -245,7 +256,8 @@ def route_fused(xn: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ti
     _router_fused[grid](xn, w, part, _counter(xn.device), bias if bias is not None else part, hsh, ids, out, wts, t,
                         n_exp, dim, xn.stride(0), float(scaling), int(shared_id), K=k, KO=ko, BLOCK_K=bk,
                         BLOCK_T=bt, BLOCK_E=be, BLOCK_EA=triton.next_power_of_2(n_exp), CHUNK=chunk, NDS=nds,
-                        HASH=tid2eid is not None, ROWS=rows, NORM=norm, num_warps=num_warps, **pdl.launch(xn.device))
+                        HASH=tid2eid is not None, ROWS=rows, NORM=norm, PRE=PREWAIT and not rows, num_warps=num_warps,
+                        **pdl.launch(xn.device))
     return out, wts
 
 
