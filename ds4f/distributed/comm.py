@@ -34,33 +34,35 @@ class Comm:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the group (in place when x is contiguous); returns the sum."""
+        return self._reduce(x, None)
+
+    def all_reduce_add(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """The sum over the group of bf16(x + extra) (x fp32, extra bf16 of x's shape: each rank's term rounded once),
+        the add inside the all-reduce's launch where the push kernel takes the message; bf16 out."""
+        return self._reduce(x, extra)
+
+    def _reduce(self, x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        # extra: the fast path adds it in its own launch when it has the add and takes the (bf16) message; else the
+        # term is added and rounded here and the sum goes as a plain all-reduce
+        if extra is not None and not (self.world > 1 and hasattr(self.fast_ar, "all_reduce_add")
+                                      and self.fast_ar.fits(extra)):
+            x, extra = (x + extra.float()).to(torch.bfloat16), None
+        msg = x if extra is None else extra  # the bf16 message
         self.counts["all_reduce"] += 1
-        self.nbytes["all_reduce"] += x.numel() * x.element_size()
+        self.nbytes["all_reduce"] += msg.numel() * msg.element_size()
         if self.world == 1:
             return x
         x = x.contiguous()
-        t0 = self._mark(x) if self._spans is not None else None
-        if self.fast_ar is not None and self.fast_ar.fits(x):
+        t0 = self._mark(msg) if self._spans is not None else None
+        if extra is not None:
+            x = self.fast_ar.all_reduce_add(x, extra)
+        elif self.fast_ar is not None and self.fast_ar.fits(x):
             x = self.fast_ar.all_reduce(x)
         else:
             self.pg.allreduce([x]).wait()
         if t0 is not None:
             self._close("all_reduce", t0, x)
         return x
-
-    def all_reduce_add(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        """The sum over the group of bf16(x + extra) (x fp32, extra bf16 of x's shape: each rank's term rounded once),
-        the add inside the all-reduce's launch where the push kernel takes the message; bf16 out."""
-        add = getattr(self.fast_ar, "all_reduce_add", None)
-        if self.world > 1 and add is not None and self.fast_ar.fits(extra):
-            self.counts["all_reduce"] += 1
-            self.nbytes["all_reduce"] += extra.numel() * extra.element_size()
-            t0 = self._mark(extra) if self._spans is not None else None
-            y = add(x, extra)
-            if t0 is not None:
-                self._close("all_reduce", t0, y)
-            return y
-        return self.all_reduce((x + extra.float()).to(torch.bfloat16))
 
     def all_gather_last(self, x: torch.Tensor, full: int) -> torch.Tensor:
         """x [..., n] (this rank's slice of a last dim split into equal, zero-padded shards) -> [..., full]."""

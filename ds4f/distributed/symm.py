@@ -110,9 +110,7 @@ class SymmAllReduce:
         """x (contiguous, fits) -> the sum over the ranks: a new tensor with the push kernel or where torch has the
         copy-in variant (the kernel itself copies x into this rank's slot: one launch instead of a copy + the
         reduce), else x in place."""
-        if self.push is not None and x.numel() <= self.push_max:
-            if not self._armed:
-                self._arm()
+        if self._pushes(x):
             return self.push(x)
         n = x.numel()
         b = self.buf[:n]
@@ -124,15 +122,20 @@ class SymmAllReduce:
         torch.ops.symm_mem.one_shot_all_reduce_out(b, "sum", self.name, x.view(-1))
         return x
 
-
     def all_reduce_add(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         """x fp32 and extra bf16 (x's shape, fits as bf16) -> the sum over the ranks of bf16(x + extra): the push
         kernel adds the term in its launch; otherwise one add, then all_reduce."""
-        if self.push is not None and x.numel() <= self.push_max:
-            if not self._armed:
-                self._arm()
+        if self._pushes(x):
             return self.push(x.contiguous(), extra)
         return self.all_reduce((x + extra.float()).to(torch.bfloat16))
+
+    def _pushes(self, x: torch.Tensor) -> bool:
+        """Whether x goes through the push kernel (armed on first use)."""
+        if self.push is None or x.numel() > self.push_max:
+            return False
+        if not self._armed:
+            self._arm()
+        return True
 
 
 def try_symm(ctrl: Any, store: Any, rank: int, world: int, device: torch.device, single_node: bool,

@@ -354,11 +354,9 @@ def fused_moe_mxfp4(
         if use_a8 and "DEC" not in c and md._env() == "table":  # its own table unless tiles are forced
             dec = a8.pick(DM, I, T, dec)
         if use_a8 and a8.fits(dec, DM, I):
-            if defer_shared and shared_out is not None:
-                return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, None, dec,
-                                        out_f32=True)
-            return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
-                                    shared_ready)
+            defer = defer_shared and shared_out is not None  # the caller adds shared_out: not read here
+            return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit,
+                                    None if defer else out_sh, dec, None if defer else shared_ready, out_f32=defer)
         return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
                              bool(c.get("ASM", x.is_cuda and not _INTERPRET)),
                              bool(c.get("SUB", md.sub_default(x.device))),

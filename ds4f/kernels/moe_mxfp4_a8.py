@@ -140,8 +140,7 @@ def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
 
 if triton is not None:
     from ds4f.kernels.fp8_gemv import quant_rows
-    from ds4f.kernels.moe_mxfp4 import _act_bf16
-    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _scales, _up_finish, _up_program
+    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _scales, _up_arrive, _up_finish, _up_program
 
     _LO_C = tl.constexpr(_LO)
     _HI_C = tl.constexpr(_HI)
@@ -223,8 +222,7 @@ if triton is not None:
         # _a8_up's HALF program (pick m, row tile n, (slice s, half h)): one weight tile, one scale set and one
         # accumulator per step instead of two (the per-thread registers and shared-memory stages that capped the
         # two-half program at 2 blocks per SM); x's operands from _a8_expand (XB). Both halves' partials go to
-        # [M, SPLIT, 2, I] and the tile's last of its 2 * SPLIT programs to arrive sums them in slice order and stores
-        # the SwiGLU row, as _up_finish does for a K split
+        # [M, SPLIT, 2, I], met by _up_arrive over the tile's 2 * SPLIT programs
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         s = tl.program_id(2) // 2
@@ -248,16 +246,7 @@ if triton is not None:
             acc += _gdot8(tl.load(qg + kb * KB), be, bo, F32) * (f * xs[None, :])
         pp = part_ptr + pid_m.to(tl.int64) * (SPLIT * 2 * I) + rn
         tl.store(pp + s * (2 * I) + h * I, tl.sum(acc, 1) * 64.0)
-        tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
-        lk = lock_ptr + pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(lk, 1, sem="acq_rel", scope="gpu") == 2 * SPLIT - 1:
-            g = tl.zeros([BLOCK_N], tl.float32)
-            u = tl.zeros([BLOCK_N], tl.float32)
-            for j in range(0, SPLIT):  # fixed order: the sum does not depend on arrival order
-                g += tl.load(pp + j * (2 * I), cache_modifier=".cg")
-                u += tl.load(pp + j * (2 * I) + I, cache_modifier=".cg")
-            tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
-            tl.store(lk, 0)  # re-armed for the next call
+        _up_arrive(pp, a_ptr, lock_ptr, limit, s_at, pid_m, pid_n, rn, I, SPLIT, 2 * SPLIT, F32)
 
     @triton.jit
     def _a8_up(

@@ -174,6 +174,22 @@ if triton is not None:
         return v.to(tl.bfloat16)
 
     @triton.jit
+    def _up_arrive(pp, a_ptr, lock_ptr, limit, s_at, pid_m, pid_n, rn, I: tl.constexpr, SPLIT: tl.constexpr,
+                   N: tl.constexpr, F32: tl.constexpr):
+        # after this program stored its partial(s) into the tile's [SPLIT, 2, I] rows at pp: the last of the tile's N
+        # programs to arrive sums the gate / up partials in slice order and stores the SwiGLU row a[m, rn] (bf16)
+        tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
+        cnt = tl.atomic_add(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
+        if cnt == N - 1:
+            g = tl.zeros(rn.shape, tl.float32)
+            u = tl.zeros(rn.shape, tl.float32)
+            for s in range(0, SPLIT):  # fixed order: the sum does not depend on arrival order
+                g += tl.load(pp + s * (2 * I), cache_modifier=".cg")
+                u += tl.load(pp + s * (2 * I) + I, cache_modifier=".cg")
+            tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
+            tl.store(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 0)  # re-armed for the next call
+
+    @triton.jit
     def _up_finish(g, u, a_ptr, part_ptr, lock_ptr, limit, s_at, pid_m, pid_n, pid_s, rn, I: tl.constexpr,
                    SPLIT: tl.constexpr, F32: tl.constexpr):
         # gate / up sums g, u [BLOCK_N] fp32 of (pick m, tile n, K slice s) -> the SwiGLU row a[m, rn] (bf16); with
@@ -182,16 +198,7 @@ if triton is not None:
             pp = part_ptr + pid_m.to(tl.int64) * (SPLIT * 2 * I) + rn
             tl.store(pp + pid_s * (2 * I), g)
             tl.store(pp + pid_s * (2 * I) + I, u)
-            tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
-            cnt = tl.atomic_add(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
-            if cnt == SPLIT - 1:
-                g = tl.zeros(g.shape, tl.float32)
-                u = tl.zeros(u.shape, tl.float32)
-                for s in range(0, SPLIT):  # fixed order: the sum does not depend on arrival order
-                    g += tl.load(pp + s * (2 * I), cache_modifier=".cg")
-                    u += tl.load(pp + s * (2 * I) + I, cache_modifier=".cg")
-                tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
-                tl.store(lock_ptr + pid_m * tl.num_programs(1) + pid_n, 0)  # re-armed for the next call
+            _up_arrive(pp, a_ptr, lock_ptr, limit, s_at, pid_m, pid_n, rn, I, SPLIT, SPLIT, F32)
         else:
             tl.store(a_ptr + pid_m.to(tl.int64) * s_at + rn, _act_bf16(g, u, limit, F32))
 
@@ -391,6 +398,7 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     activation rows a [T*k, I] bf16; out_f32 (form "a8"): the pick sum in fp32, out [T, D] fp32. -> [T, D] bf16."""
     (q13, s13), (q2, s2) = w13, w2
     xb = xb_down = None
+    half = False  # a8: one weight half per up program (moe_mxfp4_a8.HALF)
     fu: dict[str, int] = {}
     fd: dict[str, int] = {}
     (bn_u, bk_u, sp_u, nw_u, ns_u), (bn_d, bk_d, sp_d, nw_d, ns_d) = cfgs
@@ -427,12 +435,12 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
     f32 = int(_INTERPRET)
     a = torch.empty(M, I, dtype=torch.bfloat16, device=dev)
     nt_u = I // bn_u
-    arrive = sp_u > 1 or "HALF" in fu  # HALF: the gate and up halves of a tile meet by arrival too
+    arrive = sp_u > 1 or half  # HALF: the gate and up halves of a tile meet by arrival too
     part_u = torch.empty(M * sp_u * 2 * I if arrive else 1, dtype=torch.float32, device=dev)
     # counters sized for MAX_PICKS whatever T is: one buffer per key for every batch size, so a graph captured at
     # one T never holds a buffer that a later, larger T replaced
     lock_u = arrival.counters(dev, MAX_PICKS * nt_u, (f"{name}_up", I, bn_u)) if arrive else part_u
-    up[(M, nt_u, sp_u * (2 if "HALF" in fu else 1))](
+    up[(M, nt_u, sp_u * (2 if half else 1))](
         x, q13, s13, flat, a, part_u, lock_u, float(limit), x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
         s13.stride(1), a.stride(0), I=I, DM=D, TOPK=k, BLOCK_N=bn_u, BLOCK_K=bk_u, SPLIT=sp_u, F32=f32,
         num_warps=nw_u, num_stages=ns_u, **flags, **fu,

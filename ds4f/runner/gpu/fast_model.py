@@ -403,7 +403,7 @@ class FastModel:
         if mx is not None:  # shared_ready: joined before the first kernel that reads sh
             y = fused_moe_mxfp4(xn, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, eid, w, lim, mx.shared, shared_out=sh,
                                 shared_ready=ready, defer_shared=defer)
-            return (y, sh, ready) if y.dtype == torch.float32 and sh is not None else y
+            return (y, sh, ready) if y.dtype == torch.float32 else y  # fp32: deferred, sh is the caller's
         w13, w2 = self.w13[i], self.w2[i]
         assert w13 is not None and w2 is not None
         return fused_moe(xn, w13, w2, eid, w, lim)
