@@ -548,6 +548,21 @@ case "${1:-}" in
       DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider "$f" \
         > "/tmp/gpulogs/$(basename "$f" .py).log" 2>&1; done
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
+  s22a)  # 2 GPUs: the GPU tests of session 21's opt-in paths (DS4F_SHARED_AT_AR's engine test and the push ADD on GPU 0,
+    # the a8 MoE kernels and the router under DS4F_ROUTER_PREWAIT=1 on GPU 1; T_CAP s), all_reduce_add on both GPUs,
+    # then s11full's decode b1 / b4 at depth 64 (no 1M prompt) under FULL_ENV until S22_END s into the call
+    mkdir -p /tmp/gpulogs
+    CUDA_VISIBLE_DEVICES=0 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_shared_at_ar_gpu.py tests/gpu/test_push_add_gpu.py > /tmp/gpulogs/shared_at_ar.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_moe_mxfp4_a8_gpu.py > /tmp/gpulogs/moe_a8.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 DS4F_ROUTER_PREWAIT=1 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs \
+      --tb=short -p no:cacheprovider tests/gpu/test_router_fused_gpu.py > /tmp/gpulogs/router_prewait.log 2>&1 &
+    wait
+    DS4F_COMPILE=0 timeout 90 python3 -m pytest -q -rs --tb=short -p no:cacheprovider tests/gpu/test_symm_allreduce.py \
+      > /tmp/gpulogs/symm_allreduce.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
+    FULL_TTFT=0 S11_LIMIT=$((${S22_END:-585} - SECONDS)) bash "$0" s11full "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
