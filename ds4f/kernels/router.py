@@ -35,9 +35,10 @@ MAX_TOKENS = 16  # above this the scores go through one GEMM
 # program (16 KB of bf16), warps, channel chunks at T = 1 (fused_config)
 FUSED_MAX_T = (env_knobs("DS4F_ROUTER_FUSED_MAX_T", 1, "16", minimum=0) or (MAX_TOKENS,))[0]
 TILE = env_knobs("DS4F_ROUTER_TILE", 3, "8192,4,16") or (8192, 4, 16)
-# DS4F_ROUTER_PREWAIT=1: the all-scores launch reads its gate weight tile before the PDL wait (_router_fused PRE);
-# off until timed (built in session 21)
-PREWAIT = os.environ.get("DS4F_ROUTER_PREWAIT", "0") == "1"
+# PREWAIT: the all-scores launch reads its gate weight tile before the PDL wait (_router_fused PRE), so those 2 MB per
+# layer overlap the mHC step before it. On by default since session 22's TP=2 run on two H200s (with DS4F_SHARED_AT_AR:
+# b1 replay 4.671 vs 4.799 ms); DS4F_ROUTER_PREWAIT=0: after the wait
+PREWAIT = os.environ.get("DS4F_ROUTER_PREWAIT", "1") == "1"
 HASH_CHUNK = 256  # channels per hash-layer program: the K hashed rows x 256 (16 programs per token at D = 4096)
 
 

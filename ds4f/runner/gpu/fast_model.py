@@ -101,9 +101,10 @@ class FastModel:
         self.dense_side = os.environ.get("DS4F_DENSE_SIDE", "1") == "1"
         # TP: the shared expert's output added inside the MoE sublayer's all-reduce (Comm.all_reduce_add) instead of
         # in the routed down kernel, which then need not wait for the shared expert's side chain (session 21's TP=2
-        # timelines: it ends ~2.7 us after the routed up kernel at batch 1, every layer). Same bits. DS4F_SHARED_AT_AR
-        # =1; off until timed on two GPUs
-        self.shared_at_ar = os.environ.get("DS4F_SHARED_AT_AR", "0") == "1"
+        # timelines: it ends ~2.7 us after the routed up kernel at batch 1, every layer). Same bits. Full model, TP=2,
+        # two H200s, session 22 call 1 (with DS4F_ROUTER_PREWAIT): replay 4.671 vs 4.799 ms at b1, 6.876 vs 6.922 at
+        # b4 (session 21's run of record); DS4F_SHARED_AT_AR=0: the add in the down kernel
+        self.shared_at_ar = os.environ.get("DS4F_SHARED_AT_AR", "1") == "1"
         self._sides: list[torch.cuda.Stream] = []
         # side streams at high priority: their latency-bound chains (in CSA layers the critical path) get SMs before
         # the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
