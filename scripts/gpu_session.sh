@@ -563,6 +563,14 @@ case "${1:-}" in
       > /tmp/gpulogs/symm_allreduce.log 2>&1
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
     FULL_TTFT=0 S11_LIMIT=$((${S22_END:-585} - SECONDS)) bash "$0" s11full "$2" ;;
+  s22b)  # 1 GPU: the f16x2 FP8 decode GEMV's GPU tests (and the CUDA-core GEMV's, whose finish it now shares; T_CAP s),
+    # then its sweep against today's default at the TP=2 shapes, T = 4 then 1 (PICK_H2 lines; H2_S s)
+    mkdir -p /tmp/gpulogs
+    DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fp8_gemv_h2_gpu.py tests/gpu/test_fp8_gemv_cc_gpu.py > /tmp/gpulogs/fp8_gemv_h2.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 40 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
+    timeout "${H2_S:-300}" python3 bench/sweep_fp8_gemv_h2.py --budget $((${H2_S:-300} - 30)) --out "$OUT/fp8_gemv.jsonl" \
+      2>&1 | grep -E "^(==|  |PICK)|Error" | tee "$OUT/sweep_h2.log" | grep -E "PICK|FAILED|Error" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

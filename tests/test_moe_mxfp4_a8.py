@@ -267,12 +267,12 @@ def test_bucket_env_parsing(monkeypatch):
     from ds4f.kernels import moe_mxfp4_a8 as a8
 
     monkeypatch.setenv("DS4F_MXFP4_A8_HALF", "1,4")
-    assert a8._buckets_env("DS4F_MXFP4_A8_HALF", "1") == (1, 4)
+    assert a8.env_buckets("DS4F_MXFP4_A8_HALF", "1") == (1, 4)
     monkeypatch.setenv("DS4F_MXFP4_A8_HALF", "")
-    assert a8._buckets_env("DS4F_MXFP4_A8_HALF", "1") == ()
+    assert a8.env_buckets("DS4F_MXFP4_A8_HALF", "1") == ()
     monkeypatch.setenv("DS4F_MXFP4_A8_XB_DOWN", "four")
     with pytest.raises(ValueError, match="DS4F_MXFP4_A8_XB_DOWN='four'"):
-        a8._buckets_env("DS4F_MXFP4_A8_XB_DOWN", "4")
+        a8.env_buckets("DS4F_MXFP4_A8_XB_DOWN", "4")
 
 
 def test_down_picks_env_parsing():

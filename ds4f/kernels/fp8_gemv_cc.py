@@ -337,6 +337,12 @@ if triton is not None:
             else:
                 wq = wn
                 sq = sn
+        _finish(a0, a1, a2, a3, out_ptr, part_ptr, lock_ptr, T, NT, s_ot, pid_n, pid_s, rn, BLOCK_N, TP, SPLIT_K)
+
+    @triton.jit
+    def _finish(a0, a1, a2, a3, out_ptr, part_ptr, lock_ptr, T, NT, s_ot, pid_n, pid_s, rn, BLOCK_N: tl.constexpr,
+                TP: tl.constexpr, SPLIT_K: tl.constexpr):
+        # the tokens' accumulators [BLOCK_N, lanes] -> out rows (SPLIT_K: partials, the last arrival sums them)
         nmask = rn < NT
         nr = tl.num_programs(0) * BLOCK_N
         pp = part_ptr + pid_s * T * nr + rn  # partials [n_split, T, tiles * BLOCK_N] fp32

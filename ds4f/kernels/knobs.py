@@ -16,3 +16,12 @@ def env_knobs(name: str, n: int, example: str, minimum: int = 1) -> tuple[int, .
         raise ValueError(f"{name}={raw!r}: expected {n} comma-separated integers >= {minimum}, e.g. {example!r}, "
                          "or empty for the built-in choice") from None
     return vals
+
+
+def env_buckets(name: str, default: str) -> tuple[int, ...]:
+    """The env var `name` (unset: `default`) as a comma-separated list of token buckets ("" = none)."""
+    v = os.environ.get(name, default)
+    try:
+        return tuple(int(b) for b in v.split(",") if b)
+    except ValueError:
+        raise ValueError(f"{name}={v!r}: expected token buckets such as '1,4' (or '' for none)") from None

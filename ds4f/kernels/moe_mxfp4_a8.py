@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ds4f.kernels import pdl
+from ds4f.kernels.knobs import env_buckets
 from ds4f.kernels.moe_mxfp4_decode import bucket, moe_decode
 
 try:
@@ -90,21 +91,12 @@ XB = os.environ.get("DS4F_MXFP4_A8_XB", "1") == "1"
 # between up and down (in the chain: worth it only where the per-program build costs more than a launch); token
 # buckets it runs at, DS4F_MXFP4_A8_XB_DOWN="4" (T >= 2: the default), "1,4" (all), "" (none). 12-layer TP=2 rank
 # step on an H200 (session 17): replay 2.038 vs 2.065 ms at four tokens, 1.462 vs 1.469 at one (where it is off)
-def _buckets_env(name: str, default: str) -> tuple[int, ...]:
-    """A comma-separated list of token buckets from env var `name` ("" = none)."""
-    v = os.environ.get(name, default)
-    try:
-        return tuple(int(b) for b in v.split(",") if b)
-    except ValueError:
-        raise ValueError(f"{name}={v!r}: expected token buckets such as '1,4' (or '' for none)") from None
-
-
-XB_DOWN = _buckets_env("DS4F_MXFP4_A8_XB_DOWN", "4")
+XB_DOWN = env_buckets("DS4F_MXFP4_A8_XB_DOWN", "4")
 # HALF: token buckets whose up kernel runs one weight half (gate or up rows) per program (_a8_up_half: 88 instead of
 # 122 registers, 31 instead of 47 KB of shared memory at the four-token tile on sm_90; x's operands from _a8_expand
 # whatever XB says). DS4F_MXFP4_A8_HALF="1" (the default: one token, with CONFIGS' one-token tile), "1,4", "" none.
 # Isolated (session 21) it helps some tiles and not others (four tokens: 62.00 vs 61.22 us at session 16's tile)
-HALF = _buckets_env("DS4F_MXFP4_A8_HALF", "1")
+HALF = env_buckets("DS4F_MXFP4_A8_HALF", "1")
 # DOWN_PICKS: token bucket -> picks per down program (PPP): with 1, each (token, row tile) has k programs of one pick
 # and two K steps each (V4-Flash at TP=2: I = 1024, BLOCK_K = 512), whose id -> weight-address -> load chain and
 # arrival sums are paid once per 32 KB; with PPP picks one program streams PPP * 32 KB in one pipelined loop.

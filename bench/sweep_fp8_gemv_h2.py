@@ -1,0 +1,87 @@
+"""The f16x2 FP8 decode GEMV (ds4f/kernels/fp8_gemv_h2.py) against today's default decode GEMV (fp8_gemv.w8_gemv's
+dispatch: the CUDA-core kernel at one token, the a8 MMA kernel at two to four) at the per-rank decode shapes of
+V4-Flash, T = 1 and 4, UE8M0 scales; timed and recorded as bench/sweep_fp8_gemv_cc.py does (case fp8_gemv_h2), each
+variant checked against fp8_linear_ref (the default's a8 form against fp8_linear_a8_ref), and summed up as
+`PICK_H2 <NAME> T=<t> bn,split,nw,depth  # us vs default us` (fp8_gemv_h2.CONFIGS_H2's form). Usage:
+PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv_h2.py [--shapes WO_B_TP2,...] [--tokens 1,4] [--depths 1,2]
+[--out FILE.jsonl]"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import time_graph
+from bench.sweep_fp8_gemv import rel
+from bench.sweep_fp8_gemv_cc import TP2, drive, recorder, tiles
+from ds4f.kernels import fp8_gemv, fp8_gemv_cc, fp8_gemv_h2
+from ds4f.kernels.fp8_gemm import fp8_linear_a8_ref, fp8_linear_ref, grouped_ref
+
+
+def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dict) -> str:
+    """Time the default and this form's tiles for one shape at t tokens; print, record -> the PICK_H2 line."""
+    nt, k, groups = shape
+    ws, ss, sc = w
+    rows = nt // groups
+    copies = len(ws)
+    calls = copies * max(1, math.ceil(32 / copies))
+    x = torch.randn(t, groups, k, device="cuda").bfloat16()
+    want = grouped_ref(x, ws[0], ss[0], fp8_linear_ref)
+
+    def default(i: int) -> torch.Tensor:
+        out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
+        assert fp8_gemv.w8_gemv(x, ws[i], sc[i][0], sc[i][1], out, groups, True)
+        return out
+
+    def h2(i: int, cfg: fp8_gemv_cc.Cfg, depth: int) -> torch.Tensor:
+        out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
+        fp8_gemv_h2.launch_h2(x, ws[i], sc[i][0], sc[i][1], out, groups, cfg, depth=depth)
+        return out
+
+    record = recorder("fp8_gemv_h2", name, shape, t, ctx)
+    cc = t <= fp8_gemv_cc.MAX_T and fp8_gemv_cc.takes(x, nt, k, groups)
+    base = time_graph(default, copies, calls)
+    base_ref = want if cc else grouped_ref(x, ws[0], ss[0], fp8_linear_a8_ref)
+    record(f"default {'cc' if cc else 'mma'}", None, base, rel(default(0), base_ref))
+    best: tuple[float, tuple[int, ...] | None] = (math.inf, None)
+    table = fp8_gemv_h2.config(nt, k, groups, t)
+    cands = ([table] if table else []) + [(c, d) for d in ctx["depths"] for c in tiles(nt, k, groups, ctx["sms"])]
+    for cfg, depth in dict.fromkeys(cands):
+        if time.time() > ctx["deadline"]:
+            print("  budget spent", flush=True)
+            break
+        try:
+            err = rel(h2(0, cfg, depth), want)
+            us = time_graph(lambda i, c=cfg, d=depth: h2(i, c, d), copies, calls)
+        except Exception as ex:  # a tile the compiler or the device rejects
+            print(f"  T={t} h2 {cfg} d{depth} FAILED {type(ex).__name__}: {str(ex)[:100]}", flush=True)
+            continue
+        record(f"h2 {cfg} d{depth}", [*cfg, depth], us, err)
+        if err < 1e-2:
+            best = min(best, (us, (*cfg, depth)))
+    line = f"PICK_H2 {name} T={t} {','.join(map(str, best[1])) if best[1] else 'none'}  # {best[0]:.2f} us"
+    print(line + f" vs default {base:.2f} us", flush=True)
+    return line + f" vs default {base:.2f} us"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=TP2)
+    ap.add_argument("--tokens", default="4,1")
+    ap.add_argument("--depths", default="1,2", help="weight blocks in flight per program (the kernel's DEPTH)")
+    ap.add_argument("--mb", type=int, default=96)
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds after which no new variant starts")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    drive(args, sweep_case, "bench/sweep_fp8_gemv_h2.py", depths=[int(d) for d in args.depths.split(",")])
+
+
+if __name__ == "__main__":
+    main()

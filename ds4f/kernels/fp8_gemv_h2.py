@@ -1,0 +1,268 @@
+"""⑥ kernels, block-FP8 decode GEMV with f16x2 products for 1-4 tokens (sm_89+): fp8_gemv_cc's contract, grid,
+register layout and K split, with fewer instructions per weight byte.
+
+Why: fp8_gemv_cc is issue-bound at four tokens (~9 SASS instructions per weight byte with its bf16x2 products
+against ~7.8 that an H200 SM can issue per byte at the copy ceiling), so four-token decode takes the MMA kernel,
+whose GEMVs cost 0.78 ms more per step than one token's in the full TP=2 model (session 22's timelines: FP8 GEMVs
+2.07 vs 1.29 ms) for the same weight bytes. Here each thread's 8 weight bytes of a row per 128-column block are one
+int64 word; cvt.rn.f16x2.e4m3x2 widens them to four f16x2 pairs (exact), scaled by 2^-8 (exact: e4m3's 2^-9
+subnormal lands at 2^-17, inside f16's range) so that a sum of eight products stays finite for |x| < ~4600;
+x's 8 columns are widened to f16x2 once per token (bf16 -> f16 is exact for |x| in [2^-14, 65504]; smaller values
+become f16 subnormals, absolute error <= 2^-25); one mul + three fma.rn.f16x2 per token give the 8-column partial in
+two f16 lanes, added in f16 and widened to fp32, then scaled by the block's scale into an fp32 accumulator. ~4.5
+instructions per weight byte at four tokens, ~1.9 at one (by count; a GPU sweep decides: bench/sweep_fp8_gemv_h2.py).
+
+Numerics: the w8 form (x not quantized), products and 4-term chains rounded to f16 (relative 2^-11 per rounding):
+against fp8_gemm.fp8_linear_ref ~1e-3 relative, tighter than fp8_gemv_cc's ACC16 (bf16 pairs, 2.5e-3) and the a8
+MMA form (x in e4m3, ~2.6e-2). The interpreter (F32) rounds each step to f16 from its exact fp32 value (the GPU's
+fma rounds once: the two agree but for rare double-rounding ties).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+
+from ds4f.kernels import arrival, pdl
+from ds4f.kernels.fp8_gemv_cc import Cfg, table_entry, valid, x_ok
+from ds4f.kernels.knobs import env_buckets, env_knobs
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ds4f.kernels.fp8_gemv_cc import _finish
+    from ds4f.kernels.pdl import enter as pdl_enter
+except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
+    triton = None
+
+# DS4F_FP8_GEMV_H2: token buckets (1: one token, 4: two to four) whose plain FP8 decode GEMVs of the table's shapes
+# (fp8_gemv_cc.CONFIGS_CC) take this form; "" (the default until a full-model run times it): none
+BUCKETS = frozenset(env_buckets("DS4F_FP8_GEMV_H2", ""))
+# DS4F_FP8_GEMV_H2_TILES: "bn,split,nw,depth" for every shape (sweeps); else CONFIGS_H2, then CONFIGS_CC's
+_TILES = env_knobs("DS4F_FP8_GEMV_H2_TILES", 4, "64,2,4,1")
+# name (fp8_gemv.CONFIGS' shape) -> token bucket -> (BLOCK_N, SPLIT, num_warps, DEPTH); filled from the sweep
+CONFIGS_H2: dict[str, dict[int, tuple[int, int, int, int]]] = {}
+
+# int64 word of 8 e4m3 bytes ($4) -> four f16x2 ($0..$3: bytes (0, 1), (2, 3), (4, 5), (6, 7), low byte in the low
+# half), each value times 2^-8
+DEC_ASM = """{
+.reg .b32 lo, hi, k;
+.reg .b16 a, b, c, d;
+mov.b64 {lo, hi}, $4;
+mov.b32 {a, b}, lo;
+mov.b32 {c, d}, hi;
+mov.b32 k, 0x1C001C00;
+cvt.rn.f16x2.e4m3x2 $0, a;
+cvt.rn.f16x2.e4m3x2 $1, b;
+cvt.rn.f16x2.e4m3x2 $2, c;
+cvt.rn.f16x2.e4m3x2 $3, d;
+mul.rn.f16x2 $0, $0, k;
+mul.rn.f16x2 $1, $1, k;
+mul.rn.f16x2 $2, $2, k;
+mul.rn.f16x2 $3, $3, k;
+}"""
+
+# int64 word of 4 bf16 ($2) -> two f16x2 ($0: columns 0, 1; $1: 2, 3)
+X16_ASM = """{
+.reg .b32 lo, hi, a, b, c, d;
+mov.b64 {lo, hi}, $2;
+shl.b32 a, lo, 16;
+and.b32 b, lo, 0xFFFF0000;
+shl.b32 c, hi, 16;
+and.b32 d, hi, 0xFFFF0000;
+cvt.rn.f16x2.f32 $0, b, a;
+cvt.rn.f16x2.f32 $1, d, c;
+}"""
+
+# the 8-column partial: w pairs $1..$4 against x pairs $5..$8 in f16x2 (a mul and three fmas), its two lanes added
+# in f16, -> fp32 ($0)
+DOT8_ASM = """{
+.reg .b32 acc;
+.reg .b16 l, h;
+mul.rn.f16x2 acc, $1, $5;
+fma.rn.f16x2 acc, $2, $6, acc;
+fma.rn.f16x2 acc, $3, $7, acc;
+fma.rn.f16x2 acc, $4, $8, acc;
+mov.b32 {l, h}, acc;
+add.rn.f16 l, l, h;
+cvt.f32.f16 $0, l;
+}"""
+
+if triton is not None:
+    _DEC_C = tl.constexpr(DEC_ASM)
+    _X16_C = tl.constexpr(X16_ASM)
+    _DOT8_C = tl.constexpr(DOT8_ASM)
+
+    @triton.jit
+    def _h(v):
+        # fp32 -> its nearest f16 value, as fp32
+        return v.to(tl.float16).to(tl.float32)
+
+    @triton.jit
+    def _byte(wq, j: tl.constexpr):
+        # byte j of int64 words as its e4m3 value * 2^-8 (fp32)
+        return ((wq >> (8 * j)) & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * 0.00390625
+
+    @triton.jit
+    def _xcol(xw, j: tl.constexpr):
+        # bf16 j of int64 words as its nearest f16 value (fp32)
+        return _h((((xw >> (16 * j)) & 65535).to(tl.int32) << 16).to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _dec(wq, F32: tl.constexpr):
+        # int64 words [BN, 16] -> four f16x2 words (GPU) | eight fp32 tensors, the bytes' values * 2^-8 (F32)
+        if F32:
+            return (_byte(wq, 0), _byte(wq, 1), _byte(wq, 2), _byte(wq, 3), _byte(wq, 4), _byte(wq, 5), _byte(wq, 6),
+                    _byte(wq, 7))
+        return tl.inline_asm_elementwise(_DEC_C, "=r,=r,=r,=r,l", [wq], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _xh(x_p, t, T, BN: tl.constexpr, F32: tl.constexpr):
+        # row t's 8 columns per lane at x_p (int64 words of 4 bf16, a [BN, 16] pair of tiles of row stride 0, as
+        # fp8_gemv_cc._xwords: each thread's copies from L1, computed once for its rows; rows past T read 0) ->
+        # four f16x2 words (GPU) | eight fp32 tensors holding f16 values (F32)
+        base = x_p + tl.zeros([BN, 1], tl.int32) + 2 * tl.arange(0, 16)[None, :]
+        xa = tl.load(base, mask=t < T, other=0)
+        xb = tl.load(base + 1, mask=t < T, other=0)
+        if F32:
+            return (_xcol(xa, 0), _xcol(xa, 1), _xcol(xa, 2), _xcol(xa, 3), _xcol(xb, 0), _xcol(xb, 1), _xcol(xb, 2),
+                    _xcol(xb, 3))
+        a0, a1 = tl.inline_asm_elementwise(_X16_C, "=r,=r,l", [xa], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        b0, b1 = tl.inline_asm_elementwise(_X16_C, "=r,=r,l", [xb], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        return a0, a1, b0, b1
+
+    @triton.jit
+    def _dot8(w, xv, F32: tl.constexpr):
+        # the 8-column partials [BN, 16] fp32 of _dec's w against _xh's xv (F32: each f16 rounding written out)
+        if F32:
+            lo = _h(w[0] * xv[0])
+            hi = _h(w[1] * xv[1])
+            lo = _h(w[2] * xv[2] + lo)
+            hi = _h(w[3] * xv[3] + hi)
+            lo = _h(w[4] * xv[4] + lo)
+            hi = _h(w[5] * xv[5] + hi)
+            lo = _h(w[6] * xv[6] + lo)
+            hi = _h(w[7] * xv[7] + hi)
+            return _h(lo + hi)
+        return tl.inline_asm_elementwise(_DOT8_C, "=r,r,r,r,r,r,r,r,r", [w[0], w[1], w[2], w[3], xv[0], xv[1], xv[2],
+                                                                       xv[3]], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _gemv_h2(
+        x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, T, NT, K, GN, s_xt, s_xg, s_wsn, s_ot, k_per,
+        BLOCK_N: tl.constexpr, TP: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_E8M0: tl.constexpr,
+        F32: tl.constexpr, PDL: tl.constexpr = False, DEPTH: tl.constexpr = 1,
+    ):
+        # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) (one group, one 128-row scale block) over the 128-column
+        # blocks [k_lo, k_lo + k_per); TP (1, 2, 4) >= T tokens, one fp32 accumulator [BLOCK_N, 16] each (a lane's
+        # 8-column partials, scaled per block; summed once at the end)
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n0 = pid_n * BLOCK_N
+        rn = n0 + tl.arange(0, BLOCK_N)
+        k_lo = pid_s * k_per
+        # w as int64 words [NT, K / 8], x as int64 words [T, G, K / 4] (strides in words): 8 weight bytes and 16
+        # bytes of x per thread per row and block (16 lanes on K)
+        w_p = w_ptr + tl.minimum(rn, NT - 1).to(tl.int64)[:, None] * (K // 8) + (k_lo // 8 + tl.arange(0, 16))[None, :]
+        x_p = x_ptr + (n0 // GN) * s_xg + k_lo // 4
+        s_p = ws_ptr + (n0 // 128) * s_wsn + k_lo // 128
+        a0 = tl.zeros([BLOCK_N, 16], tl.float32)
+        a1 = tl.zeros([BLOCK_N, 16], tl.float32)
+        a2 = tl.zeros([BLOCK_N, 16], tl.float32)
+        a3 = tl.zeros([BLOCK_N, 16], tl.float32)
+        steps = k_per // 128
+        wq = tl.load(w_p)  # before the wait: weights and their scales only (ds4f.kernels.pdl)
+        sq = tl.load(s_p)
+        wq2 = wq
+        sq2 = sq
+        if DEPTH > 1:  # a second block in flight
+            wq2 = tl.load(w_p + 16, mask=steps > 1, other=0)
+            sq2 = tl.load(s_p + 1, mask=steps > 1, other=0)
+        pdl_enter(PDL)
+        for i in range(0, steps):
+            wn = tl.load(w_p + (i + DEPTH) * 16, mask=i + DEPTH < steps, other=0)
+            sn = tl.load(s_p + i + DEPTH, mask=i + DEPTH < steps, other=0)
+            s = sq
+            if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits
+                s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            s = s * 256.0  # the decode's 2^-8
+            w = _dec(wq, F32)
+            xi = x_p + i * 32
+            a0 += _dot8(w, _xh(xi, 0, T, BLOCK_N, F32), F32) * s
+            if TP > 1:
+                a1 += _dot8(w, _xh(xi + s_xt, 1, T, BLOCK_N, F32), F32) * s
+            if TP > 2:
+                a2 += _dot8(w, _xh(xi + 2 * s_xt, 2, T, BLOCK_N, F32), F32) * s
+                a3 += _dot8(w, _xh(xi + 3 * s_xt, 3, T, BLOCK_N, F32), F32) * s
+            if DEPTH > 1:
+                wq = wq2
+                sq = sq2
+                wq2 = wn
+                sq2 = sn
+            else:
+                wq = wn
+                sq = sn
+        _finish(a0, a1, a2, a3, out_ptr, part_ptr, lock_ptr, T, NT, s_ot, pid_n, pid_s, rn, BLOCK_N, TP, SPLIT_K)
+
+
+@cache
+def supported(device: torch.device) -> bool:
+    """cvt.rn.f16x2.e4m3x2: sm_89 and newer (the interpreter runs the F32 form anywhere)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    if device.type != "cuda":
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(i) >= (8, 9)
+
+
+@cache
+def _name(nt: int, k: int, groups: int) -> str | None:
+    """fp8_gemv.CONFIGS' name of the shape W [nt, k] in G groups, if listed."""
+    from ds4f.kernels.fp8_gemv import CONFIGS
+
+    return next((n for n, (shape, _) in CONFIGS.items() if shape == (nt, k, groups)), None)
+
+
+def config(nt: int, k: int, groups: int, t: int) -> tuple[Cfg, int] | None:
+    """(tiles, DEPTH) for the shape at t tokens: DS4F_FP8_GEMV_H2_TILES where valid, CONFIGS_H2 (its token
+    bucket), then CONFIGS_CC's one-token entry (the same register layout); None: no valid entry."""
+    hit = CONFIGS_H2.get(_name(nt, k, groups) or "", {}).get(1 if t == 1 else 4)
+    for e in (_TILES or None, hit, table_entry(nt, k, groups)):
+        if e is not None and valid(e[:3], nt, k, groups):
+            return e[:3], e[3]
+    return None
+
+
+def takes(x: torch.Tensor, nt: int, k: int, groups: int) -> bool:
+    """Whether w8_gemv runs x [T, G, K] @ W [nt, k]^T here: T's bucket in DS4F_FP8_GEMV_H2, T <= 4, a shape of
+    fp8_gemv_cc's table, sm_89+, x_ok."""
+    t = x.shape[0]
+    return (1 <= t <= 4 and (1 if t == 1 else 4) in BUCKETS and table_entry(nt, k, groups) is not None
+            and x_ok(x) and supported(x.device))
+
+
+def launch_h2(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
+              cfg: Cfg, depth: int = 1, emulate: bool = False) -> None:
+    """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group; W = w [G*N, K] e4m3 (native
+    dtype or its bytes), ws [ceil(G*N/128), K/128] fp32 or UE8M0 bytes (e8m0); T <= 4; cfg valid() (fp8_gemv_cc's
+    rules). emulate: the interpreter's branch (the f16 roundings written out) on CUDA too, for tests."""
+    t, (nt, k) = x.shape[0], w.shape
+    if t > 4 or not valid(cfg, nt, k, groups) or not x_ok(x):
+        raise ValueError(f"fp8 f16x2 GEMV config {cfg} invalid for [{nt}, {k}] in {groups} groups at T={t}")
+    bn, split, nw = cfg
+    tiles = nt // bn
+    if split > 1:
+        part = torch.empty(split * t * tiles * bn, dtype=torch.float32, device=x.device)
+        lock = arrival.counters(x.device, tiles, ("fp8_gemv_h2", nt, k, bn, split))
+    else:
+        part = lock = out  # unused
+    _gemv_h2[(tiles, split)](
+        x.view(torch.int64), w.view(torch.uint8).view(torch.int64), ws, out, part, lock, t, nt, k, nt // groups,
+        x.stride(0) // 4, x.stride(1) // 4, ws.stride(0), out.stride(0), k // split, BLOCK_N=bn,
+        TP=1 if t == 1 else 2 if t == 2 else 4, SPLIT_K=split > 1, SCALE_E8M0=e8m0,
+        F32=emulate or not x.is_cuda, DEPTH=depth, num_warps=nw, num_stages=1, **pdl.launch(x.device))

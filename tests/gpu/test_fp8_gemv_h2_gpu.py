@@ -1,0 +1,93 @@
+"""⑥ kernels, the f16x2 FP8 decode GEMV (ds4f/kernels/fp8_gemv_h2.py) on CUDA: against fp8_linear_ref at the
+per-rank V4-Flash TP=2 shapes (grouped wo_a included), T = 1-4, K splits with re-armed counters, against its own
+roundings written out (the interpreter's branch on the GPU), activations across f16's range, CUDA-graph replay and
+fp8_linear's dispatch by DS4F_FP8_GEMV_H2's buckets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.common import graph_out
+from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv_h2
+from ds4f.kernels.fp8_gemm import Opts, _scale_arg, fp8_linear, fp8_linear_ref, grouped_ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton"),
+]
+
+OUT_TOL = 6e-3  # bf16 outputs (2^-9) and the f16 products / chains (2^-11 per rounding)
+# (G*N, K, G) per rank at TP=2: IN_PROJ, IDX_WQ_B, WQ_B, WO_A (4 groups), WO_B, W13, W2
+SHAPES = [(1536, 4096, 1), (8192, 1024, 1), (16384, 1024, 1), (4096, 4096, 4), (4096, 4096, 1), (2048, 4096, 1),
+          (4096, 1024, 1)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def _weights(nt: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = (torch.randn(nt, k, device="cuda") * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.randint(118, 124, (nt // 128, k // 128), device="cuda", dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    return w, s
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_h2_matches_the_reference(shape):
+    nt, k, groups = shape
+    rows = nt // groups
+    w, s = _weights(nt, k)
+    ws, e8m0 = _scale_arg(s)
+    for t in (1, 2, 3, 4):
+        x = torch.randn(t, groups, k, device="cuda").bfloat16()
+        want = grouped_ref(x, w, s)
+        for cfg, depth in {fp8_gemv_h2.config(nt, k, groups, t), ((8, 1, 4), 1), ((32, 2, 8), 1), ((32, 4, 4), 2),
+                           ((64, 1, 4), 2)}:
+            if not fp8_gemv_h2.valid(cfg, nt, k, groups):
+                continue
+            for _ in range(2):  # the split counters re-armed
+                out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
+                fp8_gemv_h2.launch_h2(x, w, ws, e8m0, out, groups, cfg, depth=depth)
+                assert _rel(out, want) < OUT_TOL, (shape, t, cfg, depth, _rel(out, want))
+    torch.cuda.synchronize()
+    assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_h2"))
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_h2_matches_its_emulation(t):
+    """The f16x2 asm (cvt, mul, fma, add) against the same roundings written out; activations from f16 subnormals
+    to |x| ~ 2000 (the decode's 2^-8 keeps every chain finite)."""
+    nt, k = 4096, 4096
+    w, s = _weights(nt, k)
+    ws, e8m0 = _scale_arg(s)
+    span = torch.logspace(-6, 3.3, k // 128, device="cuda").repeat_interleave(128)
+    for x in (torch.randn(t, 1, k, device="cuda").bfloat16(), (torch.randn(t, 1, k, device="cuda") * span).bfloat16()):
+        outs = []
+        for emulate in (False, True):
+            out = torch.empty(t, 1, nt, dtype=torch.float32, device="cuda")
+            fp8_gemv_h2.launch_h2(x, w, ws, e8m0, out, 1, (64, 4, 4), emulate=emulate)
+            outs.append(out)
+        assert outs[0].isfinite().all()
+        assert _rel(outs[0], outs[1]) < 1e-4  # fused vs rounded-from-fp32 fmas: rare last-bit differences only
+        assert _rel(outs[0][:, 0], fp8_linear_ref(x[:, 0], w, s, torch.float32)) < 4e-3
+
+
+def test_h2_graph_replay_and_dispatch(monkeypatch):
+    nt, k = 4096, 4096  # WO_B_TP2: a table shape
+    w, s = _weights(nt, k)
+    calls: list[int] = []
+    real = fp8_gemv_h2.launch_h2
+    monkeypatch.setattr(fp8_gemv_h2, "launch_h2", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(fp8_gemv_h2, "BUCKETS", frozenset({4}))
+    x1 = torch.randn(1, k, device="cuda").bfloat16()
+    fp8_linear(x1, w, s, opts=Opts(gemv=True))
+    assert calls == []  # one token: not in the buckets
+    x = torch.randn(4, k, device="cuda").bfloat16()
+    eager = fp8_linear(x, w, s, opts=Opts(gemv=True))
+    assert calls == [1] and _rel(eager, fp8_linear_ref(x, w, s, torch.float32)) < OUT_TOL
+    got, replay = graph_out(lambda: fp8_linear(x, w, s))
+    for _ in range(3):
+        replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, eager)
