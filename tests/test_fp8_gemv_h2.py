@@ -111,7 +111,7 @@ def test_h2_builds_offline(arch: int) -> None:
     from ds4f.kernels import fp8_gemv_h2 as h2
     from tests.test_kernels_build import build
 
-    types = dict(x_ptr="*i64", w_ptr="*i64", ws_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32")
+    types = dict(x_ptr="*i64", w_ptr="*i32", ws_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", lock_ptr="*i32")
     div = ("x_ptr", "w_ptr", "ws_ptr", "out_ptr", "part_ptr", "lock_ptr", "K", "GN", "s_xt", "s_xg", "s_wsn", "s_ot",
            "k_per", "NT")
     for tp, split, depth in ((1, False, 1), (4, True, 2), (2, True, 1), (4, False, 1)):

@@ -1,16 +1,17 @@
 """⑥ kernels, block-FP8 decode GEMV with f16x2 products for 1-4 tokens (sm_89+): fp8_gemv_cc's contract, grid,
 register layout and K split, with fewer instructions per weight byte.
 
-Why: fp8_gemv_cc is issue-bound at four tokens (~9 SASS instructions per weight byte with its bf16x2 products
-against ~7.8 that an H200 SM can issue per byte at the copy ceiling), so four-token decode takes the MMA kernel,
-whose GEMVs cost 0.78 ms more per step than one token's in the full TP=2 model (session 22's timelines: FP8 GEMVs
-2.07 vs 1.29 ms) for the same weight bytes. Here each thread's 8 weight bytes of a row per 128-column block are one
-int64 word; cvt.rn.f16x2.e4m3x2 widens them to four f16x2 pairs (exact), scaled by 2^-8 (exact: e4m3's 2^-9
-subnormal lands at 2^-17, inside f16's range) so that a sum of eight products stays finite for |x| < ~4600;
-x's 8 columns are widened to f16x2 once per token (bf16 -> f16 is exact for |x| in [2^-14, 65504]; smaller values
-become f16 subnormals, absolute error <= 2^-25); one mul + three fma.rn.f16x2 per token give the 8-column partial in
-two f16 lanes, added in f16 and widened to fp32, then scaled by the block's scale into an fp32 accumulator. ~4.5
-instructions per weight byte at four tokens, ~1.9 at one (by count; a GPU sweep decides: bench/sweep_fp8_gemv_h2.py).
+Why: fp8_gemv_cc is issue-bound at four tokens (9.2 SASS instructions per weight byte in its sm_90 loop with bf16x2
+products, against ~7.8 that an H200 SM issues per byte at the copy ceiling), so four-token decode takes the MMA
+kernel, whose GEMVs cost 0.78 ms more per step than one token's in the full TP=2 model (session 22's timelines: FP8
+GEMVs 2.07 vs 1.29 ms) for the same weight bytes. Same grid and register layout as fp8_gemv_cc (two int32 words, 8
+weight bytes, per thread per row and 128-column block); cvt.rn.f16x2.e4m3x2 widens each word to two f16x2 pairs
+(exact), scaled by 2^-8 (exact: e4m3's 2^-9 subnormal lands at 2^-17, inside f16's range) so that a chain of eight
+products stays finite for |x| < ~4600; x's words become f16x2 once per token per thread (an unmasked load that the
+compiler shares across the thread's rows; bf16 -> f16 is exact for |x| in [2^-14, 65504], smaller values become f16
+subnormals, absolute error <= 2^-25); a mul and three fma.rn.f16x2 per token give a thread's 8-column partial in two
+f16 lanes, added in f16, widened, and scaled by the block's scale into an fp32 accumulator. Offline sm_90 SASS of the
+loop at 64-row tiles: 6.5 instructions per weight byte at four tokens (fp8_gemv_cc 9.2), 3.2 at one (4.7).
 
 Numerics: the w8 form (x not quantized), products and 4-term chains rounded to f16 (relative 2^-11 per rounding):
 against fp8_gemm.fp8_linear_ref ~1e-3 relative, tighter than fp8_gemv_cc's ACC16 (bf16 pairs, 2.5e-3) and the a8
@@ -46,23 +47,17 @@ _TILES = env_knobs("DS4F_FP8_GEMV_H2_TILES", 4, "64,2,4,1")
 # name (fp8_gemv.CONFIGS' shape) -> token bucket -> (BLOCK_N, SPLIT, num_warps, DEPTH); filled from the sweep
 CONFIGS_H2: dict[str, dict[int, tuple[int, int, int, int]]] = {}
 
-# int64 word of 8 e4m3 bytes ($4) -> four f16x2 ($0..$3: bytes (0, 1), (2, 3), (4, 5), (6, 7), low byte in the low
-# half), each value times 2^-8
+# int32 word of 4 e4m3 bytes ($2) -> two f16x2 ($0: bytes 0, 1; $1: bytes 2, 3; the lower byte in the lower half),
+# each value times 2^-8
 DEC_ASM = """{
-.reg .b32 lo, hi, k;
-.reg .b16 a, b, c, d;
-mov.b64 {lo, hi}, $4;
-mov.b32 {a, b}, lo;
-mov.b32 {c, d}, hi;
+.reg .b16 a, b;
+.reg .b32 k;
+mov.b32 {a, b}, $2;
 mov.b32 k, 0x1C001C00;
 cvt.rn.f16x2.e4m3x2 $0, a;
 cvt.rn.f16x2.e4m3x2 $1, b;
-cvt.rn.f16x2.e4m3x2 $2, c;
-cvt.rn.f16x2.e4m3x2 $3, d;
 mul.rn.f16x2 $0, $0, k;
 mul.rn.f16x2 $1, $1, k;
-mul.rn.f16x2 $2, $2, k;
-mul.rn.f16x2 $3, $3, k;
 }"""
 
 # int64 word of 4 bf16 ($2) -> two f16x2 ($0: columns 0, 1; $1: 2, 3)
@@ -77,18 +72,20 @@ cvt.rn.f16x2.f32 $0, b, a;
 cvt.rn.f16x2.f32 $1, d, c;
 }"""
 
-# the 8-column partial: w pairs $1..$4 against x pairs $5..$8 in f16x2 (a mul and three fmas), its two lanes added
-# in f16, -> fp32 ($0)
+# a thread's two adjacent words (pack 2: elements e0, e1 = 8 columns): weight pairs w01 ($2, $3 for e0, e1), w23
+# ($4, $5) against x pairs x01 ($6, $7), x23 ($8, $9) in one f16x2 chain (a mul, three fmas), its two lanes added in
+# f16 -> fp32 in $0 and $1 alike (the caller keeps one per word pair)
 DOT8_ASM = """{
 .reg .b32 acc;
 .reg .b16 l, h;
-mul.rn.f16x2 acc, $1, $5;
-fma.rn.f16x2 acc, $2, $6, acc;
-fma.rn.f16x2 acc, $3, $7, acc;
+mul.rn.f16x2 acc, $2, $6;
 fma.rn.f16x2 acc, $4, $8, acc;
+fma.rn.f16x2 acc, $3, $7, acc;
+fma.rn.f16x2 acc, $5, $9, acc;
 mov.b32 {l, h}, acc;
 add.rn.f16 l, l, h;
 cvt.f32.f16 $0, l;
+mov.b32 $1, $0;
 }"""
 
 if triton is not None:
@@ -103,7 +100,7 @@ if triton is not None:
 
     @triton.jit
     def _byte(wq, j: tl.constexpr):
-        # byte j of int64 words as its e4m3 value * 2^-8 (fp32)
+        # byte j of int32 words as its e4m3 value * 2^-8 (fp32)
         return ((wq >> (8 * j)) & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * 0.00390625
 
     @triton.jit
@@ -112,44 +109,45 @@ if triton is not None:
         return _h((((xw >> (16 * j)) & 65535).to(tl.int32) << 16).to(tl.float32, bitcast=True))
 
     @triton.jit
-    def _dec(wq, F32: tl.constexpr):
-        # int64 words [BN, 16] -> four f16x2 words (GPU) | eight fp32 tensors, the bytes' values * 2^-8 (F32)
-        if F32:
-            return (_byte(wq, 0), _byte(wq, 1), _byte(wq, 2), _byte(wq, 3), _byte(wq, 4), _byte(wq, 5), _byte(wq, 6),
-                    _byte(wq, 7))
-        return tl.inline_asm_elementwise(_DEC_C, "=r,=r,=r,=r,l", [wq], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-                                         is_pure=True, pack=1)
+    def _pairs16(wq):
+        # int32 weight words [BN, 32] -> their f16x2 pairs (bytes 0, 1) and (2, 3), * 2^-8
+        return tl.inline_asm_elementwise(_DEC_C, "=r,=r,r", [wq], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
-    def _xh(x_p, t, T, BN: tl.constexpr, F32: tl.constexpr):
-        # row t's 8 columns per lane at x_p (int64 words of 4 bf16, a [BN, 16] pair of tiles of row stride 0, as
-        # fp8_gemv_cc._xwords: each thread's copies from L1, computed once for its rows; rows past T read 0) ->
-        # four f16x2 words (GPU) | eight fp32 tensors holding f16 values (F32)
-        base = x_p + tl.zeros([BN, 1], tl.int32) + 2 * tl.arange(0, 16)[None, :]
-        xa = tl.load(base, mask=t < T, other=0)
-        xb = tl.load(base + 1, mask=t < T, other=0)
-        if F32:
-            return (_xcol(xa, 0), _xcol(xa, 1), _xcol(xa, 2), _xcol(xa, 3), _xcol(xb, 0), _xcol(xb, 1), _xcol(xb, 2),
-                    _xcol(xb, 3))
-        a0, a1 = tl.inline_asm_elementwise(_X16_C, "=r,=r,l", [xa], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-        b0, b1 = tl.inline_asm_elementwise(_X16_C, "=r,=r,l", [xb], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-        return a0, a1, b0, b1
+    def _xwords16(x_p, BN: tl.constexpr):
+        # the int64 x words (4 bf16) at x_p in a [BN, 32] tile of row stride 0 (fp8_gemv_cc._xwords' layout: the
+        # weight words' registers, each thread's copies from L1). Unmasked (the caller clamps the row): every row's
+        # load is the same plain load, so the compiler keeps one per thread, and one f16 conversion of it
+        return tl.load(x_p + tl.zeros([BN, 1], tl.int32) + tl.arange(0, 32)[None, :])
 
     @triton.jit
-    def _dot8(w, xv, F32: tl.constexpr):
-        # the 8-column partials [BN, 16] fp32 of _dec's w against _xh's xv (F32: each f16 rounding written out)
+    def _dot8_f32(wq, xw, BN: tl.constexpr):
+        # the interpreter's _dot8: the same chain (lanes: even / odd columns; e0's pairs, then e1's) with each f16
+        # rounding written out, on the values in fp32
+        w0, w1 = tl.split(tl.reshape(wq, [BN, 16, 2]))
+        x0, x1 = tl.split(tl.reshape(xw, [BN, 16, 2]))
+        lo = _h(_byte(w0, 0) * _xcol(x0, 0))
+        hi = _h(_byte(w0, 1) * _xcol(x0, 1))
+        lo = _h(_byte(w0, 2) * _xcol(x0, 2) + lo)
+        hi = _h(_byte(w0, 3) * _xcol(x0, 3) + hi)
+        lo = _h(_byte(w1, 0) * _xcol(x1, 0) + lo)
+        hi = _h(_byte(w1, 1) * _xcol(x1, 1) + hi)
+        lo = _h(_byte(w1, 2) * _xcol(x1, 2) + lo)
+        hi = _h(_byte(w1, 3) * _xcol(x1, 3) + hi)
+        return _h(lo + hi)
+
+    @triton.jit
+    def _tok(acc, wq, w01, w23, x_p, s, BN: tl.constexpr, F32: tl.constexpr):
+        # acc [BN, 16] += s * the 8-column chains of the weight words against the x row at x_p
+        xw = _xwords16(x_p, BN)
         if F32:
-            lo = _h(w[0] * xv[0])
-            hi = _h(w[1] * xv[1])
-            lo = _h(w[2] * xv[2] + lo)
-            hi = _h(w[3] * xv[3] + hi)
-            lo = _h(w[4] * xv[4] + lo)
-            hi = _h(w[5] * xv[5] + hi)
-            lo = _h(w[6] * xv[6] + lo)
-            hi = _h(w[7] * xv[7] + hi)
-            return _h(lo + hi)
-        return tl.inline_asm_elementwise(_DOT8_C, "=r,r,r,r,r,r,r,r,r", [w[0], w[1], w[2], w[3], xv[0], xv[1], xv[2],
-                                                                       xv[3]], dtype=tl.float32, is_pure=True, pack=1)
+            return acc + _dot8_f32(wq, xw, BN) * s
+        x01, x23 = tl.inline_asm_elementwise(_X16_C, "=r,=r,l", [xw], dtype=(tl.int32, tl.int32), is_pure=True,
+                                             pack=1)
+        p = tl.inline_asm_elementwise(_DOT8_C, "=r,=r,r,r,r,r,r,r,r,r", [w01, w23, x01, x23], dtype=tl.float32,
+                                      is_pure=True, pack=2)
+        p0, _ = tl.split(tl.reshape(p, [BN, 16, 2]))
+        return acc + p0 * s
 
     @triton.jit(do_not_specialize=["T"])
     def _gemv_h2(
@@ -158,16 +156,16 @@ if triton is not None:
         F32: tl.constexpr, PDL: tl.constexpr = False, DEPTH: tl.constexpr = 1,
     ):
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) (one group, one 128-row scale block) over the 128-column
-        # blocks [k_lo, k_lo + k_per); TP (1, 2, 4) >= T tokens, one fp32 accumulator [BLOCK_N, 16] each (a lane's
-        # 8-column partials, scaled per block; summed once at the end)
+        # blocks [k_lo, k_lo + k_per); TP (1, 2, 4) >= T tokens, one fp32 accumulator [BLOCK_N, 16] each (a thread's
+        # 8-column chain sums, scaled per block; summed once at the end). fp8_gemv_cc._gemv_cc's grid and register
+        # layout: w as int32 words [NT, K / 4], 2 per thread (8 bytes), x as int64 words [T, G, K / 4] (word strides)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         n0 = pid_n * BLOCK_N
         rn = n0 + tl.arange(0, BLOCK_N)
         k_lo = pid_s * k_per
-        # w as int64 words [NT, K / 8], x as int64 words [T, G, K / 4] (strides in words): 8 weight bytes and 16
-        # bytes of x per thread per row and block (16 lanes on K)
-        w_p = w_ptr + tl.minimum(rn, NT - 1).to(tl.int64)[:, None] * (K // 8) + (k_lo // 8 + tl.arange(0, 16))[None, :]
+        w_p = w_ptr + tl.minimum(rn, NT - 1).to(tl.int64)[:, None] * (K // 4) \
+            + tl.max_contiguous(k_lo // 4 + tl.arange(0, 32), 2)[None, :]
         x_p = x_ptr + (n0 // GN) * s_xg + k_lo // 4
         s_p = ws_ptr + (n0 // 128) * s_wsn + k_lo // 128
         a0 = tl.zeros([BLOCK_N, 16], tl.float32)
@@ -180,24 +178,27 @@ if triton is not None:
         wq2 = wq
         sq2 = sq
         if DEPTH > 1:  # a second block in flight
-            wq2 = tl.load(w_p + 16, mask=steps > 1, other=0)
+            wq2 = tl.load(w_p + 32, mask=steps > 1, other=0)
             sq2 = tl.load(s_p + 1, mask=steps > 1, other=0)
         pdl_enter(PDL)
         for i in range(0, steps):
-            wn = tl.load(w_p + (i + DEPTH) * 16, mask=i + DEPTH < steps, other=0)
+            wn = tl.load(w_p + (i + DEPTH) * 32, mask=i + DEPTH < steps, other=0)
             sn = tl.load(s_p + i + DEPTH, mask=i + DEPTH < steps, other=0)
             s = sq
             if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits
                 s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
             s = s * 256.0  # the decode's 2^-8
-            w = _dec(wq, F32)
-            xi = x_p + i * 32
-            a0 += _dot8(w, _xh(xi, 0, T, BLOCK_N, F32), F32) * s
+            w01 = wq
+            w23 = wq
+            if not F32:
+                w01, w23 = _pairs16(wq)
+            xi = x_p + i * 32  # tokens past T read row T - 1 again (their rows are not stored)
+            a0 = _tok(a0, wq, w01, w23, xi, s, BLOCK_N, F32)
             if TP > 1:
-                a1 += _dot8(w, _xh(xi + s_xt, 1, T, BLOCK_N, F32), F32) * s
+                a1 = _tok(a1, wq, w01, w23, xi + tl.minimum(1, T - 1) * s_xt, s, BLOCK_N, F32)
             if TP > 2:
-                a2 += _dot8(w, _xh(xi + 2 * s_xt, 2, T, BLOCK_N, F32), F32) * s
-                a3 += _dot8(w, _xh(xi + 3 * s_xt, 3, T, BLOCK_N, F32), F32) * s
+                a2 = _tok(a2, wq, w01, w23, xi + tl.minimum(2, T - 1) * s_xt, s, BLOCK_N, F32)
+                a3 = _tok(a3, wq, w01, w23, xi + tl.minimum(3, T - 1) * s_xt, s, BLOCK_N, F32)
             if DEPTH > 1:
                 wq = wq2
                 sq = sq2
@@ -262,7 +263,7 @@ def launch_h2(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, ou
     else:
         part = lock = out  # unused
     _gemv_h2[(tiles, split)](
-        x.view(torch.int64), w.view(torch.uint8).view(torch.int64), ws, out, part, lock, t, nt, k, nt // groups,
+        x.view(torch.int64), w.view(torch.uint8).view(torch.int32), ws, out, part, lock, t, nt, k, nt // groups,
         x.stride(0) // 4, x.stride(1) // 4, ws.stride(0), out.stride(0), k // split, BLOCK_N=bn,
         TP=1 if t == 1 else 2 if t == 2 else 4, SPLIT_K=split > 1, SCALE_E8M0=e8m0,
         F32=emulate or not x.is_cuda, DEPTH=depth, num_warps=nw, num_stages=1, **pdl.launch(x.device))
