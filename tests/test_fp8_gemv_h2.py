@@ -53,6 +53,7 @@ def check_h2() -> None:
     nt, k = 256, 512  # a table shape of this process (the real ones take minutes in the interpreter)
     fp8_gemv.CONFIGS["TINY"] = ((nt, k, 1), fp8_gemv.CONFIGS["W2_TP2"][1])
     fp8_gemv_cc.CONFIGS_CC["TINY"] = (32, 2, 4, 1)
+    fp8_gemv_h2.CONFIGS_H2["TINY"] = {1: (32, 2, 4, 1), 4: (64, 4, 4, 2)}
     q, s = fp8_weights(g, nt, k, "ue8m0")
     # (T, buckets, (f16x2 launches, CUDA-core launches)): T = 1 outside the buckets takes the CUDA-core form as before,
     # T = 4 outside them the MMA kernel
@@ -81,18 +82,20 @@ def test_h2_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     from ds4f.kernels.fp8_gemv import CONFIGS
 
     assert not h2.BUCKETS  # off by default: takes nothing
-    x4 = torch.zeros(4, 1, 1024).bfloat16()
-    assert not h2.takes(x4, 4096, 1024, 1)
-    for name, e in cc.CONFIGS_CC.items():  # every table shape has a valid entry at both buckets
-        nt, k, groups = CONFIGS[name][0]
+    x1 = torch.zeros(1, 1, 4096).bfloat16()
+    assert not h2.takes(x1, 1536, 4096, 1)
+    for name, (shape, _) in CONFIGS.items():  # CONFIGS_H2's (valid) entries, nothing for the other shapes
+        nt, k, groups = shape
         for t in (1, 4):
-            c = h2.config(nt, k, groups, t)
-            want = h2.CONFIGS_H2.get(name, {}).get(1 if t == 1 else 4, e)
-            assert c == (want[:3], want[3]) and cc.valid(c[0], nt, k, groups), (name, t, c)
-    monkeypatch.setattr(h2, "CONFIGS_H2", {"W2_TP2": {4: (16, 1, 4, 1)}})
-    assert h2.config(4096, 1024, 1, 3) == ((16, 1, 4), 1) and h2.config(4096, 1024, 1, 1) == (
-        cc.CONFIGS_CC["W2_TP2"][:3], cc.CONFIGS_CC["W2_TP2"][3])
-    assert h2.config(4096, 1000, 1, 1) is None  # no valid entry: not a table shape
+            e = h2.CONFIGS_H2.get(name, {}).get(1 if t == 1 else 4)
+            assert h2.config(nt, k, groups, t) == (None if e is None else (e[:3], e[3])), (name, t)
+            assert e is None or cc.valid(e[:3], nt, k, groups), (name, t)
+    monkeypatch.setattr(h2, "BUCKETS", frozenset({1}))
+    monkeypatch.setattr(h2, "supported", lambda device: True)  # sm_89+ (here: a CPU tensor)
+    assert h2.takes(x1, 1536, 4096, 1) and not h2.takes(x1, 4096, 4096, 1)  # IN_PROJ listed, WO_B_TP2 not
+    assert not h2.takes(torch.zeros(4, 1, 4096).bfloat16(), 1536, 4096, 1)  # four tokens: not in the buckets
+    monkeypatch.setattr(h2, "_TILES", (16, 1, 4, 2))  # DS4F_FP8_GEMV_H2_TILES: every table shape, not others
+    assert h2.config(4096, 4096, 1, 1) == ((16, 1, 4), 2) and h2.config(4096, 1000, 1, 1) is None
     monkeypatch.setenv("DS4F_FP8_GEMV_H2", "1,x")
     with pytest.raises(ValueError, match="DS4F_FP8_GEMV_H2"):
         from ds4f.kernels.knobs import env_buckets

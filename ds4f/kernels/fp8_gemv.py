@@ -443,10 +443,9 @@ def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out:
         mma.launch_mma(x, w, ws, e8m0, out, groups)
         return True
     if split is None and a8 is None and h2.takes(x, nt, k, groups):
-        c2 = h2.config(nt, k, groups, x.shape[0])
-        if c2 is not None:
-            h2.launch_h2(x, w, ws, e8m0, out, groups, c2[0], depth=c2[1])
-            return True
+        cfg2, depth2 = h2.config(nt, k, groups, x.shape[0])  # type: ignore[misc]
+        h2.launch_h2(x, w, ws, e8m0, out, groups, cfg2, depth=depth2)
+        return True
     if split is None and a8 is None and cc.takes(x, nt, k, groups):
         cfg, depth = cc.config(nt, k, groups, sm_count(x.device))
         cc.launch_cc(x, w, ws, e8m0, out, groups, cfg, depth=depth)

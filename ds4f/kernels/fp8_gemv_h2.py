@@ -39,13 +39,23 @@ try:
 except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
     triton = None
 
-# DS4F_FP8_GEMV_H2: token buckets (1: one token, 4: two to four) whose plain FP8 decode GEMVs of the table's shapes
-# (fp8_gemv_cc.CONFIGS_CC) take this form; "" (the default until a full-model run times it): none
+# DS4F_FP8_GEMV_H2: token buckets (1: one token, 4: two to four) whose plain FP8 decode GEMVs take this form where
+# CONFIGS_H2 lists the shape at that bucket (every table shape with DS4F_FP8_GEMV_H2_TILES); "" (the default until a
+# full-model run times it): none
 BUCKETS = frozenset(env_buckets("DS4F_FP8_GEMV_H2", ""))
-# DS4F_FP8_GEMV_H2_TILES: "bn,split,nw,depth" for every shape (sweeps); else CONFIGS_H2, then CONFIGS_CC's
+# DS4F_FP8_GEMV_H2_TILES: "bn,split,nw,depth" for every table shape (sweeps); else CONFIGS_H2
 _TILES = env_knobs("DS4F_FP8_GEMV_H2_TILES", 4, "64,2,4,1")
-# name (fp8_gemv.CONFIGS' shape) -> token bucket -> (BLOCK_N, SPLIT, num_warps, DEPTH); filled from the sweep
-CONFIGS_H2: dict[str, dict[int, tuple[int, int, int, int]]] = {}
+# name (fp8_gemv.CONFIGS' shape) -> token bucket -> (BLOCK_N, SPLIT, num_warps, DEPTH): where this form beat today's
+# default on an H200 (session 22 call 4, bench/sweep_fp8_gemv_h2.py, bench/results/fp8_gemv.jsonl case fp8_gemv_h2;
+# us against the default's). Not listed, faster elsewhere: one token WQ_B_TP2 6.78 vs 6.49, WO_A / WO_B_TP2 7.27 /
+# 7.29 vs 7.05 / 7.02 (the CUDA-core kernel, already ~0.56-0.60 of copy there), W13_TP2 5.21 vs 5.25 (a tie); four
+# tokens every shape 1.17-1.28x the MMA kernel's time (IN_PROJ 8.06 vs 6.57, WO_B_TP2 11.62 vs 9.03, W13_TP2 8.78 vs
+# 6.84): 6.5 instructions per byte is still near an SM's issue rate at these occupancies
+CONFIGS_H2: dict[str, dict[int, tuple[int, int, int, int]]] = {
+    "IN_PROJ": {1: (32, 8, 8, 2)},  # 4.38 vs 4.89 us (fp8_gemv_cc)
+    "IDX_WQ_B": {1: (64, 4, 4, 1)},  # 4.64 vs 4.85
+    "W2_TP2": {1: (64, 4, 4, 2)},  # 3.39 vs 3.57
+}
 
 # int32 word of 4 e4m3 bytes ($2) -> two f16x2 ($0: bytes 0, 1; $1: bytes 2, 3; the lower byte in the lower half),
 # each value times 2^-8
@@ -230,21 +240,19 @@ def _name(nt: int, k: int, groups: int) -> str | None:
 
 
 def config(nt: int, k: int, groups: int, t: int) -> tuple[Cfg, int] | None:
-    """(tiles, DEPTH) for the shape at t tokens: DS4F_FP8_GEMV_H2_TILES where valid, CONFIGS_H2 (its token
-    bucket), then CONFIGS_CC's one-token entry (the same register layout); None: no valid entry."""
-    hit = CONFIGS_H2.get(_name(nt, k, groups) or "", {}).get(1 if t == 1 else 4)
-    for e in (_TILES or None, hit, table_entry(nt, k, groups)):
-        if e is not None and valid(e[:3], nt, k, groups):
-            return e[:3], e[3]
-    return None
+    """(tiles, DEPTH) for the shape at t tokens: DS4F_FP8_GEMV_H2_TILES for a table shape where valid, else
+    CONFIGS_H2's entry for t's bucket; None: neither."""
+    e = (_TILES if table_entry(nt, k, groups) is not None else None) or CONFIGS_H2.get(
+        _name(nt, k, groups) or "", {}).get(1 if t == 1 else 4)
+    return (e[:3], e[3]) if e is not None and valid(e[:3], nt, k, groups) else None
 
 
 def takes(x: torch.Tensor, nt: int, k: int, groups: int) -> bool:
-    """Whether w8_gemv runs x [T, G, K] @ W [nt, k]^T here: T's bucket in DS4F_FP8_GEMV_H2, T <= 4, a shape of
-    fp8_gemv_cc's table, sm_89+, x_ok."""
+    """Whether w8_gemv runs x [T, G, K] @ W [nt, k]^T here: T <= 4 in a bucket of DS4F_FP8_GEMV_H2, a config for the
+    shape there (config), sm_89+, x_ok."""
     t = x.shape[0]
-    return (1 <= t <= 4 and (1 if t == 1 else 4) in BUCKETS and table_entry(nt, k, groups) is not None
-            and x_ok(x) and supported(x.device))
+    return (1 <= t <= 4 and (1 if t == 1 else 4) in BUCKETS and config(nt, k, groups, t) is not None and x_ok(x)
+            and supported(x.device))
 
 
 def launch_h2(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,

@@ -42,7 +42,8 @@ def test_h2_matches_the_reference(shape):
     for t in (1, 2, 3, 4):
         x = torch.randn(t, groups, k, device="cuda").bfloat16()
         want = grouped_ref(x, w, s)
-        for cfg, depth in {fp8_gemv_h2.config(nt, k, groups, t), ((8, 1, 4), 1), ((32, 2, 8), 1), ((32, 4, 4), 2),
+        table = fp8_gemv_h2.config(nt, k, groups, t)
+        for cfg, depth in {table or ((64, 4, 4), 1), ((8, 1, 4), 1), ((32, 2, 8), 1), ((32, 4, 4), 2),
                            ((64, 1, 4), 2)}:
             if not fp8_gemv_h2.valid(cfg, nt, k, groups):
                 continue
@@ -80,6 +81,7 @@ def test_h2_graph_replay_and_dispatch(monkeypatch):
     real = fp8_gemv_h2.launch_h2
     monkeypatch.setattr(fp8_gemv_h2, "launch_h2", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(fp8_gemv_h2, "BUCKETS", frozenset({4}))
+    monkeypatch.setattr(fp8_gemv_h2, "CONFIGS_H2", {"WO_B_TP2": {4: (64, 4, 4, 1)}})
     x1 = torch.randn(1, k, device="cuda").bfloat16()
     fp8_linear(x1, w, s, opts=Opts(gemv=True))
     assert calls == []  # one token: not in the buckets
