@@ -25,7 +25,7 @@ CATEGORIES = (
     ("collectives", ("nccl", "allreduce", "all_reduce", "allgather", "push_ar", "one_shot")),
     ("moe", ("_dec_up", "_dec_down", "_a8_up", "_a8_down", "_a8_expand", "_moe", "mxfp4", "_up_mx", "_down_mx",
              "_up_gemv", "_down_gemv", "silu")),
-    ("fp8_gemv", ("_fp8_gemv", "_gemv_cc", "_w8_kernel", "_a8w8")),
+    ("fp8_gemv", ("_fp8_gemv", "_gemv_cc", "_gemv_h2", "_w8_kernel", "_a8w8")),
     ("bf16_gemv", ("_gemv", "nvjet", "gemm", "cutlass", "splitk", "xmma", "dot_kernel", "gemv")),
     ("attention", ("_attn",)),
     ("kv_path", ("_rope", "_norm_rope", "_store_kv", "_store_key", "_compress")),

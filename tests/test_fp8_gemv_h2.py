@@ -81,9 +81,9 @@ def test_h2_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     from ds4f.kernels import fp8_gemv_h2 as h2
     from ds4f.kernels.fp8_gemv import CONFIGS
 
-    assert not h2.BUCKETS  # off by default: takes nothing
+    assert frozenset({1}) == h2.BUCKETS  # the default: one token, CONFIGS_H2's shapes
     x1 = torch.zeros(1, 1, 4096).bfloat16()
-    assert not h2.takes(x1, 1536, 4096, 1)
+    assert not h2.takes(x1, 1536, 4096, 1)  # a CPU tensor: not sm_89+
     for name, (shape, _) in CONFIGS.items():  # CONFIGS_H2's (valid) entries, nothing for the other shapes
         nt, k, groups = shape
         for t in (1, 4):

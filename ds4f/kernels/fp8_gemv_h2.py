@@ -40,9 +40,9 @@ except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
     triton = None
 
 # DS4F_FP8_GEMV_H2: token buckets (1: one token, 4: two to four) whose plain FP8 decode GEMVs take this form where
-# CONFIGS_H2 lists the shape at that bucket (every table shape with DS4F_FP8_GEMV_H2_TILES); "" (the default until a
-# full-model run times it): none
-BUCKETS = frozenset(env_buckets("DS4F_FP8_GEMV_H2", ""))
+# CONFIGS_H2 lists the shape at that bucket (every table shape with DS4F_FP8_GEMV_H2_TILES); "" none. Default "1":
+# full model, TP=2 on two H200s, session 22 call 5 (one call, b1 at depth 64): replay 4.662 vs 4.698 ms
+BUCKETS = frozenset(env_buckets("DS4F_FP8_GEMV_H2", "1"))
 # DS4F_FP8_GEMV_H2_TILES: "bn,split,nw,depth" for every table shape (sweeps); else CONFIGS_H2
 _TILES = env_knobs("DS4F_FP8_GEMV_H2_TILES", 4, "64,2,4,1")
 # name (fp8_gemv.CONFIGS' shape) -> token bucket -> (BLOCK_N, SPLIT, num_warps, DEPTH): where this form beat today's
