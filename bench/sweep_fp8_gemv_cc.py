@@ -79,21 +79,8 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
     base = time_graph(table, copies, calls)
     record(f"table {'a8' if a8 else 'widen'} {fp8_gemv.pick(nt, k, groups, x.device)}", None, base,
            rel(table(0), ref(fp8_linear_a8_ref) if a8 else want_cc))
-    best: tuple[float, tuple[int, ...] | None] = (math.inf, None)
-    for depth in ctx["depths"]:
-        for cfg in tiles(nt, k, groups, ctx["sms"]):
-            if time.time() > ctx["deadline"]:
-                print("  budget spent", flush=True)
-                break
-            try:
-                err = rel(cc(0, cfg, depth=depth), want_cc)
-                us = time_graph(lambda i, c=cfg, d=depth: cc(i, c, depth=d), copies, calls)
-            except Exception as ex:  # a tile the compiler or the device rejects
-                print(f"  T={t} cc {cfg} d{depth} FAILED {type(ex).__name__}: {str(ex)[:100]}", flush=True)
-                continue
-            record(f"cc {cfg} d{depth}", [*cfg, depth], us, err)
-            if err < 1e-2:
-                best = min(best, (us, (*cfg, depth)))
+    cands = [(c, d) for d in ctx["depths"] for c in tiles(nt, k, groups, ctx["sms"])]
+    best = time_tiles("cc", t, cands, lambda i, c, d: cc(i, c, depth=d), want_cc, record, copies, calls, ctx)
     line = f"PICK_CC {name} T={t} {','.join(map(str, best[1])) if best[1] else 'none'}  # {best[0]:.2f} us"
     if best[1] is not None:  # the bf16x2 products (DS4F_FP8_GEMV_CC_ACC16) at the best tile and depth
         c16, d16 = best[1][:3], best[1][3]
@@ -108,6 +95,30 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
         line += f", a8 {us8:.2f} us"
     print(line + f" vs table {base:.2f} us", flush=True)
     return line + f" vs table {base:.2f} us"
+
+
+def time_tiles(label: str, t: int, cands: list[tuple[fp8_gemv_cc.Cfg, int]],
+               run: Callable[[int, fp8_gemv_cc.Cfg, int], torch.Tensor], want: torch.Tensor,
+               record: Callable[[str, object, float, float], None], copies: int, calls: int,
+               ctx: dict) -> tuple[float, tuple[int, ...] | None]:
+    """Time run(copy, tiles, depth) at each (tiles, depth) of cands until ctx's deadline, each checked against want
+    and recorded as "<label> <tiles> d<depth>" -> (us, (*tiles, depth)) of the fastest within 1e-2 (inf, None:
+    none)."""
+    best: tuple[float, tuple[int, ...] | None] = (math.inf, None)
+    for cfg, depth in cands:
+        if time.time() > ctx["deadline"]:
+            print("  budget spent", flush=True)
+            break
+        try:
+            err = rel(run(0, cfg, depth), want)
+            us = time_graph(lambda i, c=cfg, d=depth: run(i, c, d), copies, calls)
+        except Exception as ex:  # a tile the compiler or the device rejects
+            print(f"  T={t} {label} {cfg} d{depth} FAILED {type(ex).__name__}: {str(ex)[:100]}", flush=True)
+            continue
+        record(f"{label} {cfg} d{depth}", [*cfg, depth], us, err)
+        if err < 1e-2:
+            best = min(best, (us, (*cfg, depth)))
+    return best
 
 
 def weights(shape: tuple[int, int, int], mb: int) -> list:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import time_graph
 from bench.sweep_fp8_gemv import rel
-from bench.sweep_fp8_gemv_cc import TP2, drive, recorder, tiles
+from bench.sweep_fp8_gemv_cc import TP2, drive, recorder, tiles, time_tiles
 from ds4f.kernels import fp8_gemv, fp8_gemv_cc, fp8_gemv_h2
 from ds4f.kernels.fp8_gemm import fp8_linear_a8_ref, fp8_linear_ref, grouped_ref
 
@@ -46,26 +45,14 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
         return out
 
     record = recorder("fp8_gemv_h2", name, shape, t, ctx)
-    cc = t <= fp8_gemv_cc.MAX_T and fp8_gemv_cc.takes(x, nt, k, groups)
+    kind = ("h2" if fp8_gemv_h2.takes(x, nt, k, groups) else "cc" if fp8_gemv_cc.takes(x, nt, k, groups)
+            else "mma")  # w8_gemv's order
     base = time_graph(default, copies, calls)
-    base_ref = want if cc else grouped_ref(x, ws[0], ss[0], fp8_linear_a8_ref)
-    record(f"default {'cc' if cc else 'mma'}", None, base, rel(default(0), base_ref))
-    best: tuple[float, tuple[int, ...] | None] = (math.inf, None)
+    base_ref = want if kind != "mma" else grouped_ref(x, ws[0], ss[0], fp8_linear_a8_ref)
+    record(f"default {kind}", None, base, rel(default(0), base_ref))
     table = fp8_gemv_h2.config(nt, k, groups, t)
     cands = ([table] if table else []) + [(c, d) for d in ctx["depths"] for c in tiles(nt, k, groups, ctx["sms"])]
-    for cfg, depth in dict.fromkeys(cands):
-        if time.time() > ctx["deadline"]:
-            print("  budget spent", flush=True)
-            break
-        try:
-            err = rel(h2(0, cfg, depth), want)
-            us = time_graph(lambda i, c=cfg, d=depth: h2(i, c, d), copies, calls)
-        except Exception as ex:  # a tile the compiler or the device rejects
-            print(f"  T={t} h2 {cfg} d{depth} FAILED {type(ex).__name__}: {str(ex)[:100]}", flush=True)
-            continue
-        record(f"h2 {cfg} d{depth}", [*cfg, depth], us, err)
-        if err < 1e-2:
-            best = min(best, (us, (*cfg, depth)))
+    best = time_tiles("h2", t, list(dict.fromkeys(cands)), h2, want, record, copies, calls, ctx)
     line = f"PICK_H2 {name} T={t} {','.join(map(str, best[1])) if best[1] else 'none'}  # {best[0]:.2f} us"
     print(line + f" vs default {base:.2f} us", flush=True)
     return line + f" vs default {base:.2f} us"

@@ -264,29 +264,12 @@ if triton is not None:
         # program (pid_n, pid_s): rows [n0, n0 + BLOCK_N) (one group, one 128-row scale block) over the 128-column
         # blocks [k_lo, k_lo + k_per) (k_per a multiple of 128, K too); TP (1, 2, 4) >= T tokens, one fp32
         # accumulator [BLOCK_N, 32] each (a lane's 4-column partials, scaled per block; summed once at the end)
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        n0 = pid_n * BLOCK_N
-        rn = n0 + tl.arange(0, BLOCK_N)
-        k_lo = pid_s * k_per
-        # w as int32 words [NT, K / 4], x as int64 words [T, G, K / 4] (strides in words); 8 bytes of weights per
-        # thread per load: the x words' 16-byte loads then take the same layout (2 words per thread, 16 lanes on K)
-        w_p = w_ptr + tl.minimum(rn, NT - 1).to(tl.int64)[:, None] * (K // 4) \
-            + tl.max_contiguous(k_lo // 4 + tl.arange(0, 32), 2)[None, :]
-        x_p = x_ptr + (n0 // GN) * s_xg + k_lo // 4
-        s_p = ws_ptr + (n0 // 128) * s_wsn + k_lo // 128
+        pid_n, pid_s, n0, rn, k_lo, w_p, x_p, s_p, steps, wq, sq, wq2, sq2 = _program(
+            x_ptr, w_ptr, ws_ptr, NT, K, GN, s_xg, s_wsn, k_per, BLOCK_N, DEPTH)
         a0 = tl.zeros([BLOCK_N, 32], tl.float32)
         a1 = tl.zeros([BLOCK_N, 32], tl.float32)
         a2 = tl.zeros([BLOCK_N, 32], tl.float32)
         a3 = tl.zeros([BLOCK_N, 32], tl.float32)
-        steps = k_per // 128
-        wq = tl.load(w_p)  # before the wait: weights and their scales only (ds4f.kernels.pdl)
-        sq = tl.load(s_p)
-        wq2 = wq
-        sq2 = sq
-        if DEPTH > 1:  # a second block in flight
-            wq2 = tl.load(w_p + 32, mask=steps > 1, other=0)
-            sq2 = tl.load(s_p + 1, mask=steps > 1, other=0)
         pdl_enter(PDL)
         # NORM (one group): x = RMSNorm_g(x) per token, 1 / rms from the whole row first (every program reads it:
         # K bf16 per token from L2), the product and bf16 rounding per element as x is read
@@ -305,12 +288,7 @@ if triton is not None:
                 r2 = _inv_rms(x_row + 2 * s_xt, 2, T, K, eps)
                 r3 = _inv_rms(x_row + 3 * s_xt, 3, T, K, eps)
         for i in range(0, steps):
-            # block i + DEPTH's weights and scale, in flight while this one is consumed
-            wn = tl.load(w_p + (i + DEPTH) * 32, mask=i + DEPTH < steps, other=0)
-            sn = tl.load(s_p + i + DEPTH, mask=i + DEPTH < steps, other=0)
-            s = sq
-            if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits
-                s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            wn, sn, s = _step(w_p, s_p, sq, i, steps, DEPTH, SCALE_E8M0)
             xi = x_p + i * 32
             gi = g_p + i * 32
             if ACC16:
@@ -329,15 +307,52 @@ if triton is not None:
                 if TP > 2:
                     a2 = _tok(a2, w0, w1, w2, w3, xi + 2 * s_xt, 2, T, s, BLOCK_N, A8, F32, gi, r2, K // 4, NORM)
                     a3 = _tok(a3, w0, w1, w2, w3, xi + 3 * s_xt, 3, T, s, BLOCK_N, A8, F32, gi, r3, K // 4, NORM)
-            if DEPTH > 1:
-                wq = wq2
-                sq = sq2
-                wq2 = wn
-                sq2 = sn
-            else:
-                wq = wn
-                sq = sn
+            wq, sq, wq2, sq2 = _rotate(wq, sq, wq2, sq2, wn, sn, DEPTH)
         _finish(a0, a1, a2, a3, out_ptr, part_ptr, lock_ptr, T, NT, s_ot, pid_n, pid_s, rn, BLOCK_N, TP, SPLIT_K)
+
+    @triton.jit
+    def _program(x_ptr, w_ptr, ws_ptr, NT, K, GN, s_xg, s_wsn, k_per, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr):
+        # program (pid_n, pid_s) of the CUDA-core GEMV grids: rows [n0, n0 + BLOCK_N) (rn) over the 128-column blocks
+        # [k_lo, k_lo + k_per). w as int32 words [NT, K / 4], x as int64 words [T, G, K / 4] (strides in words); 8
+        # bytes of weights per thread per load: the x words' 16-byte loads then take the same layout (2 words per
+        # thread, 16 lanes on K). -> the pointers (w_p, x_p, s_p), steps, and the first DEPTH blocks' weight words and
+        # scales, loaded here: before the PDL wait (weights and their scales only, ds4f.kernels.pdl)
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n0 = pid_n * BLOCK_N
+        rn = n0 + tl.arange(0, BLOCK_N)
+        k_lo = pid_s * k_per
+        w_p = w_ptr + tl.minimum(rn, NT - 1).to(tl.int64)[:, None] * (K // 4) \
+            + tl.max_contiguous(k_lo // 4 + tl.arange(0, 32), 2)[None, :]
+        x_p = x_ptr + (n0 // GN) * s_xg + k_lo // 4
+        s_p = ws_ptr + (n0 // 128) * s_wsn + k_lo // 128
+        steps = k_per // 128
+        wq = tl.load(w_p)
+        sq = tl.load(s_p)
+        wq2 = wq
+        sq2 = sq
+        if DEPTH > 1:  # a second block in flight
+            wq2 = tl.load(w_p + 32, mask=steps > 1, other=0)
+            sq2 = tl.load(s_p + 1, mask=steps > 1, other=0)
+        return pid_n, pid_s, n0, rn, k_lo, w_p, x_p, s_p, steps, wq, sq, wq2, sq2
+
+    @triton.jit
+    def _step(w_p, s_p, sq, i, steps, DEPTH: tl.constexpr, SCALE_E8M0: tl.constexpr):
+        # step i: block i + DEPTH's weight words and scale (in flight while block i is consumed), and block i's scale
+        # sq as fp32 (UE8M0 byte b -> 2^(b-127) as fp32 bits)
+        wn = tl.load(w_p + (i + DEPTH) * 32, mask=i + DEPTH < steps, other=0)
+        sn = tl.load(s_p + i + DEPTH, mask=i + DEPTH < steps, other=0)
+        s = sq
+        if SCALE_E8M0:
+            s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        return wn, sn, s
+
+    @triton.jit
+    def _rotate(wq, sq, wq2, sq2, wn, sn, DEPTH: tl.constexpr):
+        # the register buffer after a step: (next block, its scale, the one after) -> (wq, sq, wq2, sq2)
+        if DEPTH > 1:
+            return wq2, sq2, wn, sn
+        return wn, sn, wq2, sq2
 
     @triton.jit
     def _finish(a0, a1, a2, a3, out_ptr, part_ptr, lock_ptr, T, NT, s_ot, pid_n, pid_s, rn, BLOCK_N: tl.constexpr,
@@ -447,6 +462,21 @@ def x_ok(x: torch.Tensor) -> bool:
             and x.data_ptr() % 8 == 0)
 
 
+def token_slots(t: int) -> int:
+    """The kernels' token accumulators for t <= 4 tokens: 1, 2 or 4 (TP)."""
+    return 1 if t == 1 else 2 if t == 2 else 4
+
+
+def split_buffers(x: torch.Tensor, out: torch.Tensor, tiles: int, bn: int, split: int,
+                  key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K split's fp32 partials [split * T * tiles * bn] and its arrival counters (keyed by `key`); without a split
+    (split 1) the kernel reads neither: out twice."""
+    if split == 1:
+        return out, out
+    part = torch.empty(split * x.shape[0] * tiles * bn, dtype=torch.float32, device=x.device)
+    return part, arrival.counters(x.device, tiles, key)
+
+
 def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
               cfg: Cfg, acc16: bool | None = None, emulate: bool = False, depth: int | None = None,
               a8: bool | None = None, norm: tuple[torch.Tensor, float] | None = None) -> None:
@@ -467,17 +497,11 @@ def launch_cc(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, ou
                              f"{norm[0].numel()})")
         g = norm_weight(norm[0])
     bn, split, nw = cfg
-    tiles = nt // bn
-    if split > 1:
-        part = torch.empty(split * t * tiles * bn, dtype=torch.float32, device=x.device)
-        lock = arrival.counters(x.device, tiles, ("fp8_gemv_cc", nt, k, bn, split))
-    else:
-        part = lock = out  # unused
-    tp = 1 if t == 1 else 2 if t == 2 else 4
-    _gemv_cc[(tiles, split)](
+    part, lock = split_buffers(x, out, nt // bn, bn, split, ("fp8_gemv_cc", nt, k, bn, split))
+    _gemv_cc[(nt // bn, split)](
         x.view(torch.int64), w.view(torch.uint8).view(torch.int32), ws, out, part, lock, t, nt, k, nt // groups,
         x.stride(0) // 4, x.stride(1) // 4, ws.stride(0), out.stride(0),
-        k // split, BLOCK_N=bn, TP=tp, SPLIT_K=split > 1, SCALE_E8M0=e8m0, F32=emulate or not x.is_cuda,
+        k // split, BLOCK_N=bn, TP=token_slots(t), SPLIT_K=split > 1, SCALE_E8M0=e8m0, F32=emulate or not x.is_cuda,
         ACC16=ACC16 if acc16 is None else acc16, DEPTH=DEPTH if depth is None else depth,
         A8=A8 if a8 is None else a8, g_ptr=g, eps=0.0 if norm is None else float(norm[1]), NORM=norm is not None,
         num_warps=nw, num_stages=1, **pdl.launch(x.device))

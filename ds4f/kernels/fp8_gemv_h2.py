@@ -26,15 +26,15 @@ from functools import cache
 
 import torch
 
-from ds4f.kernels import arrival, pdl
-from ds4f.kernels.fp8_gemv_cc import Cfg, table_entry, valid, x_ok
+from ds4f.kernels import pdl
+from ds4f.kernels.fp8_gemv_cc import Cfg, split_buffers, table_entry, token_slots, valid, x_ok
 from ds4f.kernels.knobs import env_buckets, env_knobs
 
 try:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.fp8_gemv_cc import _finish
+    from ds4f.kernels.fp8_gemv_cc import _finish, _program, _rotate, _step
     from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
     triton = None
@@ -169,34 +169,15 @@ if triton is not None:
         # blocks [k_lo, k_lo + k_per); TP (1, 2, 4) >= T tokens, one fp32 accumulator [BLOCK_N, 16] each (a thread's
         # 8-column chain sums, scaled per block; summed once at the end). fp8_gemv_cc._gemv_cc's grid and register
         # layout: w as int32 words [NT, K / 4], 2 per thread (8 bytes), x as int64 words [T, G, K / 4] (word strides)
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        n0 = pid_n * BLOCK_N
-        rn = n0 + tl.arange(0, BLOCK_N)
-        k_lo = pid_s * k_per
-        w_p = w_ptr + tl.minimum(rn, NT - 1).to(tl.int64)[:, None] * (K // 4) \
-            + tl.max_contiguous(k_lo // 4 + tl.arange(0, 32), 2)[None, :]
-        x_p = x_ptr + (n0 // GN) * s_xg + k_lo // 4
-        s_p = ws_ptr + (n0 // 128) * s_wsn + k_lo // 128
+        pid_n, pid_s, n0, rn, k_lo, w_p, x_p, s_p, steps, wq, sq, wq2, sq2 = _program(
+            x_ptr, w_ptr, ws_ptr, NT, K, GN, s_xg, s_wsn, k_per, BLOCK_N, DEPTH)
         a0 = tl.zeros([BLOCK_N, 16], tl.float32)
         a1 = tl.zeros([BLOCK_N, 16], tl.float32)
         a2 = tl.zeros([BLOCK_N, 16], tl.float32)
         a3 = tl.zeros([BLOCK_N, 16], tl.float32)
-        steps = k_per // 128
-        wq = tl.load(w_p)  # before the wait: weights and their scales only (ds4f.kernels.pdl)
-        sq = tl.load(s_p)
-        wq2 = wq
-        sq2 = sq
-        if DEPTH > 1:  # a second block in flight
-            wq2 = tl.load(w_p + 32, mask=steps > 1, other=0)
-            sq2 = tl.load(s_p + 1, mask=steps > 1, other=0)
         pdl_enter(PDL)
         for i in range(0, steps):
-            wn = tl.load(w_p + (i + DEPTH) * 32, mask=i + DEPTH < steps, other=0)
-            sn = tl.load(s_p + i + DEPTH, mask=i + DEPTH < steps, other=0)
-            s = sq
-            if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits
-                s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            wn, sn, s = _step(w_p, s_p, sq, i, steps, DEPTH, SCALE_E8M0)
             s = s * 256.0  # the decode's 2^-8
             w01 = wq
             w23 = wq
@@ -209,14 +190,7 @@ if triton is not None:
             if TP > 2:
                 a2 = _tok(a2, wq, w01, w23, xi + tl.minimum(2, T - 1) * s_xt, s, BLOCK_N, F32)
                 a3 = _tok(a3, wq, w01, w23, xi + tl.minimum(3, T - 1) * s_xt, s, BLOCK_N, F32)
-            if DEPTH > 1:
-                wq = wq2
-                sq = sq2
-                wq2 = wn
-                sq2 = sn
-            else:
-                wq = wn
-                sq = sn
+            wq, sq, wq2, sq2 = _rotate(wq, sq, wq2, sq2, wn, sn, DEPTH)
         _finish(a0, a1, a2, a3, out_ptr, part_ptr, lock_ptr, T, NT, s_ot, pid_n, pid_s, rn, BLOCK_N, TP, SPLIT_K)
 
 
@@ -264,14 +238,9 @@ def launch_h2(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, ou
     if t > 4 or not valid(cfg, nt, k, groups) or not x_ok(x):
         raise ValueError(f"fp8 f16x2 GEMV config {cfg} invalid for [{nt}, {k}] in {groups} groups at T={t}")
     bn, split, nw = cfg
-    tiles = nt // bn
-    if split > 1:
-        part = torch.empty(split * t * tiles * bn, dtype=torch.float32, device=x.device)
-        lock = arrival.counters(x.device, tiles, ("fp8_gemv_h2", nt, k, bn, split))
-    else:
-        part = lock = out  # unused
-    _gemv_h2[(tiles, split)](
+    part, lock = split_buffers(x, out, nt // bn, bn, split, ("fp8_gemv_h2", nt, k, bn, split))
+    _gemv_h2[(nt // bn, split)](
         x.view(torch.int64), w.view(torch.uint8).view(torch.int32), ws, out, part, lock, t, nt, k, nt // groups,
         x.stride(0) // 4, x.stride(1) // 4, ws.stride(0), out.stride(0), k // split, BLOCK_N=bn,
-        TP=1 if t == 1 else 2 if t == 2 else 4, SPLIT_K=split > 1, SCALE_E8M0=e8m0,
+        TP=token_slots(t), SPLIT_K=split > 1, SCALE_E8M0=e8m0,
         F32=emulate or not x.is_cuda, DEPTH=depth, num_warps=nw, num_stages=1, **pdl.launch(x.device))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fp8_gemv_cc_gpu import SHAPES, _rel, _weights  # the TP=2 shapes, the error norm, random e4m3 + UE8M0
 
 from bench.common import graph_out
 from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv_h2
@@ -18,19 +19,6 @@ pytestmark = [
 ]
 
 OUT_TOL = 6e-3  # bf16 outputs (2^-9) and the f16 products / chains (2^-11 per rounding)
-# (G*N, K, G) per rank at TP=2: IN_PROJ, IDX_WQ_B, WQ_B, WO_A (4 groups), WO_B, W13, W2
-SHAPES = [(1536, 4096, 1), (8192, 1024, 1), (16384, 1024, 1), (4096, 4096, 4), (4096, 4096, 1), (2048, 4096, 1),
-          (4096, 1024, 1)]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
-
-
-def _weights(nt: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    w = (torch.randn(nt, k, device="cuda") * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    s = torch.randint(118, 124, (nt // 128, k // 128), device="cuda", dtype=torch.uint8).view(torch.float8_e8m0fnu)
-    return w, s
 
 
 @pytest.mark.parametrize("shape", SHAPES)
