@@ -27,14 +27,15 @@ from functools import cache
 import torch
 
 from ds4f.kernels import pdl
-from ds4f.kernels.fp8_gemv_cc import Cfg, split_buffers, table_entry, token_slots, valid, x_ok
+from ds4f.kernels.fp8_gemv_cc import table_entry
+from ds4f.kernels.fp8_gemv_rows import Cfg, split_buffers, token_slots, valid, x_ok
 from ds4f.kernels.knobs import env_buckets, env_knobs
 
 try:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.fp8_gemv_cc import _finish, _program, _rotate, _step
+    from ds4f.kernels.fp8_gemv_rows import _finish, _program, _rotate, _step
     from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
     triton = None
