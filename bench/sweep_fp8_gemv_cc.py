@@ -132,15 +132,24 @@ def weights(shape: tuple[int, int, int], mb: int) -> list:
 
 
 def main() -> None:
+    sweep_main(sweep_case, "bench/sweep_fp8_gemv_cc.py", "1,4")
+
+
+def sweep_main(case: Callable[[str, tuple[int, int, int], int, list, dict], str], script: str, tokens: str,
+               depths: bool = True) -> None:
+    """A GEMV sweep's command line (--shapes, --tokens (default `tokens`), --depths where the form has them, --mb,
+    --budget, --out), then drive()."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=TP2)
-    ap.add_argument("--tokens", default="1,4")
-    ap.add_argument("--depths", default="1,2", help="weight blocks in flight per program (the kernel's DEPTH)")
+    ap.add_argument("--tokens", default=tokens)
+    if depths:
+        ap.add_argument("--depths", default="1,2", help="weight blocks in flight per program (the kernel's DEPTH)")
     ap.add_argument("--mb", type=int, default=96)
     ap.add_argument("--budget", type=float, default=150.0, help="seconds after which no new variant starts")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    drive(args, sweep_case, "bench/sweep_fp8_gemv_cc.py", depths=[int(d) for d in args.depths.split(",")])
+    extra = dict(depths=[int(d) for d in args.depths.split(",")]) if depths else {}
+    drive(args, case, script, **extra)
 
 
 def recorder(case: str, name: str, shape: tuple[int, int, int], t: int, ctx: dict

@@ -3,12 +3,11 @@ dispatch: the CUDA-core kernel at one token, the a8 MMA kernel at two to four) a
 V4-Flash, T = 1 and 4, UE8M0 scales; timed and recorded as bench/sweep_fp8_gemv_cc.py does (case fp8_gemv_h2), each
 variant checked against fp8_linear_ref (the default's a8 form against fp8_linear_a8_ref), and summed up as
 `PICK_H2 <NAME> T=<t> bn,split,nw,depth  # us vs default us` (fp8_gemv_h2.CONFIGS_H2's form). Usage:
-PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv_h2.py [--shapes WO_B_TP2,...] [--tokens 1,4] [--depths 1,2]
+PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv_h2.py [--shapes WO_B_TP2,...] [--tokens 4,1] [--depths 1,2]
 [--out FILE.jsonl]"""
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import time_graph
 from bench.sweep_fp8_gemv import rel
-from bench.sweep_fp8_gemv_cc import TP2, drive, recorder, tiles, time_tiles
+from bench.sweep_fp8_gemv_cc import recorder, sweep_main, tiles, time_tiles
 from ds4f.kernels import fp8_gemv, fp8_gemv_cc, fp8_gemv_h2
 from ds4f.kernels.fp8_gemm import fp8_linear_a8_ref, fp8_linear_ref, grouped_ref
 
@@ -59,15 +58,7 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default=TP2)
-    ap.add_argument("--tokens", default="4,1")
-    ap.add_argument("--depths", default="1,2", help="weight blocks in flight per program (the kernel's DEPTH)")
-    ap.add_argument("--mb", type=int, default=96)
-    ap.add_argument("--budget", type=float, default=150.0, help="seconds after which no new variant starts")
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    drive(args, sweep_case, "bench/sweep_fp8_gemv_h2.py", depths=[int(d) for d in args.depths.split(",")])
+    sweep_main(sweep_case, "bench/sweep_fp8_gemv_h2.py", "4,1")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ PYTHONPATH=$PWD python3 bench/sweep_fp8_gemv_mma.py [--shapes WO_B_TP2,...] [--t
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import time_graph
 from bench.sweep_fp8_gemv import rel
-from bench.sweep_fp8_gemv_cc import TP2, drive, recorder, split_toward
+from bench.sweep_fp8_gemv_cc import recorder, split_toward, sweep_main
 from ds4f.kernels import fp8_gemv, fp8_gemv_mma
 from ds4f.kernels.fp8_gemm import grouped_ref
 
@@ -80,14 +79,7 @@ def sweep_case(name: str, shape: tuple[int, int, int], t: int, w: list, ctx: dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default=TP2)
-    ap.add_argument("--tokens", default="1,4,8")
-    ap.add_argument("--mb", type=int, default=96)
-    ap.add_argument("--budget", type=float, default=150.0, help="seconds after which no new variant starts")
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    drive(args, sweep_case, "bench/sweep_fp8_gemv_mma.py")
+    sweep_main(sweep_case, "bench/sweep_fp8_gemv_mma.py", "1,4,8", depths=False)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import weakref
 from functools import cache
+from typing import TypeVar
 
 import torch
 
@@ -45,6 +46,7 @@ except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
 
 # tokens per call (at most 4: the kernel's accumulators); above, the MMA forms win (each weight byte costs ~T FMAs
 # here: session 18's sweep had this form 1.3-1.6x the a8 MMA kernel's time at T = 4, 0.75-0.95x at T = 1)
+E = TypeVar("E")
 MAX_T = min(4, (env_knobs("DS4F_FP8_GEMV_CC_MAX_T", 1, "1") or (1,))[0])
 # name (fp8_gemv.CONFIGS: the shape) -> (BLOCK_N, SPLIT, num_warps, DEPTH): the shapes that take this form by default
 # at T <= MAX_T: all of them, from bench/sweep_fp8_gemv_cc.py on an H200 (session 18, T = 1, fp32 products; time
@@ -308,12 +310,15 @@ if triton is not None:
 def table_entry(nt: int, k: int, groups: int) -> tuple[int, int, int, int] | None:
     """CONFIGS_CC's entry for the shape W [nt, k] in G groups, if listed (once per shape: takes() runs on every
     eager decode GEMV call)."""
+    return entry_for(CONFIGS_CC, nt, k, groups)
+
+
+def entry_for(table: dict[str, E], nt: int, k: int, groups: int) -> E | None:
+    """The entry of a table keyed by fp8_gemv.CONFIGS' names whose shape is W [nt, k] in G groups, if listed (two
+    names may share a shape: the table's first match)."""
     from ds4f.kernels.fp8_gemv import CONFIGS
 
-    for name, entry in CONFIGS_CC.items():
-        if CONFIGS[name][0] == (nt, k, groups):
-            return entry
-    return None
+    return next((e for name, e in table.items() if CONFIGS[name][0] == (nt, k, groups)), None)
 
 
 def config(nt: int, k: int, groups: int, sms: int) -> tuple[Cfg, int]:

@@ -27,7 +27,7 @@ from functools import cache
 import torch
 
 from ds4f.kernels import pdl
-from ds4f.kernels.fp8_gemv_cc import table_entry
+from ds4f.kernels.fp8_gemv_cc import entry_for, table_entry
 from ds4f.kernels.fp8_gemv_rows import Cfg, split_buffers, token_slots, valid, x_ok
 from ds4f.kernels.knobs import env_buckets, env_knobs
 
@@ -206,19 +206,11 @@ def supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(i) >= (8, 9)
 
 
-@cache
-def _name(nt: int, k: int, groups: int) -> str | None:
-    """fp8_gemv.CONFIGS' name of the shape W [nt, k] in G groups, if listed."""
-    from ds4f.kernels.fp8_gemv import CONFIGS
-
-    return next((n for n, (shape, _) in CONFIGS.items() if shape == (nt, k, groups)), None)
-
-
 def config(nt: int, k: int, groups: int, t: int) -> tuple[Cfg, int] | None:
     """(tiles, DEPTH) for the shape at t tokens: DS4F_FP8_GEMV_H2_TILES for a table shape where valid, else
     CONFIGS_H2's entry for t's bucket; None: neither."""
-    e = (_TILES if table_entry(nt, k, groups) is not None else None) or CONFIGS_H2.get(
-        _name(nt, k, groups) or "", {}).get(1 if t == 1 else 4)
+    e = (_TILES if table_entry(nt, k, groups) is not None else None) or (
+        entry_for(CONFIGS_H2, nt, k, groups) or {}).get(1 if t == 1 else 4)
     return (e[:3], e[3]) if e is not None and valid(e[:3], nt, k, groups) else None
 
 

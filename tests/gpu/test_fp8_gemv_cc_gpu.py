@@ -32,6 +32,20 @@ def _weights(nt: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w, s
 
 
+def check_tiles(launch, x, w, ws, e8m0, want, first, tol) -> None:
+    """launch(x [T, G, K], w, ws, e8m0, out, G, cfg, depth=...) at `first` (tiles, depth) and four fixed ones where
+    valid, twice each (the split counters re-armed), within tol of want [T, G, N]."""
+    t, groups, _ = x.shape
+    nt, k = w.shape
+    for cfg, depth in {first, ((8, 1, 4), 1), ((32, 2, 8), 1), ((32, 4, 4), 2), ((64, 1, 4), 2)}:
+        if not fp8_gemv_cc.valid(cfg, nt, k, groups):
+            continue
+        for _ in range(2):
+            out = torch.empty(t, groups, nt // groups, dtype=torch.bfloat16, device="cuda")
+            launch(x, w, ws, e8m0, out, groups, cfg, depth=depth)
+            assert _rel(out, want) < tol, ((nt, k, groups), t, cfg, depth, _rel(out, want))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cc_matches_the_reference(shape):
     nt, k, groups = shape
@@ -41,14 +55,8 @@ def test_cc_matches_the_reference(shape):
     for t in (1, 2, 3, 4):
         x = torch.randn(t, groups, k, device="cuda").bfloat16()
         want = grouped_ref(x, w, s)
-        for cfg, depth in {(fp8_gemv_cc.generic_config(nt, k, groups, 132), 1), ((8, 1, 4), 1), ((32, 2, 8), 1),
-                           ((32, 4, 4), 2), ((64, 1, 4), 2)}:
-            if not fp8_gemv_cc.valid(cfg, nt, k, groups):
-                continue
-            for _ in range(2):  # the split counters re-armed
-                out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
-                fp8_gemv_cc.launch_cc(x, w, ws, e8m0, out, groups, cfg, depth=depth)
-                assert _rel(out, want) < OUT_TOL, (shape, t, cfg, depth, _rel(out, want))
+        check_tiles(fp8_gemv_cc.launch_cc, x, w, ws, e8m0, want, (fp8_gemv_cc.generic_config(nt, k, groups, 132), 1),
+                    OUT_TOL)
         # A8 (x quantized per 128 columns in the kernel, the block max by a warp butterfly): the a8 reference's math,
         # fp32 products (summation order only) and bf16x2 ones (exact e4m3 products, the pairs' sums rounded)
         want8 = grouped_ref(x, w, s, fp8_linear_a8_ref)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fp8_gemv_cc_gpu import SHAPES, _rel, _weights  # the TP=2 shapes, the error norm, random e4m3 + UE8M0
+from test_fp8_gemv_cc_gpu import SHAPES, _rel, _weights, check_tiles  # TP=2 shapes, error norm, weights, tiles
 
 from bench.common import graph_out
 from ds4f.kernels import HAS_TRITON, arrival, fp8_gemv_h2
@@ -24,21 +24,13 @@ OUT_TOL = 6e-3  # bf16 outputs (2^-9) and the f16 products / chains (2^-11 per r
 @pytest.mark.parametrize("shape", SHAPES)
 def test_h2_matches_the_reference(shape):
     nt, k, groups = shape
-    rows = nt // groups
     w, s = _weights(nt, k)
     ws, e8m0 = _scale_arg(s)
     for t in (1, 2, 3, 4):
         x = torch.randn(t, groups, k, device="cuda").bfloat16()
         want = grouped_ref(x, w, s)
-        table = fp8_gemv_h2.config(nt, k, groups, t)
-        for cfg, depth in {table or ((64, 4, 4), 1), ((8, 1, 4), 1), ((32, 2, 8), 1), ((32, 4, 4), 2),
-                           ((64, 1, 4), 2)}:
-            if not fp8_gemv_h2.valid(cfg, nt, k, groups):
-                continue
-            for _ in range(2):  # the split counters re-armed
-                out = torch.empty(t, groups, rows, dtype=torch.bfloat16, device="cuda")
-                fp8_gemv_h2.launch_h2(x, w, ws, e8m0, out, groups, cfg, depth=depth)
-                assert _rel(out, want) < OUT_TOL, (shape, t, cfg, depth, _rel(out, want))
+        check_tiles(fp8_gemv_h2.launch_h2, x, w, ws, e8m0, want,
+                    fp8_gemv_h2.config(nt, k, groups, t) or ((64, 4, 4), 1), OUT_TOL)
     torch.cuda.synchronize()
     assert all(int(b.abs().sum()) == 0 for b in arrival.buffers("fp8_gemv_h2"))
 
