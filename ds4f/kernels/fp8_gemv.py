@@ -436,15 +436,15 @@ def w8_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out:
     unless force (then generic_config runs it)."""
     nt, k = w.shape
     from ds4f.kernels import fp8_gemv_cc as cc  # the CUDA-core form (its table's shapes at T = 1: DS4F_FP8_GEMV_CC)
-    from ds4f.kernels import fp8_gemv_h2 as h2  # its f16x2 form (opt-in buckets: DS4F_FP8_GEMV_H2)
+    from ds4f.kernels import fp8_gemv_h2 as h2  # its f16x2 form (its table's shapes, DS4F_FP8_GEMV_H2's buckets)
     from ds4f.kernels import fp8_gemv_mma as mma  # the register-fed MMA form (opt-in: DS4F_FP8_GEMV_MMA=1)
 
     if split is None and a8 is None and mma.takes(x, nt, k, groups) and w.data_ptr() % 16 == 0:
         mma.launch_mma(x, w, ws, e8m0, out, groups)
         return True
-    if split is None and a8 is None and h2.takes(x, nt, k, groups):
-        cfg2, depth2 = h2.config(nt, k, groups, x.shape[0])  # type: ignore[misc]
-        h2.launch_h2(x, w, ws, e8m0, out, groups, cfg2, depth=depth2)
+    c2 = h2.choose(x, nt, k, groups) if split is None and a8 is None else None
+    if c2 is not None:
+        h2.launch_h2(x, w, ws, e8m0, out, groups, c2[0], depth=c2[1])
         return True
     if split is None and a8 is None and cc.takes(x, nt, k, groups):
         cfg, depth = cc.config(nt, k, groups, sm_count(x.device))

@@ -48,7 +48,7 @@ BUCKETS = frozenset(env_buckets("DS4F_FP8_GEMV_H2", "1"))
 _TILES = env_knobs("DS4F_FP8_GEMV_H2_TILES", 4, "64,2,4,1")
 # name (fp8_gemv.CONFIGS' shape) -> token bucket -> (BLOCK_N, SPLIT, num_warps, DEPTH): where this form beat today's
 # default on an H200 (session 22 call 4, bench/sweep_fp8_gemv_h2.py, bench/results/fp8_gemv.jsonl case fp8_gemv_h2;
-# us against the default's). Not listed, faster elsewhere: one token WQ_B_TP2 6.78 vs 6.49, WO_A / WO_B_TP2 7.27 /
+# us against the default's). Not listed (slower, or a tie): one token WQ_B_TP2 6.78 vs 6.49, WO_A / WO_B_TP2 7.27 /
 # 7.29 vs 7.05 / 7.02 (the CUDA-core kernel, already ~0.56-0.60 of copy there), W13_TP2 5.21 vs 5.25 (a tie); four
 # tokens every shape 1.17-1.28x the MMA kernel's time (IN_PROJ 8.06 vs 6.57, WO_B_TP2 11.62 vs 9.03, W13_TP2 8.78 vs
 # 6.84): 6.5 instructions per byte is still near an SM's issue rate at these occupancies
@@ -214,12 +214,18 @@ def config(nt: int, k: int, groups: int, t: int) -> tuple[Cfg, int] | None:
     return (e[:3], e[3]) if e is not None and valid(e[:3], nt, k, groups) else None
 
 
-def takes(x: torch.Tensor, nt: int, k: int, groups: int) -> bool:
-    """Whether w8_gemv runs x [T, G, K] @ W [nt, k]^T here: T <= 4 in a bucket of DS4F_FP8_GEMV_H2, a config for the
-    shape there (config), sm_89+, x_ok."""
+def choose(x: torch.Tensor, nt: int, k: int, groups: int) -> tuple[Cfg, int] | None:
+    """(tiles, DEPTH) if w8_gemv runs x [T, G, K] @ W [nt, k]^T here: T <= 4 in a bucket of DS4F_FP8_GEMV_H2, a
+    config for the shape there (config), sm_89+, x_ok; else None."""
     t = x.shape[0]
-    return (1 <= t <= 4 and (1 if t == 1 else 4) in BUCKETS and config(nt, k, groups, t) is not None and x_ok(x)
-            and supported(x.device))
+    if not (1 <= t <= 4 and (1 if t == 1 else 4) in BUCKETS and x_ok(x) and supported(x.device)):
+        return None
+    return config(nt, k, groups, t)
+
+
+def takes(x: torch.Tensor, nt: int, k: int, groups: int) -> bool:
+    """Whether w8_gemv runs x [T, G, K] @ W [nt, k]^T here (choose)."""
+    return choose(x, nt, k, groups) is not None
 
 
 def launch_h2(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
