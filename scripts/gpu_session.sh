@@ -571,6 +571,15 @@ case "${1:-}" in
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 40 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
     timeout "${H2_S:-300}" python3 bench/sweep_fp8_gemv_h2.py --budget $((${H2_S:-300} - 30)) --out "$OUT/fp8_gemv.jsonl" \
       2>&1 | grep -E "^(==|  |PICK)|Error" | tee "$OUT/sweep_h2.log" | grep -E "PICK|FAILED|Error" ;;
+  s23a)  # 1 GPU: the f16x2 / CUDA-core GEMV GPU tests after their review refactor, the compressor's depth probe, the
+    # 1M decode chain kernel by kernel
+    mkdir -p /tmp/gpulogs
+    timeout 120 python3 bench/probe_compress_depth.py --json "$OUT/compress_depth.jsonl" 2>&1 | tee "$OUT/compress.log"
+    timeout 150 python3 bench/kernel_times_long.py --iters 20 --json "$OUT/long.jsonl" 2>&1 | tail -n 40 \
+      | tee "$OUT/long.log"
+    DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fp8_gemv_h2_gpu.py tests/gpu/test_fp8_gemv_cc_gpu.py > /tmp/gpulogs/fp8_gemv_h2.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 40 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
