@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import graph_of, run_meta, time_us  # noqa: E402
+from ds4f.kernels import topk_radix  # noqa: E402
 from ds4f.kernels.fp8 import quantize_kv_rows, quantize_rows  # noqa: E402
-from ds4f.kernels.indexer import decode_hist_buffer, indexer_scores, quant_heads_fp8, topk_indices  # noqa: E402
+from ds4f.kernels.indexer import (  # noqa: E402
+    decode_hist_buffer,
+    indexer_scores,
+    quant_heads_fp8,
+    topk_indices,
+    topk_pool_rows_long,
+)
 from ds4f.kernels.sparse_attn import sparse_attn  # noqa: E402
 from ds4f.runner.gpu.glue import topk_rows  # noqa: E402
 
@@ -79,16 +86,26 @@ def main() -> None:
     sink = torch.randn(H, device=dev, generator=g)
     live = torch.full((1,), KA, dtype=torch.int32, device=dev)
 
-    def chain() -> object:  # as FastModel._select: DS4F_INDEXER_HIST=1 hands the indexer's first digit to the top-k
-        buf = decode_hist_buffer(q8, L, K)
-        s = indexer_scores(q8, w, k8, slots, seq, vl, k_scale=ks, zero_rank=True, hist=buf)
-        return topk_rows(topk_indices(s, K, valid_len=vl, hist_buf=buf), bt, win, 0, epb)
+    def chain(fused: bool = False, rows: bool = False) -> object:
+        # as FastModel._select: DS4F_INDEXER_HIST=1 hands the indexer's first digit to the top-k; fused: the pick in
+        # the gather launch (DS4F_TOPK_FUSED_FINAL); rows: that launch writes the attention rows (topk_pool_rows_long)
+        was, topk_radix.FUSED_FINAL = topk_radix.FUSED_FINAL, fused
+        try:
+            buf = decode_hist_buffer(q8, L, K)
+            s = indexer_scores(q8, w, k8, slots, seq, vl, k_scale=ks, zero_rank=True, hist=buf)
+            if rows:
+                return topk_pool_rows_long(s, K, vl, buf, bt, win, 0, epb)
+            return topk_rows(topk_indices(s, K, valid_len=vl, hist_buf=buf), bt, win, 0, epb)
+        finally:
+            topk_radix.FUSED_FINAL = was
 
     calls: dict[str, Callable[[], object]] = {
         "indexer": lambda: indexer_scores(q8, w, k8, slots, seq, vl, k_scale=ks, zero_rank=True),
         "topk": lambda: topk_indices(sc, K, valid_len=vl),
         "topk_rows": lambda: topk_rows(topk_indices(sc, K, valid_len=vl), bt, win, 0, epb),
         "chain": chain,
+        "chain_fused": lambda: chain(fused=True),
+        "chain_rows": lambda: chain(fused=True, rows=True),
         "hca_attn": lambda: sparse_attn(qa, nope, idx, sink, D**-0.5, exp, kv_rope=rope, live=live),
     }
     for name, fn in calls.items():

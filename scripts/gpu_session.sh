@@ -580,6 +580,14 @@ case "${1:-}" in
     DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
       tests/gpu/test_fp8_gemv_h2_gpu.py tests/gpu/test_fp8_gemv_cc_gpu.py > /tmp/gpulogs/fp8_gemv_h2.log 2>&1
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 40 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
+  s23b)  # 1 GPU: the top-k GPU tests (the gather launch's fused pick and its attention rows), then the 1M decode
+    # chain kernel by kernel with the pick in its own launch / fused / fused writing the rows
+    mkdir -p /tmp/gpulogs
+    DS4F_COMPILE=0 timeout "${T_CAP:-240}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_topk_small_gpu.py > /tmp/gpulogs/topk_small.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 40 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
+    timeout 200 python3 bench/kernel_times_long.py --iters 20 --json "$OUT/long.jsonl" 2>&1 | grep -v Warn \
+      | tail -n 40 | tee "$OUT/long.log" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

@@ -111,8 +111,9 @@ def _same_top(got: torch.Tensor, s: torch.Tensor, k: int, vl: torch.Tensor | Non
 def check_topk_cand() -> None:
     """Rows past the small lanes through two digit passes, the gather and the per-row pick: in registers, from the
     candidate buffer, and streaming the row where its k-th's top 16 bits are shared by more keys than the buffer
-    holds (600 tied maxima; scores rounded to a few values; 4097 near-equal keys), against the oracle's top values."""
-    from ds4f.kernels import indexer
+    holds (600 tied maxima; scores rounded to a few values; 4097 near-equal keys), against the oracle's top values,
+    the pick in the gather launch (its row's last program to arrive) and in a launch of its own."""
+    from ds4f.kernels import indexer, topk_radix
 
     g = torch.Generator().manual_seed(5)
     k, L = 64, 5000
@@ -122,12 +123,15 @@ def check_topk_cand() -> None:
     s[7] = (s[7] * 2).round()  # a few distinct values, each shared by hundreds of keys
     # distinct, all with the same top 16 key bits (1 + [0, 2.9e-3)); the top 64 span two 24-bit prefixes
     s[5, :4097] = 1.0 + torch.randperm(4097, generator=g) * (3 * 2.0**-22)
-    for small in (0, 512):
-        for cand in ((512, 8192), (16, 8192), (16, 64)):  # registers / the buffer / the row past 64 candidates
-            for progs in (1, 3):
-                got = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=progs,
-                                           small=small, cand=cand)
-                _same_top(got, s, k, vl)
+    for fused in (True, False):  # DS4F_TOPK_FUSED_FINAL: the pick in the gather launch's last program / its own
+        topk_radix.FUSED_FINAL = fused
+        for small in (0, 512):
+            for cand in ((512, 8192), (16, 8192), (16, 64)):  # registers / the buffer / the row past 64 candidates
+                for progs in (1, 3):
+                    got = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=progs,
+                                               small=small, cand=cand)
+                    _same_top(got, s, k, vl)
+    topk_radix.FUSED_FINAL = True
     _same_top(indexer.topk_indices(s, 1, block=256, backend="radix", programs=2, small=0, cand=(16, 64)), s, 1, None)
     # every candidate needed: 30 keys above, then exactly the 34 sharing the k-th's top 16 bits (distinct low bits)
     r = torch.randn(2, L, generator=g) * 0.1
@@ -156,6 +160,42 @@ def check_pool_rows() -> None:
     assert got is not None and got.dtype == torch.int32 and torch.equal(got, want)
     assert indexer.topk_pool_rows(torch.zeros(2, 9000), k, None, bt[:2], win[:2], base, epb) is None  # L > lanes
     print("pool rows equal")
+
+
+def check_pool_rows_long() -> None:
+    """Rows past the small lanes written as attention index lists by the small kernel (short rows) and the gather
+    launch's fused pick (topk_indices(rows=), what topk_pool_rows_long runs): equal to glue.topk_rows of the ids the
+    same passes select (window rows, pool rows, -1 past a row's finite keys), over the register, buffer and
+    streaming picks, with the first-digit histogram from the indexer's buffer or counted by the passes."""
+    from ds4f.kernels import indexer
+    from ds4f.runner.gpu.glue import topk_rows
+
+    g = torch.Generator().manual_seed(19)
+    k, L, W, epb, base = 64, 5000, 16, 8, 1000
+    vl = torch.tensor([5000, 3000, 700, 4000, 10, 4097, 2049, 0], dtype=torch.int32)
+    s = _scores(len(vl), L, vl, g)  # row 3: 5 finite keys in a long row (fewer than k: -1 rows)
+    s[5, :4097] = 1.0 + torch.randperm(4097, generator=g) * (3 * 2.0**-22)
+    s[6, :600] = 1.5
+    bt = torch.randint(0, 5000, (len(vl), -(-L // epb)), generator=g)
+    win = torch.randint(-1, 900, (len(vl), W), generator=g, dtype=torch.int32)
+    t = len(vl)
+    for cand in ((512, 8192), (16, 8192), (16, 64)):
+        for hist in (False, True):
+            kw = dict(block=256, backend="radix", valid_len=vl, programs=3, small=512, cand=cand)
+            buf = None
+            if hist:  # the indexer's first digit: the row's key histogram, the rest zeroed
+                key = sort_keys(s)
+                buf = torch.zeros(4 * t * 256 + 2 * t, dtype=torch.int32)
+                for r in range(t):
+                    fin = (s[r] != float("-inf")) & (torch.arange(L) < vl[r])
+                    buf[r * 256:(r + 1) * 256] = torch.bincount(key[r][fin] >> 24, minlength=256).int()
+            ids = indexer.topk_indices(s, k, hist_buf=None if buf is None else buf.clone(), **kw)
+            _same_top(ids, s, k, vl)
+            got = indexer.topk_indices(s, k, hist_buf=buf, rows=(bt, win, base, epb), **kw)
+            assert got.dtype == torch.int32 and torch.equal(got, topk_rows(ids, bt, win, base, epb)), (cand, hist)
+    # L within the default small lanes (8192): the one launch of topk_pool_rows applies, not this path
+    assert indexer.topk_pool_rows_long(s, k, vl, None, bt, win, base, epb) is None
+    print("long pool rows equal")
 
 
 def check_indexer_strided() -> None:
@@ -268,6 +308,7 @@ def test_topk_cand_knob_refused(bad: str) -> None:
 
 @pytest.mark.parametrize(("check", "says"), [
     ("check_topk_cand", "candidate top-k equal"), ("check_pool_rows", "pool rows equal"),
+    ("check_pool_rows_long", "long pool rows equal"),
     ("check_indexer_strided", "indexer strided equal"), ("check_indexer_hist", "indexer hist equal"),
     ("check_topk_sparse_add", "sparse add equal")])
 def test_interpreted(check: str, says: str) -> None:
@@ -295,3 +336,9 @@ def test_topk_small_builds(arch: int) -> None:
             build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=2048, VLEN=True, SMALL=8192, SPARSE=sparse),
                   arch)
     build(ix._topk_select, t, dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192), arch)
+    from ds4f.kernels import topk_radix as tr
+
+    tg = dict(t, cand_ptr="*i32", rows_ptr="*i32")
+    for final, rows in ((False, False), (True, False), (True, True)):  # the gather launch with the fused pick
+        build(tr._topk_gather, tg, dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192, FINAL=final, NC=512, ROWS=rows,
+                                        WP=128 if rows else 0, KP=512), arch)

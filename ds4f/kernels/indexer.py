@@ -284,7 +284,8 @@ RADIX_MAX_ROWS = 32  # measured on H200: radix 49 vs 98 us at T=1, L=262144; eve
 def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, backend: str = "auto",
                  valid_len: torch.Tensor | None = None, programs: int | None = None,
                  small: int | None = None, cand: tuple[int, int] | None = None,
-                 hist_buf: torch.Tensor | None = None) -> torch.Tensor:
+                 hist_buf: torch.Tensor | None = None,
+                 rows: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor:
     """scores [T, L] fp32 (-inf = not selectable) -> [T, k] int32 entry ids of the k largest, -1 where fewer are
     valid. The order inside a row is unspecified (callers use the set); among equal scores at the k-th place an
     arbitrary subset is taken. backend "radix": a radix select (8 bits at a time of the order-preserving key), each
@@ -302,7 +303,8 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
     former path), with which a row that fits one chunk gets the small kernel's ids in its order (the keys above the
     k-th in ascending id, then the lowest ids equal to it, then -1). hist_buf (radix path): the passes' histograms
     and counters [4 * T * 256 + 2 * T] int32, zeroed, the first digit's histogram filled by indexer_scores(hist=)
-    from these scores: the first digit pass and the zeroing are skipped."""
+    from these scores: the first digit pass and the zeroing are skipped. rows (topk_pool_rows_long's): the
+    attention index list [T, W + k] comes back instead of ids, written by the small kernel and the gather launch."""
     assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert k > 0
     T, L = scores.shape
@@ -334,18 +336,35 @@ def topk_indices(scores: torch.Tensor, k: int, *, block: int | None = None, back
         buf = (torch.empty if small else torch.zeros)(4 * T * nb + 2 * T, dtype=torch.int32, device=scores.device)
     hist, cnt = buf[: 4 * T * nb], buf[4 * T * nb:]
     cbuf = torch.empty(T * 2 * cap, dtype=torch.int32, device=scores.device) if lanes else None
+    dst = None
+    if rows is not None:
+        assert small and lanes and topk_radix.FUSED_FINAL, "rows: the small kernel and the fused candidate pick"
+        dst = torch.empty((T, rows[1].shape[1] + k), dtype=torch.int32, device=scores.device)
     if small:
         zero = hist_buf is None
-        launch_small(scores, valid_len, out, hist if zero else None, cnt if zero else None, k, small, T * nb,
-                     small_warps(small))
+        launch_small(scores, valid_len, out if dst is None else dst, hist if zero else None,
+                     cnt if zero else None, k, small, T * nb, small_warps(small), rows=rows)
     if block is None:
         block, programs = TOPK_KNOBS[0], TOPK_KNOBS[1] or programs
     programs = programs or triton.cdiv(2 * sm_count(scores.device), T)
     n_chunks = max(1, min(triton.cdiv(L, block), programs))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), block) * block
     topk_radix.launch_passes(scores, valid_len, hist, cnt, out, k, block, chunk, small, cbuf, lanes, cap,
-                             first_level=int(hist_buf is not None))
-    return out
+                             first_level=int(hist_buf is not None), rows=None if dst is None else (dst, rows))
+    return out if dst is None else dst
+
+
+def topk_pool_rows_long(scores: torch.Tensor, k: int, valid_len: torch.Tensor | None, hist_buf: torch.Tensor | None,
+                        bt_tok: torch.Tensor, win: torch.Tensor, comp_base: int, epb: int) -> torch.Tensor | None:
+    """topk_pool_rows for rows past the small lanes: topk_indices' radix passes with the rows written by the small
+    kernel (short rows) and the gather launch's per-row pick (DS4F_TOPK_FUSED_FINAL), no torch mapping launch;
+    None where that does not apply (the caller maps ids: see topk_pool_rows)."""
+    T, L = scores.shape
+    small, W = SMALL_KNOBS[0], win.shape[1]
+    if not use_triton(scores) or not 0 < T <= RADIX_MAX_ROWS or not 0 < small < L or W < 1 or W & (W - 1) \
+            or not TOPK_CAND[0] or not topk_radix.FUSED_FINAL:
+        return None
+    return topk_indices(scores, k, valid_len=valid_len, hist_buf=hist_buf, rows=(bt_tok, win, comp_base, epb))
 
 
 def topk_pool_rows(scores: torch.Tensor, k: int, valid_len: torch.Tensor | None, bt_tok: torch.Tensor,

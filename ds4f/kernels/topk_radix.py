@@ -34,6 +34,9 @@ except ImportError:  # CPU-only installs: topk_indices runs its reference instea
 # the row's 256 shared counters); the same histograms. H200, one token at 1M (bench/kernel_times_long.py, session 15):
 # indexer + top-512 + rows 49.3 vs 51.7 us, the two digit passes 11.6 vs 15.8 us
 SPARSE_ADD = bool((env_knobs("DS4F_TOPK_SPARSE_ADD", 1, "1", minimum=0) or (1,))[0])
+# DS4F_TOPK_FUSED_FINAL (default 1; 0: a launch of its own, A/B): the per-row pick runs in the gather launch, in the
+# last of the row's programs to arrive, instead of one more launch in the decode chain of each CSA layer
+FUSED_FINAL = bool((env_knobs("DS4F_TOPK_FUSED_FINAL", 1, "1", minimum=0) or (1,))[0])
 
 if triton is not None:
 
@@ -125,13 +128,14 @@ if triton is not None:
             pos_e = _claim(cnt_ptr + 2 * t + 1, eq)
             tl.store(cand_ptr + pos_e, offs, mask=eq & (pos_e < CAP))
             tl.store(cand_ptr + CAP + pos_e, u.to(tl.int32, bitcast=True), mask=eq & (pos_e < CAP))
+        return prefix, krem, take_all
 
     @triton.jit
     def _pick_stream(src_ptr, out_ptr, length, CAP, hi, krem, ROW: tl.constexpr, NB: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, CM: tl.constexpr):
         # the krem largest of the keys whose top 16 bits are hi, BLOCK entries at a time -> out_ptr[0, krem):
         # ROW: scores src_ptr[0, length) (ids = columns); else the candidate buffer (ids at src_ptr, key bits at
-        # src_ptr + CAP, length of them, every one with top bits hi)
+        # src_ptr + CAP, length of them, every one with top bits hi; CM: their loads' cache modifier)
         offs_b = tl.arange(0, NB)
         pre = hi
         kr = krem
@@ -143,7 +147,8 @@ if triton is not None:
                 if ROW:
                     u = _sort_key(tl.load(src_ptr + offs, mask=m, other=float("-inf")))
                 else:
-                    u = tl.load(src_ptr + CAP + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
+                    u = tl.load(src_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32,
+                                                                                              bitcast=True)
                 sel = m & ((u >> (16 - 8 * lv)) == pre)
                 h += tl.histogram(((u >> (8 - 8 * lv)) & 255).to(tl.int32), NB, mask=sel)
             b, above, _ = _radix_step(h, offs_b, kr)
@@ -158,8 +163,8 @@ if triton is not None:
                 u = _sort_key(tl.load(src_ptr + offs, mask=m, other=float("-inf")))
                 ids = offs
             else:
-                u = tl.load(src_ptr + CAP + offs, mask=m, other=0).to(tl.uint32, bitcast=True)
-                ids = tl.load(src_ptr + offs, mask=m, other=0)
+                u = tl.load(src_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32, bitcast=True)
+                ids = tl.load(src_ptr + offs, mask=m, other=0, cache_modifier=CM)
             gt = m & ((u >> 16) == hi) & (u > pre)
             eq = m & (u == pre)
             tl.store(out_ptr + n_gt + tl.cumsum(gt.to(tl.int32), 0) - 1, ids, mask=gt)
@@ -169,14 +174,14 @@ if triton is not None:
             n_eq += tl.sum(eq.to(tl.int32), 0)
 
     @triton.jit
-    def _final_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, s_lv, CAP,
-                    NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr):
-        # the krem keys still needed among the n sharing the k-th's top 16 bits -> out slots [k - krem, k): in
-        # registers (n <= NC lanes, the usual case), from the candidate buffer BLOCK at a time (n <= CAP), else by
-        # streaming the row (exact, slow: one program reads it three times)
-        prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
+    def _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
+                    NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, CM: tl.constexpr):
+        # the krem keys still needed among the n sharing the k-th's top 16 bits (prefix, krem, take_all: the radix
+        # state after two digits) -> out slots [k - krem, k): in registers (n <= NC lanes, the usual case), from
+        # the candidate buffer BLOCK at a time (n <= CAP), else by streaming the row (exact, slow: one program
+        # reads it three times). CM: the cache modifier of the counter / buffer loads (".cg" in the gather launch)
         if take_all == 0:
-            n = tl.load(cnt_ptr + 2 * t + 1)
+            n = tl.load(cnt_ptr + 2 * t + 1, cache_modifier=CM)
             out_ptr += t * k + (k - krem)
             cand_ptr += t * 2 * CAP
             hi = prefix >> 16
@@ -184,8 +189,9 @@ if triton is not None:
                 offs_b = tl.arange(0, NB)
                 offs = tl.arange(0, NC)
                 m = offs < n
-                ids = tl.load(cand_ptr + offs, mask=m, other=0)
-                lo = tl.load(cand_ptr + CAP + offs, mask=m, other=0).to(tl.uint32, bitcast=True) & 0xFFFF
+                ids = tl.load(cand_ptr + offs, mask=m, other=0, cache_modifier=CM)
+                lo = tl.load(cand_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32,
+                                                                                           bitcast=True) & 0xFFFF
                 d2 = (lo >> 8).to(tl.int32)
                 b2, above, _ = _radix_step(tl.histogram(d2, NB, mask=m), offs_b, krem)
                 krem2 = krem - above
@@ -200,19 +206,51 @@ if triton is not None:
                 pos_e = (krem - krem3) + (c >> 15) - 1
                 tl.store(out_ptr + pos_e, ids, mask=eq & (pos_e < krem))
             elif n <= CAP:
-                _pick_stream(cand_ptr, out_ptr, n, CAP, hi, krem, False, NB, BLOCK)
+                _pick_stream(cand_ptr, out_ptr, n, CAP, hi, krem, False, NB, BLOCK, CM)
             else:
-                _pick_stream(s_ptr + t * s_st, out_ptr, lim, CAP, hi, krem, True, NB, BLOCK)
+                _pick_stream(s_ptr + t * s_st, out_ptr, lim, CAP, hi, krem, True, NB, BLOCK, "")
+
+    @triton.jit
+    def _rows_body(ids_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
+                   WP: tl.constexpr, KP: tl.constexpr):
+        # row t's ids (ids_ptr[t * k:][:k], the first n of them written) -> rows_ptr[t] = the window's WP rows,
+        # then each id's pool row comp_base + bt[t, id // epb] * epb + id % epb (-1 past n or for id -1):
+        # glue.topk_rows's mapping
+        offs_w = tl.arange(0, WP)
+        tl.store(rows_ptr + t * s_rt + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
+        offs = tl.arange(0, KP)
+        ids = tl.load(ids_ptr + t * k + offs, mask=offs < n, other=-1, cache_modifier=".cg")
+        i0 = tl.maximum(ids, 0)
+        blk = tl.load(bt_ptr + t * s_bt + i0 // epb, mask=ids >= 0, other=0)
+        r = tl.where(ids >= 0, comp_base + blk * epb + i0 % epb, -1).to(tl.int32)
+        tl.store(rows_ptr + t * s_rt + WP + offs, r, mask=offs < k)
 
     @triton.jit
     def _topk_gather(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, chunk, s_lv, CAP,
+                     rows_ptr, s_rt, bt_ptr, s_bt, win_ptr, s_wt, comp_base, epb,
                      NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
-                     PDL: tl.constexpr = False):
+                     FINAL: tl.constexpr = False, NC: tl.constexpr = 0, ROWS: tl.constexpr = False,
+                     WP: tl.constexpr = 0, KP: tl.constexpr = 0, PDL: tl.constexpr = False):
+        # FINAL: the last of a row's programs to arrive (a counter in the row's unused fourth-digit histogram,
+        # zeroed with the others before the call) runs _topk_final's pick (its stores and the buffer's are the
+        # other programs' released stores: acq_rel counter, .cg loads); ROWS: then writes the row's attention
+        # index list (_rows_body) to rows_ptr
         pdl_enter(PDL)
         t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
         if go:
-            _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k, chunk, s_lv, CAP, NB,
-                         BLOCK)
+            prefix, krem, take_all = _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k,
+                                                  chunk, s_lv, CAP, NB, BLOCK)
+            if FINAL:
+                tl.debug_barrier()  # every thread's stores issued before the release below
+                arrived = tl.atomic_add(hist_ptr + 3 * s_lv + t * NB, 1, sem="acq_rel", scope="gpu")
+                if arrived == (lim + chunk - 1) // chunk - 1:
+                    _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
+                                NB, NC, 2048, ".cg")
+                    if ROWS:
+                        tl.debug_barrier()  # the pick's stores before the reads of the whole row
+                        n = tl.where(take_all, tl.load(cnt_ptr + 2 * t, cache_modifier=".cg"), k)
+                        _rows_body(out_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
+                                   WP, KP)
 
     @triton.jit
     def _topk_final(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, s_lv, CAP,
@@ -221,7 +259,9 @@ if triton is not None:
         pdl_enter(PDL)  # grid (T,): chunk 0 of each row
         t, _, lim, go = _row_chunk(vlen_ptr, L, 0, VLEN, SMALL)
         if go:
-            _final_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, s_lv, CAP, NB, NC, BLOCK)
+            prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
+            _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all, NB, NC,
+                        BLOCK, "")
 
     @triton.jit
     def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
@@ -245,11 +285,14 @@ if triton is not None:
 
 def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: torch.Tensor, cnt: torch.Tensor,
                   out: torch.Tensor, k: int, block: int, chunk: int, small: int, cand: torch.Tensor | None = None,
-                  lanes: int = 0, cap: int = 0, first_level: int = 0) -> None:
+                  lanes: int = 0, cap: int = 0, first_level: int = 0, fused_final: bool | None = None,
+                  rows: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int, int]] | None = None) -> None:
     """The radix select of the rows past `small` valid entries into out [T, k] (hist [4 * T * 256] and cnt [2 * T]
     zeroed; first_level 1: the first digit's histogram already counted, by the indexer). lanes > 0 (a power of two;
     cand [T * 2 * cap] int32, cap >= lanes): two digit passes, the gather, one program per row (lanes: its register
-    tile); lanes 0: the four digit passes, then the compaction."""
+    tile) in the gather's launch (fused_final, default FUSED_FINAL) or one of its own; lanes 0: the four digit
+    passes, then the compaction. rows = (dst [T, W + k] int32, (bt_tok, win, comp_base, epb)), with the fused
+    pick only: the gather launch also writes those rows' attention index lists (glue.topk_rows of their ids)."""
     T, L = scores.shape
     nb, n_chunks = 256, triton.cdiv(L, chunk)
     grid = (T, n_chunks)
@@ -263,9 +306,21 @@ def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: to
         _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, **common)
         return
     assert lanes & (lanes - 1) == 0 and cap >= lanes and cand is not None and cand.numel() >= T * 2 * cap
-    _topk_gather[grid](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, chunk, T * nb, cap, **common)
-    _topk_final[(T,)](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, T * nb, cap, NC=lanes,
-                      **{**common, "BLOCK": 2048})
+    fused = FUSED_FINAL if fused_final is None else fused_final
+    assert fused or rows is None, "rows: with the pick fused into the gather launch only"
+    if rows is None:
+        dst, bt, win, base, epb, wp = out, out, out, 0, 1, 0
+    else:
+        dst, (bt, win, base, epb) = rows
+        wp = win.shape[1]
+        assert dst.shape == (T, wp + k) and dst.stride(1) == 1 and win.stride(1) == 1 and bt.stride(1) == 1
+        assert wp & (wp - 1) == 0 and win.shape[0] == T
+    _topk_gather[grid](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, chunk, T * nb, cap, dst,
+                       dst.stride(0), bt, bt.stride(0), win, win.stride(0), base, epb, FINAL=fused, NC=lanes,
+                       ROWS=rows is not None, WP=wp, KP=triton.next_power_of_2(k), **common)
+    if not fused:
+        _topk_final[(T,)](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, T * nb, cap, NC=lanes,
+                          **{**common, "BLOCK": 2048})
 
 
 __all__ = ["launch_passes"]

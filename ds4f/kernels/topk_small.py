@@ -133,9 +133,9 @@ def launch_small(scores: torch.Tensor, valid_len: torch.Tensor | None, out: torc
                  rows: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> None:
     """scores [T, L], valid_len [T] int32 or None (every row L long), out [T, k] int32 (any contents) -> rows of
     <= lanes valid entries selected, the others -1; hist / cnt (or None): zeroed per row for the multi-pass kernels.
-    lanes: a power of two. rows = (bt_tok [T, blocks] int64, win [T, W] int32, comp_base, epb), for L <= lanes
-    only: out [T, W + k] gets the window rows then the picks' pool rows comp_base + bt_tok[t, id // epb] * epb +
-    id % epb (-1 = none), what glue.topk_rows makes of the ids."""
+    lanes: a power of two. rows = (bt_tok [T, blocks] int64, win [T, W] int32, comp_base, epb): out [T, W + k] gets
+    the window rows then the picks' pool rows comp_base + bt_tok[t, id // epb] * epb + id % epb (-1 = none), what
+    glue.topk_rows makes of the ids (rows past the lanes: -1 in its first k entries, for the passes to overwrite)."""
     T, L = scores.shape
     assert lanes & (lanes - 1) == 0 and lanes < 1 << 16 and 0 < k < 1 << 15
     n2 = SMALL_LANES if lanes > SMALL_LANES else 0
@@ -145,7 +145,7 @@ def launch_small(scores: torch.Tensor, valid_len: torch.Tensor | None, out: torc
     else:
         bt, win, base, epb = rows
         wp = win.shape[1]
-        assert lanes >= L and not zero and win.shape[0] == T and wp & (wp - 1) == 0 and win.stride(1) == 1
+        assert win.shape[0] == T and wp & (wp - 1) == 0 and win.stride(1) == 1
         assert out.shape == (T, wp + k) and bt.stride(1) == 1
     assert out.stride(1) == 1
     _topk_small[(T,)](scores, valid_len if valid_len is not None else out, out, hist if zero else out,

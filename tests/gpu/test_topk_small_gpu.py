@@ -178,6 +178,55 @@ def test_indexer_hist_topk_graph(fp8: bool) -> None:
                     assert torch.equal(sc[r, ids].sort().values, top), (lens, r)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_topk_pool_rows_long_graph(fused: bool) -> None:
+    # decode's long pools (262,144 entries, DS4F_INDEXER_HIST): the attention rows written by the small kernel and
+    # the gather launch's fused pick (topk_pool_rows_long) in a CUDA graph replayed at several depths, as
+    # glue.topk_rows of the ids the separate-pick path selects from the same histogram (same sets: sorted rows);
+    # DS4F_TOPK_FUSED_FINAL=0: no such path (None)
+    from ds4f.kernels import indexer as ix
+    from ds4f.kernels import topk_radix
+    from ds4f.runner.gpu.glue import topk_rows
+
+    T, L, W, epb, base = 2, 262144, 128, 64, 4096
+    q, w, keys, ks, slots, seq = indexer_inputs(9, T, L, True)
+    vl = torch.zeros(T, dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    bt = torch.randperm(1 << 14, device="cuda", generator=g)[: T * (L // epb)].view(T, -1)
+    win = torch.randint(-1, 4000, (T, W), device="cuda", generator=g, dtype=torch.int32)
+    was, ix.INDEXER_HIST, topk_radix.FUSED_FINAL = ix.INDEXER_HIST, T, fused
+    try:
+        def run() -> tuple[torch.Tensor, torch.Tensor | None]:
+            buf = ix.decode_hist_buffer(q, L, K)
+            assert buf is not None
+            sc = indexer_scores(q, w, keys, slots, seq, vl, k_scale=ks, zero_rank=True, hist=buf)
+            b2 = buf.clone()
+            topk_radix.FUSED_FINAL = False
+            ids = topk_indices(sc, K, valid_len=vl, hist_buf=b2)
+            topk_radix.FUSED_FINAL = fused
+            return ids, ix.topk_pool_rows_long(sc, K, vl, buf, bt, win, base, epb)
+
+        run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ids, rows = run()
+    finally:
+        ix.INDEXER_HIST, topk_radix.FUSED_FINAL = was, True
+    if not fused:
+        assert rows is None
+        return
+    assert rows is not None
+    for lens in ([L, 9000], [8193, L - 3], [40000, 100], [0, 5]):
+        vl.copy_(torch.tensor(lens, dtype=torch.int32))
+        for _ in range(2):
+            rows.fill_(-7)
+            graph.replay()
+            torch.cuda.synchronize()
+            want = topk_rows(ids, bt, win, base, epb)
+            assert torch.equal(rows[:, :W], want[:, :W]), lens
+            assert torch.equal(rows[:, W:].sort(1).values, want[:, W:].sort(1).values), lens
+
+
 @pytest.mark.parametrize("T", [1, 4, 16])
 @pytest.mark.parametrize("L", [2048, 8192])
 def test_topk_pool_rows_graph(T: int, L: int) -> None:

@@ -33,7 +33,7 @@ import torch
 
 from ds4f.kernels import fused_moe, gemv, topk_indices
 from ds4f.kernels.index_q import index_q, quant_heads_fp8
-from ds4f.kernels.indexer import decode_hist_buffer, topk_pool_rows
+from ds4f.kernels.indexer import decode_hist_buffer, topk_pool_rows, topk_pool_rows_long
 from ds4f.kernels.mhc import decode_kernel, hc_step
 from ds4f.kernels.moe_mxfp4 import fused_moe_mxfp4
 from ds4f.kernels.rope import norm_rope, norm_rope2, rope_
@@ -74,8 +74,9 @@ class FastModel:
         # the indexer query's RoPE, weight scale and e4m3 rows in one launch (ds4f.kernels.index_q; H200 8-layer 8K
         # step 1.925 vs 1.929 ms, 3 launches fewer per CSA layer); DS4F_INDEX_Q=0: rope_ + scale (+ quant_heads_fp8)
         self.index_q = os.environ.get("DS4F_INDEX_Q", "1") == "1"
-        # the top-k kernel writes the attention rows (window + pool rows) itself where its one launch applies
-        # (ds4f.kernels.indexer.topk_pool_rows); DS4F_TOPK_ROWS=0: ids, then glue.topk_rows
+        # the top-k kernels write the attention rows (window + pool rows) themselves: the one launch of short pools
+        # (ds4f.kernels.indexer.topk_pool_rows), the small kernel + the gather launch's fused pick of long ones
+        # (topk_pool_rows_long); DS4F_TOPK_ROWS=0: ids, then glue.topk_rows
         self.topk_rows = os.environ.get("DS4F_TOPK_ROWS", "1") == "1"
         # eager steps of >= prefix_min_t tokens: all-entries layers through prefix_attn; DS4F_PREFIX_ATTN=0: off
         self.prefix_attn = os.environ.get("DS4F_PREFIX_ATTN", "1") == "1"
@@ -347,8 +348,9 @@ class FastModel:
         q, w = iq[lo:hi], iw[lo:hi]
         sc = cache.index_scores(i, q, w, d.slots[m], d.seq32[lo:hi], vis, hist)
         rows = (d.bt_tok, d.win, cache.comp_base, cache.epb(m))
-        if not sp and self.topk_rows and hist is None:
-            out = topk_pool_rows(sc, k, vis, *rows)
+        if not sp and self.topk_rows:
+            out = topk_pool_rows(sc, k, vis, *rows) if hist is None else None
+            out = out if out is not None else topk_pool_rows_long(sc, k, vis, hist, *rows)
             if out is not None:
                 return out
         sel = topk_indices(sc, k, valid_len=vis, hist_buf=hist)  # [T, k] entry ids, -1 = none
