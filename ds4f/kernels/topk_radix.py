@@ -111,10 +111,8 @@ if triton is not None:
 
     @triton.jit
     def _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k, chunk, s_lv, CAP,
-                     rows_ptr, s_rt, bt_ptr, s_bt, comp_base, epb, NB: tl.constexpr, BLOCK: tl.constexpr,
-                     ROWS: tl.constexpr, WP: tl.constexpr):
-        # keys whose top 16 bits are above the k-th's -> out slots [0, k - krem) (counter 0; ROWS: their pool rows
-        # comp_base + bt[t, id // epb] * epb + id % epb to rows_ptr[t, WP + slot] instead); keys sharing them ->
+                     NB: tl.constexpr, BLOCK: tl.constexpr):
+        # keys whose top 16 bits are above the k-th's -> out slots [0, k - krem) (counter 0); keys sharing them ->
         # cand_ptr[t] (ids in [0, CAP), keys in [CAP, 2 CAP); counter 1 counts them all, stored or not)
         out_ptr += t * k
         cand_ptr += t * 2 * CAP
@@ -126,12 +124,7 @@ if triton is not None:
             u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
             gt = m & ((u >> 16) > hi)
             eq = m & ((u >> 16) == hi) & ~take_all
-            if ROWS:
-                blk = tl.load(bt_ptr + t * s_bt + offs // epb, mask=gt, other=0)
-                tl.store(rows_ptr + t * s_rt + WP + _claim(cnt_ptr + 2 * t, gt),
-                         (comp_base + blk * epb + offs % epb).to(tl.int32), mask=gt)
-            else:
-                tl.store(out_ptr + _claim(cnt_ptr + 2 * t, gt), offs, mask=gt)
+            tl.store(out_ptr + _claim(cnt_ptr + 2 * t, gt), offs, mask=gt)
             pos_e = _claim(cnt_ptr + 2 * t + 1, eq)
             tl.store(cand_ptr + pos_e, offs, mask=eq & (pos_e < CAP))
             tl.store(cand_ptr + CAP + pos_e, u.to(tl.int32, bitcast=True), mask=eq & (pos_e < CAP))
@@ -192,15 +185,7 @@ if triton is not None:
             out_ptr += t * k + (k - krem)
             cand_ptr += t * 2 * CAP
             hi = prefix >> 16
-            if n <= 32:  # few (random scores at 262,144 entries: ~15): each one's rank among them, in one compare
-                offs = tl.arange(0, 32)
-                m = offs < n
-                ids = tl.load(cand_ptr + offs, mask=m, other=0, cache_modifier=CM)
-                u = tl.load(cand_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32, bitcast=True)
-                ahead = (u[None, :] > u[:, None]) | ((u[None, :] == u[:, None]) & (offs[None, :] < offs[:, None]))
-                rank = tl.sum((ahead & m[None, :]).to(tl.int32), 1)  # distinct: key, then lane order
-                tl.store(out_ptr + rank, ids, mask=m & (rank < krem))
-            elif n <= NC:
+            if n <= NC:
                 offs_b = tl.arange(0, NB)
                 offs = tl.arange(0, NC)
                 m = offs < n
@@ -226,19 +211,19 @@ if triton is not None:
                 _pick_stream(s_ptr + t * s_st, out_ptr, lim, CAP, hi, krem, True, NB, BLOCK, "")
 
     @triton.jit
-    def _rows_body(ids_ptr, rows_ptr, t, k, lo, pad, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
+    def _rows_body(ids_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
                    WP: tl.constexpr, KP: tl.constexpr):
-        # rows_ptr[t] = the window's WP rows, then in slots [lo, k) the pool rows comp_base + bt[t, id // epb] *
-        # epb + id % epb of ids_ptr[t * k + slot] (pad: -1 there instead); the slots below lo hold the gather's
+        # row t's ids (ids_ptr[t * k:][:k], the first n of them written) -> rows_ptr[t] = the window's WP rows,
+        # then each id's pool row comp_base + bt[t, id // epb] * epb + id % epb (-1 past n or for id -1):
+        # glue.topk_rows's mapping
         offs_w = tl.arange(0, WP)
         tl.store(rows_ptr + t * s_rt + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
         offs = tl.arange(0, KP)
-        m = (offs >= lo) & (offs < k)
-        ids = tl.load(ids_ptr + t * k + offs, mask=m & ~pad, other=-1, cache_modifier=".cg")
+        ids = tl.load(ids_ptr + t * k + offs, mask=offs < n, other=-1, cache_modifier=".cg")
         i0 = tl.maximum(ids, 0)
         blk = tl.load(bt_ptr + t * s_bt + i0 // epb, mask=ids >= 0, other=0)
         r = tl.where(ids >= 0, comp_base + blk * epb + i0 % epb, -1).to(tl.int32)
-        tl.store(rows_ptr + t * s_rt + WP + offs, r, mask=m)
+        tl.store(rows_ptr + t * s_rt + WP + offs, r, mask=offs < k)
 
     @triton.jit
     def _topk_gather(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, chunk, s_lv, CAP,
@@ -247,26 +232,25 @@ if triton is not None:
                      FINAL: tl.constexpr = False, NC: tl.constexpr = 0, ROWS: tl.constexpr = False,
                      WP: tl.constexpr = 0, KP: tl.constexpr = 0, PDL: tl.constexpr = False):
         # FINAL: the last of a row's programs to arrive (a counter in the row's unused fourth-digit histogram,
-        # zeroed with the others before the call) runs _topk_final's pick (the buffer and counters it reads are
-        # the other programs' released stores: acq_rel counter, .cg loads). ROWS: the row's attention index list
-        # goes to rows_ptr, each program storing its gathered keys' pool rows, the last its pick's and the window
+        # zeroed with the others before the call) runs _topk_final's pick (its stores and the buffer's are the
+        # other programs' released stores: acq_rel counter, .cg loads); ROWS: then writes the row's attention
+        # index list (_rows_body) to rows_ptr
         pdl_enter(PDL)
         t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
         if go:
             prefix, krem, take_all = _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k,
-                                                  chunk, s_lv, CAP, rows_ptr, s_rt, bt_ptr, s_bt, comp_base, epb,
-                                                  NB, BLOCK, ROWS, WP)
+                                                  chunk, s_lv, CAP, NB, BLOCK)
             if FINAL:
                 tl.debug_barrier()  # every thread's stores issued before the release below
                 arrived = tl.atomic_add(hist_ptr + 3 * s_lv + t * NB, 1, sem="acq_rel", scope="gpu")
                 if arrived == (lim + chunk - 1) // chunk - 1:
                     _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
                                 NB, NC, 2048, ".cg")
-                    if ROWS:  # the pick's slots (take_all: -1 past the gathered keys) and the window
-                        tl.debug_barrier()  # the pick's stores before their reads
-                        lo = tl.where(take_all, tl.load(cnt_ptr + 2 * t, cache_modifier=".cg"), k - krem)
-                        _rows_body(out_ptr, rows_ptr, t, k, lo, take_all, bt_ptr, s_bt, win_ptr, s_wt, s_rt,
-                                   comp_base, epb, WP, KP)
+                    if ROWS:
+                        tl.debug_barrier()  # the pick's stores before the reads of the whole row
+                        n = tl.where(take_all, tl.load(cnt_ptr + 2 * t, cache_modifier=".cg"), k)
+                        _rows_body(out_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
+                                   WP, KP)
 
     @triton.jit
     def _topk_final(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, s_lv, CAP,
