@@ -73,21 +73,15 @@ if triton is not None:
         return t, c, lim, (c * chunk < lim) & (lim > SMALL)
 
     @triton.jit
-    def _scores_at(s_ptr, t, c0, lim, s_st, j, BLOCK: tl.constexpr):
-        # row t's BLOCK scores from column c0 (-inf past lim); nothing is read where j == 0 (the loop's first
-        # block: the caller loaded it, with j = -1, before the radix state)
-        offs = c0 + tl.arange(0, BLOCK)
-        return tl.load(s_ptr + t * s_st + offs, mask=(offs < lim) & (j != 0), other=float("-inf"))
-
-    @triton.jit
     def _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL: tl.constexpr, NB: tl.constexpr,
                    BLOCK: tl.constexpr, SPARSE: tl.constexpr = False):
         # chunk c of row t: digit LEVEL's histogram of the keys matching the k-th's prefix of the digits before
-        x0 = _scores_at(s_ptr, t, c * chunk, lim, s_st, -1, BLOCK)  # in flight with the histogram reads
         prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
         acc = tl.zeros([NB], tl.int32)
         for j in range(0, chunk, BLOCK):
-            u = _sort_key(tl.where(j == 0, x0, _scores_at(s_ptr, t, c * chunk + j, lim, s_st, j, BLOCK)))
+            offs = c * chunk + j + tl.arange(0, BLOCK)
+            m = offs < lim
+            u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
             sel = (u != 0) & ~take_all
             if LEVEL > 0:
                 sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
@@ -122,13 +116,12 @@ if triton is not None:
         # cand_ptr[t] (ids in [0, CAP), keys in [CAP, 2 CAP); counter 1 counts them all, stored or not)
         out_ptr += t * k
         cand_ptr += t * 2 * CAP
-        x0 = _scores_at(s_ptr, t, c * chunk, lim, s_st, -1, BLOCK)  # in flight with the histogram reads
         prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
         hi = prefix >> 16  # take_all: 0, below every finite key's top bits
         for j in range(0, chunk, BLOCK):
             offs = c * chunk + j + tl.arange(0, BLOCK)
             m = offs < lim
-            u = _sort_key(tl.where(j == 0, x0, _scores_at(s_ptr, t, c * chunk + j, lim, s_st, j, BLOCK)))
+            u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
             gt = m & ((u >> 16) > hi)
             eq = m & ((u >> 16) == hi) & ~take_all
             tl.store(out_ptr + _claim(cnt_ptr + 2 * t, gt), offs, mask=gt)
