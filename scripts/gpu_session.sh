@@ -588,6 +588,10 @@ case "${1:-}" in
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 40 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
     timeout 200 python3 bench/kernel_times_long.py --iters 20 --json "$OUT/long.jsonl" 2>&1 | grep -v Warn \
       | tail -n 40 | tee "$OUT/long.log" ;;
+  s23c)  # 1 GPU: the GPU tests whose paths reach the top-k or the fast model's decode (after the fused pick), T_CAP s
+    par_tests "${T_CAP:-240}" tests/gpu/test_kernels_gpu.py tests/gpu/test_fast_model.py tests/gpu/test_fast_fp8_kv_gpu.py \
+      tests/gpu/test_indexer_dk_gpu.py tests/gpu/test_topk_small_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
