@@ -37,8 +37,10 @@ SPARSE_ADD = bool((env_knobs("DS4F_TOPK_SPARSE_ADD", 1, "1", minimum=0) or (1,))
 # DS4F_TOPK_FUSED_FINAL (default 1; 0: a launch of its own, A/B): the per-row pick runs in the gather launch, in the
 # last of the row's programs to arrive, instead of one more launch in the decode chain of each CSA layer
 FUSED_FINAL = bool((env_knobs("DS4F_TOPK_FUSED_FINAL", 1, "1", minimum=0) or (1,))[0])
+PICK_BLOCK = 2048  # candidates the per-row pick streams at a time from its buffer (or the row) past its register lanes
 
 if triton is not None:
+    _PICK_BLOCK = tl.constexpr(PICK_BLOCK)
 
     @triton.jit
     def _radix_state(hist_ptr, t, k, s_lv, LEVELS: tl.constexpr, NB: tl.constexpr):
@@ -245,7 +247,7 @@ if triton is not None:
                 arrived = tl.atomic_add(hist_ptr + 3 * s_lv + t * NB, 1, sem="acq_rel", scope="gpu")
                 if arrived == (lim + chunk - 1) // chunk - 1:
                     _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
-                                NB, NC, 2048, ".cg")
+                                NB, NC, _PICK_BLOCK, ".cg")
                     if ROWS:
                         tl.debug_barrier()  # the pick's stores before the reads of the whole row
                         n = tl.where(take_all, tl.load(cnt_ptr + 2 * t, cache_modifier=".cg"), k)
@@ -285,12 +287,12 @@ if triton is not None:
 
 def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: torch.Tensor, cnt: torch.Tensor,
                   out: torch.Tensor, k: int, block: int, chunk: int, small: int, cand: torch.Tensor | None = None,
-                  lanes: int = 0, cap: int = 0, first_level: int = 0, fused_final: bool | None = None,
+                  lanes: int = 0, cap: int = 0, first_level: int = 0,
                   rows: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int, int]] | None = None) -> None:
     """The radix select of the rows past `small` valid entries into out [T, k] (hist [4 * T * 256] and cnt [2 * T]
     zeroed; first_level 1: the first digit's histogram already counted, by the indexer). lanes > 0 (a power of two;
     cand [T * 2 * cap] int32, cap >= lanes): two digit passes, the gather, one program per row (lanes: its register
-    tile) in the gather's launch (fused_final, default FUSED_FINAL) or one of its own; lanes 0: the four digit
+    tile) in the gather's launch (FUSED_FINAL) or one of its own; lanes 0: the four digit
     passes, then the compaction. rows = (dst [T, W + k] int32, (bt_tok, win, comp_base, epb)), with the fused
     pick only: the gather launch also writes those rows' attention index lists (glue.topk_rows of their ids)."""
     T, L = scores.shape
@@ -306,7 +308,7 @@ def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: to
         _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, **common)
         return
     assert lanes & (lanes - 1) == 0 and cap >= lanes and cand is not None and cand.numel() >= T * 2 * cap
-    fused = FUSED_FINAL if fused_final is None else fused_final
+    fused = FUSED_FINAL
     assert fused or rows is None, "rows: with the pick fused into the gather launch only"
     if rows is None:
         dst, bt, win, base, epb, wp = out, out, out, 0, 1, 0
@@ -320,7 +322,7 @@ def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: to
                        ROWS=rows is not None, WP=wp, KP=triton.next_power_of_2(k), **common)
     if not fused:
         _topk_final[(T,)](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, T * nb, cap, NC=lanes,
-                          **{**common, "BLOCK": 2048})
+                          **{**common, "BLOCK": PICK_BLOCK})
 
 
 __all__ = ["launch_passes"]
