@@ -592,6 +592,18 @@ case "${1:-}" in
     par_tests "${T_CAP:-240}" tests/gpu/test_kernels_gpu.py tests/gpu/test_fast_model.py tests/gpu/test_fast_fp8_kv_gpu.py \
       tests/gpu/test_indexer_dk_gpu.py tests/gpu/test_topk_small_gpu.py
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
+  s24a)  # 2 GPUs: the GPU tests of the all-reduce inside the decode mHC launch (DS4F_HC_AR: tests/gpu/test_hc_ar_gpu.py,
+    # then the push kernel's own tests after its refactor, the one-GPU mHC tests beside them), then s18ab's decode
+    # b1 / b4 at depth 64 under each env of S18_AB (default: DS4F_HC_AR=0, then the default)
+    mkdir -p /tmp/gpulogs
+    CUDA_VISIBLE_DEVICES=0 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_mhc_decode_gpu.py tests/gpu/test_push_add_gpu.py > /tmp/gpulogs/mhc_push_add.log 2>&1 &
+    DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs -s --tb=short -p no:cacheprovider \
+      tests/gpu/test_hc_ar_gpu.py tests/gpu/test_symm_allreduce.py > /tmp/gpulogs/hc_ar.log 2>&1
+    wait
+    test_summary | tee "$OUT/gpu_tests.log"; grep -E "sublayer boundary|PICK" /tmp/gpulogs/hc_ar.log | tee "$OUT/hc_ar.log"
+    tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
+    S18_AB="${S18_AB:-DS4F_HC_AR=0;-}" bash "$0" s18ab "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

@@ -92,3 +92,87 @@ def test_decode_kernel_builds(arch: int) -> None:
                                                      HAS_Y=has_y, HAS_FN=True), arch, 8)
         assert "atom.global.gpu.acq_rel.add" in k["ptx"] or "atom.acq_rel.gpu.global.add" in k["ptx"], \
             [ln for ln in k["ptx"].splitlines() if "atom" in ln]
+
+
+def check_ar_interpreted() -> None:
+    """Two ranks as forked processes over one shared mapping (the "NVLink"): each passes its own partial y (bf16, or
+    fp32 with a bf16 term: the ADD form) to the launch with an in-launch all-reduce (ar), over calls of changing
+    token counts; every output equals, bit for bit on both ranks, the plain launch on push_all_reduce_ref's sum of
+    the ranks' terms, and each program's epoch counts the calls it was in."""
+    import mmap
+    import os
+    import random
+    import time
+
+    from ds4f.kernels import mhc_decode
+    from ds4f.kernels import push_allreduce as pa
+
+    world, d, bd = 2, 64, 16
+    cap = 4 * d
+    numel = pa.region_numel(world, cap, bd)
+    mm = mmap.mmap(-1, world * numel * 2)  # MAP_SHARED | MAP_ANONYMOUS: survives the fork, zeroed
+    whole = torch.frombuffer(mm, dtype=torch.bfloat16)
+    addrs = [whole[q * numel:].data_ptr() for q in range(world)]
+    pid = os.fork()
+    rank = 1 if pid == 0 else 0
+    ok = 1
+    try:
+        ar = pa.PushAllReduce(addrs, rank, world, cap, torch.device("cpu"), block=bd, warps=1, spin_iters=1 << 22)
+        rng = random.Random(rank)
+        counts = torch.zeros(cap // bd, dtype=torch.int32)
+        for i, (t, add) in enumerate(((1, False), (3, True), (1, True), (4, False), (2, False))):
+            y, x, post, comb, *rest = _case(t, d, torch.bfloat16, 100 + i)  # the same on both ranks
+            g = torch.Generator().manual_seed(1000 * i)
+            parts = [torch.randn(t, d, generator=g) * (q + 1) for q in range(world)]
+            extras = [torch.randn(t, d, generator=g).bfloat16() for _ in range(world)]
+            terms = [(p + e.float()).bfloat16() for p, e in zip(parts, extras)] if add else [p.bfloat16()
+                                                                                            for p in parts]
+            time.sleep(rng.random() * 0.05)  # skew: the ranks enter each call at different times
+            got = mhc_decode.hc_step_decode(parts[rank] if add else terms[rank], x, post, comb, *rest, ITERS, EPS,
+                                            EPS, EPS, split_sinkhorn=True, ar=ar,
+                                            extra=extras[rank] if add else None)
+            want = mhc_decode.hc_step_decode(pa.push_all_reduce_ref(terms), x, post, comb, *rest, ITERS, EPS, EPS,
+                                             EPS, block_d=bd, split_sinkhorn=True)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (rank, i, [_err(a, b) for a, b in
+                                                                                  zip(got, want)])
+            counts[: t * d // bd] += 1
+        assert torch.equal(ar.epoch, counts), (ar.epoch, counts)
+        assert ar.error() == 0
+    except BaseException as ex:  # the child must exit here, never return into the parent's code
+        print(f"rank {rank}: {type(ex).__name__}: {ex}", flush=True)
+        ok = 0
+    if rank:
+        os._exit(0 if ok else 1)
+    code = os.waitpid(pid, 0)[1]
+    assert ok and code == 0, (ok, code)
+    print("ar interpreted ok")
+
+
+def test_ar_interpreted() -> None:
+    pytest.importorskip("triton")
+    from tests.interp import run_interpreted
+
+    out = run_interpreted("test_mhc_decode", "check_ar_interpreted")
+    assert "ar interpreted ok" in out, out
+
+
+@pytest.mark.parametrize("arch", [80, 90, 121])
+def test_ar_kernel_builds(arch: int) -> None:
+    """The in-launch all-reduce form (plain and ADD) builds with one system-scope release flag per peer, the
+    system-scope acquire spin, the %globaltimer bound and the trap."""
+    pytest.importorskip("triton")
+    from ds4f.kernels import mhc_decode
+    from tests.test_kernels_build import build
+
+    types = dict(y_ptr="*bf16", x_ptr="*bf16", post_ptr="*fp32", comb_ptr="*fp32", fn_ptr="*fp32", scale_ptr="*fp32",
+                 base_ptr="*fp32", w_ptr="*fp32", xo_ptr="*bf16", pd_ptr="*fp32", cnt_ptr="*i32", xn_ptr="*bf16",
+                 post2_ptr="*fp32", comb2_ptr="*fp32", eps="fp32", norm_eps="fp32", rms_eps="fp32",
+                 addr_ptr="*i64", epoch_ptr="*i32", err_ptr="*i32", extra_ptr="*bf16", rank="i32", timeout="i64")
+    for add in (False, True):
+        k = build(mhc_decode._hc_decode, dict(types, y_ptr="*fp32") if add else types,
+                  dict(ITERS=20, NM=24, NMP=32, BLOCK_D=32, BLOCK_S=128, BLOCK_F=4096, HAS_Y=True, HAS_FN=True,
+                       SINK=False, AR=True, W=2, CAP=262144, MAXB=8192, TIMER=True, TRAP=True, SW_ROUND=False,
+                       ADD=add), arch, 4)
+        ptx = k["ptx"]
+        assert ptx.count("atom.global.sys.release.exch.b32") == 1 and "sys.acquire" in ptx
+        assert "%globaltimer" in ptx and "trap;" in ptx

@@ -64,6 +64,18 @@ class Comm:
             self._close("all_reduce", t0, x)
         return x
 
+    def hc_reducer(self, msg: torch.Tensor) -> Any:
+        """Where the next decode mHC launch can all-reduce the sublayer's partial sum itself (ds4f.kernels.mhc_decode,
+        DS4F_HC_AR): the push instance to pass it (this all-reduce is counted here; the launch must follow on every
+        rank), else None (then all_reduce / all_reduce_add as usual). msg: the bf16 message (the term's shape)."""
+        if self.world == 1 or self.fast_ar is None or not hasattr(self.fast_ar, "hc_reducer") or not msg.is_cuda:
+            return None
+        ar = self.fast_ar.hc_reducer(msg.numel())
+        if ar is not None:
+            self.counts["all_reduce"] += 1
+            self.nbytes["all_reduce"] += msg.numel() * 2
+        return ar
+
     def all_gather_last(self, x: torch.Tensor, full: int) -> torch.Tensor:
         """x [..., n] (this rank's slice of a last dim split into equal, zero-padded shards) -> [..., full]."""
         self.counts["all_gather"] += 1

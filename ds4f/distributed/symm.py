@@ -29,6 +29,11 @@ MAX_BYTES = 512 << 10  # 64 tokens x 4096 x bf16: the largest decode graph bucke
 # the copy-in one-shot kernel (torch >= 2.7); DS4F_SYMM_COPY_IN=0: a separate copy, then one_shot_all_reduce_out
 COPY_IN = os.environ.get("DS4F_SYMM_COPY_IN", "1") == "1"
 PUSH_TILE = (1024, 4)  # elements per program, warps (DS4F_SYMM_PUSH_TILE)
+# DS4F_HC_AR (default 1): a decode sublayer's all-reduce runs inside the mHC launch that consumes its sum
+# (ds4f/kernels/mhc_decode.py), on a push instance of its own whose programs own HC_BLOCK elements (the mHC kernel's
+# channels per program at every token count); 0: the push kernel's own launch, then the mHC launch
+HC_AR = os.environ.get("DS4F_HC_AR", "1") == "1"
+HC_BLOCK = 32
 
 
 def wanted() -> bool:
@@ -64,35 +69,38 @@ class SymmAllReduce:
         self.copy_in = COPY_IN and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         symm_mem.rendezvous(self.buf, self.name)
         self.store, self.rank, self._armed = store, rank, False
-        self.push = None
+        self.push = self.hc_push = None
+        self.regions: list[Any] = []  # the push instances' symmetric buffers and handles (kept alive)
         if os.environ.get("DS4F_SYMM_PUSH", "1") == "1" if push is None else push:
-            self.push = self._make_push(device, push_tile, push_timeout_s)
+            from ds4f.kernels.knobs import env_knobs
 
-    def _make_push(self, device: torch.device, tile: tuple[int, int] | None, timeout_s: float | None) -> Any:
-        """The push kernel's receive region (symmetric memory, flag words zeroed before the rendezvous, which returns
-        on no rank before every rank has reached it) and its launcher, compiled now."""
+            if push_timeout_s is None:
+                push_timeout_s = float(os.environ.get("DS4F_SYMM_PUSH_TIMEOUT_S", "60"))
+            block, warps = push_tile or env_knobs("DS4F_SYMM_PUSH_TILE", 2, "1024,4") or PUSH_TILE
+            self.push_max = (env_knobs("DS4F_SYMM_PUSH_MAX_NUMEL", 1, "16384") or (self.cap,))[0]
+            self.push = self._make_push(device, block, warps, push_timeout_s)
+            self.push.warmup(torch.empty(4096, dtype=torch.bfloat16, device=device))
+            if HC_AR:  # a second instance (own region and epochs): program j of the mHC launch owns HC_BLOCK elements
+                self.hc_push = self._make_push(device, HC_BLOCK, 4, push_timeout_s)
+
+    def _make_push(self, device: torch.device, block: int, warps: int, timeout_s: float) -> Any:
+        """A push instance: its receive region (symmetric memory, flag words zeroed before the rendezvous, which
+        returns on no rank before every rank has reached it) and its launcher."""
         import torch.distributed._symmetric_memory as symm_mem
 
-        from ds4f.kernels.knobs import env_knobs
         from ds4f.kernels.push_allreduce import PushAllReduce, region_numel
 
-        block, warps = tile or env_knobs("DS4F_SYMM_PUSH_TILE", 2, "1024,4") or PUSH_TILE
-        self.push_max = (env_knobs("DS4F_SYMM_PUSH_MAX_NUMEL", 1, "16384") or (self.cap,))[0]
-        if timeout_s is None:
-            timeout_s = float(os.environ.get("DS4F_SYMM_PUSH_TIMEOUT_S", "60"))
-        self.region = symm_mem.empty(region_numel(self.world, self.cap, block), dtype=torch.bfloat16, device=device)
-        self.region.zero_()
+        region = symm_mem.empty(region_numel(self.world, self.cap, block), dtype=torch.bfloat16, device=device)
+        region.zero_()
         torch.cuda.synchronize(device)
-        hdl = symm_mem.rendezvous(self.region, self.name)
+        hdl = symm_mem.rendezvous(region, self.name)
         # the region sits at the same offset of every rank's mapped buffer (symmetric allocation)
-        off = self.region.data_ptr() - int(hdl.buffer_ptrs[self.rank])
+        off = region.data_ptr() - int(hdl.buffer_ptrs[self.rank])
         size = getattr(hdl, "buffer_size", None)
         assert off >= 0 and (size is None or off < int(size)), (off, size)
-        self.region_hdl = hdl
-        push = PushAllReduce([int(p) + off for p in hdl.buffer_ptrs], self.rank, self.world, self.cap, device, block,
+        self.regions.append((region, hdl))
+        return PushAllReduce([int(p) + off for p in hdl.buffer_ptrs], self.rank, self.world, self.cap, device, block,
                              warps, timeout_s)
-        push.warmup(torch.empty(4096, dtype=torch.bfloat16, device=device))
-        return push
 
     def _arm(self) -> None:
         """Meet every rank on the host store before the first push (once per instance)."""
@@ -128,6 +136,15 @@ class SymmAllReduce:
         if self._pushes(x):
             return self.push(x.contiguous(), extra)
         return self.all_reduce((x + extra.float()).to(torch.bfloat16))
+
+    def hc_reducer(self, numel: int) -> Any:
+        """The push instance for an all-reduce of numel elements inside the decode mHC launch (mhc_decode.
+        hc_step_decode's ar; armed on first use), or None: DS4F_HC_AR=0, the push kernel off, or past the cap."""
+        if self.hc_push is None or numel > self.push_max:
+            return None
+        if not self._armed:
+            self._arm()
+        return self.hc_push
 
     def _pushes(self, x: torch.Tensor) -> bool:
         """Whether x goes through the push kernel (armed on first use)."""

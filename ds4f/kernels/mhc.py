@@ -13,6 +13,8 @@ Fewer than DECODE_MAX_T tokens with hc = 4 (decode): one launch instead, ds4f/ke
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ds4f.kernels.mhc_decode import ENABLED as _DECODE_ON
@@ -254,13 +256,18 @@ def decode_kernel(x: torch.Tensor, fn: torch.Tensor | None) -> bool:
 def hc_step(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, comb: torch.Tensor | None,
             fn: torch.Tensor | None, scale: torch.Tensor | None, base: torch.Tensor | None,
             norm_w: torch.Tensor | None, iters: int, eps: float, norm_eps: float, rms_eps: float,
-            sinkhorn_stream: torch.cuda.Stream | None = None
+            sinkhorn_stream: torch.cuda.Stream | None = None, ar: Any = None, extra: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """See the module docstring. y [T, D], x [T, hc, D] (same dtype), post [T, hc] / comb [T, hc, hc] fp32,
     fn [(2+hc)*hc, hc*D] / scale [3] / base [(2+hc)*hc] / norm_w [D] fp32. sinkhorn_stream: where
-    decode_kernel(x, fn) holds, comb's Sinkhorn runs on that stream (hc_step_decode: wait on it before reading comb)."""
+    decode_kernel(x, fn) holds, comb's Sinkhorn runs on that stream (hc_step_decode: wait on it before reading comb).
+    ar / extra (only where decode_kernel(x, fn) holds): y is this rank's partial sum, all-reduced inside the launch
+    (hc_step_decode; with extra, y is fp32)."""
     t, hc, dim = x.shape
-    assert y is None or (y.shape == (t, dim) and y.dtype == x.dtype), (None if y is None else y.shape, x.shape)
+    assert y is None or (y.shape == (t, dim) and (y.dtype == x.dtype or extra is not None)), (
+        None if y is None else y.shape, x.shape)
+    if ar is not None and not decode_kernel(x, fn):
+        raise ValueError("hc_step: an in-launch all-reduce (ar) needs the one-launch decode kernel (decode_kernel)")
     assert y is None or (post is not None and post.shape == (t, hc) and comb is not None
                          and comb.shape == (t, hc, hc))
     nm = (2 + hc) * hc
@@ -280,7 +287,7 @@ def hc_step(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, 
         return _hc_step_gemm(y, x, post, comb, fn, scale, base, norm_w, iters, eps, norm_eps, rms_eps)
     if t < DECODE_MAX_T and hc == 4:
         return hc_step_decode(y, x, post, comb, fn, scale, base, norm_w, iters, eps, norm_eps, rms_eps,
-                              sinkhorn_stream=sinkhorn_stream)
+                              sinkhorn_stream=sinkhorn_stream, ar=ar, extra=extra)
     use_dot = t >= 16 and dim >= 16  # token tiles through tl.dot; else one token per program
     bd = min(128 if use_dot else 64, triton.next_power_of_2(dim))
     nsplit = triton.cdiv(dim, bd)

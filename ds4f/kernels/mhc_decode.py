@@ -11,9 +11,16 @@ atomic); the last to arrive reloads the partials and X' (L2) and does mix -> pre
 per thread: no cross-thread traffic in the 20 iterations) -> collapse -> RMSNorm, then re-arms the count to 0
 (CUDA-graph replays find it zeroed). The counts are one persistent int32 buffer per device (allocate it outside a
 graph capture: run a call first), so calls on one device must not overlap on two streams.
+
+Under tensor parallelism the sublayer output y arrives as each rank's partial sum; with `ar` each program first
+all-reduces its own y chunk by the push protocol of ds4f/kernels/push_allreduce.py (store to the peers, flag, wait,
+rank-order sum, one bf16 rounding) and goes on with the sum: the all-reduce launch before this one and its handoff
+leave the chain, and the streams' loads overlap the wait. DS4F_HC_AR (ds4f/distributed/symm.py) switches it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -25,6 +32,7 @@ try:
     import triton.language as tl
 
     from ds4f.kernels.pdl import enter as pdl_enter
+    from ds4f.kernels.push_allreduce import _push_sum, _rne_bf16
 except ImportError:  # CPU-only installs: hc_step falls back to its torch reference
     triton = None
 
@@ -99,6 +107,32 @@ if triton is not None:
             tl.store(xo_ptr + xrow, xk, mask=dm[None, :])
         else:
             xk = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0)
+        return xk
+
+    @triton.jit
+    def _post_mix_ar(y_ptr, extra_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, pid, addr_ptr, epoch_ptr,
+                     err_ptr, rank, timeout, BLOCK_D: tl.constexpr, W: tl.constexpr, CAP: tl.constexpr,
+                     MAXB: tl.constexpr, TIMER: tl.constexpr, TRAP: tl.constexpr, SW_ROUND: tl.constexpr,
+                     ADD: tl.constexpr):
+        # _post_mix (HAS_Y) with y the sum over the TP ranks of their terms (push_allreduce._push_sum: this
+        # program is the push protocol's program pid, message elements pid * BLOCK_D + [0, BLOCK_D) = token t's
+        # channels d, as D % BLOCK_D == 0); the term is y's bf16 chunk, or with ADD bf16(y + extra) (y fp32). The
+        # streams, comb and post are loaded first: their latency overlaps the wait for the peers
+        j = tl.arange(0, 4)
+        xrow = t * (4 * D) + j[:, None] * D + d[None, :]  # [4, BD]
+        xs = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0).to(tl.float32)
+        cm = tl.load(comb_ptr + t * 16 + j[:, None] * 4 + j[None, :])  # [j, k]
+        pk = tl.load(post_ptr + t * 4 + j)
+        e = tl.load(epoch_ptr + pid) + 1
+        offs = tl.max_contiguous(tl.multiple_of(pid * BLOCK_D + tl.arange(0, BLOCK_D), BLOCK_D), BLOCK_D)
+        mine = tl.load(y_ptr + offs, mask=dm, other=0.0)
+        if ADD:
+            mine = _rne_bf16(mine + tl.load(extra_ptr + offs, mask=dm, other=0.0).to(tl.float32), SW_ROUND)
+        acc = _push_sum(mine, e, offs, dm, pid, addr_ptr, epoch_ptr, err_ptr, rank, timeout, W, CAP, MAXB, TIMER,
+                        TRAP)
+        yv = _rne_bf16(acc, SW_ROUND).to(tl.float32)  # the bf16 sum push_allreduce would have stored
+        xk = (pk[:, None] * yv[None, :] + tl.sum(cm[:, :, None] * xs[:, None, :], 0)).to(xo_ptr.dtype.element_ty)
+        tl.store(xo_ptr + xrow, xk, mask=dm[None, :])
         return xk
 
     @triton.jit
@@ -184,8 +218,13 @@ if triton is not None:
                    xn_ptr, post2_ptr, comb2_ptr, D, NSPLIT, eps, norm_eps, rms_eps, ITERS: tl.constexpr,
                    NM: tl.constexpr, NMP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_F: tl.constexpr, HAS_Y: tl.constexpr, HAS_FN: tl.constexpr, SINK: tl.constexpr,
-                   PDL: tl.constexpr = False):
-        # x / xo [T, 4, D], fn [NM, 4*D] fp32, pd [T, NSPLIT + 1, NMP] fp32, cnt [>= T] int32 (zero between calls)
+                   PDL: tl.constexpr = False, AR: tl.constexpr = False, addr_ptr=None, epoch_ptr=None, err_ptr=None,
+                   extra_ptr=None, rank=0, timeout=0, W: tl.constexpr = 1, CAP: tl.constexpr = 1,
+                   MAXB: tl.constexpr = 1, TIMER: tl.constexpr = False, TRAP: tl.constexpr = False,
+                   SW_ROUND: tl.constexpr = False, ADD: tl.constexpr = False):
+        # x / xo [T, 4, D], fn [NM, 4*D] fp32, pd [T, NSPLIT + 1, NMP] fp32, cnt [>= T] int32 (zero between calls);
+        # AR (HAS_Y): y is this rank's partial sum, reduced over the TP ranks here (_post_mix_ar; the push protocol's
+        # arguments as push_allreduce._push_ar's)
         t = tl.program_id(0).to(tl.int64)
         sp = tl.program_id(1)
         d = sp * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -197,7 +236,12 @@ if triton is not None:
             f = tl.load(fn_ptr + r[:, None, None] * (4 * D) + j[None, :, None] * D + d[None, None, :],
                         mask=(r < NM)[:, None, None] & dm[None, None, :], other=0.0)  # [NMP, 4, BD]
         pdl_enter(PDL)
-        xk = _post_mix(y_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, 4, HAS_Y)
+        if AR:
+            xk = _post_mix_ar(y_ptr, extra_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, t * NSPLIT + sp,
+                              addr_ptr, epoch_ptr, err_ptr, rank, timeout, BLOCK_D, W, CAP, MAXB, TIMER, TRAP,
+                              SW_ROUND, ADD)
+        else:
+            xk = _post_mix(y_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, 4, HAS_Y)
         if HAS_FN:
             xf = xk.to(tl.float32)
             acc = tl.sum(tl.sum(f * xf[None, :, :], 2), 1)
@@ -220,9 +264,15 @@ def hc_step_decode(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor |
                    fn: torch.Tensor | None, scale: torch.Tensor | None, base: torch.Tensor | None,
                    norm_w: torch.Tensor | None, iters: int, eps: float, norm_eps: float, rms_eps: float,
                    block_d: int | None = None, num_warps: int | None = None, split_sinkhorn: bool = False,
-                   sinkhorn_stream: torch.cuda.Stream | None = None
+                   sinkhorn_stream: torch.cuda.Stream | None = None, ar: Any = None,
+                   extra: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """See the module docstring (checked, contiguous inputs from hc_step; y or fn given).
+
+    ar (a push_allreduce.PushAllReduce whose block is the channels per program; y and fn given): y is this rank's
+    partial sum of the sublayer output and the launch all-reduces it first, as push_allreduce's launch would (the
+    same bits, one launch less); extra (bf16, y's shape): y is fp32 and the term is bf16(y + extra)
+    (PushAllReduce's ADD). Every rank makes the same calls in the same order (a collective).
 
     split_sinkhorn or sinkhorn_stream: the finishing program stores comb's logits and a second launch (_hc_sinkhorn)
     turns them into comb; with sinkhorn_stream it runs there (forked from the current stream): the caller must make
@@ -234,6 +284,16 @@ def hc_step_decode(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor |
     knobs = _KNOBS or (0, 0)
     bd = block_d or knobs[0] or (32 if t == 1 else 64)
     bd = min(triton.next_power_of_2(bd), triton.next_power_of_2(dim))
+    ar_kw: dict[str, Any] = {}
+    if ar is not None:  # the protocol's program j owns message elements [j * block, (j + 1) * block) in every call
+        bd = ar.block
+        assert y is not None and fn is not None and dim % bd == 0 and t * dim <= ar.cap, (bd, dim, t, ar.cap)
+        assert y.dtype == (torch.bfloat16 if extra is None else torch.float32) and y.is_contiguous(), y.dtype
+        assert extra is None or (extra.dtype == torch.bfloat16 and extra.shape == y.shape), extra
+        ar_kw = dict(AR=True, addr_ptr=ar.addrs, epoch_ptr=ar.epoch, err_ptr=ar.err, rank=ar.rank,
+                     timeout=ar.timeout, W=ar.world, CAP=ar.cap, MAXB=ar.maxb, TIMER=ar.timer, TRAP=ar.trap,
+                     SW_ROUND=not ar.timer, ADD=extra is not None,
+                     extra_ptr=extra.contiguous() if extra is not None else y)
     bf = triton.next_power_of_2(dim)
     nw = num_warps or knobs[1] or max(4, min(16, bf // 512))
     nsplit = triton.cdiv(dim, bd)
@@ -253,7 +313,7 @@ def hc_step_decode(y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor |
                             ITERS=iters, NM=nm, NMP=nmp, BLOCK_D=bd, BLOCK_S=triton.next_power_of_2(nsplit),
                             BLOCK_F=bf, HAS_Y=y is not None, HAS_FN=fn is not None,
                             SINK=not (split_sinkhorn or sinkhorn_stream is not None), num_warps=nw,
-                            **pdl.launch(x.device))
+                            **pdl.launch(x.device), **ar_kw)
     if fn is None:
         return xo, None, None, None
     if sinkhorn_stream is not None:

@@ -82,21 +82,13 @@ if triton is not None:
         return acc.to(tl.bfloat16)
 
     @triton.jit
-    def _push_ar(x_ptr, out_ptr, addr_ptr, epoch_ptr, err_ptr, n, rank, timeout,
-                 W: tl.constexpr, CAP: tl.constexpr, MAXB: tl.constexpr, BLOCK: tl.constexpr, TIMER: tl.constexpr,
-                 TRAP: tl.constexpr, SW_ROUND: tl.constexpr, ADD: tl.constexpr = False, extra_ptr=None):
-        # ADD: x is fp32 and this rank's term is bf16(x + extra) (extra bf16), rounded once as an fp32 sum stored to
-        # bf16 would be: the MoE's routed pick sum and its shared expert's output, added here instead of in the
-        # down kernel (PushAllReduce.__call__)
-        pid = tl.program_id(0)
-        e = tl.load(epoch_ptr + pid) + 1
+    def _push_sum(x, e, offs, mask, pid, addr_ptr, epoch_ptr, err_ptr, rank, timeout, W: tl.constexpr,
+                  CAP: tl.constexpr, MAXB: tl.constexpr, TIMER: tl.constexpr, TRAP: tl.constexpr):
+        # program pid's share of call e = epoch[pid] + 1 (steps 1-4 of the module docstring): this rank's term x
+        # [BLOCK] bf16 at message elements offs -> the rank-order fp32 sum over the ranks (round it once to bf16);
+        # epoch[pid] = e
+        BLOCK: tl.constexpr = x.shape[0]
         par = e & 1
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        if ADD:
-            x = _rne_bf16(x + tl.load(extra_ptr + offs, mask=mask, other=0.0).to(tl.float32), SW_ROUND)
         flag_off = 2 * W * CAP * 2  # bytes: the flag words follow the data
         # 1. push this chunk into every peer's slot [par, rank]
         for i in tl.static_range(1, W):
@@ -134,15 +126,33 @@ if triton is not None:
         tl.debug_barrier()
         # 4. rank-order fp32 sum: the same bits on every rank
         src = own.to(tl.pointer_type(tl.bfloat16), bitcast=True) + par * W * CAP
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros(x.shape, dtype=tl.float32)
         for q in tl.static_range(W):
             if q == rank:
                 acc += x.to(tl.float32)
             else:
                 ptrs = tl.max_contiguous(tl.multiple_of(src + q * CAP + offs, 16), BLOCK)
                 acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(out_ptr + offs, _rne_bf16(acc, SW_ROUND), mask=mask)
         tl.store(epoch_ptr + pid, e)
+        return acc
+
+    @triton.jit
+    def _push_ar(x_ptr, out_ptr, addr_ptr, epoch_ptr, err_ptr, n, rank, timeout,
+                 W: tl.constexpr, CAP: tl.constexpr, MAXB: tl.constexpr, BLOCK: tl.constexpr, TIMER: tl.constexpr,
+                 TRAP: tl.constexpr, SW_ROUND: tl.constexpr, ADD: tl.constexpr = False, extra_ptr=None):
+        # ADD: x is fp32 and this rank's term is bf16(x + extra) (extra bf16), rounded once as an fp32 sum stored to
+        # bf16 would be: the MoE's routed pick sum and its shared expert's output, added here instead of in the
+        # down kernel (PushAllReduce.__call__)
+        pid = tl.program_id(0)
+        e = tl.load(epoch_ptr + pid) + 1
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if ADD:
+            x = _rne_bf16(x + tl.load(extra_ptr + offs, mask=mask, other=0.0).to(tl.float32), SW_ROUND)
+        acc = _push_sum(x, e, offs, mask, pid, addr_ptr, epoch_ptr, err_ptr, rank, timeout, W, CAP, MAXB, TIMER, TRAP)
+        tl.store(out_ptr + offs, _rne_bf16(acc, SW_ROUND), mask=mask)
 
 
 def _extra(extra: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ MXFP4 routed experts stacked packed, the shared expert on its packed FP8 weights
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -144,25 +145,36 @@ class FastModel:
         comm = getattr(self.model, "tp_comm", None)  # TP: the sublayers' partial sums, as the reference's hooks
         for i, blk in enumerate(layers):
             y = self._attn(i, blk, xn, meta, cache, d)
-            if comm is not None:
-                y = comm.all_reduce(y)
-            x, xn, post, comb = self._hc(y, x, post, comb, blk, "ffn")
+            x, xn, post, comb = self._reduce_hc(comm, y, None, x, post, comb, blk, "ffn")
             y = self._moe(i, blk, xn, meta.input_ids, comm is not None and self.shared_at_ar)
+            sh = None
             if isinstance(y, tuple):  # the routed pick sum (fp32) and the shared expert's output, added in the AR
-                y32, sh, ready = y
+                y, sh, ready = y
                 if ready is not None:
                     torch.cuda.current_stream().wait_stream(ready)
-                y = comm.all_reduce_add(y32, sh)
-            elif comm is not None:
-                y = comm.all_reduce(y)
-            x, xn, post, comb = self._hc(y, x, post, comb, layers[i + 1] if i + 1 < len(layers) else None, "attn")
+            x, xn, post, comb = self._reduce_hc(comm, y, sh, x, post, comb,
+                                                layers[i + 1] if i + 1 < len(layers) else None, "attn")
         return x
 
+    def _reduce_hc(self, comm: Any, y: torch.Tensor, extra: torch.Tensor | None, x: torch.Tensor,
+                   post: torch.Tensor | None, comb: torch.Tensor | None, nxt: Block | None,
+                   kind: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """A sublayer's output y (TP: this rank's partial sum; extra: y is fp32 and the term is bf16(y + extra))
+        summed over the ranks, then _hc. The sum runs inside the decode mHC launch where Comm.hc_reducer gives an
+        instance (DS4F_HC_AR), else as its own all-reduce first."""
+        ar = None
+        if comm is not None and nxt is not None and decode_kernel(x, getattr(nxt, f"hc_{kind}_fn")):
+            ar = comm.hc_reducer(y if extra is None else extra)
+        if comm is not None and ar is None:
+            y, extra = (comm.all_reduce(y) if extra is None else comm.all_reduce_add(y, extra)), None
+        return self._hc(y, x, post, comb, nxt, kind, ar, extra)
+
     def _hc(self, y: torch.Tensor | None, x: torch.Tensor, post: torch.Tensor | None, comb: torch.Tensor | None,
-            nxt: Block | None, kind: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                                                   torch.Tensor | None]:
+            nxt: Block | None, kind: str, ar: Any = None, extra: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """hc_post of the sublayer that gave y (none: x as is), then the hc_pre + RMSNorm of the next sublayer
-        (nxt's `kind`) -> streams, its normed input, post, comb (None after the last sublayer)."""
+        (nxt's `kind`) -> streams, its normed input, post, comb (None after the last sublayer). ar / extra: y is
+        this rank's partial sum, all-reduced inside the launch (_reduce_hc)."""
         a = self.args
         if self._sink_pending:  # the previous step's comb (Sinkhorn on the side stream) is read now
             torch.cuda.current_stream().wait_stream(self._sink)
@@ -179,7 +191,7 @@ class FastModel:
             self._sink_pending = True
         return hc_step(y, x, post, comb, fn, getattr(nxt, f"hc_{kind}_scale"), getattr(nxt, f"hc_{kind}_base"),
                        norm.weight, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps, a.rms_norm_eps,
-                       sinkhorn_stream=side)
+                       sinkhorn_stream=side, ar=ar, extra=extra)
 
     @torch.no_grad()
     def logits(self, streams: torch.Tensor, meta: StepMeta) -> torch.Tensor:

@@ -1,0 +1,142 @@
+"""⑦ the decode mHC launch with the sublayer's all-reduce inside it (ds4f/kernels/mhc_decode.py `ar`, DS4F_HC_AR) on
+2 GPUs: for T = 1 / 4 and the plain and ADD forms (fp32 partial + bf16 term) its four outputs equal, bit for bit,
+the push all-reduce's own launch followed by the plain mHC launch, eagerly and from a CUDA graph of 8 chained steps
+replayed on new data while the ranks take turns to lag; prints the microseconds per step of both forms in a graph."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
+]
+
+WORKER = r"""
+import os, sys, time, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[4])
+from ds4f.distributed.comm import nccl_group
+from ds4f.distributed.symm import SymmAllReduce
+from ds4f.kernels.mhc_decode import hc_step_decode
+rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.cuda.set_device(rank)
+dev = torch.device("cuda", rank)
+store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, wait_for_workers=True)
+pg = nccl_group(dist.PrefixStore("model", store), rank, 2, 60.0)
+a = SymmAllReduce(store, rank, 2, dev, backend=pg, push=True, push_timeout_s=20)
+assert a.hc_push is not None
+D, K, M, ITERS, EPS = 4096, 8, 32, 20, 1e-6
+cur = torch.cuda.current_stream()
+lines = []
+
+def weights(seed):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=dev)
+    return (r(24, 4 * D) / (4 * D) ** 0.5, torch.rand(3, generator=g, device=dev) + 0.5, r(24) * 0.5,
+            torch.rand(D, generator=g, device=dev) + 0.5)
+
+def state(t, seed):  # streams, post, comb: the same on both ranks
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return (torch.randn(t, 4, D, generator=g, device=dev).bfloat16(), 2 * torch.rand(t, 4, generator=g, device=dev),
+            torch.softmax(torch.randn(t, 4, 4, generator=g, device=dev), -1))
+
+def partial(t, seed, add):  # this rank's term: bf16, or fp32 + a bf16 extra
+    g = torch.Generator(device=dev).manual_seed(seed * 7 + rank)
+    y = torch.randn(t, D, generator=g, device=dev) * (rank + 1)
+    return (y, torch.randn(t, D, generator=g, device=dev).bfloat16()) if add else (y.bfloat16(), None)
+
+def fused(y, e, x, post, comb, w):
+    return hc_step_decode(y, x, post, comb, *w, ITERS, EPS, EPS, EPS, split_sinkhorn=True, ar=a.hc_push, extra=e)
+
+def plain(y, e, x, post, comb, w):
+    s = a.push(y) if e is None else a.push(y, e)
+    return hc_step_decode(s, x, post, comb, *w, ITERS, EPS, EPS, EPS, block_d=32, split_sinkhorn=True)
+
+def chain(f, ys, x, post, comb, w):  # K sublayer boundaries: each step's streams / post / comb feed the next
+    outs = []
+    for y, e in ys:
+        x, xn, post, comb = f(y, e, x, post, comb, w)
+        outs += [x, xn, post, comb]
+    return outs
+
+def capture(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(cur)
+    with torch.cuda.stream(s):
+        fn()
+    cur.wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = fn()
+    return graph, res
+
+w = weights(1)
+for t in (1, 4):
+    for add in (False, True):
+        x, post, comb = state(t, 2)
+        ys = [partial(t, 10 + k, add) for k in range(K)]
+        want = chain(plain, ys, x, post, comb, w)
+        got = chain(fused, ys, x, post, comb, w)
+        torch.cuda.synchronize()
+        assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want)), (t, add, "eager")
+        # a graph of the K fused steps on static inputs, replayed on new data, one rank lagging now and then
+        graph, outs = capture(lambda: chain(fused, ys, x, post, comb, w))
+        for rep in range(6):
+            new = [partial(t, 100 * rep + k, add) for k in range(K)]
+            for (y, e), (ny, ne) in zip(ys, new):
+                y.copy_(ny)
+                if e is not None:
+                    e.copy_(ne)
+            if rep % 2 == rank:
+                torch.cuda._sleep(50000)
+            graph.replay()
+            want = chain(plain, ys, x, post, comb, w)
+            torch.cuda.synchronize()
+            assert all(torch.equal(o, w_) for o, w_ in zip(outs, want)), (t, add, "graph", rep)
+        for name, f in (("fused", fused), ("push + mHC", plain)):
+            graph, _ = capture(lambda: [chain(f, ys, x, post, comb, w) for _ in range(M // K)])
+            graph.replay()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
+            us = (time.perf_counter() - t0) / (20 * M) * 1e6
+            lines.append(f"rank {rank} T={t} add={int(add)} {name}: {us:.2f} us per sublayer boundary in a CUDA graph")
+assert a.hc_push.error() == 0 and a.push.error() == 0
+open(out, "w").write("\n".join(lines) + "\n")
+dist.PrefixStore("done", store).set(str(rank), "1")
+store.wait([f"done/{r}" for r in range(2)])
+os._exit(0)
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hc_ar_equals_push_then_mhc(tmp_path: Path) -> None:
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[2])
+    port = _port()
+    outs = [tmp_path / f"r{r}.txt" for r in range(2)]
+    env = dict(os.environ, PYTHONPATH=root, DS4F_HC_AR="1")
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(port), str(outs[r]), root], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:  # a hung rendezvous must not outlive the test
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    for o in outs:
+        print(o.read_text())
