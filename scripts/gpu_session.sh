@@ -604,6 +604,19 @@ case "${1:-}" in
     test_summary | tee "$OUT/gpu_tests.log"; grep -E "sublayer boundary|PICK" /tmp/gpulogs/hc_ar.log | tee "$OUT/hc_ar.log"
     tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
     S18_AB="${S18_AB:-DS4F_HC_AR=0;-}" bash "$0" s18ab "$2" ;;
+  s24b)  # 2 GPUs: the GPU tests whose paths reach the in-mHC all-reduce (TP=2 fast path with graphs) or the up
+    # kernel's operands on a side stream (packed fast path, the TP=2 rank alone), T_CAP s each, then s18ab's decode
+    # b1 / b4 at depth 64 under each env of S18_AB (default: the defaults)
+    mkdir -p /tmp/gpulogs
+    CUDA_VISIBLE_DEVICES=0 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fast_packed_gpu.py tests/gpu/test_shared_at_ar_gpu.py > /tmp/gpulogs/packed.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fast_model.py > /tmp/gpulogs/fast_model.log 2>&1 &
+    wait
+    DS4F_COMPILE=0 timeout "${T_CAP:-150}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_tp_fast_gpu.py > /tmp/gpulogs/tp_fast.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
+    S18_AB="${S18_AB:--}" bash "$0" s18ab "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

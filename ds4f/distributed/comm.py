@@ -70,7 +70,7 @@ class Comm:
         rank), else None (then all_reduce / all_reduce_add as usual). msg: the bf16 message (the term's shape)."""
         if self.world == 1 or self.fast_ar is None or not hasattr(self.fast_ar, "hc_reducer") or not msg.is_cuda:
             return None
-        ar = self.fast_ar.hc_reducer(msg.numel())
+        ar = self.fast_ar.hc_reducer(msg.shape[0], msg.numel())
         if ar is not None:
             self.counts["all_reduce"] += 1
             self.nbytes["all_reduce"] += msg.numel() * 2

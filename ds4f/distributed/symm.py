@@ -25,14 +25,20 @@ from typing import Any
 
 import torch
 
+from ds4f.kernels.knobs import env_buckets
+
 MAX_BYTES = 512 << 10  # 64 tokens x 4096 x bf16: the largest decode graph bucket's message
 # the copy-in one-shot kernel (torch >= 2.7); DS4F_SYMM_COPY_IN=0: a separate copy, then one_shot_all_reduce_out
 COPY_IN = os.environ.get("DS4F_SYMM_COPY_IN", "1") == "1"
 PUSH_TILE = (1024, 4)  # elements per program, warps (DS4F_SYMM_PUSH_TILE)
-# DS4F_HC_AR (default 1): a decode sublayer's all-reduce runs inside the mHC launch that consumes its sum
-# (ds4f/kernels/mhc_decode.py), on a push instance of its own whose programs own HC_BLOCK elements (the mHC kernel's
-# channels per program at every token count); 0: the push kernel's own launch, then the mHC launch
-HC_AR = os.environ.get("DS4F_HC_AR", "1") == "1"
+# DS4F_HC_AR: token buckets (1: one token, 4: two to fifteen) where a decode sublayer's all-reduce runs inside the
+# mHC launch that consumes its sum (ds4f/kernels/mhc_decode.py), on a push instance of its own whose programs own
+# HC_BLOCK elements (the mHC kernel's channels per program); elsewhere the push kernel's own launch, then the mHC
+# launch; "" none. Two H200s (tests/gpu/test_hc_ar_gpu.py, a CUDA graph of chained boundaries, session 24): 11.7 vs
+# 12.9 us per sublayer boundary at T = 1, 17.4 vs 15.2 at T = 4 (512 programs, each with its own flag over NVLink).
+# Full model, TP=2 (session 24 call 1, both buckets on): replay 4.632 ms at b1 (4.663 / 4.665 in session 23's two
+# runs), 7.275 at b4 (6.856 / 6.870): hence "1"
+HC_AR = frozenset(env_buckets("DS4F_HC_AR", "1"))
 HC_BLOCK = 32
 
 
@@ -137,10 +143,11 @@ class SymmAllReduce:
             return self.push(x.contiguous(), extra)
         return self.all_reduce((x + extra.float()).to(torch.bfloat16))
 
-    def hc_reducer(self, numel: int) -> Any:
-        """The push instance for an all-reduce of numel elements inside the decode mHC launch (mhc_decode.
-        hc_step_decode's ar; armed on first use), or None: DS4F_HC_AR=0, the push kernel off, or past the cap."""
-        if self.hc_push is None or numel > self.push_max:
+    def hc_reducer(self, tokens: int, numel: int) -> Any:
+        """The push instance for an all-reduce of tokens rows (numel elements) inside the decode mHC launch
+        (mhc_decode.hc_step_decode's ar; armed on first use), or None: tokens' bucket not in DS4F_HC_AR, the push
+        kernel off, or past the cap."""
+        if self.hc_push is None or numel > self.push_max or (1 if tokens <= 1 else 4) not in HC_AR:
             return None
         if not self._armed:
             self._arm()

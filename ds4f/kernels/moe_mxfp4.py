@@ -296,6 +296,7 @@ def fused_moe_mxfp4(
     shared_out: torch.Tensor | None = None,
     shared_ready: Any = None,
     defer_shared: bool = False,
+    x_side: Any = None,
 ) -> torch.Tensor:
     """out [T, D] bf16 = Σ_j weights[t,j] · (swiglu_clamp(x[t] @ W13[e]ᵀ) @ W2[e]ᵀ) (+ shared expert), e = ids[t,j].
 
@@ -312,7 +313,9 @@ def fused_moe_mxfp4(
     decode path's down kernel), so the routed up GEMM overlaps it. defer_shared (with shared_out): where the FP8-
     activation decode kernels run, the pick sum comes back in fp32 without shared_out and shared_ready is not joined:
     the caller adds shared_out and rounds once (Comm.all_reduce_add, after joining shared_ready), so the down kernel
-    does not wait for the shared expert; other paths add it as usual and return bf16 (the dtype tells which)."""
+    does not wait for the shared expert; other paths add it as usual and return bf16 (the dtype tells which).
+    x_side: (stream, event): where the FP8-activation decode kernels run, x's operands are built on that stream
+    (moe_mxfp4_decode.moe_decode); ignored elsewhere."""
     assert shared is None or shared_out is None, "pass the shared expert's weights or its output, not both"
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(-1) == 1, "x must be [T, D] bf16"
     T, DM = x.shape
@@ -356,7 +359,8 @@ def fused_moe_mxfp4(
         if use_a8 and a8.fits(dec, DM, I):
             defer = defer_shared and shared_out is not None  # the caller adds shared_out: not read here
             return a8.moe_decode_a8(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit,
-                                    None if defer else out_sh, dec, None if defer else shared_ready, out_f32=defer)
+                                    None if defer else out_sh, dec, None if defer else shared_ready, out_f32=defer,
+                                    x_side=x_side)
         return md.moe_decode(x, (w13_q, w13_s), (w2_q, w2_s), ids, weights, swiglu_limit, out_sh, dec,
                              bool(c.get("ASM", x.is_cuda and not _INTERPRET)),
                              bool(c.get("SUB", md.sub_default(x.device))),

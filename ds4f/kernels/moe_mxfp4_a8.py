@@ -365,12 +365,13 @@ def expand_x(x: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]
 def moe_decode_a8(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                   ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
                   cfgs: tuple[Cfg, Cfg], shared_ready: Any = None,
-                  act_out: list[torch.Tensor] | None = None, out_f32: bool = False) -> torch.Tensor:
+                  act_out: list[torch.Tensor] | None = None, out_f32: bool = False, x_side: Any = None) -> torch.Tensor:
     """moe_mxfp4_decode.moe_decode with these kernels (no asm / sub: the e4m3 placement has one form); cfgs must
     also pass fits() here; act_out: a list that receives the activation rows a [T*k, I] bf16 (tests check the two
-    launches apart); out_f32: the pick sum in fp32 (shared_out None: the caller adds it). -> [T, D] bf16 (fp32)."""
+    launches apart); out_f32: the pick sum in fp32 (shared_out None: the caller adds it); x_side: moe_decode's.
+    -> [T, D] bf16 (fp32)."""
     return moe_decode(x, w13, w2, ids, weights, limit, shared_out, cfgs, False, shared_ready=shared_ready, form="a8",
-                      act_out=act_out, out_f32=out_f32)
+                      act_out=act_out, out_f32=out_f32, x_side=x_side)
 
 
 def fused_moe_mxfp4_a8_ref(x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: torch.Tensor,

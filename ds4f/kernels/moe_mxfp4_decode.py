@@ -388,14 +388,17 @@ def tiles_for(config: dict | None, native: bool, T: int, k: int, D: int, I: int)
 def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tuple[torch.Tensor, torch.Tensor],
                ids: torch.Tensor, weights: torch.Tensor, limit: float, shared_out: torch.Tensor | None,
                cfgs: tuple[Cfg, Cfg], asm: bool, sub: bool = False, shared_ready: Any = None, form: str = "dec",
-               act_out: list[torch.Tensor] | None = None, out_f32: bool = False) -> torch.Tensor:
+               act_out: list[torch.Tensor] | None = None, out_f32: bool = False, x_side: Any = None) -> torch.Tensor:
     """The two launches. x [T, D] bf16; w13 = (bytes [E, 2I, D/2], UE8M0 [E, 2I, D/32]) and w2 = ([E, D, I/2],
     [E, D, I/32]) uint8, contiguous (moe_mxfp4 checked them; the bf16 form reads the bytes as int16 words); ids
     [T, k] int32, weights [T, k] fp32; shared_out [T, D] or None; cfgs from pick() that fits() the shape; asm: the PTX
     decode (CUDA), sub: its SUB form; form: "dec" these kernels, "a8" moe_mxfp4_a8's (FP8 activations; asm / sub
     unused), "cc" moe_mxfp4_cc's CUDA-core kernels (cfgs its fits(): num_stages = DEPTH);
     shared_ready: the stream computing shared_out, joined before down reads it; act_out: a list that receives the
-    activation rows a [T*k, I] bf16; out_f32 (form "a8"): the pick sum in fp32, out [T, D] fp32. -> [T, D] bf16."""
+    activation rows a [T*k, I] bf16; out_f32 (form "a8"): the pick sum in fp32, out [T, D] fp32; x_side (form "a8",
+    CUDA): (stream, event recorded on the caller's stream before its router launch): x's MMA operands (_a8_expand)
+    are built on that stream from the event on, beside the router, and joined right before the up launch, instead
+    of between the router and the up kernel on the chain. -> [T, D] bf16."""
     (q13, s13), (q2, s2) = w13, w2
     xb = xb_down = None
     half = False  # a8: one weight half per up program (moe_mxfp4_a8.HALF)
@@ -420,7 +423,16 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
         name, per, flags = "mxfp4_a8", 2, {}  # bytes: 2 columns each
         fu = dict(HALF=True) if half else {}  # the up launch's only
         ppp = a8.down_picks(x.shape[0], ids.shape[1])
-        xb = a8.expand_x(x, cfgs[0][1]) if a8.XB or half else None
+        if (a8.XB or half) and x_side is not None:
+            side, fork = x_side
+            side.wait_event(fork)
+            with torch.cuda.stream(side):  # read on this stream only after the join below (memory: see the caller)
+                xb = a8.expand_x(x, cfgs[0][1])
+            built = torch.cuda.Event()
+            built.record(side)
+            torch.cuda.current_stream().wait_event(built)
+        else:
+            xb = a8.expand_x(x, cfgs[0][1]) if a8.XB or half else None
     else:
         up, down = _dec_up, _dec_down
         q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word

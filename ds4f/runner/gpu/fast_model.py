@@ -10,9 +10,11 @@ tensors + embedding in one (glue.derive -> ds4f.kernels.step_meta).
 Decode steps (<= 16 tokens, CUDA) run each layer's kv / compressor chain and its indexer chain on two side streams
 beside the q projection (q_norm inside its GEMV: packed.linear_norm), a packed checkpoint's bf16 input run (the
 compressors' wkv / wgate, weights_proj) and the index compressor on a third beside the FP8 wq_a | wkv run, the packed
-FP8 shared expert on the first beside the router and routed up GEMM, and each mHC step's Sinkhorn on a fourth (joined
-before the next mHC step reads comb), all at high priority; bf16 projections of <= 16 tokens go through the Triton
-GEMV (ds4f.kernels.gemv), FP8 ones through fp8_gemm's decode GEMV.
+FP8 shared expert on the first beside the router and routed up GEMM, the routed up kernel's x operands on the second
+beside the router, and each mHC step's Sinkhorn on a fourth (joined before the next mHC step reads comb), all at high
+priority; under TP a sublayer's all-reduce runs inside the next mHC launch where Comm.hc_reducer allows
+(_reduce_hc); bf16 projections of <= 16 tokens go through the Triton GEMV (ds4f.kernels.gemv), FP8 ones through
+fp8_gemm's decode GEMV.
 An eager step (StepMeta.max_len known on the host) scores only the first glue.index_len index entries of each CSA
 layer: at 1M context a chunk early in the prompt sees a few thousand of 262144; decode graphs keep every column.
 
@@ -27,7 +29,6 @@ MXFP4 routed experts stacked packed, the shared expert on its packed FP8 weights
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -48,10 +49,11 @@ from ds4f.model.layers import Rope
 from ds4f.runner.gpu import glue, packed
 from ds4f.runner.gpu.derived import Derived as _Derived
 from ds4f.runner.gpu.derived import derive_step
+from ds4f.runner.gpu.knobs import FastKnobs
 from ds4f.runner.gpu.pools import FastCache, Fp8Keys, StepMeta
 
 
-class FastModel:
+class FastModel(FastKnobs):
     def __init__(self, model: Transformer, max_pos: int) -> None:
         self.model, self.args = model, model.args
         a = self.args
@@ -64,53 +66,8 @@ class FastModel:
         self.tables = {"main": rm.cos_sin(pos), "compress": Rope.compress(a).cos_sin(pos)}
         del pos
         self.index_bucket = glue.INDEX_BUCKET  # indexer column counts of eager steps are multiples of this
-        # HCA attention stops at each token's visible entries (short contexts in 1M pools); DS4F_ATTN_LIVE=0: all
-        self.attn_live = os.environ.get("DS4F_ATTN_LIVE", "1") == "1"
-        # TP prefill chunks of >= sp_index_min_t tokens split the indexer by tokens (128K TTFT at TP=2: 22.7 vs 29.4 s)
-        self.sp_indexer = os.environ.get("DS4F_SP_INDEXER", "1") == "1"
-        # from 2048 tokens: >= 1024 rows per rank, so torch.topk ranks both the split and the whole (same order)
-        self.sp_index_min_t = int(os.environ.get("DS4F_SP_INDEXER_MIN_T", "2048"))
-        # DS4F_INDEX_FP8=1 (fp8 index keys): indexer q per head in e4m3, scores by the fp8 MMA; opt-in until measured
-        self.index_fp8 = os.environ.get("DS4F_INDEX_FP8", "0") == "1"
-        # the indexer query's RoPE, weight scale and e4m3 rows in one launch (ds4f.kernels.index_q; H200 8-layer 8K
-        # step 1.925 vs 1.929 ms, 3 launches fewer per CSA layer); DS4F_INDEX_Q=0: rope_ + scale (+ quant_heads_fp8)
-        self.index_q = os.environ.get("DS4F_INDEX_Q", "1") == "1"
-        # the top-k kernels write the attention rows (window + pool rows) themselves: the one launch of short pools
-        # (ds4f.kernels.indexer.topk_pool_rows), the small kernel + the gather launch's fused pick of long ones
-        # (topk_pool_rows_long); DS4F_TOPK_ROWS=0: ids, then glue.topk_rows
-        self.topk_rows = os.environ.get("DS4F_TOPK_ROWS", "1") == "1"
-        # eager steps of >= prefix_min_t tokens: all-entries layers through prefix_attn; DS4F_PREFIX_ATTN=0: off
-        self.prefix_attn = os.environ.get("DS4F_PREFIX_ATTN", "1") == "1"
-        self.prefix_min_t = int(os.environ.get("DS4F_PREFIX_MIN_T", "256"))
-        # decode steps (<= overlap_max_t tokens) fork side streams (see the module docstring); DS4F_OVERLAP=0: none
-        self.overlap = os.environ.get("DS4F_OVERLAP", "1") == "1"
-        self.overlap_max_t = 16
-        # decode: the compressor kernel stores state rows (+ bf16 pool entries); DS4F_COMPRESS_IN_PLACE=0: launches
-        self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
-        # decode: q_norm inside the wq_b GEMVs (packed.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
-        self.q_norm_gemv = os.environ.get("DS4F_Q_NORM_GEMV", "1") == "1"
-        # decode over fp8 pools: the kv norm + RoPE and its scratch / window stores in one launch (ds4f.kernels.
-        # kv_store, bit for bit the three launches; H200 12-layer TP=2 rank step with the MXFP4 SUB decode, replay
-        # 1.548 vs 1.565 ms at one token, 2.198 vs 2.258 at four); DS4F_KV_FUSED=0: the three launches
-        self.kv_fused = os.environ.get("DS4F_KV_FUSED", "1") == "1"
-        # decode: q's per-head RMSNorm + RoPE in the attention kernel's prologue instead of a launch of its own
-        # (sparse_attn q_norm). Full model, TP=2, two H200s, session 15 (b376d8f, runs 4 and 5): replay 5.636 vs
-        # 5.691 ms at b1 (174.8 vs 173.2 tok/s), 8.154 vs 8.177 at b4, 6.558 vs 6.590 after 1M;
-        # DS4F_ATTN_Q_NORM=0: the separate launch
-        self.attn_q_norm = os.environ.get("DS4F_ATTN_Q_NORM", "1") == "1"
-        # decode over packed inputs: the dense (bf16) input run and the compressors after it on a third side stream
-        # (see _attn); DS4F_DENSE_SIDE=0: that run on main after the FP8 one, the compressors in the kv / index chains
-        self.dense_side = os.environ.get("DS4F_DENSE_SIDE", "1") == "1"
-        # TP: the shared expert's output added inside the MoE sublayer's all-reduce (Comm.all_reduce_add) instead of
-        # in the routed down kernel, which then need not wait for the shared expert's side chain (session 21's TP=2
-        # timelines: it ends ~2.7 us after the routed up kernel at batch 1, every layer). Same bits. Full model, TP=2,
-        # two H200s, session 22 call 1 (with DS4F_ROUTER_PREWAIT): replay 4.671 vs 4.799 ms at b1, 6.876 vs 6.922 at
-        # b4 (session 21's run of record); DS4F_SHARED_AT_AR=0: the add in the down kernel
-        self.shared_at_ar = os.environ.get("DS4F_SHARED_AT_AR", "1") == "1"
+        self.read_knobs()
         self._sides: list[torch.cuda.Stream] = []
-        # side streams at high priority: their latency-bound chains (in CSA layers the critical path) get SMs before
-        # the next CTAs of the main stream's GEMV waves; DS4F_SIDE_PRIORITY=0: off
-        self.side_priority = -1 if os.environ.get("DS4F_SIDE_PRIORITY", "1") == "1" else 0
         self._sink: torch.cuda.Stream | None = None  # the mHC Sinkhorn's stream (decode)
         self._sink_pending = False
         self.gate_w32: list[torch.Tensor] = []
@@ -400,9 +357,14 @@ class FastModel:
         ffn, gate, mx = blk.ffn, blk.ffn.gate, self.mx[i]
         shared = self.E if ffn.shared_experts is not None and mx is None else -1
         lim = self.args.swiglu_limit if self.args.swiglu_limit > 0 else float("inf")
-        sh = ready = None  # decode: the packed shared expert on a side stream beside the router and routed up GEMM
+        sh = ready = x_side = None  # decode: the packed shared expert on a side stream beside the router and up GEMM
+        sides = self._side_streams(xn.shape[0])
+        if mx is not None and sides is not None and self.expand_side:  # the up kernel's x operands: another one
+            fork = torch.cuda.Event()
+            fork.record()
+            x_side = (sides[1], fork)
         if mx is not None and mx.shared_fp8 is not None:
-            ready = (self._side_streams(xn.shape[0]) or [None])[0]
+            ready = (sides or [None])[0]
             if ready is not None:
                 ready.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(ready):  # None: the current stream
@@ -417,7 +379,7 @@ class FastModel:
                                 gate.scaling, shared)
         if mx is not None:  # shared_ready: joined before the first kernel that reads sh
             y = fused_moe_mxfp4(xn, mx.w13_q, mx.w13_s, mx.w2_q, mx.w2_s, eid, w, lim, mx.shared, shared_out=sh,
-                                shared_ready=ready, defer_shared=defer)
+                                shared_ready=ready, defer_shared=defer, x_side=x_side)
             return (y, sh, ready) if y.dtype == torch.float32 else y  # fp32: deferred, sh is the caller's
         w13, w2 = self.w13[i], self.w2[i]
         assert w13 is not None and w2 is not None
