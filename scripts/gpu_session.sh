@@ -617,6 +617,11 @@ case "${1:-}" in
       tests/gpu/test_tp_fast_gpu.py > /tmp/gpulogs/tp_fast.log 2>&1
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
     S18_AB="${S18_AB:--}" bash "$0" s18ab "$2" ;;
+  s24c)  # 1 GPU: s24b's one-GPU tests with room (the fast model's decode with its side streams, the packed fast path,
+    # the TP=2 rank alone with the deferred shared add), T_CAP s each, all at once
+    par_tests "${T_CAP:-280}" tests/gpu/test_fast_model.py tests/gpu/test_fast_packed_gpu.py \
+      tests/gpu/test_shared_at_ar_gpu.py tests/gpu/test_moe_mxfp4_a8_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
