@@ -120,23 +120,36 @@ def busy_breakdown(kernels: list[Kernel]) -> dict[str, float]:
 
 
 AR_NAMES = ("allreduce", "all_reduce", "push_ar", "one_shot")  # the per-sublayer all-reduces (not the head's gather)
+HC = "_hc_decode"  # the decode mHC launch: with DS4F_HC_AR the sublayer's all-reduce runs inside it
 
 
 def _cut(kernels: list[Kernel]) -> tuple[list[tuple[float, float]], float]:
-    """The step cut at its all-reduces -> ([(us before the i-th all-reduce, its own us)], us after the last)."""
+    """The step cut at its all-reduces -> ([(us before the i-th all-reduce, its own us)], us after the last). An mHC
+    launch after the step's first that no all-reduce launch precedes holds its sublayer's all-reduce (DS4F_HC_AR):
+    the cut is where the kernels that started before it have ended (its own us 0; it belongs to the next stretch,
+    as the mHC launch after an all-reduce launch does)."""
     ks = sorted(kernels, key=lambda k: k.start)
     cuts, prev = [], ks[0].start if ks else 0.0
-    for a in (k for k in ks if any(n in k.name.lower() for n in AR_NAMES)):
-        cuts.append((max(0.0, a.start - prev), max(0.0, a.end - max(a.start, prev))))
-        prev = max(prev, a.end)
+    last = ""  # the last all-reduce ("ar") or mHC ("hc") launch seen
+    for i, k in enumerate(ks):
+        if any(n in k.name.lower() for n in AR_NAMES):
+            cuts.append((max(0.0, k.start - prev), max(0.0, k.end - max(k.start, prev))))
+            prev, last = max(prev, k.end), "ar"
+        elif k.name.startswith(HC):
+            if last == "hc":  # an mHC launch right after another one: the all-reduce between them is inside it
+                c = max([j.end for j in ks[:i] if j.end <= k.end] + [prev])
+                cuts.append((max(0.0, c - prev), 0.0))
+                prev = c
+            last = "hc"
     return cuts, max(0.0, max((k.end for k in ks), default=prev) - prev)
 
 
 def sublayers(kernels: list[Kernel]) -> dict[str, float]:
     """-> {"attn", "moe", "all_reduce", "rest": us} over the step's span, cut at its all-reduces (TP: one after each
-    sublayer's partial sums): the stretches before them alternate attention (with the mHC step and, first, the
-    step's prologue before it) and MoE sublayers (with their mHC step); after the last one, `rest` (the last mHC
-    step, the head, its gather); `layers`: the all-reduce pairs. Empty without all-reduces (one GPU)."""
+    sublayer's partial sums; inside the next mHC launch with DS4F_HC_AR: all_reduce 0 there, see _cut): the
+    stretches before them alternate attention (with the mHC step and, first, the step's prologue before it) and MoE
+    sublayers (with their mHC step); after the last one, `rest` (the last mHC step, the head, its gather); `layers`:
+    the all-reduce pairs. Empty without all-reduces (one GPU)."""
     cuts, rest = _cut(kernels)
     if not cuts:
         return {}

@@ -100,3 +100,17 @@ def test_sublayers_cut_at_the_all_reduces() -> None:
     assert sublayers([Kernel(0, 5, "s7", "_step_meta")]) == {}
     by = sublayers_by_kind(ks, ["sliding", "csa"])
     assert by == {("attn", "sliding"): [25], ("moe", "sliding"): [14], ("attn", "csa"): [10], ("moe", "csa"): [8]}
+
+
+def test_sublayers_cut_at_the_mhc_launches_that_hold_the_all_reduce() -> None:
+    """DS4F_HC_AR: no all-reduce launch between two mHC launches; the second one is a cut, where the kernels that
+    started before it have ended. A separate all-reduce launch (the last sublayer's) still cuts as before."""
+    ks = [Kernel(0, 5, "s7", "_step_meta"), Kernel(5, 4, "s7", "_hc_decode"),  # the step's first mHC: no cut
+          Kernel(9, 16, "s1", "_fp8_gemv"), Kernel(23, 9, "s1", "_hc_decode"),  # early (PDL): cut at 25
+          Kernel(32, 12, "s2", "_a8_up"), Kernel(40, 10, "s2", "_hc_decode"),  # cut at 44
+          Kernel(50, 10, "s3", "_attn_fwd"), Kernel(60, 4, "s3", "_push_ar"), Kernel(64, 5, "s3", "_hc_decode"),
+          Kernel(69, 8, "s4", "_a8_down"), Kernel(77, 3, "s4", "_push_ar"), Kernel(80, 2, "s4", "_hc_decode")]
+    got = sublayers(ks)
+    assert got == pytest.approx({"attn": 25 + (60 - 44), "moe": (44 - 25) + (77 - 64), "all_reduce": 4 + 3,
+                                 "rest": 2, "layers": 2})
+    assert sum(v for k, v in got.items() if k != "layers") == pytest.approx(82)  # the step's span
