@@ -99,24 +99,18 @@ def check_ar_interpreted() -> None:
     fp32 with a bf16 term: the ADD form) to the launch with an in-launch all-reduce (ar), over calls of changing
     token counts; every output equals, bit for bit on both ranks, the plain launch on push_all_reduce_ref's sum of
     the ranks' terms, and each program's epoch counts the calls it was in."""
-    import mmap
-    import os
     import random
     import time
+
+    from forked import run_ranks
 
     from ds4f.kernels import mhc_decode
     from ds4f.kernels import push_allreduce as pa
 
     world, d, bd = 2, 64, 16
     cap = 4 * d
-    numel = pa.region_numel(world, cap, bd)
-    mm = mmap.mmap(-1, world * numel * 2)  # MAP_SHARED | MAP_ANONYMOUS: survives the fork, zeroed
-    whole = torch.frombuffer(mm, dtype=torch.bfloat16)
-    addrs = [whole[q * numel:].data_ptr() for q in range(world)]
-    pid = os.fork()
-    rank = 1 if pid == 0 else 0
-    ok = 1
-    try:
+
+    def body(rank: int, addrs: list[int]) -> None:
         ar = pa.PushAllReduce(addrs, rank, world, cap, torch.device("cpu"), block=bd, warps=1, spin_iters=1 << 22)
         rng = random.Random(rank)
         counts = torch.zeros(cap // bd, dtype=torch.int32)
@@ -138,13 +132,8 @@ def check_ar_interpreted() -> None:
             counts[: t * d // bd] += 1
         assert torch.equal(ar.epoch, counts), (ar.epoch, counts)
         assert ar.error() == 0
-    except BaseException as ex:  # the child must exit here, never return into the parent's code
-        print(f"rank {rank}: {type(ex).__name__}: {ex}", flush=True)
-        ok = 0
-    if rank:
-        os._exit(0 if ok else 1)
-    code = os.waitpid(pid, 0)[1]
-    assert ok and code == 0, (ok, code)
+
+    run_ranks(world, pa.region_numel(world, cap, bd), body)
     print("ar interpreted ok")
 
 

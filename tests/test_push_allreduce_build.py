@@ -76,29 +76,17 @@ def check_ranks() -> None:
     output against the oracle (every other call the ADD form: fp32 x plus a bf16 term, one rounding, interleaved
     with plain calls on the same programs' epochs); then a lone rank times out."""
     import mmap
-    import os
     import random
     import time
+
+    from forked import run_ranks
 
     from ds4f.kernels import push_allreduce as pa
 
     cap, block = 512, 64
     sizes = [64, 200, 512, 1, 130, 512, 64, 448, 3]
     for world in (2, 3):
-        numel = pa.region_numel(world, cap, block)
-        mm = mmap.mmap(-1, world * numel * 2)  # MAP_SHARED | MAP_ANONYMOUS: survives the fork, zeroed
-        whole = torch.frombuffer(mm, dtype=torch.bfloat16)
-        addrs = [whole[q * numel:].data_ptr() for q in range(world)]
-        kids = []
-        rank = 0
-        for r in range(1, world):
-            pid = os.fork()
-            if pid == 0:
-                rank = r
-                break
-            kids.append(pid)
-        ok = 1
-        try:
+        def body(rank: int, addrs: list[int], world: int = world) -> None:
             ar = pa.PushAllReduce(addrs, rank, world, cap, torch.device("cpu"), block=block, warps=1,
                                   spin_iters=1 << 22)
             rng = random.Random(rank)
@@ -119,13 +107,8 @@ def check_ranks() -> None:
                 counts[: (n + block - 1) // block] += 1
             assert torch.equal(ar.epoch, counts), (ar.epoch, counts)  # each program counts its own calls
             assert ar.error() == 0
-        except BaseException as ex:  # a child must exit here, never return into the parent's code
-            print(f"rank {rank}: {type(ex).__name__}: {ex}", flush=True)
-            ok = 0
-        if rank:
-            os._exit(0 if ok else 1)
-        codes = [os.waitpid(pid, 0)[1] for pid in kids]
-        assert ok and codes == [0] * len(kids), (world, ok, codes)
+
+        run_ranks(world, pa.region_numel(world, cap, block), body)
         print(f"world {world}: {len(sizes)} calls equal the reference on every rank")
     # a lone rank: its peer never flags; the bounded spin records the epoch and gives up
     numel = pa.region_numel(2, cap, block)

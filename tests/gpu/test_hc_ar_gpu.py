@@ -5,13 +5,11 @@ replayed on new data while the ranks take turns to lag; prints the microseconds 
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from two_ranks import run_two_ranks
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,21 +17,10 @@ pytestmark = [
 ]
 
 WORKER = r"""
-import os, sys, time, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[4])
-from ds4f.distributed.comm import nccl_group
-from ds4f.distributed.symm import SymmAllReduce
 from ds4f.kernels.mhc_decode import hc_step_decode
-rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-torch.cuda.set_device(rank)
-dev = torch.device("cuda", rank)
-store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, wait_for_workers=True)
-pg = nccl_group(dist.PrefixStore("model", store), rank, 2, 60.0)
 a = SymmAllReduce(store, rank, 2, dev, backend=pg, push=True, push_timeout_s=20)
 assert a.hc_push is not None
 D, K, M, ITERS, EPS = 4096, 8, 32, 20, 1e-6
-cur = torch.cuda.current_stream()
-lines = []
 
 def weights(seed):
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -65,17 +52,6 @@ def chain(f, ys, x, post, comb, w):  # K sublayer boundaries: each step's stream
         outs += [x, xn, post, comb]
     return outs
 
-def capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(cur)
-    with torch.cuda.stream(s):
-        fn()
-    cur.wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        res = fn()
-    return graph, res
-
 w = weights(1)
 for t in (1, 4):
     for add in (False, True):
@@ -100,43 +76,12 @@ for t in (1, 4):
             torch.cuda.synchronize()
             assert all(torch.equal(o, w_) for o, w_ in zip(outs, want)), (t, add, "graph", rep)
         for name, f in (("fused", fused), ("push + mHC", plain)):
-            graph, _ = capture(lambda: [chain(f, ys, x, post, comb, w) for _ in range(M // K)])
-            graph.replay()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                graph.replay()
-            torch.cuda.synchronize()
-            us = (time.perf_counter() - t0) / (20 * M) * 1e6
+            us = graph_us(lambda: [chain(f, ys, x, post, comb, w) for _ in range(M // K)], M)
             lines.append(f"rank {rank} T={t} add={int(add)} {name}: {us:.2f} us per sublayer boundary in a CUDA graph")
 assert a.hc_push.error() == 0 and a.push.error() == 0
-open(out, "w").write("\n".join(lines) + "\n")
-dist.PrefixStore("done", store).set(str(rank), "1")
-store.wait([f"done/{r}" for r in range(2)])
-os._exit(0)
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_hc_ar_equals_push_then_mhc(tmp_path: Path) -> None:
-    import subprocess
-
-    root = str(Path(__file__).resolve().parents[2])
-    port = _port()
-    outs = [tmp_path / f"r{r}.txt" for r in range(2)]
-    env = dict(os.environ, PYTHONPATH=root, DS4F_HC_AR="1")
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(port), str(outs[r]), root], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:  # a hung rendezvous must not outlive the test
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-    for o in outs:
-        print(o.read_text())
+    for text in run_two_ranks(WORKER, tmp_path, env={"DS4F_HC_AR": "1"}):
+        print(text)

@@ -6,13 +6,11 @@ microseconds per call (in a graph and eager, NCCL eager beside) and the fastest 
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from two_ranks import run_two_ranks
 
 pytestmark = [
     pytest.mark.gpu,
@@ -20,15 +18,6 @@ pytestmark = [
 ]
 
 WORKER = r"""
-import os, sys, time, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[4])
-from ds4f.distributed.comm import nccl_group
-from ds4f.distributed.symm import SymmAllReduce
-rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-torch.cuda.set_device(rank)
-dev = torch.device("cuda", rank)
-store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, wait_for_workers=True)
-pg = nccl_group(dist.PrefixStore("model", store), rank, 2, 60.0)
 ar = SymmAllReduce(store, rank, 2, dev, backend=pg, push=False)
 copy_in = ar.copy_in
 # (name, instance, copy_in mode or None): torch's copy-in kernel, copy + torch's reduce, the push kernel per tile
@@ -37,24 +26,12 @@ paths.append(("torch copy_in=0", ar, False))
 for block, warps in ((1024, 4), (2048, 4), (4096, 8)):
     p = SymmAllReduce(store, rank, 2, dev, backend=pg, push=True, push_tile=(block, warps), push_timeout_s=20)
     paths.append((f"push {block},{warps}", p, None))
-cur = torch.cuda.current_stream()
 K, REPS, ROW, M = 8, 20, 50, 32
 
 def nccl(x):
     y = x.clone()
     pg.allreduce([y]).wait()
     return y
-
-def capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(cur)
-    with torch.cuda.stream(s):
-        fn()
-    cur.wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        res = fn()
-    return graph, res
 
 lines, best = [], {}
 for name, a, mode in paths:
@@ -106,14 +83,7 @@ for name, a, mode in paths:
         torch.cuda.synchronize()
         assert all(torch.equal(o, w) for o, w in zip(outs, ws)), (name, t, "in a row")
         # timing: M calls in one graph, replayed; then 200 eager calls
-        graph, _ = capture(lambda: [a.all_reduce(x) for _ in range(M)])
-        graph.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        torch.cuda.synchronize()
-        us = (time.perf_counter() - t0) / (20 * M) * 1e6
+        us = graph_us(lambda: [a.all_reduce(x) for _ in range(M)], M)
         lines.append(f"rank {rank} T={t} {name} {us:.1f} us/call in a CUDA graph")
         if us < best.get(t, ("", 1e9))[1]:
             best[t] = (name, us)
@@ -130,33 +100,9 @@ for name, a, mode in paths:
         assert a.push.error() == 0, (name, a.push.error())
 lines.append(f"rank {rank} copy-in kernel available: {copy_in}")
 lines += [f"rank {rank} PICK T={t} {n} ({us:.1f} us/call in a graph)" for t, (n, us) in sorted(best.items())]
-open(out, "w").write("\n".join(lines) + "\n")
-dist.PrefixStore("done", store).set(str(rank), "1")
-store.wait([f"done/{r}" for r in range(2)])
-os._exit(0)
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_symm_allreduce_equals_nccl(tmp_path: Path) -> None:
-    import subprocess
-
-    root = str(Path(__file__).resolve().parents[2])
-    port = _port()
-    outs = [tmp_path / f"r{r}.txt" for r in range(2)]
-    env = dict(os.environ, PYTHONPATH=root)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(port), str(outs[r]), root], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:  # a hung rendezvous must not outlive the test
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-    for o in outs:
-        print(o.read_text())
+    for text in run_two_ranks(WORKER, tmp_path):
+        print(text)
