@@ -32,14 +32,15 @@ MAX_BYTES = 512 << 10  # 64 tokens x 4096 x bf16: the largest decode graph bucke
 COPY_IN = os.environ.get("DS4F_SYMM_COPY_IN", "1") == "1"
 PUSH_TILE = (1024, 4)  # elements per program, warps (DS4F_SYMM_PUSH_TILE)
 # DS4F_HC_AR: token buckets (1: one token, 4: two to fifteen) where a decode sublayer's all-reduce runs inside the
-# mHC launch that consumes its sum (ds4f/kernels/mhc_decode.py), on a push instance of its own whose programs own
-# HC_BLOCK elements (the mHC kernel's channels per program); elsewhere the push kernel's own launch, then the mHC
-# launch; "" none. Two H200s (tests/gpu/test_hc_ar_gpu.py, a CUDA graph of chained boundaries, session 24): 11.7 vs
-# 12.9 us per sublayer boundary at T = 1, 17.4 vs 15.2 at T = 4 (512 programs, each with its own flag over NVLink).
-# Full model, TP=2 (session 24 call 1, both buckets on): replay 4.632 ms at b1 (4.663 / 4.665 in session 23's two
-# runs), 7.275 at b4 (6.856 / 6.870): hence "1"
+# mHC launch that consumes its sum (ds4f/kernels/mhc_decode.py), on a push instance of its own per bucket whose
+# programs own HC_BLOCK[bucket] elements (the mHC kernel's channels per program, fixed per instance as the push
+# protocol needs); elsewhere the push kernel's own launch, then the mHC launch; "" none. Two H200s
+# (tests/gpu/test_hc_ar_gpu.py, a CUDA graph of chained boundaries, session 24): 11.7 vs 12.9 us per sublayer
+# boundary at T = 1; at T = 4 with 32 channels per program 17.4 vs 15.2 (512 programs, each with its own flag over
+# NVLink). Full model, TP=2 (session 24 call 1, both buckets at 32 channels): replay 4.632 ms at b1 (4.663 / 4.665 in
+# session 23's two runs), 7.275 at b4 (6.856 / 6.870): hence "1"
 HC_AR = frozenset(env_buckets("DS4F_HC_AR", "1"))
-HC_BLOCK = 32
+HC_BLOCK = {1: 32, 4: 128}  # bucket -> channels per mHC program (four tokens: 128 programs, as one token's 32)
 
 
 def wanted() -> bool:
@@ -75,7 +76,8 @@ class SymmAllReduce:
         self.copy_in = COPY_IN and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         symm_mem.rendezvous(self.buf, self.name)
         self.store, self.rank, self._armed = store, rank, False
-        self.push = self.hc_push = None
+        self.push = None
+        self.hc_push: dict[int, Any] = {}  # token bucket -> its push instance (DS4F_HC_AR)
         self.regions: list[Any] = []  # the push instances' symmetric buffers and handles (kept alive)
         if os.environ.get("DS4F_SYMM_PUSH", "1") == "1" if push is None else push:
             from ds4f.kernels.knobs import env_knobs
@@ -86,8 +88,8 @@ class SymmAllReduce:
             self.push_max = (env_knobs("DS4F_SYMM_PUSH_MAX_NUMEL", 1, "16384") or (self.cap,))[0]
             self.push = self._make_push(device, block, warps, push_timeout_s)
             self.push.warmup(torch.empty(4096, dtype=torch.bfloat16, device=device))
-            if HC_AR:  # a second instance (own region and epochs): program j of the mHC launch owns HC_BLOCK elements
-                self.hc_push = self._make_push(device, HC_BLOCK, 4, push_timeout_s)
+            for b in sorted(HC_AR & HC_BLOCK.keys()):  # own regions and epochs: program j owns HC_BLOCK[b] elements
+                self.hc_push[b] = self._make_push(device, HC_BLOCK[b], 4, push_timeout_s)
 
     def _make_push(self, device: torch.device, block: int, warps: int, timeout_s: float) -> Any:
         """A push instance: its receive region (symmetric memory, flag words zeroed before the rendezvous, which
@@ -147,11 +149,12 @@ class SymmAllReduce:
         """The push instance for an all-reduce of tokens rows (numel elements) inside the decode mHC launch
         (mhc_decode.hc_step_decode's ar; armed on first use), or None: tokens' bucket not in DS4F_HC_AR, the push
         kernel off, or past the cap."""
-        if self.hc_push is None or numel > self.push_max or (1 if tokens <= 1 else 4) not in HC_AR:
+        ar = self.hc_push.get(1 if tokens <= 1 else 4)
+        if ar is None or numel > self.push_max:
             return None
         if not self._armed:
             self._arm()
-        return self.hc_push
+        return ar
 
     def _pushes(self, x: torch.Tensor) -> bool:
         """Whether x goes through the push kernel (armed on first use)."""
