@@ -68,12 +68,12 @@ class Comm:
         """Where the next decode mHC launch can all-reduce the sublayer's partial sum itself (ds4f.kernels.mhc_decode,
         DS4F_HC_AR): the push instance to pass it (this all-reduce is counted here; the launch must follow on every
         rank), else None (then all_reduce / all_reduce_add as usual). msg: the bf16 message (the term's shape)."""
-        if self.world == 1 or self.fast_ar is None or not hasattr(self.fast_ar, "hc_reducer") or not msg.is_cuda:
+        if self.world == 1 or self.fast_ar is None:
             return None
         ar = self.fast_ar.hc_reducer(msg.shape[0], msg.numel())
         if ar is not None:
             self.counts["all_reduce"] += 1
-            self.nbytes["all_reduce"] += msg.numel() * 2
+            self.nbytes["all_reduce"] += msg.numel() * msg.element_size()
         return ar
 
     def all_gather_last(self, x: torch.Tensor, full: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ds4f.kernels.knobs import env_buckets
+from ds4f.kernels.knobs import env_buckets, env_knobs
 
 MAX_BYTES = 512 << 10  # 64 tokens x 4096 x bf16: the largest decode graph bucket's message
 # the copy-in one-shot kernel (torch >= 2.7); DS4F_SYMM_COPY_IN=0: a separate copy, then one_shot_all_reduce_out
@@ -81,8 +81,6 @@ class SymmAllReduce:
         self.hc_push: dict[int, Any] = {}  # token bucket -> its push instance (DS4F_HC_AR)
         self.regions: list[Any] = []  # the push instances' symmetric buffers and handles (kept alive)
         if os.environ.get("DS4F_SYMM_PUSH", "1") == "1" if push is None else push:
-            from ds4f.kernels.knobs import env_knobs
-
             if push_timeout_s is None:
                 push_timeout_s = float(os.environ.get("DS4F_SYMM_PUSH_TIMEOUT_S", "60"))
             block, warps = push_tile or env_knobs("DS4F_SYMM_PUSH_TILE", 2, "1024,4") or PUSH_TILE

@@ -32,7 +32,7 @@ try:
     import triton.language as tl
 
     from ds4f.kernels.pdl import enter as pdl_enter
-    from ds4f.kernels.push_allreduce import _push_sum, _rne_bf16
+    from ds4f.kernels.push_allreduce import _own_term, _push_sum, _rne_bf16
 except ImportError:  # CPU-only installs: hc_step falls back to its torch reference
     triton = None
 
@@ -93,6 +93,13 @@ if triton is not None:
         tl.store(p + 3, d)
 
     @triton.jit
+    def _mix_store(yv, xs, cm, pk, xo_ptr, xrow, dm):
+        # X'_k = post_k * y + sum_j comb[j, k] X_j over [HC, BD] (fp32 in), stored in xo's dtype and returned
+        xk = (pk[:, None] * yv[None, :] + tl.sum(cm[:, :, None] * xs[:, None, :], 0)).to(xo_ptr.dtype.element_ty)
+        tl.store(xo_ptr + xrow, xk, mask=dm[None, :])
+        return xk
+
+    @triton.jit
     def _post_mix(y_ptr, x_ptr, post_ptr, comb_ptr, xo_ptr, t, d, dm, D, HC: tl.constexpr, HAS_Y: tl.constexpr):
         # token t's channels d of all HC streams: X'_k = post_k * y + sum_j comb[j, k] X_j (stored, xo's dtype), or
         # X as is without y -> [HC, BD] in the streams' dtype
@@ -103,8 +110,7 @@ if triton is not None:
             yv = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
             cm = tl.load(comb_ptr + t * (HC * HC) + j[:, None] * HC + j[None, :])  # [j, k]
             pk = tl.load(post_ptr + t * HC + j)
-            xk = (pk[:, None] * yv[None, :] + tl.sum(cm[:, :, None] * xs[:, None, :], 0)).to(xo_ptr.dtype.element_ty)
-            tl.store(xo_ptr + xrow, xk, mask=dm[None, :])
+            xk = _mix_store(yv, xs, cm, pk, xo_ptr, xrow, dm)
         else:
             xk = tl.load(x_ptr + xrow, mask=dm[None, :], other=0.0)
         return xk
@@ -125,15 +131,10 @@ if triton is not None:
         pk = tl.load(post_ptr + t * 4 + j)
         e = tl.load(epoch_ptr + pid) + 1
         offs = tl.max_contiguous(tl.multiple_of(pid * BLOCK_D + tl.arange(0, BLOCK_D), BLOCK_D), BLOCK_D)
-        mine = tl.load(y_ptr + offs, mask=dm, other=0.0)
-        if ADD:
-            mine = _rne_bf16(mine + tl.load(extra_ptr + offs, mask=dm, other=0.0).to(tl.float32), SW_ROUND)
-        acc = _push_sum(mine, e, offs, dm, pid, addr_ptr, epoch_ptr, err_ptr, rank, timeout, W, CAP, MAXB, TIMER,
-                        TRAP)
+        mine = _own_term(y_ptr, extra_ptr, offs, dm, ADD, SW_ROUND)
+        acc = _push_sum(mine, e, offs, dm, pid, addr_ptr, epoch_ptr, err_ptr, rank, timeout, W, CAP, MAXB, TIMER, TRAP)
         yv = _rne_bf16(acc, SW_ROUND).to(tl.float32)  # the bf16 sum push_allreduce would have stored
-        xk = (pk[:, None] * yv[None, :] + tl.sum(cm[:, :, None] * xs[:, None, :], 0)).to(xo_ptr.dtype.element_ty)
-        tl.store(xo_ptr + xrow, xk, mask=dm[None, :])
-        return xk
+        return _mix_store(yv, xs, cm, pk, xo_ptr, xrow, dm)
 
     @triton.jit
     def _finish(xo_ptr, pd_ptr, scale_ptr, base_ptr, w_ptr, xn_ptr, post_ptr, comb_ptr, t, D, NSPLIT, eps,

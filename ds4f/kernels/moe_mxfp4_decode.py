@@ -431,8 +431,8 @@ def moe_decode(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: tupl
             built = torch.cuda.Event()
             built.record(side)
             torch.cuda.current_stream().wait_event(built)
-        else:
-            xb = a8.expand_x(x, cfgs[0][1]) if a8.XB or half else None
+        elif a8.XB or half:
+            xb = a8.expand_x(x, cfgs[0][1])
     else:
         up, down = _dec_up, _dec_down
         q13, q2 = q13.view(torch.int16), q2.view(torch.int16)  # 4 nibbles (K columns 4w..4w+3) per word

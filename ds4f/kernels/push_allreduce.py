@@ -82,6 +82,14 @@ if triton is not None:
         return acc.to(tl.bfloat16)
 
     @triton.jit
+    def _own_term(x_ptr, extra_ptr, offs, mask, ADD: tl.constexpr, SW_ROUND: tl.constexpr):
+        # this rank's term at message elements offs: x's bf16, or with ADD bf16(x + extra) rounded once (x fp32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if ADD:
+            x = _rne_bf16(x + tl.load(extra_ptr + offs, mask=mask, other=0.0).to(tl.float32), SW_ROUND)
+        return x
+
+    @triton.jit
     def _push_sum(x, e, offs, mask, pid, addr_ptr, epoch_ptr, err_ptr, rank, timeout, W: tl.constexpr,
                   CAP: tl.constexpr, MAXB: tl.constexpr, TIMER: tl.constexpr, TRAP: tl.constexpr):
         # program pid's share of call e = epoch[pid] + 1 (steps 1-4 of the module docstring): this rank's term x
@@ -148,9 +156,7 @@ if triton is not None:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
         mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        if ADD:
-            x = _rne_bf16(x + tl.load(extra_ptr + offs, mask=mask, other=0.0).to(tl.float32), SW_ROUND)
+        x = _own_term(x_ptr, extra_ptr, offs, mask, ADD, SW_ROUND)
         acc = _push_sum(x, e, offs, mask, pid, addr_ptr, epoch_ptr, err_ptr, rank, timeout, W, CAP, MAXB, TIMER, TRAP)
         tl.store(out_ptr + offs, _rne_bf16(acc, SW_ROUND), mask=mask)
 
