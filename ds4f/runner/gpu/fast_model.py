@@ -254,12 +254,13 @@ class FastModel(FastKnobs):
                 if dense is not None:
                     with torch.cuda.stream(dense):
                         index_compress()
+                iq = index_q_raw() if select and self.idx_q_first else None  # on main: alive until the join
                 s_ix.wait_stream(main)
                 with torch.cuda.stream(s_ix):
                     if dense is None:
                         index_compress()
                     if select:
-                        iq = index_q_raw()
+                        iq = iq if iq is not None else index_q_raw()
                         if dense is not None:
                             s_ix.wait_stream(dense)  # the index compressor's entries (and weights_proj's columns)
                         idx = index_select(iq)

@@ -46,6 +46,11 @@ class FastKnobs:
         # decode over packed inputs: the dense (bf16) input run and the compressors after it on a third side stream
         # (see _attn); DS4F_DENSE_SIDE=0: that run on main after the FP8 one, the compressors in the kv / index chains
         self.dense_side = os.environ.get("DS4F_DENSE_SIDE", "1") == "1"
+        # decode, CSA layers: the indexer's q GEMV (norm + GEMV) on main before wq_b, so the index chain (q ->
+        # scores -> top-k, the attention's critical path: top-k ended a median 16.0 us after wq_b at b1 in session
+        # 24) is not queued behind wq_b's 16 MB, which then streams beside the chain's latency-bound kernels;
+        # DS4F_IDX_Q_FIRST=0: the q GEMV on the indexer's stream beside wq_b
+        self.idx_q_first = os.environ.get("DS4F_IDX_Q_FIRST", "1") == "1"
         # TP: the shared expert's output added inside the MoE sublayer's all-reduce (Comm.all_reduce_add) instead of
         # in the routed down kernel, which then need not wait for the shared expert's side chain (session 21's TP=2
         # timelines: it ends ~2.7 us after the routed up kernel at batch 1, every layer). Same bits. Full model, TP=2,
