@@ -622,6 +622,17 @@ case "${1:-}" in
     par_tests "${T_CAP:-280}" tests/gpu/test_fast_model.py tests/gpu/test_fast_packed_gpu.py \
       tests/gpu/test_shared_at_ar_gpu.py tests/gpu/test_moe_mxfp4_a8_gpu.py
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
+  s25a)  # 2 GPUs: the GPU tests of session 25's decode changes (the compressor's in-launch fp8 stores, the index chain's
+    # stream order: bit for bit against the former order), GPU 0 / 1 at once, T_CAP s each, then s18ab's decode b1 /
+    # b4 at depth 64 under each env of S18_AB (default: the defaults)
+    mkdir -p /tmp/gpulogs
+    CUDA_VISIBLE_DEVICES=0 DS4F_COMPILE=0 timeout "${T_CAP:-170}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_compress_gpu.py tests/gpu/test_fast_fp8_kv_gpu.py -k "compress or fused" > /tmp/gpulogs/compress.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 DS4F_COMPILE=0 timeout "${T_CAP:-170}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fast_packed_gpu.py -k "stream_order and mid" > /tmp/gpulogs/stream_order.log 2>&1 &
+    wait
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
+    S18_AB="${S18_AB:--}" bash "$0" s18ab "$2" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

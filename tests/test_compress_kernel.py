@@ -131,6 +131,40 @@ def drive_pool(case: Case, fn: Callable[..., tuple[torch.Tensor | None, ...]], i
     return out
 
 
+def drive_fp8(case: Case, in_place: bool) -> list[tuple[torch.Tensor, ...]]:
+    """drive_pool over an fp8 pool (index keys for the index kind, fp8_ds_mla rows else): in_place decode forwards
+    pass its parts (the kernel quantizes the entries into it), every other forward stores the entries after the call
+    through fp8.store_key_rows / store_kv_rows' torch ops -> the pool's parts after each forward."""
+    from ds4f.kernels.fp8 import FP8, kv_exp_bytes, store_key_rows, store_kv_rows
+    from ds4f.runner.gpu import glue
+
+    cd2 = case.comp.state_width
+    hd = case.comp.norm.weight.shape[0]
+    n = case.dest_base + (case.dummy_block + 1) * case.epb
+    ring = torch.zeros((len(SLOTS) + 1) * case.R, cd2)
+    dr = ARGS.qk_rope_head_dim
+    parts: tuple[torch.Tensor, ...] = (
+        (torch.zeros(n, hd, dtype=FP8), torch.ones(n)) if hd == ARGS.index_head_dim else
+        (torch.zeros(n, hd - dr, dtype=FP8), torch.full((n, kv_exp_bytes(hd - dr)), 127, dtype=torch.uint8),
+         torch.zeros(n, dr, dtype=torch.bfloat16)))
+    out = []
+    for f in case.fwds:
+        c1 = torch.tensor([s + n for _, s, n in f["fwd"] for _ in range(n)])
+        rr = torch.where(f["p"] >= c1 - case.R, f["slot"], len(SLOTS)) * case.R + f["p"] % case.R
+        decode = all(n == 1 for _, _, n in f["fwd"])
+        kw = dict(ring_rows=rr, fp8_pool=parts) if in_place and decode else {}
+        rows, ent, dst = glue.compress(f["kvz"], case.comp.ape, ring, case.comp.norm.weight, f["et"], f["p"],
+                                       f["cs"], f["slot"], f["bt"], case.cos, case.sin, case.m, case.R,
+                                       case.overlap, EPS, case.dest_base, case.dummy_block, case.epb, **kw)
+        if ent is not None:
+            (store_key_rows if len(parts) == 2 else store_kv_rows)(*parts, dst, ent, fused=False)
+        if rows is not None:
+            ring.index_copy_(0, rr, rows)
+        assert (rows is None) == (ent is None) == bool(kw)
+        out.append(tuple(t.view(torch.uint8).clone() if t.dtype == FP8 else t.clone() for t in parts))
+    return out
+
+
 def test_compress_ref_matches_model_compressor() -> None:
     for kind in KINDS:
         case = make_case(kind, torch.bfloat16)
@@ -188,6 +222,10 @@ def _interpret_checks() -> None:
                                           drive_pool(case, glue.compress, True, dtype)):
                 assert torch.equal(r0[live_ring], r1[live_ring]), (kind, dtype)
                 assert torch.equal(p0[live_pool], p1[live_pool]), (kind, dtype)
+            if dtype == torch.bfloat16:  # entries quantized into an fp8 pool inside the kernel: the store's bits
+                for a, b in zip(drive_fp8(case, False), drive_fp8(case, True)):
+                    for x, y in zip(a, b):
+                        assert torch.equal(x, y), kind
     print("interpret ok")
 
 

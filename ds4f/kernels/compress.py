@@ -24,6 +24,7 @@ try:
     import triton
     import triton.language as tl
 
+    from ds4f.kernels.fp8 import _kv_tile_store, _pow2_exp, _to_e4m3
     from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: glue.compress runs the torch reference
     triton = None
@@ -36,9 +37,12 @@ if triton is not None:
                          dummy_block, epb, ring_len, CD: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
                          HALF: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_S: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, RING_OUT: tl.constexpr,
-                         POOL_OUT: tl.constexpr, PDL: tl.constexpr = False):
+                         POOL_OUT: tl.constexpr, f0_ptr=None, f1_ptr=None, f2_ptr=None, fs0=0, fs1=0, fs2=0,
+                         FP8_OUT: tl.constexpr = 0, NOPE: tl.constexpr = 0, PDL: tl.constexpr = False):
         # RING_OUT: state rows go to ring rows rrow[t] (rows_ptr = the ring); POOL_OUT: entries go to pool row dst
-        # (ent_ptr = the pool [N, HD]) instead of row pid of ent
+        # (ent_ptr = the pool [N, HD]) instead of row pid of ent; FP8_OUT (with POOL_OUT): the entry, rounded to
+        # bf16, quantized into an fp8 pool row dst as fp8.store_key_rows (1: keys f0 [N, HD] e4m3 + scale f1 [N])
+        # or fp8.store_kv_rows (2: nope f0, exp f1, rope f2) store it (same bits)
         pdl_enter(PDL)  # ds4f.kernels.pdl: before any read of an earlier kernel's output
         pid = tl.program_id(0)
         if pid < E:
@@ -100,12 +104,23 @@ if triton is not None:
                 c = tl.load(cos_ptr + (w * M) * s_cs + pj, mask=cm, other=1.0)
                 sn = tl.load(sin_ptr + (w * M) * s_cs + pj, mask=cm, other=0.0)
                 y = tl.reshape(tl.join(e * c - o * sn, o * c + e * sn), [BLOCK_D])
-                er = dst if POOL_OUT else pid
-                tl.store(ent_ptr + er * HD + offs_d, y.to(ent_ptr.dtype.element_ty), mask=dm)
+            else:
+                y = tl.zeros([BLOCK_D], tl.float32)
+            if FP8_OUT == 1:
+                xb = tl.where(dm, y.to(tl.bfloat16).to(tl.float32), 0.0)
+                ce = _pow2_exp(tl.max(tl.abs(xb), 0))
+                inv = ((127 - ce) << 23).to(tl.float32, bitcast=True)
+                d64 = dst.to(tl.int64)
+                tl.store(f0_ptr + d64 * fs0 + offs_d, _to_e4m3(tl.minimum(tl.maximum(xb * inv, -448.0), 448.0)),
+                         mask=dm)
+                tl.store(f1_ptr + d64, ((ce + 127) << 23).to(tl.float32, bitcast=True))
+            elif FP8_OUT == 2:
+                xb = tl.reshape(tl.where(dm, y.to(tl.bfloat16).to(tl.float32), 0.0), [1, BLOCK_D])
+                _kv_tile_store(xb, tl.full([1], 1, tl.int1), dst.to(tl.int64) + tl.zeros([1], tl.int64), f0_ptr,
+                               f1_ptr, f2_ptr, fs0, fs1, fs2, HD, NOPE, BLOCK_D, 1)
             else:
                 er = dst if POOL_OUT else pid
-                tl.store(ent_ptr + er * HD + offs_d, tl.zeros([BLOCK_D], tl.float32).to(ent_ptr.dtype.element_ty),
-                         mask=dm)
+                tl.store(ent_ptr + er * HD + offs_d, y.to(ent_ptr.dtype.element_ty), mask=dm)
         else:
             NCB: tl.constexpr = (2 * CD + BLOCK_C - 1) // BLOCK_C
             tile = pid - E
@@ -128,13 +143,16 @@ def compress_fused(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, nor
                    p: torch.Tensor, chunk_start: torch.Tensor, tok_slot: torch.Tensor, bt_tok: torch.Tensor,
                    cos_t: torch.Tensor, sin_t: torch.Tensor, m: int, ring_len: int, overlap: bool, eps: float,
                    dest_base: int, dummy_block: int, epb: int, block_s: int | None = None,
-                   ring_rows: torch.Tensor | None = None, pool: torch.Tensor | None = None
+                   ring_rows: torch.Tensor | None = None, pool: torch.Tensor | None = None,
+                   fp8_pool: tuple[torch.Tensor, ...] | None = None
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """The Triton kernel (see the module docstring); block_s overrides the slots pooled per step (tests).
 
     ring_rows [T] int64: the state rows are written to ring[ring_rows] in the same launch and rows comes back None;
     only when no candidate reads a ring row another token of the step writes (one token per sequence). pool [N, hd]
-    (kvz's dtype): the entries are written to pool[dest] and ent comes back None."""
+    (kvz's dtype): the entries are written to pool[dest] and ent comes back None. fp8_pool (bf16 kvz): the parts of
+    an fp8 pool, (keys [N, hd] e4m3, scale [N] fp32) or (nope [N, dn] e4m3, exp [N, g] uint8, rope [N, hd - dn]
+    bf16): the entries quantized into rows dest as fp8.store_key_rows / store_kv_rows would (same bits), ent None."""
     assert triton is not None, "compress_fused needs triton"
     t, cd2 = kvz.shape
     cd = cd2 // 2
@@ -147,13 +165,15 @@ def compress_fused(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, nor
     assert cos_t.stride(0) == sin_t.stride(0) and cos_t.dtype == sin_t.dtype == torch.float32
     assert pool is None or (pool.shape[1] == hd and pool.dtype == kvz.dtype and pool.is_contiguous())
     assert ring_rows is None or ring_rows.shape == (t,)
+    fk = fp8_args(fp8_pool, hd, kvz.dtype, pool)
     rows = torch.empty(t, cd2, dtype=torch.float32, device=kvz.device) if ring_rows is None else None
-    ent = torch.empty(e, hd, dtype=kvz.dtype, device=kvz.device) if pool is None else None
+    ent = torch.empty(e, hd, dtype=kvz.dtype, device=kvz.device) if pool is None and fp8_pool is None else None
     dst = torch.empty(e, dtype=torch.int64, device=kvz.device)
     if t == 0:
         dst.fill_(dest_base + dummy_block * epb)
         if pool is not None:
             pool.index_fill_(0, dst, 0)
+        assert fp8_pool is None, "fp8_pool with an empty chunk"
         return rows, None if ent is None else ent.zero_(), dst
     ns = 2 * m if overlap else m
     block_d = triton.next_power_of_2(hd)
@@ -164,9 +184,34 @@ def compress_fused(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, nor
     bt = bt_tok if bt_tok.stride(1) == 1 else bt_tok.contiguous()
     _compress_kernel[grid](
         kvz, ape, ring, norm_w.float().contiguous(), et.contiguous(), p.contiguous(), chunk_start.contiguous(),
-        tok_slot.contiguous(), bt, cos_t, sin_t, ring if rows is None else rows, pool if ent is None else ent, dst,
+        tok_slot.contiguous(), bt, cos_t, sin_t, ring if rows is None else rows, ent if ent is not None else
+        pool if pool is not None else dst, dst,
         dst if ring_rows is None else ring_rows.contiguous(), e, t, kvz.stride(0), bt.stride(0),
         cos_t.stride(0), eps, dest_base, dummy_block, epb, ring_len, CD=cd, HD=hd, BLOCK_D=block_d, HALF=half, M=m,
         OVERLAP=overlap, BLOCK_S=bs, BLOCK_T=block_t, BLOCK_C=block_c, RING_OUT=ring_rows is not None,
-        POOL_OUT=pool is not None, num_warps=8 if block_d >= 512 else 4, **pdl.launch(kvz.device))
+        POOL_OUT=ent is None, **fk, num_warps=8 if block_d >= 512 else 4, **pdl.launch(kvz.device))
     return rows, ent, dst
+
+
+def fp8_fits(parts: tuple[torch.Tensor, ...]) -> bool:
+    """Whether compress_fused's fp8_pool takes an fp8 pool of these parts (its entries' width a power of two)."""
+    hd = parts[0].shape[1] + (parts[2].shape[1] if len(parts) == 3 else 0)
+    return hd & (hd - 1) == 0 and (len(parts) == 2 or hd >= 64)
+
+
+def fp8_args(fp8_pool: tuple[torch.Tensor, ...] | None, hd: int, dtype: torch.dtype,
+             pool: torch.Tensor | None) -> dict:
+    """The kernel's FP8_OUT keywords for fp8_pool's parts (see compress_fused), checked; {} for None."""
+    if fp8_pool is None:
+        return {}
+    assert pool is None and dtype == torch.bfloat16 and fp8_fits(fp8_pool), "fp8_pool: bf16 kvz, no pool beside"
+    if len(fp8_pool) == 2:
+        keys, scale = fp8_pool
+        assert keys.shape[1] == hd and keys.stride(1) == 1 and scale.is_contiguous()
+        return dict(f0_ptr=keys.view(torch.uint8), f1_ptr=scale, fs0=keys.stride(0), FP8_OUT=1)
+    nope, exp, rope = fp8_pool
+    dn = nope.shape[1]
+    assert dn + rope.shape[1] == hd and exp.shape[1] * 64 >= dn
+    assert nope.stride(1) == exp.stride(1) == rope.stride(1) == 1
+    return dict(f0_ptr=nope.view(torch.uint8), f1_ptr=exp, f2_ptr=rope, fs0=nope.stride(0), fs1=exp.stride(0),
+                fs2=rope.stride(0), FP8_OUT=2, NOPE=dn)

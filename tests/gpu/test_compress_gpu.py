@@ -93,6 +93,60 @@ def test_compress_kernel_matches_ref(kind: str, t: int) -> None:
         _check(out, compress_ref(*args), dummy_row)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_compress_fp8_pool_matches_store(kind: str) -> None:
+    # decode (T = 4, one token per sequence) into an fp8 pool: the entries quantized inside the compressor launch
+    # (fp8_pool) hold the bits fp8.store_key_rows (indexer keys) / store_kv_rows (attention rows) write from the
+    # launch's bf16 entries; also captured in a CUDA graph and replayed on new inputs
+    from ds4f.kernels.fp8 import FP8, kv_exp_bytes, store_key_rows, store_kv_rows
+
+    args = list(make_inputs(kind, CHUNKS[4]))
+    hd = KINDS[kind][2]
+    n = args[-3] + (args[-2] + 1) * args[-1]
+
+    def pool() -> tuple[torch.Tensor, ...]:
+        if kind == "index":
+            return torch.zeros(n, hd, dtype=FP8, device="cuda"), torch.ones(n, device="cuda")
+        return (torch.zeros(n, hd - ROPE_DIM, dtype=FP8, device="cuda"),
+                torch.full((n, kv_exp_bytes(hd - ROPE_DIM)), 127, dtype=torch.uint8, device="cuda"),
+                torch.zeros(n, ROPE_DIM, dtype=torch.bfloat16, device="cuda"))
+
+    def bits(parts: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        return [t.view(torch.uint8) if t.dtype == FP8 else t for t in parts]
+
+    # state rows to the ring's last rows: its last slot, which no sequence of make_inputs uses (no candidate reads)
+    rr = torch.arange(4, device="cuda") + args[2].shape[0] - 4
+
+    def both() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        want, got = pool(), pool()
+        _, ent, dst = compress(*args)
+        (store_key_rows if kind == "index" else store_kv_rows)(*want, dst, ent, fused=True)
+        ring = args[2].clone()
+        _, none, dst2 = compress(*args[:2], ring, *args[3:], ring_rows=rr, fp8_pool=got)
+        assert none is None and torch.equal(dst, dst2)
+        return want, got
+
+    want, got = both()
+    assert any(t.view(torch.uint8).any() for t in got[:1])  # entries were stored
+    for a, b in zip(bits(want), bits(got)):
+        assert torch.equal(a, b), kind
+    target = pool()
+    compress(*args[:2], args[2].clone(), *args[3:], ring_rows=rr, fp8_pool=target)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, _, dstg = compress(*args[:2], args[2], *args[3:], ring_rows=rr, fp8_pool=target)
+    fresh = make_inputs(kind, CHUNKS[4], seed=1)
+    _, ent_f, dst_f = compress(*fresh)  # before the replay: the replay writes fresh's state rows into args' ring
+    for a, b in zip(args[:11], fresh[:11]):
+        a.copy_(b)
+    graph.replay()
+    want = pool()
+    (store_key_rows if kind == "index" else store_kv_rows)(*want, dst_f, ent_f, fused=True)
+    assert torch.equal(dstg, dst_f)
+    for a, b in zip(bits(want), bits(target)):
+        assert torch.equal(a[dst_f], b[dst_f]), kind
+
+
 def _bench() -> None:
     decode = [(p, 1) for p in torch.randint(0, MAX_POS - 1, (32,), generator=torch.Generator().manual_seed(3)).tolist()]
     decode[0], decode[1] = (127, 1), (1023, 1)  # a few complete windows (HCA too)

@@ -157,6 +157,35 @@ def test_kv_fused_decode_is_bit_identical(graphs: bool) -> None:
 
 
 @pytest.mark.parametrize("graphs", [False, True])
+def test_compress_fp8_decode_is_bit_identical(graphs: bool) -> None:
+    # FastModel.compress_fp8 (DS4F_COMPRESS_FP8=1): decode steps' compressor launches quantize their entries into the
+    # fp8 attention and index-key pools themselves; the same logits, bit for bit, as the store launches after them
+    import importlib
+
+    fm_mod = importlib.import_module("ds4f.runner.gpu.fast_model")
+    took = []
+    real = fm_mod.glue.compress
+
+    def counted(*a: object, **kw: object) -> object:
+        took.append(len(a) > 20 and a[20] is not None)  # fp8_pool, the last positional argument
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    outs = []
+    for on in (False, True):
+        fm_mod.glue.compress = counted
+        try:
+            outs.append(run_steps(no_flip_config(), "cuda", prompt_lens=(37, 5, 21), first_chunk=13, decode_steps=20,
+                                  fast={"fp8": FP8["fp8"]}, ref=(), graphs=graphs, kv_fused=True,
+                                  fm_attrs={"compress_fp8": on})["fp8"])
+        finally:
+            fm_mod.glue.compress = real
+        assert any(took) == on, "the in-kernel fp8 store ran" if not on else "no compressor launch stored fp8"
+        took.clear()
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
 def test_attn_q_norm_decode_matches(graphs: bool) -> None:
     # FastModel.attn_q_norm (DS4F_ATTN_Q_NORM=1): decode steps hand the raw wq_b output to the attention kernel,
     # which RMS-norms and rotates q as it loads it; the same logits up to the row sums' order (the separate launch

@@ -81,20 +81,24 @@ def test_shared_expert_on_packed_fp8_gpu(tmp_path: Path, monkeypatch: pytest.Mon
     assert err.max() < TOL_W8, err.tolist()
 
 
-@pytest.mark.parametrize("knob", ["DS4F_DENSE_SIDE", "DS4F_IDX_Q_FIRST"])
+KNOBS = {"DS4F_DENSE_SIDE": "dense_side", "DS4F_IDX_Q_FIRST": "idx_q_first", "DS4F_IDX_PREP_EARLY": "idx_prep_early"}
+
+
+@pytest.mark.parametrize("knob", list(KNOBS))
 @pytest.mark.parametrize("name", ["aligned", "mid"])
 def test_decode_stream_order_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
                                               knob: str) -> None:
     # the same kernels on the same inputs, only their streams / launch order changed -> the logits bit for bit.
     # DS4F_DENSE_SIDE: the bf16 input run + the compressors on a third side stream (ordered by events instead of one
-    # stream per chain); DS4F_IDX_Q_FIRST: the indexer's q GEMV on main before wq_b instead of on the indexer's stream
+    # stream per chain); DS4F_IDX_Q_FIRST: the indexer's q GEMV on main before wq_b instead of on the indexer's stream;
+    # DS4F_IDX_PREP_EARLY: the query's prep after the dense GEMV only, the scores after the index compressor
     # (prompts past mid's CSA top-24 x 4 tokens, so its decode steps score and select)
     got = {}
     for v in ("0", "1"):
         monkeypatch.setenv(knob, v)
         _, got[v], fm = run_pair(all_hash(CONFIGS[name]()), tmp_path / f"{name}{v}", "cuda",
                                  prompt_lens=(150, 9, 97), decode_steps=12, graphs=True)
-        assert (fm.dense_side if knob == "DS4F_DENSE_SIDE" else fm.idx_q_first) == (v == "1")
+        assert getattr(fm, KNOBS[knob]) == (v == "1")
         assert any(isinstance(w, packed.InProj) and w.mixed for w in fm.w_in), "no mixed input run to move"
     for a, b in zip(got["0"], got["1"]):
         assert torch.equal(a, b)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ds4f.kernels import fused_moe, gemv, topk_indices
+from ds4f.kernels.compress import fp8_fits
 from ds4f.kernels.index_q import index_q, quant_heads_fp8
 from ds4f.kernels.indexer import decode_hist_buffer, topk_pool_rows, topk_pool_rows_long
 from ds4f.kernels.mhc import decode_kernel, hc_step
@@ -50,7 +51,7 @@ from ds4f.runner.gpu import glue, packed
 from ds4f.runner.gpu.derived import Derived as _Derived
 from ds4f.runner.gpu.derived import derive_step
 from ds4f.runner.gpu.knobs import FastKnobs
-from ds4f.runner.gpu.pools import FastCache, Fp8Keys, StepMeta
+from ds4f.runner.gpu.pools import FastCache, Fp8Keys, Fp8KV, StepMeta
 
 
 class FastModel(FastKnobs):
@@ -210,8 +211,8 @@ class FastModel(FastKnobs):
                                                                                  a.rms_norm_eps))
             return qi.view(T, ix.n_heads, ix.head_dim)
 
-        def index_select(iq: torch.Tensor) -> torch.Tensor:
-            """Indexer q (RoPE, head weights) over this step's keys -> attention rows idx [T, K]."""
+        def index_prep(iq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            """Indexer q (RoPE, head weights from weights_proj's columns) -> (q, weights, top-k histogram)."""
             fp8 = self.index_fp8 and isinstance(cache.index[i], Fp8Keys)  # e4m3 q over e4m3 keys: the fp8 MMA
             # DS4F_INDEXER_HIST (one-token calls by default): the indexer counts the top-k's first radix digit into
             # this buffer (None where that does not apply), which index_q's launch zeroes
@@ -224,7 +225,11 @@ class FastModel(FastKnobs):
                 if fp8:
                     iq, qs = quant_heads_fp8(iq)
                     iw = iw * qs
-            return self._select(i, att.ratio, iq, iw, d, cache, hist)
+            return iq, iw, hist
+
+        def index_select(prep: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+            """Scores + top-k over this step's keys (the index compressor's entries stored) -> attention rows."""
+            return self._select(i, att.ratio, prep[0], prep[1], d, cache, prep[2])
 
         fold = False  # DS4F_ATTN_Q_NORM: q raw, normed and rotated by the attention kernel
         idx: torch.Tensor | None = None
@@ -236,7 +241,7 @@ class FastModel(FastKnobs):
             attn_compress()
             if ix is not None:
                 index_compress()
-                idx = index_select(index_q_raw()) if select else None
+                idx = index_select(index_prep(index_q_raw())) if select else None
         else:  # decode: the latency-bound chains on streams of their own beside the bandwidth-bound wq_b GEMM:
             # kv: stores, then (after the dense run) the attention compressor; indexer: its q GEMM, then (after the
             # index compressor's entries, on the dense stream or its own) scores + top-k. Memory: a side stream's
@@ -251,6 +256,7 @@ class FastModel(FastKnobs):
                     s_kv.wait_stream(dense)  # the dense GEMV only: enqueued before the index compressor below
                 attn_compress()
             if ix is not None:
+                gemv_done = dense.record_event() if dense is not None else None  # weights_proj's columns
                 if dense is not None:
                     with torch.cuda.stream(dense):
                         index_compress()
@@ -261,9 +267,15 @@ class FastModel(FastKnobs):
                         index_compress()
                     if select:
                         iq = iq if iq is not None else index_q_raw()
-                        if dense is not None:
-                            s_ix.wait_stream(dense)  # the index compressor's entries (and weights_proj's columns)
-                        idx = index_select(iq)
+                        if gemv_done is not None and self.idx_prep_early:
+                            s_ix.wait_event(gemv_done)  # q's prep needs the dense GEMV, not the index compressor
+                            prep = index_prep(iq)
+                            s_ix.wait_stream(dense)  # the index compressor's entries
+                        else:
+                            if dense is not None:
+                                s_ix.wait_stream(dense)  # the index compressor's entries and weights_proj's columns
+                            prep = index_prep(iq)
+                        idx = index_select(prep)
             qb = (packed.linear_norm(att.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps) if qr is None
                   else packed.linear(att.wq_b, qr)).view(T, H, hd)
             fold = self.attn_q_norm and not (att.kind != SWA and att.ratio in d.pvis)  # the attend() below
@@ -340,10 +352,13 @@ class FastModel(FastKnobs):
         # takes the entries in the same launch too (fp8 pools quantize through cache.put)
         in_place = meta.one_per_seq and self.compress_in_place
         plain = in_place and cache.plain_store and isinstance(dest, torch.Tensor) and dest.dtype == kvz.dtype
+        fp8 = (in_place and self.compress_fp8 and cache.fused_quant is not False and kvz.dtype == torch.bfloat16
+               and isinstance(dest, (Fp8KV, Fp8Keys)) and fp8_fits(dest.parts()))
         rows, ent, dst = glue.compress(kvz, comp.ape, ring, comp.norm.weight, meta.ent_tok[m], meta.positions,
                                        meta.chunk_start, meta.tok_slot, d.bt_tok, c, s, m, R, comp.overlap,
                                        self.args.rms_norm_eps, dest_base, cache.dummy_block, cache.epb(m),
-                                       d.ring_rows[R] if in_place else None, dest if plain else None)
+                                       d.ring_rows[R] if in_place else None, dest if plain else None,
+                                       dest.parts() if fp8 else None)
         if ent is not None:
             cache.put(dest, dst, ent)
         if rows is not None:

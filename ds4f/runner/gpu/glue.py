@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ds4f.kernels import step_meta
 from ds4f.kernels.compress import compress_fused
+from ds4f.kernels.fp8 import store_key_rows, store_kv_rows
 from ds4f.kernels.ref import swiglu_clamp
 from ds4f.kernels.rope import rope_ref
 from ds4f.kernels.sparse_attn import use_triton
@@ -107,21 +108,29 @@ def compress(kvz: torch.Tensor, ape: torch.Tensor, ring: torch.Tensor, norm_w: t
              p: torch.Tensor, chunk_start: torch.Tensor, tok_slot: torch.Tensor, bt_tok: torch.Tensor,
              cos_t: torch.Tensor, sin_t: torch.Tensor, m: int, ring_len: int, overlap: bool, eps: float,
              dest_base: int, dummy_block: int, epb: int, ring_rows: torch.Tensor | None = None,
-             pool: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+             pool: torch.Tensor | None = None, fp8_pool: tuple[torch.Tensor, ...] | None = None
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """compress_ref's inputs and outputs: one Triton launch (ds4f.kernels.compress) where triton runs (CUDA, or the
     interpreter), else compress_ref (also with DS4F_COMPRESS_KERNEL=0). The kernel's entries of candidates that
     complete nothing are zeros (they go to the dummy block; compress_ref's are unspecified).
-    ring_rows / pool (see compress_fused): the state rows / entries are stored there and come back None."""
+    ring_rows / pool / fp8_pool (see compress_fused): the state rows / entries are stored there and come back None."""
     if os.environ.get("DS4F_COMPRESS_KERNEL", "1") == "1" and use_triton(kvz):
         return compress_fused(kvz, ape, ring, norm_w, et, p, chunk_start, tok_slot, bt_tok, cos_t, sin_t, m,
-                              ring_len, overlap, eps, dest_base, dummy_block, epb, ring_rows=ring_rows, pool=pool)
+                              ring_len, overlap, eps, dest_base, dummy_block, epb, ring_rows=ring_rows, pool=pool,
+                              fp8_pool=fp8_pool)
     rows, ent, dst = compress_ref(kvz, ape, ring, norm_w, et, p, chunk_start, tok_slot, bt_tok, cos_t, sin_t, m,
                                   ring_len, overlap, eps, dest_base, dummy_block, epb)
     if pool is not None:
         pool.index_copy_(0, dst, ent.to(pool.dtype))
+    if fp8_pool is not None:  # the kernel's stores: zeros for candidates that complete nothing
+        ent = torch.where((dst == dest_base + dummy_block * epb)[:, None], 0, ent)
+        if len(fp8_pool) == 2:
+            store_key_rows(*fp8_pool, dst, ent)
+        else:
+            store_kv_rows(*fp8_pool, dst, ent)
     if ring_rows is not None:
         ring.index_copy_(0, ring_rows, rows)
-    return (None if ring_rows is not None else rows), (None if pool is not None else ent), dst
+    return (None if ring_rows is not None else rows), (None if pool is not None or fp8_pool is not None else ent), dst
 
 
 @fuse

@@ -32,6 +32,9 @@ class FastKnobs:
         self.overlap_max_t = 16
         # decode: the compressor kernel stores state rows (+ bf16 pool entries); DS4F_COMPRESS_IN_PLACE=0: launches
         self.compress_in_place = os.environ.get("DS4F_COMPRESS_IN_PLACE", "1") == "1"
+        # ... and quantizes its entries into fp8 pools (the attention's and the indexer's keys) itself, instead of a
+        # store launch after it on the chains the attention and the indexer's scores wait on; DS4F_COMPRESS_FP8=0
+        self.compress_fp8 = os.environ.get("DS4F_COMPRESS_FP8", "1") == "1"
         # decode: q_norm inside the wq_b GEMVs (packed.linear_norm); DS4F_Q_NORM_GEMV=0: a norm launch first
         self.q_norm_gemv = os.environ.get("DS4F_Q_NORM_GEMV", "1") == "1"
         # decode over fp8 pools: the kv norm + RoPE and its scratch / window stores in one launch (ds4f.kernels.
@@ -51,6 +54,9 @@ class FastKnobs:
         # 24) is not queued behind wq_b's 16 MB, which then streams beside the chain's latency-bound kernels;
         # DS4F_IDX_Q_FIRST=0: the q GEMV on the indexer's stream beside wq_b
         self.idx_q_first = os.environ.get("DS4F_IDX_Q_FIRST", "1") == "1"
+        # ... and the query's RoPE / weights / e4m3 launch (index_q) waits for the dense GEMV's weights_proj columns
+        # only, not for the index compressor after it on that stream (the scores do); DS4F_IDX_PREP_EARLY=0: both
+        self.idx_prep_early = os.environ.get("DS4F_IDX_PREP_EARLY", "1") == "1"
         # TP: the shared expert's output added inside the MoE sublayer's all-reduce (Comm.all_reduce_add) instead of
         # in the routed down kernel, which then need not wait for the shared expert's side chain (session 21's TP=2
         # timelines: it ends ~2.7 us after the routed up kernel at batch 1, every layer). Same bits. Full model, TP=2,
