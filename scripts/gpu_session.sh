@@ -633,6 +633,13 @@ case "${1:-}" in
     wait
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
     S18_AB="${S18_AB:--}" bash "$0" s18ab "$2" ;;
+  s25f)  # 2 GPUs: s11full (the run of record: decode b1 / b4, the 1M prompt, decode after it; S11_LIMIT s into the
+    # call), then the stream-order bit-identity tests of the aligned config on GPU 0 in what is left (T_CAP s)
+    S11_LIMIT=${S11_LIMIT:-440} bash "$0" s11full "$2"
+    mkdir -p /tmp/gpulogs
+    CUDA_VISIBLE_DEVICES=0 DS4F_COMPILE=0 timeout "${T_CAP:-120}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
+      tests/gpu/test_fast_packed_gpu.py -k "stream_order and aligned" > /tmp/gpulogs/stream_order_aligned.log 2>&1
+    test_summary | tee "$OUT/gpu_tests.log" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
