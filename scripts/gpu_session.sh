@@ -640,6 +640,11 @@ case "${1:-}" in
     CUDA_VISIBLE_DEVICES=0 DS4F_COMPILE=0 timeout "${T_CAP:-120}" python3 -m pytest -q -rs --tb=short -p no:cacheprovider \
       tests/gpu/test_fast_packed_gpu.py -k "stream_order and aligned" > /tmp/gpulogs/stream_order_aligned.log 2>&1
     test_summary | tee "$OUT/gpu_tests.log" ;;
+  s25t)  # 1 GPU: the stream-order bit-identity tests (both configs, every knob) and the compressor's fp8-store ones,
+    # T_CAP s (after the fast model's review refactor)
+    par_tests "${T_CAP:-200}" tests/gpu/test_fast_packed_gpu.py::test_decode_stream_order_is_bit_identical \
+      tests/gpu/test_fast_fp8_kv_gpu.py::test_compress_fp8_decode_is_bit_identical
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

@@ -8,8 +8,9 @@ as expert E (bf16) or fused_moe_mxfp4 on the packed experts. Between sublayers o
 norm + RoPE in one kernel each; a decode step's router in one kernel (ds4f.kernels.router) and its per-step index
 tensors + embedding in one (glue.derive -> ds4f.kernels.step_meta).
 Decode steps (<= 16 tokens, CUDA) run each layer's kv / compressor chain and its indexer chain on two side streams
-beside the q projection (q_norm inside its GEMV: packed.linear_norm), a packed checkpoint's bf16 input run (the
-compressors' wkv / wgate, weights_proj) and the index compressor on a third beside the FP8 wq_a | wkv run, the packed
+beside the q projection (q_norm inside its GEMV: packed.linear_norm; the indexer's q GEMV before it on main), a packed
+checkpoint's bf16 input run (the compressors' wkv / wgate, weights_proj) and the index compressor on a third beside
+the FP8 wq_a | wkv run (the compressors quantize their entries into fp8 pools in their own launch), the packed
 FP8 shared expert on the first beside the router and routed up GEMM, the routed up kernel's x operands on the second
 beside the router, and each mHC step's Sinkhorn on a fourth (joined before the next mHC step reads comb), all at high
 priority; under TP a sublayer's all-reduce runs inside the next mHC launch where Comm.hc_reducer allows
@@ -227,10 +228,6 @@ class FastModel(FastKnobs):
                     iw = iw * qs
             return iq, iw, hist
 
-        def index_select(prep: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-            """Scores + top-k over this step's keys (the index compressor's entries stored) -> attention rows."""
-            return self._select(i, att.ratio, prep[0], prep[1], d, cache, prep[2])
-
         fold = False  # DS4F_ATTN_Q_NORM: q raw, normed and rotated by the attention kernel
         idx: torch.Tensor | None = None
         if sides is None:  # q's per-head RMSNorm + RoPE and kv's weighted one in one launch
@@ -241,7 +238,7 @@ class FastModel(FastKnobs):
             attn_compress()
             if ix is not None:
                 index_compress()
-                idx = index_select(index_prep(index_q_raw())) if select else None
+                idx = self._select(i, att.ratio, d, cache, *index_prep(index_q_raw())) if select else None
         else:  # decode: the latency-bound chains on streams of their own beside the bandwidth-bound wq_b GEMM:
             # kv: stores, then (after the dense run) the attention compressor; indexer: its q GEMM, then (after the
             # index compressor's entries, on the dense stream or its own) scores + top-k. Memory: a side stream's
@@ -275,7 +272,7 @@ class FastModel(FastKnobs):
                             if dense is not None:
                                 s_ix.wait_stream(dense)  # the index compressor's entries and weights_proj's columns
                             prep = index_prep(iq)
-                        idx = index_select(prep)
+                        idx = self._select(i, att.ratio, d, cache, *prep)  # after the index compressor
             qb = (packed.linear_norm(att.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps) if qr is None
                   else packed.linear(att.wq_b, qr)).view(T, H, hd)
             fold = self.attn_q_norm and not (att.kind != SWA and att.ratio in d.pvis)  # the attend() below
@@ -312,7 +309,7 @@ class FastModel(FastKnobs):
         comm = getattr(self.model, "tp_comm", None)
         return self.sp_indexer and comm is not None and comm.world > 1 and self.sp_index_min_t <= T
 
-    def _select(self, i: int, m: int, iq: torch.Tensor, iw: torch.Tensor, d: _Derived, cache: FastCache,
+    def _select(self, i: int, m: int, d: _Derived, cache: FastCache, iq: torch.Tensor, iw: torch.Tensor,
                 hist: torch.Tensor | None) -> torch.Tensor:
         """Indexer scores + top-k -> attention rows [T, W + k] (window rows, then the picks' pool rows). Under TP
         with DS4F_SP_INDEXER=1 and a chunk of at least sp_index_min_t tokens, each rank scores and ranks its own 1/N
