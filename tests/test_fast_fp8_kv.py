@@ -294,7 +294,8 @@ def check_interpreted() -> None:
                                          num_splits=splits, live=live).float()
                     finally:
                         sa.ROPE_SPLIT = False
-                    torch.testing.assert_close(rs, base, atol=2e-3, rtol=2e-3)
+                    # o is rounded to bf16: the other sum order may flip one rounding (one ulp, <= 2^-7 relative)
+                    torch.testing.assert_close(rs, base, atol=4e-3, rtol=2**-7)
                 print("rope split close")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("triton")  # the probe module builds its kernel at import
+
 from bench.probe_mma_regs import emulate, reference
 
 

@@ -20,7 +20,7 @@ import torch
 from ds4f.distributed.comm import Comm
 from ds4f.distributed.executor import TPExecutor, Watchdog
 from ds4f.distributed.parallel import ParallelConfig
-from ds4f.distributed.rendezvous import head_store, join, log, make_groups, wait_key
+from ds4f.distributed.rendezvous import agree_env, head_store, join, log, make_groups, wait_key
 from ds4f.distributed.symm import try_symm
 from ds4f.distributed.worker import spawn_local
 
@@ -51,6 +51,7 @@ def build_rank(config: Any, pc: ParallelConfig, rank: int, store: Any,
         torch.cuda.set_device(local)
     elif rank != 0 or pc.ranks_per_node > 1:  # CPU ranks share the cores of one machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.ranks_per_node))
+    agree_env(store, rank, pc.world_size, timeout=pc.join_timeout)  # before any collective a switch picks
     ctrl, model_pg = make_groups(store, pc, rank, device)
     dtype = getattr(torch, config.resolved_dtype)
     fast_ar = try_symm(ctrl, store, rank, pc.world_size, torch.device(device, local) if device == "cuda"

@@ -8,6 +8,7 @@ every HEARTBEAT_S and writes `dead/<rank>` with its cause before exiting on an e
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sys
 import threading
@@ -21,6 +22,9 @@ from ds4f.distributed.comm import gloo_group, nccl_group
 from ds4f.distributed.parallel import ParallelConfig, local_ip_towards
 
 HEARTBEAT_S = 0.5
+# DS4F_* variables that change only what one process logs, times or how long it waits; every other one picks kernels
+# or collectives that pair across ranks (DS4F_HC_AR, DS4F_SYMM_PUSH, DS4F_SP_INDEXER, ...) and must agree
+LOCAL_ENV = frozenset({"DS4F_TRACE_WORKER", "DS4F_GRAPH_TIMING", "DS4F_GIT", "DS4F_SYMM_PUSH_TIMEOUT_S"})
 
 
 class RendezvousError(RuntimeError):
@@ -91,6 +95,31 @@ def wait_key(store: dist.TCPStore, key: str, timeout: float, what: str, dead: Ca
         _raise_if_dead(dead)
         time.sleep(0.05)
     raise RendezvousError(f"{what} within {timeout:.0f} s (--join-timeout)")
+
+
+def ds4f_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The DS4F_* variables of `environ` (default os.environ) that must agree across ranks (see LOCAL_ENV)."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if k.startswith("DS4F_") and k not in LOCAL_ENV}
+
+
+def agree_env(store: Any, rank: int, world: int, env: dict[str, str] | None = None, timeout: float = 600.0) -> None:
+    """Publish this rank's ds4f_env and compare: rank 0 against every rank, the others against rank 0; a difference
+    raises RendezvousError naming the variables. Ranks launched with different switches would otherwise wait on a
+    collective the others never start (the push all-reduce traps after DS4F_SYMM_PUSH_TIMEOUT_S)."""
+    env = ds4f_env() if env is None else env
+    store.set(f"env/{rank}", json.dumps(env, sort_keys=True))
+    for other in (range(1, world) if rank == 0 else [0]):
+        theirs = json.loads(wait_key(store, f"env/{other}", timeout, f"rank {rank}: rank {other} published no "
+                                              f"DS4F_* environment"))
+        diff = sorted(k for k in env.keys() | theirs.keys() if env.get(k) != theirs.get(k))
+        if diff:
+            shown = "; ".join(f"{k}={env.get(k, '(unset)')} here, {theirs.get(k, '(unset)')} on rank {other}"
+                              for k in diff)
+            raise RendezvousError(
+                f"rank {rank}: the DS4F_* environment differs from rank {other}'s ({shown}): these switches pick "
+                f"kernels and collectives that must pair across ranks; set the same DS4F_* variables on every node "
+                f"(only {', '.join(sorted(LOCAL_ENV))} may differ)")
 
 
 def bind_address(pc: ParallelConfig) -> str:
