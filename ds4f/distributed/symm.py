@@ -38,8 +38,8 @@ PUSH_TILE = (1024, 4)  # elements per program, warps (DS4F_SYMM_PUSH_TILE)
 # (tests/gpu/test_hc_ar_gpu.py, a CUDA graph of chained boundaries, session 24): 11.7 vs 12.9 us per sublayer
 # boundary at T = 1; at T = 4 with 32 channels per program 17.4 vs 15.2 (512 programs, each with its own flag over
 # NVLink), with 128 (HC_BLOCK[4]) 13.2 vs 14.3 (call 6). Full model, TP=2 (session 24 call 1, both buckets at 32
-# channels): replay 4.632 ms at b1 (4.663 / 4.665 in session 23's two runs), 7.275 at b4 (6.856 / 6.870): hence "1"
-# until bucket 4 at 128 channels is timed there (DS4F_HC_AR=1,4)
+# channels): replay 4.632 ms at b1 (4.663 / 4.665 in session 23's two runs), 7.275 at b4 (6.856 / 6.870); at 128
+# channels (session 25 call 3, DS4F_HC_AR=1,4) b4 6.757 against 6.736 without it in the run of record: hence "1"
 HC_AR = frozenset(env_buckets("DS4F_HC_AR", "1"))
 HC_BLOCK = {1: 32, 4: 128}  # bucket -> channels per mHC program (four tokens: 128 programs, as one token's 32)
 
