@@ -11,7 +11,10 @@ A candidate that completes nothing gets an all-zero entry (the reference's value
 dummy block's first row.
 
 One program per candidate (online softmax over the ns slots, BLOCK_S at a time, per channel), then programs that
-write BLOCK_T x BLOCK_C tiles of the state rows.
+write BLOCK_T x BLOCK_C tiles of the state rows. Decode steps may have the kernel store the state rows into the carry
+ring and the entries into the pool themselves (ring_rows / pool), fp8 pools included (fp8_pool: the entry quantized
+in the candidate's program as ds4f.kernels.fp8's row stores do), so nothing on the attention's or the indexer's
+chain waits for a store launch after this one.
 """
 
 from __future__ import annotations
