@@ -82,3 +82,23 @@ def test_build_runner_prints_the_capacity_the_scheduler_admits(capsys: pytest.Ca
     assert int(m.group(1)) == admitted.max_tokens_per_seq() and int(m.group(3)) == admitted.slots.num_blocks
     assert admitted.allocate("a", int(m.group(1))) and not admitted.allocate("b", 16 * 10**6)
     assert "weights" in err and "KV pool" in err
+
+
+def test_gpu_budget_keeps_the_graph_pool_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on CUDA the KV budget is what gpu_memory_utilization leaves after what is in use, the warmup peak and the
+    # CUDA-graph pool's estimate (the offline plan's rule), so the runtime table's "free" row is not negative
+    from ds4f.runner import model_runner as mr
+    from ds4f.runner.memory_plan import GRAPH_TOKENS, activation_bytes, graph_reserve
+
+    model = load_model(None, dtype=torch.float32, device="cpu")
+    cfg = EngineConfig(device="cpu", dtype="float32", max_num_seqs=3)
+    want = activation_bytes(model.args, min(3, GRAPH_TOKENS), 0, 1, torch.float32)
+    assert graph_reserve(cfg, model, torch.device("cuda", 0)) == want > 0
+    assert graph_reserve(cfg, model, torch.device("cpu")) == 0
+    total, free, peak = 80 * GiB, 50 * GiB, 3 * GiB
+    monkeypatch.setattr(mr.torch.cuda, "mem_get_info", lambda device: (free, total))
+    monkeypatch.setattr(mr.torch.cuda, "max_memory_allocated", lambda device: 10 * GiB + peak)
+    monkeypatch.setattr(mr.torch.cuda, "memory_allocated", lambda device: 10 * GiB)
+    got = mr.kv_cache_budget(torch.device("cuda", 0), 0.9, None, 1, want)
+    assert got == int(total * 0.9) - (total - free) - peak - want
+    assert mr.kv_cache_budget(torch.device("cuda", 0), 0.9, 123, 1, want) == 123  # a fixed budget stays as given

@@ -43,6 +43,7 @@ def build_rank(config: Any, pc: ParallelConfig, rank: int, store: Any,
     activation peak is what the budget leaves room for; then the ranks agree on the smallest budget."""
     from ds4f.config import DEFAULT_CPU_KV_CACHE_MEMORY
     from ds4f.model.loader import load_model
+    from ds4f.runner.memory_plan import graph_reserve
     from ds4f.runner.model_runner import build_runner, kv_cache_budget, prepare, use_fast
 
     device = config.resolved_device
@@ -62,7 +63,7 @@ def build_rank(config: Any, pc: ParallelConfig, rank: int, store: Any,
                        keep_dequantized=not use_fast(config))
     prepared = prepare(config, model)  # every rank warms up together (the forward's all-reduces pair up)
     budget = kv_cache_budget(torch.device(device), config.gpu_memory_utilization, config.kv_cache_memory,
-                             DEFAULT_CPU_KV_CACHE_MEMORY)
+                             DEFAULT_CPU_KV_CACHE_MEMORY, graph_reserve(config, model, torch.device(device)))
     config = dataclasses.replace(config, kv_cache_memory=max(1, _agree_min(ctrl, budget)))
     runner, args, max_model_len = build_runner(config, sampler=sampler, prepared=prepared)
     return runner, ctrl, args, max_model_len

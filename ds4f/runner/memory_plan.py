@@ -186,11 +186,19 @@ def model_bytes(model: Any) -> int:
     return total
 
 
+def graph_reserve(config: Any, model: Any, device: torch.device) -> int:
+    """Bytes the decode CUDA graphs' pool is estimated to take on a CUDA device (0 elsewhere): kept out of the KV
+    budget (model_runner.kv_cache_budget), which is sized before the graphs are captured."""
+    if device.type != "cuda":
+        return 0
+    tp = getattr(getattr(model, "tp_comm", None), "world", 1)
+    return activation_bytes(model.args, min(config.max_num_seqs, GRAPH_TOKENS), 0, tp, model.dtype)
+
+
 def runtime_table(config: Any, model: Any, layout: CacheLayout, budget: int, num_blocks: int, num_slots: int,
                   device: torch.device) -> str:
     """The runner's plan as a table: measured weights (and on GPU memory in use and the warmup peak), the KV pool
     and capacity of the runner's own (num_blocks, num_slots), estimates for what is not allocated yet."""
-    args: ModelArgs = model.args
     tp = getattr(getattr(model, "tp_comm", None), "world", 1)
     weights = model_bytes(model)
     rows = [Row("weights", weights, f"measured, TP {tp}")]
@@ -206,8 +214,8 @@ def runtime_table(config: Any, model: Any, layout: CacheLayout, budget: int, num
                 "measured: free blocks torch keeps in partly used segments (fragmentation)"),
             Row("context+NCCL+other", max(0, total - free - max(reserved, allocated)),
                 "measured: CUDA context, NCCL buffers, other processes"),
-            Row("CUDA graphs", activation_bytes(args, min(config.max_num_seqs, GRAPH_TOKENS), 0, tp, model.dtype),
-                "estimate, not reserved from the KV budget"),
+            Row("CUDA graphs", graph_reserve(config, model, device),
+                "estimate" + (", reserved from the KV budget" if config.kv_cache_memory is None else "")),
         ]
         usable, note = int(total * config.gpu_memory_utilization), MemoryPlan.usable_note
     else:

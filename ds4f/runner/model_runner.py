@@ -15,7 +15,7 @@ from ds4f.engine.outputs import RunnerOutput, SchedulerOutput
 from ds4f.model.args import ModelArgs
 from ds4f.model.cache import AttnBatch, DenseCache
 from ds4f.runner.kv_cache import PagedKVCache
-from ds4f.runner.memory_plan import runtime_table
+from ds4f.runner.memory_plan import graph_reserve, runtime_table
 from ds4f.sample.sampler import Sampler, SamplingRequest
 
 
@@ -50,10 +50,10 @@ def build_input_batch(out: SchedulerOutput, device: torch.device | str = "cpu") 
 
 
 def kv_cache_budget(device: torch.device, gpu_memory_utilization: float, kv_cache_memory: int | None,
-                    default_cpu: int) -> int:
+                    default_cpu: int, reserve: int = 0) -> int:
     """Bytes for the KV cache: kv_cache_memory if set; on CPU a fixed default; on GPU what is left of
-    gpu_memory_utilization x total after what is in use (weights, other processes) and the activation peak of the
-    warmup forward (the caller runs `warmup` first)."""
+    gpu_memory_utilization x total after what is in use (weights, other processes), the activation peak of the
+    warmup forward (the caller runs `warmup` first) and `reserve` (the CUDA-graph pool, captured after the cache)."""
     if kv_cache_memory is not None:
         return kv_cache_memory
     if device.type != "cuda":
@@ -61,7 +61,7 @@ def kv_cache_budget(device: torch.device, gpu_memory_utilization: float, kv_cach
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
     peak = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
-    return max(0, int(total * gpu_memory_utilization) - used - peak)
+    return max(0, int(total * gpu_memory_utilization) - used - peak - reserve)
 
 
 def sampling_requests(seqs: list[Any]) -> list[SamplingRequest]:
@@ -214,7 +214,7 @@ def build_runner(config: EngineConfig, model: Any = None, sampler: Callable[...,
     max_model_len = model_len(config, args)
     layout = CacheLayout.from_model_args(args, config.block_size, config.resolved_kv_cache_dtype)
     budget = kv_cache_budget(device, config.gpu_memory_utilization, config.kv_cache_memory,
-                             DEFAULT_CPU_KV_CACHE_MEMORY)
+                             DEFAULT_CPU_KV_CACHE_MEMORY, graph_reserve(config, model, device))
     num_blocks, num_slots = layout.plan(budget, config.max_num_seqs)
     fit = num_blocks * config.block_size
     if fit < max_model_len:
