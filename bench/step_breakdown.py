@@ -9,6 +9,7 @@ joins the side chains before attention and the next mHC step: that kernel is the
 `launch` (nothing of the main stream running). Side-stream
 kernels that end while the main stream is busy cost nothing here: they were hidden. Timelines without a stream
 column are read as one stream. Usage: python3 bench/step_breakdown.py TIMELINE [--first _step_meta] [--kinds flash]
+[--attn-waits]
 """
 
 from __future__ import annotations
@@ -168,6 +169,35 @@ def sublayers_by_kind(kernels: list[Kernel], kinds: list[str]) -> dict[tuple[str
     return out
 
 
+ATTN, Q_PROJ = "_attn_fwd", "_fp8_gemv"  # the attention launch; wq_b's FP8 GEMV (q norm inside), its q projection
+
+
+def attn_waits(kernels: list[Kernel]) -> dict[str, dict[str, float]]:
+    """What each attention launch waited on: per layer (the kernels since the previous attention launch, "indexer"
+    layers where a top-k ran, else "plain"), each kernel name's last end and the attention's start, in us after the
+    q projection's end; -> {kind: {name: median us}} (names of that kind's every layer; "attn_start" included)."""
+    ks = sorted(kernels, key=lambda k: k.start)
+    rows: dict[str, list[dict[str, float]]] = {}
+    prev = 0
+    for i, k in enumerate(ks):
+        if k.name != ATTN:
+            continue
+        seg, prev = ks[prev:i], i + 1
+        q = [j.end for j in seg if j.name == Q_PROJ]
+        if not q:
+            continue
+        ends: dict[str, float] = {}
+        for j in seg:
+            ends[j.name] = max(ends.get(j.name, -1e30), j.end - q[-1])
+        ends["attn_start"] = k.start - q[-1]
+        rows.setdefault("indexer" if any("_topk" in n for n in ends) else "plain", []).append(ends)
+    out = {}
+    for kind, layers in rows.items():
+        names = set.intersection(*(set(e) for e in layers))
+        out[kind] = {n: sorted(e[n] for e in layers)[len(layers) // 2] for n in names}
+    return out
+
+
 def timeline_ms(path: Path, first: str = "_step_meta") -> dict[str, float]:
     """A timeline file's last step (from the last kernel named `first`) -> {category: ms}, sorted by name:
     breakdown's main-stream walk, or busy_breakdown where fewer than half the step's kernels are on its first
@@ -183,6 +213,8 @@ def main() -> None:
     ap.add_argument("timeline")
     ap.add_argument("--first", default="_step_meta", help="name prefix of a step's first kernel")
     ap.add_argument("--kinds", choices=["flash"], help="also the sublayers by layer kind of this model's layers")
+    ap.add_argument("--attn-waits", action="store_true", help="also what the attention launches waited on (median "
+                    "us after wq_b's end of each kernel's last end, by layer kind)")
     args = ap.parse_args()
     b = timeline_ms(Path(args.timeline), args.first)
     total = sum(b.values())
@@ -204,6 +236,11 @@ def main() -> None:
         for (part, kind), us in sorted(by.items()):
             mean, total = sum(us) / len(us), sum(us) / 1e3
             print(f"  {part:4s} {kind:30s} {len(us):3d} layers {mean:7.1f} us each, {total:.3f} ms")
+    if args.attn_waits:
+        for kind, ends in attn_waits(last_step(parse(Path(args.timeline).read_text()), args.first)).items():
+            print(f"attention in {kind} layers, us after wq_b's end (medians):")
+            for n, us in sorted(ends.items(), key=lambda x: x[1])[-8:]:
+                print(f"  {n[:40]:40s} {us:8.2f}")
 
 
 if __name__ == "__main__":

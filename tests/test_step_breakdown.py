@@ -13,7 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from step_breakdown import Kernel, breakdown, category, last_step, parse, sublayers, sublayers_by_kind  # noqa: E402
+from step_breakdown import (  # noqa: E402
+    Kernel,
+    attn_waits,
+    breakdown,
+    category,
+    last_step,
+    parse,
+    sublayers,
+    sublayers_by_kind,
+)
 
 
 def test_charges_along_the_main_stream() -> None:
@@ -114,3 +123,14 @@ def test_sublayers_cut_at_the_mhc_launches_that_hold_the_all_reduce() -> None:
     assert got == pytest.approx({"attn": 25 + (60 - 44), "moe": (44 - 25) + (77 - 64), "all_reduce": 4 + 3,
                                  "rest": 2, "layers": 2})
     assert sum(v for k, v in got.items() if k != "layers") == pytest.approx(82)  # the step's span
+
+
+def test_attn_waits_by_layer_kind() -> None:
+    # two layers: one whose attention waits for a top-k ending 5 us after wq_b, one (no top-k) starting 1 us after
+    # it; offsets are each name's last end (and the attention's start) after the layer's q projection ends
+    ks = [Kernel(0, 10, "s1", "_fp8_gemv"), Kernel(2, 4, "s2", "_index_q"), Kernel(6, 9, "s2", "_topk_small"),
+          Kernel(15.5, 5, "s1", "_attn_fwd"),
+          Kernel(21, 9, "s1", "_fp8_gemv"), Kernel(22, 3, "s3", "_compress_kernel"), Kernel(31, 5, "s1", "_attn_fwd")]
+    w = attn_waits(ks)
+    assert w["indexer"] == pytest.approx({"_fp8_gemv": 0, "_index_q": -4, "_topk_small": 5, "attn_start": 5.5})
+    assert w["plain"] == pytest.approx({"_fp8_gemv": 0, "_compress_kernel": -5, "attn_start": 1})
