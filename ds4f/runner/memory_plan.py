@@ -215,7 +215,7 @@ def runtime_table(config: Any, model: Any, layout: CacheLayout, budget: int, num
             Row("context+NCCL+other", max(0, total - free - max(reserved, allocated)),
                 "measured: CUDA context, NCCL buffers, other processes"),
             Row("CUDA graphs", graph_reserve(config, model, device),
-                "estimate" + (", reserved from the KV budget" if config.kv_cache_memory is None else "")),
+                "estimate, left out of the KV budget unless --kv-cache-memory sets it"),
         ]
         usable, note = int(total * config.gpu_memory_utilization), MemoryPlan.usable_note
     else:

@@ -264,15 +264,14 @@ class FastModel(FastKnobs):
                         index_compress()
                     if select:
                         iq = iq if iq is not None else index_q_raw()
-                        if gemv_done is not None and self.idx_prep_early:
-                            s_ix.wait_event(gemv_done)  # q's prep needs the dense GEMV, not the index compressor
-                            prep = index_prep(iq)
-                            s_ix.wait_stream(dense)  # the index compressor's entries
-                        else:
-                            if dense is not None:
-                                s_ix.wait_stream(dense)  # the index compressor's entries and weights_proj's columns
-                            prep = index_prep(iq)
-                        idx = self._select(i, att.ratio, d, cache, *prep)  # after the index compressor
+                        if dense is not None and self.idx_prep_early:  # q's prep reads the dense GEMV's
+                            s_ix.wait_event(gemv_done)  # weights_proj columns only
+                        elif dense is not None:
+                            s_ix.wait_stream(dense)
+                        prep = index_prep(iq)
+                        if dense is not None:
+                            s_ix.wait_stream(dense)  # the scores read the index compressor's entries
+                        idx = self._select(i, att.ratio, d, cache, *prep)
             qb = (packed.linear_norm(att.wq_b, parts[0], att.q_norm.weight, a.rms_norm_eps) if qr is None
                   else packed.linear(att.wq_b, qr)).view(T, H, hd)
             fold = self.attn_q_norm and not (att.kind != SWA and att.ratio in d.pvis)  # the attend() below
