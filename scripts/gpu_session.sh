@@ -645,6 +645,14 @@ case "${1:-}" in
     par_tests "${T_CAP:-200}" tests/gpu/test_fast_packed_gpu.py::test_decode_stream_order_is_bit_identical \
       tests/gpu/test_fast_fp8_kv_gpu.py::test_compress_fp8_decode_is_bit_identical
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
+  s26a)  # 1 GPU: the top-k GPU tests (DS4F_TOPK_GATHER_FAST's gather launch, in graphs at 1M) beside s25t's
+    # bit-identity tests, T_CAP s, then the 1M CSA decode chain A/B (bench/chain_1m.py)
+    par_tests "${T_CAP:-200}" tests/gpu/test_topk_small_gpu.py tests/gpu/test_indexer_dk_gpu.py \
+      tests/gpu/test_fast_packed_gpu.py::test_decode_stream_order_is_bit_identical \
+      tests/gpu/test_fast_fp8_kv_gpu.py::test_compress_fp8_decode_is_bit_identical
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
+    timeout "${C_S:-150}" python3 bench/chain_1m.py --rounds "${C_R:-3}" --out "$OUT/decode_long.jsonl" 2>&1 \
+      | grep -E "^chain|Error|rror" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
