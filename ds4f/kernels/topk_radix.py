@@ -41,7 +41,9 @@ FUSED_FINAL = bool((env_knobs("DS4F_TOPK_FUSED_FINAL", 1, "1", minimum=0) or (1,
 # score tile before the radix state it does not depend on; the gather claims its output and candidate slots with one
 # 64-bit atomic (both counters in one word) instead of two; with attention rows asked, the gather programs store the
 # keys above as pool rows (their block ids loaded with the scores) and the row's last program maps only its own
-# picks, instead of reading back all k ids and their blocks after the pick
+# picks, instead of reading back all k ids and their blocks after the pick. H200, session 26: the 1M CSA decode chain
+# as FastModel runs it (bench/chain_1m.py, back to back) 38.22 vs 39.34 us; full model TP=2 after a 1M prompt,
+# same session, replay 5.375 vs 5.402 ms per step (depth 64: b1 4.473 vs 4.490, b4 6.757 vs 6.762)
 GATHER_FAST = bool((env_knobs("DS4F_TOPK_GATHER_FAST", 1, "1", minimum=0) or (1,))[0])
 PICK_BLOCK = 2048  # candidates the per-row pick streams at a time from its buffer (or the row) past its register lanes
 
