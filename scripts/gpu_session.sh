@@ -653,6 +653,10 @@ case "${1:-}" in
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log"
     timeout "${C_S:-150}" python3 bench/chain_1m.py --rounds "${C_R:-3}" --out "$OUT/decode_long.jsonl" 2>&1 \
       | grep -E "^chain|Error|rror" ;;
+  s26b)  # 2 GPUs: s11full (the run of record; S11_LIMIT s into the call), then the top-k GPU tests on GPU 0 (T_CAP s)
+    S11_LIMIT=${S11_LIMIT:-450} bash "$0" s11full "$2"
+    CUDA_VISIBLE_DEVICES=0 par_tests "${T_CAP:-90}" tests/gpu/test_topk_small_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do
