@@ -112,9 +112,7 @@ def check_topk_cand() -> None:
     """Rows past the small lanes through two digit passes, the gather and the per-row pick: in registers, from the
     candidate buffer, and streaming the row where its k-th's top 16 bits are shared by more keys than the buffer
     holds (600 tied maxima; scores rounded to a few values; 4097 near-equal keys), against the oracle's top values,
-    the pick in the gather launch (its row's last program to arrive) and in a launch of its own; candidates past the
-    lanes but within DS4F_TOPK_CAND2 times them in the wider register pick (600 at 512 lanes, up to 64 at 16), and
-    with that off."""
+    the pick in the gather launch (its row's last program to arrive) and in a launch of its own."""
     from ds4f.kernels import indexer, topk_radix
 
     g = torch.Generator().manual_seed(5)
@@ -134,13 +132,6 @@ def check_topk_cand() -> None:
                                                small=small, cand=cand)
                     _same_top(got, s, k, vl)
     topk_radix.FUSED_FINAL = True
-    topk_radix.CAND2 = 1  # DS4F_TOPK_CAND2=1: no wider register pick (the buffer from 17 candidates on)
-    try:
-        for cand in ((16, 8192), (512, 8192)):
-            got = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=3, small=0, cand=cand)
-            _same_top(got, s, k, vl)
-    finally:
-        topk_radix.CAND2 = 4
     _same_top(indexer.topk_indices(s, 1, block=256, backend="radix", programs=2, small=0, cand=(16, 64)), s, 1, None)
     # every candidate needed: 30 keys above, then exactly the 34 sharing the k-th's top 16 bits (distinct low bits)
     r = torch.randn(2, L, generator=g) * 0.1
@@ -364,5 +355,4 @@ def test_topk_small_builds(arch: int) -> None:
     for final, rows in ((False, False), (True, False), (True, True)):  # the gather launch with the fused pick
         for fast in (False, True):  # DS4F_TOPK_GATHER_FAST
             build(tr._topk_gather, tg, dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192, FINAL=final, NC=512,
-                                            ROWS=rows, WP=128 if rows else 0, KP=512, FAST=fast,
-                                            NC2=2048 if fast else 512), arch)
+                                            ROWS=rows, WP=128 if rows else 0, KP=512, FAST=fast), arch)

@@ -45,13 +45,6 @@ FUSED_FINAL = bool((env_knobs("DS4F_TOPK_FUSED_FINAL", 1, "1", minimum=0) or (1,
 # as FastModel runs it (bench/chain_1m.py, back to back) 38.22 vs 39.34 us; full model TP=2 after a 1M prompt,
 # same session, replay 5.375 vs 5.402 ms per step (depth 64: b1 4.473 vs 4.490, b4 6.757 vs 6.762)
 GATHER_FAST = bool((env_knobs("DS4F_TOPK_GATHER_FAST", 1, "1", minimum=0) or (1,))[0])
-# DS4F_TOPK_CAND2 (default 4; 1: off): a row whose candidates overflow the pick's register lanes (DS4F_TOPK_CAND's
-# lanes) but fit CAND2 times as many (and the buffer) is picked in registers at that width too, instead of three
-# passes over the buffer (the fp8 index keys of the full model's dummy weights give ~19 us gather launches after a
-# 1M prompt against ~13 with random keys: many scores share the k-th's top 16 bits)
-CAND2 = (env_knobs("DS4F_TOPK_CAND2", 1, "4") or (4,))[0]
-if CAND2 < 1 or CAND2 & (CAND2 - 1):
-    raise ValueError(f"DS4F_TOPK_CAND2={CAND2}: a power of two (1 = off), e.g. 4")
 PICK_BLOCK = 2048  # candidates the per-row pick streams at a time from its buffer (or the row) past its register lanes
 
 if triton is not None:
@@ -240,78 +233,59 @@ if triton is not None:
             n_eq += tl.sum(eq.to(tl.int32), 0)
 
     @triton.jit
-    def _pick_regs(cand_ptr, dst, n, krem, CAP, NB: tl.constexpr, NC: tl.constexpr, CM: tl.constexpr,
-                   MAP: tl.constexpr, bt_ptr, comp_base, epb):
-        # the krem largest of the row's n <= NC candidates (cand_ptr: the row's buffer), held in NC register lanes,
-        # by their low 16 bits -> dst[0, krem) (ids, or MAP: their pool rows)
-        offs_b = tl.arange(0, NB)
-        offs = tl.arange(0, NC)
-        m = offs < n
-        ids = tl.load(cand_ptr + offs, mask=m, other=0, cache_modifier=CM)
-        vals = ids
-        if MAP:  # issued before the digit walk, used after it
-            vals = _pool_rows(ids, m, bt_ptr, comp_base, epb)
-        lo = tl.load(cand_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32, bitcast=True) & 0xFFFF
-        d2 = (lo >> 8).to(tl.int32)
-        b2, above, _ = _radix_step(tl.histogram(d2, NB, mask=m), offs_b, krem)
-        krem2 = krem - above
-        b3, above, _ = _radix_step(tl.histogram((lo & 255).to(tl.int32), NB, mask=m & (d2 == b2)), offs_b, krem2)
-        krem3 = krem2 - above
-        kth = ((b2 << 8) | b3).to(tl.uint32)
-        gt = m & (lo > kth)
-        eq = m & (lo == kth)
-        c = tl.cumsum(gt.to(tl.int32) | (eq.to(tl.int32) << 15), 0)  # both counts < 2^15
-        tl.store(dst + (c & 0x7FFF) - 1, vals, mask=gt)
-        pos_e = (krem - krem3) + (c >> 15) - 1
-        tl.store(dst + pos_e, vals, mask=eq & (pos_e < krem))
-
-    @triton.jit
     def _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
                     NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, CM: tl.constexpr,
-                    MAP: tl.constexpr = False, dst_ptr=None, bt_ptr=None, comp_base=0, epb=1,
-                    NC2: tl.constexpr = 0):
+                    MAP: tl.constexpr = False, dst_ptr=None, bt_ptr=None, comp_base=0, epb=1):
         # the krem keys still needed among the n sharing the k-th's top 16 bits (prefix, krem, take_all: the radix
-        # state after two digits) -> out slots [k - krem, k): in registers (n <= NC lanes, the usual case; then
-        # n <= NC2 lanes where NC2 > NC), from the candidate buffer BLOCK at a time (n <= CAP), else by streaming
-        # the row (exact, slow: one program reads it three times). CM: the cache modifier of the counter / buffer
-        # loads (".cg" in the gather launch). MAP: those slots of dst_ptr (the row's attention list past its window)
-        # get the picks' pool rows (bt_ptr: the row's block table): in registers directly, else through out's ids
+        # state after two digits) -> out slots [k - krem, k): in registers (n <= NC lanes, the usual case), from
+        # the candidate buffer BLOCK at a time (n <= CAP), else by streaming the row (exact, slow: one program
+        # reads it three times). CM: the cache modifier of the counter / buffer loads (".cg" in the gather launch).
+        # MAP: those slots of dst_ptr (the row's attention list past its window) get the picks' pool rows (bt_ptr:
+        # the row's block table): in registers directly, else through out's ids
         if take_all == 0:
             n = tl.load(cnt_ptr + 2 * t + 1, cache_modifier=CM)
             out_ptr += t * k + (k - krem)
             cand_ptr += t * 2 * CAP
             hi = prefix >> 16
-            dst = out_ptr
-            if MAP:
-                dst = dst_ptr + (k - krem)
             if n <= NC:
-                _pick_regs(cand_ptr, dst, n, krem, CAP, NB, NC, CM, MAP, bt_ptr, comp_base, epb)
-            elif NC2 > NC:
-                if n <= NC2:
-                    _pick_regs(cand_ptr, dst, n, krem, CAP, NB, NC2, CM, MAP, bt_ptr, comp_base, epb)
-                else:
-                    _pick_rest(s_ptr, out_ptr, cand_ptr, t, n, lim, s_st, k, CAP, hi, krem, NB, BLOCK, CM, MAP,
-                               dst_ptr, bt_ptr, comp_base, epb)
+                offs_b = tl.arange(0, NB)
+                offs = tl.arange(0, NC)
+                m = offs < n
+                ids = tl.load(cand_ptr + offs, mask=m, other=0, cache_modifier=CM)
+                vals = ids
+                if MAP:  # issued before the digit walk, used after it
+                    vals = _pool_rows(ids, m, bt_ptr, comp_base, epb)
+                lo = tl.load(cand_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32,
+                                                                                           bitcast=True) & 0xFFFF
+                d2 = (lo >> 8).to(tl.int32)
+                b2, above, _ = _radix_step(tl.histogram(d2, NB, mask=m), offs_b, krem)
+                krem2 = krem - above
+                b3, above, _ = _radix_step(tl.histogram((lo & 255).to(tl.int32), NB, mask=m & (d2 == b2)), offs_b,
+                                           krem2)
+                krem3 = krem2 - above
+                kth = ((b2 << 8) | b3).to(tl.uint32)
+                gt = m & (lo > kth)
+                eq = m & (lo == kth)
+                c = tl.cumsum(gt.to(tl.int32) | (eq.to(tl.int32) << 15), 0)  # both counts < 2^15
+                dst = out_ptr
+                if MAP:
+                    dst = dst_ptr + (k - krem)
+                tl.store(dst + (c & 0x7FFF) - 1, vals, mask=gt)
+                pos_e = (krem - krem3) + (c >> 15) - 1
+                tl.store(dst + pos_e, vals, mask=eq & (pos_e < krem))
             else:
-                _pick_rest(s_ptr, out_ptr, cand_ptr, t, n, lim, s_st, k, CAP, hi, krem, NB, BLOCK, CM, MAP, dst_ptr,
-                           bt_ptr, comp_base, epb)
-
-    @triton.jit
-    def _pick_rest(s_ptr, out_ptr, cand_ptr, t, n, lim, s_st, k, CAP, hi, krem, NB: tl.constexpr,
-                   BLOCK: tl.constexpr, CM: tl.constexpr, MAP: tl.constexpr, dst_ptr, bt_ptr, comp_base, epb):
-        # _final_body past the register lanes: from the buffer (n <= CAP) or the row, ids to out_ptr (the row's
-        # slot k - krem on); MAP: then those ids (this program's stores) to pool rows in dst_ptr
-        if n <= CAP:
-            _pick_stream(cand_ptr, out_ptr, n, CAP, hi, krem, False, NB, BLOCK, CM)
-        else:
-            _pick_stream(s_ptr + t * s_st, out_ptr, lim, CAP, hi, krem, True, NB, BLOCK, "")
-        if MAP:
-            tl.debug_barrier()
-            offs_p = tl.arange(0, BLOCK)
-            for j in range(0, krem, BLOCK):
-                mj = j + offs_p < krem
-                picked = tl.load(out_ptr + j + offs_p, mask=mj, other=0)
-                tl.store(dst_ptr + (k - krem) + j + offs_p, _pool_rows(picked, mj, bt_ptr, comp_base, epb), mask=mj)
+                if n <= CAP:
+                    _pick_stream(cand_ptr, out_ptr, n, CAP, hi, krem, False, NB, BLOCK, CM)
+                else:
+                    _pick_stream(s_ptr + t * s_st, out_ptr, lim, CAP, hi, krem, True, NB, BLOCK, "")
+                if MAP:  # the rare paths: their ids back (this program's stores) to rows
+                    tl.debug_barrier()
+                    offs_p = tl.arange(0, BLOCK)
+                    for j in range(0, krem, BLOCK):
+                        mj = j + offs_p < krem
+                        picked = tl.load(out_ptr + j + offs_p, mask=mj, other=0)
+                        tl.store(dst_ptr + (k - krem) + j + offs_p, _pool_rows(picked, mj, bt_ptr, comp_base, epb),
+                                 mask=mj)
 
     @triton.jit
     def _rows_body(ids_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
@@ -334,7 +308,7 @@ if triton is not None:
                      NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
                      FINAL: tl.constexpr = False, NC: tl.constexpr = 0, ROWS: tl.constexpr = False,
                      WP: tl.constexpr = 0, KP: tl.constexpr = 0, PDL: tl.constexpr = False,
-                     FAST: tl.constexpr = False, NC2: tl.constexpr = 0):
+                     FAST: tl.constexpr = False):
         # FINAL: the last of a row's programs to arrive (a counter in the row's unused fourth-digit histogram,
         # zeroed with the others before the call) runs _topk_final's pick (its stores and the buffer's are the
         # other programs' released stores: acq_rel counter, .cg loads); ROWS: then writes the row's attention
@@ -358,7 +332,7 @@ if triton is not None:
                         offs_w = tl.arange(0, WP)
                         tl.store(rows_ptr + t * s_rt + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
                     _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
-                                NB, NC, _PICK_BLOCK, ".cg", MAP, dst, bt_ptr + t * s_bt, comp_base, epb, NC2)
+                                NB, NC, _PICK_BLOCK, ".cg", MAP, dst, bt_ptr + t * s_bt, comp_base, epb)
                     if MAP:
                         if take_all:  # fewer than k valid keys, all stored above: -1 after them
                             n = tl.load(cnt_ptr + 2 * t, cache_modifier=".cg")
@@ -373,13 +347,13 @@ if triton is not None:
     @triton.jit
     def _topk_final(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, s_lv, CAP,
                     NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
-                    SMALL: tl.constexpr, PDL: tl.constexpr = False, NC2: tl.constexpr = 0):
+                    SMALL: tl.constexpr, PDL: tl.constexpr = False):
         pdl_enter(PDL)  # grid (T,): chunk 0 of each row
         t, _, lim, go = _row_chunk(vlen_ptr, L, 0, VLEN, SMALL)
         if go:
             prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
             _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all, NB, NC,
-                        BLOCK, "", NC2=NC2)
+                        BLOCK, "")
 
     @triton.jit
     def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
@@ -434,15 +408,14 @@ def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: to
         wp = win.shape[1]
         assert dst.shape == (T, wp + k) and dst.stride(1) == 1 and win.stride(1) == 1 and bt.stride(1) == 1
         assert wp & (wp - 1) == 0 and win.shape[0] == T
-    nc2 = lanes * CAND2 if lanes * CAND2 <= cap else lanes  # the wider register pick (DS4F_TOPK_CAND2)
     assert cnt.numel() == 2 * T and cnt.storage_offset() % 2 == 0  # counters (gt, eq) of row t: one int64 word
     _topk_gather[grid](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, chunk, T * nb, cap, dst,
                        dst.stride(0), bt, bt.stride(0), win, win.stride(0), base, epb, cnt.view(torch.int64),
                        FINAL=fused, NC=lanes, ROWS=rows is not None, WP=wp, KP=triton.next_power_of_2(k),
-                       FAST=GATHER_FAST, NC2=nc2, **common)
+                       FAST=GATHER_FAST, **common)
     if not fused:
         _topk_final[(T,)](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, T * nb, cap, NC=lanes,
-                          NC2=nc2, **{**common, "BLOCK": PICK_BLOCK})
+                          **{**common, "BLOCK": PICK_BLOCK})
 
 
 __all__ = ["launch_passes"]
