@@ -211,6 +211,44 @@ def check_pool_rows_long() -> None:
     print("long pool rows equal")
 
 
+def check_topk_stats() -> None:
+    """DS4F_TOPK_STATS: the gather launch's pick counts its rows' candidates (the valid keys sharing the k-th's top
+    16 bits) as counted from the scores: picks, sum, max, past the lanes, past the buffer, the keys still needed."""
+    from ds4f.kernels import indexer, topk_radix
+
+    g = torch.Generator().manual_seed(23)
+    k, L = 64, 5000
+    vl = torch.tensor([5000, 3000, 700, 4000, 10, 4097, 2049, 0], dtype=torch.int32)
+    s = _scores(len(vl), L, vl, g)
+    s[5, :4097] = 1.0 + torch.randperm(4097, generator=g) * (3 * 2.0**-22)  # 4097 candidates: past 16 lanes, 64 cap
+    want = [0, 0, 0, 0, 0, 0]
+    key = sort_keys(s)
+    for r in range(len(vl)):
+        fin = key[r][(s[r] != float("-inf")) & (torch.arange(L) < vl[r])]
+        if vl[r] <= 512 or fin.numel() < k:  # the small kernel's rows; fewer than k: every key, no pick
+            continue
+        hi = fin.sort(descending=True).values[k - 1] >> 16
+        n = int(((fin >> 16) == hi).sum())
+        want = [want[0] + 1, want[1] + n, max(want[2], n), want[3] + (n > 16), want[4] + (n > 64),
+                want[5] + k - int(((fin >> 16) > hi).sum())]
+    assert want[0] >= 4 and want[3] >= 1 and want[4] >= 1, want  # the case covers every counter
+    was, topk_radix.STATS = topk_radix.STATS, True
+    try:
+        topk_radix._STATS.clear()
+        got = indexer.topk_indices(s, k, block=256, backend="radix", valid_len=vl, programs=3, small=512,
+                                   cand=(16, 64))
+        _same_top(got, s, k, vl)
+        buf = topk_radix._STATS[s.device]
+        assert buf.tolist() == want, (buf.tolist(), want)
+        line = topk_radix.stats_line()
+        assert f"picks on cpu: {want[0]}," in line and f"max {want[2]}," in line, line
+        assert not buf.any() and topk_radix.stats_line() == ""  # read and cleared
+    finally:
+        topk_radix.STATS = was
+        topk_radix._STATS.clear()
+    print("topk stats equal")
+
+
 def check_indexer_strided() -> None:
     from ds4f.kernels import indexer
 
@@ -323,7 +361,7 @@ def test_topk_cand_knob_refused(bad: str) -> None:
     ("check_topk_cand", "candidate top-k equal"), ("check_pool_rows", "pool rows equal"),
     ("check_pool_rows_long", "long pool rows equal"),
     ("check_indexer_strided", "indexer strided equal"), ("check_indexer_hist", "indexer hist equal"),
-    ("check_topk_sparse_add", "sparse add equal")])
+    ("check_topk_sparse_add", "sparse add equal"), ("check_topk_stats", "topk stats equal")])
 def test_interpreted(check: str, says: str) -> None:
     out = run_interpreted("test_topk_small", check)
     assert says in out, out
@@ -353,6 +391,7 @@ def test_topk_small_builds(arch: int) -> None:
 
     tg = dict(t, cand_ptr="*i32", rows_ptr="*i32", cnt64_ptr="*i64")
     for final, rows in ((False, False), (True, False), (True, True)):  # the gather launch with the fused pick
-        for fast in (False, True):  # DS4F_TOPK_GATHER_FAST
-            build(tr._topk_gather, tg, dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192, FINAL=final, NC=512,
-                                            ROWS=rows, WP=128 if rows else 0, KP=512, FAST=fast), arch)
+        for fast in (False, True):  # DS4F_TOPK_GATHER_FAST (and DS4F_TOPK_STATS' counters with it)
+            build(tr._topk_gather, dict(tg, st_ptr="*i64"), dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192,
+                                                                 FINAL=final, NC=512, ROWS=rows, WP=128 if rows else 0,
+                                                                 KP=512, FAST=fast, STATS=fast and final), arch)

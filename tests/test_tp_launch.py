@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+import torch
 from server_fakes import free_port
 
 
@@ -91,3 +93,21 @@ def test_agree_env_ignores_local_switches() -> None:
         assert set(errors) == bad, errors  # rank 0 checks everyone, the others rank 0 only
         if bad:
             assert "DS4F_PDL=0 here, 1 on rank 2" in errors[0] and "DS4F_PDL=1 here, 0 on rank 0" in errors[2]
+
+
+def test_step_trace_prints_topk_stats(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # DS4F_TRACE_WORKER's line carries DS4F_TOPK_STATS' counters (read and cleared); off, the line leaves them be
+    from ds4f.distributed.worker import StepTrace
+    from ds4f.kernels import topk_radix
+
+    trace, cpu = StepTrace(1, 2), torch.device("cpu")
+    for on in ("1", "0"):
+        monkeypatch.setitem(topk_radix._STATS, cpu, torch.tensor([4, 2000, 900, 1, 0, 40]))
+        monkeypatch.setenv("DS4F_TOPK_STATS", on)
+        trace.add(0.001, 0.002)
+        trace.add(0.001, 0.002)
+        err = capsys.readouterr().err
+        assert "rank 1: last 2 steps: waited 1.000 ms, host 2.000 ms per step" in err, err
+        assert ("top-k picks on cpu: 4, candidates mean 500.0 max 900, past the lanes 1, past the buffer 0, still "
+                "needed mean 10.0" in err) == (on == "1"), err
+        assert bool(topk_radix._STATS[cpu].any()) == (on == "0")

@@ -61,6 +61,16 @@ def trace_window() -> int:
     return 50 if w == 1 else w
 
 
+def _topk_stats() -> str:
+    """DS4F_TOPK_STATS (ds4f.kernels.topk_radix): its counters since the last trace line, or ""."""
+    if os.environ.get("DS4F_TOPK_STATS", "0") != "1":
+        return ""
+    from ds4f.kernels.topk_radix import stats_line
+
+    line = stats_line()
+    return f"; {line}" if line else ""
+
+
 class StepTrace:
     """DS4F_TRACE_WORKER (trace_window): every window steps, one line with the mean ms a worker waited for rank 0's
     message and the mean ms its host spent from the message to the step's last launch (where a TP decode step's
@@ -75,7 +85,7 @@ class StepTrace:
         if len(self.waits) == self.window:
             n = self.window
             log(f"rank {self.rank}: last {n} steps: waited {1e3 * sum(self.waits) / n:.3f} ms, host "
-                f"{1e3 * sum(self.hosts) / n:.3f} ms per step")
+                f"{1e3 * sum(self.hosts) / n:.3f} ms per step{_topk_stats()}")
             self.waits, self.hosts = [], []
 
 

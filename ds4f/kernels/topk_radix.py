@@ -15,6 +15,8 @@ A decode step at 1M context runs this in each of 21 CSA layers (262,144 entries 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ds4f.kernels import pdl
@@ -22,10 +24,8 @@ from ds4f.kernels.knobs import env_knobs
 
 try:
     import triton
-    import triton.language as tl
 
-    from ds4f.kernels.pdl import enter as pdl_enter
-    from ds4f.kernels.topk_small import _radix_step, _sort_key
+    from ds4f.kernels.topk_radix_kernels import PICK_BLOCK, _topk_final, _topk_gather, _topk_hist, _topk_select
 except ImportError:  # CPU-only installs: topk_indices runs its reference instead
     triton = None
 
@@ -45,335 +45,11 @@ FUSED_FINAL = bool((env_knobs("DS4F_TOPK_FUSED_FINAL", 1, "1", minimum=0) or (1,
 # as FastModel runs it (bench/chain_1m.py, back to back) 38.22 vs 39.34 us; full model TP=2 after a 1M prompt,
 # same session, replay 5.375 vs 5.402 ms per step (depth 64: b1 4.473 vs 4.490, b4 6.757 vs 6.762)
 GATHER_FAST = bool((env_knobs("DS4F_TOPK_GATHER_FAST", 1, "1", minimum=0) or (1,))[0])
-PICK_BLOCK = 2048  # candidates the per-row pick streams at a time from its buffer (or the row) past its register lanes
-
-if triton is not None:
-    _PICK_BLOCK = tl.constexpr(PICK_BLOCK)
-
-    @triton.jit
-    def _radix_state(hist_ptr, t, k, s_lv, LEVELS: tl.constexpr, NB: tl.constexpr):
-        # (prefix, krem, take_all) after LEVELS digits: keys with the prefix's top bits hold the k-th largest;
-        # krem of them are still needed. take_all: fewer than k valid keys, so every valid key is picked.
-        offs = tl.arange(0, NB)
-        krem = k
-        take_all = k < 0
-        prefix = (k * 0).to(tl.uint32)
-        for lv in tl.static_range(LEVELS):
-            h = tl.load(hist_ptr + lv * s_lv + t * NB + offs, cache_modifier=".cg")  # L2: other programs' adds
-            b, above, _ = _radix_step(h, offs, krem)
-            take_all = take_all | (b < 0)
-            krem = tl.where(take_all, 0, krem - above)
-            prefix = tl.where(take_all, 0, prefix | (b.to(tl.uint32) << (24 - 8 * lv)))
-        return prefix, krem, take_all
-
-    @triton.jit
-    def _claim(cnt_ptr, m):
-        # slots for the lanes of mask m after those earlier programs claimed at the counter: [lanes] int32 positions
-        base = tl.atomic_add(cnt_ptr, tl.sum(m.to(tl.int32), 0), sem="relaxed")
-        return base + tl.cumsum(m.to(tl.int32), 0) - 1
-
-    @triton.jit
-    def _row_chunk(vlen_ptr, L, chunk, VLEN: tl.constexpr, SMALL: tl.constexpr):
-        # program (row t, chunk c) -> (t, c, lim, go): lim = the row's valid length (columns at or past vlen_ptr[t]
-        # are -inf by contract and never read); go: the chunk holds valid columns of a row past SMALL (rows of
-        # <= SMALL valid entries were selected by topk_small's kernel)
-        t = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
-        lim = tl.minimum(tl.load(vlen_ptr + t), L) if VLEN else L
-        return t, c, lim, (c * chunk < lim) & (lim > SMALL)
-
-    @triton.jit
-    def _digit_hist(u, prefix, take_all, LEVEL: tl.constexpr, NB: tl.constexpr):
-        # digit LEVEL's histogram [NB] of the keys u (0 = not selectable) that match prefix's digits before it
-        sel = (u != 0) & ~take_all
-        if LEVEL > 0:
-            sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
-        return tl.histogram(((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32), NB, mask=sel)
-
-    @triton.jit
-    def _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL: tl.constexpr, NB: tl.constexpr,
-                   BLOCK: tl.constexpr, SPARSE: tl.constexpr = False, FAST: tl.constexpr = False):
-        # chunk c of row t: digit LEVEL's histogram of the keys matching the k-th's prefix of the digits before
-        offs = c * chunk + tl.arange(0, BLOCK)
-        if FAST:  # the first tile's loads in flight while the state's histogram loads and scans run
-            u0 = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
-        prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
-        if not FAST:
-            u0 = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
-        acc = _digit_hist(u0, prefix, take_all, LEVEL, NB)
-        for j in range(BLOCK, chunk, BLOCK):  # the tiles after the first
-            offs = c * chunk + j + tl.arange(0, BLOCK)
-            u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
-            acc += _digit_hist(u, prefix, take_all, LEVEL, NB)
-        dst = hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB)
-        if SPARSE:
-            tl.atomic_add(dst, acc, mask=acc != 0, sem="relaxed")
-        else:
-            tl.atomic_add(dst, acc, sem="relaxed")
-
-    @triton.jit
-    def _select_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, t, c, lim, s_st, k, chunk, s_lv, NB: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        # keys above the k-th go to slots [0, k - krem), krem keys equal to it to [k - krem, k), via counters
-        out_ptr += t * k
-        kth, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 4, NB)
-        for j in range(0, chunk, BLOCK):
-            offs = c * chunk + j + tl.arange(0, BLOCK)
-            m = offs < lim
-            u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
-            gt = m & (u > kth)
-            eq = m & (u == kth) & ~take_all
-            tl.store(out_ptr + _claim(cnt_ptr + 2 * t, gt), offs, mask=gt)
-            pos_e = _claim(cnt_ptr + 2 * t + 1, eq)
-            tl.store(out_ptr + (k - krem) + pos_e, offs, mask=eq & (pos_e < krem))
-
-    @triton.jit
-    def _claim2(cnt64_ptr, gt, eq):
-        # _claim of both counters (gt: the low word, eq: the high word of one int64) in one atomic
-        n = tl.sum(gt.to(tl.int64), 0) | (tl.sum(eq.to(tl.int64), 0) << 32)
-        base = tl.atomic_add(cnt64_ptr, n, sem="relaxed")
-        return ((base & 0xFFFFFFFF).to(tl.int32) + tl.cumsum(gt.to(tl.int32), 0) - 1,
-                (base >> 32).to(tl.int32) + tl.cumsum(eq.to(tl.int32), 0) - 1)
-
-    @triton.jit
-    def _pool_rows(ids, m, bt_ptr, comp_base, epb):
-        # entry ids -> pool rows comp_base + bt[id // epb] * epb + id % epb (glue.topk_rows' mapping; bt_ptr: the row's)
-        blk = tl.load(bt_ptr + ids // epb, mask=m, other=0)
-        return (comp_base + blk * epb + ids % epb).to(tl.int32)
-
-    @triton.jit
-    def _gather_tile(x, vals, offs, m, hi, take_all, cnt_ptr, cnt64_ptr, out_ptr, cand_ptr, CAP,
-                     FAST: tl.constexpr):
-        # one tile of scores x (ids offs; vals: what the keys above store, ids or pool rows)
-        u = _sort_key(x)
-        gt = m & ((u >> 16) > hi)
-        eq = m & ((u >> 16) == hi) & ~take_all
-        if FAST:
-            pos_g, pos_e = _claim2(cnt64_ptr, gt, eq)
-        else:
-            pos_g = _claim(cnt_ptr, gt)
-            pos_e = _claim(cnt_ptr + 1, eq)
-        tl.store(out_ptr + pos_g, vals, mask=gt)
-        tl.store(cand_ptr + pos_e, offs, mask=eq & (pos_e < CAP))
-        tl.store(cand_ptr + CAP + pos_e, u.to(tl.int32, bitcast=True), mask=eq & (pos_e < CAP))
-
-    @triton.jit
-    def _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k, chunk, s_lv, CAP,
-                     NB: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr = False, cnt64_ptr=None,
-                     MAP: tl.constexpr = False, bt_ptr=None, comp_base=0, epb=1):
-        # keys whose top 16 bits are above the k-th's -> out_ptr[0, k - krem) (the row's; counter 0); keys sharing
-        # them -> cand_ptr[t] (ids in [0, CAP), keys in [CAP, 2 CAP); counter 1 counts them all, stored or not).
-        # FAST: the first tile's scores (and with MAP its block ids) loaded before the radix state, the claims in
-        # one atomic (cnt64_ptr: the row's counters as one int64); MAP: pool rows stored instead of ids (bt_ptr: the
-        # row's block table)
-        cand_ptr += t * 2 * CAP
-        offs = c * chunk + tl.arange(0, BLOCK)
-        m = offs < lim
-        if FAST:
-            x0 = tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf"))
-        v0 = offs
-        if MAP:
-            v0 = _pool_rows(offs, m, bt_ptr, comp_base, epb)
-        prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
-        hi = prefix >> 16  # take_all: 0, below every finite key's top bits
-        if not FAST:
-            x0 = tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf"))
-        _gather_tile(x0, v0, offs, m, hi, take_all, cnt_ptr + 2 * t, cnt64_ptr + t, out_ptr, cand_ptr, CAP, FAST)
-        for j in range(BLOCK, chunk, BLOCK):  # the tiles after the first
-            offs = c * chunk + j + tl.arange(0, BLOCK)
-            m = offs < lim
-            x = tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf"))
-            v = offs
-            if MAP:
-                v = _pool_rows(offs, m, bt_ptr, comp_base, epb)
-            _gather_tile(x, v, offs, m, hi, take_all, cnt_ptr + 2 * t, cnt64_ptr + t, out_ptr, cand_ptr, CAP, FAST)
-        return prefix, krem, take_all
-
-    @triton.jit
-    def _pick_stream(src_ptr, out_ptr, length, CAP, hi, krem, ROW: tl.constexpr, NB: tl.constexpr,
-                     BLOCK: tl.constexpr, CM: tl.constexpr):
-        # the krem largest of the keys whose top 16 bits are hi, BLOCK entries at a time -> out_ptr[0, krem):
-        # ROW: scores src_ptr[0, length) (ids = columns); else the candidate buffer (ids at src_ptr, key bits at
-        # src_ptr + CAP, length of them, every one with top bits hi; CM: their loads' cache modifier)
-        offs_b = tl.arange(0, NB)
-        pre = hi
-        kr = krem
-        for lv in tl.static_range(2):  # digits 2 and 3 of the matching keys, then the compaction
-            h = tl.zeros([NB], tl.int32)
-            for j in range(0, length, BLOCK):
-                offs = j + tl.arange(0, BLOCK)
-                m = offs < length
-                if ROW:
-                    u = _sort_key(tl.load(src_ptr + offs, mask=m, other=float("-inf")))
-                else:
-                    u = tl.load(src_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32,
-                                                                                              bitcast=True)
-                sel = m & ((u >> (16 - 8 * lv)) == pre)
-                h += tl.histogram(((u >> (8 - 8 * lv)) & 255).to(tl.int32), NB, mask=sel)
-            b, above, _ = _radix_step(h, offs_b, kr)
-            kr = kr - above
-            pre = (pre << 8) | b.to(tl.uint32)
-        n_gt = tl.full([], 0, tl.int32)
-        n_eq = n_gt
-        for j in range(0, length, BLOCK):
-            offs = j + tl.arange(0, BLOCK)
-            m = offs < length
-            if ROW:
-                u = _sort_key(tl.load(src_ptr + offs, mask=m, other=float("-inf")))
-                ids = offs
-            else:
-                u = tl.load(src_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32, bitcast=True)
-                ids = tl.load(src_ptr + offs, mask=m, other=0, cache_modifier=CM)
-            gt = m & ((u >> 16) == hi) & (u > pre)
-            eq = m & (u == pre)
-            tl.store(out_ptr + n_gt + tl.cumsum(gt.to(tl.int32), 0) - 1, ids, mask=gt)
-            pos_e = (krem - kr) + n_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-            tl.store(out_ptr + pos_e, ids, mask=eq & (pos_e < krem))
-            n_gt += tl.sum(gt.to(tl.int32), 0)
-            n_eq += tl.sum(eq.to(tl.int32), 0)
-
-    @triton.jit
-    def _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
-                    NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, CM: tl.constexpr,
-                    MAP: tl.constexpr = False, dst_ptr=None, bt_ptr=None, comp_base=0, epb=1):
-        # the krem keys still needed among the n sharing the k-th's top 16 bits (prefix, krem, take_all: the radix
-        # state after two digits) -> out slots [k - krem, k): in registers (n <= NC lanes, the usual case), from
-        # the candidate buffer BLOCK at a time (n <= CAP), else by streaming the row (exact, slow: one program
-        # reads it three times). CM: the cache modifier of the counter / buffer loads (".cg" in the gather launch).
-        # MAP: those slots of dst_ptr (the row's attention list past its window) get the picks' pool rows (bt_ptr:
-        # the row's block table): in registers directly, else through out's ids
-        if take_all == 0:
-            n = tl.load(cnt_ptr + 2 * t + 1, cache_modifier=CM)
-            out_ptr += t * k + (k - krem)
-            cand_ptr += t * 2 * CAP
-            hi = prefix >> 16
-            if n <= NC:
-                offs_b = tl.arange(0, NB)
-                offs = tl.arange(0, NC)
-                m = offs < n
-                ids = tl.load(cand_ptr + offs, mask=m, other=0, cache_modifier=CM)
-                vals = ids
-                if MAP:  # issued before the digit walk, used after it
-                    vals = _pool_rows(ids, m, bt_ptr, comp_base, epb)
-                lo = tl.load(cand_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32,
-                                                                                           bitcast=True) & 0xFFFF
-                d2 = (lo >> 8).to(tl.int32)
-                b2, above, _ = _radix_step(tl.histogram(d2, NB, mask=m), offs_b, krem)
-                krem2 = krem - above
-                b3, above, _ = _radix_step(tl.histogram((lo & 255).to(tl.int32), NB, mask=m & (d2 == b2)), offs_b,
-                                           krem2)
-                krem3 = krem2 - above
-                kth = ((b2 << 8) | b3).to(tl.uint32)
-                gt = m & (lo > kth)
-                eq = m & (lo == kth)
-                c = tl.cumsum(gt.to(tl.int32) | (eq.to(tl.int32) << 15), 0)  # both counts < 2^15
-                dst = out_ptr
-                if MAP:
-                    dst = dst_ptr + (k - krem)
-                tl.store(dst + (c & 0x7FFF) - 1, vals, mask=gt)
-                pos_e = (krem - krem3) + (c >> 15) - 1
-                tl.store(dst + pos_e, vals, mask=eq & (pos_e < krem))
-            else:
-                if n <= CAP:
-                    _pick_stream(cand_ptr, out_ptr, n, CAP, hi, krem, False, NB, BLOCK, CM)
-                else:
-                    _pick_stream(s_ptr + t * s_st, out_ptr, lim, CAP, hi, krem, True, NB, BLOCK, "")
-                if MAP:  # the rare paths: their ids back (this program's stores) to rows
-                    tl.debug_barrier()
-                    offs_p = tl.arange(0, BLOCK)
-                    for j in range(0, krem, BLOCK):
-                        mj = j + offs_p < krem
-                        picked = tl.load(out_ptr + j + offs_p, mask=mj, other=0)
-                        tl.store(dst_ptr + (k - krem) + j + offs_p, _pool_rows(picked, mj, bt_ptr, comp_base, epb),
-                                 mask=mj)
-
-    @triton.jit
-    def _rows_body(ids_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
-                   WP: tl.constexpr, KP: tl.constexpr):
-        # row t's ids (ids_ptr[t * k:][:k], the first n of them written) -> rows_ptr[t] = the window's WP rows,
-        # then each id's pool row comp_base + bt[t, id // epb] * epb + id % epb (-1 past n or for id -1):
-        # glue.topk_rows's mapping
-        offs_w = tl.arange(0, WP)
-        tl.store(rows_ptr + t * s_rt + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
-        offs = tl.arange(0, KP)
-        ids = tl.load(ids_ptr + t * k + offs, mask=offs < n, other=-1, cache_modifier=".cg")
-        i0 = tl.maximum(ids, 0)
-        blk = tl.load(bt_ptr + t * s_bt + i0 // epb, mask=ids >= 0, other=0)
-        r = tl.where(ids >= 0, comp_base + blk * epb + i0 % epb, -1).to(tl.int32)
-        tl.store(rows_ptr + t * s_rt + WP + offs, r, mask=offs < k)
-
-    @triton.jit
-    def _topk_gather(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, chunk, s_lv, CAP,
-                     rows_ptr, s_rt, bt_ptr, s_bt, win_ptr, s_wt, comp_base, epb, cnt64_ptr,
-                     NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
-                     FINAL: tl.constexpr = False, NC: tl.constexpr = 0, ROWS: tl.constexpr = False,
-                     WP: tl.constexpr = 0, KP: tl.constexpr = 0, PDL: tl.constexpr = False,
-                     FAST: tl.constexpr = False):
-        # FINAL: the last of a row's programs to arrive (a counter in the row's unused fourth-digit histogram,
-        # zeroed with the others before the call) runs _topk_final's pick (its stores and the buffer's are the
-        # other programs' released stores: acq_rel counter, .cg loads); ROWS: then writes the row's attention
-        # index list (_rows_body) to rows_ptr. FAST (see GATHER_FAST): with ROWS every program stores pool rows
-        # and the last one maps only its picks, copies the window and pads a short row with -1
-        pdl_enter(PDL)
-        t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
-        if go:
-            MAP: tl.constexpr = ROWS and FAST
-            dst = out_ptr + t * k
-            if MAP:
-                dst = rows_ptr + t * s_rt + WP
-            prefix, krem, take_all = _gather_body(s_ptr, hist_ptr, cnt_ptr, dst, cand_ptr, t, c, lim, s_st, k,
-                                                  chunk, s_lv, CAP, NB, BLOCK, FAST, cnt64_ptr, MAP,
-                                                  bt_ptr + t * s_bt, comp_base, epb)
-            if FINAL:
-                tl.debug_barrier()  # every thread's stores issued before the release below
-                arrived = tl.atomic_add(hist_ptr + 3 * s_lv + t * NB, 1, sem="acq_rel", scope="gpu")
-                if arrived == (lim + chunk - 1) // chunk - 1:
-                    if MAP:
-                        offs_w = tl.arange(0, WP)
-                        tl.store(rows_ptr + t * s_rt + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
-                    _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
-                                NB, NC, _PICK_BLOCK, ".cg", MAP, dst, bt_ptr + t * s_bt, comp_base, epb)
-                    if MAP:
-                        if take_all:  # fewer than k valid keys, all stored above: -1 after them
-                            n = tl.load(cnt_ptr + 2 * t, cache_modifier=".cg")
-                            offs = tl.arange(0, KP)
-                            tl.store(dst + offs, tl.full([KP], -1, tl.int32), mask=(offs >= n) & (offs < k))
-                    elif ROWS:
-                        tl.debug_barrier()  # the pick's stores before the reads of the whole row
-                        n = tl.where(take_all, tl.load(cnt_ptr + 2 * t, cache_modifier=".cg"), k)
-                        _rows_body(out_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
-                                   WP, KP)
-
-    @triton.jit
-    def _topk_final(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, s_lv, CAP,
-                    NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
-                    SMALL: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_enter(PDL)  # grid (T,): chunk 0 of each row
-        t, _, lim, go = _row_chunk(vlen_ptr, L, 0, VLEN, SMALL)
-        if go:
-            prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
-            _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all, NB, NC,
-                        BLOCK, "")
-
-    @triton.jit
-    def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
-                   LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
-                   SMALL: tl.constexpr, PDL: tl.constexpr = False, SPARSE: tl.constexpr = False,
-                   FAST: tl.constexpr = False):
-        # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far
-        pdl_enter(PDL)
-        t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
-        if go:  # (a data-dependent loop bound would not run under the interpreter)
-            _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL, NB, BLOCK, SPARSE, FAST)
-
-    @triton.jit
-    def _topk_select(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,
-                     NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
-                     PDL: tl.constexpr = False):
-        pdl_enter(PDL)
-        t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
-        if go:
-            _select_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, t, c, lim, s_st, k, chunk, s_lv, NB, BLOCK)
+# DS4F_TOPK_STATS=1 (diagnostics, off by default): each row's pick in the gather launch counts into a per-device int64
+# buffer (picks, the sum and max of the candidates n sharing the k-th's top 16 bits, picks with n past the register
+# lanes, past the buffer, the sum of krem); stats_line() reads and clears it (DS4F_TRACE_WORKER's lines print it)
+STATS = os.environ.get("DS4F_TOPK_STATS", "0") == "1"
+_STATS: dict[torch.device, torch.Tensor] = {}
 
 
 def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: torch.Tensor, cnt: torch.Tensor,
@@ -408,14 +84,39 @@ def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: to
         wp = win.shape[1]
         assert dst.shape == (T, wp + k) and dst.stride(1) == 1 and win.stride(1) == 1 and bt.stride(1) == 1
         assert wp & (wp - 1) == 0 and win.shape[0] == T
+    st = stats_buffer(scores.device) if fused else None
     assert cnt.numel() == 2 * T and cnt.storage_offset() % 2 == 0  # counters (gt, eq) of row t: one int64 word
     _topk_gather[grid](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, chunk, T * nb, cap, dst,
                        dst.stride(0), bt, bt.stride(0), win, win.stride(0), base, epb, cnt.view(torch.int64),
                        FINAL=fused, NC=lanes, ROWS=rows is not None, WP=wp, KP=triton.next_power_of_2(k),
-                       FAST=GATHER_FAST, **common)
+                       FAST=GATHER_FAST, st_ptr=cnt if st is None else st, STATS=st is not None, **common)
     if not fused:
         _topk_final[(T,)](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, T * nb, cap, NC=lanes,
                           **{**common, "BLOCK": PICK_BLOCK})
 
 
-__all__ = ["launch_passes"]
+def stats_buffer(device: torch.device) -> torch.Tensor | None:
+    """DS4F_TOPK_STATS: device's counters (made on the first launch outside a CUDA-graph capture: the decode graphs'
+    warm-up), else None."""
+    if not STATS:
+        return None
+    if device not in _STATS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _STATS[device] = torch.zeros(6, dtype=torch.int64, device=device)
+    return _STATS[device]
+
+
+def stats_line() -> str:
+    """DS4F_TOPK_STATS' counters since the last call (cleared), one clause per device that picked; "" if none."""
+    out = []
+    for dev, buf in _STATS.items():
+        picks, n_sum, n_max, past_lanes, past_cap, krem = buf.tolist()
+        buf.zero_()
+        if picks:
+            out.append(f"top-k picks on {dev}: {picks}, candidates mean {n_sum / picks:.1f} max {n_max}, past the "
+                       f"lanes {past_lanes}, past the buffer {past_cap}, still needed mean {krem / picks:.1f}")
+    return "; ".join(out)
+
+
+__all__ = ["launch_passes", "stats_line"]
