@@ -123,6 +123,15 @@ def _gather_tile(x, vals, offs, m, hi, take_all, cnt_ptr, cnt64_ptr, out_ptr, ca
     tl.store(cand_ptr + CAP + pos_e, u.to(tl.int32, bitcast=True), mask=eq & (pos_e < CAP))
 
 @triton.jit
+def _gather_load(row_ptr, offs, lim, MAP: tl.constexpr, bt_ptr, comp_base, epb):
+    # one tile of a row's scores -> (scores, what the keys above store: ids, or MAP: their pool rows, mask)
+    m = offs < lim
+    v = offs
+    if MAP:
+        v = _pool_rows(offs, m, bt_ptr, comp_base, epb)
+    return tl.load(row_ptr + offs, mask=m, other=float("-inf")), v, m
+
+@triton.jit
 def _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k, chunk, s_lv, CAP,
                  NB: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr = False, cnt64_ptr=None,
                  MAP: tl.constexpr = False, bt_ptr=None, comp_base=0, epb=1):
@@ -133,24 +142,16 @@ def _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k
     # row's block table)
     cand_ptr += t * 2 * CAP
     offs = c * chunk + tl.arange(0, BLOCK)
-    m = offs < lim
     if FAST:
-        x0 = tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf"))
-    v0 = offs
-    if MAP:
-        v0 = _pool_rows(offs, m, bt_ptr, comp_base, epb)
+        x0, v0, m = _gather_load(s_ptr + t * s_st, offs, lim, MAP, bt_ptr, comp_base, epb)
     prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
     hi = prefix >> 16  # take_all: 0, below every finite key's top bits
     if not FAST:
-        x0 = tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf"))
+        x0, v0, m = _gather_load(s_ptr + t * s_st, offs, lim, MAP, bt_ptr, comp_base, epb)
     _gather_tile(x0, v0, offs, m, hi, take_all, cnt_ptr + 2 * t, cnt64_ptr + t, out_ptr, cand_ptr, CAP, FAST)
     for j in range(BLOCK, chunk, BLOCK):  # the tiles after the first
         offs = c * chunk + j + tl.arange(0, BLOCK)
-        m = offs < lim
-        x = tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf"))
-        v = offs
-        if MAP:
-            v = _pool_rows(offs, m, bt_ptr, comp_base, epb)
+        x, v, m = _gather_load(s_ptr + t * s_st, offs, lim, MAP, bt_ptr, comp_base, epb)
         _gather_tile(x, v, offs, m, hi, take_all, cnt_ptr + 2 * t, cnt64_ptr + t, out_ptr, cand_ptr, CAP, FAST)
     return prefix, krem, take_all
 
@@ -271,9 +272,7 @@ def _rows_body(ids_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, co
     tl.store(rows_ptr + t * s_rt + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
     offs = tl.arange(0, KP)
     ids = tl.load(ids_ptr + t * k + offs, mask=offs < n, other=-1, cache_modifier=".cg")
-    i0 = tl.maximum(ids, 0)
-    blk = tl.load(bt_ptr + t * s_bt + i0 // epb, mask=ids >= 0, other=0)
-    r = tl.where(ids >= 0, comp_base + blk * epb + i0 % epb, -1).to(tl.int32)
+    r = tl.where(ids >= 0, _pool_rows(tl.maximum(ids, 0), ids >= 0, bt_ptr + t * s_bt, comp_base, epb), -1)
     tl.store(rows_ptr + t * s_rt + WP + offs, r, mask=offs < k)
 
 @triton.jit
