@@ -112,7 +112,8 @@ def stats_line() -> str:
     out = []
     for dev, buf in _STATS.items():
         picks, n_sum, n_max, past_lanes, past_cap, krem = buf.tolist()
-        buf.zero_()
+        with torch.inference_mode():  # made in the model's inference mode: zeroed in it
+            buf.zero_()
         if picks:
             out.append(f"top-k picks on {dev}: {picks}, candidates mean {n_sum / picks:.1f} max {n_max}, past the "
                        f"lanes {past_lanes}, past the buffer {past_cap}, still needed mean {krem / picks:.1f}")
