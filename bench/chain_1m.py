@@ -1,12 +1,12 @@
 """⑥ a CSA layer's decode chain at 1M context as FastModel runs it for one token: the histogram buffer zeroed by
 index_q's launch (DS4F_INDEXER_HIST), the keys-major indexer over 262,144 e4m3 keys counting the first radix digit,
 then topk_pool_rows_long (the small kernel, the second digit pass, the gather launch with the fused pick writing
-the attention rows), A/B over DS4F_TOPK_GATHER_FAST (topk_radix.GATHER_FAST, switched before each capture).
+the attention rows).
 
 Back to back: `calls` chains in one CUDA graph over `copies` separate key pools (no call finds its keys in L2, as
-a decode step's 21 CSA layers); the variants alternate `rounds` times, each round's order flipped, so drift hits
-both. Rows checked against the first variant's (the same set per row). One JSON record per variant with the
-median and every round.
+a decode step's 21 CSA layers), timed `rounds` times; rows checked equal across rounds. One JSON record with the
+median and every round. Random keys: the full model's own after a 1M prompt can time otherwise (session 26's
+gather variant: ~1 us faster here, ~5 us slower per CSA layer there), so kernel changes are judged in the model.
 
     PYTHONPATH=$PWD python3 bench/chain_1m.py [--rounds 3] [--out bench/results/decode_long.jsonl]
 """
@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import append_jsonl, run_meta, time_graph  # noqa: E402
-from ds4f.kernels import topk_radix  # noqa: E402
 from ds4f.kernels.fp8 import quantize_rows  # noqa: E402
 from ds4f.kernels.index_q import index_q  # noqa: E402
 from ds4f.kernels.indexer import decode_hist_buffer, indexer_scores, topk_pool_rows_long  # noqa: E402
@@ -67,25 +66,17 @@ def main() -> None:
         assert rows is not None
         return rows
 
-    variants = (True, False)
     ref = None
-    times: dict[bool, list[float]] = {v: [] for v in variants}
-    for r in range(args.rounds):
-        for fast in variants if r % 2 == 0 else variants[::-1]:
-            topk_radix.GATHER_FAST = fast
-            got = chain(0).sort(dim=1).values
-            ref = got if ref is None else ref
-            assert torch.equal(got, ref), f"GATHER_FAST={fast}: rows differ"
-            times[fast].append(time_graph(chain, args.copies, args.calls))
-    topk_radix.GATHER_FAST = True
-    for fast in variants:
-        med = statistics.median(times[fast])
-        print(f"chain_1m GATHER_FAST={int(fast)} back-to-back {med:6.2f} us (rounds "
-              + ", ".join(f"{t:.2f}" for t in times[fast]) + ")", flush=True)
-        append_jsonl(args.out, [dict(meta, case="csa_decode_chain_1m", entries=L, gather_fast=fast,
-                                     b2b_us=round(med, 2), rounds_us=[round(t, 2) for t in times[fast]],
-                                     same_rows=True)])
-
+    times: list[float] = []
+    for _ in range(args.rounds):
+        got = chain(0).sort(dim=1).values
+        ref = got if ref is None else ref
+        assert torch.equal(got, ref), "rows differ between rounds"
+        times.append(time_graph(chain, args.copies, args.calls))
+    med = statistics.median(times)
+    print(f"chain_1m back-to-back {med:6.2f} us (rounds " + ", ".join(f"{t:.2f}" for t in times) + ")", flush=True)
+    append_jsonl(args.out, [dict(meta, case="csa_decode_chain_1m", entries=L, b2b_us=round(med, 2),
+                                 rounds_us=[round(t, 2) for t in times], same_rows=True)])
 
 if __name__ == "__main__":
     main()

@@ -645,8 +645,8 @@ case "${1:-}" in
     par_tests "${T_CAP:-200}" tests/gpu/test_fast_packed_gpu.py::test_decode_stream_order_is_bit_identical \
       tests/gpu/test_fast_fp8_kv_gpu.py::test_compress_fp8_decode_is_bit_identical
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
-  s26a)  # 1 GPU: the top-k GPU tests (DS4F_TOPK_GATHER_FAST's gather launch, in graphs at 1M) beside s25t's
-    # bit-identity tests, T_CAP s, then the 1M CSA decode chain A/B (bench/chain_1m.py)
+  s26a)  # 1 GPU: the top-k GPU tests (the gather launch in graphs at 1M) beside s25t's bit-identity tests, T_CAP s,
+    # then the 1M CSA decode chain (bench/chain_1m.py)
     par_tests "${T_CAP:-200}" tests/gpu/test_topk_small_gpu.py tests/gpu/test_indexer_dk_gpu.py \
       tests/gpu/test_fast_packed_gpu.py::test_decode_stream_order_is_bit_identical \
       tests/gpu/test_fast_fp8_kv_gpu.py::test_compress_fp8_decode_is_bit_identical
@@ -657,6 +657,15 @@ case "${1:-}" in
     S11_LIMIT=${S11_LIMIT:-450} bash "$0" s11full "$2"
     CUDA_VISIBLE_DEVICES=0 par_tests "${T_CAP:-90}" tests/gpu/test_topk_small_gpu.py
     test_summary | tee "$OUT/gpu_tests.log"; tail -n 30 /tmp/gpulogs/*.log > "$OUT/gpu_tails.log" ;;
+  s27a)  # 1 GPU: the long-pool top-k GPU tests (T_CAP s), then rank 0 of the TP=2 model alone with SIM_LAYERS (8)
+    # layers: decode b1, a 1M prompt, decode after it (s10sim), keeping only the after-1M timeline and the records
+    # (the prefill timeline is too large to bring back); session 27 bisected the 1M gather's ~5 us this way
+    CUDA_VISIBLE_DEVICES=0 par_tests "${T_CAP:-90}" tests/gpu/test_topk_small_gpu.py
+    test_summary | tee "$OUT/gpu_tests.log"
+    mkdir -p /tmp/s27; SIM_LAYERS=${SIM_LAYERS:-8} SIM_LEN=1048576 SIM_TTFT=1048576 SIM_BATCHES=1 SIM_LIMIT=$((${S27_LIMIT:-560} - SECONDS)) \
+      OUT=/tmp/s27 bash "$0" s10sim "$2"
+    cp /tmp/s27/full.jsonl "$OUT/full_sim.jsonl"
+    cp /tmp/s27/profile_full_decode_after_1048576_timeline.txt "$OUT/sim_decode_after_1048576_timeline.txt" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

@@ -40,7 +40,27 @@ def build(fn: Any, types: dict[str, str], consts: dict[str, Any], arch: int, nw:
             pytest.skip(str(ex))
         raise
     assert k.metadata.shared <= SMEM.get(arch, SMEM[90]), (fn, consts, k.metadata.shared, arch)
-    return dict(shared=k.metadata.shared, ptx=k.asm["ptx"])
+    return dict(shared=k.metadata.shared, ptx=k.asm["ptx"], cubin=k.asm.get("cubin"))
+
+
+def registers(built: dict) -> int | None:
+    """Registers per thread of a build's cubin (cuobjdump -res-usage from Triton's CUDA tools), None without it."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not built.get("cubin") or not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(built["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)", out)
+    return int(m.group(1)) if m else None
 
 
 ARCHS = [80, 90, 121]  # Ampere, Hopper, and the DGX Spark's GB10 (99 KB of shared memory per block)

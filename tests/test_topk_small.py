@@ -193,19 +193,6 @@ def check_pool_rows_long() -> None:
             _same_top(ids, s, k, vl)
             got = indexer.topk_indices(s, k, hist_buf=buf, rows=(bt, win, base, epb), **kw)
             assert got.dtype == torch.int32 and torch.equal(got, topk_rows(ids, bt, win, base, epb)), (cand, hist)
-    # DS4F_TOPK_GATHER_FAST=0 (the former gather launch: two claims, ids read back and mapped after the pick)
-    from ds4f.kernels import topk_radix
-
-    topk_radix.GATHER_FAST = False
-    try:
-        for cand in ((512, 8192), (16, 64)):
-            kw = dict(block=256, backend="radix", valid_len=vl, programs=3, small=512, cand=cand)
-            ids = indexer.topk_indices(s, k, **kw)
-            _same_top(ids, s, k, vl)
-            got = indexer.topk_indices(s, k, rows=(bt, win, base, epb), **kw)
-            assert torch.equal(got, topk_rows(ids, bt, win, base, epb)), (cand, "former gather")
-    finally:
-        topk_radix.GATHER_FAST = True
     # L within the default small lanes (8192): the one launch of topk_pool_rows applies, not this path
     assert indexer.topk_pool_rows_long(s, k, vl, None, bt, win, base, epb) is None
     print("long pool rows equal")
@@ -371,7 +358,7 @@ def test_interpreted(check: str, says: str) -> None:
 def test_topk_small_builds(arch: int) -> None:
     """The small kernel (both tiles, with and without the scratch zeroing) and the passes' early exit compile for
     sm_80 / sm_90 without a GPU (what only the compiler sees: layouts, shared memory of the 8192-lane histogram)."""
-    from test_kernels_build import build
+    from test_kernels_build import build, registers
 
     from ds4f.kernels import indexer as ix
     from ds4f.kernels import topk_small as ts
@@ -384,14 +371,21 @@ def test_topk_small_builds(arch: int) -> None:
         assert k["shared"] <= 160 * 1024
     for level in range(4):
         for sparse in (False, True):  # DS4F_TOPK_SPARSE_ADD: the masked adds
-            build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=2048, VLEN=True, SMALL=8192, SPARSE=sparse,
-                                         FAST=level > 0), arch)
+            build(ix._topk_hist, t, dict(LEVEL=level, NB=256, BLOCK=2048, VLEN=True, SMALL=8192, SPARSE=sparse),
+                  arch)
     build(ix._topk_select, t, dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192), arch)
     from ds4f.kernels import topk_radix as tr
 
-    tg = dict(t, cand_ptr="*i32", rows_ptr="*i32", cnt64_ptr="*i64")
+    tg = dict(t, cand_ptr="*i32", rows_ptr="*i32", st_ptr="*i64")
     for final, rows in ((False, False), (True, False), (True, True)):  # the gather launch with the fused pick
-        for fast in (False, True):  # DS4F_TOPK_GATHER_FAST (and DS4F_TOPK_STATS' counters with it)
-            build(tr._topk_gather, dict(tg, st_ptr="*i64"), dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192,
-                                                                 FINAL=final, NC=512, ROWS=rows, WP=128 if rows else 0,
-                                                                 KP=512, FAST=fast, STATS=fast and final), arch)
+        for stats in (False, True):  # DS4F_TOPK_STATS' counters
+            build(tr._topk_gather, tg, dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192, FINAL=final, NC=512,
+                                            ROWS=rows, WP=128 if rows else 0, KP=512, STATS=stats and final), arch)
+    if arch == 90:  # the decode launch at 1M as the runtime specializes it (3 stages, aligned pointers and strides):
+        # 168 registers with triton 3.6; session 26's variant at 244 ran ~5 us longer per CSA layer in the model
+        div = ("s_ptr", "vlen_ptr", "hist_ptr", "cnt_ptr", "out_ptr", "cand_ptr", "rows_ptr", "bt_ptr", "win_ptr",
+               "k", "chunk", "s_lv", "CAP", "s_rt", "s_bt", "s_wt")
+        k = build(tr._topk_gather, tg, dict(NB=256, BLOCK=2048, VLEN=True, SMALL=8192, FINAL=True, NC=512, ROWS=True,
+                                            WP=128, KP=512), arch, 4, 3, div16=div)
+        regs = registers(k)
+        assert regs is None or regs <= 192, regs

@@ -37,14 +37,6 @@ SPARSE_ADD = bool((env_knobs("DS4F_TOPK_SPARSE_ADD", 1, "1", minimum=0) or (1,))
 # DS4F_TOPK_FUSED_FINAL (default 1; 0: a launch of its own, A/B): the per-row pick runs in the gather launch, in the
 # last of the row's programs to arrive, instead of one more launch in the decode chain of each CSA layer
 FUSED_FINAL = bool((env_knobs("DS4F_TOPK_FUSED_FINAL", 1, "1", minimum=0) or (1,))[0])
-# DS4F_TOPK_GATHER_FAST (default 1; 0: the former gather launch, A/B): the gather and digit passes load their first
-# score tile before the radix state it does not depend on; the gather claims its output and candidate slots with one
-# 64-bit atomic (both counters in one word) instead of two; with attention rows asked, the gather programs store the
-# keys above as pool rows (their block ids loaded with the scores) and the row's last program maps only its own
-# picks, instead of reading back all k ids and their blocks after the pick. H200, session 26: the 1M CSA decode chain
-# as FastModel runs it (bench/chain_1m.py, back to back) 38.22 vs 39.34 us; full model TP=2 after a 1M prompt,
-# same session, replay 5.375 vs 5.402 ms per step (depth 64: b1 4.473 vs 4.490, b4 6.757 vs 6.762)
-GATHER_FAST = bool((env_knobs("DS4F_TOPK_GATHER_FAST", 1, "1", minimum=0) or (1,))[0])
 # DS4F_TOPK_STATS=1 (diagnostics, off by default): each row's pick in the gather launch counts into a per-device int64
 # buffer (picks, the sum and max of the candidates n sharing the k-th's top 16 bits, picks with n past the register
 # lanes, past the buffer, the sum of krem); stats_line() reads and clears it (DS4F_TRACE_WORKER's lines print it)
@@ -70,7 +62,7 @@ def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: to
                   **pdl.launch(scores.device))
     for level in range(first_level, 2 if lanes else 4):
         _topk_hist[grid](scores, vl, hist, L, scores.stride(0), k, chunk, T * nb, LEVEL=level, SPARSE=SPARSE_ADD,
-                         FAST=GATHER_FAST and level > 0, **common)
+                         **common)
     if not lanes:
         _topk_select[grid](scores, vl, hist, cnt, out, L, scores.stride(0), k, chunk, T * nb, **common)
         return
@@ -85,11 +77,10 @@ def launch_passes(scores: torch.Tensor, valid_len: torch.Tensor | None, hist: to
         assert dst.shape == (T, wp + k) and dst.stride(1) == 1 and win.stride(1) == 1 and bt.stride(1) == 1
         assert wp & (wp - 1) == 0 and win.shape[0] == T
     st = stats_buffer(scores.device) if fused else None
-    assert cnt.numel() == 2 * T and cnt.storage_offset() % 2 == 0  # counters (gt, eq) of row t: one int64 word
     _topk_gather[grid](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, chunk, T * nb, cap, dst,
-                       dst.stride(0), bt, bt.stride(0), win, win.stride(0), base, epb, cnt.view(torch.int64),
-                       FINAL=fused, NC=lanes, ROWS=rows is not None, WP=wp, KP=triton.next_power_of_2(k),
-                       FAST=GATHER_FAST, st_ptr=cnt if st is None else st, STATS=st is not None, **common)
+                       dst.stride(0), bt, bt.stride(0), win, win.stride(0), base, epb, FINAL=fused, NC=lanes,
+                       ROWS=rows is not None, WP=wp, KP=triton.next_power_of_2(k),
+                       st_ptr=cnt if st is None else st, STATS=st is not None, **common)
     if not fused:
         _topk_final[(T,)](scores, vl, hist, cnt, out, cand, L, scores.stride(0), k, T * nb, cap, NC=lanes,
                           **{**common, "BLOCK": PICK_BLOCK})

@@ -48,28 +48,20 @@ def _row_chunk(vlen_ptr, L, chunk, VLEN: tl.constexpr, SMALL: tl.constexpr):
     return t, c, lim, (c * chunk < lim) & (lim > SMALL)
 
 @triton.jit
-def _digit_hist(u, prefix, take_all, LEVEL: tl.constexpr, NB: tl.constexpr):
-    # digit LEVEL's histogram [NB] of the keys u (0 = not selectable) that match prefix's digits before it
-    sel = (u != 0) & ~take_all
-    if LEVEL > 0:
-        sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
-    return tl.histogram(((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32), NB, mask=sel)
-
-@triton.jit
 def _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL: tl.constexpr, NB: tl.constexpr,
-               BLOCK: tl.constexpr, SPARSE: tl.constexpr = False, FAST: tl.constexpr = False):
+               BLOCK: tl.constexpr, SPARSE: tl.constexpr = False):
     # chunk c of row t: digit LEVEL's histogram of the keys matching the k-th's prefix of the digits before
-    offs = c * chunk + tl.arange(0, BLOCK)
-    if FAST:  # the first tile's loads in flight while the state's histogram loads and scans run
-        u0 = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
     prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, LEVEL, NB)
-    if not FAST:
-        u0 = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
-    acc = _digit_hist(u0, prefix, take_all, LEVEL, NB)
-    for j in range(BLOCK, chunk, BLOCK):  # the tiles after the first
+    acc = tl.zeros([NB], tl.int32)
+    for j in range(0, chunk, BLOCK):
         offs = c * chunk + j + tl.arange(0, BLOCK)
-        u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=offs < lim, other=float("-inf")))
-        acc += _digit_hist(u, prefix, take_all, LEVEL, NB)
+        m = offs < lim
+        u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+        sel = (u != 0) & ~take_all
+        if LEVEL > 0:
+            sel = sel & ((u >> (32 - 8 * LEVEL)) == (prefix >> (32 - 8 * LEVEL)))
+        digit = ((u >> (24 - 8 * LEVEL)) & 255).to(tl.int32)
+        acc += tl.histogram(digit, NB, mask=sel)
     dst = hist_ptr + LEVEL * s_lv + t * NB + tl.arange(0, NB)
     if SPARSE:
         tl.atomic_add(dst, acc, mask=acc != 0, sem="relaxed")
@@ -93,66 +85,24 @@ def _select_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, t, c, lim, s_st, k, chunk, s
         tl.store(out_ptr + (k - krem) + pos_e, offs, mask=eq & (pos_e < krem))
 
 @triton.jit
-def _claim2(cnt64_ptr, gt, eq):
-    # _claim of both counters (gt: the low word, eq: the high word of one int64) in one atomic
-    n = tl.sum(gt.to(tl.int64), 0) | (tl.sum(eq.to(tl.int64), 0) << 32)
-    base = tl.atomic_add(cnt64_ptr, n, sem="relaxed")
-    return ((base & 0xFFFFFFFF).to(tl.int32) + tl.cumsum(gt.to(tl.int32), 0) - 1,
-            (base >> 32).to(tl.int32) + tl.cumsum(eq.to(tl.int32), 0) - 1)
-
-@triton.jit
-def _pool_rows(ids, m, bt_ptr, comp_base, epb):
-    # entry ids -> pool rows comp_base + bt[id // epb] * epb + id % epb (glue.topk_rows' mapping; bt_ptr: the row's)
-    blk = tl.load(bt_ptr + ids // epb, mask=m, other=0)
-    return (comp_base + blk * epb + ids % epb).to(tl.int32)
-
-@triton.jit
-def _gather_tile(x, vals, offs, m, hi, take_all, cnt_ptr, cnt64_ptr, out_ptr, cand_ptr, CAP,
-                 FAST: tl.constexpr):
-    # one tile of scores x (ids offs; vals: what the keys above store, ids or pool rows)
-    u = _sort_key(x)
-    gt = m & ((u >> 16) > hi)
-    eq = m & ((u >> 16) == hi) & ~take_all
-    if FAST:
-        pos_g, pos_e = _claim2(cnt64_ptr, gt, eq)
-    else:
-        pos_g = _claim(cnt_ptr, gt)
-        pos_e = _claim(cnt_ptr + 1, eq)
-    tl.store(out_ptr + pos_g, vals, mask=gt)
-    tl.store(cand_ptr + pos_e, offs, mask=eq & (pos_e < CAP))
-    tl.store(cand_ptr + CAP + pos_e, u.to(tl.int32, bitcast=True), mask=eq & (pos_e < CAP))
-
-@triton.jit
-def _gather_load(row_ptr, offs, lim, MAP: tl.constexpr, bt_ptr, comp_base, epb):
-    # one tile of a row's scores -> (scores, what the keys above store: ids, or MAP: their pool rows, mask)
-    m = offs < lim
-    v = offs
-    if MAP:
-        v = _pool_rows(offs, m, bt_ptr, comp_base, epb)
-    return tl.load(row_ptr + offs, mask=m, other=float("-inf")), v, m
-
-@triton.jit
 def _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k, chunk, s_lv, CAP,
-                 NB: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr = False, cnt64_ptr=None,
-                 MAP: tl.constexpr = False, bt_ptr=None, comp_base=0, epb=1):
-    # keys whose top 16 bits are above the k-th's -> out_ptr[0, k - krem) (the row's; counter 0); keys sharing
-    # them -> cand_ptr[t] (ids in [0, CAP), keys in [CAP, 2 CAP); counter 1 counts them all, stored or not).
-    # FAST: the first tile's scores (and with MAP its block ids) loaded before the radix state, the claims in
-    # one atomic (cnt64_ptr: the row's counters as one int64); MAP: pool rows stored instead of ids (bt_ptr: the
-    # row's block table)
+                 NB: tl.constexpr, BLOCK: tl.constexpr):
+    # keys whose top 16 bits are above the k-th's -> out slots [0, k - krem) (counter 0); keys sharing them ->
+    # cand_ptr[t] (ids in [0, CAP), keys in [CAP, 2 CAP); counter 1 counts them all, stored or not)
+    out_ptr += t * k
     cand_ptr += t * 2 * CAP
-    offs = c * chunk + tl.arange(0, BLOCK)
-    if FAST:
-        x0, v0, m = _gather_load(s_ptr + t * s_st, offs, lim, MAP, bt_ptr, comp_base, epb)
     prefix, krem, take_all = _radix_state(hist_ptr, t, k, s_lv, 2, NB)
     hi = prefix >> 16  # take_all: 0, below every finite key's top bits
-    if not FAST:
-        x0, v0, m = _gather_load(s_ptr + t * s_st, offs, lim, MAP, bt_ptr, comp_base, epb)
-    _gather_tile(x0, v0, offs, m, hi, take_all, cnt_ptr + 2 * t, cnt64_ptr + t, out_ptr, cand_ptr, CAP, FAST)
-    for j in range(BLOCK, chunk, BLOCK):  # the tiles after the first
+    for j in range(0, chunk, BLOCK):
         offs = c * chunk + j + tl.arange(0, BLOCK)
-        x, v, m = _gather_load(s_ptr + t * s_st, offs, lim, MAP, bt_ptr, comp_base, epb)
-        _gather_tile(x, v, offs, m, hi, take_all, cnt_ptr + 2 * t, cnt64_ptr + t, out_ptr, cand_ptr, CAP, FAST)
+        m = offs < lim
+        u = _sort_key(tl.load(s_ptr + t * s_st + offs, mask=m, other=float("-inf")))
+        gt = m & ((u >> 16) > hi)
+        eq = m & ((u >> 16) == hi) & ~take_all
+        tl.store(out_ptr + _claim(cnt_ptr + 2 * t, gt), offs, mask=gt)
+        pos_e = _claim(cnt_ptr + 2 * t + 1, eq)
+        tl.store(cand_ptr + pos_e, offs, mask=eq & (pos_e < CAP))
+        tl.store(cand_ptr + CAP + pos_e, u.to(tl.int32, bitcast=True), mask=eq & (pos_e < CAP))
     return prefix, krem, take_all
 
 @triton.jit
@@ -200,18 +150,16 @@ def _pick_stream(src_ptr, out_ptr, length, CAP, hi, krem, ROW: tl.constexpr, NB:
 
 @triton.jit
 def _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
-                NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, CM: tl.constexpr,
-                MAP: tl.constexpr = False, dst_ptr=None, bt_ptr=None, comp_base=0, epb=1, st_ptr=None,
+                NB: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, CM: tl.constexpr, st_ptr=None,
                 STATS: tl.constexpr = False):
     # the krem keys still needed among the n sharing the k-th's top 16 bits (prefix, krem, take_all: the radix
     # state after two digits) -> out slots [k - krem, k): in registers (n <= NC lanes, the usual case), from
     # the candidate buffer BLOCK at a time (n <= CAP), else by streaming the row (exact, slow: one program
     # reads it three times). CM: the cache modifier of the counter / buffer loads (".cg" in the gather launch).
-    # MAP: those slots of dst_ptr (the row's attention list past its window) get the picks' pool rows (bt_ptr:
-    # the row's block table): in registers directly, else through out's ids
+    # STATS: DS4F_TOPK_STATS' counters (st_ptr: int64 [6])
     if take_all == 0:
         n = tl.load(cnt_ptr + 2 * t + 1, cache_modifier=CM)
-        if STATS:  # DS4F_TOPK_STATS (st_ptr: int64 [6])
+        if STATS:
             n64 = n.to(tl.int64)
             tl.atomic_add(st_ptr, 1, sem="relaxed")
             tl.atomic_add(st_ptr + 1, n64, sem="relaxed")
@@ -227,9 +175,6 @@ def _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix,
             offs = tl.arange(0, NC)
             m = offs < n
             ids = tl.load(cand_ptr + offs, mask=m, other=0, cache_modifier=CM)
-            vals = ids
-            if MAP:  # issued before the digit walk, used after it
-                vals = _pool_rows(ids, m, bt_ptr, comp_base, epb)
             lo = tl.load(cand_ptr + CAP + offs, mask=m, other=0, cache_modifier=CM).to(tl.uint32,
                                                                                        bitcast=True) & 0xFFFF
             d2 = (lo >> 8).to(tl.int32)
@@ -242,25 +187,13 @@ def _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix,
             gt = m & (lo > kth)
             eq = m & (lo == kth)
             c = tl.cumsum(gt.to(tl.int32) | (eq.to(tl.int32) << 15), 0)  # both counts < 2^15
-            dst = out_ptr
-            if MAP:
-                dst = dst_ptr + (k - krem)
-            tl.store(dst + (c & 0x7FFF) - 1, vals, mask=gt)
+            tl.store(out_ptr + (c & 0x7FFF) - 1, ids, mask=gt)
             pos_e = (krem - krem3) + (c >> 15) - 1
-            tl.store(dst + pos_e, vals, mask=eq & (pos_e < krem))
+            tl.store(out_ptr + pos_e, ids, mask=eq & (pos_e < krem))
+        elif n <= CAP:
+            _pick_stream(cand_ptr, out_ptr, n, CAP, hi, krem, False, NB, BLOCK, CM)
         else:
-            if n <= CAP:
-                _pick_stream(cand_ptr, out_ptr, n, CAP, hi, krem, False, NB, BLOCK, CM)
-            else:
-                _pick_stream(s_ptr + t * s_st, out_ptr, lim, CAP, hi, krem, True, NB, BLOCK, "")
-            if MAP:  # the rare paths: their ids back (this program's stores) to rows
-                tl.debug_barrier()
-                offs_p = tl.arange(0, BLOCK)
-                for j in range(0, krem, BLOCK):
-                    mj = j + offs_p < krem
-                    picked = tl.load(out_ptr + j + offs_p, mask=mj, other=0)
-                    tl.store(dst_ptr + (k - krem) + j + offs_p, _pool_rows(picked, mj, bt_ptr, comp_base, epb),
-                             mask=mj)
+            _pick_stream(s_ptr + t * s_st, out_ptr, lim, CAP, hi, krem, True, NB, BLOCK, "")
 
 @triton.jit
 def _rows_body(ids_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
@@ -272,47 +205,36 @@ def _rows_body(ids_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, co
     tl.store(rows_ptr + t * s_rt + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
     offs = tl.arange(0, KP)
     ids = tl.load(ids_ptr + t * k + offs, mask=offs < n, other=-1, cache_modifier=".cg")
-    r = tl.where(ids >= 0, _pool_rows(tl.maximum(ids, 0), ids >= 0, bt_ptr + t * s_bt, comp_base, epb), -1)
+    i0 = tl.maximum(ids, 0)
+    blk = tl.load(bt_ptr + t * s_bt + i0 // epb, mask=ids >= 0, other=0)
+    r = tl.where(ids >= 0, comp_base + blk * epb + i0 % epb, -1).to(tl.int32)
     tl.store(rows_ptr + t * s_rt + WP + offs, r, mask=offs < k)
 
 @triton.jit
 def _topk_gather(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, k, chunk, s_lv, CAP,
-                 rows_ptr, s_rt, bt_ptr, s_bt, win_ptr, s_wt, comp_base, epb, cnt64_ptr,
+                 rows_ptr, s_rt, bt_ptr, s_bt, win_ptr, s_wt, comp_base, epb,
                  NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr, SMALL: tl.constexpr,
                  FINAL: tl.constexpr = False, NC: tl.constexpr = 0, ROWS: tl.constexpr = False,
-                 WP: tl.constexpr = 0, KP: tl.constexpr = 0, PDL: tl.constexpr = False,
-                 FAST: tl.constexpr = False, st_ptr=None, STATS: tl.constexpr = False):
+                 WP: tl.constexpr = 0, KP: tl.constexpr = 0, PDL: tl.constexpr = False, st_ptr=None,
+                 STATS: tl.constexpr = False):
     # FINAL: the last of a row's programs to arrive (a counter in the row's unused fourth-digit histogram,
     # zeroed with the others before the call) runs _topk_final's pick (its stores and the buffer's are the
     # other programs' released stores: acq_rel counter, .cg loads); ROWS: then writes the row's attention
-    # index list (_rows_body) to rows_ptr. FAST (see GATHER_FAST): with ROWS every program stores pool rows
-    # and the last one maps only its picks, copies the window and pads a short row with -1
+    # index list (_rows_body) to rows_ptr. Its shape (one loop over the chunk's tiles, ids read back for the rows)
+    # is deliberate: session 26's variant (first tile peeled out of the loop, pool rows stored by every program) used
+    # 244 registers against 168 and ran ~5 us longer per CSA layer in the model after a 1M prompt on H200
     pdl_enter(PDL)
     t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
     if go:
-        MAP: tl.constexpr = ROWS and FAST
-        dst = out_ptr + t * k
-        if MAP:
-            dst = rows_ptr + t * s_rt + WP
-        prefix, krem, take_all = _gather_body(s_ptr, hist_ptr, cnt_ptr, dst, cand_ptr, t, c, lim, s_st, k,
-                                              chunk, s_lv, CAP, NB, BLOCK, FAST, cnt64_ptr, MAP,
-                                              bt_ptr + t * s_bt, comp_base, epb)
+        prefix, krem, take_all = _gather_body(s_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, t, c, lim, s_st, k,
+                                              chunk, s_lv, CAP, NB, BLOCK)
         if FINAL:
             tl.debug_barrier()  # every thread's stores issued before the release below
             arrived = tl.atomic_add(hist_ptr + 3 * s_lv + t * NB, 1, sem="acq_rel", scope="gpu")
             if arrived == (lim + chunk - 1) // chunk - 1:
-                if MAP:
-                    offs_w = tl.arange(0, WP)
-                    tl.store(rows_ptr + t * s_rt + offs_w, tl.load(win_ptr + t * s_wt + offs_w))
                 _final_body(s_ptr, cnt_ptr, out_ptr, cand_ptr, t, lim, s_st, k, CAP, prefix, krem, take_all,
-                            NB, NC, _PICK_BLOCK, ".cg", MAP, dst, bt_ptr + t * s_bt, comp_base, epb, st_ptr,
-                            STATS)
-                if MAP:
-                    if take_all:  # fewer than k valid keys, all stored above: -1 after them
-                        n = tl.load(cnt_ptr + 2 * t, cache_modifier=".cg")
-                        offs = tl.arange(0, KP)
-                        tl.store(dst + offs, tl.full([KP], -1, tl.int32), mask=(offs >= n) & (offs < k))
-                elif ROWS:
+                            NB, NC, _PICK_BLOCK, ".cg", st_ptr, STATS)
+                if ROWS:
                     tl.debug_barrier()  # the pick's stores before the reads of the whole row
                     n = tl.where(take_all, tl.load(cnt_ptr + 2 * t, cache_modifier=".cg"), k)
                     _rows_body(out_ptr, rows_ptr, t, k, n, bt_ptr, s_bt, win_ptr, s_wt, s_rt, comp_base, epb,
@@ -332,13 +254,12 @@ def _topk_final(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, cand_ptr, L, s_st, 
 @triton.jit
 def _topk_hist(s_ptr, vlen_ptr, hist_ptr, L, s_st, k, chunk, s_lv,
                LEVEL: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, VLEN: tl.constexpr,
-               SMALL: tl.constexpr, PDL: tl.constexpr = False, SPARSE: tl.constexpr = False,
-               FAST: tl.constexpr = False):
+               SMALL: tl.constexpr, PDL: tl.constexpr = False, SPARSE: tl.constexpr = False):
     # one 8-bit radix digit (from the top) of the keys that match the prefix chosen so far
     pdl_enter(PDL)
     t, c, lim, go = _row_chunk(vlen_ptr, L, chunk, VLEN, SMALL)
     if go:  # (a data-dependent loop bound would not run under the interpreter)
-        _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL, NB, BLOCK, SPARSE, FAST)
+        _hist_body(s_ptr, hist_ptr, t, c, lim, s_st, k, chunk, s_lv, LEVEL, NB, BLOCK, SPARSE)
 
 @triton.jit
 def _topk_select(s_ptr, vlen_ptr, hist_ptr, cnt_ptr, out_ptr, L, s_st, k, chunk, s_lv,

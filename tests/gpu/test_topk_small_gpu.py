@@ -178,13 +178,12 @@ def test_indexer_hist_topk_graph(fp8: bool) -> None:
                     assert torch.equal(sc[r, ids].sort().values, top), (lens, r)
 
 
-@pytest.mark.parametrize(("fused", "fast"), [(True, True), (True, False), (False, True)])
-def test_topk_pool_rows_long_graph(fused: bool, fast: bool) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_topk_pool_rows_long_graph(fused: bool) -> None:
     # decode's long pools (262,144 entries, DS4F_INDEXER_HIST): the attention rows written by the small kernel and
     # the gather launch's fused pick (topk_pool_rows_long) in a CUDA graph replayed at several depths, as
     # glue.topk_rows of the ids the separate-pick path selects from the same histogram (same sets: sorted rows);
-    # DS4F_TOPK_FUSED_FINAL=0: no such path (None); fast: DS4F_TOPK_GATHER_FAST (the rows stored by every gather
-    # program, the last one mapping only its picks) or the former launch
+    # DS4F_TOPK_FUSED_FINAL=0: no such path (None)
     from ds4f.kernels import indexer as ix
     from ds4f.kernels import topk_radix
     from ds4f.runner.gpu.glue import topk_rows
@@ -195,7 +194,7 @@ def test_topk_pool_rows_long_graph(fused: bool, fast: bool) -> None:
     g = torch.Generator(device="cuda").manual_seed(3)
     bt = torch.randperm(1 << 14, device="cuda", generator=g)[: T * (L // epb)].view(T, -1)
     win = torch.randint(-1, 4000, (T, W), device="cuda", generator=g, dtype=torch.int32)
-    was, ix.INDEXER_HIST, topk_radix.FUSED_FINAL, topk_radix.GATHER_FAST = ix.INDEXER_HIST, T, fused, fast
+    was, ix.INDEXER_HIST, topk_radix.FUSED_FINAL = ix.INDEXER_HIST, T, fused
     try:
         def run() -> tuple[torch.Tensor, torch.Tensor | None]:
             buf = ix.decode_hist_buffer(q, L, K)
@@ -212,7 +211,7 @@ def test_topk_pool_rows_long_graph(fused: bool, fast: bool) -> None:
         with torch.cuda.graph(graph):
             ids, rows = run()
     finally:
-        ix.INDEXER_HIST, topk_radix.FUSED_FINAL, topk_radix.GATHER_FAST = was, True, True
+        ix.INDEXER_HIST, topk_radix.FUSED_FINAL = was, True
     if not fused:
         assert rows is None
         return
