@@ -39,7 +39,7 @@ try:
 
     from ds4f.kernels.fp8_gemv import E4M3_BF16_ASM
     from ds4f.kernels.fp8_gemv_rows import _finish, _program, _rotate, _step
-    from ds4f.kernels.moe_mxfp4_decode import _round_bf16 as _rne16  # RNE by hand in the interpreter
+    from ds4f.kernels.moe_mxfp4_decode_kernels import _round_bf16 as _rne16  # RNE by hand in the interpreter
     from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: fp8_gemm takes its reference first
     triton = None

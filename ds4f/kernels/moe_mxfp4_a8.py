@@ -141,7 +141,7 @@ def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
 
 if triton is not None:
     from ds4f.kernels.fp8_gemv import quant_rows
-    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _scales, _up_arrive, _up_finish, _up_program
+    from ds4f.kernels.moe_mxfp4_decode_kernels import _down_finish, _scales, _up_arrive, _up_finish, _up_program
 
     _LO_C = tl.constexpr(_LO)
     _HI_C = tl.constexpr(_HI)

@@ -42,7 +42,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.moe_mxfp4_decode import _down_finish, _down_program, _round_bf16, _up_finish, _up_program
+    from ds4f.kernels.moe_mxfp4_decode_kernels import _down_finish, _down_program, _round_bf16, _up_finish, _up_program
     from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: moe_mxfp4 never calls in here without triton
     triton = None
