@@ -210,7 +210,7 @@ def test_decode_is_the_default_and_env_falls_back(monkeypatch):
 
 
 if HAS_TRITON:
-    from ds4f.kernels.moe_mxfp4_decode import _nibbles
+    from ds4f.kernels.moe_mxfp4_decode_kernels import _nibbles
 
     @triton.jit
     def _nib_kernel(q_ptr, o_ptr, ASM: tl.constexpr, SUB: tl.constexpr):
