@@ -15,7 +15,7 @@ Session 16 timed the GEMVs here also with x quantized once per program before th
 loop streamed with the weights (bench/results/decode_kernels.jsonl, revision d4914da): slower at every shape (wq_b
 9.62 vs 8.23 us cold), as the weight stream then starts only after that serial pass; the code was dropped.
 
-    PYTHONPATH=$PWD python3 bench/ncu_decode.py [--ncu] [--out FILE]
+    PYTHONPATH=$PWD python3 bench/ncu_decode.py [--ncu] [--cases moe_T4,...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -73,12 +73,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
     ap.add_argument("--out", default="")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     args = ap.parse_args()
     pdl.ENABLED = False  # each kernel's own time (PDL would start it early, waiting on the one before)
     _, w, per_expert = rank_experts(2)
     cases: dict[str, tuple[Callable[[int], object], int, int]] = {f"moe_T{t}": moe_case(t, w, per_expert)
                                                                    for t in (1, 4)}
     cases |= {n: gemv_case(n) for n in GEMVS}
+    if args.cases:
+        cases = {n: c for n, c in cases.items() if n in args.cases.split(",")}
     for fn, _, _ in cases.values():
         fn(0)
     torch.cuda.synchronize()

@@ -666,6 +666,21 @@ case "${1:-}" in
       OUT=/tmp/s27 bash "$0" s10sim "$2"
     cp /tmp/s27/full.jsonl "$OUT/full_sim.jsonl"
     cp /tmp/s27/profile_full_decode_after_1048576_timeline.txt "$OUT/sim_decode_after_1048576_timeline.txt" ;;
+  s28a)  # 1 GPU: the four-token up launch's headroom (bench/probe_a8_up.py: its loop with the decode / the per-step
+    # scales changed, timed cold against the real launch), then the MoE T=4 / T=1 kernels under Nsight Compute with
+    # per-SASS-instruction stall samples (source page CSV of _a8_up / _a8_down)
+    timeout "${P_S:-200}" python3 bench/probe_a8_up.py --tokens 4,1 --out "$OUT/probe_a8_up.jsonl" 2>&1 \
+      | grep -vE "Warning|warn"
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
+    S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy"
+    S="$S --section LaunchStats --section SchedulerStats --section SourceCounters"
+    timeout "${N_S:-200}" "$NCU" --profile-from-start off --clock-control none $S --import-source no \
+      -k "regex:_a8_(up|down)" -o /tmp/moe python3 bench/ncu_decode.py --ncu --cases moe_T4,moe_T1 > /tmp/ncu.log 2>&1
+    echo "ncu rc=$?"; tail -n 5 /tmp/ncu.log
+    "$NCU" -i /tmp/moe.ncu-rep > "$OUT/ncu_moe.txt" 2>&1
+    grep -E "^  [_a-z]|Duration|DRAM Throughput|Registers Per|Warp Cycles Per Issued|Achieved Active Warps" "$OUT/ncu_moe.txt"
+    "$NCU" -i /tmp/moe.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_moe_sass.csv" 2>&1
+    wc -c "$OUT/ncu_moe_sass.csv"; gzip "$OUT/ncu_moe_sass.csv" ;;
   s13full)  # 2 GPUs: the full model at TP=2 with graphs for short contexts, decode b1 / b4, without and with
     # --async-scheduling (each S13_S seconds; the first also compiles); compare engine_tokens_per_s
     for v in sync async; do

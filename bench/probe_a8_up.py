@@ -1,0 +1,179 @@
+"""bench probe, where the four-token MXFP4 up launch's time goes (issue 7, batch 4): moe_mxfp4_a8._a8_up's loop
+(one TP=2 rank, T tokens, six picks, the table's tile, x's operands from _a8_expand) rebuilt without its finish,
+with one piece changed at a time, each timed cold (every call its own picks) against the real launch:
+
+    DEC   0: the e2m1 -> e4m3 placement (7 ALU ops per packed word), 1: 1 op per word (the bytes taken as they
+          are: the bound with a free decode), 2: 3 ops per word (what a nibble order permuted at load time would cost)
+    SCALE 0: each step's [BN, 16] partials scaled into fp32 accumulators (the kernel's form: every MMA waited for
+          at once), 1: the MMAs accumulate in place across steps, no scales (the bound with a loop-carried acc)
+    ORDER 0: gate then up, 1: both halves' MMAs issued before either is scaled
+
+Timing only: DEC 1 / 2 and SCALE 1 compute wrong sums on purpose; DEC 0 SCALE 0 ORDER 0 is checked against the
+real launch's pre-SwiGLU rows (same sums up to order) so the probe's loop is the kernel's.
+
+    PYTHONPATH=$PWD python3 bench/probe_a8_up.py [--tokens 4] [--out FILE.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import measure_ceilings, run_meta, time_graph  # noqa: E402
+from bench.sweep_mxfp4_decode import CALLS, case_inputs, rank_experts  # noqa: E402
+from ds4f.kernels import moe_mxfp4_a8 as a8  # noqa: E402
+from ds4f.kernels.moe_mxfp4_a8 import _gdot8, _half, _xb_load  # noqa: E402
+from ds4f.kernels.moe_mxfp4_decode_kernels import _scales  # noqa: E402
+
+_FREE_LO = tl.constexpr("mov.b32 $0, $1;")
+_FREE_HI = tl.constexpr("shr.b32 $0, $1, 4;")
+_CHEAP_LO = tl.constexpr("and.b32 $0, $1, 0x9C9C9C9C;")
+_CHEAP_HI = tl.constexpr("{\n.reg .b32 a;\nshl.b32 a, $1, 1;\nand.b32 $0, a, 0x9C9C9C9C;\n}\n")
+
+
+@triton.jit
+def _dec(q, R: tl.constexpr, DEC: tl.constexpr):
+    if DEC == 0:
+        return _half(q, R, False)
+    if DEC == 1:
+        if R == 0:
+            return tl.inline_asm_elementwise(_FREE_LO, "=r,r", [q], dtype=tl.float8e4nv, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(_FREE_HI, "=r,r", [q], dtype=tl.float8e4nv, is_pure=True, pack=4)
+    if R == 0:
+        return tl.inline_asm_elementwise(_CHEAP_LO, "=r,r", [q], dtype=tl.float8e4nv, is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(_CHEAP_HI, "=r,r", [q], dtype=tl.float8e4nv, is_pure=True, pack=4)
+
+
+@triton.jit
+def _dot2(q, be, bo, acc, DEC: tl.constexpr):
+    return tl.dot(_dec(q, 1, DEC), bo, tl.dot(_dec(q, 0, DEC), be, acc))
+
+
+@triton.jit
+def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs_ptr, I: tl.constexpr,
+              DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              DEC: tl.constexpr, SCALE: tl.constexpr, ORDER: tl.constexpr):
+    # program (pick m, BLOCK_N gate rows + the same up rows), the whole K: out[m, {0, I} + rn] = the row sums
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = tl.load(ids_ptr + pid_m).to(tl.int64)
+    r64 = rn.to(tl.int64)[:, None]
+    KB: tl.constexpr = BLOCK_K // 2
+    NS: tl.constexpr = DM // BLOCK_K
+    NG: tl.constexpr = BLOCK_K // 32
+    qg = q_ptr + e * s_qe + r64 * s_qn + tl.arange(0, KB)[None, :]
+    sg = s_ptr + e * s_se + r64 * s_sn + tl.arange(0, 16)[None, :]
+    acc_g = tl.zeros([BLOCK_N, 16], tl.float32)
+    acc_u = tl.zeros([BLOCK_N, 16], tl.float32)
+    fg_n = _scales(sg, NG, True, False)
+    fu_n = _scales(sg + I * s_sn, NG, True, False)
+    for kb in range(0, NS):
+        be, bo, xs = _xb_load(xb_ptr, xs_ptr, (pid_m // TOPK) * NS + kb, KB)
+        wg = tl.load(qg + kb * KB)
+        wu = tl.load(qg + I * s_qn + kb * KB)
+        if SCALE == 1:
+            acc_g = _dot2(wg, be, bo, acc_g, DEC)
+            acc_u = _dot2(wu, be, bo, acc_u, DEC)
+        else:
+            fg = fg_n
+            fu = fu_n
+            fg_n = _scales(sg + (kb + 1) * NG, NG, kb + 1 < NS, False)
+            fu_n = _scales(sg + I * s_sn + (kb + 1) * NG, NG, kb + 1 < NS, False)
+            if ORDER == 1:
+                zero = tl.zeros([BLOCK_N, 16], tl.float32)
+                dg = _dot2(wg, be, bo, zero, DEC)
+                du = _dot2(wu, be, bo, zero, DEC)
+                acc_g += dg * (fg * xs[None, :])
+                acc_u += du * (fu * xs[None, :])
+            elif DEC == 0:
+                acc_g += _gdot8(wg, be, bo, False) * (fg * xs[None, :])
+                acc_u += _gdot8(wu, be, bo, False) * (fu * xs[None, :])
+            else:
+                acc_g += _dot2(wg, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC) * (fg * xs[None, :])
+                acc_u += _dot2(wu, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC) * (fu * xs[None, :])
+    op = out_ptr + pid_m.to(tl.int64) * (2 * I) + rn
+    tl.store(op, tl.sum(acc_g, 1) * 64.0)
+    tl.store(op + I, tl.sum(acc_u, 1) * 64.0)
+
+
+def probe(q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, xb: tuple[torch.Tensor, torch.Tensor],
+          out: torch.Tensor, cfg: tuple[int, ...], dec: int, scale: int, order: int) -> None:
+    bn, bk, _, nw, ns = cfg
+    I = q13.shape[1] // 2
+    _probe_up[(ids.numel(), I // bn)](q13, s13, ids, out, q13.stride(0), q13.stride(1), s13.stride(0),
+                                      s13.stride(1), xb[0], xb[1], I=I, DM=q13.shape[2] * 2, TOPK=ids.shape[1],
+                                      BLOCK_N=bn, BLOCK_K=bk, DEC=dec, SCALE=scale, ORDER=order, num_warps=nw,
+                                      num_stages=ns)
+
+
+def real_up(x: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, a: torch.Tensor,
+            xb: tuple[torch.Tensor, torch.Tensor], cfg: tuple[int, ...]) -> None:
+    """The model's up launch at this tile (SPLIT 1, no HALF: no arrival), SwiGLU rows into a."""
+    bn, bk, sp, nw, ns = cfg
+    I = q13.shape[1] // 2
+    assert sp == 1
+    a8._a8_up[(ids.numel(), I // bn, 1)](x, q13, s13, ids, a, a, a, 10.0, x.stride(0), q13.stride(0),
+                                         q13.stride(1), s13.stride(0), s13.stride(1), a.stride(0), I=I,
+                                         DM=x.shape[1], TOPK=ids.shape[1], BLOCK_N=bn, BLOCK_K=bk, SPLIT=1, F32=0,
+                                         XB=True, xb_ptr=xb[0], xs_ptr=xb[1], num_warps=nw, num_stages=ns)
+
+
+def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_expert: int, copy_gbps: float,
+             meta: dict, out: str) -> None:
+    """Every variant at T tokens: check line, then one timing line (and JSON record) each."""
+    xs, ids, _, nbytes = case_inputs(2, T, per_expert)
+    nbytes *= 2 / 3  # the up half of each expert's bytes (w13 of w13 + w2)
+    cfg = a8.CONFIGS[(4096, inter, 4)][0] if T > 1 else (64, 256, 1, 4, 4)
+    xbs = [a8.expand_x(x, cfg[1]) for x in xs]
+    flat = [i.contiguous() for i in ids]
+    outs = [torch.empty(i.numel(), 2 * inter, device="cuda") for i in ids]
+    acts = [torch.empty(i.numel(), inter, dtype=torch.bfloat16, device="cuda") for i in ids]
+    # the probe's loop is the kernel's: its rows through the kernel's SwiGLU equal the real launch's
+    probe(q13, s13, flat[0], xbs[0], outs[0], cfg, 0, 0, 0)
+    real_up(xs[0], q13, s13, flat[0], acts[0], xbs[0], cfg)
+    g, u = outs[0][:, :inter], outs[0][:, inter:]
+    ref = (torch.nn.functional.silu(g.clamp(max=10.0)) * u.clamp(-10.0, 10.0)).bfloat16().float()
+    err = ((acts[0].float() - ref).norm() / ref.norm()).item()
+    print(f"T={T} tile {cfg}: probe vs real launch rel err {err:.2e}", flush=True)
+    cases = [("real _a8_up", lambda i: real_up(xs[i], q13, s13, flat[i], acts[i], xbs[i], cfg))]
+    for dec, scale, order in itertools.product((0, 1, 2), (0, 1), (0, 1)):
+        if scale == 1 and order == 1:
+            continue
+        cases.append((f"probe DEC={dec} SCALE={scale} ORDER={order}",
+                      lambda i, d=dec, s=scale, o=order: probe(q13, s13, flat[i], xbs[i], outs[i], cfg, d, s, o)))
+    for name, fn in cases:
+        us = time_graph(fn, CALLS, CALLS, 5)
+        frac = nbytes / (us * 1e-6) / (copy_gbps * 1e9)
+        print(f"T={T} {name:32s} {us:7.2f} us  {frac:.3f} of copy", flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(dict(bench="probe_a8_up", T=T, tile=list(cfg), variant=name, us=round(us, 2),
+                                        frac_copy=round(frac, 3), check_rel_err=err, copy_gbps=round(copy_gbps, 1),
+                                        **meta)) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="4")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    copy_gbps, _ = measure_ceilings(iters=10)
+    meta = run_meta("python3 bench/probe_a8_up.py " + " ".join(sys.argv[1:]))
+    inter, w, per_expert = rank_experts(2)
+    for T in (int(v) for v in args.tokens.split(",")):
+        run_case(T, inter, w[0], w[1], per_expert, copy_gbps, meta, args.out)
+
+
+if __name__ == "__main__":
+    main()
