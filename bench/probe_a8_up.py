@@ -6,6 +6,10 @@ with one piece changed at a time, each timed cold (every call its own picks) aga
           are: the bound with a free decode), 2: 3 ops per word (what a nibble order permuted at load time would cost)
     SCALE 0: each step's [BN, 16] partials scaled into fp32 accumulators (the kernel's form: every MMA waited for
           at once), 1: the MMAs accumulate in place across steps, no scales (the bound with a loop-carried acc)
+      2: each step's MMAs issued before the step before's partials are scaled (Triton waits on each MMA: no
+          gain), 3: the groups of R steps in the N = 8R columns of one accumulator the MMAs add into in place,
+          scaled every R steps (R = 2: the 8 columns a 256-column step leaves empty; the real math, checked
+          against SCALE 0)
     ORDER 0: gate then up, 1: both halves' MMAs issued before either is scaled
 
 Timing only: DEC 1 / 2 and SCALE 1 compute wrong sums on purpose; DEC 0 SCALE 0 ORDER 0 is checked against the
@@ -62,7 +66,8 @@ def _dot2(q, be, bo, acc, DEC: tl.constexpr):
 @triton.jit
 def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs_ptr, I: tl.constexpr,
               DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              DEC: tl.constexpr, SCALE: tl.constexpr, ORDER: tl.constexpr):
+              DEC: tl.constexpr, SCALE: tl.constexpr, ORDER: tl.constexpr, xb3_ptr=None, xs3_ptr=None,
+              R: tl.constexpr = 1):
     # program (pick m, BLOCK_N gate rows + the same up rows), the whole K: out[m, {0, I} + rn] = the row sums
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -76,8 +81,39 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
     sg = s_ptr + e * s_se + r64 * s_sn + tl.arange(0, 16)[None, :]
     acc_g = tl.zeros([BLOCK_N, 16], tl.float32)
     acc_u = tl.zeros([BLOCK_N, 16], tl.float32)
+    pg = tl.zeros([BLOCK_N, 16], tl.float32)  # SCALE 2: the step before's MMA partials and their scale factors
+    pu = tl.zeros([BLOCK_N, 16], tl.float32)
+    cg = tl.zeros([BLOCK_N, 16], tl.float32)
+    cu = tl.zeros([BLOCK_N, 16], tl.float32)
     fg_n = _scales(sg, NG, True, False)
     fu_n = _scales(sg + I * s_sn, NG, True, False)
+    if SCALE == 3:  # R steps' groups in the N = 8R columns, the MMAs accumulating in place, scaled every R steps
+        N: tl.constexpr = 8 * R
+        a3_g = tl.zeros([BLOCK_N, N], tl.float32)
+        a3_u = tl.zeros([BLOCK_N, N], tl.float32)
+        y_g = tl.zeros([BLOCK_N], tl.float32)
+        y_u = tl.zeros([BLOCK_N], tl.float32)
+        s3 = s_ptr + e * s_se + r64 * s_sn + tl.arange(0, N)[None, :]
+        for ss in range(0, NS // R):
+            for r in tl.static_range(R):
+                kb = ss * R + r
+                pe = (xb3_ptr + (((pid_m // TOPK) * NS + kb) * 2 * N) * KB + tl.arange(0, N)[:, None] * KB
+                      + tl.arange(0, KB)[None, :])
+                be = tl.trans(tl.load(pe))
+                bo = tl.trans(tl.load(pe + N * KB))
+                a3_g = _dot2(tl.load(qg + kb * KB), be, bo, a3_g, DEC)
+                a3_u = _dot2(tl.load(qg + I * s_qn + kb * KB), be, bo, a3_u, DEC)
+            xv = tl.load(xs3_ptr + ((pid_m // TOPK) * (NS // R) + ss) * N + tl.arange(0, N))[None, :]
+            fg = (tl.load(s3 + ss * N).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            fu = (tl.load(s3 + I * s_sn + ss * N).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            y_g += tl.sum(a3_g * (fg * xv), 1)
+            y_u += tl.sum(a3_u * (fu * xv), 1)
+            a3_g = tl.zeros([BLOCK_N, N], tl.float32)
+            a3_u = tl.zeros([BLOCK_N, N], tl.float32)
+        op = out_ptr + pid_m.to(tl.int64) * (2 * I) + rn
+        tl.store(op, y_g * 64.0)
+        tl.store(op + I, y_u * 64.0)
+        return
     for kb in range(0, NS):
         be, bo, xs = _xb_load(xb_ptr, xs_ptr, (pid_m // TOPK) * NS + kb, KB)
         wg = tl.load(qg + kb * KB)
@@ -85,6 +121,19 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
         if SCALE == 1:
             acc_g = _dot2(wg, be, bo, acc_g, DEC)
             acc_u = _dot2(wu, be, bo, acc_u, DEC)
+        elif SCALE == 2:  # this step's MMAs issued, then the step before's partials scaled (a step of lag)
+            fg = fg_n
+            fu = fu_n
+            fg_n = _scales(sg + (kb + 1) * NG, NG, kb + 1 < NS, False)
+            fu_n = _scales(sg + I * s_sn + (kb + 1) * NG, NG, kb + 1 < NS, False)
+            ng = _dot2(wg, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC)
+            nu = _dot2(wu, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC)
+            acc_g += pg * cg
+            acc_u += pu * cu
+            pg = ng
+            pu = nu
+            cg = fg * xs[None, :]
+            cu = fu * xs[None, :]
         else:
             fg = fg_n
             fu = fu_n
@@ -102,19 +151,35 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
             else:
                 acc_g += _dot2(wg, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC) * (fg * xs[None, :])
                 acc_u += _dot2(wu, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC) * (fu * xs[None, :])
+    acc_g += pg * cg
+    acc_u += pu * cu
     op = out_ptr + pid_m.to(tl.int64) * (2 * I) + rn
     tl.store(op, tl.sum(acc_g, 1) * 64.0)
     tl.store(op + I, tl.sum(acc_u, 1) * 64.0)
 
 
-def probe(q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, xb: tuple[torch.Tensor, torch.Tensor],
-          out: torch.Tensor, cfg: tuple[int, ...], dec: int, scale: int, order: int) -> None:
+def probe(q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, xb: tuple[torch.Tensor, ...],
+          out: torch.Tensor, cfg: tuple[int, ...], dec: int, scale: int, order: int, r: int = 1) -> None:
+    """xb: _a8_expand's (operands, scales), then for SCALE 3 spread_xb's for r."""
     bn, bk, _, nw, ns = cfg
     I = q13.shape[1] // 2
+    x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale == 3 else {}
     _probe_up[(ids.numel(), I // bn)](q13, s13, ids, out, q13.stride(0), q13.stride(1), s13.stride(0),
                                       s13.stride(1), xb[0], xb[1], I=I, DM=q13.shape[2] * 2, TOPK=ids.shape[1],
                                       BLOCK_N=bn, BLOCK_K=bk, DEC=dec, SCALE=scale, ORDER=order, num_warps=nw,
-                                      num_stages=ns)
+                                      num_stages=ns, **x3)
+
+
+def spread_xb(xb: torch.Tensor, xs: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_a8_expand's operands [T, NS, 2, 16, KB] (groups in rows 0..7: BLOCK_K 256) and scales [T, NS, 16] -> SCALE
+    3's for r steps per scaling: operands [T, NS, 2, 8r, KB] with step kb's groups in rows 8 (kb % r) + j, and
+    scales [T, NS / r, 8r] (column 8 i + j: step (s r + i)'s group j)."""
+    T, NS, _, _, KB = xb.shape
+    out = torch.zeros(T, NS, 2, 8 * r, KB, dtype=torch.uint8, device=xb.device)
+    for kb in range(NS):
+        o = 8 * (kb % r)
+        out[:, kb, :, o:o + 8] = xb[:, kb, :, :8].view(torch.uint8)
+    return out.view(torch.float8_e4m3fn), xs[:, :, :8].reshape(T, NS // r, 8 * r).contiguous()
 
 
 def real_up(x: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, a: torch.Tensor,
@@ -147,11 +212,21 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
     err = ((acts[0].float() - ref).norm() / ref.norm()).item()
     print(f"T={T} tile {cfg}: probe vs real launch rel err {err:.2e}", flush=True)
     cases = [("real _a8_up", lambda i: real_up(xs[i], q13, s13, flat[i], acts[i], xbs[i], cfg))]
-    for dec, scale, order in itertools.product((0, 1, 2), (0, 1), (0, 1)):
-        if scale == 1 and order == 1:
+    for dec, scale, order in itertools.product((0, 1, 2), (0, 1, 2), (0, 1)):
+        if scale >= 1 and order == 1:
             continue
         cases.append((f"probe DEC={dec} SCALE={scale} ORDER={order}",
                       lambda i, d=dec, s=scale, o=order: probe(q13, s13, flat[i], xbs[i], outs[i], cfg, d, s, o)))
+    base = outs[0].clone()
+    for rr, ns in ((2, 2), (2, 3), (4, 1), (4, 2), (8, 1)):
+        x3 = [(*xb, *spread_xb(*xb, rr)) for xb in xbs]
+        c3 = (*cfg[:4], ns)
+        probe(q13, s13, flat[0], x3[0], outs[0], c3, 0, 3, 0, rr)
+        e3 = ((outs[0] - base).norm() / base.norm()).item()
+        print(f"T={T} SCALE=3 R={rr} stages {ns} vs SCALE=0: rel err {e3:.2e}", flush=True)
+        for dec in (0, 2):
+            cases.append((f"probe DEC={dec} SCALE=3 R={rr} ns={ns}",
+                          lambda i, d=dec, r=rr, x=x3, c=c3: probe(q13, s13, flat[i], x[i], outs[i], c, d, 3, 0, r)))
     for name, fn in cases:
         us = time_graph(fn, CALLS, CALLS, 5)
         frac = nbytes / (us * 1e-6) / (copy_gbps * 1e9)
