@@ -10,6 +10,8 @@ with one piece changed at a time, each timed cold (every call its own picks) aga
           gain), 3: the groups of R steps in the N = 8R columns of one accumulator the MMAs add into in place,
           scaled every R steps (R = 2: the 8 columns a 256-column step leaves empty; the real math, checked
           against SCALE 0)
+      4: Triton's tl.dot_scaled on bf16 x (on sm_90 its e2m1 -> bf16 decode with the scale, a bf16 MMA
+          accumulating in place; BLOCK_K 128 / 256)
     ORDER 0: gate then up, 1: both halves' MMAs issued before either is scaled
 
 Timing only: DEC 1 / 2 and SCALE 1 compute wrong sums on purpose; DEC 0 SCALE 0 ORDER 0 is checked against the
@@ -67,7 +69,7 @@ def _dot2(q, be, bo, acc, DEC: tl.constexpr):
 def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs_ptr, I: tl.constexpr,
               DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               DEC: tl.constexpr, SCALE: tl.constexpr, ORDER: tl.constexpr, xb3_ptr=None, xs3_ptr=None,
-              R: tl.constexpr = 1):
+              R: tl.constexpr = 1, xp_ptr=None):
     # program (pick m, BLOCK_N gate rows + the same up rows), the whole K: out[m, {0, I} + rn] = the row sums
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -87,6 +89,19 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
     cu = tl.zeros([BLOCK_N, 16], tl.float32)
     fg_n = _scales(sg, NG, True, False)
     fu_n = _scales(sg + I * s_sn, NG, True, False)
+    if SCALE == 4:  # Triton's tl.dot_scaled (sm_90: e2m1 -> bf16 times the scale, bf16 MMA) on bf16 x
+        xq = xp_ptr + (pid_m // TOPK).to(tl.int64) * (DM * 16) + tl.arange(0, BLOCK_K)[:, None] * 16 + \
+            tl.arange(0, 16)[None, :]
+        s4 = s_ptr + e * s_se + r64 * s_sn + tl.arange(0, NG)[None, :]
+        for kb in range(0, NS):
+            xv = tl.load(xq + kb * (BLOCK_K * 16))
+            acc_g = tl.dot_scaled(tl.load(qg + kb * KB), tl.load(s4 + kb * NG), "e2m1", xv, None, "bf16", acc_g)
+            acc_u = tl.dot_scaled(tl.load(qg + I * s_qn + kb * KB), tl.load(s4 + I * s_sn + kb * NG), "e2m1", xv,
+                                  None, "bf16", acc_u)
+        op = out_ptr + pid_m.to(tl.int64) * (2 * I) + rn
+        tl.store(op, tl.sum(acc_g, 1))
+        tl.store(op + I, tl.sum(acc_u, 1))
+        return
     if SCALE == 3:  # R steps' groups in the N = 8R columns, the MMAs accumulating in place, scaled every R steps
         N: tl.constexpr = 8 * R
         a3_g = tl.zeros([BLOCK_N, N], tl.float32)
@@ -163,7 +178,7 @@ def probe(q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, xb: tuple[tor
     """xb: _a8_expand's (operands, scales), then for SCALE 3 spread_xb's for r."""
     bn, bk, _, nw, ns = cfg
     I = q13.shape[1] // 2
-    x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale == 3 else {}
+    x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale == 3 else dict(xp_ptr=xb[2]) if scale == 4 else {}
     _probe_up[(ids.numel(), I // bn)](q13, s13, ids, out, q13.stride(0), q13.stride(1), s13.stride(0),
                                       s13.stride(1), xb[0], xb[1], I=I, DM=q13.shape[2] * 2, TOPK=ids.shape[1],
                                       BLOCK_N=bn, BLOCK_K=bk, DEC=dec, SCALE=scale, ORDER=order, num_warps=nw,
@@ -227,6 +242,15 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
         for dec in (0, 2):
             cases.append((f"probe DEC={dec} SCALE=3 R={rr} ns={ns}",
                           lambda i, d=dec, r=rr, x=x3, c=c3: probe(q13, s13, flat[i], x[i], outs[i], c, d, 3, 0, r)))
+    xpad = [torch.nn.functional.pad(x[:, :, None], (0, 15)).contiguous() for x in xs]  # [T, D, 16]: x in column 0
+    for bk, ns in ((128, 4), (256, 3), (256, 4)):
+        c4 = (cfg[0], bk, 1, cfg[3], ns)
+        x4 = [(*xb, xp) for xb, xp in zip(xbs, xpad)]
+        probe(q13, s13, flat[0], x4[0], outs[0], c4, 0, 4, 0)
+        e4 = ((outs[0] - base).norm() / base.norm()).item()
+        print(f"T={T} SCALE=4 BLOCK_K={bk} stages {ns} vs SCALE=0 (bf16 x, e4m3 x): {e4:.2e}", flush=True)
+        cases.append((f"probe SCALE=4 bk={bk} ns={ns}",
+                      lambda i, x=x4, c=c4: probe(q13, s13, flat[i], x[i], outs[i], c, 0, 4, 0)))
     for name, fn in cases:
         us = time_graph(fn, CALLS, CALLS, 5)
         frac = nbytes / (us * 1e-6) / (copy_gbps * 1e9)
