@@ -10,6 +10,9 @@ with one piece changed at a time, each timed cold (every call its own picks) aga
           gain), 3: the groups of R steps in the N = 8R columns of one accumulator the MMAs add into in place,
           scaled every R steps (R = 2: the 8 columns a 256-column step leaves empty; the real math, checked
           against SCALE 0)
+      5: each program one K slice of R steps (SPLIT = NS / R programs per row tile): the slice's 8R groups in
+          the N = 8R columns of one accumulator the MMAs add into in place, scaled once at the end (partials per
+          slice, no arrival sum; the real math, checked against SCALE 0)
       4: Triton's tl.dot_scaled on bf16 x (on sm_90 its e2m1 -> bf16 decode with the scale, a bf16 MMA
           accumulating in place; BLOCK_K 128 / 256)
     ORDER 0: gate then up, 1: both halves' MMAs issued before either is scaled
@@ -89,6 +92,28 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
     cu = tl.zeros([BLOCK_N, 16], tl.float32)
     fg_n = _scales(sg, NG, True, False)
     fu_n = _scales(sg + I * s_sn, NG, True, False)
+    if SCALE == 5:  # program (pick, row tile, K slice of R steps): the slice's 8R groups in N = 8R columns, the MMAs
+        # accumulating in place, scaled once at the end; out [M, SPLIT, 2I] (the slices' partials, no arrival sum)
+        N5: tl.constexpr = 8 * R
+        sl = tl.program_id(2)
+        a5_g = tl.zeros([BLOCK_N, N5], tl.float32)
+        a5_u = tl.zeros([BLOCK_N, N5], tl.float32)
+        for i in range(0, R):
+            kb = sl * R + i
+            pe = (xb3_ptr + (((pid_m // TOPK) * NS + kb) * 2 * N5) * KB + tl.arange(0, N5)[:, None] * KB
+                  + tl.arange(0, KB)[None, :])
+            be = tl.trans(tl.load(pe))
+            bo = tl.trans(tl.load(pe + N5 * KB))
+            a5_g = _dot2(tl.load(qg + kb * KB), be, bo, a5_g, DEC)
+            a5_u = _dot2(tl.load(qg + I * s_qn + kb * KB), be, bo, a5_u, DEC)
+        xv = tl.load(xs3_ptr + ((pid_m // TOPK) * (NS // R) + sl) * N5 + tl.arange(0, N5))[None, :]
+        s5 = s_ptr + e * s_se + r64 * s_sn + sl * N5 + tl.arange(0, N5)[None, :]
+        f5g = (tl.load(s5).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        f5u = (tl.load(s5 + I * s_sn).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        op = out_ptr + (pid_m * (DM // BLOCK_K // R) + sl).to(tl.int64) * (2 * I) + rn
+        tl.store(op, tl.sum(a5_g * (f5g * xv), 1) * 64.0)
+        tl.store(op + I, tl.sum(a5_u * (f5u * xv), 1) * 64.0)
+        return
     if SCALE == 4:  # Triton's tl.dot_scaled (sm_90: e2m1 -> bf16 times the scale, bf16 MMA) on bf16 x
         xq = xp_ptr + (pid_m // TOPK).to(tl.int64) * (DM * 16) + tl.arange(0, BLOCK_K)[:, None] * 16 + \
             tl.arange(0, 16)[None, :]
@@ -119,10 +144,10 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
                 a3_g = _dot2(tl.load(qg + kb * KB), be, bo, a3_g, DEC)
                 a3_u = _dot2(tl.load(qg + I * s_qn + kb * KB), be, bo, a3_u, DEC)
             xv = tl.load(xs3_ptr + ((pid_m // TOPK) * (NS // R) + ss) * N + tl.arange(0, N))[None, :]
-            fg = (tl.load(s3 + ss * N).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            fu = (tl.load(s3 + I * s_sn + ss * N).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            y_g += tl.sum(a3_g * (fg * xv), 1)
-            y_u += tl.sum(a3_u * (fu * xv), 1)
+            f3g = (tl.load(s3 + ss * N).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            f3u = (tl.load(s3 + I * s_sn + ss * N).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            y_g += tl.sum(a3_g * (f3g * xv), 1)
+            y_u += tl.sum(a3_u * (f3u * xv), 1)
             a3_g = tl.zeros([BLOCK_N, N], tl.float32)
             a3_u = tl.zeros([BLOCK_N, N], tl.float32)
         op = out_ptr + pid_m.to(tl.int64) * (2 * I) + rn
@@ -178,8 +203,9 @@ def probe(q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, xb: tuple[tor
     """xb: _a8_expand's (operands, scales), then for SCALE 3 spread_xb's for r."""
     bn, bk, _, nw, ns = cfg
     I = q13.shape[1] // 2
-    x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale == 3 else dict(xp_ptr=xb[2]) if scale == 4 else {}
-    _probe_up[(ids.numel(), I // bn)](q13, s13, ids, out, q13.stride(0), q13.stride(1), s13.stride(0),
+    x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale in (3, 5) else dict(xp_ptr=xb[2]) if scale == 4 else {}
+    split = q13.shape[2] * 2 // bk // r if scale == 5 else 1
+    _probe_up[(ids.numel(), I // bn, split)](q13, s13, ids, out, q13.stride(0), q13.stride(1), s13.stride(0),
                                       s13.stride(1), xb[0], xb[1], I=I, DM=q13.shape[2] * 2, TOPK=ids.shape[1],
                                       BLOCK_N=bn, BLOCK_K=bk, DEC=dec, SCALE=scale, ORDER=order, num_warps=nw,
                                       num_stages=ns, **x3)
@@ -242,6 +268,16 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
         for dec in (0, 2):
             cases.append((f"probe DEC={dec} SCALE=3 R={rr} ns={ns}",
                           lambda i, d=dec, r=rr, x=x3, c=c3: probe(q13, s13, flat[i], x[i], outs[i], c, d, 3, 0, r)))
+    for rr, ns in ((2, 2), (4, 3), (4, 4), (8, 3), (8, 4), (16, 4)):
+        x5 = [(*xb, *spread_xb(*xb, rr)) for xb in xbs]
+        c5 = (*cfg[:4], ns)
+        o5 = [torch.empty(i.numel(), 4096 // cfg[1] // rr, 2 * inter, device="cuda") for i in ids]
+        probe(q13, s13, flat[0], x5[0], o5[0], c5, 0, 5, 0, rr)
+        e5 = ((o5[0].sum(1) - base).norm() / base.norm()).item()
+        print(f"T={T} SCALE=5 R={rr} stages {ns} vs SCALE=0: rel err {e5:.2e}", flush=True)
+        for dec in (0, 2):
+            cases.append((f"probe DEC={dec} SCALE=5 R={rr} ns={ns}", lambda i, d=dec, r=rr, x=x5, c=c5, o=o5:
+                          probe(q13, s13, flat[i], x[i], o[i], c, d, 5, 0, r)))
     xpad = [torch.nn.functional.pad(x[:, :, None], (0, 15)).contiguous() for x in xs]  # [T, D, 16]: x in column 0
     for bk, ns in ((128, 4), (256, 3), (256, 4)):
         c4 = (cfg[0], bk, 1, cfg[3], ns)
