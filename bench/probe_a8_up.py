@@ -13,6 +13,7 @@ with one piece changed at a time, each timed cold (every call its own picks) aga
       5: each program one K slice of R steps (SPLIT = NS / R programs per row tile): the slice's 8R groups in
           the N = 8R columns of one accumulator the MMAs add into in place, scaled once at the end (partials per
           slice, no arrival sum; the real math, checked against SCALE 0)
+      6: SCALE 1's loop over K slices of R steps (more programs at one token; timing only)
       4: Triton's tl.dot_scaled on bf16 x (on sm_90 its e2m1 -> bf16 decode with the scale, a bf16 MMA
           accumulating in place; BLOCK_K 128 / 256)
     ORDER 0: gate then up, 1: both halves' MMAs issued before either is scaled
@@ -154,6 +155,17 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
         tl.store(op, y_g * 64.0)
         tl.store(op + I, y_u * 64.0)
         return
+    if SCALE == 6:  # SCALE 1's loop (no scales: timing only) over a K slice of R steps; out [M, SPLIT, 2I]
+        sl6 = tl.program_id(2)
+        for i in range(0, R):
+            kb = sl6 * R + i
+            be, bo, xs = _xb_load(xb_ptr, xs_ptr, (pid_m // TOPK) * NS + kb, KB)
+            acc_g = _dot2(tl.load(qg + kb * KB), be, bo, acc_g, DEC)
+            acc_u = _dot2(tl.load(qg + I * s_qn + kb * KB), be, bo, acc_u, DEC)
+        op = out_ptr + (pid_m * (NS // R) + sl6).to(tl.int64) * (2 * I) + rn
+        tl.store(op, tl.sum(acc_g, 1))
+        tl.store(op + I, tl.sum(acc_u, 1))
+        return
     for kb in range(0, NS):
         be, bo, xs = _xb_load(xb_ptr, xs_ptr, (pid_m // TOPK) * NS + kb, KB)
         wg = tl.load(qg + kb * KB)
@@ -204,7 +216,7 @@ def probe(q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, xb: tuple[tor
     bn, bk, _, nw, ns = cfg
     I = q13.shape[1] // 2
     x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale in (3, 5) else dict(xp_ptr=xb[2]) if scale == 4 else {}
-    split = q13.shape[2] * 2 // bk // r if scale == 5 else 1
+    split = q13.shape[2] * 2 // bk // r if scale in (5, 6) else 1
     _probe_up[(ids.numel(), I // bn, split)](q13, s13, ids, out, q13.stride(0), q13.stride(1), s13.stride(0),
                                       s13.stride(1), xb[0], xb[1], I=I, DM=q13.shape[2] * 2, TOPK=ids.shape[1],
                                       BLOCK_N=bn, BLOCK_K=bk, DEC=dec, SCALE=scale, ORDER=order, num_warps=nw,
@@ -278,6 +290,13 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
         for dec in (0, 2):
             cases.append((f"probe DEC={dec} SCALE=5 R={rr} ns={ns}", lambda i, d=dec, r=rr, x=x5, c=c5, o=o5:
                           probe(q13, s13, flat[i], x[i], o[i], c, d, 5, 0, r)))
+    for rr, ns, bk in ((16, 4, 256), (8, 4, 256), (4, 4, 256), (8, 3, 512), (4, 3, 512), (2, 3, 512)):
+        c6 = (cfg[0], bk, 1, cfg[3], ns)
+        x6 = [a8.expand_x(x, bk) for x in xs]
+        o6 = [torch.empty(i.numel(), 4096 // bk // rr, 2 * inter, device="cuda") for i in ids]
+        cases.append((f"probe SCALE=6 R={rr} bk={bk} ns={ns}", lambda i, r=rr, x=x6, c=c6, o=o6:
+                      probe(q13, s13, flat[i], x[i], o[i], c, 0, 6, 0, r)))
+    cases.append(("real _a8_up production tiles", lambda i: prod_up(xs[i], q13, s13, flat[i], acts[i])))
     xpad = [torch.nn.functional.pad(x[:, :, None], (0, 15)).contiguous() for x in xs]  # [T, D, 16]: x in column 0
     for bk, ns in ((128, 4), (256, 3), (256, 4)):
         c4 = (cfg[0], bk, 1, cfg[3], ns)
@@ -296,6 +315,24 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
                 f.write(json.dumps(dict(bench="probe_a8_up", T=T, tile=list(cfg), variant=name, us=round(us, 2),
                                         frac_copy=round(frac, 3), check_rel_err=err, copy_gbps=round(copy_gbps, 1),
                                         **meta)) + "\n")
+
+
+def prod_up(x: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, a: torch.Tensor) -> None:
+    """The model's up launch at T = x.shape[0] as moe_decode makes it (CONFIGS' tile, HALF where on, the arrival
+    sums of SPLIT / HALF), _a8_expand included."""
+    from ds4f.kernels import arrival
+    from ds4f.kernels.moe_mxfp4_decode import bucket
+
+    T, I = x.shape[0], q13.shape[1] // 2
+    bn, bk, sp, nw, ns = a8.CONFIGS[(x.shape[1], I, bucket(T))][0]
+    half = bucket(T) in a8.HALF
+    xb = a8.expand_x(x, bk)
+    part = torch.empty(ids.numel() * sp * 2 * I, dtype=torch.float32, device=x.device)
+    lock = arrival.counters(x.device, 64 * (I // bn), ("probe_up", I, bn))
+    a8._a8_up[(ids.numel(), I // bn, sp * (2 if half else 1))](
+        x, q13, s13, ids, a, part, lock, 10.0, x.stride(0), q13.stride(0), q13.stride(1), s13.stride(0),
+        s13.stride(1), a.stride(0), I=I, DM=x.shape[1], TOPK=ids.shape[1], BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, F32=0,
+        XB=True, xb_ptr=xb[0], xs_ptr=xb[1], HALF=half, num_warps=nw, num_stages=ns)
 
 
 def main() -> None:
