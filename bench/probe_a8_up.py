@@ -215,7 +215,8 @@ def probe(q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, xb: tuple[tor
     """xb: _a8_expand's (operands, scales), then for SCALE 3 spread_xb's for r."""
     bn, bk, _, nw, ns = cfg
     I = q13.shape[1] // 2
-    x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale in (3, 5) else dict(xp_ptr=xb[2]) if scale == 4 else {}
+    x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale in (3, 5) else dict(xp_ptr=xb[2]) if scale == 4 else \
+        dict(R=r) if scale == 6 else {}
     split = q13.shape[2] * 2 // bk // r if scale in (5, 6) else 1
     _probe_up[(ids.numel(), I // bn, split)](q13, s13, ids, out, q13.stride(0), q13.stride(1), s13.stride(0),
                                       s13.stride(1), xb[0], xb[1], I=I, DM=q13.shape[2] * 2, TOPK=ids.shape[1],
@@ -248,7 +249,7 @@ def real_up(x: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, ids: torch.Te
 
 
 def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_expert: int, copy_gbps: float,
-             meta: dict, out: str) -> None:
+             meta: dict, out: str, only: str = "") -> None:
     """Every variant at T tokens: check line, then one timing line (and JSON record) each."""
     xs, ids, _, nbytes = case_inputs(2, T, per_expert)
     nbytes *= 2 / 3  # the up half of each expert's bytes (w13 of w13 + w2)
@@ -307,6 +308,8 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
         cases.append((f"probe SCALE=4 bk={bk} ns={ns}",
                       lambda i, x=x4, c=c4: probe(q13, s13, flat[i], x[i], outs[i], c, 0, 4, 0)))
     for name, fn in cases:
+        if only and not any(o in name for o in only.split(",")):
+            continue
         us = time_graph(fn, CALLS, CALLS, 5)
         frac = nbytes / (us * 1e-6) / (copy_gbps * 1e9)
         print(f"T={T} {name:32s} {us:7.2f} us  {frac:.3f} of copy", flush=True)
@@ -339,12 +342,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="4")
     ap.add_argument("--out", default="")
+    ap.add_argument("--only", default="", help="comma-separated substrings: time only the variants naming one")
     args = ap.parse_args()
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta("python3 bench/probe_a8_up.py " + " ".join(sys.argv[1:]))
     inter, w, per_expert = rank_experts(2)
     for T in (int(v) for v in args.tokens.split(",")):
-        run_case(T, inter, w[0], w[1], per_expert, copy_gbps, meta, args.out)
+        run_case(T, inter, w[0], w[1], per_expert, copy_gbps, meta, args.out, args.only)
 
 
 if __name__ == "__main__":
