@@ -14,6 +14,9 @@ with one piece changed at a time, each timed cold (every call its own picks) aga
           the N = 8R columns of one accumulator the MMAs add into in place, scaled once at the end (partials per
           slice, no arrival sum; the real math, checked against SCALE 0)
       6: SCALE 1's loop over K slices of R steps (more programs at one token; timing only)
+      7: SCALE 6 with the real math: each (row, 32-column group)'s scale folded into the e4m3 operand as 2^(s -
+          the row's least s) (a PRMT table per group; rows whose scales span more than 12 binades cannot), x
+          quantized with one power-of-two scale per token, both applied once at the end (checked against SCALE 0)
       4: Triton's tl.dot_scaled on bf16 x (on sm_90 its e2m1 -> bf16 decode with the scale, a bf16 MMA
           accumulating in place; BLOCK_K 128 / 256)
     ORDER 0: gate then up, 1: both halves' MMAs issued before either is scaled
@@ -47,6 +50,17 @@ from ds4f.kernels.moe_mxfp4_decode_kernels import _scales  # noqa: E402
 
 _FREE_LO = tl.constexpr("mov.b32 $0, $1;")
 _FREE_HI = tl.constexpr("shr.b32 $0, $1, 4;")
+# four packed bytes ($2) and their scale groups' exponent offsets d ($3, one byte each, 0..12) -> the e4m3 bytes of
+# their low ($0) and high ($1) nibbles times 2^(d - 6): a PRMT table of the eight magnitudes for this d (code 1 =
+# 0.5 is 2^(d - 7): a normal for d >= 1), the codes gathered into PRMT's four selector nibbles, the sign ORed in
+_FOLD = tl.constexpr(
+    "{\n.reg .b32 d, a, b, la, lb, t;\n"
+    "and.b32 d, $3, 0xFF;\nmad.lo.u32 lb, d, 0x08080808, 0x1C181410;\nshl.b32 t, d, 3;\nmax.u32 t, t, 4;\n"
+    "shl.b32 t, t, 8;\nmad.lo.u32 la, d, 0x08080000, 0x0C080000;\nor.b32 la, la, t;\n"
+    "and.b32 a, $2, 0x07070707;\nshr.b32 b, a, 4;\nor.b32 a, a, b;\nprmt.b32 a, a, 0, 0x0020;\n"
+    "prmt.b32 a, la, lb, a;\nshl.b32 t, $2, 4;\nlop3.b32 $0, a, t, 0x80808080, 0xF8;\n"
+    "shr.b32 a, $2, 4;\nand.b32 a, a, 0x07070707;\nshr.b32 b, a, 4;\nor.b32 a, a, b;\n"
+    "prmt.b32 a, a, 0, 0x0020;\nprmt.b32 a, la, lb, a;\nlop3.b32 $1, a, $2, 0x80808080, 0xF8;\n}\n")
 _CHEAP_LO = tl.constexpr("and.b32 $0, $1, 0x9C9C9C9C;")
 _CHEAP_HI = tl.constexpr("{\n.reg .b32 a;\nshl.b32 a, $1, 1;\nand.b32 $0, a, 0x9C9C9C9C;\n}\n")
 
@@ -70,10 +84,17 @@ def _dot2(q, be, bo, acc, DEC: tl.constexpr):
 
 
 @triton.jit
+def _fold_dot(q, dd, be, bo, acc):
+    lo, hi = tl.inline_asm_elementwise(_FOLD, "=r,=r,r,r", [q, dd], dtype=(tl.float8e4nv, tl.float8e4nv),
+                                       is_pure=True, pack=4)
+    return tl.dot(hi, bo, tl.dot(lo, be, acc))
+
+
+@triton.jit
 def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs_ptr, I: tl.constexpr,
               DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               DEC: tl.constexpr, SCALE: tl.constexpr, ORDER: tl.constexpr, xb3_ptr=None, xs3_ptr=None,
-              R: tl.constexpr = 1, xp_ptr=None):
+              R: tl.constexpr = 1, xp_ptr=None, rb_ptr=None):
     # program (pick m, BLOCK_N gate rows + the same up rows), the whole K: out[m, {0, I} + rn] = the row sums
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -155,6 +176,29 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
         tl.store(op, y_g * 64.0)
         tl.store(op + I, y_u * 64.0)
         return
+    if SCALE == 7:  # the weights' scales folded into the e4m3 operand (2^(s - row base)), x one scale per token
+        # (xs_ptr [T]): SCALE 1's in-place loop with the real math; rb_ptr [E, 2I] the rows' base exponents
+        sl7 = tl.program_id(2)
+        rbg = tl.load(rb_ptr + e * (2 * I) + rn).to(tl.int32)
+        rbu = tl.load(rb_ptr + e * (2 * I) + I + rn).to(tl.int32)
+        s7 = s_ptr + e * s_se + r64 * s_sn + tl.arange(0, NG)[None, :]
+        for i in range(0, R):
+            kb = sl7 * R + i
+            pe = xb_ptr + ((pid_m // TOPK) * NS + kb).to(tl.int64) * (32 * KB) + tl.arange(0, 16)[:, None] * KB + \
+                tl.arange(0, KB)[None, :]
+            be = tl.trans(tl.load(pe))
+            bo = tl.trans(tl.load(pe + 16 * KB))
+            dg = (tl.load(s7 + kb * NG).to(tl.int32) - rbg[:, None]).to(tl.uint8)
+            du = (tl.load(s7 + I * s_sn + kb * NG).to(tl.int32) - rbu[:, None]).to(tl.uint8)
+            dg = tl.reshape(tl.broadcast_to(dg[:, :, None], [BLOCK_N, NG, 16]), [BLOCK_N, KB])
+            du = tl.reshape(tl.broadcast_to(du[:, :, None], [BLOCK_N, NG, 16]), [BLOCK_N, KB])
+            acc_g = _fold_dot(tl.load(qg + kb * KB), dg, be, bo, acc_g)
+            acc_u = _fold_dot(tl.load(qg + I * s_qn + kb * KB), du, be, bo, acc_u)
+        xsc = tl.load(xs_ptr + pid_m // TOPK)
+        op = out_ptr + (pid_m * (NS // R) + sl7).to(tl.int64) * (2 * I) + rn
+        tl.store(op, tl.sum(acc_g, 1) * ((rbg - 121) << 23).to(tl.float32, bitcast=True) * xsc)
+        tl.store(op + I, tl.sum(acc_u, 1) * ((rbu - 121) << 23).to(tl.float32, bitcast=True) * xsc)
+        return
     if SCALE == 6:  # SCALE 1's loop (no scales: timing only) over a K slice of R steps; out [M, SPLIT, 2I]
         sl6 = tl.program_id(2)
         for i in range(0, R):
@@ -216,8 +260,8 @@ def probe(q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, xb: tuple[tor
     bn, bk, _, nw, ns = cfg
     I = q13.shape[1] // 2
     x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale in (3, 5) else dict(xp_ptr=xb[2]) if scale == 4 else \
-        dict(R=r) if scale == 6 else {}
-    split = q13.shape[2] * 2 // bk // r if scale in (5, 6) else 1
+        dict(R=r) if scale == 6 else dict(R=r, rb_ptr=xb[2]) if scale == 7 else {}
+    split = q13.shape[2] * 2 // bk // r if scale in (5, 6, 7) else 1
     _probe_up[(ids.numel(), I // bn, split)](q13, s13, ids, out, q13.stride(0), q13.stride(1), s13.stride(0),
                                       s13.stride(1), xb[0], xb[1], I=I, DM=q13.shape[2] * 2, TOPK=ids.shape[1],
                                       BLOCK_N=bn, BLOCK_K=bk, DEC=dec, SCALE=scale, ORDER=order, num_warps=nw,
@@ -297,6 +341,15 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
         o6 = [torch.empty(i.numel(), 4096 // bk // rr, 2 * inter, device="cuda") for i in ids]
         cases.append((f"probe SCALE=6 R={rr} bk={bk} ns={ns}", lambda i, r=rr, x=x6, c=c6, o=o6:
                       probe(q13, s13, flat[i], x[i], o[i], c, 0, 6, 0, r)))
+    for rr, ns, bk in ((16, 4, 256), (8, 4, 256), (4, 4, 256), (4, 3, 256), (8, 3, 256), (2, 4, 256)):
+        c7 = (cfg[0], bk, 1, cfg[3], ns)
+        x7 = [fold_inputs(x, s13, bk) for x in xs]
+        o7 = [torch.empty(i.numel(), 4096 // bk // rr, 2 * inter, device="cuda") for i in ids]
+        probe(q13, s13, flat[0], x7[0], o7[0], c7, 0, 7, 0, rr)
+        e7 = ((o7[0].sum(1) - base).norm() / base.norm()).item()
+        print(f"T={T} SCALE=7 R={rr} bk={bk} ns={ns} vs SCALE=0: rel err {e7:.2e}", flush=True)
+        cases.append((f"probe SCALE=7 R={rr} bk={bk} ns={ns}", lambda i, r=rr, x=x7, c=c7, o=o7:
+                      probe(q13, s13, flat[i], x[i], o[i], c, 0, 7, 0, r)))
     cases.append(("real _a8_up production tiles", lambda i: prod_up(xs[i], q13, s13, flat[i], acts[i])))
     xpad = [torch.nn.functional.pad(x[:, :, None], (0, 15)).contiguous() for x in xs]  # [T, D, 16]: x in column 0
     for bk, ns in ((128, 4), (256, 3), (256, 4)):
@@ -318,6 +371,21 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
                 f.write(json.dumps(dict(bench="probe_a8_up", T=T, tile=list(cfg), variant=name, us=round(us, 2),
                                         frac_copy=round(frac, 3), check_rel_err=err, copy_gbps=round(copy_gbps, 1),
                                         **meta)) + "\n")
+
+
+def fold_inputs(x: torch.Tensor, s13: torch.Tensor, bk: int) -> tuple[torch.Tensor, ...]:
+    """SCALE 7's: x [T, D] quantized to e4m3 with one power-of-two scale per token as B operands [T, D / bk, 2,
+    16, bk / 2] (row 0 the values, rows 1..15 zero), the scales [T] fp32, the rows' base exponents [E, 2I] uint8."""
+    T, D = x.shape
+    amax = x.float().abs().amax(1).clamp(min=1e-30)
+    sc = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+    xq = (x.float() / sc[:, None]).to(torch.float8_e4m3fn).view(torch.uint8).view(T, D // bk, bk // 2, 2)
+    xb = torch.zeros(T, D // bk, 2, 16, bk // 2, dtype=torch.uint8, device=x.device)
+    xb[:, :, 0, 0] = xq[..., 0]
+    xb[:, :, 1, 0] = xq[..., 1]
+    base = s13.amin(2)
+    assert int((s13.amax(2).int() - base.int()).max()) <= 12, "row scale spread past 12"
+    return xb.view(torch.float8_e4m3fn), sc.contiguous(), base.contiguous()
 
 
 def prod_up(x: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, a: torch.Tensor) -> None:
