@@ -196,8 +196,8 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
             acc_u = _fold_dot(tl.load(qg + I * s_qn + kb * KB), du, be, bo, acc_u)
         xsc = tl.load(xs_ptr + pid_m // TOPK)
         op = out_ptr + (pid_m * (NS // R) + sl7).to(tl.int64) * (2 * I) + rn
-        tl.store(op, tl.sum(acc_g, 1) * ((rbg - 121) << 23).to(tl.float32, bitcast=True) * xsc)
-        tl.store(op + I, tl.sum(acc_u, 1) * ((rbu - 121) << 23).to(tl.float32, bitcast=True) * xsc)
+        tl.store(op, tl.sum(acc_g, 1) * ((rbg + 6) << 23).to(tl.float32, bitcast=True) * xsc)
+        tl.store(op + I, tl.sum(acc_u, 1) * ((rbu + 6) << 23).to(tl.float32, bitcast=True) * xsc)
         return
     if SCALE == 6:  # SCALE 1's loop (no scales: timing only) over a K slice of R steps; out [M, SPLIT, 2I]
         sl6 = tl.program_id(2)
