@@ -30,7 +30,7 @@ from functools import cache
 import torch
 
 from ds4f.kernels import arrival, pdl
-from ds4f.kernels.knobs import env_buckets, env_knobs
+from ds4f.kernels.knobs import env_knobs
 from ds4f.kernels.sparse_attn import sm_count
 
 try:
@@ -87,20 +87,7 @@ mov.b32 z, 0x80008000;
 fma.rn.bf16x2 $0, t0, k, z;
 fma.rn.bf16x2 $1, t1, k, z;
 }"""
-# IN_PLACE: E4M3_BF16_ASM with the 2^120 replaced by $3 (two bf16 copies of 2^120 times the block's UE8M0 scale)
-E4M3_BF16_SCALED_ASM = E4M3_BF16_ASM.replace(".reg .b32 t0, t1, k, z;", ".reg .b32 t0, t1, z;").replace(
-    "mov.b32 k, 0x7B807B80;\n", "").replace(", k, z;", ", $3, z;")
 WIDEN_BITS = os.environ.get("DS4F_FP8_GEMV_WIDEN", "bits") != "cvt"  # "cvt": Triton's conversions (as fp8_gemm)
-# IN_PLACE: token buckets whose widening-form calls fold the UE8M0 block scales into the widened weights and let the
-# dot accumulate in place (BITS = 2 in the kernel), DS4F_FP8_GEMV_IN_PLACE="4" etc.; "" (the default): none
-IN_PLACE = env_buckets("DS4F_FP8_GEMV_IN_PLACE", "")
-
-
-def _bucket(t: int) -> int:
-    """The decode token bucket of t tokens (1, 4, 16), as moe_mxfp4_decode.bucket."""
-    return 1 if t <= 1 else 4 if t <= 4 else 16
-
-
 # the a8 form: x quantized per token per 128 columns (pow2 scales, fp8_gemm.quant_act_ref: the checkpoint's dynamic
 # activation scheme, as HF's FP8Linear and the prefill's a8w8 path) and an e4m3 x e4m3 dot, so the weight tile feeds
 # the MMA as loaded (sm_89+; below, the widening path). Default "table": the shapes CONFIGS_A8 lists; "1": every
@@ -109,7 +96,6 @@ A8 = os.environ.get("DS4F_FP8_GEMV_A8", "table")
 
 if triton is not None:
     _ASM = tl.constexpr(E4M3_BF16_ASM)
-    _ASM_S = tl.constexpr(E4M3_BF16_SCALED_ASM)
 
     @triton.jit
     def _wload(w_p, c, k_len, EVEN_K: tl.constexpr):
@@ -167,24 +153,8 @@ if triton is not None:
             xf = xv.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
             xv = tl.load(g_p + c, mask=km, other=0.0).to(tl.float32)[None, :] * xf
-        sb = s.to(tl.int32)
         if SCALE_E8M0:  # UE8M0 byte b -> 2^(b-127) as fp32 bits (b == 0 gives 0, not 2^-127)
             s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        if BITS == 2:  # IN_PLACE (UE8M0 scales): the block's scale, a power of two, goes into the widening (exact),
-            # and the dot adds into acc itself, so no block waits for its MMA to scale a partial (the per-block
-            # wait that held the a8 / widening forms at 0.43-0.55 of copy at four tokens)
-            xb = xv.to(tl.bfloat16)
-            if DOT_F32:  # the interpreter: the same values in fp32 (fp16 bit patterns of value / 256, as below)
-                h = wq.to(tl.uint8, bitcast=True).to(tl.uint16) if NATIVE else wq.to(tl.uint16)
-                wf = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
-                return tl.dot(wf * (s * 256.0), tl.trans(xb.to(tl.float32)), acc), ss
-            if NATIVE:
-                wq = wq.to(tl.uint8, bitcast=True)
-            # 2^120 * 2^(b-127) = 2^(b-7) as bf16 bits (b + 120) << 7; b == 0 (no scale) gives 0
-            k = tl.where(sb == 0, 0, (sb + 120) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            wb = tl.inline_asm_elementwise(_ASM_S, "=r,=r,r,r,r", [wq, tl.full(wq.shape, k, tl.bfloat16)],
-                                           dtype=tl.bfloat16, is_pure=True, pack=4)
-            return tl.dot(wb, tl.trans(xb), acc), ss
         if A8:
             q, xs = quant_rows(xv.to(tl.float32), DOT_F32)
             if DOT_F32:
@@ -380,8 +350,7 @@ def fit(cfg: Cfg, smem: int) -> Cfg:
 
 def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: torch.Tensor, groups: int,
            native: bool, cfg: Cfg, bits: bool | None = None, norm: tuple[torch.Tensor, float] | None = None,
-           a8: bool | None = None, act: float | None = None, pdl_on: bool = True,
-           in_place: bool | None = None) -> None:
+           a8: bool | None = None, act: float | None = None, pdl_on: bool = True) -> None:
     """out [T, G, N] (contiguous) = x [T, G, K] (unit inner stride) @ W^T per group, W = w [G*N, K] e4m3 (uint8 bytes
     when not native) with block scales ws [ceil(G*N/128), ceil(K/128)] fp32 or UE8M0 bytes (e8m0). T <= MAX_T.
     bits: widen e4m3 by integer ops (default WIDEN_BITS on CUDA; the interpreter always converts).
@@ -391,13 +360,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
     x's rows are the gate halves of rows [gate | up] whose up half sits K elements further (x a [T, 1, K] view of
     h [T, 2K]), and the GEMV's input is their SwiGLU (clamp at limit) rounded to bf16, as glue.swiglu_act.
     pdl_on=False: a plain launch even where PDL is on (a kernel on a side stream: launched early it would hold SM
-    slots while it waits, beside the main stream's kernels).
-    in_place (UE8M0 scales, not a8; default IN_PLACE's token buckets): the widening form with each block's scale
-    folded into the widened weights and the dot accumulating in place (bf16 x, unquantized)."""
+    slots while it waits, beside the main stream's kernels)."""
     a8 = (use_a8(w.shape[0], w.shape[1], groups) if a8 is None else a8) and native
-    if in_place is None:
-        in_place = not a8 and _bucket(x.shape[0]) in IN_PLACE
-    in_place = in_place and e8m0 and not a8
     t, (nt, k) = x.shape[0], w.shape
     bn, bk, split, nw, ns = fit(cfg, smem_of(x.device))
     if not valid(cfg, nt, groups) or t > MAX_T:
@@ -420,8 +384,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, e8m0: bool, out: 
         nt // groups, x.stride(0), x.stride(1), ws.stride(0), out.stride(0), per * bk,
         0.0 if norm is None else float(norm[1]), BLOCK_N=bn, BLOCK_K=bk, BLOCK_T=BLOCK_T, SPLIT_K=split > 1,
         EVEN_K=k % bk == 0 and not (interp and chunks % per), NATIVE=native, SCALE_E8M0=e8m0, DOT_F32=interp,
-        ITERS=per if interp else 0, NORM=norm is not None,
-        BITS=2 if in_place else int(not interp and (WIDEN_BITS if bits is None else bits)),
+        ITERS=per if interp else 0, BITS=not interp and (WIDEN_BITS if bits is None else bits), NORM=norm is not None,
         A8=a8, ACT=act is not None, up_off=k, limit=0.0 if act is None else float(act), num_warps=nw,
         num_stages=ns, **(pdl.launch(x.device) if pdl_on else dict(PDL=False, launch_pdl=False)))
 
