@@ -6,23 +6,22 @@ with one piece changed at a time, each timed cold (every call its own picks) aga
           are: the bound with a free decode), 2: 3 ops per word (what a nibble order permuted at load time would cost)
     SCALE 0: each step's [BN, 16] partials scaled into fp32 accumulators (the kernel's form: every MMA waited for
           at once), 1: the MMAs accumulate in place across steps, no scales (the bound with a loop-carried acc)
-      2: each step's MMAs issued before the step before's partials are scaled (Triton waits on each MMA: no
-          gain), 3: the groups of R steps in the N = 8R columns of one accumulator the MMAs add into in place,
-          scaled every R steps (R = 2: the 8 columns a 256-column step leaves empty; the real math, checked
-          against SCALE 0)
-      5: each program one K slice of R steps (SPLIT = NS / R programs per row tile): the slice's 8R groups in
-          the N = 8R columns of one accumulator the MMAs add into in place, scaled once at the end (partials per
-          slice, no arrival sum; the real math, checked against SCALE 0)
       6: SCALE 1's loop over K slices of R steps (more programs at one token; timing only)
       7: SCALE 6 with the real math: each (row, 32-column group)'s scale folded into the e4m3 operand as 2^(s -
           the row's least s) (a PRMT table per group; rows whose scales span more than 12 binades cannot), x
           quantized with one power-of-two scale per token, both applied once at the end (checked against SCALE 0)
-      4: Triton's tl.dot_scaled on bf16 x (on sm_90 its e2m1 -> bf16 decode with the scale, a bf16 MMA
-          accumulating in place; BLOCK_K 128 / 256)
     ORDER 0: gate then up, 1: both halves' MMAs issued before either is scaled
 
 Timing only: DEC 1 / 2 and SCALE 1 compute wrong sums on purpose; DEC 0 SCALE 0 ORDER 0 is checked against the
 real launch's pre-SwiGLU rows (same sums up to order) so the probe's loop is the kernel's.
+
+Session 28 (one H200, bench/results/moe_mxfp4.jsonl case probe_a8_up): at four tokens the loop is 33 us (0.72 of
+copy), 27.7 (0.86) with SCALE 1 and 26.7 with SCALE 1 and DEC 1, so the per-step scaling's waits cost ~5 us and the
+decode ~1; the production launch is 37.4 us (13.4 at one token). SCALE 7 (the real math in that form) is 43-45 us:
+the table decode's ALU work costs more than the waits it removes. Variants dropped after their runs (code in
+commit 65fad49): a step of lag before scaling (Triton waits on every MMA: 34 us), R steps' groups in N = 8R columns
+scaled every R steps (34-74 us), a K slice's groups in N columns scaled once (35-62 us; 11.0 at one token, R = 4),
+Triton's tl.dot_scaled on bf16 x (100-104 us).
 
     PYTHONPATH=$PWD python3 bench/probe_a8_up.py [--tokens 4] [--out FILE.jsonl]
 """
@@ -93,8 +92,7 @@ def _fold_dot(q, dd, be, bo, acc):
 @triton.jit
 def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs_ptr, I: tl.constexpr,
               DM: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              DEC: tl.constexpr, SCALE: tl.constexpr, ORDER: tl.constexpr, xb3_ptr=None, xs3_ptr=None,
-              R: tl.constexpr = 1, xp_ptr=None, rb_ptr=None):
+              DEC: tl.constexpr, SCALE: tl.constexpr, ORDER: tl.constexpr, R: tl.constexpr = 1, rb_ptr=None):
     # program (pick m, BLOCK_N gate rows + the same up rows), the whole K: out[m, {0, I} + rn] = the row sums
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -108,74 +106,8 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
     sg = s_ptr + e * s_se + r64 * s_sn + tl.arange(0, 16)[None, :]
     acc_g = tl.zeros([BLOCK_N, 16], tl.float32)
     acc_u = tl.zeros([BLOCK_N, 16], tl.float32)
-    pg = tl.zeros([BLOCK_N, 16], tl.float32)  # SCALE 2: the step before's MMA partials and their scale factors
-    pu = tl.zeros([BLOCK_N, 16], tl.float32)
-    cg = tl.zeros([BLOCK_N, 16], tl.float32)
-    cu = tl.zeros([BLOCK_N, 16], tl.float32)
     fg_n = _scales(sg, NG, True, False)
     fu_n = _scales(sg + I * s_sn, NG, True, False)
-    if SCALE == 5:  # program (pick, row tile, K slice of R steps): the slice's 8R groups in N = 8R columns, the MMAs
-        # accumulating in place, scaled once at the end; out [M, SPLIT, 2I] (the slices' partials, no arrival sum)
-        N5: tl.constexpr = 8 * R
-        sl = tl.program_id(2)
-        a5_g = tl.zeros([BLOCK_N, N5], tl.float32)
-        a5_u = tl.zeros([BLOCK_N, N5], tl.float32)
-        for i in range(0, R):
-            kb = sl * R + i
-            pe = (xb3_ptr + (((pid_m // TOPK) * NS + kb) * 2 * N5) * KB + tl.arange(0, N5)[:, None] * KB
-                  + tl.arange(0, KB)[None, :])
-            be = tl.trans(tl.load(pe))
-            bo = tl.trans(tl.load(pe + N5 * KB))
-            a5_g = _dot2(tl.load(qg + kb * KB), be, bo, a5_g, DEC)
-            a5_u = _dot2(tl.load(qg + I * s_qn + kb * KB), be, bo, a5_u, DEC)
-        xv = tl.load(xs3_ptr + ((pid_m // TOPK) * (NS // R) + sl) * N5 + tl.arange(0, N5))[None, :]
-        s5 = s_ptr + e * s_se + r64 * s_sn + sl * N5 + tl.arange(0, N5)[None, :]
-        f5g = (tl.load(s5).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        f5u = (tl.load(s5 + I * s_sn).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        op = out_ptr + (pid_m * (DM // BLOCK_K // R) + sl).to(tl.int64) * (2 * I) + rn
-        tl.store(op, tl.sum(a5_g * (f5g * xv), 1) * 64.0)
-        tl.store(op + I, tl.sum(a5_u * (f5u * xv), 1) * 64.0)
-        return
-    if SCALE == 4:  # Triton's tl.dot_scaled (sm_90: e2m1 -> bf16 times the scale, bf16 MMA) on bf16 x
-        xq = xp_ptr + (pid_m // TOPK).to(tl.int64) * (DM * 16) + tl.arange(0, BLOCK_K)[:, None] * 16 + \
-            tl.arange(0, 16)[None, :]
-        s4 = s_ptr + e * s_se + r64 * s_sn + tl.arange(0, NG)[None, :]
-        for kb in range(0, NS):
-            xv = tl.load(xq + kb * (BLOCK_K * 16))
-            acc_g = tl.dot_scaled(tl.load(qg + kb * KB), tl.load(s4 + kb * NG), "e2m1", xv, None, "bf16", acc_g)
-            acc_u = tl.dot_scaled(tl.load(qg + I * s_qn + kb * KB), tl.load(s4 + I * s_sn + kb * NG), "e2m1", xv,
-                                  None, "bf16", acc_u)
-        op = out_ptr + pid_m.to(tl.int64) * (2 * I) + rn
-        tl.store(op, tl.sum(acc_g, 1))
-        tl.store(op + I, tl.sum(acc_u, 1))
-        return
-    if SCALE == 3:  # R steps' groups in the N = 8R columns, the MMAs accumulating in place, scaled every R steps
-        N: tl.constexpr = 8 * R
-        a3_g = tl.zeros([BLOCK_N, N], tl.float32)
-        a3_u = tl.zeros([BLOCK_N, N], tl.float32)
-        y_g = tl.zeros([BLOCK_N], tl.float32)
-        y_u = tl.zeros([BLOCK_N], tl.float32)
-        s3 = s_ptr + e * s_se + r64 * s_sn + tl.arange(0, N)[None, :]
-        for ss in range(0, NS // R):
-            for r in tl.static_range(R):
-                kb = ss * R + r
-                pe = (xb3_ptr + (((pid_m // TOPK) * NS + kb) * 2 * N) * KB + tl.arange(0, N)[:, None] * KB
-                      + tl.arange(0, KB)[None, :])
-                be = tl.trans(tl.load(pe))
-                bo = tl.trans(tl.load(pe + N * KB))
-                a3_g = _dot2(tl.load(qg + kb * KB), be, bo, a3_g, DEC)
-                a3_u = _dot2(tl.load(qg + I * s_qn + kb * KB), be, bo, a3_u, DEC)
-            xv = tl.load(xs3_ptr + ((pid_m // TOPK) * (NS // R) + ss) * N + tl.arange(0, N))[None, :]
-            f3g = (tl.load(s3 + ss * N).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            f3u = (tl.load(s3 + I * s_sn + ss * N).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            y_g += tl.sum(a3_g * (f3g * xv), 1)
-            y_u += tl.sum(a3_u * (f3u * xv), 1)
-            a3_g = tl.zeros([BLOCK_N, N], tl.float32)
-            a3_u = tl.zeros([BLOCK_N, N], tl.float32)
-        op = out_ptr + pid_m.to(tl.int64) * (2 * I) + rn
-        tl.store(op, y_g * 64.0)
-        tl.store(op + I, y_u * 64.0)
-        return
     if SCALE == 7:  # the weights' scales folded into the e4m3 operand (2^(s - row base)), x one scale per token
         # (xs_ptr [T]): SCALE 1's in-place loop with the real math; rb_ptr [E, 2I] the rows' base exponents
         sl7 = tl.program_id(2)
@@ -217,19 +149,6 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
         if SCALE == 1:
             acc_g = _dot2(wg, be, bo, acc_g, DEC)
             acc_u = _dot2(wu, be, bo, acc_u, DEC)
-        elif SCALE == 2:  # this step's MMAs issued, then the step before's partials scaled (a step of lag)
-            fg = fg_n
-            fu = fu_n
-            fg_n = _scales(sg + (kb + 1) * NG, NG, kb + 1 < NS, False)
-            fu_n = _scales(sg + I * s_sn + (kb + 1) * NG, NG, kb + 1 < NS, False)
-            ng = _dot2(wg, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC)
-            nu = _dot2(wu, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC)
-            acc_g += pg * cg
-            acc_u += pu * cu
-            pg = ng
-            pu = nu
-            cg = fg * xs[None, :]
-            cu = fu * xs[None, :]
         else:
             fg = fg_n
             fu = fu_n
@@ -247,8 +166,6 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
             else:
                 acc_g += _dot2(wg, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC) * (fg * xs[None, :])
                 acc_u += _dot2(wu, be, bo, tl.zeros([BLOCK_N, 16], tl.float32), DEC) * (fu * xs[None, :])
-    acc_g += pg * cg
-    acc_u += pu * cu
     op = out_ptr + pid_m.to(tl.int64) * (2 * I) + rn
     tl.store(op, tl.sum(acc_g, 1) * 64.0)
     tl.store(op + I, tl.sum(acc_u, 1) * 64.0)
@@ -256,28 +173,15 @@ def _probe_up(q_ptr, s_ptr, ids_ptr, out_ptr, s_qe, s_qn, s_se, s_sn, xb_ptr, xs
 
 def probe(q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, xb: tuple[torch.Tensor, ...],
           out: torch.Tensor, cfg: tuple[int, ...], dec: int, scale: int, order: int, r: int = 1) -> None:
-    """xb: _a8_expand's (operands, scales), then for SCALE 3 spread_xb's for r."""
+    """xb: _a8_expand's (operands, scales); SCALE 7: fold_inputs'."""
     bn, bk, _, nw, ns = cfg
     I = q13.shape[1] // 2
-    x3 = dict(xb3_ptr=xb[2], xs3_ptr=xb[3], R=r) if scale in (3, 5) else dict(xp_ptr=xb[2]) if scale == 4 else \
-        dict(R=r) if scale == 6 else dict(R=r, rb_ptr=xb[2]) if scale == 7 else {}
-    split = q13.shape[2] * 2 // bk // r if scale in (5, 6, 7) else 1
+    x3 = dict(R=r) if scale == 6 else dict(R=r, rb_ptr=xb[2]) if scale == 7 else {}
+    split = q13.shape[2] * 2 // bk // r if scale in (6, 7) else 1
     _probe_up[(ids.numel(), I // bn, split)](q13, s13, ids, out, q13.stride(0), q13.stride(1), s13.stride(0),
                                       s13.stride(1), xb[0], xb[1], I=I, DM=q13.shape[2] * 2, TOPK=ids.shape[1],
                                       BLOCK_N=bn, BLOCK_K=bk, DEC=dec, SCALE=scale, ORDER=order, num_warps=nw,
                                       num_stages=ns, **x3)
-
-
-def spread_xb(xb: torch.Tensor, xs: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """_a8_expand's operands [T, NS, 2, 16, KB] (groups in rows 0..7: BLOCK_K 256) and scales [T, NS, 16] -> SCALE
-    3's for r steps per scaling: operands [T, NS, 2, 8r, KB] with step kb's groups in rows 8 (kb % r) + j, and
-    scales [T, NS / r, 8r] (column 8 i + j: step (s r + i)'s group j)."""
-    T, NS, _, _, KB = xb.shape
-    out = torch.zeros(T, NS, 2, 8 * r, KB, dtype=torch.uint8, device=xb.device)
-    for kb in range(NS):
-        o = 8 * (kb % r)
-        out[:, kb, :, o:o + 8] = xb[:, kb, :, :8].view(torch.uint8)
-    return out.view(torch.float8_e4m3fn), xs[:, :, :8].reshape(T, NS // r, 8 * r).contiguous()
 
 
 def real_up(x: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, ids: torch.Tensor, a: torch.Tensor,
@@ -310,31 +214,12 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
     err = ((acts[0].float() - ref).norm() / ref.norm()).item()
     print(f"T={T} tile {cfg}: probe vs real launch rel err {err:.2e}", flush=True)
     cases = [("real _a8_up", lambda i: real_up(xs[i], q13, s13, flat[i], acts[i], xbs[i], cfg))]
-    for dec, scale, order in itertools.product((0, 1, 2), (0, 1, 2), (0, 1)):
-        if scale >= 1 and order == 1:
+    for dec, scale, order in itertools.product((0, 1, 2), (0, 1), (0, 1)):
+        if scale == 1 and order == 1:
             continue
         cases.append((f"probe DEC={dec} SCALE={scale} ORDER={order}",
                       lambda i, d=dec, s=scale, o=order: probe(q13, s13, flat[i], xbs[i], outs[i], cfg, d, s, o)))
     base = outs[0].clone()
-    for rr, ns in ((2, 2), (2, 3), (4, 1), (4, 2), (8, 1)):
-        x3 = [(*xb, *spread_xb(*xb, rr)) for xb in xbs]
-        c3 = (*cfg[:4], ns)
-        probe(q13, s13, flat[0], x3[0], outs[0], c3, 0, 3, 0, rr)
-        e3 = ((outs[0] - base).norm() / base.norm()).item()
-        print(f"T={T} SCALE=3 R={rr} stages {ns} vs SCALE=0: rel err {e3:.2e}", flush=True)
-        for dec in (0, 2):
-            cases.append((f"probe DEC={dec} SCALE=3 R={rr} ns={ns}",
-                          lambda i, d=dec, r=rr, x=x3, c=c3: probe(q13, s13, flat[i], x[i], outs[i], c, d, 3, 0, r)))
-    for rr, ns in ((2, 2), (4, 3), (4, 4), (8, 3), (8, 4), (16, 4)):
-        x5 = [(*xb, *spread_xb(*xb, rr)) for xb in xbs]
-        c5 = (*cfg[:4], ns)
-        o5 = [torch.empty(i.numel(), 4096 // cfg[1] // rr, 2 * inter, device="cuda") for i in ids]
-        probe(q13, s13, flat[0], x5[0], o5[0], c5, 0, 5, 0, rr)
-        e5 = ((o5[0].sum(1) - base).norm() / base.norm()).item()
-        print(f"T={T} SCALE=5 R={rr} stages {ns} vs SCALE=0: rel err {e5:.2e}", flush=True)
-        for dec in (0, 2):
-            cases.append((f"probe DEC={dec} SCALE=5 R={rr} ns={ns}", lambda i, d=dec, r=rr, x=x5, c=c5, o=o5:
-                          probe(q13, s13, flat[i], x[i], o[i], c, d, 5, 0, r)))
     for rr, ns, bk in ((16, 4, 256), (8, 4, 256), (4, 4, 256), (8, 3, 512), (4, 3, 512), (2, 3, 512)):
         c6 = (cfg[0], bk, 1, cfg[3], ns)
         x6 = [a8.expand_x(x, bk) for x in xs]
@@ -351,15 +236,6 @@ def run_case(T: int, inter: int, q13: torch.Tensor, s13: torch.Tensor, per_exper
         cases.append((f"probe SCALE=7 R={rr} bk={bk} ns={ns}", lambda i, r=rr, x=x7, c=c7, o=o7:
                       probe(q13, s13, flat[i], x[i], o[i], c, 0, 7, 0, r)))
     cases.append(("real _a8_up production tiles", lambda i: prod_up(xs[i], q13, s13, flat[i], acts[i])))
-    xpad = [torch.nn.functional.pad(x[:, :, None], (0, 15)).contiguous() for x in xs]  # [T, D, 16]: x in column 0
-    for bk, ns in ((128, 4), (256, 3), (256, 4)):
-        c4 = (cfg[0], bk, 1, cfg[3], ns)
-        x4 = [(*xb, xp) for xb, xp in zip(xbs, xpad)]
-        probe(q13, s13, flat[0], x4[0], outs[0], c4, 0, 4, 0)
-        e4 = ((outs[0] - base).norm() / base.norm()).item()
-        print(f"T={T} SCALE=4 BLOCK_K={bk} stages {ns} vs SCALE=0 (bf16 x, e4m3 x): {e4:.2e}", flush=True)
-        cases.append((f"probe SCALE=4 bk={bk} ns={ns}",
-                      lambda i, x=x4, c=c4: probe(q13, s13, flat[i], x[i], outs[i], c, 0, 4, 0)))
     for name, fn in cases:
         if only and not any(o in name for o in only.split(",")):
             continue
