@@ -40,7 +40,7 @@ from bench.common import measure_ceilings, run_meta, time_graph  # noqa: E402,RU
 from bench.sweep_fp8_gemv import v4_shapes  # noqa: E402,RUF100
 from ds4f.kernels import fp8_gemv  # noqa: E402,RUF100
 from ds4f.kernels.fp8_gemm import _scale_arg, fp8_linear_a8_ref, quant_act_ref  # noqa: E402,RUF100
-from ds4f.kernels.fp8_gemv import quant_rows  # noqa: E402,RUF100
+from ds4f.kernels.fp8_gemv_kernels import quant_rows  # noqa: E402,RUF100
 
 
 @triton.jit

@@ -27,7 +27,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.fp8_gemv import quant_rows
+    from ds4f.kernels.fp8_gemv_kernels import quant_rows
 except ImportError:  # CPU-only installs: fp8_linear falls back to the reference
     triton = None
 

@@ -37,7 +37,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.fp8_gemv import E4M3_BF16_ASM
+    from ds4f.kernels.fp8_gemv_kernels import E4M3_BF16_ASM
     from ds4f.kernels.fp8_gemv_rows import _finish, _program, _rotate, _step
     from ds4f.kernels.moe_mxfp4_decode_kernels import _round_bf16 as _rne16  # RNE by hand in the interpreter
     from ds4f.kernels.pdl import enter as pdl_enter

@@ -36,7 +36,7 @@ from functools import cache
 import torch
 
 from ds4f.kernels import arrival, pdl
-from ds4f.kernels.fp8_gemv import E4M3_BF16_ASM
+from ds4f.kernels.fp8_gemv_kernels import E4M3_BF16_ASM
 from ds4f.kernels.knobs import env_knobs
 
 try:

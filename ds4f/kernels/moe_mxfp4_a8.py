@@ -140,8 +140,15 @@ def fits(cfgs: tuple[Cfg, Cfg], D: int, I: int) -> bool:
 
 
 if triton is not None:
-    from ds4f.kernels.fp8_gemv import quant_rows
-    from ds4f.kernels.moe_mxfp4_decode_kernels import _down_finish, _scales, _up_arrive, _up_finish, _up_program
+    from ds4f.kernels.fp8_gemv_kernels import quant_rows
+    from ds4f.kernels.moe_mxfp4_decode_kernels import (
+        _down_finish,
+        _scales,
+        _up_arrive,
+        _up_finish,
+        _up_program,
+        _up_setup,
+    )
 
     _LO_C = tl.constexpr(_LO)
     _HI_C = tl.constexpr(_HI)
@@ -267,15 +274,10 @@ if triton is not None:
         pid_m, pid_n, pid_s, e, rn, r64, k0 = _up_program(ids_ptr, DM, BLOCK_N, SPLIT)
         KB: tl.constexpr = BLOCK_K // 2
         K_PER: tl.constexpr = DM // SPLIT
-        qg = q_ptr + e * s_qe + r64 * s_qn + k0 // 2 + tl.arange(0, KB)[None, :]
-        sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
-        xp = x_ptr + (pid_m // TOPK).to(tl.int64) * s_xt + k0
-        acc_g = tl.zeros([BLOCK_N, 16], tl.float32)
-        acc_u = tl.zeros([BLOCK_N, 16], tl.float32)
+        qg, sg, xp, acc_g, acc_u, fg_n, fu_n = _up_setup(q_ptr, s_ptr, x_ptr, e, r64, k0, pid_m, s_qe, s_qn, s_se,
+                                                         s_sn, s_xt, I, TOPK, BLOCK_N, BLOCK_K, 2, False)
         NS: tl.constexpr = K_PER // BLOCK_K
         NG: tl.constexpr = BLOCK_K // 32
-        fg_n = _scales(sg, NG, True, False)
-        fu_n = _scales(sg + I * s_sn, NG, True, False)
         for kb in range(0, NS):
             fg = fg_n
             fu = fu_n

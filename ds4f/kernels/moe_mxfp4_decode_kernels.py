@@ -178,6 +178,20 @@ def _up_program(ids_ptr, DM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.cons
             pid_s * (DM // SPLIT))
 
 @triton.jit
+def _up_setup(q_ptr, s_ptr, x_ptr, e, r64, k0, pid_m, s_qe, s_qn, s_se, s_sn, s_xt, I: tl.constexpr,
+              TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER: tl.constexpr, SUB: tl.constexpr):
+    # the up programs' K-loop prologue (PER weight columns per loaded element: 4 in int16 words, 2 in bytes) ->
+    # (weight pointers [BLOCK_N, BLOCK_K / PER], scale pointers [BLOCK_N, 16], x at the slice, zeroed gate / up
+    # accumulators [BLOCK_N, 16], the first step's gate / up scales). The scales feed no dot, so Triton's pipeliner
+    # leaves their loads in the loop: the kernels fetch them a step ahead by hand, starting here
+    qg = q_ptr + e * s_qe + r64 * s_qn + k0 // PER + tl.arange(0, BLOCK_K // PER)[None, :]
+    sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
+    xp = x_ptr + (pid_m // TOPK).to(tl.int64) * s_xt + k0
+    NG: tl.constexpr = BLOCK_K // 32
+    return (qg, sg, xp, tl.zeros([BLOCK_N, 16], tl.float32), tl.zeros([BLOCK_N, 16], tl.float32),
+            _scales(sg, NG, True, SUB), _scales(sg + I * s_sn, NG, True, SUB))
+
+@triton.jit
 def _down_program(ids_ptr, DM: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr,
                   SPLIT: tl.constexpr):
     # the down kernels' program ((token t, BLOCK_N rows of D), (pick j, K slice)) with one pick per program ->
@@ -203,16 +217,10 @@ def _dec_up(
     pid_m, pid_n, pid_s, e, rn, r64, k0 = _up_program(ids_ptr, DM, BLOCK_N, SPLIT)
     KW: tl.constexpr = BLOCK_K // 4
     K_PER: tl.constexpr = DM // SPLIT
-    qg = q_ptr + e * s_qe + r64 * s_qn + k0 // 4 + tl.arange(0, KW)[None, :]
-    sg = s_ptr + e * s_se + r64 * s_sn + k0 // 32 + tl.arange(0, 16)[None, :]
-    xp = x_ptr + (pid_m // TOPK).to(tl.int64) * s_xt + k0
-    acc_g = tl.zeros([BLOCK_N, 16], tl.float32)
-    acc_u = tl.zeros([BLOCK_N, 16], tl.float32)
+    qg, sg, xp, acc_g, acc_u, fg_n, fu_n = _up_setup(q_ptr, s_ptr, x_ptr, e, r64, k0, pid_m, s_qe, s_qn, s_se, s_sn,
+                                                     s_xt, I, TOPK, BLOCK_N, BLOCK_K, 4, SUB)
     NS: tl.constexpr = K_PER // BLOCK_K
     NG: tl.constexpr = BLOCK_K // 32
-    # the scales feed no dot, so Triton's pipeliner leaves their loads in the loop: fetched a step ahead by hand
-    fg_n = _scales(sg, NG, True, SUB)
-    fu_n = _scales(sg + I * s_sn, NG, True, SUB)
     for kb in range(0, NS):  # offsets as kb * constant keep the 16-byte alignment visible
         fg = fg_n
         fu = fu_n
