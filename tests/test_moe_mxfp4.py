@@ -105,6 +105,7 @@ def test_ref_decodes_one_expert_at_a_time(monkeypatch):
 _INTERP_SCRIPT = r"""
 import json, sys, torch, triton, triton.language as tl
 import ds4f.kernels.moe_mxfp4 as mm
+import ds4f.kernels.moe_mxfp4_kernels as mk
 import ds4f.model.quant as quant
 sys.path.insert(0, sys.argv[1])
 from test_moe_mxfp4 import _case, _rel
@@ -115,7 +116,7 @@ def dec(q_ptr, s_ptr, o_ptr, N: tl.constexpr):
     n = tl.arange(0, N); g = tl.arange(0, 2); j = tl.arange(0, 16)
     q = tl.load(q_ptr + n[:, None, None] * 32 + g[None, :, None] * 16 + j[None, None, :])
     s = tl.load(s_ptr + n[:, None, None] * 2 + g[None, :, None])
-    lo, hi = mm._decode(q, s, False)
+    lo, hi = mk._decode(q, s, False)
     tl.store(o_ptr + n[:, None] * 64 + tl.arange(0, 64)[None, :], tl.reshape(tl.join(lo, hi), [N, 64]))
 
 # every byte value under scales 2..252 (the supported range)
@@ -200,7 +201,7 @@ def _build(fn, consts: dict, arch: int, nw: int, ns: int) -> dict:
 @pytest.mark.parametrize("m_per_expert", [0.5, 30.0, 200.0])
 def test_default_tiles_build_offline_for_sm80_and_sm90(arch, m_per_expert):
     pytest.importorskip("triton")
-    import ds4f.kernels.moe_mxfp4 as mm
+    import ds4f.kernels.moe_mxfp4_kernels as mm
     from ds4f.kernels.moe_mxfp4 import default_config
 
     cfg = default_config(m_per_expert)

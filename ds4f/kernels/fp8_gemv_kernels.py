@@ -9,7 +9,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.moe_mxfp4 import _act_bf16
+    from ds4f.kernels.moe_mxfp4_kernels import _act_bf16
     from ds4f.kernels.pdl import enter as pdl_enter
 except ImportError:  # CPU-only installs: the GEMV's callers fall back to the reference before reaching here
     triton = None
@@ -87,7 +87,7 @@ if triton is not None:
         else:
             xv = tl.load(x_p + c, mask=tmask & km[None, :], other=0.0)
             s = tl.load(s_p + c // 128, mask=c < k_len, other=0)
-        if ACT:  # the routed experts' SwiGLU and bf16 rounding (moe_mxfp4._act_bf16); rows past T give 0
+        if ACT:  # the routed experts' SwiGLU and bf16 rounding (moe_mxfp4_kernels._act_bf16); rows past T give 0
             uv = tl.load(x_p + up_off + c, mask=tmask & km[None, :], other=0.0)
             xv = _act_bf16(xv.to(tl.float32), uv.to(tl.float32), limit, DOT_F32)
         if NORM:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ds4f.kernels.moe_mxfp4 import _act_bf16, _nibble_bits
+from ds4f.kernels.moe_mxfp4_kernels import _act_bf16, _nibble_bits
 from ds4f.kernels.pdl import enter as pdl_enter
 
 # Two K-adjacent 16-bit words of packed nibbles ($1: word 0 in bits 0..15, word 1 in 16..31; one K pair of the MMA

@@ -47,7 +47,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ds4f.kernels.moe_mxfp4 import _decode
+    from ds4f.kernels.moe_mxfp4_kernels import _decode
 
     @triton.jit
     def _dec_kernel(q_ptr, s_ptr, o_ptr, ASM: tl.constexpr):
