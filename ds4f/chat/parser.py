@@ -10,6 +10,7 @@ from enum import Enum
 from typing import Any
 
 from ds4f.chat import tools as schema
+from ds4f.chat.deltas import Delta, ParsedOutput, ToolCallDelta, merge_deltas
 
 __all__ = ["Delta", "ParsedOutput", "State", "StreamParser", "ToolCallDelta", "merge_deltas", "parse_output"]
 
@@ -57,62 +58,6 @@ def _dumps(v: Any) -> str:
 
 def new_tool_call_id() -> str:
     return f"chatcmpl-tool-{secrets.token_hex(8)}"
-
-
-@dataclass
-class ToolCallDelta:
-    index: int
-    id: str | None = None  # set (with name) only on the first delta of a call
-    name: str | None = None
-    arguments: str | None = None  # a prefix-safe fragment of the final JSON string
-
-    def to_openai(self) -> dict[str, Any]:
-        if self.id is not None:
-            return {"id": self.id, "type": "function", "index": self.index, "function": {"name": self.name}}
-        return {"index": self.index, "function": {"arguments": self.arguments}}
-
-
-@dataclass
-class Delta:
-    reasoning: str | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] = field(default_factory=list)
-
-    def to_openai(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.reasoning is not None:
-            out["reasoning"] = self.reasoning
-        if self.content is not None:
-            out["content"] = self.content
-        if self.tool_calls:
-            out["tool_calls"] = [tc.to_openai() for tc in self.tool_calls]
-        return out
-
-
-def merge_deltas(deltas: Sequence[Delta]) -> Delta | None:
-    """Coalesce one step's deltas into one SSE delta (tool fragments of one call joined; header kept first)."""
-    if not deltas:
-        return None
-    out = Delta()
-    for d in deltas:
-        if d.reasoning is not None:
-            out.reasoning = (out.reasoning or "") + d.reasoning
-        if d.content is not None:
-            out.content = (out.content or "") + d.content
-        for tc in d.tool_calls:
-            last = out.tool_calls[-1] if out.tool_calls else None
-            if last is not None and last.index == tc.index and tc.id is None and last.arguments is not None:
-                last.arguments += tc.arguments or ""
-            else:
-                out.tool_calls.append(ToolCallDelta(tc.index, tc.id, tc.name, tc.arguments))
-    return out
-
-
-@dataclass
-class ParsedOutput:
-    reasoning: str | None
-    content: str | None
-    tool_calls: list[dict[str, Any]]  # OpenAI shape: {"id", "type": "function", "function": {"name", "arguments"}}
 
 
 @dataclass
