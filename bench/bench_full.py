@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import whatif  # noqa: E402
 from bench_decode import write_timeline  # noqa: E402
 from bench_tp import StepTimer, versions  # noqa: E402
 from step_breakdown import timeline_ms  # noqa: E402
@@ -222,7 +224,10 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="directory for rank 0's decode kernel-time table")
     ap.add_argument("--out", default=str(ROOT / "bench/results/full.jsonl"))
     ap.add_argument("--command", default=" ".join(sys.argv))
+    ap.add_argument("--whatif", default=os.environ.get("DS4F_BENCH_WHATIF", ""),
+                    help="timing-only variants (bench/whatif.py; wrong outputs); default: $DS4F_BENCH_WHATIF")
     args = ap.parse_args()
+    whatifs = whatif.apply(args.whatif)  # before the engine: its graphs capture the variant
     copy_gbps, mm_tflops = measure_ceilings(iters=10)
     torch.cuda.empty_cache()
     batches = [int(b) for b in args.batches.split(",")]
@@ -255,7 +260,8 @@ def main() -> None:
                 kv_cache_dtype=args.kv_cache_dtype, max_model_len=max_len, copy_GBps=round(copy_gbps, 1),
                 runner=type(local).__name__, async_scheduling=engine.async_scheduling,
                 startup_s=round(startup, 1), weights_GiB_rank0=round(torch.cuda.memory_allocated() / 2**30, 2),
-                model="DeepSeek-V4-Flash config, FP8 attention + MXFP4 experts, dummy weights")
+                model="DeepSeek-V4-Flash config, FP8 attention + MXFP4 experts, dummy weights",
+                **({"whatif": whatifs, "timing_only": True} if whatifs else {}))
     print(f"# startup {startup:.1f}s on {args.tp} GPUs, copy {copy_gbps:.0f} GB/s, bf16 mm {mm_tflops:.0f} TFLOP/s",
           flush=True)
     g = torch.Generator().manual_seed(0)
