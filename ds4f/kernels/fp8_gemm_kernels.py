@@ -22,6 +22,15 @@ if triton is not None:
         return s
 
     @triton.jit
+    def _load_k(a_ptrs, b_ptrs, k0, offs_k, K, EVEN_K: tl.constexpr):
+        # the K chunk at k0 of two [rows, BLOCK_K] operands (columns past K read as 0 unless EVEN_K)
+        if EVEN_K:
+            return tl.load(a_ptrs + k0), tl.load(b_ptrs + k0)
+        kmask = (k0 + offs_k) < K
+        return (tl.load(a_ptrs + k0, mask=kmask[None, :], other=0.0),
+                tl.load(b_ptrs + k0, mask=kmask[None, :], other=0.0))
+
+    @triton.jit
     def _w8_kernel(
         x_ptr, w_ptr, ws_ptr, o_ptr, p_ptr, cnt_ptr, M, N, K, G, s_xm, s_xg, s_wsn, s_op, s_om, s_og,
         CHUNKS: tl.constexpr, SPLITS: tl.constexpr, SERIAL: tl.constexpr, NATIVE: tl.constexpr,
@@ -43,13 +52,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for i in range(0, CHUNKS):  # CHUNKS divides the K chunk count: no split runs past K
             k0 = (pid_s * CHUNKS + i) * BLOCK_K
-            if EVEN_K:
-                xa = tl.load(x_ptrs + k0)
-                wq = tl.load(w_ptrs + k0)
-            else:
-                kmask = (k0 + offs_k) < K
-                xa = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
-                wq = tl.load(w_ptrs + k0, mask=kmask[None, :], other=0.0)
+            xa, wq = _load_k(x_ptrs, w_ptrs, k0, offs_k, K, EVEN_K)
             if NATIVE:
                 wb = wq.to(tl.bfloat16)
             else:  # e4m3 byte -> fp16 bits of value / 256 (sign to bit 15, exponent|mantissa to bits 7..13)
@@ -143,13 +146,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for kb in range(0, KB):
             k0 = kb * BLOCK_K
-            if EVEN_K:
-                a = tl.load(a_ptrs + k0)
-                w = tl.load(w_ptrs + k0)
-            else:
-                kmask = (k0 + offs_k) < K
-                a = tl.load(a_ptrs + k0, mask=kmask[None, :], other=0.0)
-                w = tl.load(w_ptrs + k0, mask=kmask[None, :], other=0.0)
+            a, w = _load_k(a_ptrs, w_ptrs, k0, offs_k, K, EVEN_K)
             sa = tl.load(as_ptrs + kb * M)
             sw = _block_scale(ws_ptrs + kb, SCALE_E8M0)
             acc += tl.dot(a, tl.trans(w)) * (sa[:, None] * sw[None, :])
