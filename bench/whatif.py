@@ -34,21 +34,7 @@ def _no_compressor_gemv() -> None:
             out[:, n - WEIGHTS_PROJ_ROWS:].copy_(gemv.linear(x, w[n - WEIGHTS_PROJ_ROWS:]))
         return out
 
-    def run_outputs(self: packed.InProj, x: torch.Tensor,
-                    dense: torch.cuda.Stream | None = None) -> list[torch.Tensor]:
-        ys: list[torch.Tensor | None] = [None] * len(self.runs)
-        if dense is not None:
-            dense.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(dense):
-                for j, r in enumerate(self.runs):
-                    if r.s is None:
-                        ys[j] = dense_out(x, r.w)
-        for j, r in enumerate(self.runs):
-            if ys[j] is None:
-                ys[j] = dense_out(x, r.w) if r.s is None else packed.fp8_linear(x, r.w, r.s, x.dtype)
-        return [y for y in ys if y is not None]
-
-    packed.InProj.run_outputs = run_outputs  # type: ignore[method-assign]
+    packed.InProj.dense_linear = staticmethod(dense_out)  # type: ignore[assignment]
 
 
 WHATIFS: dict[str, Callable[[], None]] = {"no-compressor-gemv": _no_compressor_gemv}

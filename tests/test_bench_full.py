@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from bench_full import SimComm, decode_bytes, rank_weight_bytes  # noqa: E402
 
@@ -68,3 +69,34 @@ def test_moe_split_bytes_sum_to_the_sweeps_expert_bytes() -> None:
         parts = split_bytes(inter, 3.0)
         assert parts["up"] == 2 * parts["down"]
         assert sum(parts.values()) == 3.0 * (3 * inter * 4096 // 2 + 3 * inter * 4096 // 32)
+
+
+def test_whatif_no_compressor_gemv_keeps_only_the_weights_proj_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/whatif.py's timing-only variant: a CSA-width dense run (its width % 128 == 64) gives zeros but for its
+    last 64 columns (the indexer's weights_proj, as the real GEMV gives them); an HCA-width run gives zeros; FP8 runs
+    and the restored class are untouched; an unknown name is refused naming the known ones."""
+    import whatif
+
+    from ds4f.model.linear import Linear
+    from ds4f.runner.gpu import packed
+
+    monkeypatch.setattr(packed.InProj, "dense_linear", packed.InProj.__dict__["dense_linear"])  # restored after
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 256, generator=g)
+
+    def run(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lin = Linear(256, n)
+        lin.weight.data = torch.randn(n, 256, generator=g)
+        proj = packed.InProj([lin])
+        return proj(x), x @ lin.weight.T
+
+    real, want = run(2 * 128 + 64)
+    torch.testing.assert_close(real, want, rtol=1e-4, atol=1e-4)
+    assert whatif.apply("no-compressor-gemv") == ["no-compressor-gemv"]
+    csa, want = run(2 * 128 + 64)
+    assert torch.count_nonzero(csa[:, :256]) == 0
+    torch.testing.assert_close(csa[:, 256:], want[:, 256:], rtol=1e-4, atol=1e-4)
+    hca, _ = run(256)
+    assert torch.count_nonzero(hca) == 0
+    with pytest.raises(SystemExit, match="unknown nope; known: no-compressor-gemv"):
+        whatif.apply("nope")

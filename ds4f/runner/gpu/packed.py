@@ -144,6 +144,8 @@ class _Run:
 class InProj:
     """Linears reading one input -> x [T, K] @ [W_0; W_1; ...]^T = [T, sum(out)] (see the module docstring)."""
 
+    dense_linear = staticmethod(gemv.linear)  # the dense runs' GEMV (bench/whatif.py swaps it: timing only)
+
     def __init__(self, lins: list[Linear]) -> None:
         self.sizes = [lin.out_features for lin in lins]
         groups: list[tuple[str, list[Linear]]] = []
@@ -197,10 +199,10 @@ class InProj:
             with torch.cuda.stream(dense):
                 for j, r in enumerate(self.runs):
                     if r.s is None:
-                        ys[j] = gemv.linear(x, r.w)
+                        ys[j] = self.dense_linear(x, r.w)
         for j, r in enumerate(self.runs):
             if ys[j] is None:
-                ys[j] = gemv.linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype)
+                ys[j] = self.dense_linear(x, r.w) if r.s is None else fp8_linear(x, r.w, r.s, x.dtype)
         return [y for y in ys if y is not None]
 
     def cols(self, x: torch.Tensor, dense: torch.cuda.Stream | None = None) -> Cols:
