@@ -46,7 +46,8 @@ class Comm:
         # term is added and rounded here and the sum goes as a plain all-reduce
         if extra is not None and not (self.world > 1 and hasattr(self.fast_ar, "all_reduce_add")
                                       and self.fast_ar.fits(extra)):
-            x, extra = (x + extra.float()).to(torch.bfloat16), None
+            # one launch: the add in fp32 (x's dtype), rounded once to bf16 as it is written
+            x, extra = torch.add(x, extra, out=torch.empty_like(extra)), None
         msg = x if extra is None else extra  # the bf16 message
         self.counts["all_reduce"] += 1
         self.nbytes["all_reduce"] += msg.numel() * msg.element_size()
