@@ -75,14 +75,14 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     args = ap.parse_args()
-    known = [f"moe_T{t}" for t in (1, 4)] + list(GEMVS)
-    want = args.cases.split(",") if args.cases else known
+    known: dict[str, int] = {f"moe_T{t}": t for t in (1, 4)} | dict.fromkeys(GEMVS, 0)  # name -> MoE tokens
+    want = args.cases.split(",") if args.cases else list(known)
     if unknown := [n for n in want if n not in known]:  # before any GPU work
         ap.error(f"--cases: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     pdl.ENABLED = False  # each kernel's own time (PDL would start it early, waiting on the one before)
     _, w, per_expert = rank_experts(2)
     cases: dict[str, tuple[Callable[[int], object], int, int]] = {
-        n: moe_case(int(n[5:]), w, per_expert) if n.startswith("moe_T") else gemv_case(n) for n in known if n in want}
+        n: moe_case(t, w, per_expert) if t else gemv_case(n) for n, t in known.items() if n in want}
     for fn, _, _ in cases.values():
         fn(0)
     torch.cuda.synchronize()

@@ -15,7 +15,10 @@ from collections.abc import Callable
 
 import torch
 
-WEIGHTS_PROJ_ROWS = 64  # the indexer's head weights: the last rows of a CSA layer's dense run (index_n_heads)
+from ds4f.model.args import flash_config
+
+# the indexer's head weights (weights_proj, one row per indexer head): the last rows of a CSA layer's dense run
+WEIGHTS_PROJ_ROWS = flash_config()["index_n_heads"]
 
 
 def _no_compressor_gemv() -> None:

@@ -73,8 +73,8 @@ def test_moe_split_bytes_sum_to_the_sweeps_expert_bytes() -> None:
 
 def test_whatif_no_compressor_gemv_keeps_only_the_weights_proj_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/whatif.py's timing-only variant: a CSA-width dense run (its width % 128 == 64) gives zeros but for its
-    last 64 columns (the indexer's weights_proj, as the real GEMV gives them); an HCA-width run gives zeros; FP8 runs
-    and the restored class are untouched; an unknown name is refused naming the known ones."""
+    last 64 columns (the indexer's weights_proj, as the real GEMV gives them); an HCA-width run gives zeros; an
+    unknown name is refused naming the known ones."""
     import whatif
 
     from ds4f.model.linear import Linear
