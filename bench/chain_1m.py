@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +29,56 @@ from ds4f.kernels.fp8 import quantize_rows  # noqa: E402
 from ds4f.kernels.index_q import index_q  # noqa: E402
 from ds4f.kernels.indexer import decode_hist_buffer, indexer_scores, topk_pool_rows_long  # noqa: E402
 
+HI, DI, K, EPB, W, RD = 64, 128, 512, 64, 128, 64  # indexer heads / dim, top-k, entries per block, window, rope
+
+
+@dataclass
+class ChainInputs:
+    """One token's indexer query, head weights and RoPE angles, `copies` key pools of L e4m3 rows (+ row scales),
+    a shuffled block table and its slots, the window rows."""
+
+    iq0: torch.Tensor
+    w_in: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pools: list[tuple[torch.Tensor, torch.Tensor]]
+    bt: torch.Tensor
+    slots: torch.Tensor
+    seq: torch.Tensor
+    vl: torch.Tensor
+    win: torch.Tensor
+
+
+def chain_inputs(L: int, copies: int, dev: str = "cuda") -> ChainInputs:
+    g = torch.Generator(device=dev).manual_seed(0)
+    iq0 = torch.randn(1, HI, DI, device=dev, generator=g).bfloat16()
+    w_in = torch.randn(1, HI, device=dev, generator=g).bfloat16()
+    ang = torch.rand(1, RD // 2, device=dev, generator=g) * 6.28
+    pools = []
+    for _ in range(copies):
+        k8, ks = quantize_rows(torch.randn(L, DI, device=dev, generator=g).bfloat16(), DI)
+        pools.append((k8, ks.view(-1).contiguous()))
+    bt = torch.randperm(L // EPB, device=dev, generator=g)[None]  # int64, as FastModel's bt_tok
+    slots = (bt[:, :, None] * EPB + torch.arange(EPB, device=dev)).reshape(1, L).int()
+    seq = torch.zeros(1, dtype=torch.int32, device=dev)
+    vl = torch.full((1,), L, dtype=torch.int32, device=dev)
+    return ChainInputs(iq0, w_in, ang.cos(), ang.sin(), pools, bt, slots, seq, vl,
+                       torch.randint(0, 4096, (1, W), device=dev, generator=g, dtype=torch.int32))
+
+
+def run_chain(c: ChainInputs, i: int) -> torch.Tensor:
+    """The chain over pool i -> its attention rows [1, W + K]."""
+    L = c.slots.shape[1]
+    iq = c.iq0.clone()  # index_q rotates in place
+    buf = decode_hist_buffer(iq, L, K, zeroed=False)
+    assert buf is not None
+    q8, w = index_q(iq, c.w_in, c.cos, c.sin, HI**-0.5, True, zero=buf)
+    k8, ks = c.pools[i]
+    sc = indexer_scores(q8, w, k8, c.slots, c.seq, c.vl, k_scale=ks, zero_rank=True, hist=buf)
+    rows = topk_pool_rows_long(sc, K, c.vl, buf, c.bt, c.win, 1 << 20, EPB)
+    assert rows is not None
+    return rows
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -38,33 +89,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/decode_long.jsonl"))
     args = ap.parse_args()
     meta = run_meta(" ".join(["bench/chain_1m.py", *sys.argv[1:]]))
-    L, HI, DI, K, epb, W, rd = args.entries, 64, 128, 512, 64, 128, 64
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    iq0 = torch.randn(1, HI, DI, device=dev, generator=g).bfloat16()
-    w_in = torch.randn(1, HI, device=dev, generator=g).bfloat16()
-    ang = torch.rand(1, rd // 2, device=dev, generator=g) * 6.28
-    cos, sin = ang.cos(), ang.sin()
-    pools = []
-    for _ in range(args.copies):
-        k8, ks = quantize_rows(torch.randn(L, DI, device=dev, generator=g).bfloat16(), DI)
-        pools.append((k8, ks.view(-1).contiguous()))
-    bt = torch.randperm(L // epb, device=dev, generator=g)[None]  # int64, as FastModel's bt_tok
-    slots = (bt[:, :, None] * epb + torch.arange(epb, device=dev)).reshape(1, L).int()
-    seq = torch.zeros(1, dtype=torch.int32, device=dev)
-    vl = torch.full((1,), L, dtype=torch.int32, device=dev)
-    win = torch.randint(0, 4096, (1, W), device=dev, generator=g, dtype=torch.int32)
+    L = args.entries
+    c = chain_inputs(L, args.copies)
 
     def chain(i: int) -> torch.Tensor:
-        iq = iq0.clone()  # index_q rotates in place
-        buf = decode_hist_buffer(iq, L, K, zeroed=False)
-        assert buf is not None
-        q8, w = index_q(iq, w_in, cos, sin, HI**-0.5, True, zero=buf)
-        k8, ks = pools[i]
-        sc = indexer_scores(q8, w, k8, slots, seq, vl, k_scale=ks, zero_rank=True, hist=buf)
-        rows = topk_pool_rows_long(sc, K, vl, buf, bt, win, 1 << 20, epb)
-        assert rows is not None
-        return rows
+        return run_chain(c, i)
 
     ref = None
     times: list[float] = []

@@ -21,12 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.chain_1m import chain_inputs, run_chain  # noqa: E402
 from bench.common import append_jsonl, measure_ceilings, run_meta, time_us  # noqa: E402
 from bench.l2_prefetch import prefetch  # noqa: E402
-from ds4f.kernels.fp8 import quantize_rows  # noqa: E402
 from ds4f.kernels.fp8_gemm import fp8_linear  # noqa: E402
-from ds4f.kernels.index_q import index_q  # noqa: E402
-from ds4f.kernels.indexer import decode_hist_buffer, indexer_scores, topk_pool_rows_long  # noqa: E402
 from ds4f.model.quant import FP8_DTYPE  # noqa: E402
 
 GEMVS = [("in_proj", 1536, 4096), ("idx_wq_b", 8192, 1024), ("wq_b", 16384, 1024)]  # TP=2 rank, in series
@@ -40,20 +38,10 @@ def main() -> None:
     args = ap.parse_args()
     copy_gbps, _ = measure_ceilings(iters=10)
     meta = run_meta(" ".join(["bench/prefetch_index_keys.py", *sys.argv[1:]]))
-    L, HI, DI, K, epb, W, rd = args.entries, 64, 128, 512, 64, 128, 64
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    iq0 = torch.randn(1, HI, DI, device=dev, generator=g).bfloat16()
-    w_in = torch.randn(1, HI, device=dev, generator=g).bfloat16()
-    ang = torch.rand(1, rd // 2, device=dev, generator=g) * 6.28
-    cos, sin = ang.cos(), ang.sin()
-    k8, ks = quantize_rows(torch.randn(L, DI, device=dev, generator=g).bfloat16(), DI)
-    ks = ks.view(-1).contiguous()
-    bt = torch.randperm(L // epb, device=dev, generator=g)[None]
-    slots = (bt[:, :, None] * epb + torch.arange(epb, device=dev)).reshape(1, L).int()
-    seq = torch.zeros(1, dtype=torch.int32, device=dev)
-    vl = torch.full((1,), L, dtype=torch.int32, device=dev)
-    win = torch.randint(0, 4096, (1, W), device=dev, generator=g, dtype=torch.int32)
+    L, dev = args.entries, "cuda"
+    c = chain_inputs(L, 1, dev)
+    k8, ks = c.pools[0]
+    g = torch.Generator(device=dev).manual_seed(1)
     x = torch.randn(1, 4096, device=dev, generator=g).bfloat16()
     ws = [((torch.randn(n, k, device=dev, generator=g) * 0.05).to(FP8_DTYPE),
            torch.rand(n // 128, k // 128, device=dev, generator=g) * 0.01 + 0.001) for _, n, k in GEMVS]
@@ -61,14 +49,7 @@ def main() -> None:
     out: list[torch.Tensor] = []
 
     def chain() -> None:
-        iq = iq0.clone()
-        buf = decode_hist_buffer(iq, L, K, zeroed=False)
-        assert buf is not None
-        q8, w = index_q(iq, w_in, cos, sin, HI**-0.5, True, zero=buf)
-        sc = indexer_scores(q8, w, k8, slots, seq, vl, k_scale=ks, zero_rank=True, hist=buf)
-        rows = topk_pool_rows_long(sc, K, vl, buf, bt, win, 1 << 20, epb)
-        assert rows is not None
-        out.append(rows)
+        out.append(run_chain(c, 0))
 
     def stand_in() -> None:
         for (w8, s), (_, _, k) in zip(ws, GEMVS):
