@@ -1,5 +1,5 @@
 """⑥ would an L2 prefetch of a CSA layer's index keys shorten its 1M decode chain? One token, 262,144 e4m3 keys
-(33.5 MB, the 1M step's per-layer indexer read), one H200.
+(33 MiB with their row scales, the 1M step's per-layer indexer read), one H200.
 
 Cases (each replayed from a CUDA graph after a 256 MB L2 flush, median us): the chain alone (index_q, the keys-major
 indexer with the first digit, topk_pool_rows_long: bench/chain_1m.py's), the chain with its keys already in L2 (no
@@ -46,10 +46,9 @@ def main() -> None:
     ws = [((torch.randn(n, k, device=dev, generator=g) * 0.05).to(FP8_DTYPE),
            torch.rand(n // 128, k // 128, device=dev, generator=g) * 0.01 + 0.001) for _, n, k in GEMVS]
     side = torch.cuda.Stream()
-    out: list[torch.Tensor] = []
 
-    def chain() -> None:
-        out.append(run_chain(c, 0))
+    def chain() -> torch.Tensor:
+        return run_chain(c, 0)
 
     def stand_in() -> None:
         for (w8, s), (_, _, k) in zip(ws, GEMVS):
@@ -59,14 +58,14 @@ def main() -> None:
         prefetch(k8, p)
         prefetch(ks, p)
 
-    def beside(p: int) -> None:
+    def beside(p: int) -> torch.Tensor:
         main = torch.cuda.current_stream()
         side.wait_stream(main)
         with torch.cuda.stream(side):
             keys_prefetch(p)
         stand_in()
         main.wait_stream(side)
-        chain()
+        return chain()
 
     recs = []
 
@@ -75,7 +74,7 @@ def main() -> None:
         print(" ".join(f"{k}={v}" for k, v in rec.items() if k not in meta), flush=True)
         recs.append(rec)
 
-    mb = (k8.numel() + ks.numel() * 4) / 2**20
+    mb = (k8.numel() * k8.element_size() + ks.numel() * ks.element_size()) / 2**20
     emit({"case": "chain_cold", "us": round(time_us(chain), 2), "keys_MB": round(mb, 1)})
     emit({"case": "chain_after_prefetch", "programs": 132, "us": round(time_us(lambda: (keys_prefetch(132), chain())),
                                                                         2)})
@@ -87,18 +86,12 @@ def main() -> None:
     emit({"case": "stand_in_alone", "us": round(time_us(stand_in), 2)})
     serial = time_us(lambda: (stand_in(), chain()))
     emit({"case": "stand_in_then_chain", "us": round(serial, 2)})
-    out.clear()
-    chain()
-    ref = out[-1].sort(dim=1).values
+    ref = chain().sort(dim=1).values
     for p in (int(v) for v in args.programs.split(",")):
         t = time_us(lambda p=p: beside(p))
-        out.clear()
-        beside(p)
-        torch.cuda.synchronize()
-        same = torch.equal(out[-1].sort(dim=1).values, ref)
+        same = torch.equal(beside(p).sort(dim=1).values, ref)
         emit({"case": "stand_in_beside_prefetch_then_chain", "programs": p, "us": round(t, 2),
               "saved_us": round(serial - t, 2), "same_rows": same})
-        out.clear()
     if args.out:
         append_jsonl(args.out, recs)
 
